@@ -1,0 +1,13 @@
+"""graphprune: a compiler for structured pruning of PyTorch models.
+
+>>> import graphprune
+>>> small = graphprune.compile(model, (x,), ratio=0.5, ignore=["fc"])
+"""
+from .api import analyze, compile
+from .errors import GraphpruneError
+from .flops import count_flops, count_params
+from .importance import register_importance
+from .pass_manager import PassResult, register_pass, run_pipeline
+
+__all__ = ["analyze", "compile", "GraphpruneError", "register_pass", "register_importance", "run_pipeline",
+           "PassResult", "count_flops", "count_params"]

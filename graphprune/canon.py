@@ -1,0 +1,491 @@
+"""One op vocabulary for every way a graph can say the same thing.
+
+``x + y``, ``torch.add(x, y)``, ``x.add(y)`` and ``aten.add.Tensor`` all
+become ``COp("ewise", ...)``; ``nn.Conv2d`` modules, ``F.conv2d`` calls and
+``aten.conv2d`` all become ``COp("conv", ...)`` with the weight named by its
+qualified parameter name. The coupling rules (``rules.py``) and the rewrite
+(``passes/shrink_params.py``) only ever see canonical ops.
+
+Values are named by *value keys*: an fx ``Node`` for an activation, a
+``(Node, i)`` pair for the i-th element of a tuple-valued node, and a string
+(the qualified attribute name) for a parameter, buffer or constant, whether a
+module owns it or the graph reads it with ``get_attr``.
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+from .meta_keys import CANON, VAL
+
+aten = torch.ops.aten
+
+
+@dataclass
+class COp:
+    """A node in canonical form.
+
+    ``inputs`` are the tensor operands in the op's own order (value keys);
+    ``params`` maps a role (``weight``, ``bias``, ``running_mean``...) to a
+    parameter key; ``attrs`` holds everything else the rules need.
+    """
+
+    op: str
+    node: Node
+    inputs: list = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+    attrs: dict = field(default_factory=dict)
+
+
+def vkey(arg) -> Any:
+    """The value key of an fx argument, or None if it is not a tensor value."""
+    if isinstance(arg, Node):
+        if arg.op == "get_attr":
+            return arg.target
+        if isinstance(arg.meta.get(VAL), torch.Tensor):
+            return arg
+    return None
+
+
+def arg(node: Node, pos: int, name: str, default=None):
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def _tensors(node: Node) -> list:
+    flat = []
+    for a in list(node.args) + list(node.kwargs.values()):
+        items = a if isinstance(a, (list, tuple)) else [a]
+        flat.extend(k for k in map(vkey, items) if k is not None)
+    return flat
+
+
+def _ndim(node: Node) -> int:
+    return node.meta[VAL].dim()
+
+
+def _dim(d, ndim: int) -> int:
+    return d % ndim if ndim else 0
+
+
+# ---------------------------------------------------------------- extractors
+# Each takes the node (and the module for call_module) and returns a COp.
+
+def _ewise(node, mod=None):
+    return COp("ewise", node, _tensors(node))
+
+
+def _softmax(node, mod=None):
+    dim = mod.dim if mod is not None else arg(node, 1, "dim")
+    return COp("ewise", node, _tensors(node), attrs={"block_dims": [_dim(dim, _ndim(node))]})
+
+
+def _reshape(node, mod=None):
+    """view / reshape / flatten / squeeze / unsqueeze: the rule reads shapes only."""
+    sizes_at = None
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        sizes_at = "varargs" if not isinstance(arg(node, 1, "shape"), (list, tuple)) else 1
+    elif node.target in (torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        sizes_at = 1
+    return COp("reshape", node, [vkey(node.args[0])], attrs={"sizes_at": sizes_at})
+
+
+def _permute(node, mod=None):
+    nd = _ndim(node)
+    t = node.target
+    if t in ("permute",) or t in (torch.permute, aten.permute.default):
+        dims = node.args[1:] if node.op == "call_method" and not isinstance(arg(node, 1, "dims"), (list, tuple)) else arg(node, 1, "dims")
+        perm = [_dim(d, nd) for d in dims]
+    elif t in ("t",) or t in (torch.t, aten.t.default):
+        perm = [1, 0] if nd == 2 else list(range(nd))
+    else:  # transpose / swapaxes / movedim
+        a, b = _dim(arg(node, 1, "dim0"), nd), _dim(arg(node, 2, "dim1"), nd)
+        perm = list(range(nd))
+        if t in ("movedim",) or t in (torch.movedim, aten.movedim.int):
+            perm.remove(a)
+            perm.insert(b, a)
+        else:
+            perm[a], perm[b] = perm[b], perm[a]
+    return COp("permute", node, [vkey(node.args[0])], attrs={"perm": perm})
+
+
+def _expand(node, mod=None):
+    sizes_at = None
+    if node.op == "call_method" and node.target == "expand":
+        sizes_at = "varargs" if not isinstance(arg(node, 1, "size"), (list, tuple)) else 1
+    elif node.target == aten.expand.default:
+        sizes_at = 1
+    return COp("expand", node, [vkey(node.args[0])], attrs={"sizes_at": sizes_at})
+
+
+def _repeat_interleave(node, mod=None):
+    repeats, dim = arg(node, 1, "repeats"), arg(node, 2, "dim")
+    if not isinstance(repeats, int) or dim is None:
+        return COp("unknown", node, _tensors(node), attrs={"why": "repeat_interleave with tensor repeats or no dim"})
+    return COp("repeat_interleave", node, [vkey(node.args[0])], attrs={"repeats": repeats, "dim": _dim(dim, _ndim(node))})
+
+
+def _cat(node, mod=None):
+    tensors = [vkey(t) for t in arg(node, 0, "tensors")]
+    dim = arg(node, 1, "dim", 0)
+    op = "stack" if node.target in (torch.stack, aten.stack.default) else "cat"
+    nd = _ndim(node)
+    return COp(op, node, tensors, attrs={"dim": _dim(dim, nd)})
+
+
+def _split(node, mod=None):
+    """split / chunk / unbind, all rewritten later as split with explicit sizes."""
+    t = node.target
+    x = node.args[0]
+    nd = x.meta[VAL].dim()
+    if t in ("unbind",) or t in (torch.unbind, aten.unbind.int):
+        dim, kind = arg(node, 1, "dim", 0), "unbind"
+    elif t in ("chunk",) or t in (torch.chunk, aten.chunk.default):
+        dim, kind = arg(node, 2, "dim", 0), "chunk"
+    else:
+        dim, kind = arg(node, 2, "dim", 0), "split"
+    return COp("split", node, [vkey(x)], attrs={"dim": _dim(dim, nd), "kind": kind})
+
+
+def _slice(node, mod=None):
+    """narrow / aten.slice: an index range along one dim."""
+    x = node.args[0]
+    size = x.meta[VAL].shape
+    if node.target in (aten.slice.Tensor,):
+        dim = _dim(arg(node, 1, "dim", 0), len(size))
+        start, end, step = arg(node, 2, "start"), arg(node, 3, "end"), arg(node, 4, "step", 1)
+        start, end = slice(start, end).indices(size[dim])[:2] if all(isinstance(v, (int, type(None))) for v in (start, end)) else (None, None)
+    else:  # narrow(x, dim, start, length)
+        dim = _dim(arg(node, 1, "dim"), len(size))
+        start, length, step = arg(node, 2, "start"), arg(node, 3, "length"), 1
+        end = start + length if isinstance(start, int) and isinstance(length, int) else None
+    if start is None or end is None or step != 1:
+        return COp("unknown", node, _tensors(node), attrs={"why": "slice with symbolic bounds or a step"})
+    index = tuple([slice(None)] * dim + [slice(start, end)])
+    return COp("index", node, [vkey(x)], attrs={"index": index, "form": "slice_op"})
+
+
+def _select(node, mod=None):
+    x = node.args[0]
+    nd = x.meta[VAL].dim()
+    dim, idx = _dim(arg(node, 1, "dim"), nd), arg(node, 2, "index")
+    return COp("index", node, [vkey(x)], attrs={"index": tuple([slice(None)] * dim + [idx]), "form": "select"})
+
+
+def _getitem(node, mod=None):
+    src = node.args[0]
+    if isinstance(src, Node) and isinstance(src.meta.get(VAL), (tuple, list)):
+        if isinstance(node.meta.get(VAL), torch.Tensor):
+            return COp("tuple_get", node, [(src, node.args[1])])
+        return COp("python", node)
+    if vkey(src) is None:
+        return COp("python", node)
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    return COp("index", node, [vkey(src)], attrs={"index": index, "form": "getitem"})
+
+
+def _reduce(node, mod=None):
+    x = node.args[0]
+    nd = x.meta[VAL].dim()
+    dims = arg(node, 1, "dim")
+    if dims is None:
+        dims = list(range(nd))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    keepdim = arg(node, 2, "keepdim", False)
+    return COp("reduce", node, [vkey(x)], attrs={"dims": sorted(_dim(d, nd) for d in dims), "keepdim": bool(keepdim)})
+
+
+def _pool(node, mod=None):
+    """Pooling keeps batch and channel dims; spatial sizes change."""
+    return COp("pool", node, [vkey(node.args[0])])
+
+
+def _matmul(node, mod=None):
+    return COp("matmul", node, [vkey(node.args[0]), vkey(node.args[1])])
+
+
+def _sdpa(node, mod=None):
+    q, k, v = (vkey(arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+    mask = arg(node, 3, "attn_mask")
+    return COp("sdpa", node, [q, k, v], attrs={"mask": vkey(mask), "scale": arg(node, 6, "scale"), "enable_gqa": node.kwargs.get("enable_gqa", False)})
+
+
+def _shape_query(node, mod=None):
+    return COp("shape", node, _tensors(node))
+
+
+def _noop(node, mod=None):
+    return COp("python", node)
+
+
+# Functional forms of parametrised layers: the weight is a get_attr operand.
+
+def _f_linear(node, mod=None):
+    return COp("linear", node, [vkey(node.args[0])], params=_roles(node, {"weight": (1, "weight"), "bias": (2, "bias")}))
+
+
+def _f_addmm(node, mod=None):
+    # addmm(bias, x, w) with w laid out (in, out): GPT-2's Conv1D.
+    return COp("linear", node, [vkey(node.args[1])], params=_roles(node, {"weight": (2, "mat2"), "bias": (0, "input")}), attrs={"weight_t": True})
+
+
+def _f_conv(node, mod=None):
+    t = node.target
+    groups_pos = 8 if t == aten.convolution.default else 6
+    transposed = t in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d) or (t == aten.convolution.default and node.args[6])
+    if t in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
+        groups_pos = 6
+    groups = arg(node, groups_pos, "groups", 1)
+    return COp("conv_transpose" if transposed else "conv", node, [vkey(node.args[0])],
+               params=_roles(node, {"weight": (1, "weight"), "bias": (2, "bias")}), attrs={"groups": groups})
+
+
+def _f_norm(kind: str, roles: dict):
+    def extract(node, mod=None):
+        attrs = {}
+        if kind == "group_norm":
+            attrs["num_groups"] = arg(node, 1, "num_groups")
+        return COp(kind, node, [vkey(node.args[0])], params=_roles(node, roles), attrs=attrs)
+    return extract
+
+
+def _f_embedding(node, mod=None):
+    return COp("embedding", node, [vkey(arg(node, 0, "input"))], params=_roles(node, {"weight": (1, "weight")}))
+
+
+def _aten_embedding(node, mod=None):
+    return COp("embedding", node, [vkey(node.args[1])], params=_roles(node, {"weight": (0, "weight")}))
+
+
+def _roles(node, spec: dict) -> dict:
+    out = {}
+    for role, (pos, name) in spec.items():
+        key = vkey(arg(node, pos, name))
+        if key is not None:
+            out[role] = key
+    return out
+
+
+# Module forms: parameters named by qualified path.
+
+def _m_params(node, mod, roles=("weight", "bias")):
+    return {r: f"{node.target}.{r}" for r in roles if getattr(mod, r, None) is not None}
+
+
+def _m_conv(node, mod):
+    op = "conv_transpose" if isinstance(mod, nn.modules.conv._ConvTransposeNd) else "conv"
+    return COp(op, node, [vkey(node.args[0])], params=_m_params(node, mod), attrs={"groups": mod.groups})
+
+
+def _m_linear(node, mod):
+    return COp("linear", node, [vkey(node.args[0])], params=_m_params(node, mod))
+
+
+def _m_bn(node, mod):
+    return COp("batch_norm", node, [vkey(node.args[0])], params=_m_params(node, mod, ("weight", "bias", "running_mean", "running_var")))
+
+
+def _m_ln(node, mod):
+    return COp("layer_norm", node, [vkey(node.args[0])], params=_m_params(node, mod))
+
+
+def _m_rms(node, mod):
+    return COp("rms_norm", node, [vkey(node.args[0])], params=_m_params(node, mod, ("weight",)))
+
+
+def _m_gn(node, mod):
+    return COp("group_norm", node, [vkey(node.args[0])], params=_m_params(node, mod), attrs={"num_groups": mod.num_groups})
+
+
+def _m_embedding(node, mod):
+    return COp("embedding", node, [vkey(node.args[0])], params=_m_params(node, mod, ("weight",)))
+
+
+def _m_mha(node, mod: nn.MultiheadAttention):
+    q, k, v = (vkey(arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+    ok = mod._qkv_same_embed_dim and mod.in_proj_bias is not None and mod.bias_k is None and not mod.add_zero_attn and mod.batch_first
+    if not ok or q is None or q != k or k != v:
+        return COp("unknown", node, _tensors(node), attrs={"why": "MultiheadAttention supported only for batch_first self-attention with packed in_proj and bias"})
+    params = {"in_weight": f"{node.target}.in_proj_weight", "in_bias": f"{node.target}.in_proj_bias",
+              "out_weight": f"{node.target}.out_proj.weight", "out_bias": f"{node.target}.out_proj.bias"}
+    return COp("mha", node, [q], params=params, attrs={"num_heads": mod.num_heads})
+
+
+def _m_flatten(node, mod):
+    return COp("reshape", node, [vkey(node.args[0])], attrs={"sizes_at": None})
+
+
+def _m_softmax(node, mod):
+    return _softmax(node, mod)
+
+
+# ------------------------------------------------------------------- tables
+
+EWISE_FUNCS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+    operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    torch.add, torch.sub, torch.mul, torch.div, torch.where, torch.maximum, torch.minimum, torch.sigmoid,
+    torch.tanh, torch.relu, torch.relu_, torch.exp, torch.neg, torch.abs, torch.sqrt, torch.rsqrt, torch.pow,
+    torch.clamp, torch.clip, torch.erf, torch.square, torch.reciprocal, torch.sin, torch.cos, torch.masked_fill,
+    F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu,
+    F.mish, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.hardtanh, F.selu, F.logsigmoid, F.alpha_dropout,
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.where.self, aten.relu.default,
+    aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default, aten.dropout.default,
+    aten.neg.default, aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.sqrt.default, aten.exp.default,
+    aten.clone.default, aten.alias.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
+    aten.contiguous.default, aten.hardswish.default, aten.hardsigmoid.default, aten.clamp.default,
+    aten.masked_fill.Scalar, aten.detach.default, aten.lift_fresh_copy.default, aten.type_as.default,
+    aten.add.Scalar, aten.mul.Scalar, aten.sub.Scalar, aten.div.Scalar, aten.relu_.default, aten.hardtanh.default,
+    aten.silu_.default, aten.add_.Tensor, aten.mul_.Tensor, aten.abs.default, aten.erf.default,
+]
+EWISE_METHODS = [
+    "add", "sub", "mul", "div", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "float",
+    "half", "bfloat16", "double", "to", "type_as", "detach", "pow", "exp", "neg", "sqrt", "rsqrt", "abs", "clamp",
+    "masked_fill", "add_", "mul_", "sub_", "div_", "__add__", "__mul__", "__radd__", "__rmul__", "sin", "cos", "square",
+]
+
+FUNCTION_TABLE: dict[Any, Callable] = {
+    **{f: _ewise for f in EWISE_FUNCS},
+    F.softmax: _softmax, torch.softmax: _softmax, F.log_softmax: _softmax, aten._softmax.default: _softmax, aten.softmax.int: _softmax,
+    torch.reshape: _reshape, torch.flatten: _reshape, torch.squeeze: _reshape, torch.unsqueeze: _reshape, torch.unflatten: _reshape,
+    aten.view.default: _reshape, aten.reshape.default: _reshape, aten._unsafe_view.default: _reshape,
+    aten.flatten.using_ints: _reshape, aten.unsqueeze.default: _reshape, aten.squeeze.dim: _reshape, aten.squeeze.dims: _reshape,
+    aten.unflatten.int: _reshape,
+    torch.permute: _permute, torch.transpose: _permute, torch.swapaxes: _permute, torch.t: _permute, torch.movedim: _permute,
+    aten.permute.default: _permute, aten.transpose.int: _permute, aten.t.default: _permute, aten.movedim.int: _permute,
+    aten.expand.default: _expand,
+    torch.repeat_interleave: _repeat_interleave, aten.repeat_interleave.self_int: _repeat_interleave,
+    torch.cat: _cat, torch.concat: _cat, torch.concatenate: _cat, torch.stack: _cat, aten.cat.default: _cat, aten.stack.default: _cat,
+    torch.split: _split, torch.chunk: _split, torch.unbind: _split, aten.split.Tensor: _split,
+    aten.split_with_sizes.default: _split, aten.chunk.default: _split, aten.unbind.int: _split,
+    torch.narrow: _slice, aten.slice.Tensor: _slice, aten.narrow.default: _slice, aten.select.int: _select,
+    operator.getitem: _getitem,
+    torch.mean: _reduce, torch.sum: _reduce, torch.amax: _reduce, aten.mean.dim: _reduce, aten.sum.dim_IntList: _reduce, aten.amax.default: _reduce,
+    F.adaptive_avg_pool1d: _pool, F.adaptive_avg_pool2d: _pool, F.adaptive_avg_pool3d: _pool, F.adaptive_max_pool2d: _pool,
+    F.max_pool1d: _pool, F.max_pool2d: _pool, F.max_pool3d: _pool, F.avg_pool1d: _pool, F.avg_pool2d: _pool, F.avg_pool3d: _pool,
+    torch._C._nn.avg_pool2d: _pool, torch._C._nn.adaptive_avg_pool2d: _pool,
+    aten.adaptive_avg_pool2d.default: _pool, aten.avg_pool2d.default: _pool, aten.max_pool2d.default: _pool,
+    aten.adaptive_avg_pool1d.default: _pool, aten._adaptive_avg_pool2d.default: _pool,
+    torch.matmul: _matmul, operator.matmul: _matmul, torch.bmm: _matmul, aten.matmul.default: _matmul, aten.bmm.default: _matmul,
+    F.scaled_dot_product_attention: _sdpa, aten.scaled_dot_product_attention.default: _sdpa,
+    F.linear: _f_linear, aten.linear.default: _f_linear, aten.addmm.default: _f_addmm,
+    F.conv1d: _f_conv, F.conv2d: _f_conv, F.conv3d: _f_conv, F.conv_transpose1d: _f_conv, F.conv_transpose2d: _f_conv,
+    F.conv_transpose3d: _f_conv, aten.conv1d.default: _f_conv, aten.conv2d.default: _f_conv, aten.conv3d.default: _f_conv,
+    aten.convolution.default: _f_conv,
+    F.batch_norm: _f_norm("batch_norm", {"running_mean": (1, "running_mean"), "running_var": (2, "running_var"), "weight": (3, "weight"), "bias": (4, "bias")}),
+    aten.batch_norm.default: _f_norm("batch_norm", {"weight": (1, "weight"), "bias": (2, "bias"), "running_mean": (3, "running_mean"), "running_var": (4, "running_var")}),
+    aten._native_batch_norm_legit_no_training.default: _f_norm("batch_norm_tuple", {"weight": (1, "weight"), "bias": (2, "bias"), "running_mean": (3, "running_mean"), "running_var": (4, "running_var")}),
+    F.layer_norm: _f_norm("layer_norm", {"weight": (2, "weight"), "bias": (3, "bias")}),
+    aten.layer_norm.default: _f_norm("layer_norm", {"weight": (2, "weight"), "bias": (3, "bias")}),
+    F.group_norm: _f_norm("group_norm", {"weight": (2, "weight"), "bias": (3, "bias")}),
+    aten.group_norm.default: _f_norm("group_norm", {"weight": (2, "weight"), "bias": (3, "bias")}),
+    F.rms_norm: _f_norm("rms_norm", {"weight": (2, "weight")}),
+    F.embedding: _f_embedding, aten.embedding.default: _aten_embedding,
+    builtins.getattr: _shape_query, aten.sym_size.int: _shape_query, torch._assert: _noop,
+    aten._assert_tensor_metadata.default: _noop,
+}
+try:
+    import torchvision.ops
+
+    FUNCTION_TABLE[torchvision.ops.stochastic_depth] = _ewise
+except ImportError:  # torchvision is optional
+    pass
+if hasattr(aten, "rms_norm"):
+    FUNCTION_TABLE[aten.rms_norm.default] = _f_norm("rms_norm", {"weight": (2, "weight")})
+
+METHOD_TABLE: dict[str, Callable] = {
+    **{m: _ewise for m in EWISE_METHODS},
+    "softmax": _softmax, "log_softmax": _softmax,
+    "view": _reshape, "reshape": _reshape, "flatten": _reshape, "squeeze": _reshape, "unsqueeze": _reshape, "unflatten": _reshape,
+    "permute": _permute, "transpose": _permute, "swapaxes": _permute, "t": _permute, "movedim": _permute,
+    "expand": _expand, "expand_as": _expand, "repeat_interleave": _repeat_interleave,
+    "split": _split, "chunk": _split, "unbind": _split, "split_with_sizes": _split,
+    "narrow": _slice, "mean": _reduce, "sum": _reduce, "amax": _reduce, "matmul": _matmul,
+    "size": _shape_query, "dim": _shape_query,
+}
+
+_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
+    nn.Mish, nn.Softplus, nn.Hardtanh, nn.SELU, nn.CELU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.LogSigmoid,
+)
+_POOLS = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+)
+MODULE_TABLE: list[tuple[tuple[type, ...], Callable]] = [
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _m_conv),
+    ((nn.Linear,), _m_linear),
+    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), _m_bn),
+    ((nn.LayerNorm,), _m_ln),
+    ((nn.GroupNorm,), _m_gn),
+    ((nn.RMSNorm,), _m_rms),
+    ((nn.Embedding,), _m_embedding),
+    ((nn.MultiheadAttention,), _m_mha),
+    (_ACTIVATIONS, lambda node, mod: COp("ewise", node, _tensors(node))),
+    (_POOLS, lambda node, mod: COp("pool", node, [vkey(node.args[0])])),
+    ((nn.Flatten,), _m_flatten),
+    ((nn.Softmax, nn.LogSoftmax), _m_softmax),
+]
+
+
+def _module_rule(mod) -> Callable | None:
+    for types, fn in MODULE_TABLE:
+        if type(mod) in types:  # exact types: a subclass may change forward
+            return fn
+    return None
+
+
+def canonicalize_node(gm: GraphModule, node: Node) -> COp:
+    if node.op in ("placeholder", "output", "get_attr"):
+        return COp(node.op, node)
+    val = node.meta.get(VAL)
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        fn = _module_rule(mod)
+        if fn is None:
+            return COp("unknown", node, _tensors(node), attrs={"why": f"module type {type(mod).__qualname__}"})
+        return fn(node, mod)
+    if node.op == "call_method":
+        fn = METHOD_TABLE.get(node.target)
+        if node.target == "size" or node.target == "dim":
+            return _shape_query(node)
+    else:
+        fn = FUNCTION_TABLE.get(node.target)
+    tensor_out = isinstance(val, torch.Tensor) or (isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
+    if fn is None:
+        if not tensor_out and not _tensors(node):
+            return COp("python", node)
+        return COp("unknown", node, _tensors(node), attrs={"why": f"no rule for {_target_name(node)}"})
+    if fn is _ewise and not tensor_out:
+        return COp("python", node)
+    try:
+        return fn(node)
+    except (TypeError, IndexError, KeyError, AttributeError) as e:
+        return COp("unknown", node, _tensors(node), attrs={"why": f"cannot read arguments of {_target_name(node)}: {e}"})
+
+
+def canonicalize(gm: GraphModule) -> list[COp]:
+    out = []
+    for node in gm.graph.nodes:
+        cop = canonicalize_node(gm, node)
+        node.meta[CANON] = cop
+        out.append(cop)
+    return out
+
+
+def _target_name(node: Node) -> str:
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    t = node.target
+    return getattr(t, "__qualname__", None) and f"{getattr(t, '__module__', '')}.{t.__qualname__}" or str(t)
+
+

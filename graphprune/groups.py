@@ -1,0 +1,328 @@
+"""Find the groups of channels that must be removed together.
+
+The coupling graph is a ``networkx.Graph`` whose nodes are tensor dims
+``(value_key, axis)`` and whose edges carry an index map (two index arrays:
+index ``ia[k]`` of one end is index ``ib[k]`` of the other). Its connected
+components are the groups. Within a group, the index-level graph (every
+channel of every dim a node, built in one vectorised ``scipy`` call) says
+which channels are one *unit*: removing a unit removes every index mapped to
+it, in activations and in every parameter slice.
+
+Reshapes that split or merge dims (``C -> (heads, head_dim)``, channel
+shuffle, flatten) are recorded as product relations and resolved once the
+plain components are known: exactly one factor of each product may be
+pruned, the others keep their width. The free factor is the one that is the
+outer factor of every product it appears in (heads, not head_dim); where no
+factor is (a channel shuffle swaps the order), it is the widest.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .canon import COp, canonicalize, vkey
+from .meta_keys import VAL
+from .rules import RULES
+
+
+@dataclass
+class ParamSlice:
+    """Parameter ``name`` loses the indices of ``axis`` whose unit is removed."""
+
+    name: str
+    axis: int
+    unit_of: np.ndarray  # (size,) unit id of every index
+
+
+@dataclass
+class Group:
+    id: int
+    dims: dict  # (value_key, axis) -> unit_of array
+    params: list[ParamSlice]
+    n_units: int
+    channels: int  # width of the widest member dim
+
+    @property
+    def size(self) -> int:
+        return self.n_units
+
+    def describe(self) -> str:
+        names = sorted({p.name for p in self.params})
+        more = f" (+{len(names) - 6} more)" if len(names) > 6 else ""
+        return f"group {self.id}: {self.n_units} units over {len(self.dims)} dims; params {', '.join(names[:6])}{more}"
+
+
+@dataclass
+class BlockedGroup:
+    dims: list
+    reasons: list[str]
+    params: list[str]
+
+
+@dataclass
+class Analysis:
+    """What ``graphprune.analyze`` returns: the prunable groups and what blocks the rest."""
+
+    gm: GraphModule
+    method: str
+    groups: list[Group]
+    blocked: list[BlockedGroup]
+    unsupported: list[str]  # ops without a rule: they blocked the channels touching them
+    graph: nx.Graph = field(repr=False)
+
+    def summary(self) -> str:
+        lines = [f"traced with {self.method}: {len(self.groups)} prunable groups, {len(self.blocked)} blocked groups with parameters"]
+        lines += ["  " + g.describe() for g in self.groups]
+        if self.unsupported:
+            lines.append("unsupported ops (their channels stay):")
+            lines += [f"  {u}" for u in self.unsupported]
+        return "\n".join(lines)
+
+
+class Builder:
+    """Collects couplings, products and blocks from the rules (see rules.py)."""
+
+    def __init__(self, gm: GraphModule):
+        self.gm = gm
+        self.g = nx.Graph()
+        self.sizes: dict = {}
+        self.blocked: dict = {}
+        self.products: list = []
+        self.touched: set = set()
+        self._attr_cache: dict = {}
+
+    # shapes ----------------------------------------------------------------
+    def shape(self, key) -> tuple:
+        if isinstance(key, Node):
+            return tuple(key.meta[VAL].shape)
+        if isinstance(key, tuple) and isinstance(key[0], Node):
+            return tuple(key[0].meta[VAL][key[1]].shape)
+        if isinstance(key, tuple):  # a declared virtual dim holder
+            return (self.sizes[(key, 0)],)
+        if key not in self._attr_cache:
+            self._attr_cache[key] = tuple(operator.attrgetter(key)(self.gm).shape)
+        return self._attr_cache[key]
+
+    def _add(self, d):
+        self.touched.add(d)
+        if d not in self.sizes:
+            self.sizes[d] = self.shape(d[0])[d[1]]
+            self.g.add_node(d)
+
+    def declare(self, value, size: int):
+        self.sizes[(value, 0)] = size
+        self.g.add_node((value, 0))
+
+    # rule interface ----------------------------------------------------------
+    def couple(self, a, b, ia=None, ib=None):
+        self._add(a)
+        self._add(b)
+        if ia is None:
+            if self.sizes[a] != self.sizes[b]:
+                self.block(a, f"sizes {self.sizes[a]} and {self.sizes[b]} do not match")
+                self.block(b, f"sizes {self.sizes[a]} and {self.sizes[b]} do not match")
+                return
+            ia = ib = np.arange(self.sizes[a])
+        data = self.g.get_edge_data(a, b)
+        if data is None:
+            self.g.add_edge(a, b, maps=[(a, ia, ib)])
+        else:
+            data["maps"].append((a, ia, ib))
+
+    def product(self, flat, factors):
+        for d in [flat, *factors]:
+            self._add(d)
+        self.products.append((flat, factors))
+
+    def block(self, a, why: str):
+        self._add(a)
+        self.blocked.setdefault(a, why)
+
+    def unknown(self, c: COp, why: str):
+        for t in c.inputs:
+            if t is not None:
+                for k in range(len(self.shape(t))):
+                    self.block((t, k), f"{c.node.name}: {why}")
+        for v in _tensor_values(c.node):
+            for k in range(len(self.shape(v))):
+                self.block((v, k), f"{c.node.name}: {why}")
+
+
+def _tensor_values(node: Node) -> list:
+    val = node.meta.get(VAL)
+    if isinstance(val, torch.Tensor):
+        return [node]
+    if isinstance(val, (tuple, list)):
+        return [(node, i) for i, v in enumerate(val) if isinstance(v, torch.Tensor)]
+    return []
+
+
+def _module_of(node: Node) -> set[str]:
+    paths = {node.target} if node.op == "call_module" else set()
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        paths.add(path)
+    return paths
+
+
+def _ignored_outputs(gm: GraphModule, ignore: set[str]):
+    """Nodes inside an ignored module whose value leaves it: their width stays."""
+    if not ignore:
+        return
+    inside = {}
+    for n in gm.graph.nodes:
+        inside[n] = {p for p in _module_of(n) if any(p == i or p.startswith(i + ".") for i in ignore)}
+    for n in gm.graph.nodes:
+        if inside[n] and any(not inside[u] for u in n.users):
+            yield n
+
+
+# ops that read sizes at run time (x.size(1), x.dim()); what they compute adapts to the new widths
+_SIZE_ONLY = ("shape", "python", "get_attr")
+
+
+def build(gm: GraphModule, ignore=()) -> Builder:
+    b = Builder(gm)
+    for c in canonicalize(gm):
+        node = c.node
+        b.touched = set()
+        if c.op == "placeholder":
+            for v in _tensor_values(node):
+                for k in range(len(b.shape(v))):
+                    b.block((v, k), "model input")
+        elif c.op == "output":
+            for a in _flatten_args(node.args):
+                key = vkey(a)
+                if key is not None:
+                    for k in range(len(b.shape(key))):
+                        b.block((key, k), "model output")
+        else:
+            RULES.get(c.op, RULES["unknown"])(b, c)
+            if c.op in _SIZE_ONLY:
+                continue
+            # whatever the rule did not explain keeps its width
+            for v in list(c.inputs) + _tensor_values(node):
+                if v is None:
+                    continue
+                for k in range(len(b.shape(v))):
+                    if (v, k) not in b.touched:
+                        b.block((v, k), f"{node.name}: {c.op} does not relate this dim")
+            for p in c.params.values():
+                for k in range(len(b.shape(p))):
+                    if (p, k) not in b.touched:
+                        b.block((p, k), f"{node.name}: {c.op} keeps this parameter dim")
+    for n in _ignored_outputs(gm, set(ignore)):
+        for v in _tensor_values(n):
+            for k in range(len(b.shape(v))):
+                b.block((v, k), "output of an ignored module")
+    for d, size in b.sizes.items():
+        if size <= 1:
+            b.blocked.setdefault(d, "size 1")
+    _resolve_products(b)
+    return b
+
+
+def _flatten_args(args):
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            yield from _flatten_args(a)
+        elif isinstance(a, dict):
+            yield from _flatten_args(list(a.values()))
+        else:
+            yield a
+
+
+def _resolve_products(b: Builder) -> None:
+    if not b.products:
+        return
+    comp_of = {}
+    blocked_comp = set()
+    for i, comp in enumerate(nx.connected_components(b.g)):
+        for d in comp:
+            comp_of[d] = i
+            if d in b.blocked:
+                blocked_comp.add(i)
+    # a component qualifies as "outer" when it is the first non-fixed factor of every product it is in
+    outer_ok: dict[int, bool] = {}
+    for flat, factors in b.products:
+        live = [f for f in factors if comp_of[f] not in blocked_comp]
+        for pos, f in enumerate(live):
+            outer_ok[comp_of[f]] = outer_ok.get(comp_of[f], True) and pos == 0
+    for flat, factors in b.products:
+        sizes = [b.sizes[f] for f in factors]
+        live = [f for f in factors if comp_of[f] not in blocked_comp and b.sizes[f] > 1]
+        if not live:
+            b.block(flat, "every factor of this reshape keeps its width")
+            continue
+        preferred = [f for f in live if outer_ok[comp_of[f]]]
+        free = preferred[0] if preferred else max(live, key=lambda f: b.sizes[f])
+        pos = factors.index(free)
+        inner = int(np.prod(sizes[pos + 1:], dtype=np.int64))
+        o = np.arange(b.sizes[flat])
+        b.couple(flat, free, o, (o // inner) % sizes[pos])
+        for f in factors:
+            if f is not free:
+                b.block(f, "another factor of this reshape is the one pruned")
+
+
+def resolve_groups(b: Builder) -> tuple[list[Group], list[BlockedGroup]]:
+    comps = list(nx.connected_components(b.g))
+    live = []
+    blocked_groups = []
+    for comp in comps:
+        reasons = [b.blocked[d] for d in comp if d in b.blocked]
+        params = sorted({d[0] for d in comp if isinstance(d[0], str)})
+        if reasons:
+            if params:
+                blocked_groups.append(BlockedGroup(sorted(comp, key=str), sorted(set(reasons)), params))
+        elif params:
+            live.append(comp)
+    # index-level units over all live groups in one connected_components call
+    offset = {}
+    total = 0
+    for comp in live:
+        for d in comp:
+            offset[d] = total
+            total += b.sizes[d]
+    rows, cols = [], []
+    for comp in live:
+        for a, c in b.g.subgraph(comp).edges():
+            for src, ia, ib in b.g.edges[a, c]["maps"]:
+                dst = c if src == a else a
+                rows.append(offset[src] + ia)
+                cols.append(offset[dst] + ib)
+    if total == 0:
+        return [], blocked_groups
+    r = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    cidx = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+    m = sp.coo_matrix((np.ones(len(r), dtype=np.int8), (r, cidx)), shape=(total, total))
+    _, labels = connected_components(m, directed=False)
+    groups = []
+    for comp in live:
+        order = sorted(comp, key=lambda d: (not isinstance(d[0], str), str(d)))
+        lab = np.concatenate([labels[offset[d]:offset[d] + b.sizes[d]] for d in order])
+        uniq, inv = np.unique(lab, return_inverse=True)
+        dims, params, pos = {}, [], 0
+        for d in order:
+            n = b.sizes[d]
+            dims[d] = inv[pos:pos + n]
+            if isinstance(d[0], str):
+                params.append(ParamSlice(d[0], d[1], dims[d]))
+            pos += n
+        if len(uniq) >= 2:
+            groups.append(Group(len(groups), dims, params, len(uniq), max(b.sizes[d] for d in comp)))
+    return groups, blocked_groups
+
+
+def analyze_graph(gm: GraphModule, method: str = "symbolic_trace", ignore=()) -> Analysis:
+    b = build(gm, ignore)
+    groups, blocked = resolve_groups(b)
+    unsupported = sorted({why for why in b.blocked.values() if "no rule" in why or "supported" in why or "cannot read" in why})
+    return Analysis(gm, method, groups, blocked, unsupported, b.g)

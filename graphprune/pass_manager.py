@@ -1,0 +1,133 @@
+"""Passes, their registry, and the manager that runs a pipeline of them.
+
+A pass is a plain callable ``(GraphModule, **options) -> PassResult`` (the
+``PassResult`` of ``torch.fx.passes.infra``). Passes register under a name so
+that a pipeline can be written as a string, xDSL style::
+
+    "shrink-params,dce"
+    "sparsify-blocks{density=0.25,block_size=64}"
+
+Between passes the manager checks the graph (``graph.lint()`` and parameter
+shapes against the shapes recorded on nodes) and, when a check fails, names
+the pass that broke it and the passes that ran before.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from typing import Callable
+
+import torch
+from torch.fx import GraphModule
+from torch.fx.passes.infra.pass_base import PassResult
+
+from .errors import GraphpruneError
+
+__all__ = ["PassResult", "register_pass", "get_pass", "registered_passes", "parse_pipeline", "run_pipeline", "check_graph"]
+
+PassFn = Callable[..., PassResult]
+_REGISTRY: dict[str, PassFn] = {}
+
+
+def register_pass(name: str):
+    """Decorator: make ``fn(gm, **options) -> PassResult`` nameable in pipelines.
+
+    >>> @register_pass("my-pass")
+    ... def my_pass(gm):
+    ...     return PassResult(gm, False)
+    """
+
+    def deco(fn: PassFn) -> PassFn:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise GraphpruneError(f"a pass named {name!r} is already registered ({_REGISTRY[name].__module__}); pick another name")
+        _REGISTRY[name] = fn
+        fn.pass_name = name
+        return fn
+
+    return deco
+
+
+def _load_builtin_passes() -> None:
+    import graphprune.passes  # noqa: F401  (registers the built-in passes)
+
+
+def get_pass(name: str) -> PassFn:
+    _load_builtin_passes()
+    if name not in _REGISTRY:
+        raise GraphpruneError(f"no pass named {name!r}; registered passes: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def registered_passes() -> list[str]:
+    _load_builtin_passes()
+    return sorted(_REGISTRY)
+
+
+_STEP = re.compile(r"\s*([A-Za-z0-9_\-]+)\s*(?:\{([^}]*)\})?\s*(?:,|$)")
+
+
+def parse_pipeline(pipeline: str | list) -> list[tuple[str, dict]]:
+    """``"a,b{x=1,y='s'}"`` -> ``[("a", {}), ("b", {"x": 1, "y": "s"})]``."""
+    if not isinstance(pipeline, str):
+        return [(p, {}) if isinstance(p, str) else (p[0], dict(p[1])) for p in pipeline]
+    steps, pos = [], 0
+    while pos < len(pipeline):
+        m = _STEP.match(pipeline, pos)
+        if not m or m.end() == pos:
+            raise GraphpruneError(f"cannot parse pipeline {pipeline!r} at character {pos}; write it as 'pass-a,pass-b{{opt=1}}'")
+        opts = {}
+        for item in filter(None, (s.strip() for s in (m.group(2) or "").split(";" if ";" in (m.group(2) or "") else ","))):
+            key, _, val = item.partition("=")
+            try:
+                opts[key.strip()] = ast.literal_eval(val.strip())
+            except (ValueError, SyntaxError):
+                opts[key.strip()] = val.strip()
+        steps.append((m.group(1), opts))
+        pos = m.end()
+    return steps
+
+
+def check_graph(gm: GraphModule) -> None:
+    """Invariants every pass keeps: a well-formed graph, and every parameter
+    shape agreeing with the ``tensor_meta`` of the ``get_attr`` node reading it."""
+    gm.graph.lint()
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        meta = node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            continue
+        try:
+            value = _getattr_path(gm, node.target)
+        except AttributeError as e:
+            raise AssertionError(f"get_attr node {node.name} reads missing attribute {node.target!r}") from e
+        if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(meta.shape):
+            raise AssertionError(f"{node.target}: parameter shape {tuple(value.shape)} != node shape {tuple(meta.shape)}")
+
+
+def _getattr_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def run_pipeline(gm: GraphModule, pipeline: str | list, *, check: bool = True) -> tuple[GraphModule, dict[str, bool]]:
+    """Run the named passes in order; return the final module and which passes
+    changed something."""
+    ran: list[str] = []
+    modified: dict[str, bool] = {}
+    for name, opts in parse_pipeline(pipeline):
+        fn = get_pass(name)
+        result = fn(gm, **opts)
+        if not isinstance(result, PassResult):
+            raise GraphpruneError(f"pass {name!r} returned {type(result).__name__}; a pass must return torch.fx.passes.infra.pass_base.PassResult")
+        gm = result.graph_module
+        modified[name] = bool(result.modified)
+        if check:
+            try:
+                check_graph(gm)
+            except Exception as e:  # noqa: BLE001 - re-raised with the culprit named
+                before = ", ".join(ran) or "nothing"
+                raise GraphpruneError(f"pass {name!r} left an invalid graph (passes before it: {before}): {e}") from e
+        ran.append(name)
+    return gm, modified

@@ -1,0 +1,426 @@
+"""Channel-coupling rules: one function per canonical op, in one table.
+
+A rule states, for one node, which tensor dims are the same channel space and
+how their indices correspond ("channel i of the input is channel off+i of the
+output"). It calls three methods of the builder (``groups.Builder``):
+
+* ``couple(a, b, ia=None, ib=None)`` - index ``ia[k]`` of dim ``a`` is index
+  ``ib[k]`` of dim ``b`` (identity when omitted);
+* ``product(flat, factors)`` - dim ``flat`` is the row-major product of the
+  ``factors`` dims (reshape splits and merges; decided later, see groups.py);
+* ``block(a, why)`` - dim ``a`` must keep its width.
+
+A dim is ``(value_key, axis)``. Any output dim a rule does not mention, and
+any input dim it does not mention, is blocked afterwards: what a rule does
+not explain is never pruned.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .canon import COp
+from .meta_keys import VAL
+
+
+def _out(c: COp):
+    return c.node
+
+
+def ewise(b, c: COp):
+    """add/mul/where/activations: broadcast from the right; equal sizes share channels."""
+    out = _out(c)
+    so = b.shape(out)
+    for t in c.inputs:
+        st = b.shape(t)
+        for j, size in enumerate(st):
+            od = len(so) - len(st) + j
+            if size == so[od]:
+                b.couple((t, j), (out, od))
+    for d in c.attrs.get("block_dims", ()):
+        b.block((out, d), f"{c.node.name}: softmax-like op normalizes over this dim")
+
+
+def permute(b, c: COp):
+    """out dim i is input dim perm[i]."""
+    for i, p in enumerate(c.attrs["perm"]):
+        b.couple((c.inputs[0], p), (_out(c), i))
+
+
+def reshape(b, c: COp):
+    """view/reshape/flatten/squeeze: match dims by products; splits and merges become product relations."""
+    x, out = c.inputs[0], _out(c)
+    si, so = b.shape(x), b.shape(out)
+    i = j = 0
+    while i < len(si) or j < len(so):
+        while i < len(si) and si[i] == 1:
+            i += 1
+        while j < len(so) and so[j] == 1:
+            j += 1
+        if i >= len(si) or j >= len(so):
+            break
+        ci, cj = [i], [j]
+        pi, pj = si[i], so[j]
+        while pi != pj:
+            if pi < pj:
+                i += 1
+                if i >= len(si):
+                    return
+                ci.append(i)
+                pi *= si[i]
+            else:
+                j += 1
+                if j >= len(so):
+                    return
+                cj.append(j)
+                pj *= so[j]
+        ci = [d for d in ci if si[d] != 1]
+        cj = [d for d in cj if so[d] != 1]
+        if len(ci) == 1 and len(cj) == 1:
+            b.couple((x, ci[0]), (out, cj[0]))
+        elif len(ci) == 1:
+            b.product((x, ci[0]), [(out, d) for d in cj])
+        elif len(cj) == 1:
+            b.product((out, cj[0]), [(x, d) for d in ci])
+        else:
+            for d in ci:
+                b.block((x, d), f"{c.node.name}: reshape regroups several dims at once")
+            for d in cj:
+                b.block((out, d), f"{c.node.name}: reshape regroups several dims at once")
+        i += 1
+        j += 1
+
+
+def expand(b, c: COp):
+    """expand: dims that keep their size map through; broadcast dims stay fixed."""
+    x, out = c.inputs[0], _out(c)
+    si, so = b.shape(x), b.shape(out)
+    for j, size in enumerate(si):
+        od = len(so) - len(si) + j
+        if size == so[od]:
+            b.couple((x, j), (out, od))
+
+
+def repeat_interleave(b, c: COp):
+    """out[j] is in[j // r] along dim: each input channel owns r output channels (GQA)."""
+    x, out, d, r = c.inputs[0], _out(c), c.attrs["dim"], c.attrs["repeats"]
+    for k in range(len(b.shape(x))):
+        if k == d:
+            n = b.shape(x)[d]
+            b.couple((x, d), (out, d), np.arange(n * r) // r, np.arange(n * r))
+        else:
+            b.couple((x, k), (out, k))
+
+
+def cat(b, c: COp):
+    """out[off_k + i] is input_k[i] along the cat dim."""
+    out, d = _out(c), c.attrs["dim"]
+    off = 0
+    for t in c.inputs:
+        st = b.shape(t)
+        for k in range(len(st)):
+            if k == d:
+                b.couple((t, d), (out, d), np.arange(st[d]), off + np.arange(st[d]))
+            else:
+                b.couple((t, k), (out, k))
+        off += st[d]
+
+
+def stack(b, c: COp):
+    """stack adds a dim of size len(inputs): fixed; the others map through."""
+    out, d = _out(c), c.attrs["dim"]
+    for t in c.inputs:
+        for k in range(len(b.shape(t))):
+            b.couple((t, k), (out, k if k < d else k + 1))
+
+
+def split(b, c: COp):
+    """split/chunk/unbind: output i is input[off_i : off_i + size_i] along dim."""
+    x, d, node = c.inputs[0], c.attrs["dim"], c.node
+    nd = len(b.shape(x))
+    off = 0
+    for i, v in enumerate(node.meta[VAL]):
+        part = (node, i)
+        if c.attrs["kind"] == "unbind":
+            b.block((x, d), f"{node.name}: unbind turns channels into separate tensors")
+            for k in range(nd):
+                if k != d:
+                    b.couple((x, k), (part, k if k < d else k - 1))
+            continue
+        size = v.shape[d]
+        for k in range(nd):
+            if k == d:
+                b.couple((x, d), (part, d), off + np.arange(size), np.arange(size))
+            else:
+                b.couple((x, k), (part, k))
+        off += size
+
+
+def tuple_get(b, c: COp):
+    src = c.inputs[0]
+    if not hasattr(c.node.meta.get(VAL), "shape"):
+        return
+    for k in range(len(b.shape(c.node))):
+        b.couple((src, k), (c.node, k))
+
+
+def index(b, c: COp):
+    """x[..., a:b, None, 3]: slices map with an offset, ints fix their dim, None adds one."""
+    x, out = c.inputs[0], _out(c)
+    si = b.shape(x)
+    idx = list(c.attrs["index"])
+    if any(not isinstance(e, (slice, int, type(None), type(Ellipsis))) for e in idx):
+        return b.unknown(c, "indexing with tensors or symbolic values")
+    if Ellipsis in idx:
+        e = idx.index(Ellipsis)
+        fill = len(si) - sum(1 for v in idx if v is not None and v is not Ellipsis)
+        idx[e:e + 1] = [slice(None)] * fill
+    idx += [slice(None)] * (len(si) - sum(1 for v in idx if v is not None))
+    i = j = 0
+    for e in idx:
+        if e is None:
+            j += 1
+        elif isinstance(e, int):
+            b.block((x, i), f"{c.node.name}: selects one channel by position")
+            i += 1
+        else:
+            if not all(isinstance(v, (int, type(None))) for v in (e.start, e.stop, e.step)) or e.step not in (None, 1):
+                return b.unknown(c, "slice with a step or symbolic bounds")
+            start, stop, _ = e.indices(si[i])
+            n = max(stop - start, 0)
+            b.couple((x, i), (out, j), start + np.arange(n), np.arange(n))
+            i += 1
+            j += 1
+
+
+def reduce(b, c: COp):
+    """mean/sum/amax: reduced dims are fixed (removing channels changes the result); the rest map through."""
+    x, out = c.inputs[0], _out(c)
+    dims, keep = c.attrs["dims"], c.attrs["keepdim"]
+    j = 0
+    for k in range(len(b.shape(x))):
+        if k in dims:
+            b.block((x, k), f"{c.node.name}: reduction over this dim")
+            j += 1 if keep else 0
+        else:
+            b.couple((x, k), (out, j))
+            j += 1
+
+
+def pool(b, c: COp):
+    """pooling keeps batch and channels; spatial sizes change."""
+    x, out = c.inputs[0], _out(c)
+    for k in range(min(2, len(b.shape(x)) - 1)):
+        b.couple((x, k), (out, k))
+
+
+def _broadcast_batch(b, pairs, out, lead_out):
+    """Couple leading (batch/head) dims of several operands with the output's."""
+    for t, lead in pairs:
+        st = b.shape(t)
+        for j in range(lead):
+            od = lead_out - lead + j
+            if st[j] == b.shape(out)[od]:
+                b.couple((t, j), (out, od))
+
+
+def matmul(b, c: COp):
+    """(..., n, k) @ (..., k, m): k is contracted (shared), n and m map to the output."""
+    a, w, out = c.inputs[0], c.inputs[1], _out(c)
+    sa, sw, so = b.shape(a), b.shape(w), b.shape(out)
+    if len(sa) < 2 or len(sw) < 2:
+        return b.unknown(c, "matmul with a 1-D operand")
+    b.couple((a, len(sa) - 1), (w, len(sw) - 2))
+    b.couple((a, len(sa) - 2), (out, len(so) - 2))
+    b.couple((w, len(sw) - 1), (out, len(so) - 1))
+    _broadcast_batch(b, [(a, len(sa) - 2), (w, len(sw) - 2)], out, len(so) - 2)
+
+
+def sdpa(b, c: COp):
+    """q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev). Heads are leading dims."""
+    q, k, v = c.inputs
+    out = _out(c)
+    sq, sk, sv, so = b.shape(q), b.shape(k), b.shape(v), b.shape(out)
+    lead = len(so) - 2
+    b.couple((q, len(sq) - 1), (k, len(sk) - 1))
+    b.couple((q, len(sq) - 2), (out, lead))
+    b.couple((k, len(sk) - 2), (v, len(sv) - 2))
+    b.couple((v, len(sv) - 1), (out, lead + 1))
+    if c.attrs["scale"] is None:
+        b.block((q, len(sq) - 1), f"{c.node.name}: attention scale is computed from head_dim")
+    if c.attrs["enable_gqa"] and lead >= 1 and sq[lead - 1] != sk[lead - 1]:
+        r = sq[lead - 1] // sk[lead - 1]
+        for t in (k, v):
+            n = b.shape(t)[lead - 1]
+            b.couple((t, lead - 1), (out, lead - 1), np.arange(n * r) // r, np.arange(n * r))
+        _broadcast_batch(b, [(q, len(sq) - 2)], out, lead)
+        _broadcast_batch(b, [(k, lead - 1), (v, lead - 1)], out, lead)
+    else:
+        _broadcast_batch(b, [(q, len(sq) - 2), (k, len(sk) - 2), (v, len(sv) - 2)], out, lead)
+    mask = c.attrs["mask"]
+    if mask is not None:
+        sm = b.shape(mask)
+        for j, size in enumerate(sm):
+            od = len(so) - len(sm) + j
+            target = (k, len(sk) - 2) if j == len(sm) - 1 else (out, od)
+            if size == b.shape(target[0])[target[1]] and size != 1:
+                b.couple((mask, j), target)
+
+
+def linear(b, c: COp):
+    """weight (out, in): x[-1] is weight columns, y[-1] is weight rows and bias."""
+    x, out = c.inputs[0], _out(c)
+    w = c.params["weight"]
+    w_out, w_in = (1, 0) if c.attrs.get("weight_t") else (0, 1)
+    nd = len(b.shape(x))
+    b.couple((x, nd - 1), (w, w_in))
+    b.couple((out, nd - 1), (w, w_out))
+    if "bias" in c.params:
+        b.couple((c.params["bias"], len(b.shape(c.params["bias"])) - 1), (out, nd - 1))
+    for k in range(nd - 1):
+        b.couple((x, k), (out, k))
+
+
+def _unify_blocks(b, key, n: int, block: int):
+    """Make every index of each length-`block` run of `key` one unit (whole groups, whole heads)."""
+    if block > 1:
+        i = np.arange(n)
+        b.couple(key, key, i, (i // block) * block)
+
+
+def conv(b, c: COp):
+    """weight (Cout, Cin/g, *k). groups > 1 removes whole groups, so groups stay balanced."""
+    x, out, w = c.inputs[0], _out(c), c.params["weight"]
+    g = c.attrs["groups"]
+    cin, cout = b.shape(x)[1], b.shape(out)[1]
+    b.couple((x, 0), (out, 0))
+    b.couple((out, 1), (w, 0))
+    if "bias" in c.params:
+        b.couple((c.params["bias"], 0), (out, 1))
+    if g == 1:
+        b.couple((x, 1), (w, 1))
+        return
+    cin_g, cout_g = cin // g, cout // g
+    i = np.arange(cin)
+    b.couple((x, 1), (out, 1), i, (i // cin_g) * cout_g)
+    _unify_blocks(b, (out, 1), cout, cout_g)
+    b.block((w, 1), f"{c.node.name}: channels per group of a grouped conv stay")
+
+
+def conv_transpose(b, c: COp):
+    """weight (Cin, Cout/g, *k): the layout is the transpose of conv's."""
+    x, out, w = c.inputs[0], _out(c), c.params["weight"]
+    b.couple((x, 0), (out, 0))
+    if c.attrs["groups"] != 1:
+        return b.unknown(c, "grouped ConvTranspose")
+    b.couple((x, 1), (w, 0))
+    b.couple((out, 1), (w, 1))
+    if "bias" in c.params:
+        b.couple((c.params["bias"], 0), (out, 1))
+
+
+def batch_norm(b, c: COp):
+    """per-channel affine and statistics on dim 1."""
+    x = c.inputs[0]
+    out = (c.node, 0) if c.op == "batch_norm_tuple" else _out(c)
+    for k in range(len(b.shape(x))):
+        b.couple((x, k), (out, k))
+    for p in c.params.values():
+        b.couple((p, 0), (x, 1))
+
+
+def layer_norm(b, c: COp):
+    """normalizes the trailing dims; the affine parameters cover them."""
+    x, out = c.inputs[0], _out(c)
+    nd = len(b.shape(x))
+    for k in range(nd):
+        b.couple((x, k), (out, k))
+    for p in c.params.values():
+        pn = len(b.shape(p))
+        for j in range(pn):
+            b.couple((p, j), (x, nd - pn + j))
+
+
+def group_norm(b, c: COp):
+    """statistics per group of channels: remove whole groups only."""
+    x, out = c.inputs[0], _out(c)
+    for k in range(len(b.shape(x))):
+        b.couple((x, k), (out, k))
+    n = b.shape(x)[1]
+    _unify_blocks(b, (x, 1), n, n // c.attrs["num_groups"])
+    for p in c.params.values():
+        b.couple((p, 0), (x, 1))
+
+
+def embedding(b, c: COp):
+    """weight (V, D): the output's last dim is D; the vocabulary stays."""
+    idx, out, w = c.inputs[0], _out(c), c.params["weight"]
+    nd = len(b.shape(out))
+    b.couple((out, nd - 1), (w, 1))
+    for k in range(nd - 1):
+        b.couple((idx, k), (out, k))
+
+
+def mha(b, c: COp):
+    """nn.MultiheadAttention (batch_first self-attention): whole heads go together.
+
+    The attention width E' = heads * head_dim gets a dim of its own,
+    ``("attn", node)``, independent of the residual width E.
+    """
+    x, node = c.inputs[0], c.node
+    out = (node, 0)
+    p = c.params
+    e = b.shape(x)[-1]
+    head = e // c.attrs["num_heads"]
+    b.declare(("attn", node), e)
+    inner = (("attn", node), 0)
+    i = np.arange(e)
+    b.couple((x, 2), (p["in_weight"], 1))
+    b.couple((out, 2), (p["out_weight"], 0))
+    b.couple((p["out_bias"], 0), (out, 2))
+    for s in range(3):
+        b.couple((p["in_weight"], 0), inner, s * e + i, i)
+        b.couple((p["in_bias"], 0), inner, s * e + i, i)
+    b.couple((p["out_weight"], 1), inner)
+    _unify_blocks(b, inner, e, head)
+    for k in range(2):
+        b.couple((x, k), (out, k))
+
+
+def unknown(b, c: COp):
+    b.unknown(c, c.attrs.get("why", f"no rule for {c.op}"))
+
+
+def nothing(b, c: COp):
+    """python values, shape queries, asserts: no tensor dims to relate."""
+
+
+RULES = {
+    "ewise": ewise,
+    "permute": permute,
+    "reshape": reshape,
+    "expand": expand,
+    "repeat_interleave": repeat_interleave,
+    "cat": cat,
+    "stack": stack,
+    "split": split,
+    "tuple_get": tuple_get,
+    "index": index,
+    "reduce": reduce,
+    "pool": pool,
+    "matmul": matmul,
+    "sdpa": sdpa,
+    "linear": linear,
+    "conv": conv,
+    "conv_transpose": conv_transpose,
+    "batch_norm": batch_norm,
+    "batch_norm_tuple": batch_norm,
+    "layer_norm": layer_norm,
+    "rms_norm": layer_norm,
+    "group_norm": group_norm,
+    "embedding": embedding,
+    "mha": mha,
+    "unknown": unknown,
+    "python": nothing,
+    "shape": nothing,
+    "get_attr": nothing,
+}

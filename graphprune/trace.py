@@ -1,0 +1,131 @@
+"""Capture a model as a torch.fx graph with a shape on every node.
+
+``symbolic_trace`` is tried first: it is fast and keeps ``torch.nn`` modules as
+``call_module`` nodes. Models it cannot trace (data-dependent Python control
+flow, Hugging Face models) go through ``torch.export`` in non-strict mode,
+which gives an ATen graph. Both reach the analysis through ``canon``, which
+maps them onto one op vocabulary.
+
+Shapes are propagated on ``meta`` tensors (parameters swapped for meta copies
+while the graph runs), so tracing needs neither real compute nor weight memory;
+a model whose parameters already live on ``meta`` works the same way.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.nn.utils.stateless import _reparametrize_module
+
+from .errors import GraphpruneError
+from .meta_keys import VAL
+
+
+@dataclass
+class Traced:
+    gm: fx.GraphModule
+    method: str  # "symbolic_trace" or "export"
+    symbolic_error: str | None = None  # why symbolic_trace was not used
+
+
+def _to_meta(x):
+    if isinstance(x, torch.Tensor):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_meta(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_meta(v) for k, v in x.items()}
+    return x
+
+
+class _MetaProp(fx.Interpreter):
+    def run_node(self, n):
+        try:
+            out = super().run_node(n)
+        except Exception as e:  # noqa: BLE001 - re-raised with the node named
+            where = f" (module {n.target!r})" if n.op == "call_module" else ""
+            raise GraphpruneError(f"shape propagation failed at node {n.name!r}{where}: {type(e).__name__}: {e}") from e
+        n.meta[VAL] = out
+        return out
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, example_kwargs: dict | None = None) -> None:
+    """Run ``gm`` on meta tensors and leave each node's value in ``node.meta['val']``."""
+    state = {k: _to_meta(v) for k, v in gm.state_dict(keep_vars=True).items()}
+    args = _to_meta(tuple(example_inputs))
+    kwargs = _to_meta(dict(example_kwargs or {}))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if kwargs:
+        names = [n.target for n in placeholders]
+        args = args + tuple(kwargs[name] for name in names[len(args):] if name in kwargs)
+    with _reparametrize_module(gm, state, tie_weights=True), torch.no_grad():
+        _MetaProp(gm).run(*args)
+
+
+def _export(model, example_inputs, example_kwargs) -> fx.GraphModule:
+    from torch.export import export
+
+    args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    try:
+        ep = export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=_dynamic_shapes(model, args, kwargs))
+    except Exception:  # noqa: BLE001 - symbolic batch is a nicety; a static graph still prunes
+        ep = export(model, args, kwargs=kwargs, strict=False)
+    return ep.module()
+
+
+def _dynamic_shapes(model, args, kwargs):
+    """Keep the batch dim (and the sequence dim of token ids) symbolic in exported graphs."""
+    import inspect
+
+    from torch.export import Dim
+
+    def spec(x):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        dims = {0: Dim.AUTO}
+        if x.dim() == 2 and not x.is_floating_point():
+            dims[1] = Dim.AUTO
+        return dims
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None, *, method: str = "auto") -> Traced:
+    """Trace ``model`` and propagate shapes; say which tracer was used and why."""
+    if not isinstance(model, torch.nn.Module):
+        raise GraphpruneError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, tuple):
+        raise GraphpruneError(f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}; wrap a single tensor as (x,)")
+    symbolic_error = None
+    if method in ("auto", "symbolic_trace") and not example_kwargs:
+        try:
+            gm = fx.symbolic_trace(model)
+            propagate_shapes(gm, example_inputs)
+            return Traced(gm, "symbolic_trace")
+        except Exception as e:  # noqa: BLE001 - fall back to export, keep the reason
+            symbolic_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            if method == "symbolic_trace":
+                raise GraphpruneError(f"torch.fx.symbolic_trace failed: {symbolic_error}. Use method='export' or make the model traceable (wrap the failing code in a leaf module or @torch.fx.wrap).") from e
+    try:
+        gm = _export(model, example_inputs, example_kwargs)
+    except Exception as e:  # noqa: BLE001
+        msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+        hint = f" symbolic_trace failed first with: {symbolic_error}." if symbolic_error else ""
+        raise GraphpruneError(
+            f"cannot trace {type(model).__name__}: torch.export failed with {msg}.{hint} "
+            "Make the forward traceable (no data-dependent Python control flow), or pass example inputs the model accepts."
+        ) from e
+    _fill_missing_vals(gm)
+    return Traced(gm, "export", symbolic_error)
+
+
+def _fill_missing_vals(gm: fx.GraphModule) -> None:
+    """torch.export leaves ``val`` on call nodes; get_attr nodes need it too."""
+    for n in gm.graph.nodes:
+        if VAL not in n.meta and n.op == "get_attr":
+            t = operator.attrgetter(n.target)(gm)
+            if isinstance(t, torch.Tensor):
+                n.meta[VAL] = _to_meta(t)

@@ -1,0 +1,2 @@
+"""Built-in passes; importing this package registers them."""
+from . import dce, shrink_params  # noqa: F401

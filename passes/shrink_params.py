@@ -1,0 +1,290 @@
+"""shrink-params: emit a new, physically smaller GraphModule.
+
+Reads the plan that ``graphprune.compile`` leaves in ``gm.meta["gp_plan"]``:
+for every tensor dim that shrinks, ``(value_key, axis) -> kept indices``.
+It then
+
+1. slices every planned parameter and buffer and clones the rest into a new
+   module tree, so the input module (and the user's model behind it) is left
+   untouched;
+2. fixes the hyperparameters of modules whose shape they describe
+   (``in_channels``, ``groups``, ``normalized_shape``...), one table row per
+   module type, and swaps ``nn.MultiheadAttention`` for
+   ``PrunedSelfAttention`` where its heads shrank;
+3. rewrites every shape constant in the graph (view/reshape/expand sizes,
+   split sizes, slice bounds, ``normalized_shape`` and ``groups`` arguments),
+   one table row per canonical op; sizes computed from the input at run time
+   (``x.size(0)``) are left symbolic, so other batch sizes still work.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule, Node
+
+from graphprune.canon import COp, vkey
+from graphprune.meta_keys import CANON, VAL
+from graphprune.modules import PrunedSelfAttention
+from graphprune.pass_manager import PassResult, register_pass
+
+PLAN = "gp_plan"
+COUNTERS = {"params": 0, "modules": 0, "args": 0}
+
+
+class _Plan:
+    def __init__(self, plan: dict):
+        self.plan = plan
+
+    def kept(self, value, axis):
+        return self.plan.get((value, axis))
+
+    def size(self, value, old: int, axis: int) -> int:
+        k = self.plan.get((value, axis))
+        return old if k is None else len(k)
+
+    def new_shape(self, value, shape) -> list[int]:
+        return [self.size(value, s, i) for i, s in enumerate(shape)]
+
+
+def _slice_tensors(gm: GraphModule, plan: dict) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for (key, axis), keep in plan.items():
+        if isinstance(key, str):
+            t = out.get(key)
+            if t is None:
+                t = operator.attrgetter(key)(gm).detach()
+            out[key] = t.index_select(axis, torch.as_tensor(keep, dtype=torch.long, device=t.device))
+    return out
+
+
+def _clone(m: nn.Module, new: dict, prefix: str, memo: dict) -> nn.Module:
+    """Copy the module tree; tensors come from ``new`` or are cloned. Shared modules stay shared."""
+    if id(m) in memo:
+        return memo[id(m)]
+    c = copy.copy(m)
+    memo[id(m)] = c
+    c.__dict__ = dict(m.__dict__)
+    c._parameters = {}
+    for k, p in m._parameters.items():
+        if p is None:
+            c._parameters[k] = None
+            continue
+        t = new.get(prefix + k)
+        c._parameters[k] = nn.Parameter(t.clone() if t is not None else p.detach().clone(), requires_grad=p.requires_grad)
+    c._buffers = {k: (None if b is None else (new[prefix + k] if prefix + k in new else b.clone())) for k, b in m._buffers.items()}
+    c._modules = {k: (None if s is None else _clone(s, new, f"{prefix}{k}.", memo)) for k, s in m._modules.items()}
+    for k, v in m.__dict__.items():
+        if isinstance(v, torch.Tensor) and k not in ("_parameters", "_buffers"):
+            c.__dict__[k] = new.get(prefix + k, v.clone())
+    return c
+
+
+# ------------------------------------------------------------- module fixes
+
+def _fix_conv(mod, node, p: _Plan):
+    x = node.args[0]
+    old_in = mod.in_channels
+    new_in = p.size(vkey(x), old_in, 1)
+    new_out = p.size(node, mod.out_channels, 1)
+    mod.groups = mod.groups * new_in // old_in if mod.groups > 1 else 1
+    mod.in_channels, mod.out_channels = new_in, new_out
+
+
+def _fix_linear(mod, node, p):
+    mod.out_features, mod.in_features = mod.weight.shape
+
+
+def _fix_bn(mod, node, p):
+    mod.num_features = (mod.weight if mod.weight is not None else mod.running_mean).shape[0]
+
+
+def _fix_ln(mod, node, p):
+    n = len(mod.normalized_shape)
+    mod.normalized_shape = tuple(p.new_shape(node, node.meta[VAL].shape)[-n:])
+
+
+def _fix_gn(mod, node, p):
+    new_c = p.size(node, mod.num_channels, 1)
+    mod.num_groups = mod.num_groups * new_c // mod.num_channels
+    mod.num_channels = new_c
+
+
+def _fix_embedding(mod, node, p):
+    mod.embedding_dim = mod.weight.shape[1]
+
+
+MODULE_FIXES = [
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _fix_conv),
+    ((nn.Linear,), _fix_linear),
+    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), _fix_bn),
+    ((nn.LayerNorm, nn.RMSNorm), _fix_ln),
+    ((nn.GroupNorm,), _fix_gn),
+    ((nn.Embedding,), _fix_embedding),
+]
+
+
+def _replace_mha(root: nn.Module, path: str, mod: nn.MultiheadAttention):
+    n_heads = mod.in_proj_weight.shape[0] // 3 // mod.head_dim
+    out = mod.out_proj
+    out.out_features, out.in_features = out.weight.shape
+    _set_submodule(root, path, PrunedSelfAttention(mod, mod.in_proj_weight, mod.in_proj_bias, out, n_heads))
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module):
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+# ---------------------------------------------------------------- arg fixes
+
+def _sizes(node: Node, cop: COp, p: _Plan) -> bool:
+    """view/reshape/expand: replace literal sizes of dims that shrank."""
+    at = cop.attrs.get("sizes_at")
+    if at is None:
+        return False
+    old = node.meta[VAL].shape
+    new = p.new_shape(node, old)
+    if list(new) == list(old):
+        return False
+    sizes = list(node.args[1:]) if at == "varargs" else list(node.args[at])
+    for i, s in enumerate(sizes):
+        if isinstance(s, int) and s != -1 and new[i] != old[i]:
+            sizes[i] = new[i]
+    node.args = (node.args[0], *sizes) if at == "varargs" else (*node.args[:at], type(node.args[at])(sizes), *node.args[at + 1:])
+    return True
+
+
+def _split(node: Node, cop: COp, p: _Plan) -> bool:
+    """split/chunk -> torch.split with the new explicit sizes."""
+    if cop.attrs["kind"] == "unbind":
+        return False
+    d = cop.attrs["dim"]
+    old = [v.shape[d] for v in node.meta[VAL]]
+    new = [p.size((node, i), s, d) for i, s in enumerate(old)]
+    if new == old:
+        return False
+    node.op, node.target = "call_function", torch.split
+    node.args, node.kwargs = (node.args[0], new, d), {}
+    return True
+
+
+def _index(node: Node, cop: COp, p: _Plan) -> bool:
+    """slices along dims that shrank get bounds counted in kept channels."""
+    x = cop.inputs[0]
+    shape = x.meta[VAL].shape if isinstance(x, Node) else None
+    if shape is None:
+        return False
+    idx = list(cop.attrs["index"])
+    if Ellipsis in idx:
+        e = idx.index(Ellipsis)
+        idx[e:e + 1] = [slice(None)] * (len(shape) - sum(1 for v in idx if v is not None and v is not Ellipsis))
+    changed, i, new_idx = False, 0, []
+    for e in idx:
+        if isinstance(e, slice):
+            kept = p.kept(x, i)
+            if kept is not None and (e.start is not None or e.stop is not None):
+                start, stop, _ = e.indices(shape[i])
+                e = slice(int(np.searchsorted(kept, start)), int(np.searchsorted(kept, stop)))
+                changed = True
+        new_idx.append(e)
+        i += e is not None
+    if not changed:
+        return False
+    form = cop.attrs["form"]
+    d = next(k for k, e in enumerate(new_idx) if isinstance(e, slice) and (e.start or e.stop))
+    if form == "getitem":
+        node.args = (node.args[0], tuple(new_idx))
+    elif node.target == torch.ops.aten.slice.Tensor:
+        node.args = (node.args[0], d, new_idx[d].start, new_idx[d].stop, *node.args[4:])
+    else:  # narrow
+        node.args = (node.args[0], d, new_idx[d].start, new_idx[d].stop - new_idx[d].start)
+    return True
+
+
+def _norm_args(node: Node, cop: COp, p: _Plan) -> bool:
+    """functional layer_norm's normalized_shape and group_norm's num_groups."""
+    if node.op != "call_function":
+        return False
+    old = node.meta[VAL].shape
+    new = p.new_shape(node, old)
+    if list(new) == list(old):
+        return False
+    args = list(node.args)
+    if cop.op in ("layer_norm", "rms_norm"):
+        n = len(args[1])
+        args[1] = type(args[1])(new[-n:])
+    elif cop.op == "group_norm":
+        args[1] = args[1] * new[1] // old[1]
+    node.args = tuple(args)
+    return True
+
+
+def _conv_groups(node: Node, cop: COp, p: _Plan) -> bool:
+    if node.op != "call_function" or cop.attrs.get("groups", 1) == 1:
+        return False
+    x = cop.inputs[0]
+    old_in = x.meta[VAL].shape[1]
+    new_in = p.size(x, old_in, 1)
+    if new_in == old_in:
+        return False
+    pos = 8 if node.target == torch.ops.aten.convolution.default else 6
+    args = list(node.args)
+    if len(args) > pos:
+        args[pos] = args[pos] * new_in // old_in
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, "groups": node.kwargs["groups"] * new_in // old_in}
+    return True
+
+
+ARG_FIXES = {
+    "reshape": _sizes,
+    "expand": _sizes,
+    "split": _split,
+    "index": _index,
+    "layer_norm": _norm_args,
+    "rms_norm": _norm_args,
+    "group_norm": _norm_args,
+    "conv": _conv_groups,
+}
+
+
+@register_pass("shrink-params")
+def shrink_params(gm: GraphModule) -> PassResult:
+    plan = gm.meta.get(PLAN)
+    if not plan:
+        return PassResult(gm, False)
+    p = _Plan(plan)
+    new = _slice_tensors(gm, plan)
+    COUNTERS["params"] += len(new)
+    root = nn.Module()
+    memo: dict = {}
+    for name, child in gm.named_children():
+        root.add_module(name, _clone(child, new, name + ".", memo))
+    for name, t in list(gm._parameters.items()) + list(gm._buffers.items()):
+        setattr(root, name, nn.Parameter(new.get(name, t.detach().clone())) if isinstance(t, nn.Parameter) else new.get(name, t.clone()))
+    for k, v in gm.__dict__.items():
+        if isinstance(v, torch.Tensor) and not hasattr(root, k):
+            root.__dict__[k] = new.get(k, v.clone())
+    for node in gm.graph.nodes:
+        cop: COp = node.meta.get(CANON)
+        if node.op == "call_module":
+            mod = root.get_submodule(node.target)
+            if isinstance(mod, nn.MultiheadAttention):
+                if any(isinstance(k, str) and k.startswith(node.target + ".") for k in new):
+                    _replace_mha(root, node.target, mod)
+                    COUNTERS["modules"] += 1
+                continue
+            for types, fix in MODULE_FIXES:
+                if type(mod) in types:
+                    fix(mod, node, p)
+                    COUNTERS["modules"] += 1
+        elif cop is not None and cop.op in ARG_FIXES:
+            COUNTERS["args"] += bool(ARG_FIXES[cop.op](node, cop, p))
+    out = GraphModule(root, gm.graph, class_name=type(gm).__name__)
+    out.meta.update({k: v for k, v in gm.meta.items() if k != PLAN})
+    return PassResult(out, True)
