@@ -12,9 +12,8 @@ import torch
 from . import importance as _importance
 from .errors import GraphpruneError
 from .groups import Analysis, Group, analyze_graph
-from .meta_keys import VAL
 from .pass_manager import run_pipeline
-from .trace import propagate_shapes, trace
+from .trace import trace
 
 DEFAULT_PIPELINE = "shrink-params,dce"
 
@@ -64,13 +63,33 @@ def _attr(obj, path: str):
 
 
 def select_units(groups: list[Group], scores: dict[int, np.ndarray], ratio: float) -> dict[int, np.ndarray]:
-    """Per group, the units to remove: the round(ratio * n) lowest-scoring, never all."""
+    """Per group, the units to remove: the round(ratio * n) lowest-scoring.
+
+    A unit is skipped when removing it would leave some member dim empty
+    (a DenseNet layer whose every new channel scored low keeps one).
+    """
     removed = {}
     for g in groups:
         k = min(int(round(ratio * g.n_units)), g.n_units - 1)
         if k > 0:
-            removed[g.id] = np.argsort(scores[g.id], kind="stable")[:k]
+            removed[g.id] = remove_lowest(g, scores[g.id], k)
     return removed
+
+
+def remove_lowest(g: Group, score: np.ndarray, k: int) -> np.ndarray:
+    order = np.argsort(score, kind="stable")
+    counts = np.stack([np.bincount(u, minlength=g.n_units) for u in g.dims.values()])  # (dims, units)
+    if (counts.sum(1) - counts[:, order[:k]].sum(1) > 0).all():
+        return order[:k]  # the common case: nothing empties
+    left = counts.sum(1)
+    out = []
+    for u in order:
+        if len(out) == k:
+            break
+        if (left - counts[:, u] > 0).all():
+            left -= counts[:, u]
+            out.append(u)
+    return np.array(out, dtype=np.int64)
 
 
 def make_plan(groups: list[Group], removed: dict[int, np.ndarray]) -> dict:
@@ -109,22 +128,10 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio: float | Non
     scores = {g.id: score_fn(g, tensors) for g in analysis.groups}
     removed = select_units(analysis.groups, scores, ratio)
     gm.meta["gp_plan"] = make_plan(analysis.groups, removed)
-    out, _ = run_pipeline(gm, pipeline or DEFAULT_PIPELINE, check=False)
-    out.recompile()
-    propagate_shapes(out, example_inputs, example_kwargs)
+    out, _ = run_pipeline(gm, pipeline or DEFAULT_PIPELINE)
     out.meta["graphprune"] = {
         "method": traced.method,
         "groups": {g.id: (g.n_units, g.n_units - len(removed.get(g.id, ()))) for g in analysis.groups},
         "unsupported": analysis.unsupported,
     }
-    _check_shapes(out)
     return out
-
-
-def _check_shapes(gm: torch.fx.GraphModule) -> None:
-    from .pass_manager import check_graph
-
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" and isinstance(n.meta.get(VAL), torch.Tensor):
-            n.meta["tensor_meta"] = n.meta[VAL]
-    check_graph(gm)

@@ -205,6 +205,8 @@ def build(gm: GraphModule, ignore=()) -> Builder:
                         b.block((key, k), "model output")
         else:
             RULES.get(c.op, RULES["unknown"])(b, c)
+            if c.attrs.get("sizes_at") is not None:
+                _couple_size_reads(b, c)
             if c.op in _SIZE_ONLY:
                 continue
             # whatever the rule did not explain keeps its width
@@ -227,6 +229,43 @@ def build(gm: GraphModule, ignore=()) -> Builder:
             b.blocked.setdefault(d, "size 1")
     _resolve_products(b)
     return b
+
+
+def _size_source(a):
+    """If ``a`` is a size read straight off a tensor (``x.size(1)``, ``x.shape[1]``,
+    ``b, c, h, w = x.size()``), the ``(value_key, axis)`` it reads."""
+    if not isinstance(a, Node):
+        return None
+    if a.op == "call_method" and a.target == "size" and len(a.args) == 2:
+        x, d = a.args
+    elif a.target == torch.ops.aten.sym_size.int:
+        x, d = a.args
+    elif a.target is operator.getitem and isinstance(a.args[0], Node) and isinstance(a.args[1], int):
+        src = a.args[0]
+        is_size = (src.op == "call_method" and src.target == "size" and len(src.args) == 1) or (
+            src.op == "call_function" and src.target is getattr and src.args[1] == "shape")
+        if not is_size:
+            return None
+        x, d = src.args[0], a.args[1]
+    else:
+        return None
+    key = vkey(x)
+    if key is None or not isinstance(d, int):
+        return None
+    return key, d % x.meta[VAL].dim()
+
+
+def _couple_size_reads(b: Builder, c: COp) -> None:
+    """A view/expand size read off another tensor's dim has that dim's width after pruning too."""
+    node, at = c.node, c.attrs["sizes_at"]
+    sizes = list(node.args[1:]) if at == "varargs" else node.args[at]
+    if not isinstance(sizes, (list, tuple)):
+        return
+    out_shape = b.shape(node)
+    for i, a in enumerate(sizes):
+        src = _size_source(a)
+        if src is not None and i < len(out_shape) and out_shape[i] > 1:
+            b.couple(src, (node, i))
 
 
 def _flatten_args(args):

@@ -88,9 +88,19 @@ def parse_pipeline(pipeline: str | list) -> list[tuple[str, dict]]:
 
 
 def check_graph(gm: GraphModule) -> None:
-    """Invariants every pass keeps: a well-formed graph, and every parameter
-    shape agreeing with the ``tensor_meta`` of the ``get_attr`` node reading it."""
+    """Invariants every pass keeps: a well-formed graph; every parameter shape
+    agreeing with the ``tensor_meta`` of the ``get_attr`` node reading it; and,
+    when the example inputs are known, the graph still runs on them (on meta
+    tensors) and gives outputs of the same shapes as before."""
+    from .trace import EXAMPLE, output_shapes, propagate_shapes
+
     gm.graph.lint()
+    if EXAMPLE in gm.meta:
+        before = output_shapes(gm)
+        propagate_shapes(gm, *gm.meta[EXAMPLE])
+        after = output_shapes(gm)
+        if before != after:
+            raise AssertionError(f"model output shapes changed from {before} to {after}")
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue

@@ -51,8 +51,17 @@ class _MetaProp(fx.Interpreter):
         return out
 
 
+EXAMPLE = "gp_example"  # gm.meta: the example inputs as meta tensors, for re-checking after passes
+
+
+def output_shapes(gm: fx.GraphModule) -> list:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    return [tuple(a.meta[VAL].shape) for a in out.all_input_nodes if isinstance(a.meta.get(VAL), torch.Tensor)]
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, example_kwargs: dict | None = None) -> None:
     """Run ``gm`` on meta tensors and leave each node's value in ``node.meta['val']``."""
+    gm.meta[EXAMPLE] = (_to_meta(tuple(example_inputs)), _to_meta(dict(example_kwargs or {})))
     state = {k: _to_meta(v) for k, v in gm.state_dict(keep_vars=True).items()}
     args = _to_meta(tuple(example_inputs))
     kwargs = _to_meta(dict(example_kwargs or {}))
@@ -103,6 +112,8 @@ def trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | 
     if method in ("auto", "symbolic_trace") and not example_kwargs:
         try:
             gm = fx.symbolic_trace(model)
+            for name, child in model.named_children():  # keep the user's containers (Sequential...) intact
+                setattr(gm, name, child)
             propagate_shapes(gm, example_inputs)
             return Traced(gm, "symbolic_trace")
         except Exception as e:  # noqa: BLE001 - fall back to export, keep the reason
@@ -119,6 +130,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | 
             "Make the forward traceable (no data-dependent Python control flow), or pass example inputs the model accepts."
         ) from e
     _fill_missing_vals(gm)
+    gm.meta[EXAMPLE] = (_to_meta(tuple(example_inputs)), _to_meta(dict(example_kwargs or {})))
     return Traced(gm, "export", symbolic_error)
 
 

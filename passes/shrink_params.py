@@ -286,5 +286,7 @@ def shrink_params(gm: GraphModule) -> PassResult:
         elif cop is not None and cop.op in ARG_FIXES:
             COUNTERS["args"] += bool(ARG_FIXES[cop.op](node, cop, p))
     out = GraphModule(root, gm.graph, class_name=type(gm).__name__)
+    for name, child in root.named_children():  # whole subtrees, so Sequential and friends keep their types
+        setattr(out, name, child)
     out.meta.update({k: v for k, v in gm.meta.items() if k != PLAN})
     return PassResult(out, True)

@@ -1,0 +1,270 @@
+"""Small models that exercise one coupling pattern each (the lossless oracle's zoo)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def cbr(i, o, k=3, s=1, g=1):
+    return nn.Sequential(nn.Conv2d(i, o, k, s, k // 2, groups=g, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
+
+class Residual(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = cbr(3, c)
+        self.a = nn.Sequential(cbr(c, 24), nn.Conv2d(24, c, 3, padding=1), nn.BatchNorm2d(c))
+        self.b = nn.Sequential(cbr(c, 12), nn.Conv2d(12, c, 1), nn.BatchNorm2d(c))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.a(x))
+        x = torch.relu(torch.add(x, self.b(x)))
+        return self.head(x.mean((2, 3)))
+
+
+class DenseConcat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.l1 = cbr(16, 8)
+        self.l2 = cbr(24, 8)
+        self.trans = nn.Sequential(nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 16, 1))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([x, self.l1(x)], 1)
+        x = torch.cat((x, self.l2(x)), dim=1)
+        x = self.trans(x)
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class ChunkSplit(nn.Module):
+    """chunk and unequal split whose parts feed different branches."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 32)
+        self.p1 = cbr(8, 8)
+        self.p2 = cbr(24, 12)
+        self.q1 = cbr(16, 6)
+        self.q2 = cbr(16, 10)
+        self.out = nn.Conv2d(8 + 12 + 6 + 10, 8, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = torch.split(x, [8, 24], dim=1)
+        c, d = x.chunk(2, dim=1)
+        return self.out(torch.cat([self.p1(a), self.p2(b), self.q1(c), self.q2(d)], 1))
+
+
+def channel_shuffle(x, groups: int):
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(b, -1, h, w)
+
+
+class Shuffle(nn.Module):
+    """a ShuffleNetV2 unit: split in two, one branch convolved, concat, shuffle."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = cbr(3, 2 * c)
+        self.branch = nn.Sequential(cbr(c, c, 1), cbr(c, c, 3, g=c), cbr(c, c, 1))
+        self.branch2 = nn.Sequential(cbr(c, c, 1), cbr(c, c, 1))
+        self.out = nn.Conv2d(2 * c, 8, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x1, x2 = x.chunk(2, dim=1)
+        x = channel_shuffle(torch.cat((x1, self.branch(x2)), 1), 2)
+        x1, x2 = x.chunk(2, dim=1)
+        x = channel_shuffle(torch.cat((x1, self.branch2(x2)), 1), 2)
+        return self.out(x)
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 32)
+        self.g4 = cbr(32, 64, 3, g=4)
+        self.dw = cbr(64, 64, 3, g=64)
+        self.dw2 = nn.Conv2d(64, 128, 3, padding=1, groups=64)  # depth multiplier 2
+        self.pw = nn.Conv2d(128, 16, 1)
+
+    def forward(self, x):
+        return self.pw(self.dw2(self.dw(self.g4(self.stem(x)))))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c=32):
+        super().__init__()
+        self.stem = cbr(3, c)
+        self.fc1 = nn.Conv2d(c, 8, 1)
+        self.fc2 = nn.Conv2d(8, c, 1)
+        self.out = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.out(x * s)
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(cbr(3, 16), nn.MaxPool2d(2), cbr(16, 8), nn.AdaptiveAvgPool2d(4))
+        self.fc1 = nn.Linear(8 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.flatten(self.features(x), 1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class SharedModule(nn.Module):
+    """one conv applied twice (weights shared across two call sites)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.shared = nn.Conv2d(16, 16, 3, padding=1)
+        self.mid = cbr(16, 24)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(self.shared(x))
+        x = F.relu(self.shared(x))
+        return self.out(x)
+
+
+class LayerScale(nn.Module):
+    """a loose nn.Parameter in arithmetic (ConvNeXt/CaiT layer scale)."""
+
+    def __init__(self, c=24):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.pw1 = nn.Linear(c, 4 * c)
+        self.pw2 = nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+        self.bias = nn.Parameter(torch.randn(c, 1, 1))
+        self.out = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.pw2(F.gelu(self.pw1(y)))
+        y = (self.gamma * y).permute(0, 3, 1, 2)
+        return self.out(x + y + self.bias)
+
+
+class UNet(nn.Module):
+    """ConvTranspose2d upsampling with a skip concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc1 = cbr(3, 16)
+        self.enc2 = nn.Sequential(nn.MaxPool2d(2), cbr(16, 32))
+        self.up = nn.ConvTranspose2d(32, 16, 2, stride=2)
+        self.dec = cbr(32, 16)
+        self.out = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        d = torch.cat([self.up(e2), e1], dim=1)
+        return self.out(self.dec(d))
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward on a token sequence."""
+
+    def __init__(self, d=32, h=64):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.gate = nn.Linear(d, h, bias=False)
+        self.up = nn.Linear(d, h, bias=False)
+        self.down = nn.Linear(h, d, bias=False)
+        self.out = nn.Linear(d, 8)
+
+    def forward(self, x):
+        x = self.inp(x)
+        x = x + self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.out(x)
+
+
+class GQAttention(nn.Module):
+    """hand-written grouped-query attention: 8 query heads share 2 key/value heads."""
+
+    def __init__(self, d=32, n_head=8, n_kv=2, head_dim=8, sdpa=False, expand=False):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd, self.sdpa, self.expand = n_head, n_kv, head_dim, sdpa, expand
+        self.inp = nn.Linear(16, d)
+        self.q = nn.Linear(d, n_head * head_dim)
+        self.k = nn.Linear(d, n_kv * head_dim)
+        self.v = nn.Linear(d, n_kv * head_dim)
+        self.o = nn.Linear(n_head * head_dim, d)
+        self.out = nn.Linear(d, 4)
+
+    def _repeat(self, t):
+        rep = self.n_head // self.n_kv
+        if not self.expand:
+            return t.repeat_interleave(rep, dim=1)
+        B, kv, T, hd = t.shape
+        return t[:, :, None, :, :].expand(B, kv, rep, T, hd).reshape(B, kv * rep, T, hd)
+
+    def forward(self, x):
+        x = self.inp(x)
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self._repeat(self.k(x).view(B, T, self.n_kv, self.hd).transpose(1, 2))
+        v = self._repeat(self.v(x).view(B, T, self.n_kv, self.hd).transpose(1, 2))
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / self.hd ** 0.5)
+            y = F.softmax(att, dim=-1) @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.hd)
+        return self.out(x + self.o(y))
+
+
+class SliceConst(nn.Module):
+    """hard-coded slices of a channel dim, and a reshape with a literal width."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 24)
+        self.a = nn.Conv2d(16, 8, 1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.cat([self.a(x[:, :16]), self.b(x[:, 16:])], 1)  # (B, 16, H, W)
+        y = y.mean((2, 3)).reshape(-1, 16)
+        return self.fc(y)
+
+
+IMAGE = (2, 3, 16, 16)
+TOKENS = (2, 5, 16)
+ORACLE_MODELS = {
+    "residual": (Residual, IMAGE),
+    "dense_concat": (DenseConcat, IMAGE),
+    "chunk_split": (ChunkSplit, IMAGE),
+    "channel_shuffle": (Shuffle, IMAGE),
+    "grouped_depthwise": (Grouped, IMAGE),
+    "squeeze_excite": (SqueezeExcite, IMAGE),
+    "flatten_linear": (FlattenLinear, IMAGE),
+    "shared_module": (SharedModule, IMAGE),
+    "layer_scale": (LayerScale, IMAGE),
+    "unet_convtranspose": (UNet, IMAGE),
+    "gated_mlp": (GatedMLP, (2, 5, 32)),
+    "gqa_matmul": (GQAttention, TOKENS),
+    "gqa_sdpa": (lambda: GQAttention(sdpa=True), TOKENS),
+    "gqa_expand": (lambda: GQAttention(expand=True), TOKENS),
+    "slice_const": (SliceConst, IMAGE),
+}

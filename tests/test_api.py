@@ -1,0 +1,109 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import graphprune
+from models import IMAGE, Residual
+
+
+def test_bad_ratio():
+    with pytest.raises(graphprune.GraphpruneError, match=r"ratio must be a number in \[0, 1\)"):
+        graphprune.compile(Residual(), (torch.randn(*IMAGE),), ratio=1.0)
+
+
+def test_bad_ignore():
+    with pytest.raises(graphprune.GraphpruneError, match="not a submodule"):
+        graphprune.compile(Residual(), (torch.randn(*IMAGE),), ratio=0.5, ignore=["nope"])
+
+
+def test_example_inputs_must_be_a_tuple():
+    with pytest.raises(graphprune.GraphpruneError, match="tuple"):
+        graphprune.compile(Residual(), torch.randn(*IMAGE), ratio=0.5)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return self.fc(x)
+        return x.nonzero()
+
+
+def test_untraceable_model_names_the_problem():
+    with pytest.raises(graphprune.GraphpruneError, match="cannot trace Untraceable"):
+        graphprune.compile(Untraceable(), (torch.randn(2, 4),), ratio=0.5)
+
+
+def test_ignore_keeps_output_width():
+    model = Residual().eval()
+    x = torch.randn(*IMAGE)
+    small = graphprune.compile(model, (x,), ratio=0.5, ignore=["a"])
+    assert small.a[-1].num_features == model.a[-1].num_features  # a's output (the residual) stays
+    assert small.a[0][0].out_channels < model.a[0][0].out_channels  # its inside shrinks
+
+
+def test_analyze_reports_groups_and_blocking_ops():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 16)
+            self.b = nn.Linear(16, 16)
+            self.c = nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.cumsum(self.a(x), dim=-1)  # no rule: blocks a's outputs
+            return self.c(torch.relu(self.b(h)))
+
+    a = graphprune.analyze(Odd(), (torch.randn(2, 8),))
+    assert any("cumsum" in u for u in a.unsupported)
+    prunable = {p.name for g in a.groups for p in g.params}
+    assert "b.weight" in prunable and "a.weight" not in prunable
+    assert "cumsum" in a.summary()
+
+
+def test_pruned_model_is_independent_of_original():
+    model = Residual().eval()
+    x = torch.randn(*IMAGE)
+    small = graphprune.compile(model, (x,), ratio=0.0)
+    with torch.no_grad():
+        for p in small.parameters():
+            p.add_(1.0)
+    torch.testing.assert_close(graphprune.compile(model, (x,), ratio=0.0)(x), model(x))
+
+
+def test_meta_parameters_analyze():
+    with torch.device("meta"):
+        model = Residual()
+    a = graphprune.analyze(model, (torch.randn(*IMAGE),))
+    assert len(a.groups) >= 3
+    small = graphprune.compile(model, (torch.randn(*IMAGE),), ratio=0.5, importance="random")
+    assert graphprune.count_params(small) < graphprune.count_params(model)
+
+
+def test_user_pass_in_pipeline():
+    calls = []
+
+    @graphprune.register_pass("count-nodes-test")
+    def count_nodes(gm):
+        calls.append(len(gm.graph.nodes))
+        return graphprune.PassResult(gm, False)
+
+    graphprune.compile(Residual().eval(), (torch.randn(*IMAGE),), ratio=0.5, pipeline="shrink-params,count-nodes-test,dce")
+    assert calls and calls[0] > 0
+
+
+def test_broken_pass_is_named():
+    @graphprune.register_pass("break-shapes-test")
+    def break_shapes(gm):
+        gm.stem[0].weight = nn.Parameter(torch.zeros(1, 1, 1, 1))
+        return graphprune.PassResult(gm, True)
+
+    from graphprune.pass_manager import run_pipeline
+    from graphprune.trace import trace
+
+    t = trace(Residual().eval(), (torch.randn(*IMAGE),))
+    with pytest.raises(graphprune.GraphpruneError, match="pass 'break-shapes-test' left an invalid graph"):
+        run_pipeline(t.gm, "dce,break-shapes-test")

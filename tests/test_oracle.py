@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from models import ORACLE_MODELS, GQAttention, Shuffle, TOKENS, IMAGE
+from oracle import assert_lossless
+
+
+@pytest.mark.parametrize("name", sorted(ORACLE_MODELS))
+def test_dead_channels_are_removed_losslessly(name):
+    fn, shape = ORACLE_MODELS[name]
+    assert_lossless(fn, shape)
+
+
+@pytest.mark.parametrize("expand", [False, True])
+def test_gqa_removes_whole_kv_groups(expand):
+    model, small = assert_lossless(lambda: GQAttention(n_head=8, n_kv=4, expand=expand), TOKENS)
+    hd, rep = model.hd, model.n_head // model.n_kv
+    assert small.k.out_features % hd == 0
+    kv = small.k.out_features // hd
+    assert kv < model.n_kv
+    # query heads stay balanced: rep query heads per surviving kv head
+    assert small.q.out_features == kv * rep * hd
+    assert small.o.in_features == small.q.out_features
+
+
+def test_shuffle_prunes_both_halves_together():
+    model, small = assert_lossless(Shuffle, IMAGE)
+    # the stem feeds both branches through the shuffle; it must shrink (an even number of channels)
+    assert small.stem[0].out_channels < model.stem[0].out_channels
+    assert small.stem[0].out_channels % 2 == 0
+    x = torch.randn(*IMAGE)
+    assert small(x).shape == model(x).shape
