@@ -46,11 +46,8 @@ class COp:
 
 def vkey(arg) -> Any:
     """The value key of an fx argument, or None if it is not a tensor value."""
-    if isinstance(arg, Node):
-        if arg.op == "get_attr":
-            return arg.target
-        if isinstance(arg.meta.get(VAL), torch.Tensor):
-            return arg
+    if isinstance(arg, Node) and isinstance(arg.meta.get(VAL), torch.Tensor):
+        return arg.target if arg.op == "get_attr" else arg
     return None
 
 

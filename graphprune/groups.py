@@ -224,9 +224,6 @@ def build(gm: GraphModule, ignore=()) -> Builder:
         for v in _tensor_values(n):
             for k in range(len(b.shape(v))):
                 b.block((v, k), "output of an ignored module")
-    for d, size in b.sizes.items():
-        if size <= 1:
-            b.blocked.setdefault(d, "size 1")
     _resolve_products(b)
     return b
 

@@ -1,10 +1,20 @@
-"""Importance criteria: how much a group's units matter.
+"""Importance criteria: how much each unit of a group matters.
 
-A criterion is a plain function ``(group, tensors) -> np.ndarray`` of shape
-``(group.n_units,)`` registered by name; ``tensors`` maps parameter names to
-their values. Every criterion scores whole units by summing the scores of
-every parameter slice in the group: producer rows, consumer columns, norm
-affine parameters, loose parameters. Lower means less important.
+A criterion is a plain function ``(group, tensors, *, ctx) -> (n_units,)``
+registered by name; lower means less important. Every criterion scores whole
+units by summing over every parameter slice in the group (producer rows,
+consumer columns, norm affine parameters, loose parameters).
+
+| name | measures | data |
+|---|---|---|
+| ``l1``, ``l2`` | weight magnitude | no |
+| ``bn_scale`` | BatchNorm gamma, network slimming (magnitude where a group has no BN) | no |
+| ``taylor`` | first order: abs(w * dL/dw) summed per unit | calibration + loss_fn |
+| ``hessian`` | second order, OBD with the diagonal empirical Fisher: 1/2 * w^2 * E[g^2] | calibration + loss_fn |
+| ``activation`` | Wanda: abs(W) x the unit's activation norm | calibration |
+| ``fpgm`` | distance to the other rows (filters near the geometric median go first) | no |
+| ``lamp`` | layer-adaptive magnitude: w^2 over the sum of the larger w^2 | no |
+| ``random`` | a seeded random score | no |
 """
 from __future__ import annotations
 
@@ -12,19 +22,29 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.func import functional_call
 
 from .errors import GraphpruneError
 from .groups import Group
+from .meta_keys import VAL
 
 ImportanceFn = Callable[..., np.ndarray]
 _IMPORTANCE: dict[str, ImportanceFn] = {}
+_NEEDS: dict[str, tuple] = {}
 
 
-def register_importance(name: str):
-    """Decorator: make ``fn(group, tensors, **ctx) -> scores`` usable as ``importance=name``."""
+def register_importance(name: str, needs: tuple = ()):
+    """Decorator: make ``fn(group, tensors, *, ctx) -> scores`` usable as ``importance=name``.
+
+    ``needs`` names what the context must compute first: ``"grad"``
+    (summed gradients), ``"fisher"`` (summed squared gradients), ``"act"``
+    (activation norms); each needs ``calibration=`` data.
+    """
 
     def deco(fn: ImportanceFn) -> ImportanceFn:
         _IMPORTANCE[name] = fn
+        _NEEDS[name] = tuple(needs)
+        fn.needs = tuple(needs)
         return fn
 
     return deco
@@ -38,33 +58,173 @@ def get_importance(name_or_fn) -> ImportanceFn:
     return _IMPORTANCE[name_or_fn]
 
 
-def per_index(t: torch.Tensor, axis: int, p: int) -> np.ndarray:
-    """|t|^p summed over every axis but ``axis``: one number per index of ``axis``."""
+class ScoreContext:
+    """What criteria may read: the parameters, and, computed only when a
+    criterion needs them, gradients, squared gradients and activation norms
+    from the calibration batches. Gradients are taken through
+    ``torch.func.functional_call`` on detached copies, so the user's
+    parameters never get a ``.grad``."""
+
+    def __init__(self, gm: torch.fx.GraphModule, groups: list[Group], calibration=None, loss_fn=None):
+        self.gm, self.groups = gm, groups
+        self.calibration, self.loss_fn = calibration, loss_fn
+        buffers = {n for n, _ in gm.named_buffers()}
+        names = {s.name for g in groups for s in g.params} - buffers
+        self.tensors = {n: _attr(gm, n) for n in names if isinstance(_attr(gm, n), torch.Tensor)}
+        self.owner_types = {n: type(_owner(gm, n)) for n in names}
+        self._grad = self._fisher = self._act = None
+
+    def _batches(self, what: str):
+        if self.calibration is None:
+            raise GraphpruneError(f"this importance criterion needs {what}: pass calibration= (an iterable of example input tuples)")
+        for batch in self.calibration:
+            yield batch if isinstance(batch, tuple) else (batch,)
+
+    def _gradients(self):
+        if self.loss_fn is None:
+            raise GraphpruneError("gradient-based importance needs loss_fn=: a callable (output, batch) -> scalar loss")
+        params = {n: t.detach().clone().requires_grad_(True) for n, t in self.tensors.items()}
+        others = {n: t for n, t in self.gm.named_parameters() if n not in params}
+        grad = {n: torch.zeros_like(t) for n, t in params.items()}
+        fisher = {n: torch.zeros_like(t) for n, t in params.items()}
+        for batch in self._batches("gradients"):
+            out = functional_call(self.gm, {**others, **params}, batch)
+            gs = torch.autograd.grad(self.loss_fn(out, batch), list(params.values()), allow_unused=True)
+            for (n, _), g in zip(params.items(), gs):
+                if g is not None:
+                    grad[n] += g
+                    fisher[n] += g.square()
+        self._grad, self._fisher = grad, fisher
+
+    @property
+    def grad(self) -> dict:
+        if self._grad is None:
+            self._gradients()
+        return self._grad
+
+    @property
+    def fisher(self) -> dict:
+        if self._fisher is None:
+            self._gradients()
+        return self._fisher
+
+    @property
+    def act(self) -> dict:
+        """(value_key, axis) -> per-index sum of squared activations, for every activation dim of every group."""
+        if self._act is None:
+            wanted: dict = {}
+            for g in self.groups:
+                for (key, axis) in g.dims:
+                    if isinstance(key, torch.fx.Node) and isinstance(key.meta.get(VAL), torch.Tensor):
+                        wanted.setdefault(key, set()).add(axis)
+            self._act = {}
+            for batch in self._batches("activations"):
+                _Recorder(self.gm, wanted, self._act).run(*batch)
+        return self._act
+
+
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, gm, wanted, out):
+        super().__init__(gm)
+        self.wanted, self.out = wanted, out
+
+    def run_node(self, n):
+        with torch.no_grad():
+            val = super().run_node(n)
+            for axis in self.wanted.get(n, ()):
+                sq = val.detach().float().movedim(axis, 0).reshape(val.shape[axis], -1).square().sum(1).cpu().numpy()
+                self.out[(n, axis)] = self.out.get((n, axis), 0) + sq
+        return val
+
+
+def _attr(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _owner(gm, name: str):
+    parent = name.rpartition(".")[0]
+    return gm.get_submodule(parent) if parent else gm
+
+
+def rows(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """``t`` as (size of ``axis``, everything else)."""
     if t.device.type == "meta":
-        raise GraphpruneError("parameters are on the meta device: magnitude criteria need real weights; load them first or use importance='random'")
-    t = t.detach().float().movedim(axis, 0).reshape(t.shape[axis], -1)  # (n, rest)
-    return (t.abs() if p == 1 else t.square()).sum(1).cpu().numpy().astype(np.float64)
+        raise GraphpruneError("parameters are on the meta device: this criterion needs real weights; load them first or use importance='random'")
+    return t.detach().float().movedim(axis, 0).reshape(t.shape[axis], -1)
 
 
-def aggregate(group: Group, tensors: dict, score_slice: Callable[[torch.Tensor, int], np.ndarray]) -> np.ndarray:
-    """Sum per-index scores of every learnable slice of the group into its units."""
+def aggregate(group: Group, tensors: dict, per_index: Callable[[str, torch.Tensor, int], np.ndarray]) -> np.ndarray:
+    """Sum a per-index score of every learnable slice of the group into its units."""
     total = np.zeros(group.n_units)
     for s in group.params:
         if s.name in tensors:
-            total += np.bincount(s.unit_of, weights=score_slice(tensors[s.name], s.axis), minlength=group.n_units)
+            v = np.asarray(per_index(s.name, tensors[s.name], s.axis), dtype=np.float64)
+            total += np.bincount(s.unit_of, weights=v, minlength=group.n_units)
     return total
 
 
 @register_importance("l1")
-def l1(group: Group, tensors: dict, **_) -> np.ndarray:
-    return aggregate(group, tensors, lambda t, a: per_index(t, a, 1))
+def l1(group, tensors, **_):
+    return aggregate(group, tensors, lambda n, t, a: rows(t, a).abs().sum(1).numpy())
 
 
 @register_importance("l2")
-def l2(group: Group, tensors: dict, **_) -> np.ndarray:
-    return np.sqrt(aggregate(group, tensors, lambda t, a: per_index(t, a, 2)))
+def l2(group, tensors, **_):
+    return np.sqrt(aggregate(group, tensors, lambda n, t, a: rows(t, a).square().sum(1).numpy()))
+
+
+@register_importance("bn_scale")
+def bn_scale(group, tensors, *, ctx, **_):
+    bn = {n for n, typ in ctx.owner_types.items() if issubclass(typ, torch.nn.modules.batchnorm._BatchNorm) and n.endswith(".weight")}
+    if not any(s.name in bn for s in group.params):
+        return l1(group, tensors)
+    return aggregate(group, {n: t for n, t in tensors.items() if n in bn}, lambda n, t, a: t.detach().abs().float().numpy())
+
+
+@register_importance("taylor", needs=("grad",))
+def taylor(group, tensors, *, ctx, **_):
+    return aggregate(group, tensors, lambda n, t, a: rows(t * ctx.grad[n], a).sum(1).abs().numpy())
+
+
+@register_importance("hessian", needs=("fisher",))
+def hessian(group, tensors, *, ctx, **_):
+    return aggregate(group, tensors, lambda n, t, a: (0.5 * rows(t.square() * ctx.fisher[n], a).sum(1)).numpy())
+
+
+@register_importance("activation", needs=("act",))
+def activation(group, tensors, *, ctx, **_):
+    weight = aggregate(group, tensors, lambda n, t, a: rows(t, a).abs().sum(1).numpy())
+    act = np.zeros(group.n_units)
+    for dim, unit_of in group.dims.items():
+        if dim in ctx.act:
+            act += np.bincount(unit_of, weights=ctx.act[dim], minlength=group.n_units)
+    return weight * np.sqrt(act)
+
+
+@register_importance("fpgm")
+def fpgm(group, tensors, **_):
+    def per_index(n, t, a):
+        r = rows(t, a)
+        return torch.cdist(r[None], r[None])[0].sum(1).numpy() if r.shape[1] > 1 else r.abs().squeeze(1).numpy()
+
+    return aggregate(group, tensors, per_index)
+
+
+@register_importance("lamp")
+def lamp(group, tensors, **_):
+    def per_index(n, t, a):
+        v = rows(t, a).square().sum(1)
+        order = torch.argsort(v)
+        tail = torch.flip(torch.cumsum(torch.flip(v[order], [0]), 0), [0])  # sum of this and all larger
+        out = torch.empty_like(v)
+        out[order] = v[order] / tail.clamp_min(1e-12)
+        return out.numpy()
+
+    return aggregate(group, tensors, per_index)
 
 
 @register_importance("random")
-def random(group: Group, tensors: dict, *, seed: int = 0, **_) -> np.ndarray:
+def random(group, tensors, *, seed: int = 0, **_):
     return np.random.default_rng(seed + group.id).random(group.n_units)

@@ -101,6 +101,7 @@ def check_graph(gm: GraphModule) -> None:
         after = output_shapes(gm)
         if before != after:
             raise AssertionError(f"model output shapes changed from {before} to {after}")
+        return
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue

@@ -60,17 +60,53 @@ def output_shapes(gm: fx.GraphModule) -> list:
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, example_kwargs: dict | None = None) -> None:
-    """Run ``gm`` on meta tensors and leave each node's value in ``node.meta['val']``."""
+    """Run ``gm`` on meta tensors and leave each node's value in ``node.meta['val']``.
+
+    Graphs that make tensors of their own on a real device (``torch.export``
+    graphs build masks with ``arange``) cannot mix them with meta tensors;
+    those are run under a ``FakeTensorMode`` instead, which is slower but
+    keeps devices apart.
+    """
     gm.meta[EXAMPLE] = (_to_meta(tuple(example_inputs)), _to_meta(dict(example_kwargs or {})))
-    state = {k: _to_meta(v) for k, v in gm.state_dict(keep_vars=True).items()}
-    args = _to_meta(tuple(example_inputs))
-    kwargs = _to_meta(dict(example_kwargs or {}))
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    args = tuple(example_inputs)
+    kwargs = dict(example_kwargs or {})
     if kwargs:
-        names = [n.target for n in placeholders]
+        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
         args = args + tuple(kwargs[name] for name in names[len(args):] if name in kwargs)
+    try:
+        _meta_run(gm, args)
+    except GraphpruneError as meta_error:
+        try:
+            _fake_run(gm, args)
+        except Exception:  # noqa: BLE001 - the meta error names the node
+            raise meta_error from None
+
+
+def _meta_run(gm: fx.GraphModule, args: tuple) -> None:
+    state = {k: _to_meta(v) for k, v in gm.named_parameters(remove_duplicate=False)}
+    state.update({k: _to_meta(v) for k, v in gm.named_buffers(remove_duplicate=False)})
+    for n in gm.graph.nodes:  # constants held as plain attributes (torch.export lifts these)
+        if n.op == "get_attr" and n.target not in state:
+            t = operator.attrgetter(n.target)(gm)
+            if isinstance(t, torch.Tensor):
+                state[n.target] = _to_meta(t)
     with _reparametrize_module(gm, state, tie_weights=True), torch.no_grad():
-        _MetaProp(gm).run(*args)
+        _MetaProp(gm).run(*_to_meta(args))
+
+
+def _fake_run(gm: fx.GraphModule, args: tuple) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+    with torch.no_grad():
+        FakeTensorProp(gm, mode).propagate(*fake)
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and VAL not in n.meta:
+            t = operator.attrgetter(n.target)(gm)
+            if isinstance(t, torch.Tensor):
+                n.meta[VAL] = _to_meta(t)
 
 
 def _export(model, example_inputs, example_kwargs) -> fx.GraphModule:

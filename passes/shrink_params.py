@@ -253,12 +253,24 @@ ARG_FIXES = {
 }
 
 
+def _remap(key, env):
+    """A value key of the input graph as the same value in the copy."""
+    if isinstance(key, Node):
+        return env[key]
+    if isinstance(key, tuple) and key and isinstance(key[0], Node):
+        return (env[key[0]], *key[1:])
+    return key
+
+
+def _remap_cop(cop: COp, node: Node, env) -> COp:
+    return COp(cop.op, node, [_remap(i, env) for i in cop.inputs], cop.params, cop.attrs)
+
+
 @register_pass("shrink-params")
-def shrink_params(gm: GraphModule) -> PassResult:
-    plan = gm.meta.get(PLAN)
+def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
+    plan = gm.meta.get(PLAN) if plan is None else plan
     if not plan:
         return PassResult(gm, False)
-    p = _Plan(plan)
     new = _slice_tensors(gm, plan)
     COUNTERS["params"] += len(new)
     root = nn.Module()
@@ -270,8 +282,16 @@ def shrink_params(gm: GraphModule) -> PassResult:
     for k, v in gm.__dict__.items():
         if isinstance(v, torch.Tensor) and not hasattr(root, k):
             root.__dict__[k] = new.get(k, v.clone())
-    for node in gm.graph.nodes:
-        cop: COp = node.meta.get(CANON)
+    graph = torch.fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)  # export graphs keep their pytree in/out specs here
+    env: dict = {}
+    out_val = graph.graph_copy(gm.graph, env)
+    graph.output(out_val)
+    p = _Plan({(_remap(k, env), a): v for (k, a), v in plan.items()})
+    for old, node in env.items():
+        cop: COp = old.meta.get(CANON)
+        if cop is not None:
+            cop = _remap_cop(cop, node, env)
         if node.op == "call_module":
             mod = root.get_submodule(node.target)
             if isinstance(mod, nn.MultiheadAttention):
@@ -285,7 +305,7 @@ def shrink_params(gm: GraphModule) -> PassResult:
                     COUNTERS["modules"] += 1
         elif cop is not None and cop.op in ARG_FIXES:
             COUNTERS["args"] += bool(ARG_FIXES[cop.op](node, cop, p))
-    out = GraphModule(root, gm.graph, class_name=type(gm).__name__)
+    out = GraphModule(root, graph, class_name=type(gm).__name__)
     for name, child in root.named_children():  # whole subtrees, so Sequential and friends keep their types
         setattr(out, name, child)
     out.meta.update({k: v for k, v in gm.meta.items() if k != PLAN})

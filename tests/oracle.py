@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 import graphprune
-from graphprune.api import remove_lowest
+from graphprune.pruner import remove_lowest
 
 
 def kill_units(model: torch.nn.Module, inputs: tuple, frac: float, seed: int = 0) -> int:

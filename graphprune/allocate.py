@@ -1,0 +1,149 @@
+"""Choose per-group widths under a budget (FLOPs, parameters, measured latency).
+
+Scores are normalised per group (divided by the group's mean), so that a
+single threshold ranks units of every group on one scale; a unit goes when
+its normalised score is below the threshold. The threshold is found by
+bisection over the sorted scores; each candidate is built for real through
+the pass pipeline and measured: FLOPs with ``torch.utils.flop_counter`` and
+parameters on a meta-tensor twin (no weight memory, no compute), latency on
+the real model (warm-up, then the median of several runs). The allocation
+returned is the one that removes least while meeting the budget, so the
+result never exceeds it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.nn.utils.stateless import _reparametrize_module
+
+from .errors import GraphpruneError
+from .flops import count_flops, count_params, latency_ms
+from .pruner import Pruner, group_ratio, remove_lowest
+from .trace import _to_meta
+
+
+@dataclass
+class Report:
+    """What a budgeted ``compile`` achieved; ``model.report`` on the result."""
+
+    widths: dict  # group id -> (units before, units after)
+    flops: float  # fraction of the original kept
+    params: float
+    latency: float | None = None
+    budget: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lat = "" if self.latency is None else f", latency {self.latency:.3f}"
+        return f"FLOPs {self.flops:.3f}, params {self.params:.3f}{lat} of the original; {len(self.widths)} groups"
+
+
+@dataclass
+class Constraints:
+    round_to: int = 1  # kept units per group rounded down to a multiple of this (8 for tensor cores)
+    min_width: int = 1  # at least this many units kept per group
+    overrides: dict | None = None  # {module pattern: fixed ratio} for groups owning a matching parameter
+
+    def removal(self, p: Pruner, norm: dict, tau: float) -> dict:
+        out = {}
+        for g in p.groups:
+            fixed = group_ratio(g, self.overrides) if self.overrides and _matches(g, self.overrides) else None
+            if fixed is not None:
+                k = int(round(fixed * g.n_units))
+            else:
+                k = int((norm[g.id] < tau).sum())
+            keep = g.n_units - k
+            floor = min(g.n_units, max(self.min_width, 1))
+            if self.round_to > 1 and g.n_units >= self.round_to:
+                floor = max(floor, self.round_to)
+                keep = max(keep - keep % self.round_to, floor)
+            keep = max(keep, floor)
+            k = g.n_units - keep
+            if k > 0:
+                out[g.id] = remove_lowest(g, p.scores[g.id], k)
+        return out
+
+
+def _matches(g, patterns: dict) -> bool:
+    from fnmatch import fnmatch
+
+    owners = {s.name.rpartition(".")[0] for s in g.params}
+    return any(fnmatch(o, pat) for o in owners for pat in patterns)
+
+
+def normalized_scores(p: Pruner) -> dict[int, np.ndarray]:
+    return {g.id: p.scores[g.id] / max(float(np.mean(p.scores[g.id])), 1e-30) for g in p.groups}
+
+
+class Meter:
+    """Cost of a candidate as a fraction of the original model's."""
+
+    def __init__(self, p: Pruner, kind: str, *, latency_inputs: tuple | None = None, runs: int = 5):
+        self.p, self.kind, self.runs = p, kind, runs
+        self.inputs = latency_inputs or p.example_inputs
+        self._meta_state = {k: _to_meta(v) for k, v in p.gm.named_parameters(remove_duplicate=False)}
+        self._meta_state.update({k: _to_meta(v) for k, v in p.gm.named_buffers(remove_duplicate=False)})
+        self.base = self._measure({})
+
+    def _measure(self, removed: dict) -> float:
+        if self.kind == "latency":
+            return latency_ms(self.p.prune(removed, check=False), self.inputs, warmup=2, runs=self.runs)
+        with _reparametrize_module(self.p.gm, self._meta_state, tie_weights=True):
+            model = self.p.prune(removed, check=False)
+        if self.kind == "params":
+            return float(count_params(model))
+        try:
+            return float(count_flops(model, _to_meta(self.p.example_inputs), _to_meta(self.p.example_kwargs)))
+        except RuntimeError:  # graphs that make real-device tensors of their own: count on real weights
+            return float(count_flops(self.p.prune(removed, check=False), self.p.example_inputs, self.p.example_kwargs))
+
+    def __call__(self, removed: dict) -> float:
+        return self._measure(removed) / self.base
+
+
+def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, **meter_kw) -> tuple[dict, float]:
+    """The allocation that removes least while keeping cost <= target (a fraction)."""
+    if not 0 < target <= 1:
+        raise GraphpruneError(f"target_{kind} must be a fraction in (0, 1], got {target!r}")
+    meter = Meter(p, kind, **meter_kw)
+    norm = normalized_scores(p)
+    taus = np.unique(np.concatenate([v for v in norm.values()] + [np.zeros(1)]))
+    taus = np.append(taus, np.inf)
+    cache: dict[int, tuple[dict, float]] = {}
+
+    def cost(i: int) -> tuple[dict, float]:
+        if i not in cache:
+            removed = constraints.removal(p, norm, float(taus[i]))
+            cache[i] = (removed, meter(removed))
+        return cache[i]
+
+    lo, hi = 0, len(taus) - 1
+    if cost(hi)[1] > target:
+        raise GraphpruneError(
+            f"target_{kind}={target} cannot be reached: pruning every group to its minimum width keeps {cost(hi)[1]:.3f}; "
+            "lower min_width/round_to, remove entries from ignore, or pick a larger target")
+    if cost(lo)[1] <= target:
+        return cost(lo)
+    while hi - lo > 1:  # invariant: cost(lo) > target >= cost(hi)
+        mid = (lo + hi) // 2
+        if cost(mid)[1] <= target:
+            hi = mid
+        else:
+            lo = mid
+    return cost(hi)
+
+
+def report(p: Pruner, removed: dict, model: torch.nn.Module, budget: dict, latency_inputs=None) -> Report:
+    x, kw = p.example_inputs, p.example_kwargs
+    lat = None
+    if "latency" in budget:
+        inputs = latency_inputs or x
+        lat = latency_ms(model, inputs) / latency_ms(p.model, inputs)
+    return Report(
+        widths={g.id: (g.n_units, g.n_units - len(removed.get(g.id, ()))) for g in p.groups},
+        flops=count_flops(model, x, kw) / count_flops(p.model, x, kw),
+        params=count_params(model) / count_params(p.model),
+        latency=lat,
+        budget=budget,
+    )

@@ -1,0 +1,144 @@
+"""Trace and analyze once, then prune as often as a search or a budget needs.
+
+``Pruner`` holds the traced graph, its groups and the unit scores; every
+``prune(removed)`` emits a fresh smaller module (through the pass pipeline)
+and never touches the user's model. ``compile``, the budget allocator,
+``sensitivity`` and ``search`` are all built on it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import importance as _importance
+from .errors import GraphpruneError
+from .groups import Analysis, Group, analyze_graph
+from .pass_manager import run_pipeline
+from .trace import trace
+
+DEFAULT_PIPELINE = "shrink-params,dce"
+
+
+def check_ignore(model: torch.nn.Module, ignore) -> list[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for item in ignore:
+        if isinstance(item, str) and _has_submodule(model, item):
+            out.append(item)
+        elif isinstance(item, torch.nn.Module) and id(item) in names:
+            out.append(names[id(item)])
+        else:
+            raise GraphpruneError(f"ignore entry {item!r} is not a submodule of {type(model).__name__}; pass a name from model.named_modules() or the module itself")
+    return out
+
+
+def _has_submodule(model, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def remove_lowest(g: Group, score: np.ndarray, k: int) -> np.ndarray:
+    """The k lowest-scoring units of ``g``, skipping any whose removal would
+    leave a member dim empty (a DenseNet layer whose every new channel scored
+    low keeps one)."""
+    order = np.argsort(score, kind="stable")
+    counts = np.stack([np.bincount(u, minlength=g.n_units) for u in g.dims.values()])  # (dims, units)
+    if (counts.sum(1) - counts[:, order[:k]].sum(1) > 0).all():
+        return order[:k]
+    left = counts.sum(1)
+    out = []
+    for u in order:
+        if len(out) == k:
+            break
+        if (left - counts[:, u] > 0).all():
+            left -= counts[:, u]
+            out.append(u)
+    return np.array(out, dtype=np.int64)
+
+
+def make_plan(groups: list[Group], removed: dict[int, np.ndarray]) -> dict:
+    """(value_key, axis) -> kept indices, for every dim that shrinks."""
+    plan = {}
+    for g in groups:
+        if g.id not in removed or len(removed[g.id]) == 0:
+            continue
+        gone = np.zeros(g.n_units, dtype=bool)
+        gone[removed[g.id]] = True
+        for dim, unit_of in g.dims.items():
+            plan[dim] = np.flatnonzero(~gone[unit_of])
+    return plan
+
+
+@dataclass
+class Pruner:
+    """A traced model, its groups and their unit scores."""
+
+    model: torch.nn.Module
+    example_inputs: tuple
+    example_kwargs: dict | None = None
+    ignore: tuple = ()
+    importance: object = "l2"
+    calibration: object = None
+    loss_fn: object = None
+    pipeline: str | None = None
+    analysis: Analysis = field(init=False)
+    scores: dict = field(init=False)
+
+    def __post_init__(self):
+        self.ignore = tuple(check_ignore(self.model, self.ignore))
+        traced = trace(self.model, self.example_inputs, self.example_kwargs)
+        self.analysis = analyze_graph(traced.gm, traced.method, self.ignore)
+        ctx = _importance.ScoreContext(traced.gm, self.analysis.groups, self.calibration, self.loss_fn)
+        fn = _importance.get_importance(self.importance)
+        self.scores = {g.id: np.asarray(fn(g, ctx.tensors, ctx=ctx), dtype=np.float64) for g in self.groups}
+
+    @property
+    def gm(self) -> torch.fx.GraphModule:
+        return self.analysis.gm
+
+    @property
+    def groups(self) -> list[Group]:
+        return self.analysis.groups
+
+    def removal_for_ratio(self, ratio) -> dict[int, np.ndarray]:
+        """``ratio`` a float (every group) or ``{module pattern: ratio}`` (groups owning a matching parameter)."""
+        out = {}
+        for g in self.groups:
+            r = group_ratio(g, ratio)
+            k = min(int(round(r * g.n_units)), g.n_units - 1)
+            if k > 0:
+                out[g.id] = remove_lowest(g, self.scores[g.id], k)
+        return out
+
+    def prune(self, removed: dict[int, np.ndarray], *, check: bool = True) -> torch.fx.GraphModule:
+        """A new module without the ``removed`` units ({group id: unit ids}).
+        ``check=False`` skips the between-pass checks (the allocator's inner loop)."""
+        gm = self.gm
+        gm.meta["gp_plan"] = make_plan(self.groups, removed)
+        try:
+            out, _ = run_pipeline(gm, self.pipeline or DEFAULT_PIPELINE, check=check)
+        finally:
+            gm.meta.pop("gp_plan", None)
+        out.meta["graphprune"] = {
+            "method": self.analysis.method,
+            "widths": {g.id: (g.n_units, g.n_units - len(removed.get(g.id, ()))) for g in self.groups},
+            "unsupported": self.analysis.unsupported,
+        }
+        return out
+
+
+def group_ratio(g: Group, ratio) -> float:
+    if not isinstance(ratio, dict):
+        return float(ratio)
+    from fnmatch import fnmatch
+
+    owners = {p.name.rpartition(".")[0] for p in g.params}
+    for pattern, r in ratio.items():
+        if any(fnmatch(o, pattern) for o in owners):
+            return float(r)
+    return 0.0
