@@ -3,11 +3,15 @@
 >>> import graphprune
 >>> small = graphprune.compile(model, (x,), ratio=0.5, ignore=["fc"])
 """
+from .allocate import Report
 from .api import analyze, compile
+from .loop import GroupLasso, bn_l1, prune_iteratively, recalibrate_bn
+from .search import SearchResult, Sensitivity, search, sensitivity
 from .errors import GraphpruneError
 from .flops import count_flops, count_params
 from .importance import register_importance
 from .pass_manager import PassResult, register_pass, run_pipeline
 
-__all__ = ["analyze", "compile", "GraphpruneError", "register_pass", "register_importance", "run_pipeline",
-           "PassResult", "count_flops", "count_params"]
+__all__ = ["analyze", "compile", "search", "sensitivity", "prune_iteratively", "recalibrate_bn", "bn_l1", "GroupLasso",
+           "GraphpruneError", "register_pass", "register_importance", "run_pipeline", "PassResult", "count_flops",
+           "count_params", "Report", "SearchResult", "Sensitivity"]

@@ -20,7 +20,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from .errors import GraphpruneError
 from .flops import count_flops, count_params, latency_ms
-from .pruner import Pruner, group_ratio, remove_lowest
+from .pruner import Pruner, matching_ratio, remove_lowest
 from .trace import _to_meta
 
 
@@ -43,12 +43,12 @@ class Report:
 class Constraints:
     round_to: int = 1  # kept units per group rounded down to a multiple of this (8 for tensor cores)
     min_width: int = 1  # at least this many units kept per group
-    overrides: dict | None = None  # {module pattern: fixed ratio} for groups owning a matching parameter
+    overrides: dict | None = None  # {module pattern: fixed ratio} for the groups those modules produce
 
     def removal(self, p: Pruner, norm: dict, tau: float) -> dict:
         out = {}
         for g in p.groups:
-            fixed = group_ratio(g, self.overrides) if self.overrides and _matches(g, self.overrides) else None
+            fixed = matching_ratio(g, self.overrides) if self.overrides else None
             if fixed is not None:
                 k = int(round(fixed * g.n_units))
             else:
@@ -63,13 +63,6 @@ class Constraints:
             if k > 0:
                 out[g.id] = remove_lowest(g, p.scores[g.id], k)
         return out
-
-
-def _matches(g, patterns: dict) -> bool:
-    from fnmatch import fnmatch
-
-    owners = {s.name.rpartition(".")[0] for s in g.params}
-    return any(fnmatch(o, pat) for o in owners for pat in patterns)
 
 
 def normalized_scores(p: Pruner) -> dict[int, np.ndarray]:

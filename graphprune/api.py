@@ -38,7 +38,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     * ``ratio=r`` removes ``round(r * n)`` units from every prunable group of
       ``n`` units (a unit is a channel, a head, a conv group: whatever must go
       together); ``ratio={"layer3.*": 0.5, "*.mlp.*": 0.3}`` sets it per
-      group, by the modules owning the group's parameters.
+      group, by the modules that produce the group's channels.
     * ``target_flops``, ``target_params`` or ``target_latency`` (a fraction
       of the original to keep) lets graphprune allocate widths across groups
       by globally normalised importance; the result never exceeds the

@@ -214,7 +214,13 @@ def fpgm(group, tensors, **_):
 
 @register_importance("lamp")
 def lamp(group, tensors, **_):
+    """LAMP (Lee et al. 2021) scores layer weights; 1-D tensors (biases, norm
+    affines) are left out: one that starts at zero would make its single
+    nonzero entry the most important."""
+
     def per_index(n, t, a):
+        if t.dim() < 2:
+            return np.zeros(t.shape[a])
         v = rows(t, a).square().sum(1)
         order = torch.argsort(v)
         tail = torch.flip(torch.cumsum(torch.flip(v[order], [0]), 0), [0])  # sum of this and all larger

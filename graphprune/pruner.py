@@ -132,13 +132,26 @@ class Pruner:
         return out
 
 
+def producers(g: Group) -> set[str]:
+    """Modules whose parameters are sliced along their first axis in ``g``: the
+    layers that produce the group's channels (a conv's output rows, a norm's
+    affine), not those that merely read them."""
+    return {s.name.rpartition(".")[0] for s in g.params if s.axis == 0}
+
+
+def matching_ratio(g: Group, patterns: dict) -> float | None:
+    """The ratio of the first fnmatch pattern naming one of ``g``'s producers, or None."""
+    from fnmatch import fnmatch
+
+    names = producers(g)
+    for pattern, r in patterns.items():
+        if any(fnmatch(n, pattern) for n in names):
+            return float(r)
+    return None
+
+
 def group_ratio(g: Group, ratio) -> float:
     if not isinstance(ratio, dict):
         return float(ratio)
-    from fnmatch import fnmatch
-
-    owners = {p.name.rpartition(".")[0] for p in g.params}
-    for pattern, r in ratio.items():
-        if any(fnmatch(o, pattern) for o in owners):
-            return float(r)
-    return 0.0
+    r = matching_ratio(g, ratio)
+    return 0.0 if r is None else r

@@ -139,7 +139,14 @@ def _dynamic_shapes(model, args, kwargs):
 
 
 def trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None, *, method: str = "auto") -> Traced:
-    """Trace ``model`` and propagate shapes; say which tracer was used and why."""
+    """Trace ``model`` and propagate shapes; say which tracer was used and why.
+    The traced module is in the model's train/eval mode."""
+    traced = _trace(model, example_inputs, example_kwargs, method)
+    traced.gm.train(model.training)
+    return traced
+
+
+def _trace(model, example_inputs, example_kwargs, method) -> Traced:
     if not isinstance(model, torch.nn.Module):
         raise GraphpruneError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_inputs, tuple):

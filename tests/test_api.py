@@ -107,3 +107,9 @@ def test_broken_pass_is_named():
     t = trace(Residual().eval(), (torch.randn(*IMAGE),))
     with pytest.raises(graphprune.GraphpruneError, match="pass 'break-shapes-test' left an invalid graph"):
         run_pipeline(t.gm, "dce,break-shapes-test")
+
+
+def test_compile_keeps_train_eval_mode():
+    x = torch.randn(*IMAGE)
+    assert not graphprune.compile(Residual().eval(), (x,), ratio=0.5).training
+    assert graphprune.compile(Residual().train(), (x,), ratio=0.5).training

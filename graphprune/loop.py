@@ -1,0 +1,124 @@
+"""The prune / fine-tune loop of the pruning literature, and the regularisers that prepare for it.
+
+``prune_iteratively`` removes FLOPs in ``k`` steps on a schedule (cubic by
+default: big steps first while the network is redundant, small ones at the
+end, after Zhu & Gupta 2017), recalibrates BatchNorm statistics after each
+step, and hands the model to the user's fine-tune function in between.
+
+``bn_l1`` (network slimming, Liu et al. 2017) and ``GroupLasso`` (over
+graphprune's groups: every unit's parameters, across every layer they span,
+in one L2 norm) are penalties a training loop adds to its loss so that whole
+units shrink towards zero before they are removed.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import GraphpruneError
+from .flops import count_flops
+
+# kept FLOPs fraction after a fraction t of the steps, for a final target
+SCHEDULES = {
+    "cubic": lambda target, t: 1 - (1 - target) * (1 - (1 - t) ** 3),
+    "linear": lambda target, t: 1 - (1 - target) * t,
+    "exponential": lambda target, t: target ** t,
+}
+
+
+def _targets(target: float, steps: int, schedule: str) -> list[float]:
+    if schedule not in SCHEDULES:
+        raise GraphpruneError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    return [SCHEDULES[schedule](target, (i + 1) / steps) for i in range(steps)]
+
+
+@torch.no_grad()
+def recalibrate_bn(model: torch.nn.Module, calibration: Iterable) -> torch.nn.Module:
+    """Recompute every BatchNorm's running statistics from ``calibration`` (input tuples)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return model
+    was_training = model.training
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    for batch in calibration:
+        model(*(batch if isinstance(batch, tuple) else (batch,)))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.train(was_training)
+    return model
+
+
+def prune_iteratively(model: torch.nn.Module, example_inputs: tuple, *, target_flops: float, steps: int = 3,
+                      finetune: Callable[[torch.nn.Module], torch.nn.Module | None] | None = None,
+                      schedule: str = "cubic", calibration: Iterable | None = None, progress: bool = True,
+                      **compile_kw) -> torch.nn.Module:
+    """Prune to ``target_flops`` (fraction of the original) in ``steps`` steps.
+
+    After each step BatchNorm statistics are recalibrated from ``calibration``
+    (if given), then ``finetune(model)`` runs (it may return a new model or
+    train in place). The original model is not changed.
+
+    >>> small = graphprune.prune_iteratively(model, (x,), target_flops=0.5, steps=4, finetune=train_one_epoch,
+    ...                                      calibration=[(xb,) for xb, _ in loader])
+    """
+    from .api import compile
+
+    calibration = list(calibration) if calibration is not None else None
+    base = count_flops(model, example_inputs)
+    current = model
+    for t in tqdm(_targets(target_flops, steps, schedule), desc="prune steps", disable=not progress):
+        now = count_flops(current, example_inputs) / base
+        if now > t:
+            current = compile(current, example_inputs, target_flops=min(1.0, t / now), calibration=calibration, **compile_kw)
+        if calibration is not None:
+            recalibrate_bn(current, calibration)
+        if finetune is not None:
+            current = finetune(current) or current
+    current.eval()
+    achieved = count_flops(current, example_inputs) / base
+    current.report_flops = achieved
+    return current
+
+
+def bn_l1(model: torch.nn.Module) -> torch.Tensor:
+    """Sum of |gamma| over every BatchNorm: add ``lam * bn_l1(model)`` to the loss."""
+    terms = [m.weight.abs().sum() for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+class GroupLasso:
+    """Group lasso over graphprune's units: sum over units of the L2 norm of all
+    the parameters that unit owns, in every layer of its group.
+
+    >>> reg = graphprune.GroupLasso(model, (x,))
+    >>> loss = task_loss + 1e-4 * reg(model)
+    """
+
+    def __init__(self, model: torch.nn.Module, example_inputs: tuple, **analyze_kw):
+        from .api import analyze
+
+        params = dict(model.named_parameters())
+        self.slices = []  # (param name, axis, unit_of as tensor, n_units, group index)
+        for gi, g in enumerate(analyze(model, example_inputs, **analyze_kw).groups):
+            for s in g.params:
+                if s.name in params:
+                    self.slices.append((s.name, s.axis, torch.as_tensor(s.unit_of), g.n_units, gi))
+        self.n_groups = len({s[4] for s in self.slices})
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        params = dict(model.named_parameters())
+        per_group: dict[int, torch.Tensor] = {}
+        for name, axis, unit_of, n, gi in self.slices:
+            w = params[name]
+            sq = w.movedim(axis, 0).reshape(w.shape[axis], -1).square().sum(1)  # (size of axis,)
+            acc = per_group.get(gi, torch.zeros(n, dtype=sq.dtype, device=sq.device))
+            per_group[gi] = acc.index_add(0, unit_of.to(sq.device), sq)
+        if not per_group:
+            return torch.zeros(())
+        return sum(v.clamp_min(1e-12).sqrt().sum() for v in per_group.values())
