@@ -389,10 +389,35 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     builtins.getattr: _shape_query, aten.sym_size.int: _shape_query, torch._assert: _noop,
     aten._assert_tensor_metadata.default: _noop,
 }
+def _same_size(node, mod=None):
+    """pad-like ops: dims whose size does not change map through."""
+    return COp("expand", node, [vkey(node.args[0])], attrs={"sizes_at": None})
+
+
+def _window_attention(node, mod=None):
+    """torchvision's shifted_window_attention (Swin), a leaf function."""
+    names = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads", "shift_size",
+             "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training")
+    a = {n: arg(node, i, n) for i, n in enumerate(names)}
+    params = {k: vkey(a[k]) for k in ("qkv_weight", "proj_weight", "qkv_bias", "proj_bias", "logit_scale") if vkey(a[k]) is not None}
+    return COp("window_attention", node, [vkey(a["input"]), vkey(a["relative_position_bias"])], params=params,
+               attrs={"num_heads": a["num_heads"]})
+
+
+def _rel_pos_bias(node, mod=None):
+    """Swin's _get_relative_position_bias(table (L, heads), index, window) -> (1, heads, N, N)."""
+    return COp("rel_pos_bias", node, [vkey(node.args[0])])
+
+
+FUNCTION_TABLE[F.pad] = _same_size
 try:
+    import torchvision.models.swin_transformer as _swin
     import torchvision.ops
 
     FUNCTION_TABLE[torchvision.ops.stochastic_depth] = _ewise
+    FUNCTION_TABLE[_swin.shifted_window_attention] = _window_attention
+    FUNCTION_TABLE[_swin._get_relative_position_bias] = _rel_pos_bias
+    FUNCTION_TABLE[_swin._patch_merging_pad] = lambda node, mod=None: COp("patch_merge", node, [vkey(node.args[0])])
 except ImportError:  # torchvision is optional
     pass
 if hasattr(aten, "rms_norm"):

@@ -183,8 +183,14 @@ def index(b, c: COp):
             b.block((x, i), f"{c.node.name}: selects one channel by position")
             i += 1
         else:
-            if not all(isinstance(v, (int, type(None))) for v in (e.start, e.stop, e.step)) or e.step not in (None, 1):
-                return b.unknown(c, "slice with a step or symbolic bounds")
+            if not all(isinstance(v, (int, type(None))) for v in (e.start, e.stop, e.step)):
+                return b.unknown(c, "slice with symbolic bounds")
+            if e.step not in (None, 1):
+                b.block((x, i), f"{c.node.name}: strided slice")
+                b.block((out, j), f"{c.node.name}: strided slice")
+                i += 1
+                j += 1
+                continue
             start, stop, _ = e.indices(si[i])
             n = max(stop - start, 0)
             b.couple((x, i), (out, j), start + np.arange(n), np.arange(n))
@@ -386,6 +392,55 @@ def mha(b, c: COp):
         b.couple((x, k), (out, k))
 
 
+def window_attention(b, c: COp):
+    """Swin's shifted_window_attention: whole heads go together.
+
+    Inside, head_dim is computed as (input width) // num_heads, so the input
+    (residual) width must stay heads x head_dim: it is coupled index for index
+    with the attention width and moves in whole heads too.
+    """
+    x, bias = c.inputs
+    out, p = _out(c), c.params
+    inner_n = b.shape(p["qkv_weight"])[0] // 3
+    head = inner_n // c.attrs["num_heads"]
+    b.declare(("attn", c.node), inner_n)
+    inner = (("attn", c.node), 0)
+    i = np.arange(inner_n)
+    for s in range(3):
+        b.couple((p["qkv_weight"], 0), inner, s * inner_n + i, i)
+        if "qkv_bias" in p:
+            b.couple((p["qkv_bias"], 0), inner, s * inner_n + i, i)
+    b.couple((p["proj_weight"], 1), inner)
+    _unify_blocks(b, inner, inner_n, head)
+    heads = np.arange(c.attrs["num_heads"])
+    b.couple((bias, 1), inner, heads, heads * head)
+    if "logit_scale" in p:
+        b.couple((p["logit_scale"], 0), inner, heads, heads * head)
+    nd = len(b.shape(x))
+    b.couple((x, nd - 1), (p["qkv_weight"], 1))
+    b.couple((x, nd - 1), inner)
+    b.couple((out, nd - 1), (p["proj_weight"], 0))
+    if "proj_bias" in p:
+        b.couple((p["proj_bias"], 0), (out, nd - 1))
+    for k in range(nd - 1):
+        b.couple((x, k), (out, k))
+
+
+def patch_merge(b, c: COp):
+    """Swin's _patch_merging_pad: (B, H, W, C) -> (B, H/2, W/2, 4C), the four
+    2x2 neighbours concatenated on channels: output channel k*C + c is input channel c."""
+    x, out = c.inputs[0], _out(c)
+    n = b.shape(x)[-1]
+    copies = b.shape(out)[-1] // n
+    b.couple((x, 3), (out, 3), np.tile(np.arange(n), copies), np.arange(n * copies))
+    b.couple((x, 0), (out, 0))
+
+
+def rel_pos_bias(b, c: COp):
+    """table (L, heads) -> (1, heads, N, N): the heads dim maps through."""
+    b.couple((c.inputs[0], 1), (_out(c), 1))
+
+
 def unknown(b, c: COp):
     b.unknown(c, c.attrs.get("why", f"no rule for {c.op}"))
 
@@ -419,6 +474,9 @@ RULES = {
     "group_norm": group_norm,
     "embedding": embedding,
     "mha": mha,
+    "window_attention": window_attention,
+    "rel_pos_bias": rel_pos_bias,
+    "patch_merge": patch_merge,
     "unknown": unknown,
     "python": nothing,
     "shape": nothing,

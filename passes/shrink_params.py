@@ -241,6 +241,22 @@ def _conv_groups(node: Node, cop: COp, p: _Plan) -> bool:
     return True
 
 
+def _window_heads(node: Node, cop: COp, p: _Plan) -> bool:
+    """shifted_window_attention's num_heads follows its qkv rows."""
+    w = cop.params["qkv_weight"]
+    old_rows = node.args[1].meta[VAL].shape[0] if isinstance(node.args[1], Node) else None
+    kept = p.kept(w, 0)
+    if kept is None or old_rows is None:
+        return False
+    heads = cop.attrs["num_heads"]
+    new_heads = heads * len(kept) // old_rows
+    if len(node.args) > 5:
+        node.args = (*node.args[:5], new_heads, *node.args[6:])
+    else:
+        node.kwargs = {**node.kwargs, "num_heads": new_heads}
+    return True
+
+
 ARG_FIXES = {
     "reshape": _sizes,
     "expand": _sizes,
@@ -250,6 +266,7 @@ ARG_FIXES = {
     "rms_norm": _norm_args,
     "group_norm": _norm_args,
     "conv": _conv_groups,
+    "window_attention": _window_heads,
 }
 
 

@@ -249,6 +249,24 @@ class SliceConst(nn.Module):
         return self.fc(y)
 
 
+class WindowAttention(nn.Module):
+    """torchvision's Swin attention (a leaf function with head_dim = width // heads), shifted windows."""
+
+    def __init__(self, c=32, heads=4):
+        super().__init__()
+        from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+        self.inp = nn.Linear(16, c)
+        self.attn = ShiftedWindowAttention(c, [4, 4], [2, 2], heads)
+        with torch.no_grad():
+            self.attn.relative_position_bias_table.normal_()
+        self.out = nn.Linear(c, 8)
+
+    def forward(self, x):  # (B, H, W, 16)
+        x = self.inp(x)
+        return self.out(x + self.attn(x))
+
+
 IMAGE = (2, 3, 16, 16)
 TOKENS = (2, 5, 16)
 ORACLE_MODELS = {
@@ -267,4 +285,5 @@ ORACLE_MODELS = {
     "gqa_sdpa": (lambda: GQAttention(sdpa=True), TOKENS),
     "gqa_expand": (lambda: GQAttention(expand=True), TOKENS),
     "slice_const": (SliceConst, IMAGE),
+    "swin_window_attention": (WindowAttention, (2, 8, 8, 16)),
 }
