@@ -294,7 +294,14 @@ def _unify_blocks(b, key, n: int, block: int):
 
 
 def conv(b, c: COp):
-    """weight (Cout, Cin/g, *k). groups > 1 removes whole groups, so groups stay balanced."""
+    """weight (Cout, Cin/g, *k). A grouped conv stays balanced one of two ways,
+    whichever leaves more units:
+
+    * whole groups (depthwise, ResNeXt's many narrow groups): an input group and
+      its output group are one unit; ``groups`` shrinks;
+    * positions (RegNet-X's few wide groups): channel p of every group is one
+      unit, on each side; ``groups`` stays and FLOPs fall quadratically.
+    """
     x, out, w = c.inputs[0], _out(c), c.params["weight"]
     g = c.attrs["groups"]
     cin, cout = b.shape(x)[1], b.shape(out)[1]
@@ -306,6 +313,11 @@ def conv(b, c: COp):
         b.couple((x, 1), (w, 1))
         return
     cin_g, cout_g = cin // g, cout // g
+    if cin_g >= g:
+        i, o = np.arange(cin), np.arange(cout)
+        b.couple((x, 1), (w, 1), i, i % cin_g)
+        b.couple((out, 1), (out, 1), o, o % cout_g)
+        return
     i = np.arange(cin)
     b.couple((x, 1), (out, 1), i, (i // cin_g) * cout_g)
     _unify_blocks(b, (out, 1), cout, cout_g)

@@ -86,11 +86,12 @@ def _clone(m: nn.Module, new: dict, prefix: str, memo: dict) -> nn.Module:
 # ------------------------------------------------------------- module fixes
 
 def _fix_conv(mod, node, p: _Plan):
-    x = node.args[0]
-    old_in = mod.in_channels
-    new_in = p.size(vkey(x), old_in, 1)
+    """groups = in_channels // (weight's channels per group): right whether whole
+    groups or positions within every group were removed."""
+    new_in = p.size(vkey(node.args[0]), mod.in_channels, 1)
     new_out = p.size(node, mod.out_channels, 1)
-    mod.groups = mod.groups * new_in // old_in if mod.groups > 1 else 1
+    per_group = mod.weight.shape[0 if mod.transposed else 1]
+    mod.groups = new_in // per_group if not mod.transposed else mod.groups
     mod.in_channels, mod.out_channels = new_in, new_out
 
 
@@ -226,18 +227,18 @@ def _norm_args(node: Node, cop: COp, p: _Plan) -> bool:
 def _conv_groups(node: Node, cop: COp, p: _Plan) -> bool:
     if node.op != "call_function" or cop.attrs.get("groups", 1) == 1:
         return False
-    x = cop.inputs[0]
+    x, w = cop.inputs[0], cop.params["weight"]
     old_in = x.meta[VAL].shape[1]
     new_in = p.size(x, old_in, 1)
     if new_in == old_in:
         return False
+    old_per_group = old_in // cop.attrs["groups"]
+    groups = new_in // p.size(w, old_per_group, 1)
     pos = 8 if node.target == torch.ops.aten.convolution.default else 6
-    args = list(node.args)
-    if len(args) > pos:
-        args[pos] = args[pos] * new_in // old_in
-        node.args = tuple(args)
+    if len(node.args) > pos:
+        node.args = (*node.args[:pos], groups, *node.args[pos + 1:])
     else:
-        node.kwargs = {**node.kwargs, "groups": node.kwargs["groups"] * new_in // old_in}
+        node.kwargs = {**node.kwargs, "groups": groups}
     return True
 
 

@@ -19,9 +19,6 @@ KWARGS.update({n: {"image_size": SIZE[n]} for n in NAMES if n.startswith("vit_")
 GAPS = {
     "shufflenet": "each chunk + channel shuffle pairs channel j of both halves; chained over a stage the stream collapses to too few units",
     "maxvit": "its attention and partition reshapes block the residual width",
-    "regnet_x_3_2gf": "grouped convs prune whole groups only, and these stages have few groups",
-    "regnet_x_8gf": "grouped convs prune whole groups only, and these stages have few groups",
-    "regnet_x_32gf": "grouped convs prune whole groups only, and these stages have few groups",
 }
 
 

@@ -1,0 +1,59 @@
+"""Budget adherence: does compile(target_flops=...) land in [target - 0.03, target]?
+
+Prunes torchvision models (random weights) to 25%, 50% and 75% of their FLOPs
+with the default criterion and automatic allocation, and ResNet-50 to 50% of
+its CPU latency (batch 8), reporting the achieved fractions measured on the
+returned model (FLOPs by torch.utils.flop_counter; latency as the median of
+5 independent measurements, each itself a median of timed runs).
+
+    python bench/budgets.py            # -> bench/results/budgets.json
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+import graphprune
+from graphprune.flops import latency_ms
+
+MODELS = ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "vit_b_16"]
+TARGETS = [0.25, 0.5, 0.75]
+
+
+def main():
+    torch.set_num_threads(2)
+    rows = []
+    x = torch.randn(1, 3, 224, 224)
+    for name in MODELS:
+        model = torchvision.models.get_model(name, weights=None).eval()
+        for t in TARGETS:
+            start = time.perf_counter()
+            small = graphprune.compile(model, (x,), target_flops=t)
+            took = time.perf_counter() - start
+            achieved = graphprune.count_flops(small, (x,)) / graphprune.count_flops(model, (x,))
+            row = {"model": name, "target_flops": t, "achieved_flops": round(achieved, 4), "params": round(small.report.params, 4),
+                   "ok": t - 0.03 <= achieved <= t, "seconds": round(took, 1)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    model = torchvision.models.resnet50(weights=None).eval()
+    xb = torch.randn(8, 3, 224, 224)
+    small = graphprune.compile(model, (xb,), target_latency=0.5)
+    ratios = [latency_ms(small, (xb,)) / latency_ms(model, (xb,)) for _ in range(5)]
+    lat = {"model": "resnet50", "batch": 8, "target_latency": 0.5, "achieved_latency_runs": [round(r, 4) for r in ratios],
+           "median": round(statistics.median(ratios), 4), "ok": abs(statistics.median(ratios) - 0.5) <= 0.05,
+           "achieved_flops": round(small.report.flops, 4)}
+    print(json.dumps(lat), flush=True)
+    out = Path(__file__).parent / "results" / "budgets.json"
+    out.write_text(json.dumps({"flops": rows, "latency": lat}, indent=1))
+    print("\n| model | target | achieved FLOPs | params | in [t-0.03, t] |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['target_flops']} | {r['achieved_flops']} | {r['params']} | {'yes' if r['ok'] else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
