@@ -215,6 +215,12 @@ def _sdpa(node, mod=None):
     return COp("sdpa", node, [q, k, v], attrs={"mask": vkey(mask), "scale": arg(node, 6, "scale"), "enable_gqa": node.kwargs.get("enable_gqa", False)})
 
 
+def _einsum(node, mod=None):
+    eq = node.args[0]
+    ops = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    return COp("einsum", node, [vkey(o) for o in ops], attrs={"equation": eq})
+
+
 def _shape_query(node, mod=None):
     return COp("shape", node, _tensors(node))
 
@@ -372,6 +378,7 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     aten.adaptive_avg_pool2d.default: _pool, aten.avg_pool2d.default: _pool, aten.max_pool2d.default: _pool,
     aten.adaptive_avg_pool1d.default: _pool, aten._adaptive_avg_pool2d.default: _pool,
     torch.matmul: _matmul, operator.matmul: _matmul, torch.bmm: _matmul, aten.matmul.default: _matmul, aten.bmm.default: _matmul,
+    torch.einsum: _einsum, torch.functional.einsum: _einsum, aten.einsum.default: _einsum,
     F.scaled_dot_product_attention: _sdpa, aten.scaled_dot_product_attention.default: _sdpa,
     F.linear: _f_linear, aten.linear.default: _f_linear, aten.addmm.default: _f_addmm,
     F.conv1d: _f_conv, F.conv2d: _f_conv, F.conv3d: _f_conv, F.conv_transpose1d: _f_conv, F.conv_transpose2d: _f_conv,

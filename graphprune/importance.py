@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from .errors import GraphpruneError
 from .groups import Group
-from .meta_keys import VAL
+from .meta_keys import CANON
 
 ImportanceFn = Callable[..., np.ndarray]
 _IMPORTANCE: dict[str, ImportanceFn] = {}
@@ -110,17 +110,24 @@ class ScoreContext:
 
     @property
     def act(self) -> dict:
-        """(value_key, axis) -> per-index sum of squared activations, for every activation dim of every group."""
+        """(value_key, axis) -> per-index sum of squared activations, for the
+        group dims that are inputs of a weighted layer (what Wanda weighs a
+        weight by: the input it multiplies, e.g. after the GELU, not before)."""
         if self._act is None:
+            feeds = {c.inputs[0] for c in (n.meta.get(CANON) for n in self.gm.graph.nodes)
+                     if c is not None and c.op in _WEIGHTED and c.inputs}
             wanted: dict = {}
             for g in self.groups:
                 for (key, axis) in g.dims:
-                    if isinstance(key, torch.fx.Node) and isinstance(key.meta.get(VAL), torch.Tensor):
+                    if key in feeds and isinstance(key, torch.fx.Node):
                         wanted.setdefault(key, set()).add(axis)
             self._act = {}
             for batch in self._batches("activations"):
                 _Recorder(self.gm, wanted, self._act).run(*batch)
         return self._act
+
+
+_WEIGHTED = ("linear", "conv", "conv_transpose", "matmul", "einsum", "mha", "window_attention")
 
 
 class _Recorder(torch.fx.Interpreter):

@@ -17,6 +17,8 @@ not explain is never pruned.
 from __future__ import annotations
 
 import numpy as np
+import torch
+from torch.fx import Node
 
 from .canon import COp
 from .meta_keys import VAL
@@ -168,6 +170,8 @@ def index(b, c: COp):
     x, out = c.inputs[0], _out(c)
     si = b.shape(x)
     idx = list(c.attrs["index"])
+    if len(idx) == 1 and isinstance(idx[0], Node) and isinstance(idx[0].meta.get(VAL), torch.Tensor):
+        return gather_rows(b, c, idx[0])
     if any(not isinstance(e, (slice, int, type(None), type(Ellipsis))) for e in idx):
         return b.unknown(c, "indexing with tensors or symbolic values")
     if Ellipsis in idx:
@@ -196,6 +200,37 @@ def index(b, c: COp):
             b.couple((x, i), (out, j), start + np.arange(n), np.arange(n))
             i += 1
             j += 1
+
+
+def einsum(b, c: COp):
+    """Dims named by the same letter are the same dim, in every operand and the output."""
+    eq = c.attrs["equation"].replace(" ", "")
+    if "." in eq or any(t is None for t in c.inputs):
+        return b.unknown(c, "einsum with an ellipsis or a non-tensor operand")
+    lhs, _, rhs = eq.partition("->")
+    specs = lhs.split(",")
+    if not _:
+        letters = "".join(specs)
+        rhs = "".join(sorted(ch for ch in set(letters) if letters.count(ch) == 1))
+    seen: dict = {}
+    for value, spec in list(zip(c.inputs, specs)) + [(_out(c), rhs)]:
+        shape = b.shape(value)
+        for axis, ch in enumerate(spec):
+            if shape[axis] == 1:
+                continue
+            if ch in seen:
+                b.couple(seen[ch], (value, axis))
+            else:
+                seen[ch] = (value, axis)
+
+
+def gather_rows(b, c: COp, index):
+    """x[idx] with one index tensor: picks along dim 0; the other dims map through."""
+    x, out = c.inputs[0], _out(c)
+    k = index.meta[VAL].dim()
+    b.block((x, 0), f"{c.node.name}: gathered by an index tensor")
+    for d in range(1, len(b.shape(x))):
+        b.couple((x, d), (out, k + d - 1))
 
 
 def reduce(b, c: COp):
@@ -473,6 +508,7 @@ RULES = {
     "tuple_get": tuple_get,
     "index": index,
     "reduce": reduce,
+    "einsum": einsum,
     "pool": pool,
     "matmul": matmul,
     "sdpa": sdpa,

@@ -51,7 +51,7 @@ class _MetaProp(fx.Interpreter):
         return out
 
 
-EXAMPLE = "gp_example"  # gm.meta: the example inputs as meta tensors, for re-checking after passes
+EXAMPLE = "gp_example"  # gm.meta: the example inputs (args, kwargs), for re-checking after passes
 
 
 def output_shapes(gm: fx.GraphModule) -> list:
@@ -67,7 +67,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, example_kwargs: 
     those are run under a ``FakeTensorMode`` instead, which is slower but
     keeps devices apart.
     """
-    gm.meta[EXAMPLE] = (_to_meta(tuple(example_inputs)), _to_meta(dict(example_kwargs or {})))
+    gm.meta[EXAMPLE] = (tuple(example_inputs), dict(example_kwargs or {}))
     args = tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     if kwargs:
@@ -142,7 +142,8 @@ def trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | 
     """Trace ``model`` and propagate shapes; say which tracer was used and why.
     The traced module is in the model's train/eval mode."""
     traced = _trace(model, example_inputs, example_kwargs, method)
-    traced.gm.train(model.training)
+    if traced.method == "symbolic_trace":  # exported modules refuse train()/eval(); they keep the mode they were exported in
+        traced.gm.train(model.training)
     return traced
 
 
@@ -173,7 +174,7 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
             "Make the forward traceable (no data-dependent Python control flow), or pass example inputs the model accepts."
         ) from e
     _fill_missing_vals(gm)
-    gm.meta[EXAMPLE] = (_to_meta(tuple(example_inputs)), _to_meta(dict(example_kwargs or {})))
+    gm.meta[EXAMPLE] = (tuple(example_inputs), dict(example_kwargs or {}))
     return Traced(gm, "export", symbolic_error)
 
 

@@ -327,5 +327,5 @@ def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
     for name, child in root.named_children():  # whole subtrees, so Sequential and friends keep their types
         setattr(out, name, child)
     out.meta.update({k: v for k, v in gm.meta.items() if k != PLAN})
-    out.train(gm.training)
+    out.training = gm.training  # set, not train(): exported modules refuse train()
     return PassResult(out, True)

@@ -267,6 +267,32 @@ class WindowAttention(nn.Module):
         return self.out(x + self.attn(x))
 
 
+class EinsumAttention(nn.Module):
+    """MaxViT-style attention: einsum scores, a bias table gathered by an index buffer, D read from x.size()."""
+
+    def __init__(self, d=32, heads=4, t=5):
+        super().__init__()
+        self.h, self.hd = heads, d // heads
+        self.inp = nn.Linear(16, d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.merge = nn.Linear(d, d)
+        self.table = nn.Parameter(torch.randn(2 * t - 1, heads))
+        pos = torch.arange(t)
+        self.register_buffer("index", (pos[:, None] - pos[None, :] + t - 1).flatten())
+        self.out = nn.Linear(d, 4)
+
+    def forward(self, x):
+        x = self.inp(x)
+        B, T, D = x.size()
+        q, k, v = torch.chunk(self.qkv(x), 3, dim=-1)
+        q, k, v = (t.reshape(B, T, self.h, self.hd).permute(0, 2, 1, 3) for t in (q, k, v))  # (B, h, T, hd)
+        bias = self.table[self.index].view(T, T, -1).permute(2, 0, 1)  # (h, T, T)
+        att = torch.einsum("bhid,bhjd->bhij", q, k) * self.hd ** -0.5 + bias
+        y = torch.einsum("bhij,bhjd->bhid", att.softmax(-1), v)
+        y = y.permute(0, 2, 1, 3).reshape(B, T, D)
+        return self.out(x + self.merge(y))
+
+
 IMAGE = (2, 3, 16, 16)
 TOKENS = (2, 5, 16)
 ORACLE_MODELS = {
@@ -286,4 +312,5 @@ ORACLE_MODELS = {
     "gqa_expand": (lambda: GQAttention(expand=True), TOKENS),
     "slice_const": (SliceConst, IMAGE),
     "swin_window_attention": (WindowAttention, (2, 8, 8, 16)),
+    "einsum_attention_bias_table": (EinsumAttention, TOKENS),
 }

@@ -42,3 +42,17 @@ def test_hf_lossless_and_dynamic(build):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
         other = torch.randint(0, VOCAB, (3, 11))
         torch.testing.assert_close(_out(small(other)), _out(model(other)), rtol=1e-5, atol=1e-4)
+
+
+def test_hf_keyword_inputs_with_padding_mask():
+    torch.manual_seed(0)
+    model = _bert().eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    kill_units(model, (ids,), 0.25)
+    small = graphprune.compile(model, (ids,), example_kwargs={"attention_mask": mask}, ratio=0.25, importance="l1")
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).last_hidden_state
+        out = small(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

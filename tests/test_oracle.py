@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models import ORACLE_MODELS, GQAttention, Shuffle, TOKENS, IMAGE
+from models import IMAGE, ORACLE_MODELS, TOKENS, EinsumAttention, GQAttention, Shuffle
 from oracle import assert_lossless
 
 
@@ -30,3 +30,10 @@ def test_shuffle_prunes_both_halves_together():
     assert small.stem[0].out_channels % 2 == 0
     x = torch.randn(*IMAGE)
     assert small(x).shape == model(x).shape
+
+
+def test_einsum_attention_prunes_heads_and_bias_table():
+    model, small = assert_lossless(EinsumAttention, TOKENS)
+    heads = small.table.shape[1]
+    assert heads < model.table.shape[1]
+    assert small.qkv.out_features == 3 * heads * model.hd
