@@ -64,6 +64,9 @@ import graphprune
 
 RATIO = {"encoder.layer.*.intermediate.dense": 0.30, "encoder.layer.*.attention.self.query": 0.25}
 CRITERIA = ("random", "l2", "activation", "taylor", "hessian")
+# "group": 30% of every layer's MLP channels and 25% of every layer's heads;
+# "global": 30% of all MLP channels and 25% of all heads, the lowest-scoring wherever they are
+SCOPES = ("group", "global")
 NEEDS_LOSS = {"taylor", "hessian"}
 PER_TEMPLATE = 8
 VIEWS = 4
@@ -277,13 +280,13 @@ def main():
     example = (calibration_ids[0].repeat(2, 1),)  # two rows, so the batch dim stays dynamic
 
     results = {}
-    for criterion in CRITERIA:
+    for criterion, scope in [(c, s) for s in SCOPES for c in CRITERIA]:
         start = time.perf_counter()
-        small = graphprune.compile(model, example, ratio=RATIO, importance=criterion,
+        small = graphprune.compile(model, example, ratio=RATIO, importance=criterion, ratio_scope=scope,
                                    calibration=views if criterion in NEEDS_LOSS else intact, loss_fn=loss_fn)
         seconds = time.perf_counter() - start
         cos = (embed(small, held_out_ids) * reference).sum(1)
-        results[criterion] = {
+        results[f"{criterion}/{scope}"] = {
             "mean_cosine": round(cos.mean().item(), 4),
             "min_cosine": round(cos.min().item(), 4),
             "param_ratio": round(graphprune.count_params(small) / graphprune.count_params(model), 4),
@@ -291,7 +294,7 @@ def main():
             "compile_seconds": round(seconds, 1),
         }
 
-    print("| criterion | mean cosine | min cosine | params kept (encoder) | compile (s) |\n|---|---|---|---|---|")
+    print("| criterion / ratio scope | mean cosine | min cosine | params kept (encoder) | compile (s) |\n|---|---|---|---|---|")
     for criterion, r in results.items():
         print(f"| {criterion} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | "
               f"{r['param_ratio']:.3f} ({r['encoder_param_ratio']:.3f}) | {r['compile_seconds']:.1f} |")

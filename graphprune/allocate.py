@@ -6,13 +6,15 @@ its normalised score is below the threshold. The threshold is found by
 bisection over the sorted scores; each candidate is built for real through
 the pass pipeline and measured: FLOPs with ``torch.utils.flop_counter`` and
 parameters on a meta-tensor twin (no weight memory, no compute), latency on
-the real model (warm-up, then the median of several runs). The allocation
+the real model, timed alternately with the original (warm-up, then medians). The allocation
 returned is the one that removes least while meeting the budget, so the
 result never exceeds it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import statistics
 
 import numpy as np
 import torch
@@ -70,18 +72,29 @@ def normalized_scores(p: Pruner) -> dict[int, np.ndarray]:
 
 
 class Meter:
-    """Cost of a candidate as a fraction of the original model's."""
+    """Cost of a candidate as a fraction of the original model's.
+
+    Latency is measured side by side: candidate and original alternate, and
+    the ratio of their medians is the cost, so load that comes and goes on
+    the machine hits both alike."""
 
     def __init__(self, p: Pruner, kind: str, *, latency_inputs: tuple | None = None, runs: int = 5):
         self.p, self.kind, self.runs = p, kind, runs
         self.inputs = latency_inputs or p.example_inputs
         self._meta_state = {k: _to_meta(v) for k, v in p.gm.named_parameters(remove_duplicate=False)}
         self._meta_state.update({k: _to_meta(v) for k, v in p.gm.named_buffers(remove_duplicate=False)})
-        self.base = self._measure({})
+        self.base = 1.0 if kind == "latency" else self._measure({})
+
+    def _latency_ratio(self, model) -> float:
+        mine, theirs = [], []
+        for _ in range(self.runs):
+            theirs.append(latency_ms(self.p.model, self.inputs, warmup=1, runs=3))
+            mine.append(latency_ms(model, self.inputs, warmup=1, runs=3))
+        return statistics.median(mine) / statistics.median(theirs)
 
     def _measure(self, removed: dict) -> float:
         if self.kind == "latency":
-            return latency_ms(self.p.prune(removed, check=False), self.inputs, warmup=2, runs=self.runs)
+            return self._latency_ratio(self.p.prune(removed, check=False))
         with _reparametrize_module(self.p.gm, self._meta_state, tie_weights=True):
             model = self.p.prune(removed, check=False)
         if self.kind == "params":
@@ -92,6 +105,8 @@ class Meter:
             return float(count_flops(self.p.prune(removed, check=False), self.p.example_inputs, self.p.example_kwargs))
 
     def __call__(self, removed: dict) -> float:
+        if not removed:
+            return 1.0  # the original, by definition
         return self._measure(removed) / self.base
 
 
@@ -131,8 +146,7 @@ def report(p: Pruner, removed: dict, model: torch.nn.Module, budget: dict, laten
     x, kw = p.example_inputs, p.example_kwargs
     lat = None
     if "latency" in budget:
-        inputs = latency_inputs or x
-        lat = latency_ms(model, inputs) / latency_ms(p.model, inputs)
+        lat = Meter(p, "latency", latency_inputs=latency_inputs)._latency_ratio(model)
     return Report(
         widths={g.id: (g.n_units, g.n_units - len(removed.get(g.id, ()))) for g in p.groups},
         flops=count_flops(model, x, kw) / count_flops(p.model, x, kw),

@@ -30,7 +30,7 @@ def analyze(model: torch.nn.Module, example_inputs: tuple, *, ignore=(), example
 def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target_flops=None, target_params=None,
             target_latency=None, importance="l2", ignore=(), pipeline=None, example_kwargs=None, calibration=None,
             loss_fn=None, round_to: int = 1, min_width: int = 1, overrides: dict | None = None,
-            latency_inputs: tuple | None = None) -> torch.nn.Module:
+            latency_inputs: tuple | None = None, ratio_scope: str = "group") -> torch.nn.Module:
     """Return a physically smaller copy of ``model``; ``model`` itself is not changed.
 
     Say how much to remove in one of two ways:
@@ -38,7 +38,9 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     * ``ratio=r`` removes ``round(r * n)`` units from every prunable group of
       ``n`` units (a unit is a channel, a head, a conv group: whatever must go
       together); ``ratio={"layer3.*": 0.5, "*.mlp.*": 0.3}`` sets it per
-      group, by the modules that produce the group's channels.
+      group, by the modules that produce the group's channels. With
+      ``ratio_scope="global"`` the fraction applies to all covered units
+      together, the lowest-scoring wherever they are.
     * ``target_flops``, ``target_params`` or ``target_latency`` (a fraction
       of the original to keep) lets graphprune allocate widths across groups
       by globally normalised importance; the result never exceeds the
@@ -62,7 +64,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
             raise GraphpruneError(f"ratio must be a number in [0, 1), got {r!r}")
     p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn, pipeline)
     if not budgets:
-        return p.prune(p.removal_for_ratio(ratio))
+        return p.prune(p.removal_for_ratio(ratio, ratio_scope))
     kind, target = next(iter(budgets.items()))
     meter_kw = {"latency_inputs": latency_inputs} if kind == "latency" else {}
     removed, _ = allocate(p, kind, target, Constraints(round_to, min_width, overrides), **meter_kw)

@@ -9,7 +9,7 @@ consumer columns, norm affine parameters, loose parameters).
 |---|---|---|
 | ``l1``, ``l2`` | weight magnitude | no |
 | ``bn_scale`` | BatchNorm gamma, network slimming (magnitude where a group has no BN) | no |
-| ``taylor`` | first order: abs(w * dL/dw) summed per unit | calibration + loss_fn |
+| ``taylor`` | first order: abs(sum of w * dL/dw over the unit) | calibration + loss_fn |
 | ``hessian`` | second order, OBD with the diagonal empirical Fisher: 1/2 * w^2 * E[g^2] | calibration + loss_fn |
 | ``activation`` | Wanda: abs(W) x the unit's activation norm | calibration |
 | ``fpgm`` | distance to the other rows (filters near the geometric median go first) | no |
@@ -162,14 +162,28 @@ def rows(t: torch.Tensor, axis: int) -> torch.Tensor:
     return t.detach().float().movedim(axis, 0).reshape(t.shape[axis], -1)
 
 
-def aggregate(group: Group, tensors: dict, per_index: Callable[[str, torch.Tensor, int], np.ndarray]) -> np.ndarray:
-    """Sum a per-index score of every learnable slice of the group into its units."""
+def aggregate(group: Group, tensors: dict, per_index: Callable[[str, torch.Tensor, int], np.ndarray],
+              reduce: str = "mean") -> np.ndarray:
+    """Combine a per-index score of every learnable slice of the group into its units.
+
+    ``mean`` scores weight tensors (biases and norm affines only where a
+    group has no weight), divides each slice's scores by their mean (layers
+    live on different scales), then averages over the slices a unit appears in: in a concat group one branch's channels are read by more
+    layers than another's, and a plain sum would rank them higher for that
+    alone. ``sum`` keeps raw scores and adds them, for criteria whose
+    per-slice terms estimate a change in the loss (taylor, hessian)."""
     total = np.zeros(group.n_units)
-    for s in group.params:
-        if s.name in tensors:
-            v = np.asarray(per_index(s.name, tensors[s.name], s.axis), dtype=np.float64)
-            total += np.bincount(s.unit_of, weights=v, minlength=group.n_units)
-    return total
+    count = np.zeros(group.n_units)
+    slices = [s for s in group.params if s.name in tensors]
+    if reduce == "mean":  # weights only: a bias that starts at zero has no scale to normalise by
+        slices = [s for s in slices if tensors[s.name].dim() >= 2] or slices
+    for s in slices:
+        v = np.asarray(per_index(s.name, tensors[s.name], s.axis), dtype=np.float64)
+        if reduce == "mean":
+            v = v / max(float(v.mean()), 1e-30)
+        total += np.bincount(s.unit_of, weights=v, minlength=group.n_units)
+        count += np.bincount(np.unique(s.unit_of), minlength=group.n_units)
+    return total if reduce == "sum" else total / np.maximum(count, 1)
 
 
 @register_importance("l1")
@@ -187,17 +201,18 @@ def bn_scale(group, tensors, *, ctx, **_):
     bn = {n for n, typ in ctx.owner_types.items() if issubclass(typ, torch.nn.modules.batchnorm._BatchNorm) and n.endswith(".weight")}
     if not any(s.name in bn for s in group.params):
         return l1(group, tensors)
-    return aggregate(group, {n: t for n, t in tensors.items() if n in bn}, lambda n, t, a: t.detach().abs().float().numpy())
+    # raw gammas: network slimming compares them across layers as they are
+    return aggregate(group, {n: t for n, t in tensors.items() if n in bn}, lambda n, t, a: t.detach().abs().float().numpy(), reduce="sum")
 
 
 @register_importance("taylor", needs=("grad",))
 def taylor(group, tensors, *, ctx, **_):
-    return aggregate(group, tensors, lambda n, t, a: rows(t * ctx.grad[n], a).sum(1).abs().numpy())
+    return np.abs(aggregate(group, tensors, lambda n, t, a: rows(t * ctx.grad[n], a).sum(1).numpy(), reduce="sum"))
 
 
 @register_importance("hessian", needs=("fisher",))
 def hessian(group, tensors, *, ctx, **_):
-    return aggregate(group, tensors, lambda n, t, a: (0.5 * rows(t.square() * ctx.fisher[n], a).sum(1)).numpy())
+    return aggregate(group, tensors, lambda n, t, a: (0.5 * rows(t.square() * ctx.fisher[n], a).sum(1)).numpy(), reduce="sum")
 
 
 @register_importance("activation", needs=("act",))

@@ -105,15 +105,41 @@ class Pruner:
     def groups(self) -> list[Group]:
         return self.analysis.groups
 
-    def removal_for_ratio(self, ratio) -> dict[int, np.ndarray]:
-        """``ratio`` a float (every group) or ``{module pattern: ratio}`` (groups owning a matching parameter)."""
-        out = {}
+    def removal_for_ratio(self, ratio, scope: str = "group") -> dict[int, np.ndarray]:
+        """``ratio`` a float (every group) or ``{module pattern: ratio}`` (the groups those modules produce).
+
+        ``scope="group"`` removes that fraction of every group; ``scope="global"``
+        removes that fraction of all the units the ratio covers together, the
+        lowest-scoring wherever they are, so groups that matter keep more. Raw
+        scores are compared: data-driven criteria (taylor, hessian) estimate
+        the change in loss and are comparable across layers as they are."""
+        if scope not in ("group", "global"):
+            raise GraphpruneError(f"ratio_scope must be 'group' or 'global', got {scope!r}")
+        counts = {g.id: min(int(round(group_ratio(g, ratio) * g.n_units)), g.n_units - 1) for g in self.groups}
+        if scope == "global":
+            counts = self._global_counts(ratio)
+        return {g.id: remove_lowest(g, self.scores[g.id], counts[g.id]) for g in self.groups if counts[g.id] > 0}
+
+    def _global_counts(self, ratio) -> dict[int, int]:
+        """Per group, how many of the lowest-scoring units of all groups with the
+        same ratio fall in it; a group that is down to one unit passes its
+        share on to the next lowest elsewhere."""
+        by_ratio: dict[float, list[Group]] = {}
         for g in self.groups:
-            r = group_ratio(g, ratio)
-            k = min(int(round(r * g.n_units)), g.n_units - 1)
-            if k > 0:
-                out[g.id] = remove_lowest(g, self.scores[g.id], k)
-        return out
+            by_ratio.setdefault(group_ratio(g, ratio), []).append(g)
+        counts = {g.id: 0 for g in self.groups}
+        room = {g.id: g.n_units - 1 for g in self.groups}
+        for r, gs in by_ratio.items():
+            scores = np.concatenate([self.scores[g.id] for g in gs])
+            owner = np.concatenate([np.full(g.n_units, g.id) for g in gs])
+            left = int(round(r * len(scores)))
+            for gid in owner[np.argsort(scores, kind="stable")]:
+                if left == 0:
+                    break
+                if counts[gid] < room[gid]:
+                    counts[gid] += 1
+                    left -= 1
+        return counts
 
     def prune(self, removed: dict[int, np.ndarray], *, check: bool = True) -> torch.fx.GraphModule:
         """A new module without the ``removed`` units ({group id: unit ids}).

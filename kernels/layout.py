@@ -82,11 +82,7 @@ class BlockSparseWeight:
         if w.dim() != 2:
             raise GraphpruneError(f"from_dense expects a 2-D (N, K) weight, got shape {tuple(w.shape)}")
         bn, bk = as_block_size(block_size)
-        n, k = w.shape
-        if n % bn or k % bk:
-            raise GraphpruneError(
-                f"weight shape {(n, k)} is not divisible by the block size {(bn, bk)}; pick a block size that divides both"
-            )
+        n, k = _check_divisible(w, bn, bk)
         blocks = w.detach().reshape(n // bn, bn, k // bk, bk).permute(0, 2, 1, 3)  # (R, C, bn, bk)
         if block_mask is None:
             block_mask = blocks.ne(0).flatten(2).any(-1)  # (R, C)
@@ -107,11 +103,7 @@ class BlockSparseWeight:
         if not 0.0 <= float(density) <= 1.0:
             raise GraphpruneError(f"density must be in [0, 1], got {density}")
         bn, bk = as_block_size(block_size)
-        n, k = w.shape
-        if n % bn or k % bk:
-            raise GraphpruneError(
-                f"weight shape {(n, k)} is not divisible by the block size {(bn, bk)}; pick a block size that divides both"
-            )
+        n, k = _check_divisible(w, bn, bk)
         norms = w.detach().float().reshape(n // bn, bn, k // bk, bk).pow(2).sum((1, 3))  # (R, C)
         keep = round(float(density) * norms.numel())
         order = torch.argsort(norms.flatten(), descending=True, stable=True)
@@ -182,3 +174,9 @@ class BlockSparseWeight:
             f"density={self.density:.3f}, dtype={self.dtype}, device={self.device})"
         )
 
+
+def _check_divisible(w: torch.Tensor, bn: int, bk: int) -> tuple[int, int]:
+    n, k = w.shape
+    if n % bn or k % bk:
+        raise GraphpruneError(f"weight shape {(n, k)} is not divisible by the block size {(bn, bk)}; pick a block size that divides both")
+    return n, k

@@ -193,3 +193,38 @@ def test_regularizers():
     bn = model.a[0][1]
     expected = (bn.weight.detach() ** 2 + bn.bias.detach() ** 2).sqrt().sum()
     torch.testing.assert_close(reg(model).detach(), expected)
+
+
+def test_global_ratio_scope_spreads_removal_by_importance():
+    torch.manual_seed(0)
+    model = Residual().eval()
+    with torch.no_grad():
+        model.b[0][1].weight.mul_(1e-3)  # block b's middle channels matter little
+    x = torch.randn(*IMAGE)
+    pattern = {"a.0.0": 0.5, "b.0.0": 0.5}
+    per_group = graphprune.compile(model, (x,), ratio=pattern, importance="bn_scale")
+    spread = graphprune.compile(model, (x,), ratio=pattern, importance="bn_scale", ratio_scope="global")
+    total = lambda m: m.a[0][0].out_channels + m.b[0][0].out_channels
+    assert total(per_group) == 18  # half of each
+    assert spread.b[0][0].out_channels == 1  # b's 12 units score lowest; a group always keeps one
+    assert total(spread) == 18  # the same total: a gives what b could not
+
+
+def test_concat_branches_are_scored_fairly():
+    """Units of a concat group read by more layers must not win for that alone."""
+
+    class TwoBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 16, 3, padding=1)
+            self.b = nn.Conv2d(16, 16, 3, padding=1)
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.fc(torch.cat([y, self.b(y)], 1).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = TwoBranch()
+    small = graphprune.compile(model, (torch.randn(1, 3, 8, 8),), ratio=0.5, ignore=["fc"])
+    assert 4 <= small.a.out_channels <= 12 and 4 <= small.b.out_channels <= 12

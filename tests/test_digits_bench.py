@@ -1,0 +1,45 @@
+"""Smoke test of bench/accuracy_digits.py: one seed on the --quick budget (seconds, CPU)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("torch_pruning")
+pytest.importorskip("optuna")
+
+
+def _bench():
+    path = Path(__file__).parents[1] / "bench" / "accuracy_digits.py"
+    spec = importlib.util.spec_from_file_location("accuracy_digits", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    """Small convs gain little from threads and lose much when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_one_quick_seed_meets_every_budget(one_thread):
+    bench = _bench()
+    fit, val, test = bench.load_splits()
+    assert (len(fit.y), len(val.y), len(test.y)) == (1005, 252, 540)
+    record = bench.run_seed(fit, val, test, bench.QUICK, seed=0)
+    for target in bench.TARGETS:
+        out = record[f"flops_{target}"]
+        assert out["criterion"] in bench.QUICK.criteria
+        for name in ("compile", "search", "torch_pruning"):
+            assert out[name]["flops"] <= target + 1e-9, (name, target, out[name]["flops"])
+            assert 0.0 <= out[name]["test_acc"] <= 1.0
+        assert target - out["torch_pruning"]["flops"] <= 0.03
+    summary = bench.summarise([record])
+    assert summary["flops_0.5"]["compile"]["test_acc"]["std"] == 0.0
