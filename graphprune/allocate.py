@@ -23,7 +23,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from .errors import GraphpruneError
 from .flops import count_flops, count_params, latency_ms
 from .pruner import Pruner, matching_ratio, remove_lowest
-from .trace import _to_meta
+from .trace import to_meta
 
 
 @dataclass
@@ -81,8 +81,8 @@ class Meter:
     def __init__(self, p: Pruner, kind: str, *, latency_inputs: tuple | None = None, runs: int = 5):
         self.p, self.kind, self.runs = p, kind, runs
         self.inputs = latency_inputs or p.example_inputs
-        self._meta_state = {k: _to_meta(v) for k, v in p.gm.named_parameters(remove_duplicate=False)}
-        self._meta_state.update({k: _to_meta(v) for k, v in p.gm.named_buffers(remove_duplicate=False)})
+        self._meta_state = {k: to_meta(v) for k, v in p.gm.named_parameters(remove_duplicate=False)}
+        self._meta_state.update({k: to_meta(v) for k, v in p.gm.named_buffers(remove_duplicate=False)})
         self.base = 1.0 if kind == "latency" else self._measure({})
 
     def _latency_ratio(self, model) -> float:
@@ -100,7 +100,7 @@ class Meter:
         if self.kind == "params":
             return float(count_params(model))
         try:
-            return float(count_flops(model, _to_meta(self.p.example_inputs), _to_meta(self.p.example_kwargs)))
+            return float(count_flops(model, to_meta(self.p.example_inputs), to_meta(self.p.example_kwargs)))
         except RuntimeError:  # graphs that make real-device tensors of their own: count on real weights
             return float(count_flops(self.p.prune(removed, check=False), self.p.example_inputs, self.p.example_kwargs))
 

@@ -11,7 +11,7 @@ import torch
 from .allocate import Constraints, allocate, report
 from .errors import GraphpruneError
 from .groups import Analysis, analyze_graph
-from .pruner import Pruner, check_ignore, make_plan, remove_lowest  # noqa: F401  (re-exported for tests)
+from .pruner import Pruner, check_ignore
 from .trace import trace
 
 

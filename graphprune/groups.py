@@ -97,6 +97,7 @@ class Builder:
         self.blocked: dict = {}
         self.products: list = []
         self.touched: set = set()
+        self.unsupported: set[str] = set()  # "node: why" for every op no rule could explain
         self._attr_cache: dict = {}
 
     # shapes ----------------------------------------------------------------
@@ -147,6 +148,7 @@ class Builder:
         self.blocked.setdefault(a, why)
 
     def unknown(self, c: COp, why: str):
+        self.unsupported.add(f"{c.node.name}: {why}")
         for t in c.inputs:
             if t is not None:
                 for k in range(len(self.shape(t))):
@@ -360,5 +362,4 @@ def resolve_groups(b: Builder) -> tuple[list[Group], list[BlockedGroup]]:
 def analyze_graph(gm: GraphModule, method: str = "symbolic_trace", ignore=()) -> Analysis:
     b = build(gm, ignore)
     groups, blocked = resolve_groups(b)
-    unsupported = sorted({why for why in b.blocked.values() if "no rule" in why or "supported" in why or "cannot read" in why})
-    return Analysis(gm, method, groups, blocked, unsupported, b.g)
+    return Analysis(gm, method, groups, blocked, sorted(b.unsupported), b.g)

@@ -186,14 +186,25 @@ def aggregate(group: Group, tensors: dict, per_index: Callable[[str, torch.Tenso
     return total if reduce == "sum" else total / np.maximum(count, 1)
 
 
+def norm_per_index(t: torch.Tensor, axis: int, p: int) -> np.ndarray:
+    """sum |t|^p over every axis but ``axis``, fused (no transposed copy of the weight)."""
+    if t.device.type == "meta":
+        raise GraphpruneError("parameters are on the meta device: this criterion needs real weights; load them first or use importance='random'")
+    others = [d for d in range(t.dim()) if d != axis]
+    t = t.detach()
+    if not others:
+        return t.abs().float().pow(p).numpy()
+    return torch.linalg.vector_norm(t, ord=p, dim=others, dtype=torch.float32).pow(p).numpy()
+
+
 @register_importance("l1")
 def l1(group, tensors, **_):
-    return aggregate(group, tensors, lambda n, t, a: rows(t, a).abs().sum(1).numpy())
+    return aggregate(group, tensors, lambda n, t, a: norm_per_index(t, a, 1))
 
 
 @register_importance("l2")
 def l2(group, tensors, **_):
-    return np.sqrt(aggregate(group, tensors, lambda n, t, a: rows(t, a).square().sum(1).numpy()))
+    return np.sqrt(aggregate(group, tensors, lambda n, t, a: norm_per_index(t, a, 2)))
 
 
 @register_importance("bn_scale")
@@ -217,7 +228,7 @@ def hessian(group, tensors, *, ctx, **_):
 
 @register_importance("activation", needs=("act",))
 def activation(group, tensors, *, ctx, **_):
-    weight = aggregate(group, tensors, lambda n, t, a: rows(t, a).abs().sum(1).numpy())
+    weight = aggregate(group, tensors, lambda n, t, a: norm_per_index(t, a, 1))
     act = np.zeros(group.n_units)
     for dim, unit_of in group.dims.items():
         if dim in ctx.act:
@@ -243,7 +254,7 @@ def lamp(group, tensors, **_):
     def per_index(n, t, a):
         if t.dim() < 2:
             return np.zeros(t.shape[a])
-        v = rows(t, a).square().sum(1)
+        v = torch.from_numpy(norm_per_index(t, a, 2))
         order = torch.argsort(v)
         tail = torch.flip(torch.cumsum(torch.flip(v[order], [0]), 0), [0])  # sum of this and all larger
         out = torch.empty_like(v)

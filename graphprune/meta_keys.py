@@ -4,6 +4,16 @@
 |---|---|---|
 | ``val`` | ``trace.propagate_shapes`` (and torch.export) | a meta/fake tensor, or a tuple of them, or a python value |
 | ``gp_canon`` | ``canon.canonicalize`` | the node's ``COp``: canonical op name, operands and attributes |
+
+and on ``gm.meta`` (the GraphModule):
+
+| key | written by | holds |
+|---|---|---|
+| ``gp_plan`` | ``Pruner.prune`` (read by ``shrink-params``) | ``(value_key, axis) -> kept indices`` for every dim that shrinks |
+| ``gp_example`` | ``trace`` | the example ``(args, kwargs)``, so the pass manager can re-run shapes |
+| ``graphprune`` | ``Pruner.prune`` | method, widths per group, unsupported ops |
 """
 VAL = "val"
 CANON = "gp_canon"
+PLAN = "gp_plan"
+EXAMPLE = "gp_example"

@@ -22,6 +22,8 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .errors import GraphpruneError
+from .meta_keys import EXAMPLE
+from .trace import output_shapes, propagate_shapes
 
 __all__ = ["PassResult", "register_pass", "get_pass", "registered_passes", "parse_pipeline", "run_pipeline", "check_graph"]
 
@@ -92,7 +94,6 @@ def check_graph(gm: GraphModule) -> None:
     agreeing with the ``tensor_meta`` of the ``get_attr`` node reading it; and,
     when the example inputs are known, the graph still runs on them (on meta
     tensors) and gives outputs of the same shapes as before."""
-    from .trace import EXAMPLE, output_shapes, propagate_shapes
 
     gm.graph.lint()
     if EXAMPLE in gm.meta:
@@ -124,7 +125,7 @@ def _getattr_path(obj, path: str):
 
 def run_pipeline(gm: GraphModule, pipeline: str | list, *, check: bool = True) -> tuple[GraphModule, dict[str, bool]]:
     """Run the named passes in order; return the final module and which passes
-    changed something."""
+    changed something. Each pass that reports a change is checked after it."""
     ran: list[str] = []
     modified: dict[str, bool] = {}
     for name, opts in parse_pipeline(pipeline):
@@ -134,7 +135,7 @@ def run_pipeline(gm: GraphModule, pipeline: str | list, *, check: bool = True) -
             raise GraphpruneError(f"pass {name!r} returned {type(result).__name__}; a pass must return torch.fx.passes.infra.pass_base.PassResult")
         gm = result.graph_module
         modified[name] = bool(result.modified)
-        if check:
+        if check and result.modified:
             try:
                 check_graph(gm)
             except Exception as e:  # noqa: BLE001 - re-raised with the culprit named

@@ -15,6 +15,7 @@ import torch
 from . import importance as _importance
 from .errors import GraphpruneError
 from .groups import Analysis, Group, analyze_graph
+from .meta_keys import PLAN
 from .pass_manager import run_pipeline
 from .trace import trace
 
@@ -145,11 +146,11 @@ class Pruner:
         """A new module without the ``removed`` units ({group id: unit ids}).
         ``check=False`` skips the between-pass checks (the allocator's inner loop)."""
         gm = self.gm
-        gm.meta["gp_plan"] = make_plan(self.groups, removed)
+        gm.meta[PLAN] = make_plan(self.groups, removed)
         try:
             out, _ = run_pipeline(gm, self.pipeline or DEFAULT_PIPELINE, check=check)
         finally:
-            gm.meta.pop("gp_plan", None)
+            gm.meta.pop(PLAN, None)
         out.meta["graphprune"] = {
             "method": self.analysis.method,
             "widths": {g.id: (g.n_units, g.n_units - len(removed.get(g.id, ()))) for g in self.groups},

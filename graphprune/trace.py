@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .errors import GraphpruneError
-from .meta_keys import VAL
+from .meta_keys import EXAMPLE, VAL
 
 
 @dataclass
@@ -30,17 +30,46 @@ class Traced:
     symbolic_error: str | None = None  # why symbolic_trace was not used
 
 
-def _to_meta(x):
+def to_meta(x):
     if isinstance(x, torch.Tensor):
         return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
     if isinstance(x, (list, tuple)):
-        return type(x)(_to_meta(v) for v in x)
+        return type(x)(to_meta(v) for v in x)
     if isinstance(x, dict):
-        return {k: _to_meta(v) for k, v in x.items()}
+        return {k: to_meta(v) for k, v in x.items()}
     return x
 
 
+# Modules whose output has the input's shape and dtype. On meta tensors their
+# kernels run through Python references (BatchNorm about 1.6 ms, ReLU 0.9 ms a
+# call); the shape alone is all propagation needs.
+_SAME_SHAPE = (
+    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.LayerNorm, torch.nn.GroupNorm,
+    torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Sigmoid, torch.nn.Hardswish,
+    torch.nn.Hardsigmoid, torch.nn.Tanh, torch.nn.LeakyReLU, torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout2d,
+)
+
+
+_SAME_SHAPE_FN = {
+    torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu, torch.nn.functional.relu6,
+    torch.nn.functional.gelu, torch.nn.functional.silu, torch.nn.functional.hardswish,
+    torch.nn.functional.hardsigmoid, torch.nn.functional.dropout, torch.nn.functional.layer_norm,
+    torch.nn.functional.batch_norm,
+}
+
+
 class _MetaProp(fx.Interpreter):
+    def call_function(self, target, args, kwargs):
+        if target in _SAME_SHAPE_FN and args and isinstance(args[0], torch.Tensor):
+            return torch.empty_like(args[0])
+        return super().call_function(target, args, kwargs)
+
+    def call_module(self, target, args, kwargs):
+        mod = self.fetch_attr(target)
+        if type(mod) in _SAME_SHAPE and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            return torch.empty_like(args[0])
+        return super().call_module(target, args, kwargs)
+
     def run_node(self, n):
         try:
             out = super().run_node(n)
@@ -49,9 +78,6 @@ class _MetaProp(fx.Interpreter):
             raise GraphpruneError(f"shape propagation failed at node {n.name!r}{where}: {type(e).__name__}: {e}") from e
         n.meta[VAL] = out
         return out
-
-
-EXAMPLE = "gp_example"  # gm.meta: the example inputs (args, kwargs), for re-checking after passes
 
 
 def output_shapes(gm: fx.GraphModule) -> list:
@@ -83,15 +109,15 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, example_kwargs: 
 
 
 def _meta_run(gm: fx.GraphModule, args: tuple) -> None:
-    state = {k: _to_meta(v) for k, v in gm.named_parameters(remove_duplicate=False)}
-    state.update({k: _to_meta(v) for k, v in gm.named_buffers(remove_duplicate=False)})
+    state = {k: to_meta(v) for k, v in gm.named_parameters(remove_duplicate=False)}
+    state.update({k: to_meta(v) for k, v in gm.named_buffers(remove_duplicate=False)})
     for n in gm.graph.nodes:  # constants held as plain attributes (torch.export lifts these)
         if n.op == "get_attr" and n.target not in state:
             t = operator.attrgetter(n.target)(gm)
             if isinstance(t, torch.Tensor):
-                state[n.target] = _to_meta(t)
+                state[n.target] = to_meta(t)
     with _reparametrize_module(gm, state, tie_weights=True), torch.no_grad():
-        _MetaProp(gm).run(*_to_meta(args))
+        _MetaProp(gm).run(*to_meta(args))
 
 
 def _fake_run(gm: fx.GraphModule, args: tuple) -> None:
@@ -106,7 +132,7 @@ def _fake_run(gm: fx.GraphModule, args: tuple) -> None:
         if n.op == "get_attr" and VAL not in n.meta:
             t = operator.attrgetter(n.target)(gm)
             if isinstance(t, torch.Tensor):
-                n.meta[VAL] = _to_meta(t)
+                n.meta[VAL] = to_meta(t)
 
 
 def _export(model, example_inputs, example_kwargs) -> fx.GraphModule:
@@ -184,4 +210,4 @@ def _fill_missing_vals(gm: fx.GraphModule) -> None:
         if VAL not in n.meta and n.op == "get_attr":
             t = operator.attrgetter(n.target)(gm)
             if isinstance(t, torch.Tensor):
-                n.meta[VAL] = _to_meta(t)
+                n.meta[VAL] = to_meta(t)
