@@ -1,8 +1,9 @@
 """Find the groups of channels that must be removed together.
 
 The coupling graph is a ``networkx.Graph`` whose nodes are tensor dims
-``(value_key, axis)`` and whose edges carry an index map (two index arrays:
-index ``ia[k]`` of one end is index ``ib[k]`` of the other). Its connected
+``(value_key, axis)`` and whose edges carry index maps (two index arrays:
+index ``ia[k]`` of one end is index ``ib[k]`` of the other; ``None`` for the
+identity). Its connected
 components are the groups. Within a group, the index-level graph (every
 channel of every dim a node, built in one vectorised ``scipy`` call) says
 which channels are one *unit*: removing a unit removes every index mapped to
@@ -130,8 +131,7 @@ class Builder:
             if self.sizes[a] != self.sizes[b]:
                 self.block(a, f"sizes {self.sizes[a]} and {self.sizes[b]} do not match")
                 self.block(b, f"sizes {self.sizes[a]} and {self.sizes[b]} do not match")
-                return
-            ia = ib = np.arange(self.sizes[a])
+                return  # identity maps stay None until a live group needs them (most are batch/spatial dims)
         data = self.g.get_edge_data(a, b)
         if data is None:
             self.g.add_edge(a, b, maps=[(a, ia, ib)])
@@ -334,6 +334,8 @@ def resolve_groups(b: Builder) -> tuple[list[Group], list[BlockedGroup]]:
         for a, c in b.g.subgraph(comp).edges():
             for src, ia, ib in b.g.edges[a, c]["maps"]:
                 dst = c if src == a else a
+                if ia is None:
+                    ia = ib = np.arange(b.sizes[src])
                 rows.append(offset[src] + ia)
                 cols.append(offset[dst] + ib)
     if total == 0:

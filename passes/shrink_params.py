@@ -27,11 +27,10 @@ import torch.nn as nn
 from torch.fx import GraphModule, Node
 
 from graphprune.canon import COp, vkey
-from graphprune.meta_keys import CANON, VAL
+from graphprune.meta_keys import CANON, PLAN, VAL
 from graphprune.modules import PrunedSelfAttention
 from graphprune.pass_manager import PassResult, register_pass
 
-PLAN = "gp_plan"
 COUNTERS = {"params": 0, "modules": 0, "args": 0}
 
 
