@@ -19,7 +19,7 @@ import torch
 import torchvision
 
 import graphprune
-from graphprune.flops import latency_ms
+from graphprune.flops import latency_ratio
 
 MODELS = ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "vit_b_16"]
 TARGETS = [0.25, 0.5, 0.75]
@@ -51,13 +51,7 @@ def main():
     start = time.perf_counter()
     small = graphprune.compile(model, (xb,), target_latency=0.5)
     took = time.perf_counter() - start
-    ratios = []
-    for _ in range(5):  # each a side-by-side measurement: the two models alternate
-        mine, theirs = [], []
-        for _ in range(5):
-            theirs.append(latency_ms(model, (xb,), warmup=1, runs=3))
-            mine.append(latency_ms(small, (xb,), warmup=1, runs=3))
-        ratios.append(statistics.median(mine) / statistics.median(theirs))
+    ratios = [latency_ratio(small, model, (xb,)) for _ in range(5)]  # each side by side: the models alternate
     lat = {"model": "resnet50", "batch": 8, "target_latency": 0.5, "achieved_latency_runs": [round(r, 4) for r in ratios],
            "median": round(statistics.median(ratios), 4), "ok": abs(statistics.median(ratios) - 0.5) <= 0.05,
            "achieved_flops": round(small.report.flops, 4), "seconds": round(took, 1)}

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import statistics
-
 import numpy as np
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .errors import GraphpruneError
-from .flops import count_flops, count_params, latency_ms
+from .flops import count_flops, count_params, latency_ratio
 from .pruner import Pruner, matching_ratio, remove_lowest
 from .trace import to_meta
 
@@ -85,16 +83,9 @@ class Meter:
         self._meta_state.update({k: to_meta(v) for k, v in p.gm.named_buffers(remove_duplicate=False)})
         self.base = 1.0 if kind == "latency" else self._measure({})
 
-    def _latency_ratio(self, model) -> float:
-        mine, theirs = [], []
-        for _ in range(self.runs):
-            theirs.append(latency_ms(self.p.model, self.inputs, warmup=1, runs=3))
-            mine.append(latency_ms(model, self.inputs, warmup=1, runs=3))
-        return statistics.median(mine) / statistics.median(theirs)
-
     def _measure(self, removed: dict) -> float:
         if self.kind == "latency":
-            return self._latency_ratio(self.p.prune(removed, check=False))
+            return latency_ratio(self.p.prune(removed, check=False), self.p.model, self.inputs, rounds=self.runs)
         with _reparametrize_module(self.p.gm, self._meta_state, tie_weights=True):
             model = self.p.prune(removed, check=False)
         if self.kind == "params":
@@ -146,7 +137,7 @@ def report(p: Pruner, removed: dict, model: torch.nn.Module, budget: dict, laten
     x, kw = p.example_inputs, p.example_kwargs
     lat = None
     if "latency" in budget:
-        lat = Meter(p, "latency", latency_inputs=latency_inputs)._latency_ratio(model)
+        lat = latency_ratio(model, p.model, latency_inputs or x)
     return Report(
         widths={g.id: (g.n_units, g.n_units - len(removed.get(g.id, ()))) for g in p.groups},
         flops=count_flops(model, x, kw) / count_flops(p.model, x, kw),

@@ -39,3 +39,13 @@ def latency_ms(model: torch.nn.Module, example_inputs: tuple, *, warmup: int = 3
             if i >= warmup:
                 times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def latency_ratio(model: torch.nn.Module, reference: torch.nn.Module, example_inputs: tuple, *, rounds: int = 5) -> float:
+    """median latency of ``model`` over that of ``reference``, measured side by
+    side: the two alternate, so load that comes and goes hits both alike."""
+    mine, theirs = [], []
+    for _ in range(rounds):
+        theirs.append(latency_ms(reference, example_inputs, warmup=1, runs=3))
+        mine.append(latency_ms(model, example_inputs, warmup=1, runs=3))
+    return statistics.median(mine) / statistics.median(theirs)
