@@ -21,7 +21,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from .errors import GraphpruneError
 from .flops import count_flops, count_params, latency_ratio
 from .pruner import Pruner, matching_ratio, remove_lowest
-from .trace import to_meta
+from .trace import meta_state, to_meta
 
 
 @dataclass
@@ -79,8 +79,7 @@ class Meter:
     def __init__(self, p: Pruner, kind: str, *, latency_inputs: tuple | None = None, runs: int = 5):
         self.p, self.kind, self.runs = p, kind, runs
         self.inputs = latency_inputs or p.example_inputs
-        self._meta_state = {k: to_meta(v) for k, v in p.gm.named_parameters(remove_duplicate=False)}
-        self._meta_state.update({k: to_meta(v) for k, v in p.gm.named_buffers(remove_duplicate=False)})
+        self._meta_state = meta_state(p.gm)
         self.base = 1.0 if kind == "latency" else self._measure({})
 
     def _measure(self, removed: dict) -> float:

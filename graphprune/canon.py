@@ -326,10 +326,6 @@ def _m_flatten(node, mod):
     return COp("reshape", node, [vkey(node.args[0])], attrs={"sizes_at": None})
 
 
-def _m_softmax(node, mod):
-    return _softmax(node, mod)
-
-
 # ------------------------------------------------------------------- tables
 
 EWISE_FUNCS = [
@@ -462,7 +458,7 @@ MODULE_TABLE: list[tuple[tuple[type, ...], Callable]] = [
     (_ACTIVATIONS, lambda node, mod: COp("ewise", node, _tensors(node))),
     (_POOLS, lambda node, mod: COp("pool", node, [vkey(node.args[0])])),
     ((nn.Flatten,), _m_flatten),
-    ((nn.Softmax, nn.LogSoftmax), _m_softmax),
+    ((nn.Softmax, nn.LogSoftmax), _softmax),
 ]
 
 

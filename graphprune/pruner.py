@@ -116,10 +116,19 @@ class Pruner:
         the change in loss and are comparable across layers as they are."""
         if scope not in ("group", "global"):
             raise GraphpruneError(f"ratio_scope must be 'group' or 'global', got {scope!r}")
-        counts = {g.id: min(int(round(group_ratio(g, ratio) * g.n_units)), g.n_units - 1) for g in self.groups}
         if scope == "global":
             counts = self._global_counts(ratio)
-        return {g.id: remove_lowest(g, self.scores[g.id], counts[g.id]) for g in self.groups if counts[g.id] > 0}
+            return {g.id: remove_lowest(g, self.scores[g.id], counts[g.id]) for g in self.groups if counts[g.id] > 0}
+        return self.removal_for_group_ratios({g.id: group_ratio(g, ratio) for g in self.groups})
+
+    def removal_for_group_ratios(self, ratios: dict[int, float]) -> dict[int, np.ndarray]:
+        """{group id: ratio} -> the round(ratio * n) lowest units of each group (never all)."""
+        out = {}
+        for g in self.groups:
+            k = min(int(round(ratios.get(g.id, 0.0) * g.n_units)), g.n_units - 1)
+            if k > 0:
+                out[g.id] = remove_lowest(g, self.scores[g.id], k)
+        return out
 
     def _global_counts(self, ratio) -> dict[int, int]:
         """Per group, how many of the lowest-scoring units of all groups with the

@@ -20,16 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import GraphpruneError
 from .flops import count_flops
-from .pruner import Pruner, remove_lowest
-
-
-def _removal(p: Pruner, ratios: dict[int, float]) -> dict:
-    out = {}
-    for g in p.groups:
-        k = min(int(round(ratios.get(g.id, 0.0) * g.n_units)), g.n_units - 1)
-        if k > 0:
-            out[g.id] = remove_lowest(g, p.scores[g.id], k)
-    return out
+from .pruner import Pruner
 
 
 @dataclass
@@ -75,7 +66,7 @@ def sensitivity(model: torch.nn.Module, example_inputs: tuple, evaluate: Callabl
     for g in chosen:
         pts = []
         for r in levels:
-            pts.append((float(r), float(evaluate(p.prune(_removal(p, {g.id: r}), check=False)))))
+            pts.append((float(r), float(evaluate(p.prune(p.removal_for_group_ratios({g.id: r}), check=False)))))
             bar.update()
         curves[g.id] = pts
     bar.close()
@@ -134,7 +125,7 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
     base = count_flops(p.model, x)
 
     def flops_of(ratios):
-        return count_flops(p.prune(_removal(p, ratios), check=False), x) / base
+        return count_flops(p.prune(p.removal_for_group_ratios(ratios), check=False), x) / base
 
     def objective(trial):
         ratios = {g.id: trial.suggest_float(f"g{g.id}", 0.0, max_ratio) for g in p.groups}
@@ -143,7 +134,7 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
         trial.set_constraint("flops", f - target_flops)  # <= 0 is feasible
         if f > target_flops:
             return float("-inf"), f
-        return float(evaluate(p.prune(_removal(p, ratios), check=False))), f
+        return float(evaluate(p.prune(p.removal_for_group_ratios(ratios), check=False))), f
 
     sampler = optuna.samplers.NSGAIISampler(seed=seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -160,7 +151,7 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
     ratios = {g.id: best.params[f"g{g.id}"] for g in p.groups}
     front = [{"metric": t.values[0], "flops": t.values[1], "ratios": dict(t.params)} for t in study.best_trials
              if t.user_attrs.get("flops", 2) <= target_flops]
-    return SearchResult(p.prune(_removal(p, ratios)), best.values[0], best.values[1], front, study)
+    return SearchResult(p.prune(p.removal_for_group_ratios(ratios)), best.values[0], best.values[1], front, study)
 
 
 def _uniform_ratio(p: Pruner, flops_of, target: float) -> float:

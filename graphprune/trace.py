@@ -108,14 +108,21 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, example_kwargs: 
             raise meta_error from None
 
 
-def _meta_run(gm: fx.GraphModule, args: tuple) -> None:
+def meta_state(gm: fx.GraphModule) -> dict:
+    """Meta copies of every tensor the graph reads: parameters, buffers (persistent
+    or not) and constants held as plain attributes (torch.export lifts these)."""
     state = {k: to_meta(v) for k, v in gm.named_parameters(remove_duplicate=False)}
     state.update({k: to_meta(v) for k, v in gm.named_buffers(remove_duplicate=False)})
-    for n in gm.graph.nodes:  # constants held as plain attributes (torch.export lifts these)
+    for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target not in state:
             t = operator.attrgetter(n.target)(gm)
             if isinstance(t, torch.Tensor):
                 state[n.target] = to_meta(t)
+    return state
+
+
+def _meta_run(gm: fx.GraphModule, args: tuple) -> None:
+    state = meta_state(gm)
     with _reparametrize_module(gm, state, tie_weights=True), torch.no_grad():
         _MetaProp(gm).run(*to_meta(args))
 
@@ -128,11 +135,7 @@ def _fake_run(gm: fx.GraphModule, args: tuple) -> None:
     fake = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
     with torch.no_grad():
         FakeTensorProp(gm, mode).propagate(*fake)
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" and VAL not in n.meta:
-            t = operator.attrgetter(n.target)(gm)
-            if isinstance(t, torch.Tensor):
-                n.meta[VAL] = to_meta(t)
+    _fill_missing_vals(gm)
 
 
 def _export(model, example_inputs, example_kwargs) -> fx.GraphModule:
