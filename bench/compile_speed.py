@@ -8,6 +8,7 @@ so it gets a deep copy made outside the timed region.
 
     python bench/compile_speed.py            # full table -> bench/results/compile_speed.json
     python bench/compile_speed.py --quick    # small models only
+    python bench/compile_speed.py --models resnet152 vit_b_16 --out /tmp/x.json   # some rows
 """
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--models", nargs="*", help="only these rows (names as printed), e.g. resnet152 vit_b_16")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "compile_speed.json"))
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -94,6 +96,8 @@ def main():
             ("vit_b_16", lambda: torchvision.models.vit_b_16(), 224),
         ]
     cases += [(f"cifar_resnet_{6 * n + 1}conv", (lambda n=n: CifarResNet(n)), 32) for n in (12, 25, 50, 100)]
+    if args.models:
+        cases = [c for c in cases if c[0] in args.models]
     rows = []
     for name, build, size in cases:
         model = build().eval()

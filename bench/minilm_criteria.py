@@ -10,9 +10,13 @@ normalisation, as sentence-transformers does for this model) on 200 held-out
 sentences. The goal: the best criterion reaches a mean cosine of 0.95.
 
 Criteria: ``l2`` (weight magnitude), ``activation`` (Wanda: weight x activation
-norm on the calibration sentences), ``taylor`` (abs(w * dL/dw) summed per
-unit), ``hessian`` (OBD with the empirical Fisher, on the same loss as taylor)
-and ``random`` as the floor.
+norm on the calibration sentences), ``fluctuation`` (FLAP: input variance x
+squared weight norm), ``taylor`` (abs(w * dL/dw) summed per unit), ``hessian``
+(OBD with the empirical Fisher, on the same loss as taylor) and ``random`` as
+the floor. Each runs twice: on the sliced weights as they are, and with
+``reconstruct=True``, which refits the layers that read pruned channels by
+least squares on the calibration activations (closed form; no gradient
+steps, no labels).
 
 The sentences are built here from templates with slot fillers. The 8
 calibration templates and the 25 held-out templates are disjoint, so no
@@ -27,8 +31,8 @@ each such view's embedding must pick out the original model's embedding of the
 intact sentence among those of all 64 calibration sentences (temperature
 0.05). The gradient then says which units keep sentences apart, which is what
 the embedding is for. Views go one per batch: the empirical Fisher behind
-``hessian`` squares per-sample gradients. ``activation`` sees the intact
-sentences.
+``hessian`` squares per-sample gradients. The other criteria, and the refit,
+see the intact sentences and the views.
 
 The model is traced with ``input_ids`` only (passing ``attention_mask`` as an
 example kwarg breaks graphprune's between-pass check; see the bench README).
@@ -36,8 +40,8 @@ Without a mask, padding would leak into attention, so sentences only share a
 batch with sentences of the same token count. Torch runs on one thread: these
 batches are tiny, and on a shared 2-core machine a second thread mostly waits.
 
-Run from the repository root, after ``pip install -e '.[dev]'`` (about a
-minute on 2 CPU cores):
+Run from the repository root, after ``pip install -e '.[dev]'`` (about ten
+minutes on 2 CPU cores):
 
     PYTHONPATH=. python bench/minilm_criteria.py
 
@@ -63,10 +67,14 @@ from transformers import AutoModel, AutoTokenizer
 import graphprune
 
 RATIO = {"encoder.layer.*.intermediate.dense": 0.30, "encoder.layer.*.attention.self.query": 0.25}
-CRITERIA = ("random", "l2", "activation", "taylor", "hessian")
+CRITERIA = ("random", "l2", "activation", "fluctuation", "taylor", "hessian")
 # "group": 30% of every layer's MLP channels and 25% of every layer's heads;
 # "global": 30% of all MLP channels and 25% of all heads, the lowest-scoring wherever they are
 SCOPES = ("group", "global")
+# False: the sliced weights as they are; True: reconstruct=True refits the
+# layers that read pruned channels (attention output and MLP down projection)
+# in closed form on the calibration sentences: least squares, no training
+RECONSTRUCT = (False, True)
 NEEDS_LOSS = {"taylor", "hessian"}
 PER_TEMPLATE = 8
 VIEWS = 4
@@ -280,13 +288,14 @@ def main():
     example = (calibration_ids[0].repeat(2, 1),)  # two rows, so the batch dim stays dynamic
 
     results = {}
-    for criterion, scope in [(c, s) for s in SCOPES for c in CRITERIA]:
+    for refit, scope, criterion in itertools.product(RECONSTRUCT, SCOPES, CRITERIA):
         start = time.perf_counter()
         small = graphprune.compile(model, example, ratio=RATIO, importance=criterion, ratio_scope=scope,
-                                   calibration=views if criterion in NEEDS_LOSS else intact, loss_fn=loss_fn)
+                                   calibration=views if criterion in NEEDS_LOSS else intact + views, loss_fn=loss_fn,
+                                   reconstruct=refit)
         seconds = time.perf_counter() - start
         cos = (embed(small, held_out_ids) * reference).sum(1)
-        results[f"{criterion}/{scope}"] = {
+        results[f"{criterion}/{scope}" + ("/reconstruct" if refit else "")] = {
             "mean_cosine": round(cos.mean().item(), 4),
             "min_cosine": round(cos.min().item(), 4),
             "param_ratio": round(graphprune.count_params(small) / graphprune.count_params(model), 4),
@@ -294,7 +303,7 @@ def main():
             "compile_seconds": round(seconds, 1),
         }
 
-    print("| criterion / ratio scope | mean cosine | min cosine | params kept (encoder) | compile (s) |\n|---|---|---|---|---|")
+    print("| criterion / ratio scope / refit | mean cosine | min cosine | params kept (encoder) | compile (s) |\n|---|---|---|---|---|")
     for criterion, r in results.items():
         print(f"| {criterion} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | "
               f"{r['param_ratio']:.3f} ({r['encoder_param_ratio']:.3f}) | {r['compile_seconds']:.1f} |")

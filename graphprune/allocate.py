@@ -84,15 +84,15 @@ class Meter:
 
     def _measure(self, removed: dict) -> float:
         if self.kind == "latency":
-            return latency_ratio(self.p.prune(removed, check=False), self.p.model, self.inputs, rounds=self.runs)
+            return latency_ratio(self.p.prune(removed, check=False, fit=False), self.p.model, self.inputs, rounds=self.runs)
         with _reparametrize_module(self.p.gm, self._meta_state, tie_weights=True):
-            model = self.p.prune(removed, check=False)
+            model = self.p.prune(removed, check=False, fit=False)
         if self.kind == "params":
             return float(count_params(model))
         try:
             return float(count_flops(model, to_meta(self.p.example_inputs), to_meta(self.p.example_kwargs)))
         except RuntimeError:  # graphs that make real-device tensors of their own: count on real weights
-            return float(count_flops(self.p.prune(removed, check=False), self.p.example_inputs, self.p.example_kwargs))
+            return float(count_flops(self.p.prune(removed, check=False, fit=False), self.p.example_inputs, self.p.example_kwargs))
 
     def __call__(self, removed: dict) -> float:
         if not removed:

@@ -6,6 +6,9 @@
 """
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
+
 import torch
 
 from .allocate import Constraints, allocate, report
@@ -16,6 +19,24 @@ from .trace import trace
 
 
 
+@contextmanager
+def _gc_paused():
+    """Pause the cyclic garbage collector for one trace-analyze-rewrite.
+    Compiling a deep model allocates hundreds of thousands of small objects
+    (fx nodes, index arrays); the collections they trigger walk the whole
+    model every time, about a third of the compile time of a 600-conv
+    ResNet. Not used around budget searches, which build many candidate
+    models: those need the collector to free them."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def analyze(model: torch.nn.Module, example_inputs: tuple, *, ignore=(), example_kwargs=None) -> Analysis:
     """Trace ``model`` and find its channel groups, without changing anything.
 
@@ -23,14 +44,15 @@ def analyze(model: torch.nn.Module, example_inputs: tuple, *, ignore=(), example
     >>> print(a.summary())          # groups, their sizes and members; what blocked the rest
     """
     ignore = check_ignore(model, ignore)
-    traced = trace(model, example_inputs, example_kwargs)
-    return analyze_graph(traced.gm, traced.method, ignore)
+    with _gc_paused():
+        traced = trace(model, example_inputs, example_kwargs)
+        return analyze_graph(traced.gm, traced.method, ignore)
 
 
 def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target_flops=None, target_params=None,
             target_latency=None, importance="l2", ignore=(), pipeline=None, example_kwargs=None, calibration=None,
             loss_fn=None, round_to: int = 1, min_width: int = 1, overrides: dict | None = None,
-            latency_inputs: tuple | None = None, ratio_scope: str = "group") -> torch.nn.Module:
+            latency_inputs: tuple | None = None, ratio_scope: str = "group", reconstruct: bool = False) -> torch.nn.Module:
     """Return a physically smaller copy of ``model``; ``model`` itself is not changed.
 
     Say how much to remove in one of two ways:
@@ -49,6 +71,10 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     ``ignore`` names modules whose output width must stay. ``calibration``
     (an iterable of input tuples) and ``loss_fn(output, batch)`` feed the
     data-driven criteria (``taylor``, ``hessian``, ``activation``).
+    ``reconstruct=True`` also refits, in closed form on the calibration
+    data, every linear (and 1x1 conv) layer that reads pruned channels, so
+    the kept inputs stand in for the removed ones (see ``reconstruct.py``);
+    no training, no labels.
 
     >>> small = graphprune.compile(model, (x,), ratio=0.5, ignore=["fc"])
     >>> small = graphprune.compile(model, (x,), target_flops=0.5)
@@ -62,9 +88,11 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     for r in (ratio.values() if isinstance(ratio, dict) else [ratio]):
         if not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise GraphpruneError(f"ratio must be a number in [0, 1), got {r!r}")
-    p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn, pipeline)
     if not budgets:
-        return p.prune(p.removal_for_ratio(ratio, ratio_scope))
+        with _gc_paused():
+            p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn, pipeline, reconstruct)
+            return p.prune(p.removal_for_ratio(ratio, ratio_scope))
+    p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn, pipeline, reconstruct)
     kind, target = next(iter(budgets.items()))
     meter_kw = {"latency_inputs": latency_inputs} if kind == "latency" else {}
     removed, _ = allocate(p, kind, target, Constraints(round_to, min_width, overrides), **meter_kw)

@@ -330,14 +330,15 @@ def resolve_groups(b: Builder) -> tuple[list[Group], list[BlockedGroup]]:
             offset[d] = total
             total += b.sizes[d]
     rows, cols = [], []
-    for comp in live:
-        for a, c in b.g.subgraph(comp).edges():
-            for src, ia, ib in b.g.edges[a, c]["maps"]:
-                dst = c if src == a else a
-                if ia is None:
-                    ia = ib = np.arange(b.sizes[src])
-                rows.append(offset[src] + ia)
-                cols.append(offset[dst] + ib)
+    for a, c, maps in b.g.edges(data="maps"):
+        if a not in offset:  # an edge of a blocked or parameterless component
+            continue
+        for src, ia, ib in maps:
+            dst = c if src == a else a
+            if ia is None:
+                ia = ib = np.arange(b.sizes[src])
+            rows.append(offset[src] + ia)
+            cols.append(offset[dst] + ib)
     if total == 0:
         return [], blocked_groups
     r = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)

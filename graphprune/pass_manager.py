@@ -125,17 +125,38 @@ def _getattr_path(obj, path: str):
 
 def run_pipeline(gm: GraphModule, pipeline: str | list, *, check: bool = True) -> tuple[GraphModule, dict[str, bool]]:
     """Run the named passes in order; return the final module and which passes
-    changed something. Each pass that reports a change is checked after it."""
+    changed something.
+
+    The graph is checked once, after the last pass, if any pass changed it
+    (a check re-runs the graph on meta tensors: the costly part of a small
+    compile). If that check fails, the pipeline is run again from the same
+    input with a check after every changing pass, to name the pass that
+    broke the graph. Passes emit new modules or edit the one they are given,
+    never the pipeline's input, so the second run sees what the first did."""
+    steps = parse_pipeline(pipeline)
+    out, modified = _run(gm, steps, check_each=False)
+    if check and any(modified.values()):
+        try:
+            check_graph(out)
+        except Exception as e:  # noqa: BLE001 - re-raised with the culprit named
+            if sum(modified.values()) > 1:
+                _run(gm, steps, check_each=True)  # raises naming the pass, if it reproduces
+            changed = [n for n, m in modified.items() if m]
+            raise GraphpruneError(f"pass {changed[-1]!r} left an invalid graph (passes before it: {', '.join(changed[:-1]) or 'nothing'}): {e}") from e
+    return out, modified
+
+
+def _run(gm: GraphModule, steps: list, *, check_each: bool) -> tuple[GraphModule, dict[str, bool]]:
     ran: list[str] = []
     modified: dict[str, bool] = {}
-    for name, opts in parse_pipeline(pipeline):
+    for name, opts in steps:
         fn = get_pass(name)
         result = fn(gm, **opts)
         if not isinstance(result, PassResult):
             raise GraphpruneError(f"pass {name!r} returned {type(result).__name__}; a pass must return torch.fx.passes.infra.pass_base.PassResult")
         gm = result.graph_module
         modified[name] = bool(result.modified)
-        if check and result.modified:
+        if check_each and result.modified:
             try:
                 check_graph(gm)
             except Exception as e:  # noqa: BLE001 - re-raised with the culprit named

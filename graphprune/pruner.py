@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import importance as _importance
+from . import reconstruct as _reconstruct
 from .errors import GraphpruneError
 from .groups import Analysis, Group, analyze_graph
 from .meta_keys import PLAN
@@ -87,6 +88,7 @@ class Pruner:
     calibration: object = None
     loss_fn: object = None
     pipeline: str | None = None
+    reconstruct: bool = False
     analysis: Analysis = field(init=False)
     scores: dict = field(init=False)
 
@@ -97,6 +99,9 @@ class Pruner:
         ctx = _importance.ScoreContext(traced.gm, self.analysis.groups, self.calibration, self.loss_fn)
         fn = _importance.get_importance(self.importance)
         self.scores = {g.id: np.asarray(fn(g, ctx.tensors, ctx=ctx), dtype=np.float64) for g in self.groups}
+        self._ctx = ctx
+        if self.reconstruct and self.calibration is None:
+            raise GraphpruneError("reconstruct=True fits the layers that read pruned channels to calibration data: pass calibration= (an iterable of example input tuples)")
 
     @property
     def gm(self) -> torch.fx.GraphModule:
@@ -151,15 +156,18 @@ class Pruner:
                     left -= 1
         return counts
 
-    def prune(self, removed: dict[int, np.ndarray], *, check: bool = True) -> torch.fx.GraphModule:
+    def prune(self, removed: dict[int, np.ndarray], *, check: bool = True, fit: bool = True) -> torch.fx.GraphModule:
         """A new module without the ``removed`` units ({group id: unit ids}).
-        ``check=False`` skips the between-pass checks (the allocator's inner loop)."""
+        ``check=False`` skips the between-pass checks and ``fit=False`` the
+        reconstruction (the cost meter's inner loop, where only shapes count)."""
         gm = self.gm
-        gm.meta[PLAN] = make_plan(self.groups, removed)
+        plan = gm.meta[PLAN] = make_plan(self.groups, removed)
         try:
             out, _ = run_pipeline(gm, self.pipeline or DEFAULT_PIPELINE, check=check)
         finally:
             gm.meta.pop(PLAN, None)
+        if self.reconstruct and fit:
+            _reconstruct.refit(out, gm, plan, self._ctx.layers, self.calibration)
         out.meta["graphprune"] = {
             "method": self.analysis.method,
             "widths": {g.id: (g.n_units, g.n_units - len(removed.get(g.id, ()))) for g in self.groups},

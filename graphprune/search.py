@@ -125,7 +125,7 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
     base = count_flops(p.model, x)
 
     def flops_of(ratios):
-        return count_flops(p.prune(p.removal_for_group_ratios(ratios), check=False), x) / base
+        return count_flops(p.prune(p.removal_for_group_ratios(ratios), check=False, fit=False), x) / base
 
     def objective(trial):
         ratios = {g.id: trial.suggest_float(f"g{g.id}", 0.0, max_ratio) for g in p.groups}

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _use_lazy_graph_module
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .errors import GraphpruneError
@@ -111,13 +112,20 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, example_kwargs: 
 def meta_state(gm: fx.GraphModule) -> dict:
     """Meta copies of every tensor the graph reads: parameters, buffers (persistent
     or not) and constants held as plain attributes (torch.export lifts these)."""
-    state = {k: to_meta(v) for k, v in gm.named_parameters(remove_duplicate=False)}
-    state.update({k: to_meta(v) for k, v in gm.named_buffers(remove_duplicate=False)})
+    copies: dict = {}  # id -> meta copy: tied tensors get one copy, as reparametrization requires
+
+    def meta(t):
+        if id(t) not in copies:
+            copies[id(t)] = to_meta(t)
+        return copies[id(t)]
+
+    state = {k: meta(v) for k, v in gm.named_parameters(remove_duplicate=False)}
+    state.update({k: meta(v) for k, v in gm.named_buffers(remove_duplicate=False)})
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target not in state:
             t = operator.attrgetter(n.target)(gm)
             if isinstance(t, torch.Tensor):
-                state[n.target] = to_meta(t)
+                state[n.target] = meta(t)
     return state
 
 
@@ -184,7 +192,8 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
     symbolic_error = None
     if method in ("auto", "symbolic_trace") and not example_kwargs:
         try:
-            gm = fx.symbolic_trace(model)
+            with _use_lazy_graph_module(True):  # Python code is generated on first call; analysis never calls it
+                gm = fx.symbolic_trace(model)
             for name, child in model.named_children():  # keep the user's containers (Sequential...) intact
                 setattr(gm, name, child)
             propagate_shapes(gm, example_inputs)

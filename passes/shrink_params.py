@@ -61,25 +61,36 @@ def _slice_tensors(gm: GraphModule, plan: dict) -> dict[str, torch.Tensor]:
 
 
 def _clone(m: nn.Module, new: dict, prefix: str, memo: dict) -> nn.Module:
-    """Copy the module tree; tensors come from ``new`` or are cloned. Shared modules stay shared."""
+    """Copy the module tree; tensors come from ``new`` (sliced, already fresh
+    copies) or are cloned. Shared modules and tied tensors stay shared:
+    ``memo`` maps id(original) to its copy, for modules and tensors alike."""
     if id(m) in memo:
         return memo[id(m)]
     c = copy.copy(m)
     memo[id(m)] = c
     c.__dict__ = dict(m.__dict__)
-    c._parameters = {}
-    for k, p in m._parameters.items():
-        if p is None:
-            c._parameters[k] = None
-            continue
-        t = new.get(prefix + k)
-        c._parameters[k] = nn.Parameter(t.clone() if t is not None else p.detach().clone(), requires_grad=p.requires_grad)
-    c._buffers = {k: (None if b is None else (new[prefix + k] if prefix + k in new else b.clone())) for k, b in m._buffers.items()}
+    c._parameters = {k: (None if p is None else _copy_tensor(p, prefix + k, new, memo)) for k, p in m._parameters.items()}
+    c._buffers = {k: (None if b is None else _copy_tensor(b, prefix + k, new, memo)) for k, b in m._buffers.items()}
     c._modules = {k: (None if s is None else _clone(s, new, f"{prefix}{k}.", memo)) for k, s in m._modules.items()}
     for k, v in m.__dict__.items():
         if isinstance(v, torch.Tensor) and k not in ("_parameters", "_buffers"):
-            c.__dict__[k] = new.get(prefix + k, v.clone())
+            c.__dict__[k] = _copy_tensor(v, prefix + k, new, memo)
     return c
+
+
+def _copy_tensor(t: torch.Tensor, name: str, new: dict, memo: dict) -> torch.Tensor:
+    """The copy of ``t`` for the new tree: its slice if one was planned under
+    any of its names (``new`` is also keyed by id for tied tensors), else a clone."""
+    if id(t) in memo:
+        return memo[id(t)]
+    data = new.get(name)
+    if data is None:
+        data = new.get(id(t))
+    if data is None:
+        data = t.detach().clone()
+    out = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
+    memo[id(t)] = out
+    return out
 
 
 # ------------------------------------------------------------- module fixes
@@ -288,17 +299,20 @@ def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
     plan = gm.meta.get(PLAN) if plan is None else plan
     if not plan:
         return PassResult(gm, False)
-    new = _slice_tensors(gm, plan)
+    new: dict = _slice_tensors(gm, plan)
     COUNTERS["params"] += len(new)
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        if name in new:
+            new[id(t)] = new[name]  # a tied tensor takes the slice under every name
     root = nn.Module()
     memo: dict = {}
     for name, child in gm.named_children():
         root.add_module(name, _clone(child, new, name + ".", memo))
     for name, t in list(gm._parameters.items()) + list(gm._buffers.items()):
-        setattr(root, name, nn.Parameter(new.get(name, t.detach().clone())) if isinstance(t, nn.Parameter) else new.get(name, t.clone()))
+        setattr(root, name, _copy_tensor(t, name, new, memo))
     for k, v in gm.__dict__.items():
         if isinstance(v, torch.Tensor) and not hasattr(root, k):
-            root.__dict__[k] = new.get(k, v.clone())
+            root.__dict__[k] = _copy_tensor(v, k, new, memo)
     graph = torch.fx.Graph()
     graph._codegen = copy.deepcopy(gm.graph._codegen)  # export graphs keep their pytree in/out specs here
     env: dict = {}

@@ -29,7 +29,7 @@ def kill_units(model: torch.nn.Module, inputs: tuple, frac: float, seed: int = 0
     return touched
 
 
-def assert_lossless(model_fn, shape, frac=0.25, seed=0):
+def assert_lossless(model_fn, shape, frac=0.25, seed=0, **compile_kw):
     torch.manual_seed(seed)
     model = model_fn().eval()
     x = torch.randn(*shape)
@@ -37,7 +37,9 @@ def assert_lossless(model_fn, shape, frac=0.25, seed=0):
     with torch.no_grad():
         ref = model(x)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    small = graphprune.compile(model, (x,), ratio=frac, importance="l1")
+    if compile_kw.get("calibration") == "random":
+        compile_kw["calibration"] = [(torch.randn(*shape),) for _ in range(3)]
+    small = graphprune.compile(model, (x,), ratio=frac, **{"importance": "l1", **compile_kw})
     with torch.no_grad():
         out = small(x)
         again = model(x)

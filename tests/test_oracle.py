@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import graphprune
+
 from models import IMAGE, ORACLE_MODELS, TOKENS, EinsumAttention, GQAttention, Shuffle
 from oracle import assert_lossless
 
@@ -37,3 +39,36 @@ def test_einsum_attention_prunes_heads_and_bias_table():
     heads = small.table.shape[1]
     assert heads < model.table.shape[1]
     assert small.qkv.out_features == 3 * heads * model.hd
+
+
+class TiedLM(torch.nn.Module):
+    """Token embedding tied to the output head, a residual MLP between them."""
+
+    def __init__(self, vocab=11, d=16):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.up, self.down = torch.nn.Linear(d, 32), torch.nn.Linear(32, d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.head(h)
+
+
+def test_tied_weights_stay_tied():
+    from oracle import kill_units
+
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    ids = torch.randint(0, 11, (2, 7))
+    kill_units(model, (ids,), 0.25)
+    with torch.no_grad():
+        ref = model(ids)
+    small = graphprune.compile(model, (ids,), ratio=0.25, importance="l1")
+    assert small.head.weight is small.emb.weight
+    assert small.emb.weight.shape == (11, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids), ref, rtol=1e-5, atol=1e-5)
+    assert model.head.weight is model.emb.weight and model.emb.weight.shape == (11, 16)

@@ -1,0 +1,99 @@
+"""reconstruct=True: refit the layers that read pruned channels; the obs and fluctuation criteria."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graphprune
+from graphprune.pruner import Pruner
+from models import ORACLE_MODELS
+from oracle import assert_lossless
+
+ROWS = (64, 6)
+
+
+@pytest.mark.parametrize("name", sorted(ORACLE_MODELS))
+def test_refit_keeps_dead_channel_removal_lossless(name):
+    """A dead channel carries nothing, so refitting must change nothing."""
+    fn, shape = ORACLE_MODELS[name]
+    assert_lossless(fn, shape, reconstruct=True, calibration="random")
+
+
+class Twins(nn.Module):
+    """Linear -> ReLU -> Linear whose hidden units come in identical pairs (2j, 2j+1)."""
+
+    def __init__(self, hidden=16):
+        super().__init__()
+        self.up, self.down = nn.Linear(6, hidden), nn.Linear(hidden, 3)
+        with torch.no_grad():
+            self.up.weight[1::2] = self.up.weight[0::2]
+            self.up.bias[1::2] = self.up.bias[0::2]
+
+    def forward(self, x):
+        return self.down(F.relu(self.up(x)))
+
+
+def _error(model, small, x):
+    with torch.no_grad():
+        return (small(x) - model(x)).square().mean().item()
+
+
+def test_refit_recovers_what_a_twin_carried():
+    """Removing one of each identical pair loses half the signal; the refit
+    hands it to the twin (up to the damping)."""
+    torch.manual_seed(0)
+    model = Twins().eval()
+    x, held_out = torch.randn(*ROWS), torch.randn(*ROWS)
+    calibration = [(torch.randn(*ROWS),) for _ in range(4)]
+    # remove the odd twins: make them score lowest
+    score = lambda g, t, ctx: np.where(np.arange(g.n_units) % 2 == 1, 0.0, 1.0) if g.n_units == 16 else np.ones(g.n_units)
+    plain = graphprune.compile(model, (x,), ratio=0.5, importance=score, ignore=["down"])
+    fitted = graphprune.compile(model, (x,), ratio=0.5, importance=score, ignore=["down"], reconstruct=True, calibration=calibration)
+    assert plain.up.out_features == fitted.up.out_features == 8
+    assert _error(model, fitted, held_out) < 0.05 * _error(model, plain, held_out)
+
+
+def test_refit_corrects_a_one_by_one_conv_and_absorbs_means_into_bias():
+    """A 1x1 conv is a linear layer at every position; a removed channel with a
+    constant input is absorbed exactly by the bias."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sigmoid(), nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[0].weight[5] = 0          # channel 5 is sigmoid(bias): a constant
+    x = torch.randn(2, 3, 8, 8)
+    calibration = [(torch.randn(2, 3, 8, 8),) for _ in range(3)]
+    score = lambda g, t, ctx: (np.arange(g.n_units) != 5).astype(float) if g.n_units == 8 else np.ones(g.n_units)
+    plain = graphprune.compile(model, (x,), ratio=1 / 8, importance=score, ignore=["2"])
+    fitted = graphprune.compile(model, (x,), ratio=1 / 8, importance=score, ignore=["2"], reconstruct=True, calibration=calibration)
+    assert fitted.get_submodule("2").in_channels == 7
+    assert _error(model, fitted, x) < 1e-6 * max(_error(model, plain, x), 1e-12) + 1e-10
+    assert _error(model, plain, x) > 1e-4
+
+
+def test_reconstruct_needs_calibration():
+    with pytest.raises(graphprune.GraphpruneError, match="calibration"):
+        graphprune.compile(Twins(), (torch.randn(*ROWS),), ratio=0.5, reconstruct=True)
+
+
+class PlantedMLP(nn.Module):
+    """Linear -> GELU -> Linear; hidden unit 3 is made unimportant."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(6, 8), nn.Linear(8, 4)
+        with torch.no_grad():
+            for t, axis in ((self.up.weight, 0), (self.up.bias, 0), (self.down.weight, 1)):
+                t.index_fill_(axis, torch.tensor([3]), 1e-3)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+@pytest.mark.parametrize("criterion", ["obs", "fluctuation"])
+def test_statistics_criteria_rank_planted_unit_last(criterion):
+    torch.manual_seed(0)
+    model = PlantedMLP().eval()
+    p = Pruner(model, (torch.randn(*ROWS),), importance=criterion, calibration=[(torch.randn(*ROWS),) for _ in range(3)])
+    (g,) = [g for g in p.groups if ("up.weight", 0) in g.dims]
+    assert int(np.argmin(p.scores[g.id])) == g.dims[("up.weight", 0)][3]
