@@ -197,7 +197,15 @@ def _reduce(node, mod=None):
         dims = list(range(nd))
     dims = [dims] if isinstance(dims, int) else list(dims)
     keepdim = arg(node, 2, "keepdim", False)
-    return COp("reduce", node, [vkey(x)], attrs={"dims": sorted(_dim(d, nd) for d in dims), "keepdim": bool(keepdim)})
+    kind = _REDUCE_KIND.get(node.target if node.op != "call_method" else f"Tensor.{node.target}")
+    return COp("reduce", node, [vkey(x)], attrs={"dims": sorted(_dim(d, nd) for d in dims), "keepdim": bool(keepdim), "kind": kind})
+
+
+_REDUCE_KIND = {
+    torch.mean: "mean", aten.mean.dim: "mean", "Tensor.mean": "mean",
+    torch.sum: "sum", aten.sum.dim_IntList: "sum", "Tensor.sum": "sum",
+    torch.amax: "amax", aten.amax.default: "amax", "Tensor.amax": "amax",
+}
 
 
 def _pool(node, mod=None):

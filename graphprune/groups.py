@@ -143,6 +143,10 @@ class Builder:
             self._add(d)
         self.products.append((flat, factors))
 
+    def touch(self, a):
+        """Explain dim ``a`` without coupling it: it may shrink with whatever group it is in."""
+        self._add(a)
+
     def block(self, a, why: str):
         self._add(a)
         self.blocked.setdefault(a, why)

@@ -234,13 +234,20 @@ def gather_rows(b, c: COp, index):
 
 
 def reduce(b, c: COp):
-    """mean/sum/amax: reduced dims are fixed (removing channels changes the result); the rest map through."""
+    """The kept dims map through. A dim that ``sum`` reduces may shrink: a
+    removed channel adds nothing once it is gone, exactly as a dead one adds
+    zero. So may one ``mean`` reduces: the rewrite scales the mean back to
+    the original count (sum / C_orig), which is what a decomposed RMSNorm
+    (``x.pow(2).mean(-1)``) needs to stay exact. ``amax`` keeps its dims."""
     x, out = c.inputs[0], _out(c)
     dims, keep = c.attrs["dims"], c.attrs["keepdim"]
     j = 0
     for k in range(len(b.shape(x))):
         if k in dims:
-            b.block((x, k), f"{c.node.name}: reduction over this dim")
+            if c.attrs.get("kind") in ("sum", "mean"):
+                b.touch((x, k))
+            else:
+                b.block((x, k), f"{c.node.name}: reduction over this dim")
             j += 1 if keep else 0
         else:
             b.couple((x, k), (out, j))

@@ -268,7 +268,25 @@ def _window_heads(node: Node, cop: COp, p: _Plan) -> bool:
     return True
 
 
+def _mean_scale(node: Node, cop: COp, p: _Plan) -> bool:
+    """A mean over dims that shrank is scaled by new count / old count, so it
+    stays sum / (original count): exact when the removed channels were zero."""
+    x = cop.inputs[0]
+    if cop.attrs.get("kind") != "mean" or not isinstance(x, Node):
+        return False
+    shape = x.meta[VAL].shape
+    old = int(np.prod([shape[k] for k in cop.attrs["dims"]]))
+    new = int(np.prod([p.size(x, shape[k], k) for k in cop.attrs["dims"]]))
+    if new == old:
+        return False
+    with node.graph.inserting_after(node):
+        scaled = node.graph.call_function(operator.mul, (node, new / old))
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+    return True
+
+
 ARG_FIXES = {
+    "reduce": _mean_scale,
     "reshape": _sizes,
     "expand": _sizes,
     "split": _split,

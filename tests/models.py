@@ -293,6 +293,26 @@ class EinsumAttention(nn.Module):
         return self.out(x + self.merge(y))
 
 
+class DecomposedRMSNorm(nn.Module):
+    """Pre-norm residual blocks with RMSNorm written out as pow/mean/rsqrt (as
+    Hugging Face LLaMA exports it), and a channel-mean readout at the end."""
+
+    def __init__(self, d=16, h=32, blocks=2):
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.norms = nn.ParameterList([nn.Parameter(1 + 0.1 * torch.randn(d)) for _ in range(blocks)])
+        self.up = nn.ModuleList([nn.Linear(d, h) for _ in range(blocks)])
+        self.down = nn.ModuleList([nn.Linear(h, d) for _ in range(blocks)])
+        self.out = nn.Linear(d, 4)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for w, up, down in zip(self.norms, self.up, self.down):
+            n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+            x = x + down(F.gelu(up(n)))
+        return self.out(x) + x.sum(-1, keepdim=True)
+
+
 IMAGE = (2, 3, 16, 16)
 TOKENS = (2, 5, 16)
 ORACLE_MODELS = {
@@ -313,4 +333,5 @@ ORACLE_MODELS = {
     "slice_const": (SliceConst, IMAGE),
     "swin_window_attention": (WindowAttention, (2, 8, 8, 16)),
     "einsum_attention_bias_table": (EinsumAttention, TOKENS),
+    "decomposed_rmsnorm_mean_sum": (DecomposedRMSNorm, TOKENS),
 }
