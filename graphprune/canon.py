@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from .meta_keys import CANON, VAL
+from .shuffle import permute_channels
 
 aten = torch.ops.aten
 
@@ -421,6 +422,13 @@ def _rel_pos_bias(node, mod=None):
 
 
 FUNCTION_TABLE[F.pad] = _same_size
+
+
+def _permute_channels(node, mod=None):
+    return COp("channel_permute", node, [vkey(node.args[0])], attrs={"perm": node.args[1], "dim": node.args[2]})
+
+
+FUNCTION_TABLE[permute_channels] = _permute_channels
 try:
     import torchvision.models.swin_transformer as _swin
     import torchvision.ops

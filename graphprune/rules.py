@@ -224,6 +224,17 @@ def einsum(b, c: COp):
                 seen[ch] = (value, axis)
 
 
+def channel_permute(b, c: COp):
+    """Output channel j is input channel perm[j] (a folded channel shuffle); the other dims map through."""
+    x, out, d = c.inputs[0], _out(c), c.attrs["dim"]
+    perm = np.asarray(c.attrs["perm"], dtype=np.int64)
+    for k in range(len(b.shape(x))):
+        if k == d:
+            b.couple((x, k), (out, k), perm, np.arange(len(perm)))
+        else:
+            b.couple((x, k), (out, k))
+
+
 def gather_rows(b, c: COp, index):
     """x[idx] with one index tensor: picks along dim 0; the other dims map through."""
     x, out = c.inputs[0], _out(c)
@@ -515,6 +526,7 @@ RULES = {
     "tuple_get": tuple_get,
     "index": index,
     "reduce": reduce,
+    "channel_permute": channel_permute,
     "einsum": einsum,
     "pool": pool,
     "matmul": matmul,

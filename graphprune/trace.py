@@ -22,6 +22,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from .errors import GraphpruneError
 from .meta_keys import EXAMPLE, VAL
+from .shuffle import fold_channel_shuffles, permute_channels
 
 
 @dataclass
@@ -57,7 +58,7 @@ _SAME_SHAPE_FN = {
     torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu, torch.nn.functional.relu6,
     torch.nn.functional.gelu, torch.nn.functional.silu, torch.nn.functional.hardswish,
     torch.nn.functional.hardsigmoid, torch.nn.functional.dropout, torch.nn.functional.layer_norm,
-    torch.nn.functional.batch_norm,
+    torch.nn.functional.batch_norm, permute_channels,
 }
 
 
@@ -224,6 +225,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | 
     """Trace ``model`` and propagate shapes; say which tracer was used and why.
     The traced module is in the model's train/eval mode."""
     traced = _trace(model, example_inputs, example_kwargs, method)
+    fold_channel_shuffles(traced.gm)
     if traced.method == "symbolic_trace":  # exported modules refuse train()/eval(); they keep the mode they were exported in
         traced.gm.train(model.training)
     return traced

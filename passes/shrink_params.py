@@ -285,8 +285,21 @@ def _mean_scale(node: Node, cop: COp, p: _Plan) -> bool:
     return True
 
 
+def _permutation(node: Node, cop: COp, p: _Plan) -> bool:
+    """A channel permutation keeps the kept channels' order: perm restricted to them, renumbered."""
+    x, d = cop.inputs[0], cop.attrs["dim"]
+    kept_in, kept_out = p.kept(x, d), p.kept(node, d)
+    if kept_in is None:
+        return False
+    rank = {int(v): i for i, v in enumerate(kept_in)}
+    perm = tuple(rank[cop.attrs["perm"][j]] for j in kept_out)
+    node.args = (node.args[0], perm, d)
+    return True
+
+
 ARG_FIXES = {
     "reduce": _mean_scale,
+    "channel_permute": _permutation,
     "reshape": _sizes,
     "expand": _sizes,
     "split": _split,

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import graphprune
+from graphprune.shuffle import permute_channels
 
 from models import IMAGE, ORACLE_MODELS, TOKENS, EinsumAttention, GQAttention, Shuffle
 from oracle import assert_lossless
@@ -25,13 +26,43 @@ def test_gqa_removes_whole_kv_groups(expand):
     assert small.o.in_features == small.q.out_features
 
 
-def test_shuffle_prunes_both_halves_together():
+def test_shuffle_is_a_permutation_not_a_coupling():
+    """Folded into permute_channels, a shuffle leaves every stream channel its own unit."""
     model, small = assert_lossless(Shuffle, IMAGE)
-    # the stem feeds both branches through the shuffle; it must shrink (an even number of channels)
-    assert small.stem[0].out_channels < model.stem[0].out_channels
-    assert small.stem[0].out_channels % 2 == 0
     x = torch.randn(*IMAGE)
-    assert small(x).shape == model(x).shape
+    analysis = graphprune.analyze(model, (x,))
+    stem = next(g for g in analysis.groups if ("stem.0.weight", 0) in g.dims)
+    assert len(set(stem.dims[("stem.0.weight", 0)].tolist())) == model.stem[0].out_channels  # no two stem channels tied
+    assert sum(n.target is permute_channels for n in small.graph.nodes) == 2
+    assert small.stem[0].out_channels < model.stem[0].out_channels
+    assert small(torch.randn(3, *IMAGE[1:])).shape == (3, *model(x).shape[1:])
+
+
+@pytest.mark.parametrize("spelling", ["transpose", "permute", "export"])
+def test_shuffle_spellings_fold(spelling):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 12, 1), torch.nn.Conv2d(12, 5, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            b, c, h, w = y.shape
+            y = y.reshape(b, 3, c // 3, h, w)
+            y = y.transpose(1, 2) if spelling != "permute" else y.permute(0, 2, 1, 3, 4)
+            return self.b(y.reshape(b, c, h, w))
+
+    from graphprune.trace import trace
+
+    model, x = Net().eval(), torch.randn(2, 3, 4, 4)
+    traced = trace(model, (x,), method="export" if spelling == "export" else "auto")
+    assert sum(n.target is permute_channels for n in traced.gm.graph.nodes) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(traced.gm(x), model(x))
+    small = graphprune.compile(model, (x,), ratio=0.25)
+    assert dict(small.named_parameters())["a.weight"].shape[0] == 9
+    with torch.no_grad():
+        assert small(torch.randn(3, 3, 4, 4)).shape == (3, 5, 4, 4)
 
 
 def test_einsum_attention_prunes_heads_and_bias_table():
