@@ -85,7 +85,7 @@ class Meter:
     def _measure(self, removed: dict) -> float:
         if self.kind == "latency":
             return latency_ratio(self.p.prune(removed, check=False, fit=False), self.p.model, self.inputs, rounds=self.runs)
-        with _reparametrize_module(self.p.gm, self._meta_state, tie_weights=True):
+        with _reparametrize_module(self.p.gm, self._meta_state, tie_weights=False):
             model = self.p.prune(removed, check=False, fit=False)
         if self.kind == "params":
             return float(count_params(model))

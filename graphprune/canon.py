@@ -178,11 +178,22 @@ def _select(node, mod=None):
     return COp("index", node, [vkey(x)], attrs={"index": tuple([slice(None)] * dim + [idx]), "form": "select"})
 
 
+def _tuple_element(src: Node, i: int) -> tuple:
+    """The value key of ``src[i]``: negative positions counted from the end
+    (``split(...)[-1]``), and slices of a tuple (``parts[1:]``) followed back
+    to the tuple they slice."""
+    i = range(len(src.meta[VAL]))[i]
+    while (src.op == "call_function" and src.target is operator.getitem and isinstance(src.args[1], slice)
+           and isinstance(src.args[0], Node) and isinstance(src.args[0].meta.get(VAL), (tuple, list))):
+        src, i = src.args[0], range(len(src.args[0].meta[VAL]))[src.args[1]][i]
+    return (src, i)
+
+
 def _getitem(node, mod=None):
     src = node.args[0]
     if isinstance(src, Node) and isinstance(src.meta.get(VAL), (tuple, list)):
-        if isinstance(node.meta.get(VAL), torch.Tensor):
-            return COp("tuple_get", node, [(src, node.args[1])])
+        if isinstance(node.meta.get(VAL), torch.Tensor) and isinstance(node.args[1], int):
+            return COp("tuple_get", node, [_tuple_element(src, node.args[1])])
         return COp("python", node)
     if vkey(src) is None:
         return COp("python", node)

@@ -157,27 +157,43 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, example_kwargs: 
 
 def meta_state(gm: fx.GraphModule) -> dict:
     """Meta copies of every tensor the graph reads: parameters, buffers (persistent
-    or not) and constants held as plain attributes (torch.export lifts these)."""
-    copies: dict = {}  # id -> meta copy: tied tensors get one copy, as reparametrization requires
+    or not) and constants held as plain attributes (torch.export lifts these).
+
+    One name per module attribute: a module registered under two paths (CoaT
+    shares its position encoders) must be swapped once, or restoring it
+    would put the meta copy back instead of the real tensor. Use with
+    ``tie_weights=False``; tensors tied across modules get the same copy."""
+    copies: dict = {}
 
     def meta(t):
         if id(t) not in copies:
             copies[id(t)] = to_meta(t)
         return copies[id(t)]
 
-    state = {k: meta(v) for k, v in gm.named_parameters(remove_duplicate=False)}
-    state.update({k: meta(v) for k, v in gm.named_buffers(remove_duplicate=False)})
+    state = {}
+    for path, mod in gm.named_modules():  # each module object once
+        prefix = f"{path}." if path else ""
+        for k, t in [*mod._parameters.items(), *mod._buffers.items()]:
+            if t is not None:
+                state[prefix + k] = meta(t)
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target not in state:
             t = operator.attrgetter(n.target)(gm)
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and not _aliases(gm, n.target, state):
                 state[n.target] = meta(t)
     return state
 
 
+def _aliases(gm, target: str, state: dict) -> bool:
+    """Whether ``target`` names a module attribute already in ``state`` under another path."""
+    owner_path, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    return attr in owner._parameters or attr in owner._buffers
+
+
 def _meta_run(gm: fx.GraphModule, args: tuple) -> None:
     state = meta_state(gm)
-    with _reparametrize_module(gm, state, tie_weights=True), torch.no_grad():
+    with _reparametrize_module(gm, state, tie_weights=False), torch.no_grad():
         _MetaProp(gm).run(*to_meta(args))
 
 

@@ -313,6 +313,29 @@ class DecomposedRMSNorm(nn.Module):
         return self.out(x) + x.sum(-1, keepdim=True)
 
 
+class SplitTail(nn.Module):
+    """Res2Net's split: chunks of a fixed width, the last one read as ``parts[-1]``
+    and the rest through a tuple slice, with a running sum between branches."""
+
+    def __init__(self, width=6, scale=4):
+        super().__init__()
+        self.inp = cbr(3, width * scale, 1)
+        self.width = width
+        self.convs = nn.ModuleList([cbr(width, width, 3) for _ in range(scale - 1)])
+        self.pool = nn.AvgPool2d(3, 1, 1)
+        self.out = nn.Conv2d(width * scale, 8, 1)
+
+    def forward(self, x):
+        parts = torch.split(self.inp(x), self.width, 1)
+        head = parts[:-1]
+        outs, sp = [], None
+        for i, conv in enumerate(self.convs):
+            sp = head[i] if i == 0 else sp + head[i]
+            sp = conv(sp)
+            outs.append(sp)
+        return self.out(torch.cat(outs + [self.pool(parts[-1])], 1))
+
+
 IMAGE = (2, 3, 16, 16)
 TOKENS = (2, 5, 16)
 ORACLE_MODELS = {
@@ -334,4 +357,5 @@ ORACLE_MODELS = {
     "swin_window_attention": (WindowAttention, (2, 8, 8, 16)),
     "einsum_attention_bias_table": (EinsumAttention, TOKENS),
     "decomposed_rmsnorm_mean_sum": (DecomposedRMSNorm, TOKENS),
+    "split_negative_index_and_tuple_slice": (SplitTail, IMAGE),
 }

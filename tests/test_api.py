@@ -113,3 +113,33 @@ def test_compile_keeps_train_eval_mode():
     x = torch.randn(*IMAGE)
     assert not graphprune.compile(Residual().eval(), (x,), ratio=0.5).training
     assert graphprune.compile(Residual().train(), (x,), ratio=0.5).training
+
+
+class TwoPaths(nn.Module):
+    """One module registered under two names (CoaT shares its position encoders this way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.block = nn.Module()
+        self.block.enc = self.enc
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(x + self.block.enc(x) + self.enc(x))
+
+
+def test_module_under_two_names_is_not_mutated():
+    torch.manual_seed(0)
+    model = TwoPaths().eval()
+    x = torch.randn(*IMAGE)
+    with torch.no_grad():
+        ref = model(x)
+    small = graphprune.compile(model, (x,), ratio=0.5)
+    graphprune.compile(model, (x,), target_flops=0.6)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+        assert small(x).shape == ref.shape
