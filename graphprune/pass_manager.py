@@ -123,6 +123,11 @@ def _getattr_path(obj, path: str):
     return obj
 
 
+_HINT = ("\nNo model was returned. If the pass is graphprune's own, the model computes a shape the rewrite cannot "
+         "follow (e.g. C // num_heads with a literal head count): keep that part's width with ignore=[<the module "
+         "owning the node above>], and please report the model.")
+
+
 def run_pipeline(gm: GraphModule, pipeline: str | list, *, check: bool = True) -> tuple[GraphModule, dict[str, bool]]:
     """Run the named passes in order; return the final module and which passes
     changed something.
@@ -142,7 +147,7 @@ def run_pipeline(gm: GraphModule, pipeline: str | list, *, check: bool = True) -
             if sum(modified.values()) > 1:
                 _run(gm, steps, check_each=True)  # raises naming the pass, if it reproduces
             changed = [n for n, m in modified.items() if m]
-            raise GraphpruneError(f"pass {changed[-1]!r} left an invalid graph (passes before it: {', '.join(changed[:-1]) or 'nothing'}): {e}") from e
+            raise GraphpruneError(f"pass {changed[-1]!r} left an invalid graph (passes before it: {', '.join(changed[:-1]) or 'nothing'}): {e}{_HINT}") from e
     return out, modified
 
 
@@ -161,6 +166,6 @@ def _run(gm: GraphModule, steps: list, *, check_each: bool) -> tuple[GraphModule
                 check_graph(gm)
             except Exception as e:  # noqa: BLE001 - re-raised with the culprit named
                 before = ", ".join(ran) or "nothing"
-                raise GraphpruneError(f"pass {name!r} left an invalid graph (passes before it: {before}): {e}") from e
+                raise GraphpruneError(f"pass {name!r} left an invalid graph (passes before it: {before}): {e}{_HINT}") from e
         ran.append(name)
     return gm, modified
