@@ -126,7 +126,6 @@ class ScoreContext:
                 _Recorder(self.gm, wanted, self._act).run(*batch)
         return self._act
 
-
     @property
     def layers(self) -> list:
         """The linear and 1x1 conv layers that read a group's channels."""
@@ -258,6 +257,18 @@ def activation(group, tensors, *, ctx, **_):
     return weight * np.sqrt(act)
 
 
+def _over_reading_layers(group, tensors, ctx, per_layer) -> np.ndarray:
+    """Sum ``per_layer(layer, G, unit_of)`` (one score per unit) over the linear
+    layers that read the group's channels; ``activation`` where none does."""
+    total, seen = np.zeros(group.n_units), False
+    for layer in ctx.layers:
+        unit_of = group.dims.get((layer.weight, layer.w_in))
+        if unit_of is not None and layer.x in ctx.moments:
+            total += per_layer(layer, ctx.moments[layer.x], unit_of)
+            seen = True
+    return total if seen else activation(group, tensors, ctx=ctx)
+
+
 @register_importance("obs", needs=("moments",))
 def obs(group, tensors, *, ctx, **_):
     """Optimal brain surgeon, structured: the output error a unit's removal
@@ -268,13 +279,7 @@ def obs(group, tensors, *, ctx, **_):
     back to ``activation``."""
     from .reconstruct import removal_error
 
-    total, seen = np.zeros(group.n_units), False
-    for layer in ctx.layers:
-        unit_of = group.dims.get((layer.weight, layer.w_in))
-        if unit_of is not None and layer.x in ctx.moments:
-            total += removal_error(ctx.gm, layer, ctx.moments[layer.x], unit_of, group.n_units)
-            seen = True
-    return total if seen else activation(group, tensors, ctx=ctx)
+    return _over_reading_layers(group, tensors, ctx, lambda layer, G, unit_of: removal_error(ctx.gm, layer, G, unit_of, group.n_units))
 
 
 @register_importance("fluctuation", needs=("moments",))
@@ -286,13 +291,8 @@ def fluctuation(group, tensors, *, ctx, **_):
     ``activation``."""
     from .reconstruct import fluctuation_score
 
-    total, seen = np.zeros(group.n_units), False
-    for layer in ctx.layers:
-        unit_of = group.dims.get((layer.weight, layer.w_in))
-        if unit_of is not None and layer.x in ctx.moments:
-            total += np.bincount(unit_of, weights=fluctuation_score(ctx.gm, layer, ctx.moments[layer.x]), minlength=group.n_units)
-            seen = True
-    return total if seen else activation(group, tensors, ctx=ctx)
+    return _over_reading_layers(group, tensors, ctx, lambda layer, G, unit_of: np.bincount(
+        unit_of, weights=fluctuation_score(ctx.gm, layer, G), minlength=group.n_units))
 
 
 @register_importance("fpgm")

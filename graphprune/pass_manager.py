@@ -123,6 +123,10 @@ def _getattr_path(obj, path: str):
     return obj
 
 
+def _broken(name: str, before: list, error: Exception) -> GraphpruneError:
+    return GraphpruneError(f"pass {name!r} left an invalid graph (passes before it: {', '.join(before) or 'nothing'}): {error}{_HINT}")
+
+
 _HINT = ("\nNo model was returned. If the pass is graphprune's own, the model computes a shape the rewrite cannot "
          "follow (e.g. C // num_heads with a literal head count): keep that part's width with ignore=[<the module "
          "owning the node above>], and please report the model.")
@@ -147,7 +151,7 @@ def run_pipeline(gm: GraphModule, pipeline: str | list, *, check: bool = True) -
             if sum(modified.values()) > 1:
                 _run(gm, steps, check_each=True)  # raises naming the pass, if it reproduces
             changed = [n for n, m in modified.items() if m]
-            raise GraphpruneError(f"pass {changed[-1]!r} left an invalid graph (passes before it: {', '.join(changed[:-1]) or 'nothing'}): {e}{_HINT}") from e
+            raise _broken(changed[-1], changed[:-1], e) from e
     return out, modified
 
 
@@ -165,7 +169,6 @@ def _run(gm: GraphModule, steps: list, *, check_each: bool) -> tuple[GraphModule
             try:
                 check_graph(gm)
             except Exception as e:  # noqa: BLE001 - re-raised with the culprit named
-                before = ", ".join(ran) or "nothing"
-                raise GraphpruneError(f"pass {name!r} left an invalid graph (passes before it: {before}): {e}{_HINT}") from e
+                raise _broken(name, ran, e) from e
         ran.append(name)
     return gm, modified

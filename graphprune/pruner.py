@@ -167,7 +167,7 @@ class Pruner:
         finally:
             gm.meta.pop(PLAN, None)
         if self.reconstruct and fit:
-            _reconstruct.refit(out, gm, plan, self._ctx.layers, self.calibration)
+            _reconstruct.refit(out, gm, plan, self._ctx.layers, self._ctx._batches("a refit"))
         out.meta["graphprune"] = {
             "method": self.analysis.method,
             "widths": {g.id: (g.n_units, g.n_units - len(removed.get(g.id, ()))) for g in self.groups},

@@ -34,6 +34,7 @@ their plain sliced weights.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,21 +89,19 @@ class _Gram(torch.fx.Interpreter):
         val = super().run_node(n)
         axis = self.wanted.get(n)
         if axis is not None:
-            x = val.detach().double().movedim(axis, -1)
-            x = x.reshape(-1, x.shape[-1])                                   # (positions, C)
-            x = torch.cat([x, x.new_ones(len(x), 1)], 1)                      # (positions, C + 1)
+            x = _rows(val, axis)                                              # (positions, C + 1)
             g, count = self.sums.get(n, (0, 0))
             self.sums[n] = (g + x.T @ x, count + len(x))
         return val
 
 
 def input_moments(gm: GraphModule, layers: list[Consumer], calibration) -> dict:
-    """input node -> E[x~ x~^T] (C + 1, C + 1), over every calibration batch and position."""
+    """input node -> E[x~ x~^T] (C + 1, C + 1), over every calibration batch (a tuple) and position."""
     wanted = {c.x: c.channel_axis for c in layers}
     sums: dict = {}
     with torch.no_grad():
         for batch in calibration:
-            _Gram(gm, wanted, sums).run(*(batch if isinstance(batch, tuple) else (batch,)))
+            _Gram(gm, wanted, sums).run(*batch)
     return {n: g / count for n, (g, count) in sums.items()}
 
 
@@ -176,6 +175,8 @@ def _rows(x: torch.Tensor, axis: int) -> torch.Tensor:
 
 def refit(out: GraphModule, gm: GraphModule, plan: dict, layers: list[Consumer], calibration) -> int:
     """Refit, in ``out`` (the pruned module), every layer whose input shrank. Returns how many changed.
+    ``calibration``: input tuples. Every batch is in flight at once, so the
+    live activations of all of them are held together.
 
     Layers are refit in graph order, each to the inputs it now really gets:
     the calibration batches run through the original and the pruned graph
@@ -197,7 +198,7 @@ def refit(out: GraphModule, gm: GraphModule, plan: dict, layers: list[Consumer],
             todo.append((c, np.asarray(kept), by_name[c.node.name]))
     if not todo:
         return 0
-    batches = [b if isinstance(b, tuple) else (b,) for b in calibration]
+    batches = list(calibration)
     orig = [_Stepper(gm, b) for b in batches]
     pruned = [_Stepper(out, b) for b in batches]
     with torch.no_grad():
@@ -227,17 +228,12 @@ def _input_node(node, c):
 
 
 def _solve_into(out, gm, c: Consumer, kept, plan, G_pp, C_op):
-    w = _attr(gm, c.weight).detach().double().movedim(c.w_in, -1)             # (out, ..., C) in the original
+    w = _weight_rows(gm, c)                                                    # (out, C + 1) in the original
     rows = plan.get((c.weight, 1 if c.w_in == 0 else 0))                        # its output rows may shrink too
     if rows is not None:
-        w = w[torch.as_tensor(rows)]
-    lead = w.shape[:-1]
-    w = w.reshape(-1, w.shape[-1])                                             # (out', C)
-    C = w.shape[1]
+        w = w[torch.as_tensor(rows)]                                           # (out', C + 1)
+    C = w.shape[1] - 1
     has_bias = c.bias is not None
-    b = _attr(gm, c.bias).detach().double() if has_bias else w.new_zeros(len(_attr(gm, c.weight).movedim(c.w_in, -1).reshape(-1, C)))
-    b = b[torch.as_tensor(rows)] if rows is not None else b
-    w = torch.cat([w, b.reshape(-1, 1)], 1)                                    # (out', C + 1)
     keep = torch.as_tensor(list(kept) + [C])
     if not has_bias:  # no bias to absorb the constant: leave its column out
         keep, G_pp, C_op = keep[:-1], G_pp[:, :-1, :-1], C_op[:, :, :-1]
@@ -258,12 +254,10 @@ def _solve_into(out, gm, c: Consumer, kept, plan, G_pp, C_op):
     new = wk if damp is None else fit(G_pp.sum(0), C_op.sum(0), damp)
     target = _attr(out, c.weight)
     with torch.no_grad():
-        target.copy_(new[:, : len(kept)].reshape(*lead, len(kept)).movedim(-1, c.w_in).to(target.dtype))
+        target.copy_(new[:, :n].reshape(target.movedim(c.w_in, -1).shape).movedim(-1, c.w_in).to(target.dtype))
         if has_bias:
             _attr(out, c.bias).copy_(new[:, -1].to(target.dtype))
 
 
 def _attr(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return operator.attrgetter(path)(obj)

@@ -22,7 +22,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from .errors import GraphpruneError
 from .meta_keys import EXAMPLE, VAL
-from .shuffle import fold_channel_shuffles, permute_channels
+from .shuffle import fold_channel_shuffles
 
 
 @dataclass
@@ -58,7 +58,7 @@ _SAME_SHAPE_FN = {
     torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu, torch.nn.functional.relu6,
     torch.nn.functional.gelu, torch.nn.functional.silu, torch.nn.functional.hardswish,
     torch.nn.functional.hardsigmoid, torch.nn.functional.dropout, torch.nn.functional.layer_norm,
-    torch.nn.functional.batch_norm, permute_channels,
+    torch.nn.functional.batch_norm,
 }
 
 
@@ -179,13 +179,14 @@ def meta_state(gm: fx.GraphModule) -> dict:
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target not in state:
             t = operator.attrgetter(n.target)(gm)
-            if isinstance(t, torch.Tensor) and not _aliases(gm, n.target, state):
+            if isinstance(t, torch.Tensor) and not _registered(gm, n.target):
                 state[n.target] = meta(t)
     return state
 
 
-def _aliases(gm, target: str, state: dict) -> bool:
-    """Whether ``target`` names a module attribute already in ``state`` under another path."""
+def _registered(gm, target: str) -> bool:
+    """Whether ``target`` is a parameter or buffer of its module (so already in the
+    state under the module's first path), not a plain tensor attribute."""
     owner_path, _, attr = target.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
     return attr in owner._parameters or attr in owner._buffers
