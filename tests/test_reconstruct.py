@@ -71,6 +71,40 @@ def test_refit_corrects_a_one_by_one_conv_and_absorbs_means_into_bias():
     assert _error(model, plain, x) > 1e-4
 
 
+class TwoBlocks(nn.Module):
+    """Two residual MLP blocks on an unpruned stream, with eval-mode dropout
+    between each branch and its add (as Hugging Face's BERT layers have)."""
+
+    def __init__(self, width=6, hidden=12):
+        super().__init__()
+        self.up1, self.down1 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        self.up2, self.down2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        h = x + self.drop(self.down1(F.relu(self.up1(x))))
+        return h + self.drop(self.down2(F.relu(self.up2(h))))
+
+
+def test_refit_fits_the_residual_sum_so_later_blocks_correct_earlier_ones(monkeypatch):
+    """The second block's branch is fit to what the original block *sum* was,
+    given the pruned stream it now gets, so it also takes up what the first
+    block left wrong. Fitting the branch alone cannot do that."""
+    from graphprune import reconstruct
+
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    x = torch.randn(*ROWS)
+    calibration = [(torch.randn(*ROWS),) for _ in range(8)]
+    kwargs = dict(ratio={"up1": 0.5, "up2": 0.25}, importance="l2", reconstruct=True, calibration=calibration)
+    with_sum = graphprune.compile(model, (x,), **kwargs)
+    monkeypatch.setattr(reconstruct, "_residual", lambda gm, c: None)
+    branch_only = graphprune.compile(model, (x,), **kwargs)
+    fit_error = [sum(_error(model, m, *b) for b in calibration) for m in (with_sum, branch_only)]
+    assert fit_error[0] < 0.8 * fit_error[1]
+    assert _error(model, with_sum, x) < _error(model, branch_only, x)  # and on data it was not fit to
+
+
 def test_reconstruct_needs_calibration():
     with pytest.raises(graphprune.GraphpruneError, match="calibration"):
         graphprune.compile(Twins(), (torch.randn(*ROWS),), ratio=0.5, reconstruct=True)
