@@ -11,6 +11,7 @@ consumer columns, norm affine parameters, loose parameters).
 | ``bn_scale`` | BatchNorm gamma, network slimming (magnitude where a group has no BN) | no |
 | ``taylor`` | first order: abs(sum of w * dL/dw over the unit) | calibration + loss_fn |
 | ``hessian`` | second order, OBD with the diagonal empirical Fisher: 1/2 * w^2 * E[g^2] | calibration + loss_fn |
+| ``fisher`` | second order per unit: 1/2 * E[(sum of w * dL/dw over the unit)^2], the Fisher of the unit's mask | calibration + loss_fn |
 | ``activation`` | Wanda: abs(W) x the unit's activation norm | calibration |
 | ``fpgm`` | distance to the other rows (filters near the geometric median go first) | no |
 | ``lamp`` | layer-adaptive magnitude: w^2 over the sum of the larger w^2 | no |
@@ -37,7 +38,8 @@ def register_importance(name: str, needs: tuple = ()):
     """Decorator: make ``fn(group, tensors, *, ctx) -> scores`` usable as ``importance=name``.
 
     ``needs`` names what the context must compute first: ``"grad"``
-    (summed gradients), ``"fisher"`` (summed squared gradients), ``"act"``
+    (summed gradients), ``"fisher"`` (summed squared gradients),
+    ``"unit_fisher"`` (per-unit squared mask gradients), ``"act"``
     (activation norms); each needs ``calibration=`` data.
     """
 
@@ -60,8 +62,8 @@ def get_importance(name_or_fn) -> ImportanceFn:
 
 class ScoreContext:
     """What criteria may read: the parameters, and, computed only when a
-    criterion needs them, gradients, squared gradients and activation norms
-    from the calibration batches. Gradients are taken through
+    criterion needs them, gradients, squared gradients, per-unit Fisher terms
+    and activation norms from the calibration batches. Gradients are taken through
     ``torch.func.functional_call`` on detached copies, so the user's
     parameters never get a ``.grad``."""
 
@@ -72,7 +74,7 @@ class ScoreContext:
         names = {s.name for g in groups for s in g.params} - buffers
         self.tensors = {n: _attr(gm, n) for n in names if isinstance(_attr(gm, n), torch.Tensor)}
         self.owner_types = {n: type(_owner(gm, n)) for n in names}
-        self._grad = self._fisher = self._act = self._moments = self._layers = None
+        self._grad = self._fisher = self._unit_fisher = self._act = self._moments = self._layers = None
 
     def _batches(self, what: str):
         if self.calibration is None:
@@ -80,13 +82,14 @@ class ScoreContext:
         for batch in self.calibration:
             yield batch if isinstance(batch, tuple) else (batch,)
 
-    def _gradients(self):
+    def _gradients(self, with_units: bool = False):
         if self.loss_fn is None:
             raise GraphpruneError("gradient-based importance needs loss_fn=: a callable (output, batch) -> scalar loss")
         params = {n: t.detach().clone().requires_grad_(True) for n, t in self.tensors.items()}
         others = {n: t for n, t in self.gm.named_parameters() if n not in params}
         grad = {n: torch.zeros_like(t) for n, t in params.items()}
         fisher = {n: torch.zeros_like(t) for n, t in params.items()}
+        units = {g.id: np.zeros(g.n_units) for g in self.groups} if with_units else None
         for batch in self._batches("gradients"):
             out = functional_call(self.gm, {**others, **params}, batch)
             gs = torch.autograd.grad(self.loss_fn(out, batch), list(params.values()), allow_unused=True)
@@ -94,7 +97,33 @@ class ScoreContext:
                 if g is not None:
                     grad[n] += g
                     fisher[n] += g.square()
-        self._grad, self._fisher = grad, fisher
+            if units is not None:
+                self._add_unit_terms(units, params, dict(zip(params, gs)))
+        self._grad, self._fisher, self._unit_fisher = grad, fisher, units
+
+    def _add_unit_terms(self, units: dict, params: dict, grads: dict):
+        """Add one batch's (sum of w * dL/dw over each unit)^2 to ``units``:
+        the squared derivative of the loss by a mask that scales the unit, so
+        that the sum over batches is the diagonal of that mask's empirical Fisher."""
+        wg = {}
+        for g in self.groups:
+            total = np.zeros(g.n_units)
+            for s in g.params:
+                if grads.get(s.name) is None:
+                    continue
+                if s.name not in wg:
+                    wg[s.name] = params[s.name].detach().double() * grads[s.name].double()
+                t = wg[s.name]
+                per_index = t.sum([d for d in range(t.dim()) if d != s.axis]) if t.dim() > 1 else t   # (size of axis,)
+                total += np.bincount(s.unit_of, weights=per_index.numpy(), minlength=g.n_units)
+            units[g.id] += total ** 2
+
+    @property
+    def unit_fisher(self) -> dict:
+        """group id -> per unit, the sum over batches of (sum of w * dL/dw over the unit's slices)^2."""
+        if self._unit_fisher is None:
+            self._gradients(with_units=True)
+        return self._unit_fisher
 
     @property
     def grad(self) -> dict:
@@ -245,6 +274,11 @@ def taylor(group, tensors, *, ctx, **_):
 @register_importance("hessian", needs=("fisher",))
 def hessian(group, tensors, *, ctx, **_):
     return aggregate(group, tensors, lambda n, t, a: (0.5 * rows(t.square() * ctx.fisher[n], a).sum(1)).numpy(), reduce="sum")
+
+
+@register_importance("fisher", needs=("unit_fisher",))
+def fisher(group, tensors, *, ctx, **_):
+    return 0.5 * ctx.unit_fisher[group.id]
 
 
 @register_importance("activation", needs=("act",))

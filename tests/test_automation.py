@@ -9,7 +9,7 @@ import graphprune
 from graphprune.pruner import Pruner
 from models import IMAGE, DenseConcat, GQAttention, Residual, TOKENS
 
-CRITERIA = ["l1", "l2", "bn_scale", "taylor", "hessian", "activation", "fpgm", "lamp"]
+CRITERIA = ["l1", "l2", "bn_scale", "taylor", "hessian", "fisher", "activation", "fpgm", "lamp"]
 
 
 class Planted(nn.Module):
@@ -40,6 +40,29 @@ def test_criterion_ranks_planted_channel_last(criterion):
     unit = g.dims[("bn.weight", 0)][3]
     assert int(np.argmin(p.scores[g.id])) == unit
     assert model.c1.weight.grad is None  # scoring never leaves gradients on the user's parameters
+
+
+def test_fisher_squares_each_batch_sum_over_the_units_slices():
+    """fisher = 1/2 sum over batches of (sum of w * dL/dw over every slice of the unit)^2,
+    checked against autograd on the model itself (producer rows and bias, consumer columns)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    batches = [(torch.randn(4, 6),) for _ in range(3)]
+    loss_fn = lambda out, batch: (out * torch.arange(1.0, 4.0)).sum()  # noqa: E731
+    p = Pruner(model, batches[0], importance="fisher", calibration=batches, loss_fn=loss_fn)
+    (g,) = [g for g in p.groups if any(s.name == "0.weight" for s in g.params)]
+    expected, summed = np.zeros(5), np.zeros(5)
+    for (x,) in batches:
+        model.zero_grad()
+        loss_fn(model(x), (x,)).backward()
+        first, second = model[0], model[2]
+        per_unit = (first.weight * first.weight.grad).sum(1) + first.bias * first.bias.grad + (second.weight * second.weight.grad).sum(0)
+        expected += per_unit.detach().double().numpy() ** 2
+        summed += per_unit.detach().double().numpy()
+    units = g.dims[("0.weight", 0)]
+    np.testing.assert_allclose(p.scores[g.id][units], 0.5 * expected, rtol=1e-5)
+    # each batch is squared before the sum, so batches that pull opposite ways do not cancel
+    assert not np.allclose(p.scores[g.id][units], 0.5 * summed ** 2, rtol=1e-2)
 
 
 def test_random_criterion_is_seeded_and_varies():
