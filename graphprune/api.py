@@ -70,7 +70,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
 
     ``ignore`` names modules whose output width must stay. ``calibration``
     (an iterable of input tuples) and ``loss_fn(output, batch)`` feed the
-    data-driven criteria (``taylor``, ``hessian``, ``activation``).
+    data-driven criteria (``taylor``, ``hessian``, ``fisher``, ``activation``).
     ``reconstruct=True`` also refits, in closed form on the calibration
     data, every linear (and 1x1 conv) layer that reads pruned channels, so
     the kept inputs stand in for the removed ones (see ``reconstruct.py``);

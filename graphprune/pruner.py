@@ -117,7 +117,7 @@ class Pruner:
         ``scope="group"`` removes that fraction of every group; ``scope="global"``
         removes that fraction of all the units the ratio covers together, the
         lowest-scoring wherever they are, so groups that matter keep more. Raw
-        scores are compared: data-driven criteria (taylor, hessian) estimate
+        scores are compared: data-driven criteria (taylor, hessian, fisher) estimate
         the change in loss and are comparable across layers as they are."""
         if scope not in ("group", "global"):
             raise GraphpruneError(f"ratio_scope must be 'group' or 'global', got {scope!r}")

@@ -41,10 +41,15 @@ def minilm():
 
 def test_sentence_sets_are_disjoint(bench):
     rng = np.random.default_rng(0)
-    calibration = bench.sentences(bench.CALIBRATION_TEMPLATES, rng)
+    narrow = bench.sentences(bench.CALIBRATION_TEMPLATES, rng)
     held_out = bench.sentences(bench.HELD_OUT_TEMPLATES, rng)
-    assert (len(calibration), len(held_out)) == (64, 200)
-    assert len(set(calibration) | set(held_out)) == 264
+    calibration = bench.CALIBRATION_SENTENCES
+    assert (len(calibration), len(narrow), len(held_out)) == (64, 64, 200)
+    assert len(set(calibration) | set(held_out)) == 264 and len(set(narrow) | set(held_out)) == 264
+    # no calibration sentence is in the frame of a held-out template: none holds a template's fixed words
+    frames = [[part.strip(" .,") for part in template.replace("}", "{").split("{")[::2] if len(part.strip(" .,")) > 3]
+              for template, _ in bench.HELD_OUT_TEMPLATES]
+    assert not [(s, f) for s in calibration for f in frames if f and all(part in s for part in f)]
 
 
 def test_prune_and_embed(bench, minilm, one_thread):
