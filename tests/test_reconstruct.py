@@ -105,6 +105,52 @@ def test_refit_fits_the_residual_sum_so_later_blocks_correct_earlier_ones(monkey
     assert _error(model, with_sum, x) < _error(model, branch_only, x)  # and on data it was not fit to
 
 
+class Spurious(nn.Module):
+    """Linear -> Linear; hidden units 0 to 3 copy inputs 0, 2, 3 and 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(6, 4, bias=False), nn.Linear(4, 3)
+        with torch.no_grad():
+            self.up.weight.zero_()
+            self.up.weight[[0, 1, 2, 3], [0, 2, 3, 1]] = 1.0
+
+    def forward(self, x):
+        return self.down(self.up(x))
+
+
+def test_refit_never_applies_a_correction_larger_than_the_weights(monkeypatch):
+    """In calibration, input 1 is 10 times input 0, so unit 3 looks like a
+    scaled copy of unit 0, and the least-squares fit adds 10 times unit 3's
+    column to unit 0's. On real inputs that link does not hold. The bound keeps
+    the correction within the size of the weights; without it the refit does
+    far worse than no refit."""
+    from graphprune import reconstruct
+
+    torch.manual_seed(0)
+    model = Spurious().eval()
+
+    def linked(n):
+        x = torch.randn(n, 6)
+        x[:, 1] = 10 * x[:, 0] + 1e-3 * torch.randn(n)
+        return x
+
+    calibration = [(linked(32),) for _ in range(4)]
+    held_out = torch.randn(*ROWS)
+    score = lambda g, t, ctx: (np.arange(g.n_units) != 3).astype(float) if g.n_units == 4 else np.ones(g.n_units)  # noqa: E731
+    kwargs = dict(ratio=0.25, importance=score, ignore=["down"], calibration=calibration)
+    plain = graphprune.compile(model, calibration[0], **{**kwargs, "calibration": None})
+    bounded = graphprune.compile(model, calibration[0], reconstruct=True, **kwargs)
+    weights = lambda m: torch.cat([m.down.weight, m.down.bias[:, None]], 1).detach()  # noqa: E731
+    assert (weights(bounded) - weights(plain)).norm() <= weights(plain).norm() * (1 + 1e-6)
+    monkeypatch.setattr(reconstruct, "TRUST", float("inf"))
+    unbounded = graphprune.compile(model, calibration[0], reconstruct=True, **kwargs)
+    assert (weights(unbounded) - weights(plain)).norm() > 5 * weights(plain).norm()
+    assert _error(model, unbounded, *calibration[0]) < 0.01 * _error(model, plain, *calibration[0])  # it does fit calibration
+    assert _error(model, unbounded, held_out) > 2 * _error(model, plain, held_out)
+    assert _error(model, bounded, held_out) < 0.5 * _error(model, unbounded, held_out)
+
+
 def test_reconstruct_needs_calibration():
     with pytest.raises(graphprune.GraphpruneError, match="calibration"):
         graphprune.compile(Twins(), (torch.randn(*ROWS),), ratio=0.5, reconstruct=True)
