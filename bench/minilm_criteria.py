@@ -46,7 +46,7 @@ Without a mask, padding would leak into attention, so sentences only share a
 batch with sentences of the same token count. Torch runs on one thread: these
 batches are tiny, and on a shared 2-core machine a second thread mostly waits.
 
-Run from the repository root, after ``pip install -e '.[dev]'`` (about 15
+Run from the repository root, after ``pip install -e '.[dev]'`` (about 15 to 20
 minutes on 2 CPU cores):
 
     PYTHONPATH=. python bench/minilm_criteria.py
