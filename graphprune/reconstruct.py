@@ -316,13 +316,17 @@ def _solve_into(out, c: Consumer, w, kept, G_pp, C_tp, T):
     def mse(v, f):  # E||t - v x~_p||^2 over fold f
         return ((torch.trace(v @ G_pp[f] @ v.T) - 2 * torch.trace(C_tp[f] @ v.T) + T[f, 0]) / T[f, 1]).item()
 
-    # the damping, by k-fold cross-validation over the calibration batches (one batch: the default)
-    folds = [f for f in range(len(T)) if T[f, 1] > 0]
     G, Ct = G_pp.sum(0), C_tp.sum(0)
+    full = {d: fit(G, Ct, d) for d in DAMPS}
     # a correction larger than the weights it corrects would synthesise a signal the kept inputs never carried
-    allowed = [d for d in DAMPS if d is None or (fit(G, Ct, d) - wk).norm() <= TRUST * wk.norm()]
-    damp = min(allowed, key=lambda d: sum(mse(fit(G - G_pp[f], Ct - C_tp[f], d), f) for f in folds)) if len(folds) > 1 else DAMP
-    new = fit(G, Ct, damp)
+    allowed = [d for d in DAMPS if (full[d] - wk).norm() <= TRUST * wk.norm()]
+    # the damping, by k-fold cross-validation over the calibration batches (one batch: the default, if allowed)
+    folds = [f for f in range(len(T)) if T[f, 1] > 0]
+    if len(folds) > 1:
+        damp = min(allowed, key=lambda d: sum(mse(fit(G - G_pp[f], Ct - C_tp[f], d), f) for f in folds))
+    else:
+        damp = DAMP if DAMP in allowed else None
+    new = full[damp]
     target = _attr(out, c.weight)
     with torch.no_grad():
         target.copy_(new[:, :n].reshape(target.movedim(c.w_in, -1).shape).movedim(-1, c.w_in).to(target.dtype))

@@ -151,6 +151,19 @@ def test_refit_never_applies_a_correction_larger_than_the_weights(monkeypatch):
     assert _error(model, bounded, held_out) < 0.5 * _error(model, unbounded, held_out)
 
 
+def test_trust_bound_holds_with_one_calibration_batch():
+    """One batch leaves nothing to cross-validate; the default damping is still bounded."""
+    torch.manual_seed(0)
+    model = Spurious().eval()
+    x = torch.randn(32, 6)
+    x[:, 1] = 10 * x[:, 0] + 1e-3 * torch.randn(32)
+    score = lambda g, t, ctx: (np.arange(g.n_units) != 3).astype(float) if g.n_units == 4 else np.ones(g.n_units)  # noqa: E731
+    plain = graphprune.compile(model, (x,), ratio=0.25, importance=score, ignore=["down"])
+    fitted = graphprune.compile(model, (x,), ratio=0.25, importance=score, ignore=["down"], reconstruct=True, calibration=[(x,)])
+    weights = lambda m: torch.cat([m.down.weight, m.down.bias[:, None]], 1).detach()  # noqa: E731
+    assert (weights(fitted) - weights(plain)).norm() <= weights(plain).norm() * (1 + 1e-6)
+
+
 def test_reconstruct_needs_calibration():
     with pytest.raises(graphprune.GraphpruneError, match="calibration"):
         graphprune.compile(Twins(), (torch.randn(*ROWS),), ratio=0.5, reconstruct=True)
