@@ -359,11 +359,11 @@ def projection_loss(seed: int = 0):
 
 def calibration_data(model, calibration_ids, rng) -> dict:
     """Per criterion family: the batches ``compile`` gets, and a maker of its
-    loss (a fresh one per compile, so the random projections do not depend on
-    what ran before)."""
+    loss from a seed (a fresh one per compile, so the random projections do
+    not depend on what ran before)."""
     intact = [(ids,) for _, ids in same_length_batches(calibration_ids)]
     views, nce = contrastive_calibration(model, calibration_ids, rng)
-    return {"first": (views, lambda: nce), "second": (intact + views, projection_loss), "plain": (intact + views, lambda: None)}
+    return {"first": (views, lambda seed: nce), "second": (intact + views, projection_loss), "plain": (intact + views, lambda seed: None)}
 
 
 def family(criterion: str) -> str:
@@ -402,8 +402,7 @@ def main():
         batches, make_loss = data[family(criterion)]
         start = time.perf_counter()
         small = graphprune.compile(model, example, ratio=RATIO, importance=criterion, ratio_scope=scope,
-                                   calibration=batches, loss_fn=make_loss(seed) if criterion in SECOND_ORDER else make_loss(),
-                                   reconstruct=refit)
+                                   calibration=batches, loss_fn=make_loss(seed), reconstruct=refit)
         seconds = time.perf_counter() - start
         cos = (embed(small, held_out_ids) * reference).sum(1)
         return {

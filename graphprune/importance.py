@@ -97,26 +97,11 @@ class ScoreContext:
                 if g is not None:
                     grad[n] += g
                     fisher[n] += g.square()
-            if units is not None:
-                self._add_unit_terms(units, params, dict(zip(params, gs)))
+            if units is not None:  # the squared derivative by a mask on each unit, batch by batch
+                batch_grads = {n: g for n, g in zip(params, gs) if g is not None}
+                for group in self.groups:
+                    units[group.id] += unit_taylor(group, self.tensors, batch_grads) ** 2
         self._grad, self._fisher, self._unit_fisher = grad, fisher, units
-
-    def _add_unit_terms(self, units: dict, params: dict, grads: dict):
-        """Add one batch's (sum of w * dL/dw over each unit)^2 to ``units``:
-        the squared derivative of the loss by a mask that scales the unit, so
-        that the sum over batches is the diagonal of that mask's empirical Fisher."""
-        wg = {}
-        for g in self.groups:
-            total = np.zeros(g.n_units)
-            for s in g.params:
-                if grads.get(s.name) is None:
-                    continue
-                if s.name not in wg:
-                    wg[s.name] = params[s.name].detach().double() * grads[s.name].double()
-                t = wg[s.name]
-                per_index = t.sum([d for d in range(t.dim()) if d != s.axis]) if t.dim() > 1 else t   # (size of axis,)
-                total += np.bincount(s.unit_of, weights=per_index.numpy(), minlength=g.n_units)
-            units[g.id] += total ** 2
 
     @property
     def unit_fisher(self) -> dict:
@@ -266,9 +251,16 @@ def bn_scale(group, tensors, *, ctx, **_):
     return aggregate(group, {n: t for n, t in tensors.items() if n in bn}, lambda n, t, a: t.detach().abs().float().numpy(), reduce="sum")
 
 
+def unit_taylor(group, tensors, grads: dict) -> np.ndarray:
+    """Per unit, the sum of w * dL/dw over every slice of the unit: the
+    derivative of the loss by a mask that scales the unit."""
+    return aggregate(group, {n: t for n, t in tensors.items() if n in grads},
+                     lambda n, t, a: rows(t * grads[n], a).sum(1).numpy(), reduce="sum")
+
+
 @register_importance("taylor", needs=("grad",))
 def taylor(group, tensors, *, ctx, **_):
-    return np.abs(aggregate(group, tensors, lambda n, t, a: rows(t * ctx.grad[n], a).sum(1).numpy(), reduce="sum"))
+    return np.abs(unit_taylor(group, tensors, ctx.grad))
 
 
 @register_importance("hessian", needs=("fisher",))

@@ -180,10 +180,15 @@ class _Stepper(torch.fx.Interpreter):
             self.at += 1
 
 
+def _flat(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """x as (positions, C), in float64."""
+    x = x.detach().double().movedim(axis, -1)
+    return x.reshape(-1, x.shape[-1])                                          # (positions, C)
+
+
 def _rows(x: torch.Tensor, axis: int) -> torch.Tensor:
     """x~: the input as (positions, C + 1), a constant 1 appended."""
-    x = x.detach().double().movedim(axis, -1)
-    x = x.reshape(-1, x.shape[-1])                                             # (positions, C)
+    x = _flat(x, axis)                                                         # (positions, C)
     return torch.cat([x, x.new_ones(len(x), 1)], 1)                            # (positions, C + 1)
 
 
@@ -236,11 +241,11 @@ def refit(out: GraphModule, gm: GraphModule, plan: dict, layers: list[Consumer],
                 xo = _rows(so.env[c.x], c.channel_axis)                        # (P, C + 1)
                 xp = _rows(sp.env[x_p_node], c.channel_axis)                   # (P, K)
                 t = xo @ w.T                                                   # (P, out')
-                if res_p is not None and res in so.env and res_p in sp.env:
+                if res_p is not None and res in so.env and res_p in sp.env:  # r is at hand if computed before the layer
                     r_o = so.env[res]
                     if rows is not None:
                         r_o = r_o.index_select(c.channel_axis, torch.as_tensor(rows))
-                    t += _rows(r_o - sp.env[res_p], c.channel_axis)[:, :-1]    # (P, out')
+                    t += _flat(r_o - sp.env[res_p], c.channel_axis)            # (P, out')
                 G_pp[i % FOLDS] += xp.T @ xp
                 C_tp[i % FOLDS] += t.T @ xp
                 T[i % FOLDS] += torch.tensor([t.square().sum(), len(t)])
@@ -254,8 +259,7 @@ _ADDS = {torch.ops.aten.add.Tensor, operator.add, torch.add}
 
 def _residual(gm: GraphModule, c: Consumer):
     """The node ``r`` when the layer's output only feeds ``r + layer(x)`` (through
-    eval-mode dropout), ``r`` has the sum's shape and is computed before the
-    layer (so it is at hand when the layer is refit); else None."""
+    eval-mode dropout) and ``r`` has the sum's shape; else None."""
     n = c.node
     while len(n.users) == 1:
         (user,) = n.users
@@ -265,11 +269,8 @@ def _residual(gm: GraphModule, c: Consumer):
             n = user
         elif user.op == "call_function" and user.target in _ADDS and len(user.args) == 2 and not user.kwargs:
             other = user.args[1] if user.args[0] is n else user.args[0]
-            order = {m: i for i, m in enumerate(gm.graph.nodes)}
             val, out_val = (other.meta.get(VAL) if isinstance(other, torch.fx.Node) else None), user.meta.get(VAL)
-            if val is None or out_val is None or tuple(val.shape) != tuple(out_val.shape) or order[other] > order[c.node]:
-                return None
-            return other
+            return other if val is not None and out_val is not None and tuple(val.shape) == tuple(out_val.shape) else None
         else:
             return None
     return None
