@@ -1,7 +1,8 @@
 """Analysis + rewrite time: graphprune vs Torch-Pruning, side by side in one run.
 
 For each model both tools remove 50% of the channels of every prunable group
-(classifier ignored): graphprune.compile (trace, couple, score, rewrite) against
+(classifier ignored): graphprune.compile (trace, couple, score, rewrite; once
+with verify=False and once with its self-check on, the default) against
 Torch-Pruning's DependencyGraph build + MagnitudePruner.step. Each time is the
 median of ``--repeat`` runs on fresh copies; Torch-Pruning mutates its model,
 so it gets a deep copy made outside the timed region.
@@ -61,10 +62,10 @@ def _classifier(model):
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
-def time_graphprune(model, x, head) -> float:
+def time_graphprune(model, x, head, verify: bool) -> float:
     names = {m: n for n, m in model.named_modules()}
     t = time.perf_counter()
-    graphprune.compile(model, (x,), ratio=0.5, ignore=[names[head]])
+    graphprune.compile(model, (x,), ratio=0.5, ignore=[names[head]], verify=verify)
     return time.perf_counter() - t
 
 
@@ -104,22 +105,27 @@ def main():
         x = torch.randn(1, 3, size, size)
         head = _classifier(model)
         n_nodes = len(torch.fx.symbolic_trace(model).graph.nodes)
-        gp = statistics.median(time_graphprune(model, x, head) for _ in range(args.repeat))
+        gp = statistics.median(time_graphprune(model, x, head, False) for _ in range(args.repeat))
+        gp_v = statistics.median(time_graphprune(model, x, head, True) for _ in range(args.repeat))
         try:
             tp_s = statistics.median(time_torch_pruning(model, x, head) for _ in range(args.repeat))
         except Exception as e:  # noqa: BLE001 - a peer failing is a result too
             tp_s, err = None, f"{type(e).__name__}: {e}"[:200]
         else:
             err = None
-        row = {"model": name, "fx_nodes": n_nodes, "graphprune_s": round(gp, 3), "torch_pruning_s": None if tp_s is None else round(tp_s, 3),
-               "ratio": None if tp_s is None else round(gp / tp_s, 3), "torch_pruning_error": err}
+        row = {"model": name, "fx_nodes": n_nodes, "graphprune_s": round(gp, 3), "graphprune_verify_s": round(gp_v, 3),
+               "torch_pruning_s": None if tp_s is None else round(tp_s, 3),
+               "ratio": None if tp_s is None else round(gp / tp_s, 3),
+               "ratio_verify": None if tp_s is None else round(gp_v / tp_s, 3), "torch_pruning_error": err}
         rows.append(row)
         print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
-    print(f"\n| model | fx nodes | graphprune (s) | Torch-Pruning (s) | graphprune / TP |\n|---|---|---|---|---|")
+    print("\n| model | fx nodes | graphprune, verify=False (s) | graphprune, verify on (s) | Torch-Pruning (s) | "
+          "ratio | ratio with verify |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['fx_nodes']} | {r['graphprune_s']} | {r['torch_pruning_s']} | {r['ratio']} |")
+        print(f"| {r['model']} | {r['fx_nodes']} | {r['graphprune_s']} | {r['graphprune_verify_s']} | {r['torch_pruning_s']} "
+              f"| {r['ratio']} | {r['ratio_verify']} |")
 
 
 if __name__ == "__main__":

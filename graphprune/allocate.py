@@ -29,14 +29,17 @@ class Report:
     """What a budgeted ``compile`` achieved; ``model.report`` on the result."""
 
     widths: dict  # group id -> (units before, units after)
-    flops: float  # fraction of the original kept
-    params: float
+    flops: float | None  # fraction of the original kept (None: not measured, as for ratio=)
+    params: float | None
     latency: float | None = None
     budget: dict = field(default_factory=dict)
+    verify: object = None  # verify.Verification: what the self-check did
 
     def __str__(self) -> str:
         lat = "" if self.latency is None else f", latency {self.latency:.3f}"
-        return f"FLOPs {self.flops:.3f}, params {self.params:.3f}{lat} of the original; {len(self.widths)} groups"
+        cost = f"FLOPs {self.flops:.3f}, params {self.params:.3f}{lat} of the original; " if self.flops is not None else ""
+        check = f"; {self.verify}" if self.verify is not None else ""
+        return f"{cost}{len(self.widths)} groups{check}"
 
 
 @dataclass
@@ -144,3 +147,9 @@ def report(p: Pruner, removed: dict, model: torch.nn.Module, budget: dict, laten
         latency=lat,
         budget=budget,
     )
+
+
+def light_report(p: Pruner, removed: dict) -> Report:
+    """The widths only (a ratio compile measures no cost)."""
+    return Report(widths={g.id: (g.n_units, g.n_units - len(removed.get(g.id, ()))) for g in p.analysis.groups},
+                  flops=None, params=None)

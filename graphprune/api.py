@@ -11,11 +11,12 @@ from contextlib import contextmanager
 
 import torch
 
-from .allocate import Constraints, allocate, report
+from .allocate import Constraints, allocate, light_report, report
 from .errors import GraphpruneError
 from .groups import Analysis, analyze_graph
 from .pruner import Pruner, check_ignore
 from .trace import trace
+from .verify import Verification, verified, why_not
 
 
 
@@ -52,7 +53,8 @@ def analyze(model: torch.nn.Module, example_inputs: tuple, *, ignore=(), example
 def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target_flops=None, target_params=None,
             target_latency=None, importance="l2", ignore=(), pipeline=None, example_kwargs=None, calibration=None,
             loss_fn=None, round_to: int = 1, min_width: int = 1, overrides: dict | None = None,
-            latency_inputs: tuple | None = None, ratio_scope: str = "group", reconstruct: bool = False) -> torch.nn.Module:
+            latency_inputs: tuple | None = None, ratio_scope: str = "group", reconstruct: bool = False,
+            verify: bool = True) -> torch.nn.Module:
     """Return a physically smaller copy of ``model``; ``model`` itself is not changed.
 
     Say how much to remove in one of two ways:
@@ -76,6 +78,14 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     the kept inputs stand in for the removed ones (see ``reconstruct.py``);
     no training, no labels.
 
+    ``verify=True`` (the default) checks the result against its *dead twin*,
+    the original with every removed unit zeroed, on the example inputs and at
+    another batch size (and sequence length); groups that break it are kept
+    whole and the model is pruned again (see ``verify.py``). It first checks
+    that the traced graph computes what ``model`` does. It is skipped, and
+    ``result.report.verify`` says why, when the weights are on ``meta`` or a
+    copy would not fit in memory.
+
     >>> small = graphprune.compile(model, (x,), ratio=0.5, ignore=["fc"])
     >>> small = graphprune.compile(model, (x,), target_flops=0.5)
     >>> small.report.flops
@@ -89,12 +99,24 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         if not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise GraphpruneError(f"ratio must be a number in [0, 1), got {r!r}")
     with _gc_paused():
-        p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn, pipeline, reconstruct)
-        if not budgets:
-            return p.prune(p.removal_for_ratio(ratio, ratio_scope))
-    kind, target = next(iter(budgets.items()))
+        p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn, pipeline,
+                   reconstruct, check_trace=verify and why_not(model) is None)
+    kind, target = next(iter(budgets.items()), (None, None))
     meter_kw = {"latency_inputs": latency_inputs} if kind == "latency" else {}
-    removed, _ = allocate(p, kind, target, Constraints(round_to, min_width, overrides), **meter_kw)
-    out = p.prune(removed)
-    out.report = report(p, removed, out, budgets, latency_inputs)
+
+    def decide() -> dict:
+        if kind is None:
+            with _gc_paused():
+                return p.removal_for_ratio(ratio, ratio_scope)
+        return allocate(p, kind, target, Constraints(round_to, min_width, overrides), **meter_kw)[0]
+
+    if verify:
+        out, removed, check = verified(p, decide)
+    else:
+        removed = decide()
+        out, check = p.prune(removed, fit=False), Verification("skipped", "verify=False")
+    if p.reconstruct:
+        p.refit(out, removed)
+    out.report = report(p, removed, out, budgets, latency_inputs) if budgets else light_report(p, removed)
+    out.report.verify = check
     return out

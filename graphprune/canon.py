@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from .meta_keys import CANON, VAL
+from . import modules as _full
 from .shuffle import permute_channels
 
 aten = torch.ops.aten
@@ -245,6 +246,26 @@ def _shape_query(node, mod=None):
     return COp("shape", node, _tensors(node))
 
 
+def _getattr(node, mod=None):
+    """``x.shape``/``x.dtype`` read metadata; ``max(...).values``, ``sort(...).indices``,
+    ``x.T`` and ``x.mT`` are tensors and must be followed like any other op."""
+    val = node.meta.get(VAL)
+    if not isinstance(val, torch.Tensor):
+        return COp("shape", node, _tensors(node))
+    src, attr = node.args[0], node.args[1]
+    src_val = src.meta.get(VAL) if isinstance(src, Node) else None
+    if isinstance(src_val, (tuple, list)):  # a named field of a tuple-valued op
+        i = next((i for i, v in enumerate(src_val) if v is val), None)
+        if i is not None:
+            return COp("tuple_get", node, [_tuple_element(src, i)])
+    if isinstance(src_val, torch.Tensor) and attr in ("T", "mT"):
+        nd = src_val.dim()
+        perm = list(range(nd))[::-1] if attr == "T" else [*range(nd - 2), nd - 1, nd - 2]
+        return COp("permute", node, [vkey(src)], attrs={"perm": perm})
+    return COp("unknown", node, _tensors(node) + ([vkey(src)] if vkey(src) is not None else []),
+               attrs={"why": f"tensor attribute .{attr}"})
+
+
 def _noop(node, mod=None):
     return COp("python", node)
 
@@ -267,6 +288,10 @@ def _f_conv(node, mod=None):
     if t in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
         groups_pos = 6
     groups = arg(node, groups_pos, "groups", 1)
+    if isinstance(groups, Node):  # read at run time (groups=x.shape[1]): its value on the example
+        groups = groups.meta.get(VAL)
+    if not isinstance(groups, int):
+        return COp("unknown", node, _tensors(node), attrs={"why": "convolution with an unknown number of groups"})
     return COp("conv_transpose" if transposed else "conv", node, [vkey(node.args[0])],
                params=_roles(node, {"weight": (1, "weight"), "bias": (2, "bias")}), attrs={"groups": groups})
 
@@ -275,7 +300,12 @@ def _f_norm(kind: str, roles: dict):
     def extract(node, mod=None):
         attrs = {}
         if kind == "group_norm":
-            attrs["num_groups"] = arg(node, 1, "num_groups")
+            groups = arg(node, 1, "num_groups")
+            if isinstance(groups, Node):  # computed at run time (x.shape[1] // 4): its value on the example
+                groups = groups.meta.get(VAL)
+            if not isinstance(groups, int):
+                return COp("unknown", node, _tensors(node), attrs={"why": "group_norm with an unknown number of groups"})
+            attrs["num_groups"] = groups
         return COp(kind, node, [vkey(node.args[0])], params=_roles(node, roles), attrs=attrs)
     return extract
 
@@ -339,7 +369,10 @@ def _m_mha(node, mod: nn.MultiheadAttention):
         return COp("unknown", node, _tensors(node), attrs={"why": "MultiheadAttention supported only for batch_first self-attention with packed in_proj and bias"})
     params = {"in_weight": f"{node.target}.in_proj_weight", "in_bias": f"{node.target}.in_proj_bias",
               "out_weight": f"{node.target}.out_proj.weight", "out_bias": f"{node.target}.out_proj.bias"}
-    return COp("mha", node, [q], params=params, attrs={"num_heads": mod.num_heads})
+    need = arg(node, 4, "need_weights", True)
+    weights_used = need is not False and any(
+        not (u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, -2)) for u in node.users)
+    return COp("mha", node, [q], params=params, attrs={"num_heads": mod.num_heads, "weights_used": weights_used})
 
 
 def _m_flatten(node, mod):
@@ -409,7 +442,7 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     aten.group_norm.default: _f_norm("group_norm", {"weight": (2, "weight"), "bias": (3, "bias")}),
     F.rms_norm: _f_norm("rms_norm", {"weight": (2, "weight")}),
     F.embedding: _f_embedding, aten.embedding.default: _aten_embedding,
-    builtins.getattr: _shape_query, aten.sym_size.int: _shape_query, torch._assert: _noop,
+    builtins.getattr: _getattr, aten.sym_size.int: _shape_query, torch._assert: _noop,
     aten._assert_tensor_metadata.default: _noop,
 }
 def _same_size(node, mod=None):
@@ -450,6 +483,8 @@ try:
     FUNCTION_TABLE[_swin._patch_merging_pad] = lambda node, mod=None: COp("patch_merge", node, [vkey(node.args[0])])
 except ImportError:  # torchvision is optional
     pass
+FUNCTION_TABLE[_full.layer_norm_full] = _f_norm("layer_norm", {"weight": (2, "weight"), "bias": (3, "bias")})
+FUNCTION_TABLE[_full.rms_norm_full] = _f_norm("rms_norm", {"weight": (2, "weight")})
 if hasattr(aten, "rms_norm"):
     FUNCTION_TABLE[aten.rms_norm.default] = _f_norm("rms_norm", {"weight": (2, "weight")})
 
@@ -477,9 +512,9 @@ MODULE_TABLE: list[tuple[tuple[type, ...], Callable]] = [
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _m_conv),
     ((nn.Linear,), _m_linear),
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), _m_bn),
-    ((nn.LayerNorm,), _m_ln),
+    ((nn.LayerNorm, _full.FullWidthLayerNorm), _m_ln),
     ((nn.GroupNorm,), _m_gn),
-    ((nn.RMSNorm,), _m_rms),
+    ((nn.RMSNorm, _full.FullWidthRMSNorm), _m_rms),
     ((nn.Embedding,), _m_embedding),
     ((nn.MultiheadAttention,), _m_mha),
     (_ACTIVATIONS, lambda node, mod: COp("ewise", node, _tensors(node))),
@@ -490,10 +525,33 @@ MODULE_TABLE: list[tuple[tuple[type, ...], Callable]] = [
 
 
 def _module_rule(mod) -> Callable | None:
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(mod):
+        return None  # its weight is computed (weight_norm, orthogonal...): no rule slices what it is computed from
     for types, fn in MODULE_TABLE:
         if type(mod) in types:  # exact types: a subclass may change forward
             return fn
     return None
+
+
+def _positional(node: Node, fn: Callable) -> None:
+    """Rewrite keyword inputs of a call (``self.conv(input=x)``) as positional
+    ones, as far as ``fn``'s signature allows, so rules can read ``node.args``."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+        bound = sig.bind(*node.args, **node.kwargs).arguments
+    except (TypeError, ValueError):
+        return
+    args, kwargs = [], dict(node.kwargs)
+    for name, p in sig.parameters.items():
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or name not in bound:
+            break
+        args.append(bound[name])
+        kwargs.pop(name, None)
+    node.args, node.kwargs = tuple(args), kwargs
 
 
 def canonicalize_node(gm: GraphModule, node: Node) -> COp:
@@ -505,13 +563,20 @@ def canonicalize_node(gm: GraphModule, node: Node) -> COp:
         fn = _module_rule(mod)
         if fn is None:
             return COp("unknown", node, _tensors(node), attrs={"why": f"module type {type(mod).__qualname__}"})
-        return fn(node, mod)
+        if node.kwargs:
+            _positional(node, mod.forward)
+        try:
+            return fn(node, mod)
+        except (TypeError, IndexError, KeyError, AttributeError) as e:
+            return COp("unknown", node, _tensors(node), attrs={"why": f"cannot read the inputs of {type(mod).__qualname__}: {e}"})
     if node.op == "call_method":
         fn = METHOD_TABLE.get(node.target)
         if node.target == "size" or node.target == "dim":
             return _shape_query(node)
     else:
         fn = FUNCTION_TABLE.get(node.target)
+        if fn is not None and node.kwargs and not node.args and callable(node.target):
+            _positional(node, node.target)  # F.linear(input=x, weight=w)
     tensor_out = isinstance(val, torch.Tensor) or (isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
     if fn is None:
         if not tensor_out and not _tensors(node):
@@ -525,10 +590,32 @@ def canonicalize_node(gm: GraphModule, node: Node) -> COp:
         return COp("unknown", node, _tensors(node), attrs={"why": f"cannot read arguments of {_target_name(node)}: {e}"})
 
 
+def tensor_names(gm: GraphModule) -> dict[str, str]:
+    """Every name a parameter or buffer is reachable under -> its first name.
+    A tensor tied across modules (``b.weight = a.weight``) is one value with
+    one set of dims, whichever module reads it."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        out[name] = first.setdefault(id(t), name)
+    return out
+
+
+def _canonical_keys(cop: COp, names: dict) -> None:
+    def key(k):
+        return names.get(k, k) if isinstance(k, str) else k
+    cop.inputs = [key(k) for k in cop.inputs]
+    cop.params = {r: key(k) for r, k in cop.params.items()}
+    if "mask" in cop.attrs:
+        cop.attrs["mask"] = key(cop.attrs["mask"])
+
+
 def canonicalize(gm: GraphModule) -> list[COp]:
+    names = tensor_names(gm)
     out = []
     for node in gm.graph.nodes:
         cop = canonicalize_node(gm, node)
+        _canonical_keys(cop, names)
         node.meta[CANON] = cop
         out.append(cop)
     return out

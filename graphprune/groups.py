@@ -29,9 +29,11 @@ from scipy.sparse.csgraph import connected_components
 import torch
 from torch.fx import GraphModule, Node
 
-from .canon import COp, canonicalize, vkey
-from .meta_keys import VAL
+from .canon import COp, canonicalize, tensor_names, vkey
+from .meta_keys import NUMBERS, VAL
 from .rules import RULES
+from .sizes import frozen_value, number_uses
+from .zeros import block_unproven_reductions
 
 
 @dataclass
@@ -99,6 +101,8 @@ class Builder:
         self.products: list = []
         self.touched: set = set()
         self.unsupported: set[str] = set()  # "node: why" for every op no rule could explain
+        self.links: dict = {}  # node -> the couplings and products its rule stated (read by zeros.py)
+        self._log: list | None = None
         self._attr_cache: dict = {}
 
     # shapes ----------------------------------------------------------------
@@ -127,6 +131,8 @@ class Builder:
     def couple(self, a, b, ia=None, ib=None):
         self._add(a)
         self._add(b)
+        if self._log is not None:
+            self._log.append((a, b))
         if ia is None:
             if self.sizes[a] != self.sizes[b]:
                 self.block(a, f"sizes {self.sizes[a]} and {self.sizes[b]} do not match")
@@ -142,6 +148,8 @@ class Builder:
         for d in [flat, *factors]:
             self._add(d)
         self.products.append((flat, factors))
+        if self._log is not None:
+            self._log.append(("product", flat, factors))
 
     def touch(self, a):
         """Explain dim ``a`` without coupling it: it may shrink with whatever group it is in."""
@@ -196,9 +204,11 @@ _SIZE_ONLY = ("shape", "python", "get_attr")
 
 def build(gm: GraphModule, ignore=()) -> Builder:
     b = Builder(gm)
-    for c in canonicalize(gm):
+    cops = canonicalize(gm)
+    for c in cops:
         node = c.node
         b.touched = set()
+        b._log = b.links.setdefault(node, [])
         if c.op == "placeholder":
             for v in _tensor_values(node):
                 for k in range(len(b.shape(v))):
@@ -213,7 +223,7 @@ def build(gm: GraphModule, ignore=()) -> Builder:
             RULES.get(c.op, RULES["unknown"])(b, c)
             if c.attrs.get("sizes_at") is not None:
                 _couple_size_reads(b, c)
-            if c.op in _SIZE_ONLY:
+            if c.op == "get_attr" or (c.op in _SIZE_ONLY and not _tensor_values(node)):
                 continue
             # whatever the rule did not explain keeps its width
             for v in list(c.inputs) + _tensor_values(node):
@@ -226,12 +236,31 @@ def build(gm: GraphModule, ignore=()) -> Builder:
                 for k in range(len(b.shape(p))):
                     if (p, k) not in b.touched:
                         b.block((p, k), f"{node.name}: {c.op} keeps this parameter dim")
+    b._log = None
     for n in _ignored_outputs(gm, set(ignore)):
         for v in _tensor_values(n):
             for k in range(len(b.shape(v))):
                 b.block((v, k), "output of an ignored module")
+    block_unproven_reductions(b, cops)
+    _record_number_uses(b, gm)
     _resolve_products(b)
     return b
+
+
+def _record_number_uses(b: Builder, gm: GraphModule) -> None:
+    """Widths used as numbers (``h / h.shape[1]``) keep their original value in the
+    pruned model (``shrink-params`` freezes them); where that value is not a plain
+    Python number, the widths it comes from stay."""
+    names = tensor_names(gm)
+    kept = []
+    for use in number_uses(gm):
+        use.deps = frozenset((names.get(k, k) if isinstance(k, str) else k, a) for k, a in use.deps)
+        if frozen_value(use.number) is None:
+            for d in use.deps:
+                b.block(d, f"{use.user.name}: reads a width as a number ({use.value.name})")
+        else:
+            kept.append(use)
+    gm.meta[NUMBERS] = kept
 
 
 def _size_source(a):

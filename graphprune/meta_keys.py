@@ -11,9 +11,11 @@ and on ``gm.meta`` (the GraphModule):
 |---|---|---|
 | ``gp_plan`` | ``Pruner.prune`` (read by ``shrink-params``) | ``(value_key, axis) -> kept indices`` for every dim that shrinks |
 | ``gp_example`` | ``trace`` | the example ``(args, kwargs)``, so the pass manager can re-run shapes |
+| ``gp_numbers`` | ``groups.build`` (read by ``shrink-params``) | ``sizes.NumberUse`` list: widths read as numbers, frozen where they shrink |
 | ``graphprune`` | ``Pruner.prune`` | method, widths per group, unsupported ops |
 """
 VAL = "val"
 CANON = "gp_canon"
 PLAN = "gp_plan"
 EXAMPLE = "gp_example"
+NUMBERS = "gp_numbers"

@@ -62,3 +62,56 @@ def _merge_masks(attn_mask, key_padding_mask, B, h, T, dtype):
             m = m.view(B, h, T, T)
         mask = m if mask is None else mask + m
     return mask
+
+
+def layer_norm_full(x, normalized_shape, weight, bias, eps: float, full: int):
+    """``F.layer_norm`` whose statistics count ``full`` entries: the ``n`` kept ones
+    plus ``full - n`` removed ones that held zero. Mean and variance are those
+    of the unpruned input, so a LayerNorm over a pruned residual stream stays
+    exact (the twin's removed channels are zero there, see ``zeros.py``)."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    mean = x.sum(dims, keepdim=True) / full  # (..., 1, 1)
+    centred = x - mean
+    var = (centred.pow(2).sum(dims, keepdim=True) + (full - n) * mean.pow(2)) / full  # the removed zeros sit at -mean
+    y = centred * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def rms_norm_full(x, normalized_shape, weight, eps, full: int):
+    """``F.rms_norm`` with the mean square over ``full`` entries (removed ones were zero)."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    y = x * torch.rsqrt(x.pow(2).sum(dims, keepdim=True) / full + eps)
+    return y * weight if weight is not None else y
+
+
+class FullWidthLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over a pruned dim, statistics over the original width (``full``)."""
+
+    full: int
+
+    def forward(self, x):
+        return layer_norm_full(x, self.normalized_shape, self.weight, self.bias, self.eps, self.full)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, full={self.full}"
+
+
+class FullWidthRMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` over a pruned dim, mean square over the original width (``full``)."""
+
+    full: int
+
+    def forward(self, x):
+        return rms_norm_full(x, self.normalized_shape, self.weight, self.eps, self.full)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, full={self.full}"

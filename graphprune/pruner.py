@@ -14,10 +14,12 @@ import torch
 
 from . import importance as _importance
 from . import reconstruct as _reconstruct
+from . import verify as _verify
+from .effects import mutates
 from .errors import GraphpruneError
 from .groups import Analysis, Group, analyze_graph
 from .meta_keys import PLAN
-from .pass_manager import run_pipeline
+from .pass_manager import check_graph, run_pipeline
 from .trace import trace
 
 DEFAULT_PIPELINE = "shrink-params,dce"
@@ -89,12 +91,16 @@ class Pruner:
     loss_fn: object = None
     pipeline: str | None = None
     reconstruct: bool = False
+    check_trace: bool = False  # compare the traced graph with the model first (needs real weights)
     analysis: Analysis = field(init=False)
     scores: dict = field(init=False)
+    unsafe: set = field(init=False, default_factory=set)  # group ids kept whole after failing the self-check
+    runtime_checked: bool = field(init=False, default=False)  # set by verify: results are checked by running them
+    meta_check: bool | None = field(init=False, default=None)  # whether the meta-tensor check can run (see _meta_checkable)
 
     def __post_init__(self):
         self.ignore = tuple(check_ignore(self.model, self.ignore))
-        traced = trace(self.model, self.example_inputs, self.example_kwargs)
+        traced = self._faithful_trace() if self.check_trace else trace(self.model, self.example_inputs, self.example_kwargs)
         self.analysis = analyze_graph(traced.gm, traced.method, self.ignore)
         ctx = _importance.ScoreContext(traced.gm, self.analysis.groups, self.calibration, self.loss_fn)
         fn = _importance.get_importance(self.importance)
@@ -103,13 +109,42 @@ class Pruner:
         if self.reconstruct and self.calibration is None:
             raise GraphpruneError("reconstruct=True fits the layers that read pruned channels to calibration data: pass calibration= (an iterable of example input tuples)")
 
+    def _faithful_trace(self):
+        """A trace that computes what the model computes (ratio 0). Symbolic tracing
+        cannot see in-place updates through an alias (``r = h; h += y``); where its
+        graph differs from the model, ``torch.export`` (which follows them) is used."""
+        args, kwargs = self.example_inputs, dict(self.example_kwargs or {})
+        traced = trace(self.model, args, kwargs)
+        problem = _verify.check_trace(self.model, traced.gm, args, kwargs)
+        if problem is None:
+            return traced
+        first = f"{traced.method}: {problem}"
+        if traced.method == "symbolic_trace":
+            try:
+                traced = trace(self.model, args, kwargs, method="export")
+                problem = _verify.check_trace(self.model, traced.gm, args, kwargs)
+            except GraphpruneError as e:
+                problem = str(e).splitlines()[0]
+            if problem is None:
+                return traced
+        suspects = [n.name for n in traced.gm.graph.nodes if mutates(n)]
+        hint = f" In-place ops in the graph: {', '.join(suspects[:8])}." if suspects else ""
+        raise GraphpruneError(
+            f"the traced graph of {type(self.model).__name__} does not compute what the model computes, before anything is "
+            f"removed ({first}; then {problem}).{hint} No model was returned: make the forward deterministic and free of "
+            "in-place updates through aliases (write h = h + y instead of h += y where h is also used elsewhere), or pass "
+            "verify=False.")
+
     @property
     def gm(self) -> torch.fx.GraphModule:
         return self.analysis.gm
 
     @property
     def groups(self) -> list[Group]:
-        return self.analysis.groups
+        """The prunable groups, less any the self-check found unsafe."""
+        if not self.unsafe:
+            return self.analysis.groups
+        return [g for g in self.analysis.groups if g.id not in self.unsafe]
 
     def removal_for_ratio(self, ratio, scope: str = "group") -> dict[int, np.ndarray]:
         """``ratio`` a float (every group) or ``{module pattern: ratio}`` (the groups those modules produce).
@@ -156,6 +191,31 @@ class Pruner:
                     left -= 1
         return counts
 
+    def _meta_checkable(self) -> bool:
+        """Whether the between-pass check (a run on meta tensors) can evaluate this
+        graph at all. Symbolic traces passed it while tracing; an exported graph
+        is tried once, unpruned, so a failure is never blamed on a pass. Data-dependent
+        shapes (boolean masks) cannot run on meta tensors: then the runtime
+        self-check (verify) is what checks the result, or nothing comes back."""
+        if self.meta_check is None:
+            try:
+                if self.analysis.method != "symbolic_trace":
+                    check_graph(self.gm)
+                self.meta_check, self._meta_error = True, None
+            except Exception as e:  # noqa: BLE001 - kept for the message below
+                self.meta_check, self._meta_error = False, f"{type(e).__name__}: {e}".splitlines()[0]
+        if not self.meta_check and not self.runtime_checked:
+            raise GraphpruneError(
+                f"graphprune cannot check this model's graph on meta tensors, even before anything is removed "
+                f"({self._meta_error}); such checks cannot evaluate data-dependent shapes (boolean masks, nonzero). "
+                "Pass real weights with verify on (the default): the pruned model is then checked by running it.")
+        return self.meta_check
+
+    def refit(self, out: torch.fx.GraphModule, removed: dict) -> None:
+        """Refit the layers of ``out`` that read pruned channels (``reconstruct=True``)."""
+        plan = make_plan(self.groups, removed)
+        _reconstruct.refit(out, self.gm, plan, self._ctx.layers, self._ctx._batches("a refit"))
+
     def prune(self, removed: dict[int, np.ndarray], *, check: bool = True, fit: bool = True) -> torch.fx.GraphModule:
         """A new module without the ``removed`` units ({group id: unit ids}).
         ``check=False`` skips the between-pass checks and ``fit=False`` the
@@ -163,17 +223,33 @@ class Pruner:
         gm = self.gm
         plan = gm.meta[PLAN] = make_plan(self.groups, removed)
         try:
-            out, _ = run_pipeline(gm, self.pipeline or DEFAULT_PIPELINE, check=check)
+            out, _ = run_pipeline(gm, self.pipeline or DEFAULT_PIPELINE, check=check and self._meta_checkable())
         finally:
             gm.meta.pop(PLAN, None)
+        _own_storage(out, self.model)
         if self.reconstruct and fit:
-            _reconstruct.refit(out, gm, plan, self._ctx.layers, self._ctx._batches("a refit"))
+            self.refit(out, removed)
         out.meta["graphprune"] = {
             "method": self.analysis.method,
             "widths": {g.id: (g.n_units, g.n_units - len(removed.get(g.id, ()))) for g in self.groups},
             "unsupported": self.analysis.unsupported,
         }
         return out
+
+
+def _own_storage(out: torch.nn.Module, model: torch.nn.Module) -> None:
+    """No tensor of the result may share memory with the user's model (fine-tuning
+    the result must never change the original): copy any that do."""
+    theirs = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
+    copies: dict = {}  # tied tensors stay tied
+    for mod in out.modules():
+        for store in (mod._parameters, mod._buffers):
+            for k, t in store.items():
+                if t is not None and not t.is_meta and t.untyped_storage().data_ptr() in theirs:
+                    if id(t) not in copies:
+                        data = t.detach().clone()
+                        copies[id(t)] = torch.nn.Parameter(data, t.requires_grad) if isinstance(t, torch.nn.Parameter) else data
+                    store[k] = copies[id(t)]
 
 
 def producers(g: Group) -> set[str]:

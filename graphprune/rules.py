@@ -453,6 +453,8 @@ def mha(b, c: COp):
         b.couple((p["in_bias"], 0), inner, s * e + i, i)
     b.couple((p["out_weight"], 1), inner)
     _unify_blocks(b, inner, e, head)
+    if c.attrs.get("weights_used"):
+        b.block(inner, f"{node.name}: the attention weights it returns are averaged over heads")
     for k in range(2):
         b.couple((x, k), (out, k))
 

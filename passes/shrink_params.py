@@ -24,11 +24,14 @@ import operator
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
 
 from graphprune.canon import COp, vkey
-from graphprune.meta_keys import CANON, PLAN, VAL
-from graphprune.modules import PrunedSelfAttention
+from graphprune.meta_keys import CANON, NUMBERS, PLAN, VAL
+from graphprune.sizes import frozen_value
+from graphprune.modules import FullWidthLayerNorm, FullWidthRMSNorm, PrunedSelfAttention, layer_norm_full, rms_norm_full
 from graphprune.pass_manager import PassResult, register_pass
 
 COUNTERS = {"params": 0, "modules": 0, "args": 0}
@@ -66,7 +69,7 @@ def _clone(m: nn.Module, new: dict, prefix: str, memo: dict) -> nn.Module:
     ``memo`` maps id(original) to its copy, for modules and tensors alike."""
     if id(m) in memo:
         return memo[id(m)]
-    c = copy.copy(m)
+    c = type(m).__new__(type(m))  # not copy.copy: parametrized modules refuse to be copied that way
     memo[id(m)] = c
     c.__dict__ = dict(m.__dict__)
     c._parameters = {k: (None if p is None else _copy_tensor(p, prefix + k, new, memo)) for k, p in m._parameters.items()}
@@ -114,8 +117,13 @@ def _fix_bn(mod, node, p):
 
 
 def _fix_ln(mod, node, p):
+    """A norm over dims that shrank keeps its statistics over the original width."""
     n = len(mod.normalized_shape)
-    mod.normalized_shape = tuple(p.new_shape(node, node.meta[VAL].shape)[-n:])
+    new = tuple(p.new_shape(node, node.meta[VAL].shape)[-n:])
+    if new != tuple(mod.normalized_shape):
+        mod.__class__ = FullWidthLayerNorm if isinstance(mod, nn.LayerNorm) else FullWidthRMSNorm
+        mod.full = getattr(mod, "full", int(np.prod(mod.normalized_shape)))
+    mod.normalized_shape = new
 
 
 def _fix_gn(mod, node, p):
@@ -132,7 +140,7 @@ MODULE_FIXES = [
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _fix_conv),
     ((nn.Linear,), _fix_linear),
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), _fix_bn),
-    ((nn.LayerNorm, nn.RMSNorm), _fix_ln),
+    ((nn.LayerNorm, nn.RMSNorm, FullWidthLayerNorm, FullWidthRMSNorm), _fix_ln),
     ((nn.GroupNorm,), _fix_gn),
     ((nn.Embedding,), _fix_embedding),
 ]
@@ -216,8 +224,20 @@ def _index(node: Node, cop: COp, p: _Plan) -> bool:
     return True
 
 
+# functional norms over dims that shrank -> the same norm with statistics over the original width
+_FULL_WIDTH = {
+    F.layer_norm: layer_norm_full, torch.ops.aten.layer_norm.default: layer_norm_full, F.rms_norm: rms_norm_full,
+}
+if hasattr(torch.ops.aten, "rms_norm"):
+    _FULL_WIDTH[torch.ops.aten.rms_norm.default] = rms_norm_full
+_FULL_WIDTH.update({layer_norm_full: layer_norm_full, rms_norm_full: rms_norm_full})
+_PRIOR_FULL = {layer_norm_full: 5, rms_norm_full: 4}
+_NORM_DEFAULTS = {layer_norm_full: {"eps": 1e-5}, rms_norm_full: {}}
+
+
 def _norm_args(node: Node, cop: COp, p: _Plan) -> bool:
-    """functional layer_norm's normalized_shape and group_norm's num_groups."""
+    """functional layer_norm's normalized_shape (statistics kept over the original
+    width) and group_norm's num_groups."""
     if node.op != "call_function":
         return False
     old = node.meta[VAL].shape
@@ -226,10 +246,18 @@ def _norm_args(node: Node, cop: COp, p: _Plan) -> bool:
         return False
     args = list(node.args)
     if cop.op in ("layer_norm", "rms_norm"):
-        n = len(args[1])
-        args[1] = type(args[1])(new[-n:])
+        shape = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+        n = len(shape)
+        fn = _FULL_WIDTH[node.target]
+        names = ("input", "normalized_shape", "weight", "bias", "eps") if fn is layer_norm_full else ("input", "normalized_shape", "weight", "eps")
+        vals = [args[i] if i < len(args) else node.kwargs.get(name, _NORM_DEFAULTS[fn].get(name)) for i, name in enumerate(names)]
+        vals[1] = type(shape)(new[-n:])
+        at = _PRIOR_FULL.get(node.target)  # pruned before: the original width is already recorded
+        full = args[at] if at is not None and len(args) > at else int(np.prod(old[-n:]))
+        node.target, node.args, node.kwargs = fn, (*vals, full), {}
+        return True
     elif cop.op == "group_norm":
-        args[1] = args[1] * new[1] // old[1]
+        args[1] = cop.attrs["num_groups"] * new[1] // old[1]
     node.args = tuple(args)
     return True
 
@@ -328,8 +356,7 @@ def _remap_cop(cop: COp, node: Node, env) -> COp:
 @register_pass("shrink-params")
 def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
     plan = gm.meta.get(PLAN) if plan is None else plan
-    if not plan:
-        return PassResult(gm, False)
+    plan = plan or {}  # nothing to remove still gives a fresh copy: the result never shares the user's tensors
     new: dict = _slice_tensors(gm, plan)
     COUNTERS["params"] += len(new)
     for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
@@ -367,9 +394,22 @@ def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
                     COUNTERS["modules"] += 1
         elif cop is not None and cop.op in ARG_FIXES:
             COUNTERS["args"] += bool(ARG_FIXES[cop.op](node, cop, p))
+    _freeze_numbers(gm.meta.get(NUMBERS, ()), plan, env)
     out = GraphModule(root, graph, class_name=type(gm).__name__)
     for name, child in root.named_children():  # whole subtrees, so Sequential and friends keep their types
         setattr(out, name, child)
     out.meta.update({k: v for k, v in gm.meta.items() if k != PLAN})
     out.training = gm.training  # set, not train(): exported modules refuse train()
-    return PassResult(out, True)
+    return PassResult(out, bool(plan))
+
+
+def _freeze_numbers(uses, plan: dict, env: dict) -> None:
+    """A width read as a number (``h / h.shape[1]``) keeps its original value
+    where that width shrank: the twin divides by the width it was trained with.
+    Shape arguments (view sizes) are not number uses and stay symbolic."""
+    for use in uses:
+        if not any(d in plan for d in use.deps):
+            continue
+        user, value, number = env[use.user], env[use.value], frozen_value(use.number)
+        user.args = map_arg(user.args, lambda m: number if m is value else m)
+        user.kwargs = map_arg(user.kwargs, lambda m: number if m is value else m)

@@ -1,0 +1,133 @@
+"""Python numbers computed from tensor widths, and where they are used as numbers.
+
+``C = x.size(1)`` can feed a shape (``x.view(B, C // 4, 4, H, W)``), where the
+pruned model must see the new width, or arithmetic (``h / C``, an attention
+scale ``q.shape[-1] ** -0.5``, ``F.group_norm(h, C // 4)``), where it must see
+the width the model was trained with: the dead twin divides by 16, so the
+pruned model must too. This module follows every size read forward through
+Python arithmetic and lists the *number uses*: edges from a size-derived
+value into anything that is not a shape argument. ``shrink-params`` replaces
+the value on those edges by the number it had in the original (see
+``freeze_numbers``), only where a width it depends on shrinks, so batch and
+sequence sizes stay symbolic.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+from .canon import vkey
+from .meta_keys import CANON, VAL
+
+aten = torch.ops.aten
+_NONE: frozenset = frozenset()
+
+
+@dataclass
+class NumberUse:
+    """``user`` reads the Python value of ``value`` (computed from the dims in
+    ``deps``) as a number; ``number`` is what it was on the original model."""
+
+    user: Node
+    value: Node
+    number: object
+    deps: frozenset
+
+
+def _union(d) -> frozenset:
+    if isinstance(d, tuple):
+        return frozenset().union(*d) if d else _NONE
+    return d
+
+
+def _reads(n: Node):
+    """Dims a node reads off a tensor directly: a set, or a tuple of sets for ``x.shape``/``x.size()``."""
+    t, a = n.target, n.args
+    x = a[0] if a else None
+    key = vkey(x)
+    if key is None:
+        return None
+    nd = x.meta[VAL].dim()
+    if (n.op == "call_method" and t == "size" and len(a) == 1) or (t is getattr and a[1] == "shape"):
+        return tuple(frozenset({(key, i)}) for i in range(nd))
+    if (n.op == "call_method" and t == "size" and len(a) == 2 and isinstance(a[1], int)) or (
+            t is aten.sym_size.int and isinstance(a[1], int)):
+        return frozenset({(key, a[1] % nd)})
+    if (n.op == "call_method" and t in ("numel", "nelement")) or t in (torch.numel, aten.sym_numel.default):
+        return frozenset((key, i) for i in range(nd))
+    return None
+
+
+def _inherited(n: Node, deps: dict):
+    """The deps of a Python op's result from its operands; getitem keeps positions."""
+    if n.op == "call_function" and n.target is operator.getitem and n.args[0] in deps:
+        src, i = deps[n.args[0]], n.args[1]
+        if isinstance(src, tuple) and isinstance(i, (int, slice)):
+            try:
+                return src[i]
+            except IndexError:
+                return _NONE
+    out = _NONE
+    for m in n.all_input_nodes:
+        out = out | _union(deps.get(m, _NONE))
+    return out
+
+
+def _shape_positions(n: Node) -> set:
+    """Argument positions of ``n`` that hold sizes of its own output (which must follow the new widths)."""
+    cop = n.meta.get(CANON)
+    if cop is None:
+        return set()
+    at = cop.attrs.get("sizes_at")
+    if at == "varargs":
+        return set(range(1, len(n.args)))
+    if isinstance(at, int):
+        return {at}
+    if cop.op == "split":
+        return {1}  # rewritten with explicit sizes when the dim shrinks
+    return set()
+
+
+def _python_valued(n: Node) -> bool:
+    val = n.meta.get(VAL)
+    return n.op in ("call_function", "call_method") and not isinstance(val, torch.Tensor) and not (
+        isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
+
+
+def number_uses(gm: GraphModule) -> list[NumberUse]:
+    deps: dict = {}
+    uses = []
+    for n in gm.graph.nodes:
+        if _python_valued(n):
+            d = _reads(n)
+            if d is None:
+                d = _inherited(n, deps)
+            if _union(d):
+                deps[n] = d
+            continue
+        if n.op in ("placeholder", "get_attr"):
+            continue
+        shape_pos = _shape_positions(n)
+        positional = [(i, a) for i, a in enumerate(n.args)] + [(k, a) for k, a in n.kwargs.items()]
+        for pos, a in positional:
+            if pos in shape_pos:
+                continue
+            seen: list = []
+            map_arg(a, lambda m: seen.append(m) or m)
+            for m in seen:
+                if m in deps:
+                    uses.append(NumberUse(n, m, m.meta.get(VAL), _union(deps[m])))
+    return uses
+
+
+def frozen_value(number):
+    """The original number as a graph constant, or None when it is not a plain Python value."""
+    if isinstance(number, bool) or isinstance(number, (int, float)):
+        return number
+    if isinstance(number, (torch.Size, tuple, list)) and all(isinstance(v, int) for v in number):
+        return tuple(int(v) for v in number)
+    return None

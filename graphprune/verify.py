@@ -1,0 +1,287 @@
+"""The self-check: a pruned model must compute what its dead twin computes.
+
+The *dead twin* is the traced original with every removed unit zeroed in
+every parameter slice of its group (producer rows, biases, norm affine,
+loose parameters, consumer columns). Removing units whose slices are all
+zero must change nothing, so the pruned model has to reproduce the twin;
+where it does not, some op used the removed channels in a way no rule
+accounted for, and the result would be silently wrong.
+
+``compile`` runs the check on the example inputs and on a second input
+shape (one more sample, and one token fewer for sequence inputs). On a
+mismatch, bisection over groups finds the ones responsible; they are kept
+whole and the model is pruned again. ``check_trace`` is the same idea at
+ratio 0: the traced graph must equal the user's model before anything is
+removed (in-place updates through aliases are invisible to symbolic
+tracing).
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import GraphpruneError
+
+
+@dataclass
+class Verification:
+    """What the self-check did, on ``result.report.verify``."""
+
+    status: str  # "passed", "repaired", "skipped"
+    why: str = ""  # why skipped
+    inputs: list = field(default_factory=list)  # input shapes checked
+    blocked: list = field(default_factory=list)  # groups kept whole after a mismatch, with their members
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        if self.status == "skipped":
+            return f"verify skipped: {self.why}"
+        more = f"; kept whole after a mismatch: {'; '.join(self.blocked)}" if self.blocked else ""
+        return f"verify {self.status} on inputs {self.inputs} in {self.seconds:.2f}s{more}"
+
+
+def flatten(out) -> list:
+    """Every tensor of a (nested) model output, in a fixed order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict) or hasattr(out, "items"):
+        return [t for k in out.keys() for t in flatten(out[k])]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in flatten(v)]
+    return []
+
+
+def mismatch(got, ref) -> str | None:
+    """None if ``got`` reproduces ``ref`` to float32 rounding, else what differs."""
+    a, b = flatten(got), flatten(ref)
+    if len(a) != len(b):
+        return f"{len(a)} output tensors instead of {len(b)}"
+    finite = [t.abs()[torch.isfinite(t)] for t in b if t.is_floating_point() and t.numel()]
+    scale = max([float(t.max()) for t in finite if t.numel()] + [1e-30])
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape:
+            return f"output {i} has shape {tuple(x.shape)} instead of {tuple(y.shape)}"
+        if not y.is_floating_point():
+            if not torch.equal(x, y):
+                return f"output {i} differs"
+            continue
+        if not torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-4 * scale, equal_nan=True):
+            err = (x.float() - y.float()).abs().nan_to_num(float("inf")).max().item()
+            return f"output {i} differs by up to {err:.3g} (largest output magnitude {scale:.3g})"
+    return None
+
+
+@contextmanager
+def evaluating(*modules):
+    """Eval mode for the check, each submodule's own mode restored after.
+    Exported modules refuse train()/eval(); they keep theirs."""
+    saved = [(m, m.training) for mod in modules for m in mod.modules()]
+    try:
+        for mod in modules:
+            try:
+                mod.eval()
+            except (NotImplementedError, RuntimeError):
+                pass
+        yield
+    finally:
+        for m, was in saved:
+            m.training = was
+
+
+def _run(fn, args, kwargs):
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        return fn(*args, **kwargs)
+
+
+def other_inputs(args: tuple) -> list[tuple]:
+    """Second input shapes to check: one more sample and one position fewer on dim 1
+    (a token or time step), then one more sample alone."""
+    def grow(x):
+        return torch.cat([x, x[:1]], 0) if isinstance(x, torch.Tensor) and x.dim() >= 1 else x
+
+    def shorten(x):
+        return x[:, :-1] if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] > 2 else x
+
+    out = [tuple(shorten(grow(a)) for a in args), tuple(grow(a) for a in args)]
+    return [o for i, o in enumerate(out) if not any(_same(o, p) for p in out[:i])]
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return all((x.shape == y.shape) if isinstance(x, torch.Tensor) else x is y for x, y in zip(a, b))
+
+
+def _shapes(args: tuple) -> list:
+    return [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+
+
+def why_not(model: torch.nn.Module) -> str | None:
+    """Why the self-check cannot run on ``model`` (weights on meta, or too large to copy), or None."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_meta for t in tensors):
+        return "the model's weights are on the meta device"
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    free = _free_bytes(tensors[0].device if tensors else torch.device("cpu"))
+    if free is not None and 2 * size > free:
+        return f"a copy of the weights ({size / 2**30:.1f} GiB) does not fit in free memory ({free / 2**30:.1f} GiB)"
+    return None
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@contextmanager
+def swapped(root: torch.nn.Module, new: dict):
+    """Run with tensors replaced ({id(old tensor): new tensor}) in every module slot
+    that holds them, each slot once, then put the originals back. Unlike
+    ``functional_call`` this is right for tied tensors and for a module
+    registered under two names (the traced graph shares the user's modules)."""
+    done = []
+    try:
+        for mod in root.modules():  # each module object once
+            for store in (mod._parameters, mod._buffers):
+                for k, t in store.items():
+                    if t is not None and id(t) in new:
+                        done.append((store, k, t))
+                        store[k] = new[id(t)]
+        yield
+    finally:
+        for store, k, t in reversed(done):
+            store[k] = t
+
+
+def _buffer_copies(*mods) -> dict:
+    return {id(b): b.clone() for m in mods for b in m.buffers()}
+
+
+def check_trace(model, gm, args: tuple, kwargs: dict) -> str | None:
+    """None if the traced graph computes what ``model`` computes on the example,
+    else what differs. Buffers are copies, so a forward that updates state
+    (running statistics, counters) leaves the user's model as it was."""
+    args = tuple(args)
+    with evaluating(model, gm):
+        with swapped(model, _buffer_copies(model)):
+            ref = _run(model, args, kwargs)
+        with swapped(gm, _buffer_copies(gm)):
+            got = _run(gm, args, kwargs)
+    return mismatch(got, ref)
+
+
+class Verifier:
+    """Checks pruned models of one ``Pruner`` against their dead twins."""
+
+    def __init__(self, p):
+        self.p = p
+        args, kwargs = p.example_inputs, dict(p.example_kwargs or {})
+        self.cases = [(tuple(args), kwargs)]
+        self.seconds = 0.0
+        gm = p.gm
+        self.params = dict(gm.named_parameters(remove_duplicate=False)) | dict(gm.named_buffers(remove_duplicate=False))
+        with evaluating(gm):
+            for other in other_inputs(tuple(args)):
+                try:
+                    with swapped(gm, _buffer_copies(gm)):
+                        _run(gm, other, kwargs)
+                except Exception:  # noqa: BLE001 - the model does not take this shape: not a case
+                    continue
+                self.cases.append((other, kwargs))
+                break
+
+    def twin_state(self, removed: dict) -> dict:
+        """Zeroed copies of every parameter slice of the removed units ({id(original): copy})."""
+        state: dict = {}
+        groups = {g.id: g for g in self.p.analysis.groups}
+        for gid, units in removed.items():
+            g = groups[gid]
+            dead = np.zeros(g.n_units, dtype=bool)
+            dead[units] = True
+            for s in g.params:
+                if s.name not in self.params:
+                    continue  # a constant that is neither parameter nor buffer: the twin cannot zero it
+                orig = self.params[s.name]
+                t = state.get(id(orig))
+                if t is None:
+                    t = state[id(orig)] = orig.detach().clone()
+                idx = torch.as_tensor(np.flatnonzero(dead[s.unit_of]), device=t.device)
+                t.index_fill_(s.axis, idx, 1.0 if s.name.endswith("running_var") else 0.0)
+        return state
+
+    def check(self, removed: dict, out: torch.nn.Module) -> str | None:
+        """None if ``out`` (``removed`` pruned away) reproduces the twin on every case."""
+        start = time.perf_counter()
+        try:
+            state = self.twin_state(removed)
+            gm = self.p.gm
+            with evaluating(gm, out):
+                for args, kwargs in self.cases:
+                    with swapped(gm, {**_buffer_copies(gm), **state}):
+                        ref = _run(gm, args, kwargs)
+                    try:
+                        got = _run(out, args, kwargs)
+                    except Exception as e:  # noqa: BLE001 - a pruned model that fails where the twin runs is wrong
+                        return f"the pruned model fails on inputs {_shapes(args)}: {type(e).__name__}: {e}"
+                    bad = mismatch(got, ref)
+                    if bad:
+                        return f"on inputs {_shapes(args)}: {bad}"
+            return None
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def culprits(self, removed: dict) -> list[int]:
+        """Group ids whose removal alone breaks the twin, by bisection (a set that
+        fails while each half passes is returned whole)."""
+        def bad(ids: list) -> list:
+            sub = {i: removed[i] for i in ids}
+            if self.check(sub, self.p.prune(sub, fit=False)) is None:
+                return []
+            if len(ids) == 1:
+                return ids
+            found = bad(ids[: len(ids) // 2]) + bad(ids[len(ids) // 2:])
+            return found or ids
+        return bad(sorted(i for i, u in removed.items() if len(u)))
+
+    def describe(self, gid: int) -> str:
+        g = next(g for g in self.p.analysis.groups if g.id == gid)
+        names = sorted({s.name.rpartition(".")[0] or s.name for s in g.params})
+        ops = sorted({d[0].name for d in g.dims if hasattr(d[0], "name")})
+        return f"group {gid} ({g.n_units} units; parameters of {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}; ops {', '.join(ops[:6])}{' ...' if len(ops) > 6 else ''})"
+
+
+def verified(p, decide, *, rounds: int = 4):
+    """Prune by ``decide()`` (-> removal), check against the twin, and on a mismatch
+    keep the responsible groups whole and decide again. Returns (model, removal, Verification)."""
+    reason = why_not(p.model)
+    p.runtime_checked = reason is None
+    removed = decide()
+    out = p.prune(removed, fit=False)
+    if reason:
+        return out, removed, Verification("skipped", reason)
+    v = Verifier(p)
+    blocked = []
+    for _ in range(rounds):
+        problem = v.check(removed, out)
+        if problem is None:
+            return out, removed, Verification("repaired" if blocked else "passed", inputs=[_shapes(a) for a, _ in v.cases],
+                                              blocked=blocked, seconds=v.seconds)
+        bad = v.culprits(removed)
+        if not bad:
+            break
+        blocked += [f"{v.describe(g)}: {problem}" for g in bad]
+        p.unsafe.update(bad)
+        removed = decide()
+        out = p.prune(removed, fit=False)
+    raise GraphpruneError(
+        f"the pruned model does not reproduce its dead twin ({problem}), and keeping the groups responsible did not "
+        f"repair it. No model was returned. Kept so far: {'; '.join(blocked) or 'nothing'}. Pass verify=False to get the "
+        "unchecked model at your own risk, or ignore=[...] the modules named above, and please report the model.")

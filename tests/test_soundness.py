@@ -1,0 +1,341 @@
+"""Regression tests for the soundness classes of issue "Soundness": each model
+is built from one construct that real code uses, and was wrong, crashed or
+aliased before the fix. The reference is the dead twin (``kill_units``)."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graphprune
+from graphprune.modules import FullWidthLayerNorm
+from oracle import kill_units
+
+IMG = (2, 3, 6, 6)
+SEQ = (2, 5, 12)
+
+
+def _twin_check(model, shape, *, must_prune: bool, **kw):
+    """Kill 25% of every group, compile at 0.25 and compare at two batch sizes;
+    also ratio 0 on a fresh copy must equal the original."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    fresh = model()
+    fresh.eval()
+    with torch.no_grad():
+        ref0 = fresh(x)
+    same = graphprune.compile(fresh, (x,), ratio=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), ref0, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    m = model().eval()
+    kill_units(m, (x,), 0.25)
+    x3 = torch.randn(3, *shape[1:])
+    with torch.no_grad():
+        ref, ref3 = m(x), m(x3)
+    small = graphprune.compile(m, (x,), ratio=0.25, importance="l1", **kw)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(small(x3), ref3, rtol=1e-4, atol=1e-5)
+    fewer = graphprune.count_params(small) < graphprune.count_params(m)
+    assert fewer == must_prune, f"expected {'a smaller' if must_prune else 'an unpruned'} model"
+    return m, small
+
+
+class InplaceStatements(nn.Module):
+    """Class 1: in-place ops written as statements, their results unused."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.relu_()
+        y = self.b(h)
+        self.act(y)
+        y.mul_(0.5)
+        torch.relu_(y)
+        return self.c(y)
+
+
+def test_inplace_statements_survive_dce():
+    _twin_check(InplaceStatements, IMG, must_prune=True)
+
+
+class AliasUpdate(nn.Module):
+    """Class 2: ``r = h; h += y`` then ``r`` is read: eager PyTorch sees the update, symbolic tracing does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        r = h
+        h += self.c(x)
+        return self.b(r)
+
+
+def test_inplace_update_through_alias_uses_a_faithful_trace():
+    _, small = _twin_check(AliasUpdate, IMG, must_prune=True)
+    assert small.meta["graphprune"]["method"] == "export"
+
+
+class WidthAsNumber(nn.Module):
+    """Class 3: a width read at run time and used as a number, three ways."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(12, 16)
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        q, k = self.q(h), self.k(h)
+        att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        y = att.softmax(-1) @ self.v(h)
+        return self.out(y / y.shape[-1]) + y.mean(-1, keepdim=True) * y.size(-1)
+
+
+def test_width_read_as_a_number_keeps_its_original_value():
+    """Exact and still pruned: the number is frozen to the original width, not the new one."""
+    _, small = _twin_check(WidthAsNumber, SEQ, must_prune=True)
+    assert small.q.out_features < 16
+
+
+class ValuesOverChannels(nn.Module):
+    """Class 4: values of sort/max/topk over channels, and a slice of one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.c, self.d = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        s = h.sort(dim=1).values[:, :4]
+        m = h.max(dim=1).values.unsqueeze(1)
+        t = h.topk(2, dim=1).values.sum(1, keepdim=True)
+        return self.b(h) + s + m + t + self.d(torch.relu(self.c(x)))
+
+
+def test_sort_max_topk_values_keep_their_channels():
+    m, small = _twin_check(ValuesOverChannels, IMG, must_prune=True)
+    assert small.a.out_channels == 8  # sorted: every channel matters
+
+
+class NonZeroReductions(nn.Module):
+    """Class 5: reductions whose removed entries are not zero (sigmoid then sum/mean)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        g = self.c(x)
+        return self.b(h) + torch.sigmoid(h).sum(1, keepdim=True) + self.d(g) + torch.relu(g).mean(1, keepdim=True)
+
+
+def test_reductions_over_nonzero_removed_entries_block_only_their_group():
+    _, small = _twin_check(NonZeroReductions, IMG, must_prune=True)
+    assert small.a.out_channels == 8 and small.c.out_channels < 8  # relu keeps zeros, sigmoid does not
+
+
+class WeightStandardized(nn.Module):
+    """Class 5: NFNet-style weight standardization over input channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.w = nn.Parameter(torch.randn(4, 8, 3, 3))
+
+    def forward(self, x):
+        w = self.w - self.w.mean(dim=(1, 2, 3), keepdim=True)
+        w = w / (w.pow(2).mean(dim=(1, 2, 3), keepdim=True) + 1e-5).sqrt()
+        return F.conv2d(torch.relu(self.a(x)), w, padding=1)
+
+
+def test_weight_standardization_keeps_its_inputs():
+    _twin_check(WeightStandardized, IMG, must_prune=False)
+
+
+class NormOverCHW(nn.Module):
+    """Class 5: LayerNorm over (C, H, W), and a pre-norm residual stream (ViT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.ln = nn.LayerNorm([8, 6, 6])
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.ln(self.a(x)))
+
+
+class PreNormResidual(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp = nn.Linear(12, d)
+        self.pos = nn.Parameter(torch.randn(5, d))
+        self.n1, self.n2, self.nf = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.up, self.down = nn.Linear(d, 32), nn.Linear(32, d)
+        self.proj = nn.Linear(d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.inp(x) + self.pos
+        h = h + self.proj(F.layer_norm(h, (h.shape[-1],), self.n1.weight, self.n1.bias))
+        h = h + self.down(F.gelu(self.up(self.n2(h))))
+        return self.head(self.nf(h))
+
+
+@pytest.mark.parametrize("model,shape", [(NormOverCHW, IMG), (PreNormResidual, SEQ)])
+def test_layer_norm_over_a_pruned_dim_keeps_full_width_statistics(model, shape):
+    _, small = _twin_check(model, shape, must_prune=True)
+    assert any(isinstance(m, FullWidthLayerNorm) for m in small.modules())
+
+
+class TiedAcrossGroups(nn.Module):
+    """Class 6: one weight tensor shared by two layers on different branches."""
+
+    def __init__(self):
+        super().__init__()
+        self.p, self.q = nn.Linear(12, 8), nn.Linear(12, 8)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(torch.cat([self.a(torch.relu(self.p(x))), self.b(torch.tanh(self.q(x)))], -1))
+
+
+def test_tied_weight_is_one_set_of_units():
+    _, small = _twin_check(TiedAcrossGroups, SEQ, must_prune=True)
+    assert small.a.weight is small.b.weight
+
+
+class MHAWeights(nn.Module):
+    """Class 7: ``nn.MultiheadAttention`` returning its head-averaged weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(12, 16)
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.up = nn.Linear(16, 24)
+        self.out = nn.Linear(24, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        y, w = self.mha(h, h, h)
+        return self.out(torch.relu(self.up(y))), w
+
+
+def test_returned_attention_weights_keep_every_head():
+    _, small = _twin_check(MHAWeights, SEQ, must_prune=True)
+    assert small.mha.in_proj_weight.shape[0] == 48
+
+
+class RuntimeGroupsAndKeywords(nn.Module):
+    """Class 8: GroupNorm groups computed at run time; a module called with a keyword input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.gw, self.gb = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        h = self.a(input=x)
+        h = F.group_norm(h, h.shape[1] // 2, self.gw, self.gb)
+        return self.b(input=torch.relu(h))
+
+
+def test_runtime_group_count_and_keyword_inputs_do_not_crash():
+    _twin_check(RuntimeGroupsAndKeywords, IMG, must_prune=True)
+
+
+class NothingPrunable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(12, 8)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return torch.cumsum(self.bn(self.a(x)), -1)
+
+
+@pytest.mark.parametrize("model,shape,ratio", [(NothingPrunable, SEQ, 0.5), (InplaceStatements, IMG, 0.0), (InplaceStatements, IMG, 0.5)])
+def test_result_shares_no_storage_with_the_users_model(model, shape, ratio):
+    """Class 9: mutate every tensor of the result in place; the user's model must not move."""
+    torch.manual_seed(0)
+    m = model().eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    small = graphprune.compile(m, (torch.randn(*shape),), ratio=ratio)
+    ours = {t.untyped_storage().data_ptr() for t in m.state_dict().values()}
+    with torch.no_grad():
+        for t in small.state_dict().values():
+            assert t.untyped_storage().data_ptr() not in ours
+            t.add_(1)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert not any(a is b for a in small.modules() for b in m.modules())
+
+
+class BoolMask(nn.Module):
+    """Class 10: boolean-mask indexing over channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Conv2d(3, 8, 1), nn.Conv2d(5, 4, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+        mask = torch.zeros(8, dtype=torch.bool)
+        mask[:5] = True
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return self.b(self.a(x)[:, self.mask]) + self.d(torch.relu(self.c(x)))
+
+
+def test_boolean_mask_keeps_its_channels_without_blaming_a_pass():
+    _, small = _twin_check(BoolMask, IMG, must_prune=True)
+    assert dict(small.named_parameters())["a.weight"].shape[0] == 8
+
+
+def test_verify_finds_and_keeps_a_group_a_rule_got_wrong(monkeypatch):
+    """Disable the zero rule for reductions: the sigmoid-sum group is then pruned
+    wrongly by the rewrite, and the self-check must find it by bisection, keep
+    it whole, and say so."""
+    import graphprune.zeros as zeros
+
+    monkeypatch.setitem(zeros.RULES, "reduce", zeros.nothing)
+    torch.manual_seed(0)
+    m = NonZeroReductions().eval()
+    x = torch.randn(*IMG)
+    kill_units(m, (x,), 0.25)
+    with torch.no_grad():
+        ref = m(x)
+    small = graphprune.compile(m, (x,), ratio=0.25, importance="l1")
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), ref, rtol=1e-4, atol=1e-5)
+    v = small.report.verify
+    assert v.status == "repaired" and len(v.blocked) >= 1 and "a" in v.blocked[0]
+    assert small.a.out_channels == 8 and small.c.out_channels < 8
+    unchecked = graphprune.compile(m, (x,), ratio=0.25, importance="l1", verify=False)
+    with torch.no_grad():
+        assert not torch.allclose(unchecked(x), ref, atol=1e-4)  # what verify prevented
+
+
+def test_verify_is_skipped_and_says_why_on_meta_weights():
+    m = InplaceStatements().to("meta")
+    small = graphprune.compile(m, (torch.randn(*IMG, device="meta"),), ratio=0.5, importance="random")
+    assert small.report.verify.status == "skipped" and "meta" in small.report.verify.why
+
+
+def test_an_unfaithful_trace_is_refused(monkeypatch):
+    """When neither tracer reproduces the model at ratio 0, no model comes back."""
+    import graphprune.verify as verify
+
+    monkeypatch.setattr(verify, "check_trace", lambda *a, **k: "output 0 differs")
+    with pytest.raises(graphprune.GraphpruneError, match="does not compute what the model computes"):
+        graphprune.compile(AliasUpdate().eval(), (torch.randn(*IMG),), ratio=0.5)
