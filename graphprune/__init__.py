@@ -5,6 +5,7 @@
 """
 from .allocate import Report
 from .api import analyze, compile
+from .checkpoint import load, save
 from .loop import GroupLasso, bn_l1, prune_iteratively, recalibrate_bn
 from .search import SearchResult, Sensitivity, search, sensitivity
 from .errors import GraphpruneError
@@ -12,6 +13,6 @@ from .flops import count_flops, count_params
 from .importance import register_importance
 from .pass_manager import PassResult, register_pass, run_pipeline
 
-__all__ = ["analyze", "compile", "search", "sensitivity", "prune_iteratively", "recalibrate_bn", "bn_l1", "GroupLasso",
+__all__ = ["analyze", "compile", "save", "load", "search", "sensitivity", "prune_iteratively", "recalibrate_bn", "bn_l1", "GroupLasso",
            "GraphpruneError", "register_pass", "register_importance", "run_pipeline", "PassResult", "count_flops",
            "count_params", "Report", "SearchResult", "Sensitivity"]

@@ -92,6 +92,7 @@ class Pruner:
     pipeline: str | None = None
     reconstruct: bool = False
     check_trace: bool = False  # compare the traced graph with the model first (needs real weights)
+    method: str = "auto"  # tracer: "auto" (symbolic_trace, else export), "symbolic_trace" or "export"
     analysis: Analysis = field(init=False)
     scores: dict = field(init=False)
     unsafe: set = field(init=False, default_factory=set)  # group ids kept whole after failing the self-check
@@ -100,7 +101,7 @@ class Pruner:
 
     def __post_init__(self):
         self.ignore = tuple(check_ignore(self.model, self.ignore))
-        traced = self._faithful_trace() if self.check_trace else trace(self.model, self.example_inputs, self.example_kwargs)
+        traced = self._faithful_trace() if self.check_trace else trace(self.model, self.example_inputs, self.example_kwargs, method=self.method)
         self.analysis = analyze_graph(traced.gm, traced.method, self.ignore)
         ctx = _importance.ScoreContext(traced.gm, self.analysis.groups, self.calibration, self.loss_fn)
         fn = _importance.get_importance(self.importance)
@@ -233,6 +234,14 @@ class Pruner:
             "method": self.analysis.method,
             "widths": {g.id: (g.n_units, g.n_units - len(removed.get(g.id, ()))) for g in self.groups},
             "unsupported": self.analysis.unsupported,
+            # what graphprune.save records to rebuild this model onto a fresh original
+            "kept": {(k, a): v for (k, a), v in plan.items() if isinstance(k, str)},
+            "source": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+            "example": (self.example_inputs, self.example_kwargs),
+            "ignore": list(self.ignore),
+            "original": {n: list(t.shape) for n, t in [*self.model.named_parameters(remove_duplicate=False),
+                                                          *self.model.named_buffers(remove_duplicate=False)]},
+            "pipeline": self.pipeline or DEFAULT_PIPELINE,
         }
         return out
 

@@ -1,0 +1,222 @@
+"""``save`` and ``load``: a pruned model as plain safetensors plus a readable manifest.
+
+Nothing in the directory needs unpickling. The manifest records where the
+model came from (class, tracer, example input shapes, ignored modules, the
+pass pipeline) and, for every parameter that shrank, the indices it kept
+along each axis. ``load`` traces a freshly built original (it may live on
+the ``meta`` device, so no second copy of the weights is ever in memory),
+finds the same channel groups, turns the kept indices back into a removal,
+runs the same passes, and fills the result with the saved tensors, every
+shape checked before anything is loaded.
+
+    out/
+      manifest.json       graphprune version, source, kept indices, tensor shapes
+      model.safetensors   every parameter and buffer of the pruned model, tied ones once
+"""
+from __future__ import annotations
+
+import json
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import GraphpruneError
+
+FORMAT = "graphprune/1"
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+
+
+def _version() -> str:
+    try:
+        return version("graphprune")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _input_spec(x):
+    if isinstance(x, torch.Tensor):
+        return {"tensor": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return {"value": x}
+    raise GraphpruneError(f"cannot record an example input of type {type(x).__name__} in the manifest; "
+                          "pass tensors or plain Python values as example inputs")
+
+
+def _input_value(spec: dict, device):
+    if "tensor" in spec:
+        dtype = getattr(torch, spec["dtype"])
+        return torch.zeros(spec["tensor"], dtype=dtype, device=device)
+    return spec["value"]
+
+
+def _slots(model: torch.nn.Module):
+    """(name, tensor) of every parameter and buffer, every name a tied tensor has."""
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
+def save(model: torch.nn.Module, path) -> Path:
+    """Write a model returned by ``graphprune.compile`` to directory ``path``."""
+    from safetensors.torch import save_file
+
+    info = getattr(model, "meta", {}).get("graphprune")
+    if info is None or "kept" not in info:
+        raise GraphpruneError("save expects a model returned by graphprune.compile (it records how it was pruned); "
+                              f"got a {type(model).__name__} without that record")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    first: dict[int, str] = {}
+    tensors, aliases = {}, {}
+    for name, t in _slots(model):
+        if id(t) in first:
+            aliases[name] = first[id(t)]
+            continue
+        first[id(t)] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    args, kwargs = info["example"]
+    kept: dict = {}
+    for (name, axis), idx in sorted(info["kept"].items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        kept.setdefault(name, {})[str(axis)] = [int(i) for i in idx]
+    report = getattr(model, "report", None)
+    manifest = {
+        "format": FORMAT,
+        "graphprune_version": _version(),
+        "form": "graph",
+        "source": {"class": info["source"], "method": info["method"]},
+        "inputs": {"args": [_input_spec(a) for a in args], "kwargs": {k: _input_spec(v) for k, v in (kwargs or {}).items()}},
+        "ignore": info["ignore"],
+        "pipeline": info["pipeline"],
+        "training": bool(model.training),
+        "kept": kept,
+        "original": info["original"],
+        "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()},
+        "aliases": aliases,
+        "report": None if report is None else str(report),
+    }
+    save_file(tensors, str(path / WEIGHTS), metadata={"format": FORMAT})
+    (path / MANIFEST).write_text(_dumps(manifest))
+    return path
+
+
+def _dumps(manifest: dict) -> str:
+    """Indented JSON with every list of numbers on one line (kept indices, shapes)."""
+    import re
+
+    text = json.dumps(manifest, indent=1)
+    return re.sub(r"\[\s*([-\d.,\s]*?)\s*\]", lambda mt: "[" + re.sub(r"\s+", " ", mt.group(1)) + "]", text)
+
+
+def read_manifest(path) -> dict:
+    path = Path(path)
+    file = path / MANIFEST
+    if not file.is_file():
+        raise GraphpruneError(f"{path} has no {MANIFEST}: not a directory written by graphprune.save")
+    try:
+        m = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise GraphpruneError(f"{file} is not valid JSON ({e}); it was corrupted or edited by hand: save the model again") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise GraphpruneError(f"{file} is not a {FORMAT} manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
+    need = {"source": dict, "inputs": dict, "ignore": list, "pipeline": str, "kept": dict, "tensors": dict, "aliases": dict}
+    for key, kind in need.items():
+        if not isinstance(m.get(key), kind):
+            raise GraphpruneError(f"{file}: field {key!r} is missing or not a {kind.__name__}; the manifest was edited by hand or is damaged")
+    for name, axes in m["kept"].items():
+        if not isinstance(axes, dict) or not all(isinstance(v, list) and all(isinstance(i, int) for i in v) for v in axes.values()):
+            raise GraphpruneError(f"{file}: kept indices of {name!r} are not lists of integers")
+    return m
+
+
+def _removal(p, kept: dict) -> dict:
+    """Group id -> removed units, from the kept indices of each parameter (unit
+    numbers are not stable across runs; parameter indices are)."""
+    removed = {}
+    claimed = set()
+    for g in p.analysis.groups:
+        gone = None
+        for s in g.params:
+            idx = kept.get(s.name, {}).get(str(s.axis))
+            if idx is None:
+                continue
+            claimed.add((s.name, str(s.axis)))
+            keep = np.zeros(len(s.unit_of), dtype=bool)
+            if idx and (min(idx) < 0 or max(idx) >= len(s.unit_of)):
+                raise GraphpruneError(f"the manifest keeps index {max(idx)} of {s.name} axis {s.axis}, which has {len(s.unit_of)}: "
+                                      "it was saved from another architecture")
+            keep[idx] = True
+            units_kept = set(s.unit_of[keep].tolist())
+            this = np.array(sorted(set(range(g.n_units)) - units_kept), dtype=np.int64)
+            if gone is None:
+                gone = this
+            elif not np.array_equal(gone, this):
+                raise GraphpruneError(f"the kept indices of {s.name} disagree with the rest of its channel group; "
+                                      "the manifest was edited by hand or saved from another architecture")
+        if gone is not None and len(gone):
+            removed[g.id] = gone
+    extra = [f"{n} axis {a}" for n, axes in kept.items() for a in axes if (n, a) not in claimed]
+    if extra:
+        raise GraphpruneError(f"the manifest prunes {extra[0]}, which this model cannot prune the same way "
+                              f"({len(extra)} such entries): load onto the architecture it was saved from")
+    return removed
+
+
+def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
+    """Rebuild the model saved at ``path`` onto ``original`` (a freshly built model
+    of the same architecture, on ``meta`` or with any weights; it is not changed)."""
+    from safetensors import safe_open
+
+    from .pruner import Pruner
+
+    path = Path(path)
+    m = read_manifest(path)
+    if not (path / WEIGHTS).is_file():
+        raise GraphpruneError(f"{path} has no {WEIGHTS}")
+    got = f"{type(original).__module__}.{type(original).__qualname__}"
+    if got != m["source"]["class"]:
+        raise GraphpruneError(f"{path} holds a pruned {m['source']['class']}, not a {got}; build the original it was saved from")
+    where = next((t.device for t in original.parameters()), torch.device("cpu"))  # tracing happens there
+    for name, t in _slots(original):
+        want = m.get("original", {}).get(name)
+        if want is not None and list(t.shape) != want:
+            raise GraphpruneError(f"tensor {name!r} of the original is {tuple(t.shape)}, but the saved model was pruned from one "
+                                  f"where it is {tuple(want)}: build the original with the configuration it was saved from; nothing was loaded")
+    dev = torch.device(device) if device is not None else (torch.device("cpu") if where.type == "meta" else where)
+    args = tuple(_input_value(s, where) for s in m["inputs"]["args"])
+    kwargs = {k: _input_value(s, where) for k, s in m["inputs"]["kwargs"].items()} or None
+    p = Pruner(original, args, kwargs, tuple(m["ignore"]), "random", pipeline=m["pipeline"], method=m["source"]["method"])
+    out = p.prune(_removal(p, m["kept"]), check=False, fit=False)
+    slots = _slots(out)
+    with safe_open(str(path / WEIGHTS), framework="pt", device=str(dev)) as f:
+        stored = set(f.keys())
+        for name, t in slots:
+            key = m["aliases"].get(name, name)
+            if key not in stored:
+                raise GraphpruneError(f"{WEIGHTS} has no tensor {key!r}, which the rebuilt model needs: saved from another architecture?")
+            shape = tuple(f.get_slice(key).get_shape())
+            if shape != tuple(t.shape):
+                raise GraphpruneError(f"tensor {key!r} is {shape} in {WEIGHTS} but {tuple(t.shape)} in the model rebuilt "
+                                      "from the manifest; nothing was loaded")
+        loaded = {key: f.get_tensor(key) for key in stored}
+    _assign(out, loaded, m["aliases"])
+    if m["source"]["method"] == "symbolic_trace":  # exported graphs keep the mode they were exported in
+        out.train(bool(m.get("training", False)))
+    out.meta["graphprune"]["loaded_from"] = str(path)
+    return out
+
+
+def _assign(out: torch.nn.Module, loaded: dict, aliases: dict) -> None:
+    """Put the loaded tensors in every slot, tied slots sharing one tensor."""
+    made: dict = {}
+    for path, mod in out.named_modules(remove_duplicate=False):
+        prefix = f"{path}." if path else ""
+        for store in (mod._parameters, mod._buffers):
+            for k, t in store.items():
+                if t is None:
+                    continue
+                key = aliases.get(prefix + k, prefix + k)
+                if key not in made:
+                    data = loaded[key]
+                    made[key] = torch.nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else data
+                store[k] = made[key]

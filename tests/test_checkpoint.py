@@ -1,0 +1,125 @@
+"""graphprune.save / graphprune.load: safetensors plus a manifest, rebuilt onto a fresh original."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import graphprune
+from models import IMAGE, TOKENS, GQAttention, Residual
+from test_oracle import TiedLM
+
+
+def _roundtrip(model, x, tmp_path, **kw):
+    small = graphprune.compile(model, (x,), **kw)
+    graphprune.save(small, tmp_path)
+    with torch.device("meta"):
+        fresh = type(model)()
+    back = graphprune.load(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+    assert all(not t.is_meta for t in back.state_dict().values())
+    return small, back
+
+
+def test_save_load_onto_a_meta_original_in_a_fresh_process(tmp_path):
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(*IMAGE)
+    small = graphprune.compile(model, (x,), ratio=0.5)
+    graphprune.save(small, tmp_path)
+    torch.save({"x": x, "y": small(x).detach()}, tmp_path / "check.pt")  # test data only, not part of the format
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.pt", "manifest.json", "model.safetensors"]
+    code = textwrap.dedent(f"""
+        import sys, torch, graphprune
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+        from models import Residual
+        with torch.device("meta"):
+            fresh = Residual()
+        back = graphprune.load(fresh, {str(tmp_path)!r})
+        data = torch.load({str(tmp_path / 'check.pt')!r})
+        with torch.no_grad():
+            assert torch.equal(back(data["x"]), data["y"]), "outputs differ"
+        assert not back.training
+        print("ok", graphprune.count_params(back))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"ok {graphprune.count_params(small)}" in out.stdout
+
+
+def test_tied_weights_are_saved_once_and_stay_tied(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 11, (2, 7))
+    _, back = _roundtrip(TiedLM().eval(), ids, tmp_path, ratio=0.25)
+    assert back.head.weight is back.emb.weight
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["aliases"] == {"head.weight": "emb.weight"}
+
+
+def test_refit_weights_and_budgets_round_trip(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(*TOKENS)
+    cal = [(torch.randn(*TOKENS),) for _ in range(3)]
+    small, back = _roundtrip(GQAttention().eval(), x, tmp_path, target_params=0.7, calibration=cal, reconstruct=True,
+                             importance="activation")
+    assert graphprune.count_params(back) == graphprune.count_params(small)
+
+
+def test_exported_graph_round_trips(tmp_path):
+    from test_soundness import AliasUpdate  # traced with torch.export (an in-place alias)
+
+    torch.manual_seed(0)
+    small, _ = _roundtrip(AliasUpdate().eval(), torch.randn(2, 3, 6, 6), tmp_path, ratio=0.5)
+    assert small.meta["graphprune"]["method"] == "export"
+
+
+def test_loading_into_another_architecture_names_the_tensor_and_loads_nothing(tmp_path):
+    torch.manual_seed(0)
+    small = graphprune.compile(Residual().eval(), (torch.randn(*IMAGE),), ratio=0.5)
+    graphprune.save(small, tmp_path)
+
+    class Other(Residual):
+        pass
+
+    with pytest.raises(graphprune.GraphpruneError, match="holds a pruned .*Residual, not a .*Other"):
+        graphprune.load(Other(), tmp_path)
+    wider = Residual(c=24)
+    wider.__class__ = Residual
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    with pytest.raises(graphprune.GraphpruneError, match=r"stem\.0\.weight|stem\.1"):
+        graphprune.load(wider, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in wider.state_dict().items())
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda text: text[: len(text) // 2], "not valid JSON"),
+    (lambda text: text.replace('"kept"', '"kept_"'), "field 'kept' is missing"),
+    (lambda text: text.replace('"graphprune/1"', '"other/9"'), "not a graphprune/1 manifest"),
+])
+def test_a_damaged_manifest_gets_a_clear_error(tmp_path, damage, match):
+    small = graphprune.compile(Residual().eval(), (torch.randn(*IMAGE),), ratio=0.5)
+    graphprune.save(small, tmp_path)
+    f = tmp_path / "manifest.json"
+    f.write_text(damage(f.read_text()))
+    with pytest.raises(graphprune.GraphpruneError, match=match):
+        graphprune.load(Residual(), tmp_path)
+
+
+def test_hand_edited_kept_indices_are_refused(tmp_path):
+    small = graphprune.compile(Residual().eval(), (torch.randn(*IMAGE),), ratio=0.5)
+    graphprune.save(small, tmp_path)
+    f = tmp_path / "manifest.json"
+    m = json.loads(f.read_text())
+    name = next(n for n in m["kept"] if n.startswith("stem.0"))
+    m["kept"][name]["0"] = m["kept"][name]["0"][:-1] + [m["kept"][name]["0"][-1] + 1 if m["kept"][name]["0"][-1] < 15 else 0]
+    f.write_text(json.dumps(m))
+    with pytest.raises(graphprune.GraphpruneError, match="disagree|nothing was loaded|another architecture"):
+        graphprune.load(Residual(), tmp_path)
+
+
+def test_save_refuses_a_model_compile_did_not_make(tmp_path):
+    with pytest.raises(graphprune.GraphpruneError, match="returned by graphprune.compile"):
+        graphprune.save(Residual(), tmp_path)
