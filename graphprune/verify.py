@@ -185,18 +185,18 @@ class Verifier:
         self.p = p
         args, kwargs = p.example_inputs, dict(p.example_kwargs or {})
         self.cases = [(tuple(args), kwargs)]
+        self.others = [(o, kwargs) for o in other_inputs(tuple(args))]  # tried in order until the model takes one
         self.seconds = 0.0
         gm = p.gm
         self.params = dict(gm.named_parameters(remove_duplicate=False)) | dict(gm.named_buffers(remove_duplicate=False))
-        with evaluating(gm):
-            for other in other_inputs(tuple(args)):
-                try:
-                    with swapped(gm, _buffer_copies(gm)):
-                        _run(gm, other, kwargs)
-                except Exception:  # noqa: BLE001 - the model does not take this shape: not a case
-                    continue
-                self.cases.append((other, kwargs))
-                break
+
+    def _cases(self):
+        """The example, then the first other shape the model accepts (found on the first check)."""
+        yield from list(self.cases)
+        while self.others and len(self.cases) == 1:
+            case = self.others.pop(0)
+            self.cases.append(case)
+            yield case
 
     def twin_state(self, removed: dict) -> dict:
         """Zeroed copies of every parameter slice of the removed units ({id(original): copy})."""
@@ -224,9 +224,13 @@ class Verifier:
             state = self.twin_state(removed)
             gm = self.p.gm
             with evaluating(gm, out):
-                for args, kwargs in self.cases:
-                    with swapped(gm, {**_buffer_copies(gm), **state}):
-                        ref = _run(gm, args, kwargs)
+                for args, kwargs in self._cases():
+                    try:
+                        with swapped(gm, {**_buffer_copies(gm), **state}):
+                            ref = _run(gm, args, kwargs)
+                    except Exception:  # noqa: BLE001 - only the second shape can fail: the model does not take it
+                        self.cases = [c for c in self.cases if c[0] is not args]
+                        continue
                     try:
                         got = _run(out, args, kwargs)
                     except Exception as e:  # noqa: BLE001 - a pruned model that fails where the twin runs is wrong
