@@ -35,6 +35,7 @@ def survey(name: str) -> dict:
     from oracle import kill_units
 
     import graphprune
+    from graphprune import module_form
 
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -51,7 +52,7 @@ def survey(name: str) -> dict:
         return {"model": name, "result": "refused", "error": str(e).splitlines()[0][:300]}
     with torch.no_grad():
         out = small(x)
-    return {"model": name, "result": "compiled", "method": small.meta["graphprune"]["method"],
+    return {"model": name, "result": "compiled", "method": module_form.info(small)["method"], "form": small.report.form,
             "rel_error": float((out - ref).abs().max() / ref.abs().max()),
             "param_ratio": round(graphprune.count_params(small) / graphprune.count_params(model), 3),
             "user_model_intact": all(p.device.type == "cpu" for p in model.parameters()),

@@ -34,6 +34,8 @@ class Report:
     latency: float | None = None
     budget: dict = field(default_factory=dict)
     verify: object = None  # verify.Verification: what the self-check did
+    form: str = "graph"  # "module": the user's own classes; "graph": an fx GraphModule
+    form_why: str = ""
 
     def __str__(self) -> str:
         lat = "" if self.latency is None else f", latency {self.latency:.3f}"

@@ -14,7 +14,8 @@ import torch
 from .allocate import Constraints, allocate, light_report, report
 from .errors import GraphpruneError
 from .groups import Analysis, analyze_graph
-from .pruner import Pruner, check_ignore
+from . import module_form
+from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore
 from .trace import trace
 from .verify import Verification, verified, why_not
 
@@ -54,7 +55,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
             target_latency=None, importance="l2", ignore=(), pipeline=None, example_kwargs=None, calibration=None,
             loss_fn=None, round_to: int = 1, min_width: int = 1, overrides: dict | None = None,
             latency_inputs: tuple | None = None, ratio_scope: str = "group", reconstruct: bool = False,
-            verify: bool = True) -> torch.nn.Module:
+            verify: bool = True, output: str = "auto") -> torch.nn.Module:
     """Return a physically smaller copy of ``model``; ``model`` itself is not changed.
 
     Say how much to remove in one of two ways:
@@ -85,6 +86,12 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     that the traced graph computes what ``model`` does. It is skipped, and
     ``result.report.verify`` says why, when the weights are on ``meta`` or a
     copy would not fit in memory.
+
+    ``output="module"`` returns the pruned model as an instance of the user's
+    own class (its forward code, its submodules sliced) or raises saying why
+    not; ``"graph"`` returns the fx ``GraphModule``; ``"auto"`` (the default)
+    returns the module form where it computes what the graph computes, and
+    the graph otherwise. ``result.report.form`` says which, and why.
 
     >>> small = graphprune.compile(model, (x,), ratio=0.5, ignore=["fc"])
     >>> small = graphprune.compile(model, (x,), target_flops=0.5)
@@ -117,6 +124,28 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         out, check = p.prune(removed, fit=False), Verification("skipped", "verify=False")
     if p.reconstruct:
         p.refit(out, removed)
-    out.report = report(p, removed, out, budgets, latency_inputs) if budgets else light_report(p, removed)
-    out.report.verify = check
-    return out
+    rep = report(p, removed, out, budgets, latency_inputs) if budgets else light_report(p, removed)
+    rep.verify = check
+    result, rep.form, rep.form_why = _choose_form(model, out, p, output)
+    result.report = rep
+    return result
+
+
+def _choose_form(model, out, p, output: str):
+    """(result, "module" or "graph", why): the module form where it is asked for and verified."""
+    if output not in ("auto", "module", "graph"):
+        raise GraphpruneError(f"output must be 'auto', 'module' or 'graph', got {output!r}")
+    if output == "graph":
+        return out, "graph", "output='graph'"
+    if output == "auto" and (p.pipeline or DEFAULT_PIPELINE) != DEFAULT_PIPELINE:
+        return out, "graph", f"a custom pipeline ({p.pipeline}) may rewrite the graph beyond the model's own code"
+    top, why = module_form.build(model, out)
+    if top is not None and not any(t.is_meta for t in out.parameters()):
+        why = module_form.differs(top, out, p.example_inputs, dict(p.example_kwargs or {}), params=p.param_writes)
+    if top is None or why:
+        if output == "module":
+            raise GraphpruneError(f"cannot return the pruned model in the model's own classes: {why}. "
+                                  "Use output='graph' (or 'auto') for the fx GraphModule.")
+        return out, "graph", why
+    top._graphprune = {**out.meta["graphprune"], "form": "module"}
+    return top, "module", "the model's own forward reproduces the pruned graph on the example and another input shape"

@@ -87,8 +87,16 @@ def _softmax(node, mod=None):
     return COp("ewise", node, _tensors(node), attrs={"block_dims": [_dim(dim, _ndim(node))]})
 
 
+def _sizes_positional(node: Node, name: str) -> None:
+    """``torch.reshape(x, shape=s)``, ``x.expand(size=s)``: the sizes moved to args[1]."""
+    if name in node.kwargs and len(node.args) == 1:
+        kwargs = dict(node.kwargs)
+        node.args, node.kwargs = (node.args[0], kwargs.pop(name)), kwargs
+
+
 def _reshape(node, mod=None):
     """view / reshape / flatten / squeeze / unsqueeze: the rule reads shapes only."""
+    _sizes_positional(node, "shape")
     sizes_at = None
     if node.op == "call_method" and node.target in ("view", "reshape"):
         sizes_at = "varargs" if not isinstance(arg(node, 1, "shape"), (list, tuple)) else 1
@@ -117,6 +125,7 @@ def _permute(node, mod=None):
 
 
 def _expand(node, mod=None):
+    _sizes_positional(node, "size")
     sizes_at = None
     if node.op == "call_method" and node.target == "expand":
         sizes_at = "varargs" if not isinstance(arg(node, 1, "size"), (list, tuple)) else 1
@@ -221,9 +230,18 @@ _REDUCE_KIND = {
 }
 
 
+def _pool_rank(name: str) -> int:
+    """How many trailing dims a pooling op pools over, from its name (max_pool3d -> 3)."""
+    return next((int(ch) for ch in ("1", "2", "3") if f"{ch}d" in name.lower()), 2)
+
+
 def _pool(node, mod=None):
-    """Pooling keeps batch and channel dims; spatial sizes change."""
-    return COp("pool", node, [vkey(node.args[0])])
+    """Pooling keeps the leading (batch, channel) dims; the trailing ``rank`` dims change.
+    An unbatched input (``max_pool3d`` on a 4-D tensor) has only one leading dim."""
+    if not isinstance(node.meta.get(VAL), torch.Tensor):  # return_indices=True: (values, indices)
+        return COp("unknown", node, _tensors(node), attrs={"why": "pooling that also returns indices"})
+    name = type(mod).__name__ if mod is not None else getattr(node.target, "__name__", str(node.target))
+    return COp("pool", node, [vkey(node.args[0])], attrs={"rank": _pool_rank(name)})
 
 
 def _matmul(node, mod=None):
@@ -518,7 +536,7 @@ MODULE_TABLE: list[tuple[tuple[type, ...], Callable]] = [
     ((nn.Embedding,), _m_embedding),
     ((nn.MultiheadAttention,), _m_mha),
     (_ACTIVATIONS, lambda node, mod: COp("ewise", node, _tensors(node))),
-    (_POOLS, lambda node, mod: COp("pool", node, [vkey(node.args[0])])),
+    (_POOLS, _pool),
     ((nn.Flatten,), _m_flatten),
     ((nn.Softmax, nn.LogSoftmax), _softmax),
 ]
@@ -529,6 +547,8 @@ def _module_rule(mod) -> Callable | None:
 
     if parametrize.is_parametrized(mod):
         return None  # its weight is computed (weight_norm, orthogonal...): no rule slices what it is computed from
+    if mod._forward_hooks or mod._forward_pre_hooks:
+        return None  # a hook changes what it computes (old-style weight_norm, a user's normalisation): no rule sees it
     for types, fn in MODULE_TABLE:
         if type(mod) in types:  # exact types: a subclass may change forward
             return fn

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import module_form
 from .errors import GraphpruneError
 
 FORMAT = "graphprune/1"
@@ -61,7 +62,7 @@ def save(model: torch.nn.Module, path) -> Path:
     """Write a model returned by ``graphprune.compile`` to directory ``path``."""
     from safetensors.torch import save_file
 
-    info = getattr(model, "meta", {}).get("graphprune")
+    info = module_form.info(model)
     if info is None or "kept" not in info:
         raise GraphpruneError("save expects a model returned by graphprune.compile (it records how it was pruned); "
                               f"got a {type(model).__name__} without that record")
@@ -83,7 +84,7 @@ def save(model: torch.nn.Module, path) -> Path:
     manifest = {
         "format": FORMAT,
         "graphprune_version": _version(),
-        "form": "graph",
+        "form": info.get("form", "graph"),
         "source": {"class": info["source"], "method": info["method"]},
         "inputs": {"args": [_input_spec(a) for a in args], "kwargs": {k: _input_spec(v) for k, v in (kwargs or {}).items()}},
         "ignore": info["ignore"],
@@ -187,6 +188,12 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     kwargs = {k: _input_value(s, where) for k, s in m["inputs"]["kwargs"].items()} or None
     p = Pruner(original, args, kwargs, tuple(m["ignore"]), "random", pipeline=m["pipeline"], method=m["source"]["method"])
     out = p.prune(_removal(p, m["kept"]), check=False, fit=False)
+    if m.get("form") == "module":
+        top, why = module_form.build(original, out)
+        if top is None:
+            raise GraphpruneError(f"the saved model is in module form, but {why}")
+        top._graphprune = {**out.meta["graphprune"], "form": "module"}
+        out = top
     slots = _slots(out)
     with safe_open(str(path / WEIGHTS), framework="pt", device=str(dev)) as f:
         stored = set(f.keys())
@@ -202,7 +209,7 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     _assign(out, loaded, m["aliases"])
     if m["source"]["method"] == "symbolic_trace":  # exported graphs keep the mode they were exported in
         out.train(bool(m.get("training", False)))
-    out.meta["graphprune"]["loaded_from"] = str(path)
+    module_form.info(out)["loaded_from"] = str(path)
     return out
 
 

@@ -220,7 +220,10 @@ def build(gm: GraphModule, ignore=()) -> Builder:
                     for k in range(len(b.shape(key))):
                         b.block((key, k), "model output")
         else:
-            RULES.get(c.op, RULES["unknown"])(b, c)
+            try:
+                RULES.get(c.op, RULES["unknown"])(b, c)
+            except Exception as e:  # noqa: BLE001 - a rule that cannot read this node explains nothing about it
+                b.unknown(c, f"the {c.op} rule failed on it ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             if c.attrs.get("sizes_at") is not None:
                 _couple_size_reads(b, c)
             if c.op == "get_attr" or (c.op in _SIZE_ONLY and not _tensor_values(node)):

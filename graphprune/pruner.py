@@ -20,7 +20,7 @@ from .errors import GraphpruneError
 from .groups import Analysis, Group, analyze_graph
 from .meta_keys import PLAN
 from .pass_manager import check_graph, run_pipeline
-from .trace import trace
+from .trace import shadow, trace
 
 DEFAULT_PIPELINE = "shrink-params,dce"
 
@@ -97,6 +97,7 @@ class Pruner:
     scores: dict = field(init=False)
     unsafe: set = field(init=False, default_factory=set)  # group ids kept whole after failing the self-check
     runtime_checked: bool = field(init=False, default=False)  # set by verify: results are checked by running them
+    param_writes: bool = field(init=False, default=True)  # does forward write to its parameters? (check_trace finds out)
     meta_check: bool | None = field(init=False, default=None)  # whether the meta-tensor check can run (see _meta_checkable)
 
     def __post_init__(self):
@@ -116,14 +117,14 @@ class Pruner:
         graph differs from the model, ``torch.export`` (which follows them) is used."""
         args, kwargs = self.example_inputs, dict(self.example_kwargs or {})
         traced = trace(self.model, args, kwargs)
-        problem = _verify.check_trace(self.model, traced.gm, args, kwargs)
+        problem, self.param_writes = _verify.check_trace(shadow(self.model), traced.gm, args, kwargs)
         if problem is None:
             return traced
         first = f"{traced.method}: {problem}"
         if traced.method == "symbolic_trace":
             try:
                 traced = trace(self.model, args, kwargs, method="export")
-                problem = _verify.check_trace(self.model, traced.gm, args, kwargs)
+                problem, self.param_writes = _verify.check_trace(shadow(self.model), traced.gm, args, kwargs)
             except GraphpruneError as e:
                 problem = str(e).splitlines()[0]
             if problem is None:

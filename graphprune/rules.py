@@ -266,9 +266,10 @@ def reduce(b, c: COp):
 
 
 def pool(b, c: COp):
-    """pooling keeps batch and channels; spatial sizes change."""
+    """pooling keeps the leading dims (batch and channels, or channels alone when
+    unbatched); the trailing ``rank`` dims are pooled."""
     x, out = c.inputs[0], _out(c)
-    for k in range(min(2, len(b.shape(x)) - 1)):
+    for k in range(max(len(b.shape(x)) - c.attrs.get("rank", 2), 0)):
         b.couple((x, k), (out, k))
 
 

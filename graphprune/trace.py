@@ -32,6 +32,37 @@ class Traced:
     symbolic_error: str | None = None  # why symbolic_trace was not used
 
 
+def fresh_attrs(d: dict) -> dict:
+    """A module's ``__dict__`` with its containers copied (hook dicts, the
+    non-persistent buffer set, lists): a copy of the module gets its own."""
+    return {k: (type(v)(v) if isinstance(v, (dict, set, list)) else v) for k, v in d.items()}
+
+
+def shadow(model: torch.nn.Module, *, own_buffers: bool = False) -> torch.nn.Module:
+    """A copy of the module tree that shares every parameter but no module object.
+    Tracing runs ``forward``: code that assigns attributes (``self.offset +=
+    n``, ``self.initialized = True``) then writes to the shadow, never to the
+    user's model. With ``own_buffers`` the buffers are copies too: symbolic
+    tracing proxies parameters but runs arithmetic on buffers for real, so
+    ``self.step += 1`` would count in the user's model. A module registered
+    twice stays one object."""
+    copies: dict = {}
+    memo: dict = {}
+
+    def copy(m):
+        if id(m) in memo:
+            return memo[id(m)]
+        c = type(m).__new__(type(m))
+        memo[id(m)] = c
+        c.__dict__ = fresh_attrs(m.__dict__)
+        c._modules = {k: (None if v is None else copy(v)) for k, v in m._modules.items()}
+        if own_buffers:
+            c._buffers = {k: (None if t is None else copies.setdefault(id(t), t.clone())) for k, t in m._buffers.items()}
+        return c
+
+    return copy(model)
+
+
 def to_meta(x):
     if isinstance(x, torch.Tensor):
         return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
@@ -155,7 +186,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, example_kwargs: 
             raise meta_error from None
 
 
-def meta_state(gm: fx.GraphModule) -> dict:
+def meta_state(gm: fx.GraphModule, convert=None) -> dict:
     """Meta copies of every tensor the graph reads: parameters, buffers (persistent
     or not) and constants held as plain attributes (torch.export lifts these).
 
@@ -165,9 +196,11 @@ def meta_state(gm: fx.GraphModule) -> dict:
     ``tie_weights=False``; tensors tied across modules get the same copy."""
     copies: dict = {}
 
+    convert = convert or to_meta
+
     def meta(t):
         if id(t) not in copies:
-            copies[id(t)] = to_meta(t)
+            copies[id(t)] = convert(t)
         return copies[id(t)]
 
     state = {}
@@ -204,7 +237,8 @@ def _fake_run(gm: fx.GraphModule, args: tuple) -> None:
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
-    with torch.no_grad():
+    state = meta_state(gm, mode.from_tensor)  # fake copies: a graph that updates a buffer in place updates those
+    with _reparametrize_module(gm, state, tie_weights=False), torch.no_grad():
         FakeTensorProp(gm, mode).propagate(*fake)
     _fill_missing_vals(gm)
 
@@ -254,10 +288,12 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
     if not isinstance(example_inputs, tuple):
         raise GraphpruneError(f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}; wrap a single tensor as (x,)")
     symbolic_error = None
+    user_model, model = model, shadow(model, own_buffers=True)
     if method in ("auto", "symbolic_trace") and not example_kwargs:
         try:
             with _use_lazy_graph_module(True):  # Python code is generated on first call; analysis never calls it
                 gm = fx.symbolic_trace(model)
+            _check_state_untouched(model)
             for name, child in model.named_children():  # keep the user's containers (Sequential...) intact
                 setattr(gm, name, child)
             propagate_shapes(gm, example_inputs)
@@ -266,6 +302,7 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
             symbolic_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             if method == "symbolic_trace":
                 raise GraphpruneError(f"torch.fx.symbolic_trace failed: {symbolic_error}. Use method='export' or make the model traceable (wrap the failing code in a leaf module or @torch.fx.wrap).") from e
+    model = shadow(user_model, own_buffers=True)  # a clean copy: the symbolic attempt may have left state behind
     try:
         gm = _export(model, example_inputs, example_kwargs)
     except Exception as e:  # noqa: BLE001
@@ -278,6 +315,18 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
     _fill_missing_vals(gm)
     gm.meta[EXAMPLE] = (tuple(example_inputs), dict(example_kwargs or {}))
     return Traced(gm, "export", symbolic_error)
+
+
+def _check_state_untouched(model: torch.nn.Module) -> None:
+    """Symbolic tracing runs ``forward`` once with proxies; a forward that stores a
+    result in its module (``self.offset += n``, a cache) leaves a proxy behind, and
+    the graph does not replay that update. Such models go to ``torch.export``,
+    which records buffer updates."""
+    for name, mod in model.named_modules():
+        for store in (mod._parameters, mod._buffers, mod.__dict__):
+            for k, v in list(store.items()):
+                if isinstance(v, fx.Proxy):
+                    raise GraphpruneError(f"forward assigns {name + '.' if name else ''}{k} while tracing (module state)")
 
 
 def _fill_missing_vals(gm: fx.GraphModule) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import GraphpruneError
+from .trace import shadow
 
 
 @dataclass
@@ -37,42 +38,64 @@ class Verification:
     inputs: list = field(default_factory=list)  # input shapes checked
     blocked: list = field(default_factory=list)  # groups kept whole after a mismatch, with their members
     seconds: float = 0.0
+    notes: list = field(default_factory=list)  # what the user should know (a shape the traced graph does not take)
 
     def __str__(self) -> str:
         if self.status == "skipped":
             return f"verify skipped: {self.why}"
         more = f"; kept whole after a mismatch: {'; '.join(self.blocked)}" if self.blocked else ""
-        return f"verify {self.status} on inputs {self.inputs} in {self.seconds:.2f}s{more}"
+        notes = f"; note: {'; '.join(self.notes)}" if self.notes else ""
+        return f"verify {self.status} on inputs {self.inputs} in {self.seconds:.2f}s{more}{notes}"
 
 
 def flatten(out) -> list:
-    """Every tensor of a (nested) model output, in a fixed order."""
-    if isinstance(out, torch.Tensor):
+    """Every leaf of a (nested) model output, in a fixed order: tensors, and plain
+    values (a width returned as an int must match too). Dataclasses and other
+    objects are walked through their fields."""
+    import dataclasses
+
+    if isinstance(out, torch.Tensor) or out is None or isinstance(out, (bool, int, float, str, complex)):
         return [out]
     if isinstance(out, dict) or hasattr(out, "items"):
         return [t for k in out.keys() for t in flatten(out[k])]
     if isinstance(out, (tuple, list)):
         return [t for v in out for t in flatten(v)]
-    return []
+    if dataclasses.is_dataclass(out):
+        return [t for f in dataclasses.fields(out) for t in flatten(getattr(out, f.name))]
+    if hasattr(out, "__dict__"):
+        return [t for k in sorted(vars(out)) for t in flatten(vars(out)[k])]
+    return [out]
 
 
 def mismatch(got, ref) -> str | None:
     """None if ``got`` reproduces ``ref`` to float32 rounding, else what differs."""
+    try:
+        return _mismatch(got, ref)
+    except Exception as e:  # noqa: BLE001 - outputs that cannot be compared are not the same
+        return f"the outputs cannot be compared ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+
+
+def _mismatch(got, ref) -> str | None:
     a, b = flatten(got), flatten(ref)
     if len(a) != len(b):
-        return f"{len(a)} output tensors instead of {len(b)}"
-    finite = [t.abs()[torch.isfinite(t)] for t in b if t.is_floating_point() and t.numel()]
-    scale = max([float(t.max()) for t in finite if t.numel()] + [1e-30])
+        return f"{len(a)} output values instead of {len(b)}"
     for i, (x, y) in enumerate(zip(a, b)):
+        if not isinstance(y, torch.Tensor) or not isinstance(x, torch.Tensor):
+            if type(x) is not type(y) or x != y:
+                return f"output {i} is {x!r} instead of {y!r}"
+            continue
         if x.shape != y.shape:
             return f"output {i} has shape {tuple(x.shape)} instead of {tuple(y.shape)}"
         if not y.is_floating_point():
             if not torch.equal(x, y):
                 return f"output {i} differs"
             continue
+        finite = y.abs()[torch.isfinite(y)]
+        scale = float(finite.max()) if finite.numel() else 1e-30  # each output on its own scale
         if not torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-4 * scale, equal_nan=True):
             err = (x.float() - y.float()).abs().nan_to_num(float("inf")).max().item()
-            return f"output {i} differs by up to {err:.3g} (largest output magnitude {scale:.3g})"
+            nan = " (the reference has NaN or inf)" if finite.numel() < y.numel() else ""
+            return f"output {i} differs by up to {err:.3g} (its largest magnitude {scale:.3g}){nan}"
     return None
 
 
@@ -161,21 +184,34 @@ def swapped(root: torch.nn.Module, new: dict):
             store[k] = t
 
 
-def _buffer_copies(*mods) -> dict:
-    return {id(b): b.clone() for m in mods for b in m.buffers()}
+def _copies(*mods, params: bool = True) -> dict:
+    """Copies of every buffer, and of every parameter unless ``params=False``: a
+    forward that writes to its weights (Embedding max_norm, ``w.data.clamp_()``,
+    step counters) writes to these. ``check_trace`` finds out whether the model
+    writes to its parameters at all; most do not, and large ones then skip the copy."""
+    return {id(t): t.detach().clone() for m in mods for t in [*(m.parameters() if params else ()), *m.buffers()]}
 
 
-def check_trace(model, gm, args: tuple, kwargs: dict) -> str | None:
+def _writes(pairs: list) -> bool:
+    """Whether a run wrote to any of the copies it ran on ((original, copy) pairs). Values
+    are compared: a write through ``.data`` does not bump the version counter."""
+    return any(not torch.equal(orig, copy) for orig, copy in pairs)
+
+
+def check_trace(model, gm, args: tuple, kwargs: dict) -> tuple[str | None, bool]:
     """None if the traced graph computes what ``model`` computes on the example,
-    else what differs. Buffers are copies, so a forward that updates state
-    (running statistics, counters) leaves the user's model as it was."""
+    else what differs. Both run on copies of their tensors, so a forward that
+    updates state (running statistics, counters, renormalised embeddings)
+    leaves the user's model as it was."""
     args = tuple(args)
+    mine, theirs = _copies(model), _copies(gm)
+    params = [(t, {**mine, **theirs}[id(t)]) for m in (model, gm) for t in m.parameters()]
     with evaluating(model, gm):
-        with swapped(model, _buffer_copies(model)):
+        with swapped(model, mine):
             ref = _run(model, args, kwargs)
-        with swapped(gm, _buffer_copies(gm)):
+        with swapped(gm, theirs):
             got = _run(gm, args, kwargs)
-    return mismatch(got, ref)
+    return mismatch(got, ref), _writes(params)
 
 
 class Verifier:
@@ -187,8 +223,21 @@ class Verifier:
         self.cases = [(tuple(args), kwargs)]
         self.others = [(o, kwargs) for o in other_inputs(tuple(args))]  # tried in order until the model takes one
         self.seconds = 0.0
+        self.notes: list[str] = []
         gm = p.gm
-        self.params = dict(gm.named_parameters(remove_duplicate=False)) | dict(gm.named_buffers(remove_duplicate=False))
+        self.params = dict(gm.named_parameters(remove_duplicate=False))
+
+    def _graph_refused(self, args, kwargs) -> None:
+        """The traced graph does not take this shape; if the model does, say so:
+        the result is specialized to the example's shape (torch.export guards)."""
+        model = shadow(self.p.model)
+        try:
+            with evaluating(model), swapped(model, _copies(model, params=self.p.param_writes)):
+                _run(model, args, kwargs)
+        except Exception:  # noqa: BLE001 - the model does not take it either: nothing lost
+            return
+        self.notes.append(f"the model takes inputs {_shapes(args)} but the traced graph ({self.p.analysis.method}) "
+                          f"does not, so the result only takes the example's shapes {_shapes(self.cases[0][0])}")
 
     def _cases(self):
         """The example, then the first other shape the model accepts (found on the first check)."""
@@ -199,7 +248,9 @@ class Verifier:
             yield case
 
     def twin_state(self, removed: dict) -> dict:
-        """Zeroed copies of every parameter slice of the removed units ({id(original): copy})."""
+        """Zeroed copies of every parameter slice of the removed units ({id(original): copy}).
+        Buffers keep their values: a running mean or a position table is what the
+        model computes with, removed channel or not."""
         state: dict = {}
         groups = {g.id: g for g in self.p.analysis.groups}
         for gid, units in removed.items():
@@ -214,7 +265,7 @@ class Verifier:
                 if t is None:
                     t = state[id(orig)] = orig.detach().clone()
                 idx = torch.as_tensor(np.flatnonzero(dead[s.unit_of]), device=t.device)
-                t.index_fill_(s.axis, idx, 1.0 if s.name.endswith("running_var") else 0.0)
+                t.index_fill_(s.axis, idx, 0.0)
         return state
 
     def check(self, removed: dict, out: torch.nn.Module) -> str | None:
@@ -226,13 +277,15 @@ class Verifier:
             with evaluating(gm, out):
                 for args, kwargs in self._cases():
                     try:
-                        with swapped(gm, {**_buffer_copies(gm), **state}):
+                        with swapped(gm, {**_copies(gm, params=self.p.param_writes), **state}):
                             ref = _run(gm, args, kwargs)
-                    except Exception:  # noqa: BLE001 - only the second shape can fail: the model does not take it
+                    except Exception:  # noqa: BLE001 - only the second shape can fail: the graph does not take it
                         self.cases = [c for c in self.cases if c[0] is not args]
+                        self._graph_refused(args, kwargs)
                         continue
                     try:
-                        got = _run(out, args, kwargs)
+                        with swapped(out, _copies(out, params=self.p.param_writes)):
+                            got = _run(out, args, kwargs)
                     except Exception as e:  # noqa: BLE001 - a pruned model that fails where the twin runs is wrong
                         return f"the pruned model fails on inputs {_shapes(args)}: {type(e).__name__}: {e}"
                     bad = mismatch(got, ref)
@@ -246,10 +299,12 @@ class Verifier:
         """Group ids whose removal alone breaks the twin, by bisection (a set that
         fails while each half passes is returned whole)."""
         def bad(ids: list) -> list:
+            if not ids:
+                return []
             sub = {i: removed[i] for i in ids}
             if self.check(sub, self.p.prune(sub, fit=False)) is None:
                 return []
-            if len(ids) == 1:
+            if len(ids) <= 1:
                 return ids
             found = bad(ids[: len(ids) // 2]) + bad(ids[len(ids) // 2:])
             return found or ids
@@ -275,9 +330,14 @@ def verified(p, decide, *, rounds: int = 4):
     blocked = []
     for _ in range(rounds):
         problem = v.check(removed, out)
+        if v.notes:
+            raise GraphpruneError(
+                f"{v.notes[0]}. A pruned model that fails where the original works is not returned: give the forward "
+                "no Python branch on input shapes (torch.export had to specialize one), or pass verify=False to accept "
+                "a model for these input shapes only.")
         if problem is None:
             return out, removed, Verification("repaired" if blocked else "passed", inputs=[_shapes(a) for a, _ in v.cases],
-                                              blocked=blocked, seconds=v.seconds)
+                                              blocked=blocked, seconds=v.seconds, notes=v.notes)
         bad = v.culprits(removed)
         if not bad:
             break

@@ -6,15 +6,16 @@ that read a removed channel are exact whatever it holds (their column is
 zero in the twin). Ops that mix channels without weights are exact only
 where the removed entries are zero: a ``sum`` or ``mean`` over channels, the
 contraction of ``q @ k``, the statistics of a LayerNorm or RMSNorm (which
-the rewrite computes over the original width). ``sigmoid(h).sum(1)`` would
+the rewrite computes over the original width). Parameters are zero along
+every dim (the twin zeroes their slices); buffers are not (a position
+encoding or a running mean keeps its values in the twin, as in the model). ``sigmoid(h).sum(1)`` would
 silently lose the 0.5 every dead channel adds; weight standardization
 subtracts a mean, so the removed entries of ``w - mean`` are not zero.
 
 This pass follows zero-ness forward through the graph, one transfer rule per
 canonical op, and blocks every dim an op reduces or normalizes over where
 it cannot prove zeros. A dim is ``(value_key, axis)`` as in ``rules.py``;
-parameters and buffers are zero along every dim (the twin zeroes their
-slices).
+parameters are zero along every dim (the twin zeroes their slices).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from .meta_keys import VAL
 # elementwise ops by their zero behaviour; names as _ewise_name gives them
 _KEEPS_ZERO = {  # f(0) == 0, one tensor operand that matters
     "relu", "relu6", "gelu", "silu", "tanh", "neg", "abs", "sqrt", "square", "sin", "erf", "hardswish",
-    "leaky_relu", "elu", "mish", "selu", "celu", "hardtanh", "dropout", "dropout1d", "dropout2d", "dropout3d",
+    "leaky_relu", "elu", "mish", "selu", "celu", "dropout", "dropout1d", "dropout2d", "dropout3d",
     "alpha_dropout", "identity", "contiguous", "clone", "float", "half", "bfloat16", "double", "to", "type_as",
     "detach", "alias", "_to_copy", "lift_fresh_copy", "stochastic_depth",
 }
@@ -37,7 +38,7 @@ _QUOTIENT = {"div", "truediv", "itruediv"}  # zero if the numerator is
 _SUM = {"add", "sub", "iadd", "isub", "__add__", "__radd__", "__sub__", "where", "maximum", "minimum"}  # zero if all are
 _MODULE_NAMES = {
     nn.ReLU: "relu", nn.ReLU6: "relu6", nn.GELU: "gelu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Hardswish: "hardswish",
-    nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.Mish: "mish", nn.SELU: "selu", nn.CELU: "celu", nn.Hardtanh: "hardtanh",
+    nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.Mish: "mish", nn.SELU: "selu", nn.CELU: "celu",
     nn.Identity: "identity", nn.Dropout: "dropout", nn.Dropout1d: "dropout", nn.Dropout2d: "dropout",
     nn.Dropout3d: "dropout", nn.AlphaDropout: "alpha_dropout",
 }
@@ -62,7 +63,7 @@ class Zeros:
     def __init__(self, b):
         self.b = b
         self.z: dict = {}
-        self.tensors = {n for n, _ in [*b.gm.named_parameters(remove_duplicate=False), *b.gm.named_buffers(remove_duplicate=False)]}
+        self.tensors = {n for n, _ in b.gm.named_parameters(remove_duplicate=False)}  # buffers are not zeroed in the twin
 
     def ndim(self, key) -> int:
         return len(self.b.shape(key))
@@ -142,9 +143,10 @@ def producer(axis_of_rows):
 
 def norm(zs: Zeros, c: COp) -> None:
     """Affine norms zero their removed channels (weight and bias are zero in the twin).
-    Without a weight, BatchNorm and RMSNorm keep zeros (no mean is subtracted in the
-    twin: its running mean is zero), LayerNorm and GroupNorm do not. LayerNorm and
-    RMSNorm statistics need zeros: the rewrite counts the removed entries as zero."""
+    Without a weight only RMSNorm keeps zeros; BatchNorm subtracts its running mean
+    (a buffer, which the twin keeps), LayerNorm and GroupNorm their own means.
+    LayerNorm and RMSNorm statistics need zeros: the rewrite counts the removed
+    entries as zero."""
     x = c.inputs[0]
     out = (c.node, 0) if c.op == "batch_norm_tuple" else c.node
     nd = zs.ndim(x)
@@ -155,7 +157,7 @@ def norm(zs: Zeros, c: COp) -> None:
         for k in normalized:
             zs.need(x, k, f"{c.node.name}: {c.op} statistics over this dim need its removed entries to be zero")
     channel = {1} if c.op in ("batch_norm", "batch_norm_tuple", "group_norm") else normalized
-    keeps = c.op in ("batch_norm", "batch_norm_tuple", "rms_norm")
+    keeps = c.op == "rms_norm"
     axes = []
     for k in range(nd):
         if k in channel:
@@ -185,12 +187,23 @@ def _outputs(node: Node) -> set:
     return set()
 
 
+def _pads_nonzero(node: Node) -> bool:
+    """``F.pad(x, p, "constant", value)`` with a value other than zero."""
+    if node.target is not torch.nn.functional.pad:
+        return False
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    return mode == "constant" and value not in (None, 0, 0.0)
+
+
 def linked(zs: Zeros, c: COp) -> None:
     """Ops that move entries without mixing them (permute, reshape, cat, split,
     slices, pooling, repeats...): an output dim is zero where every input dim
     its rule coupled it to is. A reshape's merged dim needs all its factors
     zero; a split-off factor inherits the dim it came from."""
     outs = _outputs(c.node)
+    if _pads_nonzero(c.node):
+        return  # the padding itself is not zero, removed channel or not
     zero: dict = {}
     for item in zs.b.links.get(c.node, ()):
         if item[0] == "product":
@@ -252,7 +265,9 @@ def einsum(zs: Zeros, c: COp) -> None:
     if not arrow:
         letters = "".join(specs)
         rhs = "".join(sorted(ch for ch in set(letters) if letters.count(ch) == 1))
-    zero_letter = {ch: any(zs.zero(t, s.index(ch)) for t, s in zip(c.inputs, specs) if ch in s) for ch in set(lhs) - {","}}
+    # an operand of size 1 along a letter is broadcast there: the same value at removed indices too
+    zero_letter = {ch: any(zs.zero(t, s.index(ch)) for t, s in zip(c.inputs, specs)
+                           if ch in s and zs.b.shape(t)[s.index(ch)] != 1) for ch in set(lhs) - {","}}
     for ch, z in zero_letter.items():
         if ch not in rhs and not z:
             t, s = next((t, s) for t, s in zip(c.inputs, specs) if ch in s)

@@ -31,6 +31,7 @@ from torch.fx.node import map_arg
 from graphprune.canon import COp, vkey
 from graphprune.meta_keys import CANON, NUMBERS, PLAN, VAL
 from graphprune.sizes import frozen_value
+from graphprune.trace import fresh_attrs
 from graphprune.modules import FullWidthLayerNorm, FullWidthRMSNorm, PrunedSelfAttention, layer_norm_full, rms_norm_full
 from graphprune.pass_manager import PassResult, register_pass
 
@@ -71,7 +72,7 @@ def _clone(m: nn.Module, new: dict, prefix: str, memo: dict) -> nn.Module:
         return memo[id(m)]
     c = type(m).__new__(type(m))  # not copy.copy: parametrized modules refuse to be copied that way
     memo[id(m)] = c
-    c.__dict__ = dict(m.__dict__)
+    c.__dict__ = fresh_attrs(m.__dict__)  # hook dicts and buffer sets of its own
     c._parameters = {k: (None if p is None else _copy_tensor(p, prefix + k, new, memo)) for k, p in m._parameters.items()}
     c._buffers = {k: (None if b is None else _copy_tensor(b, prefix + k, new, memo)) for k, b in m._buffers.items()}
     c._modules = {k: (None if s is None else _clone(s, new, f"{prefix}{k}.", memo)) for k, s in m._modules.items()}
@@ -113,7 +114,7 @@ def _fix_linear(mod, node, p):
 
 
 def _fix_bn(mod, node, p):
-    mod.num_features = (mod.weight if mod.weight is not None else mod.running_mean).shape[0]
+    mod.num_features = p.size(node, mod.num_features, 1)
 
 
 def _fix_ln(mod, node, p):
@@ -394,7 +395,8 @@ def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
                     COUNTERS["modules"] += 1
         elif cop is not None and cop.op in ARG_FIXES:
             COUNTERS["args"] += bool(ARG_FIXES[cop.op](node, cop, p))
-    _freeze_numbers(gm.meta.get(NUMBERS, ()), plan, env)
+    env_out = {**env, next(n for n in gm.graph.nodes if n.op == "output"): next(n for n in graph.nodes if n.op == "output")}
+    _freeze_numbers(gm.meta.get(NUMBERS, ()), plan, env_out)
     out = GraphModule(root, graph, class_name=type(gm).__name__)
     for name, child in root.named_children():  # whole subtrees, so Sequential and friends keep their types
         setattr(out, name, child)

@@ -20,10 +20,16 @@ from __future__ import annotations
 import functools
 import warnings
 
+import copy
+import dataclasses
+
 import torch
 
 import graphprune
 from adversarial_models import ADVERSARIAL
+from adversarial_models_more import RT
+
+ADVERSARIAL = {**ADVERSARIAL, **RT}  # both red-team passes
 from oracle import kill_units
 
 LABELS = ("lossless", "kept", "refused", "crash", "wrong", "mutated")
@@ -69,6 +75,8 @@ def _flatten(out, path="out") -> list:
         return [kv for k in out for kv in _flatten(out[k], f"{path}[{k!r}]")]
     if isinstance(out, (list, tuple)):
         return [kv for i, v in enumerate(out) for kv in _flatten(v, f"{path}[{i}]")]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [kv for f in dataclasses.fields(out) for kv in _flatten(getattr(out, f.name), f"{path}.{f.name}")]
     return [(path, out)]
 
 
@@ -159,9 +167,20 @@ def _compile(model, inputs, ratio):
         raise Verdict("crash", f"compile(ratio={ratio}): {_describe(e)}")
 
 
+def _fresh_run(model, inputs):
+    """Run a copy: a forward that updates its own state (counters, renormalised
+    embeddings, streaming offsets) then always starts from the same snapshot, on
+    the reference side as on the compiled side."""
+    try:
+        model = copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - parametrized modules refuse deepcopy; they keep no call state
+        pass
+    return _run(model, inputs)
+
+
 def _call(model, inputs, what: str):
     try:
-        return _run(model, inputs)
+        return _fresh_run(model, inputs)
     except Exception as e:  # noqa: BLE001
         raise Verdict("crash", f"{what}: {_describe(e)}")
 
@@ -181,7 +200,7 @@ def _protocol(name: str) -> tuple[str, str]:
         return "crash", f"analyze: {_describe(e)}"
 
     # 3: the killed model's output is the reference
-    ref = _run(model, x)
+    ref = _fresh_run(model, x)
     snapshot = _snapshot(model)
 
     # 4: compile
@@ -204,7 +223,7 @@ def _protocol(name: str) -> tuple[str, str]:
         return "wrong", why
     torch.manual_seed(1)
     x3 = make_inputs(3)
-    ref3 = _run(model, x3)
+    ref3 = _fresh_run(model, x3)
     out3 = _call(small, x3, "compiled model at batch 3")
     why = _compare(out3, ref3, "batch 3")
     if why:
@@ -217,7 +236,7 @@ def _protocol(name: str) -> tuple[str, str]:
     torch.manual_seed(0)
     fresh = factory().eval()
     xf = make_inputs(2)
-    ref0 = _run(fresh, xf)
+    ref0 = _fresh_run(fresh, xf)
     same = _compile(fresh, xf, 0.0)
     why = _compare(_call(same, xf, "ratio=0 result"), ref0, "ratio=0 on the unkilled model")
     if why:

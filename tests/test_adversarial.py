@@ -2,8 +2,7 @@
 never crash, compute something else, or touch the user's model."""
 import pytest
 
-from adversarial import classify, run_all
-from adversarial_models import ADVERSARIAL
+from adversarial import ADVERSARIAL, classify, run_all
 
 ACCEPTED = ("lossless", "kept", "refused")
 

@@ -73,7 +73,7 @@ def test_exported_graph_round_trips(tmp_path):
 
     torch.manual_seed(0)
     small, _ = _roundtrip(AliasUpdate().eval(), torch.randn(2, 3, 6, 6), tmp_path, ratio=0.5)
-    assert small.meta["graphprune"]["method"] == "export"
+    assert graphprune.module_form.info(small)["method"] == "export"
 
 
 def test_loading_into_another_architecture_names_the_tensor_and_loads_nothing(tmp_path):
@@ -123,3 +123,11 @@ def test_hand_edited_kept_indices_are_refused(tmp_path):
 def test_save_refuses_a_model_compile_did_not_make(tmp_path):
     with pytest.raises(graphprune.GraphpruneError, match="returned by graphprune.compile"):
         graphprune.save(Residual(), tmp_path)
+
+
+def test_module_form_round_trips_as_the_users_class(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(*IMAGE)
+    small, back = _roundtrip(Residual().eval(), x, tmp_path, ratio=0.5)
+    assert type(small) is Residual and type(back) is Residual and small.report.form == "module"
+    assert json.loads((tmp_path / "manifest.json").read_text())["form"] == "module"

@@ -35,7 +35,7 @@ def test_hf_lossless_and_dynamic(build):
     with torch.no_grad():
         ref = _out(model(ids))
     small = graphprune.compile(model, (ids,), ratio=0.25, importance="l1")
-    assert small.meta["graphprune"]["method"] == "export"
+    assert graphprune.module_form.info(small)["method"] == "export"
     hidden = {n: p.shape[1] for n, p in small.named_parameters() if n.endswith("embed_tokens.weight") or n.endswith("word_embeddings.weight")}
     if build is _llama:  # RMSNorm, exported as pow/mean/rsqrt, no longer pins the residual width
         assert list(hidden.values()) == [48]

@@ -28,7 +28,7 @@ def test_gqa_removes_whole_kv_groups(expand):
 
 def test_shuffle_is_a_permutation_not_a_coupling():
     """Folded into permute_channels, a shuffle leaves every stream channel its own unit."""
-    model, small = assert_lossless(Shuffle, IMAGE)
+    model, small = assert_lossless(Shuffle, IMAGE, output="graph")
     x = torch.randn(*IMAGE)
     analysis = graphprune.analyze(model, (x,))
     stem = next(g for g in analysis.groups if ("stem.0.weight", 0) in g.dims)

@@ -79,7 +79,7 @@ class AliasUpdate(nn.Module):
 
 def test_inplace_update_through_alias_uses_a_faithful_trace():
     _, small = _twin_check(AliasUpdate, IMG, must_prune=True)
-    assert small.meta["graphprune"]["method"] == "export"
+    assert graphprune.module_form.info(small)["method"] == "export"
 
 
 class WidthAsNumber(nn.Module):
@@ -336,6 +336,6 @@ def test_an_unfaithful_trace_is_refused(monkeypatch):
     """When neither tracer reproduces the model at ratio 0, no model comes back."""
     import graphprune.verify as verify
 
-    monkeypatch.setattr(verify, "check_trace", lambda *a, **k: "output 0 differs")
+    monkeypatch.setattr(verify, "check_trace", lambda *a, **k: ("output 0 differs", False))
     with pytest.raises(graphprune.GraphpruneError, match="does not compute what the model computes"):
         graphprune.compile(AliasUpdate().eval(), (torch.randn(*IMG),), ratio=0.5)

@@ -1,0 +1,53 @@
+"""output="auto" | "module" | "graph": the pruned model in the user's own classes where that is verified."""
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import graphprune
+from models import IMAGE, Residual
+
+
+def test_module_form_is_the_users_class_and_matches_the_graph():
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(*IMAGE)
+    mod = graphprune.compile(model, (x,), ratio=0.5)
+    graph = graphprune.compile(model, (x,), ratio=0.5, output="graph")
+    assert type(mod) is Residual and isinstance(graph, torch.fx.GraphModule)
+    assert mod.report.form == "module" and graph.report.form == "graph"
+    assert mod.stem[0].out_channels < model.stem[0].out_channels
+    with torch.no_grad():
+        for xb in (x, torch.randn(5, *IMAGE[1:])):
+            torch.testing.assert_close(mod(xb), graph(xb), rtol=0, atol=0)
+    assert not any(a is b for a in mod.modules() for b in model.modules())
+
+
+class LiteralWidth(nn.Module):
+    """Forward code that writes a width as a literal: only the graph can follow the pruning."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x).mean((2, 3)).view(-1, 16))
+
+
+def test_auto_falls_back_to_the_graph_and_says_why():
+    torch.manual_seed(0)
+    model, x = LiteralWidth().eval(), torch.randn(*IMAGE)
+    small = graphprune.compile(model, (x,), ratio=0.5)
+    assert isinstance(small, torch.fx.GraphModule) and small.report.form == "graph"
+    assert "forward" in small.report.form_why
+    with pytest.raises(graphprune.GraphpruneError, match="own classes"):
+        graphprune.compile(model, (x,), ratio=0.5, output="module")
+
+
+def test_torchvision_resnet_comes_back_as_resnet():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    small = graphprune.compile(model, (x,), ratio=0.5, ignore=["fc"])
+    assert type(small) is torchvision.models.ResNet and small.layer1[0].conv1.out_channels == 32
+    assert graphprune.count_params(small) < graphprune.count_params(model)
