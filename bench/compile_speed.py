@@ -2,7 +2,8 @@
 
 For each model both tools remove 50% of the channels of every prunable group
 (classifier ignored): graphprune.compile (trace, couple, score, rewrite; once
-with verify=False and once with its self-check on, the default) against
+alone, with verify=False and output="graph", and once with the defaults, which
+add the self-check against the dead twin and the module-form check) against
 Torch-Pruning's DependencyGraph build + MagnitudePruner.step. Each time is the
 median of ``--repeat`` runs on fresh copies; Torch-Pruning mutates its model,
 so it gets a deep copy made outside the timed region.
@@ -62,10 +63,13 @@ def _classifier(model):
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
-def time_graphprune(model, x, head, verify: bool) -> float:
+def time_graphprune(model, x, head, checked: bool) -> float:
+    """checked=False: the compile alone (verify=False, output="graph"); True: the defaults, which also
+    run the self-check against the dead twin and verify the module form."""
     names = {m: n for n, m in model.named_modules()}
+    kw = {} if checked else {"verify": False, "output": "graph"}
     t = time.perf_counter()
-    graphprune.compile(model, (x,), ratio=0.5, ignore=[names[head]], verify=verify)
+    graphprune.compile(model, (x,), ratio=0.5, ignore=[names[head]], **kw)
     return time.perf_counter() - t
 
 

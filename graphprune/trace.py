@@ -247,11 +247,24 @@ def _export(model, example_inputs, example_kwargs) -> fx.GraphModule:
     from torch.export import export
 
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
-    try:
-        ep = export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=_dynamic_shapes(model, args, kwargs))
-    except Exception:  # noqa: BLE001 - symbolic batch is a nicety; a static graph still prunes
-        ep = export(model, args, kwargs=kwargs, strict=False)
-    return ep.module()
+    # torch.export specializes every dim whose example size is 1, so a batch-1 example would give a
+    # graph that takes batch 1 only: trace with the batch doubled, which keeps it symbolic
+    wide = tuple(_doubled(a) for a in args), {k: _doubled(v) for k, v in kwargs.items()}
+    grew = any(w is not a for w, a in zip([*wide[0], *wide[1].values()], [*args, *kwargs.values()]))
+    attempts = [wide, (args, kwargs)] if grew else [(args, kwargs)]
+    for a, k in attempts:
+        try:
+            return export(model, a, kwargs=k, strict=False, dynamic_shapes=_dynamic_shapes(model, a, k)).module()
+        except Exception:  # noqa: BLE001 - symbolic batch is a nicety; a static graph still prunes
+            continue
+    return export(model, args, kwargs=kwargs, strict=False).module()
+
+
+def _doubled(x):
+    """A batch-1 tensor repeated to batch 2 (the same sample twice); anything else as it is."""
+    if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1:
+        return torch.cat([x, x], 0)
+    return x
 
 
 def _dynamic_shapes(model, args, kwargs):
