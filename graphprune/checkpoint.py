@@ -24,6 +24,7 @@ import torch
 
 from . import module_form
 from .errors import GraphpruneError
+from .trace import shadow
 
 FORMAT = "graphprune/1"
 MANIFEST = "manifest.json"
@@ -136,26 +137,25 @@ def _removal(p, kept: dict) -> dict:
     removed = {}
     claimed = set()
     for g in p.analysis.groups:
-        gone = None
+        gone: set = set()
+        seen = []  # (slice, units it covers, units it keeps): a slice may cover only part of a group (a concat input)
         for s in g.params:
             idx = kept.get(s.name, {}).get(str(s.axis))
             if idx is None:
                 continue
             claimed.add((s.name, str(s.axis)))
-            keep = np.zeros(len(s.unit_of), dtype=bool)
             if idx and (min(idx) < 0 or max(idx) >= len(s.unit_of)):
                 raise GraphpruneError(f"the manifest keeps index {max(idx)} of {s.name} axis {s.axis}, which has {len(s.unit_of)}: "
                                       "it was saved from another architecture")
-            keep[idx] = True
-            units_kept = set(s.unit_of[keep].tolist())
-            this = np.array(sorted(set(range(g.n_units)) - units_kept), dtype=np.int64)
-            if gone is None:
-                gone = this
-            elif not np.array_equal(gone, this):
+            covered, keeps = set(s.unit_of.tolist()), set(s.unit_of[idx].tolist())
+            gone |= covered - keeps
+            seen.append((s, covered, keeps))
+        for s, covered, keeps in seen:
+            if covered - gone != keeps:
                 raise GraphpruneError(f"the kept indices of {s.name} disagree with the rest of its channel group; "
                                       "the manifest was edited by hand or saved from another architecture")
-        if gone is not None and len(gone):
-            removed[g.id] = gone
+        if gone:
+            removed[g.id] = np.array(sorted(gone), dtype=np.int64)
     extra = [f"{n} axis {a}" for n, axes in kept.items() for a in axes if (n, a) not in claimed]
     if extra:
         raise GraphpruneError(f"the manifest prunes {extra[0]}, which this model cannot prune the same way "
@@ -186,7 +186,11 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     dev = torch.device(device) if device is not None else (torch.device("cpu") if where.type == "meta" else where)
     args = tuple(_input_value(s, where) for s in m["inputs"]["args"])
     kwargs = {k: _input_value(s, where) for k, s in m["inputs"]["kwargs"].items()} or None
-    p = Pruner(original, args, kwargs, tuple(m["ignore"]), "random", pipeline=m["pipeline"], method=m["source"]["method"])
+    # traced in the mode it was saved in (code such as ``training=self.training`` is baked into the graph),
+    # on a shadow copy so the user's original keeps its own mode
+    traced = shadow(original)
+    traced.train(bool(m.get("training", False)))
+    p = Pruner(traced, args, kwargs, tuple(m["ignore"]), "random", pipeline=m["pipeline"], method=m["source"]["method"])
     out = p.prune(_removal(p, m["kept"]), check=False, fit=False)
     if m.get("form") == "module":
         top, why = module_form.build(original, out)

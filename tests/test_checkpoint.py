@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import graphprune
-from models import IMAGE, TOKENS, GQAttention, Residual
+from models import IMAGE, TOKENS, DenseConcat, GQAttention, Residual
 from test_oracle import TiedLM
 
 
@@ -131,3 +131,30 @@ def test_module_form_round_trips_as_the_users_class(tmp_path):
     small, back = _roundtrip(Residual().eval(), x, tmp_path, ratio=0.5)
     assert type(small) is Residual and type(back) is Residual and small.report.form == "module"
     assert json.loads((tmp_path / "manifest.json").read_text())["form"] == "module"
+
+
+class ModeBaked(torch.nn.Module):
+    """Forward code that reads self.training as a Python bool: the graph bakes the mode it was traced in."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.dropout(torch.relu(self.a(x)), 0.5, self.training))
+
+
+@pytest.mark.parametrize("model,shape", [(DenseConcat, IMAGE), (ModeBaked, (3, 8))])
+def test_load_rebuilds_concat_groups_and_the_saved_mode(tmp_path, model, shape):
+    """A concat input covers only part of its group (kept indices per slice), and a fresh
+    original is in train mode while the saved model was traced in eval mode."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    small = graphprune.compile(model().eval(), (x,), ratio=0.5, output="graph")
+    graphprune.save(small, tmp_path)
+    with torch.device("meta"):
+        fresh = model()
+    back = graphprune.load(fresh, tmp_path)
+    assert fresh.training  # the user's original keeps its own mode
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
