@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .trace import fresh_attrs
-from .verify import _copies, _run, evaluating, mismatch, other_inputs, swapped
+from .verify import _run, evaluating, mismatch, on_copies, other_inputs
 
 
 def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.Module | None, str]:
@@ -45,7 +45,7 @@ def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.M
 def differs(top: torch.nn.Module, out: torch.nn.Module, args: tuple, kwargs: dict, *, params: bool = True) -> str | None:
     """None if the module form computes what the pruned graph computes on the
     example and on a second input shape the graph accepts."""
-    with evaluating(top, out), swapped(top, _copies(top, params=params)), swapped(out, _copies(out, params=params)):
+    with evaluating(top, out), on_copies(top, out, params=params):
         try:
             bad = mismatch(_run(top, args, kwargs), _run(out, args, kwargs))
         except Exception as e:  # noqa: BLE001 - the user's forward cannot run the pruned tree

@@ -192,6 +192,16 @@ def _copies(*mods, params: bool = True) -> dict:
     return {id(t): t.detach().clone() for m in mods for t in [*(m.parameters() if params else ()), *m.buffers()]}
 
 
+def on_copies(*mods, params: bool = True):
+    """Run ``mods`` on copies of their tensors (see ``_copies``); the originals are put back after."""
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+    for m in mods:
+        stack.enter_context(swapped(m, _copies(m, params=params)))
+    return stack
+
+
 def _writes(pairs: list) -> bool:
     """Whether a run wrote to any of the copies it ran on ((original, copy) pairs). Values
     are compared: a write through ``.data`` does not bump the version counter."""
@@ -232,7 +242,7 @@ class Verifier:
         the result is specialized to the example's shape (torch.export guards)."""
         model = shadow(self.p.model)
         try:
-            with evaluating(model), swapped(model, _copies(model, params=self.p.param_writes)):
+            with evaluating(model), on_copies(model, params=self.p.param_writes):
                 _run(model, args, kwargs)
         except Exception:  # noqa: BLE001 - the model does not take it either: nothing lost
             return
@@ -284,7 +294,7 @@ class Verifier:
                         self._graph_refused(args, kwargs)
                         continue
                     try:
-                        with swapped(out, _copies(out, params=self.p.param_writes)):
+                        with on_copies(out, params=self.p.param_writes):
                             got = _run(out, args, kwargs)
                     except Exception as e:  # noqa: BLE001 - a pruned model that fails where the twin runs is wrong
                         return f"the pruned model fails on inputs {_shapes(args)}: {type(e).__name__}: {e}"
