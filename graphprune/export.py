@@ -1,0 +1,189 @@
+"""Ship a pruned model: ``torch.export`` with a dynamic batch, ONNX, and an onnxruntime check.
+
+Works on what ``graphprune.compile`` returns in either form (an instance of the
+user's class, or an fx ``GraphModule``), and on any other module.
+
+>>> ep = graphprune.export.export(small, (x,))              # ExportedProgram; the batch dim is symbolic
+>>> ep.module()(torch.randn(3, *x.shape[1:]))
+>>> graphprune.export.to_onnx(small, (x,), "small.onnx")    # torch.onnx.export(..., dynamo=True), dynamic batch
+>>> graphprune.export.check_onnx("small.onnx", small, (x,))  # max |ort - torch| / max |torch| over the outputs
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import GraphpruneError
+
+__all__ = ["export", "to_onnx", "check_onnx"]
+
+_INSTALL = "pip install onnx onnxscript onnxruntime (or graphprune's dev extras: pip install -e '.[dev]')"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _doubled(x):
+    """A batch-1 tensor repeated to batch 2 (the same sample twice); anything else as it is.
+    torch.export specializes every dim whose example size is 1, so a batch-1 example
+    would give a program that takes batch 1 only."""
+    if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1:
+        return torch.cat([x, x], 0)
+    return x
+
+
+def _batch_spec(x):
+    return {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None
+
+
+def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
+    """dynamic_shapes for torch.export: dim 0 of every tensor input (nested ones too) symbolic,
+    keyed by the forward's parameter names (``*args``/``**kwargs`` of a generated forward included)."""
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise GraphpruneError(f"the example inputs do not fit {type(model).__name__}.forward: {_first_line(e)}") from e
+    specs = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            specs[name] = tuple(pytree.tree_map(_batch_spec, v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            specs[name] = {k: pytree.tree_map(_batch_spec, v) for k, v in value.items()}
+        else:
+            specs[name] = pytree.tree_map(_batch_spec, value)
+    return specs
+
+
+def _symbolic_batches(ep) -> tuple[int, list]:
+    """(number of tensor user inputs with a symbolic dim 0, the static sizes of the others)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    names = set(ep.graph_signature.user_inputs)
+    dynamic, static = 0, []
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in names:
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() >= 1:
+            if not is_concrete_int(val.shape[0]):  # a SymInt specialized to a number is concrete
+                dynamic += 1
+            else:
+                static.append((node.name, int(val.shape[0])))
+    return dynamic, static
+
+
+def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic_batch: bool = True):
+    """``torch.export`` ``model`` (non-strict) with dim 0 of every tensor input symbolic.
+
+    A batch-1 example is traced at batch 2 (the sample twice), since torch.export
+    fixes every size-1 dim; if the model refuses that, the example as given is tried.
+    With ``dynamic_batch=True`` a program whose batch came out fixed (the model's own
+    code pins it) is refused with a GraphpruneError rather than returned.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise GraphpruneError(f"export expects a torch.nn.Module, got {type(model).__name__}")
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    kwargs = dict(kwargs or {})
+    if not dynamic_batch:
+        try:
+            return torch.export.export(model, args, kwargs=kwargs, strict=False)
+        except Exception as e:  # noqa: BLE001 - torch.export raises many types
+            raise GraphpruneError(f"torch.export failed on {type(model).__name__}: {_first_line(e)}") from e
+    wide = pytree.tree_map(_doubled, (args, kwargs))
+    grew = any(w is not a for w, a in zip(pytree.tree_leaves(wide), pytree.tree_leaves((args, kwargs))))
+    attempts = [wide, (args, kwargs)] if grew else [(args, kwargs)]
+    errors = []
+    for a, k in attempts:
+        try:
+            ep = torch.export.export(model, a, kwargs=k, strict=False, dynamic_shapes=_dynamic_shapes(model, a, k))
+        except GraphpruneError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            errors.append(_first_line(e))
+            continue
+        dynamic, static = _symbolic_batches(ep)
+        if dynamic or not static:
+            return ep
+        errors.append(f"the batch dim came out fixed ({', '.join(f'{n}: {s}' for n, s in static)}): "
+                      "the model's code specializes it")
+    raise GraphpruneError(f"torch.export with a dynamic batch failed on {type(model).__name__}: {errors[-1]}"
+                          + (f" (at the doubled batch: {errors[0]})" if len(errors) > 1 else "")
+                          + "; export(..., dynamic_batch=False) gives a program for the example's shapes only")
+
+
+def _need(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise GraphpruneError(f"{module} is not installed; ONNX export and its check need onnx, onnxscript and "
+                              f"onnxruntime: {_INSTALL}") from e
+
+
+def to_onnx(model: torch.nn.Module, args: tuple, path, kwargs: dict | None = None, *, dynamic_batch: bool = True) -> Path:
+    """Write ``model`` to the ONNX file ``path`` through ``torch.onnx.export(..., dynamo=True)``,
+    from the program :func:`export` builds (so the batch dim is dynamic). Returns the path."""
+    _need("onnx")
+    _need("onnxscript")
+    ep = export(model, args, kwargs, dynamic_batch=dynamic_batch)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(ep, f=str(path), dynamo=True, verbose=False, report=False, optimize=True)
+    except Exception as e:  # noqa: BLE001
+        raise GraphpruneError(f"torch.onnx.export failed on {type(model).__name__}: {_first_line(e)}") from e
+    return path
+
+
+def _tensors(tree) -> list:
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def check_onnx(path, model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> float:
+    """Run the ONNX file at ``path`` in onnxruntime (CPUExecutionProvider) on ``args``
+    and return the largest difference from ``model``'s outputs, per output relative to
+    that output's largest absolute value (0 for outputs that are all zero and match)."""
+    ort = _need("onnxruntime")
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    kwargs = dict(kwargs or {})
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001
+        raise GraphpruneError(f"onnxruntime cannot load {path}: {_first_line(e)}") from e
+    inputs = _tensors((args, kwargs))
+    names = [i.name for i in sess.get_inputs()]
+    if len(names) != len(inputs):
+        raise GraphpruneError(f"{path} takes {len(names)} inputs ({', '.join(names)}) but {len(inputs)} tensors were given")
+    try:
+        got = sess.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)})
+    except Exception as e:  # noqa: BLE001
+        raise GraphpruneError(f"onnxruntime failed to run {path}: {_first_line(e)}") from e
+    with torch.no_grad():
+        want = _tensors(model(*args, **kwargs))
+    if len(got) != len(want):
+        raise GraphpruneError(f"{path} gives {len(got)} outputs, the model {len(want)}")
+    worst = 0.0
+    for g, w in zip(got, want):
+        g = torch.from_numpy(g)
+        w = w.detach().cpu()
+        if tuple(g.shape) != tuple(w.shape):
+            raise GraphpruneError(f"an output of {path} has shape {tuple(g.shape)}, the model's {tuple(w.shape)}")
+        if not w.is_floating_point():
+            worst = max(worst, 0.0 if torch.equal(g.to(w.dtype), w) else float("inf"))
+            continue
+        diff = (g.double() - w.double()).abs().max().item() if w.numel() else 0.0
+        scale = w.double().abs().max().item() if w.numel() else 0.0
+        worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+    return worst

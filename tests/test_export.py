@@ -1,0 +1,104 @@
+"""graphprune.export: torch.export with a dynamic batch, ONNX through the dynamo exporter, onnxruntime check."""
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import graphprune
+from graphprune.export import check_onnx, export, to_onnx
+
+
+@pytest.fixture(scope="module")
+def resnets():
+    """resnet18 at 64x64 pruned by half from a batch-1 example, in both output forms."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    out = {form: graphprune.compile(model, (x,), ratio=0.5, ignore=["fc"], output=form) for form in ("module", "graph")}
+    assert type(out["module"]) is torchvision.models.ResNet and isinstance(out["graph"], torch.fx.GraphModule)
+    return out, x
+
+
+def _batch_is_symbolic(ep) -> bool:
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    user = set(ep.graph_signature.user_inputs)
+    vals = [n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+    return bool(vals) and not any(is_concrete_int(v.shape[0]) for v in vals)
+
+
+@pytest.mark.parametrize("form", ["module", "graph"])
+def test_export_from_a_batch_1_example_runs_at_batch_3(resnets, form):
+    models, x = resnets
+    small = models[form]
+    ep = export(small, (x,))
+    assert isinstance(ep, torch.export.ExportedProgram)
+    assert _batch_is_symbolic(ep), "the batch dim was specialized"
+    x3 = torch.randn(3, *x.shape[1:])
+    with torch.no_grad():
+        want = small(x3)
+        got = ep.module()(x3)
+    assert got.shape == (3, 1000) and want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_static_export_keeps_the_example_batch(resnets):
+    models, x = resnets
+    ep = export(models["module"], (x,), dynamic_batch=False)
+    assert not _batch_is_symbolic(ep)
+
+
+class PinnedBatch(torch.nn.Module):
+    def forward(self, x):
+        return x * 2 if x.shape[0] == 2 else x  # a Python branch on the batch size
+
+
+def test_a_model_that_pins_its_batch_is_refused_with_a_clear_error():
+    with pytest.raises(graphprune.GraphpruneError, match="batch dim came out fixed"):
+        export(PinnedBatch(), (torch.randn(1, 4),))
+
+
+@pytest.mark.parametrize("form", ["module", "graph"])
+def test_pruned_resnet18_agrees_in_onnxruntime(resnets, form, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    models, x = resnets
+    small = models[form]
+    path = to_onnx(small, (x,), tmp_path / "r18.onnx")
+    batch = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value, "the ONNX batch dim is fixed"
+    x3 = torch.randn(3, *x.shape[1:])
+    assert check_onnx(path, small, (x3,)) <= 1e-4
+    # the check can fail: the same file against a model with other weights
+    other = graphprune.compile(torchvision.models.resnet18().eval(), (x,), ratio=0.5, ignore=["fc"])
+    assert check_onnx(path, other, (x3,)) > 1e-2
+
+
+def _small_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    return BertModel(cfg).eval()
+
+
+def test_pruned_bert_agrees_in_onnxruntime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("transformers")
+    bert = _small_bert()
+    ids = torch.randint(0, 100, (2, 8))
+    small = graphprune.compile(bert, (ids,), ratio=0.25)
+    assert graphprune.count_params(small) < graphprune.count_params(bert)
+    path = to_onnx(small, (ids,), tmp_path / "bert.onnx")
+    for batch in (2, 3):
+        assert check_onnx(path, small, (torch.randint(0, 100, (batch, 8)),)) <= 1e-4
+
+
+def test_missing_onnxruntime_is_a_graphprune_error(resnets, tmp_path, monkeypatch):
+    models, x = resnets
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(graphprune.GraphpruneError, match="onnxruntime is not installed"):
+        check_onnx(tmp_path / "none.onnx", models["module"], (x,))
