@@ -8,6 +8,14 @@ to float precision; anything else is either a known limit (LayerNorm over a
 pruned dim renormalises over fewer channels) or a bug. A model whose dead
 channels make its output identically zero gives ``nan`` (0/0): not a finding.
 
+The reference runs on a copy (``oracle.reference``): a forward that builds state
+on its first call (ConViT's ``rel_indices``) would otherwise change the graph
+between the oracle's analysis and compile's. Two columns tell an oracle miss from
+a pruning error: ``removed_alive`` (parameter slices compile removed that the
+oracle did not kill; then ``rel_error`` measures a lossy prune, not a bug) and
+``twin_error``, the result against the user's model with exactly what compile
+removed zeroed (its own forward, not the graph): that one must be at float precision.
+
     PYTHONPATH=. python bench/timm_survey.py            # -> bench/results/timm_survey.json
     PYTHONPATH=. python bench/timm_survey.py resnet18   # some models
 """
@@ -32,7 +40,7 @@ MODELS = ["resnet18", "ghostnet_100", "mobilevit_xxs", "efficientformer_l1", "co
 
 def survey(name: str) -> dict:
     import timm
-    from oracle import kill_units
+    from oracle import dead_twin, kill_units, reference, removed_alive
 
     import graphprune
     from graphprune import module_form
@@ -43,8 +51,7 @@ def survey(name: str) -> dict:
     size = min(model.pretrained_cfg.get("input_size", (3, 224, 224))[1], 224)
     x = torch.randn(1, 3, size, size)
     kill_units(model, (x,), 0.25)
-    with torch.no_grad():
-        ref = model(x)
+    ref = reference(model, x)
     head = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1:]
     try:
         small = graphprune.compile(model, (x,), ratio=0.25, importance="l1", ignore=head)
@@ -52,8 +59,11 @@ def survey(name: str) -> dict:
         return {"model": name, "result": "refused", "error": str(e).splitlines()[0][:300]}
     with torch.no_grad():
         out = small(x)
+        twin = dead_twin(model, small)(x)
     return {"model": name, "result": "compiled", "method": module_form.info(small)["method"], "form": small.report.form,
             "rel_error": float((out - ref).abs().max() / ref.abs().max()),
+            "twin_error": float((out - twin).abs().max() / twin.abs().max()),
+            "removed_alive": len(removed_alive(model, small)),
             "param_ratio": round(graphprune.count_params(small) / graphprune.count_params(model), 3),
             "user_model_intact": all(p.device.type == "cpu" for p in model.parameters()),
             "seconds": round(time.perf_counter() - start, 1)}

@@ -326,6 +326,7 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
             "Make the forward traceable (no data-dependent Python control flow), or pass example inputs the model accepts."
         ) from e
     _fill_missing_vals(gm)
+    _drop_rebinding_writebacks(gm)
     gm.meta[EXAMPLE] = (tuple(example_inputs), dict(example_kwargs or {}))
     return Traced(gm, "export", symbolic_error)
 
@@ -349,3 +350,38 @@ def _fill_missing_vals(gm: fx.GraphModule) -> None:
             t = operator.attrgetter(n.target)(gm)
             if isinstance(t, torch.Tensor):
                 n.meta[VAL] = to_meta(t)
+
+
+def _drop_rebinding_writebacks(gm: fx.GraphModule) -> None:
+    """A forward that re-binds a buffer to a tensor of another shape (timm ConViT's
+    ``self.rel_indices = self.get_rel_indices(N)`` over a ``(1, 1, 1, 3)``
+    placeholder) is exported with the new tensor computed in the graph, which is
+    specialized to the branch taken, so it is recomputed on every call. For a
+    submodule's buffer torch.export drops the re-binding; for the root module's it
+    writes the new value back with an in-place ``copy_`` at the end of the graph,
+    which cannot run (the shapes differ) and feeds nothing. Such write-backs are
+    dropped, as torch.export does for submodules; write-backs of a value that fits
+    the buffer (counters, running statistics) stay."""
+    changed = False
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not torch.ops.aten.copy_.default or n.users or len(n.args) < 2:
+            continue
+        dest, src = n.args[0], n.args[1]
+        if not isinstance(dest, fx.Node) or dest.op != "get_attr" or not isinstance(src, fx.Node):
+            continue
+        owner_path, _, attr = dest.target.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        buf, val = owner._buffers.get(attr), src.meta.get(VAL)
+        if not isinstance(buf, torch.Tensor) or not isinstance(val, torch.Tensor):
+            continue
+        try:
+            fits = bool(torch.broadcast_shapes(tuple(val.shape), tuple(buf.shape)) == tuple(buf.shape))
+        except RuntimeError:
+            fits = False  # not broadcastable: the copy raises
+        except Exception:  # noqa: BLE001 - symbolic sizes that cannot be decided: keep the write-back
+            continue
+        if not fits:
+            gm.graph.erase_node(n)
+            changed = True
+    if changed:
+        gm.recompile()

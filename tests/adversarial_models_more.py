@@ -1218,3 +1218,83 @@ class TensorUnfoldChannels(nn.Module):
 
     def forward(self, x):
         return self.head(self.b(self.a(x).unfold(1, 3, 1).mean(-1)).mean((2, 3)))
+
+
+
+# ---------------------------------------------------------------- state a forward builds (timm ConViT GPSA)
+def rel_offsets(n):
+    """(1, n, n, 3): (dx, dy, dx^2 + dy^2) of every pair of n tokens on a 2-wide grid."""
+    i = torch.arange(n, dtype=torch.float32)
+    dx = (i % 2)[None, :] - (i % 2)[:, None]
+    dy = (i // 2)[None, :] - (i // 2)[:, None]
+    return torch.stack([dx, dy, dx ** 2 + dy ** 2], -1)[None]
+
+
+class GPSA(nn.Module):
+    """ConViT's gated positional self-attention (timm ``GPSA``): relative offsets of
+    every token pair live in a buffer that starts as a (1, 1, 1, 3) placeholder and is
+    rebuilt in forward whenever the token count differs (the Python branch on its
+    shape sends the model to torch.export). A Linear(3, heads) turns them into
+    positional scores, a per-head sigmoid gate mixes those with content attention, and
+    the mix is renormalised with an in-place division."""
+    def __init__(self, d=C, heads=4):
+        super().__init__()
+        self.h = heads
+        self.qk = nn.Linear(16, 2 * d, bias=False)
+        self.v = nn.Linear(16, d, bias=False)
+        self.proj = nn.Linear(d, 16)
+        self.pos_proj = nn.Linear(3, heads)
+        self.gating = nn.Parameter(torch.randn(heads))
+        self.register_buffer("rel_indices", torch.zeros(1, 1, 1, 3), persistent=False)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        if self.rel_indices is None or self.rel_indices.shape[1] != N:
+            self.rel_indices = rel_offsets(N)
+        q, k = self.qk(x).reshape(B, N, 2, self.h, -1).permute(2, 0, 3, 1, 4)
+        pos = self.pos_proj(self.rel_indices.expand(B, -1, -1, -1)).permute(0, 3, 1, 2).softmax(-1)
+        patch = ((q @ k.transpose(-2, -1)) * 0.7).softmax(-1)
+        gate = torch.sigmoid(self.gating.view(1, -1, 1, 1))
+        attn = (1.0 - gate) * patch + gate * pos
+        attn /= attn.sum(dim=-1).unsqueeze(-1)
+        v = self.v(x).reshape(B, N, self.h, -1).permute(0, 2, 1, 3)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+@reg("gpsa_lazy_rel_indices", tokens)
+class GPSABlock(nn.Module):
+    """A ConViT block, compiled before its first call: the graph rebuilds the offsets."""
+    def __init__(self):
+        super().__init__()
+        self.pos_embed = nn.Parameter(0.1 * torch.randn(1, T, 16))  # the token count is fixed, as in ConViT
+        self.attn = GPSA()
+        self.head = head(16)
+
+    def forward(self, x):
+        x = x + self.pos_embed
+        return self.head(x + self.attn(x))
+
+
+@reg("gpsa_rel_indices_built_before_compile", tokens)
+class GPSABlockBuilt(GPSABlock):
+    """The same block after a first call (a user compiles a model they have run): the
+    buffer holds the (1, T, T, 3) offsets and is read as it is, so its last dim is a
+    group with ``pos_proj``'s input columns."""
+    def __init__(self):
+        super().__init__()
+        self.attn.rel_indices = rel_offsets(T)
+
+
+@reg("root_buffer_rebuilt_with_new_shape", tokens)
+class RootBufferRebuilt(GPSA):
+    """GPSA as the root module. torch.export writes a root module's re-bound buffer
+    back with an in-place ``copy_`` at the end of the graph (a submodule's it drops),
+    and that copy fails when the new tensor has another shape than the placeholder."""
+    def __init__(self):
+        super().__init__()
+        self.pos_embed = nn.Parameter(0.1 * torch.randn(1, T, 16))
+        self.head = head(16)
+
+    def forward(self, x):
+        x = x + self.pos_embed
+        return self.head(x + super().forward(x))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import graphprune
 from graphprune.modules import FullWidthLayerNorm
-from oracle import kill_units
+from oracle import dead_twin, kill_units, reference, removed_alive
 
 IMG = (2, 3, 6, 6)
 SEQ = (2, 5, 12)
@@ -30,8 +30,7 @@ def _twin_check(model, shape, *, must_prune: bool, **kw):
     m = model().eval()
     kill_units(m, (x,), 0.25)
     x3 = torch.randn(3, *shape[1:])
-    with torch.no_grad():
-        ref, ref3 = m(x), m(x3)
+    ref, ref3 = reference(m, x), reference(m, x3)  # on copies: the killed model stays as kill_units saw it
     small = graphprune.compile(m, (x,), ratio=0.25, importance="l1", **kw)
     with torch.no_grad():
         torch.testing.assert_close(small(x), ref, rtol=1e-4, atol=1e-5)
@@ -339,3 +338,58 @@ def test_an_unfaithful_trace_is_refused(monkeypatch):
     monkeypatch.setattr(verify, "check_trace", lambda *a, **k: ("output 0 differs", False))
     with pytest.raises(graphprune.GraphpruneError, match="does not compute what the model computes"):
         graphprune.compile(AliasUpdate().eval(), (torch.randn(*IMG),), ratio=0.5)
+
+
+def test_state_a_first_call_builds_is_pruned_as_it_is_at_compile_time():
+    """timm convit_tiny was 8% off in the survey with the self-check passing. Its GPSA
+    rebuilds a (1, 1, 1, 3) placeholder ``rel_indices`` buffer on the first call: traced
+    before it, the graph computes the offsets; after it, the buffer is read and its last
+    dim is a group with ``pos_proj``'s input columns. The survey killed units before the
+    first call and compiled after it, so compile (rightly) removed a live ``pos_proj``
+    column the oracle never killed. The pruned model must be the user's model with what
+    it removed zeroed (an eager twin, not the graph), and an oracle run in one state holds."""
+    from adversarial_models_more import GPSABlock
+
+    torch.manual_seed(0)
+    m = GPSABlock().eval()
+    x = torch.randn(2, 5, 16)
+    fresh_groups = len(graphprune.analyze(m, (x,)).groups)
+    kill_units(m, (x,), 0.25)
+    with torch.no_grad():
+        ref = m(x)  # the survey's order: this first call builds the buffer in the user's model
+    assert len(graphprune.analyze(m, (x,)).groups) == fresh_groups + 1
+    small = graphprune.compile(m, (x,), ratio=0.25, importance="l1")
+    alive = removed_alive(m, small)
+    assert alive and all(a.startswith("attn.pos_proj.weight axis 1") for a in alive), alive
+    with torch.no_grad():
+        out = small(x)
+        torch.testing.assert_close(out, dead_twin(m, small)(x), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, ref, atol=1e-3)  # the survey's "error": a live unit, removed by ratio
+
+    torch.manual_seed(0)
+    m = GPSABlock().eval()
+    with torch.no_grad():
+        m(x)  # used first, then killed and compiled in that state
+    kill_units(m, (x,), 0.25)
+    small = graphprune.compile(m, (x,), ratio=0.25, importance="l1")
+    assert removed_alive(m, small) == []
+    assert dict(small.named_parameters())["attn.pos_proj.weight"].shape[1] == 2  # the buffer's dim was pruned
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), reference(m, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_root_buffer_rebound_to_another_shape_exports_and_prunes():
+    """torch.export writes a root module's re-bound buffer back with an in-place copy_
+    that cannot run when the shape changed (a submodule's it drops); the trace drops it too."""
+    from adversarial_models_more import RootBufferRebuilt
+
+    torch.manual_seed(0)
+    m = RootBufferRebuilt().eval()
+    x = torch.randn(2, 5, 16)
+    kill_units(m, (x,), 0.25)
+    ref = reference(m, x)
+    small = graphprune.compile(m, (x,), ratio=0.25, importance="l1")
+    assert small.report.verify.status == "passed"
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), ref, rtol=1e-5, atol=1e-6)
+    assert tuple(m.rel_indices.shape) == (1, 1, 1, 3)  # the user's model untouched
