@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import module_form
+from . import hf, module_form
 from .errors import GraphpruneError
 from .trace import shadow
 
@@ -59,8 +59,15 @@ def _slots(model: torch.nn.Module):
     return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
 
 
-def save(model: torch.nn.Module, path) -> Path:
-    """Write a model returned by ``graphprune.compile`` to directory ``path``."""
+def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
+    """Write a model returned by ``graphprune.compile`` to directory ``path``.
+
+    A Hugging Face model in module form is also written as a ``save_pretrained``
+    directory: ``config.json`` (with the pruned widths), the generation config,
+    and ``tokenizer`` when given, beside the one ``model.safetensors``. Where
+    its config alone rebuilds every tensor shape (uniform widths),
+    ``AutoModel*.from_pretrained(path)`` loads it; ``manifest.json`` says
+    whether (``from_pretrained``), and ``graphprune.load`` always does."""
     from safetensors.torch import save_file
 
     info = module_form.info(model)
@@ -97,7 +104,16 @@ def save(model: torch.nn.Module, path) -> Path:
         "aliases": aliases,
         "report": None if report is None else str(report),
     }
-    save_file(tensors, str(path / WEIGHTS), metadata={"format": FORMAT})
+    if info.get("form") == "module" and hf.is_hf(model):
+        why = hf.from_config_alone(model)
+        manifest["from_pretrained"] = True if why is None else why
+        model.config.save_pretrained(path)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    # "pt": what transformers expects of a model.safetensors; the manifest says the rest
+    save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt", "graphprune": FORMAT})
     (path / MANIFEST).write_text(_dumps(manifest))
     return path
 
@@ -154,6 +170,15 @@ def _removal(p, kept: dict) -> dict:
             if covered - gone != keeps:
                 raise GraphpruneError(f"the kept indices of {s.name} disagree with the rest of its channel group; "
                                       "the manifest was edited by hand or saved from another architecture")
+        for s in g.shared_params:  # key/value heads: kept while any of their query heads is
+            idx = kept.get(s.name, {}).get(str(s.axis))
+            if idx is None:
+                continue
+            claimed.add((s.name, str(s.axis)))
+            alive = set(g.part_of[sorted(set(range(g.n_units)) - gone)].tolist())
+            if set(s.unit_of[idx].tolist()) != alive:
+                raise GraphpruneError(f"the kept indices of {s.name} disagree with the query heads kept in its group; "
+                                      "the manifest was edited by hand or saved from another architecture")
         if gone:
             removed[g.id] = np.array(sorted(gone), dtype=np.int64)
     extra = [f"{n} axis {a}" for n, axes in kept.items() for a in axes if (n, a) not in claimed]
@@ -192,6 +217,8 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     traced.train(bool(m.get("training", False)))
     p = Pruner(traced, args, kwargs, tuple(m["ignore"]), "random", pipeline=m["pipeline"], method=m["source"]["method"])
     out = p.prune(_removal(p, m["kept"]), check=False, fit=False)
+    if where.type == "meta" and m["source"]["method"] != "symbolic_trace":
+        _retarget(out, dev)
     if m.get("form") == "module":
         top, why = module_form.build(original, out)
         if top is None:
@@ -211,10 +238,24 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
                                       "from the manifest; nothing was loaded")
         loaded = {key: f.get_tensor(key) for key in stored}
     _assign(out, loaded, m["aliases"])
-    if m["source"]["method"] == "symbolic_trace":  # exported graphs keep the mode they were exported in
+    if m["source"]["method"] == "symbolic_trace" or m.get("form") == "module":  # exported graphs keep the mode they were exported in
         out.train(bool(m.get("training", False)))
     module_form.info(out)["loaded_from"] = str(path)
     return out
+
+
+def _retarget(gm: torch.fx.GraphModule, dev: torch.device) -> None:
+    """An exported graph states devices (``aten.to(device=...)``, tensor metadata
+    asserts); traced from an original on ``meta``, they say meta: point them at
+    the device the weights are loaded to."""
+    from torch.fx.node import map_aggregate
+
+    def fix(a):
+        return dev if isinstance(a, torch.device) and a.type == "meta" else a
+
+    for n in gm.graph.nodes:
+        n.args, n.kwargs = map_aggregate(n.args, fix), map_aggregate(n.kwargs, fix)
+    gm.recompile()
 
 
 def _assign(out: torch.nn.Module, loaded: dict, aliases: dict) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .canon import COp, canonicalize, tensor_names, vkey
-from .meta_keys import NUMBERS, VAL
+from .meta_keys import CANON, NUMBERS, VAL
 from .rules import RULES
 from .sizes import frozen_value, number_uses
 from .zeros import block_unproven_reductions
@@ -47,20 +47,38 @@ class ParamSlice:
 
 @dataclass
 class Group:
+    """Units that go together. Grouped-query attention adds a second level: the
+    units are query heads, each in one *partition* (its key/value head); dims in
+    ``shared`` (key/value projections, the cache) are indexed by partition and
+    keep an index while any unit of its partition stays. A removal takes the
+    same number of units from every partition it does not remove whole, so the
+    query heads stay balanced over their key/value heads; ``replicas`` are
+    broadcast dims (``repeat_kv``'s expand) whose size is the units each kept
+    partition keeps."""
+
     id: int
     dims: dict  # (value_key, axis) -> unit_of array
     params: list[ParamSlice]
     n_units: int
     channels: int  # width of the widest member dim
+    part_of: np.ndarray | None = None  # (n_units,) partition of every unit, where units are balanced
+    shared: dict = field(default_factory=dict)  # (value_key, axis) -> partition of every index
+    shared_params: list = field(default_factory=list)  # ParamSlice whose unit_of holds partitions
+    replicas: dict = field(default_factory=dict)  # (value_key, axis) -> original size (units per partition)
+
+    @property
+    def n_parts(self) -> int:
+        return 0 if self.part_of is None else int(self.part_of.max()) + 1
 
     @property
     def size(self) -> int:
         return self.n_units
 
     def describe(self) -> str:
-        names = sorted({p.name for p in self.params})
+        names = sorted({p.name for p in [*self.params, *self.shared_params]})
         more = f" (+{len(names) - 6} more)" if len(names) > 6 else ""
-        return f"group {self.id}: {self.n_units} units over {len(self.dims)} dims; params {', '.join(names[:6])}{more}"
+        parts = f", balanced over {self.n_parts} shared key/value heads" if self.part_of is not None else ""
+        return f"group {self.id}: {self.n_units} units{parts} over {len(self.dims) + len(self.shared)} dims; params {', '.join(names[:6])}{more}"
 
 
 @dataclass
@@ -99,6 +117,8 @@ class Builder:
         self.sizes: dict = {}
         self.blocked: dict = {}
         self.products: list = []
+        self.shares: list = []  # (parent dim, child dim, r, replica dim or None): see share()
+        self.replicas: set = set()  # broadcast dims: every index a copy of the same values
         self.touched: set = set()
         self.unsupported: set[str] = set()  # "node: why" for every op no rule could explain
         self.links: dict = {}  # node -> the couplings and products its rule stated (read by zeros.py)
@@ -150,6 +170,25 @@ class Builder:
         self.products.append((flat, factors))
         if self._log is not None:
             self._log.append(("product", flat, factors))
+
+    def share(self, parent, child, r: int, replica=None):
+        """Index ``i`` of dim ``child`` reads index ``i // r`` of dim ``parent``
+        (a query head reads its key/value head). Unlike ``couple``, the two are
+        not one unit: a parent index stays while any of its children does. The
+        dims join one group (so a block on either blocks both)."""
+        self._add(parent)
+        self._add(child)
+        self.shares.append((parent, child, r, replica))
+        for other in (parent, replica):
+            if other is not None and not self.g.has_edge(other, child):
+                self.g.add_edge(other, child, maps=[])
+        if self._log is not None:
+            self._log.append(("share", parent, child, r))
+
+    def replica(self, a):
+        """Dim ``a`` is a broadcast (``expand`` of a size-1 dim): its indices are copies."""
+        self._add(a)
+        self.replicas.add(a)
 
     def touch(self, a):
         """Explain dim ``a`` without coupling it: it may shrink with whatever group it is in."""
@@ -313,8 +352,43 @@ def _flatten_args(args):
             yield a
 
 
+def _share_pattern(b: Builder, flat, factors):
+    """``(outer, replica)`` if ``flat`` merges a dim with a broadcast copy dim right
+    inside it (``repeat_kv``: (kv heads, r) -> kv heads * r), else None."""
+    big = [f for f in factors if b.sizes[f] > 1]
+    if len(big) == 2 and big[1] in b.replicas and big[0] not in b.replicas and big[0] not in b.blocked:
+        if _literal_size(*flat) and _literal_size(*big[1]):  # shrink-params can rewrite both sizes
+            return big[0], big[1]
+    return None
+
+
+def _literal_size(node, axis: int) -> bool:
+    """Whether ``node`` (a view/reshape/expand) states the size of ``axis`` as a
+    literal; a size computed at run time (``kvh * n_rep``) would keep its value."""
+    c = node.meta.get(CANON) if isinstance(node, Node) else None
+    at = c.attrs.get("sizes_at") if c is not None else None
+    if at is None:
+        return False
+    sizes = list(node.args[1:]) if at == "varargs" else node.args[at]
+    return isinstance(sizes, (list, tuple)) and axis < len(sizes) and isinstance(sizes[axis], int)
+
+
 def _resolve_products(b: Builder) -> None:
     if not b.products:
+        return
+    plain = []
+    for flat, factors in b.products:
+        pattern = _share_pattern(b, flat, factors)
+        if pattern is not None:  # index i of the merged dim reads index i // r of the outer one
+            outer, rep = pattern
+            b.share(outer, flat, b.sizes[rep], rep)
+        else:
+            plain.append((flat, factors))
+            for f in factors:  # copies are not pruned through a general reshape
+                if f in b.replicas:
+                    b.block(f, "a broadcast dim merged by a reshape")
+    b.products = plain
+    if not plain:
         return
     comp_of = {}
     blocked_comp = set()
@@ -398,9 +472,78 @@ def resolve_groups(b: Builder) -> tuple[list[Group], list[BlockedGroup]]:
             if isinstance(d[0], str):
                 params.append(ParamSlice(d[0], d[1], dims[d]))
             pos += n
-        if len(uniq) >= 2:
+        shares = [sh for sh in b.shares if sh[1] in comp]
+        if shares:
+            parts = _partition(b, dims, shares, len(uniq))
+            if isinstance(parts, str):
+                names = sorted({d[0] for d in comp if isinstance(d[0], str)})
+                blocked_groups.append(BlockedGroup(sorted(comp, key=str), [parts], names))
+                continue
+            groups.append(Group(len(groups), channels=max(b.sizes[d] for d in comp), **parts))
+        elif len(uniq) >= 2:
             groups.append(Group(len(groups), dims, params, len(uniq), max(b.sizes[d] for d in comp)))
     return groups, blocked_groups
+
+
+def _partition(b: Builder, dims: dict, shares: list, n: int):
+    """Split a group's units into children (query heads) and their parents
+    (key/value heads), each parent a partition; the group's units become the
+    children. A string says why it cannot be done (then nothing is pruned)."""
+    parent_units, child_of = set(), {}
+    link = np.arange(n)  # union-find over units: parents that serve one child are one partition
+
+    def find(u):
+        while link[u] != u:
+            link[u] = link[link[u]]
+            u = link[u]
+        return u
+
+    for parent, child, r, _ in shares:
+        pu = dims[parent][np.arange(len(dims[child])) // r]
+        cu = dims[child]
+        parent_units.update(pu.tolist())
+        for c, p in zip(cu.tolist(), pu.tolist()):
+            child_of.setdefault(c, p)
+            a, z = find(child_of[c]), find(p)
+            if a != z:
+                link[z] = a
+    children = set(child_of)
+    every = set(np.concatenate([u for d, u in dims.items() if d not in b.replicas]).tolist())
+    if children & parent_units or children | parent_units != every:
+        return "grouped-query heads that cannot be told apart from their key/value heads"
+    child_ids = np.full(n, -1)
+    child_ids[sorted(children)] = np.arange(len(children))
+    roots = sorted({find(p) for p in parent_units})
+    part_ids = np.full(n, -1)
+    for p in parent_units:
+        part_ids[p] = roots.index(find(p))
+    part_of = np.empty(len(children), dtype=np.int64)
+    for c, p in child_of.items():
+        part_of[child_ids[c]] = part_ids[p]
+    counts = np.bincount(part_of)
+    if (counts != counts[0]).any():
+        return "grouped-query heads whose key/value heads serve unequal numbers of them"
+    if len(children) < 2:
+        return "a single query head"
+    out = {"dims": {}, "params": [], "shared": {}, "shared_params": [], "replicas": {}}
+    for d, units in dims.items():
+        if np.isin(units, sorted(children)).all():
+            out["dims"][d] = child_ids[units]
+            if isinstance(d[0], str):
+                out["params"].append(ParamSlice(d[0], d[1], out["dims"][d]))
+        elif np.isin(units, sorted(parent_units)).all():
+            out["shared"][d] = part_ids[units]
+            if isinstance(d[0], str):
+                out["shared_params"].append(ParamSlice(d[0], d[1], out["shared"][d]))
+        elif d in b.replicas:
+            continue
+        else:
+            return "a dim that mixes query heads and key/value heads"
+    for _, _, r, replica in shares:
+        if replica is not None:
+            out["replicas"][replica] = r
+            out["dims"].pop(replica, None)
+    return {**out, "n_units": len(children), "part_of": part_of}
 
 
 def _identity_classes(b: Builder, live: list) -> dict:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from .batches import as_call, flat_inputs
 from .errors import GraphpruneError
 from .groups import Group
 from .meta_keys import CANON
@@ -67,20 +68,27 @@ class ScoreContext:
     ``torch.func.functional_call`` on detached copies, so the user's
     parameters never get a ``.grad``."""
 
-    def __init__(self, gm: torch.fx.GraphModule, groups: list[Group], calibration=None, loss_fn=None):
+    def __init__(self, gm: torch.fx.GraphModule, groups: list[Group], calibration=None, loss_fn=None, example_kwargs=None):
         self.gm, self.groups = gm, groups
-        self.calibration, self.loss_fn = calibration, loss_fn
+        self.calibration, self.loss_fn, self.example_kwargs = calibration, loss_fn, dict(example_kwargs or {})
         buffers = {n for n, _ in gm.named_buffers()}
         names = {s.name for g in groups for s in g.params} - buffers
         self.tensors = {n: _attr(gm, n) for n in names if isinstance(_attr(gm, n), torch.Tensor)}
         self.owner_types = {n: type(_owner(gm, n)) for n in names}
         self._grad = self._fisher = self._unit_fisher = self._act = self._moments = self._layers = None
 
-    def _batches(self, what: str):
+    def _calls(self, what: str):
+        """(args, kwargs, batch) per calibration batch (see ``batches.as_call``)."""
         if self.calibration is None:
-            raise GraphpruneError(f"this importance criterion needs {what}: pass calibration= (an iterable of example input tuples)")
+            raise GraphpruneError(f"this importance criterion needs {what}: pass calibration= (an iterable of input "
+                                  "tuples, dicts of keyword inputs or tokenizer outputs)")
         for batch in self.calibration:
-            yield batch if isinstance(batch, tuple) else (batch,)
+            yield (*as_call(batch, self.example_kwargs), batch)
+
+    def _batches(self, what: str):
+        """The graph's flat placeholder values per calibration batch (for interpreter runs)."""
+        for args, kwargs, _ in self._calls(what):
+            yield flat_inputs(self.gm, args, kwargs)
 
     def _gradients(self, with_units: bool = False):
         if self.loss_fn is None:
@@ -90,8 +98,8 @@ class ScoreContext:
         grad = {n: torch.zeros_like(t) for n, t in params.items()}
         fisher = {n: torch.zeros_like(t) for n, t in params.items()}
         units = {g.id: np.zeros(g.n_units) for g in self.groups} if with_units else None
-        for batch in self._batches("gradients"):
-            out = functional_call(self.gm, {**others, **params}, batch)
+        for args, kwargs, batch in self._calls("gradients"):
+            out = functional_call(self.gm, {**others, **params}, args, kwargs)
             gs = torch.autograd.grad(self.loss_fn(out, batch), list(params.values()), allow_unused=True)
             for (n, _), g in zip(params.items(), gs):
                 if g is not None:
@@ -136,8 +144,8 @@ class ScoreContext:
                     if key in feeds and isinstance(key, torch.fx.Node):
                         wanted.setdefault(key, set()).add(axis)
             self._act = {}
-            for batch in self._batches("activations"):
-                _Recorder(self.gm, wanted, self._act).run(*batch)
+            for flat in self._batches("activations"):
+                _Recorder(self.gm, wanted, self._act).run(*flat)
         return self._act
 
     @property

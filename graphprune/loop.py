@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from .batches import as_call
 from .errors import GraphpruneError
 from .flops import count_flops
 
@@ -36,7 +37,7 @@ def _targets(target: float, steps: int, schedule: str) -> list[float]:
 
 @torch.no_grad()
 def recalibrate_bn(model: torch.nn.Module, calibration: Iterable) -> torch.nn.Module:
-    """Recompute every BatchNorm's running statistics from ``calibration`` (input tuples)."""
+    """Recompute every BatchNorm's running statistics from ``calibration`` (input tuples, dicts of keyword inputs)."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return model
@@ -47,7 +48,8 @@ def recalibrate_bn(model: torch.nn.Module, calibration: Iterable) -> torch.nn.Mo
         m.momentum = None  # cumulative average over the calibration batches
     model.train()
     for batch in calibration:
-        model(*(batch if isinstance(batch, tuple) else (batch,)))
+        args, kwargs = as_call(batch)
+        model(*args, **kwargs)
     for m, mom in zip(bns, saved):
         m.momentum = mom
     model.train(was_training)

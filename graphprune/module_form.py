@@ -12,8 +12,13 @@ and then the graph is returned, with the reason in ``result.report``.
 """
 from __future__ import annotations
 
-import torch
+import math
 
+import torch
+import torch.nn as nn
+
+from . import hf
+from .modules import FullWidthLayerNorm
 from .trace import fresh_attrs
 from .verify import _run, evaluating, mismatch, on_copies, other_inputs
 
@@ -22,8 +27,7 @@ def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.M
     """(module form, "") or (None, why not)."""
     info = out.meta.get("graphprune", {})
     if info.get("method") != "symbolic_trace":
-        return None, ("traced with torch.export: its graph is not the model's own code, so the module form is not "
-                      "available yet for this model")
+        return from_tensors(model, out, info), ""
     top = type(model).__new__(type(model))
     top.__dict__ = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in fresh_attrs(model.__dict__).items()}
     top._modules = {k: (None if v is None else out.get_submodule(k)) for k, v in model._modules.items()}
@@ -45,9 +49,10 @@ def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.M
 def differs(top: torch.nn.Module, out: torch.nn.Module, args: tuple, kwargs: dict, *, params: bool = True) -> str | None:
     """None if the module form computes what the pruned graph computes on the
     example and on a second input shape the graph accepts."""
+    mine = hf.example_kwargs(top, kwargs) or {}  # the graph was traced without a KV cache: compare logits alone
     with evaluating(top, out), on_copies(top, out, params=params):
         try:
-            bad = mismatch(_run(top, args, kwargs), _run(out, args, kwargs))
+            bad = mismatch(_run(top, args, mine), _run(out, args, kwargs))
         except Exception as e:  # noqa: BLE001 - the user's forward cannot run the pruned tree
             return f"the model's forward fails on the pruned modules: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if bad:
@@ -58,7 +63,7 @@ def differs(top: torch.nn.Module, out: torch.nn.Module, args: tuple, kwargs: dic
             except Exception:  # noqa: BLE001 - a shape the model does not take
                 continue
             try:
-                bad = mismatch(_run(top, other, kwargs), ref)
+                bad = mismatch(_run(top, other, mine), ref)
             except Exception as e:  # noqa: BLE001
                 return f"the model's forward fails on the pruned modules at another input shape: {type(e).__name__}"
             return f"at another input shape the model's forward differs from the pruned graph ({bad})" if bad else None
@@ -71,3 +76,97 @@ def info(model: torch.nn.Module) -> dict | None:
     if isinstance(meta, dict) and "graphprune" in meta:
         return meta["graphprune"]
     return model.__dict__.get("_graphprune")
+
+
+def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> torch.nn.Module:
+    """The module form of a model traced with ``torch.export``, whose graph is ATen
+    code rather than the model's modules: a copy of the user's module tree holding
+    the pruned graph's tensors under the same names, with every attribute that
+    states a width fixed (``MODULE_FIXES``, then the Hugging Face table in
+    ``hf.py``). ``differs`` then decides whether the user's forward agrees."""
+    theirs = {n: t for n, t in [*out.named_parameters(remove_duplicate=False), *out.named_buffers(remove_duplicate=False)]}
+    memo: dict = {}
+
+    def tensor(t, name):
+        src = theirs.get(name)
+        key = id(src) if src is not None else id(t)
+        if key not in memo:
+            data = (src if src is not None else t).detach()
+            data = data if src is not None else data.clone()
+            memo[key] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data
+        return memo[key]
+
+    def copy(m, prefix):
+        if id(m) in memo:
+            return memo[id(m)]
+        c = type(m).__new__(type(m))
+        memo[id(m)] = c
+        c.__dict__ = fresh_attrs(m.__dict__)
+        c._parameters = {k: (None if t is None else tensor(t, prefix + k)) for k, t in m._parameters.items()}
+        c._buffers = {k: (None if t is None else tensor(t, prefix + k)) for k, t in m._buffers.items()}
+        c._modules = {k: (None if v is None else copy(v, f"{prefix}{k}.")) for k, v in m._modules.items()}
+        return c
+
+    top = copy(model, "")
+    original = info.get("original", {})
+    for name, mod in top.named_modules():
+        prefix = f"{name}." if name else ""
+        local = {k: original.get(prefix + k) for k in mod._parameters}
+        for types, fix in MODULE_FIXES:
+            if isinstance(mod, types):
+                fix(mod, local)
+        hf.fix_module(mod, local)
+    if hf.is_hf(model):
+        hf.update_config(top, model.config)
+    top.train(model.training)
+    return top
+
+
+def _fix_linear(mod, orig):
+    mod.out_features, mod.in_features = mod.weight.shape
+
+
+def _fix_conv(mod, orig):
+    """Whole conv groups went where the per-group input width is unchanged (depthwise)."""
+    w, was = mod.weight, orig.get("weight")
+    out_axis, in_axis = (1, 0) if mod.transposed else (0, 1)
+    if was is not None and w.shape[in_axis] == was[in_axis] and not mod.transposed:
+        mod.groups = mod.groups * w.shape[0] // was[0]
+    mod.out_channels = w.shape[out_axis] * (mod.groups if mod.transposed else 1)
+    mod.in_channels = w.shape[in_axis] * (1 if mod.transposed else mod.groups)
+
+
+def _fix_bn(mod, orig):
+    t = mod.weight if mod.weight is not None else mod.running_mean
+    if t is not None:
+        mod.num_features = t.shape[0]
+
+
+def _fix_ln(mod, orig):
+    """A LayerNorm over channels that went keeps its statistics over the original width."""
+    if mod.weight is None or tuple(mod.weight.shape) == tuple(mod.normalized_shape):
+        return
+    full = math.prod(mod.normalized_shape)
+    mod.__class__ = FullWidthLayerNorm
+    mod.full = getattr(mod, "full", full)
+    mod.normalized_shape = tuple(mod.weight.shape)
+
+
+def _fix_gn(mod, orig):
+    if mod.weight is not None and mod.weight.shape[0] != mod.num_channels:
+        mod.num_groups = mod.num_groups * mod.weight.shape[0] // mod.num_channels
+        mod.num_channels = mod.weight.shape[0]
+
+
+def _fix_embedding(mod, orig):
+    mod.num_embeddings, mod.embedding_dim = mod.weight.shape
+
+
+MODULE_FIXES = [
+    ((nn.Linear,), _fix_linear),
+    ((nn.modules.conv._ConvNd,), _fix_conv),
+    ((nn.modules.batchnorm._BatchNorm,), _fix_bn),
+    ((nn.LayerNorm,), _fix_ln),
+    ((nn.GroupNorm,), _fix_gn),
+    ((nn.Embedding,), _fix_embedding),
+]

@@ -50,6 +50,8 @@ def remove_lowest(g: Group, score: np.ndarray, k: int) -> np.ndarray:
     """The k lowest-scoring units of ``g``, skipping any whose removal would
     leave a member dim empty (a DenseNet layer whose every new channel scored
     low keeps one)."""
+    if g.part_of is not None:
+        return remove_balanced(g, score, k)
     order = np.argsort(score, kind="stable")
     counts = np.stack([np.bincount(u, minlength=g.n_units) for u in g.dims.values()])  # (dims, units)
     if (counts.sum(1) - counts[:, order[:k]].sum(1) > 0).all():
@@ -65,6 +67,32 @@ def remove_lowest(g: Group, score: np.ndarray, k: int) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
+def remove_balanced(g: Group, score: np.ndarray, k: int) -> np.ndarray:
+    """At most k units of a partitioned group (query heads over key/value heads):
+    ``whole`` partitions entirely and the ``m`` lowest of every other one, so
+    every kept partition keeps as many. Of the splits that remove the most
+    units up to k, the one that removes the least score."""
+    parts = [np.flatnonzero(g.part_of == p) for p in range(g.n_parts)]
+    parts = [u[np.argsort(score[u], kind="stable")] for u in parts]    # lowest first in each
+    r = len(parts[0])
+    cum = np.stack([np.concatenate([[0.0], np.cumsum(score[u])]) for u in parts])  # (P, r + 1)
+    best = None
+    for whole in range(len(parts)):                                      # never all of them
+        m = (k - whole * r) // (len(parts) - whole) if k >= whole * r else -1
+        if m < 0:
+            break
+        m = min(m, r - 1)
+        extra = cum[:, r] - cum[:, m]                                    # cost of going whole instead of m
+        gone_whole = np.argsort(extra, kind="stable")[:whole]
+        cost = cum[:, m].sum() + extra[gone_whole].sum()
+        count = whole * r + (len(parts) - whole) * m
+        if best is None or (count, -cost) > (best[0], -best[1]):
+            best = (count, cost, set(gone_whole.tolist()), m)
+    count, _, whole_set, m = best
+    out = [u if i in whole_set else u[:m] for i, u in enumerate(parts)]
+    return np.sort(np.concatenate(out)).astype(np.int64)
+
+
 def make_plan(groups: list[Group], removed: dict[int, np.ndarray]) -> dict:
     """(value_key, axis) -> kept indices, for every dim that shrinks."""
     plan = {}
@@ -75,6 +103,18 @@ def make_plan(groups: list[Group], removed: dict[int, np.ndarray]) -> dict:
         gone[removed[g.id]] = True
         for dim, unit_of in g.dims.items():
             plan[dim] = np.flatnonzero(~gone[unit_of])
+        if g.part_of is not None:
+            kept_per_part = np.bincount(g.part_of[~gone], minlength=g.n_parts)   # (partitions,)
+            alive = kept_per_part > 0
+            if len(set(kept_per_part[alive].tolist())) != 1:
+                raise GraphpruneError(f"group {g.id}: a removal must keep as many query heads over every kept key/value "
+                                      f"head (kept {kept_per_part.tolist()}); use remove_balanced")
+            for dim, part_of in g.shared.items():
+                if not alive.all():
+                    plan[dim] = np.flatnonzero(alive[part_of])
+            for dim, r in g.replicas.items():
+                if kept_per_part[alive][0] != r:
+                    plan[dim] = np.arange(kept_per_part[alive][0])
     return plan
 
 
@@ -104,7 +144,7 @@ class Pruner:
         self.ignore = tuple(check_ignore(self.model, self.ignore))
         traced = self._faithful_trace() if self.check_trace else trace(self.model, self.example_inputs, self.example_kwargs, method=self.method)
         self.analysis = analyze_graph(traced.gm, traced.method, self.ignore)
-        ctx = _importance.ScoreContext(traced.gm, self.analysis.groups, self.calibration, self.loss_fn)
+        ctx = _importance.ScoreContext(traced.gm, self.analysis.groups, self.calibration, self.loss_fn, self.example_kwargs)
         fn = _importance.get_importance(self.importance)
         self.scores = {g.id: np.asarray(fn(g, ctx.tensors, ctx=ctx), dtype=np.float64) for g in self.groups}
         self._ctx = ctx

@@ -93,13 +93,19 @@ def reshape(b, c: COp):
 
 
 def expand(b, c: COp):
-    """expand: dims that keep their size map through; broadcast dims stay fixed."""
+    """expand: dims that keep their size map through; broadcast dims (size 1 or
+    new, grown) hold copies: any of their indices may go (see ``Builder.replica``)."""
     x, out = c.inputs[0], _out(c)
     si, so = b.shape(x), b.shape(out)
+    for od in range(len(so) - len(si)):
+        if so[od] > 1:
+            b.replica((out, od))
     for j, size in enumerate(si):
         od = len(so) - len(si) + j
         if size == so[od]:
             b.couple((x, j), (out, od))
+        elif size == 1:
+            b.replica((out, od))
 
 
 def repeat_interleave(b, c: COp):
@@ -308,12 +314,11 @@ def sdpa(b, c: COp):
     if c.attrs["scale"] is None:
         b.block((q, len(sq) - 1), f"{c.node.name}: attention scale is computed from head_dim")
     if c.attrs["enable_gqa"] and lead >= 1 and sq[lead - 1] != sk[lead - 1]:
-        r = sq[lead - 1] // sk[lead - 1]
+        r = sq[lead - 1] // sk[lead - 1]  # query head i reads key/value head i // r
         for t in (k, v):
-            n = b.shape(t)[lead - 1]
-            b.couple((t, lead - 1), (out, lead - 1), np.arange(n * r) // r, np.arange(n * r))
+            b.share((t, lead - 1), (out, lead - 1), r)
         _broadcast_batch(b, [(q, len(sq) - 2)], out, lead)
-        _broadcast_batch(b, [(k, lead - 1), (v, lead - 1)], out, lead)
+        _broadcast_batch(b, [(k, lead - 1), (v, lead - 1)], out, lead - 1)
     else:
         _broadcast_batch(b, [(q, len(sq) - 2), (k, len(sk) - 2), (v, len(sv) - 2)], out, lead)
     mask = c.attrs["mask"]

@@ -12,6 +12,7 @@ a model whose parameters already live on ``meta`` works the same way.
 """
 from __future__ import annotations
 
+import copy as copy_module
 import operator
 from dataclasses import dataclass
 
@@ -60,7 +61,23 @@ def shadow(model: torch.nn.Module, *, own_buffers: bool = False) -> torch.nn.Mod
             c._buffers = {k: (None if t is None else copies.setdefault(id(t), t.clone())) for k, t in m._buffers.items()}
         return c
 
-    return copy(model)
+    return without_cache(copy(model))
+
+
+def without_cache(model: torch.nn.Module) -> torch.nn.Module:
+    """A Hugging Face model whose config asks for a KV cache returns it, an object no
+    graph output can carry; the shadow gets its own config without it, so the model
+    is traced and checked as ``model(ids)`` computes its logits (the module form
+    keeps the user's config, and ``generate`` its cache)."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False) or not hasattr(config, "to_dict"):
+        return model
+    mine = copy_module.deepcopy(config)
+    mine.use_cache = False
+    for m in model.modules():
+        if m.__dict__.get("config") is config:
+            m.__dict__["config"] = mine
+    return model
 
 
 def to_meta(x):
@@ -258,6 +275,7 @@ def _export(model, example_inputs, example_kwargs) -> fx.GraphModule:
         except Exception:  # noqa: BLE001 - symbolic batch is a nicety; a static graph still prunes
             continue
     return export(model, args, kwargs=kwargs, strict=False).module()
+
 
 
 def _doubled(x):

@@ -267,14 +267,17 @@ class Verifier:
             g = groups[gid]
             dead = np.zeros(g.n_units, dtype=bool)
             dead[units] = True
-            for s in g.params:
+            slices = [(s, dead) for s in g.params]
+            if g.part_of is not None:  # a key/value head dies with the last query head it serves
+                slices += [(s, np.bincount(g.part_of[~dead], minlength=g.n_parts) == 0) for s in g.shared_params]
+            for s, gone in slices:
                 if s.name not in self.params:
                     continue  # a constant that is neither parameter nor buffer: the twin cannot zero it
                 orig = self.params[s.name]
                 t = state.get(id(orig))
                 if t is None:
                     t = state[id(orig)] = orig.detach().clone()
-                idx = torch.as_tensor(np.flatnonzero(dead[s.unit_of]), device=t.device)
+                idx = torch.as_tensor(np.flatnonzero(gone[s.unit_of]), device=t.device)
                 t.index_fill_(s.axis, idx, 0.0)
         return state
 

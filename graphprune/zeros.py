@@ -206,6 +206,8 @@ def linked(zs: Zeros, c: COp) -> None:
         return  # the padding itself is not zero, removed channel or not
     zero: dict = {}
     for item in zs.b.links.get(c.node, ()):
+        if item[0] == "share":
+            continue  # a kept key/value head serves removed query heads too: not zero
         if item[0] == "product":
             _, flat, factors = item
             if flat[0] in outs:

@@ -158,3 +158,30 @@ def test_load_rebuilds_concat_groups_and_the_saved_mode(tmp_path, model, shape):
     assert fresh.training  # the user's original keeps its own mode
     with torch.no_grad():
         torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.b = torch.nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x, *, scale):
+        h = torch.relu(self.a(x)) * scale
+        return self.b(h).to(x.device)
+
+
+def test_exported_graph_loads_onto_meta_original(tmp_path):
+    """A graph traced with torch.export (keyword inputs) reloads onto an original built
+    on meta: the device constants the export baked in point at the loaded weights."""
+    torch.manual_seed(0)
+    model = _Scaled().eval()
+    x, s = torch.randn(2, 3, 8, 8), torch.tensor(0.5)
+    small = graphprune.compile(model, (x,), example_kwargs={"scale": s}, ratio=0.5, output="graph")
+    assert graphprune.module_form.info(small)["method"] == "export"
+    graphprune.save(small, tmp_path)
+    with torch.device("meta"):
+        original = _Scaled()
+    back = graphprune.load(original, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(back(x, scale=s), small(x, scale=s))

@@ -1,9 +1,11 @@
 """Hugging Face models go through torch.export: lossless on dead channels, other batch and sequence sizes run."""
+import numpy as np
 import pytest
 import torch
 
 import graphprune
 from oracle import kill_units
+from graphprune.pruner import remove_balanced
 
 transformers = pytest.importorskip("transformers")
 
@@ -59,3 +61,175 @@ def test_hf_keyword_inputs_with_padding_mask():
         ref = model(ids, attention_mask=mask).last_hidden_state
         out = small(ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+# --------------------------------------------------------------- module form, generate, save/load
+
+def _qwen2():
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64)
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+def _mistral():
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                                     num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64)
+    return transformers.MistralForCausalLM(cfg)
+
+
+def _llama_cached():
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)  # use_cache=True, as configs ship
+
+
+def _gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                                bos_token_id=0, eos_token_id=0))
+
+
+FAMILIES = {"llama": _llama_cached, "qwen2": _qwen2, "mistral": _mistral, "gpt2": _gpt2, "bert": _bert}
+# families whose config can state every pruned width (query heads x head_dim is not tied to hidden_size)
+CONFIG_EXPRESSES = {"llama", "qwen2", "mistral"}
+
+
+def _greedy_no_cache(model, prompt, steps):
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_hf_module_form_generate_and_reload(family, tmp_path):
+    """Dead MLP channels and one dead query head per key/value group: pruning is
+    lossless in the user's own class; generate() with its cache decodes what
+    step-by-step decoding without a cache does; save then load (and, where the
+    config states every width, from_pretrained) give identical logits."""
+    build = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build().eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    kill_units(model, (ids,), 0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = _out(model(ids))
+    small = graphprune.compile(model, (ids,), ratio=0.25, importance="l1")
+    assert small.report.form == "module", small.report.form_why
+    assert type(small) is type(model)
+    assert graphprune.count_params(small) < graphprune.count_params(model)
+    with torch.no_grad():
+        got = _out(small(ids))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert small.config is not model.config
+    if family in ("llama", "qwen2", "mistral"):
+        attn = small.model.layers[0].self_attn
+        assert small.config.num_attention_heads == 6 and small.config.num_key_value_heads == 2  # one head of 4 per group
+        assert attn.num_key_value_groups == 3 and attn.q_proj.out_features == 6 * attn.head_dim
+        assert small.config.intermediate_size == small.model.layers[0].mlp.up_proj.out_features < 128
+        assert model.config.num_attention_heads == 8
+    if hasattr(small, "generate"):
+        prompt = ids[:1, :4]
+        out = small.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert out.tolist() == _greedy_no_cache(small, prompt, 8).tolist()
+    graphprune.save(small, tmp_path)
+    manifest = __import__("json").loads((tmp_path / "manifest.json").read_text())
+    with torch.device("meta"):
+        original = build()
+    back = graphprune.load(original, tmp_path)
+    assert type(back) is type(model) and not back.training
+    with torch.no_grad():
+        assert torch.equal(_out(back(ids)), got)
+    if family in CONFIG_EXPRESSES:
+        assert manifest["from_pretrained"] is True
+        auto = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        with torch.no_grad():
+            assert torch.equal(_out(auto(ids)), got)
+    else:  # it says why not instead of writing a config that would load a different model
+        assert isinstance(manifest["from_pretrained"], str)
+
+
+def test_hf_per_layer_widths_reload_with_graphprune(tmp_path):
+    """Layers pruned to different widths: the config records them, from_pretrained
+    is refused in the manifest, graphprune.load rebuilds the model exactly."""
+    torch.manual_seed(0)
+    model = _llama_cached().eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    small = graphprune.compile(model, (ids,), ratio={"model.layers.0.mlp.*": 0.5, "model.layers.1.mlp.*": 0.25})
+    assert small.report.form == "module"
+    widths = [layer.mlp.up_proj.out_features for layer in small.model.layers]
+    assert widths == [64, 96]
+    assert [w["intermediate_size"] for w in small.config.graphprune_layers if "intermediate_size" in w] == widths
+    graphprune.save(small, tmp_path)
+    manifest = __import__("json").loads((tmp_path / "manifest.json").read_text())
+    assert "differ" in manifest["from_pretrained"]
+    with torch.device("meta"):
+        original = _llama_cached()
+    back = graphprune.load(original, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, small(ids).logits)
+
+
+def test_gqa_query_heads_are_balanced_units():
+    """Query heads are the units, each in its key/value head's partition; a removal
+    keeps as many query heads over every kept key/value head."""
+    model = _llama_cached().eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    a = graphprune.analyze(model, (ids,))
+    heads = [g for g in a.groups if g.part_of is not None]
+    assert len(heads) == 2 and all(g.n_units == 8 and g.n_parts == 2 for g in heads)
+    assert sorted(np.bincount(heads[0].part_of).tolist()) == [4, 4]
+    g = heads[0]
+    score = np.arange(8, dtype=float)          # partition 0 (units 0-3) is the cheaper one
+    gone = remove_balanced(g, score, 2)
+    assert np.bincount(g.part_of[gone], minlength=2).tolist() == [1, 1]
+    gone = remove_balanced(g, score, 4)        # a whole key/value group is cheapest here
+    assert sorted(gone.tolist()) == [0, 1, 2, 3]
+    score = np.array([0, 0, 9, 9, 0, 0, 9, 9], dtype=float)
+    assert np.bincount(g.part_of[remove_balanced(g, score, 4)], minlength=2).tolist() == [2, 2]
+
+
+def test_whole_kv_group_removal_is_lossless():
+    """A dead key/value head with all its query heads goes as one, with k/v rows."""
+    torch.manual_seed(0)
+    model = _llama_cached().eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    attn = model.model.layers[1].self_attn
+    d = attn.head_dim
+    with torch.no_grad():
+        attn.q_proj.weight[4 * d:] = 0       # query heads 4-7 read key/value head 1
+        attn.o_proj.weight[:, 4 * d:] = 0
+        attn.k_proj.weight[d:] = 0
+        attn.v_proj.weight[d:] = 0
+        ref = model(ids).logits
+    small = graphprune.compile(model, (ids,), ratio={"model.layers.1.self_attn.q_proj": 0.5}, importance="l1")
+    a = small.model.layers[1].self_attn
+    assert (a.q_proj.out_features, a.k_proj.out_features) == (4 * d, d) and a.num_key_value_groups == 4
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_dicts_and_example_kwargs():
+    """Calibration batches may be dicts or tokenizer outputs (a UserDict); example_kwargs apply to them too."""
+    from collections import UserDict
+
+    torch.manual_seed(0)
+    model = _bert().eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    batches = [{"input_ids": torch.randint(0, VOCAB, (2, 7)), "attention_mask": mask} for _ in range(2)]
+    a = graphprune.compile(model, (ids,), example_kwargs={"attention_mask": mask}, ratio=0.25,
+                           importance="activation", calibration=batches)
+    b = graphprune.compile(model, (ids,), example_kwargs={"attention_mask": mask}, ratio=0.25,
+                           importance="activation", calibration=[UserDict(x) for x in batches])
+    c = graphprune.compile(model, (ids,), example_kwargs={"attention_mask": mask}, ratio=0.25,
+                           importance="activation", calibration=[(x["input_ids"],) for x in batches])
+    shapes = lambda m: {n: tuple(p.shape) for n, p in m.named_parameters()}
+    assert shapes(a) == shapes(b) == shapes(c)
+    assert graphprune.count_params(a) < graphprune.count_params(model)
+    with pytest.raises(graphprune.GraphpruneError, match="calibration batch"):
+        graphprune.compile(model, (ids,), example_kwargs={"attention_mask": mask}, ratio=0.25, importance="activation",
+                           calibration=[{"input_ids": ids, "token_type_ids": ids * 0}])

@@ -1,0 +1,212 @@
+"""Hugging Face models: inputs, per-layer attributes, configs and checkpoints.
+
+A pruned Hugging Face model in module form is the user's own class (so
+``generate()``, its KV cache and ``save_pretrained`` work) with every
+attribute that states a width made true again:
+
+* per-layer attention and MLP attributes (``num_key_value_groups``,
+  ``num_heads``, ``split_size``...), one table row each, computed from the
+  layer's own sliced projections;
+* RMSNorms over a residual stream that lost channels keep their statistics
+  over the original width by folding the width ratio into ``weight`` and
+  ``eps`` (exact: the removed channels were zero in the dead twin);
+* the config: ``hidden_size``, ``intermediate_size``, ``num_attention_heads``,
+  ``num_key_value_heads`` and ``head_dim`` where every layer agrees, with the
+  per-layer widths recorded in ``config.graphprune_layers`` where they differ.
+
+Whether ``from_pretrained`` can rebuild the result from its config alone is
+not assumed: ``from_config_alone`` builds the class from the new config on
+``meta`` and compares every tensor shape.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+
+import torch
+
+
+def is_hf(model) -> bool:
+    return hasattr(model, "config") and hasattr(model, "save_pretrained") and hasattr(model.config, "to_dict")
+
+
+def example_kwargs(model, kwargs: dict | None) -> dict | None:
+    """``kwargs`` plus ``use_cache=False`` where ``model`` takes it: a language model
+    returns its KV cache by default, which no graph output carries (graphs are
+    traced on a config without it, see ``trace.without_cache``); the module form
+    is compared with the graph on logits alone."""
+    if not is_hf(model) or (kwargs and "use_cache" in kwargs):
+        return kwargs
+    try:
+        takes = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    return {**(kwargs or {}), "use_cache": False} if takes else kwargs
+
+
+def _rows(mod) -> int | None:
+    """Output width of a projection (nn.Linear or GPT-2's transposed Conv1D)."""
+    w = getattr(mod, "weight", None)
+    if w is None or w.dim() != 2:
+        return None
+    return w.shape[1] if type(mod).__name__ == "Conv1D" else w.shape[0]
+
+
+def _child(mod, *names):
+    for n in names:
+        c = getattr(mod, n, None)
+        if isinstance(c, torch.nn.Module):
+            return c
+    return None
+
+
+def _heads(mod) -> tuple[int, int, int] | None:
+    """(query heads, key/value heads, head_dim) of an attention module, from its projections."""
+    head_dim = getattr(mod, "head_dim", None) or getattr(mod, "attention_head_size", None)
+    if not head_dim:
+        return None
+    q = _child(mod, "q_proj", "query", "q")
+    k = _child(mod, "k_proj", "key", "k")
+    if q is not None and k is not None:
+        return _rows(q) // head_dim, _rows(k) // head_dim, head_dim
+    fused = _child(mod, "c_attn")  # GPT-2: q, k and v in one projection
+    if fused is not None and not getattr(mod, "is_cross_attention", False):
+        h = _rows(fused) // 3 // head_dim
+        return h, h, head_dim
+    return None
+
+
+# attribute -> its value from (query heads, key/value heads, head_dim); set where a module has it
+ATTENTION_ATTRS = {
+    "num_heads": lambda h, kv, d: h,
+    "num_attention_heads": lambda h, kv, d: h,
+    "num_key_value_heads": lambda h, kv, d: kv,
+    "num_key_value_groups": lambda h, kv, d: h // kv,
+    "all_head_size": lambda h, kv, d: h * d,
+    "split_size": lambda h, kv, d: h * d,
+    "embed_dim": lambda h, kv, d: h * d,
+}
+
+MLP_PROJ = ("up_proj", "gate_proj", "fc1", "c_fc", "dense_h_to_4h", "w1")
+
+
+def _mlp_width(mod) -> int | None:
+    """Hidden width of an MLP block (LlamaMLP, GPT2MLP, BertIntermediate...)."""
+    name = type(mod).__name__
+    proj = _child(mod, *MLP_PROJ) if name.endswith("MLP") else _child(mod, "dense") if name.endswith("Intermediate") else None
+    return None if proj is None else _rows(proj)
+
+
+def fix_module(mod: torch.nn.Module, original: dict) -> None:
+    """Make one module's width attributes true to its sliced parameters.
+    ``original``: parameter shapes of the unpruned module, by local name."""
+    heads = _heads(mod)
+    if heads is not None and heads[1] > 0:
+        for attr, fn in ATTENTION_ATTRS.items():
+            if isinstance(getattr(mod, attr, None), int):
+                setattr(mod, attr, fn(*heads))
+    width = _mlp_width(mod)
+    if width is not None and isinstance(getattr(mod, "intermediate_size", None), int):
+        mod.intermediate_size = width
+    if type(mod).__name__ == "Conv1D":
+        mod.nx, mod.nf = mod.weight.shape
+    if type(mod).__name__.endswith("RMSNorm"):
+        _fold_rms(mod, original.get("weight"))
+
+
+def _fold_rms(mod, full_shape) -> None:
+    """y = x / sqrt(mean(x^2) + eps) * w over the kept H' of H channels equals the
+    full-width result when w and eps absorb the width ratio (removed entries are 0):
+    mean' = mean * H / H', so eps' = eps * H / H' and w' = w * sqrt(H / H')."""
+    w = getattr(mod, "weight", None)
+    if w is None or full_shape is None or w.dim() != 1 or w.shape[0] == full_shape[0]:
+        return
+    ratio = full_shape[0] / w.shape[0]
+    attr = next((a for a in ("variance_epsilon", "eps", "epsilon") if isinstance(getattr(mod, a, None), float)), None)
+    if attr is None:
+        return
+    setattr(mod, attr, getattr(mod, attr) * ratio)
+    # a new tensor: the old one may also be the pruned graph's
+    mod.weight = torch.nn.Parameter(w.detach() * math.sqrt(ratio), requires_grad=w.requires_grad)
+
+
+def layer_widths(model) -> list[dict]:
+    """Per decoder/encoder layer: its attention heads and MLP width."""
+    out = []
+    for name, mod in model.named_modules():
+        heads = _heads(mod)
+        if heads is not None:
+            out.append({"module": name, "num_attention_heads": heads[0], "num_key_value_heads": heads[1], "head_dim": heads[2]})
+        width = _mlp_width(mod)
+        if width is not None:
+            out.append({"module": name, "intermediate_size": width})
+    return out
+
+
+HIDDEN_ATTRS = ("hidden_size", "n_embd", "d_model", "embed_dim")
+
+# config field -> what sets it: the width every layer agrees on
+CONFIG_FIELDS = {
+    "num_attention_heads": "num_attention_heads", "n_head": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+    "intermediate_size": "intermediate_size", "n_inner": "intermediate_size",
+    "head_dim": "head_dim",
+}
+
+
+def update_config(model, original_config) -> None:
+    """Give ``model`` its own config with the pruned widths (the user's stays as it was)."""
+    config = copy.deepcopy(original_config)
+    for mod in model.modules():  # every module that held the shared config gets the copy
+        if mod.__dict__.get("config") is original_config:
+            mod.config = config
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        hidden, was = emb.weight.shape[1], original_config.get_text_config().hidden_size
+        for f in HIDDEN_ATTRS:
+            if isinstance(getattr(config, f, None), int) and f in config.to_dict():
+                setattr(config, f, hidden)
+        for mod in model.modules():  # the residual width as layers store it (attention widths are _heads')
+            if _heads(mod) is None:
+                for f in HIDDEN_ATTRS:
+                    if mod.__dict__.get(f) == was:
+                        mod.__dict__[f] = hidden
+    widths = layer_widths(model)
+    agreed: dict = {}
+    for key in set(CONFIG_FIELDS.values()):
+        vals = {w[key] for w in widths if key in w}
+        if len(vals) == 1:
+            agreed[key] = vals.pop()
+    for f, key in CONFIG_FIELDS.items():
+        if key in agreed and f in config.to_dict() or (f == "head_dim" and key in agreed and hasattr(config, "num_key_value_heads")):
+            setattr(config, f, agreed[key])
+    eps = {getattr(m, "variance_epsilon") for m in model.modules() if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")}
+    if len(eps) == 1 and isinstance(getattr(config, "rms_norm_eps", None), float):
+        config.rms_norm_eps = eps.pop()
+    if any(len({w[k] for w in widths if k in w}) > 1 for k in set(CONFIG_FIELDS.values())):
+        config.graphprune_layers = widths  # layers differ: graphprune.load rebuilds them
+
+
+def from_config_alone(model) -> str | None:
+    """None if ``type(model)(model.config)`` has every tensor shape ``model`` has
+    (so ``from_pretrained`` on a saved directory rebuilds it), else the first difference."""
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(copy.deepcopy(model.config))
+    except Exception as e:  # noqa: BLE001 - the config cannot build the class at all
+        return f"the pruned config does not build {type(model).__name__} ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    want = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    got = {n: tuple(t.shape) for n, t in fresh.state_dict().items()}
+    for n, s in want.items():
+        if got.get(n, s) != s:
+            return f"{n} would be {got[n]}, not {s}: its layers differ in width"
+    theirs = dict(fresh.named_modules())
+    for name, mod in model.named_modules():
+        other = theirs.get(name)
+        if other is None or type(other) is not type(mod):
+            return f"{name} is a {type(mod).__name__}, which the config alone does not build"
+        for k, v in vars(mod).items():  # widths, scales, epsilons: what forward reads besides tensors
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("_") and vars(other).get(k, v) != v:
+                return f"{name}.{k} would be {vars(other).get(k)}, not {v}"
+    return None
