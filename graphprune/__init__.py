@@ -6,6 +6,8 @@
 from .allocate import Report
 from .api import analyze, compile
 from .checkpoint import load, save
+from .distill import distill, distill_loss
+from .export import check_onnx, export, to_onnx
 from .loop import GroupLasso, bn_l1, prune_iteratively, recalibrate_bn
 from .search import SearchResult, Sensitivity, search, sensitivity
 from .errors import GraphpruneError
@@ -15,4 +17,5 @@ from .pass_manager import PassResult, register_pass, run_pipeline
 
 __all__ = ["analyze", "compile", "save", "load", "search", "sensitivity", "prune_iteratively", "recalibrate_bn", "bn_l1", "GroupLasso",
            "GraphpruneError", "register_pass", "register_importance", "run_pipeline", "PassResult", "count_flops",
-           "count_params", "Report", "SearchResult", "Sensitivity"]
+           "count_params", "Report", "SearchResult", "Sensitivity", "distill", "distill_loss", "export", "to_onnx",
+           "check_onnx"]

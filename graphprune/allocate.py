@@ -36,12 +36,14 @@ class Report:
     verify: object = None  # verify.Verification: what the self-check did
     form: str = "graph"  # "module": the user's own classes; "graph": an fx GraphModule
     form_why: str = ""
+    auto: object = None  # auto.Choice: what importance="auto" chose, and why
 
     def __str__(self) -> str:
         lat = "" if self.latency is None else f", latency {self.latency:.3f}"
         cost = f"FLOPs {self.flops:.3f}, params {self.params:.3f}{lat} of the original; " if self.flops is not None else ""
         check = f"; {self.verify}" if self.verify is not None else ""
-        return f"{cost}{len(self.widths)} groups{check}"
+        chose = f"; {self.auto}" if self.auto is not None else ""
+        return f"{cost}{len(self.widths)} groups{check}{chose}"
 
 
 @dataclass
@@ -85,9 +87,46 @@ class Meter:
         self.p, self.kind, self.runs = p, kind, runs
         self.inputs = latency_inputs or p.example_inputs
         self._meta_state = meta_state(p.gm)
-        self.base = 1.0 if kind == "latency" else self._measure({})
+        # the plan gives parameter counts exactly where the default passes only slice parameters
+        self.exact_params = None if (p.pipeline or "shrink-params,dce") == "shrink-params,dce" else False
+        self.base = 1.0 if kind == "latency" else self._plan_params({}) if kind == "params" and self.exact_params is None \
+            else self._measure({})
+
+    def _plan_params(self, removed: dict) -> float:
+        """Parameters after ``removed``, read off the slicing plan: every parameter keeps
+        the product of its kept sizes (tied ones counted once). What shrink-params
+        builds, without building it (a pass over a 30-layer LLM costs seconds)."""
+        from .pruner import make_plan
+
+        plan = make_plan(self.p.groups, removed)
+        kept: dict = {}
+        for name, t in self.p.gm.named_parameters(remove_duplicate=False):
+            sizes = kept.setdefault(id(t), list(t.shape))
+            for axis in range(t.dim()):
+                idx = plan.get((name, axis))
+                if idx is not None:
+                    sizes[axis] = min(sizes[axis], len(idx))
+        return float(sum(int(np.prod(v)) for v in kept.values()))
 
     def _measure(self, removed: dict) -> float:
+        if self.kind == "params" and self.exact_params is not False:
+            fast = self._plan_params(removed)
+            if removed and self.exact_params is None:  # trusted once it matched a model built for real
+                self.exact_params = fast == self._built_for_real(removed)
+                if not self.exact_params:
+                    self.base = self._built({})  # every count from here is meta-built, the base too
+            if self.exact_params:
+                return fast
+        return self._built(removed)
+
+    def _built_for_real(self, removed: dict) -> float:
+        """Parameters of the candidate built with its real weights (meta-built
+        counts have been seen to miss parameters some modules re-create)."""
+        if any(t.is_meta for t in self.p.gm.parameters()):
+            return self._built(removed)
+        return float(count_params(self.p.prune(removed, check=False, fit=False)))
+
+    def _built(self, removed: dict) -> float:
         if self.kind == "latency":
             return latency_ratio(self.p.prune(removed, check=False, fit=False), self.p.model, self.inputs, rounds=self.runs)
         with _reparametrize_module(self.p.gm, self._meta_state, tie_weights=False):
@@ -105,12 +144,26 @@ class Meter:
         return self._measure(removed) / self.base
 
 
-def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, **meter_kw) -> tuple[dict, float]:
-    """The allocation that removes least while keeping cost <= target (a fraction)."""
+def per_param_scores(p: Pruner) -> dict[int, np.ndarray]:
+    """Normalised scores divided by what a unit weighs (its parameters, relative to the
+    mean unit): a unit that holds many weights must matter more to stay."""
+    from .auto import unit_params
+
+    sizes = {g.id: unit_params(g, p.gm) for g in p.groups}
+    mean = float(np.mean(np.concatenate(list(sizes.values())))) if sizes else 1.0
+    return {gid: v / (sizes[gid] / mean) for gid, v in normalized_scores(p).items()}
+
+
+RULES = {"score": normalized_scores, "per_param": per_param_scores}
+
+
+def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule: str = "score", **meter_kw) -> tuple[dict, float]:
+    """The allocation that removes least while keeping cost <= target (a fraction).
+    ``rule`` ranks units across groups: by normalised score, or per parameter."""
     if not 0 < target <= 1:
         raise GraphpruneError(f"target_{kind} must be a fraction in (0, 1], got {target!r}")
     meter = Meter(p, kind, **meter_kw)
-    norm = normalized_scores(p)
+    norm = RULES[rule](p)
     taus = np.unique(np.concatenate([v for v in norm.values()] + [np.zeros(1)]))
     taus = np.append(taus, np.inf)
     cache: dict[int, tuple[dict, float]] = {}
@@ -121,7 +174,17 @@ def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, **me
             cache[i] = (removed, meter(removed))
         return cache[i]
 
-    lo, hi = 0, len(taus) - 1
+    best = _bisect(cost, len(taus), target, kind)
+    if meter.exact_params and best[0] and meter._built_for_real(best[0]) / meter.base > target:
+        meter.exact_params = False  # the plan's count disagreed with the model: measure every candidate for real
+        meter.base = meter._built({})
+        cache.clear()
+        best = _bisect(cost, len(taus), target, kind)
+    return best
+
+
+def _bisect(cost, n: int, target: float, kind: str):
+    lo, hi = 0, n - 1
     if cost(hi)[1] > target:
         raise GraphpruneError(
             f"target_{kind}={target} cannot be reached: pruning every group to its minimum width keeps {cost(hi)[1]:.3f}; "

@@ -14,7 +14,7 @@ import torch
 from .allocate import Constraints, allocate, light_report, report
 from .errors import GraphpruneError
 from .groups import Analysis, analyze_graph
-from . import module_form
+from . import auto, module_form
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore
 from .trace import trace
 from .verify import Verification, verified, why_not
@@ -52,9 +52,9 @@ def analyze(model: torch.nn.Module, example_inputs: tuple, *, ignore=(), example
 
 
 def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target_flops=None, target_params=None,
-            target_latency=None, importance="l2", ignore=(), pipeline=None, example_kwargs=None, calibration=None,
+            target_latency=None, importance="auto", ignore=(), pipeline=None, example_kwargs=None, calibration=None,
             loss_fn=None, round_to: int = 1, min_width: int = 1, overrides: dict | None = None,
-            latency_inputs: tuple | None = None, ratio_scope: str = "group", reconstruct: bool = False,
+            latency_inputs: tuple | None = None, ratio_scope: str = "group", reconstruct: bool | None = None,
             verify: bool = True, output: str = "auto") -> torch.nn.Module:
     """Return a physically smaller copy of ``model``; ``model`` itself is not changed.
 
@@ -70,6 +70,12 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
       of the original to keep) lets graphprune allocate widths across groups
       by globally normalised importance; the result never exceeds the
       budget, and ``result.report`` says what was achieved.
+
+    ``importance="auto"`` (the default) with ``calibration`` tries the data-aware
+    criteria (and, for budgets, two allocation rules, and the refit) and keeps
+    the candidate whose outputs move least on held-out calibration batches;
+    ``result.report.auto`` says what it chose (see ``auto.py``). Without
+    calibration it is ``l2``. ``reconstruct=None`` lets ``auto`` decide the refit.
 
     ``ignore`` names modules whose output width must stay. ``calibration``
     (an iterable of input tuples) and ``loss_fn(output, batch)`` feed the
@@ -105,17 +111,29 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     for r in (ratio.values() if isinstance(ratio, dict) else [ratio]):
         if not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise GraphpruneError(f"ratio must be a number in [0, 1), got {r!r}")
+    choosing = importance == "auto" and calibration is not None
+    if choosing:
+        calibration = list(calibration)  # scored, judged and refit on: iterated more than once
     with _gc_paused():
         p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn, pipeline,
-                   reconstruct, check_trace=verify and why_not(model) is None)
+                   bool(reconstruct), check_trace=verify and why_not(model) is None)
     kind, target = next(iter(budgets.items()), (None, None))
     meter_kw = {"latency_inputs": latency_inputs} if kind == "latency" else {}
 
-    def decide() -> dict:
+    def decide_with(rule: str) -> dict:
         if kind is None:
             with _gc_paused():
                 return p.removal_for_ratio(ratio, ratio_scope)
-        return allocate(p, kind, target, Constraints(round_to, min_width, overrides), **meter_kw)[0]
+        return allocate(p, kind, target, Constraints(round_to, min_width, overrides), rule=rule, **meter_kw)[0]
+
+    choice = None
+    if choosing:
+        choice = auto.choose(p, decide_with, budgeted=kind is not None,
+                             refit_possible=reconstruct is None and bool(p._ctx.layers))
+        p.reconstruct = bool(reconstruct) or choice.refit
+
+    def decide() -> dict:
+        return decide_with(choice.allocation if choice else "score")
 
     if verify:
         out, removed, check = verified(p, decide)
@@ -126,6 +144,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         p.refit(out, removed)
     rep = report(p, removed, out, budgets, latency_inputs) if budgets else light_report(p, removed)
     rep.verify = check
+    rep.auto = choice
     result, rep.form, rep.form_why = _choose_form(model, out, p, output)
     result.report = rep
     return result

@@ -30,18 +30,30 @@ def as_call(batch, example_kwargs: dict | None = None) -> tuple[tuple, dict]:
     return (batch,), base
 
 
+def regroup(gm, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """(args, kwargs) as an exported graph was traced: keyword inputs that name its
+    positional parameters (a tokenizer's ``input_ids``) become positional."""
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None:
+        return tuple(args), dict(kwargs)
+    try:
+        bound = inspect.signature(gm.forward).bind(*args, **kwargs).arguments
+    except TypeError as e:
+        raise GraphpruneError(f"a calibration batch does not fit the traced model's inputs ({e}): give batches with the "
+                              "same positional and keyword inputs as example_inputs/example_kwargs") from e
+    n_pos = (spec.child(0) if hasattr(spec, "child") else spec.children_specs[0]).num_children
+    names = list(bound)
+    return tuple(bound[n] for n in names[:n_pos]), {n: bound[n] for n in names[n_pos:]}
+
+
 def flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
     """The values of ``gm``'s placeholders, in order, for a call ``gm(*args, **kwargs)``."""
     spec = getattr(gm, "_in_spec", None)
     if spec is not None:  # an exported module: inputs are flattened by its pytree spec
         from torch.fx._pytree import tree_flatten_spec
 
+        args, kwargs = regroup(gm, args, kwargs)
         try:
-            # keyword inputs may name positional parameters (a tokenizer's input_ids): regroup them as traced
-            bound = inspect.signature(gm.forward).bind(*args, **kwargs).arguments
-            n_pos = spec.children_specs[0].num_children
-            names = list(bound)
-            args, kwargs = tuple(bound[n] for n in names[:n_pos]), {n: bound[n] for n in names[n_pos:]}
             return list(tree_flatten_spec((tuple(args), dict(kwargs)), spec))
         except Exception as e:  # noqa: BLE001 - a batch shaped unlike the example
             raise GraphpruneError(

@@ -113,6 +113,8 @@ def _permute(node, mod=None):
         perm = [_dim(d, nd) for d in dims]
     elif t in ("t",) or t in (torch.t, aten.t.default):
         perm = [1, 0] if nd == 2 else list(range(nd))
+    elif t is getattr(aten, "numpy_T", None) or t is getattr(getattr(aten, "numpy_T", None), "default", None):
+        perm = list(range(nd))[::-1]  # x.T: every dim reversed
     else:  # transpose / swapaxes / movedim
         a, b = _dim(arg(node, 1, "dim0"), nd), _dim(arg(node, 2, "dim1"), nd)
         perm = list(range(nd))
@@ -431,6 +433,7 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     aten.unflatten.int: _reshape,
     torch.permute: _permute, torch.transpose: _permute, torch.swapaxes: _permute, torch.t: _permute, torch.movedim: _permute,
     aten.permute.default: _permute, aten.transpose.int: _permute, aten.t.default: _permute, aten.movedim.int: _permute,
+    **({aten.numpy_T.default: _permute} if hasattr(aten, "numpy_T") else {}),
     aten.expand.default: _expand,
     torch.repeat_interleave: _repeat_interleave, aten.repeat_interleave.self_int: _repeat_interleave,
     torch.cat: _cat, torch.concat: _cat, torch.concatenate: _cat, torch.stack: _cat, aten.cat.default: _cat, aten.stack.default: _cat,

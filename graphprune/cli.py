@@ -193,13 +193,6 @@ def _shape(text: str) -> tuple:
     return shape
 
 
-def _takes_use_cache(model) -> bool:
-    try:
-        return "use_cache" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _natural(key: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
@@ -290,7 +283,7 @@ class Job:
         if self.weights:
             with status(f"loading {args.weights}"):
                 load_weights(self.model, self.weights, self.spec)
-        self.kwargs = {"use_cache": False} if self.hf_dir is not None and _takes_use_cache(self.model) else {}
+        self.kwargs = {}  # graphprune traces Hugging Face models without their KV cache by itself
         self.calibration = None
         shape = _shape(args.input_shape) if args.input_shape else None
         if cal is not None:
@@ -368,7 +361,7 @@ def _args_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-flops", type=float, help="fraction of the FLOPs to keep, in (0, 1]")
     p.add_argument("--target-params", type=float, help="fraction of the parameters to keep, in (0, 1]")
     p.add_argument("--target-latency", type=float, help="fraction of the CPU latency to keep, in (0, 1]")
-    p.add_argument("--importance", default="l2", help="l1, l2, bn_scale, taylor, hessian, fisher, activation, ... (default l2)")
+    p.add_argument("--importance", default="auto", help="l1, l2, bn_scale, taylor, hessian, fisher, activation, ... (default auto: chosen on held-out calibration batches, l2 without calibration)")
     p.add_argument("--calibration", metavar="FILE", help="a tensor (N, ...) or list of tensors (.pt or .safetensors), "
                    "or for hf: models a text file tokenized with the model's tokenizer")
     p.add_argument("--batch-size", type=int, help="calibration batch size (default: the example's batch size for "
@@ -431,8 +424,8 @@ def _prune(args, console, step) -> int:
 
     budget = _budget(args)
     needs = set(_NEEDS.get(args.importance, ()))
-    if args.importance not in _NEEDS:
-        raise CliError(f"unknown importance {args.importance!r}; choose one of {', '.join(sorted(_NEEDS))}")
+    if args.importance not in _NEEDS and args.importance != "auto":
+        raise CliError(f"unknown importance {args.importance!r}; choose one of auto, {', '.join(sorted(_NEEDS))}")
     if args.save and Path(args.save).exists() and not Path(args.save).is_dir():
         raise CliError(f"--save {args.save}: exists and is not a directory")
     job = Job(args, step, calibration=True)

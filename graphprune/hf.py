@@ -126,9 +126,25 @@ def _fold_rms(mod, full_shape) -> None:
     attr = next((a for a in ("variance_epsilon", "eps", "epsilon") if isinstance(getattr(mod, a, None), float)), None)
     if attr is None:
         return
+    offset = _weight_offset(mod, w)
     setattr(mod, attr, getattr(mod, attr) * ratio)
     # a new tensor: the old one may also be the pruned graph's
-    mod.weight = torch.nn.Parameter(w.detach() * math.sqrt(ratio), requires_grad=w.requires_grad)
+    scaled = (w.detach() + offset) * math.sqrt(ratio) - offset
+    mod.weight = torch.nn.Parameter(scaled, requires_grad=w.requires_grad)
+
+
+def _weight_offset(mod, w) -> float:
+    """1.0 for norms that scale by ``(1 + w)`` (Gemma), 0.0 for ``w``: what the norm
+    gives with its weight zeroed tells which."""
+    probe = torch.ones(1, w.shape[0], dtype=w.dtype, device=w.device)
+    try:
+        mod.weight = torch.nn.Parameter(torch.zeros_like(w), requires_grad=False)
+        with torch.no_grad():
+            return 1.0 if bool(mod(probe).abs().max() > 0) else 0.0
+    except Exception:  # noqa: BLE001 - a norm that cannot run alone: assume the plain form (differs() checks)
+        return 0.0
+    finally:
+        mod.weight = w
 
 
 def layer_widths(model) -> list[dict]:

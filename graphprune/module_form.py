@@ -130,7 +130,7 @@ def _fix_conv(mod, orig):
     """Whole conv groups went where the per-group input width is unchanged (depthwise)."""
     w, was = mod.weight, orig.get("weight")
     out_axis, in_axis = (1, 0) if mod.transposed else (0, 1)
-    if was is not None and w.shape[in_axis] == was[in_axis] and not mod.transposed:
+    if was is not None and mod.groups > 1 and w.shape[in_axis] == was[in_axis] and not mod.transposed:
         mod.groups = mod.groups * w.shape[0] // was[0]
     mod.out_channels = w.shape[out_axis] * (mod.groups if mod.transposed else 1)
     mod.in_channels = w.shape[in_axis] * (1 if mod.transposed else mod.groups)

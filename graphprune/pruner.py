@@ -145,11 +145,17 @@ class Pruner:
         traced = self._faithful_trace() if self.check_trace else trace(self.model, self.example_inputs, self.example_kwargs, method=self.method)
         self.analysis = analyze_graph(traced.gm, traced.method, self.ignore)
         ctx = _importance.ScoreContext(traced.gm, self.analysis.groups, self.calibration, self.loss_fn, self.example_kwargs)
-        fn = _importance.get_importance(self.importance)
-        self.scores = {g.id: np.asarray(fn(g, ctx.tensors, ctx=ctx), dtype=np.float64) for g in self.groups}
         self._ctx = ctx
+        # "auto" starts from weight norms; api.compile swaps in the criterion auto.choose picks
+        self.scores = self.score_with("l2" if self.importance == "auto" else self.importance, ctx)
         if self.reconstruct and self.calibration is None:
             raise GraphpruneError("reconstruct=True fits the layers that read pruned channels to calibration data: pass calibration= (an iterable of example input tuples)")
+
+    def score_with(self, importance, ctx=None) -> dict:
+        """{group id: unit scores} under ``importance`` (a name or a function)."""
+        ctx = ctx or self._ctx
+        fn = _importance.get_importance(importance)
+        return {g.id: np.asarray(fn(g, ctx.tensors, ctx=ctx), dtype=np.float64) for g in self.analysis.groups}
 
     def _faithful_trace(self):
         """A trace that computes what the model computes (ratio 0). Symbolic tracing

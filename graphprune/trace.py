@@ -69,14 +69,14 @@ def without_cache(model: torch.nn.Module) -> torch.nn.Module:
     graph output can carry; the shadow gets its own config without it, so the model
     is traced and checked as ``model(ids)`` computes its logits (the module form
     keeps the user's config, and ``generate`` its cache)."""
-    config = getattr(model, "config", None)
-    if not getattr(config, "use_cache", False) or not hasattr(config, "to_dict"):
-        return model
-    mine = copy_module.deepcopy(config)
-    mine.use_cache = False
+    mine: dict = {}  # every distinct config (T5's encoder and decoder stacks hold their own)
     for m in model.modules():
-        if m.__dict__.get("config") is config:
-            m.__dict__["config"] = mine
+        config = m.__dict__.get("config")
+        if getattr(config, "use_cache", False) and hasattr(config, "to_dict"):
+            if id(config) not in mine:
+                mine[id(config)] = copy_module.deepcopy(config)
+                mine[id(config)].use_cache = False
+            m.__dict__["config"] = mine[id(config)]
     return model
 
 

@@ -161,7 +161,7 @@ def test_hf_directory_with_text_and_tensor_calibration_then_eval(tmp_path, capsy
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert f"{report['form']} form" in printed and report["form_why"] and "(1, 16, 100) -> (1, 16, 100)" in printed
-    assert report["example_inputs"] == [[1, 16]] and report["example_kwargs"] == {"use_cache": False}
+    assert report["example_inputs"] == [[1, 16]] and report["example_kwargs"] == {}  # traced without the KV cache by graphprune itself
     assert report["calibration"]["batches"] == 3  # 200 words, one token each -> 12 blocks of 16 -> 3 batches of 4
     assert {"before": 64, "after": 48} in [{k: g[k] for k in ("before", "after")} for g in report["groups"]]
     manifest = json.loads((out / "manifest.json").read_text())

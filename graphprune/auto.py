@@ -1,0 +1,148 @@
+"""``importance="auto"``: choose the criterion, the allocation rule and the refit from the user's data.
+
+One mechanism for every model, CNN or LLM: each choice is a candidate pruned
+model at the user's own budget, judged by the one thing the user cares about
+before fine-tuning, how far its outputs move from the original's on data the
+choice did not see. The calibration batches are split: the even ones score
+units and refit layers, the odd ones judge (held out, so a criterion or a refit
+that overfits the calibration text loses, as it would on the user's data).
+
+Candidates:
+
+* criteria: ``activation`` (Wanda-style input norms), ``fluctuation`` (FLAP's
+  input variance), ``l2``, and ``taylor``/``fisher`` when a ``loss_fn`` is given;
+* allocation, for budgets: units ranked by their normalised score alone, or by
+  score per parameter a unit costs (a query head holds as many weights as
+  dozens of MLP channels, so a budget is met by fewer, cheaper decisions);
+* refit (``reconstruct``): on or off, where layers read pruned channels.
+
+Distortion is the relative squared error of all floating outputs,
+``sum ||y' - y||^2 / sum ||y||^2`` over the held-out batches. Without calibration
+data there is nothing to judge by, and ``auto`` is ``l2`` by weight norm.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import importance as _importance
+from .batches import as_call, regroup
+from .verify import _run, flatten
+
+DATA_CRITERIA = ("activation", "fluctuation", "l2")
+LOSS_CRITERIA = ("taylor", "fisher")
+
+
+@dataclass
+class Choice:
+    """What ``auto`` chose, and the held-out distortion of every candidate."""
+
+    criterion: str
+    allocation: str = "score"  # "score" or "per_param"
+    refit: bool = False
+    tried: dict = field(default_factory=dict)  # "criterion/allocation[/refit]" -> distortion
+    seconds: float = 0.0
+    why: str = ""
+
+    def __str__(self) -> str:
+        best = min(self.tried.values()) if self.tried else float("nan")
+        return (f"auto chose {self.criterion}, allocation by {self.allocation}, refit {'on' if self.refit else 'off'} "
+                f"(held-out output error {best:.4g}; {len(self.tried)} candidates in {self.seconds:.1f}s)")
+
+
+def unit_params(g, gm) -> np.ndarray:
+    """Parameters one unit of ``g`` holds: the elements of every slice it owns."""
+    import operator
+
+    out = np.zeros(g.n_units)
+    for s in g.params:
+        shape = operator.attrgetter(s.name)(gm).shape
+        per_index = int(np.prod([d for i, d in enumerate(shape) if i != s.axis]))
+        out += np.bincount(s.unit_of, minlength=g.n_units) * per_index
+    return np.maximum(out, 1.0)
+
+
+def split(calibration) -> tuple[list, list]:
+    batches = list(calibration)
+    if len(batches) < 2:
+        return batches, batches  # one batch: nothing to hold out (said in the report)
+    return batches[0::2], batches[1::2]
+
+
+class Judge:
+    """Held-out distortion of candidate models against the original's outputs."""
+
+    def __init__(self, p, held_out: list):
+        self.p = p
+        self.calls = [as_call(b, p.example_kwargs) for b in held_out]
+        self.refs = [self._floats(p.gm, a, k) for a, k in self.calls]
+
+    @staticmethod
+    def _floats(model, args, kwargs) -> list[torch.Tensor]:
+        out = _run(model, *regroup(model, args, kwargs))
+        return [t.double() for t in flatten(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+    def __call__(self, model) -> float:
+        num = den = 0.0
+        for (a, k), ref in zip(self.calls, self.refs):
+            got = self._floats(model, a, k)
+            for y, r in zip(got, ref):
+                if y.shape != r.shape:
+                    return float("inf")
+                num += float((y - r).square().sum())
+                den += float(r.square().sum())
+        return num / max(den, 1e-30)
+
+
+def candidates(loss_fn) -> list[str]:
+    return list(DATA_CRITERIA) + (list(LOSS_CRITERIA) if loss_fn is not None else [])
+
+
+def choose(p, decide_with, *, budgeted: bool, refit_possible: bool) -> Choice:
+    """Try every candidate on ``p`` (scores swapped in turn) and leave ``p`` scored by
+    the winner on all the calibration batches, so the result is the one
+    ``importance=<winner>`` (and ``reconstruct=<refit>``) would give. ``decide_with(rule)`` returns a removal under the user's budget
+    using ``p.scores`` and the allocation rule."""
+    start = time.perf_counter()
+    scoring, held = split(p.calibration)
+    ctx = _importance.ScoreContext(p.gm, p.analysis.groups, scoring, p.loss_fn, p.example_kwargs)
+    judge = Judge(p, held)
+    tried: dict = {}
+    notes: list = []
+    best = None
+    for name in candidates(p.loss_fn):
+        try:
+            scores = p.score_with(name, ctx)
+        except Exception as e:  # noqa: BLE001 - a criterion this model cannot feed is no candidate
+            notes.append(f"{name} unavailable ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+            continue
+        p.scores = scores
+        for rule in (("score", "per_param") if budgeted else ("score",)):
+            removed = decide_with(rule)
+            model = p.prune(removed, check=False, fit=False)
+            d = judge(model)
+            tried[f"{name}/{rule}"] = d
+            if best is None or d < best[0]:
+                best = (d, name, rule, removed, scores)
+    d, name, rule, removed, scores = best
+    p.scores = scores
+    refit = False
+    if refit_possible:
+        from . import reconstruct as _reconstruct
+        from .pruner import make_plan
+
+        model = p.prune(removed, check=False, fit=False)
+        try:
+            _reconstruct.refit(model, p.gm, make_plan(p.groups, removed), ctx.layers, ctx._batches("a refit"))
+            with_refit = judge(model)
+            tried[f"{name}/{rule}/refit"] = with_refit
+            refit = with_refit < d
+        except Exception as e:  # noqa: BLE001 - a model the refit cannot handle keeps its slices
+            notes.append(f"refit unavailable ({type(e).__name__})")
+    p.scores = p.score_with(name)  # the winner, scored on every batch: what importance=name would give
+    why = ("lowest output error on held-out calibration batches (the odd ones; the even ones scored and refit)"
+           if len(p.calibration) > 1 else "one calibration batch: scored and judged on the same data")
+    return Choice(name, rule, refit, tried, time.perf_counter() - start, "; ".join([why, *notes]))
