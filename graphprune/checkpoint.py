@@ -97,7 +97,9 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
         "inputs": {"args": [_input_spec(a) for a in args], "kwargs": {k: _input_spec(v) for k, v in (kwargs or {}).items()}},
         "ignore": info["ignore"],
         "pipeline": info["pipeline"],
-        "training": bool(model.training),
+        # exported graphs run in the mode they were traced in, whatever their .training flag says
+        "training": bool(model.training) if info["method"] == "symbolic_trace" or info.get("form") == "module"
+        else bool(info.get("training", model.training)),
         "kept": kept,
         "original": info["original"],
         "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()},
@@ -236,7 +238,9 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
             if shape != tuple(t.shape):
                 raise GraphpruneError(f"tensor {key!r} is {shape} in {WEIGHTS} but {tuple(t.shape)} in the model rebuilt "
                                       "from the manifest; nothing was loaded")
-        loaded = {key: f.get_tensor(key) for key in stored}
+        # fresh, aligned copies: tensors read straight from the file can sit at unaligned offsets, which
+        # send some kernels down other paths (outputs then differ in the last bits)
+        loaded = {key: f.get_tensor(key).clone() for key in stored}
     _assign(out, loaded, m["aliases"])
     if m["source"]["method"] == "symbolic_trace" or m.get("form") == "module":  # exported graphs keep the mode they were exported in
         out.train(bool(m.get("training", False)))

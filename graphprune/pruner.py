@@ -289,6 +289,7 @@ class Pruner:
             "original": {n: list(t.shape) for n, t in [*self.model.named_parameters(remove_duplicate=False),
                                                           *self.model.named_buffers(remove_duplicate=False)]},
             "pipeline": self.pipeline or DEFAULT_PIPELINE,
+            "training": bool(self.model.training),  # an exported graph keeps the mode it was traced in
         }
         return out
 

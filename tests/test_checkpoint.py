@@ -185,3 +185,22 @@ def test_exported_graph_loads_onto_meta_original(tmp_path):
     back = graphprune.load(original, tmp_path)
     with torch.no_grad():
         assert torch.equal(back(x, scale=s), small(x, scale=s))
+
+
+def test_exported_graph_saves_the_mode_it_was_traced_in(tmp_path):
+    """An exported graph says training=True whatever mode it was traced in; the manifest
+    records the traced mode, so the reload has no dropout."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.5)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 7))
+    small = graphprune.compile(model, (ids,), ratio=0.25, output="graph")
+    graphprune.save(small, tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text())["training"] is False
+    with torch.device("meta"):
+        original = transformers.BertModel(cfg)
+    back = graphprune.load(original, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(back(ids).last_hidden_state, small(ids).last_hidden_state)
