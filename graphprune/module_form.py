@@ -43,6 +43,7 @@ def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.M
                 data = t.detach().clone()
                 store[k] = torch.nn.Parameter(data, t.requires_grad) if isinstance(t, torch.nn.Parameter) else data
     top.training = out.training
+    follow_widths(top, info.get("original", {}))
     return top, ""
 
 
@@ -116,10 +117,35 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
             if isinstance(mod, types):
                 fix(mod, local)
         hf.fix_module(mod, local)
+    follow_widths(top, original)
     if hf.is_hf(model):
         hf.update_config(top, model.config)
     top.train(model.training)
     return top
+
+
+# attributes that state a module's own channel width (torchvision's ViT reshapes with self.hidden_dim)
+WIDTH_ATTRS = ("hidden_dim", "hidden_size", "embed_dim", "d_model", "dim", "width")
+
+
+def follow_widths(top: nn.Module, original: dict) -> None:
+    """A width attribute follows the module's own tensors: where it equals the original
+    size of a dim of the module's parameters or buffers that shrank, and every such dim
+    shrank alike, it takes the new size. (``differs`` still decides.)"""
+    for name, mod in top.named_modules():
+        prefix = f"{name}." if name else ""
+        for attr in WIDTH_ATTRS:
+            v = mod.__dict__.get(attr)
+            if not isinstance(v, int) or isinstance(v, bool):
+                continue
+            new = set()
+            for k, t in [*mod._parameters.items(), *mod._buffers.items()]:
+                was = original.get(prefix + k)
+                if t is None or was is None or len(was) != t.dim():
+                    continue
+                new |= {now for old, now in zip(was, t.shape) if old == v and now != v}
+            if len(new) == 1:
+                mod.__dict__[attr] = new.pop()
 
 
 def _fix_linear(mod, orig):

@@ -51,3 +51,21 @@ def test_torchvision_resnet_comes_back_as_resnet():
     small = graphprune.compile(model, (x,), ratio=0.5, ignore=["fc"])
     assert type(small) is torchvision.models.ResNet and small.layer1[0].conv1.out_channels == 32
     assert graphprune.count_params(small) < graphprune.count_params(model)
+
+
+def test_width_attribute_follows_the_modules_own_tensors():
+    """torchvision's ViT reshapes with self.hidden_dim; it follows class_token's width,
+    so the model comes back in its own class and agrees with the graph."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(image_size=32, num_classes=10).eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts the head at zero
+    x = torch.randn(2, 3, 32, 32)
+    small = graphprune.compile(model, (x,), ratio=0.5, ignore=["heads"])
+    assert small.report.form == "module", small.report.form_why
+    assert type(small) is type(model) and small.hidden_dim == small.class_token.shape[-1] < model.hidden_dim
+    graph = graphprune.compile(model, (x,), ratio=0.5, ignore=["heads"], output="graph")
+    with torch.no_grad():
+        other = torch.randn(3, 3, 32, 32)
+        torch.testing.assert_close(small(other), graph(other))
