@@ -109,10 +109,25 @@ def fix_module(mod: torch.nn.Module, original: dict) -> None:
     width = _mlp_width(mod)
     if width is not None and isinstance(getattr(mod, "intermediate_size", None), int):
         mod.intermediate_size = width
+    _fix_per_head_width(mod)
     if type(mod).__name__ == "Conv1D":
         mod.nx, mod.nf = mod.weight.shape
     if type(mod).__name__.endswith("RMSNorm"):
         _fold_rms(mod, original.get("weight"))
+
+
+def _fix_per_head_width(mod) -> None:
+    """T5-style attention (``n_heads`` x ``key_value_proj_dim``, views with -1 heads): where
+    the head count stays (its relative position bias has one column per head), the
+    pruned widths are inside the heads."""
+    q = _child(mod, "q")
+    if q is None or not isinstance(getattr(mod, "key_value_proj_dim", None), int) or not isinstance(getattr(mod, "n_heads", None), int):
+        return
+    bias = getattr(mod, "relative_attention_bias", None)
+    heads = bias.weight.shape[1] if isinstance(bias, torch.nn.Embedding) else mod.n_heads
+    inner = _rows(q)
+    if inner % heads == 0:
+        mod.n_heads, mod.key_value_proj_dim, mod.inner_dim = heads, inner // heads, inner
 
 
 def _fold_rms(mod, full_shape) -> None:

@@ -233,3 +233,21 @@ def test_calibration_dicts_and_example_kwargs():
     with pytest.raises(graphprune.GraphpruneError, match="calibration batch"):
         graphprune.compile(model, (ids,), example_kwargs={"attention_mask": mask}, ratio=0.25, importance="activation",
                            calibration=[{"input_ids": ids, "token_type_ids": ids * 0}])
+
+
+def test_t5_prunes_inside_heads_in_module_form():
+    """T5's relative position bias keeps its head count, so widths go inside the heads;
+    key_value_proj_dim/inner_dim follow, and the model stays a T5 that generates."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=8, d_ff=128, num_layers=2, num_decoder_layers=2,
+                                num_heads=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(2, VOCAB, (2, 7))
+    dec = torch.randint(2, VOCAB, (2, 5))
+    small = graphprune.compile(model, (ids,), example_kwargs={"decoder_input_ids": dec}, ratio=0.25, importance="l1")
+    assert small.report.form == "module", small.report.form_why
+    attn = small.encoder.block[0].layer[0].SelfAttention
+    assert attn.n_heads == 8 and attn.inner_dim == attn.q.out_features == 8 * attn.key_value_proj_dim < 64
+    with torch.no_grad():
+        out = small.generate(ids, max_new_tokens=4, do_sample=False)
+        assert out.tolist() == small.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False).tolist()
