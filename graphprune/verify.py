@@ -218,9 +218,18 @@ def check_trace(model, gm, args: tuple, kwargs: dict) -> tuple[str | None, bool]
     params = [(t, {**mine, **theirs}[id(t)]) for m in (model, gm) for t in m.parameters()]
     with evaluating(model, gm):
         with swapped(model, mine):
-            ref = _run(model, args, kwargs)
+            try:
+                ref = _run(model, args, kwargs)
+            except Exception as e:  # noqa: BLE001 - the user's own forward: say so instead of a raw traceback
+                raise GraphpruneError(f"{type(model).__name__} fails on its example inputs {_shapes(args)} "
+                                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass inputs the model "
+                                      "takes") from e
         with swapped(gm, theirs):
-            got = _run(gm, args, kwargs)
+            try:
+                got = _run(gm, args, kwargs)
+            except Exception as e:  # noqa: BLE001 - a trace that cannot run is a trace that differs
+                return f"the traced graph fails where the model runs ({type(e).__name__}: {str(e).splitlines()[0][:200]})", \
+                    _writes(params)
     return mismatch(got, ref), _writes(params)
 
 

@@ -393,3 +393,20 @@ def test_a_root_buffer_rebound_to_another_shape_exports_and_prunes():
     with torch.no_grad():
         torch.testing.assert_close(small(x), ref, rtol=1e-5, atol=1e-6)
     assert tuple(m.rel_indices.shape) == (1, 1, 1, 3)  # the user's model untouched
+
+
+class _FailsOnRealInputs(torch.nn.Module):
+    """Runs on meta tensors (tracing) but not on the real example: a Cholesky of a matrix that is not positive definite."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return torch.linalg.cholesky(-torch.eye(4) + 0 * h.sum()) @ h.T
+
+
+def test_a_forward_that_fails_on_its_example_is_refused_with_a_message():
+    with pytest.raises(graphprune.GraphpruneError, match="fails on its example inputs"):
+        graphprune.compile(_FailsOnRealInputs(), (torch.randn(2, 4),), ratio=0.5)
