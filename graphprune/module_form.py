@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import hf
-from .modules import FullWidthLayerNorm
+from .modules import full_width
 from .trace import fresh_attrs
 from .verify import _run, evaluating, mismatch, on_copies, other_inputs
 
@@ -43,7 +43,11 @@ def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.M
                 data = t.detach().clone()
                 store[k] = torch.nn.Parameter(data, t.requires_grad) if isinstance(t, torch.nn.Parameter) else data
     top.training = out.training
-    follow_widths(top, info.get("original", {}))
+    original = info.get("original", {})
+    for mod in top.modules():  # the user's own norm subclasses that fx traced through (leaf modules are fixed by shrink-params)
+        if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
+            _fix_ln(mod, {})
+    follow_widths(top, original)
     return top, ""
 
 
@@ -125,7 +129,9 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
 
 
 # attributes that state a module's own channel width (torchvision's ViT reshapes with self.hidden_dim)
-WIDTH_ATTRS = ("hidden_dim", "hidden_size", "embed_dim", "d_model", "dim", "width")
+# or head count (Swin's relative position table is (positions, num_heads); MaxViT's is n_heads wide)
+WIDTH_ATTRS = ("hidden_dim", "hidden_size", "embed_dim", "d_model", "dim", "width",
+               "num_heads", "n_heads", "n_head", "heads", "num_attention_heads")
 
 
 def follow_widths(top: nn.Module, original: dict) -> None:
@@ -173,7 +179,7 @@ def _fix_ln(mod, orig):
     if mod.weight is None or tuple(mod.weight.shape) == tuple(mod.normalized_shape):
         return
     full = math.prod(mod.normalized_shape)
-    mod.__class__ = FullWidthLayerNorm
+    mod.__class__ = full_width(type(mod))
     mod.full = getattr(mod, "full", full)
     mod.normalized_shape = tuple(mod.weight.shape)
 
@@ -192,7 +198,7 @@ MODULE_FIXES = [
     ((nn.Linear,), _fix_linear),
     ((nn.modules.conv._ConvNd,), _fix_conv),
     ((nn.modules.batchnorm._BatchNorm,), _fix_bn),
-    ((nn.LayerNorm,), _fix_ln),
+    ((nn.LayerNorm, nn.RMSNorm), _fix_ln),
     ((nn.GroupNorm,), _fix_gn),
     ((nn.Embedding,), _fix_embedding),
 ]

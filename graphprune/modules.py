@@ -1,9 +1,12 @@
 """Modules that stand in for ``torch.nn`` modules that cannot express a pruned shape."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 
 class PrunedSelfAttention(nn.Module):
@@ -115,3 +118,54 @@ class FullWidthRMSNorm(nn.RMSNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, full={self.full}"
+
+
+class _FullWidthCalls(TorchFunctionMode):
+    """While a user's norm module runs its own forward: the ``F.layer_norm`` /
+    ``F.rms_norm`` calls over the module's (pruned) ``normalized_shape`` count
+    ``full`` entries, as ``FullWidthLayerNorm`` does. Other calls pass through."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        full = _FULL_CALLS.get(func)
+        if full is not None:
+            a = inspect.signature(func).bind(*args, **kwargs)
+            a.apply_defaults()
+            if tuple(a.arguments["normalized_shape"]) == tuple(self.norm.normalized_shape):
+                return full(self.norm.full, **a.arguments)
+        return func(*args, **kwargs)
+
+
+_FULL_CALLS = {
+    F.layer_norm: lambda full, input, normalized_shape, weight, bias, eps: layer_norm_full(input, normalized_shape, weight, bias, eps, full),
+    F.rms_norm: lambda full, input, normalized_shape, weight, eps: rms_norm_full(input, normalized_shape, weight, eps, full),
+}
+
+
+class FullWidthForward:
+    """Mixin for a user's own LayerNorm / RMSNorm subclass over a pruned dim
+    (torchvision's ``LayerNorm2d`` permutes around ``F.layer_norm``): the user's
+    forward runs unchanged, with its norm calls counting ``full`` entries."""
+
+    full: int
+
+    def forward(self, *args, **kwargs):
+        with _FullWidthCalls(self):
+            return super().forward(*args, **kwargs)
+
+
+_FULL_WIDTH_CLASSES: dict[type, type] = {nn.LayerNorm: FullWidthLayerNorm, nn.RMSNorm: FullWidthRMSNorm}
+
+
+def full_width(cls: type) -> type:
+    """The class a norm module of class ``cls`` takes when its dim shrank: still
+    an instance of ``cls``, with statistics over the original width."""
+    if issubclass(cls, (FullWidthForward, FullWidthLayerNorm, FullWidthRMSNorm)):
+        return cls
+    if cls not in _FULL_WIDTH_CLASSES:
+        _FULL_WIDTH_CLASSES[cls] = type(cls.__name__, (FullWidthForward, cls), {"__module__": __name__, "__doc__": cls.__doc__})
+    return _FULL_WIDTH_CLASSES[cls]

@@ -32,7 +32,7 @@ from graphprune.canon import COp, vkey
 from graphprune.meta_keys import CANON, NUMBERS, PLAN, VAL
 from graphprune.sizes import frozen_value
 from graphprune.trace import fresh_attrs
-from graphprune.modules import FullWidthLayerNorm, FullWidthRMSNorm, PrunedSelfAttention, layer_norm_full, rms_norm_full
+from graphprune.modules import FullWidthLayerNorm, FullWidthRMSNorm, PrunedSelfAttention, full_width, layer_norm_full, rms_norm_full
 from graphprune.pass_manager import PassResult, register_pass
 
 COUNTERS = {"params": 0, "modules": 0, "args": 0}
@@ -122,7 +122,7 @@ def _fix_ln(mod, node, p):
     n = len(mod.normalized_shape)
     new = tuple(p.new_shape(node, node.meta[VAL].shape)[-n:])
     if new != tuple(mod.normalized_shape):
-        mod.__class__ = FullWidthLayerNorm if isinstance(mod, nn.LayerNorm) else FullWidthRMSNorm
+        mod.__class__ = full_width(type(mod))
         mod.full = getattr(mod, "full", int(np.prod(mod.normalized_shape)))
     mod.normalized_shape = new
 

@@ -69,3 +69,62 @@ def test_width_attribute_follows_the_modules_own_tensors():
     with torch.no_grad():
         other = torch.randn(3, 3, 32, 32)
         torch.testing.assert_close(small(other), graph(other))
+
+
+class ChannelsFirstNorm(nn.LayerNorm):
+    """A user's own LayerNorm subclass over channels of an NCHW map (ConvNeXt's LayerNorm2d):
+    fx traces through it, and its forward permutes around F.layer_norm."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class NormedResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = ChannelsFirstNorm(16)
+        self.block = nn.Sequential(nn.Conv2d(16, 32, 1), nn.GELU(), nn.Conv2d(32, 16, 1))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.block(self.norm(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_users_norm_subclass_keeps_its_forward_with_full_width_statistics():
+    """The pruned norm is still the user's class and runs the user's forward; its
+    statistics count the removed (dead) channels, so the module form is lossless."""
+    from oracle import assert_lossless
+
+    model, small = assert_lossless(NormedResidual, IMAGE, ignore=["head"])
+    assert type(small) is NormedResidual and small.report.form == "module", small.report.form_why
+    assert isinstance(small.norm, ChannelsFirstNorm) and small.norm.weight.shape[0] < 16
+    assert small.norm.normalized_shape == tuple(small.norm.weight.shape)
+    other = torch.randn(3, *IMAGE[1:])
+    graph = graphprune.compile(model, (torch.randn(*IMAGE),), ratio=0.25, importance="l1", ignore=["head"], output="graph")
+    with torch.no_grad():
+        torch.testing.assert_close(small(other), graph(other))
+    ep = torch.export.export(small, (other,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(torch.randn(2, *IMAGE[1:])).shape, torch.Size([2, 5]))
+
+
+@pytest.mark.parametrize("name", ["swin_t", "swin_v2_t"])
+def test_head_count_attribute_follows_the_position_table(name):
+    """Swin's attention calls its functional kernel with self.num_heads, and its relative
+    position table is (positions, num_heads): the attribute follows the table."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name).eval()
+    x = torch.randn(1, 3, 64, 64)
+    small = graphprune.compile(model, (x,), ratio=0.5, ignore=["head"])
+    assert type(small) is type(model) and small.report.form == "module", small.report.form_why
+    heads = [(m.num_heads, o.num_heads) for m, o in zip(small.modules(), model.modules()) if hasattr(o, "num_heads")]
+    assert any(new < old for new, old in heads)
+    graph = graphprune.compile(model, (x,), ratio=0.5, ignore=["head"], output="graph")
+    with torch.no_grad():
+        other = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(small(other), graph(other))
