@@ -83,7 +83,7 @@ class Judge:
     @staticmethod
     def _floats(model, args, kwargs) -> list[torch.Tensor]:
         out = _run(model, *regroup(model, args, kwargs))
-        return [t.double() for t in flatten(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return [t.detach() for t in flatten(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
     def __call__(self, model) -> float:
         num = den = 0.0
@@ -92,8 +92,9 @@ class Judge:
             for y, r in zip(got, ref):
                 if y.shape != r.shape:
                     return float("inf")
-                num += float((y - r).square().sum())
-                den += float(r.square().sum())
+                # in the outputs' own dtype, summed in float64: an LLM's logits are 256 x 49152 a batch
+                num += float((y - r).square().sum(dtype=torch.float64))
+                den += float(r.square().sum(dtype=torch.float64))
         return num / max(den, 1e-30)
 
 

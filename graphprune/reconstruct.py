@@ -312,21 +312,39 @@ def _solve_into(out, c: Consumer, w, kept, G_pp, C_tp, T):
     n = len(kept)
 
     def fit(G, Ct, damp):
-        return wk if damp is None else wk + torch.linalg.solve(_damped(G, n, damp), (Ct - wk @ G).T).T
+        if damp is None:
+            return wk
+        A = _damped(G, n, damp)
+        L, info = torch.linalg.cholesky_ex(A)  # symmetric positive definite once damped: half the cost of LU
+        step = torch.cholesky_solve((Ct - wk @ G).T, L) if int(info) == 0 else torch.linalg.solve(A, (Ct - wk @ G).T)
+        return wk + step.T
 
     def mse(v, f):  # E||t - v x~_p||^2 over fold f
         return ((torch.trace(v @ G_pp[f] @ v.T) - 2 * torch.trace(C_tp[f] @ v.T) + T[f, 0]) / T[f, 1]).item()
 
     G, Ct = G_pp.sum(0), C_tp.sum(0)
-    full = {d: fit(G, Ct, d) for d in DAMPS}
-    # a correction larger than the weights it corrects would synthesise a signal the kept inputs never carried
-    allowed = [d for d in DAMPS if (full[d] - wk).norm() <= TRUST * wk.norm()]
-    # the damping, by k-fold cross-validation over the calibration batches (one batch: the default, if allowed)
     folds = [f for f in range(len(T)) if T[f, 1] > 0]
-    if len(folds) > 1:
-        damp = min(allowed, key=lambda d: sum(mse(fit(G - G_pp[f], Ct - C_tp[f], d), f) for f in folds))
-    else:
-        damp = DAMP if DAMP in allowed else None
+    # The damping: from the most cautious candidate down, while the correction stays within TRUST
+    # (a correction larger than the weights it corrects would synthesise a signal the kept inputs
+    # never carried; it grows as the damping shrinks) and while the k-fold cross-validated error
+    # over the calibration batches keeps falling (it is U-shaped in the damping). One batch: the
+    # default damping, if trusted. Each candidate costs a solve per fold, so stopping early matters
+    # on wide layers (an LLM's MLP: K ~ 1500).
+    full = {None: wk}
+    damp, best = None, (sum(mse(wk, f) for f in folds) if len(folds) > 1 else None)
+    for d in DAMPS[1:]:
+        v = fit(G, Ct, d)
+        if (v - wk).norm() > TRUST * wk.norm():
+            break
+        full[d] = v
+        if len(folds) <= 1:
+            if d == DAMP:
+                damp = d
+            continue
+        err = sum(mse(fit(G - G_pp[f], Ct - C_tp[f], d), f) for f in folds)
+        if err >= best:
+            break
+        damp, best = d, err
     new = full[damp]
     target = _attr(out, c.weight)
     with torch.no_grad():
