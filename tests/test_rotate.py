@@ -1,0 +1,173 @@
+"""rotate_residual: the residual stream re-expressed in its principal directions, outputs unchanged,
+so that pruning the hidden dim afterwards removes the directions the data hardly uses."""
+import pytest
+import torch
+import torch.nn as nn
+
+import graphprune
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, HIDDEN = 100, 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: more threads only contend (a loaded 2-core runner made each forward 100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _llama(tie: bool, strong_directions: bool = False):
+    """A tiny LLaMA with non-unit RMSNorm weights (so folding matters). With
+    ``strong_directions`` the embedding's energy decays over 64 directions of a
+    random basis, as a trained model's stream concentrates in a few directions
+    that are not its coordinate axes."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                                   use_cache=False, tie_word_embeddings=tie)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+        if strong_directions:
+            basis = torch.linalg.qr(torch.randn(HIDDEN, HIDDEN))[0]  # (d, d) orthogonal
+            energy = torch.logspace(0, -2, HIDDEN)  # (d,)
+            model.model.embed_tokens.weight.copy_(torch.randn(VOCAB, HIDDEN) * energy @ basis.T)  # (vocab, d)
+    return model
+
+
+def _batches(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, VOCAB, (4, 16), generator=g),) for _ in range(n)]
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_rotation_is_lossless_and_leaves_the_model_alone(tie):
+    model = _llama(tie)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, VOCAB, (2, 7))
+    rotated = graphprune.rotate_residual(model, (ids,), _batches())
+
+    assert type(rotated) is type(model) and rotated is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie  # the user's tie is intact
+    mine = {id(p) for p in model.parameters()}
+    assert not any(id(p) in mine for p in rotated.parameters())
+    other = torch.randint(0, VOCAB, (3, 11))
+    with torch.no_grad():
+        for x in (ids, other):
+            assert _rel(model(x).logits, rotated(x).logits) < 1e-5
+    rec = rotated._graphprune_rotation
+    assert rec["width"] == HIDDEN and len(rec["folded_norms"]) == 5 and rec["lossless_rel_err"] < 1e-5
+    energy = torch.tensor(rec["energy"])
+    assert abs(energy.sum().item() - 1) < 1e-6 and (energy[:-1] >= energy[1:]).all()
+    for norm in rec["folded_norms"]:  # folded into the readers: the norms scale by one
+        assert torch.equal(rotated.get_parameter(norm), torch.ones(HIDDEN))
+    # a tied head has to get its own copy to absorb the final norm's weight
+    assert rec["extra_params"] == (VOCAB * HIDDEN if tie else 0)
+    assert rotated.lm_head.weight is not rotated.model.embed_tokens.weight
+    assert not rotated.config.tie_word_embeddings
+    rotated.tie_weights()  # stays untied
+    with torch.no_grad():
+        assert _rel(model(ids).logits, rotated(ids).logits) < 1e-5
+
+
+def test_pruning_the_rotated_stream_loses_less():
+    """Same compile, same parameter count: slicing the rotated stream's last directions
+    moves the logits much less than slicing the original stream's weakest channels."""
+    model = _llama(tie=False, strong_directions=True)
+    ids, batches = torch.randint(0, VOCAB, (2, 7)), _batches(8)
+    rotated = graphprune.rotate_residual(model, (ids,), batches)
+    held_out = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(7))
+    errors, sizes = {}, {}
+    for name, m in (("plain", model), ("rotated", rotated)):
+        small = graphprune.compile(m, (ids,), ratio={"model.norm": 0.25}, importance="activation", calibration=batches)
+        assert small.model.embed_tokens.weight.shape == (VOCAB, 48)  # the hidden group, and only it, lost 16
+        assert small.model.layers[0].mlp.up_proj.weight.shape == (128, 48)
+        sizes[name] = graphprune.count_params(small)
+        with torch.no_grad():
+            ref, out = model(held_out).logits, small(held_out).logits
+        errors[name] = ((out - ref).norm() / ref.norm()).item()
+    assert sizes["plain"] == sizes["rotated"] < graphprune.count_params(model)
+    assert errors["rotated"] < 0.5 * errors["plain"], errors
+
+
+# ------------------------------------------------------------------ torch.nn models (symbolic trace)
+
+class _Block(nn.Module):
+    def __init__(self, norm, body=None):
+        super().__init__()
+        self.norm, self.up, self.down = norm, nn.Linear(HIDDEN, 96), nn.Linear(96, HIDDEN)
+        self.body = body or (lambda x: x)
+
+    def forward(self, x):
+        return x + self.body(self.down(torch.relu(self.up(self.norm(x)))))
+
+
+class _Tiny(nn.Module):
+    """embedding -> 2 pre-norm residual blocks -> norm -> head."""
+
+    def __init__(self, norm=lambda: nn.RMSNorm(HIDDEN), stream_fn=None, body=None):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, HIDDEN)
+        self.blocks = nn.ModuleList([_Block(norm(), body) for _ in range(2)])
+        self.norm, self.head = norm(), nn.Linear(HIDDEN, VOCAB)
+        self.stream_fn = stream_fn
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for b in self.blocks:
+            x = b(x)
+            if self.stream_fn is not None:
+                x = self.stream_fn(x)
+        return self.head(self.norm(x))
+
+
+def _randomise_norms(model):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_module_rmsnorm_model_is_rotated_losslessly():
+    model = _randomise_norms(_Tiny())
+    ids = torch.randint(0, VOCAB, (2, 7))
+    rotated = graphprune.rotate_residual(model, (ids,), _batches(3))
+    assert isinstance(rotated.norm, nn.RMSNorm) and torch.equal(rotated.norm.weight, torch.ones(HIDDEN))
+    with torch.no_grad():
+        assert _rel(model(ids), rotated(ids)) < 1e-5
+    assert rotated._graphprune_rotation["extra_params"] == 0
+
+
+class _Scale(nn.Module):
+    """A per-channel scale on a block's output before the residual add (LayerScale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(HIDDEN) + 0.5)
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"norm": lambda: nn.LayerNorm(HIDDEN)}, "LayerNorm"),
+    ({"stream_fn": torch.tanh}, "tanh"),
+    ({"body": _Scale()}, "per channel"),
+], ids=["layernorm", "nonlinearity", "layerscale"])
+def test_streams_that_do_not_commute_with_a_rotation_are_refused(kwargs, match):
+    model = _Tiny(**kwargs).eval()
+    with pytest.raises(graphprune.GraphpruneError, match=match):
+        graphprune.rotate_residual(model, (torch.randint(0, VOCAB, (2, 7)),), _batches(1))
