@@ -12,6 +12,8 @@ result never exceeds it.
 """
 from __future__ import annotations
 
+import gc
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,7 +126,9 @@ class Meter:
         counts have been seen to miss parameters some modules re-create)."""
         if any(t.is_meta for t in self.p.gm.parameters()):
             return self._built(removed)
-        return float(count_params(self.p.prune(removed, check=False, fit=False)))
+        n = float(count_params(self.p.prune(removed, check=False, fit=False)))
+        gc.collect()  # the candidate is a reference cycle as large as the model: free it now
+        return n
 
     def _built(self, removed: dict) -> float:
         if self.kind == "latency":

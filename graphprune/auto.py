@@ -22,6 +22,7 @@ data there is nothing to judge by, and ``auto`` is ``l2`` by weight norm.
 """
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 
@@ -125,6 +126,8 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool) -> Choice:
             removed = decide_with(rule)
             model = p.prune(removed, check=False, fit=False)
             d = judge(model)
+            del model
+            gc.collect()  # a GraphModule is a reference cycle: without this, every candidate (an LLM's worth of weights) waits for a full collection
             tried[f"{name}/{rule}"] = d
             if best is None or d < best[0]:
                 best = (d, name, rule, removed, scores)
