@@ -319,8 +319,8 @@ def _solve_into(out, c: Consumer, w, kept, G_pp, C_tp, T):
         step = torch.cholesky_solve((Ct - wk @ G).T, L) if int(info) == 0 else torch.linalg.solve(A, (Ct - wk @ G).T)
         return wk + step.T
 
-    def mse(v, f):  # E||t - v x~_p||^2 over fold f
-        return ((torch.trace(v @ G_pp[f] @ v.T) - 2 * torch.trace(C_tp[f] @ v.T) + T[f, 0]) / T[f, 1]).item()
+    def mse(v, f):  # E||t - v x~_p||^2 over fold f; traces as elementwise sums, never an (out', out') matrix (an LM head: 49152^2)
+        return ((((v @ G_pp[f]) * v).sum() - 2 * (C_tp[f] * v).sum() + T[f, 0]) / T[f, 1]).item()
 
     G, Ct = G_pp.sum(0), C_tp.sum(0)
     folds = [f for f in range(len(T)) if T[f, 1] > 0]
