@@ -158,7 +158,29 @@ def per_param_scores(p: Pruner) -> dict[int, np.ndarray]:
     return {gid: v / (sizes[gid] / mean) for gid, v in normalized_scores(p).items()}
 
 
-RULES = {"score": normalized_scores, "per_param": per_param_scores}
+def measured_scores(p: Pruner) -> dict[int, np.ndarray]:
+    """Units ranked by the output error they are expected to cost, per parameter they free.
+
+    ``p.sensitivity`` ({group id: (probe units, error)}, from ``auto.probe``)
+    holds, per group, the held-out output error measured with that group's
+    lowest-scoring units dead and nothing else touched. Each unit's share of
+    it is its score's share of the probed units' scores, so removing the
+    probed set costs exactly what was measured and the criterion still
+    orders units inside a group. Across groups the scale is now the model's
+    own (an error at its outputs) instead of each group's mean: a layer the
+    outputs barely feel gives more, a sensitive one less (first and last
+    layers of an LLM, a stem conv)."""
+    from .auto import unit_params
+
+    norm = normalized_scores(p)
+    probes = p.sensitivity
+    factor = {gid: max(err, 1e-12) / max(float(norm[gid][units].sum()), 1e-30)
+              for gid, (units, err) in probes.items() if gid in norm}
+    fallback = float(np.median(list(factor.values()))) if factor else 1.0  # a group not probed: a typical one
+    return {g.id: norm[g.id] * factor.get(g.id, fallback) / unit_params(g, p.gm) for g in p.groups}
+
+
+RULES = {"score": normalized_scores, "per_param": per_param_scores, "measured": measured_scores}
 
 
 def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule: str = "score", **meter_kw) -> tuple[dict, float]:

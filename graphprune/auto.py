@@ -14,6 +14,10 @@ Candidates:
 * allocation, for budgets: units ranked by their normalised score alone, or by
   score per parameter a unit costs (a query head holds as many weights as
   dozens of MLP channels, so a budget is met by fewer, cheaper decisions);
+* allocation by measured sensitivity: the winner's scores rescaled, group by
+  group, by the held-out output error its lowest units cost when they alone
+  are dead (``probe``), then ranked per parameter: layers differ in how much
+  the outputs feel them, and a per-group mean cannot tell;
 * refit (``reconstruct``): on or off, where layers read pruned channels.
 
 Distortion is the relative squared error of all floating outputs,
@@ -42,7 +46,7 @@ class Choice:
     """What ``auto`` chose, and the held-out distortion of every candidate."""
 
     criterion: str
-    allocation: str = "score"  # "score" or "per_param"
+    allocation: str = "score"  # "score", "per_param" or "measured"
     refit: bool = False
     tried: dict = field(default_factory=dict)  # "criterion/allocation[/refit]" -> distortion
     seconds: float = 0.0
@@ -86,6 +90,12 @@ class Judge:
         out = _run(model, *regroup(model, args, kwargs))
         return [t.detach() for t in flatten(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
+    def first(self, n: int) -> "Judge":
+        """The same judge on its first ``n`` batches only (a cheaper, coarser one)."""
+        sub = object.__new__(Judge)
+        sub.p, sub.calls, sub.refs = self.p, self.calls[:n], self.refs[:n]
+        return sub
+
     def __call__(self, model) -> float:
         num = den = 0.0
         for (a, k), ref in zip(self.calls, self.refs):
@@ -97,6 +107,37 @@ class Judge:
                 num += float((y - r).square().sum(dtype=torch.float64))
                 den += float(r.square().sum(dtype=torch.float64))
         return num / max(den, 1e-30)
+
+
+def probe(p, judge: Judge, reference: dict, *, batches: int = 2) -> dict:
+    """{group id: (units, held-out error)}: each group alone with its lowest-scoring
+    units dead (the dead twin, on the traced original: no model is built), the
+    rest of the model untouched. The units are those ``reference`` (the best
+    allocation so far) removes from the group, or, where it removes none, the
+    same fraction of the group as it removes overall, so every group is
+    measured near the operating point. One forward pass per group over
+    ``batches`` held-out batches; ``allocate.measured_scores`` turns the errors
+    into a scale shared by all groups."""
+    from .pruner import remove_lowest
+    from .verify import Verifier, swapped
+
+    sub = judge.first(batches)
+    twin = Verifier(p)
+    total = sum(g.n_units for g in p.groups)
+    frac = sum(len(u) for u in reference.values()) / max(total, 1)
+    out = {}
+    for g in p.groups:
+        units = reference.get(g.id)
+        if units is None or len(units) == 0:
+            k = min(g.n_units - 1, max(1, int(round(frac * g.n_units))))
+            if k < 1:
+                continue
+            units = remove_lowest(g, p.scores[g.id], k)
+        state = twin.twin_state({g.id: units})
+        with swapped(p.gm, state):
+            out[g.id] = (np.asarray(units), sub(p.gm))
+        del state
+    return out
 
 
 def candidates(loss_fn) -> list[str]:
@@ -133,6 +174,18 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool) -> Choice:
                 best = (d, name, rule, removed, scores)
     d, name, rule, removed, scores = best
     p.scores = scores
+    if budgeted and removed:  # the winner's own criterion, its allocation rescaled by measured sensitivity
+        t = time.perf_counter()
+        p.sensitivity = probe(p, judge, removed)
+        measured = decide_with("measured")
+        model = p.prune(measured, check=False, fit=False)
+        dm = judge(model)
+        del model
+        gc.collect()
+        tried[f"{name}/measured"] = dm
+        notes.append(f"sensitivity of {len(p.sensitivity)} groups measured in {time.perf_counter() - t:.1f}s")
+        if dm < d:
+            d, rule, removed = dm, "measured", measured
     refit = False
     if refit_possible:
         from . import reconstruct as _reconstruct

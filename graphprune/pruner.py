@@ -138,6 +138,7 @@ class Pruner:
     unsafe: set = field(init=False, default_factory=set)  # group ids kept whole after failing the self-check
     runtime_checked: bool = field(init=False, default=False)  # set by verify: results are checked by running them
     param_writes: bool = field(init=False, default=True)  # does forward write to its parameters? (check_trace finds out)
+    sensitivity: dict = field(init=False, default_factory=dict)  # {group id: (units, held-out error)}: auto.probe, for allocation by "measured"
     meta_check: bool | None = field(init=False, default=None)  # whether the meta-tensor check can run (see _meta_checkable)
 
     def __post_init__(self):

@@ -1,4 +1,5 @@
 """importance="auto": the criterion, allocation rule and refit chosen from held-out calibration data."""
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -93,3 +94,42 @@ def test_params_meter_reads_the_plan_where_it_matches_a_built_model():
     small = graphprune.compile(torchvision.models.vit_b_16(image_size=32, num_classes=10).eval(), (torch.randn(1, 3, 32, 32),),
                                target_params=0.6, ignore=["heads"], verify=False, output="graph")
     assert 0.59 <= small.report.params <= 0.6
+
+
+class TwoBranch(nn.Module):
+    """Two identical branches summed, one read 100 times louder than the other:
+    per-group normalised scores look alike, what the output feels does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(16, 32)
+        self.a_out, self.b_out = nn.Linear(32, 4), nn.Linear(32, 4)
+        with torch.no_grad():
+            self.b.weight.copy_(self.a.weight)
+            self.b.bias.copy_(self.a.bias)
+            self.a_out.weight.mul_(10.0)
+            self.b_out.weight.copy_(self.a_out.weight * 0.01)
+
+    def forward(self, x):
+        return self.a_out(torch.relu(self.a(x))) + self.b_out(torch.relu(self.b(x)))
+
+
+def test_measured_allocation_takes_from_what_the_output_feels_least():
+    from graphprune.auto import probe
+
+    torch.manual_seed(0)
+    model = TwoBranch().eval()
+    cal = [(torch.randn(32, 16, generator=torch.Generator().manual_seed(s)),) for s in range(4)]
+    x = cal[0][0][:4]
+    small = graphprune.compile(model, (x,), target_params=0.6, calibration=cal, ignore=["a_out", "b_out"], reconstruct=False)
+    choice = small.report.auto
+    assert f"{choice.criterion}/measured" in choice.tried
+    assert choice.allocation == "measured" and choice.tried[f"{choice.criterion}/measured"] < choice.tried[f"{choice.criterion}/score"]
+    widths = {n: m.out_features for n, m in small.named_modules() if n in ("a", "b")}
+    assert widths["b"] < widths["a"], widths  # the quiet branch gives the units
+    assert small.report.params <= 0.6
+    # the probe measured each group alone: the quiet branch's loss is orders of magnitude smaller
+    p = graphprune.pruner.Pruner(model, (x,), calibration=cal, ignore=("a_out", "b_out"), importance="activation")
+    half = {g.id: np.arange(8) for g in p.groups}
+    errs = {g.id: e for g, (_, e) in zip(p.groups, probe(p, Judge(p, cal[1::2]), half).values())}
+    assert max(errs.values()) > 100 * min(errs.values())
