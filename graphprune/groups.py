@@ -32,7 +32,7 @@ from torch.fx import GraphModule, Node
 from .canon import COp, canonicalize, tensor_names, vkey
 from .meta_keys import CANON, NUMBERS, VAL
 from .rules import RULES
-from .sizes import frozen_value, number_uses
+from .sizes import computed_sizes, frozen_value, number_uses
 from .zeros import block_unproven_reductions
 
 
@@ -285,6 +285,7 @@ def build(gm: GraphModule, ignore=()) -> Builder:
                 b.block((v, k), "output of an ignored module")
     block_unproven_reductions(b, cops)
     _record_number_uses(b, gm)
+    _block_computed_sizes(b, gm)
     _resolve_products(b)
     return b
 
@@ -303,6 +304,20 @@ def _record_number_uses(b: Builder, gm: GraphModule) -> None:
         else:
             kept.append(use)
     gm.meta[NUMBERS] = kept
+
+
+def _block_computed_sizes(b: Builder, gm: GraphModule) -> None:
+    """A view/reshape size computed from widths (timm CaiT/CoaT/VOLO: ``C // self.num_heads``
+    with a literal head count) is evaluated anew on the pruned widths, which need not give
+    the width the plan keeps for that dim: the widths it reads and the dim it sizes stay."""
+    names = tensor_names(gm)
+    for node, i, value, dims in computed_sizes(gm):
+        out_shape = b.shape(node)
+        why = f"{node.name}: size {i} is computed from a width ({value.name})"
+        if i < len(out_shape):
+            b.block((node, i), why)
+        for k, a in dims:
+            b.block((names.get(k, k) if isinstance(k, str) else k, a), why)
 
 
 def _size_source(a):

@@ -98,9 +98,10 @@ def _python_valued(n: Node) -> bool:
         isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
 
 
-def number_uses(gm: GraphModule) -> list[NumberUse]:
+def size_deps(gm: GraphModule) -> dict:
+    """Every Python-valued node computed from tensor widths: the dims it reads
+    (a set, or a tuple of sets for a whole ``x.shape``)."""
     deps: dict = {}
-    uses = []
     for n in gm.graph.nodes:
         if _python_valued(n):
             d = _reads(n)
@@ -108,8 +109,39 @@ def number_uses(gm: GraphModule) -> list[NumberUse]:
                 d = _inherited(n, deps)
             if _union(d):
                 deps[n] = d
+    return deps
+
+
+def computed_sizes(gm: GraphModule, deps: dict | None = None):
+    """``(node, i, value, dims)`` for every view/reshape/expand size at position ``i``
+    that is computed from widths by arithmetic (``C // self.num_heads``), not read
+    straight off a dim: after pruning it evaluates the same arithmetic on the new
+    widths, which says nothing about the width dim ``i`` gets in the plan."""
+    deps = size_deps(gm) if deps is None else deps
+    for n in gm.graph.nodes:
+        cop = n.meta.get(CANON)
+        at = cop.attrs.get("sizes_at") if cop is not None else None
+        if at is None:
             continue
-        if n.op in ("placeholder", "get_attr"):
+        sizes = list(n.args[1:]) if at == "varargs" else n.args[at]
+        if not isinstance(sizes, (list, tuple)):
+            continue
+        for i, a in enumerate(sizes):
+            if isinstance(a, Node) and a in deps and _reads(a) is None and not _is_item(a):
+                yield n, i, a, _union(deps[a])
+
+
+def _is_item(n: Node) -> bool:
+    """``x.shape[1]`` / ``x.size()[1]``: a read of one dim, not arithmetic."""
+    return n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], Node) and \
+        isinstance(n.args[1], int) and _reads(n.args[0]) is not None
+
+
+def number_uses(gm: GraphModule) -> list[NumberUse]:
+    deps = size_deps(gm)
+    uses = []
+    for n in gm.graph.nodes:
+        if _python_valued(n) or n.op in ("placeholder", "get_attr"):
             continue
         shape_pos = _shape_positions(n)
         positional = [(i, a) for i, a in enumerate(n.args)] + [(k, a) for k, a in n.kwargs.items()]

@@ -293,6 +293,31 @@ class EinsumAttention(nn.Module):
         return self.out(x + self.merge(y))
 
 
+class ComputedHeadDim(nn.Module):
+    """timm CaiT/CoaT/VOLO attention: the head dim is computed from the residual width
+    with a head count fixed in the code (``C // self.num_heads``), the merged heads
+    reshaped back to ``C``; an MLP beside it. The computed size must not see a pruned C."""
+
+    def __init__(self, d=32, heads=4, hidden=64):
+        super().__init__()
+        self.num_heads = heads
+        self.inp = nn.Linear(16, d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.out = nn.Linear(d, 4)
+
+    def forward(self, x):
+        x = self.inp(x)
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        att = (q @ k.transpose(-2, -1)).softmax(-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(B, N, C))
+        x = x + self.fc2(torch.relu(self.fc1(x)))
+        return self.out(x)
+
+
 class DecomposedRMSNorm(nn.Module):
     """Pre-norm residual blocks with RMSNorm written out as pow/mean/rsqrt (as
     Hugging Face LLaMA exports it), and a channel-mean readout at the end."""
@@ -339,6 +364,7 @@ class SplitTail(nn.Module):
 IMAGE = (2, 3, 16, 16)
 TOKENS = (2, 5, 16)
 ORACLE_MODELS = {
+    "computed_head_dim": (ComputedHeadDim, TOKENS),
     "residual": (Residual, IMAGE),
     "dense_concat": (DenseConcat, IMAGE),
     "chunk_split": (ChunkSplit, IMAGE),

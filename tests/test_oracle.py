@@ -4,8 +4,8 @@ import torch
 import graphprune
 from graphprune.shuffle import permute_channels
 
-from models import IMAGE, ORACLE_MODELS, TOKENS, EinsumAttention, GQAttention, Shuffle
-from oracle import assert_lossless
+from models import IMAGE, ORACLE_MODELS, TOKENS, ComputedHeadDim, EinsumAttention, GQAttention, Shuffle
+from oracle import assert_lossless, dead_twin
 
 
 @pytest.mark.parametrize("name", sorted(ORACLE_MODELS))
@@ -103,3 +103,19 @@ def test_tied_weights_stay_tied():
     with torch.no_grad():
         torch.testing.assert_close(small(ids), ref, rtol=1e-5, atol=1e-5)
     assert model.head.weight is model.emb.weight and model.emb.weight.shape == (11, 16)
+
+
+def test_computed_head_dim_under_a_flops_budget():
+    """``C // self.num_heads`` in a reshape (timm CaiT, CoaT, VOLO): a FLOPs budget used to
+    build candidates whose reshape computed the head dim from the pruned C (a RuntimeError
+    out of compile). The computed size and the width it reads now stay, the MLP still
+    goes, and the result is its dead twin at two batch sizes."""
+    torch.manual_seed(0)
+    model = ComputedHeadDim().eval()
+    x = torch.randn(*TOKENS)
+    small = graphprune.compile(model, (x,), target_flops=0.6, importance="l1", ignore=["out"])
+    assert graphprune.count_flops(small, (x,)) <= 0.6 * graphprune.count_flops(model, (x,))
+    twin = dead_twin(model, small)
+    for xb in (x, torch.randn(3, *TOKENS[1:])):
+        with torch.no_grad():
+            torch.testing.assert_close(small(xb), twin(xb), rtol=1e-5, atol=1e-6)
