@@ -12,10 +12,15 @@ def count_flops(model: torch.nn.Module, example_inputs: tuple, example_kwargs: d
     """Forward FLOPs, less those of the modules named in ``exclude``.
 
     Runs with grad enabled: under no_grad, nn.MultiheadAttention takes a fused
-    fast path that the counter does not see.
+    fast path that the counter does not see. It runs on a shadow of ``model``
+    (``trace.shadow``: the same parameters, module objects of its own), so a
+    forward that caches what it computes (timm's EfficientFormer keeps its
+    indexed attention biases) fills the shadow's cache, not the user's; a
+    cached tensor with a grad history left in the user's model made it
+    refuse ``copy.deepcopy``.
     """
     with FlopCounterMode(display=False) as counter:
-        model(*example_inputs, **(example_kwargs or {}))
+        _own(model)(*example_inputs, **(example_kwargs or {}))
     total = counter.get_total_flops()
     counts = counter.get_flop_counts()
     for name in exclude:
@@ -23,6 +28,13 @@ def count_flops(model: torch.nn.Module, example_inputs: tuple, example_kwargs: d
         if key is not None:
             total -= sum(counts[key].values())
     return total
+
+
+def _own(model: torch.nn.Module) -> torch.nn.Module:
+    """A shadow of ``model`` to run (generated code, a GraphModule, caches nothing: itself)."""
+    from .trace import shadow
+
+    return model if isinstance(model, torch.fx.GraphModule) else shadow(model)
 
 
 def count_params(model: torch.nn.Module) -> int:

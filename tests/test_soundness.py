@@ -410,3 +410,36 @@ class _FailsOnRealInputs(torch.nn.Module):
 def test_a_forward_that_fails_on_its_example_is_refused_with_a_message():
     with pytest.raises(graphprune.GraphpruneError, match="fails on its example inputs"):
         graphprune.compile(_FailsOnRealInputs(), (torch.randn(2, 4),), ratio=0.5)
+
+
+class CachesInEval(nn.Module):
+    """Caches an indexed bias per device in eval mode, as timm's EfficientFormer does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.bias_table = nn.Parameter(torch.randn(4))
+        self.register_buffer("idx", torch.arange(4).flip(0), persistent=False)
+        self.cache = {}
+
+    def biases(self, device):
+        if self.training:
+            return self.bias_table[self.idx]
+        key = str(device)
+        if key not in self.cache:
+            self.cache[key] = self.bias_table[self.idx]
+        return self.cache[key]
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))) + self.biases(x.device)
+
+
+@pytest.mark.parametrize("budget", [{"target_flops": 0.6}, {"ratio": 0.25}])
+def test_a_caching_forward_leaves_the_users_model_as_it_was(budget):
+    import copy
+
+    model = CachesInEval().eval()
+    x = torch.randn(3, 8)
+    graphprune.compile(model, (x,), ignore=["fc2"], importance="l1", **budget)
+    assert model.cache == {}  # FLOP counting ran on a shadow; a cached grad tensor broke deepcopy
+    copy.deepcopy(model)
