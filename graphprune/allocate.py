@@ -159,25 +159,50 @@ def per_param_scores(p: Pruner) -> dict[int, np.ndarray]:
 
 
 def measured_scores(p: Pruner) -> dict[int, np.ndarray]:
-    """Units ranked by the output error they are expected to cost, per parameter they free.
+    """Units ranked by the output error they are expected to add, per parameter they free.
 
-    ``p.sensitivity`` ({group id: (probe units, error)}, from ``auto.probe``)
+    ``p.sensitivity`` ({group id: ((units, error), ...)}, from ``auto.probe``)
     holds, per group, the held-out output error measured with that group's
-    lowest-scoring units dead and nothing else touched. Each unit's share of
-    it is its score's share of the probed units' scores, so removing the
-    probed set costs exactly what was measured and the criterion still
-    orders units inside a group. Across groups the scale is now the model's
-    own (an error at its outputs) instead of each group's mean: a layer the
-    outputs barely feel gives more, a sensitive one less (first and last
-    layers of an LLM, a stem conv)."""
+    lowest-scoring units dead and nothing else touched, at one or two depths.
+    Within a group the error is modelled as ``a * S**gamma``, ``S`` the summed
+    (normalised) scores of the units gone, fit through the measured points
+    (``gamma`` from two depths, clipped to [1, 4]; 1 with one). A unit costs
+    what it adds to that curve where it comes in score order: the criterion
+    still orders units inside a group, increasingly (so a threshold removes
+    a prefix, as ``remove_lowest`` does), and across groups the scale is
+    the model's own error at its outputs instead of each group's mean: a
+    layer the outputs barely feel gives more, a sensitive one less (the
+    first and last layers of an LLM, a stem conv), and the bend stops a
+    quiet group from being emptied on a straight-line extrapolation."""
     from .auto import unit_params
 
     norm = normalized_scores(p)
-    probes = p.sensitivity
-    factor = {gid: max(err, 1e-12) / max(float(norm[gid][units].sum()), 1e-30)
-              for gid, (units, err) in probes.items() if gid in norm}
-    fallback = float(np.median(list(factor.values()))) if factor else 1.0  # a group not probed: a typical one
-    return {g.id: norm[g.id] * factor.get(g.id, fallback) / unit_params(g, p.gm) for g in p.groups}
+    curves = {}
+    for gid, points in p.sensitivity.items():
+        if gid not in norm:
+            continue
+        (u1, e1), *rest = points
+        s1 = max(float(norm[gid][u1].sum()), 1e-30)
+        e1 = max(e1, 1e-12)
+        gamma = 1.0
+        if rest:
+            u2, e2 = rest[0]
+            s2 = float(norm[gid][u2].sum())
+            if s2 > s1 * (1 + 1e-9) and e2 > e1:
+                gamma = float(np.clip(np.log(e2 / e1) / np.log(s2 / s1), 1.0, 4.0))
+        curves[gid] = (e1 / s1 ** gamma, gamma)
+    typical = (float(np.median([a for a, _ in curves.values()])), 1.0) if curves else (1.0, 1.0)
+    out = {}
+    for g in p.groups:
+        a, gamma = curves.get(g.id, typical)  # a group not probed: a typical one
+        s = norm[g.id]
+        order = np.argsort(s, kind="stable")
+        upto = np.cumsum(s[order])                                            # S after each unit, in score order
+        added = a * (upto ** gamma - np.concatenate([[0.0], upto[:-1]]) ** gamma)
+        cost = np.empty_like(s)
+        cost[order] = np.maximum.accumulate(added)  # never decreasing along the order (ties, rounding)
+        out[g.id] = cost / unit_params(g, p.gm)
+    return out
 
 
 RULES = {"score": normalized_scores, "per_param": per_param_scores, "measured": measured_scores}

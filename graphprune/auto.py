@@ -14,9 +14,10 @@ Candidates:
 * allocation, for budgets: units ranked by their normalised score alone, or by
   score per parameter a unit costs (a query head holds as many weights as
   dozens of MLP channels, so a budget is met by fewer, cheaper decisions);
-* allocation by measured sensitivity: the winner's scores rescaled, group by
-  group, by the held-out output error its lowest units cost when they alone
-  are dead (``probe``), then ranked per parameter: layers differ in how much
+* allocation by measured sensitivity: the winner's scores turned, group by
+  group, into the held-out output error each unit adds when the group's
+  lowest units alone are dead (``probe``, at two depths, so the curve's bend
+  is measured too), then ranked per parameter: layers differ in how much
   the outputs feel them, and a per-group mean cannot tell;
 * refit (``reconstruct``): on or off, where layers read pruned channels.
 
@@ -110,14 +111,16 @@ class Judge:
 
 
 def probe(p, judge: Judge, reference: dict, *, batches: int = 2) -> dict:
-    """{group id: (units, held-out error)}: each group alone with its lowest-scoring
-    units dead (the dead twin, on the traced original: no model is built), the
-    rest of the model untouched. The units are those ``reference`` (the best
-    allocation so far) removes from the group, or, where it removes none, the
-    same fraction of the group as it removes overall, so every group is
-    measured near the operating point. One forward pass per group over
-    ``batches`` held-out batches; ``allocate.measured_scores`` turns the errors
-    into a scale shared by all groups."""
+    """{group id: ((units, error), (more units, error))}: each group alone with its
+    lowest-scoring units dead (the dead twin, on the traced original: no model is
+    built), the rest of the model untouched, at two depths. The first is what
+    ``reference`` (the best allocation so far) removes from the group, or,
+    where it removes none, the same fraction as it removes overall; the
+    second goes further (2.5 times as many units, up to 90% of the group), because the
+    allocation that follows may well take a quiet group that far, and
+    errors grow faster than linearly there. One forward pass per group and
+    depth over ``batches`` held-out batches; ``allocate.measured_scores``
+    turns them into costs on a scale shared by all groups."""
     from .pruner import remove_lowest
     from .verify import Verifier, swapped
 
@@ -125,18 +128,26 @@ def probe(p, judge: Judge, reference: dict, *, batches: int = 2) -> dict:
     twin = Verifier(p)
     total = sum(g.n_units for g in p.groups)
     frac = sum(len(u) for u in reference.values()) / max(total, 1)
+
+    def error(g, units) -> float:
+        state = twin.twin_state({g.id: units})
+        with swapped(p.gm, state):
+            return sub(p.gm)
+
     out = {}
     for g in p.groups:
         units = reference.get(g.id)
+        k = len(units) if units is not None and len(units) else min(g.n_units - 1, max(1, int(round(frac * g.n_units))))
+        if k < 1:
+            continue
         if units is None or len(units) == 0:
-            k = min(g.n_units - 1, max(1, int(round(frac * g.n_units))))
-            if k < 1:
-                continue
             units = remove_lowest(g, p.scores[g.id], k)
-        state = twin.twin_state({g.id: units})
-        with swapped(p.gm, state):
-            out[g.id] = (np.asarray(units), sub(p.gm))
-        del state
+        points = [(np.asarray(units), error(g, units))]
+        k2 = min(g.n_units - 1, max(k + 1, int(round(min(0.9, 2.5 * k / g.n_units) * g.n_units))))
+        if k2 > k:
+            more = remove_lowest(g, p.scores[g.id], k2)
+            points.append((np.asarray(more), error(g, more)))
+        out[g.id] = tuple(points)
     return out
 
 

@@ -130,6 +130,12 @@ def test_measured_allocation_takes_from_what_the_output_feels_least():
     assert small.report.params <= 0.6
     # the probe measured each group alone: the quiet branch's loss is orders of magnitude smaller
     p = graphprune.pruner.Pruner(model, (x,), calibration=cal, ignore=("a_out", "b_out"), importance="activation")
-    half = {g.id: np.arange(8) for g in p.groups}
-    errs = {g.id: e for g, (_, e) in zip(p.groups, probe(p, Judge(p, cal[1::2]), half).values())}
-    assert max(errs.values()) > 100 * min(errs.values())
+    from graphprune.pruner import remove_lowest
+
+    half = {g.id: remove_lowest(g, p.scores[g.id], 8) for g in p.groups}
+    points = probe(p, Judge(p, cal[1::2]), half)
+    assert set(points) == {g.id for g in p.groups}
+    first = [pts[0][1] for pts in points.values()]
+    assert max(first) > 100 * min(first)
+    for (u1, e1), (u2, e2) in points.values():  # the second depth removes more, and costs more
+        assert set(u1) < set(u2) and e2 > e1
