@@ -97,11 +97,12 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, *, steps:
     AdamW at ``lr`` (``weight_decay``), with a cosine decay to 0 over
     ``steps`` (``schedule="cosine"``) or a constant rate
     (``schedule="constant"``); gradients clipped to norm 1.0. ``max_seconds``
-    stops earlier. ``progress=True`` shows a rich progress bar with the loss.
+    stops earlier, and the cosine then runs over whichever ends first, so a
+    time budget still ends at a low rate. ``progress=True`` shows a rich progress bar with the loss.
 
     ``student.distill_report`` is ``dict(steps, seconds, first_loss,
-    last_loss)``: optimizer steps taken, wall time, and the loss of the first
-    and of the last step's batch.
+    last_loss, last_lr)``: optimizer steps taken, wall time, the loss of the first
+    and of the last step's batch, and the rate the last step left.
 
     >>> small = graphprune.compile(model, (ids,), ratio=0.25)
     >>> small = graphprune.distill(small, model, [{"input_ids": b} for b in blocks], steps=500, lr=1e-4)
@@ -183,8 +184,18 @@ def _train(student, teacher, batches, params, *, steps, lr, temperature, hidden_
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    start = time.perf_counter()
+
+    def done_part(i: int) -> float:
+        """How much of the run is behind: by steps, or by time where ``max_seconds`` ends it sooner
+        (a cosine over 10,000 steps that a time limit stops at 300 never decays)."""
+        part = min(i, steps) / steps
+        if max_seconds:
+            part = max(part, (time.perf_counter() - start) / max_seconds)
+        return min(part, 1.0)
+
     if schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * done_part(i))))
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
     hidden = hidden_weight > 0 and _takes_hidden(student) and _takes_hidden(teacher)
@@ -195,7 +206,6 @@ def _train(student, teacher, batches, params, *, steps, lr, temperature, hidden_
     warned = False
     first = last = None
     done = 0
-    start = time.perf_counter()
     columns = (TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("loss {task.fields[loss]}"))
     with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=False) as bar:
         task = bar.add_task("distill", total=steps, loss="-")
@@ -233,7 +243,8 @@ def _train(student, teacher, batches, params, *, steps, lr, temperature, hidden_
     opt.zero_grad(set_to_none=True)
     if done == 0:
         raise GraphpruneError("distill got no batches")
-    return {"steps": done, "seconds": time.perf_counter() - start, "first_loss": first, "last_loss": last.item()}
+    return {"steps": done, "seconds": time.perf_counter() - start, "first_loss": first, "last_loss": last.item(),
+            "last_lr": opt.param_groups[0]["lr"]}
 
 
 def _cycle(batches, steps: int):

@@ -61,7 +61,7 @@ def test_mlp_graph_student_gets_closer_and_teacher_is_untouched():
     after = _kl(student, teacher.eval(), held)
     assert after < 0.5 * before, (before, after)
     rep = student.distill_report
-    assert set(rep) == {"steps", "seconds", "first_loss", "last_loss"}
+    assert set(rep) == {"steps", "seconds", "first_loss", "last_loss", "last_lr"}
     assert rep["steps"] == 50 and rep["seconds"] > 0 and rep["last_loss"] < rep["first_loss"]
     assert all(p.grad is None for p in student.parameters())
     # distill_loss measures the same KL (mean over rows)
@@ -206,3 +206,16 @@ def test_hidden_states_matched_where_shapes_agree(llama):
     assert hidden_mse(student) < 0.7 * hidden_mse(plain), (hidden_mse(student), hidden_mse(plain))
     with pytest.warns(UserWarning, match="no hidden state of the student has the shape"):  # a narrower residual stream
         distill(copy.deepcopy(pruned), teacher, train, steps=1, hidden_weight=1.0, progress=False)
+
+
+def test_a_time_limit_is_the_cosine_horizon():
+    """steps far beyond what max_seconds allows: the rate still decays to about 0 by the time limit."""
+    teacher, base, train, _ = _mlp_setup()
+    student = copy.deepcopy(base)
+    distill(student, teacher, train, steps=10**7, lr=1e-2, max_seconds=1.0, progress=False)
+    rep = student.distill_report
+    assert 1 < rep["steps"] < 10**7 and rep["seconds"] >= 1.0
+    assert rep["last_lr"] < 0.05 * 1e-2
+    constant = copy.deepcopy(base)
+    distill(constant, teacher, train, steps=10**7, lr=1e-2, max_seconds=0.3, schedule="constant", progress=False)
+    assert constant.distill_report["last_lr"] == 1e-2
