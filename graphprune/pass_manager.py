@@ -68,8 +68,15 @@ def registered_passes() -> list[str]:
 _STEP = re.compile(r"\s*([A-Za-z0-9_\-]+)\s*(?:\{([^}]*)\})?\s*(?:,|$)")
 
 
+# named pipelines: "default" keeps the model trainable as the user built it; "deploy" adds the
+# lossless clean-ups that only serve inference speed
+PIPELINES = {"default": "shrink-params,dce", "deploy": "shrink-params,fold-bn,dce"}
+
+
 def parse_pipeline(pipeline: str | list) -> list[tuple[str, dict]]:
-    """``"a,b{x=1,y='s'}"`` -> ``[("a", {}), ("b", {"x": 1, "y": "s"})]``."""
+    """``"a,b{x=1,y='s'}"`` -> ``[("a", {}), ("b", {"x": 1, "y": "s"})]``; a name in ``PIPELINES`` stands for its passes."""
+    if isinstance(pipeline, str) and pipeline.strip() in PIPELINES:
+        pipeline = PIPELINES[pipeline.strip()]
     if not isinstance(pipeline, str):
         return [(p, {}) if isinstance(p, str) else (p[0], dict(p[1])) for p in pipeline]
     steps, pos = [], 0

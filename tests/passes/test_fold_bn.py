@@ -1,0 +1,84 @@
+"""fold-bn: BatchNorm folded into the conv or linear before it, lossless, never in place."""
+import torch.fx.passes.shape_prop
+import pytest
+import torch
+import torch.nn as nn
+
+import graphprune
+from graphprune.pass_manager import run_pipeline
+
+
+class ConvBN(nn.Module):
+    """Folds: conv->bn (with and without conv bias), linear->bn1d on (N, C).
+    Stays: a bn whose conv output is also read elsewhere, a bn1d over (N, C, L) after a linear, a bn in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c3, self.b3 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)  # c3's output is also added: stays
+        self.fc, self.bf = nn.Linear(8, 6), nn.BatchNorm1d(6)
+        self.seq, self.bs = nn.Linear(4, 4), nn.BatchNorm1d(8)  # a BatchNorm1d over (N, 8, 4): dim 1 is not the linear's
+        for bn in (self.b1, self.b2, self.b3, self.bf, self.bs):
+            with torch.no_grad():
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        h = torch.relu(self.b1(self.c1(x)))
+        h = torch.relu(self.b2(self.c2(h)))
+        z = self.c3(h)
+        h = self.b3(z) + z
+        v = self.bf(self.fc(h.mean((2, 3))))
+        s = self.bs(self.seq(h.flatten(2)[..., :4]))
+        return v, s
+
+
+def _kinds(gm):
+    return [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"]
+
+
+def test_fold_bn_is_lossless_and_leaves_the_input_module_alone():
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(4, 3, 8, 8)
+    torch.fx.passes.shape_prop.ShapeProp(gm).propagate(x)  # a linear folds only where its output is known to be (N, C)
+    out, changed = run_pipeline(gm, "fold-bn", check=False)
+    assert changed["fold-bn"]
+    assert _kinds(out).count("BatchNorm2d") == 1 and _kinds(out).count("BatchNorm1d") == 1  # b3 and bs stay
+    with torch.no_grad():
+        ref, got = model(x), out(x)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.c2.weight.data_ptr() != out.get_submodule("c2").weight.data_ptr()
+
+
+def test_train_mode_batchnorm_is_not_folded():
+    model = ConvBN().train()
+    gm = torch.fx.symbolic_trace(model)
+    _, changed = run_pipeline(gm, "fold-bn", check=False)
+    assert not changed["fold-bn"]
+
+
+@pytest.mark.parametrize("name, head", [("resnet18", "fc"), ("mobilenet_v2", "classifier.1")])
+def test_deploy_pipeline_prunes_and_folds_torchvision(name, head):
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = getattr(tv.models, name)(num_classes=10).eval()
+    for m in model.modules():  # statistics that are not the identity, so folding has something to get right
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 64, 64)
+    plain = graphprune.compile(model, (x,), ratio=0.5, importance="l1", ignore=[head])
+    deploy = graphprune.compile(model, (x,), ratio=0.5, importance="l1", ignore=[head], pipeline="deploy")
+    assert deploy.report.form == "graph" and "BatchNorm2d" not in _kinds(deploy)
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(x), plain(x), rtol=1e-4, atol=1e-4)
+    assert graphprune.count_params(deploy) < graphprune.count_params(plain)
