@@ -377,6 +377,8 @@ def encoder_params(model) -> int:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "minilm_criteria.json")
+    parser.add_argument("--only-auto", action="store_true",
+                        help="only the automatic recipe (importance='auto', target_params of the best row in --out), added to --out")
     args = parser.parse_args()
     began = time.perf_counter()
     torch.set_num_threads(1)
@@ -403,7 +405,16 @@ def main():
         start = time.perf_counter()
         small = graphprune.compile(model, example, ratio=RATIO, importance=criterion, ratio_scope=scope,
                                    calibration=batches, loss_fn=make_loss(seed), reconstruct=refit)
-        seconds = time.perf_counter() - start
+        return measure(small, time.perf_counter() - start)
+
+    def run_auto(target, data):
+        """The automatic recipe: a parameter budget and the calibration batches, nothing else chosen."""
+        start = time.perf_counter()
+        small = graphprune.compile(model, example, target_params=target, calibration=data["plain"][0])
+        return {**measure(small, time.perf_counter() - start), "target_params": target, "auto": str(small.report.auto),
+                "tried": {k: round(v, 5) for k, v in small.report.auto.tried.items()}}
+
+    def measure(small, seconds):
         cos = (embed(small, held_out_ids) * reference).sum(1)
         return {
             "mean_cosine": round(cos.mean().item(), 4),
@@ -414,6 +425,13 @@ def main():
         }
 
     data = calibration_data(model, calibration_ids, rng)
+    if args.only_auto:  # the automatic recipe at the parameter count of the best hand-chosen row, added to --out
+        saved = json.loads(args.out.read_text())
+        target = saved["criteria"][saved["best"]]["param_ratio"]
+        saved["criteria"]["auto/target_params"] = row = run_auto(target, data)
+        print(json.dumps(row), f"\nbest hand-chosen: {saved['best']} {saved['criteria'][saved['best']]['mean_cosine']}")
+        args.out.write_text(json.dumps(saved, indent=2) + "\n")
+        return
     results, configs = {}, {}
     for refit, scope, criterion in itertools.product(RECONSTRUCT, SCOPES, CRITERIA):
         name = f"{criterion}/{scope}" + ("/reconstruct" if refit else "")
