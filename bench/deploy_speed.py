@@ -1,0 +1,90 @@
+"""Realized CPU speed-up against FLOPs removed, default pipeline beside ``pipeline="deploy"``.
+
+Issue 12 asks whether removing FLOPs buys latency: efficiency = speed-up /
+FLOPs reduction, 1.0 being the limit. Each model (torchvision, random
+weights, eval mode, batch 8 at 224x224, 2 threads) is pruned at ``ratio=0.5``
+and at ``target_flops=0.25`` (classifier kept, ``importance="l1"``: speed does
+not depend on which channels go), once with the default pipeline and once
+with ``pipeline="deploy"`` (BatchNorms folded into the layers before them).
+
+Latency ratios are measured side by side (``graphprune.flops.latency_ratio``:
+pruned and reference alternate, ratio of medians), against two references:
+
+* the original as given (what the user had);
+* the original after the same lossless clean-ups (``compile(..., ratio=0,
+  pipeline="deploy")``: nothing removed, BatchNorms folded), so the part of
+  the speed-up that folding alone gives is visible.
+
+    PYTHONPATH=. python bench/deploy_speed.py                   # -> bench/results/deploy_speed.json
+    PYTHONPATH=. python bench/deploy_speed.py --models resnet50 --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+import graphprune
+from graphprune.flops import latency_ratio
+
+HEADS = {"resnet50": "fc", "mobilenet_v2": "classifier.1", "efficientnet_b0": "classifier.1",
+         "convnext_tiny": "classifier.2", "vit_b_16": "heads.head"}
+BUDGETS = {"ratio=0.5": {"ratio": 0.5}, "target_flops=0.25": {"target_flops": 0.25}}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="*", default=list(HEADS))
+    ap.add_argument("--budgets", nargs="*", default=list(BUDGETS))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "deploy_speed.json"))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    done = {(r["model"], r["budget"]) for r in rows}
+    x = torch.randn(a.batch, 3, 224, 224)
+    for name in a.models:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)(num_classes=1000).eval()
+        head = HEADS[name]
+        base_flops = graphprune.count_flops(model, (x,))
+        folded = graphprune.compile(model, (x,), ratio=0.0, importance="l1", ignore=[head], pipeline="deploy", verify=False)
+        for budget in a.budgets:
+            if (name, budget) in done:
+                continue
+            row = {"model": name, "budget": budget, "batch": a.batch, "threads": a.threads}
+            for pipe in ("default", "deploy"):
+                t = time.perf_counter()
+                small = graphprune.compile(model, (x,), importance="l1", ignore=[head], pipeline=pipe, **BUDGETS[budget])
+                row[f"{pipe}_compile_s"] = round(time.perf_counter() - t, 1)
+                reduction = base_flops / graphprune.count_flops(small, (x,))
+                with torch.no_grad():
+                    vs_given = 1 / latency_ratio(small, model, (x,), rounds=a.rounds)
+                    vs_folded = 1 / latency_ratio(small, folded, (x,), rounds=a.rounds)
+                row[pipe] = {"flops_reduction": round(reduction, 3), "speedup_vs_given": round(vs_given, 3),
+                             "efficiency_vs_given": round(vs_given / reduction, 3),
+                             "speedup_vs_folded_original": round(vs_folded, 3),
+                             "efficiency_vs_folded_original": round(vs_folded / reduction, 3)}
+                del small
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            out.write_text(json.dumps({"command": "PYTHONPATH=. python bench/deploy_speed.py",
+                                       "torch": torch.__version__, "rows": rows}, indent=1))
+    print("| model | budget | FLOPs reduction | default: speed-up, efficiency | deploy: speed-up, efficiency | deploy vs folded original |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        d, p = r["default"], r["deploy"]
+        print(f"| {r['model']} | {r['budget']} | {p['flops_reduction']:.2f}x | {d['speedup_vs_given']:.2f}x, {d['efficiency_vs_given']:.2f} | "
+              f"{p['speedup_vs_given']:.2f}x, {p['efficiency_vs_given']:.2f} | {p['speedup_vs_folded_original']:.2f}x, "
+              f"{p['efficiency_vs_folded_original']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
