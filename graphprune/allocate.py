@@ -74,7 +74,7 @@ class Constraints:
         return out
 
 
-def normalized_scores(p: Pruner) -> dict[int, np.ndarray]:
+def normalized_scores(p: Pruner, kind: str | None = None) -> dict[int, np.ndarray]:
     return {g.id: p.scores[g.id] / max(float(np.mean(p.scores[g.id])), 1e-30) for g in p.groups}
 
 
@@ -148,7 +148,7 @@ class Meter:
         return self._measure(removed) / self.base
 
 
-def per_param_scores(p: Pruner) -> dict[int, np.ndarray]:
+def per_param_scores(p: Pruner, kind: str | None = None) -> dict[int, np.ndarray]:
     """Normalised scores divided by what a unit weighs (its parameters, relative to the
     mean unit): a unit that holds many weights must matter more to stay."""
     from .auto import unit_params
@@ -158,8 +158,10 @@ def per_param_scores(p: Pruner) -> dict[int, np.ndarray]:
     return {gid: v / (sizes[gid] / mean) for gid, v in normalized_scores(p).items()}
 
 
-def measured_scores(p: Pruner) -> dict[int, np.ndarray]:
-    """Units ranked by the output error they are expected to add, per parameter they free.
+def measured_scores(p: Pruner, kind: str | None = None) -> dict[int, np.ndarray]:
+    """Units ranked by the output error they are expected to add, per unit of budget they
+    free: per FLOP for a FLOPs budget (a unit of an early, high-resolution conv saves
+    more FLOPs than one of a late conv with as many weights), else per parameter.
 
     ``p.sensitivity`` ({group id: ((units, error), ...)}, from ``auto.probe``)
     holds, per group, the held-out output error measured with that group's
@@ -174,7 +176,7 @@ def measured_scores(p: Pruner) -> dict[int, np.ndarray]:
     layer the outputs barely feel gives more, a sensitive one less (the
     first and last layers of an LLM, a stem conv), and the bend stops a
     quiet group from being emptied on a straight-line extrapolation."""
-    from .auto import unit_params
+    from .auto import unit_cost
 
     norm = normalized_scores(p)
     curves = {}
@@ -201,7 +203,7 @@ def measured_scores(p: Pruner) -> dict[int, np.ndarray]:
         added = a * (upto ** gamma - np.concatenate([[0.0], upto[:-1]]) ** gamma)
         cost = np.empty_like(s)
         cost[order] = np.maximum.accumulate(added)  # never decreasing along the order (ties, rounding)
-        out[g.id] = cost / unit_params(g, p.gm)
+        out[g.id] = cost / unit_cost(g, p.gm, kind)
     return out
 
 
@@ -214,7 +216,7 @@ def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule
     if not 0 < target <= 1:
         raise GraphpruneError(f"target_{kind} must be a fraction in (0, 1], got {target!r}")
     meter = Meter(p, kind, **meter_kw)
-    norm = RULES[rule](p)
+    norm = RULES[rule](p, kind)
     taus = np.unique(np.concatenate([v for v in norm.values()] + [np.zeros(1)]))
     taus = np.append(taus, np.inf)
     cache: dict[int, tuple[dict, float]] = {}

@@ -36,6 +36,7 @@ import torch
 
 from . import importance as _importance
 from .batches import as_call, regroup
+from .meta_keys import VAL
 from .verify import _run, flatten
 
 DATA_CRITERIA = ("activation", "fluctuation", "l2")
@@ -69,6 +70,62 @@ def unit_params(g, gm) -> np.ndarray:
         per_index = int(np.prod([d for i, d in enumerate(shape) if i != s.axis]))
         out += np.bincount(s.unit_of, minlength=g.n_units) * per_index
     return np.maximum(out, 1.0)
+
+
+def unit_flops(g, gm) -> np.ndarray:
+    """Multiply-adds one unit of ``g`` costs per forward: every weight element of
+    its slices, times the positions its layer applies it at (the layer's output
+    elements per output feature: pixels for a conv, tokens for a linear), read
+    off the shapes on the traced graph. Where that is unknown (a weight that
+    reaches its op through a transpose) an element counts once, as in
+    ``unit_params``; vectors (biases, norm scales) cost nothing here."""
+    import operator
+
+    positions = _positions(gm)
+    out = np.zeros(g.n_units)
+    for s in g.params:
+        shape = operator.attrgetter(s.name)(gm).shape
+        if len(shape) < 2:
+            continue
+        per_index = int(np.prod([d for i, d in enumerate(shape) if i != s.axis]))
+        out += np.bincount(s.unit_of, minlength=g.n_units) * per_index * positions.get(s.name, 1.0)
+    return np.maximum(out, 1.0)
+
+
+def _positions(gm) -> dict:
+    """{parameter name: positions its weight is applied at per forward}, summed over uses."""
+    import operator
+
+    cached = gm.meta.get("gp_positions")
+    if cached is not None:
+        return cached
+    out: dict = {}
+
+    def add(name, weight, node):
+        val = node.meta.get(VAL)
+        if isinstance(val, torch.Tensor) and isinstance(weight, torch.Tensor) and weight.dim() >= 2 and weight.shape[0]:
+            out[name] = out.get(name, 0.0) + val.numel() / weight.shape[0]
+
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            mod = gm.get_submodule(n.target)
+            for pname, t in mod.named_parameters(recurse=False):
+                add(f"{n.target}.{pname}", t, n)
+        elif n.op == "get_attr":
+            try:
+                t = operator.attrgetter(n.target)(gm)
+            except AttributeError:
+                continue
+            for u in n.users:
+                if u.op == "call_function" and u.args and u.args[0] is not n:  # the weight is an operand, not the data
+                    add(n.target, t, u)
+    gm.meta["gp_positions"] = out
+    return out
+
+
+def unit_cost(g, gm, kind: str | None) -> np.ndarray:
+    """What removing one unit of ``g`` saves, in the budget's own currency."""
+    return unit_flops(g, gm) if kind == "flops" else unit_params(g, gm)
 
 
 def split(calibration) -> tuple[list, list]:

@@ -139,3 +139,33 @@ def test_measured_allocation_takes_from_what_the_output_feels_least():
     assert max(first) > 100 * min(first)
     for (u1, e1), (u2, e2) in points.values():  # the second depth removes more, and costs more
         assert set(u1) < set(u2) and e2 > e1
+
+
+class Pyramid(nn.Module):
+    """Three convs at falling resolution: a channel of the first costs far more FLOPs than one of the last."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, stride=2, padding=1), \
+            nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("model, x", [(Pyramid(), torch.randn(2, 3, 32, 32)), (Skewed(), torch.randn(5, 16))])
+def test_unit_flops_is_what_removing_a_unit_saves(model, x):
+    """unit_flops (multiply-adds) against FLOPs counted by torch.utils.flop_counter (2 per multiply-add)
+    with one unit of a group removed, for every group."""
+    from graphprune.auto import unit_flops
+    from graphprune.pruner import Pruner
+
+    p = Pruner(model.eval(), (x,), importance="l1")
+    full = graphprune.count_flops(p.gm, (x,))
+    for g in p.groups:
+        one = graphprune.count_flops(p.prune({g.id: np.array([0])}, check=False), (x,))
+        saved = (full - one) / 2
+        assert saved > 0
+        assert abs(unit_flops(g, p.gm)[0] - saved) <= 0.02 * saved, (g.id, unit_flops(g, p.gm)[0], saved)
