@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from .allocate import Constraints, allocate, light_report, report
+from .batches import as_call, regroup
 from .errors import GraphpruneError
 from .groups import Analysis, analyze_graph
 from . import auto, module_form
@@ -129,7 +130,8 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     choice = None
     if choosing:
         choice = auto.choose(p, decide_with, budgeted=kind is not None,
-                             refit_possible=reconstruct is None and bool(p._ctx.layers))
+                             refit_possible=reconstruct is None and bool(p._ctx.layers),
+                             recalibrate_possible=reconstruct is None)
         p.reconstruct = bool(reconstruct) or choice.refit
 
     def decide() -> dict:
@@ -142,6 +144,11 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         out, check = p.prune(removed, fit=False), Verification("skipped", "verify=False")
     if p.reconstruct:
         p.refit(out, removed)
+    if choice is not None and choice.recalibrate:  # as auto judged it: statistics of the pruned model on the user's data
+        from .loop import recalibrated
+
+        calls = [as_call(b, p.example_kwargs) for b in calibration]
+        recalibrated(out, lambda: [out(*a, **k) for a, k in (regroup(out, a0, k0) for a0, k0 in calls)])
     rep = report(p, removed, out, budgets, latency_inputs) if budgets else light_report(p, removed)
     rep.verify = check
     rep.auto = choice

@@ -19,7 +19,14 @@ Candidates:
   lowest units alone are dead (``probe``, at two depths, so the curve's bend
   is measured too), then ranked per parameter: layers differ in how much
   the outputs feel them, and a per-group mean cannot tell;
-* refit (``reconstruct``): on or off, where layers read pruned channels.
+* refit (``reconstruct``): on or off, where layers read pruned channels;
+* BatchNorm statistics: a pruned conv feeds its BatchNorm a different
+  distribution than the running statistics describe, so a model with
+  BatchNorms has every candidate judged after its statistics are recomputed
+  on the scoring batches (adaptive BN, Li et al. 2020, EagleEye: it ranks
+  candidates as fine-tuning later would, where the stale statistics make
+  them all look broken); the winner is also judged with the statistics it
+  was trained with, and the result gets whichever is better.
 
 Distortion is the relative squared error of all floating outputs,
 ``sum ||y' - y||^2 / sum ||y||^2`` over the held-out batches. Without calibration
@@ -53,10 +60,12 @@ class Choice:
     tried: dict = field(default_factory=dict)  # "criterion/allocation[/refit]" -> distortion
     seconds: float = 0.0
     why: str = ""
+    recalibrate: bool = False  # BatchNorm statistics recomputed on the calibration batches (EagleEye's adaptive BN)
 
     def __str__(self) -> str:
         best = min(self.tried.values()) if self.tried else float("nan")
-        return (f"auto chose {self.criterion}, allocation by {self.allocation}, refit {'on' if self.refit else 'off'} "
+        bn = ", BatchNorm recalibrated" if self.recalibrate else ""
+        return (f"auto chose {self.criterion}, allocation by {self.allocation}, refit {'on' if self.refit else 'off'}{bn} "
                 f"(held-out output error {best:.4g}; {len(self.tried)} candidates in {self.seconds:.1f}s)")
 
 
@@ -138,10 +147,18 @@ def split(calibration) -> tuple[list, list]:
 class Judge:
     """Held-out distortion of candidate models against the original's outputs."""
 
-    def __init__(self, p, held_out: list):
+    def __init__(self, p, held_out: list, recalibrate_on: list | None = None):
         self.p = p
         self.calls = [as_call(b, p.example_kwargs) for b in held_out]
         self.refs = [self._floats(p.gm, a, k) for a, k in self.calls]
+        # BatchNorm statistics are recomputed on these (the scoring batches) before a candidate is judged
+        self.recal = None if recalibrate_on is None else [as_call(b, p.example_kwargs) for b in recalibrate_on]
+
+    def recalibrate(self, model) -> None:
+        """Recompute ``model``'s BatchNorm statistics on the scoring batches (a candidate we built: never the original)."""
+        from .loop import recalibrated
+
+        recalibrated(model, lambda: [model(*a, **k) for a, k in (regroup(model, a0, k0) for a0, k0 in self.recal)])
 
     @staticmethod
     def _floats(model, args, kwargs) -> list[torch.Tensor]:
@@ -151,10 +168,12 @@ class Judge:
     def first(self, n: int) -> "Judge":
         """The same judge on its first ``n`` batches only (a cheaper, coarser one)."""
         sub = object.__new__(Judge)
-        sub.p, sub.calls, sub.refs = self.p, self.calls[:n], self.refs[:n]
+        sub.p, sub.calls, sub.refs, sub.recal = self.p, self.calls[:n], self.refs[:n], self.recal
         return sub
 
-    def __call__(self, model) -> float:
+    def __call__(self, model, *, recalibrate: bool = True) -> float:
+        if self.recal is not None and recalibrate:
+            self.recalibrate(model)
         num = den = 0.0
         for (a, k), ref in zip(self.calls, self.refs):
             got = self._floats(model, a, k)
@@ -187,9 +206,12 @@ def probe(p, judge: Judge, reference: dict, *, batches: int = 2) -> dict:
     frac = sum(len(u) for u in reference.values()) / max(total, 1)
 
     def error(g, units) -> float:
+        if sub.recal is not None:  # statistics to recompute: on a model of its own, never the traced original
+            model = p.prune({g.id: units}, check=False, fit=False)
+            return sub(model)
         state = twin.twin_state({g.id: units})
         with swapped(p.gm, state):
-            return sub(p.gm)
+            return sub(p.gm, recalibrate=False)
 
     out = {}
     for g in p.groups:
@@ -212,7 +234,7 @@ def candidates(loss_fn) -> list[str]:
     return list(DATA_CRITERIA) + (list(LOSS_CRITERIA) if loss_fn is not None else [])
 
 
-def choose(p, decide_with, *, budgeted: bool, refit_possible: bool) -> Choice:
+def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_possible: bool = False) -> Choice:
     """Try every candidate on ``p`` (scores swapped in turn) and leave ``p`` scored by
     the winner on all the calibration batches, so the result is the one
     ``importance=<winner>`` (and ``reconstruct=<refit>``) would give. ``decide_with(rule)`` returns a removal under the user's budget
@@ -220,9 +242,14 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool) -> Choice:
     start = time.perf_counter()
     scoring, held = split(p.calibration)
     ctx = _importance.ScoreContext(p.gm, p.analysis.groups, scoring, p.loss_fn, p.example_kwargs)
-    judge = Judge(p, held)
+    from .loop import has_bn
+
+    recal = recalibrate_possible and has_bn(p.gm) and len(p.calibration) > 1
+    judge = Judge(p, held, scoring if recal else None)
     tried: dict = {}
     notes: list = []
+    if recal:
+        notes.append("every candidate judged with its BatchNorm statistics recomputed on the scoring batches")
     best = None
     for name in candidates(p.loss_fn):
         try:
@@ -267,7 +294,19 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool) -> Choice:
             refit = with_refit < d
         except Exception as e:  # noqa: BLE001 - a model the refit cannot handle keeps its slices
             notes.append(f"refit unavailable ({type(e).__name__})")
+    if recal:  # the statistics as they were, against recomputed: the result gets what judged better
+        model = p.prune(removed, check=False, fit=False)
+        if refit:
+            from . import reconstruct as _reconstruct
+            from .pruner import make_plan
+
+            _reconstruct.refit(model, p.gm, make_plan(p.groups, removed), ctx.layers, ctx._batches("a refit"))
+        kept_stats = judge(model, recalibrate=False)
+        tried[f"{name}/{rule}{'/refit' if refit else ''}/bn-as-trained"] = kept_stats
+        recal = kept_stats >= min(v for k, v in tried.items() if not k.endswith("/bn-as-trained"))
+        del model
+        gc.collect()
     p.scores = p.score_with(name)  # the winner, scored on every batch: what importance=name would give
     why = ("lowest output error on held-out calibration batches (the odd ones; the even ones scored and refit)"
            if len(p.calibration) > 1 else "one calibration batch: scored and judged on the same data")
-    return Choice(name, rule, refit, tried, time.perf_counter() - start, "; ".join([why, *notes]))
+    return Choice(name, rule, refit, tried, time.perf_counter() - start, "; ".join([why, *notes]), recal)

@@ -37,22 +37,39 @@ def _targets(target: float, steps: int, schedule: str) -> list[float]:
 
 @torch.no_grad()
 def recalibrate_bn(model: torch.nn.Module, calibration: Iterable) -> torch.nn.Module:
-    """Recompute every BatchNorm's running statistics from ``calibration`` (input tuples, dicts of keyword inputs)."""
+    """Recompute every BatchNorm's running statistics from ``calibration`` (input tuples, dicts of keyword inputs).
+
+    Only the BatchNorms run in training mode, under ``no_grad``: dropout and
+    anything else that trains differently stays as the model has it, so the
+    statistics are those the model will see in use."""
+    def forward():
+        for batch in calibration:
+            args, kwargs = as_call(batch)
+            model(*args, **kwargs)
+
+    return recalibrated(model, forward)
+
+
+def has_bn(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+
+
+def recalibrated(model: torch.nn.Module, forward: Callable[[], object]) -> torch.nn.Module:
+    """``model`` with its BatchNorm statistics the cumulative average over what ``forward()`` runs through it."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return model
-    was_training = model.training
-    saved = [m.momentum for m in bns]
+    saved = [(m.momentum, m.training) for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    for batch in calibration:
-        args, kwargs = as_call(batch)
-        model(*args, **kwargs)
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
-    model.train(was_training)
+        m.training = True
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for m, (mom, was) in zip(bns, saved):
+            m.momentum, m.training = mom, was
     return model
 
 

@@ -169,3 +169,49 @@ def test_unit_flops_is_what_removing_a_unit_saves(model, x):
         saved = (full - one) / 2
         assert saved > 0
         assert abs(unit_flops(g, p.gm)[0] - saved) <= 0.02 * saved, (g.id, unit_flops(g, p.gm)[0], saved)
+
+
+class ConvBNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.b1(self.c1(x)))
+        h = torch.relu(self.b2(self.c2(h)))
+        return self.fc(self.drop(h.mean((2, 3))))
+
+
+def _trained_stats(model, batches):
+    model.train()
+    with torch.no_grad():
+        for (x,) in batches:
+            model(x)
+    return model.eval()
+
+
+def test_batchnorm_models_are_judged_with_recomputed_statistics_and_the_user_model_keeps_its_own():
+    torch.manual_seed(0)
+    cal = [(torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(s)),) for s in range(4)]
+    model = _trained_stats(ConvBNNet(), cal)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = graphprune.compile(model, (cal[0][0][:2],), target_flops=0.5, calibration=cal, ignore=["fc"])
+    choice = small.report.auto
+    assert "BatchNorm statistics recomputed" in choice.why
+    assert any(k.endswith("/bn-as-trained") for k in choice.tried)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # probes and candidates never wrote here
+    assert small.report.flops <= 0.5
+
+
+def test_recalibrate_bn_leaves_dropout_in_eval_mode():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.9), nn.BatchNorm1d(8)).eval()
+    x = torch.randn(256, 8)
+    graphprune.recalibrate_bn(net, [(x,)])
+    with torch.no_grad():
+        h = net[0](x)
+    torch.testing.assert_close(net[2].running_mean, h.mean(0), rtol=1e-5, atol=1e-5)
+    assert not net.training and not net[2].training
