@@ -29,13 +29,19 @@ Candidates:
   was trained with, and the result gets whichever is better.
 
 Distortion is the relative squared error of all floating outputs,
-``sum ||y' - y||^2 / sum ||y||^2`` over the held-out batches. Without calibration
+``sum ||y' - y||^2 / sum ||y||^2`` over the held-out batches, except for a
+model whose output names ``logits``: there it is the mean KL divergence of
+the candidate's next-token (or class) distribution from the original's, per
+position. Squared error of logits saturates (any collapsed model scores about
+1), so on SmolLM2 at 65% of its parameters it preferred a candidate with 1000x
+the perplexity; KL keeps growing with what a language model loses. Without calibration
 data there is nothing to judge by, and ``auto`` is ``l2`` by weight norm.
 """
 from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -162,7 +168,13 @@ class Judge:
 
     @staticmethod
     def _floats(model, args, kwargs) -> list[torch.Tensor]:
+        """The outputs to compare: a model that names its output ``logits`` (a language
+        model, a Hugging Face classifier) gives its log-probabilities, tagged by type
+        (``_LogProbs``); anything else, every floating output as it is."""
         out = _run(model, *regroup(model, args, kwargs))
+        logits = out.get("logits") if isinstance(out, Mapping) else None
+        if isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.dim() >= 2:
+            return [_LogProbs(logits.detach().float().log_softmax(-1))]
         return [t.detach() for t in flatten(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
     def first(self, n: int) -> "Judge":
@@ -180,10 +192,27 @@ class Judge:
             for y, r in zip(got, ref):
                 if y.shape != r.shape:
                     return float("inf")
+                if isinstance(r, _LogProbs):  # KL(original || candidate) per position, in nats
+                    num += float((r.t.exp() * (r.t - y.t)).sum(dtype=torch.float64))
+                    den += r.t[..., 0].numel()
+                    continue
                 # in the outputs' own dtype, summed in float64: an LLM's logits are 256 x 49152 a batch
                 num += float((y - r).square().sum(dtype=torch.float64))
                 den += float(r.square().sum(dtype=torch.float64))
         return num / max(den, 1e-30)
+
+
+class _LogProbs:
+    """Log-probabilities over the last dim, compared by KL divergence rather than squared error."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+    @property
+    def shape(self):
+        return self.t.shape
 
 
 def probe(p, judge: Judge, reference: dict, *, batches: int = 2) -> dict:

@@ -273,3 +273,19 @@ def test_llm_auto_recipe_is_deterministic_under_a_seed():
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a.report.params <= 0.8
     assert graphprune.count_params(a) <= 0.8 * graphprune.count_params(m1)
+
+
+def test_judge_compares_language_model_outputs_by_kl():
+    from graphprune.auto import Judge, _LogProbs
+    from graphprune.pruner import Pruner
+
+    torch.manual_seed(0)
+    model = _llama().eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [{"input_ids": torch.randint(0, VOCAB, (2, 16), generator=g)} for _ in range(2)]
+    p = Pruner(model, (cal[0]["input_ids"],), importance="l2")
+    judge = Judge(p, cal)
+    assert isinstance(judge.refs[0][0], _LogProbs)
+    assert judge(p.gm) == 0.0
+    mild, hard = (judge(p.prune(p.removal_for_ratio(r), check=False)) for r in (0.1, 0.6))
+    assert 0.0 < mild < hard
