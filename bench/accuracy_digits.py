@@ -233,17 +233,23 @@ class Bench:
                                       global_pruning=True, pruning_ratio=ratio, ignored_layers=[model.fc]).step()
             return model
 
-        lo, hi, best = 0.0, 0.99, None
-        for _ in range(12):  # invariant: ratio lo keeps more than the target, hi at most the target
-            mid = (lo + hi) / 2
-            model = prune(mid)
-            if self.flops(model) <= target:
-                hi, best = mid, model
-            else:
-                lo = mid
-        if best is None or target - self.flops(best) > 0.03:
-            raise RuntimeError(f"Torch-Pruning's FLOPs did not come within 0.03 below {target}")
-        return best
+        return bisect_ratio(prune, self.flops, target)
+
+
+def bisect_ratio(prune, flops, target: float, tolerance: float = 0.03, steps: int = 12) -> nn.Module:
+    """``prune(ratio)`` at the ratio whose ``flops(model)`` is closest to ``target`` from below (bisection over
+    [0, 0.99]); Torch-Pruning takes a ratio of channels, not a FLOPs budget."""
+    lo, hi, best = 0.0, 0.99, None
+    for _ in range(steps):  # invariant: ratio lo keeps more than the target, hi at most the target
+        mid = (lo + hi) / 2
+        model = prune(mid)
+        if flops(model) <= target:
+            hi, best = mid, model
+        else:
+            lo = mid
+    if best is None or target - flops(best) > tolerance:
+        raise RuntimeError(f"Torch-Pruning's FLOPs did not come within {tolerance} below {target}")
+    return best
 
 
 # ---------------------------------------------------------------- run
