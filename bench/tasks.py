@@ -538,9 +538,24 @@ def width_table(rows: list[dict], task: str, target: float, methods=("graphprune
 # ---------------------------------------------------------------- main
 
 
+def code_version() -> str:
+    """The commit graphprune was imported from, and whether graphprune/ had uncommitted edits: others commit to
+    graphprune/ while a suite runs, and a process keeps what it imported."""
+    import subprocess
+
+    root = Path(__file__).parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "graphprune"], cwd=root, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return head + (" + uncommitted graphprune/ edits" if dirty else "")
+
+
 def run(tasks, seeds, methods, budget: Budget, path: Path, resume: bool, train_epochs: int | None = None,
         targets=TARGETS) -> dict:
     result = load(path) if resume else {"rows": []}
+    code = code_version()
     result["budget"] = asdict(budget)
     result["torch_threads"] = torch.get_num_threads()
     done = {(r["task"], r["seed"], r["method"], r["budget"]) for r in result["rows"]}
@@ -556,12 +571,12 @@ def run(tasks, seeds, methods, budget: Budget, path: Path, resume: bool, train_e
                 splits[name] = task.data()
             r = Run(task, splits[name], budget, seed, train_epochs)
             if need_base:
-                row = {"task": name, "seed": seed, "method": "unpruned", "budget": 1.0, **r.unpruned()}
+                row = {"task": name, "seed": seed, "method": "unpruned", "budget": 1.0, "code": code, **r.unpruned()}
                 result["rows"].append(row)
                 save(path, result)
                 print(f"{name} seed {seed} unpruned {row['test_acc']:.4f} ({row['seconds_train']:.0f}s train)", flush=True)
             for m, t in todo:
-                row = {"task": name, "seed": seed, "method": m, "budget": t}
+                row = {"task": name, "seed": seed, "method": m, "budget": t, "code": code}
                 try:
                     row.update(r.method(m, t))
                 except Exception as e:  # noqa: BLE001 - a method that fails on a task is a result, recorded as such
