@@ -104,7 +104,7 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
     def copy(m, prefix):
         if id(m) in memo:
             return memo[id(m)]
-        c = type(m).__new__(type(m))
+        c = object.__new__(type(m))  # not type(m).__new__: a GraphModule's makes a fresh class without its forward
         memo[id(m)] = c
         c.__dict__ = fresh_attrs(m.__dict__)
         c._parameters = {k: (None if t is None else tensor(t, prefix + k)) for k, t in m._parameters.items()}

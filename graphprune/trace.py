@@ -53,7 +53,7 @@ def shadow(model: torch.nn.Module, *, own_buffers: bool = False) -> torch.nn.Mod
     def copy(m):
         if id(m) in memo:
             return memo[id(m)]
-        c = type(m).__new__(type(m))
+        c = object.__new__(type(m))  # not type(m).__new__: a GraphModule's makes a fresh class without its forward
         memo[id(m)] = c
         c.__dict__ = fresh_attrs(m.__dict__)
         c._modules = {k: (None if v is None else copy(v)) for k, v in m._modules.items()}

@@ -70,7 +70,7 @@ def _clone(m: nn.Module, new: dict, prefix: str, memo: dict) -> nn.Module:
     ``memo`` maps id(original) to its copy, for modules and tensors alike."""
     if id(m) in memo:
         return memo[id(m)]
-    c = type(m).__new__(type(m))  # not copy.copy: parametrized modules refuse to be copied that way
+    c = object.__new__(type(m))  # not copy.copy (parametrized modules refuse it), not type(m).__new__ (a GraphModule's makes a class without forward)
     memo[id(m)] = c
     c.__dict__ = fresh_attrs(m.__dict__)  # hook dicts and buffer sets of its own
     c._parameters = {k: (None if p is None else _copy_tensor(p, prefix + k, new, memo)) for k, p in m._parameters.items()}

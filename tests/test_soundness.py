@@ -443,3 +443,15 @@ def test_a_caching_forward_leaves_the_users_model_as_it_was(budget):
     graphprune.compile(model, (x,), ignore=["fc2"], importance="l1", **budget)
     assert model.cache == {}  # FLOP counting ran on a shadow; a cached grad tensor broke deepcopy
     copy.deepcopy(model)
+
+
+def test_a_graph_module_compiles_again():
+    """prune_iteratively feeds compile its own graph-form output: shadows of a GraphModule must keep its forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(5, 8)
+    once = graphprune.compile(model, (x,), ratio=0.25, ignore=["4"], importance="l1", output="graph")
+    twice = graphprune.compile(once, (x,), ratio=0.25, ignore=["4"], importance="l1", target_flops=None)
+    assert isinstance(once, torch.fx.GraphModule)
+    assert twice(x).shape == (5, 4) and graphprune.count_params(twice) < graphprune.count_params(once)
+    assert twice.report.verify is not None and "passed" in str(twice.report.verify)
