@@ -105,6 +105,12 @@ def _reshape(node, mod=None):
     return COp("reshape", node, [vkey(node.args[0])], attrs={"sizes_at": sizes_at})
 
 
+def _reshape_as(node, mod=None):
+    """``x.reshape_as(y)``, ``x.view_as(y)``: a reshape to y's sizes as they are at run time
+    (timm's weight-standardized convs reshape their standardized weight back with it)."""
+    return COp("reshape", node, [vkey(node.args[0]), vkey(arg(node, 1, "other"))], attrs={"sizes_at": None})
+
+
 def _permute(node, mod=None):
     nd = _ndim(node)
     t = node.target
@@ -513,6 +519,7 @@ METHOD_TABLE: dict[str, Callable] = {
     **{m: _ewise for m in EWISE_METHODS},
     "softmax": _softmax, "log_softmax": _softmax,
     "view": _reshape, "reshape": _reshape, "flatten": _reshape, "squeeze": _reshape, "unsqueeze": _reshape, "unflatten": _reshape,
+    "reshape_as": _reshape_as, "view_as": _reshape_as,
     "permute": _permute, "transpose": _permute, "swapaxes": _permute, "t": _permute, "movedim": _permute,
     "expand": _expand, "expand_as": _expand, "repeat_interleave": _repeat_interleave,
     "split": _split, "chunk": _split, "unbind": _split, "split_with_sizes": _split,

@@ -49,8 +49,12 @@ def permute(b, c: COp):
 
 
 def reshape(b, c: COp):
-    """view/reshape/flatten/squeeze: match dims by products; splits and merges become product relations."""
+    """view/reshape/flatten/squeeze: match dims by products; splits and merges become product relations.
+    ``reshape_as(y)`` takes y's sizes at run time: each output dim is also y's dim."""
     x, out = c.inputs[0], _out(c)
+    for like in c.inputs[1:]:
+        for k in range(len(b.shape(like))):
+            b.couple((like, k), (out, k))
     si, so = b.shape(x), b.shape(out)
     i = j = 0
     while i < len(si) or j < len(so):
