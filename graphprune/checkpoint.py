@@ -105,6 +105,8 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
         "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()},
         "aliases": aliases,
         "report": None if report is None else str(report),
+        # modules graphprune put into the model before pruning it (rotate_residual's MixedNorm), by path
+        "wrapped": _wrapped(model),
     }
     if info.get("form") == "module" and hf.is_hf(model):
         why = hf.from_config_alone(model)
@@ -147,6 +149,35 @@ def read_manifest(path) -> dict:
         if not isinstance(axes, dict) or not all(isinstance(v, list) and all(isinstance(i, int) for i in v) for v in axes.values()):
             raise GraphpruneError(f"{file}: kept indices of {name!r} are not lists of integers")
     return m
+
+
+def _wrapped(model: torch.nn.Module) -> dict:
+    from .rotate import MixedNorm
+
+    return {name: type(mod).__name__ for name, mod in model.named_modules() if isinstance(mod, MixedNorm)}
+
+
+def _rewrapped(original: torch.nn.Module, m: dict) -> torch.nn.Module:
+    """A shadow of ``original`` with the modules graphprune wrapped in before pruning
+    wrapped in again (the user's model is not changed)."""
+    from .rotate import MixedNorm
+
+    wrapped = m.get("wrapped") or {}
+    if not wrapped:
+        return original
+    top = shadow(original)
+    for path, kind in sorted(wrapped.items()):
+        if kind != "MixedNorm":
+            raise GraphpruneError(f"the manifest wraps {path} in a {kind}, which this graphprune does not know; "
+                                  "load with the graphprune version it was saved with")
+        width = m["original"].get(f"{path}.mix.weight", [None])[0]
+        try:
+            top.get_submodule(path)
+        except AttributeError:
+            raise GraphpruneError(f"the manifest wraps {path}, which this model does not have: build the original it was "
+                                  "saved from") from None
+        MixedNorm.wrap(top, path, width)
+    return top
 
 
 def _removal(p, kept: dict) -> dict:
@@ -211,6 +242,7 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
             raise GraphpruneError(f"tensor {name!r} of the original is {tuple(t.shape)}, but the saved model was pruned from one "
                                   f"where it is {tuple(want)}: build the original with the configuration it was saved from; nothing was loaded")
     dev = torch.device(device) if device is not None else (torch.device("cpu") if where.type == "meta" else where)
+    original = _rewrapped(original, m)  # a rotated model's structure (rotate_residual(tied="mix"))
     args = tuple(_input_value(s, where) for s in m["inputs"]["args"])
     kwargs = {k: _input_value(s, where) for k, s in m["inputs"]["kwargs"].items()} or None
     # traced in the mode it was saved in (code such as ``training=self.training`` is baked into the graph),

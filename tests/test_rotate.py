@@ -72,13 +72,53 @@ def test_rotation_is_lossless_and_leaves_the_model_alone(tie):
     assert abs(energy.sum().item() - 1) < 1e-6 and (energy[:-1] >= energy[1:]).all()
     for norm in rec["folded_norms"]:  # folded into the readers: the norms scale by one
         assert torch.equal(rotated.get_parameter(norm), torch.ones(HIDDEN))
-    # a tied head has to get its own copy to absorb the final norm's weight
-    assert rec["extra_params"] == (VOCAB * HIDDEN if tie else 0)
+    # a tied head keeps its tie: the final norm's weight becomes a d x d map after the norm
+    assert rec["extra_params"] == (HIDDEN * HIDDEN if tie else 0)
+    assert (rotated.lm_head.weight is rotated.model.embed_tokens.weight) == tie
+    assert isinstance(rotated.model.norm, graphprune.MixedNorm) == tie
+    if tie:
+        w = model.model.norm.weight.detach().double()
+        mix = rotated.model.norm.mix.weight.detach().double()  # Q^T diag(w) Q: symmetric, w's eigenvalues
+        assert torch.allclose(mix, mix.T, atol=1e-6)
+        assert torch.allclose(torch.linalg.eigvalsh(mix), w.sort().values, atol=1e-5)
+
+
+def test_a_tied_head_can_be_untied_or_refused_instead():
+    model = _llama(tie=True)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    rotated = graphprune.rotate_residual(model, (ids,), _batches(), tied="untie")
+    rec = rotated._graphprune_rotation
+    assert rec["extra_params"] == VOCAB * HIDDEN and not rec["mixed"]
     assert rotated.lm_head.weight is not rotated.model.embed_tokens.weight
     assert not rotated.config.tie_word_embeddings
     rotated.tie_weights()  # stays untied
     with torch.no_grad():
         assert _rel(model(ids).logits, rotated(ids).logits) < 1e-5
+    with pytest.raises(graphprune.GraphpruneError, match="tied embeddings"):
+        graphprune.rotate_residual(model, (ids,), _batches(), tied="refuse")
+
+
+def test_a_tied_model_is_sliced_with_its_mixing_map():
+    """tied="mix" keeps the embedding shared with the head through pruning: the hidden dim
+    slices the embedding, every norm and the mixing map alike, and costs d'^2
+    parameters where untying costs vocab x d'."""
+    model = _llama(tie=True, strong_directions=True)
+    ids, batches = torch.randint(0, VOCAB, (2, 7)), _batches(8)
+    held_out = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(7))
+    sizes, errors = {}, {}
+    for tied, m in (("mix", graphprune.rotate_residual(model, (ids,), batches)),
+                    ("untie", graphprune.rotate_residual(model, (ids,), batches, tied="untie")), ("plain", model)):
+        small = graphprune.compile(m, (ids,), ratio={"model.norm*": 0.25}, importance="activation", calibration=batches)
+        assert small.model.embed_tokens.weight.shape == (VOCAB, 48)
+        if tied == "mix":
+            assert small.lm_head.weight is small.model.embed_tokens.weight
+            assert small.model.norm.mix.weight.shape == (48, 48)
+        sizes[tied] = graphprune.count_params(small)
+        with torch.no_grad():
+            ref, out = model(held_out).logits, small(held_out).logits
+        errors[tied] = ((out - ref).norm() / ref.norm()).item()
+    assert sizes["mix"] == sizes["plain"] + 48 * 48 < sizes["untie"]
+    assert errors["mix"] < 0.5 * errors["plain"], errors
 
 
 def test_pruning_the_rotated_stream_loses_less():
@@ -171,3 +211,22 @@ def test_streams_that_do_not_commute_with_a_rotation_are_refused(kwargs, match):
     model = _Tiny(**kwargs).eval()
     with pytest.raises(graphprune.GraphpruneError, match=match):
         graphprune.rotate_residual(model, (torch.randint(0, VOCAB, (2, 7)),), _batches(1))
+
+
+def test_a_sliced_mixed_model_saves_and_loads_onto_a_fresh_original(tmp_path):
+    """The manifest records the MixedNorm that rotation put in; ``load`` wraps a fresh
+    original the same way (on ``meta`` too) and leaves the user's original alone."""
+    model = _llama(tie=True, strong_directions=True)
+    ids, batches = torch.randint(0, VOCAB, (2, 7)), _batches(8)
+    small = graphprune.compile(graphprune.rotate_residual(model, (ids,), batches), (ids,), ratio={"model.norm*": 0.25},
+                               importance="activation", calibration=batches)
+    graphprune.save(small, tmp_path)
+    with torch.device("meta"):
+        on_meta = type(model)(model.config).eval()
+    for original in (_llama(tie=True), on_meta):
+        back = graphprune.load(original, tmp_path)
+        assert type(original.model.norm).__name__ == "LlamaRMSNorm"  # the original keeps its own norm
+        assert back.lm_head.weight is back.model.embed_tokens.weight
+        assert back.model.norm.mix.weight.shape == (48, 48)
+        with torch.no_grad():
+            assert torch.equal(back(ids).logits, small(ids).logits)
