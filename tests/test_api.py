@@ -143,3 +143,23 @@ def test_module_under_two_names_is_not_mutated():
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref)
         assert small(x).shape == ref.shape
+
+
+@pytest.mark.parametrize("pipeline", ["default", "deploy"])
+def test_a_latency_budget_lands_and_is_measured_on_the_pipelines_form(monkeypatch, pipeline):
+    """target_latency with a deterministic stand-in for the clock (the FLOPs ratio): the
+    bisection lands just under the target, and every candidate is timed in the form
+    the pipeline gives (``deploy``: BatchNorms folded, as the user will run it)."""
+    import graphprune.allocate
+
+    has_bn = []
+
+    def clock(model, reference, inputs, rounds=5):
+        has_bn.append(any(isinstance(m, nn.BatchNorm2d) for m in model.modules()))
+        return graphprune.count_flops(model, inputs) / graphprune.count_flops(reference, inputs)
+
+    monkeypatch.setattr(graphprune.allocate, "latency_ratio", clock)
+    x = torch.randn(*IMAGE)
+    small = graphprune.compile(Residual().eval(), (x,), target_latency=0.5, importance="l1", pipeline=pipeline)
+    assert 0.4 <= small.report.latency <= 0.5
+    assert has_bn and set(has_bn) == {pipeline == "default"}
