@@ -271,10 +271,14 @@ def _export(model, example_inputs, example_kwargs) -> fx.GraphModule:
     attempts = [wide, (args, kwargs)] if grew else [(args, kwargs)]
     for a, k in attempts:
         try:
-            return export(model, a, kwargs=k, strict=False, dynamic_shapes=_dynamic_shapes(model, a, k)).module()
+            gm = export(model, a, kwargs=k, strict=False, dynamic_shapes=_dynamic_shapes(model, a, k)).module()
         except Exception:  # noqa: BLE001 - symbolic batch is a nicety; a static graph still prunes
             continue
-    return export(model, args, kwargs=kwargs, strict=False).module()
+        gm.meta[EXAMPLE] = (a, k)  # the inputs its shapes were recorded with: the between-pass check reruns them
+        return gm
+    gm = export(model, args, kwargs=kwargs, strict=False).module()
+    gm.meta[EXAMPLE] = (args, kwargs)
+    return gm
 
 
 
@@ -345,7 +349,6 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
         ) from e
     _fill_missing_vals(gm)
     _drop_rebinding_writebacks(gm)
-    gm.meta[EXAMPLE] = (tuple(example_inputs), dict(example_kwargs or {}))
     return Traced(gm, "export", symbolic_error)
 
 

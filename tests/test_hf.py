@@ -49,6 +49,20 @@ def test_hf_lossless_and_dynamic(build):
         torch.testing.assert_close(_out(small(other)), _out(model(other)), rtol=1e-5, atol=1e-4)
 
 
+def test_a_batch_one_export_compiles_without_the_runtime_check():
+    """torch.export traces a batch-1 example at batch 2 (to keep the batch symbolic); the
+    between-pass check must rerun the inputs the shapes were recorded with, or every
+    exported model refuses ``verify=False`` ("output shapes changed from (2, ...) to (1, ...)")."""
+    torch.manual_seed(0)
+    model = _llama().eval()
+    ids = torch.randint(0, VOCAB, (1, 9))
+    checked = graphprune.compile(model, (ids,), ratio=0.25, importance="l1")
+    unchecked = graphprune.compile(model, (ids,), ratio=0.25, importance="l1", verify=False)
+    assert graphprune.module_form.info(unchecked)["method"] == "export"
+    with torch.no_grad():
+        torch.testing.assert_close(unchecked(ids).logits, checked(ids).logits)
+
+
 def test_hf_keyword_inputs_with_padding_mask():
     torch.manual_seed(0)
     model = _bert().eval()
