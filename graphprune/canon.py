@@ -235,7 +235,20 @@ _REDUCE_KIND = {
     torch.mean: "mean", aten.mean.dim: "mean", "Tensor.mean": "mean",
     torch.sum: "sum", aten.sum.dim_IntList: "sum", "Tensor.sum": "sum",
     torch.amax: "amax", aten.amax.default: "amax", "Tensor.amax": "amax",
+    torch.amin: "amin", aten.amin.default: "amin", "Tensor.amin": "amin",
 }
+
+
+def _p_norm(node, mod=None):
+    """``x.norm(p, dim, keepdim)`` / ``torch.norm``: a reduction. For p > 0 (and 'fro')
+    zero entries add nothing, so a reduced dim may shrink where they are zero, as for sum."""
+    x = node.args[0]
+    nd = x.meta[VAL].dim()
+    p, dims = arg(node, 1, "p", "fro"), arg(node, 2, "dim")
+    dims = list(range(nd)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+    kind = "norm" if p == "fro" or (isinstance(p, (int, float)) and p > 0) else None
+    return COp("reduce", node, [vkey(x)], attrs={"dims": sorted(_dim(d, nd) for d in dims),
+                                                 "keepdim": bool(arg(node, 3, "keepdim", False)), "kind": kind})
 
 
 def _pool_rank(name: str) -> int:
@@ -332,8 +345,19 @@ def _f_norm(kind: str, roles: dict):
             if not isinstance(groups, int):
                 return COp("unknown", node, _tensors(node), attrs={"why": "group_norm with an unknown number of groups"})
             attrs["num_groups"] = groups
+        if kind == "batch_norm":
+            attrs["batch_stats"] = _batch_stats(node)
         return COp(kind, node, [vkey(node.args[0])], params=_roles(node, roles), attrs=attrs)
     return extract
+
+
+def _batch_stats(node: Node) -> bool:
+    """Whether a functional batch_norm normalizes by the statistics of its own input
+    (training, or no running buffers) rather than by its running buffers."""
+    if node.target is _full.batch_norm_full:
+        return True
+    at = 1 if node.target is F.batch_norm else 3
+    return arg(node, 5, "training", False) is not False or arg(node, at, "running_mean") is None
 
 
 def _f_embedding(node, mod=None):
@@ -369,7 +393,8 @@ def _m_linear(node, mod):
 
 
 def _m_bn(node, mod):
-    return COp("batch_norm", node, [vkey(node.args[0])], params=_m_params(node, mod, ("weight", "bias", "running_mean", "running_var")))
+    return COp("batch_norm", node, [vkey(node.args[0])], params=_m_params(node, mod, ("weight", "bias", "running_mean", "running_var")),
+               attrs={"batch_stats": mod.training or mod.running_mean is None})
 
 
 def _m_ln(node, mod):
@@ -386,6 +411,15 @@ def _m_gn(node, mod):
 
 def _m_embedding(node, mod):
     return COp("embedding", node, [vkey(node.args[0])], params=_m_params(node, mod, ("weight",)))
+
+
+def _m_rnn(node, mod: nn.RNNBase):
+    """nn.LSTM / nn.GRU / nn.RNN called on one tensor (zero initial state), no LSTM projection."""
+    if len(node.args) != 1 or node.kwargs or getattr(mod, "proj_size", 0):
+        return COp("unknown", node, _tensors(node), attrs={"why": f"{type(mod).__name__} with an initial state or a projection"})
+    gates = {"LSTM": 4, "GRU": 3}.get(mod.mode, 1)
+    return COp("rnn", node, [vkey(node.args[0])], params={n: f"{node.target}.{n}" for n in mod._flat_weights_names},
+               attrs={"gates": gates, "layers": mod.num_layers, "dirs": 2 if mod.bidirectional else 1, "hidden": mod.hidden_size})
 
 
 def _m_mha(node, mod: nn.MultiheadAttention):
@@ -423,11 +457,13 @@ EWISE_FUNCS = [
     aten.masked_fill.Scalar, aten.detach.default, aten.lift_fresh_copy.default, aten.type_as.default,
     aten.add.Scalar, aten.mul.Scalar, aten.sub.Scalar, aten.div.Scalar, aten.relu_.default, aten.hardtanh.default,
     aten.silu_.default, aten.add_.Tensor, aten.mul_.Tensor, aten.abs.default, aten.erf.default,
+    torch.addcmul, aten.addcmul.default, torch.clamp_min, torch.clamp_max, aten.clamp.Tensor,
 ]
 EWISE_METHODS = [
     "add", "sub", "mul", "div", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "float",
     "half", "bfloat16", "double", "to", "type_as", "detach", "pow", "exp", "neg", "sqrt", "rsqrt", "abs", "clamp",
     "masked_fill", "add_", "mul_", "sub_", "div_", "__add__", "__mul__", "__radd__", "__rmul__", "sin", "cos", "square",
+    "addcmul",
 ]
 
 FUNCTION_TABLE: dict[Any, Callable] = {
@@ -448,6 +484,7 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     torch.narrow: _slice, aten.slice.Tensor: _slice, aten.narrow.default: _slice, aten.select.int: _select,
     operator.getitem: _getitem,
     torch.mean: _reduce, torch.sum: _reduce, torch.amax: _reduce, aten.mean.dim: _reduce, aten.sum.dim_IntList: _reduce, aten.amax.default: _reduce,
+    torch.amin: _reduce, aten.amin.default: _reduce, torch.norm: _p_norm,
     F.adaptive_avg_pool1d: _pool, F.adaptive_avg_pool2d: _pool, F.adaptive_avg_pool3d: _pool, F.adaptive_max_pool2d: _pool,
     F.max_pool1d: _pool, F.max_pool2d: _pool, F.max_pool3d: _pool, F.avg_pool1d: _pool, F.avg_pool2d: _pool, F.avg_pool3d: _pool,
     torch._C._nn.avg_pool2d: _pool, torch._C._nn.adaptive_avg_pool2d: _pool,
@@ -492,7 +529,7 @@ def _rel_pos_bias(node, mod=None):
     return COp("rel_pos_bias", node, [vkey(node.args[0])])
 
 
-FUNCTION_TABLE[F.pad] = _same_size
+FUNCTION_TABLE[F.pad] = FUNCTION_TABLE[aten.pad.default] = FUNCTION_TABLE[aten.constant_pad_nd.default] = _same_size
 
 
 def _permute_channels(node, mod=None):
@@ -511,6 +548,7 @@ try:
 except ImportError:  # torchvision is optional
     pass
 FUNCTION_TABLE[_full.layer_norm_full] = _f_norm("layer_norm", {"weight": (2, "weight"), "bias": (3, "bias")})
+FUNCTION_TABLE[_full.batch_norm_full] = _f_norm("batch_norm", {"weight": (1, "weight"), "bias": (2, "bias")})
 FUNCTION_TABLE[_full.rms_norm_full] = _f_norm("rms_norm", {"weight": (2, "weight")})
 if hasattr(aten, "rms_norm"):
     FUNCTION_TABLE[aten.rms_norm.default] = _f_norm("rms_norm", {"weight": (2, "weight")})
@@ -523,7 +561,7 @@ METHOD_TABLE: dict[str, Callable] = {
     "permute": _permute, "transpose": _permute, "swapaxes": _permute, "t": _permute, "movedim": _permute,
     "expand": _expand, "expand_as": _expand, "repeat_interleave": _repeat_interleave,
     "split": _split, "chunk": _split, "unbind": _split, "split_with_sizes": _split,
-    "narrow": _slice, "mean": _reduce, "sum": _reduce, "amax": _reduce, "matmul": _matmul,
+    "narrow": _slice, "mean": _reduce, "sum": _reduce, "amax": _reduce, "amin": _reduce, "norm": _p_norm, "matmul": _matmul,
     "size": _shape_query, "dim": _shape_query,
 }
 
@@ -545,6 +583,7 @@ MODULE_TABLE: list[tuple[tuple[type, ...], Callable]] = [
     ((nn.RMSNorm, _full.FullWidthRMSNorm), _m_rms),
     ((nn.Embedding,), _m_embedding),
     ((nn.MultiheadAttention,), _m_mha),
+    ((nn.LSTM, nn.GRU, nn.RNN), _m_rnn),
     (_ACTIVATIONS, lambda node, mod: COp("ewise", node, _tensors(node))),
     (_POOLS, _pool),
     ((nn.Flatten,), _m_flatten),

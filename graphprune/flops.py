@@ -19,7 +19,7 @@ def count_flops(model: torch.nn.Module, example_inputs: tuple, example_kwargs: d
     cached tensor with a grad history left in the user's model made it
     refuse ``copy.deepcopy``.
     """
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_MORE_FLOPS) as counter:
         _own(model)(*example_inputs, **(example_kwargs or {}))
     total = counter.get_total_flops()
     counts = counter.get_flop_counts()
@@ -28,6 +28,19 @@ def count_flops(model: torch.nn.Module, example_inputs: tuple, example_kwargs: d
         if key is not None:
             total -= sum(counts[key].values())
     return total
+
+
+def _rnn_layer_flops(input_shape, w_ih_shape, w_hh_shape, *args, out_shape=None, **kwargs) -> int:
+    """One fused LSTM layer and direction on the CPU (``aten.mkldnn_rnn_layer``): the input
+    and hidden matmuls of every gate at every step. Elsewhere (meta, GRU, RNN) the RNN
+    decomposes into ``addmm`` calls the counter already sees."""
+    steps = 1
+    for s in input_shape[:-1]:
+        steps *= s
+    return 2 * steps * (w_ih_shape[0] * w_ih_shape[1] + w_hh_shape[0] * w_hh_shape[1])
+
+
+_MORE_FLOPS = {torch.ops.aten.mkldnn_rnn_layer: _rnn_layer_flops} if hasattr(torch.ops.aten, "mkldnn_rnn_layer") else {}
 
 
 def _own(model: torch.nn.Module) -> torch.nn.Module:

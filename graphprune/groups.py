@@ -32,7 +32,7 @@ from torch.fx import GraphModule, Node
 from .canon import COp, canonicalize, tensor_names, vkey
 from .meta_keys import CANON, NUMBERS, VAL
 from .rules import RULES
-from .sizes import computed_sizes, frozen_value, number_uses
+from .sizes import NumberUse, computed_sizes, frozen_value, number_uses
 from .zeros import block_unproven_reductions
 
 
@@ -307,17 +307,28 @@ def _record_number_uses(b: Builder, gm: GraphModule) -> None:
 
 
 def _block_computed_sizes(b: Builder, gm: GraphModule) -> None:
-    """A view/reshape size computed from widths (timm CaiT/CoaT/VOLO: ``C // self.num_heads``
-    with a literal head count) is evaluated anew on the pruned widths, which need not give
-    the width the plan keeps for that dim: the widths it reads and the dim it sizes stay."""
+    """A view/reshape size computed from widths (timm CaiT/CoaT/VOLO/DaViT: ``C // self.num_heads``
+    with a literal head count) would be evaluated anew on the pruned widths, which need not
+    give the width the plan keeps for that dim. The dim it sizes keeps its width (head_dim
+    stays, heads may go), and the size is frozen to its original value like a width read as
+    a number (``shrink-params``' ``_freeze_numbers``), so the widths it reads (the residual
+    stream) are free. Where the value is not a plain number, or a width it reads is a factor
+    of the very dim it sizes (``kv * n_rep`` merging key/value heads and their copies), the
+    widths it reads stay too."""
     names = tensor_names(gm)
     for node, i, value, dims in computed_sizes(gm):
         out_shape = b.shape(node)
         why = f"{node.name}: size {i} is computed from a width ({value.name})"
         if i < len(out_shape):
             b.block((node, i), why)
-        for k, a in dims:
-            b.block((names.get(k, k) if isinstance(k, str) else k, a), why)
+        deps = frozenset((names.get(k, k) if isinstance(k, str) else k, a) for k, a in dims)
+        factors = {d for flat, fs in b.products if (node, i) in (flat, *fs) for d in (flat, *fs)} - {(node, i)}
+        reads_a_factor = any(d in b.g and f in b.g and nx.has_path(b.g, d, f) for d in deps for f in factors)
+        if i < len(out_shape) and frozen_value(value.meta.get(VAL)) is not None and not reads_a_factor:
+            gm.meta[NUMBERS].append(NumberUse(node, value, value.meta.get(VAL), deps))
+        else:
+            for d in deps:
+                b.block(d, why)
 
 
 def _size_source(a):

@@ -72,19 +72,39 @@ def layer_norm_full(x, normalized_shape, weight, bias, eps: float, full: int):
     plus ``full - n`` removed ones that held zero. Mean and variance are those
     of the unpruned input, so a LayerNorm over a pruned residual stream stays
     exact (the twin's removed channels are zero there, see ``zeros.py``)."""
-    dims = tuple(range(-len(normalized_shape), 0))
+    y = _normalize_full(x, tuple(range(-len(normalized_shape), 0)), full, eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def batch_norm_full(x, weight, bias, eps: float, full: int):
+    """``F.batch_norm`` with batch statistics and no running buffers (timm's weight
+    standardization: ``F.batch_norm(w.reshape(1, out, -1), None, None, training=True)``)
+    whose statistics count ``full`` entries per channel and sample: the kept ones
+    plus removed ones that held zero, so a standardized weight whose input channels
+    were pruned keeps the mean and variance of its original row."""
+    y = _normalize_full(x, (0, *range(2, x.dim())), full * x.shape[0], eps)
+    shape = (1, -1) + (1,) * (x.dim() - 2)  # per channel, on dim 1
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+def _normalize_full(x, dims: tuple, full: int, eps: float):
+    """``(x - mean) / sqrt(var + eps)`` over ``dims``, as if ``full`` entries were
+    there: the kept ones of ``x`` and removed ones that were zero."""
     n = 1
     for d in dims:
         n *= x.shape[d]
     mean = x.sum(dims, keepdim=True) / full  # (..., 1, 1)
     centred = x - mean
     var = (centred.pow(2).sum(dims, keepdim=True) + (full - n) * mean.pow(2)) / full  # the removed zeros sit at -mean
-    y = centred * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y
+    return centred * torch.rsqrt(var + eps)
 
 
 def rms_norm_full(x, normalized_shape, weight, eps, full: int):

@@ -198,7 +198,11 @@ def index(b, c: COp):
             i += 1
         else:
             if not all(isinstance(v, (int, type(None))) for v in (e.start, e.stop, e.step)):
-                return b.unknown(c, "slice with symbolic bounds")
+                b.block((x, i), f"{c.node.name}: slice with bounds computed at run time")  # x[:, :H] crops a padded dim
+                b.block((out, j), f"{c.node.name}: slice with bounds computed at run time")
+                i += 1
+                j += 1
+                continue
             if e.step not in (None, 1):
                 b.block((x, i), f"{c.node.name}: strided slice")
                 b.block((out, j), f"{c.node.name}: strided slice")
@@ -255,17 +259,19 @@ def gather_rows(b, c: COp, index):
 
 
 def reduce(b, c: COp):
-    """The kept dims map through. A dim that ``sum`` reduces may shrink: a
-    removed channel adds nothing once it is gone, exactly as a dead one adds
-    zero. So may one ``mean`` reduces: the rewrite scales the mean back to
+    """The kept dims map through. A dim that ``sum`` (or a p-norm) reduces may
+    shrink: a removed channel adds nothing once it is gone, exactly as a dead one
+    adds zero. So may one ``mean`` reduces: the rewrite scales the mean back to
     the original count (sum / C_orig), which is what a decomposed RMSNorm
-    (``x.pow(2).mean(-1)``) needs to stay exact. ``amax`` keeps its dims."""
+    (``x.pow(2).mean(-1)``) needs to stay exact; and one ``amax`` / ``amin``
+    reduces (CBAM's channel max): the rewrite takes the removed zeros into the
+    max (``clamp_min(0)``) or min. zeros.py proves the removed entries zero."""
     x, out = c.inputs[0], _out(c)
     dims, keep = c.attrs["dims"], c.attrs["keepdim"]
     j = 0
     for k in range(len(b.shape(x))):
         if k in dims:
-            if c.attrs.get("kind") in ("sum", "mean"):
+            if c.attrs.get("kind") in REDUCE_OVER_ZEROS:
                 b.touch((x, k))
             else:
                 b.block((x, k), f"{c.node.name}: reduction over this dim")
@@ -273,6 +279,9 @@ def reduce(b, c: COp):
         else:
             b.couple((x, k), (out, j))
             j += 1
+
+
+REDUCE_OVER_ZEROS = ("sum", "mean", "norm", "amax", "amin")  # exact over a shrunk dim whose removed entries were zero
 
 
 def pool(b, c: COp):
@@ -400,11 +409,15 @@ def conv_transpose(b, c: COp):
 
 
 def batch_norm(b, c: COp):
-    """per-channel affine and statistics on dim 1."""
+    """per-channel affine and statistics on dim 1. With batch statistics the other
+    dims may shrink too (a standardized weight's input channels: see zeros.py and
+    ``modules.batch_norm_full``), unless running buffers are updated from them."""
     x = c.inputs[0]
     out = (c.node, 0) if c.op == "batch_norm_tuple" else _out(c)
     for k in range(len(b.shape(x))):
         b.couple((x, k), (out, k))
+        if k != 1 and c.attrs.get("batch_stats") and "running_mean" in c.params:
+            b.block((x, k), f"{c.node.name}: batch statistics over this dim update running buffers")
     for p in c.params.values():
         b.couple((p, 0), (x, 1))
 
@@ -466,6 +479,36 @@ def mha(b, c: COp):
     if c.attrs.get("weights_used"):
         b.block(inner, f"{node.name}: the attention weights it returns are averaged over heads")
     for k in range(2):
+        b.couple((x, k), (out, k))
+
+
+def rnn(b, c: COp):
+    """nn.LSTM / nn.GRU / nn.RNN: hidden unit i is row ``g * H + i`` of every gate of
+    every ``weight_ih``, ``weight_hh`` and bias, column i of ``weight_hh``, and channel i
+    of each direction's half of the output (and of the next layer's input). The module
+    keeps one ``hidden_size`` for every layer and direction, so unit i is one across
+    all of them. A removed unit whose rows are zero stays zero from a zero state."""
+    x, node = c.inputs[0], c.node
+    out = (node, 0)
+    h, gates, dirs = c.attrs["hidden"], c.attrs["gates"], c.attrs["dirs"]
+    b.declare(("rnn", node), h)
+    inner = (("rnn", node), 0)
+    rows, cols = np.arange(gates * h), np.arange(dirs * h)
+    nd = len(b.shape(x))
+    for layer in range(c.attrs["layers"]):
+        for d in range(dirs):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            w_ih, w_hh = c.params["weight_ih" + sfx], c.params["weight_hh" + sfx]
+            for t in (w_ih, w_hh, c.params.get("bias_ih" + sfx), c.params.get("bias_hh" + sfx)):
+                if t is not None:
+                    b.couple((t, 0), inner, rows, rows % h)
+            b.couple((w_hh, 1), inner)
+            if layer == 0:
+                b.couple((x, nd - 1), (w_ih, 1))
+            else:
+                b.couple((w_ih, 1), inner, cols, cols % h)
+    b.couple((out, nd - 1), inner, cols, cols % h)
+    for k in range(nd - 1):
         b.couple((x, k), (out, k))
 
 
@@ -553,6 +596,7 @@ RULES = {
     "group_norm": group_norm,
     "embedding": embedding,
     "mha": mha,
+    "rnn": rnn,
     "window_attention": window_attention,
     "rel_pos_bias": rel_pos_bias,
     "patch_merge": patch_merge,

@@ -19,12 +19,15 @@ parameters are zero along every dim (the twin zeroes their slices).
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn as nn
 from torch.fx import Node
 
-from .canon import COp
+from .canon import COp, arg
 from .meta_keys import VAL
+from .rules import REDUCE_OVER_ZEROS
 
 # elementwise ops by their zero behaviour; names as _ewise_name gives them
 _KEEPS_ZERO = {  # f(0) == 0, one tensor operand that matters
@@ -35,6 +38,7 @@ _KEEPS_ZERO = {  # f(0) == 0, one tensor operand that matters
 }
 _PRODUCT = {"mul", "imul", "__mul__", "__rmul__"}  # zero if any operand is
 _QUOTIENT = {"div", "truediv", "itruediv"}  # zero if the numerator is
+_ADD_PRODUCT = {"addcmul"}  # input + value * t1 * t2: zero if the input is and either factor is
 _SUM = {"add", "sub", "iadd", "isub", "__add__", "__radd__", "__sub__", "where", "maximum", "minimum"}  # zero if all are
 _MODULE_NAMES = {
     nn.ReLU: "relu", nn.ReLU6: "relu6", nn.GELU: "gelu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Hardswish: "hardswish",
@@ -112,10 +116,12 @@ def ewise(zs: Zeros, c: COp) -> None:
     operands = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, (Node, int, float))]
     if name == "where":
         operands = operands[1:]  # the condition selects; it adds nothing
+    if name in ("clamp", "clip"):
+        operands = operands[:1] if _bounds_hold_zero(node, zs.b.gm) else []
     axes = []
     for od, size in enumerate(out_shape):
         z = [_operand_zero(zs, a, od, len(out_shape), size) for a in operands]
-        if name in _KEEPS_ZERO or name == "pow" and len(node.args) > 1 and isinstance(node.args[1], (int, float)) and node.args[1] > 0:
+        if name in _KEEPS_ZERO or name in ("clamp", "clip") or name == "pow" and len(node.args) > 1 and isinstance(node.args[1], (int, float)) and node.args[1] > 0:
             ok = bool(z) and z[0]
         elif name in _PRODUCT:
             ok = any(z)
@@ -123,6 +129,8 @@ def ewise(zs: Zeros, c: COp) -> None:
             ok = bool(z) and z[0]
         elif name in _SUM:
             ok = bool(z) and all(z)
+        elif name in _ADD_PRODUCT:
+            ok = len(z) >= 3 and z[0] and (z[1] or z[2])
         else:
             ok = False
         if ok:
@@ -130,15 +138,51 @@ def ewise(zs: Zeros, c: COp) -> None:
     zs.set(node, axes)
 
 
+def _bounds_hold_zero(node: Node, gm) -> bool:
+    """``clamp(x, lo, hi)`` keeps a zero where ``lo <= 0 <= hi``: bounds that are numbers,
+    None, or one-element tensors the graph reads (Gemma4's clamp buffers, which the twin keeps)."""
+    def value(a):
+        if a is None or isinstance(a, (int, float)):
+            return a
+        if isinstance(a, Node) and a.op == "get_attr":
+            t = operator.attrgetter(a.target)(gm)
+            if isinstance(t, torch.Tensor) and t.numel() == 1 and not t.is_meta:
+                return float(t)
+        raise ValueError("a bound not known at compile time")
+
+    try:
+        lo, hi = value(arg(node, 1, "min")), value(arg(node, 2, "max"))
+    except ValueError:
+        return False
+    return (lo is None or lo <= 0) and (hi is None or hi >= 0)
+
+
 def producer(axis_of_rows):
-    """Layers whose output channels are weight rows (zero in the twin); the other dims follow the input."""
+    """Layers whose output channels are weight rows (zero in the twin); the other dims follow the input.
+    A weight computed in the graph (``F.conv2d(x, standardize(w))``) is only what its own zeros say:
+    its rows zero the output where it is zero, and the input dim it contracts needs zeros on one side."""
     def rule(zs: Zeros, c: COp) -> None:
-        out = c.node if c.op != "mha" else (c.node, 0)
+        out = c.node if c.op not in ("mha", "rnn") else (c.node, 0)
         nd = zs.ndim(out)
         rows = axis_of_rows(nd)
         x = c.inputs[0]
-        zs.set(out, [k for k in range(nd) if k == rows or (x is not None and k < zs.ndim(x) and zs.zero(x, k) and k != rows)])
+        rows_zero = _computed_weight(zs, c, x)
+        zs.set(out, [k for k in range(nd) if (k == rows and rows_zero) or (x is not None and k < zs.ndim(x) and zs.zero(x, k) and k != rows)])
     return rule
+
+
+def _computed_weight(zs: Zeros, c: COp, x) -> bool:
+    """For linear and conv layers whose weight (or bias) is computed, not a parameter:
+    need the contracted input dim zero where the weight's column is not; whether
+    the output rows are zero. True for parameters (the twin zeroes their slices)."""
+    w, bias = c.params.get("weight"), c.params.get("bias")
+    if c.op not in ("linear", "conv", "conv_transpose") or (isinstance(w, str) and not isinstance(bias, Node)):
+        return True
+    w_out, w_in = {"linear": (1, 0) if c.attrs.get("weight_t") else (0, 1), "conv": (0, 1), "conv_transpose": (1, 0)}[c.op]
+    x_in = zs.ndim(x) - 1 if c.op == "linear" else 1
+    if not zs.zero(w, w_in):
+        zs.need(x, x_in, f"{c.node.name}: {c.op} with a computed weight contracts this dim; its removed entries must be zero on one side")
+    return zs.zero(w, w_out) and (bias is None or zs.zero(bias, zs.ndim(bias) - 1))
 
 
 def norm(zs: Zeros, c: COp) -> None:
@@ -146,7 +190,10 @@ def norm(zs: Zeros, c: COp) -> None:
     Without a weight only RMSNorm keeps zeros; BatchNorm subtracts its running mean
     (a buffer, which the twin keeps), LayerNorm and GroupNorm their own means.
     LayerNorm and RMSNorm statistics need zeros: the rewrite counts the removed
-    entries as zero."""
+    entries as zero. So do batch statistics (``F.batch_norm`` in training mode or
+    without running buffers) over every dim but the channel: weight standardization
+    normalizes a conv's weight over its input channels this way. Its output is
+    not zero there (the removed entries sit at ``-mean / std``)."""
     x = c.inputs[0]
     out = (c.node, 0) if c.op == "batch_norm_tuple" else c.node
     nd = zs.ndim(x)
@@ -154,16 +201,20 @@ def norm(zs: Zeros, c: COp) -> None:
     if c.op in ("layer_norm", "rms_norm"):
         n_norm = _normalized_ndim(c, nd)
         normalized = set(range(nd - n_norm, nd))
-        for k in normalized:
-            zs.need(x, k, f"{c.node.name}: {c.op} statistics over this dim need its removed entries to be zero")
+    elif c.attrs.get("batch_stats"):
+        normalized = set(range(nd)) - {1}
+    for k in normalized:
+        zs.need(x, k, f"{c.node.name}: {c.op} statistics over this dim need its removed entries to be zero")
     channel = {1} if c.op in ("batch_norm", "batch_norm_tuple", "group_norm") else normalized
     keeps = c.op == "rms_norm"
+    w = c.params.get("weight")
     axes = []
     for k in range(nd):
         if k in channel:
-            if "weight" in c.params or (keeps and zs.zero(x, k)):
+            w_zero = w is not None and zs.zero(w, zs.ndim(w) - nd + k if c.op in ("layer_norm", "rms_norm") else 0)
+            if w_zero or (keeps and zs.zero(x, k)):
                 axes.append(k)
-        elif zs.zero(x, k):
+        elif k not in normalized and zs.zero(x, k):
             axes.append(k)
     zs.set(out, axes)
 
@@ -188,12 +239,12 @@ def _outputs(node: Node) -> set:
 
 
 def _pads_nonzero(node: Node) -> bool:
-    """``F.pad(x, p, "constant", value)`` with a value other than zero."""
-    if node.target is not torch.nn.functional.pad:
+    """``F.pad(x, p, "constant", value)`` (``aten.pad``, ``aten.constant_pad_nd``) with a value other than zero."""
+    if node.target is torch.ops.aten.constant_pad_nd.default:
+        return arg(node, 2, "value", 0) not in (0, 0.0)
+    if node.target not in (torch.nn.functional.pad, torch.ops.aten.pad.default):
         return False
-    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
-    return mode == "constant" and value not in (None, 0, 0.0)
+    return arg(node, 2, "mode", "constant") == "constant" and arg(node, 3, "value", None) not in (None, 0, 0.0)
 
 
 def linked(zs: Zeros, c: COp) -> None:
@@ -231,7 +282,7 @@ def linked(zs: Zeros, c: COp) -> None:
 def reduce(zs: Zeros, c: COp) -> None:
     x = c.inputs[0]
     dims, keep = c.attrs["dims"], c.attrs["keepdim"]
-    if c.attrs.get("kind") in ("sum", "mean"):
+    if c.attrs.get("kind") in REDUCE_OVER_ZEROS:
         for k in dims:
             zs.need(x, k, f"{c.node.name}: {c.attrs['kind']} over this dim needs its removed entries to be zero")
     axes, j = [], 0
@@ -298,6 +349,7 @@ RULES = {
     "conv_transpose": producer(lambda nd: 1),
     "embedding": producer(lambda nd: nd - 1),
     "mha": producer(lambda nd: nd - 1),
+    "rnn": producer(lambda nd: nd - 1),
     "window_attention": producer(lambda nd: nd - 1),
     "batch_norm": norm, "batch_norm_tuple": norm, "layer_norm": norm, "rms_norm": norm, "group_norm": norm,
     **{op: linked for op in ("permute", "split", "tuple_get", "cat", "reshape", "expand", "index", "pool", "stack",

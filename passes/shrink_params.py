@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from graphprune.canon import COp, vkey
+from graphprune.canon import COp, arg, vkey
 from graphprune.meta_keys import CANON, NUMBERS, PLAN, VAL
 from graphprune.sizes import frozen_value
 from graphprune.trace import fresh_attrs
-from graphprune.modules import FullWidthLayerNorm, FullWidthRMSNorm, PrunedSelfAttention, full_width, layer_norm_full, rms_norm_full
+from graphprune.modules import (FullWidthLayerNorm, FullWidthRMSNorm, PrunedSelfAttention, batch_norm_full, full_width,
+                                layer_norm_full, rms_norm_full)
 from graphprune.pass_manager import PassResult, register_pass
 
 COUNTERS = {"params": 0, "modules": 0, "args": 0}
@@ -137,6 +138,12 @@ def _fix_embedding(mod, node, p):
     mod.embedding_dim = mod.weight.shape[1]
 
 
+def _fix_rnn(mod, node, p):
+    """Widths from the weights; the flat weight list cuDNN reads points at the new tensors."""
+    mod.hidden_size, mod.input_size = mod.weight_hh_l0.shape[1], mod.weight_ih_l0.shape[1]
+    mod._init_flat_weights()
+
+
 MODULE_FIXES = [
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _fix_conv),
     ((nn.Linear,), _fix_linear),
@@ -144,6 +151,7 @@ MODULE_FIXES = [
     ((nn.LayerNorm, nn.RMSNorm, FullWidthLayerNorm, FullWidthRMSNorm), _fix_ln),
     ((nn.GroupNorm,), _fix_gn),
     ((nn.Embedding,), _fix_embedding),
+    ((nn.LSTM, nn.GRU, nn.RNN), _fix_rnn),
 ]
 
 
@@ -263,6 +271,25 @@ def _norm_args(node: Node, cop: COp, p: _Plan) -> bool:
     return True
 
 
+def _batch_norm_args(node: Node, cop: COp, p: _Plan) -> bool:
+    """A functional batch_norm with batch statistics over dims that shrank besides the
+    channel (a standardized weight's input channels) -> ``batch_norm_full``, its
+    statistics over the original count per channel and sample."""
+    if node.op != "call_function" or not cop.attrs.get("batch_stats"):
+        return False
+    old = node.meta[VAL].shape
+    new = p.new_shape(node, old)
+    if all(new[k] == old[k] for k in range(len(old)) if k != 1):
+        return False
+    if node.target is batch_norm_full:
+        return False  # pruned before: the original count is already recorded
+    roles = {F.batch_norm: (3, 4, 7), torch.ops.aten.batch_norm.default: (1, 2, 7)}[node.target]
+    weight, bias, eps = (arg(node, at, name, default) for at, name, default in zip(roles, ("weight", "bias", "eps"), (None, None, 1e-5)))
+    full = int(np.prod(old[2:]))
+    node.target, node.args, node.kwargs = batch_norm_full, (node.args[0], weight, bias, eps, full), {}
+    return True
+
+
 def _conv_groups(node: Node, cop: COp, p: _Plan) -> bool:
     if node.op != "call_function" or cop.attrs.get("groups", 1) == 1:
         return False
@@ -297,19 +324,22 @@ def _window_heads(node: Node, cop: COp, p: _Plan) -> bool:
     return True
 
 
-def _mean_scale(node: Node, cop: COp, p: _Plan) -> bool:
-    """A mean over dims that shrank is scaled by new count / old count, so it
-    stays sum / (original count): exact when the removed channels were zero."""
+def _reduce_full(node: Node, cop: COp, p: _Plan) -> bool:
+    """A reduction over dims that shrank still counts the removed entries, which were
+    zero: a mean is scaled by new count / old count, so it stays sum / (original
+    count); a max takes the zeros in (``clamp_min(0)``), a min too (``clamp_max(0)``)."""
     x = cop.inputs[0]
-    if cop.attrs.get("kind") != "mean" or not isinstance(x, Node):
+    kind = cop.attrs.get("kind")
+    if kind not in ("mean", "amax", "amin") or not isinstance(x, Node):
         return False
     shape = x.meta[VAL].shape
     old = int(np.prod([shape[k] for k in cop.attrs["dims"]]))
     new = int(np.prod([p.size(x, shape[k], k) for k in cop.attrs["dims"]]))
     if new == old:
         return False
+    fn, arg2 = {"mean": (operator.mul, new / old), "amax": (torch.clamp_min, 0.0), "amin": (torch.clamp_max, 0.0)}[kind]
     with node.graph.inserting_after(node):
-        scaled = node.graph.call_function(operator.mul, (node, new / old))
+        scaled = node.graph.call_function(fn, (node, arg2))
     node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
     return True
 
@@ -327,7 +357,7 @@ def _permutation(node: Node, cop: COp, p: _Plan) -> bool:
 
 
 ARG_FIXES = {
-    "reduce": _mean_scale,
+    "reduce": _reduce_full,
     "channel_permute": _permutation,
     "reshape": _sizes,
     "expand": _sizes,
@@ -336,6 +366,7 @@ ARG_FIXES = {
     "layer_norm": _norm_args,
     "rms_norm": _norm_args,
     "group_norm": _norm_args,
+    "batch_norm": _batch_norm_args,
     "conv": _conv_groups,
     "window_attention": _window_heads,
 }
@@ -351,7 +382,7 @@ def _remap(key, env):
 
 
 def _remap_cop(cop: COp, node: Node, env) -> COp:
-    return COp(cop.op, node, [_remap(i, env) for i in cop.inputs], cop.params, cop.attrs)
+    return COp(cop.op, node, [_remap(i, env) for i in cop.inputs], {r: _remap(v, env) for r, v in cop.params.items()}, cop.attrs)
 
 
 @register_pass("shrink-params")

@@ -296,7 +296,7 @@ class EinsumAttention(nn.Module):
 class ComputedHeadDim(nn.Module):
     """timm CaiT/CoaT/VOLO attention: the head dim is computed from the residual width
     with a head count fixed in the code (``C // self.num_heads``), the merged heads
-    reshaped back to ``C``; an MLP beside it. The computed size must not see a pruned C."""
+    reshaped back to ``C``; an MLP beside it. The computed size must keep its value when C shrinks."""
 
     def __init__(self, d=32, heads=4, hidden=64):
         super().__init__()
@@ -361,6 +361,112 @@ class SplitTail(nn.Module):
         return self.out(torch.cat(outs + [self.pool(parts[-1])], 1))
 
 
+class StdConv(nn.Conv2d):
+    """A weight-standardized conv as timm's ``ScaledStdConv2d`` writes it: every output
+    channel's weights normalized over (Cin/g, kh, kw) by ``F.batch_norm`` with batch
+    statistics, times a gain, and put back with ``reshape_as``."""
+
+    def __init__(self, cin, cout, k=1, groups=1):
+        super().__init__(cin, cout, k, padding=k // 2, groups=groups)
+        self.gain = nn.Parameter(1 + 0.1 * torch.randn(cout, 1, 1, 1))
+        self.scale = (cin // groups * k * k) ** -0.5
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0, eps=1e-6)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class WeightStandardized(nn.Module):
+    """NFNet's blocks: weight-standardized convs (one grouped, few wide groups), a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = StdConv(3, 16, 3)
+        self.conv1 = StdConv(16, 24)
+        self.conv2 = StdConv(24, 24, 3, groups=3)
+        self.conv3 = StdConv(24, 16)
+        self.head = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        x = F.silu(self.stem(x))
+        x = x + self.conv3(F.silu(self.conv2(F.silu(self.conv1(x)))))
+        return self.head(x)
+
+
+class PaddedWindows(nn.Module):
+    """TinyViT / SAM-ViT: tokens (B, H, W, C) padded to a multiple of the window with
+    ``F.pad`` (a shape-dependent branch: traced with torch.export, ``aten.pad``),
+    windowed attention, then cropped back."""
+
+    def __init__(self, d=16, heads=2, win=3):
+        super().__init__()
+        self.win, self.heads = win, heads
+        self.inp = nn.Linear(3, d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.out = nn.Linear(d, 4)
+
+    def forward(self, x):
+        x = self.inp(x.permute(0, 2, 3, 1))  # (B, H, W, d)
+        B, H, W, C = x.shape
+        pad_h, pad_w = (self.win - H % self.win) % self.win, (self.win - W % self.win) % self.win
+        y = F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+        Hp, Wp = H + pad_h, W + pad_w
+        t = y.view(B, Hp // self.win, self.win, Wp // self.win, self.win, C).permute(0, 1, 3, 2, 4, 5)
+        t = t.reshape(-1, self.win * self.win, C)  # (windows, win*win, d)
+        q, k, v = self.qkv(t).reshape(t.shape[0], t.shape[1], 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        t = F.scaled_dot_product_attention(q, k, v, scale=0.5).transpose(1, 2).reshape(t.shape[0], t.shape[1], -1)
+        t = self.proj(t).view(B, Hp // self.win, Wp // self.win, self.win, self.win, C).permute(0, 1, 3, 2, 4, 5)
+        x = x + t.reshape(B, Hp, Wp, C)[:, :H, :W]
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.out(x.mean((1, 2)))
+
+
+class ChannelStatistics(nn.Module):
+    """Statistics over a pruned channel dim: ConvNeXt-V2's GlobalResponseNorm (``x.norm``
+    over space, its mean over channels, ``torch.addcmul``) and CBAM's spatial attention
+    (the channel max and mean of GELU outputs, some negative: a removed zero can be the max)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.pw = nn.Conv2d(16, 24, 1)
+        self.gamma = nn.Parameter(0.5 * torch.randn(1, 24, 1, 1))
+        self.beta = nn.Parameter(0.5 * torch.randn(1, 24, 1, 1))
+        self.sa = nn.Conv2d(2, 1, 3, padding=1)
+        self.out = nn.Conv2d(24, 8, 1)
+
+    def forward(self, x):
+        x = F.gelu(self.pw(self.stem(x)))
+        g = x.norm(p=2, dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+        x = x + torch.addcmul(self.beta, self.gamma, x * (g / (g.mean(dim=1, keepdim=True) + 1e-6)))
+        s = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], 1)  # (B, 2, H, W)
+        return self.out(x * torch.sigmoid(self.sa(s)))
+
+
+class Recurrent(nn.Module):
+    """Sequencer2d's token mixing: a bidirectional LSTM over the tokens, its two halves
+    concatenated into a linear; a two-layer GRU after it; a residual stream through both."""
+
+    def __init__(self, d=16, h=12):
+        super().__init__()
+        self.inp = nn.Linear(16, d)
+        self.lstm = nn.LSTM(d, h, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(2 * h, d)
+        self.gru = nn.GRU(d, h, num_layers=2, batch_first=True)
+        self.fc2 = nn.Linear(h, d)
+        self.out = nn.Linear(d, 4)
+
+    def forward(self, x):
+        x = self.inp(x)
+        y, _ = self.lstm(x)  # (B, T, 2h)
+        x = x + self.fc(y)
+        z, _ = self.gru(x)
+        return self.out(x + self.fc2(z))
+
+
 IMAGE = (2, 3, 16, 16)
 TOKENS = (2, 5, 16)
 ORACLE_MODELS = {
@@ -384,4 +490,8 @@ ORACLE_MODELS = {
     "einsum_attention_bias_table": (EinsumAttention, TOKENS),
     "decomposed_rmsnorm_mean_sum": (DecomposedRMSNorm, TOKENS),
     "split_negative_index_and_tuple_slice": (SplitTail, IMAGE),
+    "weight_standardized_conv": (WeightStandardized, IMAGE),
+    "padded_windows_aten_pad": (PaddedWindows, (2, 3, 8, 8)),
+    "channel_norm_max_addcmul": (ChannelStatistics, IMAGE),
+    "lstm_gru_hidden_units": (Recurrent, TOKENS),
 }

@@ -4,7 +4,8 @@ import torch
 import graphprune
 from graphprune.shuffle import permute_channels
 
-from models import IMAGE, ORACLE_MODELS, TOKENS, ComputedHeadDim, EinsumAttention, GQAttention, Shuffle
+from models import (IMAGE, ORACLE_MODELS, TOKENS, ChannelStatistics, ComputedHeadDim, EinsumAttention, GQAttention, PaddedWindows, Recurrent, Shuffle,
+                    StdConv, WeightStandardized)
 from oracle import assert_lossless, dead_twin
 
 
@@ -108,14 +109,141 @@ def test_tied_weights_stay_tied():
 def test_computed_head_dim_under_a_flops_budget():
     """``C // self.num_heads`` in a reshape (timm CaiT, CoaT, VOLO): a FLOPs budget used to
     build candidates whose reshape computed the head dim from the pruned C (a RuntimeError
-    out of compile). The computed size and the width it reads now stay, the MLP still
-    goes, and the result is its dead twin at two batch sizes."""
+    out of compile). The computed size keeps its original value (head_dim stays, frozen in
+    the graph), so C is free: it moves in whole heads (``reshape(B, N, C)`` merges heads and
+    head_dim back into it), the literal head count follows, the MLP goes too, and the
+    result is its dead twin at two batch sizes."""
     torch.manual_seed(0)
     model = ComputedHeadDim().eval()
     x = torch.randn(*TOKENS)
-    small = graphprune.compile(model, (x,), target_flops=0.6, importance="l1", ignore=["out"])
-    assert graphprune.count_flops(small, (x,)) <= 0.6 * graphprune.count_flops(model, (x,))
+    small = graphprune.compile(model, (x,), target_flops=0.4, importance="l1", ignore=["out"])
+    assert graphprune.count_flops(small, (x,)) <= 0.4 * graphprune.count_flops(model, (x,))
+    assert small.inp.weight.shape[0] in (8, 16, 24) and small.qkv.weight.shape[0] == 3 * small.inp.weight.shape[0]
     twin = dead_twin(model, small)
     for xb in (x, torch.randn(3, *TOKENS[1:])):
         with torch.no_grad():
             torch.testing.assert_close(small(xb), twin(xb), rtol=1e-5, atol=1e-6)
+
+
+def test_weight_standardized_convs_lose_input_channels_under_a_flops_budget():
+    """Weight standardization (timm NFNet's ``ScaledStdConv2d``: ``F.batch_norm`` over a
+    weight reshaped to (1, out, in * k * k), batch statistics) used to keep every
+    channel (``reshape_as`` had no rule). A standardized conv's input channels now go,
+    its statistics counted over the original row (``batch_norm_full``), and the result is
+    its dead twin at two batch sizes."""
+    from graphprune.modules import batch_norm_full
+
+    torch.manual_seed(0)
+    model = WeightStandardized().eval()
+    x = torch.randn(*IMAGE)
+    small = graphprune.compile(model, (x,), target_flops=0.5, importance="l1")
+    assert graphprune.count_flops(small, (x,)) <= 0.5 * graphprune.count_flops(model, (x,))
+    assert small.conv3.weight.shape[1] < 24 and small.conv1.weight.shape[1] < 16
+    assert sum(n.target is batch_norm_full for n in small.graph.nodes) >= 3
+    twin = dead_twin(model, small)
+    for xb in (x, torch.randn(3, *IMAGE[1:])):
+        with torch.no_grad():
+            torch.testing.assert_close(small(xb), twin(xb), rtol=1e-5, atol=1e-6)
+
+
+def test_a_computed_weight_needs_zeros_on_the_channels_it_contracts():
+    """A standardized weight is not zero on removed input channels (they sit at -mean/std),
+    so the input must be: a conv reading ``silu(x) + 1`` keeps the channels of x."""
+    class Shifted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.conv = torch.nn.Conv2d(3, 8, 1), StdConv(8, 8)
+
+        def forward(self, x):
+            return self.conv(torch.nn.functional.silu(self.stem(x)) + 1.0)
+
+    a = graphprune.analyze(Shifted().eval(), (torch.randn(*IMAGE),))
+    assert not any(("stem.weight", 0) in g.dims for g in a.groups)
+    assert any("computed weight" in r for bg in a.blocked for r in bg.reasons)
+
+
+def test_padded_windows_traced_by_export_prune_the_padded_stream():
+    """``F.pad`` under torch.export is ``aten.pad``: it had no rule and kept the whole
+    residual stream of TinyViT and SAM-ViT. Padded dims keep their width, the channels map through."""
+    torch.manual_seed(0)
+    model = PaddedWindows().eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert graphprune.analyze(model, (x,)).method == "export"
+    small = graphprune.compile(model, (x,), target_flops=0.5, importance="l1")
+    assert small.inp.weight.shape[0] < 16
+    twin = dead_twin(model, small)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), twin(x), rtol=1e-5, atol=1e-6)
+
+
+def test_channel_max_norm_and_addcmul_let_their_channels_go():
+    """``x.amax(1)`` over channels (CBAM, timm CSATv2) kept every channel it read, and
+    ``x.norm`` / ``torch.addcmul`` (GlobalResponseNorm) had no rule. The max now takes
+    the removed zeros in (``clamp_min(0)``), and the result is its dead twin."""
+    torch.manual_seed(0)
+    model = ChannelStatistics().eval()
+    x = torch.randn(*IMAGE)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1", output="graph")
+    assert small.pw.weight.shape[0] == 12
+    assert sum(n.target is torch.clamp_min for n in small.graph.nodes) == 1
+    twin = dead_twin(model, small)
+    for xb in (x, torch.randn(3, *IMAGE[1:])):
+        with torch.no_grad():
+            torch.testing.assert_close(small(xb), twin(xb), rtol=1e-5, atol=1e-6)
+
+
+def test_recurrent_hidden_units_go_in_every_layer_and_direction_at_once():
+    """nn.LSTM / nn.GRU had no rule and kept every channel they touched (timm Sequencer2d).
+    A hidden unit is one across gates, layers and directions (the module keeps one
+    hidden_size); the residual stream they read goes too, and the result is still an
+    nn.LSTM (module form), equal to its dead twin."""
+    torch.manual_seed(0)
+    model = Recurrent().eval()
+    x = torch.randn(*TOKENS)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module"
+    assert small.lstm.hidden_size == 6 and small.lstm.weight_ih_l0_reverse.shape == (24, 8)
+    assert small.gru.hidden_size == 6 and small.gru.weight_ih_l1.shape == (18, 6) and small.fc.in_features == 12
+    twin = dead_twin(model, small)
+    for xb in (x, torch.randn(3, 7, 16)):
+        with torch.no_grad():
+            torch.testing.assert_close(small(xb), twin(xb), rtol=1e-5, atol=1e-6)
+
+
+def test_count_flops_counts_a_fused_cpu_lstm_as_on_meta():
+    """On the CPU an LSTM runs as one fused op (``aten.mkldnn_rnn_layer``) the counter
+    had no formula for: its FLOPs counted 0 there, and as its matmuls on meta."""
+    lstm = torch.nn.LSTM(16, 12, batch_first=True, bidirectional=True).eval()
+    model, x = torch.nn.Sequential(), torch.randn(2, 5, 16)
+    model.forward = lambda t: lstm(t)[0]
+    on_cpu = graphprune.count_flops(model, (x,))
+    assert on_cpu == 2 * 2 * 10 * (48 * 16 + 48 * 12)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        lstm.to("meta")(x.to("meta"))
+    assert counter.get_total_flops() == on_cpu
+
+
+@pytest.mark.parametrize("low", [float("-inf"), 0.1])
+def test_clamp_by_buffers_keeps_zeros_only_where_its_bounds_hold_zero(low):
+    """Gemma4's clippable linears clamp by one-element buffers (``aten.clamp.Tensor`` under
+    export, which had no rule). A clamp keeps a removed channel zero where its bounds hold
+    zero, so the RMSNorm after it may count the removed ones as zeros; with a lower bound
+    of 0.1 a removed channel would read 0.1 and the stream keeps its width."""
+    class Clipped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.fc, self.out = torch.nn.Linear(16, 12), torch.nn.Linear(12, 12), torch.nn.Linear(12, 4)
+            self.register_buffer("lo", torch.tensor(low))
+            self.register_buffer("hi", torch.tensor(float("inf")))
+
+        def forward(self, x):
+            h = self.inp(x)
+            h = h + torch.clamp(self.fc(h), self.lo, self.hi)
+            return self.out(torch.nn.functional.rms_norm(h, (12,)))
+
+    torch.manual_seed(0)
+    model, x = Clipped().eval(), torch.randn(*TOKENS)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.inp.weight.shape[0] == (6 if low < 0 else 12)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-5, atol=1e-6)
