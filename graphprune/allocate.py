@@ -82,8 +82,8 @@ class Meter:
     """Cost of a candidate as a fraction of the original model's.
 
     Latency is measured side by side: candidate and original alternate, and
-    the ratio of their medians is the cost, so load that comes and goes on
-    the machine hits both alike."""
+    the ratio of their fastest rounds is the cost (``flops.latency_ratio``),
+    so load that comes and goes on the machine hits both alike."""
 
     def __init__(self, p: Pruner, kind: str, *, latency_inputs: tuple | None = None, runs: int = 5):
         self.p, self.kind, self.runs = p, kind, runs
