@@ -233,6 +233,24 @@ def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule
         meter.base = meter._built({})
         cache.clear()
         best = _bisect(cost, len(taus), target, kind)
+    if kind == "latency":
+        best = _confirmed(meter, cost, len(taus), target, best)
+    return best
+
+
+def _confirmed(meter, cost, n: int, target: float, best: tuple, tries: int = 3) -> tuple:
+    """A latency ratio is a measurement: the bisection may have accepted a candidate on a
+    lucky reading (on the 2-core machine one read 0.30 in the loop and 0.37 when the
+    result was timed again). Time the choice again; while it reads above the target,
+    bisect again aiming lower by the factor it missed by. Returns the last choice
+    (``report.latency`` says where it landed)."""
+    aim = target
+    for _ in range(tries):
+        again = meter(best[0])
+        if again <= target:
+            return best
+        aim *= target / again
+        best = _bisect(cost, n, aim, "latency")
     return best
 
 
