@@ -5,7 +5,8 @@ FLOPs reduction, 1.0 being the limit. Each model (torchvision, random
 weights, eval mode, batch 8 at 224x224, 2 threads) is pruned at ``ratio=0.5``,
 at ``target_flops=0.25`` and at ``target_latency=0.3`` (classifier kept, ``importance="l1"``: speed does
 not depend on which channels go), once with the default pipeline and once
-with ``pipeline="deploy"`` (BatchNorms folded into the layers before them).
+with ``pipeline="deploy"`` (BatchNorms folded into the layers before them; under a
+FLOPs budget, widths in the multiple of 1, 8 or 16 that times fastest here).
 
 Latency ratios are measured side by side (``graphprune.flops.latency_ratio``:
 pruned and reference alternate, each keeps its fastest round), against two references:
@@ -73,6 +74,8 @@ def main():
                              "efficiency_vs_given": round(vs_given / reduction, 3),
                              "speedup_vs_folded_original": round(vs_folded, 3),
                              "efficiency_vs_folded_original": round(vs_folded / reduction, 3)}
+                if small.report.rounding:  # deploy with a FLOPs budget: the width multiple it timed fastest
+                    row[pipe]["rounding"] = small.report.rounding
                 if "target_latency" in BUDGETS[budget]:  # where it landed: compile's own figure and this run's
                     want = BUDGETS[budget]["target_latency"]
                     row[pipe].update(latency_reported=round(small.report.latency, 3), latency_measured=round(1 / vs_given, 3),

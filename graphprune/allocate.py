@@ -39,13 +39,16 @@ class Report:
     form: str = "graph"  # "module": the user's own classes; "graph": an fx GraphModule
     form_why: str = ""
     auto: object = None  # auto.Choice: what importance="auto" chose, and why
+    rounding: dict | None = None  # pipeline="deploy": the width multiple chosen by timing, and the timings
 
     def __str__(self) -> str:
         lat = "" if self.latency is None else f", latency {self.latency:.3f}"
         cost = f"FLOPs {self.flops:.3f}, params {self.params:.3f}{lat} of the original; " if self.flops is not None else ""
         check = f"; {self.verify}" if self.verify is not None else ""
         chose = f"; {self.auto}" if self.auto is not None else ""
-        return f"{cost}{len(self.widths)} groups{check}{chose}"
+        rounded = "" if not self.rounding else (f"; widths in multiples of {self.rounding['chosen']} (timed: latency vs "
+                                                f"unrounded {self.rounding['latency_vs_unrounded']})")
+        return f"{cost}{len(self.widths)} groups{check}{chose}{rounded}"
 
 
 @dataclass

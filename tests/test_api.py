@@ -181,3 +181,23 @@ def test_a_latency_reading_above_the_target_is_timed_again_and_corrected(monkeyp
     x = torch.randn(*IMAGE)
     small = graphprune.compile(Residual().eval(), (x,), target_latency=0.5, importance="l1")
     assert small.report.latency <= 0.5
+
+
+def test_deploy_takes_the_width_multiple_that_times_fastest(monkeypatch):
+    """pipeline="deploy" without round_to times each rounding's allocation against the
+    unrounded one and keeps the fastest (here a clock that favours multiples of 8);
+    the default pipeline and an explicit round_to never time anything."""
+    import graphprune.api
+
+    def clock(model, reference, inputs, rounds=5):  # multiples of 8 run at half the time
+        widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+        return 0.5 if all(w % 8 == 0 for w in widths if w >= 8) else 1.0
+
+    monkeypatch.setattr(graphprune.api, "latency_ratio", clock)
+    x = torch.randn(*IMAGE)
+    small = graphprune.compile(Residual().eval(), (x,), target_flops=0.4, importance="l1", pipeline="deploy")
+    assert small.report.rounding["chosen"] == 8
+    assert all(m.out_channels % 8 == 0 for m in small.modules() if isinstance(m, nn.Conv2d) and m.out_channels >= 8)
+    assert small.report.flops <= 0.4 and "multiples of 8" in str(small.report)
+    for kw in ({"pipeline": None}, {"pipeline": "deploy", "round_to": 1}):
+        assert graphprune.compile(Residual().eval(), (x,), target_flops=0.4, importance="l1", **kw).report.rounding is None
