@@ -126,9 +126,10 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
                    bool(reconstruct), check_trace=verify and why_not(model) is None)
     kind, target = next(iter(budgets.items()), (None, None))
     meter_kw = {"latency_inputs": latency_inputs} if kind == "latency" else {}
-    if round_to is None:
-        round_to = fastest_rounding(p, kind, target, Constraints(1, min_width, overrides)) \
-            if kind in ("flops", "params") and (pipeline or "").strip() == "deploy" else 1
+    rounding = None  # pipeline="deploy": the width multiple timed fastest, and the timings
+    if round_to is None and kind in ("flops", "params") and (pipeline or "").strip() == "deploy":
+        rounding = fastest_rounding(p, kind, target, Constraints(1, min_width, overrides))
+    round_to = round_to or (rounding or {}).get("chosen", 1)
 
     def decide_with(rule: str) -> dict:
         if kind is None:
@@ -161,7 +162,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     rep = report(p, removed, out, budgets, latency_inputs) if budgets else light_report(p, removed)
     rep.verify = check
     rep.auto = choice
-    rep.rounding = getattr(p, "rounding", None)
+    rep.rounding = rounding
     result, rep.form, rep.form_why = _choose_form(model, out, p, output)
     result.report = rep
     return result
@@ -170,7 +171,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
 ROUNDINGS = (1, 8, 16)
 
 
-def fastest_rounding(p, kind: str, target: float, constraints, *, clock=None) -> int:
+def fastest_rounding(p, kind: str, target: float, constraints, *, clock=None) -> dict | None:
     """``pipeline="deploy"`` with no ``round_to``: the width multiple this device runs
     fastest, measured on the model itself. Convolution libraries work on channels
     in blocks and pad the last one, so widths left at arbitrary counts buy little
@@ -179,7 +180,8 @@ def fastest_rounding(p, kind: str, target: float, constraints, *, clock=None) ->
     16, FLOPs alike). A one-layer probe did not predict it (a 64-channel 1x1
     conv ran slower than a 57-channel one), so each rounding's allocation (score
     ranking) is built and timed against the unrounded one, side by side; a
-    rounding must be 5% faster to be taken."""
+    rounding must be 5% faster to be taken. Returns {"chosen": q, "latency_vs_unrounded": ...},
+    or None where no rounding reaches the budget."""
     from dataclasses import replace
 
     clock = clock or latency_ratio
@@ -191,13 +193,12 @@ def fastest_rounding(p, kind: str, target: float, constraints, *, clock=None) ->
             continue  # this rounding cannot reach the budget
         built[q] = p.prune(removed, check=False, fit=False)
     if 1 not in built or len(built) == 1:
-        return 1
+        return None
     x = p.example_inputs
     with torch.no_grad():
         ratios = {q: clock(m, built[1], x) for q, m in built.items() if q != 1}
     q, r = min(ratios.items(), key=lambda kv: kv[1])
-    p.rounding = {"chosen": q if r < 0.95 else 1, "latency_vs_unrounded": {k: round(v, 3) for k, v in ratios.items()}}
-    return p.rounding["chosen"]
+    return {"chosen": q if r < 0.95 else 1, "latency_vs_unrounded": {k: round(v, 3) for k, v in ratios.items()}}
 
 
 def _choose_form(model, out, p, output: str):
