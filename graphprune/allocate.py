@@ -13,6 +13,7 @@ result never exceeds it.
 from __future__ import annotations
 
 import gc
+import warnings
 
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
-from .errors import GraphpruneError
+from .errors import GraphpruneError, GraphpruneWarning
 from .flops import count_flops, count_params, latency_ratio
 from .pruner import Pruner, matching_ratio, remove_lowest
 from .trace import meta_state, to_meta
@@ -40,6 +41,7 @@ class Report:
     form_why: str = ""
     auto: object = None  # auto.Choice: what importance="auto" chose, and why
     rounding: dict | None = None  # pipeline="deploy": the width multiple chosen by timing, and the timings
+    layout: dict | None = None  # pipeline="deploy": whether convolution weights went channels-last, and the timing
 
     def __str__(self) -> str:
         lat = "" if self.latency is None else f", latency {self.latency:.3f}"
@@ -48,7 +50,9 @@ class Report:
         chose = f"; {self.auto}" if self.auto is not None else ""
         rounded = "" if not self.rounding else (f"; widths in multiples of {self.rounding['chosen']} (timed: latency vs "
                                                 f"unrounded {self.rounding['latency_vs_unrounded']})")
-        return f"{cost}{len(self.widths)} groups{check}{chose}{rounded}"
+        laid = "" if not self.layout else (f"; channels-last {'on' if self.layout['channels_last'] else 'off'} "
+                                           f"({self.layout['why']})")
+        return f"{cost}{len(self.widths)} groups{check}{chose}{rounded}{laid}"
 
 
 @dataclass
@@ -238,7 +242,26 @@ def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule
         best = _bisect(cost, len(taus), target, kind)
     if kind == "latency":
         best = _confirmed(meter, cost, len(taus), target, best)
+        _warn_near_floor(target, cost(len(taus) - 1)[1], best[1])
     return best
+
+
+FLOOR_MARGIN = 0.8  # a latency target under floor / 0.8 lands on the flat stretch of the curve
+
+
+def _warn_near_floor(target: float, floor: float, got: float) -> None:
+    """Latency does not fall with FLOPs all the way: memory-bound work (depthwise
+    convolutions, activations, layout reorders) and per-op overhead stay. Near
+    that floor the latency curve is flat, so the bisection's choice swings with a
+    few percent of timing noise, and what meets the target may have removed most
+    of the model (bench/deploy_speed.py: MobileNetV2 at 0.3 of its latency kept
+    1/94 of its FLOPs). Say so rather than return such a model silently."""
+    if floor > FLOOR_MARGIN * target:
+        warnings.warn(GraphpruneWarning(
+            f"target_latency={target} is near this model's latency floor on this device: every group at its minimum "
+            f"width still takes {floor:.3f} of the original's time (chosen: {got:.3f}). Widths this close to the floor "
+            "are chosen by timing noise and may remove far more than the latency gained suggests; check "
+            "result.report.flops, or prefer a target above the floor / 0.8 or a FLOPs budget"), stacklevel=3)
 
 
 def _confirmed(meter, cost, n: int, target: float, best: tuple, tries: int = 3) -> tuple:

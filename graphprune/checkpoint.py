@@ -306,5 +306,7 @@ def _assign(out: torch.nn.Module, loaded: dict, aliases: dict) -> None:
                 key = aliases.get(prefix + k, prefix + k)
                 if key not in made:
                     data = loaded[key]
+                    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+                        data = data.contiguous(memory_format=torch.channels_last)  # the layout the pipeline chose
                     made[key] = torch.nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else data
                 store[k] = made[key]

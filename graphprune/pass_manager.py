@@ -25,7 +25,8 @@ from .errors import GraphpruneError
 from .meta_keys import EXAMPLE
 from .trace import output_shapes, propagate_shapes
 
-__all__ = ["PassResult", "register_pass", "get_pass", "registered_passes", "parse_pipeline", "run_pipeline", "check_graph"]
+__all__ = ["PassResult", "register_pass", "get_pass", "registered_passes", "parse_pipeline", "format_pipeline", "run_pipeline",
+           "check_graph"]
 
 PassFn = Callable[..., PassResult]
 _REGISTRY: dict[str, PassFn] = {}
@@ -94,6 +95,13 @@ def parse_pipeline(pipeline: str | list) -> list[tuple[str, dict]]:
         steps.append((m.group(1), opts))
         pos = m.end()
     return steps
+
+
+def format_pipeline(steps: list[tuple[str, dict]]) -> str:
+    """The inverse of ``parse_pipeline``: ``[("b", {"x": 1})]`` -> ``"b{x=1}"``."""
+    def opts(o: dict) -> str:
+        return "{" + ",".join(f"{k}={v!r}" for k, v in o.items()) + "}" if o else ""
+    return ",".join(f"{name}{opts(o)}" for name, o in steps)
 
 
 def check_graph(gm: GraphModule) -> None:

@@ -183,6 +183,27 @@ def test_a_latency_reading_above_the_target_is_timed_again_and_corrected(monkeyp
     assert small.report.latency <= 0.5
 
 
+def test_a_latency_target_near_the_floor_warns(monkeypatch):
+    """Latency that stops falling with FLOPs (a floor of 0.45 here, as depthwise nets have on CPU): a
+    target within the floor's margin still lands, but warns that the widths are noise-chosen;
+    a target well above the floor does not warn."""
+    import warnings
+
+    import graphprune.allocate
+
+    def clock(model, reference, inputs, rounds=5):
+        return 0.45 + 0.55 * graphprune.count_flops(model, inputs) / graphprune.count_flops(reference, inputs)
+
+    monkeypatch.setattr(graphprune.allocate, "latency_ratio", clock)
+    x = torch.randn(*IMAGE)
+    with pytest.warns(graphprune.GraphpruneWarning, match="latency floor"):
+        small = graphprune.compile(Residual().eval(), (x,), target_latency=0.5, importance="l1")
+    assert small.report.latency <= 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", graphprune.GraphpruneWarning)
+        graphprune.compile(Residual().eval(), (x,), target_latency=0.8, importance="l1")
+
+
 def test_deploy_takes_the_width_multiple_that_times_fastest(monkeypatch):
     """pipeline="deploy" without round_to times each rounding's allocation against the
     unrounded one and keeps the fastest (here a clock that favours multiples of 8);
