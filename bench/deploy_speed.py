@@ -5,7 +5,8 @@ FLOPs reduction, 1.0 being the limit. Each model (torchvision, random
 weights, eval mode, batch 8 at 224x224, 2 threads) is pruned at ``ratio=0.5``,
 at ``target_flops=0.25`` and at ``target_latency=0.3`` (classifier kept, ``importance="l1"``: speed does
 not depend on which channels go), once with the default pipeline and once
-with ``pipeline="deploy"`` (BatchNorms folded into the layers before them; under a
+with ``pipeline="deploy"`` (BatchNorms folded into the layers before them; 2-d
+convolutions channels-last where the unpruned model times faster so; under a
 FLOPs budget, widths in the multiple of 1, 8 or 16 that times fastest here).
 
 Latency ratios are measured side by side (``graphprune.flops.latency_ratio``:
@@ -13,8 +14,8 @@ pruned and reference alternate, each keeps its fastest round), against two refer
 
 * the original as given (what the user had);
 * the original after the same lossless clean-ups (``compile(..., ratio=0,
-  pipeline="deploy")``: nothing removed, BatchNorms folded), so the part of
-  the speed-up that folding alone gives is visible.
+  pipeline="deploy")``: nothing removed, BatchNorms folded, channels-last where faster), so the part of
+  the speed-up that folding and the layout alone give is visible.
 
     PYTHONPATH=. python bench/deploy_speed.py                   # -> bench/results/deploy_speed.json
     PYTHONPATH=. python bench/deploy_speed.py --models resnet50 --rounds 3
@@ -74,6 +75,8 @@ def main():
                              "efficiency_vs_given": round(vs_given / reduction, 3),
                              "speedup_vs_folded_original": round(vs_folded, 3),
                              "efficiency_vs_folded_original": round(vs_folded / reduction, 3)}
+                if small.report.layout:  # deploy: channels-last or not, and the timing that decided it
+                    row[pipe]["layout"] = small.report.layout
                 if small.report.rounding:  # deploy with a FLOPs budget: the width multiple it timed fastest
                     row[pipe]["rounding"] = small.report.rounding
                 if "target_latency" in BUDGETS[budget]:  # where it landed: compile's own figure and this run's

@@ -10,7 +10,8 @@ ties go to the shorter, then the alphabetically first name. Random weights,
 config is a row that says so.
 
 Input: 1 x 3 x 64 x 64 with ``img_size=64`` passed to the constructor where it
-takes it; otherwise 64 x 64 without it; otherwise the model's default input size.
+takes it; otherwise 64 x 64 without it; otherwise the smallest input its
+``pretrained_cfg`` states (``min_input_size``); otherwise its default input size.
 
 For each family, in a fresh process (``--timeout`` seconds, default 180, and a
 resident-memory cap, default 5 GB; either is a row that says so):
@@ -117,12 +118,14 @@ def build(name: str):
     import torch
 
     errors = []
-    for kw, size in (({"img_size": SIZE}, SIZE), ({}, SIZE), ({}, None)):
+    for kw, size in (({"img_size": SIZE}, SIZE), ({}, SIZE), ({}, "min_input_size"), ({}, "input_size")):
         try:
             torch.manual_seed(0)
             model = timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
-            if size is None:
-                size = model.pretrained_cfg.get("input_size", (3, 224, 224))[1]
+            if isinstance(size, str):
+                if size == "min_input_size" and size not in model.pretrained_cfg:
+                    continue
+                size = model.pretrained_cfg.get(size, (3, 224, 224))[1]
             x = torch.randn(1, 3, size, size)
             with torch.no_grad():
                 copy.deepcopy(model)(x)

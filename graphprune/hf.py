@@ -46,11 +46,14 @@ def example_kwargs(model, kwargs: dict | None) -> dict | None:
 
 
 def _rows(mod) -> int | None:
-    """Output width of a projection (nn.Linear or GPT-2's transposed Conv1D)."""
+    """Output width of a projection (nn.Linear or GPT-2's transposed Conv1D, or a wrapper
+    holding exactly one of them, as Gemma 4's vision tower wraps ``q_proj.linear``)."""
     w = getattr(mod, "weight", None)
-    if w is None or w.dim() != 2:
-        return None
-    return w.shape[1] if type(mod).__name__ == "Conv1D" else w.shape[0]
+    if isinstance(w, torch.Tensor) and w.dim() == 2:
+        return w.shape[1] if type(mod).__name__ == "Conv1D" else w.shape[0]
+    inner = [m for m in mod.modules() if m is not mod and isinstance(getattr(m, "weight", None), torch.Tensor)
+             and m.weight.dim() == 2]
+    return _rows(inner[0]) if len(inner) == 1 else None
 
 
 def _child(mod, *names):
@@ -69,9 +72,10 @@ def _heads(mod) -> tuple[int, int, int] | None:
     q = _child(mod, "q_proj", "query", "q")
     k = _child(mod, "k_proj", "key", "k")
     if q is not None and k is not None:
-        return _rows(q) // head_dim, _rows(k) // head_dim, head_dim
+        rq, rk = _rows(q), _rows(k)
+        return None if rq is None or rk is None else (rq // head_dim, rk // head_dim, head_dim)
     fused = _child(mod, "c_attn")  # GPT-2: q, k and v in one projection
-    if fused is not None and not getattr(mod, "is_cross_attention", False):
+    if fused is not None and not getattr(mod, "is_cross_attention", False) and _rows(fused) is not None:
         h = _rows(fused) // 3 // head_dim
         return h, h, head_dim
     return None
