@@ -19,6 +19,10 @@ pruned and reference alternate, each keeps its fastest round), against two refer
 
     PYTHONPATH=. python bench/deploy_speed.py                   # -> bench/results/deploy_speed.json
     PYTHONPATH=. python bench/deploy_speed.py --models resnet50 --rounds 3
+    PYTHONPATH=. python bench/deploy_speed.py --budgets target_latency=0.3 --pipelines deploy --redo   # those figures again
+
+Each pipeline's figures carry the commit they were measured on (``code``; ``+dirty`` when
+the library had uncommitted changes).
 """
 from __future__ import annotations
 
@@ -39,6 +43,15 @@ BUDGETS = {"ratio=0.5": {"ratio": 0.5}, "target_flops=0.25": {"target_flops": 0.
            "target_latency=0.3": {"target_latency": 0.3}}
 
 
+def _code() -> str:
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "graphprune", "passes"], cwd=root, capture_output=True, text=True).stdout
+    return head + ("+dirty" if dirty.strip() else "")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=list(HEADS))
@@ -46,12 +59,15 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--pipelines", nargs="*", default=["default", "deploy"])
+    ap.add_argument("--redo", action="store_true", help="measure (model, budget) rows already in --out again; "
+                    "pipelines not in --pipelines keep their old figures")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "deploy_speed.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
-    done = {(r["model"], r["budget"]) for r in rows}
+    done = {(r["model"], r["budget"]): r for r in rows}
     x = torch.randn(a.batch, 3, 224, 224)
     for name in a.models:
         torch.manual_seed(0)
@@ -60,13 +76,15 @@ def main():
         base_flops = graphprune.count_flops(model, (x,))
         folded = graphprune.compile(model, (x,), ratio=0.0, importance="l1", ignore=[head], pipeline="deploy", verify=False)
         for budget in a.budgets:
-            if (name, budget) in done:
+            if (name, budget) in done and not a.redo:
                 continue
-            row = {"model": name, "budget": budget, "batch": a.batch, "threads": a.threads}
-            for pipe in ("default", "deploy"):
+            old = done.get((name, budget))
+            row = {**(old or {}), "model": name, "budget": budget, "batch": a.batch, "threads": a.threads}
+            for pipe in a.pipelines:
                 t = time.perf_counter()
                 small = graphprune.compile(model, (x,), importance="l1", ignore=[head], pipeline=pipe, **BUDGETS[budget])
                 row[f"{pipe}_compile_s"] = round(time.perf_counter() - t, 1)
+                row[f"{pipe}_code"] = _code()
                 reduction = base_flops / graphprune.count_flops(small, (x,))
                 with torch.no_grad():
                     vs_given = 1 / latency_ratio(small, model, (x,), rounds=a.rounds)
@@ -84,7 +102,7 @@ def main():
                     row[pipe].update(latency_reported=round(small.report.latency, 3), latency_measured=round(1 / vs_given, 3),
                                      latency_miss=round(abs(1 / vs_given - want) / want, 3))
                 del small
-            rows.append(row)
+            rows = [r for r in rows if r is not old] + [row]
             print(json.dumps(row), flush=True)
             out.write_text(json.dumps({"command": "PYTHONPATH=. python bench/deploy_speed.py",
                                        "torch": torch.__version__, "rows": rows}, indent=1))

@@ -163,6 +163,7 @@ def test_a_latency_budget_lands_and_is_measured_on_the_pipelines_form(monkeypatc
     small = graphprune.compile(Residual().eval(), (x,), target_latency=0.5, importance="l1", pipeline=pipeline)
     assert 0.4 <= small.report.latency <= 0.5
     assert has_bn and set(has_bn) == {pipeline == "default"}
+    assert (small.report.rounding is not None) == (pipeline == "deploy")  # deploy times the width multiples too
 
 
 def test_a_latency_reading_above_the_target_is_timed_again_and_corrected(monkeypatch):
