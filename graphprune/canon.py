@@ -281,6 +281,17 @@ def _einsum(node, mod=None):
     return COp("einsum", node, [vkey(o) for o in ops], attrs={"equation": eq})
 
 
+def _grouped_mm(node, mod=None):
+    """``transformers::grouped_mm_fallback(x (S, K), w (E, K, N), offs (E,)) -> (S, N)``: rows
+    ``offs[e-1]:offs[e]`` of x times expert e's ``w[e]`` (Hugging Face's fused MoE experts, as
+    ``torch.export`` traces them). ``aten._grouped_mm`` (the same product in bf16 on GPUs) has no
+    rule yet: its meta kernel takes only bf16, so no CPU test can check one."""
+    x, w, offs = (arg(node, i, n) for i, n in enumerate(("input", "weight", "offs")))
+    if [a.meta[VAL].dim() if vkey(a) is not None else None for a in (x, w, offs)] != [2, 3, 1]:
+        return COp("unknown", node, _tensors(node), attrs={"why": "grouped_mm other than (S, K) x (E, K, N) by offsets"})
+    return COp("grouped_mm", node, [vkey(x), vkey(w), vkey(offs)])
+
+
 def _shape_query(node, mod=None):
     return COp("shape", node, _tensors(node))
 
@@ -537,6 +548,8 @@ def _permute_channels(node, mod=None):
 
 
 FUNCTION_TABLE[permute_channels] = _permute_channels
+# custom ops registered by other libraries, by their schema name: present only once the library is imported
+OP_NAME_TABLE: dict[str, Callable] = {"transformers::grouped_mm_fallback": _grouped_mm}
 try:
     import torchvision.models.swin_transformer as _swin
     import torchvision.ops
@@ -643,7 +656,7 @@ def canonicalize_node(gm: GraphModule, node: Node) -> COp:
         if node.target == "size" or node.target == "dim":
             return _shape_query(node)
     else:
-        fn = FUNCTION_TABLE.get(node.target)
+        fn = FUNCTION_TABLE.get(node.target) or OP_NAME_TABLE.get(_op_name(node.target))
         if fn is not None and node.kwargs and not node.args and callable(node.target):
             _positional(node, node.target)  # F.linear(input=x, weight=w)
     tensor_out = isinstance(val, torch.Tensor) or (isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
@@ -688,6 +701,11 @@ def canonicalize(gm: GraphModule) -> list[COp]:
         node.meta[CANON] = cop
         out.append(cop)
     return out
+
+
+def _op_name(target) -> str | None:
+    """``"namespace::op"`` of a dispatcher op overload (``torch.ops.transformers.grouped_mm_fallback.default``)."""
+    return target.name() if isinstance(target, torch._ops.OpOverload) else None
 
 
 def _target_name(node: Node) -> str:

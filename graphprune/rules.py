@@ -314,6 +314,21 @@ def matmul(b, c: COp):
     _broadcast_batch(b, [(a, len(sa) - 2), (w, len(sw) - 2)], out, len(so) - 2)
 
 
+def grouped_mm(b, c: COp):
+    """x (S, K) @ w (E, K, N) -> (S, N), rows grouped by expert (``offs``): K is contracted
+    (shared), N maps to the output; in every expert at once, since all of them are one tensor.
+    The experts stay (``offs`` assigns rows to them by position), and so do the rows (their
+    positions are what ``offs`` counts)."""
+    x, w, offs = c.inputs
+    out = _out(c)
+    b.couple((x, 1), (w, 1))
+    b.couple((w, 2), (out, 1))
+    b.couple((w, 0), (offs, 0))
+    b.block((w, 0), f"{c.node.name}: experts are assigned rows by their position in offs")
+    for t in (x, out):
+        b.block((t, 0), f"{c.node.name}: rows are assigned to experts by position (offs)")
+
+
 def sdpa(b, c: COp):
     """q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev). Heads are leading dims."""
     q, k, v = c.inputs
@@ -585,6 +600,7 @@ RULES = {
     "einsum": einsum,
     "pool": pool,
     "matmul": matmul,
+    "grouped_mm": grouped_mm,
     "sdpa": sdpa,
     "linear": linear,
     "conv": conv,

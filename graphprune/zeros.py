@@ -309,6 +309,14 @@ def matmul(zs: Zeros, c: COp) -> None:
     zs.set(c.node, axes)
 
 
+def grouped_mm(zs: Zeros, c: COp) -> None:
+    """Like matmul: K contracted, N zero where every expert's weight is."""
+    x, w, _ = c.inputs
+    if not zs.zero(x, 1) and not zs.zero(w, 1):
+        zs.need(x, 1, f"{c.node.name}: grouped_mm contracts this dim; its removed entries must be zero on one side")
+    zs.set(c.node, [1] if zs.zero(w, 2) else [])
+
+
 def einsum(zs: Zeros, c: COp) -> None:
     eq = c.attrs["equation"].replace(" ", "")
     if "." in eq or any(t is None for t in c.inputs):
@@ -356,6 +364,7 @@ RULES = {
                              "repeat_interleave", "channel_permute", "patch_merge", "rel_pos_bias")},
     "reduce": reduce,
     "matmul": matmul,
+    "grouped_mm": grouped_mm,
     "einsum": einsum,
     "sdpa": sdpa,
 }
@@ -376,4 +385,4 @@ def block_unproven_reductions(b, cops: list[COp]) -> None:
                         b.block((t, k), f"{c.node.name}: cannot prove removed entries are zero ({type(e).__name__})")
 
 
-_NEEDS = {"reduce", "matmul", "einsum", "sdpa", "layer_norm", "rms_norm"}
+_NEEDS = {"reduce", "matmul", "grouped_mm", "einsum", "sdpa", "layer_norm", "rms_norm"}
