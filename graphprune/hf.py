@@ -102,6 +102,15 @@ def _mlp_width(mod) -> int | None:
     return None if proj is None else _rows(proj)
 
 
+def _experts_width(mod) -> int | None:
+    """Intermediate width of fused MoE experts (Mixtral's ``experts``): ``down_proj`` is
+    (E, H, I), or (E, I, H) where the module says ``is_transposed``."""
+    w = getattr(mod, "down_proj", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 3:
+        return None
+    return w.shape[1] if getattr(mod, "is_transposed", False) else w.shape[2]
+
+
 def fix_module(mod: torch.nn.Module, original: dict) -> None:
     """Make one module's width attributes true to its sliced parameters.
     ``original``: parameter shapes of the unpruned module, by local name."""
@@ -113,6 +122,9 @@ def fix_module(mod: torch.nn.Module, original: dict) -> None:
     width = _mlp_width(mod)
     if width is not None and isinstance(getattr(mod, "intermediate_size", None), int):
         mod.intermediate_size = width
+    experts = _experts_width(mod)
+    if experts is not None and isinstance(getattr(mod, "intermediate_dim", None), int):
+        mod.intermediate_dim = experts
     _fix_per_head_width(mod)
     if type(mod).__name__ == "Conv1D":
         mod.nx, mod.nf = mod.weight.shape

@@ -35,10 +35,11 @@ def _experts(model):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_moe_expert_channels_prune_losslessly(family):
+def test_moe_expert_channels_prune_losslessly(family, tmp_path):
     """25% of every group dead, expert channels included: the experts lose exactly those
     channels in every expert, logits equal the dead model's at two shapes, the user's own
-    class is kept and generate() decodes what the dead model decodes."""
+    class is kept (its ``intermediate_dim`` true), generate() decodes what the dead model
+    decodes, and save/load rebuilds it onto a fresh original on meta."""
     torch.manual_seed(0)
     model = FAMILIES[family]().eval()
     ids = torch.randint(3, VOCAB, (2, 7))
@@ -50,7 +51,7 @@ def test_moe_expert_channels_prune_losslessly(family):
     assert removed_alive(model, small) == []
     for big, e in zip(_experts(model), _experts(small)):
         assert tuple(e.gate_up_proj.shape) == (4, 192, 64) and tuple(big.gate_up_proj.shape) == (4, 256, 64)
-        assert tuple(e.down_proj.shape) == (4, 64, 96)
+        assert tuple(e.down_proj.shape) == (4, 64, 96) and e.intermediate_dim == 96 and big.intermediate_dim == 128
     with torch.no_grad():
         torch.testing.assert_close(small(ids).logits, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
         torch.testing.assert_close(small(other).logits, ref_other, rtol=1e-5, atol=1e-5 * ref_other.abs().max().item())
@@ -58,6 +59,12 @@ def test_moe_expert_channels_prune_losslessly(family):
         want = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
         got = small.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert got.tolist() == want.tolist()
+    graphprune.save(small, tmp_path)
+    with torch.device("meta"):
+        original = FAMILIES[family]()
+    back = graphprune.load(original, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, small(ids).logits)
 
 
 def test_moe_groups_are_intermediate_channels_of_all_experts():
