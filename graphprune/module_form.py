@@ -19,8 +19,13 @@ import torch.nn as nn
 
 from . import hf
 from .modules import full_width
-from .trace import fresh_attrs
+from .trace import fresh_attrs, own_tensors
 from .verify import _run, evaluating, mismatch, on_copies, other_inputs
+
+
+def _cloned(memo: dict):
+    """copy(tensor, name) for ``own_tensors``: one clone per tensor, ties kept."""
+    return lambda t, _name: memo[id(t)] if id(t) in memo else memo.setdefault(id(t), t.detach().clone())
 
 
 def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.Module | None, str]:
@@ -29,7 +34,7 @@ def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.M
     if info.get("method") != "symbolic_trace":
         return from_tensors(model, out, info), ""
     top = type(model).__new__(type(model))
-    top.__dict__ = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in fresh_attrs(model.__dict__).items()}
+    top.__dict__ = own_tensors(fresh_attrs(model.__dict__), _cloned(memo := {}))
     top._modules = {k: (None if v is None else out.get_submodule(k)) for k, v in model._modules.items()}
     for store, theirs in ((top._parameters, model._parameters), (top._buffers, model._buffers)):
         store.clear()
@@ -91,6 +96,7 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
     ``hf.py``). ``differs`` then decides whether the user's forward agrees."""
     theirs = {n: t for n, t in [*out.named_parameters(remove_duplicate=False), *out.named_buffers(remove_duplicate=False)]}
     memo: dict = {}
+    mine: dict = {}  # id of a user tensor -> what the copy holds in its place
 
     def tensor(t, name):
         src = theirs.get(name)
@@ -99,6 +105,7 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
             data = (src if src is not None else t).detach()
             data = data if src is not None else data.clone()
             memo[key] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data
+        mine[id(t)] = memo[key]
         return memo[key]
 
     def copy(m, prefix):
@@ -109,6 +116,7 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
         c.__dict__ = fresh_attrs(m.__dict__)
         c._parameters = {k: (None if t is None else tensor(t, prefix + k)) for k, t in m._parameters.items()}
         c._buffers = {k: (None if t is None else tensor(t, prefix + k)) for k, t in m._buffers.items()}
+        c.__dict__ = own_tensors(c.__dict__, _cloned(mine))
         c._modules = {k: (None if v is None else copy(v, f"{prefix}{k}.")) for k, v in m._modules.items()}
         return c
 

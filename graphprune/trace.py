@@ -39,6 +39,26 @@ def fresh_attrs(d: dict) -> dict:
     return {k: (type(v)(v) if isinstance(v, (dict, set, list)) else v) for k, v in d.items()}
 
 
+def own_tensors(d: dict, copy) -> dict:
+    """A module ``__dict__`` (already through ``fresh_attrs``) whose plain tensor
+    attributes, and tensors held in list, tuple or dict attributes (an RNN's
+    ``_flat_weights``, a cache a user keeps as ``[tensor]``), are replaced by
+    ``copy(tensor, name)``: a result tree must not hold the user's tensors,
+    which its forward could write into. Parameters and buffers are not here:
+    they live in ``_parameters`` / ``_buffers``."""
+    out = dict(d)
+    for k, v in d.items():
+        if k in ("_parameters", "_buffers", "_modules"):
+            continue
+        if isinstance(v, torch.Tensor):
+            out[k] = copy(v, k)
+        elif type(v) in (list, tuple) and any(isinstance(t, torch.Tensor) for t in v):
+            out[k] = type(v)(copy(t, f"{k}.{i}") if isinstance(t, torch.Tensor) else t for i, t in enumerate(v))
+        elif type(v) is dict and any(isinstance(t, torch.Tensor) for t in v.values()):
+            out[k] = {j: (copy(t, f"{k}.{j}") if isinstance(t, torch.Tensor) else t) for j, t in v.items()}
+    return out
+
+
 def shadow(model: torch.nn.Module, *, own_buffers: bool = False) -> torch.nn.Module:
     """A copy of the module tree that shares every parameter but no module object.
     Tracing runs ``forward``: code that assigns attributes (``self.offset +=

@@ -31,7 +31,7 @@ from torch.fx.node import map_arg
 from graphprune.canon import COp, arg, vkey
 from graphprune.meta_keys import CANON, NUMBERS, PLAN, VAL
 from graphprune.sizes import frozen_value
-from graphprune.trace import fresh_attrs
+from graphprune.trace import fresh_attrs, own_tensors
 from graphprune.modules import (FullWidthLayerNorm, FullWidthRMSNorm, PrunedSelfAttention, batch_norm_full, full_width,
                                 layer_norm_full, rms_norm_full)
 from graphprune.pass_manager import PassResult, register_pass
@@ -77,9 +77,9 @@ def _clone(m: nn.Module, new: dict, prefix: str, memo: dict) -> nn.Module:
     c._parameters = {k: (None if p is None else _copy_tensor(p, prefix + k, new, memo)) for k, p in m._parameters.items()}
     c._buffers = {k: (None if b is None else _copy_tensor(b, prefix + k, new, memo)) for k, b in m._buffers.items()}
     c._modules = {k: (None if s is None else _clone(s, new, f"{prefix}{k}.", memo)) for k, s in m._modules.items()}
-    for k, v in m.__dict__.items():
-        if isinstance(v, torch.Tensor) and k not in ("_parameters", "_buffers"):
-            c.__dict__[k] = _copy_tensor(v, prefix + k, new, memo)
+    # plain tensor attributes and tensors in lists (after the parameters: ``memo`` maps an
+    # RNN's _flat_weights to the new parameters)
+    c.__dict__ = own_tensors(c.__dict__, lambda t, k: _copy_tensor(t, prefix + k, new, memo))
     return c
 
 

@@ -282,6 +282,43 @@ def test_result_shares_no_storage_with_the_users_model(model, shape, ratio):
     assert not any(a is b for a in small.modules() for b in m.modules())
 
 
+class TensorsInContainers(nn.Module):
+    """Tensors a module holds outside its parameters and buffers: a plain attribute, a list,
+    a dict (caches users keep), inside a submodule that gets pruned and at the top."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 4)
+        self.a.cache = [torch.zeros(2)]
+        self.a.table = {"scale": torch.ones(1)}
+        self.offsets = [torch.full((4,), 0.5)]
+        self.plain = torch.ones(4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) + self.offsets[0] + self.plain
+
+
+@pytest.mark.parametrize("output", ["auto", "graph"])
+def test_result_holds_none_of_the_users_tensors_in_containers(output):
+    """A result may not hold the user's tensors anywhere (its forward could write into them),
+    not even in list or dict attributes (an RNN's _flat_weights, a user's cache)."""
+    torch.manual_seed(0)
+    m = TensorsInContainers().eval()
+    x = torch.randn(3, 6)
+    small = graphprune.compile(m, (x,), ratio=0.5, importance="l1", output=output)
+    theirs = {id(t) for mod in m.modules() for v in vars(mod).values()
+              for t in ([v] if isinstance(v, torch.Tensor) else list(v) if type(v) in (list, tuple)
+                        else list(v.values()) if type(v) is dict else []) if isinstance(t, torch.Tensor)}
+    theirs |= {id(t) for t in [*m.parameters(), *m.buffers()]}
+    for mod in small.modules():
+        for k, v in vars(mod).items():
+            held = [v] if isinstance(v, torch.Tensor) else list(v) if type(v) in (list, tuple) else \
+                list(v.values()) if type(v) is dict else []
+            assert not any(isinstance(t, torch.Tensor) and id(t) in theirs for t in held), (type(mod).__name__, k)
+    assert small.report.form == ("graph" if output == "graph" else "module")
+    assert small(x).shape == (3, 4)
+
+
 class BoolMask(nn.Module):
     """Class 10: boolean-mask indexing over channels."""
 
