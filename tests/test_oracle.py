@@ -15,16 +15,35 @@ def test_dead_channels_are_removed_losslessly(name):
     assert_lossless(fn, shape)
 
 
+def _heads_kept(small, name: str, hd: int) -> dict[int, int]:
+    """{original head: positions kept} of a projection's output rows, from the kept indices."""
+    from graphprune.module_form import info
+
+    rows = [int(i) for i in info(small)["kept"][(name, 0)]]
+    out: dict[int, int] = {}
+    for r in rows:
+        out[r // hd] = out.get(r // hd, 0) + 1
+    return out
+
+
 @pytest.mark.parametrize("expand", [False, True])
-def test_gqa_removes_whole_kv_groups(expand):
+def test_gqa_stays_balanced(expand):
+    """Grouped-query attention prunes losslessly and stays a valid GQA layout: every kept key
+    head keeps the same positions count d', every kept query head too, and each kept key head
+    still serves n_head / n_kv query heads. With the key/value heads indexed by
+    repeat_interleave (expand=False) whole key/value groups go (d' = head_dim); with them
+    expanded by view/expand (expand=True) graphprune shrinks head_dim in every head instead."""
     model, small = assert_lossless(lambda: GQAttention(n_head=8, n_kv=4, expand=expand), TOKENS)
     hd, rep = model.hd, model.n_head // model.n_kv
-    assert small.k.out_features % hd == 0
-    kv = small.k.out_features // hd
-    assert kv < model.n_kv
-    # query heads stay balanced: rep query heads per surviving kv head
-    assert small.q.out_features == kv * rep * hd
-    assert small.o.in_features == small.q.out_features
+    k, q = _heads_kept(small, "k.weight", hd), _heads_kept(small, "q.weight", hd)
+    d = set(k.values())
+    assert len(d) == 1 and set(q.values()) == d, (k, q)
+    assert len(q) == rep * len(k)
+    assert small.o.in_features == small.q.out_features == len(q) * d.pop()
+    if not expand:
+        assert set(k.values()) == {hd} and len(k) < model.n_kv  # whole key/value groups removed
+    else:
+        assert len(k) == model.n_kv and all(v < hd for v in k.values())  # every head kept, head_dim shrunk
 
 
 def test_shuffle_is_a_permutation_not_a_coupling():
