@@ -219,10 +219,13 @@ def fastest_layout(p, *, clock=None) -> dict | None:
     ``p.pipeline``; returns {"channels_last": bool, "why": ..., "latency_vs_contiguous": r}
     or None where the model has no 2-d convolution to convert."""
     from .pass_manager import format_pipeline, parse_pipeline
+    from .passes.channels_last import has_convolution
 
     steps = parse_pipeline(p.pipeline or DEFAULT_PIPELINE)
     if any(name == "channels-last" for name, _ in steps):
         return None  # asked for by name: the user's choice
+    if not has_convolution(p.gm):
+        return None  # nothing to convert: build nothing, time nothing
     at = next((i for i, (name, _) in enumerate(steps) if name == "dce"), len(steps))
     trial = format_pipeline(steps[:at] + [("channels-last", {})] + steps[at:])
     plain = p.prune({}, check=False, fit=False)

@@ -23,27 +23,22 @@ never writes into a module or tensor it was given.
 """
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 import torch.nn as nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
-from graphprune.meta_keys import VAL
 from graphprune.trace import fresh_attrs
 from graphprune.pass_manager import PassResult, register_pass
+
+from .fold_bn import _ndim
 
 CL = torch.channels_last
 # functional convolutions, by the position of their weight argument
 CONV_FUNCTIONS = {torch.nn.functional.conv2d: 1, torch.conv2d: 1,
                   torch.ops.aten.conv2d.default: 1, torch.ops.aten.convolution.default: 1}
-
-
-def _ndim(node: Node) -> int | None:
-    meta = node.meta.get("tensor_meta")
-    if meta is not None and hasattr(meta, "shape"):
-        return len(meta.shape)
-    val = node.meta.get(VAL)
-    return val.dim() if isinstance(val, torch.Tensor) else None
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor | None:
@@ -62,12 +57,6 @@ def _converted_module(conv: nn.Conv2d) -> nn.Conv2d:
     return new
 
 
-def _getattr_path(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _set_attr(gm: GraphModule, path: str, value) -> None:
     owner, _, name = path.rpartition(".")
     mod = gm.get_submodule(owner) if owner else gm
@@ -77,6 +66,12 @@ def _set_attr(gm: GraphModule, path: str, value) -> None:
         mod._buffers[name] = value
     else:
         setattr(mod, name, value)
+
+
+def has_convolution(gm: GraphModule) -> bool:
+    """Whether the pass has anything to convert: a 2-d convolution, as a module or a function."""
+    return any((n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d))
+               or (n.op == "call_function" and n.target in CONV_FUNCTIONS) for n in gm.graph.nodes)
 
 
 @register_pass("channels-last")
@@ -110,7 +105,7 @@ def channels_last(gm: GraphModule) -> PassResult:
             pos = CONV_FUNCTIONS[n.target]
             w = n.args[pos] if len(n.args) > pos else n.kwargs.get("weight")
             if isinstance(w, Node) and w.op == "get_attr":
-                t = _getattr_path(gm, w.target)
+                t = attrgetter(w.target)(gm)
                 new = _nhwc(t) if isinstance(t, torch.Tensor) else None
                 if new is not None:
                     _set_attr(gm, w.target, new)
