@@ -190,7 +190,8 @@ def main():
     ap.add_argument("--keep", type=float, nargs="*", default=[0.9, 0.8, 0.65])
     ap.add_argument("--methods", nargs="*", default=["gp-auto", "gp-activation", "gp-fluctuation", "gp-l2", "tp-taylor", "tp-magnitude"])
     ap.add_argument("--calib-domain", default="docs")
-    ap.add_argument("--calib", type=int, default=16, help="calibration windows")
+    ap.add_argument("--calib", type=int, default=128, help="calibration windows (128 x 256 tokens: the refit's "
+                    "least squares wants about 16 positions per input of the widest layer, graphprune warns below)")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows per domain")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--distill-at", type=float, nargs="*", default=[0.8])

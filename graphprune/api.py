@@ -7,17 +7,19 @@
 from __future__ import annotations
 
 import gc
+import warnings
 from contextlib import contextmanager
 
 import torch
 
 from .allocate import Constraints, allocate, light_report, report
 from .batches import as_call, regroup
-from .errors import GraphpruneError
+from .errors import GraphpruneError, GraphpruneWarning
 from .flops import latency_ratio
 from .groups import Analysis, analyze_graph
 from . import auto, module_form
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore
+from .reconstruct import thin_calibration
 from .trace import trace
 from .verify import Verification, verified, why_not
 
@@ -160,6 +162,9 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         out, check = p.prune(removed, fit=False), Verification("skipped", "verify=False")
     if p.reconstruct:
         p.refit(out, removed)
+        thin = thin_calibration(out)
+        if thin:
+            warnings.warn(GraphpruneWarning(thin), stacklevel=2)
     if choice is not None and choice.recalibrate:  # as auto judged it: statistics of the pruned model on the user's data
         from .loop import recalibrated
 

@@ -6,6 +6,10 @@ before fine-tuning, how far its outputs move from the original's on data the
 choice did not see. The calibration batches are split: the even ones score
 units and refit layers, the odd ones judge (held out, so a criterion or a refit
 that overfits the calibration text loses, as it would on the user's data).
+The judge reads at most ``JUDGE_BATCHES`` of the odd ones: every candidate
+costs one pass over them, and a user who gives more calibration data (which
+the refit needs: see ``thin_calibration``) should not pay for it once per
+candidate. The final refit uses every batch.
 
 Candidates:
 
@@ -53,6 +57,7 @@ from .meta_keys import VAL
 from .verify import _run, flatten
 
 DATA_CRITERIA = ("activation", "fluctuation", "l2")
+JUDGE_BATCHES = 8  # held-out batches the judge reads, spread over the held-out ones (a cost bound)
 LOSS_CRITERIA = ("taylor", "fisher")
 
 
@@ -141,6 +146,13 @@ def _positions(gm) -> dict:
 def unit_cost(g, gm, kind: str | None) -> np.ndarray:
     """What removing one unit of ``g`` saves, in the budget's own currency."""
     return unit_flops(g, gm) if kind == "flops" else unit_params(g, gm)
+
+
+def judged(held: list) -> list:
+    """At most ``JUDGE_BATCHES`` of the held-out batches, evenly spaced (windows of one text in order: all of it)."""
+    if len(held) <= JUDGE_BATCHES:
+        return list(held)
+    return [held[i] for i in np.linspace(0, len(held) - 1, JUDGE_BATCHES).round().astype(int)]
 
 
 def split(calibration) -> tuple[list, list]:
@@ -274,7 +286,7 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
     from .loop import has_bn
 
     recal = recalibrate_possible and has_bn(p.gm) and len(p.calibration) > 1
-    judge = Judge(p, held, scoring if recal else None)
+    judge = Judge(p, judged(held), scoring if recal else None)
     tried: dict = {}
     notes: list = []
     if recal:

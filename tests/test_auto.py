@@ -215,3 +215,19 @@ def test_recalibrate_bn_leaves_dropout_in_eval_mode():
         h = net[0](x)
     torch.testing.assert_close(net[2].running_mean, h.mean(0), rtol=1e-5, atol=1e-5)
     assert not net.training and not net[2].training
+
+
+def test_judge_reads_at_most_judge_batches_spread_over_the_held_out_ones(monkeypatch):
+    """More calibration data serves the refit; the judge, run once per candidate, reads a bounded, spread subset."""
+    from graphprune import auto
+
+    assert auto.judged(list(range(5))) == list(range(5))
+    assert auto.judged(list(range(29))) == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert auto.judged([]) == []
+    seen = []
+    real = auto.Judge.__init__
+    monkeypatch.setattr(auto.Judge, "__init__", lambda self, p, held, *a: (seen.append(len(held)), real(self, p, held, *a))[1])
+    model = Skewed().eval()
+    cal = [(_data(8, s),) for s in range(40)]
+    small = graphprune.compile(model, (_data(8, 9),), target_params=0.6, calibration=cal, ignore=["down"])
+    assert seen == [auto.JUDGE_BATCHES] and small.report.params <= 0.6

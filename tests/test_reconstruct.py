@@ -190,3 +190,21 @@ def test_statistics_criteria_rank_planted_unit_last(criterion):
     p = Pruner(model, (torch.randn(*ROWS),), importance=criterion, calibration=[(torch.randn(*ROWS),) for _ in range(3)])
     (g,) = [g for g in p.groups if ("up.weight", 0) in g.dims]
     assert int(np.argmin(p.scores[g.id])) == g.dims[("up.weight", 0)][3]
+
+
+def test_refit_from_thin_calibration_warns_and_enough_data_does_not():
+    """Each refit layer solves for one weight per input and output; with few calibration
+    positions per input the fit follows the calibration data, and compile says so."""
+    torch.manual_seed(0)
+    model = Twins(hidden=64).eval()
+    x = torch.randn(4, 6)
+    thin = [(torch.randn(16, 6),) for _ in range(2)]       # 32 positions for 33 inputs (32 kept + the constant)
+    with pytest.warns(graphprune.GraphpruneWarning, match="calibration positions"):
+        small = graphprune.compile(model, (x,), ratio=0.5, importance="activation", reconstruct=True, calibration=thin)
+    assert small.down.in_features == 32
+    enough = [(torch.randn(128, 6),) for _ in range(5)]    # 640 positions: 19 per input
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", graphprune.GraphpruneWarning)
+        graphprune.compile(model, (x,), ratio=0.5, importance="activation", reconstruct=True, calibration=enough)
