@@ -475,10 +475,10 @@ def main() -> None:
     import torch
     import transformers
 
-    doc = {"families": []}
-    if args.resume and args.out.exists():
-        doc = json.loads(args.out.read_text())
-    done = {r["family"] for r in doc["families"]}
+    # rows of families not run this time stay: a --families subset replaces only its own rows
+    # (a MoE-only rerun once overwrote the other 27 families' results)
+    doc = json.loads(args.out.read_text()) if args.out.exists() else {"families": []}
+    done = {r["family"] for r in doc["families"]} if args.resume else set()
     doc.update(transformers=transformers.__version__, torch=torch.__version__, git=_git(),
                command="nice -n 10 .venv/bin/python bench/hf_families.py", ratio=0.25, importance="l1",
                lossless_if_rel_err_at_most=LOSSLESS)
