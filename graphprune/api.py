@@ -161,8 +161,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         removed = decide()
         out, check = p.prune(removed, fit=False), Verification("skipped", "verify=False")
     if p.reconstruct:
-        p.refit(out, removed)
-        thin = thin_calibration(out)
+        thin = thin_calibration(p.refit(out, removed))
         if thin:
             warnings.warn(GraphpruneWarning(thin), stacklevel=2)
     if choice is not None and choice.recalibrate:  # as auto judged it: statistics of the pruned model on the user's data

@@ -57,8 +57,8 @@ from .meta_keys import VAL
 from .verify import _run, flatten
 
 DATA_CRITERIA = ("activation", "fluctuation", "l2")
-JUDGE_BATCHES = 8  # held-out batches the judge reads, spread over the held-out ones (a cost bound)
 LOSS_CRITERIA = ("taylor", "fisher")
+JUDGE_BATCHES = 8  # held-out batches the judge reads, spread over the held-out ones (a cost bound)
 
 
 @dataclass

@@ -260,10 +260,10 @@ class Pruner:
                 "Pass real weights with verify on (the default): the pruned model is then checked by running it.")
         return self.meta_check
 
-    def refit(self, out: torch.fx.GraphModule, removed: dict) -> None:
-        """Refit the layers of ``out`` that read pruned channels (``reconstruct=True``)."""
+    def refit(self, out: torch.fx.GraphModule, removed: dict) -> dict | None:
+        """Refit the layers of ``out`` that read pruned channels (``reconstruct=True``); ``reconstruct.refit``'s record."""
         plan = make_plan(self.groups, removed)
-        _reconstruct.refit(out, self.gm, plan, self._ctx.layers, self._ctx._batches("a refit"))
+        return _reconstruct.refit(out, self.gm, plan, self._ctx.layers, self._ctx._batches("a refit"))
 
     def prune(self, removed: dict[int, np.ndarray], *, check: bool = True, fit: bool = True) -> torch.fx.GraphModule:
         """A new module without the ``removed`` units ({group id: unit ids}).

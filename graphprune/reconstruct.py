@@ -192,8 +192,10 @@ def _rows(x: torch.Tensor, axis: int) -> torch.Tensor:
     return torch.cat([x, x.new_ones(len(x), 1)], 1)                            # (positions, C + 1)
 
 
-def refit(out: GraphModule, gm: GraphModule, plan: dict, layers: list[Consumer], calibration) -> int:
-    """Refit, in ``out`` (the pruned module), every layer whose input shrank. Returns how many changed.
+def refit(out: GraphModule, gm: GraphModule, plan: dict, layers: list[Consumer], calibration) -> dict | None:
+    """Refit, in ``out`` (the pruned module), every layer whose input shrank. Returns None
+    where none did, else how many were refit and the thinnest fit: the layer with the fewest
+    calibration positions per input (``thin_calibration`` reads it).
     ``calibration``: input tuples. Every batch is in flight at once, so the
     live activations of all of them are held together.
 
@@ -221,7 +223,7 @@ def refit(out: GraphModule, gm: GraphModule, plan: dict, layers: list[Consumer],
         if kept is not None and c.node.name in by_name:
             todo.append((c, np.asarray(kept), by_name[c.node.name]))
     if not todo:
-        return 0
+        return None
     batches = list(calibration)
     fitted = []  # (positions, inputs, layer) of each solve
     orig = [_Stepper(gm, b) for b in batches]
@@ -253,15 +255,14 @@ def refit(out: GraphModule, gm: GraphModule, plan: dict, layers: list[Consumer],
             _solve_into(out, c, w, kept, G_pp, C_tp, T)
             fitted.append((float(T[:, 1].sum()), K, c.node.name))
     positions, inputs, name = min(fitted, key=lambda f: f[0] / f[1])
-    out.meta["gp_refit"] = {"layers": len(todo), "positions": int(positions), "inputs": inputs, "layer": name}
-    return len(todo)
+    return {"layers": len(todo), "positions": int(positions), "inputs": inputs, "layer": name}
 
 
 THIN = 16  # calibration positions per input below which ``thin_calibration`` warns; see its docstring
 
 
-def thin_calibration(out: GraphModule) -> str | None:
-    """Why the last refit of ``out`` had too little calibration data, or None.
+def thin_calibration(rec: dict | None) -> str | None:
+    """Why a refit (``rec``: what ``refit`` returned) had too little calibration data, or None.
 
     Each refit layer solves for as many weights per output as it has inputs
     (``K``), from the ``P`` positions (tokens, pixels) the calibration batches
@@ -273,7 +274,6 @@ def thin_calibration(out: GraphModule) -> str | None:
     P = 4096 x1.23 / x1.46, 8192 x1.20 / x1.44, 16384 x1.16 / x1.40,
     32768 x1.12 / x1.38. So the warning asks for ``THIN`` positions per input.
     """
-    rec = out.meta.get("gp_refit")
     if not rec or rec["positions"] >= THIN * rec["inputs"]:
         return None
     return (f"the refit fit {rec['layer']} ({rec['inputs']} inputs) from {rec['positions']} calibration positions "
