@@ -6,10 +6,12 @@ before fine-tuning, how far its outputs move from the original's on data the
 choice did not see. The calibration batches are split: the even ones score
 units and refit layers, the odd ones judge (held out, so a criterion or a refit
 that overfits the calibration text loses, as it would on the user's data).
-The judge reads at most ``JUDGE_BATCHES`` of the odd ones: every candidate
-costs one pass over them, and a user who gives more calibration data (which
-the refit needs: see ``thin_calibration``) should not pay for it once per
-candidate. The final refit uses every batch.
+The judge reads a spread subset of the odd ones, ``JUDGE_BATCHES`` of them or
+as many as hold ``JUDGE_POSITIONS`` output rows (tokens, samples), whichever is
+more: every candidate costs one pass over them, and a user who gives more
+calibration data (which the refit needs: see ``thin_calibration``) should not
+pay for it once per candidate, while one who gives many one-sample batches
+still gets a judge that sees enough samples. The final refit uses every batch.
 
 Candidates:
 
@@ -58,7 +60,8 @@ from .verify import _run, flatten
 
 DATA_CRITERIA = ("activation", "fluctuation", "l2")
 LOSS_CRITERIA = ("taylor", "fisher")
-JUDGE_BATCHES = 8  # held-out batches the judge reads, spread over the held-out ones (a cost bound)
+JUDGE_BATCHES = 8  # held-out batches the judge reads at least, spread over the held-out ones (a cost bound) ...
+JUDGE_POSITIONS = 2048  # ... or as many as hold this many output rows (SmolLM2's judge: 8 windows of 256 tokens)
 
 
 @dataclass
@@ -148,11 +151,21 @@ def unit_cost(g, gm, kind: str | None) -> np.ndarray:
     return unit_flops(g, gm) if kind == "flops" else unit_params(g, gm)
 
 
-def judged(held: list) -> list:
-    """At most ``JUDGE_BATCHES`` of the held-out batches, evenly spaced (windows of one text in order: all of it)."""
-    if len(held) <= JUDGE_BATCHES:
+def judged(held: list, rows: int | None = None) -> list:
+    """The held-out batches the judge reads, evenly spaced (windows of one text in order: all of
+    it): ``JUDGE_BATCHES``, or more where each batch gives only ``rows`` output rows."""
+    k = JUDGE_BATCHES if not rows else max(JUDGE_BATCHES, -(-JUDGE_POSITIONS // rows))
+    if len(held) <= k:
         return list(held)
-    return [held[i] for i in np.linspace(0, len(held) - 1, JUDGE_BATCHES).round().astype(int)]
+    return [held[i] for i in np.linspace(0, len(held) - 1, k).round().astype(int)]
+
+
+def output_rows(p, batch) -> int:
+    """Rows the judge compares on one batch: its first output's elements over the last dim."""
+    args, kwargs = as_call(batch, p.example_kwargs)
+    t = next(iter(Judge._floats(p.gm, args, kwargs)), None)
+    t = t.t if isinstance(t, _LogProbs) else t
+    return max(1, t.numel() // max(1, t.shape[-1])) if t is not None and t.dim() else 1
 
 
 def split(calibration) -> tuple[list, list]:
@@ -286,7 +299,8 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
     from .loop import has_bn
 
     recal = recalibrate_possible and has_bn(p.gm) and len(p.calibration) > 1
-    judge = Judge(p, judged(held), scoring if recal else None)
+    rows = output_rows(p, held[0]) if len(held) > JUDGE_BATCHES else None  # one forward: only where there is a choice
+    judge = Judge(p, judged(held, rows), scoring if recal else None)
     tried: dict = {}
     notes: list = []
     if recal:

@@ -228,6 +228,12 @@ def test_judge_reads_at_most_judge_batches_spread_over_the_held_out_ones(monkeyp
     real = auto.Judge.__init__
     monkeypatch.setattr(auto.Judge, "__init__", lambda self, p, held, *a: (seen.append(len(held)), real(self, p, held, *a))[1])
     model = Skewed().eval()
-    cal = [(_data(8, s),) for s in range(40)]
+    cal = [(_data(auto.JUDGE_POSITIONS // 4, s),) for s in range(40)]
     small = graphprune.compile(model, (_data(8, 9),), target_params=0.6, calibration=cal, ignore=["down"])
     assert seen == [auto.JUDGE_BATCHES] and small.report.params <= 0.6
+    # small batches: as many as hold JUDGE_POSITIONS rows (here all 20 held-out ones), not 8 of them
+    assert auto.judged(list(range(40)), rows=1) == list(range(40))
+    assert len(auto.judged(list(range(40)), rows=auto.JUDGE_POSITIONS // 16)) == 16
+    seen.clear()
+    graphprune.compile(model, (_data(8, 9),), target_params=0.6, calibration=[(_data(8, s),) for s in range(40)], ignore=["down"])
+    assert seen == [20]
