@@ -219,6 +219,15 @@ def _getitem(node, mod=None):
     return COp("index", node, [vkey(src)], attrs={"index": index, "form": "getitem"})
 
 
+def _aten_index(node, mod=None):
+    """``aten.index.Tensor(x, [idx])``: ``x[idx]`` as export writes it; more index tensors
+    (or None placeholders) have no rule."""
+    x, idx = node.args[0], node.args[1]
+    if len(idx) == 1 and vkey(idx[0]) is not None and idx[0].meta[VAL].dtype in (torch.int64, torch.int32):
+        return COp("index", node, [vkey(x)], attrs={"index": (idx[0],), "form": "aten_index"})
+    return COp("unknown", node, _tensors(node), attrs={"why": "aten.index with more than one index tensor"})
+
+
 def _reduce(node, mod=None):
     x = node.args[0]
     nd = x.meta[VAL].dim()
@@ -290,6 +299,32 @@ def _grouped_mm(node, mod=None):
     if [a.meta[VAL].dim() if vkey(a) is not None else None for a in (x, w, offs)] != [2, 3, 1]:
         return COp("unknown", node, _tensors(node), attrs={"why": "grouped_mm other than (S, K) x (E, K, N) by offsets"})
     return COp("grouped_mm", node, [vkey(x), vkey(w), vkey(offs)])
+
+
+def _topk(node, mod=None):
+    """``topk(x, k, dim=-1, largest=True)`` -> (values, indices). The indices are values that
+    address ``dim`` (an expert id); ``rules.topk`` follows them (see ``mark_gates``)."""
+    x = node.args[0]
+    return COp("topk", node, [vkey(x)], attrs={"k": arg(node, 1, "k"), "dim": _dim(arg(node, 2, "dim", -1), _ndim(x)),
+                                               "largest": bool(arg(node, 3, "largest", True))})
+
+
+def _sort(node, mod=None):
+    """``sort(x, dim=-1)`` -> (values, indices); ``aten.sort.stable`` takes ``dim`` by keyword only."""
+    x = node.args[0]
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 and not isinstance(node.args[1], bool) else -1)
+    return COp("sort", node, [vkey(x)], attrs={"dim": _dim(dim, _ndim(x))})
+
+
+def _histc(node, mod=None):
+    """``histc(x, bins, min, max)``: counts of x's values; with integer ids, counts per id."""
+    return COp("histc", node, [vkey(node.args[0])], attrs={"bins": arg(node, 1, "bins", 100), "min": arg(node, 2, "min", 0),
+                                                             "max": arg(node, 3, "max", 0)})
+
+
+def _cumsum(node, mod=None):
+    x = node.args[0]
+    return COp("cumsum", node, [vkey(x)], attrs={"dim": _dim(arg(node, 1, "dim"), _ndim(x))})
 
 
 def _shape_query(node, mod=None):
@@ -493,7 +528,7 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     torch.split: _split, torch.chunk: _split, torch.unbind: _split, aten.split.Tensor: _split,
     aten.split_with_sizes.default: _split, aten.chunk.default: _split, aten.unbind.int: _split,
     torch.narrow: _slice, aten.slice.Tensor: _slice, aten.narrow.default: _slice, aten.select.int: _select,
-    operator.getitem: _getitem,
+    operator.getitem: _getitem, aten.index.Tensor: _aten_index,
     torch.mean: _reduce, torch.sum: _reduce, torch.amax: _reduce, aten.mean.dim: _reduce, aten.sum.dim_IntList: _reduce, aten.amax.default: _reduce,
     torch.amin: _reduce, aten.amin.default: _reduce, torch.norm: _p_norm,
     F.adaptive_avg_pool1d: _pool, F.adaptive_avg_pool2d: _pool, F.adaptive_avg_pool3d: _pool, F.adaptive_max_pool2d: _pool,
@@ -517,6 +552,8 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     aten.group_norm.default: _f_norm("group_norm", {"weight": (2, "weight"), "bias": (3, "bias")}),
     F.rms_norm: _f_norm("rms_norm", {"weight": (2, "weight")}),
     F.embedding: _f_embedding, aten.embedding.default: _aten_embedding,
+    torch.topk: _topk, aten.topk.default: _topk, torch.sort: _sort, aten.sort.default: _sort, aten.sort.stable: _sort,
+    torch.histc: _histc, aten.histc.default: _histc, torch.cumsum: _cumsum, aten.cumsum.default: _cumsum,
     builtins.getattr: _getattr, aten.sym_size.int: _shape_query, torch._assert: _noop,
     aten._assert_tensor_metadata.default: _noop,
 }
@@ -576,6 +613,7 @@ METHOD_TABLE: dict[str, Callable] = {
     "split": _split, "chunk": _split, "unbind": _split, "split_with_sizes": _split,
     "narrow": _slice, "mean": _reduce, "sum": _reduce, "amax": _reduce, "amin": _reduce, "norm": _p_norm, "matmul": _matmul,
     "size": _shape_query, "dim": _shape_query,
+    "topk": _topk, "sort": _sort, "histc": _histc, "cumsum": _cumsum,
 }
 
 _ACTIVATIONS = (
@@ -700,7 +738,53 @@ def canonicalize(gm: GraphModule) -> list[COp]:
         _canonical_keys(cop, names)
         node.meta[CANON] = cop
         out.append(cop)
+    mark_gates(out)
     return out
+
+
+# dtypes that hold every expert id exactly (bf16 would round ids above 256)
+EXACT_ID_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64)
+_CAST_TARGETS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.clone.default, aten.contiguous.default,
+                 aten.detach.default, aten.alias.default, aten.lift_fresh_copy.default}
+_CAST_METHODS = {"to", "float", "double", "int", "long", "clone", "contiguous", "detach", "type_as"}
+
+
+def exact_cast(node: Node) -> bool:
+    """Whether ``node`` copies its first operand with the same shape into a dtype that
+    holds small integers exactly (the values stay what they were)."""
+    val, src = node.meta.get(VAL), node.args[0] if node.args else None
+    if not isinstance(val, torch.Tensor) or not isinstance(src, Node) or not isinstance(src.meta.get(VAL), torch.Tensor):
+        return False
+    known = node.target in _CAST_TARGETS or (node.op == "call_method" and node.target in _CAST_METHODS)
+    return known and val.dtype in EXACT_ID_DTYPES and tuple(val.shape) == tuple(src.meta[VAL].shape)
+
+
+def mark_gates(cops: list[COp]) -> None:
+    """A ``topk`` selects entries of a dim by rank (mixture-of-experts routing: which experts
+    a token goes to). An entry removed from such a dim is one that is never selected, and
+    its dead twin is a logit of minus infinity, not zero: a zero-weight expert would still
+    be routed to. Where a softmax over the same dim feeds the topk (through dtype casts),
+    the minus infinity goes into the softmax, so its output is exactly zero at removed
+    entries and it normalizes over the kept ones, as the pruned softmax does. Records
+    ``attrs["fill"] = (node, dim, value)``: the twin fills ``node``'s first operand
+    with ``value`` at removed indices of ``dim`` (``verify``), and lets the softmax shrink."""
+    for c in cops:
+        if c.op != "topk" or not isinstance(c.inputs[0], Node):
+            continue
+        d, node = c.attrs["dim"], c.node
+        src = node.args[0]
+        while isinstance(src, Node) and exact_cast(src):
+            src = src.args[0]
+        sm = src.meta.get(CANON) if isinstance(src, Node) else None
+        if sm is not None and sm.attrs.get("block_dims") == [d] and c.attrs["largest"] and _is_softmax(src):
+            sm.attrs = {**sm.attrs, "block_dims": [], "gate": d}
+            node = src
+        c.attrs["fill"] = (node, d, float("-inf") if c.attrs["largest"] else float("inf"))
+
+
+def _is_softmax(node: Node) -> bool:
+    t = node.target
+    return t in (F.softmax, torch.softmax, aten._softmax.default, aten.softmax.int) or (node.op == "call_method" and t == "softmax")
 
 
 def _op_name(target) -> str | None:

@@ -31,7 +31,7 @@ from torch.fx import GraphModule, Node
 
 from .canon import COp, canonicalize, tensor_names, vkey
 from .meta_keys import CANON, NUMBERS, VAL
-from .rules import RULES
+from .rules import RULES, carry_ids
 from .sizes import NumberUse, computed_sizes, frozen_value, number_uses
 from .zeros import block_unproven_reductions
 
@@ -65,6 +65,8 @@ class Group:
     shared: dict = field(default_factory=dict)  # (value_key, axis) -> partition of every index
     shared_params: list = field(default_factory=list)  # ParamSlice whose unit_of holds partitions
     replicas: dict = field(default_factory=dict)  # (value_key, axis) -> original size (units per partition)
+    fills: dict = field(default_factory=dict)  # (value_key, axis) -> (node, dim, value): the twin's removed entries (verify)
+    min_units: int = 1  # a removal keeps at least this many (a topk over the group's dim keeps k)
 
     @property
     def n_parts(self) -> int:
@@ -122,6 +124,9 @@ class Builder:
         self.touched: set = set()
         self.unsupported: set[str] = set()  # "node: why" for every op no rule could explain
         self.links: dict = {}  # node -> the couplings and products its rule stated (read by zeros.py)
+        self.fills: dict = {}  # dim -> (node, dim, value): removed entries the twin fills (rules.topk)
+        self.min_kept: dict = {}  # dim -> entries that must stay (rules.topk)
+        self.routes: set = set()  # dims that count rows per expert id (rules.histc)
         self._log: list | None = None
         self._attr_cache: dict = {}
 
@@ -263,6 +268,8 @@ def build(gm: GraphModule, ignore=()) -> Builder:
                 RULES.get(c.op, RULES["unknown"])(b, c)
             except Exception as e:  # noqa: BLE001 - a rule that cannot read this node explains nothing about it
                 b.unknown(c, f"the {c.op} rule failed on it ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            if c.op not in _SIZE_ONLY:
+                carry_ids(b, c)
             if c.attrs.get("sizes_at") is not None:
                 _couple_size_reads(b, c)
             if c.op == "get_attr" or (c.op in _SIZE_ONLY and not _tensor_values(node)):
@@ -452,6 +459,9 @@ def resolve_groups(b: Builder) -> tuple[list[Group], list[BlockedGroup]]:
     blocked_groups = []
     for comp in comps:
         reasons = [b.blocked[d] for d in comp if d in b.blocked]
+        if any(d in b.fills for d in comp) and not any(d in b.routes for d in comp):
+            reasons.append("a topk over this dim whose indices route nothing (no per-expert counts): a removed "
+                           "entry would have to be one never chosen, which only routing makes sense of")
         params = sorted({d[0] for d in comp if isinstance(d[0], str)})
         if reasons:
             if params:
@@ -507,8 +517,26 @@ def resolve_groups(b: Builder) -> tuple[list[Group], list[BlockedGroup]]:
                 continue
             groups.append(Group(len(groups), channels=max(b.sizes[d] for d in comp), **parts))
         elif len(uniq) >= 2:
-            groups.append(Group(len(groups), dims, params, len(uniq), max(b.sizes[d] for d in comp)))
+            floor = _min_units(b, dims, comp)
+            if isinstance(floor, str):
+                blocked_groups.append(BlockedGroup(sorted(comp, key=str), [floor], [p.name for p in params]))
+                continue
+            groups.append(Group(len(groups), dims, params, len(uniq), max(b.sizes[d] for d in comp),
+                                fills={d: b.fills[d] for d in comp if d in b.fills}, min_units=floor))
     return groups, blocked_groups
+
+
+def _min_units(b: Builder, dims: dict, comp) -> int | str:
+    """Units that must stay so that every ``min_kept`` dim keeps its entries (one
+    unit an entry there), or why that cannot be said."""
+    floor = 1
+    for d in comp:
+        if d in b.min_kept:
+            units = dims[d]
+            if len(np.unique(units)) != len(units):
+                return f"{d[0]}: a topk over entries that are not one unit each"
+            floor = max(floor, b.min_kept[d])
+    return floor
 
 
 def _partition(b: Builder, dims: dict, shares: list, n: int):

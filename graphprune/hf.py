@@ -188,6 +188,8 @@ def layer_widths(model) -> list[dict]:
         width = _mlp_width(mod)
         if width is not None:
             out.append({"module": name, "intermediate_size": width})
+        if _experts_width(mod) is not None:
+            out.append({"module": name, "num_experts": mod.down_proj.shape[0]})
     return out
 
 
@@ -199,6 +201,7 @@ CONFIG_FIELDS = {
     "num_key_value_heads": "num_key_value_heads",
     "intermediate_size": "intermediate_size", "n_inner": "intermediate_size",
     "head_dim": "head_dim",
+    "num_local_experts": "num_experts", "num_experts": "num_experts", "n_routed_experts": "num_experts",
 }
 
 

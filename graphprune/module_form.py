@@ -138,8 +138,10 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
 
 # attributes that state a module's own channel width (torchvision's ViT reshapes with self.hidden_dim)
 # or head count (Swin's relative position table is (positions, num_heads); MaxViT's is n_heads wide)
+# or expert count (a router's weight rows, fused experts' leading dim)
 WIDTH_ATTRS = ("hidden_dim", "hidden_size", "embed_dim", "d_model", "dim", "width",
-               "num_heads", "n_heads", "n_head", "heads", "num_attention_heads")
+               "num_heads", "n_heads", "n_head", "heads", "num_attention_heads",
+               "num_experts", "num_local_experts", "n_routed_experts")
 
 
 def follow_widths(top: nn.Module, original: dict) -> None:

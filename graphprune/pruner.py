@@ -49,7 +49,8 @@ def _has_submodule(model, name: str) -> bool:
 def remove_lowest(g: Group, score: np.ndarray, k: int) -> np.ndarray:
     """The k lowest-scoring units of ``g``, skipping any whose removal would
     leave a member dim empty (a DenseNet layer whose every new channel scored
-    low keeps one)."""
+    low keeps one), and never more than leaves ``g.min_units``."""
+    k = max(0, min(k, g.n_units - g.min_units))
     if g.part_of is not None:
         return remove_balanced(g, score, k)
     order = np.argsort(score, kind="stable")
@@ -101,6 +102,9 @@ def make_plan(groups: list[Group], removed: dict[int, np.ndarray]) -> dict:
             continue
         gone = np.zeros(g.n_units, dtype=bool)
         gone[removed[g.id]] = True
+        if g.n_units - gone.sum() < g.min_units:
+            raise GraphpruneError(f"group {g.id}: a removal must keep at least {g.min_units} units (a topk chooses that "
+                                  f"many of them), not {g.n_units - gone.sum()}; use remove_lowest")
         for dim, unit_of in g.dims.items():
             plan[dim] = np.flatnonzero(~gone[unit_of])
         if g.part_of is not None:

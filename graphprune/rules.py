@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from .canon import COp
+from .canon import COp, _tensors, exact_cast, vkey
 from .meta_keys import VAL
 
 
@@ -317,16 +317,117 @@ def matmul(b, c: COp):
 def grouped_mm(b, c: COp):
     """x (S, K) @ w (E, K, N) -> (S, N), rows grouped by expert (``offs``): K is contracted
     (shared), N maps to the output; in every expert at once, since all of them are one tensor.
-    The experts stay (``offs`` assigns rows to them by position), and so do the rows (their
-    positions are what ``offs`` counts)."""
+    Expert e is ``w[e]`` and ``offs[e]``: it can go with the routing that fills ``offs``
+    (``topk`` below). The rows stay: their positions are what ``offs`` counts."""
     x, w, offs = c.inputs
     out = _out(c)
     b.couple((x, 1), (w, 1))
     b.couple((w, 2), (out, 1))
-    b.couple((w, 0), (offs, 0))
-    b.block((w, 0), f"{c.node.name}: experts are assigned rows by their position in offs")
+    b.couple((w, 0), (offs, 0))  # an expert may go where offs gives it no rows (zeros.grouped_mm)
     for t in (x, out):
         b.block((t, 0), f"{c.node.name}: rows are assigned to experts by position (offs)")
+
+
+# --- dims that live in index values: mixture-of-experts routing ----------------------
+# ``topk`` turns a dim (experts) into values (the ids of the chosen experts); ``sort``,
+# ``histc`` and ``cumsum`` turn the ids into per-expert row offsets for ``grouped_mm``.
+# The ids of a value ``t`` are the virtual dim ``IDS(t)`` (``Builder.declare``): id ``i``
+# is index ``i`` of the dim they came from, so removing experts renumbers the ids
+# exactly as it renumbers the weights. Any op that reads ids without a rule here keeps
+# the experts (``carry_ids``).
+
+def IDS(key) -> tuple:
+    return (("ids", key), 0)
+
+
+def has_ids(b, key) -> bool:
+    return key is not None and IDS(key) in b.sizes
+
+
+def _give_ids(b, src, dst) -> None:
+    b.declare(IDS(dst)[0], b.sizes[IDS(src)])
+    b.couple(IDS(src), IDS(dst))
+
+
+def topk(b, c: COp):
+    """(values, indices) = topk(x, k, dim): the other dims map through; ``dim`` becomes k
+    wide in both outputs, and its entries become the indices' values. A removed entry is
+    one never chosen (its twin: minus infinity where canon.mark_gates says), so at least
+    k must stay."""
+    x, node = c.inputs[0], c.node
+    d, k = c.attrs["dim"], c.attrs["k"]
+    vals, idx = (node, 0), (node, 1)
+    for j in range(len(b.shape(x))):
+        if j != d:
+            b.couple((x, j), (vals, j))
+            b.couple((x, j), (idx, j))
+    for t in (vals, idx):
+        b.block((t, d), f"{node.name}: topk keeps k entries")
+    fill = c.attrs.get("fill")
+    filled = vkey(fill[0].args[0]) if fill is not None else None
+    if not isinstance(k, int) or filled is None:
+        return b.block((x, d), f"{node.name}: topk with a computed k")
+    b.declare(IDS(idx)[0], b.shape(x)[d])
+    b.couple((x, d), IDS(idx))
+    b.couple((x, d), (filled, d))  # the filled dim: the same entries
+    b.fills[(filled, d)] = fill
+    b.min_kept[(x, d)] = k
+
+
+def sort(b, c: COp):
+    """(values, indices) = sort(x, dim): ``dim`` is reordered (its positions stay); the
+    other dims map through. Sorted ids are still ids."""
+    x, node, d = c.inputs[0], c.node, c.attrs["dim"]
+    for j in range(len(b.shape(x))):
+        for t in ((node, 0), (node, 1)):
+            if j == d:
+                b.block((t, j), f"{node.name}: sort reorders this dim")
+            else:
+                b.couple((x, j), (t, j))
+    b.block((x, d), f"{node.name}: sort reorders this dim")
+    if has_ids(b, x):
+        _give_ids(b, x, (node, 0))
+
+
+def histc(b, c: COp):
+    """``histc(ids, bins=E, min=0, max=E-1 or E)`` counts the rows of every expert: bin e is
+    expert e (shrink-params rewrites ``bins`` and ``max``). Any other histogram mixes every
+    entry of its input into fixed bins."""
+    x, out = c.inputs[0], c.node
+    for j in range(len(b.shape(x))):
+        b.block((x, j), f"{out.name}: histc counts every entry")
+    bins, lo, hi = c.attrs["bins"], c.attrs["min"], c.attrs["max"]
+    n = b.sizes.get(IDS(x)) if has_ids(b, x) else None
+    if n is not None and bins == n and lo == 0 and hi in (n - 1, n):
+        b.routes.add((out, 0))
+        return b.couple(IDS(x), (out, 0))
+    b.block((out, 0), f"{out.name}: histc bins other than one per id")
+
+
+def cumsum(b, c: COp):
+    """Running sum along ``dim``: exact after removal where the removed entries are zero
+    (zeros.cumsum); the output's removed entries then repeat their predecessor."""
+    x, out = c.inputs[0], c.node
+    for j in range(len(b.shape(x))):
+        b.couple((x, j), (out, j))
+
+
+def _ids_through(b, c: COp, src) -> None:
+    """Ops that copy ids: reshapes, tuple elements, casts that keep them exact (sorts: ``sort``)."""
+    if c.op in ("reshape", "tuple_get") and src == c.inputs[0]:
+        _give_ids(b, src, c.node)
+    elif c.op == "ewise" and exact_cast(c.node) and vkey(c.node.args[0]) == src:
+        _give_ids(b, src, c.node)
+
+
+def carry_ids(b, c: COp) -> None:
+    """Follow ids into ``c``; any reader no rule explains keeps the experts. Every tensor
+    operand counts, not only ``c.inputs`` (an index tensor is an attribute of ``index``)."""
+    srcs = list(dict.fromkeys(t for t in [*c.inputs, *_tensors(c.node)] if has_ids(b, t)))
+    for t in srcs:
+        _ids_through(b, c, t)
+        if IDS(t) not in b.touched:
+            b.block(IDS(t), f"{c.node.name}: {c.op} reads expert ids (topk indices) in a way no rule follows")
 
 
 def sdpa(b, c: COp):
@@ -601,6 +702,10 @@ RULES = {
     "pool": pool,
     "matmul": matmul,
     "grouped_mm": grouped_mm,
+    "topk": topk,
+    "sort": sort,
+    "histc": histc,
+    "cumsum": cumsum,
     "sdpa": sdpa,
     "linear": linear,
     "conv": conv,

@@ -2,7 +2,9 @@
 
 The *dead twin* is the traced original with every removed unit zeroed in
 every parameter slice of its group (producer rows, biases, norm affine,
-loose parameters, consumer columns). Removing units whose slices are all
+loose parameters, consumer columns), and where a group is routed over (experts),
+minus infinity written into the routing softmax at removed entries (``twin_graph``:
+a removed expert is one no token goes to). Removing units whose slices are all
 zero must change nothing, so the pruned model has to reproduce the twin;
 where it does not, some op used the removed channels in a way no rule
 accounted for, and the result would be silently wrong.
@@ -17,6 +19,7 @@ tracing).
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from contextlib import contextmanager
@@ -233,6 +236,11 @@ def check_trace(model, gm, args: tuple, kwargs: dict) -> tuple[str | None, bool]
     return mismatch(got, ref), _writes(params)
 
 
+def fill_entries(x: torch.Tensor, dim: int, idx: list, value: float) -> torch.Tensor:
+    """``x`` with ``value`` at indices ``idx`` of ``dim`` (the twin's removed routing entries)."""
+    return x.index_fill(dim, torch.as_tensor(idx, dtype=torch.long, device=x.device), value)
+
+
 class Verifier:
     """Checks pruned models of one ``Pruner`` against their dead twins."""
 
@@ -290,12 +298,36 @@ class Verifier:
                 t.index_fill_(s.axis, idx, 0.0)
         return state
 
+    def twin_graph(self, removed: dict) -> torch.nn.Module:
+        """The traced graph, with minus infinity written into the removed entries of every
+        routing dim (``Group.fills``, from ``canon.mark_gates``): a removed expert is one no
+        token is routed to, which zeroed weights cannot say. The graph itself where no
+        removed group has fills."""
+        fills = [(g, removed[g.id], dim, f) for g in self.p.analysis.groups if len(removed.get(g.id, ())) for dim, f in g.fills.items()]
+        gm = self.p.gm
+        if not fills:
+            return gm
+        graph = torch.fx.Graph()
+        graph._codegen = copy.deepcopy(gm.graph._codegen)
+        env: dict = {}
+        graph.output(graph.graph_copy(gm.graph, env))
+        for g, units, dim, (node, axis, value) in fills:
+            dead = np.zeros(g.n_units, dtype=bool)
+            dead[units] = True
+            idx = np.flatnonzero(dead[g.dims[dim]]).tolist()
+            user = env[node]
+            src = user.args[0]
+            with graph.inserting_before(user):
+                filled = graph.call_function(fill_entries, (src, axis, idx, value))
+            user.args = (filled, *user.args[1:])
+        return torch.fx.GraphModule(gm, graph)
+
     def check(self, removed: dict, out: torch.nn.Module) -> str | None:
         """None if ``out`` (``removed`` pruned away) reproduces the twin on every case."""
         start = time.perf_counter()
         try:
             state = self.twin_state(removed)
-            gm = self.p.gm
+            gm = self.twin_graph(removed)
             with evaluating(gm, out):
                 for args, kwargs in self._cases():
                     try:

@@ -68,6 +68,7 @@ class Zeros:
         self.b = b
         self.z: dict = {}
         self.tensors = {n for n, _ in b.gm.named_parameters(remove_duplicate=False)}  # buffers are not zeroed in the twin
+        self.steps: set = set()  # dims whose removed entries repeat their predecessor (cumsum of zeros)
 
     def ndim(self, key) -> int:
         return len(self.b.shape(key))
@@ -111,6 +112,8 @@ def _operand_zero(zs: Zeros, a, od: int, n_out: int, size: int) -> bool:
 
 def ewise(zs: Zeros, c: COp) -> None:
     node = c.node
+    if c.attrs.get("gate") is not None:  # a routing softmax: its twin input is -inf there (canon.mark_gates)
+        return zs.set(node, [c.attrs["gate"]])
     out_shape = zs.b.shape(node)
     name = _ewise_name(node, zs.b.gm)
     operands = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, (Node, int, float))]
@@ -310,11 +313,29 @@ def matmul(zs: Zeros, c: COp) -> None:
 
 
 def grouped_mm(zs: Zeros, c: COp) -> None:
-    """Like matmul: K contracted, N zero where every expert's weight is."""
-    x, w, _ = c.inputs
+    """Like matmul: K contracted, N zero where every expert's weight is. A removed expert
+    must get no rows: its offset must repeat the one before (``cumsum`` of zero counts)."""
+    x, w, offs = c.inputs
     if not zs.zero(x, 1) and not zs.zero(w, 1):
         zs.need(x, 1, f"{c.node.name}: grouped_mm contracts this dim; its removed entries must be zero on one side")
+    if (offs, 0) not in zs.steps:
+        zs.b.block((w, 0), f"{c.node.name}: a removed expert must get no rows, and offs is not proven to give it none")
     zs.set(c.node, [1] if zs.zero(w, 2) else [])
+
+
+def histc(zs: Zeros, c: COp) -> None:
+    """Counts per expert id: zero for a removed expert, which the twin never chooses."""
+    zs.set(c.node, [0])
+
+
+def cumsum(zs: Zeros, c: COp) -> None:
+    """Exact after removal where the removed entries are zero; then they repeat their
+    predecessor (``steps``: an offset that opens an empty range), and other dims keep zeros."""
+    x, d = c.inputs[0], c.attrs["dim"]
+    zs.need(x, d, f"{c.node.name}: cumsum over this dim needs its removed entries to be zero")
+    if zs.zero(x, d):
+        zs.steps.add((c.node, d))
+    zs.set(c.node, [k for k in range(zs.ndim(x)) if k != d and zs.zero(x, k)])
 
 
 def einsum(zs: Zeros, c: COp) -> None:
@@ -365,6 +386,8 @@ RULES = {
     "reduce": reduce,
     "matmul": matmul,
     "grouped_mm": grouped_mm,
+    "histc": histc,
+    "cumsum": cumsum,
     "einsum": einsum,
     "sdpa": sdpa,
 }
@@ -385,4 +408,4 @@ def block_unproven_reductions(b, cops: list[COp]) -> None:
                         b.block((t, k), f"{c.node.name}: cannot prove removed entries are zero ({type(e).__name__})")
 
 
-_NEEDS = {"reduce", "matmul", "grouped_mm", "einsum", "sdpa", "layer_norm", "rms_norm"}
+_NEEDS = {"reduce", "matmul", "grouped_mm", "einsum", "sdpa", "layer_norm", "rms_norm", "cumsum"}

@@ -356,7 +356,19 @@ def _permutation(node: Node, cop: COp, p: _Plan) -> bool:
     return True
 
 
+def _histc_bins(node: Node, cop: COp, p: _Plan) -> bool:
+    """One bin per expert id (``rules.histc``): ``bins`` and ``max`` follow the kept experts."""
+    old = node.meta[VAL].shape[0]
+    new = p.size(node, old, 0)
+    if new == old:
+        return False
+    hi = cop.attrs["max"]
+    node.args, node.kwargs = (node.args[0], new, cop.attrs["min"], new - 1 if hi == old - 1 else new), {}
+    return True
+
+
 ARG_FIXES = {
+    "histc": _histc_bins,
     "reduce": _reduce_full,
     "channel_permute": _permutation,
     "reshape": _sizes,

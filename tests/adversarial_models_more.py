@@ -1298,3 +1298,47 @@ class RootBufferRebuilt(GPSA):
     def forward(self, x):
         x = x + self.pos_embed
         return self.head(x + super().forward(x))
+
+
+@reg("cumsum_channels")
+class CumsumChannels(nn.Module):
+    """A running sum over channels between two convs: exact after removal only because
+    the removed channels are zero going in (they then repeat their predecessor)."""
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, C, 3, padding=1)
+        self.b = nn.Conv2d(C, C, 3, padding=1)
+        self.head = head(C)
+
+    def forward(self, x):
+        return self.head(self.b(torch.cumsum(self.a(x), dim=1)).mean((2, 3)))
+
+
+@reg("cumsum_sigmoid_channels")
+class CumsumSigmoidChannels(CumsumChannels):
+    """The same running sum over ``sigmoid(h)``: a removed channel adds 0.5 to every later one."""
+    def forward(self, x):
+        return self.head(self.b(torch.cumsum(torch.sigmoid(self.a(x)), dim=1)).mean((2, 3)))
+
+
+@reg("topk_router_counts", tokens)
+class TopkRouterCounts(nn.Module):
+    """Top-2 routing whose ids are counted per expert and used as per-expert scales:
+    ``histc`` counts, then the counts index nothing but a 1-D scale (``count * scale``),
+    while the ids also pick per-expert biases by ``bias[ids]`` (a reader no rule follows:
+    the experts must stay)."""
+    def __init__(self, e=4):
+        super().__init__()
+        self.inp = nn.Linear(16, C)
+        self.router = nn.Linear(C, e, bias=False)
+        self.bias = nn.Parameter(torch.randn(e, C))
+        self.scale = nn.Parameter(torch.randn(e))
+        self.head = nn.Linear(C, 4)
+
+    def forward(self, x):
+        h = self.inp(x)  # (B, T, C)
+        w, ids = torch.topk(self.router(h).softmax(-1), 2, dim=-1)  # (B, T, 2)
+        counts = torch.histc(ids.reshape(-1).float(), bins=4, min=0, max=3)  # (E,)
+        s = (counts * self.scale).sum()
+        y = (w.unsqueeze(-1) * self.bias[ids]).sum(-2)  # (B, T, C)
+        return self.head(h + y * s)

@@ -22,7 +22,10 @@ def kill_units(model: torch.nn.Module, inputs: tuple, frac: float, seed: int = 0
     """Zero every learnable slice (producer rows, bias, norm affine, loose
     parameters, consumer columns) of round(frac * n) units of every group.
     Returns the number of groups touched. The groups are those of the model in
-    its current state: compile it in that same state (see the module docstring)."""
+    its current state: compile it in that same state (see the module docstring).
+    Groups whose dead twin is not zeros (``Group.fills``: experts, which a removal
+    routes no token to) are left alone: zeroed weights cannot say that; tests delete
+    those by hand (tests/test_moe.py)."""
     analysis = graphprune.analyze(model, inputs)
     rng = np.random.default_rng(seed)
     params = dict(model.named_parameters())
@@ -30,7 +33,7 @@ def kill_units(model: torch.nn.Module, inputs: tuple, frac: float, seed: int = 0
     with torch.no_grad():
         for g in analysis.groups:
             k = min(int(round(frac * g.n_units)), g.n_units - 1)
-            if k == 0:
+            if k == 0 or g.fills:
                 continue
             dead = np.zeros(g.n_units, dtype=bool)
             dead[remove_lowest(g, rng.random(g.n_units), k)] = True
@@ -90,6 +93,33 @@ def dead_twin(model: torch.nn.Module, small: torch.nn.Module) -> torch.nn.Module
         for name, axis, gone in _removed(model, small):
             params[name].index_fill_(axis, torch.as_tensor(gone, dtype=torch.long), 0.0)
     return twin
+
+
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def without_experts(model: torch.nn.Module, small: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with the experts ``small`` removed deleted by hand: in every
+    module that states an expert count (a router, fused experts), the leading rows of its
+    parameters that ``small`` dropped are cut and the count set. The model's own forward
+    then routes over the kept experts only, which is what removing an expert means (no
+    token goes to it); ``kill_units`` cannot say that with zeros."""
+    ref = copy.deepcopy(model)
+    meta = getattr(small, "_graphprune", None) or small.meta["graphprune"]
+    kept = meta["kept"]
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            attr = next((a for a in EXPERT_COUNTS if isinstance(mod.__dict__.get(a), int)), None)
+            if attr is None:
+                continue
+            prefix = f"{name}." if name else ""
+            n = mod.__dict__[attr]
+            for k, t in list(mod._parameters.items()):
+                keep = kept.get((prefix + k, 0))
+                if t is not None and t.shape[0] == n and keep is not None:
+                    mod._parameters[k] = torch.nn.Parameter(t.detach()[torch.as_tensor(np.asarray(keep), dtype=torch.long)])
+                    mod.__dict__[attr] = len(keep)
+    return ref
 
 
 def assert_lossless(model_fn, shape, frac=0.25, seed=0, **compile_kw):

@@ -1,13 +1,13 @@
 """Mixture-of-experts: Hugging Face's fused 3-D expert weights (``experts.gate_up_proj``
 (E, 2I, H), ``experts.down_proj`` (E, H, I)) under ``grouped_mm`` (``rules.grouped_mm``).
-A unit is one intermediate channel of every expert at once; experts, hidden and token
-dims keep their widths."""
+Two groups per layer: intermediate channels of every expert at once, and whole experts
+(router rows and expert slices), followed through the routing (``rules.topk``)."""
 import numpy as np
 import pytest
 import torch
 
 import graphprune
-from oracle import kill_units, reference, removed_alive
+from oracle import dead_twin, kill_units, removed_alive, without_experts
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,36 +27,48 @@ def _qwen2_moe():
     return transformers.Qwen2MoeForCausalLM(cfg)
 
 
-FAMILIES = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe}
+def _olmoe():
+    return transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**BASE, intermediate_size=128, num_experts=4,
+                                                                  num_experts_per_tok=2))
+
+
+FAMILIES = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "olmoe": _olmoe}
 
 
 def _experts(model):
     return [layer.mlp.experts for layer in model.model.layers]
 
 
+def _close(got, want):
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_moe_expert_channels_prune_losslessly(family, tmp_path):
-    """25% of every group dead, expert channels included: the experts lose exactly those
-    channels in every expert, logits equal the dead model's at two shapes, the user's own
-    class is kept (its ``intermediate_dim`` true), generate() decodes what the dead model
-    decodes, and save/load rebuilds it onto a fresh original on meta."""
+def test_moe_prunes_expert_channels_and_whole_experts_losslessly(family, tmp_path):
+    """25% of every channel group dead (expert channels and the hidden size included) and 25%
+    of the experts removed: the experts keep exactly the live channels, one expert of four goes in every
+    layer, and the result equals the dead model with those experts deleted by hand, at two
+    shapes; the user's own class is kept (its expert counts and ``intermediate_dim`` true),
+    generate() decodes what that reference decodes, and save/load rebuilds it onto a
+    fresh original on meta."""
     torch.manual_seed(0)
     model = FAMILIES[family]().eval()
     ids = torch.randint(3, VOCAB, (2, 7))
     other = torch.randint(3, VOCAB, (3, 11))
     kill_units(model, (ids,), 0.25)
-    ref, ref_other = reference(model, ids).logits, reference(model, other).logits
     small = graphprune.compile(model, (ids,), ratio=0.25, importance="l1")
     assert small.report.form == "module", small.report.form_why
-    assert removed_alive(model, small) == []
-    for big, e in zip(_experts(model), _experts(small)):
-        assert tuple(e.gate_up_proj.shape) == (4, 192, 64) and tuple(big.gate_up_proj.shape) == (4, 256, 64)
-        assert tuple(e.down_proj.shape) == (4, 64, 96) and e.intermediate_dim == 96 and big.intermediate_dim == 128
+    assert all(" axis 0 " in r and (".gate.weight" in r or ".experts." in r) for r in removed_alive(model, small))
+    for big, e, layer in zip(_experts(model), _experts(small), small.model.layers):
+        assert tuple(e.gate_up_proj.shape) == (3, 192, 48) and tuple(big.gate_up_proj.shape) == (4, 256, 64)
+        assert tuple(e.down_proj.shape) == (3, 48, 96) and e.intermediate_dim == 96 and big.intermediate_dim == 128
+        assert e.num_experts == layer.mlp.gate.num_experts == 3 and big.num_experts == 4
+    ref_model = without_experts(model, small)
     with torch.no_grad():
-        torch.testing.assert_close(small(ids).logits, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-        torch.testing.assert_close(small(other).logits, ref_other, rtol=1e-5, atol=1e-5 * ref_other.abs().max().item())
+        _close(small(ids).logits, ref_model(ids).logits)
+        _close(small(other).logits, ref_model(other).logits)
         prompt = ids[:1, :4]
-        want = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        want = ref_model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
         got = small.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert got.tolist() == want.tolist()
     graphprune.save(small, tmp_path)
@@ -67,24 +79,70 @@ def test_moe_expert_channels_prune_losslessly(family, tmp_path):
         assert torch.equal(back(ids).logits, small(ids).logits)
 
 
+def test_a_removed_expert_is_never_routed_to_not_zeroed():
+    """Zeroing a removed expert's weights and router row does not give the pruned model
+    (a zero logit still wins top-k slots): the self-check's twin writes minus infinity into
+    the routing softmax instead. Without that, this test's reference would be wrong."""
+    torch.manual_seed(0)
+    model = _mixtral().eval()
+    ids = torch.randint(3, VOCAB, (2, 7))
+    kill_units(model, (ids,), 0.25)  # the channels small removes are dead: only the experts differ
+    small = graphprune.compile(model, (ids,), ratio=0.25, importance="l1")
+    with torch.no_grad():
+        zeroed = dead_twin(model, small)(ids).logits
+        deleted = without_experts(model, small)(ids).logits
+        got = small(ids).logits
+    _close(got, deleted)
+    assert not torch.allclose(got, zeroed, rtol=1e-3, atol=1e-3)
+
+
+def test_top_k_experts_always_stay():
+    """Top-2 routing over 4 experts: a ratio that would leave one expert leaves 2 in every layer."""
+    torch.manual_seed(0)
+    model = _mixtral().eval()
+    ids = torch.randint(3, VOCAB, (2, 7))
+    kill_units(model, (ids,), 0.75)
+    small = graphprune.compile(model, (ids,), ratio=0.75, importance="l1")
+    assert [e.num_experts for e in _experts(small)] == [2, 2]
+    assert small.report.verify.status == "passed"
+    with torch.no_grad():
+        _close(small(ids).logits, without_experts(model, small)(ids).logits)
+
+
+def test_a_wrong_expert_rewrite_raises_instead_of_returning_a_model(monkeypatch):
+    """If the rewrite left ``histc``'s bins at the old expert count, the offsets would not
+    match the experts: compile refuses (the check after each pass) rather than return it."""
+    from graphprune.passes import shrink_params
+
+    monkeypatch.setitem(shrink_params.ARG_FIXES, "histc", lambda node, cop, p: False)
+    torch.manual_seed(0)
+    model = _mixtral().eval()
+    ids = torch.randint(3, VOCAB, (2, 7))
+    with pytest.raises(graphprune.GraphpruneError, match="shrink-params"):
+        graphprune.compile(model, (ids,), ratio=0.25, importance="l1")
+
+
 def test_moe_groups_are_intermediate_channels_of_all_experts():
     """The expert channel group covers gate and up halves (rows i and I + i) and the
-    down projection's column i, in every expert; the expert dim and the hidden dim of the
-    expert weights are in no group."""
+    down projection's column i, in every expert; the expert group covers the router's rows
+    and the experts' leading dim, keeps top-k of them, and fills the routing softmax in the
+    twin; the experts' hidden dim is the residual stream's (tokens gathered to experts by
+    ``aten.index``)."""
     torch.manual_seed(0)
     model = _mixtral().eval()
     a = graphprune.analyze(model, (torch.randint(3, VOCAB, (2, 7)),))
     assert not any("grouped_mm" in u for u in a.unsupported)
     name = "model.layers.0.mlp.experts"
-    g = next(g for g in a.groups if any(s.name == f"{name}.down_proj" for s in g.params))
+    g = next(g for g in a.groups if any(s.name == f"{name}.down_proj" and s.axis == 2 for s in g.params))
     slices = {(s.name, s.axis): s.unit_of for s in g.params}
     assert set(slices) == {(f"{name}.gate_up_proj", 1), (f"{name}.down_proj", 2)}
     assert g.n_units == 128
     gate_up = slices[(f"{name}.gate_up_proj", 1)]
     np.testing.assert_array_equal(gate_up[:128], gate_up[128:])
     np.testing.assert_array_equal(gate_up[:128], slices[(f"{name}.down_proj", 2)])
-    in_groups = {(s.name, s.axis) for g in a.groups for s in g.params}
-    for axis in (0, 2):
-        assert (f"{name}.gate_up_proj", axis) not in in_groups
-    for axis in (0, 1):
-        assert (f"{name}.down_proj", axis) not in in_groups
+    hidden = next(g for g in a.groups if any(s.name == "model.embed_tokens.weight" for s in g.params))
+    assert {(f"{name}.gate_up_proj", 2), (f"{name}.down_proj", 1)} <= {(s.name, s.axis) for s in hidden.params}
+    experts = next(g for g in a.groups if any(s.name == f"{name}.gate_up_proj" and s.axis == 0 for s in g.params))
+    assert {(s.name, s.axis) for s in experts.params} == {
+        (f"{name}.gate_up_proj", 0), (f"{name}.down_proj", 0), ("model.layers.0.mlp.gate.weight", 0)}
+    assert experts.n_units == 4 and experts.min_units == 2 and len(experts.fills) == 1
