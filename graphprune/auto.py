@@ -127,7 +127,9 @@ def _positions(gm) -> dict:
     def add(name, weight, node):
         val = node.meta.get(VAL)
         if isinstance(val, torch.Tensor) and isinstance(weight, torch.Tensor) and weight.dim() >= 2 and weight.shape[0]:
-            out[name] = out.get(name, 0.0) + val.numel() / weight.shape[0]
+            n = _hint(val.numel())
+            if n is not None:
+                out[name] = out.get(name, 0.0) + n / weight.shape[0]
 
     for n in gm.graph.nodes:
         if n.op == "call_module":
@@ -144,6 +146,17 @@ def _positions(gm) -> dict:
                     add(n.target, t, u)
     gm.meta["gp_positions"] = out
     return out
+
+
+def _hint(n) -> int | None:
+    """An element count as a number: symbolic sizes of an exported graph (a dynamic
+    batch or sequence) at the example's value, or None where there is none."""
+    if isinstance(n, int):
+        return n
+    try:
+        return int(n.node.hint)
+    except (AttributeError, TypeError):
+        return None
 
 
 def unit_cost(g, gm, kind: str | None) -> np.ndarray:

@@ -19,7 +19,7 @@ def count_flops(model: torch.nn.Module, example_inputs: tuple, example_kwargs: d
     cached tensor with a grad history left in the user's model made it
     refuse ``copy.deepcopy``.
     """
-    with FlopCounterMode(display=False, custom_mapping=_MORE_FLOPS) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_more_flops()) as counter:
         _own(model)(*example_inputs, **(example_kwargs or {}))
     total = counter.get_total_flops()
     counts = counter.get_flop_counts()
@@ -40,7 +40,26 @@ def _rnn_layer_flops(input_shape, w_ih_shape, w_hh_shape, *args, out_shape=None,
     return 2 * steps * (w_ih_shape[0] * w_ih_shape[1] + w_hh_shape[0] * w_hh_shape[1])
 
 
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """Mixture-of-experts matmuls (``aten._grouped_mm``, transformers' ``grouped_mm_fallback``):
+    rows (S, K) over experts (E, K, N), each row through one expert, 2 S K N; batched
+    (E, M, K) x (E, K, N), 2 E M K N; a split contraction (M, K) x (K, N), 2 M K N."""
+    if len(a_shape) == 3 and len(b_shape) == 3:
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+    return 2 * a_shape[0] * a_shape[-1] * b_shape[-1]
+
+
 _MORE_FLOPS = {torch.ops.aten.mkldnn_rnn_layer: _rnn_layer_flops} if hasattr(torch.ops.aten, "mkldnn_rnn_layer") else {}
+if hasattr(torch.ops.aten, "_grouped_mm"):
+    _MORE_FLOPS[torch.ops.aten._grouped_mm] = _grouped_mm_flops
+
+
+def _more_flops() -> dict:
+    """Formulas torch's counter lacks; transformers' op is there once transformers registered it."""
+    try:
+        return {**_MORE_FLOPS, torch.ops.transformers.grouped_mm_fallback: _grouped_mm_flops}
+    except (AttributeError, RuntimeError):
+        return _MORE_FLOPS
 
 
 def _own(model: torch.nn.Module) -> torch.nn.Module:

@@ -18,6 +18,7 @@ factor is (a channel shuffle swaps the order), it is the widest.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -67,6 +68,7 @@ class Group:
     replicas: dict = field(default_factory=dict)  # (value_key, axis) -> original size (units per partition)
     fills: dict = field(default_factory=dict)  # (value_key, axis) -> (node, dim, value): the twin's removed entries (verify)
     min_units: int = 1  # a removal keeps at least this many (a topk over the group's dim keeps k)
+    multiple: int = 1  # a removal keeps a multiple of this many, or all (an op's alignment: grouped_mm)
 
     @property
     def n_parts(self) -> int:
@@ -127,6 +129,7 @@ class Builder:
         self.fills: dict = {}  # dim -> (node, dim, value): removed entries the twin fills (rules.topk)
         self.min_kept: dict = {}  # dim -> entries that must stay (rules.topk)
         self.routes: set = set()  # dims that count rows per expert id (rules.histc)
+        self.multiple: dict = {}  # dim -> its kept width must be a multiple of this (rules.grouped_mm)
         self._log: list | None = None
         self._attr_cache: dict = {}
 
@@ -522,7 +525,8 @@ def resolve_groups(b: Builder) -> tuple[list[Group], list[BlockedGroup]]:
                 blocked_groups.append(BlockedGroup(sorted(comp, key=str), [floor], [p.name for p in params]))
                 continue
             groups.append(Group(len(groups), dims, params, len(uniq), max(b.sizes[d] for d in comp),
-                                fills={d: b.fills[d] for d in comp if d in b.fills}, min_units=floor))
+                                fills={d: b.fills[d] for d in comp if d in b.fills}, min_units=floor,
+                                multiple=math.lcm(1, *(b.multiple[d] for d in comp if d in b.multiple))))
     return groups, blocked_groups
 
 

@@ -143,6 +143,9 @@ class ScoreContext:
                 for (key, axis) in g.dims:
                     if key in feeds and isinstance(key, torch.fx.Node):
                         wanted.setdefault(key, set()).add(axis)
+                for node, axis, _ in g.fills.values():  # experts: what the router gives each (no layer reads that dim)
+                    if (node, axis) in g.dims:
+                        wanted.setdefault(node, set()).add(axis)
             self._act = {}
             for flat in self._batches("activations"):
                 _Recorder(self.gm, wanted, self._act).run(*flat)
@@ -165,7 +168,7 @@ class ScoreContext:
         return self._moments
 
 
-_WEIGHTED = ("linear", "conv", "conv_transpose", "matmul", "einsum", "mha", "window_attention")
+_WEIGHTED = ("linear", "conv", "conv_transpose", "matmul", "einsum", "mha", "window_attention", "grouped_mm")
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -285,10 +288,10 @@ def fisher(group, tensors, *, ctx, **_):
 def activation(group, tensors, *, ctx, **_):
     weight = aggregate(group, tensors, lambda n, t, a: norm_per_index(t, a, 1))
     act = np.zeros(group.n_units)
-    for dim, unit_of in group.dims.items():
-        if dim in ctx.act:
-            act += np.bincount(unit_of, weights=ctx.act[dim], minlength=group.n_units)
-    return weight * np.sqrt(act)
+    seen = [dim for dim in group.dims if dim in ctx.act]
+    for dim in seen:
+        act += np.bincount(group.dims[dim], weights=ctx.act[dim], minlength=group.n_units)
+    return weight * np.sqrt(act) if seen else weight  # no dim observed: the weights alone, not zero for all
 
 
 def _over_reading_layers(group, tensors, ctx, per_layer) -> np.ndarray:

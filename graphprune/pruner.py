@@ -49,8 +49,12 @@ def _has_submodule(model, name: str) -> bool:
 def remove_lowest(g: Group, score: np.ndarray, k: int) -> np.ndarray:
     """The k lowest-scoring units of ``g``, skipping any whose removal would
     leave a member dim empty (a DenseNet layer whose every new channel scored
-    low keeps one), and never more than leaves ``g.min_units``."""
+    low keeps one), never more than leaves ``g.min_units``, and fewer where the kept
+    count must be a multiple of ``g.multiple``."""
     k = max(0, min(k, g.n_units - g.min_units))
+    keep = g.n_units - k
+    if g.multiple > 1 and keep % g.multiple:
+        k = g.n_units - min(g.n_units, keep + g.multiple - keep % g.multiple)
     if g.part_of is not None:
         return remove_balanced(g, score, k)
     order = np.argsort(score, kind="stable")

@@ -250,10 +250,16 @@ def channel_permute(b, c: COp):
 
 
 def gather_rows(b, c: COp, index):
-    """x[idx] with one index tensor: picks along dim 0; the other dims map through."""
+    """x[idx] with one index tensor: picks along dim 0; the other dims map through. Where
+    ``idx`` holds expert ids (``topk`` below) and x has a row per expert (GPT-OSS's
+    ``bias[expert_ids]``), row e is expert e's: it goes with the expert."""
     x, out = c.inputs[0], _out(c)
     k = index.meta[VAL].dim()
-    b.block((x, 0), f"{c.node.name}: gathered by an index tensor")
+    ids = vkey(index)
+    if has_ids(b, ids) and b.sizes[IDS(ids)] == b.shape(x)[0]:
+        b.couple((x, 0), IDS(ids))
+    else:
+        b.block((x, 0), f"{c.node.name}: gathered by an index tensor")
     for d in range(1, len(b.shape(x))):
         b.couple((x, d), (out, k + d - 1))
 
@@ -324,6 +330,10 @@ def grouped_mm(b, c: COp):
     b.couple((x, 1), (w, 1))
     b.couple((w, 2), (out, 1))
     b.couple((w, 0), (offs, 0))  # an expert may go where offs gives it no rows (zeros.grouped_mm)
+    # torch's grouped_mm (the user's own forward on CPU and GPU) wants 16-byte row strides
+    align = max(1, 16 // c.node.meta[VAL].element_size()) if isinstance(c.node.meta.get(VAL), torch.Tensor) else 1
+    for d in ((x, 1), (w, 2)):
+        b.multiple[d] = max(b.multiple.get(d, 1), align)
     for t in (x, out):
         b.block((t, 0), f"{c.node.name}: rows are assigned to experts by position (offs)")
 

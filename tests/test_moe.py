@@ -96,15 +96,20 @@ def test_a_removed_expert_is_never_routed_to_not_zeroed():
     assert not torch.allclose(got, zeroed, rtol=1e-3, atol=1e-3)
 
 
-def test_top_k_experts_always_stay():
-    """Top-2 routing over 4 experts: a ratio that would leave one expert leaves 2 in every layer."""
+def test_top_k_experts_and_grouped_mm_alignment_stay():
+    """Top-2 routing over 4 experts and widths read by torch's grouped_mm (16-byte rows):
+    a ratio that would leave one expert leaves 2 in every layer, and the hidden and expert
+    widths stay multiples of 4 floats, so the user's own forward runs (module form)."""
     torch.manual_seed(0)
     model = _mixtral().eval()
     ids = torch.randint(3, VOCAB, (2, 7))
-    kill_units(model, (ids,), 0.75)
-    small = graphprune.compile(model, (ids,), ratio=0.75, importance="l1")
-    assert [e.num_experts for e in _experts(small)] == [2, 2]
+    kill_units(model, (ids,), 0.9)
+    small = graphprune.compile(model, (ids,), ratio=0.9, importance="l1")
+    assert small.report.form == "module", small.report.form_why
     assert small.report.verify.status == "passed"
+    for e in _experts(small):
+        n, two_i, h = e.gate_up_proj.shape
+        assert n == 2 and two_i // 2 < 32 and h < 64 and (two_i // 2) % 4 == 0 and h % 4 == 0
     with torch.no_grad():
         _close(small(ids).logits, without_experts(model, small)(ids).logits)
 
@@ -146,3 +151,55 @@ def test_moe_groups_are_intermediate_channels_of_all_experts():
     assert {(s.name, s.axis) for s in experts.params} == {
         (f"{name}.gate_up_proj", 0), (f"{name}.down_proj", 0), ("model.layers.0.mlp.gate.weight", 0)}
     assert experts.n_units == 4 and experts.min_units == 2 and len(experts.fills) == 1
+
+
+def test_flops_count_the_experts_matmuls():
+    """``count_flops`` counts the experts' grouped matmuls (torch's counter has no formula for
+    them): every token times top-k through gate/up (H x 2I) and down (I x H), on the model and
+    on its traced graph (transformers' ``grouped_mm_fallback``) alike."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from graphprune.flops import count_flops
+    from graphprune.trace import trace
+
+    torch.manual_seed(0)
+    model = _mixtral().eval()
+    ids = torch.randint(3, VOCAB, (2, 16))
+    with FlopCounterMode(display=False) as plain:
+        model(ids)
+    rows = 2 * 16 * 2  # tokens x top-k
+    experts = 2 * (2 * rows * 64 * 256 + 2 * rows * 128 * 64)  # two layers
+    assert count_flops(model, (ids,)) == plain.get_total_flops() + experts
+    assert count_flops(trace(model, (ids,)).gm, (ids,)) == plain.get_total_flops() + experts
+
+
+def test_data_aware_budget_sees_the_experts():
+    """With calibration data, the activation criterion scores expert channels by the rows
+    the grouped matmul reads and whole experts by the routing they get: no group scores
+    zero, so a FLOPs budget lands near its target instead of emptying the experts first."""
+    torch.manual_seed(0)
+    model = _mixtral().eval()
+    ids = torch.randint(3, VOCAB, (2, 16))
+    calib = [(torch.randint(3, VOCAB, (2, 16)),) for _ in range(6)]
+    small = graphprune.compile(model, (ids,), importance="activation", target_flops=0.6, calibration=calib)
+    assert 0.5 < small.report.flops <= 0.6
+    assert all(e.gate_up_proj.shape[1] >= 64 for e in _experts(small)), [tuple(e.gate_up_proj.shape) for e in _experts(small)]
+
+
+def test_gpt_oss_experts_with_biases_gathered_by_id():
+    """GPT-OSS routes by top-k of biased router logits, then a softmax over the k chosen, and
+    reads per-expert biases by id (``bias[expert_ids]``): those rows go with their expert.
+    Lossless against the model with the removed experts deleted by hand."""
+    cfg = transformers.GptOssConfig(**BASE, intermediate_size=32, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                                    sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(cfg).eval()
+    ids = torch.randint(3, VOCAB, (2, 7))
+    kill_units(model, (ids,), 0.25)
+    small = graphprune.compile(model, (ids,), ratio=0.25, importance="l1")
+    kept = (getattr(small, "_graphprune", None) or small.meta["graphprune"])["kept"]
+    for i in range(2):
+        assert len(kept[(f"model.layers.{i}.mlp.experts.gate_up_proj_bias", 0)]) == 3
+        assert len(kept[(f"model.layers.{i}.mlp.router.weight", 0)]) == 3
+    with torch.no_grad():
+        _close(small(ids).logits, without_experts(model, small)(ids).logits)
