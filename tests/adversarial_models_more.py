@@ -1323,10 +1323,9 @@ class CumsumSigmoidChannels(CumsumChannels):
 
 @reg("topk_router_counts", tokens)
 class TopkRouterCounts(nn.Module):
-    """Top-2 routing whose ids are counted per expert and used as per-expert scales:
-    ``histc`` counts, then the counts index nothing but a 1-D scale (``count * scale``),
-    while the ids also pick per-expert biases by ``bias[ids]`` (a reader no rule follows:
-    the experts must stay)."""
+    """Top-2 routing whose ids are counted per expert (``histc``, times a per-expert scale)
+    and also one-hot encoded to pick per-expert biases (``one_hot(ids) @ bias``, a reader
+    no rule follows: the experts must stay)."""
     def __init__(self, e=4):
         super().__init__()
         self.inp = nn.Linear(16, C)
@@ -1340,5 +1339,5 @@ class TopkRouterCounts(nn.Module):
         w, ids = torch.topk(self.router(h).softmax(-1), 2, dim=-1)  # (B, T, 2)
         counts = torch.histc(ids.reshape(-1).float(), bins=4, min=0, max=3)  # (E,)
         s = (counts * self.scale).sum()
-        y = (w.unsqueeze(-1) * self.bias[ids]).sum(-2)  # (B, T, C)
+        y = (w.unsqueeze(-1) * (F.one_hot(ids, 4).float() @ self.bias)).sum(-2)  # (B, T, C)
         return self.head(h + y * s)
