@@ -224,6 +224,8 @@ def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule
         raise GraphpruneError(f"target_{kind} must be a fraction in (0, 1], got {target!r}")
     meter = Meter(p, kind, **meter_kw)
     norm = RULES[rule](p, kind)
+    if kind != "params":  # a token goes through top-k experts however many there are: fewer save no compute
+        norm.update({g.id: np.full(g.n_units, np.inf) for g in p.groups if g.fills})
     taus = np.unique(np.concatenate([v for v in norm.values()] + [np.zeros(1)]))
     taus = np.append(taus, np.inf)
     cache: dict[int, tuple[dict, float]] = {}

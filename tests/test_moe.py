@@ -176,7 +176,9 @@ def test_flops_count_the_experts_matmuls():
 def test_data_aware_budget_sees_the_experts():
     """With calibration data, the activation criterion scores expert channels by the rows
     the grouped matmul reads and whole experts by the routing they get: no group scores
-    zero, so a FLOPs budget lands near its target instead of emptying the experts first."""
+    zero, so a FLOPs budget lands near its target instead of emptying the experts first. Under
+    a FLOPs budget whole experts stay (each token still runs top-k of them); under a params
+    budget they may go."""
     torch.manual_seed(0)
     model = _mixtral().eval()
     ids = torch.randint(3, VOCAB, (2, 16))
@@ -184,6 +186,9 @@ def test_data_aware_budget_sees_the_experts():
     small = graphprune.compile(model, (ids,), importance="activation", target_flops=0.6, calibration=calib)
     assert 0.5 < small.report.flops <= 0.6
     assert all(e.gate_up_proj.shape[1] >= 64 for e in _experts(small)), [tuple(e.gate_up_proj.shape) for e in _experts(small)]
+    assert [e.num_experts for e in _experts(small)] == [4, 4]  # fewer experts would save no FLOPs (top-k per token)
+    lean = graphprune.compile(model, (ids,), importance="activation", target_params=0.6, calibration=calib)
+    assert lean.report.params <= 0.6 and min(e.num_experts for e in _experts(lean)) >= 2
 
 
 def test_gpt_oss_experts_with_biases_gathered_by_id():
