@@ -82,6 +82,8 @@ class Group:
         names = sorted({p.name for p in [*self.params, *self.shared_params]})
         more = f" (+{len(names) - 6} more)" if len(names) > 6 else ""
         parts = f", balanced over {self.n_parts} shared key/value heads" if self.part_of is not None else ""
+        if self.fills:
+            parts += f", routed over by top-{self.min_units} (a removed one gets no tokens)"
         return f"group {self.id}: {self.n_units} units{parts} over {len(self.dims) + len(self.shared)} dims; params {', '.join(names[:6])}{more}"
 
 

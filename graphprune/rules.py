@@ -376,7 +376,7 @@ def topk(b, c: COp):
     fill = c.attrs.get("fill")
     filled = vkey(fill[0].args[0]) if fill is not None else None
     if not isinstance(k, int) or filled is None:
-        return b.block((x, d), f"{node.name}: topk with a computed k")
+        return b.block((x, d), f"{node.name}: topk with a computed k, or over a value the twin cannot fill")
     b.declare(IDS(idx)[0], b.shape(x)[d])
     b.couple((x, d), IDS(idx))
     b.couple((x, d), (filled, d))  # the filled dim: the same entries
