@@ -39,9 +39,11 @@ def example_kwargs(model, kwargs: dict | None) -> dict | None:
     if not is_hf(model) or (kwargs and "use_cache" in kwargs):
         return kwargs
     try:
-        takes = "use_cache" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return kwargs
+    # GraniteMoE's causal LM takes it through **kwargs, on to its decoder
+    takes = "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     return {**(kwargs or {}), "use_cache": False} if takes else kwargs
 
 
