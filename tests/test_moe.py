@@ -208,3 +208,19 @@ def test_gpt_oss_experts_with_biases_gathered_by_id():
         assert len(kept[(f"model.layers.{i}.mlp.router.weight", 0)]) == 3
     with torch.no_grad():
         _close(small(ids).logits, without_experts(model, small)(ids).logits)
+
+
+def test_granitemoe_experts_in_its_own_class():
+    """GraniteMoE keeps its experts in its own parallel-experts layer and takes ``use_cache``
+    through ``**kwargs``: whole experts go, the result is its own class, and it equals the
+    model with those experts deleted by hand."""
+    cfg = transformers.GraniteMoeConfig(**BASE, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.GraniteMoeForCausalLM(cfg).eval()
+    ids = torch.randint(3, VOCAB, (2, 7))
+    kill_units(model, (ids,), 0.25)
+    small = graphprune.compile(model, (ids,), ratio=0.25, importance="l1")
+    assert small.report.form == "module", small.report.form_why
+    assert all(layer.block_sparse_moe.router.num_experts == 3 for layer in small.model.layers)
+    with torch.no_grad():
+        _close(small(ids).logits, without_experts(model, small)(ids).logits)
