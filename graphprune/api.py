@@ -81,7 +81,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     ``result.report.auto`` says what it chose (see ``auto.py``). Without
     calibration it is ``l2``. ``reconstruct=None`` lets ``auto`` decide the refit.
 
-    ``pipeline="deploy"`` also folds BatchNorms into the layers before them, stores
+    ``pipeline="deploy"`` also folds BatchNorms and constant per-channel scales into the layers before them, stores
     convolution weights channels-last where that runs faster on this device
     (timed on the unpruned model, ``result.report.layout``), and under a budget
     with ``round_to=None`` (the default) keeps widths in the multiple of 1, 8 or
