@@ -77,20 +77,35 @@ def _folded(layer: nn.Module, bn: nn.Module) -> nn.Module:
         w = layer.weight * s.reshape(-1, *[1] * (layer.weight.dim() - 1))       # (C, ...)
         b = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
         b = (b - bn.running_mean) * s + shift                                    # (C,)
+    grad = layer.weight.requires_grad
+    return with_params(layer, weight=nn.Parameter(w.to(layer.weight.dtype).contiguous(), grad),
+                       bias=nn.Parameter(b.to(layer.weight.dtype).contiguous(), grad))
+
+
+def with_params(layer: nn.Module, **params: nn.Parameter) -> nn.Module:
+    """A new module like ``layer`` (its attributes, hook dicts of its own) holding ``params``
+    in place of those names; its other parameters are shared. ``layer`` is not touched."""
     new = type(layer).__new__(type(layer))
     new.__dict__ = fresh_attrs(layer.__dict__)
     new._parameters = dict(layer._parameters)
-    new.weight = nn.Parameter(w.to(layer.weight.dtype).contiguous(), layer.weight.requires_grad)
-    new.bias = nn.Parameter(b.to(layer.weight.dtype).contiguous(), layer.weight.requires_grad)
+    for name, p in params.items():
+        setattr(new, name, p)
     return new
 
 
-@register_pass("fold-bn")
-def fold_bn(gm: GraphModule) -> PassResult:
+def call_counts(gm: GraphModule) -> dict:
+    """How many times each submodule is called in the graph (a module called twice cannot
+    be rewritten for one of its calls)."""
     calls: dict = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":
             calls[n.target] = calls.get(n.target, 0) + 1
+    return calls
+
+
+@register_pass("fold-bn")
+def fold_bn(gm: GraphModule) -> PassResult:
+    calls = call_counts(gm)
     changed = False
     for bn_node in list(gm.graph.nodes):
         if bn_node.op != "call_module":

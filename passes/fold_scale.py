@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 
 from graphprune.meta_keys import VAL
 from graphprune.pass_manager import PassResult, register_pass
-from graphprune.trace import fresh_attrs
+from .fold_bn import call_counts, with_params
 
 _MULS = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor}
 _PERMUTES = {torch.permute, torch.ops.aten.permute.default}
@@ -108,21 +108,15 @@ def _scaled(layer: nn.Module, g: torch.Tensor) -> nn.Module:
         g = g.to(layer.weight.dtype)
         w = layer.weight * g.reshape(-1, *[1] * (layer.weight.dim() - 1))      # (C_out, ...)
         b = None if layer.bias is None else layer.bias * g                      # (C_out,)
-    new = type(layer).__new__(type(layer))
-    new.__dict__ = fresh_attrs(layer.__dict__)
-    new._parameters = dict(layer._parameters)
-    new.weight = nn.Parameter(w.contiguous(), layer.weight.requires_grad)
+    params = {"weight": nn.Parameter(w.contiguous(), layer.weight.requires_grad)}
     if b is not None:
-        new.bias = nn.Parameter(b.contiguous(), layer.bias.requires_grad)
-    return new
+        params["bias"] = nn.Parameter(b.contiguous(), layer.bias.requires_grad)
+    return with_params(layer, **params)
 
 
 @register_pass("fold-scale")
 def fold_scale(gm: GraphModule) -> PassResult:
-    calls: dict = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
+    calls = call_counts(gm)
     changed = False
     for mul in list(gm.graph.nodes):
         if not _is_mul(mul) or len(mul.args) != 2 or mul.kwargs:

@@ -1301,24 +1301,18 @@ class RootBufferRebuilt(GPSA):
 
 
 @reg("cumsum_channels")
-class CumsumChannels(nn.Module):
+class CumsumChannels(ConvPair):
     """A running sum over channels between two convs: exact after removal only because
     the removed channels are zero going in (they then repeat their predecessor)."""
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, C, 3, padding=1)
-        self.b = nn.Conv2d(C, C, 3, padding=1)
-        self.head = head(C)
-
-    def forward(self, x):
-        return self.head(self.b(torch.cumsum(self.a(x), dim=1)).mean((2, 3)))
+    def mid(self, h):
+        return torch.cumsum(h, dim=1)
 
 
 @reg("cumsum_sigmoid_channels")
-class CumsumSigmoidChannels(CumsumChannels):
+class CumsumSigmoidChannels(ConvPair):
     """The same running sum over ``sigmoid(h)``: a removed channel adds 0.5 to every later one."""
-    def forward(self, x):
-        return self.head(self.b(torch.cumsum(torch.sigmoid(self.a(x)), dim=1)).mean((2, 3)))
+    def mid(self, h):
+        return torch.cumsum(torch.sigmoid(h), dim=1)
 
 
 @reg("topk_router_counts", tokens)
