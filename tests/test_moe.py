@@ -56,7 +56,13 @@ def test_moe_prunes_expert_channels_and_whole_experts_losslessly(family, tmp_pat
     ids = torch.randint(3, VOCAB, (2, 7))
     other = torch.randint(3, VOCAB, (3, 11))
     kill_units(model, (ids,), 0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = model.config.to_dict()
     small = graphprune.compile(model, (ids,), ratio=0.25, importance="l1")
+    # the user's model, its config and its expert counts are as they were; nothing is shared
+    assert model.config.to_dict() == config and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(e.num_experts == 4 for e in _experts(model))
+    assert not {id(p) for p in small.parameters()} & {id(p) for p in model.parameters()}
     assert small.report.form == "module", small.report.form_why
     assert all(" axis 0 " in r and (".gate.weight" in r or ".experts." in r) for r in removed_alive(model, small))
     for big, e, layer in zip(_experts(model), _experts(small), small.model.layers):
