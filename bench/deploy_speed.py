@@ -5,17 +5,20 @@ FLOPs reduction, 1.0 being the limit. Each model (torchvision, random
 weights, eval mode, batch 8 at 224x224, 2 threads) is pruned at ``ratio=0.5``,
 at ``target_flops=0.25`` and at ``target_latency=0.3`` (classifier kept, ``importance="l1"``: speed does
 not depend on which channels go), once with the default pipeline and once
-with ``pipeline="deploy"`` (BatchNorms folded into the layers before them; 2-d
-convolutions channels-last where the unpruned model times faster so; under a
-FLOPs budget, widths in the multiple of 1, 8 or 16 that times fastest here).
+with ``pipeline="deploy"`` (BatchNorms and layer scales folded into the layers before them,
+LayerNorm affines into the linears after them; 2-d convolutions channels-last, and
+convolutions and linears as oneDNN kernels with their activations fused, each where the
+unpruned model times faster so; under a FLOPs budget, widths in the multiple of 1, 8 or 16
+that times fastest here).
 
 Latency ratios are measured side by side (``graphprune.flops.latency_ratio``:
 pruned and reference alternate, each keeps its fastest round), against two references:
 
 * the original as given (what the user had);
 * the original after the same lossless clean-ups (``compile(..., ratio=0,
-  pipeline="deploy")``: nothing removed, BatchNorms folded, channels-last where faster), so the part of
-  the speed-up that folding and the layout alone give is visible.
+  pipeline="deploy")``: nothing removed, everything folded, the same layout and kernels where
+  faster), so the part of the speed-up that the clean-ups alone give is visible: that
+  figure is what pruning itself buys.
 
     PYTHONPATH=. python bench/deploy_speed.py                   # -> bench/results/deploy_speed.json
     PYTHONPATH=. python bench/deploy_speed.py --models resnet50 --rounds 3
@@ -95,6 +98,8 @@ def main():
                              "efficiency_vs_folded_original": round(vs_folded / reduction, 3)}
                 if small.report.layout:  # deploy: channels-last or not, and the timing that decided it
                     row[pipe]["layout"] = small.report.layout
+                if small.report.kernels:  # deploy: oneDNN kernels with fused activations or not, and the timing
+                    row[pipe]["kernels"] = small.report.kernels
                 if small.report.rounding:  # deploy with a FLOPs budget: the width multiple it timed fastest
                     row[pipe]["rounding"] = small.report.rounding
                 if "target_latency" in BUDGETS[budget]:  # where it landed: compile's own figure and this run's
@@ -109,7 +114,9 @@ def main():
     print("| model | budget | FLOPs reduction | default: speed-up, efficiency | deploy: speed-up, efficiency | deploy vs folded original |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        d, p = r["default"], r["deploy"]
+        if "deploy" not in r:
+            continue
+        d, p = r.get("default", {"speedup_vs_given": float("nan"), "efficiency_vs_given": float("nan")}), r["deploy"]
         print(f"| {r['model']} | {r['budget']} | {p['flops_reduction']:.2f}x | {d['speedup_vs_given']:.2f}x, {d['efficiency_vs_given']:.2f} | "
               f"{p['speedup_vs_given']:.2f}x, {p['efficiency_vs_given']:.2f} | {p['speedup_vs_folded_original']:.2f}x, "
               f"{p['efficiency_vs_folded_original']:.2f} |")

@@ -42,6 +42,7 @@ class Report:
     auto: object = None  # auto.Choice: what importance="auto" chose, and why
     rounding: dict | None = None  # pipeline="deploy": the width multiple chosen by timing, and the timings
     layout: dict | None = None  # pipeline="deploy": whether convolution weights went channels-last, and the timing
+    kernels: dict | None = None  # pipeline="deploy": whether layers run as fused oneDNN kernels, and the timing
 
     def __str__(self) -> str:
         lat = "" if self.latency is None else f", latency {self.latency:.3f}"
@@ -52,7 +53,9 @@ class Report:
                                                 f"unrounded {self.rounding['latency_vs_unrounded']})")
         laid = "" if not self.layout else (f"; channels-last {'on' if self.layout['channels_last'] else 'off'} "
                                            f"({self.layout['why']})")
-        return f"{cost}{len(self.widths)} groups{check}{chose}{rounded}{laid}"
+        fused = "" if not self.kernels else (f"; oneDNN kernels {'on' if self.kernels['onednn'] else 'off'} "
+                                             f"({self.kernels['why']})")
+        return f"{cost}{len(self.widths)} groups{check}{chose}{rounded}{laid}{fused}"
 
 
 @dataclass

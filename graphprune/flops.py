@@ -49,9 +49,33 @@ def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[-1] * b_shape[-1]
 
 
+def _onednn_conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """``mkldnn._convolution_pointwise`` (passes/onednn_fuse.py): a convolution, 2 x output
+    elements x (input channels per group x kernel taps); the fused activation is not counted,
+    as the counter counts none."""
+    per_output = 1
+    for s in w_shape[1:]:
+        per_output *= s
+    elements = 1
+    for s in out_shape:
+        elements *= s
+    return 2 * elements * per_output
+
+
+def _onednn_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """``mkldnn._linear_pointwise``: rows x (in x out) multiply-adds."""
+    rows = 1
+    for s in x_shape[:-1]:
+        rows *= s
+    return 2 * rows * w_shape[0] * w_shape[1]
+
+
 _MORE_FLOPS = {torch.ops.aten.mkldnn_rnn_layer: _rnn_layer_flops} if hasattr(torch.ops.aten, "mkldnn_rnn_layer") else {}
 if hasattr(torch.ops.aten, "_grouped_mm"):
     _MORE_FLOPS[torch.ops.aten._grouped_mm] = _grouped_mm_flops
+if hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+    _MORE_FLOPS[torch.ops.mkldnn._convolution_pointwise] = _onednn_conv_flops
+    _MORE_FLOPS[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flops
 
 
 def _more_flops() -> dict:

@@ -189,3 +189,67 @@ def full_width(cls: type) -> type:
     if cls not in _FULL_WIDTH_CLASSES:
         _FULL_WIDTH_CLASSES[cls] = type(cls.__name__, (FullWidthForward, cls), {"__module__": __name__, "__doc__": cls.__doc__})
     return _FULL_WIDTH_CLASSES[cls]
+
+
+# oneDNN post-op name -> the same activation in plain torch (the fallback path), given (y, *scalars)
+POST_OPS = {
+    "none": lambda y: y,
+    "relu": F.relu,
+    "swish": F.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "hardswish": F.hardswish,
+    "hardtanh": lambda y, lo, hi: F.hardtanh(y, lo, hi),
+    "gelu": None,  # its algorithm ("none" or "tanh") is F.gelu's ``approximate``
+}
+
+
+def _post_op(y, attr: str, scalars, algorithm):
+    if attr == "gelu":
+        return F.gelu(y, approximate=algorithm)
+    return POST_OPS[attr](y, *scalars)
+
+
+def _onednn_ready(x, weight: torch.Tensor) -> bool:
+    """oneDNN's fused CPU kernels serve fp32 inference on CPU, run eagerly; anything else (CUDA,
+    half precision, a forward that records gradients, a trace or an export) takes the plain path,
+    which computes the same with the ops every tool knows."""
+    return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+
+
+class OneDNNConv2d(nn.Conv2d):
+    """``act(nn.Conv2d(x))`` as one oneDNN convolution with the activation as its post-op
+    (``post_op = (attr, scalars, algorithm)``), where ``_onednn_ready``; otherwise the conv and
+    the activation as before. Same parameters, same names."""
+
+    post_op: tuple = ("none", (), "")
+
+    def forward(self, x):
+        if _onednn_ready(x, self.weight) and x.dim() == 4:
+            attr, scalars, algorithm = self.post_op
+            return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, list(self.padding), list(self.stride),
+                                                           list(self.dilation), self.groups, attr, list(scalars), algorithm)
+        return _post_op(super().forward(x), *self.post_op)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, post_op={self.post_op[0]}"
+
+
+class OneDNNLinear(nn.Linear):
+    """``act(nn.Linear(x))`` through oneDNN's matmul with the activation as its post-op; see
+    ``OneDNNConv2d``. On the 2-core CPU the matmul alone ran 2x faster than ``F.linear``'s
+    (bench/deploy_speed.py's ViT MLP shapes)."""
+
+    post_op: tuple = ("none", (), "")
+
+    def forward(self, x):
+        if _onednn_ready(x, self.weight) and x.dim() >= 2:
+            attr, scalars, algorithm = self.post_op
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, list(scalars), algorithm)
+        return _post_op(super().forward(x), *self.post_op)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, post_op={self.post_op[0]}"
