@@ -249,6 +249,8 @@ def fastest_kernels(p, *, clock=None) -> dict | None:
 
     if next((t.device.type for t in p.gm.parameters()), "cpu") != "cpu" or not torch.backends.mkldnn.is_available():
         return None  # oneDNN kernels serve CPU inference only (meta weights: nothing to time)
+    if not any(type(m) in (torch.nn.Conv2d, torch.nn.Linear) for m in p.gm.modules()):
+        return None  # nothing to convert: build nothing, time nothing
     return _as_kernels(_timed_pass(p, "onednn-fuse", "oneDNN kernels", clock, lambda gm: any(
         isinstance(m, (OneDNNConv2d, OneDNNLinear)) for m in gm.modules())))
 
@@ -267,6 +269,8 @@ def _timed_pass(p, name: str, what: str, clock, applies) -> tuple | None:
     steps = parse_pipeline(p.pipeline or DEFAULT_PIPELINE)
     if any(step == name for step, _ in steps):
         return None
+    if p.example_kwargs:  # decided before two copies of the model are built for nothing (an LLM's worth each)
+        return False, "not timed: the example has keyword inputs", None
     at = next((i for i, (step, _) in enumerate(steps) if step == "dce"), len(steps))
     trial = format_pipeline(steps[:at] + [(name, {})] + steps[at:])
     plain = p.prune({}, check=False, fit=False)
@@ -277,8 +281,6 @@ def _timed_pass(p, name: str, what: str, clock, applies) -> tuple | None:
         p.pipeline = before
     if not applies(converted):
         return None
-    if p.example_kwargs:
-        return False, "not timed: the example has keyword inputs", None
     x = p.example_inputs
     try:
         with torch.no_grad():
