@@ -3,6 +3,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# The repository root holds ``kernels/`` and ``passes/``, installed only as ``graphprune.kernels`` and
+# ``graphprune.passes``. ``python -m pytest`` puts the root on sys.path, where ``kernels/`` shadows Hugging
+# Face's ``kernels`` package, which transformers >= 5.25 requires and imports when it builds a model
+# ("cannot import name 'CUDAProperties' from 'kernels'"). graphprune itself comes from the install.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+if getattr(sys.modules.get("kernels"), "__file__", "") and sys.modules["kernels"].__file__.startswith(_ROOT):
+    del sys.modules["kernels"]
+
 # Triton reads TRITON_INTERPRET when it is first imported, and any test that builds a pass
 # pipeline imports graphprune.kernels: set it here, before any test module, so the kernels
 # run on the CPU wherever there is no GPU, whatever order the files are collected and run in.
