@@ -13,8 +13,8 @@ speed-up its FLOPs promise (issue 12).
 Folded only where nothing else can see the difference: the norm is a
 ``call_module`` ``nn.LayerNorm``/``nn.RMSNorm`` (or a subclass) over one dim,
 called once, in eval mode or not (it has no state), whose output is read by one
-node, a ``call_module`` of a reader in ``READERS`` called once, that takes the
-norm's output as every tensor input it reads (self-attention reads it as query,
+node, a ``call_module`` of a reader in ``READERS`` called once, whose weight is its
+own (not tied to an embedding), that takes the norm's output as every tensor input it reads (self-attention reads it as query,
 key and value). The folded norm and reader are new modules with new
 parameters; the pass never writes into a module it was given.
 """
@@ -103,7 +103,7 @@ def fold_norm(gm: GraphModule) -> PassResult:
         if rule is None or not _reads_only(node, reader, rule[0]):
             continue
         w, b = affine
-        if w.numel() != _in_features(mod):
+        if w.numel() != _in_features(mod) or _tied(gm, mod):
             continue
         folded = rule[1](mod, w, b)
         if folded is None:
@@ -117,6 +117,13 @@ def fold_norm(gm: GraphModule) -> PassResult:
         gm.graph.lint()
         gm.recompile()
     return PassResult(gm, changed)
+
+
+def _tied(gm: GraphModule, mod: nn.Module) -> bool:
+    """Whether a weight of the reader is also held elsewhere (a head tied to its embedding): folding
+    gives the reader a weight of its own, which would untie it and add a copy."""
+    weight = mod.weight if isinstance(mod, nn.Linear) else mod.in_proj_weight
+    return sum(t is weight for _, t in gm.named_parameters(remove_duplicate=False)) > 1
 
 
 def _in_features(mod: nn.Module) -> int:

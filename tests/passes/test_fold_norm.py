@@ -99,3 +99,25 @@ def test_fold_norm_keeps_dtype(dtype):
     _random_affine(model)
     out, changed = run_pipeline(torch.fx.symbolic_trace(model), "fold-norm", check=False)
     assert changed and out.get_submodule("1").weight.dtype == dtype and out.get_submodule("1").bias.dtype == dtype
+
+
+def test_a_head_tied_to_its_embedding_keeps_its_norm_affine():
+    """GPT-2's final LayerNorm feeds an LM head that shares the embedding's weight: folding would
+    give the head a weight of its own (untied, vocab x d more parameters), so the affine stays."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.ln, self.head = nn.Embedding(20, 8), nn.LayerNorm(8), nn.Linear(8, 20, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.ln(self.emb(ids)))
+
+    model = _random_affine(Tied()).eval()
+    ids = torch.randint(0, 20, (2, 5))
+    out, changed = run_pipeline(torch.fx.symbolic_trace(model), "fold-norm", check=False)
+    assert not changed["fold-norm"] and _affine_left(out) == {"ln"}
+    assert out.get_submodule("head").weight is out.get_submodule("emb").weight
+    assert graphprune.count_params(out) == graphprune.count_params(model)
+    torch.testing.assert_close(out(ids), model(ids))
