@@ -234,9 +234,8 @@ def fastest_layout(p, *, clock=None) -> dict | None:
         return None  # nothing to convert: build nothing, time nothing
     found = _timed_pass(p, "channels-last", "channels-last layout", clock, lambda gm: any(
         n.op == "call_method" and n.target == "contiguous" and n.kwargs.get("memory_format") == torch.channels_last
-        for n in gm.graph.nodes))
-    return None if found is None else {"channels_last": found[0], "why": found[1].replace("plain", "contiguous"),
-                                       "latency_vs_contiguous": found[2]}
+        for n in gm.graph.nodes), baseline="contiguous")
+    return None if found is None else dict(zip(("channels_last", "why", "latency_vs_contiguous"), found))
 
 
 def fastest_kernels(p, *, clock=None) -> dict | None:
@@ -251,15 +250,12 @@ def fastest_kernels(p, *, clock=None) -> dict | None:
         return None  # oneDNN kernels serve CPU inference only (meta weights: nothing to time)
     if not any(type(m) in (torch.nn.Conv2d, torch.nn.Linear) for m in p.gm.modules()):
         return None  # nothing to convert: build nothing, time nothing
-    return _as_kernels(_timed_pass(p, "onednn-fuse", "oneDNN kernels", clock, lambda gm: any(
-        isinstance(m, (OneDNNConv2d, OneDNNLinear)) for m in gm.modules())))
+    found = _timed_pass(p, "onednn-fuse", "oneDNN kernels", clock, lambda gm: any(
+        isinstance(m, (OneDNNConv2d, OneDNNLinear)) for m in gm.modules()))
+    return None if found is None else dict(zip(("onednn", "why", "latency_vs_plain"), found))
 
 
-def _as_kernels(found):
-    return None if found is None else {"onednn": found[0], "why": found[1], "latency_vs_plain": found[2]}
-
-
-def _timed_pass(p, name: str, what: str, clock, applies) -> tuple | None:
+def _timed_pass(p, name: str, what: str, clock, applies, baseline: str = "plain") -> tuple | None:
     """(added, why, latency ratio) for pass ``name`` tried before ``dce`` on the unpruned model:
     added (to ``p.pipeline``) where its outputs equal the plain model's and it times 5% faster;
     None where the pass is in the pipeline already (the user's choice) or changes nothing
@@ -294,7 +290,7 @@ def _timed_pass(p, name: str, what: str, clock, applies) -> tuple | None:
     faster = r < 0.95
     if faster:
         p.pipeline = trial
-    return faster, f"timed {r:.2f}x the plain latency", round(r, 3)
+    return faster, f"timed {r:.2f}x the {baseline} latency", round(r, 3)
 
 
 def _same_outputs(a, b) -> bool:
