@@ -87,8 +87,11 @@ def prune_iteratively(model: torch.nn.Module, example_inputs: tuple, *, target_f
     ...                                      calibration=[(xb,) for xb, _ in loader])
     """
     from .api import compile
+    from .pruner import check_ignore
 
     calibration = list(calibration) if calibration is not None else None
+    if compile_kw.get("ignore"):  # every step prunes a copy: a module object of the user's model names nothing in it
+        compile_kw["ignore"] = check_ignore(model, compile_kw["ignore"])
     base = count_flops(model, example_inputs)
     current = model
     for t in tqdm(_targets(target_flops, steps, schedule), desc="prune steps", disable=not progress):

@@ -200,6 +200,16 @@ def test_prune_iteratively_steps_finetune_and_recalibrate():
     torch.testing.assert_close(small.stem[1].running_mean, acts.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
 
 
+def test_prune_iteratively_ignores_a_module_given_as_an_object_at_every_step():
+    """Steps after the first prune a copy: the user's module object must still name its layer there."""
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(*IMAGE)
+    small = graphprune.prune_iteratively(model, (x,), target_flops=0.5, steps=3, ignore=[model.stem[0]], progress=False)
+    assert small.report_flops <= 0.5
+    assert small.get_submodule("stem.0").weight.shape == model.stem[0].weight.shape  # its output width stayed
+
+
 def test_regularizers():
     model = Residual()
     x = torch.randn(*IMAGE)
