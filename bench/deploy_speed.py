@@ -20,9 +20,9 @@ pruned and reference alternate, each keeps its fastest round), against two refer
   faster), so the part of the speed-up that the clean-ups alone give is visible: that
   figure is what pruning itself buys.
 
-    PYTHONPATH=. python bench/deploy_speed.py                   # -> bench/results/deploy_speed.json
-    PYTHONPATH=. python bench/deploy_speed.py --models resnet50 --rounds 3
-    PYTHONPATH=. python bench/deploy_speed.py --budgets target_latency=0.3 --pipelines deploy --redo   # those figures again
+    python bench/deploy_speed.py                   # -> bench/results/deploy_speed.json
+    python bench/deploy_speed.py --models resnet50 --rounds 3
+    python bench/deploy_speed.py --budgets target_latency=0.3 --pipelines deploy --redo   # those figures again
 
 Each pipeline's figures carry the commit they were measured on (``code``; ``+dirty`` when
 the library had uncommitted changes).
@@ -109,7 +109,7 @@ def main():
                 del small
             rows = [r for r in rows if r is not old] + [row]
             print(json.dumps(row), flush=True)
-            out.write_text(json.dumps({"command": "PYTHONPATH=. python bench/deploy_speed.py",
+            out.write_text(json.dumps({"command": "python bench/deploy_speed.py",
                                        "torch": torch.__version__, "rows": rows}, indent=1))
     print("| model | budget | FLOPs reduction | default: speed-up, efficiency | deploy: speed-up, efficiency | deploy vs folded original |")
     print("|---|---|---|---|---|---|")

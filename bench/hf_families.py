@@ -508,7 +508,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", name, "--worker-out", str(path), "--threads", str(args.threads)]
             try:
                 p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                   env=dict(os.environ))
                 row = json.loads(path.read_text()) if path.exists() else {
                     "family": name, "ok": False, "stage": "process", "error": f"exit {p.returncode}: {p.stderr.strip()[-300:]}"}
             except subprocess.TimeoutExpired:

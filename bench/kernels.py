@@ -13,9 +13,9 @@ plus ``graphprune_kernel_ms``, the Triton kernel forced on, and
 kept uniformly at random, so block rows are uneven. The ideal speed-up over
 dense is 1 / (1 - s).
 
-    PYTHONPATH=. python bench/kernels.py               # the full table, one GPU run (H100: ~5-8 min)
-    PYTHONPATH=. python bench/kernels.py --quick       # a few points
-    PYTHONPATH=. python bench/kernels.py --cpu-smoke   # tiny shapes under TRITON_INTERPRET=1: tests the harness only
+    python bench/kernels.py               # the full table, one GPU run (H100: ~5-8 min)
+    python bench/kernels.py --quick       # a few points
+    python bench/kernels.py --cpu-smoke   # tiny shapes under TRITON_INTERPRET=1: tests the harness only
 
 Writes bench/results/kernels-<device>.json (a list of records), a plot
 kernels-<device>.png (speed-up against sparsity per block size, with the ideal

@@ -35,8 +35,8 @@ each pruned model interleaved with the dense one round by round.
 Rows go to the JSON file as they finish (``--resume`` skips done rows); the
 plot is perplexity (relative to dense) against parameters kept.
 
-    PYTHONPATH=. python bench/llm.py                       # -> bench/results/llm.json, llm.png
-    PYTHONPATH=. python bench/llm.py --keep 0.8 --methods gp-auto tp-taylor
+    python bench/llm.py                       # -> bench/results/llm.json, llm.png
+    python bench/llm.py --keep 0.8 --methods gp-auto tp-taylor
 """
 from __future__ import annotations
 
@@ -217,7 +217,7 @@ def main():
 
     def save():
         res = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)",
-               "command": "PYTHONPATH=. python " + " ".join(["bench/llm.py", *sys.argv[1:]]),
+               "command": "python " + " ".join(["bench/llm.py", *sys.argv[1:]]),
                "setup": {"calib": f"{a.calib} x {a.seq} tokens of {a.calib_domain} (calibration part)",
                          "eval": f"{a.windows} x {a.seq} tokens per domain (held-out part)", "seed": a.seed, "threads": a.threads},
                "dense": dense, "rows": list(rows.values())}

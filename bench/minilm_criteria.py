@@ -49,7 +49,7 @@ batches are tiny, and on a shared 2-core machine a second thread mostly waits.
 Run from the repository root, after ``pip install -e '.[dev]'`` (about 15 to 20
 minutes on 2 CPU cores):
 
-    PYTHONPATH=. python bench/minilm_criteria.py
+    python bench/minilm_criteria.py
 
 It prints a table and writes ``bench/results/minilm_criteria.json``.
 """

@@ -235,7 +235,7 @@ def in_subprocess(family: str, name: str, timeout: float, max_rss: float) -> dic
         cmd = [sys.executable, __file__, "--worker", family, name, "--worker-out", str(path)]
         with open(log, "w") as stderr:
             p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         t0, why = time.perf_counter(), None
         while p.poll() is None:
             if time.perf_counter() - t0 > timeout:

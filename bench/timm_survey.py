@@ -16,8 +16,8 @@ oracle did not kill; then ``rel_error`` measures a lossy prune, not a bug) and
 ``twin_error``, the result against the user's model with exactly what compile
 removed zeroed (its own forward, not the graph): that one must be at float precision.
 
-    PYTHONPATH=. python bench/timm_survey.py            # -> bench/results/timm_survey.json
-    PYTHONPATH=. python bench/timm_survey.py resnet18   # some models
+    python bench/timm_survey.py            # -> bench/results/timm_survey.json
+    python bench/timm_survey.py resnet18   # some models
 """
 from __future__ import annotations
 
