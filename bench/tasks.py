@@ -454,6 +454,7 @@ def load(path: Path) -> dict:
 
 def save(path: Path, result: dict):
     result["summary"] = summarise(result["rows"])
+    result["paired"] = paired(result["summary"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
@@ -488,6 +489,42 @@ def table(summary: dict, methods=METHODS) -> str:
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def paired(summary: dict, method: str = "graphprune", rivals=("tp_magnitude", "tp_taylor")) -> list[dict]:
+    """``method`` against the rival with the best mean, per task and budget, paired by seed (a seed
+    trains one network that every method prunes): the mean difference in test accuracy points
+    and its 95% t-interval over seeds. An interval that holds 0 is a difference the suite
+    cannot tell from the spread of fine-tuning; one test sample is ``100 / test size`` points."""
+    from scipy import stats
+
+    out = []
+    for task, by in summary.items():
+        for target in TARGETS:
+            mine = by.get(method, {}).get(str(target), {})
+            cells = {r: by.get(r, {}).get(str(target), {}) for r in rivals}
+            cells = {r: c for r, c in cells.items() if "per_seed" in c}
+            if "per_seed" not in mine or not cells:
+                continue
+            rival = max(cells, key=lambda r: cells[r]["test_acc"]["mean"])
+            seeds = sorted(set(mine["per_seed"]) & set(cells[rival]["per_seed"]), key=int)
+            d = np.array([mine["per_seed"][k] - cells[rival]["per_seed"][k] for k in seeds]) * 100
+            half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+            out.append({"task": task, "budget": target, "rival": rival, "seeds": len(d), "diff": float(d.mean()),
+                        "ci95": [float(d.mean() - half), float(d.mean() + half)], "wins": int((d > 0).sum()),
+                        "ties": int((d == 0).sum()), "losses": int((d < 0).sum())})
+    return out
+
+
+def paired_table(rows: list[dict], method: str = "graphprune") -> str:
+    lines = [f"{method} minus the best Torch-Pruning mean, paired by seed (test accuracy points):", "",
+             "| task | FLOPs kept | rival | difference | 95% interval | seeds won / tied / lost |", "|---" * 6 + "|"]
+    for r in rows:
+        lo, hi = r["ci95"]
+        mark = "" if lo <= 0 <= hi else (" (better)" if lo > 0 else " (worse)")
+        lines.append(f"| {r['task']} | {r['budget']} | {r['rival']} | {r['diff']:+.2f}{mark} | [{lo:+.2f}, {hi:+.2f}] | "
+                     f"{r['wins']} / {r['ties']} / {r['losses']} |")
+    return "\n".join(lines + [""])
 
 
 def plot(summary: dict, path: Path):
@@ -617,6 +654,7 @@ def main():
         result = load(path)
         summary = summarise(result["rows"])
         print(table(summary))
+        print(paired_table(paired(summary)))
         if args.plot_only:
             plot(summary, path.with_suffix(".png"))
         return
@@ -632,6 +670,7 @@ def main():
     result = run(tasks, seeds, methods, budget, path, args.resume, args.train_epochs,
                  [float(t) for t in args.targets.split(",")])
     print(table(result["summary"]))
+    print(paired_table(result["paired"]))
     plot(result["summary"], path.with_suffix(".png"))
 
 
