@@ -90,7 +90,11 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     with ``round_to=None`` (the default) keeps widths in the multiple of 1, 8 or
     16 that runs fastest, timed on the model (``result.report.rounding``; a latency
     budget times the roundings at the same fraction of FLOPs).
-    ``round_to=q`` fixes the multiple. Latency budgets are measured on this form.
+    ``round_to=q`` fixes the multiple. Latency budgets are measured on this form. On CPU,
+    glibc's default allocator can make a model's speed flip between two bands within one
+    process (heap trimmed and regrown around large activations); pin it
+    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) or use jemalloc/tcmalloc
+    where a latency budget must land (see ``bench/deploy_speed.py``).
 
     ``ignore`` names modules whose output width must stay. ``calibration``
     (an iterable of input tuples) and ``loss_fn(output, batch)`` feed the
