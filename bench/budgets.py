@@ -21,6 +21,8 @@ import torchvision
 import graphprune
 from graphprune.flops import latency_ratio
 
+from deploy_speed import ALLOCATOR, pin_allocator  # noqa: E402  (bench/ is on sys.path: this script's folder)
+
 MODELS = ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "vit_b_16"]
 TARGETS = [0.25, 0.5, 0.75]
 
@@ -31,6 +33,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--latency-only", action="store_true", help="skip the FLOPs table, keep its earlier results")
     args = ap.parse_args()
+    pin_allocator()  # latency readings of a CPU model are otherwise bimodal (see deploy_speed.py)
     torch.set_num_threads(2)
     out = Path(__file__).parent / "results" / "budgets.json"
     rows = json.loads(out.read_text())["flops"] if args.latency_only and out.exists() else []
@@ -56,7 +59,7 @@ def main():
            "median": round(statistics.median(ratios), 4), "ok": abs(statistics.median(ratios) - 0.5) <= 0.05,
            "achieved_flops": round(small.report.flops, 4), "seconds": round(took, 1)}
     print(json.dumps(lat), flush=True)
-    out.write_text(json.dumps({"flops": rows, "latency": lat}, indent=1))
+    out.write_text(json.dumps({"flops": rows, "latency": lat, "allocator": ALLOCATOR}, indent=1))
     print("\n| model | target | achieved FLOPs | params | in [t-0.03, t] |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['target_flops']} | {r['achieved_flops']} | {r['params']} | {'yes' if r['ok'] else 'NO'} |")

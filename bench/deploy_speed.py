@@ -61,7 +61,7 @@ BUDGETS = {"ratio=0.5": {"ratio": 0.5}, "target_flops=0.25": {"target_flops": 0.
 ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
 
 
-def _pin_allocator() -> None:
+def pin_allocator() -> None:
     """Re-execute this script with ``ALLOCATOR`` in the environment (glibc reads it at start-up)."""
     if any(os.environ.get(k) != v for k, v in ALLOCATOR.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR})
@@ -88,7 +88,7 @@ def main():
                     "pipelines not in --pipelines keep their old figures")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "deploy_speed.json"))
     a = ap.parse_args()
-    _pin_allocator()
+    pin_allocator()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
