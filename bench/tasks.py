@@ -509,9 +509,10 @@ def paired(summary: dict, method: str = "graphprune", rivals=("tp_magnitude", "t
             rival = max(cells, key=lambda r: cells[r]["test_acc"]["mean"])
             seeds = sorted(set(mine["per_seed"]) & set(cells[rival]["per_seed"]), key=int)
             d = np.array([mine["per_seed"][k] - cells[rival]["per_seed"][k] for k in seeds]) * 100
-            half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+            half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
             out.append({"task": task, "budget": target, "rival": rival, "seeds": len(d), "diff": float(d.mean()),
-                        "ci95": [float(d.mean() - half), float(d.mean() + half)], "wins": int((d > 0).sum()),
+                        "ci95": None if half is None else [float(d.mean() - half), float(d.mean() + half)],
+                        "wins": int((d > 0).sum()),
                         "ties": int((d == 0).sum()), "losses": int((d < 0).sum())})
     return out
 
@@ -520,7 +521,7 @@ def paired_table(rows: list[dict], method: str = "graphprune") -> str:
     lines = [f"{method} minus the best Torch-Pruning mean, paired by seed (test accuracy points):", "",
              "| task | FLOPs kept | rival | difference | 95% interval | seeds won / tied / lost |", "|---" * 6 + "|"]
     for r in rows:
-        lo, hi = r["ci95"]
+        lo, hi = r["ci95"] or (float("-inf"), float("inf"))  # one seed: no interval
         mark = "" if lo <= 0 <= hi else (" (better)" if lo > 0 else " (worse)")
         lines.append(f"| {r['task']} | {r['budget']} | {r['rival']} | {r['diff']:+.2f}{mark} | [{lo:+.2f}, {hi:+.2f}] | "
                      f"{r['wins']} / {r['ties']} / {r['losses']} |")

@@ -46,6 +46,12 @@ def test_one_task_two_methods_meet_the_budget(one_thread, tmp_path):
     summary = json.loads(out.read_text())["summary"]["signal_1d"]
     assert summary["graphprune"]["0.5"]["per_seed"] == {"0": rows["graphprune"]["test_acc"]}
     assert 0.0 <= summary["unpruned"]["1.0"]["test_acc"]["mean"] <= 1.0
+    # the paired comparison: one seed, so a difference and no interval
+    (pair,) = json.loads(out.read_text())["paired"]
+    assert (pair["task"], pair["budget"], pair["rival"], pair["seeds"]) == ("signal_1d", 0.5, "tp_magnitude", 1)
+    assert pair["diff"] == pytest.approx(100 * (rows["graphprune"]["test_acc"] - rows["tp_magnitude"]["test_acc"]))
+    assert pair["wins"] + pair["ties"] + pair["losses"] == 1 and pair["ci95"] is None
+    assert "signal_1d | 0.5 | tp_magnitude" in bench.paired_table([pair])
     # --resume runs nothing twice
     again = bench.run(["signal_1d"], [0], ["graphprune", "tp_magnitude"], budget, out, resume=True, train_epochs=2,
                        targets=(0.5,))
