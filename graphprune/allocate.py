@@ -231,17 +231,19 @@ def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule
         norm.update({g.id: np.full(g.n_units, np.inf) for g in p.groups if g.fills})
     taus = np.unique(np.concatenate([v for v in norm.values()] + [np.zeros(1)]))
     taus = np.append(taus, np.inf)
-    cache: dict[int, tuple[dict, float]] = {}
+    removals: dict[int, dict] = {}  # threshold index -> removal (computed once; a latency's value is re-read)
+    cache: dict[int, float] = {}
     readings = Readings(meter) if kind == "latency" else None
 
     def cost(i: int) -> tuple[dict, float]:
+        if i not in removals:
+            removals[i] = constraints.removal(p, norm, float(taus[i]))
+        removed = removals[i]
         if readings is not None:  # a timing: pooled over every threshold that builds the same model
-            removed = constraints.removal(p, norm, float(taus[i]))
             return removed, readings(removed)
         if i not in cache:
-            removed = constraints.removal(p, norm, float(taus[i]))
-            cache[i] = (removed, meter(removed))
-        return cache[i]
+            cache[i] = meter(removed)
+        return removed, cache[i]
 
     best = cost(_bisect(cost, len(taus), target, kind)[1])
     if meter.exact_params and best[0] and meter._built_for_real(best[0]) / meter.base > target:
