@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .allocate import Constraints, allocate, light_report, report
+from .allocate import RULES, Constraints, allocate, light_report, report
 from .batches import as_call, regroup
 from .errors import GraphpruneError, GraphpruneWarning
 from .flops import latency_ratio
@@ -59,7 +59,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
             target_latency=None, importance="auto", ignore=(), pipeline=None, example_kwargs=None, calibration=None,
             loss_fn=None, round_to: int | None = None, min_width: int = 1, overrides: dict | None = None,
             latency_inputs: tuple | None = None, ratio_scope: str = "group", reconstruct: bool | None = None,
-            verify: bool = True, output: str = "auto") -> torch.nn.Module:
+            verify: bool = True, output: str = "auto", allocation: str = "auto") -> torch.nn.Module:
     """Return a physically smaller copy of ``model``; ``model`` itself is not changed.
 
     Say how much to remove in one of two ways:
@@ -76,10 +76,17 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
       budget, and ``result.report`` says what was achieved.
 
     ``importance="auto"`` (the default) with ``calibration`` tries the data-aware
-    criteria (and, for budgets, two allocation rules, and the refit) and keeps
+    criteria (and, for budgets, three allocation rules, and the refit) and keeps
     the candidate whose outputs move least on held-out calibration batches;
     ``result.report.auto`` says what it chose (see ``auto.py``). Without
     calibration it is ``l2``. ``reconstruct=None`` lets ``auto`` decide the refit.
+    ``allocation`` fixes how a budget is spread over groups instead of letting
+    ``auto`` choose: ``"score"`` (units ranked by their group-normalised score),
+    ``"per_param"`` (score per parameter a unit holds), ``"measured"`` (the
+    held-out output error a unit adds, per unit of the budget it frees; needs
+    ``calibration``) or ``"uniform"`` (the same fraction from every group, the
+    criterion choosing which units). Without ``importance="auto"`` and
+    calibration, ``"auto"`` means ``"score"``.
 
     ``pipeline="deploy"`` also folds BatchNorms and constant per-channel scales into the layers before them,
     LayerNorm affines into the linear layers after them, stores
@@ -130,8 +137,16 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     for r in (ratio.values() if isinstance(ratio, dict) else [ratio]):
         if not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise GraphpruneError(f"ratio must be a number in [0, 1), got {r!r}")
+    if allocation != "auto" and allocation not in RULES:
+        raise GraphpruneError(f"allocation must be 'auto' or one of {', '.join(map(repr, RULES))}, got {allocation!r}")
+    if allocation != "auto" and not budgets:
+        raise GraphpruneError(f"allocation={allocation!r} spreads a budget over groups: give target_flops, "
+                              "target_params or target_latency (ratio= removes its fraction from every group)")
+    if allocation == "measured" and calibration is None:
+        raise GraphpruneError("allocation='measured' measures each group's effect on held-out outputs: give "
+                              "calibration batches, or another allocation ('score', 'per_param', 'uniform')")
     choosing = importance == "auto" and calibration is not None
-    if choosing:
+    if choosing or allocation == "measured":
         calibration = list(calibration)  # scored, judged and refit on: iterated more than once
     with _gc_paused():
         p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn, pipeline,
@@ -158,11 +173,13 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     if choosing:
         choice = auto.choose(p, decide_with, budgeted=kind is not None,
                              refit_possible=reconstruct is None and bool(p._ctx.layers),
-                             recalibrate_possible=reconstruct is None)
+                             recalibrate_possible=reconstruct is None, allocation=allocation)
         p.reconstruct = bool(reconstruct) or choice.refit
+    elif allocation == "measured":  # a fixed criterion: its sensitivity probed around its own score allocation
+        auto.measure_sensitivity(p, decide_with("score"))
 
     def decide() -> dict:
-        return decide_with(choice.allocation if choice else "score")
+        return decide_with(choice.allocation if choice else "score" if allocation == "auto" else allocation)
 
     if verify:
         out, removed, check = verified(p, decide)

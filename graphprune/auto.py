@@ -25,6 +25,8 @@ Candidates:
   lowest units alone are dead (``probe``, at two depths, so the curve's bend
   is measured too), then ranked per parameter: layers differ in how much
   the outputs feel them, and a per-group mean cannot tell;
+* the user's ``compile(allocation=...)`` fixes the rule instead (``uniform`` too, the
+  same fraction from every group): then only criteria and the refit are tried;
 * refit (``reconstruct``): on or off, where layers read pruned channels;
 * BatchNorm statistics: a pruned conv feeds its BatchNorm a different
   distribution than the running statistics describe, so a model with
@@ -297,15 +299,38 @@ def probe(p, judge: Judge, reference: dict, *, batches: int = 2) -> dict:
     return out
 
 
+def rules_tried(budgeted: bool, allocation: str = "auto") -> tuple[str, ...]:
+    """Allocation rules each criterion is judged with (``measured`` follows, on the winner)."""
+    if not budgeted:
+        return ("score",)
+    if allocation == "auto":
+        return ("score", "per_param")
+    return ("score",) if allocation == "measured" else (allocation,)
+
+
+def measure_sensitivity(p, reference: dict) -> None:
+    """``p.sensitivity`` for ``allocation="measured"`` under a fixed criterion: the probe
+    of ``choose``, judged on the held-out half of the calibration batches."""
+    from .loop import has_bn
+
+    scoring, held = split(p.calibration)
+    recal = has_bn(p.gm) and len(p.calibration) > 1
+    rows = output_rows(p, held[0]) if len(held) > JUDGE_BATCHES else None
+    p.sensitivity = probe(p, Judge(p, judged(held, rows), scoring if recal else None), reference)
+
+
 def candidates(loss_fn) -> list[str]:
     return list(DATA_CRITERIA) + (list(LOSS_CRITERIA) if loss_fn is not None else [])
 
 
-def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_possible: bool = False) -> Choice:
+def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_possible: bool = False,
+           allocation: str = "auto") -> Choice:
     """Try every candidate on ``p`` (scores swapped in turn) and leave ``p`` scored by
     the winner on all the calibration batches, so the result is the one
     ``importance=<winner>`` (and ``reconstruct=<refit>``) would give. ``decide_with(rule)`` returns a removal under the user's budget
-    using ``p.scores`` and the allocation rule."""
+    using ``p.scores`` and the allocation rule. ``allocation`` other than ``"auto"`` fixes
+    the rule (the user's ``compile(allocation=...)``): only criteria and the refit are chosen,
+    and ``"measured"`` is probed on the criterion that wins by score."""
     start = time.perf_counter()
     scoring, held = split(p.calibration)
     ctx = _importance.ScoreContext(p.gm, p.analysis.groups, scoring, p.loss_fn, p.example_kwargs)
@@ -326,7 +351,7 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
             notes.append(f"{name} unavailable ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
             continue
         p.scores = scores
-        for rule in (("score", "per_param") if budgeted else ("score",)):
+        for rule in rules_tried(budgeted, allocation):
             removed = decide_with(rule)
             model = p.prune(removed, check=False, fit=False)
             d = judge(model)
@@ -337,7 +362,7 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
                 best = (d, name, rule, removed, scores)
     d, name, rule, removed, scores = best
     p.scores = scores
-    if budgeted and removed:  # the winner's own criterion, its allocation rescaled by measured sensitivity
+    if budgeted and removed and allocation in ("auto", "measured"):  # the winner's criterion, by measured sensitivity
         t = time.perf_counter()
         p.sensitivity = probe(p, judge, removed)
         measured = decide_with("measured")
@@ -347,7 +372,7 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
         gc.collect()
         tried[f"{name}/measured"] = dm
         notes.append(f"sensitivity of {len(p.sensitivity)} groups measured in {time.perf_counter() - t:.1f}s")
-        if dm < d:
+        if dm < d or allocation == "measured":
             d, rule, removed = dm, "measured", measured
     refit = False
     if refit_possible:

@@ -237,3 +237,46 @@ def test_judge_reads_at_most_judge_batches_spread_over_the_held_out_ones(monkeyp
     seen.clear()
     graphprune.compile(model, (_data(8, 9),), target_params=0.6, calibration=[(_data(8, s),) for s in range(40)], ignore=["down"])
     assert seen == [20]
+
+
+def test_uniform_allocation_takes_the_same_fraction_from_every_group():
+    """The Pyramid's first conv costs 16x the FLOPs per channel of its last: by score or per
+    FLOP the groups end at different widths, uniformly they keep one fraction (up to a unit)."""
+    torch.manual_seed(0)
+    model, x = Pyramid().eval(), torch.randn(2, 3, 32, 32)
+    small = graphprune.compile(model, (x,), target_flops=0.4, importance="l2", allocation="uniform", ignore=["fc"])
+    kept = [after / before for before, after in small.report.widths.values()]
+    assert len(kept) == 3 and max(kept) - min(kept) <= 1 / 16 + 1e-9, small.report.widths
+    assert small.report.flops <= 0.4
+    # the criterion still picks which units: the same ones as ratio= (a fraction from every group) takes
+    (k,) = {after for _, after in small.report.widths.values()}  # 16 units a group: one fraction is one width
+    same = graphprune.compile(model, (x,), ratio=1 - k / 16, importance="l2", ignore=["fc"])
+    for a, b in zip(small.parameters(), same.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_allocation_fixed_by_the_user_is_what_auto_uses():
+    torch.manual_seed(0)
+    model = TwoBranch().eval()
+    cal = [(torch.randn(32, 16, generator=torch.Generator().manual_seed(s)),) for s in range(4)]
+    x = cal[0][0][:4]
+    for rule in ("score", "per_param", "uniform"):
+        small = graphprune.compile(model, (x,), target_params=0.6, calibration=cal, ignore=["a_out", "b_out"],
+                                   reconstruct=False, allocation=rule)
+        choice = small.report.auto
+        assert choice.allocation == rule and all(k.split("/")[1] == rule for k in choice.tried), choice.tried
+        assert small.report.params <= 0.6
+    # measured under a fixed criterion: the quiet branch gives the units, as auto's own measured choice does
+    small = graphprune.compile(model, (x,), target_params=0.6, calibration=cal, ignore=["a_out", "b_out"],
+                               importance="activation", allocation="measured")
+    assert small.b.out_features < small.a.out_features and small.report.params <= 0.6
+
+
+def test_allocation_is_refused_where_it_means_nothing():
+    model, x = TwoBranch().eval(), torch.randn(4, 16)
+    with pytest.raises(graphprune.GraphpruneError, match="ratio= removes"):
+        graphprune.compile(model, (x,), ratio=0.5, allocation="uniform")
+    with pytest.raises(graphprune.GraphpruneError, match="calibration"):
+        graphprune.compile(model, (x,), target_flops=0.5, allocation="measured")
+    with pytest.raises(graphprune.GraphpruneError, match="one of"):
+        graphprune.compile(model, (x,), target_flops=0.5, allocation="even")

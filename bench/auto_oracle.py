@@ -1,0 +1,158 @@
+"""What ``importance="auto"`` could have chosen: every candidate fine-tuned, against the one it chose.
+
+``auto`` picks a criterion and an allocation by one label-free proxy, the held-out output error before
+fine-tuning. This bench asks how well that proxy predicts what the user gets, the accuracy after the
+fine-tune: on each task of ``tasks.py`` and each seed, every candidate (criterion x allocation, as the
+user can fix them with ``compile(importance=..., allocation=...)``) is compiled at the FLOPs budget,
+its proxy read as ``auto`` reads it (relative squared error of the outputs on the odd calibration
+batches, BatchNorm statistics recomputed on the even ones, which alone score the units), then it is
+fine-tuned exactly as in ``tasks.py`` and tested. The default (``importance="auto"``, every batch) runs
+beside them.
+
+Reported per task and budget: each candidate's mean test accuracy over seeds, the default's, the mean of
+the candidate the proxy ranks first per seed, and the proxy's Spearman correlation with the test accuracy
+across candidates (per seed, then averaged; 1 means the proxy orders candidates as the fine-tune does).
+Rows go to ``bench/results/auto_oracle.json`` as they finish:
+
+    OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python bench/auto_oracle.py --tasks digits_resnet --resume
+    .venv/bin/python bench/auto_oracle.py --table
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tasks as T  # noqa: E402  (the suite's tasks, training and fine-tune)
+from accuracy_digits import accuracy, finetune  # noqa: E402
+
+import graphprune  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+CRITERIA = ("activation", "fluctuation", "l2")
+ALLOCATIONS = ("score", "per_param", "measured", "uniform")
+
+
+def proxy(original: torch.nn.Module, pruned: torch.nn.Module, scoring: list, held: list) -> float:
+    """``auto``'s judge, from the outside: sum ||y' - y||^2 / sum ||y||^2 on ``held``,
+    on a copy whose BatchNorm statistics are recomputed on ``scoring``."""
+    model = graphprune.recalibrate_bn(copy.deepcopy(pruned), scoring).eval()
+    num = den = 0.0
+    with torch.no_grad():
+        for (x,) in held:
+            y, r = model(x), original(x)
+            num += float((y - r).square().sum(dtype=torch.float64))
+            den += float(r.square().sum(dtype=torch.float64))
+    return num / den
+
+
+def candidate(run: T.Run, target: float, criterion: str, allocation: str) -> dict:
+    scoring, held = run.calib[0::2], run.calib[1::2]
+    small = graphprune.compile(run.model, run.example, target_flops=target, ignore=[run.task.head],
+                               calibration=scoring, importance=criterion, allocation=allocation)
+    return {"proxy": proxy(run.model, small, scoring, held), **tested(run, small)}
+
+
+def tested(run: T.Run, small: torch.nn.Module) -> dict:
+    flops = run.flops(small)
+    before = accuracy(run.recalibrate(small), run.test)
+    finetune(small, run.fit, run.budget.finetune_epochs, run.seed)
+    return {"test_acc": accuracy(small, run.test), "val_acc": accuracy(small, run.val),
+            "test_acc_before_finetune": before, "flops": flops, "widths": T.widths(small)}
+
+
+def default(run: T.Run, target: float) -> dict:
+    small = graphprune.compile(run.model, run.example, target_flops=target, ignore=[run.task.head],
+                               calibration=run.calib)
+    auto = small.report.auto
+    return {"chose": f"{auto.criterion}/{auto.allocation}", "auto": str(auto), **tested(run, small)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    cells = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        cells[(r["task"], r["budget"])][r["seed"]].append(r)
+    out = {}
+    for (task, budget), seeds in sorted(cells.items()):
+        by_cand, picks, rhos, defaults = defaultdict(list), [], [], []
+        for rs in seeds.values():
+            cands = [r for r in rs if r["candidate"] != "default"]
+            defaults += [r["test_acc"] for r in rs if r["candidate"] == "default"]
+            for r in cands:
+                by_cand[r["candidate"]].append(r["test_acc"])
+            if len(cands) > 2:
+                picks.append(min(cands, key=lambda r: r["proxy"])["test_acc"])
+                rho = spearmanr([r["proxy"] for r in cands], [-r["test_acc"] for r in cands]).correlation
+                if np.isfinite(rho):
+                    rhos.append(float(rho))
+        means = {c: float(np.mean(v)) for c, v in by_cand.items()}
+        best = max(means, key=means.get) if means else None
+        out[f"{task}@{budget}"] = {
+            "seeds": len(seeds), "candidates": {c: {"mean": m, "n": len(by_cand[c])} for c, m in sorted(means.items())},
+            "best_candidate": best, "best_mean": means.get(best),
+            "default_mean": float(np.mean(defaults)) if defaults else None,
+            "proxy_pick_mean": float(np.mean(picks)) if picks else None,
+            "spearman": float(np.mean(rhos)) if rhos else None}
+    return out
+
+
+def table(summary: dict) -> str:
+    lines = ["| task @ FLOPs | default | proxy's pick | best candidate (mean over seeds) | proxy vs accuracy (Spearman) |",
+             "|---|---|---|---|---|"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    for cell, s in summary.items():
+        rho = "-" if s["spearman"] is None else f"{s['spearman']:.2f}"
+        lines.append(f"| {cell} | {pct(s['default_mean'])} | {pct(s['proxy_pick_mean'])} | "
+                     f"{pct(s['best_mean'])} ({s['best_candidate']}) | {rho} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default=",".join(T.TASKS))
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--targets", default=",".join(map(str, T.TARGETS)))
+    ap.add_argument("--criteria", default=",".join(CRITERIA))
+    ap.add_argument("--allocations", default=",".join(ALLOCATIONS))
+    ap.add_argument("--out", default=str(RESULTS / "auto_oracle.json"))
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    path = Path(args.out)
+    result = json.loads(path.read_text()) if (args.resume or args.table) and path.exists() else {"rows": []}
+    if not args.table:
+        done = {(r["task"], r["seed"], r["budget"], r["candidate"]) for r in result["rows"]}
+        budget, code = T.Budget(), T.code_version()
+        for name in args.tasks.split(","):
+            task, splits = T.TASKS[name], None
+            for seed in map(int, args.seeds.split(",")):
+                todo = [(t, c, a) for t in map(float, args.targets.split(",")) for c, a in
+                        [("default", None)] + [(c, a) for c in args.criteria.split(",") for a in args.allocations.split(",")]
+                        if (name, seed, t, c if a is None else f"{c}/{a}") not in done]
+                if not todo:
+                    continue
+                splits = splits or task.data()
+                run = T.Run(task, splits, budget, seed)
+                for t, c, a in todo:
+                    cand = c if a is None else f"{c}/{a}"
+                    row = {"task": name, "seed": seed, "budget": t, "candidate": cand, "code": code,
+                           **(default(run, t) if a is None else candidate(run, t, c, a))}
+                    result["rows"].append(row)
+                    result["summary"] = summarise(result["rows"])
+                    path.write_text(json.dumps(result, indent=1))
+                    extra = f"proxy {row['proxy']:.3f}" if a is not None else row["chose"]
+                    print(f"{name} seed {seed} @{t} {cand}: test {row['test_acc']:.4f} ({extra})", flush=True)
+    print(table(summarise(result["rows"])))
+
+
+if __name__ == "__main__":
+    main()
