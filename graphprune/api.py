@@ -58,7 +58,7 @@ def analyze(model: torch.nn.Module, example_inputs: tuple, *, ignore=(), example
 def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target_flops=None, target_params=None,
             target_latency=None, importance="auto", ignore=(), pipeline=None, example_kwargs=None, calibration=None,
             loss_fn=None, round_to: int | None = None, min_width: int = 1, overrides: dict | None = None,
-            latency_inputs: tuple | None = None, ratio_scope: str = "group", reconstruct: bool | str | None = None,
+            latency_inputs: tuple | None = None, ratio_scope: str = "group", reconstruct: bool | None = None,
             verify: bool = True, output: str = "auto", allocation: str = "auto") -> torch.nn.Module:
     """Return a physically smaller copy of ``model``; ``model`` itself is not changed.
 
@@ -80,9 +80,6 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     the candidate whose outputs move least on held-out calibration batches;
     ``result.report.auto`` says what it chose (see ``auto.py``). Without
     calibration it is ``l2``. ``reconstruct=None`` lets ``auto`` decide the refit.
-    ``auto`` judges (and returns) every candidate with its output layers (those no
-    weighted layer follows: a classifier's head) refit to the original's outputs;
-    ``reconstruct="output"`` does that alone by hand.
     ``allocation`` fixes how a budget is spread over groups instead of letting
     ``auto`` choose: ``"score"`` (units ranked by their group-normalised score),
     ``"per_param"`` (score per parameter a unit holds), ``"measured"`` (the
@@ -148,17 +145,12 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     if allocation == "measured" and calibration is None:
         raise GraphpruneError("allocation='measured' measures each group's effect on held-out outputs: give "
                               "calibration batches, or another allocation ('score', 'per_param', 'uniform')")
-    if reconstruct not in (None, True, False, "output"):
-        raise GraphpruneError(f"reconstruct must be None, True, False or 'output', got {reconstruct!r}")
-    if reconstruct == "output" and calibration is None:
-        raise GraphpruneError("reconstruct='output' refits the output layers to the original's outputs on calibration "
-                              "data: pass calibration= (an iterable of example input tuples)")
     choosing = importance == "auto" and calibration is not None
     if choosing or allocation == "measured":
         calibration = list(calibration)  # scored, judged and refit on: iterated more than once
     with _gc_paused():
         p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn, pipeline,
-                   reconstruct is True, check_trace=verify and why_not(model) is None)
+                   bool(reconstruct), check_trace=verify and why_not(model) is None)
     kind, target = next(iter(budgets.items()), (None, None))
     meter_kw = {"latency_inputs": latency_inputs} if kind == "latency" else {}
     rounding = None  # pipeline="deploy": the width multiple timed fastest, and the timings
@@ -182,7 +174,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         choice = auto.choose(p, decide_with, budgeted=kind is not None,
                              refit_possible=reconstruct is None and bool(p._ctx.layers),
                              recalibrate_possible=reconstruct is None, allocation=allocation)
-        p.reconstruct = reconstruct is True or choice.refit
+        p.reconstruct = bool(reconstruct) or choice.refit
     elif allocation == "measured":  # a fixed criterion: its sensitivity probed around its own score allocation
         auto.measure_sensitivity(p, decide_with("score"))
 
@@ -203,9 +195,6 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
 
         calls = [as_call(b, p.example_kwargs) for b in calibration]
         recalibrated(out, lambda: [out(*a, **k) for a, k in (regroup(out, a0, k0) for a0, k0 in calls)])
-    if (choice is not None and choice.heads) or reconstruct == "output":  # as auto judged it, last
-        heads = auto.output_layers(p.gm, p._ctx.layers)
-        auto.fit_output_layers(p, out, removed, heads, p._ctx._batches("an output layer refit"))
     rep = report(p, removed, out, budgets, latency_inputs) if budgets else light_report(p, removed)
     rep.verify = check
     rep.auto = choice

@@ -57,7 +57,7 @@ import torch
 
 from . import importance as _importance
 from .batches import as_call, regroup
-from .meta_keys import CANON, VAL
+from .meta_keys import VAL
 from .verify import _run, flatten
 
 DATA_CRITERIA = ("activation", "fluctuation", "l2")
@@ -77,12 +77,10 @@ class Choice:
     seconds: float = 0.0
     why: str = ""
     recalibrate: bool = False  # BatchNorm statistics recomputed on the calibration batches (EagleEye's adaptive BN)
-    heads: tuple = ()  # output layers refit to the original's outputs after all else (``output_layers``)
 
     def __str__(self) -> str:
         best = min(self.tried.values()) if self.tried else float("nan")
         bn = ", BatchNorm recalibrated" if self.recalibrate else ""
-        bn += f", output layer{'s' if len(self.heads) > 1 else ''} {', '.join(self.heads)} refit" if self.heads else ""
         return (f"auto chose {self.criterion}, allocation by {self.allocation}, refit {'on' if self.refit else 'off'}{bn} "
                 f"(held-out output error {best:.4g}; {len(self.tried)} candidates in {self.seconds:.1f}s)")
 
@@ -195,17 +193,12 @@ def split(calibration) -> tuple[list, list]:
 class Judge:
     """Held-out distortion of candidate models against the original's outputs."""
 
-    def __init__(self, p, held_out: list, recalibrate_on: list | None = None, heads: list = (), fit_on=None):
+    def __init__(self, p, held_out: list, recalibrate_on: list | None = None):
         self.p = p
         self.calls = [as_call(b, p.example_kwargs) for b in held_out]
         self.refs = [self._floats(p.gm, a, k) for a, k in self.calls]
         # BatchNorm statistics are recomputed on these (the scoring batches) before a candidate is judged
         self.recal = None if recalibrate_on is None else [as_call(b, p.example_kwargs) for b in recalibrate_on]
-        # output layers refit to the original's outputs on ``fit_on`` (graph inputs per scoring batch), after that
-        self.heads, self.fit_on = list(heads), fit_on
-
-    def fit_heads(self, model, removed: dict) -> None:
-        fit_output_layers(self.p, model, removed, self.heads, self.fit_on)
 
     def recalibrate(self, model) -> None:
         """Recompute ``model``'s BatchNorm statistics on the scoring batches (a candidate we built: never the original)."""
@@ -228,17 +221,11 @@ class Judge:
         """The same judge on its first ``n`` batches only (a cheaper, coarser one)."""
         sub = object.__new__(Judge)
         sub.p, sub.calls, sub.refs, sub.recal = self.p, self.calls[:n], self.refs[:n], self.recal
-        sub.heads, sub.fit_on = [], None  # the probe's twins are judged as they are
         return sub
 
-    def __call__(self, model, *, recalibrate: bool = True, removed: dict | None = None) -> float:
-        """Held-out distortion of ``model`` (a candidate we built: changed here), its
-        BatchNorm statistics recomputed first and, given the ``removed`` it was built
-        from, its output layers refit last."""
+    def __call__(self, model, *, recalibrate: bool = True) -> float:
         if self.recal is not None and recalibrate:
             self.recalibrate(model)
-        if removed is not None:
-            self.fit_heads(model, removed)
         num = den = 0.0
         for (a, k), ref in zip(self.calls, self.refs):
             got = self._floats(model, a, k)
@@ -312,56 +299,6 @@ def probe(p, judge: Judge, reference: dict, *, batches: int = 2) -> dict:
     return out
 
 
-def output_layers(gm, layers: list) -> list:
-    """The refit layers (``reconstruct.Consumer``) nothing with weights follows: a
-    classifier's head, a regressor's last linear. Fine-tuning realigns these first
-    and cheaply, so a candidate is judged with them refit (least squares to the
-    original's outputs, ``reconstruct.refit``): the judge then asks how much of
-    what the outputs need the kept channels still carry, not whether they carry
-    it in the original's coordinates. On the task suite's residual digits CNN,
-    whose candidates fine-tune to within a few tenths of a point of each other,
-    this raised the judge's rank correlation with the accuracy after fine-tuning
-    from 0.26 to 0.48 (``bench/auto_oracle.py``). A head whose weight is shared
-    (an LLM's lm_head tied to its embeddings) is left alone."""
-    by_id: dict = {}
-    for name, t in gm.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(t), []).append(name)
-    tied = {n for names in by_id.values() if len(names) > 1 for n in names}
-
-    def weighted(n) -> bool:
-        if n.op == "call_module":
-            mod = gm.get_submodule(n.target)
-            return any(True for _ in mod.parameters()) or any(True for _ in mod.buffers())
-        c = n.meta.get(CANON)
-        return c is not None and bool(getattr(c, "params", None))
-
-    out = []
-    for c in layers:
-        if c.weight in tied:
-            continue
-        seen, todo, last = set(), list(c.node.users), True
-        while todo and last:
-            n = todo.pop()
-            if n in seen or n.op == "output":
-                continue
-            seen.add(n)
-            last = not weighted(n)
-            todo.extend(n.users)
-        if last:
-            out.append(c)
-    return out
-
-
-def fit_output_layers(p, model, removed: dict, heads: list, batches) -> None:
-    """Refit ``model``'s ``heads`` (from ``output_layers``) that read pruned channels, in place:
-    ``reconstruct.refit`` on those layers alone, ``batches`` graph inputs per batch."""
-    if heads and removed:
-        from . import reconstruct as _reconstruct
-        from .pruner import make_plan
-
-        _reconstruct.refit(model, p.gm, make_plan(p.groups, removed), heads, batches)
-
-
 def rules_tried(budgeted: bool, allocation: str = "auto") -> tuple[str, ...]:
     """Allocation rules each criterion is judged with (``measured`` follows, on the winner)."""
     if not budgeted:
@@ -401,8 +338,7 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
 
     recal = recalibrate_possible and has_bn(p.gm) and len(p.calibration) > 1
     rows = output_rows(p, held[0]) if len(held) > JUDGE_BATCHES else None  # one forward: only where there is a choice
-    heads = output_layers(p.gm, ctx.layers)
-    judge = Judge(p, judged(held, rows), scoring if recal else None, heads, list(ctx._batches("an output layer refit")))
+    judge = Judge(p, judged(held, rows), scoring if recal else None)
     tried: dict = {}
     notes: list = []
     if recal:
@@ -418,7 +354,7 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
         for rule in rules_tried(budgeted, allocation):
             removed = decide_with(rule)
             model = p.prune(removed, check=False, fit=False)
-            d = judge(model, removed=removed)
+            d = judge(model)
             del model
             gc.collect()  # a GraphModule is a reference cycle: without this, every candidate (an LLM's worth of weights) waits for a full collection
             tried[f"{name}/{rule}"] = d
@@ -431,7 +367,7 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
         p.sensitivity = probe(p, judge, removed)
         measured = decide_with("measured")
         model = p.prune(measured, check=False, fit=False)
-        dm = judge(model, removed=measured)
+        dm = judge(model)
         del model
         gc.collect()
         tried[f"{name}/measured"] = dm
@@ -446,7 +382,7 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
         model = p.prune(removed, check=False, fit=False)
         try:
             _reconstruct.refit(model, p.gm, make_plan(p.groups, removed), ctx.layers, ctx._batches("a refit"))
-            with_refit = judge(model, removed=removed)
+            with_refit = judge(model)
             tried[f"{name}/{rule}/refit"] = with_refit
             refit = with_refit < d
         except Exception as e:  # noqa: BLE001 - a model the refit cannot handle keeps its slices
@@ -458,7 +394,7 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
             from .pruner import make_plan
 
             _reconstruct.refit(model, p.gm, make_plan(p.groups, removed), ctx.layers, ctx._batches("a refit"))
-        kept_stats = judge(model, recalibrate=False, removed=removed)
+        kept_stats = judge(model, recalibrate=False)
         tried[f"{name}/{rule}{'/refit' if refit else ''}/bn-as-trained"] = kept_stats
         recal = kept_stats >= min(v for k, v in tried.items() if not k.endswith("/bn-as-trained"))
         del model
@@ -466,8 +402,4 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
     p.scores = p.score_with(name)  # the winner, scored on every batch: what importance=name would give
     why = ("lowest output error on held-out calibration batches (the odd ones; the even ones scored and refit)"
            if len(p.calibration) > 1 else "one calibration batch: scored and judged on the same data")
-    if heads:
-        notes.append(f"every candidate judged with its output layers ({', '.join(c.node.name for c in heads)}) refit to the "
-                     "original's outputs on the scoring batches")
-    return Choice(name, rule, refit, tried, time.perf_counter() - start, "; ".join([why, *notes]), recal,
-                  tuple(c.node.name for c in heads))
+    return Choice(name, rule, refit, tried, time.perf_counter() - start, "; ".join([why, *notes]), recal)

@@ -43,7 +43,7 @@ def test_auto_prefers_data_over_weight_norms():
     assert "auto chose" in str(small.report)
     # the choice is what it says: compiling with it by hand gives the same model
     by_hand = graphprune.compile(model, (_data(8, 9),), ratio=0.25, calibration=cal, ignore=["down"],
-                                 importance=choice.criterion, reconstruct=True if choice.refit else "output" if choice.heads else False)
+                                 importance=choice.criterion, reconstruct=choice.refit)
     x = _data(16, 11)
     with torch.no_grad():
         torch.testing.assert_close(small(x), by_hand(x))
