@@ -56,3 +56,23 @@ def test_one_task_two_methods_meet_the_budget(one_thread, tmp_path):
     again = bench.run(["signal_1d"], [0], ["graphprune", "tp_magnitude"], budget, out, resume=True, train_epochs=2,
                        targets=(0.5,))
     assert len(again["rows"]) == len(result["rows"])
+
+
+def test_auto_oracle_summary_reads_pick_correlation_and_default():
+    """bench/auto_oracle.py's summary on rows with known answers: a proxy that orders candidates exactly as the
+    accuracy does correlates 1 and picks the best; one that orders them backwards correlates -1."""
+    _bench()
+    import auto_oracle
+
+    rows = []
+    for seed, sign in ((0, 1), (1, -1)):
+        rows.append({"task": "t", "budget": 0.5, "seed": seed, "candidate": "default", "test_acc": 0.5})
+        for i, acc in enumerate((0.9, 0.8, 0.7)):
+            rows.append({"task": "t", "budget": 0.5, "seed": seed, "candidate": f"c/{i}", "test_acc": acc,
+                         "proxy": sign * (i + 1.0)})
+    s = auto_oracle.summarise(rows)["t@0.5"]
+    assert s["seeds"] == 2 and s["default_mean"] == pytest.approx(0.5)
+    assert s["proxy_pick_mean"] == pytest.approx((0.9 + 0.7) / 2)  # seed 0 picks the best, seed 1 the worst
+    assert s["spearman"] == pytest.approx(0.0)  # +1 and -1 averaged
+    assert s["best_candidate"] == "c/0" and s["best_mean"] == pytest.approx(0.9)
+    assert "| t@0.5 | 50.00 | 80.00 | 90.00 (c/0) | 0.00 |" in auto_oracle.table({"t@0.5": s})
