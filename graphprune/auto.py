@@ -308,15 +308,20 @@ def rules_tried(budgeted: bool, allocation: str = "auto") -> tuple[str, ...]:
     return ("score",) if allocation == "measured" else (allocation,)
 
 
+def held_out_judge(p, scoring: list, held: list, recalibrate_possible: bool = True) -> Judge:
+    """The judge ``choose`` and ``measure_sensitivity`` read: ``held`` (spread, see ``judged``),
+    with BatchNorm statistics recomputed on ``scoring`` where the model has any."""
+    from .loop import has_bn
+
+    recal = recalibrate_possible and has_bn(p.gm) and len(p.calibration) > 1
+    rows = output_rows(p, held[0]) if len(held) > JUDGE_BATCHES else None  # one forward: only where there is a choice
+    return Judge(p, judged(held, rows), scoring if recal else None)
+
+
 def measure_sensitivity(p, reference: dict) -> None:
     """``p.sensitivity`` for ``allocation="measured"`` under a fixed criterion: the probe
     of ``choose``, judged on the held-out half of the calibration batches."""
-    from .loop import has_bn
-
-    scoring, held = split(p.calibration)
-    recal = has_bn(p.gm) and len(p.calibration) > 1
-    rows = output_rows(p, held[0]) if len(held) > JUDGE_BATCHES else None
-    p.sensitivity = probe(p, Judge(p, judged(held, rows), scoring if recal else None), reference)
+    p.sensitivity = probe(p, held_out_judge(p, *split(p.calibration)), reference)
 
 
 def candidates(loss_fn) -> list[str]:
@@ -334,11 +339,8 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
     start = time.perf_counter()
     scoring, held = split(p.calibration)
     ctx = _importance.ScoreContext(p.gm, p.analysis.groups, scoring, p.loss_fn, p.example_kwargs)
-    from .loop import has_bn
-
-    recal = recalibrate_possible and has_bn(p.gm) and len(p.calibration) > 1
-    rows = output_rows(p, held[0]) if len(held) > JUDGE_BATCHES else None  # one forward: only where there is a choice
-    judge = Judge(p, judged(held, rows), scoring if recal else None)
+    judge = held_out_judge(p, scoring, held, recalibrate_possible)
+    recal = judge.recal is not None
     tried: dict = {}
     notes: list = []
     if recal:

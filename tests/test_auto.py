@@ -280,3 +280,28 @@ def test_allocation_is_refused_where_it_means_nothing():
         graphprune.compile(model, (x,), target_flops=0.5, allocation="measured")
     with pytest.raises(graphprune.GraphpruneError, match="one of"):
         graphprune.compile(model, (x,), target_flops=0.5, allocation="even")
+
+
+class Uneven(nn.Module):
+    """Groups of 8, 24 and 48 channels at falling resolution: one fraction is a different count in each."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 24, 3, stride=2, padding=1), \
+            nn.Conv2d(24, 48, 3, stride=2, padding=1)
+        self.fc = nn.Linear(48, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("target", [0.6, 0.3])
+def test_uniform_allocation_on_groups_of_different_sizes(target):
+    torch.manual_seed(0)
+    model, x = Uneven().eval(), torch.randn(2, 3, 32, 32)
+    small = graphprune.compile(model, (x,), target_flops=target, importance="l2", allocation="uniform", ignore=["fc"])
+    widths = list(small.report.widths.values())
+    kept = [after / before for before, after in widths]
+    assert len(kept) == 3 and max(kept) - min(kept) <= max(1 / before for before, _ in widths) + 1e-9, widths
+    assert small.report.flops <= target
