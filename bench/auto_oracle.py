@@ -32,7 +32,6 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tasks as T  # noqa: E402  (the suite's tasks, training and fine-tune)
-from accuracy_digits import accuracy, finetune  # noqa: E402
 
 import graphprune  # noqa: E402
 
@@ -58,22 +57,14 @@ def candidate(run: T.Run, target: float, criterion: str, allocation: str) -> dic
     scoring, held = run.calib[0::2], run.calib[1::2]
     small = graphprune.compile(run.model, run.example, target_flops=target, ignore=[run.task.head],
                                calibration=scoring, importance=criterion, allocation=allocation)
-    return {"proxy": proxy(run.model, small, scoring, held), **tested(run, small)}
-
-
-def tested(run: T.Run, small: torch.nn.Module) -> dict:
-    flops = run.flops(small)
-    before = accuracy(run.recalibrate(small), run.test)
-    finetune(small, run.fit, run.budget.finetune_epochs, run.seed)
-    return {"test_acc": accuracy(small, run.test), "val_acc": accuracy(small, run.val),
-            "test_acc_before_finetune": before, "flops": flops, "widths": T.widths(small)}
+    return {"proxy": proxy(run.model, small, scoring, held), **run.finetuned(small)}
 
 
 def default(run: T.Run, target: float) -> dict:
     small = graphprune.compile(run.model, run.example, target_flops=target, ignore=[run.task.head],
                                calibration=run.calib)
     auto = small.report.auto
-    return {"chose": f"{auto.criterion}/{auto.allocation}", "auto": str(auto), **tested(run, small)}
+    return {"chose": f"{auto.criterion}/{auto.allocation}", "auto": str(auto), **run.finetuned(small)}
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -380,14 +380,18 @@ class Run:
         t = time.perf_counter()
         model, extra, tuned = getattr(self, name)(target)
         prune_seconds = time.perf_counter() - t
+        return {**self.finetuned(model, tuned), "seconds_prune": prune_seconds, "seconds": time.perf_counter() - t,
+                **extra}
+
+    def finetuned(self, model: nn.Module, tuned: bool = False) -> dict:
+        """``model`` (pruned, in place) given the suite's fine-tune unless ``tuned``, and what it then scores."""
         flops = self.flops(model)
         before = accuracy(self.recalibrate(model), self.test) if not tuned else None
         if not tuned:
             finetune(model, self.fit, self.budget.finetune_epochs, self.seed)
         return {"test_acc": accuracy(model, self.test), "val_acc": accuracy(model, self.val),
                 "test_acc_before_finetune": before, "flops": flops,
-                "params": graphprune.count_params(model) / self.base_params, "seconds_prune": prune_seconds,
-                "seconds": time.perf_counter() - t, "widths": widths(model), **extra}
+                "params": graphprune.count_params(model) / self.base_params, "widths": widths(model)}
 
     def unpruned(self) -> dict:
         t = time.perf_counter()
