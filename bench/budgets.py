@@ -4,7 +4,9 @@ Prunes torchvision models (random weights) to 25%, 50% and 75% of their FLOPs
 with the default criterion and automatic allocation, and ResNet-50 to 50% of
 its CPU latency (batch 8), reporting the achieved fractions measured on the
 returned model (FLOPs by torch.utils.flop_counter; latency as the median of
-5 independent measurements, each itself a median of timed runs).
+5 independent measurements, each itself a median of timed runs), once with the
+interpolated latency search and once with bisection to neighbouring thresholds
+(``allocate.LAND_TOL = 0``), in one run: compile time, timings and landing side by side).
 
     python bench/budgets.py            # -> bench/results/budgets.json
 """
@@ -19,6 +21,7 @@ import torch
 import torchvision
 
 import graphprune
+import graphprune.allocate
 from graphprune.flops import latency_ratio
 
 from deploy_speed import ALLOCATOR, pin_allocator  # noqa: E402  (bench/ is on sys.path: this script's folder)
@@ -51,18 +54,41 @@ def main():
             print(json.dumps(row), flush=True)
     model = torchvision.models.resnet50(weights=None).eval()
     xb = torch.randn(8, 3, 224, 224)
-    start = time.perf_counter()
-    small = graphprune.compile(model, (xb,), target_latency=0.5)
-    took = time.perf_counter() - start
-    ratios = [latency_ratio(small, model, (xb,)) for _ in range(5)]  # each side by side: the models alternate
-    lat = {"model": "resnet50", "batch": 8, "target_latency": 0.5, "achieved_latency_runs": [round(r, 4) for r in ratios],
-           "median": round(statistics.median(ratios), 4), "ok": abs(statistics.median(ratios) - 0.5) <= 0.05,
-           "achieved_flops": round(small.report.flops, 4), "seconds": round(took, 1)}
-    print(json.dumps(lat), flush=True)
+    lat = {}
+    for search, tol in (("interpolated", graphprune.allocate.LAND_TOL), ("bisection", 0.0)):  # one run, same machine
+        lat[search] = latency_row(model, xb, tol)
+        print(search, json.dumps(lat[search]), flush=True)
+    lat["seconds_bisection_over_interpolated"] = round(lat["bisection"]["seconds"] / lat["interpolated"]["seconds"], 2)
     out.write_text(json.dumps({"flops": rows, "latency": lat, "allocator": ALLOCATOR}, indent=1))
     print("\n| model | target | achieved FLOPs | params | in [t-0.03, t] |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['target_flops']} | {r['achieved_flops']} | {r['params']} | {'yes' if r['ok'] else 'NO'} |")
+
+
+def latency_row(model, xb, tol: float) -> dict:
+    """ResNet-50 to half its latency, the threshold search ending within ``tol`` of the
+    target (0: bisection to neighbouring thresholds, as before the interpolated search);
+    every candidate timing counted."""
+    allocate = graphprune.allocate
+    timings = []
+
+    def counted(*a, **k):
+        timings.append(1)
+        return latency_ratio(*a, **k)
+
+    saved = allocate.LAND_TOL, allocate.latency_ratio
+    allocate.LAND_TOL, allocate.latency_ratio = tol, counted
+    try:
+        start = time.perf_counter()
+        small = graphprune.compile(model, (xb,), target_latency=0.5)
+        took = time.perf_counter() - start
+    finally:
+        allocate.LAND_TOL, allocate.latency_ratio = saved
+    ratios = [latency_ratio(small, model, (xb,)) for _ in range(5)]  # each side by side: the models alternate
+    return {"model": "resnet50", "batch": 8, "target_latency": 0.5, "search_tolerance": tol,
+            "achieved_latency_runs": [round(r, 4) for r in ratios], "median": round(statistics.median(ratios), 4),
+            "ok": abs(statistics.median(ratios) - 0.5) <= 0.05, "achieved_flops": round(small.report.flops, 4),
+            "reported_latency": round(small.report.latency, 4), "timings": len(timings), "seconds": round(took, 1)}
 
 
 if __name__ == "__main__":

@@ -170,8 +170,8 @@ def per_param_scores(p: Pruner, kind: str | None = None) -> dict[int, np.ndarray
 
 def measured_scores(p: Pruner, kind: str | None = None) -> dict[int, np.ndarray]:
     """Units ranked by the output error they are expected to add, per unit of budget they
-    free: per FLOP for a FLOPs budget (a unit of an early, high-resolution conv saves
-    more FLOPs than one of a late conv with as many weights), else per parameter.
+    free: per FLOP for a FLOPs or latency budget (a unit of an early, high-resolution conv
+    saves more FLOPs than one of a late conv with as many weights), else per parameter.
 
     ``p.sensitivity`` ({group id: ((units, error), ...)}, from ``auto.probe``)
     holds, per group, the held-out output error measured with that group's
@@ -329,10 +329,10 @@ SETTLED = 3  # readings of each of the final pair: a median of three outvotes on
 
 
 def _landed(readings: Readings, cost, n: int, target: float, rounds: int = 4) -> tuple:
-    """Settle a latency bisection on more than one reading per model. The bisection ends
-    between two neighbours, ``lo`` read above the target and ``hi`` at or below it,
-    each on as few as one timing. Time both again (their pools grow) and bisect
-    again over the pooled values, until the pair stays the same: a candidate
+    """Settle a latency search on more than one reading per model. The search ends
+    on a pair, ``lo`` read above the target and ``hi`` at or below it (within
+    ``LAND_TOL``, or its neighbour), each on as few as one timing. Time both again
+    (their pools grow) and search again over the pooled values, until the pair stays the same: a candidate
     accepted or rejected on one lucky or unlucky reading is revisited from both
     sides (until each of the pair holds ``SETTLED`` readings), so the result lands near the target rather than wherever the first
     misreading sent it (re-timing only the choice, and aiming lower while it
@@ -349,22 +349,52 @@ def _landed(readings: Readings, cost, n: int, target: float, rounds: int = 4) ->
     return cost(hi)
 
 
+LAND_TOL = 0.03  # a latency search stops at a candidate timed within 3% under its target: closer is timing noise
+
+
 def _bisect(cost, n: int, target: float, kind: str) -> tuple[int | None, int]:
     """(lo, hi): ``hi`` the threshold index that removes least while cost <= target, ``lo``
-    the one before it (None where nothing needs removing)."""
+    the one before it (None where nothing needs removing).
+
+    FLOPs and parameters are counted exactly and cheaply: plain bisection to neighbouring
+    thresholds. A latency reading costs seconds to minutes (ViT-B/16 at batch 8 on two
+    cores: about 40 s, the original timed beside every candidate), and two neighbouring
+    thresholds differ by one unit, far below the few percent two readings of one model
+    differ by. So a latency search interpolates (regula falsi on the threshold index,
+    aimed ``LAND_TOL / 2`` under the target, Illinois-weighted so that a curve bent
+    like a latency floor is not approached from one side forever; after two steps in
+    a row that do not halve the bracket, one halving step, so at worst it takes three
+    times bisection's steps) and stops once
+    ``hi`` reads within ``LAND_TOL`` of the target. ``lo`` is then not always ``hi``'s
+    neighbour; ``_landed`` re-times both either way."""
     lo, hi = 0, n - 1
-    if cost(hi)[1] > target:
+    c_hi = cost(hi)[1]
+    if c_hi > target:
         raise GraphpruneError(
-            f"target_{kind}={target} cannot be reached: pruning every group to its minimum width keeps {cost(hi)[1]:.3f}; "
+            f"target_{kind}={target} cannot be reached: pruning every group to its minimum width keeps {c_hi:.3f}; "
             "lower min_width/round_to, remove entries from ignore, or pick a larger target")
-    if cost(lo)[1] <= target:
+    c_lo = cost(lo)[1]
+    if c_lo <= target:
         return None, lo
-    while hi - lo > 1:  # invariant: cost(lo) > target >= cost(hi)
-        mid = (lo + hi) // 2
-        if cost(mid)[1] <= target:
-            hi = mid
+    timed = kind == "latency" and LAND_TOL > 0  # LAND_TOL = 0: bisection to neighbours (bench/budgets.py compares)
+    aim, halve = target * (1 - LAND_TOL / 2), not timed
+    slow = 0  # interpolations in a row that did not halve the bracket
+    w_lo = w_hi = 1.0  # Illinois weights: an end kept twice in a row counts half in the next interpolation
+    while hi - lo > 1 and not (timed and c_hi >= target * (1 - LAND_TOL)):  # invariant: cost(lo) > target >= cost(hi)
+        if halve:
+            mid = (lo + hi) // 2
+        else:  # where the line through the bracket's two (weighted) readings meets the aim
+            a, b = aim + (c_lo - aim) * w_lo, aim - (aim - c_hi) * w_hi
+            frac = (a - aim) / max(a - b, 1e-12)
+            mid = min(max(lo + int(round(frac * (hi - lo))), lo + 1), hi - 1)
+        width = hi - lo
+        c = cost(mid)[1]
+        if c <= target:
+            hi, c_hi, w_hi, w_lo = mid, c, 1.0, w_lo * 0.5
         else:
-            lo = mid
+            lo, c_lo, w_lo, w_hi = mid, c, 1.0, w_hi * 0.5
+        slow = 0 if halve or hi - lo <= width // 2 else slow + 1
+        halve = not timed or slow == 2
     return lo, hi
 
 

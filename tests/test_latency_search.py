@@ -1,0 +1,67 @@
+"""The threshold search under a budget (``allocate._bisect``) on cost curves with known answers.
+
+FLOPs and parameter budgets bisect to neighbouring thresholds; a latency budget,
+where every reading is a timing of seconds to minutes, interpolates and stops
+within ``LAND_TOL`` under the target. Both must keep the invariant the callers
+rely on (``lo`` above the target, ``hi`` at or below it) on any decreasing curve,
+with plateaus (widths rounded to a multiple build the same model for runs of
+thresholds) and bends (latency floors)."""
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from graphprune.allocate import LAND_TOL, _bisect
+
+
+def curve(n: int, knots: list[float], plateau: int):
+    """A non-increasing cost over ``n`` thresholds from 1.0 down, piecewise linear
+    through ``knots`` (sorted decreasing), constant over runs of ``plateau``."""
+    xs = np.linspace(0, n - 1, len(knots) + 2)
+    ys = np.concatenate([[1.0], np.sort(knots)[::-1], [min(knots) * 0.5]])
+    values = np.interp((np.arange(n) // plateau) * plateau, xs, ys)
+    calls = []
+
+    def cost(i: int):
+        calls.append(i)
+        return None, float(values[i])
+
+    return cost, values, calls
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(3, 200_000), knots=st.lists(st.floats(0.02, 0.98), min_size=1, max_size=6),
+       plateau=st.sampled_from([1, 1, 16, 500]), target=st.floats(0.05, 0.95))
+def test_search_keeps_the_invariant_and_lands(n, knots, plateau, target):
+    for kind in ("flops", "latency"):
+        cost, values, calls = curve(n, knots, plateau)
+        if values[-1] > target:
+            return
+        lo, hi = _bisect(cost, n, target, kind)
+        assert values[hi] <= target
+        if lo is None:
+            assert values[0] <= target and hi == 0
+            continue
+        assert values[lo] > target and lo < hi
+        steps = len(set(calls))
+        if kind == "flops":  # exact: the neighbour of the first threshold above the target
+            assert hi - lo == 1 and steps <= math.ceil(math.log2(n)) + 3
+        else:  # close enough, never more than three times bisection's steps
+            assert hi - lo == 1 or values[hi] >= target * (1 - LAND_TOL)
+            assert steps <= 3 * math.ceil(math.log2(n)) + 3
+
+
+def test_latency_search_times_few_candidates_on_a_smooth_curve():
+    """A cost bent once (steep, then flat, as latency near a floor): bisection to neighbours
+    over 100,000 thresholds reads 17 or more; the latency search lands within LAND_TOL
+    in a few, both ends included."""
+    n = 100_000
+    for target in (0.27, 0.3, 0.45, 0.5, 0.8):
+        cost, values, calls = curve(n, [0.5], 1)
+        _, hi = _bisect(cost, n, target, "flops")
+        exact = len(set(calls))
+        cost, values, calls = curve(n, [0.5], 1)
+        _, hi = _bisect(cost, n, target, "latency")
+        assert target * (1 - LAND_TOL) <= values[hi] <= target
+        assert exact >= 17 and len(set(calls)) <= 6
