@@ -214,6 +214,31 @@ def test_one_unlucky_latency_reading_does_not_move_the_choice(monkeypatch):
     assert small.report.flops == pytest.approx(want)
 
 
+def test_auto_under_a_latency_budget_times_two_searches_not_one_per_candidate(monkeypatch):
+    """importance="auto" with calibration tries seven candidates; under target_latency they
+    are compared at the FLOPs fraction one latency search lands on, and only the winner
+    is searched by timing again: about twice the timings of a compile without
+    calibration (one search), where a search per candidate took four times more."""
+    import graphprune.allocate
+
+    timings = []
+
+    def clock(model, reference, inputs, rounds=5):
+        timings.append(1)
+        return graphprune.count_flops(model, inputs) / graphprune.count_flops(reference, inputs)
+
+    monkeypatch.setattr(graphprune.allocate, "latency_ratio", clock)
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(*IMAGE)
+    graphprune.compile(model, (x,), target_latency=0.5)
+    one_search = len(timings)
+    timings.clear()
+    small = graphprune.compile(model, (x,), target_latency=0.5, calibration=[(torch.randn(*IMAGE),) for _ in range(8)])
+    assert small.report.latency <= 0.5 and small.report.auto is not None
+    assert "of the FLOPs" in small.report.auto.why
+    assert len(timings) <= 2.5 * one_search
+
+
 def test_a_latency_target_near_the_floor_warns(monkeypatch):
     """Latency that stops falling with FLOPs (a floor of 0.45 here, as depthwise nets have on CPU): a
     target within the floor's margin still lands, but warns that the widths are noise-chosen;
