@@ -338,11 +338,12 @@ def _landed(readings: Readings, cost, n: int, target: float, rounds: int = 4) ->
     misreading sent it (re-timing only the choice, and aiming lower while it
     read high, gave ResNet-50 a model timed at 0.223 for a target of 0.3).
     Returns ``hi``'s (removal, pooled latency)."""
-    lo, hi = _bisect(cost, n, target, "latency")
+    seen: set = set()
+    lo, hi = _bisect(cost, n, target, "latency", seen)
     for _ in range(rounds):
         for i in {lo, hi} - {None}:
             readings.add(cost(i)[0])
-        pair = _bisect(cost, n, target, "latency")
+        pair = _bisect(cost, n, target, "latency", seen)
         if pair == (lo, hi) and all(readings.count(cost(i)[0]) >= SETTLED for i in {lo, hi} - {None}):
             break
         lo, hi = pair
@@ -352,7 +353,7 @@ def _landed(readings: Readings, cost, n: int, target: float, rounds: int = 4) ->
 LAND_TOL = 0.03  # a latency search stops at a candidate timed within 3% under its target: closer is timing noise
 
 
-def _bisect(cost, n: int, target: float, kind: str) -> tuple[int | None, int]:
+def _bisect(cost, n: int, target: float, kind: str, seen: set | None = None) -> tuple[int | None, int]:
     """(lo, hi): ``hi`` the threshold index that removes least while cost <= target, ``lo``
     the one before it (None where nothing needs removing).
 
@@ -366,7 +367,12 @@ def _bisect(cost, n: int, target: float, kind: str) -> tuple[int | None, int]:
     a row that do not halve the bracket, one halving step, so at worst it takes three
     times bisection's steps) and stops once
     ``hi`` reads within ``LAND_TOL`` of the target. ``lo`` is then not always ``hi``'s
-    neighbour; ``_landed`` re-times both either way."""
+    neighbour; ``_landed`` re-times both either way.
+
+    ``seen`` (indices read before, added to as the search reads more) resumes a search:
+    it starts from the tightest bracket those readings give now. ``_landed`` re-times
+    the final pair and resumes; started afresh instead, an interpolating search whose
+    readings moved takes a new path through models never timed, and never settles."""
     lo, hi = 0, n - 1
     c_hi = cost(hi)[1]
     if c_hi > target:
@@ -376,6 +382,11 @@ def _bisect(cost, n: int, target: float, kind: str) -> tuple[int | None, int]:
     c_lo = cost(lo)[1]
     if c_lo <= target:
         return None, lo
+    seen = set() if seen is None else seen
+    if seen:  # noisy readings need not be monotone: the first that fits, and the last over it before
+        hi = min([i for i in seen if cost(i)[1] <= target] + [hi])
+        lo = max([i for i in seen if i < hi and cost(i)[1] > target] + [lo])
+        c_lo, c_hi = cost(lo)[1], cost(hi)[1]
     timed = kind == "latency" and LAND_TOL > 0  # LAND_TOL = 0: bisection to neighbours (bench/budgets.py compares)
     aim, halve = target * (1 - LAND_TOL / 2), not timed
     slow = 0  # interpolations in a row that did not halve the bracket
@@ -389,6 +400,7 @@ def _bisect(cost, n: int, target: float, kind: str) -> tuple[int | None, int]:
             mid = min(max(lo + int(round(frac * (hi - lo))), lo + 1), hi - 1)
         width = hi - lo
         c = cost(mid)[1]
+        seen.add(mid)
         if c <= target:
             hi, c_hi, w_hi, w_lo = mid, c, 1.0, w_lo * 0.5
         else:
