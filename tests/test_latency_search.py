@@ -65,3 +65,27 @@ def test_latency_search_times_few_candidates_on_a_smooth_curve():
         _, hi = _bisect(cost, n, target, "latency")
         assert target * (1 - LAND_TOL) <= values[hi] <= target
         assert exact >= 17 and len(set(calls)) <= 6
+
+
+def test_settling_a_noisy_search_resumes_instead_of_starting_over():
+    """``_landed`` re-times the final pair until it stops moving. Readings of every model
+    carry +-4% noise that changes with each reading: resumed from its bracket, the
+    search settles after a few more timings; restarted, an interpolating search takes
+    a new path through models never timed each time a reading moves."""
+    from graphprune.allocate import Readings, _landed
+
+    n, target = 50_000, 0.3
+    truth = 1.0 - 0.92 * np.arange(n) / (n - 1)  # a floor of 0.08
+    rng = np.random.default_rng(0)
+
+    class Meter:  # a removal is {group 0: the first i units}: threshold i
+        def __call__(self, removed):
+            i = len(removed.get(0, ()))
+            return 1.0 if i == 0 else float(truth[i] * (1 + rng.uniform(-0.04, 0.04)))
+
+    readings = Readings(Meter())
+    removed, _ = _landed(readings, lambda i: ({0: range(i)}, readings({0: range(i)})), n, target)
+    chosen = truth[len(removed[0])]
+    timed = sum(len(v) for k, v in readings.pools.items() if k)
+    assert target * 0.9 <= chosen <= target * 1.05
+    assert timed <= 16
