@@ -43,6 +43,7 @@ class Report:
     rounding: dict | None = None  # pipeline="deploy": the width multiple chosen by timing, and the timings
     layout: dict | None = None  # pipeline="deploy": whether convolution weights went channels-last, and the timing
     kernels: dict | None = None  # pipeline="deploy": whether layers run as fused oneDNN kernels, and the timing
+    latency_table: dict | None = None  # a latency budget costed per unit from layer tables: shapes, timed now, cache
 
     def __str__(self) -> str:
         lat = "" if self.latency is None else f", latency {self.latency:.3f}"
@@ -55,7 +56,9 @@ class Report:
                                            f"({self.layout['why']})")
         fused = "" if not self.kernels else (f"; oneDNN kernels {'on' if self.kernels['onednn'] else 'off'} "
                                              f"({self.kernels['why']})")
-        return f"{cost}{len(self.widths)} groups{check}{chose}{rounded}{laid}{fused}"
+        table = "" if not self.latency_table else (f"; units costed from {self.latency_table['shapes']} timed layer "
+                                                   f"shapes ({self.latency_table['timed']} timed now)")
+        return f"{cost}{len(self.widths)} groups{check}{chose}{rounded}{laid}{fused}{table}"
 
 
 @dataclass
@@ -168,10 +171,11 @@ def per_param_scores(p: Pruner, kind: str | None = None) -> dict[int, np.ndarray
     return {gid: v / (sizes[gid] / mean) for gid, v in normalized_scores(p).items()}
 
 
-def measured_scores(p: Pruner, kind: str | None = None) -> dict[int, np.ndarray]:
+def measured_scores(p: Pruner, kind: str | None = None, latency_inputs: tuple | None = None) -> dict[int, np.ndarray]:
     """Units ranked by the output error they are expected to add, per unit of budget they
-    free: per FLOP for a FLOPs or latency budget (a unit of an early, high-resolution conv
-    saves more FLOPs than one of a late conv with as many weights), else per parameter.
+    free: per FLOP for a FLOPs budget (a unit of an early, high-resolution conv saves more
+    FLOPs than one of a late conv with as many weights), per millisecond read off per-layer
+    latency tables for a latency budget (``unit_costs``), else per parameter.
 
     ``p.sensitivity`` ({group id: ((units, error), ...)}, from ``auto.probe``)
     holds, per group, the held-out output error measured with that group's
@@ -186,9 +190,8 @@ def measured_scores(p: Pruner, kind: str | None = None) -> dict[int, np.ndarray]
     layer the outputs barely feel gives more, a sensitive one less (the
     first and last layers of an LLM, a stem conv), and the bend stops a
     quiet group from being emptied on a straight-line extrapolation."""
-    from .auto import unit_cost
-
     norm = normalized_scores(p)
+    saves = unit_costs(p, kind, latency_inputs)
     curves = {}
     for gid, points in p.sensitivity.items():
         if gid not in norm:
@@ -213,8 +216,29 @@ def measured_scores(p: Pruner, kind: str | None = None) -> dict[int, np.ndarray]
         added = a * (upto ** gamma - np.concatenate([[0.0], upto[:-1]]) ** gamma)
         cost = np.empty_like(s)
         cost[order] = np.maximum.accumulate(added)  # never decreasing along the order (ties, rounding)
-        out[g.id] = cost / unit_cost(g, p.gm, kind)
+        out[g.id] = cost / saves[g.id]
     return out
+
+
+def unit_costs(p: Pruner, kind: str | None, latency_inputs: tuple | None = None) -> dict[int, np.ndarray]:
+    """{group id: what removing each unit saves} in the budget's currency: FLOPs, parameters,
+    or for a latency budget milliseconds from per-layer latency tables on this device
+    (``latency_table.unit_ms``: depthwise convolutions, activations and norms cost time
+    their FLOPs do not show), kept on ``p`` per layout and batch. A model with no conv or
+    linear module to time is costed in FLOPs."""
+    from .auto import unit_cost
+
+    if kind == "latency":
+        from .latency_table import layer_shapes, unit_ms
+
+        key = (p.pipeline, None if latency_inputs is None else tuple(getattr(t, "shape", None) for t in latency_inputs))
+        cached = getattr(p, "_unit_ms", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if layer_shapes(p):
+            p._unit_ms = (key, unit_ms(p, latency_inputs))
+            return p._unit_ms[1]
+    return {g.id: unit_cost(g, p.gm, kind) for g in p.groups}
 
 
 def uniform_scores(p: Pruner, kind: str | None = None) -> dict[int, np.ndarray]:
@@ -245,7 +269,7 @@ def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule
     if not 0 < target <= 1:
         raise GraphpruneError(f"target_{kind} must be a fraction in (0, 1], got {target!r}")
     meter = Meter(p, kind, **meter_kw)
-    norm = RULES[rule](p, kind)
+    norm = RULES[rule](p, kind) if rule != "measured" else measured_scores(p, kind, meter_kw.get("latency_inputs"))
     if kind != "params":  # a token goes through top-k experts however many there are: fewer save no compute
         norm.update({g.id: np.full(g.n_units, np.inf) for g in p.groups if g.fills})
     taus = np.unique(np.concatenate([v for v in norm.values()] + [np.zeros(1)]))

@@ -162,9 +162,11 @@ def _hint(n) -> int | None:
 
 
 def unit_cost(g, gm, kind: str | None) -> np.ndarray:
-    """What removing one unit of ``g`` saves, in the budget's own currency: FLOPs for a
-    latency budget too (what a unit saves in time follows the work it does, not the
-    weights it holds: a late conv holds many weights and runs on few pixels)."""
+    """What removing one unit of ``g`` saves, in the budget's own currency, read off the
+    graph: FLOPs, or parameters. A latency budget is costed in FLOPs only where no
+    latency table can be built (``allocate.unit_costs``): what a unit saves in time
+    follows the work it does more than the weights it holds (a late conv holds many
+    weights and runs on few pixels)."""
     return unit_flops(g, gm) if kind in ("flops", "latency") else unit_params(g, gm)
 
 

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -20,3 +21,6 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+# Latency tables (graphprune/latency_table.py) are cached on disk: the suite writes its own, never the user's.
+os.environ.setdefault("GRAPHPRUNE_CACHE", tempfile.mkdtemp(prefix="graphprune-cache-"))
