@@ -1,18 +1,20 @@
-"""Do per-layer latency tables predict what pruning buys better than FLOPs do?
+"""Does the latency table predict what pruning buys better than FLOPs do?
 
 Issue 12 asks for allocation that weighs what a unit saves per measured
 millisecond under a latency budget, from NetAdapt-style tables
-(``graphprune/latency_table.py``). This script checks the tables against the
-clock: for each model (torchvision, random weights, eval, batch 8 at 224x224,
+(``graphprune/latency_table.py``: every node timed in the model at four widths).
+This script checks the table against the clock: for each model (torchvision, random weights, eval, batch 8 at 224x224,
 2 threads, ``pipeline="deploy"`` with the layout ``compile`` would choose), it
 draws random allocations (each group keeps a fraction drawn from [0.2, 1]),
 builds each candidate, times it side by side with the unpruned deploy model
 (``flops.latency_ratio``), and compares three predictions of that ratio:
 
 * ``flops``: the candidate's FLOPs over the original's (``torch.utils.flop_counter``);
-* ``table``: NetAdapt's lookup, every layer at its kept widths (``predict_ms``);
+* ``table``: NetAdapt's lookup, every node's row read at the width its groups keep (``predict_ms``);
 * ``slopes``: the first-order estimate the allocation uses, 1 - (milliseconds of the removed
   units, ``unit_ms``) / (the unpruned model's ``predict_ms``).
+
+The first version timed each layer shape alone; its figures are in bench/README.md.
 
 Reported per model: Spearman rank correlation with the measured ratio (which
 candidate is faster) and mean absolute error (how much faster). Run with the
@@ -62,9 +64,9 @@ def run_model(name: str, k: int, seed: int, rounds: int) -> dict:
     p = Pruner(model, (x[:1],), ignore=(HEADS[name],), importance="l1", pipeline="deploy")
     layout = fastest_layout(p)
     t0 = time.perf_counter()
-    table = LatencyTable()
+    table = LatencyTable(p, (x,))
     costs = unit_ms(p, (x,), table)
-    full = predict_ms(p, {}, (x,), table)
+    full = predict_ms(p, {}, table)
     table_s = time.perf_counter() - t0
     ref = p.prune({}, check=False, fit=False)
     base_flops = count_flops(ref, (x[:1],))
@@ -75,7 +77,7 @@ def run_model(name: str, k: int, seed: int, rounds: int) -> dict:
             measured = latency_ratio(cand, ref, (x,), rounds=rounds)
         saved = sum(float(costs[gid][idx].sum()) for gid, idx in removed.items())
         rows.append({"measured": round(measured, 4), "flops": round(count_flops(cand, (x[:1],)) / base_flops, 4),
-                     "table": round(predict_ms(p, removed, (x,), table) / full, 4),
+                     "table": round(predict_ms(p, removed, table) / full, 4),
                      "slopes": round(1 - saved / full, 4)})
         print(name, rows[-1], flush=True)
     m = np.array([r["measured"] for r in rows])
@@ -84,7 +86,7 @@ def run_model(name: str, k: int, seed: int, rounds: int) -> dict:
         v = np.array([r[key] for r in rows])
         summary[key] = {"spearman": round(float(spearmanr(v, m)[0]), 3), "mae": round(float(np.abs(v - m).mean()), 4)}
     return {"model": name, "layout": layout, "draws": rows, "summary": summary, "table_seconds": round(table_s, 1),
-            "shapes_timed": table.timed, "code": _code()}
+            "timed_now": table.timed, "code": _code()}
 
 
 def main():
@@ -108,7 +110,7 @@ def main():
     for name, r in results.items():
         s = r["summary"]
         cells = " | ".join(f"{s[k]['spearman']:.2f}, {s[k]['mae']:.3f}" for k in ("flops", "table", "slopes"))
-        print(f"| {name} | {cells} | {r['table_seconds']} s ({r['shapes_timed']} shapes) |")
+        print(f"| {name} | {cells} | {r['table_seconds']} s |")
 
 
 if __name__ == "__main__":

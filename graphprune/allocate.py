@@ -43,7 +43,7 @@ class Report:
     rounding: dict | None = None  # pipeline="deploy": the width multiple chosen by timing, and the timings
     layout: dict | None = None  # pipeline="deploy": whether convolution weights went channels-last, and the timing
     kernels: dict | None = None  # pipeline="deploy": whether layers run as fused oneDNN kernels, and the timing
-    latency_table: dict | None = None  # a latency budget costed per unit from layer tables: shapes, timed now, cache
+    latency_table: dict | None = None  # a latency budget costed per unit from a latency table: nodes, timed now, cache
 
     def __str__(self) -> str:
         lat = "" if self.latency is None else f", latency {self.latency:.3f}"
@@ -56,8 +56,8 @@ class Report:
                                            f"({self.layout['why']})")
         fused = "" if not self.kernels else (f"; oneDNN kernels {'on' if self.kernels['onednn'] else 'off'} "
                                              f"({self.kernels['why']})")
-        table = "" if not self.latency_table else (f"; units costed from {self.latency_table['shapes']} timed layer "
-                                                   f"shapes ({self.latency_table['timed']} timed now)")
+        table = "" if not self.latency_table else (f"; units costed from a latency table of {self.latency_table['nodes']} "
+                                                   f"nodes ({'timed now' if self.latency_table['timed_now'] else 'cached'})")
         return f"{cost}{len(self.widths)} groups{check}{chose}{rounded}{laid}{fused}{table}"
 
 
@@ -224,18 +224,18 @@ def unit_costs(p: Pruner, kind: str | None, latency_inputs: tuple | None = None)
     """{group id: what removing each unit saves} in the budget's currency: FLOPs, parameters,
     or for a latency budget milliseconds from per-layer latency tables on this device
     (``latency_table.unit_ms``: depthwise convolutions, activations and norms cost time
-    their FLOPs do not show), kept on ``p`` per layout and batch. A model with no conv or
-    linear module to time is costed in FLOPs."""
+    their FLOPs do not show), kept on ``p`` per pipeline and input shapes. A model called
+    with keyword inputs is costed in FLOPs."""
     from .auto import unit_cost
 
     if kind == "latency":
-        from .latency_table import layer_shapes, unit_ms
+        from .latency_table import applicable, unit_ms
 
         key = (p.pipeline, None if latency_inputs is None else tuple(getattr(t, "shape", None) for t in latency_inputs))
         cached = getattr(p, "_unit_ms", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        if layer_shapes(p):
+        if applicable(p):
             p._unit_ms = (key, unit_ms(p, latency_inputs))
             return p._unit_ms[1]
     return {g.id: unit_cost(g, p.gm, kind) for g in p.groups}

@@ -1,6 +1,7 @@
-"""Per-layer latency tables (``graphprune/latency_table.py``): the shapes they time are the
-layers the pruned model runs, they time each shape once per device (on disk), and under a
-latency budget the measured allocation spends the budget where the tables say time goes."""
+"""The latency table (``graphprune/latency_table.py``): the model timed node by node at four
+fractions of every width, once per device (on disk); each node's slope shared by the groups
+it reads and writes; and under a latency budget the measured allocation spends the budget
+where the table says time goes."""
 import json
 
 import numpy as np
@@ -11,8 +12,8 @@ from torch import nn
 from graphprune import latency_table as lt
 from graphprune.allocate import measured_scores, unit_costs
 from graphprune.auto import unit_flops
-from graphprune.latency_table import LatencyTable, LayerShape, layer_shapes, predict_ms, unit_ms
-from graphprune.pruner import Pruner, remove_lowest
+from graphprune.latency_table import LatencyTable, predict_ms, unit_ms
+from graphprune.pruner import Pruner
 
 
 class Mobile(nn.Module):
@@ -41,56 +42,86 @@ def pruner(**kw):
     return Pruner(Mobile().eval(), (torch.randn(2, 3, 16, 16),), **kw)
 
 
-class Counting:
-    """A clock that costs a shape by a formula and counts its calls."""
+def widths(gm, n) -> int:
+    """Output width of node ``n`` in the build ``gm`` (0 for a node the build does not have)."""
+    node = next((m for m in gm.graph.nodes if m.name == n), None)
+    if node is None or node.op != "call_module":
+        return 0
+    mod = gm.get_submodule(node.target)
+    return getattr(mod, "out_channels", getattr(mod, "out_features", getattr(mod, "num_features", 0)))
 
-    def __init__(self, fn=None):
-        self.fn = fn or (lambda s: 1e-3 * float(np.prod(s.x)) + 1e-4 * float(np.prod(s.w or (1,))))
+
+class Counting:
+    """A clock for builds: every module node costs ``per_channel[name]`` ms per output channel
+    it has in the build (others 0.01 ms); counts its calls."""
+
+    def __init__(self, per_channel=None):
+        self.per_channel = per_channel or {}
         self.calls = []
 
-    def __call__(self, shape):
-        self.calls.append(shape)
-        return self.fn(shape)
+    def __call__(self, gm, inputs):
+        self.calls.append({n.name: widths(gm, n.name) for n in gm.graph.nodes})
+        return {n.name: self.per_channel.get(n.name, 0.0) * widths(gm, n.name) + 0.01 for n in gm.graph.nodes}
 
 
-def test_the_table_looks_up_the_layers_the_pruned_model_runs():
-    """Every layer shape ``predict_ms`` reads for a removal is a layer of the model
-    built for that removal, and nothing else (depthwise groups, strides, both axes)."""
+def test_the_table_times_the_model_at_each_fraction_of_every_width():
     p = pruner()
-    rng = np.random.default_rng(0)
-    removed = {g.id: remove_lowest(g, p.scores[g.id], int(rng.integers(1, g.n_units))) for g in p.groups}
-    small = p.prune(removed, check=False, fit=False)
-    built = {s.key() for calls in layer_shapes(Pruner(small, p.example_inputs)).values() for s, _ in calls}
     clock = Counting()
-    predict_ms(p, removed, table=LatencyTable(None, clock))
-    looked_up = {s.key() for s in clock.calls if s.op != "ewise"}
-    assert looked_up == built and len(built) == 6
+    table = LatencyTable(p, clock=clock, path=None)
+    assert [c["pw"] for c in clock.calls] == [int(round(f * 24)) for f in lt.FRACTIONS]
+    assert [c["fc1"] for c in clock.calls] == [int(round(f * 40)) for f in lt.FRACTIONS]
+    assert set(table.rows) == {n.name for n in p.gm.graph.nodes}
 
 
-def test_shapes_are_timed_once_and_kept_on_disk(tmp_path):
-    path = tmp_path / "latency.json"
+def test_a_folded_node_costs_nothing():
+    """Under the deploy pipeline the BatchNorm is folded into the stem: no build runs it."""
+    p = pruner(pipeline="deploy")
+    table = LatencyTable(p, clock=Counting(), path=None)
+    assert table.rows["bn"] == [0.0] * len(lt.FRACTIONS) and table.rows["pw"][0] > 0
+
+
+def test_rows_are_timed_once_and_kept_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path))
     p = pruner()
-    first = Counting()
-    costs = unit_ms(p, table=LatencyTable(path, first))
-    assert first.calls and path.exists()
-    assert len({s.key() for s in first.calls}) == len(first.calls)  # no shape timed twice
-    again = Counting()
-    assert all(np.array_equal(costs[g], c) for g, c in unit_ms(p, table=LatencyTable(path, again)).items())
-    assert again.calls == []  # everything read from the file
-    assert json.loads(path.read_text())["device"] == lt.device_key()
-    path.write_text("{not json")  # a damaged file is timed again, not trusted
+    first = Counting({"pw": 1.0})
+    costs = unit_ms(p, table=LatencyTable(p, clock=first))
+    assert len(first.calls) == len(lt.FRACTIONS) and p.latency_table["timed_now"]
+    again = Counting({"pw": 5.0})
+    assert all(np.array_equal(costs[g], c) for g, c in unit_ms(p, table=LatencyTable(p, clock=again)).items())
+    assert again.calls == [] and not p.latency_table["timed_now"]  # everything read from the file
+    other = Counting()
+    LatencyTable(p, (torch.randn(4, 3, 16, 16),), clock=other)  # other input shapes: another table
+    assert len(other.calls) == len(lt.FRACTIONS)
+    for f in tmp_path.glob("latency-*.json"):
+        assert json.loads(f.read_text())["device"] == lt.device_key()
+        f.write_text("{not json")  # a damaged file is timed again, not trusted
     third = Counting()
-    unit_ms(p, table=LatencyTable(path, third))
-    assert len(third.calls) == len(first.calls)
+    LatencyTable(p, clock=third)
+    assert len(third.calls) == len(lt.FRACTIONS)
 
 
-def test_the_slope_is_the_cost_of_one_channel():
-    shape = LayerShape("conv", (8, 16, 32, 32), (24, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1)
-    table = LatencyTable(None, lambda s: 0.5 + 0.07 * s.w[0] + 0.01 * s.x[1])
-    assert table.slope(shape, 0) == pytest.approx(0.07)
-    assert table.slope(shape, 1) == pytest.approx(0.01)
-    grouped = LayerShape("conv", (8, 16, 32, 32), (16, 4, 3, 3), (1, 1), (1, 1), (1, 1), 4)
-    assert table.slope(grouped, 0) is None  # not one layer of its kind when shrunk: costed by FLOPs
+def test_a_nodes_slope_goes_to_the_groups_it_reads_and_writes():
+    """pw reads the depthwise group's 16 channels and writes its own 24: at 1 ms per output
+    channel its slope is 24 ms per unit fraction, half to each group, spread over its units."""
+    p = pruner()
+    table = LatencyTable(p, clock=Counting({"pw": 1.0}), path=None)
+    assert table.slope("pw") == pytest.approx(24.0)
+    costs = unit_ms(p, table=table)
+    group_of = {s.name: g.id for g in p.groups for s in g.params}
+    assert costs[group_of["pw.weight"]] == pytest.approx(np.full(24, 12.0 / 24), abs=1e-9)
+    assert costs[group_of["dw.weight"]] == pytest.approx(np.full(16, 12.0 / 16), abs=1e-9)
+    assert costs[group_of["fc1.weight"]].max() < 1e-6  # no slope elsewhere
+
+
+def test_prediction_reads_the_rows_at_the_kept_fraction():
+    """A uniform half of every width is a build the table timed: the estimate is that build's time."""
+    p = pruner()
+    clock = Counting({"stem": 0.3, "dw": 1.0, "pw": 0.5, "down": 0.2, "fc1": 0.1})
+    table = LatencyTable(p, clock=clock, path=None)
+    half = lt.FRACTIONS.index(0.5)
+    timed = sum(row[half] for row in table.rows.values())
+    assert predict_ms(p, p.removal_for_ratio(0.5), table) == pytest.approx(timed)
+    assert predict_ms(p, {}, table) == pytest.approx(sum(row[0] for row in table.rows.values()))
 
 
 def test_a_slow_layer_is_pruned_harder_under_a_latency_budget(monkeypatch, tmp_path):
@@ -98,41 +129,48 @@ def test_a_slow_layer_is_pruned_harder_under_a_latency_budget(monkeypatch, tmp_p
     depthwise conv is slow per channel (as memory-bound ops are on CPUs), its group's units
     become cheaper to remove per millisecond than per FLOP, and they go first."""
     monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(lt, "node_ms", Counting({"dw": 50.0, "pw": 0.01}))
     p = pruner()
     group_of = {s.name: g.id for g in p.groups for s in g.params}
     dw, pw = group_of["dw.weight"], group_of["pw.weight"]
-    assert dw != pw
-
-    def slow_depthwise(s):
-        return (50.0 if s.groups > 1 else 0.01) * float(np.prod(s.x)) * 1e-4
-    monkeypatch.setattr(lt, "time_layer", slow_depthwise)
     by_ms = measured_scores(p, "latency")
     by_flops = measured_scores(p, "flops")
     share = lambda s: np.median(s[dw]) / np.median(s[pw])  # noqa: E731 - lower: removed first
     assert share(by_ms) < share(by_flops) / 10
-    assert p.latency_table["timed"] > 0
+    assert p.latency_table["timed_now"]
 
 
-def test_real_timings_cost_high_resolution_channels_more(tmp_path):
-    """On the real clock: one channel of the stem (16x16 pixels) saves more time than one
-    of the linear layers (one position), and every cost is finite and positive."""
+def test_real_timings_are_positive_and_narrower_is_faster():
     p = pruner()
-    costs = unit_ms(p, (torch.randn(8, 3, 16, 16),), LatencyTable(tmp_path / "t.json"))
-    group_of = {s.name: g.id for g in p.groups for s in g.params}
+    x = (torch.randn(8, 3, 32, 32),)
+    table = LatencyTable(p, x, path=None)
+    costs = unit_ms(p, x, table)
     assert all(np.isfinite(c).all() and (c > 0).all() for c in costs.values())
-    assert costs[group_of["stem.weight"]].mean() > costs[group_of["fc1.weight"]].mean()
+    assert predict_ms(p, p.removal_for_ratio(0.75), table) < predict_ms(p, {}, table)
 
 
-def test_a_model_without_conv_or_linear_modules_is_costed_in_flops():
+def test_functional_layers_are_timed_too_and_keyword_inputs_fall_back_to_flops():
+    """Every node is timed, so weights used through ``F.linear`` are costed like modules;
+    a model called with keyword inputs cannot be run node by node here: FLOPs."""
     class Functional(nn.Module):
         def __init__(self):
             super().__init__()
             self.w1 = nn.Parameter(torch.randn(12, 6))
             self.w2 = nn.Parameter(torch.randn(3, 12))
 
-        def forward(self, x):
-            return torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, self.w1)), self.w2)
+        def forward(self, x, scale=None):
+            h = torch.relu(torch.nn.functional.linear(x, self.w1))   # (N, 12)
+            return torch.nn.functional.linear(h if scale is None else h * scale, self.w2)
 
     p = Pruner(Functional(), (torch.randn(4, 6),))
-    costs = unit_costs(p, "latency")
-    assert all(np.array_equal(costs[g.id], unit_flops(g, p.gm)) for g in p.groups)
+    table = LatencyTable(p, clock=lambda gm, x: {n.name: 0.01 * widths_of(gm, n) for n in gm.graph.nodes}, path=None)
+    assert max(table.slope(n.name) for n in p.gm.graph.nodes) > 0
+    q = Pruner(Functional(), (torch.randn(4, 6),), {"scale": torch.ones(12)})
+    costs = unit_costs(q, "latency")
+    assert all(np.array_equal(costs[g.id], unit_flops(g, q.gm)) for g in q.groups)
+
+
+def widths_of(gm, n) -> int:
+    """The last dim of node ``n``'s value as the build computes it (shapes re-propagated)."""
+    val = n.meta.get("val")
+    return int(val.shape[-1]) if isinstance(val, torch.Tensor) and val.dim() else 0
