@@ -56,8 +56,10 @@ class Report:
                                            f"({self.layout['why']})")
         fused = "" if not self.kernels else (f"; oneDNN kernels {'on' if self.kernels['onednn'] else 'off'} "
                                              f"({self.kernels['why']})")
-        table = "" if not self.latency_table else (f"; units costed from a latency table of {self.latency_table['nodes']} "
-                                                   f"nodes ({'timed now' if self.latency_table['timed_now'] else 'cached'})")
+        lt = self.latency_table
+        table = "" if not lt else (f"; units costed in ms from a latency table of {lt['nodes']} nodes "
+                                   f"({'timed now' if lt['timed_now'] else 'cached'})" if lt["used"] else
+                                   f"; units costed in FLOPs: 1/4 of every width saved only {lt['elastic']:.0%} of the time")
         return f"{cost}{len(self.widths)} groups{check}{chose}{rounded}{laid}{fused}{table}"
 
 
@@ -225,7 +227,8 @@ def unit_costs(p: Pruner, kind: str | None, latency_inputs: tuple | None = None)
     or for a latency budget milliseconds from per-layer latency tables on this device
     (``latency_table.unit_ms``: depthwise convolutions, activations and norms cost time
     their FLOPs do not show), kept on ``p`` per pipeline and input shapes. A model called
-    with keyword inputs is costed in FLOPs."""
+    with keyword inputs, or whose latency barely moves with its widths (the table's
+    ``elastic`` share under ``latency_table.ELASTIC``), is costed in FLOPs."""
     from .auto import unit_cost
 
     if kind == "latency":
@@ -236,7 +239,8 @@ def unit_costs(p: Pruner, kind: str | None, latency_inputs: tuple | None = None)
         if cached is not None and cached[0] == key:
             return cached[1]
         if applicable(p):
-            p._unit_ms = (key, unit_ms(p, latency_inputs))
+            costs = unit_ms(p, latency_inputs)
+            p._unit_ms = (key, costs if p.latency_table["used"] else {g.id: unit_cost(g, p.gm, kind) for g in p.groups})
             return p._unit_ms[1]
     return {g.id: unit_cost(g, p.gm, kind) for g in p.groups}
 

@@ -85,8 +85,10 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     ``allocation`` fixes how a budget is spread over groups instead of letting
     ``auto`` choose: ``"score"`` (units ranked by their group-normalised score),
     ``"per_param"`` (score per parameter a unit holds), ``"measured"`` (the
-    held-out output error a unit adds, per unit of the budget it frees; needs
-    ``calibration``) or ``"uniform"`` (the same fraction from every group, the
+    held-out output error a unit adds, per unit of the budget it frees: FLOPs,
+    parameters, or under ``target_latency`` milliseconds read off a latency table
+    timed in place on this device, ``latency_table.py``, ``result.report.latency_table``;
+    needs ``calibration``) or ``"uniform"`` (the same fraction from every group, the
     criterion choosing which units). Without ``importance="auto"`` and
     calibration, ``"auto"`` means ``"score"``.
 

@@ -46,6 +46,7 @@ from .meta_keys import VAL
 
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)  # width fractions every group is built at
 RUNS = 5  # timed forwards per build, after one warm-up; a node keeps its fastest
+ELASTIC = 0.25  # a table is trusted where the builds at 1/4 of every width save at least this share of the time
 
 
 def device_key() -> str:
@@ -143,6 +144,13 @@ class LatencyTable:
         tmp.write_text(json.dumps({"device": device_key(), "fractions": FRACTIONS, "rows": self.rows}))
         os.replace(tmp, self.path)  # whole or not at all, should two compiles write at once
 
+    def elastic(self) -> float:
+        """The share of the unpruned model's time that the narrowest build saved. Where widths
+        barely move latency (a small model whose time is Python and kernel launches), the
+        slopes are noise: ``ELASTIC`` is the least share a table is trusted at."""
+        full, narrow = (sum(r[i] for r in self.rows.values()) for i in (0, len(FRACTIONS) - 1))
+        return (full - narrow) / full if full > 0 else 0.0
+
     def slope(self, name: str) -> float:
         """Milliseconds node ``name`` saves per unit of width fraction (least squares over the builds)."""
         return max(0.0, float(np.polyfit(FRACTIONS, self.rows.get(name, [0.0] * len(FRACTIONS)), 1)[0]))
@@ -186,7 +194,8 @@ def unit_ms(p, inputs: tuple | None = None, table: LatencyTable | None = None) -
             out[g.id] += share * np.bincount(unit_of, minlength=g.n_units) / len(unit_of)
     p.latency_table = {"nodes": len(table.rows), "timed_now": table.timed,
                        "cache": str(table.path) if table.path else None,
-                       "unpruned_ms": round(sum(r[0] for r in table.rows.values()), 3)}
+                       "unpruned_ms": round(sum(r[0] for r in table.rows.values()), 3),
+                       "elastic": round(table.elastic(), 3), "used": table.elastic() >= ELASTIC}
     return {gid: np.maximum(v, 1e-9) for gid, v in out.items()}
 
 

@@ -174,3 +174,13 @@ def widths_of(gm, n) -> int:
     """The last dim of node ``n``'s value as the build computes it (shapes re-propagated)."""
     val = n.meta.get("val")
     return int(val.shape[-1]) if isinstance(val, torch.Tensor) and val.dim() else 0
+
+
+def test_a_model_whose_latency_ignores_its_widths_is_costed_in_flops(monkeypatch, tmp_path):
+    """Where every build times the same (overhead-bound), the slopes are noise: FLOPs decide."""
+    monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(lt, "node_ms", lambda gm, x: {n.name: 0.05 for n in gm.graph.nodes})
+    p = pruner()
+    costs = unit_costs(p, "latency")
+    assert all(np.array_equal(costs[g.id], unit_flops(g, p.gm)) for g in p.groups)
+    assert p.latency_table["used"] is False and p.latency_table["elastic"] == 0.0
