@@ -4,9 +4,11 @@ Prunes torchvision models (random weights) to 25%, 50% and 75% of their FLOPs
 with the default criterion and automatic allocation, and ResNet-50 to 50% of
 its CPU latency (batch 8), reporting the achieved fractions measured on the
 returned model (FLOPs by torch.utils.flop_counter; latency as the median of
-5 independent measurements, each itself a median of timed runs), once with the
-interpolated latency search and once with bisection to neighbouring thresholds
-(``allocate.LAND_TOL = 0``), in one run: compile time, timings and landing side by side).
+5 independent measurements, each itself a median of timed runs). The latency
+search runs three ways in one run (compile time, timings and landing side by side):
+as it ships, interpolating on the latency table's estimate (``guided``); interpolating
+on the threshold index (``interpolated``, ``allocate.GUIDED = False``); and bisecting to
+neighbouring thresholds (``bisection``, also ``allocate.LAND_TOL = 0``).
 
     python bench/budgets.py            # -> bench/results/budgets.json
 """
@@ -55,20 +57,25 @@ def main():
     model = torchvision.models.resnet50(weights=None).eval()
     xb = torch.randn(8, 3, 224, 224)
     lat = {}
-    for search, tol in (("interpolated", graphprune.allocate.LAND_TOL), ("bisection", 0.0)):  # one run, same machine
-        lat[search] = latency_row(model, xb, tol)
+    tol = graphprune.allocate.LAND_TOL
+    for search, tol, guided in (("guided", tol, True), ("interpolated", tol, False), ("bisection", 0.0, False)):
+        lat[search] = latency_row(model, xb, tol, guided)  # one run, same machine
         print(search, json.dumps(lat[search]), flush=True)
-    lat["seconds_bisection_over_interpolated"] = round(lat["bisection"]["seconds"] / lat["interpolated"]["seconds"], 2)
+    for other in ("interpolated", "bisection"):
+        lat[f"seconds_{other}_over_guided"] = round(lat[other]["seconds"] / lat["guided"]["seconds"], 2)
     out.write_text(json.dumps({"flops": rows, "latency": lat, "allocator": ALLOCATOR}, indent=1))
     print("\n| model | target | achieved FLOPs | params | in [t-0.03, t] |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['target_flops']} | {r['achieved_flops']} | {r['params']} | {'yes' if r['ok'] else 'NO'} |")
 
 
-def latency_row(model, xb, tol: float) -> dict:
+def latency_row(model, xb, tol: float, guided: bool = True) -> dict:
     """ResNet-50 to half its latency, the threshold search ending within ``tol`` of the
-    target (0: bisection to neighbouring thresholds, as before the interpolated search);
-    every candidate timing counted."""
+    target (0: bisection to neighbouring thresholds, as before the interpolated search),
+    interpolating on the latency table's estimate or not (``guided``); every candidate
+    timing counted. The table is built afresh (a cache of its own) and its time counted."""
+    import os
+    import tempfile
     allocate = graphprune.allocate
     timings = []
 
@@ -76,16 +83,21 @@ def latency_row(model, xb, tol: float) -> dict:
         timings.append(1)
         return latency_ratio(*a, **k)
 
-    saved = allocate.LAND_TOL, allocate.latency_ratio
-    allocate.LAND_TOL, allocate.latency_ratio = tol, counted
+    saved = allocate.LAND_TOL, allocate.latency_ratio, allocate.GUIDED, os.environ.get("GRAPHPRUNE_CACHE")
+    allocate.LAND_TOL, allocate.latency_ratio, allocate.GUIDED = tol, counted, guided
+    os.environ["GRAPHPRUNE_CACHE"] = tempfile.mkdtemp(prefix="budgets-cache-")
     try:
         start = time.perf_counter()
         small = graphprune.compile(model, (xb,), target_latency=0.5)
         took = time.perf_counter() - start
     finally:
-        allocate.LAND_TOL, allocate.latency_ratio = saved
+        allocate.LAND_TOL, allocate.latency_ratio, allocate.GUIDED = saved[:3]
+        if saved[3] is None:
+            os.environ.pop("GRAPHPRUNE_CACHE")
+        else:
+            os.environ["GRAPHPRUNE_CACHE"] = saved[3]
     ratios = [latency_ratio(small, model, (xb,)) for _ in range(5)]  # each side by side: the models alternate
-    return {"model": "resnet50", "batch": 8, "target_latency": 0.5, "search_tolerance": tol,
+    return {"model": "resnet50", "batch": 8, "target_latency": 0.5, "search_tolerance": tol, "guided": guided,
             "achieved_latency_runs": [round(r, 4) for r in ratios], "median": round(statistics.median(ratios), 4),
             "ok": abs(statistics.median(ratios) - 0.5) <= 0.05, "achieved_flops": round(small.report.flops, 4),
             "reported_latency": round(small.report.latency, 4), "timings": len(timings), "seconds": round(took, 1)}

@@ -57,9 +57,9 @@ class Report:
         fused = "" if not self.kernels else (f"; oneDNN kernels {'on' if self.kernels['onednn'] else 'off'} "
                                              f"({self.kernels['why']})")
         lt = self.latency_table
-        table = "" if not lt else (f"; units costed in ms from a latency table of {lt['nodes']} nodes "
-                                   f"({'timed now' if lt['timed_now'] else 'cached'})" if lt["used"] else
-                                   f"; units costed in FLOPs: 1/4 of every width saved only {lt['elastic']:.0%} of the time")
+        table = "" if not lt else (f"; latency table of {lt['nodes']} nodes ({'timed now' if lt['timed_now'] else 'cached'}) "
+                                   "guides the search and costs units" if lt["used"] else
+                                   f"; latency table not used: 1/4 of every width saved only {lt['elastic']:.0%} of the time")
         return f"{cost}{len(self.widths)} groups{check}{chose}{rounded}{laid}{fused}{table}"
 
 
@@ -232,16 +232,13 @@ def unit_costs(p: Pruner, kind: str | None, latency_inputs: tuple | None = None)
     from .auto import unit_cost
 
     if kind == "latency":
-        from .latency_table import applicable, unit_ms
+        from .latency_table import table_for, unit_ms
 
-        key = (p.pipeline, None if latency_inputs is None else tuple(getattr(t, "shape", None) for t in latency_inputs))
-        cached = getattr(p, "_unit_ms", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        if applicable(p):
-            costs = unit_ms(p, latency_inputs)
-            p._unit_ms = (key, costs if p.latency_table["used"] else {g.id: unit_cost(g, p.gm, kind) for g in p.groups})
-            return p._unit_ms[1]
+        table = table_for(p, latency_inputs)
+        if table is not None:
+            costs = unit_ms(p, latency_inputs, table)
+            if p.latency_table["used"]:
+                return costs
     return {g.id: unit_cost(g, p.gm, kind) for g in p.groups}
 
 
@@ -299,9 +296,33 @@ def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule
         cache.clear()
         best = cost(_bisect(cost, len(taus), target, kind)[1])
     if kind == "latency":
-        best = _landed(readings, cost, len(taus), target)
+        best = _landed(readings, cost, len(taus), target, guess=_guess(p, meter_kw.get("latency_inputs"), removals,
+                                                                       lambda i: constraints.removal(p, norm, float(taus[i]))))
         _warn_near_floor(target, cost(len(taus) - 1)[1], best[1])
     return best
+
+
+GUIDED = True  # latency searches interpolate on the latency table's estimate (bench/budgets.py turns it off to compare)
+
+
+def _guess(p: Pruner, latency_inputs, removals: dict, removal):
+    """``guess(i)`` for ``_bisect``: the latency ratio the table (``latency_table.table_for``)
+    estimates for threshold index ``i``, or None where there is no table to trust."""
+    from .latency_table import ELASTIC, predict_ms, table_for
+
+    table = table_for(p, latency_inputs) if GUIDED else None
+    if table is None or table.elastic() < ELASTIC:
+        return None
+    full = predict_ms(p, {}, table)
+    known: dict[int, float] = {}
+
+    def guess(i: int) -> float:
+        if i not in known:
+            if i not in removals:
+                removals[i] = removal(i)
+            known[i] = predict_ms(p, removals[i], table) / full
+        return known[i]
+    return guess
 
 
 class Readings:
@@ -356,7 +377,7 @@ def _warn_near_floor(target: float, floor: float, got: float) -> None:
 SETTLED = 3  # readings of each of the final pair: a median of three outvotes one lucky or unlucky reading
 
 
-def _landed(readings: Readings, cost, n: int, target: float, rounds: int = 4) -> tuple:
+def _landed(readings: Readings, cost, n: int, target: float, rounds: int = 4, guess=None) -> tuple:
     """Settle a latency search on more than one reading per model. The search ends
     on a pair, ``lo`` read above the target and ``hi`` at or below it (within
     ``LAND_TOL``, or its neighbour), each on as few as one timing. Time both again
@@ -367,11 +388,11 @@ def _landed(readings: Readings, cost, n: int, target: float, rounds: int = 4) ->
     read high, gave ResNet-50 a model timed at 0.223 for a target of 0.3).
     Returns ``hi``'s (removal, pooled latency)."""
     seen: set = set()
-    lo, hi = _bisect(cost, n, target, "latency", seen)
+    lo, hi = _bisect(cost, n, target, "latency", seen, guess)
     for _ in range(rounds):
         for i in {lo, hi} - {None}:
             readings.add(cost(i)[0])
-        pair = _bisect(cost, n, target, "latency", seen)
+        pair = _bisect(cost, n, target, "latency", seen, guess)
         if pair == (lo, hi) and all(readings.count(cost(i)[0]) >= SETTLED for i in {lo, hi} - {None}):
             break
         lo, hi = pair
@@ -381,7 +402,7 @@ def _landed(readings: Readings, cost, n: int, target: float, rounds: int = 4) ->
 LAND_TOL = 0.03  # a latency search stops at a candidate timed within 3% under its target: closer is timing noise
 
 
-def _bisect(cost, n: int, target: float, kind: str, seen: set | None = None) -> tuple[int | None, int]:
+def _bisect(cost, n: int, target: float, kind: str, seen: set | None = None, guess=None) -> tuple[int | None, int]:
     """(lo, hi): ``hi`` the threshold index that removes least while cost <= target, ``lo``
     the one before it (None where nothing needs removing).
 
@@ -400,7 +421,15 @@ def _bisect(cost, n: int, target: float, kind: str, seen: set | None = None) -> 
     ``seen`` (indices read before, added to as the search reads more) resumes a search:
     it starts from the tightest bracket those readings give now. ``_landed`` re-times
     the final pair and resumes; started afresh instead, an interpolating search whose
-    readings moved takes a new path through models never timed, and never settles."""
+    readings moved takes a new path through models never timed, and never settles.
+
+    ``guess(i)`` (a latency budget with a latency table: the ratio ``predict_ms``
+    estimates for threshold ``i``, falling as ``i`` grows) is the scale the search
+    interpolates on instead of the index: measured latency is close to an affine map of
+    the estimate, so the line through the bracket's two readings, read on that scale,
+    lands near the target in a step or two where on the index it bends (ResNet-50's
+    latency against the threshold index is a staircase). The invariant and the halving
+    fallback are the same, so a wrong guess costs steps, not the result."""
     lo, hi = 0, n - 1
     c_hi = cost(hi)[1]
     if c_hi > target:
@@ -425,7 +454,8 @@ def _bisect(cost, n: int, target: float, kind: str, seen: set | None = None) -> 
         else:  # where the line through the bracket's two (weighted) readings meets the aim
             a, b = aim + (c_lo - aim) * w_lo, aim - (aim - c_hi) * w_hi
             frac = (a - aim) / max(a - b, 1e-12)
-            mid = min(max(lo + int(round(frac * (hi - lo))), lo + 1), hi - 1)
+            mid = lo + int(round(frac * (hi - lo))) if guess is None else _where(guess, lo, hi, frac)
+            mid = min(max(mid, lo + 1), hi - 1)
         width = hi - lo
         c = cost(mid)[1]
         seen.add(mid)
@@ -436,6 +466,21 @@ def _bisect(cost, n: int, target: float, kind: str, seen: set | None = None) -> 
         slow = 0 if halve or hi - lo <= width // 2 else slow + 1
         halve = not timed or slow == 2
     return lo, hi
+
+
+def _where(guess, lo: int, hi: int, frac: float) -> int:
+    """The first index in (lo, hi) whose guess falls to ``frac`` of the way from guess(lo)
+    to guess(hi) (bisection on the guess, which falls as the index grows)."""
+    g_lo, g_hi = guess(lo), guess(hi)
+    want = g_lo + frac * (g_hi - g_lo)
+    a, b = lo, hi  # guess(a) > want >= guess(b), as far as the guess is monotone
+    while b - a > 1:
+        m = (a + b) // 2
+        if guess(m) > want:
+            a = m
+        else:
+            b = m
+    return b
 
 
 def report(p: Pruner, removed: dict, model: torch.nn.Module, budget: dict, latency_inputs=None) -> Report:

@@ -183,6 +183,22 @@ def applicable(p) -> bool:
     return not p.example_kwargs and all(isinstance(t, torch.Tensor) for t in p.example_inputs)
 
 
+def table_for(p, inputs: tuple | None = None) -> LatencyTable | None:
+    """The table of ``p`` in its current pipeline for ``inputs`` (built once, kept on ``p``),
+    or None where the graph cannot be run node by node (keyword inputs)."""
+    if not applicable(p):
+        return None
+    key = (p.pipeline, tuple(getattr(t, "shape", None) for t in (inputs or p.example_inputs)))
+    kept = getattr(p, "_latency_tables", None)
+    if kept is None:
+        kept = p._latency_tables = {}
+    if key not in kept:
+        kept[key] = LatencyTable(p, inputs)
+    table = kept[key]
+    _describe(p, table)
+    return table
+
+
 def unit_ms(p, inputs: tuple | None = None, table: LatencyTable | None = None) -> dict:
     """{group id: milliseconds removing each unit saves}, read off the table (built and timed
     where not cached). ``p.latency_table`` says what was read."""
@@ -192,11 +208,16 @@ def unit_ms(p, inputs: tuple | None = None, table: LatencyTable | None = None) -
         share = table.slope(name) / len(groups)
         for g, unit_of in groups:
             out[g.id] += share * np.bincount(unit_of, minlength=g.n_units) / len(unit_of)
+    _describe(p, table)
+    return {gid: np.maximum(v, 1e-9) for gid, v in out.items()}
+
+
+def _describe(p, table: LatencyTable) -> None:
+    """``p.latency_table``, which ``compile`` puts in ``result.report.latency_table``."""
     p.latency_table = {"nodes": len(table.rows), "timed_now": table.timed,
                        "cache": str(table.path) if table.path else None,
                        "unpruned_ms": round(sum(r[0] for r in table.rows.values()), 3),
                        "elastic": round(table.elastic(), 3), "used": table.elastic() >= ELASTIC}
-    return {gid: np.maximum(v, 1e-9) for gid, v in out.items()}
 
 
 def predict_ms(p, removed: dict, table: LatencyTable) -> float:

@@ -89,3 +89,53 @@ def test_settling_a_noisy_search_resumes_instead_of_starting_over():
     timed = sum(len(v) for k, v in readings.pools.items() if k)
     assert target * 0.9 <= chosen <= target * 1.05
     assert timed <= 16
+
+
+def staircase(n: int, steps: int, bend: float):
+    """Latency against the threshold index as real models show it: bent (most of the time goes
+    early, where the thresholds empty the cheap-scoring wide layers), in flat runs and
+    jumps of uneven size, down to a floor of 0.1; and an estimate of it, an affine map of
+    the truth with a smooth error of its own, as a latency table gives."""
+    rng = np.random.default_rng(steps)
+    x = np.arange(n) / (n - 1)
+    smooth = 0.1 + 0.9 * (1 - x) ** bend                                   # (n,) 1 -> 0.1
+    edges = np.sort(rng.choice(np.arange(1, n), steps - 1, replace=False))
+    at = np.concatenate([[0], edges])[np.searchsorted(edges, np.arange(n), side="right")]
+    values = smooth[at]                                                     # constant between edges
+    estimate = 0.05 + 0.8 * values + 0.004 * np.sin(x * 7)
+    return values, estimate
+
+
+def test_a_guided_search_reads_fewer_candidates_on_a_bent_staircase():
+    n = 30_000
+    plain_reads, guided_reads = [], []
+    for steps in (60, 300):
+        for bend in (3.0, 6.0):
+            values, estimate = staircase(n, steps, bend)
+            for target in (0.3, 0.45, 0.6):
+                for guess, reads in ((None, plain_reads), (lambda i: float(estimate[i]), guided_reads)):
+                    calls = []
+                    lo, hi = _bisect(lambda i: (calls.append(i), (None, float(values[i])))[1], n, target, "latency",
+                                     guess=guess)
+                    assert values[hi] <= target and values[lo] > target
+                    reads.append(len(set(calls)))
+    assert np.mean(guided_reads) <= 0.6 * np.mean(plain_reads) and max(guided_reads) <= 6
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(3, 100_000), knots=st.lists(st.floats(0.02, 0.98), min_size=1, max_size=6),
+       plateau=st.sampled_from([1, 16, 500]), target=st.floats(0.05, 0.95),
+       wrong=st.lists(st.floats(0.0, 1.0), min_size=2, max_size=8))
+def test_a_wrong_guess_costs_steps_never_the_result(n, knots, plateau, target, wrong):
+    """Any guess (here unrelated to the curve and not even monotone) keeps the invariant
+    and the bound of three times bisection's steps."""
+    cost, values, calls = curve(n, knots, plateau)
+    if values[-1] > target:
+        return
+    guess = lambda i: float(np.interp(i, np.linspace(0, n - 1, len(wrong)), wrong))  # noqa: E731
+    lo, hi = _bisect(cost, n, target, "latency", guess=guess)
+    assert values[hi] <= target
+    if lo is not None:
+        assert values[lo] > target and lo < hi
+        assert hi - lo == 1 or values[hi] >= target * (1 - LAND_TOL)
+    assert len(set(calls)) <= 3 * math.ceil(math.log2(n)) + 3
