@@ -289,16 +289,17 @@ def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule
             cache[i] = meter(removed)
         return removed, cache[i]
 
+    if kind == "latency":  # one search, settled on pooled readings (a second search would time other models)
+        guess = _guess(p, meter_kw.get("latency_inputs"), removals, lambda i: constraints.removal(p, norm, float(taus[i])))
+        best = _landed(readings, cost, len(taus), target, guess=guess)
+        _warn_near_floor(target, cost(len(taus) - 1)[1], best[1])
+        return best
     best = cost(_bisect(cost, len(taus), target, kind)[1])
     if meter.exact_params and best[0] and meter._built_for_real(best[0]) / meter.base > target:
         meter.exact_params = False  # the plan's count disagreed with the model: measure every candidate for real
         meter.base = meter._built({})
         cache.clear()
         best = cost(_bisect(cost, len(taus), target, kind)[1])
-    if kind == "latency":
-        best = _landed(readings, cost, len(taus), target, guess=_guess(p, meter_kw.get("latency_inputs"), removals,
-                                                                       lambda i: constraints.removal(p, norm, float(taus[i]))))
-        _warn_near_floor(target, cost(len(taus) - 1)[1], best[1])
     return best
 
 
@@ -426,8 +427,10 @@ def _bisect(cost, n: int, target: float, kind: str, seen: set | None = None, gue
     ``guess(i)`` (a latency budget with a latency table: the ratio ``predict_ms``
     estimates for threshold ``i``, falling as ``i`` grows) is the scale the search
     interpolates on instead of the index: measured latency is close to an affine map of
-    the estimate, so the line through the bracket's two readings, read on that scale,
-    lands near the target in a step or two where on the index it bends (ResNet-50's
+    the estimate, so its first step goes where the estimate itself meets the target
+    (both read 1.0 with nothing removed), and later ones where the line through the
+    bracket's two readings, read on that scale, does: near the target in a step or
+    two, where on the index the curve bends (ResNet-50's
     latency against the threshold index is a staircase). The invariant and the halving
     fallback are the same, so a wrong guess costs steps, not the result."""
     lo, hi = 0, n - 1
@@ -448,13 +451,18 @@ def _bisect(cost, n: int, target: float, kind: str, seen: set | None = None, gue
     aim, halve = target * (1 - LAND_TOL / 2), not timed
     slow = 0  # interpolations in a row that did not halve the bracket
     w_lo = w_hi = 1.0  # Illinois weights: an end kept twice in a row counts half in the next interpolation
+    first = not seen  # a search not resumed: nothing read between the ends yet
     while hi - lo > 1 and not (timed and c_hi >= target * (1 - LAND_TOL)):  # invariant: cost(lo) > target >= cost(hi)
         if halve:
             mid = (lo + hi) // 2
         else:  # where the line through the bracket's two (weighted) readings meets the aim
             a, b = aim + (c_lo - aim) * w_lo, aim - (aim - c_hi) * w_hi
             frac = (a - aim) / max(a - b, 1e-12)
-            mid = lo + int(round(frac * (hi - lo))) if guess is None else _where(guess, lo, hi, frac)
+            if guess is None:
+                mid = lo + int(round(frac * (hi - lo)))
+            else:  # the first step trusts the estimate as it is (both are 1.0 at no removal); then the bracket's line
+                mid = _where(guess, lo, hi, aim if first else guess(lo) + frac * (guess(hi) - guess(lo)))
+            first = False
             mid = min(max(mid, lo + 1), hi - 1)
         width = hi - lo
         c = cost(mid)[1]
@@ -468,11 +476,9 @@ def _bisect(cost, n: int, target: float, kind: str, seen: set | None = None, gue
     return lo, hi
 
 
-def _where(guess, lo: int, hi: int, frac: float) -> int:
-    """The first index in (lo, hi) whose guess falls to ``frac`` of the way from guess(lo)
-    to guess(hi) (bisection on the guess, which falls as the index grows)."""
-    g_lo, g_hi = guess(lo), guess(hi)
-    want = g_lo + frac * (g_hi - g_lo)
+def _where(guess, lo: int, hi: int, want: float) -> int:
+    """The first index in (lo, hi) whose guess falls to ``want`` (bisection on the guess,
+    which falls as the index grows)."""
     a, b = lo, hi  # guess(a) > want >= guess(b), as far as the guess is monotone
     while b - a > 1:
         m = (a + b) // 2

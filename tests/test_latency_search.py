@@ -94,15 +94,16 @@ def test_settling_a_noisy_search_resumes_instead_of_starting_over():
 def staircase(n: int, steps: int, bend: float):
     """Latency against the threshold index as real models show it: bent (most of the time goes
     early, where the thresholds empty the cheap-scoring wide layers), in flat runs and
-    jumps of uneven size, down to a floor of 0.1; and an estimate of it, an affine map of
-    the truth with a smooth error of its own, as a latency table gives."""
+    jumps of uneven size, down to a floor of 0.1; and an estimate of it, a ratio too (1.0 with
+    nothing removed) that bends a little differently and has a smooth error of its own, as
+    a latency table's does."""
     rng = np.random.default_rng(steps)
     x = np.arange(n) / (n - 1)
     smooth = 0.1 + 0.9 * (1 - x) ** bend                                   # (n,) 1 -> 0.1
     edges = np.sort(rng.choice(np.arange(1, n), steps - 1, replace=False))
     at = np.concatenate([[0], edges])[np.searchsorted(edges, np.arange(n), side="right")]
     values = smooth[at]                                                     # constant between edges
-    estimate = 0.05 + 0.8 * values + 0.004 * np.sin(x * 7)
+    estimate = values ** 1.15 + 0.004 * np.sin(x * 7)
     return values, estimate
 
 
@@ -119,7 +120,7 @@ def test_a_guided_search_reads_fewer_candidates_on_a_bent_staircase():
                                      guess=guess)
                     assert values[hi] <= target and values[lo] > target
                     reads.append(len(set(calls)))
-    assert np.mean(guided_reads) <= 0.6 * np.mean(plain_reads) and max(guided_reads) <= 6
+    assert np.mean(guided_reads) <= 0.6 * np.mean(plain_reads) and max(guided_reads) <= 8
 
 
 @settings(max_examples=100, deadline=None)

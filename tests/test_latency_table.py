@@ -184,3 +184,28 @@ def test_a_model_whose_latency_ignores_its_widths_is_costed_in_flops(monkeypatch
     costs = unit_costs(p, "latency")
     assert all(np.array_equal(costs[g.id], unit_flops(g, p.gm)) for g in p.groups)
     assert p.latency_table["used"] is False and p.latency_table["elastic"] == 0.0
+
+
+def test_a_latency_budget_times_one_search_path(monkeypatch, tmp_path):
+    """``allocate`` under a latency budget runs one guided search and settles it: no model
+    is timed that the settled search did not read (a first unguided search before it timed
+    a second path of its own). The clock is the parameter ratio, exact and repeatable."""
+    from graphprune import allocate as A
+    from graphprune.flops import count_params
+
+    monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path))
+    def weights(gm, x):  # a module node costs its weights
+        return {n.name: 1e-3 * sum(t.numel() for t in gm.get_submodule(n.target).parameters())
+                if n.op == "call_module" else 0.0 for n in gm.graph.nodes}
+    monkeypatch.setattr(lt, "node_ms", weights)
+    p = pruner()
+    base = count_params(p.model)
+    timed = []
+
+    def clock(model, reference, inputs, rounds=5):
+        timed.append(count_params(model))
+        return count_params(model) / base
+    monkeypatch.setattr(A, "latency_ratio", clock)
+    removed, got = A.allocate(p, "latency", 0.5, A.Constraints())
+    assert got <= 0.5 and p.latency_table["used"]
+    assert len(set(timed)) <= 5 and len(timed) <= 9
