@@ -176,8 +176,8 @@ def per_param_scores(p: Pruner, kind: str | None = None) -> dict[int, np.ndarray
 def measured_scores(p: Pruner, kind: str | None = None, latency_inputs: tuple | None = None) -> dict[int, np.ndarray]:
     """Units ranked by the output error they are expected to add, per unit of budget they
     free: per FLOP for a FLOPs budget (a unit of an early, high-resolution conv saves more
-    FLOPs than one of a late conv with as many weights), per millisecond read off per-layer
-    latency tables for a latency budget (``unit_costs``), else per parameter.
+    FLOPs than one of a late conv with as many weights), per millisecond read off the
+    latency table for a latency budget (``unit_costs``), else per parameter.
 
     ``p.sensitivity`` ({group id: ((units, error), ...)}, from ``auto.probe``)
     holds, per group, the held-out output error measured with that group's
@@ -224,7 +224,7 @@ def measured_scores(p: Pruner, kind: str | None = None, latency_inputs: tuple | 
 
 def unit_costs(p: Pruner, kind: str | None, latency_inputs: tuple | None = None) -> dict[int, np.ndarray]:
     """{group id: what removing each unit saves} in the budget's currency: FLOPs, parameters,
-    or for a latency budget milliseconds from per-layer latency tables on this device
+    or for a latency budget milliseconds from the latency table timed on this device
     (``latency_table.unit_ms``: depthwise convolutions, activations and norms cost time
     their FLOPs do not show), kept on ``p`` per pipeline and input shapes. A model called
     with keyword inputs, or whose latency barely moves with its widths (the table's
