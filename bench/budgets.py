@@ -15,8 +15,11 @@ neighbouring thresholds (``bisection``, also ``allocate.LAND_TOL = 0``).
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import tempfile
 import time
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -74,8 +77,6 @@ def latency_row(model, xb, tol: float, guided: bool = True) -> dict:
     target (0: bisection to neighbouring thresholds, as before the interpolated search),
     interpolating on the latency table's estimate or not (``guided``); every candidate
     timing counted. The table is built afresh (a cache of its own) and its time counted."""
-    import os
-    import tempfile
     allocate = graphprune.allocate
     timings = []
 
@@ -83,19 +84,11 @@ def latency_row(model, xb, tol: float, guided: bool = True) -> dict:
         timings.append(1)
         return latency_ratio(*a, **k)
 
-    saved = allocate.LAND_TOL, allocate.latency_ratio, allocate.GUIDED, os.environ.get("GRAPHPRUNE_CACHE")
-    allocate.LAND_TOL, allocate.latency_ratio, allocate.GUIDED = tol, counted, guided
-    os.environ["GRAPHPRUNE_CACHE"] = tempfile.mkdtemp(prefix="budgets-cache-")
-    try:
+    with mock.patch.multiple(allocate, LAND_TOL=tol, latency_ratio=counted, GUIDED=guided), \
+            mock.patch.dict(os.environ, GRAPHPRUNE_CACHE=tempfile.mkdtemp(prefix="budgets-cache-")):
         start = time.perf_counter()
         small = graphprune.compile(model, (xb,), target_latency=0.5)
         took = time.perf_counter() - start
-    finally:
-        allocate.LAND_TOL, allocate.latency_ratio, allocate.GUIDED = saved[:3]
-        if saved[3] is None:
-            os.environ.pop("GRAPHPRUNE_CACHE")
-        else:
-            os.environ["GRAPHPRUNE_CACHE"] = saved[3]
     ratios = [latency_ratio(small, model, (xb,)) for _ in range(5)]  # each side by side: the models alternate
     return {"model": "resnet50", "batch": 8, "target_latency": 0.5, "search_tolerance": tol, "guided": guided,
             "achieved_latency_runs": [round(r, 4) for r in ratios], "median": round(statistics.median(ratios), 4),

@@ -235,10 +235,8 @@ def unit_costs(p: Pruner, kind: str | None, latency_inputs: tuple | None = None)
         from .latency_table import table_for, unit_ms
 
         table = table_for(p, latency_inputs)
-        if table is not None:
-            costs = unit_ms(p, latency_inputs, table)
-            if p.latency_table["used"]:
-                return costs
+        if table is not None and table.trusted:
+            return unit_ms(p, latency_inputs, table)
     return {g.id: unit_cost(g, p.gm, kind) for g in p.groups}
 
 
@@ -309,10 +307,10 @@ GUIDED = True  # latency searches interpolate on the latency table's estimate (b
 def _guess(p: Pruner, latency_inputs, removals: dict, removal):
     """``guess(i)`` for ``_bisect``: the latency ratio the table (``latency_table.table_for``)
     estimates for threshold index ``i``, or None where there is no table to trust."""
-    from .latency_table import ELASTIC, predict_ms, table_for
+    from .latency_table import predict_ms, table_for
 
     table = table_for(p, latency_inputs) if GUIDED else None
-    if table is None or table.elastic() < ELASTIC:
+    if table is None or not table.trusted:
         return None
     full = predict_ms(p, {}, table)
     known: dict[int, float] = {}

@@ -211,7 +211,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     rep.rounding = rounding
     rep.layout = layout
     rep.kernels = kernels
-    rep.latency_table = getattr(p, "latency_table", None)
+    rep.latency_table = p.latency_table
     result, rep.form, rep.form_why = _choose_form(model, out, p, output)
     result.report = rep
     return result

@@ -151,6 +151,10 @@ class LatencyTable:
         full, narrow = (sum(r[i] for r in self.rows.values()) for i in (0, len(FRACTIONS) - 1))
         return (full - narrow) / full if full > 0 else 0.0
 
+    @property
+    def trusted(self) -> bool:
+        return self.elastic() >= ELASTIC
+
     def slope(self, name: str) -> float:
         """Milliseconds node ``name`` saves per unit of width fraction (least squares over the builds)."""
         return max(0.0, float(np.polyfit(FRACTIONS, self.rows.get(name, [0.0] * len(FRACTIONS)), 1)[0]))
@@ -189,12 +193,9 @@ def table_for(p, inputs: tuple | None = None) -> LatencyTable | None:
     if not applicable(p):
         return None
     key = (p.pipeline, tuple(getattr(t, "shape", None) for t in (inputs or p.example_inputs)))
-    kept = getattr(p, "_latency_tables", None)
-    if kept is None:
-        kept = p._latency_tables = {}
-    if key not in kept:
-        kept[key] = LatencyTable(p, inputs)
-    table = kept[key]
+    if key not in p.latency_tables:
+        p.latency_tables[key] = LatencyTable(p, inputs)
+    table = p.latency_tables[key]
     _describe(p, table)
     return table
 
@@ -217,7 +218,7 @@ def _describe(p, table: LatencyTable) -> None:
     p.latency_table = {"nodes": len(table.rows), "timed_now": table.timed,
                        "cache": str(table.path) if table.path else None,
                        "unpruned_ms": round(sum(r[0] for r in table.rows.values()), 3),
-                       "elastic": round(table.elastic(), 3), "used": table.elastic() >= ELASTIC}
+                       "elastic": round(table.elastic(), 3), "used": table.trusted}
 
 
 def predict_ms(p, removed: dict, table: LatencyTable) -> float:

@@ -148,6 +148,8 @@ class Pruner:
     param_writes: bool = field(init=False, default=True)  # does forward write to its parameters? (check_trace finds out)
     sensitivity: dict = field(init=False, default_factory=dict)  # {group id: (units, held-out error)}: auto.probe, for allocation by "measured"
     meta_check: bool | None = field(init=False, default=None)  # whether the meta-tensor check can run (see _meta_checkable)
+    latency_tables: dict = field(init=False, default_factory=dict)  # {(pipeline, input shapes): LatencyTable}: latency_table.table_for
+    latency_table: dict | None = field(init=False, default=None)  # what the last table read was (report.latency_table)
 
     def __post_init__(self):
         self.ignore = tuple(check_ignore(self.model, self.ignore))
