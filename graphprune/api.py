@@ -73,7 +73,10 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     * ``target_flops``, ``target_params`` or ``target_latency`` (a fraction
       of the original to keep) lets graphprune allocate widths across groups
       by globally normalised importance; the result never exceeds the
-      budget, and ``result.report`` says what was achieved.
+      budget, and ``result.report`` says what was achieved. Every group, and
+      every branch of a concatenation inside one, keeps at least a tenth of
+      its units (``allocate.MIN_KEEP``) unless the budget can only be met below
+      that; ``min_width`` asks for more.
 
     ``importance="auto"`` (the default) with ``calibration`` tries the data-aware
     criteria (and, for budgets, three allocation rules, and the refit) and keeps

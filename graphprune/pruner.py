@@ -46,10 +46,12 @@ def _has_submodule(model, name: str) -> bool:
         return False
 
 
-def remove_lowest(g: Group, score: np.ndarray, k: int) -> np.ndarray:
+def remove_lowest(g: Group, score: np.ndarray, k: int, min_keep: float = 0.0) -> np.ndarray:
     """The k lowest-scoring units of ``g``, skipping any whose removal would
     leave a member dim empty (a DenseNet layer whose every new channel scored
-    low keeps one), never more than leaves ``g.min_units``, and fewer where the kept
+    low keeps one), or under ``min_keep`` of its entries (a budget's floor,
+    ``allocate.MIN_KEEP``: a concatenated branch is a member of its concat's group
+    and would otherwise go to one channel), never more than leaves ``g.min_units``, and fewer where the kept
     count must be a multiple of ``g.multiple``."""
     k = max(0, min(k, g.n_units - g.min_units))
     keep = g.n_units - k
@@ -59,14 +61,15 @@ def remove_lowest(g: Group, score: np.ndarray, k: int) -> np.ndarray:
         return remove_balanced(g, score, k)
     order = np.argsort(score, kind="stable")
     counts = np.stack([np.bincount(u, minlength=g.n_units) for u in g.dims.values()])  # (dims, units)
-    if (counts.sum(1) - counts[:, order[:k]].sum(1) > 0).all():
+    need = np.maximum(1, np.ceil(min_keep * counts.sum(1)))                              # (dims,)
+    if (counts.sum(1) - counts[:, order[:k]].sum(1) >= need).all():
         return order[:k]
     left = counts.sum(1)
     out = []
     for u in order:
         if len(out) == k:
             break
-        if (left - counts[:, u] > 0).all():
+        if (left - counts[:, u] >= need).all():
             left -= counts[:, u]
             out.append(u)
     return np.array(out, dtype=np.int64)
