@@ -12,6 +12,9 @@ beside them.
 Reported per task and budget: each candidate's mean test accuracy over seeds, the default's, the mean of
 the candidate the proxy ranks first per seed, and the proxy's Spearman correlation with the test accuracy
 across candidates (per seed, then averaged; 1 means the proxy orders candidates as the fine-tune does).
+``--distill STEPS@LR,...`` also reads each candidate's proxy after that many steps of label-free
+distillation from the original on the scoring batches (``graphprune.distill``, on a copy), to ask
+whether a short recovery predicts the fine-tune better (it did not: ``results/auto_oracle_distill.json``).
 Rows go to ``bench/results/auto_oracle.json`` as they finish:
 
     OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python bench/auto_oracle.py --tasks digits_resnet --resume
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.append(str(Path(__file__).parent))  # appended: bench/kernels.py must not shadow the kernels package
 import tasks as T  # noqa: E402  (the suite's tasks, training and fine-tune)
 
 import graphprune  # noqa: E402
@@ -53,11 +56,20 @@ def proxy(original: torch.nn.Module, pruned: torch.nn.Module, scoring: list, hel
     return num / den
 
 
-def candidate(run: T.Run, target: float, criterion: str, allocation: str) -> dict:
+def distilled_proxy(original, pruned, scoring: list, held: list, steps: int, lr: float) -> float:
+    """The proxy after ``steps`` of label-free distillation from the original on the scoring batches
+    (a copy: the candidate itself gets the suite's fine-tune): what a short recovery already buys."""
+    student = graphprune.recalibrate_bn(copy.deepcopy(pruned), scoring)
+    graphprune.distill(student, original, scoring, steps=steps, lr=lr, progress=False)
+    return proxy(original, student.eval(), scoring, held)
+
+
+def candidate(run: T.Run, target: float, criterion: str, allocation: str, distill: list) -> dict:
     scoring, held = run.calib[0::2], run.calib[1::2]
     small = graphprune.compile(run.model, run.example, target_flops=target, ignore=[run.task.head],
                                calibration=scoring, importance=criterion, allocation=allocation)
-    return {"proxy": proxy(run.model, small, scoring, held), **run.finetuned(small)}
+    extra = {f"proxy_distilled_{k}_{lr:g}": distilled_proxy(run.model, small, scoring, held, k, lr) for k, lr in distill}
+    return {"proxy": proxy(run.model, small, scoring, held), **extra, **run.finetuned(small)}
 
 
 def default(run: T.Run, target: float) -> dict:
@@ -73,25 +85,28 @@ def summarise(rows: list[dict]) -> dict:
         cells[(r["task"], r["budget"])][r["seed"]].append(r)
     out = {}
     for (task, budget), seeds in sorted(cells.items()):
-        by_cand, picks, rhos, defaults = defaultdict(list), [], [], []
+        by_cand, picks, rhos, defaults = defaultdict(list), defaultdict(list), defaultdict(list), []
         for rs in seeds.values():
             cands = [r for r in rs if r["candidate"] != "default"]
             defaults += [r["test_acc"] for r in rs if r["candidate"] == "default"]
             for r in cands:
                 by_cand[r["candidate"]].append(r["test_acc"])
             if len(cands) > 2:
-                picks.append(min(cands, key=lambda r: r["proxy"])["test_acc"])
-                rho = spearmanr([r["proxy"] for r in cands], [-r["test_acc"] for r in cands]).correlation
-                if np.isfinite(rho):
-                    rhos.append(float(rho))
+                for key in [k for k in cands[0] if k.startswith("proxy")]:
+                    picks[key].append(min(cands, key=lambda r: r[key])["test_acc"])
+                    rho = spearmanr([r[key] for r in cands], [-r["test_acc"] for r in cands]).correlation
+                    if np.isfinite(rho):
+                        rhos[key].append(float(rho))
         means = {c: float(np.mean(v)) for c, v in by_cand.items()}
         best = max(means, key=means.get) if means else None
         out[f"{task}@{budget}"] = {
             "seeds": len(seeds), "candidates": {c: {"mean": m, "n": len(by_cand[c])} for c, m in sorted(means.items())},
             "best_candidate": best, "best_mean": means.get(best),
             "default_mean": float(np.mean(defaults)) if defaults else None,
-            "proxy_pick_mean": float(np.mean(picks)) if picks else None,
-            "spearman": float(np.mean(rhos)) if rhos else None}
+            "proxy_pick_mean": float(np.mean(picks["proxy"])) if picks["proxy"] else None,
+            "spearman": float(np.mean(rhos["proxy"])) if rhos["proxy"] else None,
+            "proxies": {k: {"pick_mean": float(np.mean(v)), "spearman": float(np.mean(rhos[k])) if rhos[k] else None}
+                        for k, v in picks.items()}}
     return out
 
 
@@ -103,6 +118,13 @@ def table(summary: dict) -> str:
         rho = "-" if s["spearman"] is None else f"{s['spearman']:.2f}"
         lines.append(f"| {cell} | {pct(s['default_mean'])} | {pct(s['proxy_pick_mean'])} | "
                      f"{pct(s['best_mean'])} ({s['best_candidate']}) | {rho} |")
+    keys = sorted({k for s in summary.values() for k in s.get("proxies", {}) if k != "proxy"})
+    if keys:  # the distilled proxies beside the plain one: pick's mean (Spearman)
+        lines += ["", "| task @ FLOPs | proxy | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+        for cell, s in summary.items():
+            px = s.get("proxies", {})
+            fmt = lambda k: "-" if k not in px else f"{pct(px[k]['pick_mean'])} ({px[k]['spearman'] or 0:.2f})"  # noqa: E731
+            lines.append(f"| {cell} | {fmt('proxy')} | " + " | ".join(fmt(k) for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -113,6 +135,7 @@ def main():
     ap.add_argument("--targets", default=",".join(map(str, T.TARGETS)))
     ap.add_argument("--criteria", default=",".join(CRITERIA))
     ap.add_argument("--allocations", default=",".join(ALLOCATIONS))
+    ap.add_argument("--distill", default="", help="also the proxy after a short distillation: STEPS@LR,... (e.g. 20@1e-3)")
     ap.add_argument("--out", default=str(RESULTS / "auto_oracle.json"))
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--table", action="store_true", help="print the table of --out and exit")
@@ -123,6 +146,7 @@ def main():
     if not args.table:
         done = {(r["task"], r["seed"], r["budget"], r["candidate"]) for r in result["rows"]}
         budget, code = T.Budget(), T.code_version()
+        distill = [(int(k), float(lr)) for k, _, lr in (d.partition("@") for d in args.distill.split(",") if d)]
         for name in args.tasks.split(","):
             task, splits = T.TASKS[name], None
             for seed in map(int, args.seeds.split(",")):
@@ -136,7 +160,7 @@ def main():
                 for t, c, a in todo:
                     cand = c if a is None else f"{c}/{a}"
                     row = {"task": name, "seed": seed, "budget": t, "candidate": cand, "code": code,
-                           **(default(run, t) if a is None else candidate(run, t, c, a))}
+                           **(default(run, t) if a is None else candidate(run, t, c, a, distill))}
                     result["rows"].append(row)
                     result["summary"] = summarise(result["rows"])
                     path.write_text(json.dumps(result, indent=1))

@@ -59,7 +59,7 @@ import torch_pruning as tp
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.append(str(Path(__file__).parent))  # appended: bench/kernels.py must not shadow the kernels package
 import accuracy_digits as digits  # noqa: E402  (the training loop, splits, the digits CNN, the ratio bisection)
 from accuracy_digits import Split, accuracy, bisect_ratio, conv_bn, finetune, train  # noqa: E402
 
