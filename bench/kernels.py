@@ -33,6 +33,29 @@ import sys
 import time
 from pathlib import Path
 
+
+def _stand_aside() -> None:
+    """``python bench/x.py`` puts bench/ first on ``sys.path``, so this file is what ``import
+    kernels`` finds there, in place of the Hugging Face ``kernels`` package that transformers
+    imports when it is installed (every model load then fails: "cannot import name
+    'CUDAProperties' from 'kernels'"). Imported under that name, this file loads the package
+    from the rest of the path and leaves it in ``sys.modules``, where the import takes it from."""
+    import importlib.machinery
+    import importlib.util
+
+    here = Path(__file__).resolve().parent
+    rest = [p for p in sys.path if Path(p or os.curdir).resolve() != here]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", rest)
+    if spec is None:
+        raise ImportError("no package named kernels besides bench/kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":  # imported in the package's place, not run
+    _stand_aside()
+
 FULL = dict(dtypes=("bfloat16", "float16"), sizes=(8192, 4096), tokens=(1, 16, 512, 4096), blocks=(16, 32, 64, 128),
             sparsities=(0.5, 0.75, 0.9, 0.95))
 QUICK = dict(dtypes=("bfloat16",), sizes=(8192,), tokens=(1, 4096), blocks=(64, 128), sparsities=(0.5, 0.9))
