@@ -2,22 +2,28 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import graphprune
 from graphprune import allocate
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``, q, k and v projected apart."""
+
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x):
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (b, heads, n, hd)
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+        b, n, d = x.shape
+
+        def split(t):
+            return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)  # (b, heads, n, d / heads)
+
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
 
 
 class TinyViT(nn.Module):
@@ -47,8 +53,9 @@ def _landings(monkeypatch, tol):
     model, x = TinyViT().eval(), torch.randn(2, 16, 8)
     with torch.no_grad():  # heads of uneven weight, so per parameter the attention goes head by head
         for a in model.attn:
-            a.qkv.weight.view(3, 4, 16, 64)[:, 1] *= 0.3
-            a.proj.weight.view(64, 4, 16)[:, 1] *= 0.3
+            for lin in (a.q, a.k, a.v):
+                lin.weight.view(4, 16, 64)[1] *= 0.3
+            a.out.weight.view(64, 4, 16)[:, 1] *= 0.3
     out = []
     for t in TARGETS:
         small = graphprune.compile(model, (x,), target_flops=t, importance="l2", allocation="per_param", ignore=["fc"])
