@@ -303,10 +303,13 @@ def _allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rul
     cache: dict[int, float] = {}
     readings = Readings(meter) if kind == "latency" else None
 
-    def cost(i: int) -> tuple[dict, float]:
+    def removal(i: int) -> dict:
         if i not in removals:
             removals[i] = constraints.removal(p, norm, float(taus[i]))
-        removed = removals[i]
+        return removals[i]
+
+    def cost(i: int) -> tuple[dict, float]:
+        removed = removal(i)
         if readings is not None:  # a timing: pooled over every threshold that builds the same model
             return removed, readings(removed)
         if i not in cache:
@@ -327,11 +330,6 @@ def _allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rul
         lo, hi = _bisect(cost, len(taus), target, kind)
         best = cost(hi)
     if rule != "uniform" and constraints.round_to == 1:  # a rounding or one fraction everywhere is the point there
-        def removal(i: int) -> dict:
-            if i not in removals:
-                removals[i] = constraints.removal(p, norm, float(taus[i]))
-            return removals[i]
-
         best = _fill_gap(p, removal, meter, lo, hi, len(taus), target, best)
     return best
 
@@ -377,13 +375,14 @@ def _fill_gap(p: Pruner, removal, meter: Meter, lo: int | None, hi: int, n: int,
         for gid, u in step.items():
             kept[gid] = np.union1d(kept.get(gid, np.zeros(0, dtype=np.int64)), u)
         a, b = below, n - 1
-        if meter(without(b)) > target:
+        c = meter(without(b))
+        if c > target:
             break
         while b - a > 1:                                      # the first threshold past ``below`` that fits again
             m = (a + b) // 2
-            a, b = (a, m) if meter(without(m)) <= target else (m, b)
+            cm = meter(without(m))
+            a, b, c = (a, m, cm) if cm <= target else (m, b, c)
         found = without(b)
-        c = meter(found)
         if c <= at[1]:
             break
         at, below, above = (found, c), b, a
