@@ -335,7 +335,7 @@ def _allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rul
 
 
 FILL_TOL = 0.01  # a budget search that lands further under its target than this steps over the unit that overshot
-FILL_ROUNDS = 3  # ... at most this many times (each a bisection of its own)
+FILL_ROUNDS = 6  # ... at most this many times (each a bisection of its own; it stops once within FILL_TOL)
 
 
 def _fill_gap(p: Pruner, removal, meter: Meter, lo: int | None, hi: int, n: int, target: float, best: tuple) -> tuple:
@@ -347,8 +347,9 @@ def _fill_gap(p: Pruner, removal, meter: Meter, lo: int | None, hi: int, n: int,
     0.44 (seed 3), a twelfth of the budget unused. Where the landing is more than
     ``FILL_TOL`` under the target, the units of that last step are kept and the
     search goes on along the same order without them (finer units further on take
-    their place), up to ``FILL_ROUNDS`` times; the result is the candidate that
-    keeps the most within the budget. Groups that must shrink in step (query heads
+    their place), up to ``FILL_ROUNDS`` times (a round whose landing overshoots again,
+    on the next coarse unit along the order, keeps that unit too and goes on); the
+    result is the candidate that keeps the most within the budget. Groups that must shrink in step (query heads
     over key/value heads, multiples) end it: keeping part of a step would unbalance them."""
     if lo is None:
         return best
@@ -363,9 +364,9 @@ def _fill_gap(p: Pruner, removal, meter: Meter, lo: int | None, hi: int, n: int,
                 out[gid] = left
         return out
 
-    below, above, at = hi, lo, best
+    below, above, at = hi, lo, best  # ``at``: where the last round landed; ``best``: the closest landing so far
     for _ in range(FILL_ROUNDS):
-        if target - at[1] <= FILL_TOL:
+        if target - best[1] <= FILL_TOL:
             break
         over = without(above)
         step = {gid: np.setdiff1d(u, over.get(gid, [])) for gid, u in at[0].items()}
@@ -382,11 +383,12 @@ def _fill_gap(p: Pruner, removal, meter: Meter, lo: int | None, hi: int, n: int,
             m = (a + b) // 2
             cm = meter(without(m))
             a, b, c = (a, m, cm) if cm <= target else (m, b, c)
-        found = without(b)
-        if c <= at[1]:
-            break
-        at, below, above = (found, c), b, a
-    return at
+        at, below, above = (without(b), c), b, a
+        if c > best[1]:
+            best = at
+        # else: the next coarse unit along the order overshot too (a second residual-stream
+        # channel); the next round keeps it as well and goes on from here
+    return best
 
 
 GUIDED = True  # latency searches interpolate on the latency table's estimate (bench/budgets.py turns it off to compare)
