@@ -317,7 +317,7 @@ def _allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rul
         return removed, cache[i]
 
     if kind == "latency":  # one search, settled on pooled readings (a second search would time other models)
-        guess = _guess(p, meter_kw.get("latency_inputs"), removals, lambda i: constraints.removal(p, norm, float(taus[i])))
+        guess = _guess(p, meter_kw.get("latency_inputs"), removal)
         best = _landed(readings, cost, len(taus), target, guess=guess)
         _warn_near_floor(target, cost(len(taus) - 1)[1], best[1])
         return best
@@ -394,9 +394,10 @@ def _fill_gap(p: Pruner, removal, meter: Meter, lo: int | None, hi: int, n: int,
 GUIDED = True  # latency searches interpolate on the latency table's estimate (bench/budgets.py turns it off to compare)
 
 
-def _guess(p: Pruner, latency_inputs, removals: dict, removal):
+def _guess(p: Pruner, latency_inputs, removal):
     """``guess(i)`` for ``_bisect``: the latency ratio the table (``latency_table.table_for``)
-    estimates for threshold index ``i``, or None where there is no table to trust."""
+    estimates for threshold index ``i`` (``removal(i)``, the search's own cached removal),
+    or None where there is no table to trust."""
     from .latency_table import predict_ms, table_for
 
     table = table_for(p, latency_inputs) if GUIDED else None
@@ -407,9 +408,7 @@ def _guess(p: Pruner, latency_inputs, removals: dict, removal):
 
     def guess(i: int) -> float:
         if i not in known:
-            if i not in removals:
-                removals[i] = removal(i)
-            known[i] = predict_ms(p, removals[i], table) / full
+            known[i] = predict_ms(p, removal(i), table) / full
         return known[i]
     return guess
 
