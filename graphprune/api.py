@@ -15,7 +15,7 @@ import torch
 from .allocate import RULES, Constraints, allocate, light_report, report
 from .batches import as_call, regroup
 from .errors import GraphpruneError, GraphpruneWarning
-from .flops import latency_ratio
+from .flops import count_flops, count_params, latency_ratio
 from .groups import Analysis, analyze_graph
 from . import auto, module_form
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore
@@ -216,8 +216,39 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     rep.kernels = kernels
     rep.latency_table = p.latency_table
     result, rep.form, rep.form_why = _choose_form(model, out, p, output)
+    if rep.form == "module" and budgets:
+        result, rep.form, rep.form_why = _module_within_budget(result, out, p, rep, budgets, output)
     result.report = rep
     return result
+
+
+def _module_within_budget(top, out, p, rep, budgets: dict, output: str):
+    """(result, form, why): the module form where it keeps the budget, measured on it.
+
+    The module form runs the user's own ``forward``, which may compute what nothing
+    reads (an auxiliary head left in, a WaveNet's last residual conv); the graph's
+    ``dce`` dropped that, and the budget was met and reported on the graph. Counted
+    on the module, the same widths can be over the budget (or, under a latency budget,
+    do more than the graph that was timed). Then ``output="auto"`` returns the graph
+    (within the budget, and faster), ``output="module"`` refuses; otherwise the report
+    gives the module's own counts."""
+    x, kw = p.example_inputs, p.example_kwargs
+    flops = count_flops(top, x, kw) / count_flops(p.model, x, kw)
+    params = count_params(top) / count_params(p.model)
+    over = [f"{k} {v:.4f} > target_{k}={budgets[k]}" for k, v in (("flops", flops), ("params", params))
+            if k in budgets and v > budgets[k] + 1e-9]
+    if "latency" in budgets and flops > rep.flops * (1 + 1e-6):  # the timing was of the graph, which does less
+        over.append(f"flops {flops:.4f} where the graph that was timed runs {rep.flops:.4f}")
+    if over:
+        why = (f"in the model's own classes the pruned model is over the budget ({'; '.join(over)}): its forward "
+               f"computes values nothing reads, which the graph drops (graph: flops {rep.flops:.4f}, params "
+               f"{rep.params:.4f})")
+        if output == "module":
+            raise GraphpruneError(f"cannot return the pruned model in the model's own classes: {why}. Use "
+                                  "output='graph' (or 'auto'), or remove the unused computation from forward.")
+        return out, "graph", why
+    rep.flops, rep.params = flops, params
+    return top, "module", rep.form_why
 
 
 ROUNDINGS = (1, 8, 16)

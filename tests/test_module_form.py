@@ -128,3 +128,41 @@ def test_head_count_attribute_follows_the_position_table(name):
     with torch.no_grad():
         other = torch.randn(2, 3, 64, 64)
         torch.testing.assert_close(small(other), graph(other))
+
+
+class DeadAux(nn.Module):
+    """A conv pair whose forward also runs a wide conv nothing reads (an auxiliary head left in):
+    two thirds of the model's FLOPs, which the graph drops and the module form still runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+        self.aux, self.fc = nn.Conv2d(32, 64, 3, padding=1), nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        unused = self.aux(h)  # noqa: F841
+        return self.fc(torch.relu(self.b(h)).mean((2, 3)))
+
+
+class Plain(DeadAux):
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("target", [0.5, 0.2])
+def test_a_budget_holds_on_the_form_returned(target):
+    """The report is counted on the model returned, and within the budget; a module form that
+    would run dead code over the budget falls back to the graph (or refuses when asked for)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16, 16)
+    for cls, form in ((DeadAux, "graph"), (Plain, "module")):
+        model = cls().eval()
+        small = graphprune.compile(model, (x,), target_flops=target, importance="l2")
+        got = graphprune.count_flops(small, (x,)) / graphprune.count_flops(model, (x,))
+        assert small.report.form == form, small.report.form_why
+        assert got <= target and small.report.flops == pytest.approx(got, abs=1e-9)
+        assert got >= target - 0.03 or cls is DeadAux  # dead code alone takes DeadAux's graph to 0.35
+    assert "nothing reads" in graphprune.compile(DeadAux().eval(), (x,), target_flops=target).report.form_why
+    with pytest.raises(graphprune.GraphpruneError, match="over the budget"):
+        graphprune.compile(DeadAux().eval(), (x,), target_flops=target, importance="l2", output="module")
