@@ -335,9 +335,10 @@ class Run:
             model = copy.deepcopy(self.model)
             head = model.get_submodule(self.task.head)
             kw = self.task.tp_kw(model) if self.task.tp_kw else {}
+            ignored = [head, *kw.pop("ignored_layers", [])]  # a task's recipe may list more (bench/heldout.py)
             imp = tp.importance.TaylorImportance() if taylor else tp.importance.MagnitudeImportance(p=2)
             pruner = tp.pruner.MetaPruner(model, self.example, importance=imp, global_pruning=True, pruning_ratio=ratio,
-                                          ignored_layers=[head], **kw)
+                                          ignored_layers=ignored, **kw)
             if taylor:
                 for p, g in zip(model.parameters(), grads):
                     p.grad = g.clone()
@@ -356,7 +357,8 @@ class Run:
         model = copy.deepcopy(self.model).train()
         for xb, yb in self.labelled:
             F.cross_entropy(model(xb), yb).backward()
-        return [p.grad.detach().clone() for p in model.parameters()]
+        # zeros for a parameter the loss does not reach (a WaveNet's last residual conv: its output is unused)
+        return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
     def tp_magnitude(self, target: float):
         return self._torch_pruning(target, taylor=False)

@@ -1,0 +1,223 @@
+"""Held-out tasks: the suite's protocol on four networks no default was developed on.
+
+Why: ``bench/tasks.py`` has been read so often while changing ``auto`` that its five tasks are no longer a
+fair test of whether the defaults generalise. The networks here were written after the last change to the
+defaults and are run once, as they are. Each stresses a coupling the suite has little of:
+
+* ``digits_dense``: a pre-activation DenseNet (every layer reads the concatenation of all before it through its
+  own BatchNorm, so one BatchNorm covers channels of several producers), growth 12, two blocks and a transition;
+* ``digits_resnext``: bottleneck residual blocks with grouped 3x3 convs (4 groups) and strided 1x1 shortcuts;
+* ``digits_mixer``: an MLP-Mixer on 2x2 patches (16 tokens, width 64): token mixing is a linear over the token
+  axis (a transpose before and after), channel mixing a linear over the features, pre-LayerNorm;
+* ``signal_gated``: a WaveNet-style 1-D net on the suite's signals: dilated convs whose output is split in
+  halves (``chunk``) into a tanh and a sigmoid gate, residual and skip outputs, the skips summed.
+
+Same data splits, training, budgets, fine-tune and rivals as ``bench/tasks.py`` (its ``Run``); graphprune is
+called as documented. Rows go to ``bench/results/heldout.json``; Torch-Pruning with the ignore lists it
+needs (``RECIPES``) to ``heldout_recipes.json``, shown as ``tp_*_recipe`` columns:
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/heldout.py --methods graphprune,tp_magnitude,tp_taylor --resume
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/heldout.py --tp-recipes --methods tp_magnitude,tp_taylor \
+        --tasks digits_mixer,signal_gated --resume
+    .venv/bin/python bench/heldout.py --table
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.append(str(Path(__file__).parent))
+import accuracy_digits as digits  # noqa: E402
+import tasks  # noqa: E402
+from tasks import Task, conv_bn, signal_splits  # noqa: E402
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-conv 3x3 on everything so far; its ``growth`` new channels are concatenated on."""
+
+    def __init__(self, cin: int, growth: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(), nn.Conv2d(cin, growth, 3, 1, 1, bias=False))
+
+    def forward(self, x):
+        return torch.cat([x, self.body(x)], 1)
+
+
+class DenseNet(nn.Module):
+    """8x8x1 -> conv 16 -> 4 dense layers (+12 each: 64) -> BN-ReLU-1x1 32, avgpool /2 -> 3 dense layers (68)
+    -> BN-ReLU -> mean -> fc."""
+
+    def __init__(self, growth: int = 12):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, 1, 1, bias=False)
+        c, layers = 16, []
+        for _ in range(4):
+            layers.append(DenseLayer(c, growth))
+            c += growth
+        self.block1 = nn.Sequential(*layers)
+        self.trans = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, 32, 1, bias=False), nn.AvgPool2d(2))
+        c, layers = 32, []
+        for _ in range(3):
+            layers.append(DenseLayer(c, growth))
+            c += growth
+        self.block2 = nn.Sequential(*layers)
+        self.final = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.block2(self.trans(self.block1(self.stem(x))))
+        return self.fc(self.final(x).mean((2, 3)))
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> grouped 3x3 (stride) -> 1x1, plus x (or a strided 1x1 projection of it), then ReLU."""
+
+    def __init__(self, cin: int, mid: int, cout: int, stride: int, groups: int = 4):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU())
+        self.group = nn.Sequential(nn.Conv2d(mid, mid, 3, stride, 1, groups=groups, bias=False), nn.BatchNorm2d(mid),
+                                   nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.short = (nn.Identity() if stride == 1 and cin == cout else
+                      nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x):
+        return torch.relu(self.short(x) + self.expand(self.group(self.reduce(x))))
+
+
+class ResNeXt(nn.Module):
+    """8x8x1 -> conv 32 -> bottleneck(32, 32 in 4 groups, 64) -> bottleneck(64, 64, 64) -> bottleneck(64, 64, 128, /2)
+    -> mean -> fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(1, 32)
+        self.blocks = nn.Sequential(Bottleneck(32, 32, 64, 1), Bottleneck(64, 64, 64, 1), Bottleneck(64, 64, 128, 2))
+        self.fc = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class MixerBlock(nn.Module):
+    def __init__(self, tokens: int, dim: int, token_hidden: int, channel_hidden: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.tokens = nn.Sequential(nn.Linear(tokens, token_hidden), nn.GELU(), nn.Linear(token_hidden, tokens))
+        self.norm2 = nn.LayerNorm(dim)
+        self.channels = nn.Sequential(nn.Linear(dim, channel_hidden), nn.GELU(), nn.Linear(channel_hidden, dim))
+
+    def forward(self, x):  # (B, tokens, dim)
+        x = x + self.tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channels(self.norm2(x))
+
+
+class Mixer(nn.Module):
+    """8x8x1 -> 2x2 patches (16 tokens) -> width 64 -> 3 mixer blocks (token MLP 32, channel MLP 128) -> norm
+    -> mean over tokens -> fc."""
+
+    def __init__(self, dim: int = 64, depth: int = 3):
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, 2, 2)
+        self.blocks = nn.Sequential(*(MixerBlock(16, dim, 32, 128) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        return self.fc(self.norm(self.blocks(x)).mean(1))
+
+
+class GatedLayer(nn.Module):
+    """Dilated conv to 2C, halves as tanh(a) * sigmoid(b); a 1x1 to the residual, another to the skip."""
+
+    def __init__(self, c: int, skip: int, dilation: int):
+        super().__init__()
+        self.conv = nn.Conv1d(c, 2 * c, 3, padding=dilation, dilation=dilation)
+        self.res = nn.Conv1d(c, c, 1)
+        self.skip = nn.Conv1d(c, skip, 1)
+
+    def forward(self, x):
+        a, b = self.conv(x).chunk(2, dim=1)
+        h = torch.tanh(a) * torch.sigmoid(b)
+        return x + self.res(h), self.skip(h)
+
+
+class Gated1d(nn.Module):
+    """(1, 128) -> conv 32 (k5, /2) -> 6 gated layers (dilations 1, 2, 4, 8, 1, 2), skips (48) summed -> ReLU
+    -> 1x1 64 -> ReLU -> mean over time -> fc."""
+
+    def __init__(self, c: int = 32, skip: int = 48):
+        super().__init__()
+        self.stem = nn.Conv1d(1, c, 5, 2, 2)
+        self.layers = nn.ModuleList([GatedLayer(c, skip, d) for d in (1, 2, 4, 8, 1, 2)])
+        self.post = nn.Sequential(nn.ReLU(), nn.Conv1d(skip, 64, 1), nn.ReLU())
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        total = 0
+        for layer in self.layers:
+            x, s = layer(x)
+            total = total + s
+        return self.fc(self.post(total).mean(2))
+
+
+def ignoring(*suffixes: str):
+    """A Torch-Pruning recipe: the layers a user must list in ``ignored_layers`` before it runs at all."""
+    return lambda model: {"ignored_layers": [m for n, m in model.named_modules() if n.endswith(suffixes)]}
+
+
+# Torch-Pruning 1.6 as given raises on two of these (the rows of heldout.json with "error"): on the Mixer
+# (IndexError: the token-mixing linear's 16 outputs pruned as features) and on the gated net (a size
+# mismatch at the residual add after the chunk). With ``--tp-recipes`` it gets the hand-written ignore
+# lists that make it run: the token mixers' output layers; the gated and residual convs (ignoring the
+# gated convs alone still raised). graphprune gets no list.
+RECIPES = {"digits_mixer": ignoring("tokens.2"), "signal_gated": ignoring(".conv", ".res")}
+
+HELDOUT = {t.name: t for t in (
+    Task("digits_dense", DenseNet, digits.load_splits, 15, 3e-3),
+    Task("digits_resnext", ResNeXt, digits.load_splits, 15, 3e-3),
+    Task("digits_mixer", Mixer, digits.load_splits, 40, 2e-3),
+    Task("signal_gated", Gated1d, signal_splits, 20, 3e-3),
+)}
+
+
+def table() -> str:
+    """The suite's tables for heldout.json, with heldout_recipes.json's rows as ``tp_*_recipe`` columns."""
+    rows = tasks.load(OUT)["rows"]
+    if RECIPE_OUT.exists():
+        rows += [{**r, "method": r["method"] + "_recipe"} for r in tasks.load(RECIPE_OUT)["rows"]
+                 if r["method"].startswith("tp_")]
+    summary = tasks.summarise(rows)
+    rivals = ("tp_magnitude", "tp_taylor", "tp_magnitude_recipe", "tp_taylor_recipe")
+    return tasks.table(summary, ("graphprune",) + rivals) + "\n" + tasks.paired_table(tasks.paired(summary, rivals=rivals))
+
+
+OUT = tasks.RESULTS / "heldout.json"
+RECIPE_OUT = tasks.RESULTS / "heldout_recipes.json"
+
+
+def main():
+    tasks.TASKS.clear()
+    tasks.TASKS.update(HELDOUT)  # tasks.main's --tasks default and checks read this table
+    if "--table" in sys.argv:
+        print(table())
+        return
+    out = OUT
+    if "--tp-recipes" in sys.argv:
+        sys.argv.remove("--tp-recipes")
+        for name, recipe in RECIPES.items():
+            tasks.TASKS[name] = replace(HELDOUT[name], tp_kw=recipe)
+        out = RECIPE_OUT
+    if not any(a.startswith("--out") for a in sys.argv):
+        sys.argv += ["--out", str(out)]
+    tasks.main()
+
+
+if __name__ == "__main__":
+    main()
