@@ -1,7 +1,4 @@
 """bench/allocation_shrink.py: its shrunk allocation rules, and that its patch reaches compile."""
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,17 +10,11 @@ from hypothesis import strategies as st
 pytest.importorskip("sklearn")
 pytest.importorskip("torch_pruning")
 
+from bench_scripts import bench_module  # noqa: E402
+
 
 def _bench():
-    bench_dir = Path(__file__).parents[1] / "bench"
-    sys.path.append(str(bench_dir))  # appended: bench/kernels.py must not shadow the kernels package transformers imports
-    for name in ("tasks", "allocation_shrink"):
-        if name not in sys.modules:
-            spec = importlib.util.spec_from_file_location(name, bench_dir / f"{name}.py")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # dataclasses look their module up there
-            spec.loader.exec_module(module)
-    return sys.modules["allocation_shrink"]
+    return bench_module("tasks", "allocation_shrink")
 
 
 def _model(sizes, seed):

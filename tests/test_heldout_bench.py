@@ -1,8 +1,5 @@
 """bench/heldout.py's four networks, written after the defaults: lossless under the oracle, and the
 budget holds on what compile returns (the gated net's forward computes a residual nothing reads)."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,18 +8,11 @@ pytest.importorskip("sklearn")
 pytest.importorskip("torch_pruning")
 
 import graphprune  # noqa: E402
+from bench_scripts import bench_module  # noqa: E402
 
 
 def _heldout():
-    bench_dir = Path(__file__).parents[1] / "bench"
-    sys.path.insert(0, str(bench_dir))
-    for name in ("tasks", "heldout"):
-        if name not in sys.modules:
-            spec = importlib.util.spec_from_file_location(name, bench_dir / f"{name}.py")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # dataclasses look their module up there
-            spec.loader.exec_module(module)
-    return sys.modules["heldout"]
+    return bench_module("tasks", "heldout")
 
 
 def _inputs(name):
