@@ -188,13 +188,15 @@ HELDOUT = {t.name: t for t in (
 
 
 def table() -> str:
-    """The suite's tables for heldout.json, with heldout_recipes.json's rows as ``tp_*_recipe`` columns."""
+    """The suite's tables for heldout.json, with heldout_recipes.json's rows as ``tp_*_recipe`` columns
+    (and its plot, ``heldout.png``)."""
     rows = tasks.load(OUT)["rows"]
     if RECIPE_OUT.exists():
         rows += [{**r, "method": r["method"] + "_recipe"} for r in tasks.load(RECIPE_OUT)["rows"]
                  if r["method"].startswith("tp_")]
     summary = tasks.summarise(rows)
     rivals = ("tp_magnitude", "tp_taylor", "tp_magnitude_recipe", "tp_taylor_recipe")
+    tasks.plot(summary, OUT.with_suffix(".png"), ("graphprune",) + rivals)
     return tasks.table(summary, ("graphprune",) + rivals) + "\n" + tasks.paired_table(tasks.paired(summary, rivals=rivals))
 
 

@@ -534,7 +534,7 @@ def paired_table(rows: list[dict], method: str = "graphprune") -> str:
     return "\n".join(lines + [""])
 
 
-def plot(summary: dict, path: Path):
+def plot(summary: dict, path: Path, methods=METHODS):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -542,24 +542,27 @@ def plot(summary: dict, path: Path):
 
     tasks = list(summary)
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.6), squeeze=False)
-    markers = dict(zip(METHODS, "osD^v"))
+    markers = dict(zip(methods, "osD^vPX"))
     for ax, task in zip(axes[0], tasks):
         by = summary[task]
         base = by.get("unpruned", {}).get("1.0")
         if base:
             ax.axhline(100 * base["test_acc"]["mean"], color="k", lw=1, label="unpruned")
-        for i, m in enumerate(METHODS):
+        for i, m in enumerate(methods):
             pts = [by[m][str(t)] for t in TARGETS if "test_acc" in by.get(m, {}).get(str(t), {})]
             if not pts:
                 continue
             x = [p["flops"]["mean"] * (1 + 0.015 * (i - 2)) for p in pts]  # a small dodge so error bars don't overlap
             ax.errorbar(x, [100 * p["test_acc"]["mean"] for p in pts], yerr=[100 * p["test_acc"]["std"] for p in pts],
-                        marker=markers[m], capsize=2, label=m)
+                        marker=markers[m], capsize=2, label=m, color=f"C{i}")
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("FLOPs kept")
         ax.set_xticks(TARGETS)
     axes[0][0].set_ylabel("test accuracy (%), mean ± std over seeds")
-    axes[0][-1].legend(fontsize=7)
+    legend = {}  # every method that drew anywhere (one that fails on the last task is still named)
+    for ax in axes[0]:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    axes[0][-1].legend(list(legend.values()), list(legend), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
