@@ -215,40 +215,9 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     rep.layout = layout
     rep.kernels = kernels
     rep.latency_table = p.latency_table
-    result, rep.form, rep.form_why = _choose_form(model, out, p, output)
-    if rep.form == "module" and budgets:
-        result, rep.form, rep.form_why = _module_within_budget(result, out, p, rep, budgets, output)
+    result, rep.form, rep.form_why = _choose_form(model, out, p, output, rep)
     result.report = rep
     return result
-
-
-def _module_within_budget(top, out, p, rep, budgets: dict, output: str):
-    """(result, form, why): the module form where it keeps the budget, measured on it.
-
-    The module form runs the user's own ``forward``, which may compute what nothing
-    reads (an auxiliary head left in, a WaveNet's last residual conv); the graph's
-    ``dce`` dropped that, and the budget was met and reported on the graph. Counted
-    on the module, the same widths can be over the budget (or, under a latency budget,
-    do more than the graph that was timed). Then ``output="auto"`` returns the graph
-    (within the budget, and faster), ``output="module"`` refuses; otherwise the report
-    gives the module's own counts."""
-    x, kw = p.example_inputs, p.example_kwargs
-    flops = count_flops(top, x, kw) / count_flops(p.model, x, kw)
-    params = count_params(top) / count_params(p.model)
-    over = [f"{k} {v:.4f} > target_{k}={budgets[k]}" for k, v in (("flops", flops), ("params", params))
-            if k in budgets and v > budgets[k] + 1e-9]
-    if "latency" in budgets and flops > rep.flops * (1 + 1e-6):  # the timing was of the graph, which does less
-        over.append(f"flops {flops:.4f} where the graph that was timed runs {rep.flops:.4f}")
-    if over:
-        why = (f"in the model's own classes the pruned model is over the budget ({'; '.join(over)}): its forward "
-               f"computes values nothing reads, which the graph drops (graph: flops {rep.flops:.4f}, params "
-               f"{rep.params:.4f})")
-        if output == "module":
-            raise GraphpruneError(f"cannot return the pruned model in the model's own classes: {why}. Use "
-                                  "output='graph' (or 'auto'), or remove the unused computation from forward.")
-        return out, "graph", why
-    rep.flops, rep.params = flops, params
-    return top, "module", rep.form_why
 
 
 ROUNDINGS = (1, 8, 16)
@@ -392,8 +361,36 @@ def _same_outputs(a, b) -> bool:
     return True
 
 
-def _choose_form(model, out, p, output: str):
-    """(result, "module" or "graph", why): the module form where it is asked for and verified."""
+def _over_budget(top, p, rep) -> str | None:
+    """Why the module form breaks the budget the graph met, or None (and ``rep`` then
+    holds the module's own counts).
+
+    The module form runs the user's own ``forward``, which may compute what nothing
+    reads (an auxiliary head left in, a WaveNet's last residual conv); the graph's
+    ``dce`` dropped that, and the budget was met and reported on the graph. Counted
+    on the module, the same widths can be over the budget (or, under a latency budget,
+    do more than the graph that was timed)."""
+    budgets = rep.budget or {}
+    if not budgets:
+        return None
+    x, kw = p.example_inputs, p.example_kwargs
+    flops = count_flops(top, x, kw) / count_flops(p.model, x, kw)
+    params = count_params(top) / count_params(p.model)
+    over = [f"{k} {v:.4f} > target_{k}={budgets[k]}" for k, v in (("flops", flops), ("params", params))
+            if k in budgets and v > budgets[k] + 1e-9]
+    if "latency" in budgets and flops > rep.flops * (1 + 1e-6):  # the timing was of the graph, which does less
+        over.append(f"flops {flops:.4f} where the graph that was timed runs {rep.flops:.4f}")
+    if over:
+        return (f"in the model's own classes the pruned model is over the budget ({'; '.join(over)}): its forward "
+                f"computes values nothing reads, which the graph drops (graph: flops {rep.flops:.4f}, params "
+                f"{rep.params:.4f})")
+    rep.flops, rep.params = flops, params
+    return None
+
+
+def _choose_form(model, out, p, output: str, rep):
+    """(result, "module" or "graph", why): the module form where it is asked for and verified,
+    and, counted on it, within the budget (``_over_budget``; ``rep`` then gives its counts)."""
     if output not in ("auto", "module", "graph"):
         raise GraphpruneError(f"output must be 'auto', 'module' or 'graph', got {output!r}")
     if output == "graph":
@@ -403,6 +400,7 @@ def _choose_form(model, out, p, output: str):
     top, why = module_form.build(model, out)
     if top is not None and not any(t.is_meta for t in out.parameters()):
         why = module_form.differs(top, out, p.example_inputs, dict(p.example_kwargs or {}), params=p.param_writes)
+        why = why or _over_budget(top, p, rep)
     if top is None or why:
         if output == "module":
             raise GraphpruneError(f"cannot return the pruned model in the model's own classes: {why}. "
