@@ -603,6 +603,8 @@ def _where(guess, lo: int, hi: int, want: float) -> int:
 
 def report(p: Pruner, removed: dict, model: torch.nn.Module, budget: dict, latency_inputs=None) -> Report:
     x, kw = p.example_inputs, p.example_kwargs
+    if any(t.is_meta for t in [*p.model.parameters(), *p.model.buffers()]):
+        x, kw = to_meta(x), to_meta(kw)  # weights on meta, inputs given on the CPU: count on shapes alone
     lat = None
     if "latency" in budget:
         lat = latency_ratio(model, p.model, latency_inputs or x)

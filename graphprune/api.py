@@ -152,6 +152,9 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     if allocation == "measured" and calibration is None:
         raise GraphpruneError("allocation='measured' measures each group's effect on held-out outputs: give "
                               "calibration batches, or another allocation ('score', 'per_param', 'uniform')")
+    if target_latency is not None and _on_meta(model):
+        raise GraphpruneError("target_latency times the model running, and its weights are on the meta device: "
+                              "load them first, or give target_flops or target_params (counted on shapes alone)")
     choosing = importance == "auto" and calibration is not None
     if choosing or allocation == "measured":
         calibration = list(calibration)  # scored, judged and refit on: iterated more than once
@@ -249,6 +252,8 @@ def fastest_rounding(p, kind: str, target: float, constraints, *, clock=None) ->
     or None where no rounding reaches the budget."""
     from dataclasses import replace
 
+    if _on_meta(p.gm):
+        return None  # nothing runs, so nothing to time: widths stay as allocated
     clock = clock or latency_ratio
     built = {}
     for q in ROUNDINGS:
@@ -264,6 +269,10 @@ def fastest_rounding(p, kind: str, target: float, constraints, *, clock=None) ->
         ratios = {q: clock(m, built[1], x) for q, m in built.items() if q != 1}
     q, r = min(ratios.items(), key=lambda kv: kv[1])
     return {"chosen": q if r < 0.95 else 1, "latency_vs_unrounded": {k: round(v, 3) for k, v in ratios.items()}}
+
+
+def _on_meta(model) -> bool:
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 
 def fastest_layout(p, *, clock=None) -> dict | None:
@@ -315,6 +324,8 @@ def _timed_pass(p, name: str, what: str, clock, applies, baseline: str = "plain"
         return None
     if p.example_kwargs:  # decided before two copies of the model are built for nothing (an LLM's worth each)
         return False, "not timed: the example has keyword inputs", None
+    if _on_meta(p.gm):
+        return False, "not timed: the weights are on the meta device", None
     at = next((i for i, (step, _) in enumerate(steps) if step == "dce"), len(steps))
     trial = format_pipeline(steps[:at] + [(name, {})] + steps[at:])
     plain = p.prune({}, check=False, fit=False)

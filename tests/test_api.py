@@ -83,6 +83,26 @@ def test_meta_parameters_analyze():
     assert graphprune.count_params(small) < graphprune.count_params(model)
 
 
+@pytest.mark.parametrize("budget", ["target_flops", "target_params"])
+def test_meta_parameters_meet_a_budget_given_cpu_inputs(budget):
+    """Weights on meta, example inputs on the CPU (what a user building a large model on
+    meta writes): budgets are counted on shapes alone. The report once ran the
+    original on the CPU inputs and ended in a bare RuntimeError."""
+    with torch.device("meta"):
+        model = Residual()
+    x = torch.randn(*IMAGE)
+    small = graphprune.compile(model, (x,), importance="random", **{budget: 0.5})
+    assert all(t.is_meta for t in small.parameters())
+    got = small.report.flops if budget == "target_flops" else small.report.params
+    assert 0.45 <= got <= 0.5
+    xm = torch.empty(*IMAGE, device="meta")
+    assert small.report.flops == pytest.approx(graphprune.count_flops(small, (xm,)) / graphprune.count_flops(model, (xm,)))
+    deploy = graphprune.compile(model, (x,), importance="random", pipeline="deploy", **{budget: 0.5})
+    assert 0.45 <= (deploy.report.flops if budget == "target_flops" else deploy.report.params) <= 0.5
+    with pytest.raises(graphprune.GraphpruneError, match="meta device"):
+        graphprune.compile(model, (x,), importance="random", target_latency=0.5)
+
+
 def test_user_pass_in_pipeline():
     calls = []
 
