@@ -409,8 +409,13 @@ def _choose_form(model, out, p, output: str, rep):
     if output == "auto" and (p.pipeline or DEFAULT_PIPELINE) != DEFAULT_PIPELINE:
         return out, "graph", f"a custom pipeline ({p.pipeline}) may rewrite the graph beyond the model's own code"
     top, why = module_form.build(model, out)
-    if top is not None and not any(t.is_meta for t in out.parameters()):
+    runs = top is not None and not any(t.is_meta for t in out.parameters())
+    if runs:
         why = module_form.differs(top, out, p.example_inputs, dict(p.example_kwargs or {}), params=p.param_writes)
+    if top is not None:  # on meta weights this runs nothing: modules the trace never ran are refused
+        why = why or module_form.trains(model, top, p.example_inputs, dict(p.example_kwargs or {}), (
+            module_form.unreached(model, p.gm) if p.analysis.method == "symbolic_trace" else []))
+    if runs:
         why = why or _over_budget(top, p, rep)
     if top is None or why:
         if output == "module":

@@ -13,6 +13,7 @@ and then the graph is returned, with the reason in ``result.report``.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -78,6 +79,92 @@ def differs(top: torch.nn.Module, out: torch.nn.Module, args: tuple, kwargs: dic
                 return f"the model's forward fails on the pruned modules at another input shape: {type(e).__name__}"
             return f"at another input shape the model's forward differs from the pruned graph ({bad})" if bad else None
     return None
+
+
+def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: dict, unseen: list[str]) -> str | None:
+    """None unless the module form fails in training mode where the original runs.
+
+    The trace saw the forward in one mode; the user fine-tunes the result in
+    training mode, where the user's forward can take paths the trace never saw.
+    GoogLeNet's and Inception-v3's auxiliary heads run only in training: they read
+    activations whose channels were pruned, with their own input widths as they
+    were, so the module form passed every eval check and failed at the first
+    training step. Outputs cannot be compared (the original is unpruned, dropout
+    draws), so the test is that the module form runs wherever the original does;
+    a width mismatch raises. Both run on copies of their tensors, the original on
+    a shadow (``trace.shadow``), so neither the user's model nor the result changes.
+    Where that cannot be run (the original itself fails in training mode on the
+    example: Inception-v3's auxiliary head at 160x160, a detector without targets;
+    or the model is too large to copy), the module form is refused only if it
+    holds modules with weights the trace never ran (``unseen``, from ``unreached``): nothing then
+    shows they can take the pruned widths."""
+    from .trace import shadow
+    from .verify import why_not
+
+    cannot = why_not(model)
+    if cannot is None:
+        theirs, mine = shadow(model), hf.example_kwargs(top, kwargs) or {}
+        with training(theirs, top), on_copies(theirs, top):
+            try:
+                _run(theirs, args, kwargs)
+            except Exception as e:  # noqa: BLE001 - the original does not run so either: nothing to hold the result to
+                cannot = f"the original fails in training mode on the example: {type(e).__name__}"
+            else:
+                try:
+                    _run(top, args, mine)
+                except Exception as e:  # noqa: BLE001
+                    return (f"in training mode the model's forward fails on the pruned modules ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160]}): it takes a path the trace did not see (modules "
+                            "that run only in training, such as auxiliary heads; delete them from the model, "
+                            "e.g. model.aux1 = None, to keep its own classes)")
+    if cannot is None or not unseen:
+        return None
+    return (f"modules with weights that the traced forward never runs ({', '.join(unseen[:4])}"
+            f"{', ...' if len(unseen) > 4 else ''}) could not be checked in training mode ({cannot}), and in the "
+            "model's own classes they would run on pruned widths; delete them from the model to keep its classes")
+
+
+def unreached(model: torch.nn.Module, traced: torch.fx.GraphModule) -> list[str]:
+    """Names of ``model``'s modules holding weights that ``traced`` (a symbolic trace of
+    it) never calls or reads: code the trace did not see, such as heads that run only in
+    training. Only for symbolic traces: other traces' names are not the module tree's."""
+    seen = set()
+    for n in traced.graph.nodes:
+        if n.op == "call_module":
+            seen.add(n.target)
+        elif n.op == "get_attr":
+            seen.add(n.target.rpartition(".")[0])
+
+    def covered(name: str) -> bool:  # called itself, or inside a module called whole (a leaf)
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in seen for i in range(1, len(parts) + 1))
+
+    weighted = [name for name, m in model.named_modules() if any(t is not None for t in m._parameters.values())]
+    unseen = [name for name in weighted if name and not covered(name)]
+    reached = [name for name in weighted if name not in unseen]
+
+    def outermost(name: str) -> str:  # aux1, not aux1.conv.conv: the largest module the trace left out whole
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            head = ".".join(parts[:i])
+            if not any(r == head or r.startswith(head + ".") for r in reached):
+                return head
+        return name
+
+    return list(dict.fromkeys(outermost(name) for name in unseen))
+
+
+@contextmanager
+def training(*modules):
+    """Training mode for the check, each submodule's own mode restored after."""
+    saved = [(m, m.training) for mod in modules for m in mod.modules()]
+    try:
+        for mod in modules:
+            mod.train()
+        yield
+    finally:
+        for m, was in saved:
+            m.training = was
 
 
 def info(model: torch.nn.Module) -> dict | None:

@@ -166,3 +166,55 @@ def test_a_budget_holds_on_the_form_returned(target):
     assert "nothing reads" in graphprune.compile(DeadAux().eval(), (x,), target_flops=target).report.form_why
     with pytest.raises(graphprune.GraphpruneError, match="over the budget"):
         graphprune.compile(DeadAux().eval(), (x,), target_flops=target, importance="l2", output="module")
+
+
+class AuxHead(nn.Module):
+    """A head that runs only in training, on an activation whose channels are pruned
+    (GoogLeNet's and Inception-v3's auxiliary classifiers). The trace, in eval mode,
+    never sees it; ``pool`` sets how small an input its pooling takes."""
+
+    def __init__(self, pool: int = 1):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(24, 10)
+        self.aux = nn.Sequential(nn.AvgPool2d(pool), nn.Flatten(), nn.LazyLinear(10)) if pool > 1 else \
+            nn.Sequential(nn.Conv2d(24, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x):
+        h = self.body(x)
+        out = self.fc(h.mean((2, 3)))
+        return (out, self.aux(h)) if self.training and self.aux is not None else out
+
+
+def test_a_path_that_runs_only_in_training_keeps_the_graph():
+    """The module form passed the eval checks and failed at the first training step: the
+    head read 24 -> 12 channels with its 24-channel conv. Now it is checked in training
+    mode where the original runs there, and refused (module) or replaced by the graph
+    (auto); with the head deleted the model keeps its class and trains."""
+    torch.manual_seed(0)
+    model, x = AuxHead().eval(), torch.randn(*IMAGE)
+    small = graphprune.compile(model, (x,), target_flops=0.5, importance="l1")
+    assert small.report.form == "graph" and "training mode" in small.report.form_why
+    small.train()
+    assert small(x).shape == (IMAGE[0], 10)  # the graph is the traced path in either mode
+    with pytest.raises(graphprune.GraphpruneError, match="training mode"):
+        graphprune.compile(model, (x,), target_flops=0.5, importance="l1", output="module")
+    assert not model.training and model.aux[0].in_channels == 24  # the user's model as it was
+    model.aux = None
+    kept = graphprune.compile(model, (x,), target_flops=0.5, importance="l1")
+    assert type(kept) is AuxHead and kept.report.form == "module"
+    kept.train()
+    assert kept(x).shape == (IMAGE[0], 10)
+
+
+def test_weights_the_trace_never_ran_are_refused_when_training_mode_cannot_be_checked():
+    """Where the original itself fails in training mode on the example (its head pools
+    more than the input has), nothing shows the head takes the pruned widths."""
+    torch.manual_seed(0)
+    model = AuxHead(pool=64).eval()
+    model.aux(torch.randn(1, 24, 64, 64))  # materialise the lazy linear at the size it was built for
+    x = torch.randn(*IMAGE)
+    assert IMAGE[-1] < 64
+    small = graphprune.compile(model, (x,), target_flops=0.5, importance="l1")
+    assert small.report.form == "graph"
+    assert "never runs (aux)" in small.report.form_why and "fails in training mode" in small.report.form_why
