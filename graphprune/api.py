@@ -15,7 +15,7 @@ import torch
 from .allocate import RULES, Constraints, allocate, light_report, report
 from .batches import as_call, regroup
 from .errors import GraphpruneError, GraphpruneWarning
-from .flops import count_flops, count_params, latency_ratio
+from .flops import count_flops, graph_params, latency_ratio
 from .groups import Analysis, analyze_graph
 from . import auto, module_form
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore
@@ -372,7 +372,17 @@ def _same_outputs(a, b) -> bool:
     return True
 
 
-def _over_budget(top, p, rep) -> str | None:
+def _params_run(model, unseen: list[str]) -> int:
+    """Parameters of ``model`` outside the modules named in ``unseen`` (those its forward
+    never runs on the example, ``module_form.unreached``): what a params budget counts."""
+    def outside(name: str) -> bool:
+        return not any(name == u or name.startswith(u + ".") for u in unseen)
+
+    run = {id(t): t for name, m in model.named_modules() if outside(name) for t in m._parameters.values() if t is not None}
+    return sum(t.numel() for t in run.values())  # a weight tied into a module that runs counts
+
+
+def _over_budget(top, p, rep, unseen: list[str]) -> str | None:
     """Why the module form breaks the budget the graph met, or None (and ``rep`` then
     holds the module's own counts).
 
@@ -386,7 +396,7 @@ def _over_budget(top, p, rep) -> str | None:
         return None
     x, kw = p.example_inputs, p.example_kwargs
     flops = count_flops(top, x, kw) / count_flops(p.model, x, kw)
-    params = count_params(top) / count_params(p.model)
+    params = _params_run(top, unseen) / sum(t.numel() for t in graph_params(p.gm).values())  # as the report divides
     over = [f"{k} {v:.4f} > target_{k}={budgets[k]}" for k, v in (("flops", flops), ("params", params))
             if k in budgets and v > budgets[k] + 1e-9]
     if "latency" in budgets and flops > rep.flops * (1 + 1e-6):  # the timing was of the graph, which does less
@@ -412,11 +422,11 @@ def _choose_form(model, out, p, output: str, rep):
     runs = top is not None and not any(t.is_meta for t in out.parameters())
     if runs:
         why = module_form.differs(top, out, p.example_inputs, dict(p.example_kwargs or {}), params=p.param_writes)
+    unseen = module_form.unreached(model, p.gm) if p.analysis.method == "symbolic_trace" else []
     if top is not None:  # on meta weights this runs nothing: modules the trace never ran are refused
-        why = why or module_form.trains(model, top, p.example_inputs, dict(p.example_kwargs or {}), (
-            module_form.unreached(model, p.gm) if p.analysis.method == "symbolic_trace" else []))
+        why = why or module_form.trains(model, top, p.example_inputs, dict(p.example_kwargs or {}), unseen)
     if runs:
-        why = why or _over_budget(top, p, rep)
+        why = why or _over_budget(top, p, rep, unseen)
     if top is None or why:
         if output == "module":
             raise GraphpruneError(f"cannot return the pruned model in the model's own classes: {why}. "

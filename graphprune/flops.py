@@ -97,6 +97,24 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def graph_params(gm: torch.fx.GraphModule) -> dict[int, torch.Tensor]:
+    """{id: parameter} of the parameters ``gm``'s graph reads (a module it calls holds
+    them, or a ``get_attr`` names them), each once however it is tied. Modules the
+    forward never runs (GoogLeNet's auxiliary heads in eval mode) are in a traced
+    module tree but not here: budgets count the model as it runs."""
+    found: dict[int, torch.Tensor] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            for t in gm.get_submodule(n.target).parameters():
+                found[id(t)] = t
+        elif n.op == "get_attr":
+            owner, _, attr = n.target.rpartition(".")
+            t = (gm.get_submodule(owner) if owner else gm)._parameters.get(attr)
+            if t is not None:
+                found[id(t)] = t
+    return found
+
+
 def latency_ms(model: torch.nn.Module, example_inputs: tuple, *, warmup: int = 3, runs: int = 10) -> float:
     """Median wall time of a forward pass on the inputs' device."""
     times = []

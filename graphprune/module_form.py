@@ -36,7 +36,8 @@ def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.M
         return from_tensors(model, out, info), ""
     top = type(model).__new__(type(model))
     top.__dict__ = own_tensors(fresh_attrs(model.__dict__), _cloned(memo := {}))
-    top._modules = {k: (None if v is None else out.get_submodule(k)) for k, v in model._modules.items()}
+    top._modules = {k: (None if v is None else _submodule(out, k)) for k, v in model._modules.items()}
+    _restore_unrun(top, model)
     for store, theirs in ((top._parameters, model._parameters), (top._buffers, model._buffers)):
         store.clear()
         for k, t in theirs.items():
@@ -55,6 +56,34 @@ def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.M
             _fix_ln(mod, {})
     follow_widths(top, original)
     return top, ""
+
+
+def _submodule(out: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return out.get_submodule(name)
+    except AttributeError:
+        return None  # the graph never runs it: dce dropped it (put back by _restore_unrun)
+
+
+def _restore_unrun(top: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Put back, as unchanged copies, the user's modules the pruned graph dropped because
+    its forward never runs them (``dce``): the module form is the user's class, whose
+    code may name them in another mode (``trains`` checks they take the pruned widths)."""
+    import copy
+
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        owner, _, attr = name.rpartition(".")
+        try:
+            parent = top.get_submodule(owner) if owner else top
+        except AttributeError:
+            continue  # inside a module restored whole already
+        if parent._modules.get(attr) is None:
+            parent._modules[attr] = copy.deepcopy(mod)
+            theirs = model.get_submodule(owner)._modules if owner else model._modules
+            # in the user's order: an nn.Sequential runs its members in the order of its dict
+            parent._modules = {k: parent._modules[k] for k in [*theirs, *parent._modules] if k in parent._modules}
 
 
 def differs(top: torch.nn.Module, out: torch.nn.Module, args: tuple, kwargs: dict, *, params: bool = True) -> str | None:

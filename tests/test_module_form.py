@@ -1,4 +1,6 @@
 """output="auto" | "module" | "graph": the pruned model in the user's own classes where that is verified."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -218,3 +220,41 @@ def test_weights_the_trace_never_ran_are_refused_when_training_mode_cannot_be_ch
     small = graphprune.compile(model, (x,), target_flops=0.5, importance="l1")
     assert small.report.form == "graph"
     assert "never runs (aux)" in small.report.form_why and "fails in training mode" in small.report.form_why
+
+
+class Leftover(nn.Module):
+    """A module with weights that no mode of the forward runs (a head kept from pretraining)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(24, 10)
+        self.old_head = nn.Linear(24, 1000)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+def test_a_params_budget_counts_the_weights_the_forward_runs():
+    """GoogLeNet in eval mode: half its weights are auxiliary heads the forward never runs.
+    Counted, a 0.5 params budget cut the network that runs to 0.06 of its FLOPs. Now the
+    budget counts the weights the traced forward reads; the graph form drops the rest, the
+    module form keeps them as they were (and the report leaves them out)."""
+    torch.manual_seed(0)
+    x = torch.randn(*IMAGE)
+    model = AuxHead().eval()
+    model.aux[-1] = nn.Linear(8, 4000)  # the head holds most of the weights
+    alone = copy.deepcopy(model)
+    alone.aux = None
+    small = graphprune.compile(model, (x,), target_params=0.5, importance="l2")
+    ref = graphprune.compile(alone, (x,), target_params=0.5, importance="l2")
+    assert small.report.form == "graph" and not hasattr(small, "aux")
+    assert 0.47 <= small.report.params <= 0.5
+    assert small.report.params == pytest.approx(graphprune.count_params(small) / graphprune.count_params(alone))
+    assert small.report.flops == pytest.approx(ref.report.flops)
+    kept = graphprune.compile(Leftover().eval(), (x,), target_params=0.5, importance="l2")
+    assert type(kept) is Leftover and kept.report.form == "module", kept.report.form_why
+    assert kept.old_head.weight.shape == (1000, 24)
+    run = graphprune.count_params(kept) - kept.old_head.weight.numel() - kept.old_head.bias.numel()
+    assert kept.report.params == pytest.approx(run / (graphprune.count_params(Leftover()) - 25000))
+    assert 0.47 <= kept.report.params <= 0.5
