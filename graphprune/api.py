@@ -424,7 +424,8 @@ def _choose_form(model, out, p, output: str, rep):
         why = module_form.differs(top, out, p.example_inputs, dict(p.example_kwargs or {}), params=p.param_writes)
     unseen = module_form.unreached(model, p.gm) if p.analysis.method == "symbolic_trace" else []
     if top is not None:  # on meta weights this runs nothing: modules the trace never ran are refused
-        why = why or module_form.trains(model, top, p.example_inputs, dict(p.example_kwargs or {}), unseen)
+        why = why or module_form.trains(model, top, p.example_inputs, dict(p.example_kwargs or {}), unseen,
+                                       params=p.param_writes)
     if runs:
         why = why or _over_budget(top, p, rep, unseen)
     if top is None or why:

@@ -110,30 +110,34 @@ def differs(top: torch.nn.Module, out: torch.nn.Module, args: tuple, kwargs: dic
     return None
 
 
-def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: dict, unseen: list[str]) -> str | None:
-    """None unless the module form fails in training mode where the original runs.
+def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: dict, unseen: list[str], *,
+           params: bool = True) -> str | None:
+    """Why the module form cannot be trusted in training mode, or None.
 
     The trace saw the forward in one mode; the user fine-tunes the result in
     training mode, where the user's forward can take paths the trace never saw.
     GoogLeNet's and Inception-v3's auxiliary heads run only in training: they read
     activations whose channels were pruned, with their own input widths as they
     were, so the module form passed every eval check and failed at the first
-    training step. Outputs cannot be compared (the original is unpruned, dropout
-    draws), so the test is that the module form runs wherever the original does;
-    a width mismatch raises. Both run on copies of their tensors, the original on
-    a shadow (``trace.shadow``), so neither the user's model nor the result changes.
-    Where that cannot be run (the original itself fails in training mode on the
-    example: Inception-v3's auxiliary head at 160x160, a detector without targets;
-    or the model is too large to copy), the module form is refused only if it
-    holds modules with weights the trace never ran (``unseen``, from ``unreached``): nothing then
-    shows they can take the pruned widths."""
+    training step. What matters is weights the trace never ran (``unseen``, from
+    ``unreached``): where there are none, nothing is run here. Where there are,
+    both run in training mode, the original on a shadow (``trace.shadow``), both on
+    copies of their tensors (parameters too where ``params``: the forward writes to
+    them), so neither the user's model nor the result changes. Outputs cannot be
+    compared (the original is unpruned, dropout draws): the module form must run
+    where the original does, and a width mismatch raises. Where the original
+    itself cannot run so (it fails in training mode on the example: Inception-v3's
+    auxiliary head at 160x160, a detector without targets; or it is too large to
+    copy), nothing shows the unseen weights take the pruned widths: refused."""
     from .trace import shadow
     from .verify import why_not
 
+    if not unseen:
+        return None  # every weight ran in the trace: a path it missed would be weightless (costs a forward of each)
     cannot = why_not(model)
     if cannot is None:
         theirs, mine = shadow(model), hf.example_kwargs(top, kwargs) or {}
-        with training(theirs, top), on_copies(theirs, top):
+        with training(theirs, top), on_copies(theirs, top, params=params):
             try:
                 _run(theirs, args, kwargs)
             except Exception as e:  # noqa: BLE001 - the original does not run so either: nothing to hold the result to
@@ -146,7 +150,7 @@ def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: di
                             f"{str(e).splitlines()[0][:160]}): it takes a path the trace did not see (modules "
                             "that run only in training, such as auxiliary heads; delete them from the model, "
                             "e.g. model.aux1 = None, to keep its own classes)")
-    if cannot is None or not unseen:
+    if cannot is None:
         return None
     return (f"modules with weights that the traced forward never runs ({', '.join(unseen[:4])}"
             f"{', ...' if len(unseen) > 4 else ''}) could not be checked in training mode ({cannot}), and in the "
