@@ -422,7 +422,7 @@ def _choose_form(model, out, p, output: str, rep):
     runs = top is not None and not any(t.is_meta for t in out.parameters())
     if runs:
         why = module_form.differs(top, out, p.example_inputs, dict(p.example_kwargs or {}), params=p.param_writes)
-    unseen = module_form.unreached(model, p.gm) if p.analysis.method == "symbolic_trace" else []
+    unseen = module_form.unreached(model, p.gm)
     if top is not None:  # on meta weights this runs nothing: modules the trace never ran are refused
         why = why or module_form.trains(model, top, p.example_inputs, dict(p.example_kwargs or {}), unseen,
                                        params=p.param_writes)

@@ -107,7 +107,7 @@ def graph_params(gm: torch.fx.GraphModule) -> dict[int, torch.Tensor]:
         if n.op == "call_module":
             for t in gm.get_submodule(n.target).parameters():
                 found[id(t)] = t
-        elif n.op == "get_attr":
+        elif n.op == "get_attr" and n.users:  # torch.export reads every parameter, used or not
             owner, _, attr = n.target.rpartition(".")
             t = (gm.get_submodule(owner) if owner else gm)._parameters.get(attr)
             if t is not None:

@@ -160,20 +160,25 @@ def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: di
 def unreached(model: torch.nn.Module, traced: torch.fx.GraphModule) -> list[str]:
     """Names of ``model``'s modules holding weights that ``traced`` (a symbolic trace of
     it) never calls or reads: code the trace did not see, such as heads that run only in
-    training. Only for symbolic traces: other traces' names are not the module tree's."""
+    training. The graph's names must be the module tree's (a symbolic trace, or
+    ``torch.export``'s unflattened module, which names parameters by their paths)."""
     seen = set()
     for n in traced.graph.nodes:
         if n.op == "call_module":
             seen.add(n.target)
-        elif n.op == "get_attr":
+        elif n.op == "get_attr" and n.users:  # torch.export reads every parameter, used or not
             seen.add(n.target.rpartition(".")[0])
 
     def covered(name: str) -> bool:  # called itself, or inside a module called whole (a leaf)
         parts = name.split(".")
         return any(".".join(parts[:i]) in seen for i in range(1, len(parts) + 1))
 
-    weighted = [name for name, m in model.named_modules() if any(t is not None for t in m._parameters.values())]
-    unseen = [name for name in weighted if name and not covered(name)]
+    from .flops import graph_params
+
+    read = graph_params(traced)  # by identity: a weight tied into a module that runs is read under one name only
+    weighted = {name: m for name, m in model.named_modules() if any(t is not None for t in m._parameters.values())}
+    unseen = [name for name, m in weighted.items() if name and not covered(name)
+              and not any(id(t) in read for t in m._parameters.values() if t is not None)]
     reached = [name for name in weighted if name not in unseen]
 
     def outermost(name: str) -> str:  # aux1, not aux1.conv.conv: the largest module the trace left out whole

@@ -258,3 +258,19 @@ def test_a_params_budget_counts_the_weights_the_forward_runs():
     run = graphprune.count_params(kept) - kept.old_head.weight.numel() - kept.old_head.bias.numel()
     assert kept.report.params == pytest.approx(run / (graphprune.count_params(Leftover()) - 25000))
     assert 0.47 <= kept.report.params <= 0.5
+
+
+def test_a_training_only_head_is_found_in_an_exported_trace_too():
+    """torch.export (here forced by keyword inputs) reads every parameter in its graph,
+    used or not, and a tied weight under one name: the head is still found unrun, and
+    the graph form drops it."""
+    torch.manual_seed(0)
+    model, x = AuxHead().eval(), torch.randn(*IMAGE)
+    small = graphprune.compile(model, (), example_kwargs={"x": x}, target_flops=0.5, importance="l1")
+    assert small.report.form == "graph" and "training mode" in small.report.form_why
+    assert not any(name.startswith("aux") for name, _ in small.named_parameters())
+    model.aux = None
+    kept = graphprune.compile(model, (), example_kwargs={"x": x}, target_flops=0.5, importance="l1")
+    assert type(kept) is AuxHead and kept.report.form == "module"
+    kept.train()
+    assert kept(x=x).shape == (IMAGE[0], 10)
