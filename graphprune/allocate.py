@@ -318,7 +318,24 @@ def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule
             return _allocate(p, kind, target, constraints, rule, **meter_kw)
         except Unreachable:
             constraints = replace(constraints, min_keep=0.0)  # the floor yields to the budget
-    return _allocate(p, kind, target, constraints, rule, **meter_kw)
+    try:
+        return _allocate(p, kind, target, constraints, rule, **meter_kw)
+    except Unreachable as e:
+        if not p.groups:
+            raise Unreachable(f"target_{kind}={target} cannot be reached: the model has no prunable group"
+                              f"{blocked_hint(p)}") from None
+        raise Unreachable(f"{e}{blocked_hint(p)}") from None
+
+
+def blocked_hint(p: Pruner) -> str:
+    """What in the model holds its channels, for a message: without it, a budget that
+    ops without a rule put out of reach was blamed on min_width, round_to and ignore."""
+    why = p.analysis.unsupported
+    if not why:
+        return ""
+    head = "; ".join(why[:3]) + ("; ..." if len(why) > 3 else "")
+    return (f". {len(why)} op(s) without a coupling rule hold the channels they touch ({head}); "
+            "analyze(model, inputs).summary() lists them")
 
 
 def _allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule: str = "score", **meter_kw) -> tuple[dict, float]:

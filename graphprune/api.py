@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .allocate import RULES, Constraints, allocate, light_report, report
+from .allocate import RULES, Constraints, allocate, blocked_hint, light_report, report
 from .batches import as_call, regroup
 from .errors import GraphpruneError, GraphpruneWarning
 from .flops import count_flops, graph_params, latency_ratio
@@ -162,6 +162,9 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn, pipeline,
                    bool(reconstruct), check_trace=verify and why_not(model) is None)
     kind, target = next(iter(budgets.items()), (None, None))
+    if not p.groups and not budgets and any(ratio.values() if isinstance(ratio, dict) else [ratio]):
+        warnings.warn(GraphpruneWarning(f"nothing to prune: the model has no prunable group and comes back as it "
+                                        f"is{blocked_hint(p)}"), stacklevel=2)
     meter_kw = {"latency_inputs": latency_inputs} if kind == "latency" else {}
     rounding = None  # pipeline="deploy": the width multiple timed fastest, and the timings
     deploy = (pipeline or "").strip() == "deploy"

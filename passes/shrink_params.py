@@ -139,8 +139,14 @@ def _fix_embedding(mod, node, p):
 
 
 def _fix_rnn(mod, node, p):
-    """Widths from the weights; the flat weight list cuDNN reads points at the new tensors."""
-    mod.hidden_size, mod.input_size = mod.weight_hh_l0.shape[1], mod.weight_ih_l0.shape[1]
+    """Widths from the weights; the flat weight list cuDNN reads points at the new tensors.
+    ``weight_hh`` is (gates x hidden, hidden), or (gates x hidden, proj_size) with an LSTM
+    projection: the hidden size is read off its rows (its columns made a projected
+    LSTM's hidden size its projection's, and it failed even with nothing removed)."""
+    gates = {"LSTM": 4, "GRU": 3}.get(mod.mode, 1)
+    mod.hidden_size, mod.input_size = mod.weight_hh_l0.shape[0] // gates, mod.weight_ih_l0.shape[1]
+    if getattr(mod, "proj_size", 0):
+        mod.proj_size = mod.weight_hr_l0.shape[0]
     mod._init_flat_weights()
 
 

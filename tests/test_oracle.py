@@ -229,6 +229,53 @@ def test_recurrent_hidden_units_go_in_every_layer_and_direction_at_once():
             torch.testing.assert_close(small(xb), twin(xb), rtol=1e-5, atol=1e-6)
 
 
+def test_a_projected_lstm_keeps_its_channels_and_the_rest_prunes():
+    """An LSTM with ``proj_size`` has no rule (its weight_hh is (4 hidden, proj)): it holds
+    the channels it touches, and the layers around it still prune. The rebuilt module took
+    its hidden size from weight_hh's columns, the projection's, and failed even at ratio 0."""
+    class Projected(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+            self.rnn = torch.nn.LSTM(16, 24, batch_first=True, proj_size=8)
+            self.head = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.rnn(self.pre(x))[0].mean(1))
+
+    torch.manual_seed(0)
+    model, x = Projected().eval(), torch.randn(2, 7, 16)
+    same = graphprune.compile(model, (x,), ratio=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), model(x), rtol=0, atol=0)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and small.pre[0].out_features == 16
+    assert (small.rnn.hidden_size, small.rnn.proj_size) == (24, 8)
+    twin = dead_twin(model, small)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), twin(x), rtol=1e-5, atol=1e-6)
+    assert any("projection" in u for u in graphprune.analyze(model, (x,)).unsupported)
+
+
+def test_a_model_with_nothing_to_prune_says_what_holds_it():
+    """nn.TransformerEncoder is a leaf without a rule: a budget was blamed on min_width,
+    round_to and ignore, and ratio=0.5 came back unchanged without a word."""
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+            self.enc = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+        def forward(self, x):
+            return self.enc(x)
+
+    model, x = Encoder().eval(), torch.randn(2, 5, 16)
+    with pytest.raises(graphprune.GraphpruneError, match="no prunable group.*TransformerEncoder"):
+        graphprune.compile(model, (x,), target_flops=0.5)
+    with pytest.warns(graphprune.GraphpruneWarning, match="nothing to prune.*TransformerEncoder"):
+        graphprune.compile(model, (x,), ratio=0.5)
+
+
 def test_count_flops_counts_a_fused_cpu_lstm_as_on_meta():
     """On the CPU an LSTM runs as one fused op (``aten.mkldnn_rnn_layer``) the counter
     had no formula for: its FLOPs counted 0 there, and as its matmuls on meta."""
