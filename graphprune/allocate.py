@@ -45,6 +45,7 @@ class Report:
     layout: dict | None = None  # pipeline="deploy": whether convolution weights went channels-last, and the timing
     kernels: dict | None = None  # pipeline="deploy": whether layers run as fused oneDNN kernels, and the timing
     latency_table: dict | None = None  # a latency budget costed per unit from a latency table: nodes, timed now, cache
+    unrun: list = field(default_factory=list)  # modules with weights the traced forward never runs (outside the counts)
 
     def __str__(self) -> str:
         lat = "" if self.latency is None else f", latency {self.latency:.3f}"
@@ -61,7 +62,10 @@ class Report:
         table = "" if not lt else (f"; latency table of {lt['nodes']} nodes ({'timed now' if lt['timed_now'] else 'cached'}) "
                                    "guides the search and costs units" if lt["used"] else
                                    f"; latency table not used: 1/4 of every width saved only {lt['elastic']:.0%} of the time")
-        return f"{cost}{len(self.widths)} groups{check}{chose}{rounded}{laid}{fused}{table}"
+        unrun = "" if not self.unrun else (f"; never run by the traced forward, so outside the counts and "
+                                           f"{'kept as they were' if self.form == 'module' else 'dropped'}: "
+                                           f"{', '.join(self.unrun[:4])}{', ...' if len(self.unrun) > 4 else ''}")
+        return f"{cost}{len(self.widths)} groups{check}{chose}{rounded}{laid}{fused}{table}{unrun}"
 
 
 class Unreachable(GraphpruneError):

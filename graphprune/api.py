@@ -417,6 +417,7 @@ def _choose_form(model, out, p, output: str, rep):
     and, counted on it, within the budget (``_over_budget``; ``rep`` then gives its counts)."""
     if output not in ("auto", "module", "graph"):
         raise GraphpruneError(f"output must be 'auto', 'module' or 'graph', got {output!r}")
+    rep.unrun = unseen = module_form.unreached(model, p.gm)
     if output == "graph":
         return out, "graph", "output='graph'"
     if output == "auto" and (p.pipeline or DEFAULT_PIPELINE) != DEFAULT_PIPELINE:
@@ -425,7 +426,6 @@ def _choose_form(model, out, p, output: str, rep):
     runs = top is not None and not any(t.is_meta for t in out.parameters())
     if runs:
         why = module_form.differs(top, out, p.example_inputs, dict(p.example_kwargs or {}), params=p.param_writes)
-    unseen = module_form.unreached(model, p.gm)
     if top is not None:  # on meta weights this runs nothing: modules the trace never ran are refused
         why = why or module_form.trains(model, top, p.example_inputs, dict(p.example_kwargs or {}), unseen,
                                        params=p.param_writes)

@@ -255,6 +255,8 @@ def test_a_params_budget_counts_the_weights_the_forward_runs():
     kept = graphprune.compile(Leftover().eval(), (x,), target_params=0.5, importance="l2")
     assert type(kept) is Leftover and kept.report.form == "module", kept.report.form_why
     assert kept.old_head.weight.shape == (1000, 24)
+    assert small.report.unrun == ["aux"] and kept.report.unrun == ["old_head"]
+    assert "kept as they were: old_head" in str(kept.report) and "dropped: aux" in str(small.report)
     run = graphprune.count_params(kept) - kept.old_head.weight.numel() - kept.old_head.bias.numel()
     assert kept.report.params == pytest.approx(run / (graphprune.count_params(Leftover()) - 25000))
     assert 0.47 <= kept.report.params <= 0.5
