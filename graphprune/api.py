@@ -222,6 +222,9 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     rep.kernels = kernels
     rep.latency_table = p.latency_table
     result, rep.form, rep.form_why = _choose_form(model, out, p, output, rep)
+    if rep.form == "graph" and p.analysis.method == "export":  # the user's model may take shapes this graph refuses
+        rep.form_why += (". Traced with torch.export: the graph takes other batch sizes (and token counts), but "
+                         "its other input dims are fixed to the example's")
     result.report = rep
     return result
 

@@ -271,6 +271,7 @@ def test_a_training_only_head_is_found_in_an_exported_trace_too():
     small = graphprune.compile(model, (), example_kwargs={"x": x}, target_flops=0.5, importance="l1")
     assert small.report.form == "graph" and "training mode" in small.report.form_why
     assert not any(name.startswith("aux") for name, _ in small.named_parameters())
+    assert "input dims are fixed to the example's" in small.report.form_why  # what an exported graph takes
     model.aux = None
     kept = graphprune.compile(model, (), example_kwargs={"x": x}, target_flops=0.5, importance="l1")
     assert type(kept) is AuxHead and kept.report.form == "module"
