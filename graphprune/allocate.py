@@ -54,6 +54,8 @@ class Report:
         chose = f"; {self.auto}" if self.auto is not None else ""
         rounded = "" if not self.rounding else (f"; widths in multiples of {self.rounding['chosen']} (timed: latency vs "
                                                 f"unrounded {self.rounding['latency_vs_unrounded']})")
+        if self.rounding and self.rounding.get("too_coarse"):
+            rounded += f" (not timed, landing too far under the budget: {self.rounding['too_coarse']})"
         laid = "" if not self.layout else (f"; channels-last {'on' if self.layout['channels_last'] else 'off'} "
                                            f"({self.layout['why']})")
         fused = "" if not self.kernels else (f"; oneDNN kernels {'on' if self.kernels['onednn'] else 'off'} "
