@@ -165,13 +165,14 @@ def test_flops_count_the_experts_matmuls():
     on its traced graph (transformers' ``grouped_mm_fallback``) alike."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from graphprune.flops import count_flops
+    from graphprune.flops import _cpu_attention_flops, count_flops
     from graphprune.trace import trace
 
     torch.manual_seed(0)
     model = _mixtral().eval()
     ids = torch.randint(3, VOCAB, (2, 16))
-    with FlopCounterMode(display=False) as plain:
+    attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}  # tests/test_flops.py
+    with FlopCounterMode(display=False, custom_mapping=attention) as plain:
         model(ids)
     rows = 2 * 16 * 2  # tokens x top-k
     experts = 2 * (2 * rows * 64 * 256 + 2 * rows * 128 * 64)  # two layers
