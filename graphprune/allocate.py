@@ -93,13 +93,23 @@ class Constraints:
     min_keep: float = field(default_factory=lambda: MIN_KEEP)  # ... and this fraction of its units, where the budget allows
 
     def removal(self, p: Pruner, norm: dict, tau: float) -> dict:
+        return self._bounded(p, {g.id: int((norm[g.id] < tau).sum()) for g in p.groups})
+
+    def applied(self, p: Pruner, removed: dict) -> dict:
+        """A ratio's removal ({group id: units}) with these constraints: overrides fix their
+        groups' ratios, and kept widths are rounded and floored as under a budget (ratio=
+        took round_to, min_width and overrides and ignored them). No ``min_keep``: a ratio
+        says how much every group loses."""
+        return replace(self, min_keep=0.0)._bounded(p, {g.id: len(removed.get(g.id, ())) for g in p.groups})
+
+    def _bounded(self, p: Pruner, counts: dict) -> dict:
         out = {}
         for g in p.groups:
             fixed = matching_ratio(g, self.overrides) if self.overrides else None
             if fixed is not None:
                 k = int(round(fixed * g.n_units))
             else:
-                k = int((norm[g.id] < tau).sum())
+                k = counts[g.id]
             keep = g.n_units - k
             floor = min(g.n_units, max(self.min_width, 1, math.ceil(self.min_keep * g.n_units) if fixed is None else 1))
             if self.round_to > 1 and g.n_units >= self.round_to:

@@ -180,7 +180,10 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         by, fraction = budget or (kind, target)
         if by is None:
             with _gc_paused():
-                return p.removal_for_ratio(ratio, ratio_scope)
+                removed = p.removal_for_ratio(ratio, ratio_scope)
+            if round_to > 1 or min_width > 1 or overrides:
+                removed = Constraints(round_to, min_width, overrides).applied(p, removed)
+            return removed
         return allocate(p, by, fraction, Constraints(round_to, min_width, overrides), rule=rule,
                         **(meter_kw if by == "latency" else {}))[0]
 

@@ -235,7 +235,8 @@ def norm_per_index(t: torch.Tensor, axis: int, p: int) -> np.ndarray:
     if t.dim() == 1:
         return t.abs().float().pow(p).numpy()
     if axis == 0:  # rows: contiguous reductions
-        return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), ord=p, dim=1, dtype=torch.float32).pow(p).numpy()
+        wide = torch.float64 if t.dtype == torch.float64 else torch.float32  # a norm may not narrow its input
+        return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), ord=p, dim=1, dtype=wide).pow(p).numpy()
     # columns: a strided reduction is up to 10x slower than summing rows with a matrix-vector product
     pre = t.shape[:axis].numel()
     x = t.reshape(pre, -1).float()                                   # (pre, n_axis * post)

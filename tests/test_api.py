@@ -318,3 +318,29 @@ def test_deploy_takes_the_width_multiple_that_times_fastest(monkeypatch):
     assert small.report.flops <= 0.35 and "multiples of 8" in str(small.report)
     for kw in ({"pipeline": None}, {"pipeline": "deploy", "round_to": 1}):
         assert graphprune.compile(Residual().eval(), (x,), target_flops=0.4, importance="l1", **kw).report.rounding is None
+
+
+def test_ratio_honours_round_to_min_width_and_overrides():
+    """ratio= took round_to, min_width and overrides and ignored them (the second survey)."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1)).eval(), torch.randn(2, 3, 8, 8)
+
+    def width(**kw):
+        return graphprune.compile(model, (x,), importance="l1", **kw)[0].out_channels
+
+    assert width(ratio=0.25) == 12 and width(ratio=0.25, round_to=8) == 8
+    assert width(ratio=0.5) == 8 and width(ratio=0.5, min_width=12) == 12
+    assert width(ratio=0.5, overrides={"0": 0.0}) == 16 and width(ratio=0.5, overrides={"0": 0.25}) == 12
+
+
+def test_a_float64_model_prunes_in_float64():
+    """The weight-norm criteria reduced with a float32 accumulator, which torch refuses for
+    float64 weights (a bare RuntimeError from every budget and from l1/l2)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1)).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for kw in ({"ratio": 0.25, "importance": "l1"}, {"ratio": 0.25, "importance": "l2"}, {"target_flops": 0.5}):
+        small = graphprune.compile(model, (x,), **kw)
+        assert next(small.parameters()).dtype == torch.float64 and small(x).dtype == torch.float64
+    same = graphprune.compile(model, (x,), ratio=0.0)
+    torch.testing.assert_close(same(x), model(x), rtol=0, atol=0)
