@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 import graphprune
 from graphprune.shuffle import permute_channels
@@ -313,3 +314,27 @@ def test_clamp_by_buffers_keeps_zeros_only_where_its_bounds_hold_zero(low):
     assert small.inp.weight.shape[0] == (6 if low < 0 else 12)
     with torch.no_grad():
         torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_layer_norm_over_a_shape_read_at_run_time(dims):
+    """``F.layer_norm(y, y.shape[-dims:])``: one runtime value for the normalized shape. Over the
+    last dim alone the rewrite is exact and the channels prune; over (C, H, W) it took the
+    value for one dim and normalized W alone, so the channels stay (analyze listed them
+    prunable and only the self-check kept them)."""
+    class Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            y = F.layer_norm(y, y.shape[-dims:]) if dims == 3 else F.layer_norm(y.transpose(1, 3), y.shape[1:2]).transpose(1, 3)
+            return self.b(y).mean((2, 3))
+
+    torch.manual_seed(0)
+    model, x = Norm().eval(), torch.randn(2, 3, 8, 8)
+    groups = graphprune.analyze(model, (x,)).groups
+    assert bool(groups) == (dims == 1)
+    if dims == 1:
+        assert_lossless(Norm, (2, 3, 8, 8))
