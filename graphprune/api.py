@@ -18,7 +18,7 @@ from .errors import GraphpruneError, GraphpruneWarning
 from .flops import count_flops, graph_params, latency_ratio
 from .groups import Analysis, analyze_graph
 from . import auto, module_form
-from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore
+from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore, matching_ratio
 from .reconstruct import thin_calibration
 from .trace import trace
 from .verify import Verification, verified, why_not
@@ -162,6 +162,12 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn, pipeline,
                    bool(reconstruct), check_trace=verify and why_not(model) is None)
     kind, target = next(iter(budgets.items()), (None, None))
+    for what, patterns in (("ratio", ratio if isinstance(ratio, dict) else None), ("overrides", overrides)):
+        missed = [k for k in patterns or () if not any(matching_ratio(g, {k: 0.0}) is not None for g in p.groups)]
+        if missed:  # a pattern that names nothing prunable would otherwise prune nothing there, in silence
+            warnings.warn(GraphpruneWarning(f"{what} pattern(s) {missed} name no module that produces a prunable "
+                                            "group: analyze(model, inputs).summary() lists the groups and their modules"),
+                          stacklevel=2)
     if not p.groups and not budgets and any(ratio.values() if isinstance(ratio, dict) else [ratio]):
         warnings.warn(GraphpruneWarning(f"nothing to prune: the model has no prunable group and comes back as it "
                                         f"is{blocked_hint(p)}"), stacklevel=2)

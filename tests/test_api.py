@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -344,3 +346,15 @@ def test_a_float64_model_prunes_in_float64():
         assert next(small.parameters()).dtype == torch.float64 and small(x).dtype == torch.float64
     same = graphprune.compile(model, (x,), ratio=0.0)
     torch.testing.assert_close(same(x), model(x), rtol=0, atol=0)
+
+
+def test_a_ratio_pattern_that_names_nothing_prunable_warns():
+    """ratio={"nomatch*": 0.5} pruned nothing, and said nothing (the second survey)."""
+    model, x = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1)).eval(), torch.randn(2, 3, 8, 8)
+    with pytest.warns(graphprune.GraphpruneWarning, match=r"ratio pattern\(s\) \['nomatch\*'\] name no module"):
+        graphprune.compile(model, (x,), ratio={"nomatch*": 0.5, "0": 0.5}, importance="l1")
+    with pytest.warns(graphprune.GraphpruneWarning, match=r"overrides pattern\(s\) \['nope'\]"):
+        graphprune.compile(model, (x,), target_flops=0.6, overrides={"nope": 0.5}, importance="l1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", graphprune.GraphpruneWarning)
+        assert graphprune.compile(model, (x,), ratio={"0": 0.5}, importance="l1")[0].out_channels == 8
