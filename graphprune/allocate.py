@@ -25,7 +25,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from .errors import GraphpruneError, GraphpruneWarning
 from .flops import count_flops, count_params, graph_params, latency_ratio
 from .pruner import Pruner, matching_ratio, remove_lowest
-from .trace import meta_state, to_meta
+from .trace import meta_state, on_meta, to_meta
 
 
 @dataclass
@@ -122,6 +122,17 @@ class Constraints:
         return out
 
 
+def original_params(p: Pruner) -> float:
+    """Parameters the traced original reads, dead code included: what a params budget and
+    the report divide by (cached on the graph). Not every parameter of the module tree: a
+    module the forward never runs (GoogLeNet's auxiliary heads in eval mode, 49% of its
+    weights) cannot be pruned, and counted, it made a 0.5 budget cut the network that runs
+    to 0.06 of its FLOPs."""
+    if "gp_original_params" not in p.gm.meta:
+        p.gm.meta["gp_original_params"] = float(sum(t.numel() for t in graph_params(p.gm).values()))
+    return p.gm.meta["gp_original_params"]
+
+
 def normalized_scores(p: Pruner, kind: str | None = None) -> dict[int, np.ndarray]:
     return {g.id: p.scores[g.id] / max(float(np.mean(p.scores[g.id])), 1e-30) for g in p.groups}
 
@@ -140,7 +151,7 @@ class Meter:
         # the plan gives parameter counts exactly where the default passes only slice parameters
         self.exact_params = None if (p.pipeline or "shrink-params,dce") == "shrink-params,dce" else False
         self._read = graph_params(p.gm)  # what the pipeline's dce keeps, so what a candidate holds
-        self.base = 1.0 if kind == "latency" else self._original_params() if kind == "params" \
+        self.base = 1.0 if kind == "latency" else original_params(p) if kind == "params" \
             else self._original_flops() if kind == "flops" else self._measure({})
 
     def _plan_params(self, removed: dict) -> float:
@@ -180,13 +191,6 @@ class Meter:
         n = float(count_params(self.p.prune(removed, check=False, fit=False)))
         gc.collect()  # the candidate is a reference cycle as large as the model: free it now
         return n
-
-    def _original_params(self) -> float:
-        """Parameters the traced original reads, dead code included: what the report divides
-        by. Not every parameter of the module tree: a module the forward never runs
-        (GoogLeNet's auxiliary heads in eval mode, 49% of its weights) cannot be pruned,
-        and counted, it made a 0.5 budget cut the network that runs to 0.06 of its FLOPs."""
-        return float(sum(t.numel() for t in self._read.values()))
 
     def _original_flops(self) -> float:
         """FLOPs of the traced original, every node counted: what the report divides by
@@ -654,7 +658,7 @@ def _where(guess, lo: int, hi: int, want: float) -> int:
 
 def report(p: Pruner, removed: dict, model: torch.nn.Module, budget: dict, latency_inputs=None) -> Report:
     x, kw = p.example_inputs, p.example_kwargs
-    if any(t.is_meta for t in [*p.model.parameters(), *p.model.buffers()]):
+    if on_meta(p.model):
         x, kw = to_meta(x), to_meta(kw)  # weights on meta, inputs given on the CPU: count on shapes alone
     lat = None
     if "latency" in budget:
@@ -662,7 +666,7 @@ def report(p: Pruner, removed: dict, model: torch.nn.Module, budget: dict, laten
     return Report(
         widths={g.id: (g.n_units, g.n_units - len(removed.get(g.id, ()))) for g in p.groups},
         flops=count_flops(model, x, kw) / count_flops(p.model, x, kw),
-        params=count_params(model) / sum(t.numel() for t in graph_params(p.gm).values()),
+        params=count_params(model) / original_params(p),
         latency=lat,
         budget=budget,
     )

@@ -12,15 +12,15 @@ from contextlib import contextmanager
 
 import torch
 
-from .allocate import RULES, Constraints, allocate, blocked_hint, light_report, report
+from .allocate import RULES, Constraints, allocate, blocked_hint, light_report, original_params, report
 from .batches import as_call, regroup
 from .errors import GraphpruneError, GraphpruneWarning
-from .flops import count_flops, graph_params, latency_ratio
+from .flops import count_flops, latency_ratio
 from .groups import Analysis, analyze_graph
 from . import auto, module_form
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore, matching_ratio
 from .reconstruct import thin_calibration
-from .trace import trace
+from .trace import on_meta, trace
 from .verify import Verification, verified, why_not
 
 
@@ -152,7 +152,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     if allocation == "measured" and calibration is None:
         raise GraphpruneError("allocation='measured' measures each group's effect on held-out outputs: give "
                               "calibration batches, or another allocation ('score', 'per_param', 'uniform')")
-    if target_latency is not None and _on_meta(model):
+    if target_latency is not None and on_meta(model):
         raise GraphpruneError("target_latency times the model running, and its weights are on the meta device: "
                               "load them first, or give target_flops or target_params (counted on shapes alone)")
     choosing = importance == "auto" and calibration is not None
@@ -271,7 +271,7 @@ def fastest_rounding(p, kind: str, target: float, constraints, *, clock=None) ->
     or None where no rounding reaches the budget."""
     from dataclasses import replace
 
-    if _on_meta(p.gm):
+    if on_meta(p.gm):
         return None  # nothing runs, so nothing to time: widths stay as allocated
     clock = clock or latency_ratio
     built, coarse = {}, {}
@@ -293,10 +293,6 @@ def fastest_rounding(p, kind: str, target: float, constraints, *, clock=None) ->
         ratios = {q: clock(m, built[1], x) for q, m in built.items() if q != 1}
     q, r = min(ratios.items(), key=lambda kv: kv[1])
     return {"chosen": q if r < 0.95 else 1, "latency_vs_unrounded": {k: round(v, 3) for k, v in ratios.items()}}
-
-
-def _on_meta(model) -> bool:
-    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 
 def fastest_layout(p, *, clock=None) -> dict | None:
@@ -348,7 +344,7 @@ def _timed_pass(p, name: str, what: str, clock, applies, baseline: str = "plain"
         return None
     if p.example_kwargs:  # decided before two copies of the model are built for nothing (an LLM's worth each)
         return False, "not timed: the example has keyword inputs", None
-    if _on_meta(p.gm):
+    if on_meta(p.gm):
         return False, "not timed: the weights are on the meta device", None
     at = next((i for i, (step, _) in enumerate(steps) if step == "dce"), len(steps))
     trial = format_pipeline(steps[:at] + [(name, {})] + steps[at:])
@@ -420,7 +416,7 @@ def _over_budget(top, p, rep, unseen: list[str]) -> str | None:
         return None
     x, kw = p.example_inputs, p.example_kwargs
     flops = count_flops(top, x, kw) / count_flops(p.model, x, kw)
-    params = _params_run(top, unseen) / sum(t.numel() for t in graph_params(p.gm).values())  # as the report divides
+    params = _params_run(top, unseen) / original_params(p)  # as the report divides
     over = [f"{k} {v:.4f} > target_{k}={budgets[k]}" for k, v in (("flops", flops), ("params", params))
             if k in budgets and v > budgets[k] + 1e-9]
     if "latency" in budgets and flops > rep.flops * (1 + 1e-6):  # the timing was of the graph, which does less

@@ -158,38 +158,15 @@ def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: di
 
 
 def unreached(model: torch.nn.Module, traced: torch.fx.GraphModule) -> list[str]:
-    """Names of ``model``'s modules holding weights that ``traced`` (a symbolic trace of
-    it) never calls or reads: code the trace did not see, such as heads that run only in
-    training. The graph's names must be the module tree's (a symbolic trace, or
-    ``torch.export``'s unflattened module, which names parameters by their paths)."""
-    seen = set()
-    for n in traced.graph.nodes:
-        if n.op == "call_module":
-            seen.add(n.target)
-        elif n.op == "get_attr" and n.users:  # torch.export reads every parameter, used or not
-            seen.add(n.target.rpartition(".")[0])
+    """Names of the outermost modules with weights that ``traced`` (a trace of ``model``)
+    never calls or reads, by name or, for a tied weight, by identity
+    (``passes.dce.unrun_submodules``, what ``dce`` drops): code the trace did not see,
+    such as heads that run only in training. The graph's names must be the module
+    tree's (a symbolic trace, or ``torch.export``'s unflattened module, which names
+    parameters by their paths)."""
+    from .passes.dce import unrun_submodules
 
-    def covered(name: str) -> bool:  # called itself, or inside a module called whole (a leaf)
-        parts = name.split(".")
-        return any(".".join(parts[:i]) in seen for i in range(1, len(parts) + 1))
-
-    from .flops import graph_params
-
-    read = graph_params(traced)  # by identity: a weight tied into a module that runs is read under one name only
-    weighted = {name: m for name, m in model.named_modules() if any(t is not None for t in m._parameters.values())}
-    unseen = [name for name, m in weighted.items() if name and not covered(name)
-              and not any(id(t) in read for t in m._parameters.values() if t is not None)]
-    reached = [name for name in weighted if name not in unseen]
-
-    def outermost(name: str) -> str:  # aux1, not aux1.conv.conv: the largest module the trace left out whole
-        parts = name.split(".")
-        for i in range(1, len(parts) + 1):
-            head = ".".join(parts[:i])
-            if not any(r == head or r.startswith(head + ".") for r in reached):
-                return head
-        return name
-
-    return list(dict.fromkeys(outermost(name) for name in unseen))
+    return [name for name in unrun_submodules(traced) if any(True for _ in traced.get_submodule(name).parameters())]
 
 
 @contextmanager

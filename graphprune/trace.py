@@ -100,6 +100,11 @@ def without_cache(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def on_meta(model: torch.nn.Module) -> bool:
+    """Whether any weight or buffer of ``model`` is on the meta device (nothing can run it)."""
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
 def to_meta(x):
     if isinstance(x, torch.Tensor):
         return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
