@@ -22,5 +22,8 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
-# Latency tables (graphprune/latency_table.py) are cached on disk: the suite writes its own, never the user's.
-os.environ.setdefault("GRAPHPRUNE_CACHE", tempfile.mkdtemp(prefix="graphprune-cache-"))
+# Latency tables (graphprune/latency_table.py) are cached on disk: the suite writes its own, never the user's,
+# and removes it when the run ends (67 of them had piled up in /tmp).
+if "GRAPHPRUNE_CACHE" not in os.environ:
+    _cache = tempfile.TemporaryDirectory(prefix="graphprune-cache-")  # removed at exit by its finalizer
+    os.environ["GRAPHPRUNE_CACHE"] = _cache.name
