@@ -349,7 +349,15 @@ def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule
 
 def blocked_hint(p: Pruner) -> str:
     """What in the model holds its channels, for a message: without it, a budget that
-    ops without a rule put out of reach was blamed on min_width, round_to and ignore."""
+    ops without a rule put out of reach was blamed on min_width, round_to and ignore.
+    The blocked groups that hold the most weights come first (``Analysis.holding``)."""
+    held = [h for h in p.analysis.holding() if h[0] > 0]
+    if held:
+        parts = [f"{'; '.join(reasons[:2])}{'; ...' if len(reasons) > 2 else ''} "
+                 f"(touches {share:.0%} of the weights: {', '.join(params[:2])}{', ...' if len(params) > 2 else ''})"
+                 for share, reasons, params in held[:3]]
+        return (f". What holds channels out of pruning, by the weights it touches: {' | '.join(parts)}"
+                f"{' | ...' if len(held) > 3 else ''}; analyze(model, inputs).summary() lists all of it")
     why = p.analysis.unsupported
     if not why:
         return ""

@@ -105,9 +105,25 @@ class Analysis:
     unsupported: list[str]  # ops without a rule: they blocked the channels touching them
     graph: nx.Graph = field(repr=False)
 
+    def holding(self) -> list[tuple[float, list[str], list[str]]]:
+        """The blocked groups as (share of the model's weights their parameters hold, reasons,
+        parameter names), most first: what keeps the most weights out of pruning leads a
+        message, not whichever unsupported op came first in the graph (a Llama's mask
+        arithmetic, while the stream was held by the ignored embedding)."""
+        sizes = {n: t.numel() for n, t in self.gm.named_parameters(remove_duplicate=False)}
+        total = max(1, sum(t.numel() for t in self.gm.parameters()))
+        out = [(sum(sizes.get(n, 0) for n in set(b.params)) / total, b.reasons, b.params) for b in self.blocked]
+        return sorted(out, key=lambda h: -h[0])
+
     def summary(self) -> str:
         lines = [f"traced with {self.method}: {len(self.groups)} prunable groups, {len(self.blocked)} blocked groups with parameters"]
         lines += ["  " + g.describe() for g in self.groups]
+        if self.blocked:
+            lines.append("blocked groups (their channels stay), by the share of the weights in the parameters they touch:")
+            for share, reasons, params in self.holding():
+                more = f" (+{len(params) - 4} more)" if len(params) > 4 else ""
+                lines.append(f"  {share:.1%}: {'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''}; "
+                             f"params {', '.join(params[:4])}{more}")
         if self.unsupported:
             lines.append("unsupported ops (their channels stay):")
             lines += [f"  {u}" for u in self.unsupported]
@@ -236,15 +252,15 @@ def _module_of(node: Node) -> set[str]:
 
 
 def _ignored_outputs(gm: GraphModule, ignore: set[str]):
-    """Nodes inside an ignored module whose value leaves it: their width stays."""
+    """(node, ignored module) for nodes inside an ignored module whose value leaves it: their width stays."""
     if not ignore:
         return
     inside = {}
     for n in gm.graph.nodes:
-        inside[n] = {p for p in _module_of(n) if any(p == i or p.startswith(i + ".") for i in ignore)}
+        inside[n] = {i for p in _module_of(n) for i in ignore if p == i or p.startswith(i + ".")}
     for n in gm.graph.nodes:
         if inside[n] and any(not inside[u] for u in n.users):
-            yield n
+            yield n, min(inside[n])
 
 
 # ops that read sizes at run time (x.size(1), x.dim()); what they compute adapts to the new widths
@@ -291,10 +307,10 @@ def build(gm: GraphModule, ignore=()) -> Builder:
                     if (p, k) not in b.touched:
                         b.block((p, k), f"{node.name}: {c.op} keeps this parameter dim")
     b._log = None
-    for n in _ignored_outputs(gm, set(ignore)):
+    for n, module in _ignored_outputs(gm, set(ignore)):
         for v in _tensor_values(n):
             for k in range(len(b.shape(v))):
-                b.block((v, k), "output of an ignored module")
+                b.block((v, k), f"output of ignored module {module}")
     block_unproven_reductions(b, cops)
     _record_number_uses(b, gm)
     _block_computed_sizes(b, gm)

@@ -338,3 +338,20 @@ def test_layer_norm_over_a_shape_read_at_run_time(dims):
     assert bool(groups) == (dims == 1)
     if dims == 1:
         assert_lossless(Norm, (2, 3, 8, 8))
+
+
+def test_an_unreachable_budget_names_what_holds_the_most_weights_first():
+    """A Llama's mask and rotary arithmetic has no rules; the message named those ops
+    (``and_1``, ``arange``) while the stream was held by the user's own ``ignore``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model, ids = LlamaForCausalLM(cfg).eval(), torch.randint(0, 256, (2, 16))
+    ignore = ["lm_head", "model.embed_tokens"]
+    with pytest.raises(graphprune.GraphpruneError, match=r"holds channels out of pruning.*: output of ignored "
+                                                         r"module (lm_head|model.embed_tokens) \(touches 100%"):
+        graphprune.compile(model, (ids,), target_params=0.3, ignore=ignore)
+    summary = graphprune.analyze(model, (ids,), ignore=ignore).summary()
+    assert "blocked groups (their channels stay)" in summary and "100.0%: output of ignored module" in summary
