@@ -397,7 +397,11 @@ def verified(p, decide, *, rounds: int = 4):
             break
         blocked += [f"{v.describe(g)}: {problem}" for g in bad]
         p.unsafe.update(bad)
-        removed = decide()
+        try:
+            removed = decide()
+        except GraphpruneError as e:  # the budget, counted with those groups whole, is out of reach
+            raise type(e)(f"{e}. The self-check kept these groups whole (their rewrite did not reproduce the "
+                          f"original): {'; '.join(blocked)}") from None
         out = p.prune(removed, fit=False)
     raise GraphpruneError(
         f"the pruned model does not reproduce its dead twin ({problem}), and keeping the groups responsible did not "

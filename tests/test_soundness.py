@@ -492,3 +492,15 @@ def test_a_graph_module_compiles_again():
     assert isinstance(once, torch.fx.GraphModule)
     assert twice(x).shape == (5, 4) and graphprune.count_params(twice) < graphprune.count_params(once)
     assert twice.report.verify is not None and "passed" in str(twice.report.verify)
+
+
+def test_a_budget_out_of_reach_once_the_self_check_keeps_a_group_says_so(monkeypatch):
+    """With the group kept whole the budget can no longer be met: the message blamed
+    min_width, round_to and ignore, and did not say the self-check had kept a group."""
+    import graphprune.zeros as zeros
+
+    monkeypatch.setitem(zeros.RULES, "reduce", zeros.nothing)
+    m, x = NonZeroReductions().eval(), torch.randn(*IMG)
+    with pytest.raises(graphprune.GraphpruneError, match=r"cannot be reached.*self-check kept these groups whole.*"
+                                                         r"group \d+ \(8 units; parameters of a, b"):
+        graphprune.compile(m, (x,), target_flops=0.4, importance="l1")
