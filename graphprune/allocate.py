@@ -25,6 +25,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from .errors import GraphpruneError, GraphpruneWarning
 from .flops import count_flops, count_params, graph_params, latency_ratio
 from .pruner import Pruner, matching_ratio, remove_lowest
+from .meta_keys import ORIGINAL_FLOPS, ORIGINAL_PARAMS
 from .trace import meta_state, on_meta, to_meta
 
 
@@ -128,9 +129,9 @@ def original_params(p: Pruner) -> float:
     module the forward never runs (GoogLeNet's auxiliary heads in eval mode, 49% of its
     weights) cannot be pruned, and counted, it made a 0.5 budget cut the network that runs
     to 0.06 of its FLOPs."""
-    if "gp_original_params" not in p.gm.meta:
-        p.gm.meta["gp_original_params"] = float(sum(t.numel() for t in graph_params(p.gm).values()))
-    return p.gm.meta["gp_original_params"]
+    if ORIGINAL_PARAMS not in p.gm.meta:
+        p.gm.meta[ORIGINAL_PARAMS] = float(sum(t.numel() for t in graph_params(p.gm).values()))
+    return p.gm.meta[ORIGINAL_PARAMS]
 
 
 def normalized_scores(p: Pruner, kind: str | None = None) -> dict[int, np.ndarray]:
@@ -199,7 +200,7 @@ class Meter:
         auxiliary head left in ``forward``), so a budget measured against that build
         landed under the target by the dead code's share (0.17 for a 0.5 target where
         it was two thirds of the model), and the report disagreed with the search."""
-        cached = self.p.gm.meta.get("gp_original_flops")
+        cached = self.p.gm.meta.get(ORIGINAL_FLOPS)
         if cached is None:
             with _reparametrize_module(self.p.gm, self._meta_state, tie_weights=False):
                 try:
@@ -208,7 +209,7 @@ class Meter:
                     cached = None
             if cached is None:
                 cached = float(count_flops(self.p.gm, self.p.example_inputs, self.p.example_kwargs))
-            self.p.gm.meta["gp_original_flops"] = cached
+            self.p.gm.meta[ORIGINAL_FLOPS] = cached
         return cached
 
     def _built(self, removed: dict) -> float:

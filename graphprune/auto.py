@@ -57,7 +57,7 @@ import torch
 
 from . import importance as _importance
 from .batches import as_call, regroup
-from .meta_keys import VAL
+from .meta_keys import POSITIONS, VAL
 from .verify import _run, flatten
 
 DATA_CRITERIA = ("activation", "fluctuation", "l2")
@@ -121,7 +121,7 @@ def _positions(gm) -> dict:
     """{parameter name: positions its weight is applied at per forward}, summed over uses."""
     import operator
 
-    cached = gm.meta.get("gp_positions")
+    cached = gm.meta.get(POSITIONS)
     if cached is not None:
         return cached
     out: dict = {}
@@ -146,7 +146,7 @@ def _positions(gm) -> dict:
             for u in n.users:
                 if u.op == "call_function" and u.args and u.args[0] is not n:  # the weight is an operand, not the data
                     add(n.target, t, u)
-    gm.meta["gp_positions"] = out
+    gm.meta[POSITIONS] = out
     return out
 
 

@@ -29,7 +29,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from graphprune.canon import COp, arg, vkey
-from graphprune.meta_keys import CANON, NUMBERS, PLAN, VAL
+from graphprune.meta_keys import CACHED, CANON, NUMBERS, PLAN, VAL
 from graphprune.sizes import frozen_value
 from graphprune.trace import fresh_attrs, own_tensors
 from graphprune.modules import (FullWidthLayerNorm, FullWidthRMSNorm, PrunedSelfAttention, batch_norm_full, full_width,
@@ -449,7 +449,7 @@ def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
     out = GraphModule(root, graph, class_name=type(gm).__name__)
     for name, child in root.named_children():  # whole subtrees, so Sequential and friends keep their types
         setattr(out, name, child)
-    out.meta.update({k: v for k, v in gm.meta.items() if k != PLAN})
+    out.meta.update({k: v for k, v in gm.meta.items() if k != PLAN and k not in CACHED})  # counts of the original: stale here
     out.training = gm.training  # set, not train(): exported modules refuse train()
     return PassResult(out, bool(plan))
 

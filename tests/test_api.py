@@ -358,3 +358,16 @@ def test_a_ratio_pattern_that_names_nothing_prunable_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error", graphprune.GraphpruneWarning)
         assert graphprune.compile(model, (x,), ratio={"0": 0.5}, importance="l1")[0].out_channels == 8
+
+
+def test_a_pruned_graph_carries_no_counts_of_its_original():
+    """The budget search caches the traced original's FLOPs and parameters on its graph;
+    shrink-params copied them into the result, where they describe another model."""
+    from graphprune.meta_keys import CACHED
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    for budget in ({"target_flops": 0.5}, {"target_params": 0.5}):
+        small = graphprune.compile(model, (x,), output="graph", **budget)
+        assert not set(CACHED) & set(small.meta), budget
