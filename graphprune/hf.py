@@ -78,9 +78,22 @@ def _heads(mod) -> tuple[int, int, int] | None:
         return None if rq is None or rk is None else (rq // head_dim, rk // head_dim, head_dim)
     fused = _child(mod, "c_attn")  # GPT-2: q, k and v in one projection
     if fused is not None and not getattr(mod, "is_cross_attention", False) and _rows(fused) is not None:
-        h = _rows(fused) // 3 // head_dim
+        rows, inner = _rows(fused), _cols(_child(mod, "c_proj"))
+        if inner and inner % head_dim == 0 and (rows - inner) % (2 * head_dim) == 0:
+            # the output projection reads the query heads; k and v share the rest (GPTBigCode's
+            # multi-query attention fuses h query heads with one key/value head: rows/3 is no head count)
+            return inner // head_dim, (rows - inner) // (2 * head_dim), head_dim
+        h = rows // 3 // head_dim
         return h, h, head_dim
     return None
+
+
+def _cols(mod) -> int | None:
+    """Input width of a projection (nn.Linear, or GPT-2's transposed Conv1D)."""
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return None
+    return w.shape[0] if type(mod).__name__ == "Conv1D" else w.shape[1]
 
 
 # attribute -> its value from (query heads, key/value heads, head_dim); set where a module has it
@@ -92,6 +105,8 @@ ATTENTION_ATTRS = {
     "all_head_size": lambda h, kv, d: h * d,
     "split_size": lambda h, kv, d: h * d,
     "embed_dim": lambda h, kv, d: h * d,
+    "kv_heads": lambda h, kv, d: kv,  # GPTBigCode
+    "kv_dim": lambda h, kv, d: kv * d,
 }
 
 MLP_PROJ = ("up_proj", "gate_proj", "fc1", "c_fc", "dense_h_to_4h", "w1")

@@ -102,7 +102,16 @@ def _gpt2():
                                                                 bos_token_id=0, eos_token_id=0))
 
 
-FAMILIES = {"llama": _llama_cached, "qwen2": _qwen2, "mistral": _mistral, "gpt2": _gpt2, "bert": _bert}
+def _bigcode_mqa():
+    """Multi-query attention fused into one c_attn (8 query heads, one key/value head): its
+    rows over 3 are no head count; the module form set embed_dim from them and was refused."""
+    return transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=8, n_inner=128, n_positions=64, multi_query=True,
+        bos_token_id=0, eos_token_id=0))
+
+
+FAMILIES = {"llama": _llama_cached, "qwen2": _qwen2, "mistral": _mistral, "gpt2": _gpt2, "bert": _bert,
+            "gpt_bigcode_mqa": _bigcode_mqa}
 # families whose config can state every pruned width (query heads x head_dim is not tied to hidden_size)
 CONFIG_EXPRESSES = {"llama", "qwen2", "mistral"}
 
