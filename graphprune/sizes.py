@@ -156,6 +156,71 @@ def number_uses(gm: GraphModule) -> list[NumberUse]:
     return uses
 
 
+def at_original_widths(value: Node, shrunk, env: dict, graph, before: Node, names: dict | None = None):
+    """A node of ``graph`` (inserted before ``before``) that computes ``value``, a number of the
+    original graph, with every read of a shrunk width (``shrunk((key, axis))``) replaced by the
+    width the original had, and every other read (batch, pixels, tokens) left to run time;
+    ``env`` maps the original's nodes to ``graph``'s. None where a read is not of one dim
+    (``x.numel()``, a whole ``x.shape`` used as a tuple): the caller freezes the whole value.
+
+    ``e = h.pow(2).sum((1, 2, 3)) / (c * hh * ww)`` with ``c`` pruned: frozen whole, the
+    number was the example's ``16 * 8 * 8`` at every image size (0.65 off at 12x12, and the
+    self-check, which grows only the batch, passed). Rebuilt, it is ``16 * hh * ww``."""
+    names = names or {}
+    memo: dict = {}
+
+    def dim_of(n: Node):
+        """((key, axis) as the plan names it, the tensor read, axis) where ``n`` reads one dim, else None."""
+        src = n.args[0].args[0] if _is_item(n) else n.args[0]
+        d = _reads(n.args[0])[n.args[1]] if _is_item(n) else _reads(n)
+        numel = n.target in (torch.numel, aten.sym_numel.default) or (n.op == "call_method" and n.target in ("numel", "nelement"))
+        if not isinstance(d, frozenset) or len(d) != 1 or numel:
+            return None
+        (key, axis), = d
+        return (names.get(key, key) if isinstance(key, str) else key, axis), src, axis
+
+    def rebuild(n):
+        """(replacement, whether it differs from the pruned graph's own), or None."""
+        if not isinstance(n, Node):
+            return n, False
+        if not _python_valued(n):
+            return env[n], False
+        if n in memo:
+            return memo[n]
+        if _is_item(n) or _reads(n) is not None:
+            read = dim_of(n)
+            if read is None:
+                out = None  # a whole shape used as one value, or numel
+            else:
+                d, src, axis = read
+                out = (int(src.meta[VAL].shape[axis]), True) if shrunk(d) else (env[n], False)
+        else:
+            ok, changed = True, False
+
+            def sub(m):
+                nonlocal ok, changed
+                r = rebuild(m)
+                if r is None:
+                    ok = False
+                    return m
+                changed |= r[1]
+                return r[0]
+
+            args, kwargs = map_arg(n.args, sub), map_arg(n.kwargs, sub)
+            if not ok:
+                out = None
+            elif not changed:
+                out = (env[n], False)
+            else:
+                with graph.inserting_before(before):
+                    out = (graph.create_node(n.op, n.target, args, kwargs, name=f"{n.name}_at_original_widths"), True)
+        memo[n] = out
+        return out
+
+    r = rebuild(value)
+    return None if r is None else r[0]
+
+
 def frozen_value(number):
     """The original number as a graph constant, or None when it is not a plain Python value."""
     if isinstance(number, bool) or isinstance(number, (int, float)):

@@ -138,6 +138,36 @@ def other_inputs(args: tuple) -> list[tuple]:
     return [o for i, o in enumerate(out) if not any(_same(o, p) for p in out[:i])]
 
 
+def resized_inputs(args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
+    """Inputs at other sizes besides the batch: the size of the first input's dim 1 (tokens,
+    time steps), then of its last dim (image or signal width), made smaller in every dim of
+    every tensor input that has it, so a mask or a position table follows its sequence.
+    Each size first loses one, then half the largest power of two dividing it (what
+    strided down-sampling and up-sampling that must meet again keep), as a 64-pixel image
+    becomes 63, else 32. A number computed from a pruned width and a run-time size
+    (``e / (c * h * w)``) was frozen at the example's size and wrong at every other,
+    while the batch-only check passed."""
+    first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
+    if first is None:
+        return []
+    out = []
+    for s in dict.fromkeys((first.shape[1], first.shape[-1])):
+        for new in dict.fromkeys((s - 1, s - max(1, (s & -s) // 2))):
+            if new < 1:
+                continue
+
+            def cut(x, s=s, new=new):
+                if not isinstance(x, torch.Tensor):
+                    return x
+                for d in range(x.dim()):
+                    if x.shape[d] == s:
+                        x = x.narrow(d, 0, new)
+                return x
+
+            out.append((tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}))
+    return out
+
+
 def _same(a: tuple, b: tuple) -> bool:
     return all((x.shape == y.shape) if isinstance(x, torch.Tensor) else x is y for x, y in zip(a, b))
 
@@ -249,7 +279,9 @@ class Verifier:
         args, kwargs = p.example_inputs, dict(p.example_kwargs or {})
         self.cases = [(tuple(args), kwargs)]
         self.others = [(o, kwargs) for o in other_inputs(tuple(args))]  # tried in order until the model takes one
+        self.resized = resized_inputs(tuple(args), kwargs)  # ... and of these, the first the traced graph takes
         self.seconds = 0.0
+        self._sized: list = []  # the resized cases tried (one stays in ``cases``)
         self.notes: list[str] = []
         gm = p.gm
         self.params = dict(gm.named_parameters(remove_duplicate=False))
@@ -267,10 +299,16 @@ class Verifier:
                           f"does not, so the result only takes the example's shapes {_shapes(self.cases[0][0])}")
 
     def _cases(self):
-        """The example, then the first other shape the model accepts (found on the first check)."""
+        """The example, the first other batch shape the model accepts, and the first input at
+        another size (``resized_inputs``) the traced graph takes (found on the first check)."""
         yield from list(self.cases)
         while self.others and len(self.cases) == 1:
             case = self.others.pop(0)
+            self.cases.append(case)
+            yield case
+        while self.resized and not any(c is t for c in self.cases for t in self._sized):
+            case = self.resized.pop(0)
+            self._sized.append(case)
             self.cases.append(case)
             yield case
 
@@ -333,9 +371,10 @@ class Verifier:
                     try:
                         with swapped(gm, {**_copies(gm, params=self.p.param_writes), **state}):
                             ref = _run(gm, args, kwargs)
-                    except Exception:  # noqa: BLE001 - only the second shape can fail: the graph does not take it
+                    except Exception:  # noqa: BLE001 - only a later shape can fail: the graph does not take it
                         self.cases = [c for c in self.cases if c[0] is not args]
-                        self._graph_refused(args, kwargs)
+                        if not any(c[0] is args for c in self._sized):  # an exported graph fixes those sizes, and says so
+                            self._graph_refused(args, kwargs)
                         continue
                     try:
                         with on_copies(out, params=self.p.param_writes):

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from graphprune.canon import COp, arg, vkey
+from graphprune.canon import COp, arg, tensor_names, vkey
 from graphprune.meta_keys import CACHED, CANON, NUMBERS, PLAN, VAL
-from graphprune.sizes import frozen_value
+from graphprune.sizes import at_original_widths, frozen_value
 from graphprune.trace import fresh_attrs, own_tensors
 from graphprune.modules import (FullWidthLayerNorm, FullWidthRMSNorm, PrunedSelfAttention, batch_norm_full, full_width,
                                 layer_norm_full, rms_norm_full)
@@ -445,7 +445,7 @@ def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
         elif cop is not None and cop.op in ARG_FIXES:
             COUNTERS["args"] += bool(ARG_FIXES[cop.op](node, cop, p))
     env_out = {**env, next(n for n in gm.graph.nodes if n.op == "output"): next(n for n in graph.nodes if n.op == "output")}
-    _freeze_numbers(gm.meta.get(NUMBERS, ()), plan, env_out)
+    _freeze_numbers(gm.meta.get(NUMBERS, ()), plan, env_out, tensor_names(gm))
     out = GraphModule(root, graph, class_name=type(gm).__name__)
     for name, child in root.named_children():  # whole subtrees, so Sequential and friends keep their types
         setattr(out, name, child)
@@ -454,13 +454,16 @@ def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
     return PassResult(out, bool(plan))
 
 
-def _freeze_numbers(uses, plan: dict, env: dict) -> None:
+def _freeze_numbers(uses, plan: dict, env: dict, names: dict) -> None:
     """A width read as a number (``h / h.shape[1]``) keeps its original value
     where that width shrank: the twin divides by the width it was trained with.
     Shape arguments (view sizes) are not number uses and stay symbolic."""
     for use in uses:
         if not any(d in plan for d in use.deps):
             continue
-        user, value, number = env[use.user], env[use.value], frozen_value(use.number)
+        user, value = env[use.user], env[use.value]
+        # recomputed from the run-time sizes with the shrunk widths put back; frozen whole where that cannot be done
+        number = at_original_widths(use.value, plan.__contains__, env, user.graph, user, names)
+        number = frozen_value(use.number) if number is None else number
         user.args = map_arg(user.args, lambda m: number if m is value else m)
         user.kwargs = map_arg(user.kwargs, lambda m: number if m is value else m)
