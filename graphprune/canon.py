@@ -182,6 +182,8 @@ def _slice(node, mod=None):
     else:  # narrow(x, dim, start, length)
         dim = _dim(arg(node, 1, "dim"), len(size))
         start, length, step = arg(node, 2, "start"), arg(node, 3, "length"), 1
+        if isinstance(start, int) and start < 0 and isinstance(size[dim], int):
+            start += size[dim]  # narrow(x, 1, -6, 6): the last six (start + length was a range past the end)
         end = start + length if isinstance(start, int) and isinstance(length, int) else None
     if start is None or end is None or step != 1:
         return COp("unknown", node, _tensors(node), attrs={"why": "slice with symbolic bounds or a step"})

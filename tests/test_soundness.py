@@ -570,3 +570,23 @@ def test_the_self_check_tries_other_sizes_than_the_batch(monkeypatch):
     x12 = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(small(x12), m(x12), rtol=1e-4, atol=1e-5)
+
+
+class NarrowTail(nn.Module):
+    """``h.narrow(1, -6, 6)``: the last six channels, by a negative start."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        return self.b(h.narrow(1, -6, 6)) + self.c(h)
+
+
+def test_narrow_with_a_negative_start_is_the_tail():
+    """The range ran from -6 to 0: analyze saw 22 units on 16 channels and every budget
+    failed (a raw RuntimeError under target_flops)."""
+    _, small = _twin_check(NarrowTail, IMG, must_prune=True)
+    assert small.a.out_channels < 16
+    assert graphprune.analyze(NarrowTail(), (torch.randn(*IMG),)).groups[0].n_units == 16
