@@ -20,7 +20,7 @@ from .groups import Analysis, analyze_graph
 from . import auto, module_form
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore, matching_ratio
 from .reconstruct import thin_calibration
-from .trace import on_meta, trace
+from .trace import on_meta, trace, unwrapped
 from .verify import Verification, verified, why_not
 
 
@@ -49,6 +49,7 @@ def analyze(model: torch.nn.Module, example_inputs: tuple, *, ignore=(), example
     >>> a = graphprune.analyze(torchvision.models.resnet18(), (torch.randn(1, 3, 224, 224),))
     >>> print(a.summary())          # groups, their sizes and members; what blocked the rest
     """
+    model = unwrapped(model)
     ignore = check_ignore(model, ignore)
     with _gc_paused():
         traced = trace(model, example_inputs, example_kwargs)
@@ -136,6 +137,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     >>> small = graphprune.compile(model, (x,), target_flops=0.5)
     >>> small.report.flops
     """
+    model = unwrapped(model)  # torch.compile(model) -> the module it wraps; TorchScript inside is refused
     budgets = {k: v for k, v in (("flops", target_flops), ("params", target_params), ("latency", target_latency)) if v is not None}
     if len(budgets) > 1 or (budgets and ratio is not None):
         raise GraphpruneError("give one of ratio, target_flops, target_params or target_latency")

@@ -12,6 +12,7 @@ and then the graph is returned, with the reason in ``result.report``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager
 
@@ -20,7 +21,7 @@ import torch.nn as nn
 
 from . import hf
 from .modules import full_width
-from .trace import fresh_attrs, own_tensors
+from .trace import HOOK_DICTS, fresh_attrs, own_tensors, rebind_hooks
 from .verify import _run, evaluating, mismatch, on_copies, other_inputs
 
 
@@ -50,12 +51,33 @@ def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.M
                 data = t.detach().clone()
                 store[k] = torch.nn.Parameter(data, t.requires_grad) if isinstance(t, torch.nn.Parameter) else data
     top.training = out.training
+    _hooks_follow(top, model)
     original = info.get("original", {})
     for mod in top.modules():  # the user's own norm subclasses that fx traced through (leaf modules are fixed by shrink-params)
         if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
             _fix_ln(mod, {})
     follow_widths(top, original)
     return top, ""
+
+
+def _hooks_follow(top: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Hooks that are methods of a module of the user's model (or of a copy graphprune made of
+    one while tracing and pruning) call the module of the same name in ``top``: the user's
+    ``self.head.register_forward_hook(self._save)`` fills the pruned model's ``feats``, not the
+    original's."""
+    from .trace import copy_of
+
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    mine = dict(top.named_modules(remove_duplicate=False))
+    copies = {}
+    for mod in list(mine.values()):
+        for attr in HOOK_DICTS:
+            for h in (mod.__dict__.get(attr) or {}).values():
+                owner = getattr(h, "__self__", None) if inspect.ismethod(h) else None
+                name = names.get(id(copy_of(owner))) if isinstance(owner, torch.nn.Module) else None
+                if name is not None and name in mine and mine[name] is not owner:
+                    copies[id(owner)] = mine[name]
+    rebind_hooks(copies, mine.values())
 
 
 def _submodule(out: torch.nn.Module, name: str) -> torch.nn.Module | None:

@@ -20,7 +20,7 @@ from .errors import GraphpruneError
 from .groups import Analysis, Group, analyze_graph
 from .meta_keys import PLAN
 from .pass_manager import check_graph, run_pipeline
-from .trace import shadow, trace
+from .trace import shadow, trace, unwrapped
 
 DEFAULT_PIPELINE = "shrink-params,dce"
 
@@ -155,6 +155,7 @@ class Pruner:
     latency_table: dict | None = field(init=False, default=None)  # what the last table read was (report.latency_table)
 
     def __post_init__(self):
+        self.model = unwrapped(self.model)
         self.ignore = tuple(check_ignore(self.model, self.ignore))
         traced = self._faithful_trace() if self.check_trace else trace(self.model, self.example_inputs, self.example_kwargs, method=self.method)
         self.analysis = analyze_graph(traced.gm, traced.method, self.ignore)

@@ -13,7 +13,10 @@ a model whose parameters already live on ``meta`` works the same way.
 from __future__ import annotations
 
 import copy as copy_module
+import inspect
 import operator
+import types
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +62,59 @@ def own_tensors(d: dict, copy) -> dict:
     return out
 
 
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+              "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+              "_load_state_dict_post_hooks")
+_COPY_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a module copy -> the module it copies
+
+
+def copy_of(mod: torch.nn.Module) -> torch.nn.Module:
+    """The user's module that ``mod`` was copied from (through shadows and clones), or ``mod``."""
+    seen = 0
+    while mod in _COPY_OF and seen < 64:
+        mod, seen = _COPY_OF[mod], seen + 1
+    return mod
+
+
+def rebind_hooks(copies: dict, where=None) -> None:
+    """Hooks that are methods of a copied module call the copy ({id(original): copy}).
+
+    A copied module's hook dicts are its own (``fresh_attrs``), but a hook
+    registered as ``self.head.register_forward_hook(self._save)`` is a method
+    bound to the user's module: run by the copy, it wrote its features into the
+    user's model, during the self-check too, and the pruned model's own
+    ``feats`` stayed empty. ``where``: the modules whose hooks to look at (the copies)."""
+    mods = {k: c for k, c in copies.items() if isinstance(c, torch.nn.Module)}
+    for c in {id(c): c for c in (mods.values() if where is None else where)}.values():
+        for attr in HOOK_DICTS:
+            hooks = c.__dict__.get(attr)
+            for k, h in list((hooks or {}).items()):
+                if inspect.ismethod(h) and id(h.__self__) in mods:
+                    hooks[k] = types.MethodType(h.__func__, mods[id(h.__self__)])
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The Python module graphprune works on: ``torch.compile(model)`` gives its
+    ``_orig_mod`` (the pruned result is a plain module; compile it again), and a
+    TorchScript or compiled module inside the tree is refused by name (a raw
+    RuntimeError from copying a ScriptModule, or a missing attribute of a compiled
+    block, were what users saw)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(model, OptimizedModule):
+        model = model._orig_mod
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.jit.ScriptModule):
+            raise GraphpruneError(
+                f"{name or 'the model'} is a TorchScript module ({type(mod).__name__}): graphprune reads and rewrites "
+                "Python modules; pass the module as it was before torch.jit.script/trace, and script the pruned one")
+        if isinstance(mod, OptimizedModule):
+            raise GraphpruneError(
+                f"{name} is wrapped by torch.compile: pass the model with the plain module ({name}._orig_mod) in its "
+                "place, and compile the pruned model")
+    return model
+
+
 def shadow(model: torch.nn.Module, *, own_buffers: bool = False) -> torch.nn.Module:
     """A copy of the module tree that shares every parameter but no module object.
     Tracing runs ``forward``: code that assigns attributes (``self.offset +=
@@ -75,13 +131,16 @@ def shadow(model: torch.nn.Module, *, own_buffers: bool = False) -> torch.nn.Mod
             return memo[id(m)]
         c = object.__new__(type(m))  # not type(m).__new__: a GraphModule's makes a fresh class without its forward
         memo[id(m)] = c
+        _COPY_OF[c] = m
         c.__dict__ = fresh_attrs(m.__dict__)
         c._modules = {k: (None if v is None else copy(v)) for k, v in m._modules.items()}
         if own_buffers:
             c._buffers = {k: (None if t is None else copies.setdefault(id(t), t.clone())) for k, t in m._buffers.items()}
         return c
 
-    return without_cache(copy(model))
+    top = copy(model)
+    rebind_hooks(memo)
+    return without_cache(top)
 
 
 def without_cache(model: torch.nn.Module) -> torch.nn.Module:

@@ -31,7 +31,7 @@ from torch.fx.node import map_arg
 from graphprune.canon import COp, arg, tensor_names, vkey
 from graphprune.meta_keys import CACHED, CANON, NUMBERS, PLAN, VAL
 from graphprune.sizes import at_original_widths, frozen_value
-from graphprune.trace import fresh_attrs, own_tensors
+from graphprune.trace import _COPY_OF, fresh_attrs, own_tensors, rebind_hooks
 from graphprune.modules import (FullWidthLayerNorm, FullWidthRMSNorm, PrunedSelfAttention, batch_norm_full, full_width,
                                 layer_norm_full, rms_norm_full)
 from graphprune.pass_manager import PassResult, register_pass
@@ -73,6 +73,7 @@ def _clone(m: nn.Module, new: dict, prefix: str, memo: dict) -> nn.Module:
         return memo[id(m)]
     c = object.__new__(type(m))  # not copy.copy (parametrized modules refuse it), not type(m).__new__ (a GraphModule's makes a class without forward)
     memo[id(m)] = c
+    _COPY_OF[c] = m
     c.__dict__ = fresh_attrs(m.__dict__)  # hook dicts and buffer sets of its own
     c._parameters = {k: (None if p is None else _copy_tensor(p, prefix + k, new, memo)) for k, p in m._parameters.items()}
     c._buffers = {k: (None if b is None else _copy_tensor(b, prefix + k, new, memo)) for k, b in m._buffers.items()}
@@ -416,6 +417,7 @@ def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
     memo: dict = {}
     for name, child in gm.named_children():
         root.add_module(name, _clone(child, new, name + ".", memo))
+    rebind_hooks(memo)  # a hook that is a method of a cloned module calls the clone
     for name, t in list(gm._parameters.items()) + list(gm._buffers.items()):
         setattr(root, name, _copy_tensor(t, name, new, memo))
     for k, v in gm.__dict__.items():

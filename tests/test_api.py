@@ -371,3 +371,32 @@ def test_a_pruned_graph_carries_no_counts_of_its_original():
     for budget in ({"target_flops": 0.5}, {"target_params": 0.5}):
         small = graphprune.compile(model, (x,), output="graph", **budget)
         assert not set(CACHED) & set(small.meta), budget
+
+
+def test_torchscript_inside_is_refused_by_name_and_torch_compile_is_unwrapped():
+    """A scripted block crashed the copy with a bare RuntimeError; a torch.compile'd model
+    was refused with "'Net' object has no attribute 'b'"."""
+    class Net(torch.nn.Module):
+        def __init__(self, mid):
+            super().__init__()
+            self.a, self.mid, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), mid, torch.nn.Conv2d(16, 8, 1)
+
+        def forward(self, x):
+            return self.b(self.mid(torch.relu(self.a(x))))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    scripted = Net(torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU()))).eval()
+    for call in (lambda: graphprune.analyze(scripted, (x,)), lambda: graphprune.compile(scripted, (x,), ratio=0.5)):
+        with pytest.raises(graphprune.GraphpruneError, match="mid is a TorchScript module"):
+            call()
+    plain = Net(torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU())).eval()
+    wrapped = torch.compile(plain, backend="eager")
+    small = graphprune.compile(wrapped, (x,), ratio=0.5)
+    reference = graphprune.compile(plain, (x,), ratio=0.5)
+    assert type(small) is Net and small.report.form == "module"
+    with torch.no_grad():
+        assert torch.equal(small(x), reference(x))
+    inner = Net(torch.compile(torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1)), backend="eager")).eval()
+    with pytest.raises(graphprune.GraphpruneError, match=r"mid is wrapped by torch.compile.*mid._orig_mod"):
+        graphprune.compile(inner, (x,), ratio=0.5)

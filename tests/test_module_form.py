@@ -277,3 +277,52 @@ def test_a_training_only_head_is_found_in_an_exported_trace_too():
     assert type(kept) is AuxHead and kept.report.form == "module"
     kept.train()
     assert kept(x=x).shape == (IMAGE[0], 10)
+
+
+class _Recorder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def record(self, mod, inp, out):
+        self.seen.append(tuple(out.shape))
+
+
+class _Hooked(torch.nn.Module):
+    """Feature-extractor hooks: methods of the model and of a submodule (a hooked module is a
+    leaf without a rule: its own channels stay, ``a``'s prune)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.head, self.rec = torch.nn.Linear(16, 4), _Recorder()
+        self.feats = {}
+        self.head.register_forward_hook(self._save)
+        self.head.register_forward_hook(self.rec.record)
+
+    def _save(self, mod, inp, out):
+        self.feats["head"] = out.detach()
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.head(h.mean((2, 3)))
+
+
+def test_hooks_that_are_methods_of_the_model_write_into_the_result():
+    """The hooks were bound to the user's model: compiling (the self-check runs the result)
+    and every call of the result wrote into the original's ``feats``; the result's stayed empty."""
+    torch.manual_seed(0)
+    model, x = _Hooked().eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5)
+    assert small.report.form == "module" and graphprune.count_params(small) < graphprune.count_params(model)
+    assert model.feats == {} and model.rec.seen == []  # compile never ran the user's hooks on the user's model
+    small.feats.clear()
+    small.rec.seen.clear()
+    with torch.no_grad():
+        y = small(x)
+    assert small.a.out_channels < 16
+    assert torch.equal(small.feats["head"], y) and small.rec.seen == [(2, 4)]
+    assert model.feats == {} and model.rec.seen == []
+    with torch.no_grad():
+        model(x)
+    assert model.rec.seen == [(2, 4)] and small.rec.seen == [(2, 4)]
