@@ -158,8 +158,8 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         raise GraphpruneError("target_latency times the model running, and its weights are on the meta device: "
                               "load them first, or give target_flops or target_params (counted on shapes alone)")
     choosing = importance == "auto" and calibration is not None
-    if choosing or allocation == "measured":
-        calibration = list(calibration)  # scored, judged and refit on: iterated more than once
+    if choosing or allocation == "measured" or (calibration is not None and iter(calibration) is calibration):
+        calibration = list(calibration)  # scored, judged and refit on: iterated more than once (a generator once only)
     with _gc_paused():
         p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn, pipeline,
                    bool(reconstruct), check_trace=verify and why_not(model) is None)

@@ -119,13 +119,13 @@ def differs(top: torch.nn.Module, out: torch.nn.Module, args: tuple, kwargs: dic
             return f"the model's forward fails on the pruned modules: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         if bad:
             return f"the model's forward gives other outputs than the pruned graph ({bad})"
-        for other in other_inputs(tuple(args)):
+        for other, other_kw in other_inputs(tuple(args), kwargs):
             try:
-                ref = _run(out, other, kwargs)
+                ref = _run(out, other, other_kw)
             except Exception:  # noqa: BLE001 - a shape the model does not take
                 continue
             try:
-                bad = mismatch(_run(top, other, mine), ref)
+                bad = mismatch(_run(top, other, {**other_kw, **{k: v for k, v in mine.items() if k not in kwargs}}), ref)
             except Exception as e:  # noqa: BLE001
                 return f"the model's forward fails on the pruned modules at another input shape: {type(e).__name__}"
             return f"at another input shape the model's forward differs from the pruned graph ({bad})" if bad else None

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import GraphpruneError
 from .trace import shadow
@@ -120,21 +121,36 @@ def evaluating(*modules):
 
 
 def _run(fn, args, kwargs):
+    """``fn(*args, **kwargs)`` under a fixed seed, on copies of the input tensors: a forward
+    that normalises its input in place (``im /= 255``) divided the caller's example again at
+    every check, and the model and its graph then disagreed on what they were given."""
+    args, kwargs = tree_map(_fresh, (tuple(args), dict(kwargs or {})))
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
         return fn(*args, **kwargs)
 
 
-def other_inputs(args: tuple) -> list[tuple]:
-    """Second input shapes to check: one more sample and one position fewer on dim 1
-    (a token or time step), then one more sample alone."""
+def _fresh(x):
+    return x.clone() if isinstance(x, torch.Tensor) else x
+
+
+def other_inputs(args: tuple, kwargs: dict | None = None) -> list[tuple[tuple, dict]]:
+    """Second inputs to check, as (args, kwargs): one more sample and one position fewer on
+    dim 1 (a token or time step), then one more sample alone, in keyword tensors too
+    (Whisper's ``decoder_input_ids`` stayed at the example's batch while its features grew,
+    a mix the exported graph refused and the model took, so Whisper was refused), then one
+    more sample in the positional inputs alone (a keyword tensor without a batch dim)."""
+    kwargs = dict(kwargs or {})
+
     def grow(x):
         return torch.cat([x, x[:1]], 0) if isinstance(x, torch.Tensor) and x.dim() >= 1 else x
 
     def shorten(x):
         return x[:, :-1] if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] > 2 else x
 
-    out = [tuple(shorten(grow(a)) for a in args), tuple(grow(a) for a in args)]
+    # through lists, tuples and dicts of tensors (an input given as [x] was checked at the example alone)
+    out = [tree_map(lambda a: shorten(grow(a)), (tuple(args), kwargs)), tree_map(grow, (tuple(args), kwargs)),
+           (tree_map(grow, tuple(args)), kwargs)]
     return [o for i, o in enumerate(out) if not any(_same(o, p) for p in out[:i])]
 
 
@@ -147,7 +163,7 @@ def resized_inputs(args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
     becomes 63, else 32. A number computed from a pruned width and a run-time size
     (``e / (c * h * w)``) was frozen at the example's size and wrong at every other,
     while the batch-only check passed."""
-    first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
+    first = next((a for a in tree_leaves(tuple(args)) if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
     if first is None:
         return []
     out = []
@@ -164,16 +180,17 @@ def resized_inputs(args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
                         x = x.narrow(d, 0, new)
                 return x
 
-            out.append((tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}))
+            out.append(tree_map(cut, (tuple(args), dict(kwargs))))
     return out
 
 
 def _same(a: tuple, b: tuple) -> bool:
-    return all((x.shape == y.shape) if isinstance(x, torch.Tensor) else x is y for x, y in zip(a, b))
+    return all((x.shape == y.shape) if isinstance(x, torch.Tensor) else x is y
+               for x, y in zip(tree_leaves(a), tree_leaves(b)))
 
 
 def _shapes(args: tuple) -> list:
-    return [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+    return [tuple(a.shape) for a in tree_leaves(tuple(args)) if isinstance(a, torch.Tensor)]
 
 
 def why_not(model: torch.nn.Module) -> str | None:
@@ -278,7 +295,7 @@ class Verifier:
         self.p = p
         args, kwargs = p.example_inputs, dict(p.example_kwargs or {})
         self.cases = [(tuple(args), kwargs)]
-        self.others = [(o, kwargs) for o in other_inputs(tuple(args))]  # tried in order until the model takes one
+        self.others = other_inputs(tuple(args), kwargs)  # tried in order until the model takes one
         self.resized = resized_inputs(tuple(args), kwargs)  # ... and of these, the first the traced graph takes
         self.seconds = 0.0
         self._sized: list = []  # the resized cases tried (one stays in ``cases``)
@@ -429,7 +446,7 @@ def verified(p, decide, *, rounds: int = 4):
                 "no Python branch on input shapes (torch.export had to specialize one), or pass verify=False to accept "
                 "a model for these input shapes only.")
         if problem is None:
-            return out, removed, Verification("repaired" if blocked else "passed", inputs=[_shapes(a) for a, _ in v.cases],
+            return out, removed, Verification("repaired" if blocked else "passed", inputs=[_shapes((a, k)) for a, k in v.cases],
                                               blocked=blocked, seconds=v.seconds, notes=v.notes)
         bad = v.culprits(removed)
         if not bad:

@@ -373,6 +373,30 @@ def test_a_pruned_graph_carries_no_counts_of_its_original():
         assert not set(CACHED) & set(small.meta), budget
 
 
+def test_calibration_given_as_a_generator_is_read_as_often_as_a_list():
+    """Scoring used up a generator and the refit then saw no data: a singular solve
+    (``_LinAlgError``) under a budget, a silently unfitted layer under a ratio."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+            self.c = torch.nn.Conv2d(16, 8, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.c(torch.relu(self.b(h)) + h)
+
+    torch.manual_seed(0)
+    m, x = Net().eval(), torch.randn(2, 3, 8, 8)
+    batches = [(torch.randn(4, 3, 8, 8),) for _ in range(4)]
+    for budget in ({"target_flops": 0.5}, {"ratio": 0.5}):
+        kw = dict(importance="activation", reconstruct=True, **budget)
+        listed = graphprune.compile(m, (x,), calibration=list(batches), **kw)
+        generated = graphprune.compile(m, (x,), calibration=(b for b in batches), **kw)
+        for (k, v), (_, w) in zip(listed.state_dict().items(), generated.state_dict().items()):
+            assert torch.equal(v, w), (budget, k)
+
+
 def test_torchscript_inside_is_refused_by_name_and_torch_compile_is_unwrapped():
     """A scripted block crashed the copy with a bare RuntimeError; a torch.compile'd model
     was refused with "'Net' object has no attribute 'b'"."""
@@ -400,3 +424,46 @@ def test_torchscript_inside_is_refused_by_name_and_torch_compile_is_unwrapped():
     inner = Net(torch.compile(torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1)), backend="eager")).eval()
     with pytest.raises(graphprune.GraphpruneError, match=r"mid is wrapped by torch.compile.*mid._orig_mod"):
         graphprune.compile(inner, (x,), ratio=0.5)
+
+
+class _NormalisesInPlace(torch.nn.Module):
+    """YOLOv5's ``im = im.float(); im /= 255``: a forward that writes into its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, im):
+        im = im.float()
+        im /= 255
+        return self.b(torch.relu(self.a(im)))
+
+
+def test_a_forward_that_writes_into_its_input_changes_no_caller_tensor():
+    """Every check ran on the caller's example: it was divided by 255 again each time, and
+    the model and its graph, given different inputs, were refused as different."""
+    torch.manual_seed(0)
+    m = _NormalisesInPlace().eval()
+    x = torch.rand(2, 3, 8, 8) * 255
+    cal = [(torch.rand(2, 3, 8, 8) * 255,) for _ in range(4)]
+    x0, cal0 = x.clone(), [c[0].clone() for c in cal]
+    small = graphprune.compile(m, (x,), target_flops=0.5, calibration=cal)
+    assert torch.equal(x, x0) and all(torch.equal(c[0], c0) for c, c0 in zip(cal, cal0))
+    assert small.report.verify.status == "passed" and small.report.flops <= 0.5
+    graphprune.count_flops(m, (x,))
+    assert torch.equal(x, x0)
+
+
+def test_the_self_check_grows_inputs_given_in_a_list():
+    """An input passed as ``[x]`` was checked at the example alone (``passed on inputs [[], []]``)."""
+    class Listed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 32), torch.nn.Linear(32, 4)
+
+        def forward(self, inp):
+            return self.b(torch.relu(self.a(inp[0])))
+
+    torch.manual_seed(0)
+    small = graphprune.compile(Listed().eval(), ([torch.randn(2, 8)],), ratio=0.5)
+    assert small.report.verify.inputs[:2] == [[(2, 8)], [(3, 8)]]

@@ -312,3 +312,22 @@ def test_judge_compares_language_model_outputs_by_kl():
     assert judge(p.gm) == 0.0
     mild, hard = (judge(p.prune(p.removal_for_ratio(r), check=False)) for r in (0.1, 0.6))
     assert 0.0 < mild < hard
+
+
+def test_whisper_with_keyword_decoder_ids_is_checked_at_a_second_batch():
+    """The check grew the features to batch 3 and left the keyword decoder ids at 2: the
+    exported graph refused that mix, the model took it, and Whisper was refused at ratio=0."""
+    torch.manual_seed(0)
+    cfg = transformers.WhisperConfig(
+        vocab_size=VOCAB, num_mel_bins=16, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=32,
+        max_target_positions=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        suppress_tokens=[], begin_suppress_tokens=[])
+    model = transformers.WhisperForConditionalGeneration(cfg).eval()
+    feats, dec = torch.randn(2, 16, 64), torch.randint(3, VOCAB, (2, 8))
+    same = graphprune.compile(model, (feats,), example_kwargs={"decoder_input_ids": dec}, ratio=0.0)
+    assert [(3, 16, 64), (3, 8)] in same.report.verify.inputs  # the features and the keyword decoder ids
+    f3, d3 = torch.randn(3, 16, 64), torch.randint(3, VOCAB, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(_out(same(f3, decoder_input_ids=d3)), model(f3, decoder_input_ids=d3, use_cache=False).logits,
+                                   rtol=1e-4, atol=1e-4)
