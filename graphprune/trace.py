@@ -407,7 +407,9 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
     if not isinstance(example_inputs, tuple):
         raise GraphpruneError(f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}; wrap a single tensor as (x,)")
     symbolic_error = None
-    user_model, model = model, shadow(model, own_buffers=True)
+    # traced in eval mode, whatever mode the model is in: the graph is checked in eval mode, and a
+    # forward with an `if self.training:` branch traced in training was refused as differing from itself
+    user_model, model = model, shadow(model, own_buffers=True).eval()
     if method in ("auto", "symbolic_trace") and not example_kwargs:
         try:
             with _use_lazy_graph_module(True):  # Python code is generated on first call; analysis never calls it
@@ -421,7 +423,7 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
             symbolic_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             if method == "symbolic_trace":
                 raise GraphpruneError(f"torch.fx.symbolic_trace failed: {symbolic_error}. Use method='export' or make the model traceable (wrap the failing code in a leaf module or @torch.fx.wrap).") from e
-    model = shadow(user_model, own_buffers=True)  # a clean copy: the symbolic attempt may have left state behind
+    model = shadow(user_model, own_buffers=True).eval()  # a clean copy: the symbolic attempt may have left state behind
     try:
         gm = _export(model, example_inputs, example_kwargs)
     except Exception as e:  # noqa: BLE001

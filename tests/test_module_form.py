@@ -326,3 +326,37 @@ def test_hooks_that_are_methods_of_the_model_write_into_the_result():
     with torch.no_grad():
         model(x)
     assert model.rec.seen == [(2, 4)] and small.rec.seen == [(2, 4)]
+
+
+class _ScaleInTraining(nn.Module):
+    """A branch on ``self.training`` (a train-time scale), without state or in-place ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.training:
+            h = h * 0.5
+        return self.b(h)
+
+
+def test_a_model_in_training_mode_with_a_training_branch_compiles():
+    """The graph was traced in training mode and checked in eval mode, so it was refused as
+    not computing what the model computes (with a hint about in-place ops)."""
+    from oracle import kill_units
+
+    torch.manual_seed(0)
+    model, x = _ScaleInTraining().train(), torch.randn(2, 3, 8, 8)
+    kill_units(model, (x,), 0.5)
+    with torch.no_grad():
+        ref_train = model(x)
+        ref_eval = model.eval()(x)
+    model.train()
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and small.training and model.training
+    assert small.a.out_channels == 8
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), ref_train, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(small.eval()(x), ref_eval, rtol=1e-4, atol=1e-5)
