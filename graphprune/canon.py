@@ -506,6 +506,9 @@ EWISE_FUNCS = [
     aten.add.Scalar, aten.mul.Scalar, aten.sub.Scalar, aten.div.Scalar, aten.relu_.default, aten.hardtanh.default,
     aten.silu_.default, aten.add_.Tensor, aten.mul_.Tensor, aten.abs.default, aten.erf.default,
     torch.addcmul, aten.addcmul.default, torch.clamp_min, torch.clamp_max, aten.clamp.Tensor,
+    # the long spellings torch.export keeps (RWKV's squared ReLU, ConvBERT's torch.multiply)
+    aten.square.default, aten.multiply.Tensor, aten.multiply.Scalar, aten.subtract.Tensor, aten.divide.Tensor,
+    aten.true_divide.Tensor, torch.multiply, torch.subtract, torch.divide, torch.true_divide,
 ]
 EWISE_METHODS = [
     "add", "sub", "mul", "div", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "float",

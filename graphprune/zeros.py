@@ -36,10 +36,10 @@ _KEEPS_ZERO = {  # f(0) == 0, one tensor operand that matters
     "alpha_dropout", "identity", "contiguous", "clone", "float", "half", "bfloat16", "double", "to", "type_as",
     "detach", "alias", "_to_copy", "lift_fresh_copy", "stochastic_depth",
 }
-_PRODUCT = {"mul", "imul", "__mul__", "__rmul__"}  # zero if any operand is
-_QUOTIENT = {"div", "truediv", "itruediv"}  # zero if the numerator is
+_PRODUCT = {"mul", "multiply", "imul", "__mul__", "__rmul__"}  # zero if any operand is
+_QUOTIENT = {"div", "divide", "true_divide", "truediv", "itruediv"}  # zero if the numerator is
 _ADD_PRODUCT = {"addcmul"}  # input + value * t1 * t2: zero if the input is and either factor is
-_SUM = {"add", "sub", "iadd", "isub", "__add__", "__radd__", "__sub__", "where", "maximum", "minimum"}  # zero if all are
+_SUM = {"add", "sub", "subtract", "iadd", "isub", "__add__", "__radd__", "__sub__", "where", "maximum", "minimum"}  # zero if all are
 _MODULE_NAMES = {
     nn.ReLU: "relu", nn.ReLU6: "relu6", nn.GELU: "gelu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Hardswish: "hardswish",
     nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.Mish: "mish", nn.SELU: "selu", nn.CELU: "celu",

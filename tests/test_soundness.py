@@ -590,3 +590,25 @@ def test_narrow_with_a_negative_start_is_the_tail():
     _, small = _twin_check(NarrowTail, IMG, must_prune=True)
     assert small.a.out_channels < 16
     assert graphprune.analyze(NarrowTail(), (torch.randn(*IMG),)).groups[0].n_units == 16
+
+
+class LongSpellings(nn.Module):
+    """torch.square, torch.multiply, torch.subtract, torch.divide, on the export path (a
+    branch on the input's shape stops symbolic tracing): RWKV's squared ReLU and ConvBERT's
+    multiply had no rule there and held every channel they touched."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.gate, self.out = nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 64), nn.Linear(32, 4)
+
+    def forward(self, x):
+        if x.shape[-1] == 32:
+            x = x * 1.0
+        h = torch.square(torch.relu(self.fc1(x)))
+        h = torch.divide(torch.subtract(torch.multiply(h, torch.sigmoid(self.gate(x))), h), 2.0)
+        return self.out(x + self.fc2(h))
+
+
+def test_long_spellings_of_elementwise_ops_prune_on_the_export_path():
+    _, small = _twin_check(LongSpellings, (2, 32), must_prune=True)
+    assert small.fc1.out_features < 64
