@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .allocate import RULES, Constraints, allocate, blocked_hint, light_report, original_params, report
+from .allocate import RULES, Constraints, allocate, blocked_hint, light_report, original_params, params_read, report
 from .batches import as_call, regroup
 from .errors import GraphpruneError, GraphpruneWarning
 from .flops import count_flops, latency_ratio
@@ -394,17 +394,7 @@ def _same_outputs(a, b) -> bool:
     return True
 
 
-def _params_run(model, unseen: list[str]) -> int:
-    """Parameters of ``model`` outside the modules named in ``unseen`` (those its forward
-    never runs on the example, ``module_form.unreached``): what a params budget counts."""
-    def outside(name: str) -> bool:
-        return not any(name == u or name.startswith(u + ".") for u in unseen)
-
-    run = {id(t): t for name, m in model.named_modules() if outside(name) for t in m._parameters.values() if t is not None}
-    return sum(t.numel() for t in run.values())  # a weight tied into a module that runs counts
-
-
-def _over_budget(top, p, rep, unseen: list[str]) -> str | None:
+def _over_budget(top, p, rep) -> str | None:
     """Why the module form breaks the budget the graph met, or None (and ``rep`` then
     holds the module's own counts).
 
@@ -418,7 +408,7 @@ def _over_budget(top, p, rep, unseen: list[str]) -> str | None:
         return None
     x, kw = p.example_inputs, p.example_kwargs
     flops = count_flops(top, x, kw) / count_flops(p.model, x, kw)
-    params = _params_run(top, unseen) / original_params(p)  # as the report divides
+    params = params_read(p, top) / original_params(p)  # as the report divides
     over = [f"{k} {v:.4f} > target_{k}={budgets[k]}" for k, v in (("flops", flops), ("params", params))
             if k in budgets and v > budgets[k] + 1e-9]
     if "latency" in budgets and flops > rep.flops * (1 + 1e-6):  # the timing was of the graph, which does less
@@ -449,7 +439,7 @@ def _choose_form(model, out, p, output: str, rep):
         why = why or module_form.trains(model, top, p.example_inputs, dict(p.example_kwargs or {}), unseen,
                                        params=p.param_writes)
     if runs:
-        why = why or _over_budget(top, p, rep, unseen)
+        why = why or _over_budget(top, p, rep)
     if top is None or why:
         if output == "module":
             raise GraphpruneError(f"cannot return the pruned model in the model's own classes: {why}. "

@@ -13,7 +13,7 @@ and on ``gm.meta`` (the GraphModule):
 | ``gp_example`` | ``trace`` | the example ``(args, kwargs)``, so the pass manager can re-run shapes |
 | ``gp_numbers`` | ``groups.build`` (read by ``shrink-params``) | ``sizes.NumberUse`` list: widths read as numbers, frozen where they shrink |
 | ``graphprune`` | ``Pruner.prune`` | method, widths per group, unsupported ops |
-| ``gp_original_flops``, ``gp_original_params``, ``gp_positions`` | ``allocate``, ``auto`` | counts of the traced original, cached (``CACHED``: never copied into a pruned graph, where they would be stale) |
+| ``gp_original_flops``, ``gp_original_params``, ``gp_unread``, ``gp_positions`` | ``allocate``, ``auto`` | counts (and the parameter names the forward never reads) of the traced original, cached (``CACHED``: never copied into a pruned graph, where they would be stale) |
 """
 VAL = "val"
 CANON = "gp_canon"
@@ -23,4 +23,5 @@ NUMBERS = "gp_numbers"
 ORIGINAL_FLOPS = "gp_original_flops"
 ORIGINAL_PARAMS = "gp_original_params"
 POSITIONS = "gp_positions"
-CACHED = (ORIGINAL_FLOPS, ORIGINAL_PARAMS, POSITIONS)
+UNREAD = "gp_unread"
+CACHED = (ORIGINAL_FLOPS, ORIGINAL_PARAMS, UNREAD, POSITIONS)

@@ -467,3 +467,26 @@ def test_the_self_check_grows_inputs_given_in_a_list():
     torch.manual_seed(0)
     small = graphprune.compile(Listed().eval(), ([torch.randn(2, 8)],), ratio=0.5)
     assert small.report.verify.inputs[:2] == [[(2, 8)], [(3, 8)]]
+
+
+def test_a_parameter_the_forward_never_reads_is_outside_the_reported_params():
+    """Dinov2's mask_token, read only when a mask is passed: the budget left it out, the report
+    counted it, and target_params=0.5 was reported at 0.50009 (the module form refused as over)."""
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.Conv2d(32, 8, 3, padding=1)
+            self.mask_token = torch.nn.Parameter(torch.zeros(1, 3, 8, 8))
+
+        def forward(self, x, mask=None):
+            if mask is not None:
+                x = torch.where(mask, self.mask_token, x)
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    m, x = Masked().eval(), torch.randn(2, 3, 8, 8)
+    for output in ("auto", "graph"):
+        small = graphprune.compile(m, (x,), target_params=0.5, output=output)
+        read = graphprune.count_params(small) - small.mask_token.numel()
+        assert small.report.params <= 0.5 and small.report.params == read / (graphprune.count_params(m) - 192)
+        assert small.report.form == ("module" if output == "auto" else "graph"), small.report.form_why
