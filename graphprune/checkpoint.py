@@ -110,8 +110,13 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
     }
     if info.get("form") == "module" and hf.is_hf(model):
         why = hf.from_config_alone(model)
+        try:
+            model.config.save_pretrained(path)
+        except Exception as e:  # noqa: BLE001 - transformers validates configs (hidden 45 over 4 heads is refused)
+            (path / "config.json").unlink(missing_ok=True)
+            why = (f"transformers refuses the pruned config ({type(e).__name__}: {str(e).strip().splitlines()[-1][:160]}); "
+                   "graphprune.load rebuilds the model")
         manifest["from_pretrained"] = True if why is None else why
-        model.config.save_pretrained(path)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(path)
     if tokenizer is not None:

@@ -222,15 +222,47 @@ CONFIG_FIELDS = {
 }
 
 
-def update_config(model, original_config) -> None:
-    """Give ``model`` its own config with the pruned widths (the user's stays as it was)."""
+def _stream_width(emb) -> int | None:
+    """The residual width an input embedding writes: an embedding table's columns, a patch
+    convolution's or a projection's output channels (CLIP's and SigLIP's vision towers give
+    their patch conv: its ``weight.shape[1]`` is the 3 image channels, which became the
+    pruned config's ``hidden_size``)."""
+    w = getattr(emb, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() < 2:
+        return None
+    if isinstance(emb, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
+        return w.shape[0]
+    if isinstance(emb, (torch.nn.Embedding, torch.nn.EmbeddingBag)) or w.dim() == 2:
+        return w.shape[1]
+    return None
+
+
+def _agreed(widths: list[dict]) -> dict:
+    """{width key: value} for the keys every layer agrees on."""
+    out = {}
+    for key in set(CONFIG_FIELDS.values()):
+        vals = {w[key] for w in widths if key in w}
+        if len(vals) == 1:
+            out[key] = vals.pop()
+    return out
+
+
+def update_config(model, original_config, original=None) -> None:
+    """Give ``model`` its own config with the pruned widths (the user's stays as it was).
+    A config field is written only where, on the unpruned ``original``, it said what the
+    layers say: ConvBERT's attention holds ``num_attention_heads // head_ratio`` heads,
+    and its config was given the layers' 2 for 4 even at ratio 0."""
     config = copy.deepcopy(original_config)
     for mod in model.modules():  # every module that held the shared config gets the copy
         if mod.__dict__.get("config") is original_config:
             mod.config = config
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        hidden, was = emb.weight.shape[1], original_config.get_text_config().hidden_size
+    try:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:  # audio models (Wav2Vec2) take no token ids
+        emb = None
+    hidden = _stream_width(emb)
+    if hidden is not None:
+        was = original_config.get_text_config().hidden_size
         for f in HIDDEN_ATTRS:
             if isinstance(getattr(config, f, None), int) and f in config.to_dict():
                 setattr(config, f, hidden)
@@ -240,12 +272,11 @@ def update_config(model, original_config) -> None:
                     if mod.__dict__.get(f) == was:
                         mod.__dict__[f] = hidden
     widths = layer_widths(model)
-    agreed: dict = {}
-    for key in set(CONFIG_FIELDS.values()):
-        vals = {w[key] for w in widths if key in w}
-        if len(vals) == 1:
-            agreed[key] = vals.pop()
+    agreed = _agreed(widths)
+    before = _agreed(layer_widths(original)) if original is not None else {}
     for f, key in CONFIG_FIELDS.items():
+        if key in before and isinstance(getattr(original_config, f, None), int) and getattr(original_config, f) != before[key]:
+            continue  # the field counts something other than what the layers state
         if key in agreed and f in config.to_dict() or (f == "head_dim" and key in agreed and hasattr(config, "num_key_value_heads")):
             setattr(config, f, agreed[key])
     eps = {getattr(m, "variance_epsilon") for m in model.modules() if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")}

@@ -255,7 +255,7 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
         hf.fix_module(mod, local)
     follow_widths(top, original)
     if hf.is_hf(model):
-        hf.update_config(top, model.config)
+        hf.update_config(top, model.config, model)
     top.train(model.training)
     return top
 

@@ -383,7 +383,7 @@ def _dynamic_shapes(model, args, kwargs):
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             return None
         dims = {0: Dim.AUTO}
-        if x.dim() == 2 and not x.is_floating_point():
+        if x.dim() == 2:  # token ids, and a waveform's samples (Wav2Vec2); a feature dim a layer reads stays fixed
             dims[1] = Dim.AUTO
         return dims
 

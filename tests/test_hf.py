@@ -314,6 +314,45 @@ def test_judge_compares_language_model_outputs_by_kl():
     assert 0.0 < mild < hard
 
 
+def test_a_config_transformers_refuses_is_not_written_and_load_still_works(tmp_path):
+    """A residual stream of 45 over 4 heads: transformers' config validation raised out of
+    graphprune.save (a huggingface_hub error, not a GraphpruneError)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64)
+    ids = torch.randint(0, VOCAB, (2, 16))
+    small = graphprune.compile(transformers.LlamaForCausalLM(cfg).eval(), (ids,), ratio=0.3, importance="l2")
+    assert small.report.form == "module" and small.config.hidden_size % 4
+    graphprune.save(small, tmp_path)
+    manifest = __import__("json").loads((tmp_path / "manifest.json").read_text())
+    assert "transformers refuses the pruned config" in manifest["from_pretrained"]
+    assert not (tmp_path / "config.json").exists()
+    with torch.device("meta"):
+        original = transformers.LlamaForCausalLM(cfg)
+    back = graphprune.load(original, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, small(ids).logits)
+
+
+def test_an_audio_encoder_prunes_and_keeps_taking_any_waveform_length():
+    """Wav2Vec2: the exported graph fixed the waveform's length, so even ratio=0 was refused
+    (the model takes other lengths, the graph did not); under verify=False, reading its input
+    embeddings (an audio model has none) raised NotImplementedError."""
+    torch.manual_seed(0)
+    cfg = transformers.Wav2Vec2Config(vocab_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, conv_dim=(32, 32, 32), conv_stride=(5, 4, 2),
+                                      conv_kernel=(10, 4, 2), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+    model, x = transformers.Wav2Vec2ForCTC(cfg).eval(), torch.randn(2, 2560)
+    small = graphprune.compile(model, (x,), ratio=0.5)
+    assert small.report.form == "module" and graphprune.count_params(small) < graphprune.count_params(model)
+    assert graphprune.compile(model, (x,), ratio=0.5, verify=False).report.form == "module"
+    same = graphprune.compile(model, (x,), ratio=0.0)
+    x2 = torch.randn(3, 2000)
+    with torch.no_grad():
+        torch.testing.assert_close(same(x2).logits, model(x2).logits, rtol=1e-4, atol=1e-4)
+        assert small(x2).logits.shape == model(x2).logits.shape
+
+
 def test_whisper_with_keyword_decoder_ids_is_checked_at_a_second_batch():
     """The check grew the features to batch 3 and left the keyword decoder ids at 2: the
     exported graph refused that mix, the model took it, and Whisper was refused at ratio=0."""
@@ -331,3 +370,34 @@ def test_whisper_with_keyword_decoder_ids_is_checked_at_a_second_batch():
     with torch.no_grad():
         torch.testing.assert_close(_out(same(f3, decoder_input_ids=d3)), model(f3, decoder_input_ids=d3, use_cache=False).logits,
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_a_vision_tower_config_takes_its_width_from_the_patch_conv(family):
+    """get_input_embeddings() of CLIP's and SigLIP's vision towers is the patch conv, whose
+    weight.shape[1] is the 3 image channels: the config said hidden_size=3 (CLIP, in module
+    form), and SigLIP's pooling attention was told embed_dim=3 and fell back to a graph."""
+    torch.manual_seed(0)
+    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8)
+    model = (transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**kw)) if family == "clip"
+             else transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**kw))).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for ratio in (0.0, 0.5):
+        small = graphprune.compile(model, (x,), ratio=ratio)
+        assert small.report.form == "module", small.report.form_why
+        assert small.config.hidden_size == small.get_input_embeddings().out_channels
+        assert (ratio > 0) == (graphprune.count_params(small) < graphprune.count_params(model))
+
+
+def test_a_config_field_that_counts_otherwise_than_the_layers_is_left_alone():
+    """ConvBERT's attention holds num_attention_heads // head_ratio heads: even at ratio=0 the
+    config was given the layers' 2 for 4, saved so, and from_pretrained failed."""
+    from graphprune.hf import from_config_alone
+
+    torch.manual_seed(0)
+    cfg = transformers.ConvBertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, embedding_size=64, max_position_embeddings=64)
+    model, ids = transformers.ConvBertModel(cfg).eval(), torch.randint(0, VOCAB, (2, 16))
+    same = graphprune.compile(model, (ids,), ratio=0.0)
+    assert same.report.form == "module" and same.config.num_attention_heads == 4
+    assert from_config_alone(same) is None
