@@ -13,6 +13,7 @@ a model whose parameters already live on ``meta`` works the same way.
 from __future__ import annotations
 
 import copy as copy_module
+from contextlib import contextmanager
 import inspect
 import operator
 import types
@@ -412,7 +413,7 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
     user_model, model = model, shadow(model, own_buffers=True).eval()
     if method in ("auto", "symbolic_trace") and not example_kwargs:
         try:
-            with _use_lazy_graph_module(True):  # Python code is generated on first call; analysis never calls it
+            with _use_lazy_graph_module(True), _functions_kept():  # Python code is generated on first call
                 gm = fx.symbolic_trace(model)
             _check_state_untouched(model)
             for name, child in model.named_children():  # keep the user's containers (Sequential...) intact
@@ -436,6 +437,47 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
     _fill_missing_vals(gm)
     _drop_rebinding_writebacks(gm)
     return Traced(gm, "export", symbolic_error)
+
+
+_APPLIERS: dict = {}
+
+
+def applier(fn) -> object:
+    """``fn.apply`` as a plain function, one per custom ``torch.autograd.Function`` (a graph
+    node's argument cannot be a class): the Function as one graph node."""
+    if fn not in _APPLIERS:
+        def apply(*args, **kwargs):
+            return fn.apply(*args, **kwargs)
+
+        apply.__name__ = apply.__qualname__ = f"apply_{fn.__name__}"
+        _APPLIERS[fn] = apply
+    return _APPLIERS[fn]
+
+
+@contextmanager
+def _functions_kept():
+    """Symbolic tracing runs a custom ``autograd.Function``'s forward on proxies and keeps
+    its ops, not the Function: a gradient-reversal layer (DANN) or a straight-through
+    estimator in a graph-form result then got ordinary autograd, its outputs right and its
+    gradients wrong. Here ``Function.apply`` on a proxy records one node (``applier``),
+    which has no coupling rule: the channels it touches keep their width, and the
+    Function, with its backward, stays in the graph."""
+    from torch.autograd.function import Function
+    from torch.utils._pytree import tree_leaves
+
+    raw = Function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        proxy = next((a for a in tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)), None)
+        if proxy is None:
+            return raw.__func__(cls, *args, **kwargs)
+        return proxy.tracer.create_proxy("call_function", applier(cls), args, kwargs)
+
+    Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        Function.apply = raw
 
 
 def _check_state_untouched(model: torch.nn.Module) -> None:

@@ -360,3 +360,43 @@ def test_a_model_in_training_mode_with_a_training_branch_compiles():
     with torch.no_grad():
         torch.testing.assert_close(small(x), ref_train, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(small.eval()(x), ref_eval, rtol=1e-4, atol=1e-5)
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class _DANN(nn.Module):
+    """A gradient-reversal layer (DANN) between a feature extractor and a domain head."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat, self.mid = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.dom = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        h = self.mid(torch.relu(self.feat(x)))
+        return self.dom(_GradReverse.apply(h)).mean((2, 3))
+
+
+def test_a_custom_autograd_function_keeps_its_backward_in_the_graph_form():
+    """Symbolic tracing ran the Function's forward on proxies and kept its ops: the graph
+    form's outputs were right and its gradients had the wrong sign."""
+    from oracle import kill_units
+
+    torch.manual_seed(0)
+    model, x = _DANN().eval(), torch.randn(2, 3, 8, 8)
+    kill_units(model, (x,), 0.5)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1", output="graph")
+    assert small.report.form == "graph" and graphprune.count_params(small) < graphprune.count_params(model)
+    assert small.mid.out_channels == 16  # the channels the Function touches keep their width: it has no rule
+    twin = copy.deepcopy(model)
+    small(x).sum().backward()
+    twin(x).sum().backward()
+    torch.testing.assert_close(small.mid.bias.grad, twin.mid.bias.grad)
