@@ -478,8 +478,14 @@ def resolve_groups(b: Builder) -> tuple[list[Group], list[BlockedGroup]]:
     comps = list(nx.connected_components(b.g))
     live = []
     blocked_groups = []
+    weights = {n for n, _ in b.gm.named_parameters(remove_duplicate=False)}
     for comp in comps:
         reasons = [b.blocked[d] for d in comp if d in b.blocked]
+        if not any(isinstance(d[0], str) and d[0] in weights for d in comp):
+            # buffers alone: rows of an index or position table are positions, not channels (Swin3D's
+            # relative_position_index, read as index[:N, :N] with N computed at run time, became a group of
+            # its rows, pruned, and then picked other rows: 1e-4 off, under the self-check's tolerance)
+            reasons.append("holds no parameter, only buffers (positions or tables, not channels)")
         if any(d in b.fills for d in comp) and not any(d in b.routes for d in comp):
             reasons.append("a topk over this dim whose indices route nothing (no per-expert counts): a removed "
                            "entry would have to be one never chosen, which only routing makes sense of")
