@@ -13,6 +13,8 @@ module owns it or the graph reads it with ``get_attr``.
 """
 from __future__ import annotations
 
+import copy
+
 import builtins
 import operator
 from dataclasses import dataclass, field
@@ -44,6 +46,12 @@ class COp:
     inputs: list = field(default_factory=list)
     params: dict = field(default_factory=dict)
     attrs: dict = field(default_factory=dict)
+
+    def __deepcopy__(self, memo):
+        """The same description, of the same nodes: it describes a graph and owns none of it.
+        Copied deeply, every COp walked the node list through its node, and
+        ``copy.deepcopy`` of a pruned GraphModule (LRASPP, DaViT) hit the recursion limit."""
+        return copy.copy(self)
 
 
 def vkey(arg) -> Any:

@@ -13,6 +13,7 @@ sequence sizes stay symbolic.
 """
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass
 
@@ -36,6 +37,10 @@ class NumberUse:
     value: Node
     number: object
     deps: frozenset
+
+    def __deepcopy__(self, memo):
+        """The same use, of the same nodes (a deep copy walked the node list through them)."""
+        return copy.copy(self)
 
 
 def _union(d) -> frozenset:

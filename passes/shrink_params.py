@@ -451,7 +451,8 @@ def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
     out = GraphModule(root, graph, class_name=type(gm).__name__)
     for name, child in root.named_children():  # whole subtrees, so Sequential and friends keep their types
         setattr(out, name, child)
-    out.meta.update({k: v for k, v in gm.meta.items() if k != PLAN and k not in CACHED})  # counts of the original: stale here
+    # not the plan, the number uses (read here, of the old graph's nodes) or the original's counts: stale here
+    out.meta.update({k: v for k, v in gm.meta.items() if k not in (PLAN, NUMBERS) and k not in CACHED})
     out.training = gm.training  # set, not train(): exported modules refuse train()
     return PassResult(out, bool(plan))
 

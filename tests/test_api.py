@@ -490,3 +490,27 @@ def test_a_parameter_the_forward_never_reads_is_outside_the_reported_params():
         read = graphprune.count_params(small) - small.mask_token.numel()
         assert small.report.params <= 0.5 and small.report.params == read / (graphprune.count_params(m) - 192)
         assert small.report.form == ("module" if output == "auto" else "graph"), small.report.form_why
+
+
+def test_a_graph_form_result_of_a_long_graph_deep_copies():
+    """Node meta held descriptions that refer to their nodes (COp, NumberUse): copy.deepcopy
+    walked the node list through them and hit the recursion limit (LRASPP, DaViT)."""
+    import copy
+
+    torch.manual_seed(0)
+    layers = [m for _ in range(200) for m in (torch.nn.Linear(8, 8), torch.nn.ReLU())]
+
+    class Long(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(*layers)
+
+        def forward(self, x):
+            h = self.body(x)
+            return h / h.shape[1]
+
+    m, x = Long().eval(), torch.randn(2, 8)
+    small = graphprune.compile(m, (x,), ratio=0.25, output="graph")
+    twin = copy.deepcopy(small)
+    with torch.no_grad():
+        assert torch.equal(twin(x), small(x))
