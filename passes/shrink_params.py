@@ -418,8 +418,14 @@ def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
     for name, child in gm.named_children():
         root.add_module(name, _clone(child, new, name + ".", memo))
     rebind_hooks(memo)  # a hook that is a method of a cloned module calls the clone
-    for name, t in list(gm._parameters.items()) + list(gm._buffers.items()):
-        setattr(root, name, _copy_tensor(t, name, new, memo))
+    # a parameter stays one: on meta (a budget's candidate, reparametrized) it is a plain tensor, which
+    # GraphModule() registers as a buffer, so candidates were counted without CaiT's pos_embed and
+    # cls_token and a deploy-pipeline target_params=0.5 came back at 0.5012
+    for name, t in gm._parameters.items():
+        c = None if t is None else _copy_tensor(t, name, new, memo)
+        root._parameters[name] = c if c is None or isinstance(c, nn.Parameter) else nn.Parameter(c, c.requires_grad)
+    for name, t in gm._buffers.items():
+        root._buffers[name] = None if t is None else _copy_tensor(t, name, new, memo)
     for k, v in gm.__dict__.items():
         if isinstance(v, torch.Tensor) and not hasattr(root, k):
             root.__dict__[k] = _copy_tensor(v, k, new, memo)

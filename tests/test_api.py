@@ -514,3 +514,27 @@ def test_a_graph_form_result_of_a_long_graph_deep_copies():
     twin = copy.deepcopy(small)
     with torch.no_grad():
         assert torch.equal(twin(x), small(x))
+
+
+def test_a_deploy_params_budget_counts_top_level_parameters_and_drops_folded_scales():
+    """Under pipeline='deploy' candidates are counted on meta, where a top-level parameter
+    (a ViT's pos_embed) became a buffer and went uncounted; a folded layer scale stayed in
+    the result, unread. CaiT at target_params=0.5 came back at 0.5012."""
+    class Tokens(torch.nn.Module):
+        def __init__(self, n=16, d=32):
+            super().__init__()
+            self.embed, self.pos = torch.nn.Linear(8, d), torch.nn.Parameter(torch.randn(1, n, d))
+            self.norm, self.fc1, self.fc2 = torch.nn.LayerNorm(d), torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+            self.gamma, self.head = torch.nn.Parameter(torch.rand(d)), torch.nn.Linear(d, 4)
+
+        def forward(self, x):                                               # (B, 16, 8)
+            h = self.embed(x) + self.pos
+            h = h + self.gamma * self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(h))))
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    m, x = Tokens().eval(), torch.randn(2, 16, 8)
+    small = graphprune.compile(m, (x,), target_params=0.5, pipeline="deploy", round_to=1)
+    names = [n for n, _ in small.named_parameters()]
+    assert "gamma" not in names and "pos" in names
+    assert small.report.params <= 0.5 and small.report.params == graphprune.count_params(small) / graphprune.count_params(m)
