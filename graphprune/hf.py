@@ -76,9 +76,9 @@ def _heads(mod) -> tuple[int, int, int] | None:
     if q is not None and k is not None:
         rq, rk = _rows(q), _rows(k)
         return None if rq is None or rk is None else (rq // head_dim, rk // head_dim, head_dim)
-    fused = _child(mod, "c_attn")  # GPT-2: q, k and v in one projection
+    fused = _child(mod, *FUSED_QKV)  # GPT-2: q, k and v in one projection
     if fused is not None and not getattr(mod, "is_cross_attention", False) and _rows(fused) is not None:
-        rows, inner = _rows(fused), _cols(_child(mod, "c_proj"))
+        rows, inner = _rows(fused), _cols(_child(mod, *FUSED_OUT))
         if inner and inner % head_dim == 0 and (rows - inner) % (2 * head_dim) == 0:
             # the output projection reads the query heads; k and v share the rest (GPTBigCode's
             # multi-query attention fuses h query heads with one key/value head: rows/3 is no head count)
@@ -86,6 +86,10 @@ def _heads(mod) -> tuple[int, int, int] | None:
         h = rows // 3 // head_dim
         return h, h, head_dim
     return None
+
+
+FUSED_QKV = ("c_attn", "query_key_value", "qkv_proj", "Wqkv")  # GPT-2, Persimmon, CodeGen, MPT
+FUSED_OUT = ("c_proj", "dense", "out_proj", "o_proj")  # the projection that reads the query heads back
 
 
 def _cols(mod) -> int | None:

@@ -110,8 +110,22 @@ def _bigcode_mqa():
         bos_token_id=0, eos_token_id=0))
 
 
+def _persimmon():
+    """q, k and v interleaved per head in one query_key_value, read back by dense."""
+    return transformers.PersimmonForCausalLM(transformers.PersimmonConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
+def _codegen():
+    """A fused qkv_proj split over mp_num blocks, read back by out_proj."""
+    return transformers.CodeGenForCausalLM(transformers.CodeGenConfig(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=64, n_ctx=64, rotary_dim=8,
+        bos_token_id=0, eos_token_id=0))
+
+
 FAMILIES = {"llama": _llama_cached, "qwen2": _qwen2, "mistral": _mistral, "gpt2": _gpt2, "bert": _bert,
-            "gpt_bigcode_mqa": _bigcode_mqa}
+            "gpt_bigcode_mqa": _bigcode_mqa, "persimmon": _persimmon, "codegen": _codegen}
 # families whose config can state every pruned width (query heads x head_dim is not tied to hidden_size)
 CONFIG_EXPRESSES = {"llama", "qwen2", "mistral"}
 
