@@ -146,6 +146,10 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     for r in (ratio.values() if isinstance(ratio, dict) else [ratio]):
         if not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise GraphpruneError(f"ratio must be a number in [0, 1), got {r!r}")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise GraphpruneError(f"round_to must be a whole number of units >= 1 (or None), got {round_to!r}")
+    if isinstance(min_width, bool) or not isinstance(min_width, int) or min_width < 1:
+        raise GraphpruneError(f"min_width must be a whole number of units >= 1, got {min_width!r}")
     if allocation != "auto" and allocation not in RULES:
         raise GraphpruneError(f"allocation must be 'auto' or one of {', '.join(map(repr, RULES))}, got {allocation!r}")
     if allocation != "auto" and not budgets:

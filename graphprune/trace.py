@@ -101,10 +101,16 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     RuntimeError from copying a ScriptModule, or a missing attribute of a compiled
     block, were what users saw)."""
     from torch._dynamo.eval_frame import OptimizedModule
+    from torch.nn.modules.lazy import LazyModuleMixin
 
     if isinstance(model, OptimizedModule):
         model = model._orig_mod
+    if not isinstance(model, torch.nn.Module):
+        raise GraphpruneError(f"expected a torch.nn.Module, got {type(model).__name__}")
     for name, mod in model.named_modules():
+        if isinstance(mod, LazyModuleMixin) and mod.has_uninitialized_params():
+            raise GraphpruneError(f"{name or 'the model'} ({type(mod).__name__}) has not made its parameters yet: run "
+                                  "the model once on an input, then compile it")
         if isinstance(mod, torch.jit.ScriptModule):
             raise GraphpruneError(
                 f"{name or 'the model'} is a TorchScript module ({type(mod).__name__}): graphprune reads and rewrites "

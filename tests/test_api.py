@@ -538,3 +538,20 @@ def test_a_deploy_params_budget_counts_top_level_parameters_and_drops_folded_sca
     names = [n for n, _ in small.named_parameters()]
     assert "gamma" not in names and "pos" in names
     assert small.report.params <= 0.5 and small.report.params == graphprune.count_params(small) / graphprune.count_params(m)
+
+
+def test_arguments_that_mean_nothing_are_refused():
+    """round_to=0 or -8 and min_width=0 were taken silently; a non-module raised AttributeError and
+    an uninitialised lazy module a bare ValueError."""
+    m, x = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1)), torch.randn(1, 3, 8, 8)
+    for kw, what in (({"round_to": 0}, "round_to"), ({"round_to": -8}, "round_to"), ({"round_to": 2.5}, "round_to"),
+                     ({"min_width": 0}, "min_width")):
+        with pytest.raises(graphprune.GraphpruneError, match=what):
+            graphprune.compile(m, (x,), target_flops=0.5, **kw)
+    with pytest.raises(graphprune.GraphpruneError, match="expected a torch.nn.Module"):
+        graphprune.compile(lambda t: t, (x,), ratio=0.5)
+    lazy = torch.nn.Sequential(torch.nn.LazyConv2d(8, 3), torch.nn.ReLU(), torch.nn.LazyConv2d(4, 1))
+    with pytest.raises(graphprune.GraphpruneError, match="has not made its parameters yet"):
+        graphprune.compile(lazy, (x,), ratio=0.5)
+    lazy(x)
+    assert graphprune.count_params(graphprune.compile(lazy, (x,), ratio=0.5)) < graphprune.count_params(lazy)
