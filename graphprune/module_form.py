@@ -245,6 +245,7 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
         return c
 
     top = copy(model, "")
+    rebind_hooks(memo)  # a hook that is a method of the user's module calls its copy
     original = info.get("original", {})
     for name, mod in top.named_modules():
         prefix = f"{name}." if name else ""

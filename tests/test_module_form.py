@@ -400,3 +400,32 @@ def test_a_custom_autograd_function_keeps_its_backward_in_the_graph_form():
     small(x).sum().backward()
     twin(x).sum().backward()
     torch.testing.assert_close(small.mid.bias.grad, twin.mid.bias.grad)
+
+
+class _ReadsItsHook(nn.Module):
+    """A forward that reads what its own forward hook stored (traced with torch.export)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)
+        self.feats = {}
+        self.a.register_forward_hook(self._save)
+
+    def _save(self, mod, inp, out):
+        self.feats["a"] = out
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return y, self.feats["a"].sum(1)
+
+
+def test_an_exported_models_hooks_call_the_result_too():
+    """The module form of an exported model copied the user's tree with its hooks still bound
+    to the user's model: compiling left a pruned 8-channel tensor in the user's feats."""
+    torch.manual_seed(0)
+    m, x = _ReadsItsHook().eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(m, (x,), ratio=0.5)
+    assert m.feats == {}
+    with torch.no_grad():
+        y, s = small(x)
+    assert m.feats == {} and (small.report.form == "graph" or small.feats["a"].shape[1] < 16)
