@@ -284,6 +284,17 @@ def _pool(node, mod=None):
     return COp("pool", node, [vkey(node.args[0])], attrs={"rank": _pool_rank(name)})
 
 
+def _interpolate(node, mod=None):
+    """Resampling (``F.interpolate``, ``nn.Upsample``, ``aten.upsample_*``) maps every channel
+    of a sample on its own, like pooling: batch and channels kept, the trailing dims
+    resized, a zero channel still zero. An FPN's top-down path and a U-Net's decoder were
+    held whole: no rule."""
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    if vkey(x) is None or not isinstance(node.meta.get(VAL), torch.Tensor):
+        return COp("unknown", node, _tensors(node), attrs={"why": "resampling of a non-tensor"})
+    return COp("pool", node, [vkey(x)], attrs={"rank": x.meta[VAL].dim() - 2})
+
+
 def _matmul(node, mod=None):
     return COp("matmul", node, [vkey(node.args[0]), vkey(node.args[1])])
 
@@ -544,6 +555,10 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     operator.getitem: _getitem, aten.index.Tensor: _aten_index,
     torch.mean: _reduce, torch.sum: _reduce, torch.amax: _reduce, aten.mean.dim: _reduce, aten.sum.dim_IntList: _reduce, aten.amax.default: _reduce,
     torch.amin: _reduce, aten.amin.default: _reduce, torch.norm: _p_norm,
+    F.interpolate: _interpolate, F.upsample: _interpolate, F.upsample_nearest: _interpolate, F.upsample_bilinear: _interpolate,
+    **{getattr(aten, n).vec: _interpolate for n in ("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+                                                    "upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d",
+                                                    "upsample_trilinear3d") if hasattr(aten, n)},
     F.adaptive_avg_pool1d: _pool, F.adaptive_avg_pool2d: _pool, F.adaptive_avg_pool3d: _pool, F.adaptive_max_pool2d: _pool,
     F.max_pool1d: _pool, F.max_pool2d: _pool, F.max_pool3d: _pool, F.avg_pool1d: _pool, F.avg_pool2d: _pool, F.avg_pool3d: _pool,
     torch._C._nn.avg_pool2d: _pool, torch._C._nn.adaptive_avg_pool2d: _pool,
@@ -650,6 +665,7 @@ MODULE_TABLE: list[tuple[tuple[type, ...], Callable]] = [
     ((nn.LSTM, nn.GRU, nn.RNN), _m_rnn),
     (_ACTIVATIONS, lambda node, mod: COp("ewise", node, _tensors(node))),
     (_POOLS, _pool),
+    ((nn.Upsample,), _interpolate),  # UpsamplingNearest2d and UpsamplingBilinear2d are subclasses
     ((nn.Flatten,), _m_flatten),
     ((nn.Softmax, nn.LogSoftmax), _softmax),
 ]

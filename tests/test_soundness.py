@@ -643,3 +643,26 @@ def test_rows_of_an_index_buffer_are_no_group():
     assert groups and all(any(s.name != "index" for s in g.params) for g in groups)
     _, small = _twin_check(WindowIndex, (2, 32, 3, 4), must_prune=True)
     assert small.index.shape == (16, 16)
+
+
+class Resampled(nn.Module):
+    """An FPN-like top-down path: nn.Upsample, F.interpolate by scale and by size
+    (nearest, bilinear, bicubic), added to a lateral conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.lat = nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.Conv2d(3, 16, 1)
+        self.up, self.b = nn.Upsample(scale_factor=2), nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))                                              # (B, 16, H/2, W/2)
+        u = self.up(h) + F.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False)
+        u = u + F.interpolate(h, size=x.shape[-2:], mode="bicubic", align_corners=False)
+        return self.b(u + self.lat(x))
+
+
+def test_resampling_passes_channels_through():
+    """Interpolation had no rule: every channel through an upsample was held (resnet_fpn_backbone
+    could not go under 0.563 of its FLOPs; a conv, upsample, conv net pruned nothing)."""
+    _, small = _twin_check(Resampled, IMG, must_prune=True)
+    assert small.a.out_channels < 16
