@@ -19,7 +19,7 @@ def count_flops(model: torch.nn.Module, example_inputs: tuple, example_kwargs: d
     cached tensor with a grad history left in the user's model made it
     refuse ``copy.deepcopy``.
     """
-    args, kwargs = _copies(tuple(example_inputs), dict(example_kwargs or {}))  # a forward may write into its inputs
+    args, kwargs = copied_inputs(tuple(example_inputs), dict(example_kwargs or {}))  # a forward may write into its inputs
     with FlopCounterMode(display=False, custom_mapping=_more_flops()) as counter:
         _own(model)(*args, **kwargs)
     total = counter.get_total_flops()
@@ -132,7 +132,7 @@ def graph_params(gm: torch.fx.GraphModule) -> dict[int, torch.Tensor]:
     return found
 
 
-def _copies(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def copied_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The inputs with every tensor copied: a forward that normalises its input in place
     (``im /= 255``) must not change the caller's tensors."""
     from torch.utils._pytree import tree_map
@@ -142,7 +142,7 @@ def _copies(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 def latency_ms(model: torch.nn.Module, example_inputs: tuple, *, warmup: int = 3, runs: int = 10) -> float:
     """Median wall time of a forward pass on the inputs' device (on a copy of the inputs)."""
-    example_inputs = _copies(tuple(example_inputs), {})[0]
+    example_inputs = copied_inputs(tuple(example_inputs), {})[0]
     times = []
     with torch.no_grad():
         for i in range(warmup + runs):
@@ -160,7 +160,7 @@ def latency_ratio(model: torch.nn.Module, reference: torch.nn.Module, example_in
     machine one busy neighbour made some rounds of a 2-thread forward several
     times slower), so the fastest round is the least disturbed estimate."""
     mine, theirs = [], []
-    example_inputs = _copies(tuple(example_inputs), {})[0]
+    example_inputs = copied_inputs(tuple(example_inputs), {})[0]
     for _ in range(rounds):
         theirs.append(latency_ms(reference, example_inputs, warmup=1, runs=3))
         mine.append(latency_ms(model, example_inputs, warmup=1, runs=3))

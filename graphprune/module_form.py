@@ -125,7 +125,7 @@ def differs(top: torch.nn.Module, out: torch.nn.Module, args: tuple, kwargs: dic
             except Exception:  # noqa: BLE001 - a shape the model does not take
                 continue
             try:
-                bad = mismatch(_run(top, other, {**other_kw, **{k: v for k, v in mine.items() if k not in kwargs}}), ref)
+                bad = mismatch(_run(top, other, hf.example_kwargs(top, other_kw) or {}), ref)
             except Exception as e:  # noqa: BLE001
                 return f"the model's forward fails on the pruned modules at another input shape: {type(e).__name__}"
             return f"at another input shape the model's forward differs from the pruned graph ({bad})" if bad else None

@@ -30,6 +30,7 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import GraphpruneError
+from .flops import copied_inputs
 from .trace import shadow
 
 
@@ -124,14 +125,10 @@ def _run(fn, args, kwargs):
     """``fn(*args, **kwargs)`` under a fixed seed, on copies of the input tensors: a forward
     that normalises its input in place (``im /= 255``) divided the caller's example again at
     every check, and the model and its graph then disagreed on what they were given."""
-    args, kwargs = tree_map(_fresh, (tuple(args), dict(kwargs or {})))
+    args, kwargs = copied_inputs(tuple(args), dict(kwargs or {}))
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
         return fn(*args, **kwargs)
-
-
-def _fresh(x):
-    return x.clone() if isinstance(x, torch.Tensor) else x
 
 
 def other_inputs(args: tuple, kwargs: dict | None = None) -> list[tuple[tuple, dict]]:

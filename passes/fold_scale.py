@@ -158,8 +158,8 @@ def _drop_if_unread(gm: GraphModule, g: Node) -> None:
     owner, _, attr = target.rpartition(".")
     mod = gm.get_submodule(owner) if owner else gm
     tensor = getattr(mod, attr, None)
-    if any(t is tensor for _, t in gm.named_parameters(remove_duplicate=False) if t is not None) and sum(
-            t is tensor for _, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]) > 1:
+    names = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    if sum(t is tensor for _, t in names) > 1:
         return  # tied under another name something may read
     mod._parameters.pop(attr, None)
     mod._buffers.pop(attr, None)
