@@ -427,6 +427,37 @@ def _batch_stats(node: Node) -> bool:
     return arg(node, 5, "training", False) is not False or arg(node, at, "running_mean") is None
 
 
+def _instance_norm(node: Node, x, stats: bool, roles: dict, buffers_updated: bool) -> COp:
+    """InstanceNorm is GroupNorm with one channel per group when it normalizes by its
+    own statistics, and an eval-mode BatchNorm when it reads running buffers; either
+    way channels go one at a time, and its affine parameters and buffers with them."""
+    val = x.meta.get(VAL) if isinstance(x, Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() < 3:
+        return COp("unknown", node, _tensors(node), attrs={"why": "instance_norm on an unbatched input"})
+    if stats and buffers_updated:
+        return COp("unknown", node, _tensors(node), attrs={"why": "instance_norm updating its running buffers"})
+    if stats:
+        return COp("group_norm", node, [vkey(x)], params={r: k for r, k in roles.items() if r in ("weight", "bias")},
+                   attrs={"num_groups": val.shape[1], "what": "instance_norm"})
+    return COp("batch_norm", node, [vkey(x)], params=roles, attrs={"batch_stats": False, "what": "instance_norm"})
+
+
+def _m_instance_norm(node, mod: nn.modules.instancenorm._InstanceNorm):
+    stats = mod.training or not mod.track_running_stats
+    return _instance_norm(node, node.args[0], stats, _m_params(node, mod, ("weight", "bias", "running_mean", "running_var")),
+                          buffers_updated=mod.training and mod.track_running_stats)
+
+
+def _f_instance_norm(spec: dict):
+    """``F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, ...)``
+    and ATen's ``instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, ...)``."""
+    def extract(node, mod=None):
+        roles = _roles(node, spec)
+        stats = arg(node, 5, "use_input_stats", True) is not False
+        return _instance_norm(node, node.args[0], stats, roles, buffers_updated=stats and "running_mean" in roles)
+    return extract
+
+
 def _f_embedding(node, mod=None):
     return COp("embedding", node, [vkey(arg(node, 0, "input"))], params=_roles(node, {"weight": (1, "weight")}))
 
@@ -579,6 +610,8 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     F.group_norm: _f_norm("group_norm", {"weight": (2, "weight"), "bias": (3, "bias")}),
     aten.group_norm.default: _f_norm("group_norm", {"weight": (2, "weight"), "bias": (3, "bias")}),
     F.rms_norm: _f_norm("rms_norm", {"weight": (2, "weight")}),
+    F.instance_norm: _f_instance_norm({"running_mean": (1, "running_mean"), "running_var": (2, "running_var"), "weight": (3, "weight"), "bias": (4, "bias")}),
+    aten.instance_norm.default: _f_instance_norm({"weight": (1, "weight"), "bias": (2, "bias"), "running_mean": (3, "running_mean"), "running_var": (4, "running_var")}),
     F.embedding: _f_embedding, aten.embedding.default: _aten_embedding,
     torch.topk: _topk, aten.topk.default: _topk, torch.sort: _sort, aten.sort.default: _sort, aten.sort.stable: _sort,
     torch.histc: _histc, aten.histc.default: _histc, torch.cumsum: _cumsum, aten.cumsum.default: _cumsum,
@@ -659,6 +692,7 @@ MODULE_TABLE: list[tuple[tuple[type, ...], Callable]] = [
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), _m_bn),
     ((nn.LayerNorm, _full.FullWidthLayerNorm), _m_ln),
     ((nn.GroupNorm,), _m_gn),
+    ((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), _m_instance_norm),
     ((nn.RMSNorm, _full.FullWidthRMSNorm), _m_rms),
     ((nn.Embedding,), _m_embedding),
     ((nn.MultiheadAttention,), _m_mha),

@@ -335,5 +335,6 @@ MODULE_FIXES = [
     ((nn.modules.batchnorm._BatchNorm,), _fix_bn),
     ((nn.LayerNorm, nn.RMSNorm), _fix_ln),
     ((nn.GroupNorm,), _fix_gn),
+    ((nn.modules.instancenorm._InstanceNorm,), _fix_bn),
     ((nn.Embedding,), _fix_embedding),
 ]

@@ -157,6 +157,7 @@ MODULE_FIXES = [
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), _fix_bn),
     ((nn.LayerNorm, nn.RMSNorm, FullWidthLayerNorm, FullWidthRMSNorm), _fix_ln),
     ((nn.GroupNorm,), _fix_gn),
+    ((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), _fix_bn),
     ((nn.Embedding,), _fix_embedding),
     ((nn.LSTM, nn.GRU, nn.RNN), _fix_rnn),
 ]
@@ -272,7 +273,7 @@ def _norm_args(node: Node, cop: COp, p: _Plan) -> bool:
         full = args[at] if at is not None and len(args) > at else int(np.prod(old[-n:]))
         node.target, node.args, node.kwargs = fn, (*vals, full), {}
         return True
-    elif cop.op == "group_norm":
+    elif cop.op == "group_norm" and cop.attrs.get("what") != "instance_norm":  # one group per channel: nothing to rewrite
         args[1] = cop.attrs["num_groups"] * new[1] // old[1]
     node.args = tuple(args)
     return True
