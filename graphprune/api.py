@@ -14,9 +14,10 @@ import torch
 
 from .allocate import RULES, Constraints, allocate, blocked_hint, light_report, original_params, params_read, report
 from .batches import as_call, regroup
-from .errors import GraphpruneError, GraphpruneWarning
+from .errors import GraphpruneError, GraphpruneWarning, first_line
 from .flops import count_flops, latency_ratio
 from .groups import Analysis, analyze_graph
+from .meta_keys import FIXED_DIMS
 from . import auto, module_form
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore, matching_ratio
 from .reconstruct import thin_calibration
@@ -125,7 +126,10 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     whole and the model is pruned again (see ``verify.py``). It first checks
     that the traced graph computes what ``model`` does. It is skipped, and
     ``result.report.verify`` says why, when the weights are on ``meta`` or a
-    copy would not fit in memory.
+    copy would not fit in memory. ``verify=False`` skips both checks: the trace
+    is then taken on trust, and code symbolic tracing misreads (a ``__call__``
+    that does more than ``forward``, ``functional_call`` with other weights, a
+    size frozen into the graph) comes back wrong.
 
     ``output="module"`` returns the pruned model as an instance of the user's
     own class (its forward code, its submodules sliced) or raises saying why
@@ -141,11 +145,27 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     budgets = {k: v for k, v in (("flops", target_flops), ("params", target_params), ("latency", target_latency)) if v is not None}
     if len(budgets) > 1 or (budgets and ratio is not None):
         raise GraphpruneError("give one of ratio, target_flops, target_params or target_latency")
+    for kind_, v in budgets.items():  # checked before tracing: "a" reached a comparison deep in allocate
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise GraphpruneError(f"target_{kind_} must be a fraction of the original in (0, 1], got {v!r}")
+    if ratio is None and not budgets and not pipeline:
+        warnings.warn(GraphpruneWarning("no ratio or target given: nothing is removed (give ratio=, target_flops=, "
+                                        "target_params= or target_latency=)"), stacklevel=2)
     if ratio is None:
         ratio = 0.0
     for r in (ratio.values() if isinstance(ratio, dict) else [ratio]):
-        if not isinstance(r, (int, float)) or not 0 <= r < 1:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise GraphpruneError(f"ratio must be a number in [0, 1), got {r!r}")
+    for k, r in (overrides or {}).items():  # 5 collapsed its groups to one unit and missed the budget by 0.48
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+            raise GraphpruneError(f"overrides[{k!r}] must be the fraction of that group to remove, in [0, 1), got {r!r}")
+    if isinstance(ignore, str):
+        ignore = [ignore]  # one module name, not its characters
+    if not isinstance(verify, bool):
+        raise GraphpruneError(f"verify must be True or False, got {verify!r}")
+    if calibration is not None and (isinstance(calibration, (torch.Tensor, str, bytes)) or not hasattr(calibration, "__iter__")):
+        raise GraphpruneError(f"calibration must be an iterable of batches (a list of input tuples or dicts), "
+                              f"got {type(calibration).__name__}")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise GraphpruneError(f"round_to must be a whole number of units >= 1 (or None), got {round_to!r}")
     if isinstance(min_width, bool) or not isinstance(min_width, int) or min_width < 1:
@@ -236,10 +256,17 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     rep.layout = layout
     rep.kernels = kernels
     rep.latency_table = p.latency_table
+    if target_latency is not None and rep.latency is not None and rep.latency > target_latency:
+        # the search met the budget as it timed it; the report's own timing, beside the original, did not
+        warnings.warn(GraphpruneWarning(
+            f"latency measured at {rep.latency:.3f} of the original, over target_latency={target_latency}: the "
+            "timings moved between the search and the report (a busy machine, or a target near the device's "
+            "speed steps); time it on an idle machine, or ask for a lower target"), stacklevel=2)
     result, rep.form, rep.form_why = _choose_form(model, out, p, output, rep)
-    if rep.form == "graph" and p.analysis.method == "export":  # the user's model may take shapes this graph refuses
-        rep.form_why += (". Traced with torch.export: the graph takes other batch sizes (and token counts), but "
-                         "its other input dims are fixed to the example's")
+    fixed = p.gm.meta.get(FIXED_DIMS)
+    if rep.form == "graph" and fixed:  # the user's model may take shapes this graph refuses
+        rep.form_why += (". Traced with torch.export, which fixed these input dims to the example's size: "
+                         f"{', '.join(fixed[:8])}{' ...' if len(fixed) > 8 else ''}")
     result.report = rep
     return result
 
@@ -367,7 +394,7 @@ def _timed_pass(p, name: str, what: str, clock, applies, baseline: str = "plain"
         with torch.no_grad():
             same = _same_outputs(converted(*x), plain(*x))
     except Exception as e:  # noqa: BLE001 - the pass is then not used, and the reason reported
-        return False, f"the model with {what} raised {type(e).__name__}: {str(e).splitlines()[0][:200]}", None
+        return False, f"the model with {what} raised {type(e).__name__}: {first_line(e)[:200]}", None
     if not same:
         return False, f"outputs differ with {what}", None
     with torch.no_grad():

@@ -59,6 +59,7 @@ from . import importance as _importance
 from .batches import as_call, regroup
 from .meta_keys import POSITIONS, VAL
 from .verify import _run, flatten
+from .errors import first_line
 
 DATA_CRITERIA = ("activation", "fluctuation", "l2")
 LOSS_CRITERIA = ("taylor", "fisher")
@@ -354,7 +355,7 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
         try:
             scores = p.score_with(name, ctx)
         except Exception as e:  # noqa: BLE001 - a criterion this model cannot feed is no candidate
-            notes.append(f"{name} unavailable ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+            notes.append(f"{name} unavailable ({type(e).__name__}: {first_line(e)[:100]})")
             continue
         p.scores = scores
         for rule in rules_tried(budgeted, allocation):

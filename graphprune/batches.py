@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .errors import GraphpruneError
+from .errors import GraphpruneError, first_line
 
 
 def as_call(batch, example_kwargs: dict | None = None) -> tuple[tuple, dict]:
@@ -58,7 +58,7 @@ def flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
         except Exception as e:  # noqa: BLE001 - a batch shaped unlike the example
             raise GraphpruneError(
                 f"a calibration batch does not have the structure of the example inputs the model was traced with "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}): give batches with the same positional and keyword "
+                f"({type(e).__name__}: {first_line(e)[:200]}): give batches with the same positional and keyword "
                 "inputs as example_inputs/example_kwargs") from e
     # a symbolic trace: placeholders are the forward's parameters, by name, with their defaults
     places = [n for n in gm.graph.nodes if n.op == "placeholder"]

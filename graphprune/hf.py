@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from .errors import first_line
+
 
 def is_hf(model) -> bool:
     return hasattr(model, "config") and hasattr(model, "save_pretrained") and hasattr(model.config, "to_dict")
@@ -297,7 +299,7 @@ def from_config_alone(model) -> str | None:
         with torch.device("meta"):
             fresh = type(model)(copy.deepcopy(model.config))
     except Exception as e:  # noqa: BLE001 - the config cannot build the class at all
-        return f"the pruned config does not build {type(model).__name__} ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        return f"the pruned config does not build {type(model).__name__} ({type(e).__name__}: {first_line(e)[:120]})"
     want = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     got = {n: tuple(t.shape) for n, t in fresh.state_dict().items()}
     for n, s in want.items():

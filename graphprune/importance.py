@@ -37,12 +37,18 @@ _NEEDS: dict[str, tuple] = {}
 
 def register_importance(name: str, needs: tuple = ()):
     """Decorator: make ``fn(group, tensors, *, ctx) -> scores`` usable as ``importance=name``.
+    ``tensors`` maps parameter names to tensors (``group.params`` says which slices of them
+    the group owns); ``scores`` is one finite number per unit, shape ``(group.n_units,)``,
+    higher meaning more important. Built-in names cannot be replaced.
 
     ``needs`` names what the context must compute first: ``"grad"``
     (summed gradients), ``"fisher"`` (summed squared gradients),
     ``"unit_fisher"`` (per-unit squared mask gradients), ``"act"``
     (activation norms); each needs ``calibration=`` data.
     """
+
+    if name in globals().get("BUILTIN", ()):
+        raise GraphpruneError(f"importance {name!r} is built in; register yours under another name")
 
     def deco(fn: ImportanceFn) -> ImportanceFn:
         _IMPORTANCE[name] = fn
@@ -100,7 +106,12 @@ class ScoreContext:
         units = {g.id: np.zeros(g.n_units) for g in self.groups} if with_units else None
         for args, kwargs, batch in self._calls("gradients"):
             out = functional_call(self.gm, {**others, **params}, args, kwargs)
-            gs = torch.autograd.grad(self.loss_fn(out, batch), list(params.values()), allow_unused=True)
+            loss = self.loss_fn(out, batch)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                what = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise GraphpruneError(f"loss_fn returned {what}; it must return one scalar loss per batch "
+                                      "(e.g. a mean over the batch)")
+            gs = torch.autograd.grad(loss.reshape(()), list(params.values()), allow_unused=True)
             for (n, _), g in zip(params.items(), gs):
                 if g is not None:
                     grad[n] += g
@@ -364,3 +375,6 @@ def lamp(group, tensors, **_):
 @register_importance("random")
 def random(group, tensors, *, seed: int = 0, **_):
     return np.random.default_rng(seed + group.id).random(group.n_units)
+
+
+BUILTIN = frozenset(_IMPORTANCE)  # the criteria above; register_importance refuses their names

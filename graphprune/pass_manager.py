@@ -104,15 +104,17 @@ def format_pipeline(steps: list[tuple[str, dict]]) -> str:
     return ",".join(f"{name}{opts(o)}" for name, o in steps)
 
 
-def check_graph(gm: GraphModule) -> None:
+def check_graph(gm: GraphModule, before: list | None = None) -> None:
     """Invariants every pass keeps: a well-formed graph; every parameter shape
     agreeing with the ``tensor_meta`` of the ``get_attr`` node reading it; and,
     when the example inputs are known, the graph still runs on them (on meta
-    tensors) and gives outputs of the same shapes as before."""
+    tensors) and gives outputs of the same shapes as ``before`` (the pipeline input's: read
+    off the edited graph, a new output node has no shape yet, and a broken pass was said
+    to have changed the outputs "from []")."""
 
     gm.graph.lint()
     if EXAMPLE in gm.meta:
-        before = output_shapes(gm)
+        before = output_shapes(gm) if before is None else before
         propagate_shapes(gm, *gm.meta[EXAMPLE])
         after = output_shapes(gm)
         if before != after:
@@ -158,19 +160,20 @@ def run_pipeline(gm: GraphModule, pipeline: str | list, *, check: bool = True) -
     broke the graph. Passes emit new modules or edit the one they are given,
     never the pipeline's input, so the second run sees what the first did."""
     steps = parse_pipeline(pipeline)
+    shapes = (output_shapes(gm) or None) if check else None
     out, modified = _run(gm, steps, check_each=False)
     if check and any(modified.values()):
         try:
-            check_graph(out)
+            check_graph(out, shapes)
         except Exception as e:  # noqa: BLE001 - re-raised with the culprit named
             if sum(modified.values()) > 1:
-                _run(gm, steps, check_each=True)  # raises naming the pass, if it reproduces
+                _run(gm, steps, check_each=True, shapes=shapes)  # raises naming the pass, if it reproduces
             changed = [n for n, m in modified.items() if m]
             raise _broken(changed[-1], changed[:-1], e) from e
     return out, modified
 
 
-def _run(gm: GraphModule, steps: list, *, check_each: bool) -> tuple[GraphModule, dict[str, bool]]:
+def _run(gm: GraphModule, steps: list, *, check_each: bool, shapes: list | None = None) -> tuple[GraphModule, dict[str, bool]]:
     ran: list[str] = []
     modified: dict[str, bool] = {}
     for name, opts in steps:
@@ -182,7 +185,7 @@ def _run(gm: GraphModule, steps: list, *, check_each: bool) -> tuple[GraphModule
         modified[name] = bool(result.modified)
         if check_each and result.modified:
             try:
-                check_graph(gm)
+                check_graph(gm, shapes)
             except Exception as e:  # noqa: BLE001 - re-raised with the culprit named
                 raise _broken(name, ran, e) from e
         ran.append(name)

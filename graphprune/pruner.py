@@ -16,7 +16,7 @@ from . import importance as _importance
 from . import reconstruct as _reconstruct
 from . import verify as _verify
 from .effects import mutates
-from .errors import GraphpruneError
+from .errors import GraphpruneError, first_line
 from .groups import Analysis, Group, analyze_graph
 from .meta_keys import PLAN
 from .pass_manager import check_graph, run_pipeline
@@ -129,6 +129,25 @@ def make_plan(groups: list[Group], removed: dict[int, np.ndarray]) -> dict:
     return plan
 
 
+def _checked_scores(raw, g, importance) -> np.ndarray:
+    """A criterion's scores for group ``g``: one finite number per unit. A registered criterion
+    that returned None or the wrong length was taken as given, and ``ratio=0.5`` removed one
+    to three units per group, silently."""
+    name = getattr(importance, "__name__", importance)
+    try:
+        s = np.asarray(raw.detach().cpu() if isinstance(raw, torch.Tensor) else raw, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise GraphpruneError(f"importance {name!r} returned {type(raw).__name__} for a group of {g.n_units} units; a "
+                              f"criterion returns one score per unit, a 1-D tensor or array of {g.n_units} finite numbers") from e
+    if s.shape == (g.n_units,) and importance in _importance.BUILTIN:
+        return np.nan_to_num(s, nan=0.0, posinf=np.finfo(np.float64).max, neginf=0.0)  # 0/0 of a dead unit: lowest
+    if s.shape != (g.n_units,) or not np.isfinite(s).all():
+        what = f"shape {s.shape}" if s.shape != (g.n_units,) else f"{int((~np.isfinite(s)).sum())} non-finite scores"
+        raise GraphpruneError(f"importance {name!r} returned {what} for a group of {g.n_units} units; a criterion returns "
+                              f"one finite score per unit (shape ({g.n_units},))")
+    return s
+
+
 @dataclass
 class Pruner:
     """A traced model, its groups and their unit scores."""
@@ -170,7 +189,17 @@ class Pruner:
         """{group id: unit scores} under ``importance`` (a name or a function)."""
         ctx = ctx or self._ctx
         fn = _importance.get_importance(importance)
-        return {g.id: np.asarray(fn(g, ctx.tensors, ctx=ctx), dtype=np.float64) for g in self.analysis.groups}
+        try:
+            return {g.id: _checked_scores(fn(g, ctx.tensors, ctx=ctx), g, importance) for g in self.analysis.groups}
+        except GraphpruneError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a batch the model does not take surfaced as a raw conv error
+            name = getattr(importance, "__name__", importance)
+            if self.calibration is None:
+                raise
+            raise GraphpruneError(f"importance {name!r} failed on the calibration data ({type(e).__name__}: "
+                                  f"{first_line(e)[:200]}): give batches the model takes as it takes the example "
+                                  "inputs") from e
 
     def _faithful_trace(self):
         """A trace that computes what the model computes (ratio 0). Symbolic tracing
@@ -187,7 +216,7 @@ class Pruner:
                 traced = trace(self.model, args, kwargs, method="export")
                 problem, self.param_writes = _verify.check_trace(shadow(self.model), traced.gm, args, kwargs)
             except GraphpruneError as e:
-                problem = str(e).splitlines()[0]
+                problem = first_line(e)
             if problem is None:
                 return traced
         suspects = [n.name for n in traced.gm.graph.nodes if mutates(n)]

@@ -47,7 +47,7 @@ from . import hf
 from .api import analyze
 from .batches import as_call, flat_inputs
 from .canon import tensor_names, vkey
-from .errors import GraphpruneError
+from .errors import GraphpruneError, first_line
 from .groups import Group, _tensor_values
 from .meta_keys import CANON, VAL
 
@@ -526,7 +526,7 @@ def _second_moment(gm: GraphModule, plan: _Plan, calibration, kwargs) -> tuple[t
                 raise
             except Exception as e:  # noqa: BLE001 - the traced graph may be specialised to the example's shapes
                 raise GraphpruneError(f"rotate_residual: a calibration batch does not run through the traced model "
-                                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); give batches shaped like "
+                                      f"({type(e).__name__}: {first_line(e)[:200]}); give batches shaped like "
                                       "example_inputs") from e
     if not acc.get("rows"):
         raise GraphpruneError("rotate_residual needs calibration data: an iterable of at least one batch")

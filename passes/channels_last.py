@@ -60,8 +60,9 @@ def _converted_module(conv: nn.Conv2d) -> nn.Conv2d:
 def _set_attr(gm: GraphModule, path: str, value) -> None:
     owner, _, name = path.rpartition(".")
     mod = gm.get_submodule(owner) if owner else gm
-    if isinstance(mod._parameters.get(name), nn.Parameter):  # a new Parameter: the one given is never written
-        mod._parameters[name] = nn.Parameter(value, mod._parameters[name].requires_grad)
+    if name in mod._parameters:  # a new Parameter: the one given is never written (a pass checked on meta holds
+        old = mod._parameters[name]  # plain meta tensors in its parameter slots)
+        mod._parameters[name] = nn.Parameter(value, getattr(old, "requires_grad", True))
     elif name in mod._buffers:
         mod._buffers[name] = value
     else:

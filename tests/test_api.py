@@ -131,6 +131,23 @@ def test_broken_pass_is_named():
         run_pipeline(t.gm, "dce,break-shapes-test")
 
 
+def test_a_pass_that_changes_the_output_shape_is_named_with_both_shapes():
+    """The message read the original shapes off the edited graph, whose new output node had none
+    yet: "changed from [] to [(4, 3)]"."""
+    @graphprune.register_pass("narrow-output-test")
+    def narrow_output(gm):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        last = out.args[0]
+        with gm.graph.inserting_before(out):
+            cut = gm.graph.call_function(torch.narrow, (last, 1, 0, 3))
+        out.args = (cut,)
+        gm.recompile()
+        return graphprune.PassResult(gm, True)
+
+    with pytest.raises(graphprune.GraphpruneError, match=r"'narrow-output-test'.*changed from \[\(2, 10\)\] to \[\(2, 3\)\]"):
+        graphprune.compile(Residual().eval(), (torch.randn(*IMAGE),), ratio=0.5, pipeline="shrink-params,narrow-output-test,dce")
+
+
 def test_compile_keeps_train_eval_mode():
     x = torch.randn(*IMAGE)
     assert not graphprune.compile(Residual().eval(), (x,), ratio=0.5).training
@@ -189,6 +206,29 @@ def test_a_latency_budget_lands_and_is_measured_on_the_pipelines_form(monkeypatc
     assert 0.4 <= small.report.latency <= 0.5
     assert has_bn and set(has_bn) == {pipeline == "default"}
     assert (small.report.rounding is not None) == (pipeline == "deploy")  # deploy times the width multiples too
+
+
+def test_a_latency_report_over_the_target_warns(monkeypatch):
+    """The docstring promises the budget; a report that times the result over it (a busy
+    machine) said nothing."""
+    import graphprune.allocate
+
+    def clock(model, reference, inputs, rounds=5):  # the search's clock: the FLOPs ratio
+        return graphprune.count_flops(model, inputs) / graphprune.count_flops(reference, inputs)
+
+    monkeypatch.setattr(graphprune.allocate, "latency_ratio", clock)
+    monkeypatch.setattr(graphprune.api, "latency_ratio", lambda model, reference, inputs, rounds=5: 1.0)
+    real_report = graphprune.allocate.report
+
+    def slow_report(*a, **k):  # the report's timing reads 20% slow
+        rep = real_report(*a, **k)
+        rep.latency *= 1.2
+        return rep
+
+    monkeypatch.setattr(graphprune.api, "report", slow_report)
+    with pytest.warns(graphprune.GraphpruneWarning, match="over target_latency=0.5"):
+        small = graphprune.compile(Residual().eval(), (torch.randn(*IMAGE),), target_latency=0.5, importance="l1")
+    assert small.report.latency > 0.5
 
 
 def test_a_latency_reading_above_the_target_is_timed_again_and_corrected(monkeypatch):
@@ -555,3 +595,85 @@ def test_arguments_that_mean_nothing_are_refused():
         graphprune.compile(lazy, (x,), ratio=0.5)
     lazy(x)
     assert graphprune.count_params(graphprune.compile(lazy, (x,), ratio=0.5)) < graphprune.count_params(lazy)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"target_params": "a"}, "target_params must be a fraction"),
+    ({"target_flops": 1.5}, "target_flops must be a fraction"),
+    ({"ratio": 0.5, "overrides": {"layer1*": 5}}, r"overrides\['layer1\*'\] must be the fraction"),
+    ({"target_flops": 0.5, "overrides": {"layer1*": -1}}, r"overrides\['layer1\*'\] must be the fraction"),
+    ({"ratio": 0.5, "verify": "no"}, "verify must be True or False"),
+    ({"ratio": 0.5, "calibration": 5}, "calibration must be an iterable of batches"),
+    ({"ratio": True}, "ratio must be a number"),
+])
+def test_bad_arguments_fail_early_and_clearly(kw, match):
+    """Arguments that reached deep code as raw TypeErrors (``target_params="a"``, ``calibration=5``),
+    or were taken silently (an override of 5 collapsed its groups to one unit and missed the
+    budget by 0.48; ``verify="no"`` is truthy)."""
+    with pytest.raises(graphprune.GraphpruneError, match=match):
+        graphprune.compile(Residual().eval(), (torch.randn(*IMAGE),), **kw)
+
+
+def test_ignore_may_name_one_module_as_a_string():
+    """``ignore="head"`` was read character by character ("ignore entry 'h' is not a submodule")."""
+    model, x = Residual().eval(), torch.randn(*IMAGE)
+    one = graphprune.compile(model, (x,), ratio=0.5, ignore="head", importance="l1")
+    listed = graphprune.compile(model, (x,), ratio=0.5, ignore=["head"], importance="l1")
+    assert graphprune.count_params(one) == graphprune.count_params(listed)
+
+
+def test_no_budget_warns_that_nothing_is_removed():
+    model, x = Residual().eval(), torch.randn(*IMAGE)
+    with pytest.warns(graphprune.GraphpruneWarning, match="no ratio or target given"):
+        small = graphprune.compile(model, (x,))
+    assert graphprune.count_params(small) == graphprune.count_params(model)
+
+
+@pytest.mark.parametrize("scores,match", [(lambda g: None, r"shape \(\)"), (lambda g: torch.ones(3), r"shape \(3,\)"),
+                                          (lambda g: torch.full((g.n_units,), float("nan")), "non-finite"),
+                                          (lambda g: torch.ones(g.n_units, 2), "shape")])
+def test_a_registered_criterion_must_score_every_unit(scores, match):
+    """A registered criterion returning None or the wrong length was taken as given: ratio=0.5
+    removed one to three units per group, silently."""
+    name = f"bad_{abs(hash(match))}"
+    graphprune.importance._IMPORTANCE.pop(name, None)
+    graphprune.register_importance(name)(lambda group, tensors, **_: scores(group))
+    with pytest.raises(graphprune.GraphpruneError, match=match):
+        graphprune.compile(Residual().eval(), (torch.randn(*IMAGE),), ratio=0.5, importance=name)
+
+
+def test_a_built_in_criterion_cannot_be_replaced():
+    with pytest.raises(graphprune.GraphpruneError, match="'l2' is built in"):
+        graphprune.register_importance("l2")
+
+
+@pytest.mark.parametrize("name", ["code", "graph", "meta", "recompile"])
+def test_a_submodule_named_like_a_graph_module_attribute_is_refused_clearly(name):
+    """A top-level submodule called ``code`` collides with the traced GraphModule's own attribute:
+    both tracers failed ("references nonexistent attribute weight of code") and the refusal
+    told the user to make the forward traceable. Wrapped in a parent module, it prunes."""
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 4)
+            setattr(self, name, nn.Linear(16, 16))
+
+        def forward(self, x):
+            return self.out(torch.relu(getattr(self, name)(torch.relu(self.inp(x)))))
+
+    model, x = Named().eval(), torch.randn(3, 8)
+    with pytest.raises(graphprune.GraphpruneError, match=f"top-level attributes named \\['{name}'\\]"):
+        graphprune.compile(model, (x,), ratio=0.5)
+    small = graphprune.compile(nn.Sequential(model), (x,), ratio=0.5, importance="l1")
+    assert graphprune.count_params(small) < graphprune.count_params(model)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"importance": "taylor", "loss_fn": lambda out, batch: out}, r"loss_fn returned shape \(2, 10\)"),
+    ({"importance": "activation", "calibration": [(torch.randn(2, 3, 16),)]}, "failed on the calibration data"),
+])
+def test_calibration_mistakes_are_named(kw, match):
+    """A non-scalar loss and a batch the model does not take escaped as raw autograd and conv errors."""
+    x = torch.randn(*IMAGE)
+    with pytest.raises(graphprune.GraphpruneError, match=match):
+        graphprune.compile(Residual().eval(), (x,), ratio=0.5, **{"calibration": [(x,)], **kw})

@@ -210,6 +210,21 @@ def test_prune_iteratively_ignores_a_module_given_as_an_object_at_every_step():
     assert small.get_submodule("stem.0").weight.shape == model.stem[0].weight.shape  # its output width stayed
 
 
+def test_prune_iteratively_reports_against_the_original():
+    """The result's report was its last step's, measured against that step's input: FLOPs 0.965
+    of "the original" for a model at 0.50. Bad steps and targets are refused, not returned unpruned."""
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(*IMAGE)
+    small = graphprune.prune_iteratively(model, (x,), target_flops=0.5, steps=3, importance="l1", progress=False)
+    assert small.report.flops == pytest.approx(graphprune.count_flops(small, (x,)) / graphprune.count_flops(model, (x,)))
+    assert small.report.flops <= 0.5
+    assert small.report.params == pytest.approx(graphprune.count_params(small) / graphprune.count_params(model), abs=0.01)
+    for kw in ({"steps": 0}, {"target_flops": 1.5}):
+        with pytest.raises(graphprune.GraphpruneError, match="must be"):
+            graphprune.prune_iteratively(model, (x,), **{"target_flops": 0.5, "steps": 3, **kw}, progress=False)
+
+
 def test_regularizers():
     model = Residual()
     x = torch.randn(*IMAGE)

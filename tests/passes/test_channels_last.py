@@ -114,3 +114,26 @@ def test_channels_last_round_trips_through_save_and_load(tmp_path, monkeypatch):
     with torch.no_grad():
         for g, r in zip(back(x), small(x)):
             torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
+def test_channels_last_on_an_exported_graph_under_a_budget():
+    """Under a budget the pipeline is checked on a meta copy, whose parameter slots hold plain
+    meta tensors: writing the NHWC weight back raised TypeError from inside the pass (with
+    pipeline="deploy" whenever channels-last timed faster)."""
+    class Asserting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            assert h.shape[1] == 8  # a width check: traced with torch.export
+            return self.fc(self.b(h).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = Asserting().eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), importance="l1", target_flops=0.6, round_to=1,
+                               pipeline="shrink-params,channels-last,dce")
+    assert graphprune.count_flops(small, (x,)) <= 0.6 * graphprune.count_flops(model, (x,))
+    with torch.no_grad():
+        assert small(x).shape == (2, 4) and torch.isfinite(small(x)).all()
