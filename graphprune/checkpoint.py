@@ -43,14 +43,23 @@ def _input_spec(x):
         return {"tensor": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
     if x is None or isinstance(x, (bool, int, float, str)):
         return {"value": x}
+    if isinstance(x, (list, tuple)) and type(x) in (list, tuple):  # inputs given as [x, y] or (x, y)
+        return {type(x).__name__: [_input_spec(v) for v in x]}
+    if isinstance(x, dict) and all(isinstance(k, str) for k in x):  # {"image": x, "mask": m}
+        return {"dict": {k: _input_spec(v) for k, v in x.items()}}
     raise GraphpruneError(f"cannot record an example input of type {type(x).__name__} in the manifest; "
-                          "pass tensors or plain Python values as example inputs")
+                          "pass tensors, plain Python values, or lists, tuples and str-keyed dicts of them")
 
 
 def _input_value(spec: dict, device):
     if "tensor" in spec:
         dtype = getattr(torch, spec["dtype"])
         return torch.zeros(spec["tensor"], dtype=dtype, device=device)
+    if "list" in spec or "tuple" in spec:
+        kind = list if "list" in spec else tuple
+        return kind(_input_value(v, device) for v in spec[kind.__name__])
+    if "dict" in spec:
+        return {k: _input_value(v, device) for k, v in spec["dict"].items()}
     return spec["value"]
 
 
@@ -247,6 +256,9 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
             raise GraphpruneError(f"tensor {name!r} of the original is {tuple(t.shape)}, but the saved model was pruned from one "
                                   f"where it is {tuple(want)}: build the original with the configuration it was saved from; nothing was loaded")
     dev = torch.device(device) if device is not None else (torch.device("cpu") if where.type == "meta" else where)
+    if dev.type == "meta":
+        raise GraphpruneError("load reads the saved weights onto a real device: pass device='cpu' (or 'cuda'); "
+                              "for shapes alone, build the original on meta and compile it instead")
     original = _rewrapped(original, m)  # a rotated model's structure (rotate_residual(tied="mix"))
     args = tuple(_input_value(s, where) for s in m["inputs"]["args"])
     kwargs = {k: _input_value(s, where) for k, s in m["inputs"]["kwargs"].items()} or None
@@ -279,10 +291,33 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
         # send some kernels down other paths (outputs then differ in the last bits)
         loaded = {key: f.get_tensor(key).clone() for key in stored}
     _assign(out, loaded, m["aliases"])
+    left = _meta_leftovers(out)
+    if left:
+        raise GraphpruneError(
+            f"tensors the loaded model computes with are still on meta: {', '.join(left[:6])}. They are plain tensor "
+            "attributes of the original (not parameters or buffers), so save does not write them and a meta-built "
+            "original cannot give their values: build the original on a real device, or register them as buffers")
     if m["source"]["method"] == "symbolic_trace" or m.get("form") == "module":  # exported graphs keep the mode they were exported in
         out.train(bool(m.get("training", False)))
     module_form.info(out)["loaded_from"] = str(path)
     return out
+
+
+def _meta_leftovers(out: torch.nn.Module) -> list[str]:
+    """Names of tensors on ``meta`` that the loaded model holds outside its parameters and
+    buffers (``self.perm = torch.tensor(...)`` built under ``torch.device("meta")``): nothing
+    loads them, and a model that indexes with one runs and returns garbage."""
+    from torch.utils._pytree import tree_leaves
+
+    left = []
+    for path, mod in out.named_modules(remove_duplicate=False):
+        for k, v in mod.__dict__.items():
+            if k in ("_parameters", "_buffers", "_modules", "_graphprune", "meta"):  # graphprune's records, fx's node metadata
+                continue
+            if isinstance(v, (torch.Tensor, list, tuple, dict)) and any(
+                    isinstance(t, torch.Tensor) and t.is_meta for t in tree_leaves(v)):
+                left.append(f"{path}.{k}" if path else k)
+    return left
 
 
 def _retarget(gm: torch.fx.GraphModule, dev: torch.device) -> None:

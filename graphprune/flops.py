@@ -104,10 +104,13 @@ def _more_flops() -> dict:
 
 
 def _own(model: torch.nn.Module) -> torch.nn.Module:
-    """A shadow of ``model`` to run (generated code, a GraphModule, caches nothing: itself)."""
+    """A shadow of ``model`` to run, with buffers of its own: a forward that updates state
+    (BatchNorm statistics in training mode, a fake-quant observer, a step counter) ran on
+    the user's buffers whenever a budget was counted (``target_flops``, ``target_params``),
+    while ``ratio=`` left them alone."""
     from .trace import shadow
 
-    return model if isinstance(model, torch.fx.GraphModule) else shadow(model)
+    return shadow(model, own_buffers=True)
 
 
 def count_params(model: torch.nn.Module) -> int:

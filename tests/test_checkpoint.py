@@ -204,3 +204,62 @@ def test_exported_graph_saves_the_mode_it_was_traced_in(tmp_path):
     back = graphprune.load(original, tmp_path)
     with torch.no_grad():
         assert torch.equal(back(ids).last_hidden_state, small(ids).last_hidden_state)
+
+
+class _Permuted(torch.nn.Module):
+    """A channel permutation kept as a plain tensor attribute, as much code keeps index tables."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+        self.perm = torch.tensor([3, 1, 0, 2, 7, 6, 5, 4])
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))[:, self.perm]
+        return self.fc(self.b(h).mean((2, 3)))
+
+
+def test_a_plain_tensor_attribute_left_on_meta_is_refused(tmp_path):
+    """Built under torch.device("meta"), a plain tensor attribute stays on meta: save does not write
+    it, and the loaded model indexed with it and returned garbage (1e28 off). Onto a real original
+    it loads exactly; onto a meta one load refuses and says which tensor. load(device="meta")
+    raised a raw SafetensorError."""
+    torch.manual_seed(0)
+    model, x = _Permuted().eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    graphprune.save(small, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(graphprune.load(_Permuted(), tmp_path)(x), small(x))
+    with torch.device("meta"):
+        original = _Permuted()
+    with pytest.raises(graphprune.GraphpruneError, match="still on meta: perm"):
+        graphprune.load(original, tmp_path)
+    with pytest.raises(graphprune.GraphpruneError, match="real device"):
+        graphprune.load(_Permuted(), tmp_path, device="meta")
+
+
+class _DictIn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, batch):
+        x, (g, s) = batch["img"], batch["affine"]
+        return self.fc(self.b(torch.relu(self.a(x)) * g + s).mean((2, 3)))
+
+
+def test_nested_example_inputs_save_and_load(tmp_path):
+    """An example input given as a dict of a tensor and a tuple compiled, and save refused to
+    record it in the manifest."""
+    torch.manual_seed(0)
+    model = _DictIn().eval()
+    batch = {"img": torch.randn(2, 3, 8, 8), "affine": (torch.rand(2, 1, 1, 1), torch.randn(2, 1, 1, 1))}
+    small = graphprune.compile(model, (batch,), ratio=0.5, importance="l1")
+    graphprune.save(small, tmp_path)
+    with torch.device("meta"):
+        original = _DictIn()
+    back = graphprune.load(original, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(batch), small(batch), rtol=0, atol=0)

@@ -482,6 +482,33 @@ def test_a_caching_forward_leaves_the_users_model_as_it_was(budget):
     copy.deepcopy(model)
 
 
+class Stateful(nn.Module):
+    """A forward that updates state: a step counter (runs in eval too) and BatchNorm statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x):
+        self.steps.add_(1)
+        return self.b(torch.relu(self.bn(self.a(x)))).mean((2, 3))
+
+
+@pytest.mark.parametrize("budget", [{"target_flops": 0.5}, {"target_params": 0.5}, {"ratio": 0.5}])
+@pytest.mark.parametrize("training", [False, True])
+def test_counting_a_budget_leaves_the_users_state_alone(budget, training):
+    """FLOPs and parameters were counted by running a shadow that shared the user's buffers:
+    under a budget, compile advanced the user's step counter and, in training mode, moved
+    its BatchNorm statistics (ratio= left them alone)."""
+    torch.manual_seed(0)
+    model = Stateful().train(training)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = graphprune.compile(model, (torch.randn(2, 3, 8, 8),), importance="l1", **budget)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training == training and small.training == training
+
+
 def test_a_graph_module_compiles_again():
     """prune_iteratively feeds compile its own graph-form output: shadows of a GraphModule must keep its forward."""
     torch.manual_seed(0)
