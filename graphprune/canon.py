@@ -102,6 +102,18 @@ def _sizes_positional(node: Node, name: str) -> None:
         node.args, node.kwargs = (node.args[0], kwargs.pop(name)), kwargs
 
 
+def size_args(node: Node, at) -> tuple[list | None, int, object]:
+    """The literal sizes of a view/reshape/expand/unflatten (``COp.attrs["sizes_at"]``) as
+    ``(sizes, first output dim they size, where they sit in node.args)``: ``"varargs"``
+    (``x.view(a, b)``), an index (``x.view((a, b))``), or ``("unflatten", d)``, whose sizes
+    in ``args[2]`` are the output's dims ``d, d + 1, ...``. ``(None, 0, None)`` where none are."""
+    if at == "varargs":
+        return list(node.args[1:]), 0, "varargs"
+    pos, first = (2, at[1]) if isinstance(at, tuple) else (at, 0)
+    sizes = node.args[pos] if isinstance(pos, int) and pos < len(node.args) else None
+    return (list(sizes), first, pos) if isinstance(sizes, (list, tuple)) else (None, 0, None)
+
+
 def _reshape(node, mod=None):
     """view / reshape / flatten / squeeze / unsqueeze: the rule reads shapes only."""
     _sizes_positional(node, "shape")
@@ -110,6 +122,13 @@ def _reshape(node, mod=None):
         sizes_at = "varargs" if not isinstance(arg(node, 1, "shape"), (list, tuple)) else 1
     elif node.target in (torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default):
         sizes_at = 1
+    elif node.target in ("unflatten", torch.unflatten, aten.unflatten.int):
+        # x.unflatten(dim, sizes): the sizes are output dims dim, dim + 1, ... (nn.Unflatten's literal
+        # sizes; the rewrite left them at the original width and the pruned graph failed to run)
+        dim, sizes = arg(node, 1, "dim"), arg(node, 2, "sizes")
+        if isinstance(dim, int) and isinstance(sizes, (list, tuple)):
+            node.args, node.kwargs = (node.args[0], dim, sizes), {}
+            sizes_at = ("unflatten", _dim(dim, node.args[0].meta[VAL].dim()))
     return COp("reshape", node, [vkey(node.args[0])], attrs={"sizes_at": sizes_at})
 
 
@@ -337,6 +356,15 @@ def _sort(node, mod=None):
     return COp("sort", node, [vkey(x)], attrs={"dim": _dim(dim, _ndim(x))})
 
 
+def _prelu(node, mod=None):
+    """``F.prelu(x, weight)``: one learned slope per channel (dim 1; dim 0 of a 1-D input),
+    or one for all. The slopes go with their channels."""
+    w = vkey(arg(node, 1, "weight"))
+    if w is None:
+        return COp("unknown", node, _tensors(node), attrs={"why": "prelu with a computed weight"})
+    return COp("prelu", node, [vkey(node.args[0])], params={"weight": w})
+
+
 def _histc(node, mod=None):
     """``histc(x, bins, min, max)``: counts of x's values; with integer ids, counts per id."""
     return COp("histc", node, [vkey(node.args[0])], attrs={"bins": arg(node, 1, "bins", 100), "min": arg(node, 2, "min", 0),
@@ -460,6 +488,16 @@ def _f_instance_norm(spec: dict):
 
 def _f_embedding(node, mod=None):
     return COp("embedding", node, [vkey(arg(node, 0, "input"))], params=_roles(node, {"weight": (1, "weight")}))
+
+
+def _f_embedding_bag(node, mod=None):
+    """``F.embedding_bag(input, weight, offsets, ...)``: (bags, D), each bag a sum, mean or max of
+    weight rows, so the output's D is the weight's. Bags are input rows (2-D input) or
+    offsets (1-D): only the former map onto an input dim."""
+    idx, w = arg(node, 0, "input"), vkey(arg(node, 1, "weight"))
+    if w is None or not isinstance(idx, Node):
+        return COp("unknown", node, _tensors(node), attrs={"why": "embedding_bag with a computed weight"})
+    return COp("embedding", node, [vkey(idx)], params={"weight": w}, attrs={"bags": idx.meta[VAL].dim() == 1})
 
 
 def _aten_embedding(node, mod=None):
@@ -612,8 +650,9 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     F.rms_norm: _f_norm("rms_norm", {"weight": (2, "weight")}),
     F.instance_norm: _f_instance_norm({"running_mean": (1, "running_mean"), "running_var": (2, "running_var"), "weight": (3, "weight"), "bias": (4, "bias")}),
     aten.instance_norm.default: _f_instance_norm({"weight": (1, "weight"), "bias": (2, "bias"), "running_mean": (3, "running_mean"), "running_var": (4, "running_var")}),
-    F.embedding: _f_embedding, aten.embedding.default: _aten_embedding,
+    F.embedding: _f_embedding, aten.embedding.default: _aten_embedding, F.embedding_bag: _f_embedding_bag,
     torch.topk: _topk, aten.topk.default: _topk, torch.sort: _sort, aten.sort.default: _sort, aten.sort.stable: _sort,
+    F.prelu: _prelu, torch.prelu: _prelu, aten.prelu.default: _prelu, aten._prelu_kernel.default: _prelu,
     torch.histc: _histc, aten.histc.default: _histc, torch.cumsum: _cumsum, aten.cumsum.default: _cumsum,
     builtins.getattr: _getattr, aten.sym_size.int: _shape_query, torch._assert: _noop,
     aten._assert_tensor_metadata.default: _noop,

@@ -41,9 +41,9 @@ def _batch_spec(x):
     return {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None
 
 
-def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
-    """dynamic_shapes for torch.export: dim 0 of every tensor input (nested ones too) symbolic,
-    keyed by the forward's parameter names (``*args``/``**kwargs`` of a generated forward included)."""
+def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, spec=_batch_spec):
+    """dynamic_shapes for torch.export: ``spec(tensor)`` (dim 0 symbolic) for every tensor input,
+    nested ones too, keyed by the forward's parameter names (``*args``/``**kwargs`` included)."""
     try:
         sig = inspect.signature(model.forward)
         bound = sig.bind(*args, **kwargs)
@@ -53,11 +53,11 @@ def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
     for name, value in bound.arguments.items():
         kind = sig.parameters[name].kind
         if kind is inspect.Parameter.VAR_POSITIONAL:
-            specs[name] = tuple(pytree.tree_map(_batch_spec, v) for v in value)
+            specs[name] = tuple(pytree.tree_map(spec, v) for v in value)
         elif kind is inspect.Parameter.VAR_KEYWORD:
-            specs[name] = {k: pytree.tree_map(_batch_spec, v) for k, v in value.items()}
+            specs[name] = {k: pytree.tree_map(spec, v) for k, v in value.items()}
         else:
-            specs[name] = pytree.tree_map(_batch_spec, value)
+            specs[name] = pytree.tree_map(spec, value)
     return specs
 
 
@@ -85,12 +85,14 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
     A batch-1 example is traced at batch 2 (the sample twice), since torch.export
     fixes every size-1 dim; if the model refuses that, the example as given is tried.
     With ``dynamic_batch=True`` a program whose batch came out fixed (the model's own
-    code pins it) is refused with a GraphpruneError rather than returned.
+    code pins it) is refused with a GraphpruneError rather than returned. A Hugging Face
+    model that would return a KV cache is exported with ``use_cache=False`` (a keyword
+    input of the program, passed again when it is called) unless ``kwargs`` sets it.
     """
     if not isinstance(model, torch.nn.Module):
         raise GraphpruneError(f"export expects a torch.nn.Module, got {type(model).__name__}")
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
-    kwargs = dict(kwargs or {})
+    kwargs = _without_cache(model, dict(kwargs or {}))
     if not dynamic_batch:
         try:
             return torch.export.export(model, args, kwargs=kwargs, strict=False)
@@ -116,6 +118,19 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
     raise GraphpruneError(f"torch.export with a dynamic batch failed on {type(model).__name__}: {errors[-1]}"
                           + (f" (at the doubled batch: {errors[0]})" if len(errors) > 1 else "")
                           + "; export(..., dynamic_batch=False) gives a program for the example's shapes only")
+
+
+def _without_cache(model: torch.nn.Module, kwargs: dict) -> dict:
+    """A Hugging Face model that returns a KV cache (``DynamicCache``, an object no exported
+    output can carry) exports with ``use_cache=False`` unless the caller set it: the
+    README's LLM example failed here, and the error's advice (``dynamic_batch=False``)
+    failed the same way."""
+    from . import hf
+
+    if hf.is_hf(model) and "use_cache" not in kwargs and getattr(model.config, "use_cache", False) and \
+            "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = False
+    return kwargs
 
 
 def _need(module: str):

@@ -30,11 +30,12 @@ from scipy.sparse.csgraph import connected_components
 import torch
 from torch.fx import GraphModule, Node
 
-from .canon import COp, canonicalize, tensor_names, vkey
+from .canon import COp, canonicalize, size_args, tensor_names, vkey
 from .meta_keys import CANON, NUMBERS, VAL
 from .rules import RULES, carry_ids
 from .sizes import NumberUse, computed_sizes, frozen_value, number_uses
 from .zeros import block_unproven_reductions
+from .errors import first_line
 
 
 @dataclass
@@ -112,11 +113,14 @@ class Analysis:
         arithmetic, while the stream was held by the ignored embedding)."""
         sizes = {n: t.numel() for n, t in self.gm.named_parameters(remove_duplicate=False)}
         total = max(1, sum(t.numel() for t in self.gm.parameters()))
-        out = [(sum(sizes.get(n, 0) for n in set(b.params)) / total, b.reasons, b.params) for b in self.blocked]
+        out = [(sum(sizes.get(n, 0) for n in set(b.params)) / total, b.reasons, b.params) for b in self.blocked
+               if not _structural(b)]
         return sorted(out, key=lambda h: -h[0])
 
     def summary(self) -> str:
-        lines = [f"traced with {self.method}: {len(self.groups)} prunable groups, {len(self.blocked)} blocked groups with parameters"]
+        kernels = sum(map(_structural, self.blocked))
+        lines = [f"traced with {self.method}: {len(self.groups)} prunable groups, {len(self.blocked) - kernels} blocked groups "
+                 f"with parameters" + (f" (and {kernels} dims no op could shrink: kernel sizes and the like)" if kernels else "")]
         lines += ["  " + g.describe() for g in self.groups]
         if self.blocked:
             lines.append("blocked groups (their channels stay), by the share of the weights in the parameters they touch:")
@@ -128,6 +132,12 @@ class Analysis:
             lines.append("unsupported ops (their channels stay):")
             lines += [f"  {u}" for u in self.unsupported]
         return "\n".join(lines)
+
+
+def _structural(b) -> bool:
+    """A blocked group that is a parameter dim no op could shrink (a conv kernel's height): not
+    channels anything holds back, and, listed twice per conv, 40 of resnet18's 42 lines."""
+    return bool(b.reasons) and all(r.endswith("keeps this parameter dim") for r in b.reasons)
 
 
 class Builder:
@@ -288,7 +298,7 @@ def build(gm: GraphModule, ignore=()) -> Builder:
             try:
                 RULES.get(c.op, RULES["unknown"])(b, c)
             except Exception as e:  # noqa: BLE001 - a rule that cannot read this node explains nothing about it
-                b.unknown(c, f"the {c.op} rule failed on it ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                b.unknown(c, f"the {c.op} rule failed on it ({type(e).__name__}: {first_line(e)[:120]})")
             if c.op not in _SIZE_ONLY:
                 carry_ids(b, c)
             if c.attrs.get("sizes_at") is not None:
@@ -385,12 +395,12 @@ def _size_source(a):
 
 def _couple_size_reads(b: Builder, c: COp) -> None:
     """A view/expand size read off another tensor's dim has that dim's width after pruning too."""
-    node, at = c.node, c.attrs["sizes_at"]
-    sizes = list(node.args[1:]) if at == "varargs" else node.args[at]
-    if not isinstance(sizes, (list, tuple)):
+    node = c.node
+    sizes, first, _ = size_args(node, c.attrs["sizes_at"])
+    if sizes is None:
         return
     out_shape = b.shape(node)
-    for i, a in enumerate(sizes):
+    for i, a in enumerate(sizes, start=first):
         src = _size_source(a)
         if src is not None and i < len(out_shape) and out_shape[i] > 1:
             b.couple(src, (node, i))

@@ -548,6 +548,17 @@ def batch_norm(b, c: COp):
         b.couple((p, 0), (x, 1))
 
 
+def prelu(b, c: COp):
+    """elementwise, with a slope per channel (dim 1, or dim 0 of a 1-D input) unless one is shared."""
+    x, out = c.inputs[0], _out(c)
+    nd = len(b.shape(x))
+    for k in range(nd):
+        b.couple((x, k), (out, k))
+    w = c.params["weight"]
+    if b.shape(w)[0] > 1:
+        b.couple((w, 0), (x, 1 if nd >= 2 else 0))
+
+
 def layer_norm(b, c: COp):
     """normalizes the trailing dims; the affine parameters cover them. A normalized_shape
     of several dims computed at run time as one value (``F.layer_norm(y, y.shape[1:])``)
@@ -591,7 +602,7 @@ def embedding(b, c: COp):
     idx, out, w = c.inputs[0], _out(c), c.params["weight"]
     nd = len(b.shape(out))
     b.couple((out, nd - 1), (w, 1))
-    for k in range(nd - 1):
+    for k in range(nd - 1) if not c.attrs.get("bags") else ():  # bags by offsets: rows are not input positions
         b.couple((idx, k), (out, k))
 
 
@@ -736,6 +747,7 @@ RULES = {
     "conv": conv,
     "conv_transpose": conv_transpose,
     "batch_norm": batch_norm,
+    "prelu": prelu,
     "batch_norm_tuple": batch_norm,
     "layer_norm": layer_norm,
     "rms_norm": layer_norm,

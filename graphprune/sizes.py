@@ -21,7 +21,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from .canon import vkey
+from .canon import size_args, vkey
 from .meta_keys import CANON, VAL
 
 aten = torch.ops.aten
@@ -90,8 +90,8 @@ def _shape_positions(n: Node) -> set:
     at = cop.attrs.get("sizes_at")
     if at == "varargs":
         return set(range(1, len(n.args)))
-    if isinstance(at, int):
-        return {at}
+    if at is not None:
+        return {size_args(n, at)[2]}
     if cop.op == "split":
         return {1}  # rewritten with explicit sizes when the dim shrinks
     return set()
@@ -128,10 +128,10 @@ def computed_sizes(gm: GraphModule, deps: dict | None = None):
         at = cop.attrs.get("sizes_at") if cop is not None else None
         if at is None:
             continue
-        sizes = list(n.args[1:]) if at == "varargs" else n.args[at]
-        if not isinstance(sizes, (list, tuple)):
+        sizes, first, _ = size_args(n, at)
+        if sizes is None:
             continue
-        for i, a in enumerate(sizes):
+        for i, a in enumerate(sizes, start=first):  # i: the output dim the size gives
             if isinstance(a, Node) and a in deps and _reads(a) is None and not _is_item(a):
                 yield n, i, a, _union(deps[a])
 

@@ -26,7 +26,7 @@ from torch.fx._lazy_graph_module import _use_lazy_graph_module
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .errors import GraphpruneError
-from .meta_keys import EXAMPLE, VAL
+from .meta_keys import EXAMPLE, FIXED_DIMS, VAL
 from .shuffle import fold_channel_shuffles
 
 
@@ -366,10 +366,26 @@ def _export(model, example_inputs, example_kwargs) -> fx.GraphModule:
         except Exception:  # noqa: BLE001 - symbolic batch is a nicety; a static graph still prunes
             continue
         gm.meta[EXAMPLE] = (a, k)  # the inputs its shapes were recorded with: the between-pass check reruns them
+        gm.meta[FIXED_DIMS] = _fixed_dims(gm)
         return gm
     gm = export(model, args, kwargs=kwargs, strict=False).module()
     gm.meta[EXAMPLE] = (args, kwargs)
+    gm.meta[FIXED_DIMS] = _fixed_dims(gm)
     return gm
+
+
+def _fixed_dims(gm: fx.GraphModule) -> list[str]:
+    """The input dims torch.export specialized to the example's size (a layer reads them, or
+    the code branches on them), read off the placeholders' symbolic shapes: what the
+    exported graph, and so a graph-form result, will not take another size of."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    out = []
+    for node in gm.graph.nodes:
+        val = node.meta.get(VAL) if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor):
+            out += [f"{node.target} dim {i} ({int(d)})" for i, d in enumerate(val.shape) if is_concrete_int(d)]
+    return out
 
 
 
@@ -381,21 +397,23 @@ def _doubled(x):
 
 
 def _dynamic_shapes(model, args, kwargs):
-    """Keep the batch dim (and the sequence dim of token ids) symbolic in exported graphs."""
-    import inspect
-
+    """The batch symbolic, and dim 1 of 2-D and 3-D inputs (token ids, waveforms, (N, T, D)
+    sequences), where the code allows (``Dim.AUTO``: torch.export fixes the dims a layer reads
+    or a branch tests), nested inputs and ``*args`` included: a (N, T, D) sequence model's
+    graph took its example's T only, and a ``forward(self, *xs)`` model (every
+    ``nn.DataParallel``) its example's batch only. An image's height and width stay fixed:
+    symbolic, the window arithmetic of padded windowed attention (TinyViT, SAM) read as
+    computed sizes and held its residual stream."""
     from torch.export import Dim
+
+    from .export import _dynamic_shapes as by_signature
 
     def spec(x):
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             return None
-        dims = {0: Dim.AUTO}
-        if x.dim() == 2:  # token ids, and a waveform's samples (Wav2Vec2); a feature dim a layer reads stays fixed
-            dims[1] = Dim.AUTO
-        return dims
+        return {i: Dim.AUTO for i in range(2 if x.dim() in (2, 3) else 1)}
 
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    return {name: spec(value) for name, value in bound.arguments.items()}
+    return by_signature(model, args, kwargs, spec)
 
 
 def trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None, *, method: str = "auto") -> Traced:
@@ -413,19 +431,18 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
         raise GraphpruneError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_inputs, tuple):
         raise GraphpruneError(f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}; wrap a single tensor as (x,)")
+    clash = sorted(n for n in [*model._modules, *model._parameters, *model._buffers] if n in _GRAPH_MODULE_NAMES)
+    if clash:  # the traced GraphModule cannot hold them under those names: both tracers failed obscurely
+        raise GraphpruneError(f"{type(model).__name__} has top-level attributes named {clash}, which torch.fx's "
+                              "GraphModule uses itself (its generated code and graph live there): rename them, or "
+                              "wrap the model in a parent module (nn.Sequential(model)) and compile that")
     symbolic_error = None
     # traced in eval mode, whatever mode the model is in: the graph is checked in eval mode, and a
     # forward with an `if self.training:` branch traced in training was refused as differing from itself
     user_model, model = model, shadow(model, own_buffers=True).eval()
     if method in ("auto", "symbolic_trace") and not example_kwargs:
         try:
-            with _use_lazy_graph_module(True), _functions_kept():  # Python code is generated on first call
-                gm = fx.symbolic_trace(model)
-            _check_state_untouched(model)
-            for name, child in model.named_children():  # keep the user's containers (Sequential...) intact
-                setattr(gm, name, child)
-            propagate_shapes(gm, example_inputs)
-            return Traced(gm, "symbolic_trace")
+            return Traced(_symbolic(model, example_inputs), "symbolic_trace")
         except Exception as e:  # noqa: BLE001 - fall back to export, keep the reason
             symbolic_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             if method == "symbolic_trace":
@@ -443,6 +460,43 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
     _fill_missing_vals(gm)
     _drop_rebinding_writebacks(gm)
     return Traced(gm, "export", symbolic_error)
+
+
+_GRAPH_MODULE_NAMES = (set(dir(fx.GraphModule)) - set(dir(torch.nn.Module))) | {"meta", "graph", "code"}
+
+
+class _RuledLeaves(fx.Tracer):
+    """fx's tracer, except that a ``torch.nn`` module with no rule of its own is traced
+    into rather than kept as one opaque node: its forward's ops may have rules
+    (``nn.TransformerEncoder`` is linears, attention and norms; as one node it held every
+    channel around it). Where its forward cannot be traced (the encoder's fast-path
+    checks branch on tensors), the model goes to ``torch.export`` as any other
+    untraceable code does. A hooked or parametrized module stays one node: tracing into
+    it would drop its hooks, or expose the computation of its weight."""
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if not super().is_leaf_module(m, qualname):
+            return False
+        from torch.nn.utils import parametrize
+
+        from .canon import MODULE_TABLE
+
+        if m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m):
+            return True
+        return any(type(m) in types for types, _ in MODULE_TABLE)
+
+
+def _symbolic(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """``model`` symbolically traced (``_RuledLeaves``) with shapes propagated; raises where it cannot be."""
+    with _use_lazy_graph_module(True), _functions_kept():  # Python code is generated on first call
+        tracer = _RuledLeaves()
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _check_state_untouched(model)
+    for name, child in model.named_children():  # keep the user's containers (Sequential...) intact
+        setattr(gm, name, child)
+    propagate_shapes(gm, example_inputs)
+    return gm
 
 
 _APPLIERS: dict = {}

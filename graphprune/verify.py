@@ -19,7 +19,9 @@ tracing).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 import time
 from contextlib import contextmanager
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .errors import GraphpruneError
+from .errors import GraphpruneError, first_line
 from .flops import copied_inputs
 from .trace import shadow
 
@@ -77,7 +79,7 @@ def mismatch(got, ref) -> str | None:
     try:
         return _mismatch(got, ref)
     except Exception as e:  # noqa: BLE001 - outputs that cannot be compared are not the same
-        return f"the outputs cannot be compared ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        return f"the outputs cannot be compared ({type(e).__name__}: {first_line(e)[:120]})"
 
 
 def _mismatch(got, ref) -> str | None:
@@ -126,7 +128,9 @@ def _run(fn, args, kwargs):
     that normalises its input in place (``im /= 255``) divided the caller's example again at
     every check, and the model and its graph then disagreed on what they were given."""
     args, kwargs = copied_inputs(tuple(args), dict(kwargs or {}))
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    # a GraphModule that raises prints the failing line of its generated code to stderr first:
+    # the shapes a check tries and a graph may refuse filled a run that worked with tracebacks
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         torch.manual_seed(0)
         return fn(*args, **kwargs)
 
@@ -269,13 +273,13 @@ def check_trace(model, gm, args: tuple, kwargs: dict) -> tuple[str | None, bool]
                 ref = _run(model, args, kwargs)
             except Exception as e:  # noqa: BLE001 - the user's own forward: say so instead of a raw traceback
                 raise GraphpruneError(f"{type(model).__name__} fails on its example inputs {_shapes(args)} "
-                                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass inputs the model "
+                                      f"({type(e).__name__}: {first_line(e)[:200]}); pass inputs the model "
                                       "takes") from e
         with swapped(gm, theirs):
             try:
                 got = _run(gm, args, kwargs)
             except Exception as e:  # noqa: BLE001 - a trace that cannot run is a trace that differs
-                return f"the traced graph fails where the model runs ({type(e).__name__}: {str(e).splitlines()[0][:200]})", \
+                return f"the traced graph fails where the model runs ({type(e).__name__}: {first_line(e)[:200]})", \
                     _writes(params)
     return mismatch(got, ref), _writes(params)
 
@@ -309,8 +313,8 @@ class Verifier:
                 _run(model, args, kwargs)
         except Exception:  # noqa: BLE001 - the model does not take it either: nothing lost
             return
-        self.notes.append(f"the model takes inputs {_shapes(args)} but the traced graph ({self.p.analysis.method}) "
-                          f"does not, so the result only takes the example's shapes {_shapes(self.cases[0][0])}")
+        self.notes.append(f"the model takes inputs {_shapes((args, kwargs))} but the traced graph ({self.p.analysis.method}) "
+                          f"does not, so the result only takes the example's shapes {_shapes(self.cases[0])}")
 
     def _cases(self):
         """The example, the first other batch shape the model accepts, and the first input at
@@ -381,13 +385,15 @@ class Verifier:
             state = self.twin_state(removed)
             gm = self.twin_graph(removed)
             with evaluating(gm, out):
-                for args, kwargs in self._cases():
+                for case in self._cases():
+                    args, kwargs = case
                     try:
                         with swapped(gm, {**_copies(gm, params=self.p.param_writes), **state}):
                             ref = _run(gm, args, kwargs)
                     except Exception:  # noqa: BLE001 - only a later shape can fail: the graph does not take it
-                        self.cases = [c for c in self.cases if c[0] is not args]
-                        if not any(c[0] is args for c in self._sized):  # an exported graph fixes those sizes, and says so
+                        # by identity of the case: every keyword-only case has the same empty args tuple
+                        self.cases = [c for c in self.cases if c is not case]
+                        if not any(c is case for c in self._sized):  # an exported graph fixes those sizes, and says so
                             self._graph_refused(args, kwargs)
                         continue
                     try:

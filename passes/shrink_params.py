@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from graphprune.canon import COp, arg, tensor_names, vkey
+from graphprune.canon import COp, arg, size_args, tensor_names, vkey
 from graphprune.meta_keys import CACHED, CANON, NUMBERS, PLAN, VAL
 from graphprune.sizes import at_original_widths, frozen_value
 from graphprune.trace import _COPY_OF, fresh_attrs, own_tensors, rebind_hooks
@@ -186,11 +186,13 @@ def _sizes(node: Node, cop: COp, p: _Plan) -> bool:
     new = p.new_shape(node, old)
     if list(new) == list(old):
         return False
-    sizes = list(node.args[1:]) if at == "varargs" else list(node.args[at])
+    sizes, first, pos = size_args(node, at)
+    if sizes is None:
+        return False
     for i, s in enumerate(sizes):
-        if isinstance(s, int) and s != -1 and new[i] != old[i]:
-            sizes[i] = new[i]
-    node.args = (node.args[0], *sizes) if at == "varargs" else (*node.args[:at], type(node.args[at])(sizes), *node.args[at + 1:])
+        if isinstance(s, int) and s != -1 and new[first + i] != old[first + i]:
+            sizes[i] = new[first + i]
+    node.args = (node.args[0], *sizes) if pos == "varargs" else (*node.args[:pos], type(node.args[pos])(sizes), *node.args[pos + 1:])
     return True
 
 

@@ -102,3 +102,21 @@ def test_missing_onnxruntime_is_a_graphprune_error(resnets, tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(graphprune.GraphpruneError, match="onnxruntime is not installed"):
         check_onnx(tmp_path / "none.onnx", models["module"], (x,))
+
+
+def test_a_pruned_causal_lm_exports_without_its_kv_cache():
+    """A Hugging Face causal LM returns a DynamicCache, which no exported output carries: export
+    failed on the README's LLM example, and its advice (dynamic_batch=False) failed too. It now
+    exports with use_cache=False unless told otherwise, at any batch."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    llm = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    small = graphprune.compile(llm, (ids,), target_params=0.7, importance="l2")
+    program = export(small, (ids,)).module()
+    other = torch.randint(0, 100, (3, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(program(other, use_cache=False).logits, small(other, use_cache=False).logits,
+                                   rtol=1e-4, atol=1e-5)

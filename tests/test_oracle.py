@@ -7,7 +7,7 @@ from graphprune.shuffle import permute_channels
 
 from models import (IMAGE, ORACLE_MODELS, TOKENS, ChannelStatistics, ComputedHeadDim, EinsumAttention, GQAttention, PaddedWindows, Recurrent, Shuffle,
                     StdConv, WeightStandardized)
-from oracle import assert_lossless, dead_twin
+from oracle import assert_lossless, dead_twin, kill_units
 
 
 @pytest.mark.parametrize("name", sorted(ORACLE_MODELS))
@@ -259,21 +259,13 @@ def test_a_projected_lstm_keeps_its_channels_and_the_rest_prunes():
 
 
 def test_a_model_with_nothing_to_prune_says_what_holds_it():
-    """nn.TransformerEncoder is a leaf without a rule: a budget was blamed on min_width,
-    round_to and ignore, and ratio=0.5 came back unchanged without a word."""
-    class Encoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
-            self.enc = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
-
-        def forward(self, x):
-            return self.enc(x)
-
-    model, x = Encoder().eval(), torch.randn(2, 5, 16)
-    with pytest.raises(graphprune.GraphpruneError, match="no prunable group.*TransformerEncoder"):
+    """Channels held by an op without a rule (here pixel_shuffle, inside nn.PixelShuffle): a budget
+    was blamed on min_width, round_to and ignore, and ratio=0.5 came back unchanged without a word."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.PixelShuffle(2), torch.nn.Conv2d(4, 8, 1)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(graphprune.GraphpruneError, match="no prunable group.*pixel_shuffle"):
         graphprune.compile(model, (x,), target_flops=0.5)
-    with pytest.warns(graphprune.GraphpruneWarning, match="nothing to prune.*TransformerEncoder"):
+    with pytest.warns(graphprune.GraphpruneWarning, match="nothing to prune.*pixel_shuffle"):
         graphprune.compile(model, (x,), ratio=0.5)
 
 
@@ -426,3 +418,53 @@ def test_group_norm_holds_the_dims_it_averages_over():
         small = graphprune.compile(model, (x,), ratio=0.5, verify=False)
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x))
+
+
+@pytest.mark.parametrize("slopes,functional,export", [(12, False, False), (1, False, False), (12, True, False), (12, False, True)])
+def test_prelu_slopes_go_with_their_channels(slopes, functional, export):
+    """nn.PReLU was a module without a rule (and F.prelu a function without one): every channel
+    through it stayed. Its per-channel slopes now go with their channels; one shared slope stays."""
+    class Slopes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.act, self.b = torch.nn.Conv2d(3, 12, 3, padding=1), torch.nn.PReLU(slopes), torch.nn.Conv2d(12, 6, 1)
+            with torch.no_grad():
+                self.act.weight.uniform_(-0.5, 0.5)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(F.prelu(y, self.act.weight) if functional else self.act(y))
+
+    torch.manual_seed(0)
+    model, x = Slopes().eval(), torch.randn(2, 3, 6, 6)
+    kill_units(model, (x,), 0.25)
+    call = ((), {"x": x}) if export else ((x,), {})
+    small = graphprune.compile(model, *call[:1], example_kwargs=call[1] or None, ratio=0.25, importance="l1")
+    assert small.a.weight.shape[0] == 9 and small.act.weight.shape[0] == (9 if slopes > 1 else 1)
+    y = torch.randn(3, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(small(y), model(y), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,offsets", [("sum", False), ("mean", True), ("max", False), ("max", True)])
+def test_embedding_bag_width_prunes(mode, offsets):
+    """nn.EmbeddingBag (traced into: F.embedding_bag) had no rule and held its width. Each bag
+    sums, averages or takes the max of weight rows, so its width is the weight's columns;
+    bags given by offsets are not input positions."""
+    class Bags(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag, self.mid, self.out = torch.nn.EmbeddingBag(50, 16, mode=mode), torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+
+        def forward(self, ids, offs=None):
+            return self.out(torch.relu(self.mid(self.bag(ids, offs))))
+
+    torch.manual_seed(0)
+    model = Bags().eval()
+    args = (torch.randint(0, 50, (10,)), torch.tensor([0, 3, 7])) if offsets else (torch.randint(0, 50, (4, 6)),)
+    kill_units(model, args, 0.25)
+    small = graphprune.compile(model, args, ratio=0.25, importance="l1")
+    assert small.bag.weight.shape == (50, 12) and small.mid.weight.shape == (24, 12)
+    other = (torch.randint(0, 50, (7,)), torch.tensor([0, 2])) if offsets else (torch.randint(0, 50, (5, 3)),)
+    with torch.no_grad():
+        torch.testing.assert_close(small(*other), model(*other), rtol=1e-5, atol=1e-6)

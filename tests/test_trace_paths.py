@@ -1,0 +1,154 @@
+"""Which tracer reads a model, and what the traced graph (so a graph-form result) takes.
+
+``torch.nn`` modules with no rule of their own are traced into; a model whose code
+symbolic tracing cannot follow goes to ``torch.export``, which keeps every input dim
+that no layer reads symbolic, so the result takes other batch sizes and sequence
+lengths, not just the example's."""
+import pytest
+import torch
+import torch.nn as nn
+
+import graphprune
+
+from oracle import dead_twin
+
+
+class Encoder(nn.Module):
+    """A user's sequence model on (N, T, D) features, built from nn.TransformerEncoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.out(self.enc(self.inp(x)))
+
+
+def test_a_transformer_encoder_prunes_and_takes_other_lengths():
+    """nn.TransformerEncoder was one opaque node: nothing around it pruned. Traced into
+    (through torch.export: its fast-path checks branch on tensors), its linears and
+    heads prune, and the result matches the dead twin at other batch sizes and lengths
+    (the exported graph fixed the token count before, and the self-check refused it)."""
+    torch.manual_seed(0)
+    model, x = Encoder().eval(), torch.randn(2, 5, 16)
+    analysis = graphprune.analyze(model, (x,))
+    assert analysis.method == "export" and analysis.groups
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert graphprune.count_params(small) < 0.6 * graphprune.count_params(model)
+    assert "x dim 2 (16)" in small.report.form_why and "x dim 1" not in small.report.form_why
+    twin = dead_twin(model, small)
+    with torch.no_grad():
+        for shape in [(2, 5, 16), (3, 9, 16), (1, 2, 16)]:
+            y = torch.randn(*shape)
+            torch.testing.assert_close(small(y), twin(y), rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class Padded(nn.Module):
+    """conv -> a torch.nn module without a rule of its own -> conv."""
+
+    def __init__(self, mid: nn.Module, width: int = 16):
+        super().__init__()
+        self.a, self.mid, self.b = nn.Conv2d(3, 16, 3, padding=1), mid, nn.Conv2d(width, 8, 1)
+
+    def forward(self, x):
+        return self.b(self.mid(self.a(x)))
+
+
+@pytest.mark.parametrize("mid", [nn.ZeroPad2d(1), nn.ReflectionPad2d((1, 0, 2, 1)), nn.ConstantPad2d(1, 0.0)])
+def test_torch_nn_modules_without_a_rule_are_traced_into(mid):
+    """A padding module was one node without a rule, so both convs kept every channel.
+    Its forward is one F.pad, which has a rule: now the channels go, exactly."""
+    torch.manual_seed(0)
+    model, x = Padded(mid).eval(), torch.randn(2, 3, 8, 8)
+    assert graphprune.analyze(model, (x,)).method == "symbolic_trace"
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.a.weight.shape[0] == 8 and small.report.form == "module" and isinstance(small.mid, type(mid))
+    with torch.no_grad():
+        y = torch.randn(3, 3, 10, 6)
+        torch.testing.assert_close(small(y), dead_twin(model, small)(y), rtol=1e-5, atol=1e-5)
+
+
+def test_a_hooked_torch_nn_module_stays_one_node():
+    """Tracing into a module would skip its forward hooks: a hooked one stays a leaf,
+    and the channels it sees stay with it."""
+    torch.manual_seed(0)
+    model, x = Padded(nn.ZeroPad2d(1)).eval(), torch.randn(2, 3, 8, 8)
+    model.mid.register_forward_hook(lambda mod, inp, out: out * 2)
+    analysis = graphprune.analyze(model, (x,))
+    assert not analysis.groups and "module type ZeroPad2d" in analysis.summary()
+
+
+@pytest.mark.parametrize("how", ["module", "method"])
+def test_unflatten_sizes_follow_the_pruned_width(how):
+    """``x.unflatten(1, (16, 1))`` (and nn.Unflatten, now traced into) kept its literal sizes
+    at the original width: the rewritten graph failed to run and compile raised."""
+    class Unflat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 16), nn.Linear(16, 3)
+            self.unflat = nn.Unflatten(1, (16, 1))
+
+        def forward(self, x):
+            h = self.a(x)
+            h = self.unflat(h) if how == "module" else h.unflatten(1, (16, 1))
+            return self.b(h.flatten(1))
+
+    torch.manual_seed(0)
+    model, x = Unflat().eval(), torch.randn(2, 5)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert graphprune.count_params(small) < graphprune.count_params(model)
+    with torch.no_grad():
+        y = torch.randn(4, 5)
+        torch.testing.assert_close(small(y), dead_twin(model, small)(y), rtol=1e-5, atol=1e-5)
+
+
+def test_a_keyword_only_model_the_graph_specializes_is_refused_clearly():
+    """Inputs given only as keywords: every check case has the same empty positional tuple,
+    and dropping the case the graph refused dropped the example too (IndexError). A Python
+    branch on the token count specializes the exported graph; the model takes other
+    counts, so compile refuses, with a GraphpruneError that says why."""
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h if x.shape[1] == 5 else -h)
+
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    with pytest.raises(graphprune.GraphpruneError, match=r"the model takes inputs \[\(3, 4, 16\)\]"):
+        graphprune.compile(model, (), example_kwargs={"x": torch.randn(2, 5, 16)}, ratio=0.5)
+
+
+
+class StarArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, *xs):
+        h = sum(torch.relu(self.a(x)) for x in xs)
+        return self.fc(self.b(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_a_star_args_forward_keeps_its_batch_symbolic(wrap):
+    """``forward(self, *xs)`` (and every nn.DataParallel, whose forward is ``(*inputs, **kwargs)``)
+    got no dynamic dims: the exported graph took the example's batch only and compile refused."""
+    torch.manual_seed(0)
+    model = StarArgs().eval()
+    model = nn.DataParallel(model) if wrap else model
+    x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x, y), ratio=0.5, importance="l1")
+    assert graphprune.count_params(small) < graphprune.count_params(model)
+    twin = dead_twin(model, small)
+    with torch.no_grad():
+        x, y = torch.randn(3, 3, 7, 9), torch.randn(3, 3, 7, 9)
+        torch.testing.assert_close(small(x, y), twin(x, y), rtol=1e-5, atol=1e-6)
