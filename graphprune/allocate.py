@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
-from .errors import GraphpruneError, GraphpruneWarning
+from .errors import GraphpruneError, GraphpruneWarning, first_line
 from .flops import count_flops, count_params, graph_params, latency_ratio
 from .pruner import Pruner, matching_ratio, remove_lowest
 from .meta_keys import ORIGINAL_FLOPS, ORIGINAL_PARAMS, UNREAD
@@ -236,7 +236,14 @@ class Meter:
         try:
             return float(count_flops(model, to_meta(self.p.example_inputs), to_meta(self.p.example_kwargs)))
         except RuntimeError:  # graphs that make real-device tensors of their own: count on real weights
-            return float(count_flops(self.p.prune(removed, check=False, fit=False), self.p.example_inputs, self.p.example_kwargs))
+            try:
+                return float(count_flops(self.p.prune(removed, check=False, fit=False), self.p.example_inputs,
+                                         self.p.example_kwargs))
+            except RuntimeError as e:  # a candidate the rewrite got wrong: raw, it escaped compile (weights sliced by ints)
+                raise GraphpruneError(
+                    f"a candidate pruned model does not run ({type(e).__name__}: {first_line(e)[:200]}): the rewrite "
+                    "cannot follow part of this model. Keep that part whole with ignore=[...] (analyze(model, "
+                    "inputs).summary() lists the groups and their modules), and please report the model") from e
 
     def __call__(self, removed: dict) -> float:
         if not removed and self.kind != "flops":
