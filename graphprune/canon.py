@@ -744,17 +744,22 @@ MODULE_TABLE: list[tuple[tuple[type, ...], Callable]] = [
 ]
 
 
-def _module_rule(mod) -> Callable | None:
+def computes_unseen(mod: nn.Module) -> bool:
+    """Whether ``mod`` computes more than its type's rule sees: a computed weight
+    (weight_norm, orthogonal...), whose source no rule slices, or a hook (old-style
+    weight_norm, a user's normalisation) that changes what it returns."""
     from torch.nn.utils import parametrize
 
-    if parametrize.is_parametrized(mod):
-        return None  # its weight is computed (weight_norm, orthogonal...): no rule slices what it is computed from
-    if mod._forward_hooks or mod._forward_pre_hooks:
-        return None  # a hook changes what it computes (old-style weight_norm, a user's normalisation): no rule sees it
-    for types, fn in MODULE_TABLE:
-        if type(mod) in types:  # exact types: a subclass may change forward
-            return fn
-    return None
+    return parametrize.is_parametrized(mod) or bool(mod._forward_hooks or mod._forward_pre_hooks)
+
+
+def table_rule(mod: nn.Module) -> Callable | None:
+    """``MODULE_TABLE``'s rule for ``mod``'s exact type (a subclass may change forward)."""
+    return next((fn for types, fn in MODULE_TABLE if type(mod) in types), None)
+
+
+def _module_rule(mod) -> Callable | None:
+    return None if computes_unseen(mod) else table_rule(mod)
 
 
 def _positional(node: Node, fn: Callable) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch.utils import _pytree as pytree
 
-from .errors import GraphpruneError
+from . import hf
+from .errors import GraphpruneError, first_line
 
 __all__ = ["export", "to_onnx", "check_onnx"]
 
@@ -24,8 +25,7 @@ _INSTALL = "pip install onnx onnxscript onnxruntime (or graphprune's dev extras:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+    return f"{type(e).__name__}: {first_line(e).strip()[:300]}"
 
 
 def _doubled(x):
@@ -92,7 +92,9 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
     if not isinstance(model, torch.nn.Module):
         raise GraphpruneError(f"export expects a torch.nn.Module, got {type(model).__name__}")
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
-    kwargs = _without_cache(model, dict(kwargs or {}))
+    kwargs = dict(kwargs or {})
+    if getattr(getattr(model, "config", None), "use_cache", False):  # a KV cache is no output a program carries
+        kwargs = hf.example_kwargs(model, kwargs)
     if not dynamic_batch:
         try:
             return torch.export.export(model, args, kwargs=kwargs, strict=False)
@@ -118,19 +120,6 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
     raise GraphpruneError(f"torch.export with a dynamic batch failed on {type(model).__name__}: {errors[-1]}"
                           + (f" (at the doubled batch: {errors[0]})" if len(errors) > 1 else "")
                           + "; export(..., dynamic_batch=False) gives a program for the example's shapes only")
-
-
-def _without_cache(model: torch.nn.Module, kwargs: dict) -> dict:
-    """A Hugging Face model that returns a KV cache (``DynamicCache``, an object no exported
-    output can carry) exports with ``use_cache=False`` unless the caller set it: the
-    README's LLM example failed here, and the error's advice (``dynamic_batch=False``)
-    failed the same way."""
-    from . import hf
-
-    if hf.is_hf(model) and "use_cache" not in kwargs and getattr(model.config, "use_cache", False) and \
-            "use_cache" in inspect.signature(model.forward).parameters:
-        kwargs["use_cache"] = False
-    return kwargs
 
 
 def _need(module: str):

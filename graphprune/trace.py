@@ -363,13 +363,13 @@ def _export(model, example_inputs, example_kwargs) -> fx.GraphModule:
     for a, k in attempts:
         try:
             gm = export(model, a, kwargs=k, strict=False, dynamic_shapes=_dynamic_shapes(model, a, k)).module()
+            break
         except Exception:  # noqa: BLE001 - symbolic batch is a nicety; a static graph still prunes
             continue
-        gm.meta[EXAMPLE] = (a, k)  # the inputs its shapes were recorded with: the between-pass check reruns them
-        gm.meta[FIXED_DIMS] = _fixed_dims(gm)
-        return gm
-    gm = export(model, args, kwargs=kwargs, strict=False).module()
-    gm.meta[EXAMPLE] = (args, kwargs)
+    else:
+        a, k = args, kwargs
+        gm = export(model, args, kwargs=kwargs, strict=False).module()
+    gm.meta[EXAMPLE] = (a, k)  # the inputs its shapes were recorded with: the between-pass check reruns them
     gm.meta[FIXED_DIMS] = _fixed_dims(gm)
     return gm
 
@@ -475,15 +475,9 @@ class _RuledLeaves(fx.Tracer):
     it would drop its hooks, or expose the computation of its weight."""
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        if not super().is_leaf_module(m, qualname):
-            return False
-        from torch.nn.utils import parametrize
+        from .canon import computes_unseen, table_rule
 
-        from .canon import MODULE_TABLE
-
-        if m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m):
-            return True
-        return any(type(m) in types for types, _ in MODULE_TABLE)
+        return super().is_leaf_module(m, qualname) and (computes_unseen(m) or table_rule(m) is not None)
 
 
 def _symbolic(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
