@@ -10,13 +10,24 @@ norm runs over a pruned residual stream it is graphprune's own full-width norm
 passes are real memory traffic: what keeps a pruned ViT or ConvNeXt below the
 speed-up its FLOPs promise (issue 12).
 
-Folded only where nothing else can see the difference: the norm is a
-``call_module`` ``nn.LayerNorm``/``nn.RMSNorm`` (or a subclass) over one dim,
-called once, in eval mode or not (it has no state), whose output is read by one
-node, a ``call_module`` of a reader in ``READERS`` called once, whose weight is its
-own (not tied to an embedding), that takes the norm's output as every tensor input it reads (self-attention reads it as query,
-key and value). The folded norm and reader are new modules with new
-parameters; the pass never writes into a module it was given.
+Folded only where nothing else can see the difference. The norm is one of
+two spellings:
+
+* a ``call_module`` ``nn.LayerNorm``/``nn.RMSNorm`` (or a subclass) over one dim,
+  called once (eval mode or not: it has no state);
+* a functional norm (``F.layer_norm``, ``F.rms_norm``, graphprune's full-width
+  ones, the aten ops) over one dim whose weight and bias are parameters read by
+  this node alone, held once, by a submodule the graph does not call (timm's
+  ``LayerNorm``, which fx traces through): the call gets ``None`` for them and
+  the submodule loses them. Deploy output is a graph (it never runs that
+  submodule's forward), so nothing else reads them.
+
+Every node that reads the norm's output is a ``call_module`` of a reader in
+``READERS`` called once, whose weight is its own (not tied to an embedding),
+that takes the norm's output as every tensor input it reads (self-attention
+reads it as query, key and value); separate q, k and v projections each get
+the affine. The folded norm and readers are new modules with new parameters;
+the pass never writes into a module it was given.
 """
 from __future__ import annotations
 
@@ -24,9 +35,10 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from graphprune.modules import PrunedSelfAttention
+from graphprune.modules import PrunedSelfAttention, layer_norm_full, rms_norm_full
 from graphprune.pass_manager import PassResult, register_pass
 from .fold_bn import call_counts, with_params
 
@@ -84,34 +96,34 @@ def _reads_only(node: Node, reader: Node, n_inputs: int) -> bool:
     return bool(inputs) and all(a is node for a in inputs) and not any(a is node for a in rest)
 
 
+# functional norm -> the names of its positional arguments (weight and bias are the affine)
+FUNCTIONAL: dict = {
+    F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+    torch.ops.aten.layer_norm.default: ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable"),
+    layer_norm_full: ("input", "normalized_shape", "weight", "bias", "eps", "full"),
+    F.rms_norm: ("input", "normalized_shape", "weight", "eps"),
+    rms_norm_full: ("input", "normalized_shape", "weight", "eps", "full"),
+}
+if hasattr(torch.ops.aten, "rms_norm"):
+    FUNCTIONAL[torch.ops.aten.rms_norm.default] = FUNCTIONAL[F.rms_norm]
+
+
 @register_pass("fold-norm")
 def fold_norm(gm: GraphModule) -> PassResult:
     calls = call_counts(gm)
+    reads = _attr_reads(gm)
     changed = False
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or calls[node.target] != 1 or len(node.users) != 1:
+        site = _module_norm(gm, node, calls) or _functional_norm(gm, node, calls, reads)
+        if site is None:
             continue
-        norm = gm.get_submodule(node.target)
-        if not isinstance(norm, NORMS) or len(node.args) != 1 or node.kwargs:
-            continue
-        affine = _affine(norm)
-        reader = next(iter(node.users))
-        if affine is None or reader.op != "call_module" or calls[reader.target] != 1:
-            continue
-        mod = gm.get_submodule(reader.target)
-        rule = READERS.get(type(mod))
-        if rule is None or not _reads_only(node, reader, rule[0]):
-            continue
-        w, b = affine
-        if w.numel() != _in_features(mod) or _tied(gm, mod):
-            continue
-        folded = rule[1](mod, w, b)
+        (w, b), drop = site
+        folded = _readers(gm, node, calls, w, b)
         if folded is None:
             continue
-        gm.add_submodule(reader.target, folded)
-        plain = with_params(norm, weight=None, **({"bias": None} if "bias" in norm._parameters else {}))
-        plain.elementwise_affine = False
-        gm.add_submodule(node.target, plain)
+        for target, mod in folded.items():
+            gm.add_submodule(target, mod)
+        drop()
         changed = True
     if changed:
         gm.graph.lint()
@@ -119,11 +131,107 @@ def fold_norm(gm: GraphModule) -> PassResult:
     return PassResult(gm, changed)
 
 
+def _module_norm(gm: GraphModule, node: Node, calls: dict):
+    """((w, b), drop) for a ``call_module`` norm called once; drop swaps in a copy without affine."""
+    if node.op != "call_module" or calls[node.target] != 1 or len(node.args) != 1 or node.kwargs:
+        return None
+    norm = gm.get_submodule(node.target)
+    affine = _affine(norm) if isinstance(norm, NORMS) else None
+    if affine is None:
+        return None
+    return affine, lambda: gm.add_submodule(node.target, _plain(norm))
+
+
+def _functional_norm(gm: GraphModule, node: Node, calls: dict, reads: dict):
+    """((w, b), drop) for a functional norm over one dim whose weight and bias are parameters of a
+    submodule the graph reads nowhere else; drop passes ``None`` for them and removes them from
+    that module (the deploy form is a graph, which never runs the module's own forward)."""
+    names = FUNCTIONAL.get(node.target) if node.op == "call_function" else None
+    if names is None:
+        return None
+    bound = dict(zip(names, node.args)) | dict(node.kwargs)
+    shape, weight, bias = bound.get("normalized_shape"), bound.get("weight"), bound.get("bias")
+    if not isinstance(shape, (list, tuple)) or len(shape) != 1 or not isinstance(weight, Node):
+        return None
+    attrs = [a for a in (weight, bias) if a is not None]
+    if not all(isinstance(a, Node) and a.op == "get_attr" and len(a.users) == 1 for a in attrs):
+        return None
+    path = weight.target.rpartition(".")[0]
+    if not path or calls.get(path, 0):
+        return None  # the graph also runs that module, or the affine is held by the top module
+    owner = gm.get_submodule(path)
+    if bias is not None and bias.target.rpartition(".")[0] != path:
+        return None
+    w, b = (owner._parameters.get(a.target.rpartition(".")[2]) if a is not None else None for a in (weight, bias))
+    if w is None or (bias is not None and b is None) or w.dim() != 1 or any(reads.get(id(t)) != 1 or _held(gm, t) != 1 for t in (w, b) if t is not None):
+        return None
+
+    def drop():
+        node.args = tuple(None if a is weight or a is bias else a for a in node.args)
+        node.kwargs = {k: (None if v is weight or v is bias else v) for k, v in node.kwargs.items()}
+        for a in attrs:
+            gm.graph.erase_node(a)
+        gone = {a.target.rpartition(".")[2]: None for a in attrs}
+        gm.add_submodule(path, with_params(owner, **gone))  # the graph reads the module's other tensors still
+
+    return (w, b), drop
+
+
+def _readers(gm: GraphModule, node: Node, calls: dict, w: torch.Tensor, b: torch.Tensor | None) -> dict | None:
+    """{reader target: the reader with the affine folded in} when every node that reads ``node``
+    can take it (separate q, k and v projections each do), else None."""
+    readers = {}
+    for reader in node.users:
+        if _shape_only(reader):
+            continue
+        if reader.op != "call_module" or calls[reader.target] != 1:
+            return None
+        mod = gm.get_submodule(reader.target)
+        rule = READERS.get(type(mod))
+        if rule is None or not _reads_only(node, reader, rule[0]):
+            return None
+        if w.numel() != _in_features(mod) or _tied(gm, mod):
+            return None
+        readers[reader.target] = rule[1](mod, w, b)
+        if readers[reader.target] is None:
+            return None
+    return readers or None
+
+
+def _shape_only(n: Node) -> bool:
+    """A read of the output's shape, not its values (timm reads ``x.shape`` before its qkv projection)."""
+    if n.op == "call_function" and n.target is getattr:
+        return n.args[1] in ("shape", "ndim", "dtype", "device")
+    return n.op == "call_method" and n.target in ("size", "dim")
+
+
+def _plain(norm: nn.Module) -> nn.Module:
+    """A copy of ``norm`` without its affine (``norm`` is not touched)."""
+    plain = with_params(norm, weight=None, **({"bias": None} if "bias" in norm._parameters else {}))
+    plain.elementwise_affine = False
+    return plain
+
+
+def _attr_reads(gm: GraphModule) -> dict:
+    """id(tensor) -> how many ``get_attr`` nodes read it."""
+    reads: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            owner, _, name = n.target.rpartition(".")
+            t = getattr(gm.get_submodule(owner) if owner else gm, name, None)
+            reads[id(t)] = reads.get(id(t), 0) + 1
+    return reads
+
+
+def _held(gm: GraphModule, t: torch.Tensor) -> int:
+    """Under how many names the graph module holds ``t`` (more than one: tied)."""
+    return sum(x is t for _, x in gm.named_parameters(remove_duplicate=False))
+
+
 def _tied(gm: GraphModule, mod: nn.Module) -> bool:
     """Whether a weight of the reader is also held elsewhere (a head tied to its embedding): folding
     gives the reader a weight of its own, which would untie it and add a copy."""
-    weight = mod.weight if isinstance(mod, nn.Linear) else mod.in_proj_weight
-    return sum(t is weight for _, t in gm.named_parameters(remove_duplicate=False)) > 1
+    return _held(gm, mod.weight if isinstance(mod, nn.Linear) else mod.in_proj_weight) > 1
 
 
 def _in_features(mod: nn.Module) -> int:

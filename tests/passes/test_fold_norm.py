@@ -3,6 +3,7 @@ reads it, lossless, never in place, and only where that reader is all that sees 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import graphprune
 from graphprune.modules import FullWidthLayerNorm
@@ -121,3 +122,76 @@ def test_a_head_tied_to_its_embedding_keeps_its_norm_affine():
     assert out.get_submodule("head").weight is out.get_submodule("emb").weight
     assert graphprune.count_params(out) == graphprune.count_params(model)
     torch.testing.assert_close(out(ids), model(ids))
+
+
+class OwnNorm(nn.LayerNorm):
+    """A LayerNorm subclass outside torch.nn (as timm's): fx traces through it, so the graph holds
+    ``F.layer_norm`` with ``get_attr`` reads of its weight and bias."""
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class Functional(nn.Module):
+    """Folds: an own-class norm read by separate q, k, v projections and by a shape read;
+    F.rms_norm over a parameter of a plain module. Stays: a norm whose weight is read again
+    (``self.n_reused.weight`` scales the output too), and a norm read by a linear and a GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.n_qkv = OwnNorm(8)
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8, bias=False), nn.Linear(8, 8)
+        self.holder = nn.Module()
+        self.holder.scale = nn.Parameter(torch.rand(8) + 0.5)
+        self.fc_rms = nn.Linear(8, 8)
+        self.n_reused, self.fc_reused = OwnNorm(8), nn.Linear(8, 8)
+        self.n_gelu, self.fc_gelu = OwnNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x):                                        # x: (N, T, 8)
+        h = self.n_qkv(x)
+        n, t, _ = h.shape
+        att = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2), -1) @ self.v(h)  # (N, T, 8)
+        x = x + att.reshape(n, t, -1)
+        x = x + self.fc_rms(F.rms_norm(x, (8,), self.holder.scale, 1e-6))
+        x = x + self.fc_reused(self.n_reused(x)) * self.n_reused.weight
+        g = self.n_gelu(x)
+        return self.fc_gelu(g) + F.gelu(g)
+
+
+def test_fold_norm_folds_functional_norms_into_every_reader():
+    torch.manual_seed(0)
+    model = _random_affine(Functional()).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = torch.fx.symbolic_trace(model)
+    assert not any(n.op == "call_module" and "n_" in n.target for n in gm.graph.nodes)  # traced through
+    x = torch.randn(3, 4, 8)
+    ref = model(x)
+    out, changed = run_pipeline(gm, "fold-norm", check=False)
+    assert changed["fold-norm"]
+    read = {n.target for n in out.graph.nodes if n.op == "get_attr"}
+    assert read == {"n_reused.weight", "n_reused.bias", "n_gelu.weight", "n_gelu.bias"}
+    assert out.get_submodule("n_qkv").weight is None and out.get_submodule("holder").scale is None
+    assert all(out.get_submodule(n) is not getattr(model, n) for n in ("q", "k", "v", "fc_rms"))
+    assert out.get_submodule("fc_reused") is model.fc_reused and out.get_submodule("fc_gelu") is model.fc_gelu
+    torch.testing.assert_close(out(x), ref, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.n_qkv.weight is not None and model.holder.scale is not None
+
+
+def test_deploy_folds_timm_vit_norms():
+    """timm's ViT blocks normalise with its own LayerNorm class (traced through) and read the
+    output's shape before the qkv projection: every block norm folds, the result equals the
+    trainable graph."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = _random_affine(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                             depth=2, num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    small = graphprune.compile(model, (x[:1],), ratio=0.5, importance="l1", pipeline="deploy")
+    ref = graphprune.compile(model, (x[:1],), ratio=0.5, importance="l1", output="graph")
+    norms = [n for n in small.graph.nodes if n.op == "call_function" and "norm" in getattr(n.target, "__name__", "")]
+    with_affine = [n for n in norms if any(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in n.args[2:4])]
+    assert len(norms) == 5 and len(with_affine) == 1  # the final norm feeds the pooling, not a linear
+    assert graphprune.count_params(small) < graphprune.count_params(ref)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), ref(x), rtol=1e-4, atol=1e-4)
