@@ -8,7 +8,11 @@ activations that costs memory bandwidth and no FLOPs, which is where pruned
 mobile nets lose most of their speed-up (issue 12).
 
 Folded only where nothing else can see the difference: the BatchNorm is a
-``call_module`` in eval mode with running statistics, its only input is a
+``call_module`` in eval mode with running statistics, or an ``F.batch_norm``
+call with ``training=False`` whose statistics and affine are tensors of a
+submodule the graph does not call and reads nowhere else (timm's
+``BatchNormAct2d``, which fx traces through; that submodule loses them: the
+deploy form is a graph and never runs its forward); its only input is a
 ``call_module`` conv (1-3d, not transposed) or linear whose output nothing
 else reads, neither module is called anywhere else in the graph, and a
 linear's output is ``(N, C)`` (a BatchNorm1d over ``(N, C, L)`` normalises
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from graphprune.meta_keys import VAL
@@ -60,26 +65,67 @@ def _foldable(gm: GraphModule, bn_node: Node, calls: dict) -> tuple[Node, nn.Mod
     src = bn_node.args[0]
     layer = _module(gm, src)
     kinds = FOLDS_INTO.get(type(layer))
-    if kinds is None or type(bn) not in kinds or len(src.users) != 1 or calls[src.target] != 1:
+    if kinds is None or type(bn) not in kinds or not _sole_reader(src, bn_node) or calls[src.target] != 1:
         return None
     if isinstance(layer, nn.Linear) and _ndim(src) != 2:
         return None
     if layer.weight.shape[0] != bn.num_features:
         return None
-    return src, layer, bn
+    return src, layer, _stats(bn)
 
 
-def _folded(layer: nn.Module, bn: nn.Module) -> nn.Module:
+def _folded(layer: nn.Module, mean, var, weight, bias, eps: float) -> nn.Module:
     with torch.no_grad():
-        scale = bn.weight if bn.affine else torch.ones_like(bn.running_var)
-        shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-        s = scale / torch.sqrt(bn.running_var + bn.eps)                         # (C,)
+        scale = weight if weight is not None else torch.ones_like(var)
+        shift = bias if bias is not None else torch.zeros_like(mean)
+        s = scale / torch.sqrt(var + eps)                                        # (C,)
         w = layer.weight * s.reshape(-1, *[1] * (layer.weight.dim() - 1))       # (C, ...)
-        b = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-        b = (b - bn.running_mean) * s + shift                                    # (C,)
+        b = layer.bias if layer.bias is not None else torch.zeros_like(mean)
+        b = (b - mean) * s + shift                                               # (C,)
     grad = layer.weight.requires_grad
     return with_params(layer, weight=nn.Parameter(w.to(layer.weight.dtype).contiguous(), grad),
                        bias=nn.Parameter(b.to(layer.weight.dtype).contiguous(), grad))
+
+
+def _stats(bn: nn.Module) -> tuple:
+    return bn.running_mean, bn.running_var, bn.weight if bn.affine else None, bn.bias if bn.affine else None, bn.eps
+
+
+# F.batch_norm's arguments, in order
+_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_STATS = ("running_mean", "running_var", "weight", "bias")
+
+
+def _functional(gm: GraphModule, node: Node, calls: dict, reads: dict):
+    """(src, layer, (mean, var, weight, bias, eps), owner path, get_attr nodes) for an eval-mode
+    ``F.batch_norm`` over the output of a layer in ``FOLDS_INTO``, its tensors those of one submodule
+    that the graph reads only here; else None."""
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return None
+    bound = {**dict(zip(_BN_ARGS, node.args)), **node.kwargs}
+    if bound.get("training", False) is not False or not isinstance(bound.get("eps", 1e-5), float):
+        return None
+    attrs = {k: bound.get(k) for k in _STATS}
+    if any(a is not None and not (isinstance(a, Node) and a.op == "get_attr" and len(a.users) == 1)
+           for a in attrs.values()) or attrs["running_mean"] is None or attrs["running_var"] is None:
+        return None
+    paths = {a.target.rpartition(".")[0] for a in attrs.values() if a is not None}
+    path = paths.pop()
+    if paths or not path or calls.get(path, 0):
+        return None  # tensors of several modules, of the top module, or of a module the graph also calls
+    owner = gm.get_submodule(path)
+    tensors = {k: getattr(owner, a.target.rpartition(".")[2], None) if a is not None else None for k, a in attrs.items()}
+    if any(isinstance(a, Node) and (not isinstance(tensors[k], torch.Tensor) or reads.get(id(tensors[k])) != 1
+                                    or held(gm, tensors[k]) > 1) for k, a in attrs.items()):
+        return None
+    src = bound["input"]
+    layer = _module(gm, src)
+    if type(layer) not in FOLDS_INTO or not _sole_reader(src, node) or calls[src.target] != 1:
+        return None
+    if (isinstance(layer, nn.Linear) and _ndim(src) != 2) or layer.weight.shape[0] != tensors["running_mean"].numel():
+        return None
+    stats = (tensors["running_mean"], tensors["running_var"], tensors["weight"], tensors["bias"], bound.get("eps", 1e-5))
+    return src, layer, stats, path, [a for a in attrs.values() if a is not None]
 
 
 def with_params(layer: nn.Module, **params: nn.Parameter) -> nn.Module:
@@ -91,6 +137,35 @@ def with_params(layer: nn.Module, **params: nn.Parameter) -> nn.Module:
     for name, p in params.items():
         setattr(new, name, p)
     return new
+
+
+def attr_reads(gm: GraphModule) -> dict:
+    """id(tensor) -> how many ``get_attr`` nodes read it."""
+    reads: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            owner, _, name = n.target.rpartition(".")
+            t = getattr(gm.get_submodule(owner) if owner else gm, name, None)
+            reads[id(t)] = reads.get(id(t), 0) + 1
+    return reads
+
+
+def held(gm: GraphModule, t: torch.Tensor) -> int:
+    """Under how many names the graph module holds ``t`` (more than one: tied)."""
+    return sum(x is t for _, x in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)])
+
+
+def shape_only(n: Node) -> bool:
+    """A read of a tensor's shape, not its values (timm reads ``x.shape`` before its qkv projection
+    and asserts ``x.ndim`` in its BatchNormAct2d)."""
+    if n.op == "call_function" and n.target is getattr:
+        return n.args[1] in ("shape", "ndim", "dtype", "device")
+    return n.op == "call_method" and n.target in ("size", "dim")
+
+
+def _sole_reader(src: Node, node: Node) -> bool:
+    """``node`` is the only node that reads ``src``'s values."""
+    return all(u is node or shape_only(u) for u in src.users)
 
 
 def call_counts(gm: GraphModule) -> dict:
@@ -106,19 +181,29 @@ def call_counts(gm: GraphModule) -> dict:
 @register_pass("fold-bn")
 def fold_bn(gm: GraphModule) -> PassResult:
     calls = call_counts(gm)
+    reads = attr_reads(gm)
     changed = False
     for bn_node in list(gm.graph.nodes):
-        if bn_node.op != "call_module":
-            continue
-        found = _foldable(gm, bn_node, calls)
-        if found is None:
-            continue
-        src, layer, bn = found
-        gm.add_submodule(src.target, _folded(layer, bn))
-        bn_node.replace_all_uses_with(src)
-        gm.graph.erase_node(bn_node)
-        gm.delete_submodule(bn_node.target)
-        changed = True
+        if bn_node.op == "call_module":
+            found = _foldable(gm, bn_node, calls)
+            if found is None:
+                continue
+            src, layer, stats = found
+            gm.add_submodule(src.target, _folded(layer, *stats))
+            bn_node.replace_all_uses_with(src)
+            gm.graph.erase_node(bn_node)
+            gm.delete_submodule(bn_node.target)
+            changed = True
+        elif (found := _functional(gm, bn_node, calls, reads)) is not None:
+            src, layer, stats, path, attrs = found
+            gm.add_submodule(src.target, _folded(layer, *stats))
+            bn_node.replace_all_uses_with(src)
+            gm.graph.erase_node(bn_node)
+            for a in attrs:
+                gm.graph.erase_node(a)
+            owner = gm.get_submodule(path)  # keeps what else it holds (timm's activation)
+            gm.add_submodule(path, with_params(owner, **{a.target.rpartition(".")[2]: None for a in attrs}))
+            changed = True
     if changed:
         gm.graph.lint()
         gm.recompile()

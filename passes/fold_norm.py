@@ -40,7 +40,7 @@ from torch.fx import GraphModule, Node
 
 from graphprune.modules import PrunedSelfAttention, layer_norm_full, rms_norm_full
 from graphprune.pass_manager import PassResult, register_pass
-from .fold_bn import call_counts, with_params
+from .fold_bn import attr_reads, call_counts, held, shape_only, with_params
 
 NORMS = (nn.LayerNorm, nn.RMSNorm)
 
@@ -111,7 +111,7 @@ if hasattr(torch.ops.aten, "rms_norm"):
 @register_pass("fold-norm")
 def fold_norm(gm: GraphModule) -> PassResult:
     calls = call_counts(gm)
-    reads = _attr_reads(gm)
+    reads = attr_reads(gm)
     changed = False
     for node in list(gm.graph.nodes):
         site = _module_norm(gm, node, calls) or _functional_norm(gm, node, calls, reads)
@@ -163,7 +163,9 @@ def _functional_norm(gm: GraphModule, node: Node, calls: dict, reads: dict):
     if bias is not None and bias.target.rpartition(".")[0] != path:
         return None
     w, b = (owner._parameters.get(a.target.rpartition(".")[2]) if a is not None else None for a in (weight, bias))
-    if w is None or (bias is not None and b is None) or w.dim() != 1 or any(reads.get(id(t)) != 1 or _held(gm, t) != 1 for t in (w, b) if t is not None):
+    if w is None or (bias is not None and b is None) or w.dim() != 1:
+        return None
+    if any(reads.get(id(t)) != 1 or held(gm, t) != 1 for t in (w, b) if t is not None):
         return None
 
     def drop():
@@ -182,7 +184,7 @@ def _readers(gm: GraphModule, node: Node, calls: dict, w: torch.Tensor, b: torch
     can take it (separate q, k and v projections each do), else None."""
     readers = {}
     for reader in node.users:
-        if _shape_only(reader):
+        if shape_only(reader):
             continue
         if reader.op != "call_module" or calls[reader.target] != 1:
             return None
@@ -198,13 +200,6 @@ def _readers(gm: GraphModule, node: Node, calls: dict, w: torch.Tensor, b: torch
     return readers or None
 
 
-def _shape_only(n: Node) -> bool:
-    """A read of the output's shape, not its values (timm reads ``x.shape`` before its qkv projection)."""
-    if n.op == "call_function" and n.target is getattr:
-        return n.args[1] in ("shape", "ndim", "dtype", "device")
-    return n.op == "call_method" and n.target in ("size", "dim")
-
-
 def _plain(norm: nn.Module) -> nn.Module:
     """A copy of ``norm`` without its affine (``norm`` is not touched)."""
     plain = with_params(norm, weight=None, **({"bias": None} if "bias" in norm._parameters else {}))
@@ -212,26 +207,10 @@ def _plain(norm: nn.Module) -> nn.Module:
     return plain
 
 
-def _attr_reads(gm: GraphModule) -> dict:
-    """id(tensor) -> how many ``get_attr`` nodes read it."""
-    reads: dict = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            owner, _, name = n.target.rpartition(".")
-            t = getattr(gm.get_submodule(owner) if owner else gm, name, None)
-            reads[id(t)] = reads.get(id(t), 0) + 1
-    return reads
-
-
-def _held(gm: GraphModule, t: torch.Tensor) -> int:
-    """Under how many names the graph module holds ``t`` (more than one: tied)."""
-    return sum(x is t for _, x in gm.named_parameters(remove_duplicate=False))
-
-
 def _tied(gm: GraphModule, mod: nn.Module) -> bool:
     """Whether a weight of the reader is also held elsewhere (a head tied to its embedding): folding
     gives the reader a weight of its own, which would untie it and add a copy."""
-    return _held(gm, mod.weight if isinstance(mod, nn.Linear) else mod.in_proj_weight) > 1
+    return held(gm, mod.weight if isinstance(mod, nn.Linear) else mod.in_proj_weight) > 1
 
 
 def _in_features(mod: nn.Module) -> int:

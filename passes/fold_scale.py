@@ -8,7 +8,8 @@ traffic and no FLOPs, which is what keeps a pruned ConvNeXt's speed-up below its
 reduction (issue 12).
 
 Folded only where nothing else can see the difference: a ``mul`` of two operands, one
-a parameter or buffer (``get_attr``) with at most one dim wider than 1, the other
+a parameter or buffer (``get_attr``, or a reshape of one to literal sizes, as timm's
+ConvNeXt writes ``gamma.reshape(1, -1, 1, 1)``) with at most one dim wider than 1, the other
 reached from a ``call_module`` linear or conv (not transposed, called once, read by
 nothing else) through permutes and eval-mode dropouts that each have that one reader;
 the scale's wide dim, followed back through the permutes, must be the layer's output
@@ -55,9 +56,7 @@ def _perm(n: Node) -> list | None:
 def _scale_dim(gm: GraphModule, g: Node, x: Node) -> tuple[torch.Tensor, int] | None:
     """(scale vector, the dim of x it runs along) where ``g`` is a constant with one wide dim
     (as wide as the layer's output features: ``fold_scale`` checks that on the layer)."""
-    if g.op != "get_attr":
-        return None
-    t = _attr(gm, g.target)
+    t = _constant(gm, g)
     xv = _val(x)
     if not isinstance(t, torch.Tensor) or xv is None or not t.is_floating_point() or t.dim() > xv.dim():
         return None
@@ -68,6 +67,26 @@ def _scale_dim(gm: GraphModule, g: Node, x: Node) -> tuple[torch.Tensor, int] | 
         return None  # a scalar scale: fine to fold, but nothing per channel to gain over the mul
     # shapes on the nodes may predate shrink-params: ranks only; the width is checked on the layer
     return t.reshape(-1), xv.dim() - t.dim() + wide[0]
+
+
+_RESHAPES = {"reshape", "view"}
+
+
+def _constant(gm: GraphModule, g: Node) -> torch.Tensor | None:
+    """The tensor ``g`` reads: a ``get_attr``, or a reshape of one to literal sizes read only
+    there (timm's ConvNeXt multiplies by ``self.gamma.reshape(1, -1, 1, 1)``)."""
+    if g.op == "call_method" and g.target in _RESHAPES and len(g.args) >= 2 and not g.kwargs:
+        sizes = g.args[1] if len(g.args) == 2 and isinstance(g.args[1], (list, tuple)) else g.args[1:]
+        src = g.args[0]
+        if not (isinstance(src, Node) and src.op == "get_attr" and len(src.users) == 1) or \
+                not all(type(d) is int for d in sizes):
+            return None
+        t = _attr(gm, src.target)
+        try:
+            return t.reshape(sizes) if isinstance(t, torch.Tensor) else None
+        except RuntimeError:
+            return None
+    return _attr(gm, g.target) if g.op == "get_attr" else None
 
 
 def _attr(gm: GraphModule, path: str):
@@ -149,6 +168,10 @@ def _drop_if_unread(gm: GraphModule, g: Node) -> None:
     """The folded scale leaves the graph and the module tree where nothing else reads it: left
     as a parameter, it was counted, saved, and took a pruned CaiT at target_params=0.5 under
     the deploy pipeline to 0.5012 (its gamma_1/gamma_2, 2,304 parameters, even at ratio 0)."""
+    if g.op == "call_method" and g.target in _RESHAPES and not g.users:
+        src = g.args[0]
+        gm.graph.erase_node(g)
+        g = src
     if g.op != "get_attr" or g.users:
         return
     target = g.target

@@ -3,6 +3,7 @@ import torch.fx.passes.shape_prop
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import graphprune
 from graphprune.pass_manager import run_pipeline
@@ -82,3 +83,59 @@ def test_deploy_pipeline_prunes_and_folds_torchvision(name, head):
     with torch.no_grad():
         torch.testing.assert_close(deploy(x), plain(x), rtol=1e-4, atol=1e-4)
     assert graphprune.count_params(deploy) < graphprune.count_params(plain)
+
+
+class BNAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d, in short: a BatchNorm subclass outside torch.nn with its own forward,
+    which fx traces through (the graph holds ``F.batch_norm`` with ``get_attr`` reads)."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected (N, C, H, W)")
+        return self.act(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                     self.training, self.momentum, self.eps))
+
+
+class Functional(nn.Module):
+    """Folds: conv -> BNAct (the conv's shape read as well). Stays: a BNAct whose weight is
+    read again, a BNAct after an add (no layer to fold into)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), BNAct(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), BNAct(8)
+        self.c3, self.b3 = nn.Conv2d(8, 8, 1), BNAct(8)
+        for bn in (self.b1, self.b2, self.b3):
+            with torch.no_grad():
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        h = self.b1(self.c1(x))
+        h = self.b2(self.c2(h)) + self.b2.weight.reshape(1, -1, 1, 1)
+        return self.b3(self.c3(h) + h)
+
+
+def test_fold_bn_folds_functional_batch_norms_of_traced_through_modules():
+    torch.manual_seed(0)
+    model = Functional().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(4, 3, 8, 8)
+    out, changed = run_pipeline(gm, "fold-bn", check=False)
+    assert changed["fold-bn"]
+    left = [n for n in out.graph.nodes if n.target is F.batch_norm]
+    assert [n.args[1].target for n in left] == ["b2.running_mean", "b3.running_mean"]  # b2: weight read again
+    assert out.get_submodule("b1").running_mean is None and out.get_submodule("b1").weight is None
+    assert model.b1.running_mean is not None and out.get_submodule("c1") is not model.c1
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.train()
+    _, changed = run_pipeline(torch.fx.symbolic_trace(model), "fold-bn", check=False)
+    assert not changed["fold-bn"]  # training=True: batch statistics, nothing to fold

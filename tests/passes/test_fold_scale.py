@@ -75,3 +75,64 @@ def test_deploy_pipeline_folds_convnext_layer_scale(name):
     ref = graphprune.compile(model, (x,), ratio=0.5, importance="l1", output="graph")
     with torch.no_grad():
         torch.testing.assert_close(small(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+class Reshaped(nn.Module):
+    """timm's ConvNeXt writes its layer scale as ``x.mul(self.gamma.reshape(1, -1, 1, 1))``: folds.
+    Stays: a reshape to (1, 1, 1, W) (along the width, not channels), a reshape of a scale that is
+    also read elsewhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.g1 = nn.Conv2d(3, 8, 3, padding=1), nn.Parameter(torch.rand(8) + 0.5)
+        self.c2, self.g2 = nn.Conv2d(8, 8, 1), nn.Parameter(torch.rand(8) + 0.5)
+        self.c3, self.g3 = nn.Conv2d(8, 8, 1), nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):                                           # x: (N, 3, 8, 8)
+        h = self.c1(x).mul(self.g1.reshape(1, -1, 1, 1))
+        h = self.c2(h) * self.g2.reshape(1, 1, 1, -1)              # along W: stays
+        g3 = self.g3.view(1, -1, 1, 1)
+        return self.c3(h) * g3 + g3                                 # g3 read twice: stays
+
+
+def test_fold_scale_follows_a_reshape_of_the_scale():
+    torch.manual_seed(0)
+    model = Reshaped().eval()
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 8, 8)
+    torch.fx.passes.shape_prop.ShapeProp(gm).propagate(x)
+    for n in gm.graph.nodes:
+        if "tensor_meta" in n.meta and hasattr(n.meta["tensor_meta"], "shape"):
+            n.meta["val"] = torch.empty(n.meta["tensor_meta"].shape, device="meta")
+    ref = model(x)
+    out, changed = run_pipeline(gm, "fold-scale", check=False)
+    assert changed["fold-scale"]
+    assert {n.target for n in out.graph.nodes if n.op == "get_attr"} == {"g2", "g3"}
+    assert "g1" not in dict(out.named_parameters()) and model.g1 is not None
+    torch.testing.assert_close(out(x), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "mobilenetv3_small_050"])
+def test_deploy_folds_timm_norms_and_scales(name):
+    """timm's BatchNormAct2d and LayerNorm classes are traced through (functional calls in the graph)
+    and its ConvNeXt reshapes the layer scale: the deploy form of a pruned timm net keeps no
+    BatchNorm and no layer-scale multiply, and equals the trainable graph."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(std=0.3)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+        for n, p in model.named_parameters():
+            if n.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 64, 64)
+    small = graphprune.compile(model, (x[:1],), ratio=0.5, importance="l1", pipeline="deploy")
+    ref = graphprune.compile(model, (x[:1],), ratio=0.5, importance="l1", output="graph")
+    assert not [n for n in small.graph.nodes if "batch_norm" in str(n.target)]
+    assert not [n for n in small.graph.nodes if n.op == "get_attr" and n.target.endswith("gamma")]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), ref(x), rtol=1e-4, atol=1e-4)
