@@ -71,7 +71,7 @@ _STEP = re.compile(r"\s*([A-Za-z0-9_\-]+)\s*(?:\{([^}]*)\})?\s*(?:,|$)")
 
 # named pipelines: "default" keeps the model trainable as the user built it; "deploy" adds the
 # lossless clean-ups that only serve inference speed
-PIPELINES = {"default": "shrink-params,dce", "deploy": "shrink-params,fold-bn,fold-scale,fold-norm,dce"}
+PIPELINES = {"default": "shrink-params,dce", "deploy": "shrink-params,drop-identity,fold-bn,fold-scale,fold-norm,dce"}
 
 
 def parse_pipeline(pipeline: str | list) -> list[tuple[str, dict]]:

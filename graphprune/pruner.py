@@ -19,7 +19,7 @@ from .effects import mutates
 from .errors import GraphpruneError, first_line
 from .groups import Analysis, Group, analyze_graph
 from .meta_keys import PLAN
-from .pass_manager import check_graph, run_pipeline
+from .pass_manager import check_graph, format_pipeline, parse_pipeline, run_pipeline
 from .trace import shadow, trace, unwrapped
 
 DEFAULT_PIPELINE = "shrink-params,dce"
@@ -332,7 +332,8 @@ class Pruner:
             "ignore": list(self.ignore),
             "original": {n: list(t.shape) for n, t in [*self.model.named_parameters(remove_duplicate=False),
                                                           *self.model.named_buffers(remove_duplicate=False)]},
-            "pipeline": self.pipeline or DEFAULT_PIPELINE,
+            # the passes by name, not "deploy": a checkpoint replays what ran, whatever "deploy" comes to mean
+            "pipeline": format_pipeline(parse_pipeline(self.pipeline or DEFAULT_PIPELINE)),
             "training": bool(self.model.training),  # an exported graph keeps the mode it was traced in
         }
         return out

@@ -32,7 +32,7 @@ from graphprune.modules import OneDNNConv2d, OneDNNLinear
 from graphprune.pass_manager import PassResult, register_pass
 from graphprune.trace import fresh_attrs
 
-from .fold_bn import call_counts
+from .fold_bn import call_counts, shape_only
 
 LAYERS = {nn.Conv2d: OneDNNConv2d, nn.Linear: OneDNNLinear}
 
@@ -101,8 +101,9 @@ def onednn_fuse(gm: GraphModule, convs: bool = True) -> PassResult:
         if not _convertible(mod) or (not convs and type(mod) is nn.Conv2d):
             continue
         post_op, act = ("none", (), ""), None
-        if len(node.users) == 1:
-            user = next(iter(node.users))
+        readers = [u for u in node.users if not shape_only(u)]  # timm asserts on x.ndim before its activation
+        if len(readers) == 1:
+            user = readers[0]
             found = _activation(gm, user, node)
             if found is not None:
                 post_op, act = found, user

@@ -263,3 +263,17 @@ def test_nested_example_inputs_save_and_load(tmp_path):
     back = graphprune.load(original, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(back(batch), small(batch), rtol=0, atol=0)
+
+
+def test_a_deploy_manifest_names_its_passes(tmp_path):
+    """The manifest records the passes that ran, not the name "deploy": a later version whose deploy
+    pipeline folds more must still rebuild exactly the tensors the checkpoint holds."""
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(IMAGE)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1", pipeline="deploy")
+    graphprune.save(small, tmp_path)
+    steps = json.loads((tmp_path / "manifest.json").read_text())["pipeline"].split(",")
+    assert "deploy" not in steps and {"shrink-params", "fold-bn", "dce"} <= {s.partition("{")[0] for s in steps}
+    back = graphprune.load(Residual().eval(), tmp_path)
+    torch.testing.assert_close(back(x), small(x))
