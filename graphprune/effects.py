@@ -47,6 +47,21 @@ def mutates(node: Node) -> bool:
     return _is_inplace_name(name) and getattr(t, "__module__", "") in ("torch", "torch._C._VariableFunctions", "torch.nn.functional", "torch._C._nn")
 
 
+# modules whose functions compute a value and write nothing unless their name or schema says so
+_PURE_MODULES = ("torch", "_operator", "operator", "builtins", "math", "graphprune")
+
+
+def opaque(node: Node) -> bool:
+    """A call of a Python function from outside torch (kept whole by ``torch.fx.wrap`` or a leaf
+    rule): what it writes cannot be read off its name. torchvision's MViT-v2 calls
+    ``_add_shortcut(x, shortcut)``, which adds into ``x`` in place, and ignores its result."""
+    if node.op != "call_function":
+        return False
+    module = getattr(node.target, "__module__", None) or ""
+    return module.split(".")[0] not in _PURE_MODULES
+
+
 def has_effect(node: Node) -> bool:
-    """Kept by dead-code elimination: fx's own notion of impure, or a mutation."""
-    return node.is_impure() or mutates(node)
+    """Kept by dead-code elimination: fx's own notion of impure, a mutation, or an unused
+    call of an opaque function (called for what it does, then)."""
+    return node.is_impure() or mutates(node) or opaque(node)

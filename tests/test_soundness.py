@@ -723,3 +723,36 @@ def test_weights_sliced_by_ints_are_refused_not_crashed(budget):
         return
     with torch.no_grad():
         torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-5, atol=1e-6)
+
+
+def _add_into(x, y):
+    """torchvision's MViT-v2 ``_add_shortcut``: adds into ``x`` in place; callers ignore the result."""
+    x.add_(y)
+    return x
+
+
+torch.fx.wrap("_add_into")
+
+
+class WrappedInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        _add_into(h, self.b(x))
+        return self.c(h)
+
+
+def test_an_unused_call_of_a_wrapped_function_is_kept():
+    """dce dropped the call (its result unused, its name no in-place name): the graph lost the add,
+    and every compile of MViT-v2 was refused by the self-check, even at ratio 0."""
+    torch.manual_seed(0)
+    model = WrappedInPlace().eval()
+    x = torch.randn(4, 16)
+    for kw in ({"ratio": 0.0, "verify": False}, {"ratio": 0.0, "pipeline": "deploy"}, {"ratio": 0.5}):
+        small = graphprune.compile(model, (x,), importance="l1", **kw)
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), model(x))
+
