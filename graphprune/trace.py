@@ -489,8 +489,46 @@ def _symbolic(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
     _check_state_untouched(model)
     for name, child in model.named_children():  # keep the user's containers (Sequential...) intact
         setattr(gm, name, child)
+    _buffer_views(gm, model)
     propagate_shapes(gm, example_inputs)
     return gm
+
+
+def _buffer_views(gm: fx.GraphModule, model: torch.nn.Module) -> None:
+    """Constants that are reshaped views of a buffer read as that buffer, reshaped in the graph.
+
+    fx proxies parameters but not buffers, so ``self.shift.view(1, -1, 1, 1)`` runs while
+    tracing and its result lands in the graph as an anonymous ``_tensor_constant0``. The
+    graph prunes that copy, but the user's buffer stays whole, and the module form, which
+    runs the user's code on the user's (pruned) buffers, failed on it. A constant that
+    holds the same memory as a buffer, every element of it in the same order (a
+    contiguous view: ``view``, ``reshape``, ``[None, :, None]``), becomes
+    ``buffer.reshape(shape)``; any other constant stays as fx made it."""
+    views = {}
+    for name, buf in model.named_buffers():
+        if buf.is_contiguous() and buf.numel() and not buf.is_meta:
+            views.setdefault((buf.untyped_storage().data_ptr(), buf.storage_offset(), buf.numel(), buf.dtype), name)
+    gone = set()
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr" or not node.target.startswith("_tensor_constant"):
+            continue
+        t = getattr(gm, node.target, None)
+        if not isinstance(t, torch.Tensor) or t.is_meta or not t.is_contiguous() or not t.numel():
+            continue
+        name = views.get((t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype))
+        if name is None:
+            continue
+        if "." not in name and name not in gm._buffers:  # fx copied only the attributes the graph reads
+            gm.register_buffer(name, model._buffers[name], persistent=name not in model._non_persistent_buffers_set)
+        with gm.graph.inserting_before(node):
+            buf = gm.graph.get_attr(name)
+            view = gm.graph.call_method("reshape", (buf, *t.shape))
+        node.replace_all_uses_with(view)
+        gm.graph.erase_node(node)
+        gone.add(node.target)
+    for target in gone - {n.target for n in gm.graph.nodes if n.op == "get_attr"}:
+        delattr(gm, target)  # fx reads one constant through a get_attr node per use
+    gm.recompile()
 
 
 _APPLIERS: dict = {}

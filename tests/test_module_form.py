@@ -464,3 +464,37 @@ def test_the_module_form_agrees_layer_by_layer_not_just_at_the_output():
     with torch.no_grad():
         y = torch.randn(3, 5, 8, dtype=torch.float64)
         torch.testing.assert_close(small(y), dead_twin(model, small)(y), rtol=1e-9, atol=1e-12)
+
+
+class BufferViews(nn.Module):
+    """Per-channel buffers read through views (``view``, ``[None, :, None, None]``), which fx runs
+    while tracing and leaves in the graph as anonymous constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+        self.register_buffer("shift", torch.randn(8))
+        self.register_buffer("gain", torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        shift = self.shift.view(1, -1, 1, 1)                     # one view read twice: two get_attr nodes
+        h = torch.relu(self.c1(x)) + shift
+        h = torch.relu(self.c2(h) - shift) * self.gain[None, :, None, None]
+        return self.head(h)
+
+
+def test_buffers_read_through_views_are_pruned_in_the_users_module():
+    """The views were anonymous constants in the graph, pruned there while the user's buffers
+    stayed whole, and the module form failed on them; now the buffers themselves are pruned."""
+    torch.manual_seed(0)
+    model = BufferViews().eval()
+    x = torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x[:1],), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and isinstance(small, BufferViews)
+    assert small.shift.shape == small.gain.shape == (small.c1.out_channels,) and small.c1.out_channels < 8
+    kept = torch.tensor([i for i in range(8) if any(torch.equal(small.c1.weight[j], model.c1.weight[i]) for j in range(small.c1.out_channels))])
+    assert torch.equal(small.shift, model.shift[kept])
+    graph = graphprune.compile(model, (x[:1],), ratio=0.5, importance="l1", output="graph")
+    torch.testing.assert_close(small(x), graph(x))
+    assert model.shift.shape == (8,)
