@@ -109,6 +109,9 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
         # exported graphs run in the mode they were traced in, whatever their .training flag says
         "training": bool(model.training) if info["method"] == "symbolic_trace" or info.get("form") == "module"
         else bool(info.get("training", model.training)),
+        # the mode compile built it in: passes decide by it (fold-bn folds eval-mode BatchNorms only), so load
+        # rebuilds in it, then switches to "training" (a model compiled in train mode and saved after .eval())
+        "built_training": bool(info.get("training", model.training)),
         "kept": kept,
         "original": info["original"],
         "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()},
@@ -262,10 +265,10 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     original = _rewrapped(original, m)  # a rotated model's structure (rotate_residual(tied="mix"))
     args = tuple(_input_value(s, where) for s in m["inputs"]["args"])
     kwargs = {k: _input_value(s, where) for k, s in m["inputs"]["kwargs"].items()} or None
-    # traced in the mode it was saved in (code such as ``training=self.training`` is baked into the graph),
-    # on a shadow copy so the user's original keeps its own mode
+    # rebuilt in the mode it was compiled in (the passes decided by it), on a shadow copy so the user's
+    # original keeps its own mode; switched to the mode it was saved in below
     traced = shadow(original)
-    traced.train(bool(m.get("training", False)))
+    traced.train(bool(m.get("built_training", m.get("training", False))))
     p = Pruner(traced, args, kwargs, tuple(m["ignore"]), "random", pipeline=m["pipeline"], method=m["source"]["method"])
     out = p.prune(_removal(p, m["kept"]), check=False, fit=False)
     if where.type == "meta" and m["source"]["method"] != "symbolic_trace":

@@ -277,3 +277,20 @@ def test_a_deploy_manifest_names_its_passes(tmp_path):
     assert "deploy" not in steps and {"shrink-params", "fold-bn", "dce"} <= {s.partition("{")[0] for s in steps}
     back = graphprune.load(Residual().eval(), tmp_path)
     torch.testing.assert_close(back(x), small(x))
+
+
+@pytest.mark.parametrize("compiled_in,saved_in", [("train", "eval"), ("eval", "train")])
+def test_a_model_saved_in_another_mode_than_it_was_compiled_in_loads(tmp_path, compiled_in, saved_in):
+    """Deploy folds eval-mode BatchNorms only: compiled in train mode (none folded), switched to eval
+    before saving, load rebuilt it in eval mode, folded them, and found no tensor for the BatchNorms."""
+    torch.manual_seed(0)
+    model = Residual().train(compiled_in == "train")
+    x = torch.randn(IMAGE)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1", pipeline="deploy")
+    small.train(saved_in == "train")
+    graphprune.save(small, tmp_path)
+    back = graphprune.load(Residual(), tmp_path)
+    assert back.training == small.training
+    small.eval(), back.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
