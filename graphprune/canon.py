@@ -236,11 +236,18 @@ def _tuple_element(src: Node, i: int) -> tuple:
     return (src, i)
 
 
+def _lstm(node: Node) -> bool:
+    gm = node.graph.owning_module
+    return node.op == "call_module" and gm is not None and isinstance(gm.get_submodule(node.target), nn.LSTM)
+
+
 def _getitem(node, mod=None):
     src = node.args[0]
     if isinstance(src, Node) and isinstance(src.meta.get(VAL), (tuple, list)):
         if isinstance(node.meta.get(VAL), torch.Tensor) and isinstance(node.args[1], int):
             return COp("tuple_get", node, [_tuple_element(src, node.args[1])])
+        if _lstm(src) and node.args[1] in (1, -1):
+            return COp("rnn_states", node, [])  # (h_n, c_n): the LSTM's rule couples both
         return COp("python", node)
     if vkey(src) is None:
         return COp("python", node)
@@ -555,7 +562,8 @@ def _m_rnn(node, mod: nn.RNNBase):
         return COp("unknown", node, _tensors(node), attrs={"why": f"{type(mod).__name__} with an initial state or a projection"})
     gates = {"LSTM": 4, "GRU": 3}.get(mod.mode, 1)
     return COp("rnn", node, [vkey(node.args[0])], params={n: f"{node.target}.{n}" for n in mod._flat_weights_names},
-               attrs={"gates": gates, "layers": mod.num_layers, "dirs": 2 if mod.bidirectional else 1, "hidden": mod.hidden_size})
+               attrs={"gates": gates, "layers": mod.num_layers, "dirs": 2 if mod.bidirectional else 1, "hidden": mod.hidden_size,
+                      "batch_first": mod.batch_first})
 
 
 def _m_mha(node, mod: nn.MultiheadAttention):

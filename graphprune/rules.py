@@ -16,6 +16,8 @@ not explain is never pruned.
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 from torch.fx import Node
@@ -662,6 +664,33 @@ def rnn(b, c: COp):
     b.couple((out, nd - 1), inner, cols, cols % h)
     for k in range(nd - 1):
         b.couple((x, k), (out, k))
+    for state in _rnn_states(b, node):  # h_n (and an LSTM's c_n): (layers * dirs, [N,] H)
+        b.couple((state, len(b.shape(state)) - 1), inner)
+        if nd == 3:
+            b.couple((state, 1), (x, 0 if c.attrs.get("batch_first") else 1))
+
+
+def rnn_states(b, c: COp):
+    """``getitem(lstm, 1)``: the pair (h_n, c_n), each coupled by the LSTM's own rule (``rnn``)."""
+    for i, v in enumerate(c.node.meta[VAL]):
+        for k in range(v.dim()):
+            b._add(((c.node, i), k))
+
+
+def _rnn_states(b, node) -> list:
+    """The value keys of an RNN's final states: ``(node, 1)`` for a GRU or RNN; for an LSTM,
+    whose second output is the pair (h_n, c_n), the elements of each ``getitem(node, 1)``.
+    The pair read any other way (passed on whole) keeps the hidden width."""
+    if isinstance(node.meta[VAL][1], torch.Tensor):
+        return [(node, 1)]
+    states = []
+    for u in node.users:
+        at = u.args[1] if u.op == "call_function" and u.target is operator.getitem else None
+        if at in (1, -1):
+            states += [(u, 0), (u, 1)]
+        elif at not in (0, -2):
+            b.block((("rnn", node), 0), f"{node.name}: its final states are read whole")
+    return states
 
 
 def window_attention(b, c: COp):
@@ -731,6 +760,7 @@ RULES = {
     "stack": stack,
     "split": split,
     "tuple_get": tuple_get,
+    "rnn_states": rnn_states,
     "index": index,
     "reduce": reduce,
     "channel_permute": channel_permute,

@@ -756,3 +756,33 @@ def test_an_unused_call_of_a_wrapped_function_is_kept():
         with torch.no_grad():
             torch.testing.assert_close(small(x), model(x))
 
+
+class FinalStates(nn.Module):
+    """Classifiers that read an RNN's final hidden state h_n (and an LSTM's c_n): h_n's last dim
+    is the hidden width, so the rows of every gate and the columns of the head go together."""
+
+    def __init__(self, cell=nn.GRU, **kw):
+        super().__init__()
+        self.pre = nn.Linear(6, 8)
+        self.rnn = cell(8, 24, batch_first=True, **kw)
+        n = 24 * (2 if kw.get("bidirectional") else 1)
+        self.fc = nn.Linear(n, 5)
+        self.fc_c = nn.Linear(24, 5)
+
+    def forward(self, x):                                       # x: (N, T, 6)
+        out, h = self.rnn(torch.relu(self.pre(x)))
+        c = None
+        if isinstance(self.rnn, nn.LSTM):
+            h, c = h
+        last = torch.cat([h[-2], h[-1]], -1) if self.rnn.bidirectional else h[-1]  # (N, n)
+        y = self.fc(last) + out.mean(1).sum(-1, keepdim=True)
+        return y if c is None else y + self.fc_c(c[0])
+
+
+@pytest.mark.parametrize("cell,kw", [(nn.GRU, {}), (nn.LSTM, {}), (nn.RNN, {"num_layers": 2}),
+                                     (nn.GRU, {"bidirectional": True}), (nn.LSTM, {"bidirectional": True, "num_layers": 2})])
+def test_final_rnn_states_follow_the_hidden_units(cell, kw):
+    """h_n was a dim of its own: the hidden units went, h_n shrank with them, and the head kept its
+    columns (a candidate 'does not run', or shrink-params left an invalid graph)."""
+    _, small = _twin_check(lambda: FinalStates(cell, **kw), (2, 5, 6), must_prune=True)
+    assert small.rnn.hidden_size < 24
