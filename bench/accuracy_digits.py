@@ -152,7 +152,16 @@ class DigitsNet(nn.Module):
 
 
 def train(model: nn.Module, data: Split, epochs: int, lr: float, seed: int) -> nn.Module:
-    """Adam, batch 64, cosine decay to zero over all steps; in place."""
+    """Adam, batch 64, cosine decay to zero over all steps; in place. Dropout masks come from the
+    global generator, seeded here inside a fork of it: the same pruned model fine-tunes to the same
+    weights whatever ran before it (a residual MLP with dropout 0.1 moved by up to 1.5 points with
+    the order of methods)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _train(model, data, epochs, lr, seed)
+
+
+def _train(model: nn.Module, data: Split, epochs: int, lr: float, seed: int) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = -(-len(data.y) // 64)
