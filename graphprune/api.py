@@ -228,7 +228,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         if judged_at != (kind, target):
             choice.why += (f"; candidates compared at {judged_at[1]:.3f} of the FLOPs (where the latency search "
                            "landed with weight-norm scores), the winner timed")
-        p.reconstruct = bool(reconstruct) or choice.refit
+        p.reconstruct = choice.refit = bool(reconstruct) or choice.refit  # reconstruct=True: on, as asked
     elif allocation == "measured":  # a fixed criterion: its sensitivity probed around its own score allocation
         auto.measure_sensitivity(p, decide_with("score"))
 
@@ -263,12 +263,28 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
             "timings moved between the search and the report (a busy machine, or a target near the device's "
             "speed steps); time it on an idle machine, or ask for a lower target"), stacklevel=2)
     result, rep.form, rep.form_why = _choose_form(model, out, p, output, rep)
+    if rep.form == "graph" and p.analysis.method == "export" and model.training and _mode_dependent(model):
+        # torch.export records the eval-mode computation: BatchNorm on its running statistics, no dropout,
+        # whatever .training says afterwards (raft_large in train mode came back 56-78% off in train mode)
+        result.eval()
+        warnings.warn(GraphpruneWarning(
+            f"{type(model).__name__} is in training mode, but it was traced with torch.export, which records the "
+            "eval-mode computation (BatchNorm on running statistics, no dropout): the graph returned computes that "
+            "in either mode, so it is returned in eval mode. To fine-tune with batch statistics, prune the model "
+            "where it traces with torch.fx (see report.form_why) or fine-tune the original and compile again"),
+            stacklevel=2)
     fixed = p.gm.meta.get(FIXED_DIMS)
     if rep.form == "graph" and fixed:  # the user's model may take shapes this graph refuses
         rep.form_why += (". Traced with torch.export, which fixed these input dims to the example's size: "
                          f"{', '.join(fixed[:8])}{' ...' if len(fixed) > 8 else ''}")
     result.report = rep
     return result
+
+
+def _mode_dependent(model: torch.nn.Module) -> bool:
+    """Whether the model holds modules that compute differently in training mode."""
+    kinds = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
+    return any(isinstance(m, kinds) and m.training for m in model.modules())
 
 
 ROUNDINGS = (1, 8, 16)

@@ -305,3 +305,12 @@ def test_uniform_allocation_on_groups_of_different_sizes(target):
     kept = [after / before for before, after in widths]
     assert len(kept) == 3 and max(kept) - min(kept) <= max(1 / before for before, _ in widths) + 1e-9, widths
     assert small.report.flops <= target
+
+
+def test_the_report_says_refit_on_when_the_user_asked_for_it():
+    """reconstruct=True refits whatever auto would have chosen; the report said 'refit off'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    calib = [(torch.randn(64, 8),) for _ in range(6)]
+    small = graphprune.compile(model, calib[0], target_flops=0.5, calibration=calib, reconstruct=True, ignore=["4"])
+    assert small.report.auto.refit and "refit on" in str(small.report.auto)

@@ -152,3 +152,34 @@ def test_a_star_args_forward_keeps_its_batch_symbolic(wrap):
     with torch.no_grad():
         x, y = torch.randn(3, 3, 7, 9), torch.randn(3, 3, 7, 9)
         torch.testing.assert_close(small(x, y), twin(x, y), rtol=1e-5, atol=1e-6)
+
+
+class LoopOverSize(nn.Module):
+    """A Python loop over a size: torch.fx cannot follow it, torch.export can (in eval mode only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        for _ in range(x.shape[1] // 3):
+            h = h * 1.0
+        return self.head(h)
+
+
+def test_an_exported_graph_of_a_training_model_says_it_computes_eval_mode():
+    """torch.export records the eval-mode computation: the graph of a model in training mode came back
+    with .training True, running BatchNorm on running statistics, 49% off the model in its own mode."""
+    torch.manual_seed(0)
+    model = LoopOverSize()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 16, 16)
+    with pytest.warns(graphprune.GraphpruneWarning, match="records the eval-mode computation"):
+        small = graphprune.compile(model, (x,), ratio=0.5, importance="l1", output="graph")
+    assert not small.training and model.training
+    same = graphprune.compile(model.eval(), (x,), ratio=0.5, importance="l1", output="graph")
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), same(x))
