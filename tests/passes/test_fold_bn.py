@@ -9,6 +9,16 @@ import graphprune
 from graphprune.pass_manager import run_pipeline
 
 
+def _trained(*bns):
+    """Statistics and affines away from their defaults (mean 0, var 1, weight 1, bias 0), where a wrong fold shows."""
+    with torch.no_grad():
+        for bn in bns:
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+
+
 class ConvBN(nn.Module):
     """Folds: conv->bn (with and without conv bias), linear->bn1d on (N, C).
     Stays: a bn whose conv output is also read elsewhere, a bn1d over (N, C, L) after a linear, a bn in train mode."""
@@ -20,12 +30,7 @@ class ConvBN(nn.Module):
         self.c3, self.b3 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)  # c3's output is also added: stays
         self.fc, self.bf = nn.Linear(8, 6), nn.BatchNorm1d(6)
         self.seq, self.bs = nn.Linear(4, 4), nn.BatchNorm1d(8)  # a BatchNorm1d over (N, 8, 4): dim 1 is not the linear's
-        for bn in (self.b1, self.b2, self.b3, self.bf, self.bs):
-            with torch.no_grad():
-                bn.running_mean.uniform_(-1, 1)
-                bn.running_var.uniform_(0.5, 2)
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.5, 0.5)
+        _trained(self.b1, self.b2, self.b3, self.bf, self.bs)
 
     def forward(self, x):
         h = torch.relu(self.b1(self.c1(x)))
@@ -108,12 +113,7 @@ class Functional(nn.Module):
         self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), BNAct(8)
         self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), BNAct(8)
         self.c3, self.b3 = nn.Conv2d(8, 8, 1), BNAct(8)
-        for bn in (self.b1, self.b2, self.b3):
-            with torch.no_grad():
-                bn.running_mean.uniform_(-1, 1)
-                bn.running_var.uniform_(0.5, 2)
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.5, 0.5)
+        _trained(self.b1, self.b2, self.b3)
 
     def forward(self, x):
         h = self.b1(self.c1(x))
