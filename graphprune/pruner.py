@@ -221,11 +221,14 @@ class Pruner:
                 return traced
         suspects = [n.name for n in traced.gm.graph.nodes if mutates(n)]
         hint = f" In-place ops in the graph: {', '.join(suspects[:8])}." if suspects else ""
+        advice = ("make the forward deterministic and free of in-place updates through aliases (write h = h + y "
+                  "instead of h += y where h is also used elsewhere), or pass verify=False")
+        if "Guard failed" in f"{first} {problem}":  # torch.export fixed how the input sizes relate at the example
+            advice = ("torch.export fixed a relation between input sizes at the example's sizes, and the check at another "
+                      "batch size broke it: give an example with a batch of 2 or more (a batch of 1 is specialised)")
         raise GraphpruneError(
             f"the traced graph of {type(self.model).__name__} does not compute what the model computes, before anything is "
-            f"removed ({first}; then {problem}).{hint} No model was returned: make the forward deterministic and free of "
-            "in-place updates through aliases (write h = h + y instead of h += y where h is also used elsewhere), or pass "
-            "verify=False.")
+            f"removed ({first}; then {problem}).{hint} No model was returned: {advice}.")
 
     @property
     def gm(self) -> torch.fx.GraphModule:

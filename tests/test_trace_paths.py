@@ -183,3 +183,32 @@ def test_an_exported_graph_of_a_training_model_says_it_computes_eval_mode():
     same = graphprune.compile(model.eval(), (x,), ratio=0.5, importance="l1", output="graph")
     with torch.no_grad():
         torch.testing.assert_close(small(x), same(x))
+
+
+class Pair(nn.Module):
+    """RAFT's pattern: two images concatenated on the batch, run together, chunked apart; a loop over a
+    size sends it to torch.export, which at a batch of 1 ties the two batches together."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, a, b):
+        h = self.conv(torch.cat([a, b], dim=0))
+        for _ in range(h.shape[1] // 8):
+            h = h * 1.0
+        f1, f2 = h.chunk(2, dim=0)
+        return self.out(f1 - f2)
+
+
+def test_an_export_guard_at_batch_one_says_to_give_a_larger_batch():
+    """RAFT with one image pair was refused with advice about in-place updates; the cause was the
+    guard torch.export wrote at batch 1. A batch of 2 prunes."""
+    model = Pair().eval()
+    one = (torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8))
+    with pytest.raises(graphprune.GraphpruneError, match="batch of 2 or more") as e:
+        graphprune.compile(model, one, ratio=0.5)
+    assert "in-place" not in str(e.value).split("No model was returned")[-1]
+    two = tuple(torch.cat([t, t]) for t in one)
+    small = graphprune.compile(model, two, ratio=0.5, importance="l1")
+    assert graphprune.count_params(small) < graphprune.count_params(model)
