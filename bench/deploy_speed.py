@@ -23,6 +23,8 @@ pruned and reference alternate, each keeps its fastest round), against two refer
     python bench/deploy_speed.py                   # -> bench/results/deploy_speed.json
     python bench/deploy_speed.py --models resnet50 --rounds 3
     python bench/deploy_speed.py --budgets target_latency=0.3 --pipelines deploy --redo   # those figures again
+    python bench/deploy_speed.py --models timm:efficientnet_b0 timm:convnext_tiny timm:vit_small_patch16_224 \
+        --budgets ratio=0.5 target_flops=0.25 --out bench/results/deploy_speed_timm.json
 
 Each pipeline's figures carry the commit they were measured on (``code``; ``+dirty`` when
 the library had uncommitted changes).
@@ -56,6 +58,17 @@ HEADS = {"resnet50": "fc", "mobilenet_v2": "classifier.1", "efficientnet_b0": "c
          "convnext_tiny": "classifier.2", "vit_b_16": "heads.head"}
 BUDGETS = {"ratio=0.5": {"ratio": 0.5}, "target_flops=0.25": {"target_flops": 0.25},
            "target_latency=0.3": {"target_latency": 0.3}}
+
+
+def build(name: str) -> tuple[torch.nn.Module, str]:
+    """(model in eval mode, its classifier) for a torchvision name, or ``timm:<name>`` (timm's own
+    norm classes, BatchNormAct2d and layer-scale spellings, which fx traces through)."""
+    if name.startswith("timm:"):
+        import timm
+
+        model = timm.create_model(name[5:], pretrained=False).eval()
+        return model, model.pretrained_cfg["classifier"]
+    return getattr(torchvision.models, name)(num_classes=1000).eval(), HEADS[name]
 
 
 ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
@@ -96,8 +109,7 @@ def main():
     x = torch.randn(a.batch, 3, 224, 224)
     for name in a.models:
         torch.manual_seed(0)
-        model = getattr(torchvision.models, name)(num_classes=1000).eval()
-        head = HEADS[name]
+        model, head = build(name)
         base_flops = graphprune.count_flops(model, (x,))
         folded = graphprune.compile(model, (x,), ratio=0.0, importance="l1", ignore=[head], pipeline="deploy", verify=False)
         for budget in a.budgets:
