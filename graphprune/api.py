@@ -489,8 +489,12 @@ def _choose_form(model, out, p, output: str, rep):
         why = why or _over_budget(top, p, rep)
     if top is None or why:
         if output == "module":
-            raise GraphpruneError(f"cannot return the pruned model in the model's own classes: {why}. "
-                                  "Use output='graph' (or 'auto') for the fx GraphModule.")
+            custom = (p.pipeline or DEFAULT_PIPELINE) != DEFAULT_PIPELINE
+            cause = (f" The pipeline ({p.pipeline}) rewrites the graph beyond the model's own code (folded "
+                     "BatchNorms, fused kernels), which the model's classes cannot run." if custom else "")
+            raise GraphpruneError(f"cannot return the pruned model in the model's own classes: {why}.{cause} "
+                                  "Use output='graph' (or 'auto') for the fx GraphModule"
+                                  + (", or the default pipeline for the model's own classes." if custom else "."))
         return out, "graph", why
     top._graphprune = {**out.meta["graphprune"], "form": "module"}
     return top, "module", "the model's own forward reproduces the pruned graph on the example and another input shape"

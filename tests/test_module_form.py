@@ -498,3 +498,12 @@ def test_buffers_read_through_views_are_pruned_in_the_users_module():
     graph = graphprune.compile(model, (x[:1],), ratio=0.5, importance="l1", output="graph")
     torch.testing.assert_close(small(x), graph(x))
     assert model.shift.shape == (8,)
+
+
+def test_asking_for_the_module_form_of_a_deploy_pipeline_says_why_not():
+    """The deploy passes fold BatchNorms into convs: the user's classes cannot run that, and the error
+    said only 'running_mean should contain 32 elements not 64'."""
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    with pytest.raises(graphprune.GraphpruneError, match="rewrites the graph beyond the model's own code"):
+        graphprune.compile(model, (torch.randn(1, 3, 32, 32),), ratio=0.5, importance="l1", pipeline="deploy",
+                           output="module")
