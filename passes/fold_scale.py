@@ -26,7 +26,7 @@ from torch.fx import GraphModule, Node
 
 from graphprune.meta_keys import VAL
 from graphprune.pass_manager import PassResult, register_pass
-from .fold_bn import call_counts, with_params
+from .fold_bn import call_counts, held, with_params
 
 _MULS = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor}
 _PERMUTES = {torch.permute, torch.ops.aten.permute.default}
@@ -181,8 +181,7 @@ def _drop_if_unread(gm: GraphModule, g: Node) -> None:
     owner, _, attr = target.rpartition(".")
     mod = gm.get_submodule(owner) if owner else gm
     tensor = getattr(mod, attr, None)
-    names = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
-    if sum(t is tensor for _, t in names) > 1:
+    if held(gm, tensor) > 1:
         return  # tied under another name something may read
     mod._parameters.pop(attr, None)
     mod._buffers.pop(attr, None)
