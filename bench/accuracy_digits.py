@@ -8,8 +8,8 @@ result under the same budget, and compares test accuracy:
 
 (a) ``graphprune.compile`` with automatic allocation and the best of eight
     criteria, picked per seed and budget on a validation split (never on test);
-(b) ``graphprune.search`` (NSGA-II over per-group ratios, FLOPs <= target),
-    units ranked by the criterion (a) picked;
+(b) ``graphprune.search`` (groups reweighed around compile's allocation, every
+    candidate at the FLOPs target), units ranked by the criterion (a) picked;
 (c) Torch-Pruning's global magnitude pruning (L2, mean-normalised), its
     ratio bisected until its FLOPs are at most the target and within 0.03 of it.
 
@@ -229,7 +229,7 @@ class Bench:
         return models[best], best, scores
 
     def search(self, target: float, importance: str) -> nn.Module:
-        """(b): per-group ratios by NSGA-II, units ranked by the criterion (a) chose."""
+        """(b): compile's allocation with groups reweighed by the search, units ranked by the criterion (a) chose."""
         res = graphprune.search(self.model, self.example, self.probe, target_flops=target, trials=self.budget.trials,
                                 importance=importance, ignore=["fc"], seed=self.seed, progress=False, **self.data_kw)
         return res.model

@@ -23,8 +23,9 @@ the same fine-tune (``finetune_epochs`` of Adam at 1e-3, cosine; ``accuracy_digi
   ``TaylorImportance()`` with gradients of the cross-entropy on the fit set), classifier ignored, its channel
   ratio bisected to the largest FLOPs <= t (``accuracy_digits.bisect_ratio``); ViT heads as in Torch-Pruning's
   own ViT example (``num_heads`` given, head dims pruned alike in every head);
-* ``gp_search``: ``graphprune.search`` (NSGA-II over per-group ratios, its default ``l2`` ranking), ``trials``
-  candidates each scored by minus the validation cross-entropy after BatchNorm recalibration (no training);
+* ``gp_search``: ``graphprune.search`` with the same calibration batches (it starts from the default's own
+  choice and allocation, then reweighs groups), ``trials`` candidates each scored by minus the validation
+  cross-entropy after BatchNorm recalibration (no training);
 * ``gp_iterative``: ``graphprune.prune_iteratively`` in ``steps`` steps (cubic schedule, each step a default
   ``compile``), its fine-tune between steps being the same total budget split evenly (no fine-tune after).
 
@@ -368,7 +369,7 @@ class Run:
 
     def gp_search(self, target: float):
         res = graphprune.search(self.model, self.example, self.val_score, target_flops=target, trials=self.budget.trials,
-                                ignore=[self.task.head], seed=self.seed, progress=False)
+                                ignore=[self.task.head], calibration=self.calib, seed=self.seed, progress=False)
         return res.model, {"search_val_score": res.metric}, False
 
     def gp_iterative(self, target: float):

@@ -349,10 +349,11 @@ RULES = {"score": normalized_scores, "per_param": per_param_scores, "measured": 
          "uniform": uniform_scores}
 
 
-def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule: str = "score", **meter_kw) -> tuple[dict, float]:
+def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule="score", **meter_kw) -> tuple[dict, float]:
     """The allocation that removes least while keeping cost <= target (a fraction).
     ``rule`` (a key of ``RULES``) ranks units across groups: by normalised score, per
-    parameter, by measured output error per unit of budget, or by rank within the group."""
+    parameter, by measured output error per unit of budget, or by rank within the group;
+    or it is a function ``(p, kind) -> {group id: scores}`` of the caller's (``search``)."""
     if not 0 < target <= 1:
         raise GraphpruneError(f"target_{kind} must be a fraction in (0, 1], got {target!r}")
     if constraints.min_keep > 0:
@@ -388,9 +389,12 @@ def blocked_hint(p: Pruner) -> str:
             "analyze(model, inputs).summary() lists them")
 
 
-def _allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule: str = "score", **meter_kw) -> tuple[dict, float]:
+def _allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule="score", **meter_kw) -> tuple[dict, float]:
     meter = Meter(p, kind, **meter_kw)
-    norm = RULES[rule](p, kind) if rule != "measured" else measured_scores(p, kind, meter_kw.get("latency_inputs"))
+    if callable(rule):  # scores of the caller's own (``search`` weighs each group's)
+        norm = rule(p, kind)
+    else:
+        norm = RULES[rule](p, kind) if rule != "measured" else measured_scores(p, kind, meter_kw.get("latency_inputs"))
     if kind != "params":  # a token goes through top-k experts however many there are: fewer save no compute
         norm.update({g.id: np.full(g.n_units, np.inf) for g in p.groups if g.fills})
     taus = np.unique(np.concatenate([v for v in norm.values()] + [np.zeros(1)]))

@@ -219,21 +219,11 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         return allocate(p, by, fraction, Constraints(round_to, min_width, overrides), rule=rule,
                         **(meter_kw if by == "latency" else {}))[0]
 
-    choice = None
-    if choosing:
-        judged_at = (kind, target) if kind != "latency" else latency_as_flops(p, decide_with("score"))
-        choice = auto.choose(p, lambda rule: decide_with(rule, judged_at), budgeted=kind is not None,
-                             refit_possible=reconstruct is None and bool(p._ctx.layers),
-                             recalibrate_possible=reconstruct is None, allocation=allocation)
-        if judged_at != (kind, target):
-            choice.why += (f"; candidates compared at {judged_at[1]:.3f} of the FLOPs (where the latency search "
-                           "landed with weight-norm scores), the winner timed")
-        p.reconstruct = choice.refit = bool(reconstruct) or choice.refit  # reconstruct=True: on, as asked
-    elif allocation == "measured":  # a fixed criterion: its sensitivity probed around its own score allocation
-        auto.measure_sensitivity(p, decide_with("score"))
+    choice, rule = choose_rule(p, decide_with, kind, target, choosing=choosing, allocation=allocation,
+                               reconstruct=reconstruct)
 
     def decide() -> dict:
-        return decide_with(choice.allocation if choice else "score" if allocation == "auto" else allocation)
+        return decide_with(rule)
 
     if verify:
         out, removed, check = verified(p, decide)
@@ -245,10 +235,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         if thin:
             warnings.warn(GraphpruneWarning(thin), stacklevel=2)
     if choice is not None and choice.recalibrate:  # as auto judged it: statistics of the pruned model on the user's data
-        from .loop import recalibrated
-
-        calls = [as_call(b, p.example_kwargs) for b in calibration]
-        recalibrated(out, lambda: [out(*a, **k) for a, k in (regroup(out, a0, k0) for a0, k0 in calls)])
+        recalibrate_on(out, p, calibration)
     rep = report(p, removed, out, budgets, latency_inputs) if budgets else light_report(p, removed)
     rep.verify = check
     rep.auto = choice
@@ -279,6 +266,37 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
                          f"{', '.join(fixed[:8])}{' ...' if len(fixed) > 8 else ''}")
     result.report = rep
     return result
+
+
+
+def choose_rule(p, decide_with, kind: str | None, target, *, choosing: bool, allocation: str,
+                reconstruct: bool | None) -> tuple:
+    """``compile``'s decision once ``p`` is traced and scored: what ``importance="auto"``
+    chooses (``auto.choose``, which leaves ``p`` scored by the winning criterion) and
+    the allocation rule ``decide_with(rule)`` then spreads the budget by, as
+    ``(choice or None, rule)``. ``search`` starts from the same decision."""
+    choice = None
+    if choosing:
+        judged_at = (kind, target) if kind != "latency" else latency_as_flops(p, decide_with("score"))
+        choice = auto.choose(p, lambda rule: decide_with(rule, judged_at), budgeted=kind is not None,
+                             refit_possible=reconstruct is None and bool(p._ctx.layers),
+                             recalibrate_possible=reconstruct is None, allocation=allocation)
+        if judged_at != (kind, target):
+            choice.why += (f"; candidates compared at {judged_at[1]:.3f} of the FLOPs (where the latency search "
+                           "landed with weight-norm scores), the winner timed")
+        p.reconstruct = choice.refit = bool(reconstruct) or choice.refit  # reconstruct=True: on, as asked
+    elif allocation == "measured":  # a fixed criterion: its sensitivity probed around its own score allocation
+        auto.measure_sensitivity(p, decide_with("score"))
+    return choice, choice.allocation if choice else "score" if allocation == "auto" else allocation
+
+
+def recalibrate_on(out, p, calibration) -> None:
+    """BatchNorm statistics of the pruned ``out`` recomputed on the user's calibration
+    batches, as ``auto`` judged it (``Choice.recalibrate``)."""
+    from .loop import recalibrated
+
+    calls = [as_call(b, p.example_kwargs) for b in calibration]
+    recalibrated(out, lambda: [out(*a, **k) for a, k in (regroup(out, a0, k0) for a0, k0 in calls)])
 
 
 def _mode_dependent(model: torch.nn.Module) -> bool:
