@@ -583,6 +583,18 @@ def _m_flatten(node, mod):
     return COp("reshape", node, [vkey(node.args[0])], attrs={"sizes_at": None})
 
 
+def _pixel_shuffle(inverse: bool):
+    """``pixel_shuffle(x, r)`` (sub-pixel upsampling: C*r*r channels become C) and its inverse;
+    the factor comes from the module or the call."""
+    def make(node, mod=None):
+        name = "downscale_factor" if inverse else "upscale_factor"
+        r = getattr(mod, name) if mod is not None else arg(node, 1, name)
+        if not isinstance(r, int):
+            return COp("unknown", node, _tensors(node), attrs={"why": f"{node.name}: pixel shuffle by a computed factor"})
+        return COp("pixel_shuffle", node, [vkey(node.args[0])], attrs={"factor": r, "inverse": inverse})
+    return make
+
+
 # ------------------------------------------------------------------- tables
 
 EWISE_FUNCS = [
@@ -662,6 +674,8 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     torch.topk: _topk, aten.topk.default: _topk, torch.sort: _sort, aten.sort.default: _sort, aten.sort.stable: _sort,
     F.prelu: _prelu, torch.prelu: _prelu, aten.prelu.default: _prelu, aten._prelu_kernel.default: _prelu,
     torch.histc: _histc, aten.histc.default: _histc, torch.cumsum: _cumsum, aten.cumsum.default: _cumsum,
+    F.pixel_shuffle: _pixel_shuffle(False), aten.pixel_shuffle.default: _pixel_shuffle(False),
+    F.pixel_unshuffle: _pixel_shuffle(True), aten.pixel_unshuffle.default: _pixel_shuffle(True),
     builtins.getattr: _getattr, aten.sym_size.int: _shape_query, torch._assert: _noop,
     aten._assert_tensor_metadata.default: _noop,
 }
@@ -748,6 +762,8 @@ MODULE_TABLE: list[tuple[tuple[type, ...], Callable]] = [
     (_POOLS, _pool),
     ((nn.Upsample,), _interpolate),  # UpsamplingNearest2d and UpsamplingBilinear2d are subclasses
     ((nn.Flatten,), _m_flatten),
+    ((nn.PixelShuffle,), _pixel_shuffle(False)),
+    ((nn.PixelUnshuffle,), _pixel_shuffle(True)),
     ((nn.Softmax, nn.LogSoftmax), _softmax),
 ]
 

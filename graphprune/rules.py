@@ -737,6 +737,18 @@ def patch_merge(b, c: COp):
     b.couple((x, 0), (out, 0))
 
 
+def pixel_shuffle(b, c: COp):
+    """(*, C*r*r, H, W) -> (*, C, H*r, W*r): output channel j is input channels j*r*r .. j*r*r + r*r - 1,
+    so those go with it, a block of the layer before (the inverse: the other way round)."""
+    x, out = c.inputs[0], _out(c)
+    d = len(b.shape(x)) - 3
+    fine, coarse = (x, out) if not c.attrs["inverse"] else (out, x)
+    n = b.shape(fine)[d]
+    b.couple((fine, d), (coarse, d), np.arange(n), np.arange(n) // c.attrs["factor"] ** 2)
+    for k in range(d):
+        b.couple((x, k), (out, k))
+
+
 def rel_pos_bias(b, c: COp):
     """table (L, heads) -> (1, heads, N, N): the heads dim maps through."""
     b.couple((c.inputs[0], 1), (_out(c), 1))
@@ -787,6 +799,7 @@ RULES = {
     "rnn": rnn,
     "window_attention": window_attention,
     "rel_pos_bias": rel_pos_bias,
+    "pixel_shuffle": pixel_shuffle,
     "patch_merge": patch_merge,
     "unknown": unknown,
     "python": nothing,

@@ -7,7 +7,7 @@ from graphprune.shuffle import permute_channels
 
 from models import (IMAGE, ORACLE_MODELS, TOKENS, ChannelStatistics, ComputedHeadDim, EinsumAttention, GQAttention, PaddedWindows, Recurrent, Shuffle,
                     StdConv, WeightStandardized)
-from oracle import assert_lossless, dead_twin, kill_units
+from oracle import assert_lossless, dead_twin, kill_units, reference, removed_alive
 
 
 @pytest.mark.parametrize("name", sorted(ORACLE_MODELS))
@@ -259,14 +259,19 @@ def test_a_projected_lstm_keeps_its_channels_and_the_rest_prunes():
 
 
 def test_a_model_with_nothing_to_prune_says_what_holds_it():
-    """Channels held by an op without a rule (here pixel_shuffle, inside nn.PixelShuffle): a budget
+    """Channels held by an op without a rule (here a roll over the channels): a budget
     was blamed on min_width, round_to and ignore, and ratio=0.5 came back unchanged without a word."""
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.PixelShuffle(2), torch.nn.Conv2d(4, 8, 1)).eval()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _RollChannels(), torch.nn.Conv2d(16, 8, 1)).eval()
     x = torch.randn(2, 3, 6, 6)
-    with pytest.raises(graphprune.GraphpruneError, match="no prunable group.*pixel_shuffle"):
+    with pytest.raises(graphprune.GraphpruneError, match="no prunable group.*roll"):
         graphprune.compile(model, (x,), target_flops=0.5)
-    with pytest.warns(graphprune.GraphpruneWarning, match="nothing to prune.*pixel_shuffle"):
+    with pytest.warns(graphprune.GraphpruneWarning, match="nothing to prune.*roll"):
         graphprune.compile(model, (x,), ratio=0.5)
+
+
+class _RollChannels(torch.nn.Module):
+    def forward(self, x):
+        return torch.roll(x, 1, 1)
 
 
 def test_count_flops_counts_a_fused_cpu_lstm_as_on_meta():
@@ -468,3 +473,42 @@ def test_embedding_bag_width_prunes(mode, offsets):
     other = (torch.randint(0, 50, (7,)), torch.tensor([0, 2])) if offsets else (torch.randint(0, 50, (5, 3)),)
     with torch.no_grad():
         torch.testing.assert_close(small(*other), model(*other), rtol=1e-5, atol=1e-6)
+
+
+class _SubPixel(torch.nn.Module):
+    """Sub-pixel upsampling as ESPCN/EDSR write it (module and functional), and its inverse (space to depth)."""
+
+    def __init__(self, r: int):
+        super().__init__()
+        self.r = r
+        self.a = torch.nn.Conv2d(3, 4 * r * r, 3, padding=1)
+        self.up = torch.nn.PixelShuffle(r)
+        self.b = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.c = torch.nn.Conv2d(8, 6 * r * r, 1)
+        self.d = torch.nn.Conv2d(6, 5, 1)
+        self.down = torch.nn.PixelUnshuffle(r)
+        self.e = torch.nn.Conv2d(5 * r * r, 7, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.b(self.up(self.a(x))))
+        h = F.pixel_shuffle(self.c(h), self.r)
+        h = self.down(torch.relu(self.d(h)))
+        return F.pixel_unshuffle(self.e(h), 1).mean((2, 3))
+
+
+@pytest.mark.parametrize("r", [2, 3])
+def test_pixel_shuffle_prunes_whole_blocks_of_the_layer_before(r):
+    """Output channel j of pixel_shuffle is input channels j*r*r .. j*r*r + r*r - 1: the conv before it
+    loses whole blocks, the conv after it single channels (pixel_unshuffle the other way round). It had no
+    rule, so every channel around a sub-pixel upsampler stayed."""
+    model = _SubPixel(r).eval()
+    x = torch.randn(2, 3, 4, 5)
+    assert kill_units(model, (x,), 0.5) == 4
+    small = graphprune.compile(model, (x,), ratio=0.5)
+    assert type(small) is _SubPixel  # the user's own class: the shuffles hold no state
+    assert small.a.out_channels == 2 * r * r and small.b.in_channels == 2
+    assert small.c.out_channels == 3 * r * r and small.d.in_channels == 3
+    assert small.d.out_channels == 3 and small.e.in_channels == 3 * r * r
+    assert not removed_alive(model, small)
+    for y in (x, torch.randn(3, 3, 3, 7)):
+        torch.testing.assert_close(small(y), reference(model, y), rtol=1e-5, atol=1e-6)
