@@ -583,6 +583,19 @@ def _m_flatten(node, mod):
     return COp("reshape", node, [vkey(node.args[0])], attrs={"sizes_at": None})
 
 
+def _roll(node, mod=None):
+    """``roll(x, shifts, dims)``: the rolled dims' indices move, so those dims keep their width (on fewer
+    channels the same shift is another permutation); the others map through. No dims: a roll of the
+    flattened tensor, which moves everything."""
+    dims = arg(node, 2, "dims")
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+        return COp("unknown", node, _tensors(node), attrs={"why": f"{node.name}: roll of the flattened tensor"})
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not all(isinstance(d, int) for d in dims):
+        return COp("unknown", node, _tensors(node), attrs={"why": f"{node.name}: roll over computed dims"})
+    return COp("roll", node, [vkey(node.args[0])], attrs={"dims": [_dim(d, _ndim(node)) for d in dims]})
+
+
 def _pixel_shuffle(inverse: bool):
     """``pixel_shuffle(x, r)`` (sub-pixel upsampling: C*r*r channels become C) and its inverse;
     the factor comes from the module or the call."""
@@ -674,6 +687,7 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     torch.topk: _topk, aten.topk.default: _topk, torch.sort: _sort, aten.sort.default: _sort, aten.sort.stable: _sort,
     F.prelu: _prelu, torch.prelu: _prelu, aten.prelu.default: _prelu, aten._prelu_kernel.default: _prelu,
     torch.histc: _histc, aten.histc.default: _histc, torch.cumsum: _cumsum, aten.cumsum.default: _cumsum,
+    torch.roll: _roll, aten.roll.default: _roll,
     F.pixel_shuffle: _pixel_shuffle(False), aten.pixel_shuffle.default: _pixel_shuffle(False),
     F.pixel_unshuffle: _pixel_shuffle(True), aten.pixel_unshuffle.default: _pixel_shuffle(True),
     builtins.getattr: _getattr, aten.sym_size.int: _shape_query, torch._assert: _noop,
@@ -735,7 +749,7 @@ METHOD_TABLE: dict[str, Callable] = {
     "split": _split, "chunk": _split, "unbind": _split, "split_with_sizes": _split,
     "narrow": _slice, "mean": _reduce, "sum": _reduce, "amax": _reduce, "amin": _reduce, "norm": _p_norm, "matmul": _matmul,
     "size": _shape_query, "dim": _shape_query,
-    "topk": _topk, "sort": _sort, "histc": _histc, "cumsum": _cumsum,
+    "topk": _topk, "sort": _sort, "histc": _histc, "cumsum": _cumsum, "roll": _roll,
 }
 
 _ACTIVATIONS = (

@@ -737,6 +737,14 @@ def patch_merge(b, c: COp):
     b.couple((x, 0), (out, 0))
 
 
+def roll(b, c: COp):
+    """The dims a roll does not move map through; the rolled ones, unmentioned, keep their width."""
+    x, out = c.inputs[0], _out(c)
+    for k in range(len(b.shape(x))):
+        if k not in c.attrs["dims"]:
+            b.couple((x, k), (out, k))
+
+
 def pixel_shuffle(b, c: COp):
     """(*, C*r*r, H, W) -> (*, C, H*r, W*r): output channel j is input channels j*r*r .. j*r*r + r*r - 1,
     so those go with it, a block of the layer before (the inverse: the other way round)."""
@@ -800,6 +808,7 @@ RULES = {
     "window_attention": window_attention,
     "rel_pos_bias": rel_pos_bias,
     "pixel_shuffle": pixel_shuffle,
+    "roll": roll,
     "patch_merge": patch_merge,
     "unknown": unknown,
     "python": nothing,

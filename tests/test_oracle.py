@@ -512,3 +512,31 @@ def test_pixel_shuffle_prunes_whole_blocks_of_the_layer_before(r):
     assert not removed_alive(model, small)
     for y in (x, torch.randn(3, 3, 3, 7)):
         torch.testing.assert_close(small(y), reference(model, y), rtol=1e-5, atol=1e-6)
+
+
+class _ShiftedWindows(torch.nn.Module):
+    """Swin-style cyclic shifts over the spatial dims of (B, H, W, C), and one roll over the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 16)
+        self.b = torch.nn.Linear(16, 8)
+        self.c = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.roll(torch.relu(self.a(x)), shifts=(1, -1), dims=(1, 2)).roll(2, 1)
+        return self.c(torch.roll(self.b(h), 1, -1)).mean((1, 2))
+
+
+def test_roll_maps_the_dims_it_does_not_move():
+    """A roll over H and W leaves the channels where they are, so a's channels prune through it; a roll over
+    the channels is another permutation on fewer of them, so b keeps its width. roll had no rule: a shifted
+    window held every channel it touched."""
+    model = _ShiftedWindows().eval()
+    x = torch.randn(2, 5, 6, 8)
+    assert kill_units(model, (x,), 0.5) == 1
+    small = graphprune.compile(model, (x,), ratio=0.5)
+    assert (small.a.out_features, small.b.in_features, small.b.out_features) == (8, 8, 8)
+    assert any("roll" in why for why in graphprune.analyze(model, (x,)).summary().splitlines() if "b.weight" in why)
+    for y in (x, torch.randn(3, 4, 7, 8)):
+        torch.testing.assert_close(small(y), reference(model, y), rtol=1e-5, atol=1e-6)
