@@ -418,7 +418,7 @@ def _f_linear(node, mod=None):
 
 
 def _f_addmm(node, mod=None):
-    # addmm(bias, x, w) with w laid out (in, out): GPT-2's Conv1D.
+    # addmm(bias, x, w) with w laid out (in, out): GPT-2's Conv1D (torch.addmm, Tensor.addmm, ATen).
     return COp("linear", node, [vkey(node.args[1])], params=_roles(node, {"weight": (2, "mat2"), "bias": (0, "input")}), attrs={"weight_t": True})
 
 
@@ -669,7 +669,7 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     torch.matmul: _matmul, operator.matmul: _matmul, torch.bmm: _matmul, aten.matmul.default: _matmul, aten.bmm.default: _matmul,
     torch.einsum: _einsum, torch.functional.einsum: _einsum, aten.einsum.default: _einsum,
     F.scaled_dot_product_attention: _sdpa, aten.scaled_dot_product_attention.default: _sdpa,
-    F.linear: _f_linear, aten.linear.default: _f_linear, aten.addmm.default: _f_addmm,
+    F.linear: _f_linear, aten.linear.default: _f_linear, aten.addmm.default: _f_addmm, torch.addmm: _f_addmm,
     F.conv1d: _f_conv, F.conv2d: _f_conv, F.conv3d: _f_conv, F.conv_transpose1d: _f_conv, F.conv_transpose2d: _f_conv,
     F.conv_transpose3d: _f_conv, aten.conv1d.default: _f_conv, aten.conv2d.default: _f_conv, aten.conv3d.default: _f_conv,
     aten.convolution.default: _f_conv,
@@ -749,7 +749,7 @@ METHOD_TABLE: dict[str, Callable] = {
     "split": _split, "chunk": _split, "unbind": _split, "split_with_sizes": _split,
     "narrow": _slice, "mean": _reduce, "sum": _reduce, "amax": _reduce, "amin": _reduce, "norm": _p_norm, "matmul": _matmul,
     "size": _shape_query, "dim": _shape_query,
-    "topk": _topk, "sort": _sort, "histc": _histc, "cumsum": _cumsum, "roll": _roll,
+    "topk": _topk, "sort": _sort, "histc": _histc, "cumsum": _cumsum, "roll": _roll, "addmm": _f_addmm,
 }
 
 _ACTIVATIONS = (

@@ -149,10 +149,16 @@ def fix_module(mod: torch.nn.Module, original: dict) -> None:
     if experts is not None and isinstance(getattr(mod, "intermediate_dim", None), int):
         mod.intermediate_dim = experts
     _fix_per_head_width(mod)
-    if type(mod).__name__ == "Conv1D":
-        mod.nx, mod.nf = mod.weight.shape
+    fix_conv1d(mod)
     if type(mod).__name__.endswith("RMSNorm"):
         _fold_rms(mod, original.get("weight"))
+
+
+def fix_conv1d(mod: torch.nn.Module) -> None:
+    """transformers' Conv1D (GPT-2's layer) views its output to ``x.size()[:-1] + (self.nf,)``: its
+    widths follow its weight, laid out (in, out)."""
+    if type(mod).__name__ == "Conv1D" and isinstance(getattr(mod, "nf", None), int):
+        mod.nx, mod.nf = mod.weight.shape
 
 
 def _fix_per_head_width(mod) -> None:

@@ -54,9 +54,10 @@ def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.M
     top.training = out.training
     _hooks_follow(top, model)
     original = info.get("original", {})
-    for mod in top.modules():  # the user's own norm subclasses that fx traced through (leaf modules are fixed by shrink-params)
+    for mod in top.modules():  # modules fx traced through, norm subclasses and Conv1D (leaf modules are fixed by shrink-params)
         if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
             _fix_ln(mod, {})
+        hf.fix_conv1d(mod)
     follow_widths(top, original)
     return top, ""
 

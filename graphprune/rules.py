@@ -480,8 +480,12 @@ def linear(b, c: COp):
     nd = len(b.shape(x))
     b.couple((x, nd - 1), (w, w_in))
     b.couple((out, nd - 1), (w, w_out))
-    if "bias" in c.params:
-        b.couple((c.params["bias"], len(b.shape(c.params["bias"])) - 1), (out, nd - 1))
+    if "bias" in c.params:  # addmm's bias broadcasts: a row of its own per output row, or one value for all
+        bias, so = c.params["bias"], b.shape(out)
+        sb = b.shape(bias)
+        for j, size in enumerate(sb):
+            if size == so[len(so) - len(sb) + j]:
+                b.couple((bias, j), (out, len(so) - len(sb) + j))
     for k in range(nd - 1):
         b.couple((x, k), (out, k))
 

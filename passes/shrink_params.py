@@ -189,6 +189,16 @@ def _sizes(node: Node, cop: COp, p: _Plan) -> bool:
     sizes, first, pos = size_args(node, at)
     if sizes is None:
         return False
+    whole = sizes[0] if pos == "varargs" and len(sizes) == 1 and isinstance(sizes[0], Node) else None
+    if whole is not None and isinstance(whole.meta.get(VAL), (tuple, list)) and len(whole.meta[VAL]) == len(old):
+        # one shape computed whole (transformers' Conv1D: x.size()[:-1] + (self.nf,), a literal inside an add):
+        # its elements, read off it where they stay, the new width where they shrank
+        with node.graph.inserting_before(node):
+            sizes = [new[i] if new[i] != old[i] else node.graph.call_function(operator.getitem, (whole, i))
+                     for i in range(len(old))]
+        for i, s in enumerate(sizes):
+            if isinstance(s, Node):
+                s.meta[VAL] = whole.meta[VAL][i]
     for i, s in enumerate(sizes):
         if isinstance(s, int) and s != -1 and new[first + i] != old[first + i]:
             sizes[i] = new[first + i]

@@ -540,3 +540,38 @@ def test_roll_maps_the_dims_it_does_not_move():
     assert any("roll" in why for why in graphprune.analyze(model, (x,)).summary().splitlines() if "b.weight" in why)
     for y in (x, torch.randn(3, 4, 7, 8)):
         torch.testing.assert_close(small(y), reference(model, y), rtol=1e-5, atol=1e-6)
+
+
+class _AddmmLayers(torch.nn.Module):
+    """transformers' Conv1D (GPT-2's layer: torch.addmm, then a view to x.size()[:-1] + (nf,)), and addmm
+    with a bias that broadcasts over the output channels (one value) or over the rows."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.a, self.b = Conv1D(16, 8), Conv1D(12, 16)
+        self.w, self.bias = torch.nn.Parameter(torch.randn(12, 6)), torch.nn.Parameter(torch.randn(1))
+        self.w2, self.bias2 = torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(1, 5))
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x)))).flatten(0, -2)
+        z = torch.relu(torch.addmm(self.bias, h, self.w, beta=0.5, alpha=2.0))
+        return torch.addmm(self.bias2, z, self.w2)
+
+
+def test_addmm_prunes_like_a_linear_layer():
+    """torch.addmm had a rule only as ATen (torch.export's graphs): under torch.fx every Conv1D kept its width.
+    Conv1D's output shape is computed whole, with its width a literal inside it; the rewrite puts the new
+    width there."""
+    pytest.importorskip("transformers")
+    model = _AddmmLayers().eval()
+    x = torch.randn(2, 3, 8)
+    assert kill_units(model, (x,), 0.5) == 3
+    small = graphprune.compile(model, (x,), ratio=0.5)
+    assert type(small) is _AddmmLayers, small.report.form_why  # Conv1D's nf follows its weight
+    assert (small.a.weight.shape, small.b.weight.shape, small.w.shape) == ((8, 8), (8, 6), (6, 3))
+    assert small.bias.shape == (1,) and small.w2.shape == (3, 5)
+    assert not removed_alive(model, small)
+    for y in (x, torch.randn(4, 5, 8)):
+        torch.testing.assert_close(small(y), reference(model, y), rtol=1e-5, atol=1e-6)
