@@ -456,10 +456,91 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
         raise GraphpruneError(
             f"cannot trace {type(model).__name__}: torch.export failed with {msg}.{hint} "
             "Make the forward traceable (no data-dependent Python control flow), or pass example inputs the model accepts."
+            f"{parts_hint(user_model, example_inputs, example_kwargs)}"
         ) from e
     _fill_missing_vals(gm)
     _drop_rebinding_writebacks(gm)
     return Traced(gm, "export", symbolic_error)
+
+
+PART_SHARE = 0.2  # a submodule holding at least this share of the weights is worth pruning on its own
+PART_DEPTH = 3  # ... looked for this many levels down
+
+
+def parts_hint(model: torch.nn.Module, args: tuple, kwargs: dict | None) -> str:
+    """For a model that cannot be traced whole (a detector: proposals filtered by score, a
+    loop over a variable number of boxes): the submodules that hold a good share of its
+    weights, trace, and what the example called them with, each a model of its own to
+    prune (a detector's backbone; the box head inside its ROI heads). A part that does not
+    trace either is looked into, down to ``PART_DEPTH``. Everything runs on shadows: the
+    user's modules get no hooks and their buffers no updates. Empty where no part qualifies."""
+    total = sum(p.numel() for p in model.parameters())
+    if not total:
+        return ""
+    share = {n: sum(p.numel() for p in m.parameters()) / total for n, m in model.named_modules() if n}
+    big = {n for n, s in share.items() if s >= PART_SHARE and n.count(".") < PART_DEPTH}
+    seen: dict = {}
+    try:
+        copy = shadow(model, own_buffers=True).eval()
+        handles = [copy.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, kw, n=n: seen.setdefault(n, (a, kw)) and None, with_kwargs=True) for n in big]
+        try:
+            with torch.no_grad():
+                copy(*args, **(kwargs or {}))
+        finally:
+            for h in handles:
+                h.remove()
+    except Exception:  # noqa: BLE001 - a forward that fails on the example: nothing to call the parts with
+        return ""
+    found, queue = [], [n for n, _ in model.named_children() if n in big]
+    while queue:
+        n = queue.pop(0)
+        if n not in seen:
+            continue
+        if _traces(model.get_submodule(n), *seen[n]):
+            found.append((share[n], n))
+        else:
+            queue += [f"{n}.{c}" for c, _ in model.get_submodule(n).named_children() if f"{n}.{c}" in big]
+    if not found:
+        return ""
+    found.sort(reverse=True)
+    said = [f"model.{n} ({s:.0%} of the weights, called with {_shapes(seen[n])})" for s, n in found]
+    first = found[0][1]
+    return (f" These parts of it trace and can be pruned on their own: {'; '.join(said)}. Compile one with the "
+            f"inputs it is called with (graphprune.compile(model.{first}, inputs, ...)) and put the result in its "
+            f"place (model.{first} = small): the outputs it hands on keep their widths.")
+
+
+def _traces(part: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether ``part`` traces on these inputs, torch.fx first, as ``trace`` tries."""
+    try:
+        if not kwargs:
+            _symbolic(shadow(part, own_buffers=True).eval(), args)
+        else:
+            _export(shadow(part, own_buffers=True).eval(), args, kwargs)
+        return True
+    except Exception:  # noqa: BLE001
+        try:
+            _export(shadow(part, own_buffers=True).eval(), args, kwargs)
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+
+def _shapes(call) -> str:
+    """What a module was called with, briefly: tensors by shape, containers by their first elements."""
+    def one(v, depth=0):
+        if isinstance(v, torch.Tensor):
+            return f"tensor{tuple(v.shape)}"
+        if isinstance(v, (list, tuple)) and depth < 2:
+            inner = ", ".join(one(x, depth + 1) for x in v[:3]) + (", ..." if len(v) > 3 else "")
+            return f"[{inner}]" if isinstance(v, list) else f"({inner})"
+        if isinstance(v, dict) and depth < 2:
+            inner = ", ".join(f"{k}: {one(x, depth + 1)}" for k, x in list(v.items())[:3]) + (", ..." if len(v) > 3 else "")
+            return "{" + inner + "}"
+        return type(v).__name__
+    args, kwargs = call
+    return ", ".join([one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()])
 
 
 _GRAPH_MODULE_NAMES = (set(dir(fx.GraphModule)) - set(dir(torch.nn.Module))) | {"meta", "graph", "code"}

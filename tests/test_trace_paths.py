@@ -212,3 +212,50 @@ def test_an_export_guard_at_batch_one_says_to_give_a_larger_batch():
     two = tuple(torch.cat([t, t]) for t in one)
     small = graphprune.compile(model, two, ratio=0.5, importance="l1")
     assert graphprune.count_params(small) < graphprune.count_params(model)
+
+
+class _Head(torch.nn.Module):
+    """Keeps the rows whose score passes a threshold, then loops over them: data-dependent, as a detector's."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 5))
+
+    def forward(self, feats):
+        out = self.mlp(feats)
+        keep = out[:, 0] > 0
+        if keep.any():
+            return [row for row in out[keep]]
+        return []
+
+
+class _Detectorish(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.AdaptiveAvgPool2d(2),
+                                            torch.nn.Flatten())
+        self.head = _Head()
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def test_an_untraceable_model_points_to_the_parts_that_trace():
+    """A detector was refused with the tracers' errors alone. Now the message names the submodules that hold
+    a good share of the weights and trace, with the inputs the example called them with, and those prune."""
+    import re
+
+    model = _Detectorish().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(graphprune.GraphpruneError) as e:
+        graphprune.compile(model, (x,), ratio=0.5)
+    msg = str(e.value)
+    assert "model.head.mlp (" in msg and "called with tensor(2, 64)" in msg
+    assert "model.backbone (" in msg and "called with tensor(2, 3, 8, 8)" in msg
+    assert "model.head (" not in msg  # it does not trace: its parts are named instead
+    assert not any(m._forward_pre_hooks for m in model.modules())  # the user's model got no hooks
+    shares = dict(re.findall(r"model\.([\w.]+) \((\d+)% of the weights", msg))
+    assert list(shares) == ["head.mlp", "backbone"]  # most weights first
+    small = graphprune.compile(model.backbone, (x,), ratio=0.5)
+    assert small(x).shape == model.backbone(x).shape  # the widths it hands on stay
