@@ -161,7 +161,8 @@ def _bounds_hold_zero(node: Node, gm) -> bool:
 
 
 def producer(axis_of_rows):
-    """Layers whose output channels are weight rows (zero in the twin); the other dims follow the input.
+    """Layers whose output channels are weight rows (zero in the twin); the other dims follow the input
+    where no bias is added.
     A weight computed in the graph (``F.conv2d(x, standardize(w))``) is only what its own zeros say:
     its rows zero the output where it is zero, and the input dim it contracts needs zeros on one side."""
     def rule(zs: Zeros, c: COp) -> None:
@@ -170,7 +171,12 @@ def producer(axis_of_rows):
         rows = axis_of_rows(nd)
         x = c.inputs[0]
         rows_zero = _computed_weight(zs, c, x)
-        zs.set(out, [k for k in range(nd) if (k == rows and rows_zero) or (x is not None and k < zs.ndim(x) and zs.zero(x, k) and k != rows)])
+        # a bias is added at every position of the other dims: a zero input there comes out as the bias
+        # (MLP-Mixer's token MLP, a Linear over time: a removed channel's row becomes the bias, which the
+        # LayerNorm over channels after it then counts)
+        biased = any("bias" in role for role in c.params)
+        zs.set(out, [k for k in range(nd) if (k == rows and rows_zero) or (not biased and x is not None and k < zs.ndim(x)
+                                                                            and zs.zero(x, k) and k != rows)])
     return rule
 
 

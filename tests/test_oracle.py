@@ -575,3 +575,50 @@ def test_addmm_prunes_like_a_linear_layer():
     assert not removed_alive(model, small)
     for y in (x, torch.randn(4, 5, 8)):
         torch.testing.assert_close(small(y), reference(model, y), rtol=1e-5, atol=1e-6)
+
+
+class _TokenMixer(torch.nn.Module):
+    """MLP-Mixer: a biased Linear over the tokens (a removed channel's row comes out as the bias), a LayerNorm
+    over the channels after it, and a channel MLP whose hidden width is free to go."""
+
+    def __init__(self, tokens=16, c=24, hidden=32):
+        super().__init__()
+        self.stem = torch.nn.Linear(8, c)
+        self.norm1, self.norm2 = torch.nn.LayerNorm(c), torch.nn.LayerNorm(c)
+        self.tok = torch.nn.Linear(tokens, tokens)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(c, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, c))
+        self.head = torch.nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.tok(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+class _TimeLinear(torch.nn.Module):
+    """DLinear-style: a biased Linear over the time axis, per channel, then a LayerNorm over the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.temporal = torch.nn.Linear(7, 16), torch.nn.Linear(24, 12)
+        self.norm, self.out = torch.nn.LayerNorm(16), torch.nn.Linear(16, 7)
+
+    def forward(self, x):
+        return self.out(self.norm(self.temporal(self.embed(x).permute(0, 2, 1)).permute(0, 2, 1)))
+
+
+@pytest.mark.parametrize("model, x", [(_TokenMixer, (2, 16, 8)), (_TimeLinear, (2, 24, 7))], ids=["mixer", "dlinear"])
+def test_a_bias_over_another_dim_makes_removed_channels_nonzero(model, x):
+    """A Linear over tokens or time adds its bias to every channel's row, a removed one too; the LayerNorm
+    over channels then counts it. The zero proof took those rows for zeros, so with verify=False the result
+    was 0.02 to 0.3 off its dead twin (found by survey 11); the channels a norm reads stay now, and the
+    channel MLP still prunes."""
+    torch.manual_seed(0)
+    model = model().eval()
+    x = torch.randn(*x)
+    small = graphprune.compile(model, (x,), ratio=0.5, verify=False)
+    for y in (x, torch.randn(3, *x.shape[1:])):
+        torch.testing.assert_close(small(y), reference(dead_twin(model, small), y), rtol=1e-5, atol=1e-6)
+    if isinstance(model, _TokenMixer):
+        assert small.mlp[0].out_features == 16 and small.stem.out_features == 24
