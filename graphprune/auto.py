@@ -201,7 +201,12 @@ class Judge:
     def __init__(self, p, held_out: list, recalibrate_on: list | None = None):
         self.p = p
         self.calls = [as_call(b, p.example_kwargs) for b in held_out]
-        self.refs = [self._floats(p.gm, a, k) for a, k in self.calls]
+        try:
+            self.refs = [self._floats(p.gm, a, k) for a, k in self.calls]
+        except Exception as e:  # noqa: BLE001 - a batch the traced graph does not take (export fixed a size)
+            from .pruner import calibration_failed
+
+            raise calibration_failed(p, 'importance="auto" (judging candidates)', e) from e
         # BatchNorm statistics are recomputed on these (the scoring batches) before a candidate is judged
         self.recal = None if recalibrate_on is None else [as_call(b, p.example_kwargs) for b in recalibrate_on]
 

@@ -197,9 +197,7 @@ class Pruner:
             name = getattr(importance, "__name__", importance)
             if self.calibration is None:
                 raise
-            raise GraphpruneError(f"importance {name!r} failed on the calibration data ({type(e).__name__}: "
-                                  f"{first_line(e)[:200]}): give batches the model takes as it takes the example "
-                                  "inputs") from e
+            raise calibration_failed(self, f"importance {name!r}", e) from e
 
     def _faithful_trace(self):
         """A trace that computes what the model computes (ratio 0). Symbolic tracing
@@ -380,3 +378,16 @@ def group_ratio(g: Group, ratio) -> float:
         return float(ratio)
     r = matching_ratio(g, ratio)
     return 0.0 if r is None else r
+
+
+def calibration_failed(p: "Pruner", what: str, e: Exception) -> GraphpruneError:
+    """The error for calibration batches the traced graph does not take: where torch.export fixed input
+    dims to the example's size (the model itself may take others), it says which."""
+    from .meta_keys import FIXED_DIMS
+
+    fixed = p.gm.meta.get(FIXED_DIMS) or []
+    why = (f"the graph was traced with torch.export, which fixed these input dims to the example's size: "
+           f"{', '.join(fixed[:6])}{' ...' if len(fixed) > 6 else ''}; give calibration batches of those sizes, or "
+           "make the forward traceable by torch.fx" if fixed else
+           "give batches the model takes as it takes the example inputs")
+    return GraphpruneError(f"{what} failed on the calibration data ({type(e).__name__}: {first_line(e)[:200]}): {why}")

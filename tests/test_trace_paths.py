@@ -259,3 +259,32 @@ def test_an_untraceable_model_points_to_the_parts_that_trace():
     assert list(shares) == ["head.mlp", "backbone"]  # most weights first
     small = graphprune.compile(model.backbone, (x,), ratio=0.5)
     assert small(x).shape == model.backbone(x).shape  # the widths it hands on stay
+
+
+class _SizeBranch(torch.nn.Module):
+    """Branches on the image width, so fx cannot trace it and torch.export fixes the width to the example's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if x.shape[-1] > 40:
+            h = h * 2
+        return self.b(h).mean((2, 3))
+
+
+@pytest.mark.parametrize("kw", [{"importance": "auto"}, {"importance": "auto", "target_flops": 0.5},
+                                {"importance": "activation"}])
+def test_calibration_the_exported_graph_refuses_says_which_dims_it_fixed(kw):
+    """The model takes 16x16 images, its exported graph only the example's 8x8. importance="auto" raised the
+    graph's raw AssertionError ("Guard failed", found by survey 11); every criterion now says which dims
+    torch.export fixed and what to give."""
+    model = _SizeBranch().eval()
+    calib = [(torch.randn(2, 3, 16, 16),) for _ in range(4)]
+    model(*calib[0])  # the model itself takes them
+    kw = {"ratio": 0.5, **kw} if "target_flops" not in kw else kw
+    with pytest.raises(graphprune.GraphpruneError, match=r"failed on the calibration data.*fixed these input dims.*dim 3 \(8\)"):
+        graphprune.compile(model, (torch.randn(2, 3, 8, 8),), calibration=calib, **kw)
