@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves
 
 from . import hf
 from .modules import full_width
@@ -110,9 +111,13 @@ def _restore_unrun(top: torch.nn.Module, model: torch.nn.Module) -> None:
             parent._modules = {k: parent._modules[k] for k in [*theirs, *parent._modules] if k in parent._modules}
 
 
-def differs(top: torch.nn.Module, out: torch.nn.Module, args: tuple, kwargs: dict, *, params: bool = True) -> str | None:
+def differs(top: torch.nn.Module, out: torch.nn.Module, args: tuple, kwargs: dict, *, params: bool = True,
+            original: torch.nn.Module | None = None) -> str | None:
     """None if the module form computes what the pruned graph computes on the
-    example and on a second input shape the graph accepts."""
+    example and on a second input shape the graph accepts and ``original`` (the
+    user's model, run on a shadow) takes: a graph can be more lenient than the code
+    it was traced from (it read rows 0 and 1 of a GNN's (2, E) edge list, which
+    grown to (3, E) no longer unpacks as ``src, dst = edge_index``)."""
     mine = hf.example_kwargs(top, kwargs) or {}  # the graph was traced without a KV cache: compare logits alone
     with evaluating(top, out), on_copies(top, out, params=params):
         try:
@@ -130,12 +135,28 @@ def differs(top: torch.nn.Module, out: torch.nn.Module, args: tuple, kwargs: dic
                 ref = _run(out, other, other_kw)
             except Exception:  # noqa: BLE001 - a shape the model does not take
                 continue
+            if original is not None and not _takes(original, other, other_kw):
+                continue
             try:
                 bad = mismatch(_run(top, other, hf.example_kwargs(top, other_kw) or {}), ref)
             except Exception as e:  # noqa: BLE001
-                return f"the model's forward fails on the pruned modules at another input shape: {type(e).__name__}"
+                shapes = [tuple(t.shape) for t in tree_leaves((other, other_kw)) if isinstance(t, torch.Tensor)]
+                return (f"the model's forward fails on the pruned modules at another input shape {shapes}: "
+                        f"{type(e).__name__}: {first_line(e)[:200]}")
             return f"at another input shape the model's forward differs from the pruned graph ({bad})" if bad else None
     return None
+
+
+def _takes(model: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether the user's ``model`` runs on these inputs (on a shadow in eval mode: no state of theirs moves)."""
+    from .trace import shadow
+
+    try:
+        with torch.no_grad():
+            _run(shadow(model, own_buffers=True).eval(), args, kwargs)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 @contextmanager
@@ -327,24 +348,42 @@ WIDTH_ATTRS = ("hidden_dim", "hidden_size", "embed_dim", "d_model", "dim", "widt
                "num_experts", "num_local_experts", "n_routed_experts")
 
 
+CHANNEL_ATTRS = ("in_channels", "out_channels", "channels", "num_channels", "in_features", "out_features",
+                 "in_dim", "out_dim", "inplanes", "planes")
+"""Widths a user's own block states (RepVGG's ``self.in_channels``, read by its ``switch_to_deploy``), followed
+only on classes outside torch: a torch module's are set by shrink-params from its own weights."""
+
+
 def follow_widths(top: nn.Module, original: dict) -> None:
-    """A width attribute follows the module's own tensors: where it equals the original
-    size of a dim of the module's parameters or buffers that shrank, and every such dim
-    shrank alike, it takes the new size. (``differs`` still decides.)"""
+    """A width attribute follows the module's tensors: where it equals the original size
+    of a dim of the module's parameters or buffers that shrank, and every such dim shrank
+    alike, it takes the new size. The module's own tensors decide; one that holds none
+    (a user's block around its convs) is read through its submodules' (``differs`` still
+    decides the forward; this keeps the user's other methods true to the new widths)."""
     for name, mod in top.named_modules():
         prefix = f"{name}." if name else ""
-        for attr in WIDTH_ATTRS:
+        user = not type(mod).__module__.startswith("torch.")
+        attrs = WIDTH_ATTRS + CHANNEL_ATTRS if user else WIDTH_ATTRS
+        for attr in attrs:
             v = mod.__dict__.get(attr)
             if not isinstance(v, int) or isinstance(v, bool):
                 continue
-            new = set()
-            for k, t in [*mod._parameters.items(), *mod._buffers.items()]:
-                was = original.get(prefix + k)
-                if t is None or was is None or len(was) != t.dim():
-                    continue
-                new |= {now for old, now in zip(was, t.shape) if old == v and now != v}
-            if len(new) == 1:
+            new = _shrunk_from(v, [*mod._parameters.items(), *mod._buffers.items()], prefix, original)
+            if new is None and user:
+                new = _shrunk_from(v, [*mod.named_parameters(), *mod.named_buffers()], prefix, original)
+            if new is not None and len(new) == 1:
                 mod.__dict__[attr] = new.pop()
+
+
+def _shrunk_from(v: int, tensors: list, prefix: str, original: dict) -> set | None:
+    """The new sizes of the dims among ``tensors`` that had size ``v`` and shrank; None where none did."""
+    new = set()
+    for k, t in tensors:
+        was = original.get(prefix + k)
+        if t is None or was is None or len(was) != t.dim():
+            continue
+        new |= {now for old, now in zip(was, t.shape) if old == v and now != v}
+    return new or None
 
 
 def _fix_linear(mod, orig):

@@ -507,3 +507,81 @@ def test_asking_for_the_module_form_of_a_deploy_pipeline_says_why_not():
     with pytest.raises(graphprune.GraphpruneError, match="rewrites the graph beyond the model's own code"):
         graphprune.compile(model, (torch.randn(1, 3, 32, 32),), ratio=0.5, importance="l1", pipeline="deploy",
                            output="module")
+
+
+class _RepBlock(torch.nn.Module):
+    """RepVGG-style: 3x3 and 1x1 branches and an identity, with the widths its own method reads to merge them."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.in_channels, self.out_channels = c, c
+        self.dense = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.point = torch.nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return torch.relu(self.dense(x) + self.point(x) + x)
+
+    def merged(self) -> torch.nn.Conv2d:
+        """One 3x3 conv computing the three branches (the deploy form RepVGG users switch to)."""
+        conv = torch.nn.Conv2d(self.in_channels, self.out_channels, 3, padding=1)
+        eye = torch.zeros(self.out_channels, self.in_channels, 3, 3)
+        eye[torch.arange(self.out_channels), torch.arange(self.in_channels), 1, 1] = 1
+        with torch.no_grad():
+            conv.weight.copy_(self.dense.weight + F.pad(self.point.weight, (1, 1, 1, 1)) + eye)
+            conv.bias.copy_(self.dense.bias + self.point.bias)
+        return conv
+
+
+class _RepNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = torch.nn.Sequential(_RepBlock(16), _RepBlock(16))
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_a_users_block_states_its_new_widths():
+    """The module form kept RepVGG's own self.in_channels = 16 over convs now 8 wide, so its reparameterisation
+    (switch_to_deploy, here merged()) failed on the result (found by survey 11). Widths a user's block states
+    follow the tensors of its submodules where they shrank alike."""
+    torch.manual_seed(0)
+    model = _RepNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, output="module")
+    for block in small.blocks:
+        assert (block.in_channels, block.out_channels) == (8, 8) == (block.dense.in_channels, block.dense.out_channels)
+        merged = block.merged()
+        h = torch.randn(2, 8, 5, 5)
+        torch.testing.assert_close(torch.relu(merged(h)), block(h), rtol=1e-5, atol=1e-5)
+    assert model.blocks[0].in_channels == 16  # the user's model keeps its own
+
+
+class _EdgeMessages(torch.nn.Module):
+    """Message passing over an edge list (2, E), unpacked in Python as src, dst."""
+
+    def __init__(self):
+        super().__init__()
+        self.msg = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.ReLU(), torch.nn.Linear(24, 12))
+        self.head = torch.nn.Linear(12, 3)
+
+    def forward(self, x, edges):
+        src, dst = edges
+        m = self.msg(torch.cat([x[dst], x[src] - x[dst]], -1))
+        return self.head(x.new_zeros(x.shape[0], m.shape[1]).index_add_(0, dst, m))
+
+
+def test_module_form_is_checked_only_on_inputs_the_model_takes():
+    """The check at another input shape grows every input by one row: the edge list became (3, E), which the
+    graph took (it reads rows 0 and 1) and the model's own `src, dst = edges` does not, so the module form
+    was refused with "fails ... at another input shape: ValueError." and no more (found by survey 11)."""
+    torch.manual_seed(0)
+    model = _EdgeMessages().eval()
+    x, edges = torch.randn(10, 8), torch.randint(0, 10, (2, 30))
+    small = graphprune.compile(model, (x, edges), ratio=0.5, output="module")
+    assert type(small) is _EdgeMessages and small.msg[0].out_features == 12
+    graph = graphprune.compile(model, (x, edges), ratio=0.5, output="graph")
+    other = torch.randint(0, 7, (2, 19))
+    torch.testing.assert_close(small(x[:7], other), graph(x[:7], other))
