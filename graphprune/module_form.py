@@ -135,7 +135,7 @@ def differs(top: torch.nn.Module, out: torch.nn.Module, args: tuple, kwargs: dic
                 ref = _run(out, other, other_kw)
             except Exception:  # noqa: BLE001 - a shape the model does not take
                 continue
-            if original is not None and not _takes(original, other, other_kw):
+            if original is not None and not _takes(original, other, other_kw, params=params):
                 continue
             try:
                 bad = mismatch(_run(top, other, hf.example_kwargs(top, other_kw) or {}), ref)
@@ -147,13 +147,16 @@ def differs(top: torch.nn.Module, out: torch.nn.Module, args: tuple, kwargs: dic
     return None
 
 
-def _takes(model: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
-    """Whether the user's ``model`` runs on these inputs (on a shadow in eval mode: no state of theirs moves)."""
+def _takes(model: torch.nn.Module, args: tuple, kwargs: dict, *, params: bool = True) -> bool:
+    """Whether the user's ``model`` runs on these inputs: on a shadow in eval mode, on copies of
+    its buffers and (where its forward writes them, ``params``) its parameters, so no state of
+    theirs moves (Glow's ActNorm initialises its parameters on its first call)."""
     from .trace import shadow
 
+    copy = shadow(model, own_buffers=True).eval()
     try:
-        with torch.no_grad():
-            _run(shadow(model, own_buffers=True).eval(), args, kwargs)
+        with torch.no_grad(), on_copies(copy, params=params):
+            _run(copy, args, kwargs)
         return True
     except Exception:  # noqa: BLE001
         return False
@@ -357,33 +360,36 @@ only on classes outside torch: a torch module's are set by shrink-params from it
 def follow_widths(top: nn.Module, original: dict) -> None:
     """A width attribute follows the module's tensors: where it equals the original size
     of a dim of the module's parameters or buffers that shrank, and every such dim shrank
-    alike, it takes the new size. The module's own tensors decide; one that holds none
-    (a user's block around its convs) is read through its submodules' (``differs`` still
-    decides the forward; this keeps the user's other methods true to the new widths)."""
+    alike, it takes the new size. The module's own tensors decide; where none shrank, a
+    user's block states its channels (``CHANNEL_ATTRS``) through its submodules' tensors,
+    where every dim that had that size went to one new size (a Hugging Face attention's
+    ``embed_dim`` names the stream, which stays, while its output projection's columns,
+    as wide before, shrink with the heads). ``differs`` still decides the forward; this
+    keeps the user's other methods true to the new widths."""
     for name, mod in top.named_modules():
         prefix = f"{name}." if name else ""
         user = not type(mod).__module__.startswith("torch.")
-        attrs = WIDTH_ATTRS + CHANNEL_ATTRS if user else WIDTH_ATTRS
-        for attr in attrs:
+        for attr in WIDTH_ATTRS + CHANNEL_ATTRS if user else WIDTH_ATTRS:
             v = mod.__dict__.get(attr)
             if not isinstance(v, int) or isinstance(v, bool):
                 continue
-            new = _shrunk_from(v, [*mod._parameters.items(), *mod._buffers.items()], prefix, original)
-            if new is None and user:
-                new = _shrunk_from(v, [*mod.named_parameters(), *mod.named_buffers()], prefix, original)
-            if new is not None and len(new) == 1:
+            new = _sizes_of(v, [*mod._parameters.items(), *mod._buffers.items()], prefix, original) - {v}
+            if not new and user and attr in CHANNEL_ATTRS:  # through its submodules: every dim that was v went alike
+                new = _sizes_of(v, [*mod.named_parameters(), *mod.named_buffers()], prefix, original)
+                new = new if v not in new else set()
+            if len(new) == 1:
                 mod.__dict__[attr] = new.pop()
 
 
-def _shrunk_from(v: int, tensors: list, prefix: str, original: dict) -> set | None:
-    """The new sizes of the dims among ``tensors`` that had size ``v`` and shrank; None where none did."""
+def _sizes_of(v: int, tensors: list, prefix: str, original: dict) -> set:
+    """The sizes now of the dims among ``tensors`` that had size ``v``."""
     new = set()
     for k, t in tensors:
         was = original.get(prefix + k)
         if t is None or was is None or len(was) != t.dim():
             continue
-        new |= {now for old, now in zip(was, t.shape) if old == v and now != v}
-    return new or None
+        new |= {now for old, now in zip(was, t.shape) if old == v}
+    return new
 
 
 def _fix_linear(mod, orig):
