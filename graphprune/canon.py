@@ -378,6 +378,76 @@ def _histc(node, mod=None):
                                                              "max": arg(node, 3, "max", 0)})
 
 
+def _like(node, mod=None):
+    """``zeros_like(x)`` and kin: a new tensor of x's shape (``kind`` says whether it holds zeros)."""
+    x = node.args[0]
+    name = getattr(node.target, "__name__", None) or str(node.target)
+    return COp("like", node, [vkey(x)], attrs={"zeros": "zeros_like" in name})
+
+
+def _size_read(v):
+    """(value key, axis) where ``v`` is one dim read off a tensor (``x.size(1)``, ``x.shape[1]``,
+    ``x.size()[1]``), else None."""
+    if not isinstance(v, Node):
+        return None
+    if v.op == "call_method" and v.target == "size" and len(v.args) == 2 and isinstance(v.args[1], int):
+        x, axis = v.args
+    elif v.op == "call_function" and v.target is operator.getitem and isinstance(v.args[1], int) and isinstance(v.args[0], Node):
+        s = v.args[0]
+        shape_read = (s.op == "call_method" and s.target == "size" and len(s.args) == 1) or (
+            s.op == "call_function" and s.target is getattr and s.args[1] == "shape")
+        if not shape_read:
+            return None
+        x, axis = s.args[0], v.args[1]
+    else:
+        return None
+    val = x.meta.get(VAL) if isinstance(x, Node) else None
+    return (vkey(x), axis % val.dim()) if isinstance(val, torch.Tensor) and val.dim() else None
+
+
+def _factory(node, mod=None):
+    """``torch.zeros(n, x.size(1))``, ``x.new_zeros(...)`` and kin: an output dim sized by a dim read
+    off a tensor is that dim (it follows the new width at run time); a literal size stays."""
+    start = 1 if node.op == "call_method" else 0  # x.new_zeros(sizes): x only gives dtype and device
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if len(node.args) > start and isinstance(node.args[start], (list, tuple)):
+        sizes, positions = list(node.args[start]), [start]
+    elif name in ("full", "new_full"):  # full(size, fill_value): the size is one sequence
+        sizes, positions = [], []
+    else:
+        sizes, positions = list(node.args[start:]), list(range(start, len(node.args)))
+    val = node.meta.get(VAL)
+    if not isinstance(val, torch.Tensor) or len(sizes) != val.dim():
+        return COp("unknown", node, _tensors(node), attrs={"why": f"{node.name}: {name} with sizes it cannot read"})
+    dims = {j: r for j, r in enumerate(map(_size_read, sizes)) if r is not None}
+    # no inputs: the tensors whose sizes it reads are not operands, and their other dims stay free
+    return COp("factory", node, [], attrs={"dims": dims, "zeros": name in ("zeros", "new_zeros"), "size_positions": positions})
+
+
+def _indexed(kind: str, positions: tuple):
+    """Ops that move rows along one ``dim`` by an index tensor (message passing over an edge list):
+    ``index_select``/``gather`` read them, ``index_add``/``scatter_add`` add them into ``self``.
+    ``positions``: where self (or input), index and source sit in the call, None where absent."""
+    names = {"self": ("input", "self"), "index": ("index",), "source": ("source", "src")}
+
+    def make(node, mod=None):
+        def at(role):
+            pos = positions[("self", "index", "source").index(role)]
+            if pos is None:
+                return None
+            if len(node.args) > pos:
+                return node.args[pos]
+            return next((node.kwargs[n] for n in names[role] if n in node.kwargs), None)
+
+        x, index, source = at("self"), at("index"), at("source")
+        dim = arg(node, 1, "dim")
+        if not isinstance(dim, int) or vkey(x) is None or vkey(index) is None:
+            return COp("unknown", node, _tensors(node), attrs={"why": f"{node.name}: {kind} by a computed dim"})
+        return COp(kind, node, [vkey(x), vkey(index)] + ([vkey(source)] if source is not None else []),
+                   attrs={"dim": _dim(dim, _ndim(x))})
+    return make
+
+
 def _cumsum(node, mod=None):
     x = node.args[0]
     return COp("cumsum", node, [vkey(x)], attrs={"dim": _dim(arg(node, 1, "dim"), _ndim(x))})
@@ -688,6 +758,16 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     F.prelu: _prelu, torch.prelu: _prelu, aten.prelu.default: _prelu, aten._prelu_kernel.default: _prelu,
     torch.histc: _histc, aten.histc.default: _histc, torch.cumsum: _cumsum, aten.cumsum.default: _cumsum,
     torch.roll: _roll, aten.roll.default: _roll,
+    torch.zeros: _factory, torch.ones: _factory, torch.empty: _factory, torch.full: _factory,
+    torch.zeros_like: _like, torch.ones_like: _like, torch.empty_like: _like, torch.full_like: _like,
+    torch.rand_like: _like, torch.randn_like: _like, aten.zeros_like.default: _like, aten.ones_like.default: _like,
+    aten.empty_like.default: _like, aten.full_like.default: _like,
+    torch.index_select: _indexed("index_select", (0, 2, None)), aten.index_select.default: _indexed("index_select", (0, 2, None)),
+    torch.gather: _indexed("gather", (0, 2, None)), aten.gather.default: _indexed("gather", (0, 2, None)),
+    torch.index_add: _indexed("index_add", (0, 2, 3)), aten.index_add.default: _indexed("index_add", (0, 2, 3)),
+    aten.index_add_.default: _indexed("index_add", (0, 2, 3)),
+    torch.scatter_add: _indexed("scatter_add", (0, 2, 3)), aten.scatter_add.default: _indexed("scatter_add", (0, 2, 3)),
+    aten.scatter_add_.default: _indexed("scatter_add", (0, 2, 3)),
     F.pixel_shuffle: _pixel_shuffle(False), aten.pixel_shuffle.default: _pixel_shuffle(False),
     F.pixel_unshuffle: _pixel_shuffle(True), aten.pixel_unshuffle.default: _pixel_shuffle(True),
     builtins.getattr: _getattr, aten.sym_size.int: _shape_query, torch._assert: _noop,
@@ -750,6 +830,10 @@ METHOD_TABLE: dict[str, Callable] = {
     "narrow": _slice, "mean": _reduce, "sum": _reduce, "amax": _reduce, "amin": _reduce, "norm": _p_norm, "matmul": _matmul,
     "size": _shape_query, "dim": _shape_query,
     "topk": _topk, "sort": _sort, "histc": _histc, "cumsum": _cumsum, "roll": _roll, "addmm": _f_addmm,
+    "new_zeros": _factory, "new_ones": _factory, "new_empty": _factory, "new_full": _factory,
+    "index_select": _indexed("index_select", (0, 2, None)), "gather": _indexed("gather", (0, 2, None)),
+    "index_add": _indexed("index_add", (0, 2, 3)), "index_add_": _indexed("index_add", (0, 2, 3)),
+    "scatter_add": _indexed("scatter_add", (0, 2, 3)), "scatter_add_": _indexed("scatter_add", (0, 2, 3)),
 }
 
 _ACTIVATIONS = (
@@ -791,6 +875,24 @@ def computes_unseen(mod: nn.Module) -> bool:
     return parametrize.is_parametrized(mod) or bool(mod._forward_hooks or mod._forward_pre_hooks)
 
 
+def _unruled(mod: nn.Module) -> str:
+    """Why a module call has no rule, in the user's terms: a TCN's weight-normed Conv1d was reported as
+    'module type Conv1d', which reads as if convolutions were not supported."""
+    from torch.nn.utils import parametrize
+
+    name = type(mod).__qualname__
+    if parametrize.is_parametrized(mod):
+        what = ", ".join(f"{k} ({type(p[0]).__name__})" for k, p in mod.parametrizations.items())
+        return (f"module type {name} with a computed weight: {what} is parametrized, and the parameters it is computed from "
+                "have no rule (remove the parametrization before pruning, e.g. torch.nn.utils.parametrize."
+                "remove_parametrizations, and apply it again after)")
+    if mod._forward_hooks or mod._forward_pre_hooks:
+        hooks = [getattr(h, "__name__", type(h).__name__) for h in [*mod._forward_pre_hooks.values(), *mod._forward_hooks.values()]]
+        return (f"module type {name} with forward hooks ({', '.join(hooks[:3])}) that may change what it computes (old-style "
+                "weight_norm is one: torch.nn.utils.remove_weight_norm before pruning)")
+    return f"module type {name}"
+
+
 def table_rule(mod: nn.Module) -> Callable | None:
     """``MODULE_TABLE``'s rule for ``mod``'s exact type (a subclass may change forward)."""
     return next((fn for types, fn in MODULE_TABLE if type(mod) in types), None)
@@ -827,7 +929,7 @@ def canonicalize_node(gm: GraphModule, node: Node) -> COp:
         mod = gm.get_submodule(node.target)
         fn = _module_rule(mod)
         if fn is None:
-            return COp("unknown", node, _tensors(node), attrs={"why": f"module type {type(mod).__qualname__}"})
+            return COp("unknown", node, _tensors(node), attrs={"why": _unruled(mod)})
         if node.kwargs:
             _positional(node, mod.forward)
         try:

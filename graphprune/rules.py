@@ -416,6 +416,44 @@ def histc(b, c: COp):
     b.block((out, 0), f"{out.name}: histc bins other than one per id")
 
 
+def like(b, c: COp):
+    """``zeros_like(x)``: every dim is x's."""
+    x, out = c.inputs[0], c.node
+    for j in range(len(b.shape(x))):
+        b.couple((x, j), (out, j))
+
+
+def factory(b, c: COp):
+    """A new tensor's dims sized by dims read off other tensors are those dims."""
+    for j, src in c.attrs["dims"].items():
+        b.couple(src, (c.node, j))
+
+
+def indexed(b, c: COp):
+    """Rows moved along ``dim`` by an index: every other dim maps through, where the tensors that
+    share it have its full size (a partial index leaves it whole). ``index_select`` and ``index_add``
+    take a 1-D index whose length is the rows read or added; ``gather`` and ``scatter_add`` an index
+    of the moved tensor's shape, whose values address ``dim`` alone."""
+    x, index, *source = c.inputs
+    out, d = c.node, c.attrs["dim"]
+    moved = {"index_select": out, "gather": out, "index_add": source[0] if source else None,
+             "scatter_add": source[0] if source else None}[c.op]  # the tensor indexed along d
+    so, sx = b.shape(out), b.shape(x)
+    for k in range(len(sx)):
+        if k == d:
+            continue
+        if c.op in ("index_add", "scatter_add"):
+            b.couple((x, k), (out, k))
+        if moved is not None and b.shape(moved)[k] == sx[k]:
+            b.couple((x, k), (moved, k))
+            if c.op in ("gather", "scatter_add"):
+                b.couple((index, k), (moved, k))
+    if c.op in ("index_add", "scatter_add"):
+        b.couple((x, d), (out, d))
+    if moved is not None:
+        b.couple((index, 0 if c.op in ("index_select", "index_add") else d), (moved, d))
+
+
 def cumsum(b, c: COp):
     """Running sum along ``dim``: exact after removal where the removed entries are zero
     (zeros.cumsum); the output's removed entries then repeat their predecessor."""
@@ -543,13 +581,16 @@ def conv_transpose(b, c: COp):
 def batch_norm(b, c: COp):
     """per-channel affine and statistics on dim 1. With batch statistics the other
     dims may shrink too (a standardized weight's input channels: see zeros.py and
-    ``modules.batch_norm_full``), unless running buffers are updated from them."""
+    ``modules.batch_norm_full``), unless running buffers are kept: then a model traced
+    in eval mode normalizes by them, but once put in training mode to fine-tune it
+    takes batch statistics over those dims and updates its buffers from them, over
+    fewer entries than the dead twin (``BatchNorm1d(T)`` over (N, T, D) with D pruned)."""
     x = c.inputs[0]
     out = (c.node, 0) if c.op == "batch_norm_tuple" else _out(c)
     for k in range(len(b.shape(x))):
         b.couple((x, k), (out, k))
-        if k != 1 and c.attrs.get("batch_stats") and "running_mean" in c.params:
-            b.block((x, k), f"{c.node.name}: batch statistics over this dim update running buffers")
+        if k != 1 and "running_mean" in c.params:
+            b.block((x, k), f"{c.node.name}: batch statistics over this dim (in training mode) update running buffers")
     for p in c.params.values():
         b.couple((p, 0), (x, 1))
 
@@ -813,6 +854,9 @@ RULES = {
     "rel_pos_bias": rel_pos_bias,
     "pixel_shuffle": pixel_shuffle,
     "roll": roll,
+    "like": like,
+    "factory": factory,
+    **{op: indexed for op in ("index_select", "gather", "index_add", "scatter_add")},
     "patch_merge": patch_merge,
     "unknown": unknown,
     "python": nothing,

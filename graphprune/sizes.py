@@ -94,6 +94,8 @@ def _shape_positions(n: Node) -> set:
         return {size_args(n, at)[2]}
     if cop.op == "split":
         return {1}  # rewritten with explicit sizes when the dim shrinks
+    if cop.op == "factory":
+        return set(cop.attrs["size_positions"])  # torch.zeros(n, x.size(1)): a new tensor as wide as x
     return set()
 
 

@@ -236,8 +236,16 @@ def _module_shape(mod, x):
     return None
 
 
+_FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.rand, torch.randn, torch.randint,
+              torch.eye, torch.linspace, torch.tril_indices, torch.triu_indices}
+
+
 class _MetaProp(fx.Interpreter):
     def call_function(self, target, args, kwargs):
+        if target in _FACTORIES and kwargs.get("device") is None:
+            # a forward's own tensor (torch.zeros(n) for node degrees) made on the CPU beside meta inputs:
+            # shapes are all this run is for, so it is made on meta too
+            kwargs = {**kwargs, "device": "meta"}
         if target in _SAME_SHAPE_FN and args and isinstance(args[0], torch.Tensor):
             return torch.empty_like(args[0])
         if target in _BROADCAST_FN and len(args) == 2 and not kwargs:

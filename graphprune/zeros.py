@@ -181,17 +181,22 @@ def producer(axis_of_rows):
 
 
 def _computed_weight(zs: Zeros, c: COp, x) -> bool:
-    """For linear and conv layers whose weight (or bias) is computed, not a parameter:
-    need the contracted input dim zero where the weight's column is not; whether
-    the output rows are zero. True for parameters (the twin zeroes their slices)."""
+    """For linear and conv layers: need the contracted input dim zero where the weight's
+    column is not (a computed weight, or a buffer: the twin zeroes parameters alone);
+    whether the output rows are zero (a parameter's are, the twin zeroes their slices;
+    a bias must have the output's width)."""
     w, bias = c.params.get("weight"), c.params.get("bias")
-    if c.op not in ("linear", "conv", "conv_transpose") or (isinstance(w, str) and not isinstance(bias, Node)):
+    if c.op == "embedding":  # a table held as a buffer (sinusoids) keeps its columns in the twin
+        return w is None or zs.zero(w, 1)
+    if c.op not in ("linear", "conv", "conv_transpose"):
         return True
     w_out, w_in = {"linear": (1, 0) if c.attrs.get("weight_t") else (0, 1), "conv": (0, 1), "conv_transpose": (1, 0)}[c.op]
     x_in = zs.ndim(x) - 1 if c.op == "linear" else 1
-    if not zs.zero(w, w_in):
+    if not zs.zero(w, w_in):  # a buffer or a computed weight: the twin leaves its columns as they are
         zs.need(x, x_in, f"{c.node.name}: {c.op} with a computed weight contracts this dim; its removed entries must be zero on one side")
-    return zs.zero(w, w_out) and (bias is None or zs.zero(bias, zs.ndim(bias) - 1))
+    width = zs.b.shape(w)[w_out]
+    # a bias that broadcasts over the output channels (one value for all) puts it on removed rows too
+    return zs.zero(w, w_out) and (bias is None or (zs.b.shape(bias)[-1] == width and zs.zero(bias, zs.ndim(bias) - 1)))
 
 
 def norm(zs: Zeros, c: COp) -> None:
@@ -216,6 +221,9 @@ def norm(zs: Zeros, c: COp) -> None:
         zs.need(x, k, f"{c.node.name}: {c.op} statistics over this dim need its removed entries to be zero")
     channel = {1} if c.op in ("batch_norm", "batch_norm_tuple", "group_norm") else normalized
     keeps = c.op == "rms_norm"
+    # a zero slice along a dim it does not normalize: RMSNorm keeps it zero, LayerNorm and GroupNorm
+    # turn it into their bias, BatchNorm into (0 - running mean) / std * w + b (survey 12)
+    slices_stay_zero = keeps or (c.op in ("layer_norm", "group_norm") and "bias" not in c.params)
     w = c.params.get("weight")
     axes = []
     for k in range(nd):
@@ -223,7 +231,7 @@ def norm(zs: Zeros, c: COp) -> None:
             w_zero = w is not None and zs.zero(w, zs.ndim(w) - nd + k if c.op in ("layer_norm", "rms_norm") else 0)
             if w_zero or (keeps and zs.zero(x, k)):
                 axes.append(k)
-        elif k not in normalized and zs.zero(x, k):
+        elif k not in normalized and slices_stay_zero and zs.zero(x, k):
             axes.append(k)
     zs.set(out, axes)
 
@@ -370,7 +378,52 @@ def sdpa(zs: Zeros, c: COp) -> None:
         zs.need(q, nq - 1, f"{c.node.name}: attention contracts q and k over this dim; its removed entries must be zero on one side")
     no = zs.ndim(c.node)
     nv = zs.ndim(v)
-    zs.set(c.node, [d for d in range(no) if d != no - 2 and nv - no + d >= 0 and zs.zero(v, nv - no + d)])
+    so, sv = zs.b.shape(c.node), zs.b.shape(v)
+    # a head dim with more query heads than v has (enable_gqa): a removed query head over a kept
+    # key/value head reads live values, so only dims as wide as v's follow its zeros
+    zs.set(c.node, [d for d in range(no) if d != no - 2 and nv - no + d >= 0 and sv[nv - no + d] == so[d]
+                    and zs.zero(v, nv - no + d)])
+
+
+def like(zs: Zeros, c: COp) -> None:
+    """``zeros_like`` is zero everywhere, unless an in-place op writes into it (``index_add_``:
+    its readers then see what was added, which the value itself does not say)."""
+    if c.attrs["zeros"] and not _written_in_place(c.node):
+        zs.set(c.node, range(zs.ndim(c.node)))
+
+
+def factory(zs: Zeros, c: COp) -> None:
+    """``torch.zeros(...)``: zero everywhere (``like``'s caveat: unless written in place)."""
+    like(zs, c)
+
+
+def _written_in_place(node: Node) -> bool:
+    return any(_written_in_place_by(u, node) for u in node.users)
+
+
+def _written_in_place_by(u: Node, node: Node) -> bool:
+    name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") and bool(u.args) and u.args[0] is node
+
+
+def indexed(zs: Zeros, c: COp) -> None:
+    """A dim other than ``dim`` is zero where the tensors it is read from are: the input for
+    ``index_select``/``gather``, the input and what is added for ``index_add``/``scatter_add``."""
+    x, _index, *source = c.inputs
+    d, out = c.attrs["dim"], c.node
+    fresh = _fresh_zeros(x, out)
+    zs.set(out, [k for k in range(zs.ndim(out)) if k != d and (fresh or zs.zero(x, k)) and all(zs.zero(s, k) for s in source)
+                 and zs.b.shape(x)[k] == zs.b.shape(out)[k]])
+
+
+def _fresh_zeros(x, writer: Node) -> bool:
+    """``torch.zeros_like(h).index_add_(...)``: ``x`` is a tensor of zeros this op alone writes into,
+    so its own value is zero (readers of ``x`` itself are left unproven, ``like``)."""
+    from .meta_keys import CANON
+
+    c = x.meta.get(CANON) if isinstance(x, Node) else None
+    writers = [u for u in x.users if _written_in_place_by(u, x)] if c is not None else []
+    return c is not None and c.op in ("like", "factory") and c.attrs.get("zeros") and writers == [writer]
 
 
 def nothing(zs: Zeros, c: COp) -> None:
@@ -396,6 +449,9 @@ RULES = {
     "cumsum": cumsum,
     "einsum": einsum,
     "sdpa": sdpa,
+    "like": like,
+    "factory": factory,
+    **{op: indexed for op in ("index_select", "gather", "index_add", "scatter_add")},
 }
 
 
@@ -407,11 +463,42 @@ def block_unproven_reductions(b, cops: list[COp]) -> None:
             continue
         try:
             RULES.get(c.op, nothing)(zs, c)
+            _written(zs, c.node)
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
             if c.op in _NEEDS:  # cannot prove what this op needs: its operands keep their widths
                 for t in c.inputs:
                     for k in range(zs.ndim(t)) if t is not None else ():
                         b.block((t, k), f"{c.node.name}: cannot prove removed entries are zero ({type(e).__name__})")
+
+
+_VIEWS = {"reshape", "permute", "index", "expand", "split", "tuple_get", "channel_permute"}
+
+
+def _written(zs: Zeros, node: Node) -> None:
+    """An op that writes into its first operand (``h.add_(1)``, ``h.sigmoid_()``, ``y += b``, an
+    in-place ReLU) changes what every later reader of that operand sees: from here on it is zero
+    only where the result is too. Zero-ness is followed per node, so a write through a view of
+    another tensor leaves that tensor's unknown: it and what it is a view of lose their zeros."""
+    from .canon import vkey
+    from .effects import mutates
+    from .meta_keys import CANON
+
+    target = node.args[0] if node.args and isinstance(node.args[0], Node) and mutates(node) else None
+    key = vkey(target) if target is not None else None
+    if key is None or key not in zs.z:
+        return
+    same = zs.b.shape(key) == zs.b.shape(node)
+    kept = frozenset(k for k in zs.z[key] if same and zs.zero(node, k))
+    if kept:
+        zs.z[key] = kept
+    else:
+        zs.z.pop(key)
+    while True:  # up through the views it may be of
+        c = target.meta.get(CANON)
+        if c is None or c.op not in _VIEWS or not c.inputs or not isinstance(c.inputs[0], Node):
+            return
+        target = c.inputs[0]
+        zs.z.pop(vkey(target), None)
 
 
 _NEEDS = {"reduce", "matmul", "grouped_mm", "einsum", "sdpa", "layer_norm", "rms_norm", "cumsum"}

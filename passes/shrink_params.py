@@ -350,9 +350,11 @@ def _reduce_full(node: Node, cop: COp, p: _Plan) -> bool:
     count); a max takes the zeros in (``clamp_min(0)``), a min too (``clamp_max(0)``)."""
     x = cop.inputs[0]
     kind = cop.attrs.get("kind")
-    if kind not in ("mean", "amax", "amin") or not isinstance(x, Node):
+    # a parameter read directly (w - w.mean(...), weight centring) has its name for a key: its shape is on the read
+    read = x if isinstance(x, Node) else node.args[0] if node.args and isinstance(node.args[0], Node) else None
+    if kind not in ("mean", "amax", "amin") or read is None or not isinstance(read.meta.get(VAL), torch.Tensor):
         return False
-    shape = x.meta[VAL].shape
+    shape = read.meta[VAL].shape
     old = int(np.prod([shape[k] for k in cop.attrs["dims"]]))
     new = int(np.prod([p.size(x, shape[k], k) for k in cop.attrs["dims"]]))
     if new == old:

@@ -622,3 +622,161 @@ def test_a_bias_over_another_dim_makes_removed_channels_nonzero(model, x):
         torch.testing.assert_close(small(y), reference(dead_twin(model, small), y), rtol=1e-5, atol=1e-6)
     if isinstance(model, _TokenMixer):
         assert small.mlp[0].out_features == 16 and small.stem.out_features == 24
+
+
+class _MessagePassing(torch.nn.Module):
+    """Graph layers as written without a graph library: degree by index_add_ into torch.zeros, messages
+    gathered by index_select / gather / x[src], summed into zeros_like / new_zeros by index_add_ and
+    scatter_add_, then a LayerNorm over the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.Linear(32, 12)
+        self.norm, self.head = torch.nn.LayerNorm(12), torch.nn.Linear(12, 3)
+
+    def forward(self, x, edges):
+        src, dst = edges
+        n = x.size(0)
+        deg = torch.zeros(n, dtype=x.dtype).index_add_(0, dst, torch.ones(dst.size(0), dtype=x.dtype)) + 1
+        h = self.a(x)
+        agg = torch.zeros_like(h).index_add_(0, dst, h[src] / deg[dst, None])  # GCN
+        h = torch.relu(agg + h)
+        idx = dst.unsqueeze(-1).expand(-1, h.size(1))
+        pooled = h.new_zeros(n, h.size(1)).scatter_add_(0, idx, torch.index_select(h, 0, src))  # SAGE
+        h = torch.relu(self.b(pooled) + h)
+        pair = torch.cat([torch.gather(h, 0, idx), h.index_select(0, src)], -1)  # EdgeConv
+        m = torch.relu(self.c(pair))
+        out = h.new_zeros(n, m.size(1)).index_add_(0, dst, m)
+        return self.head(self.norm(out))
+
+
+def test_message_passing_prunes_through_index_add_scatter_and_gather():
+    """index_select, gather, index_add(_), scatter_add(_), zeros_like, torch.zeros and new_zeros sized by a
+    tensor's width had no rules: every channel of a hand-written GNN stayed (survey 11). Exact against the dead
+    twin at another graph size, with verify=False so that no rule hides behind the self-check."""
+    torch.manual_seed(0)
+    model = _MessagePassing().eval()
+    x, edges = torch.randn(10, 8), torch.randint(0, 10, (2, 30))
+    assert kill_units(model, (x, edges), 0.5) == 2  # a and b add into one stream
+    small = graphprune.compile(model, (x, edges), ratio=0.5, verify=False)
+    # c's removed channels are zeros added into zeros, so the LayerNorm may count them
+    assert (small.a.out_features, small.b.out_features, small.c.out_features) == (8, 8, 6)
+    assert not removed_alive(model, small)
+    twin = dead_twin(model, small)
+    for args in ((x, edges), (torch.randn(7, 8), torch.randint(0, 7, (2, 19)))):
+        torch.testing.assert_close(small(*args), reference(twin, *args), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(small(*args), reference(model, *args), rtol=1e-5, atol=1e-5)
+
+
+# Zero-proof probes of survey 12: each made removed channels nonzero where zeros.py said zero, so a
+# reduction or norm over the channels after it was wrong with verify=False (verify kept the group whole).
+class _NormOverTokens(torch.nn.Module):
+    """BatchNorm1d(T) or a biased LayerNorm(T) on (N, T, D): a zero D-slice comes out as a shift."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 16)
+        self.norm = torch.nn.BatchNorm1d(6) if kind == "bn" else None
+        self.ln = torch.nn.LayerNorm(6) if kind == "ln" else None
+        if self.norm is not None:
+            self.norm.running_mean.uniform_(-1, 1)
+            self.norm.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h = self.norm(h) if self.norm is not None else self.ln(h.transpose(1, 2)).transpose(1, 2)
+        return h.sum(-1)
+
+
+class _BufferLayers(torch.nn.Module):
+    """A fixed projection held as a buffer (its columns are not zeroed in the twin), a bias of one value,
+    and a sinusoid embedding table held as a buffer."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.fc = torch.nn.Linear(8, 16)
+        self.register_buffer("proj", torch.randn(16, 16))
+        self.register_buffer("table", torch.randn(10, 16))
+        self.bias = torch.nn.Parameter(torch.randn(1))
+        self.w = torch.nn.Parameter(torch.randn(16, 16))
+        self.ln = torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        if self.kind == "buffer_weight":
+            return self.ln(F.linear(self.fc(x), self.proj))
+        if self.kind == "scalar_bias":
+            return self.ln(F.linear(self.fc(x), self.w, self.bias))
+        ids = (x[..., 0].abs() * 3).long().clamp(0, 9)
+        return self.ln(F.embedding(ids, self.table) + self.fc(x))
+
+
+class _GroupedAttention(torch.nn.Module):
+    """sdpa with enable_gqa (4 query heads over 2 key/value heads), then a sum over the heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = torch.nn.Linear(32, 32), torch.nn.Linear(32, 16), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 8).transpose(1, 2)
+        k, v = (f(x).view(b, t, 2, 8).transpose(1, 2) for f in (self.k, self.v))
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True).sum(1)
+
+
+class _InPlace(torch.nn.Module):
+    """An in-place op on a producer's output, then a reduction over its channels."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.fc = kind, torch.nn.Linear(8, 16)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h.add_(1.0) if self.kind == "add_" else h.sigmoid_()
+        return h.sum(-1)
+
+
+class _CentredWeight(torch.nn.Module):
+    """Weight centring written by hand on a parameter read directly: its mean over the input channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 16)
+        self.w = torch.nn.Parameter(torch.randn(4, 16))
+
+    def forward(self, x):
+        return F.linear(torch.relu(self.fc(x)), self.w - self.w.mean(1, keepdim=True)) + self.w.amax(1)
+
+
+ZERO_PROBES = {
+    "bn_over_tokens": lambda: _NormOverTokens("bn"), "ln_over_tokens": lambda: _NormOverTokens("ln"),
+    "buffer_weight": lambda: _BufferLayers("buffer_weight"), "scalar_bias": lambda: _BufferLayers("scalar_bias"),
+    "buffer_table": lambda: _BufferLayers("table"), "gqa_heads": _GroupedAttention,
+    "add_": lambda: _InPlace("add_"), "sigmoid_": lambda: _InPlace("sigmoid_"), "centred_weight": _CentredWeight,
+}
+
+
+@pytest.mark.parametrize("name", list(ZERO_PROBES))
+def test_zero_proof_probes_match_their_dead_twin_without_verify(name):
+    torch.manual_seed(0)
+    model = ZERO_PROBES[name]().eval()
+    x = torch.randn(2, 6, 8 if name != "gqa_heads" else 32)
+    small = graphprune.compile(model, (x,), ratio=0.5, verify=False)
+    twin = dead_twin(model, small)
+    for y in (x, torch.randn(3, *x.shape[1:])):
+        torch.testing.assert_close(small(y), reference(twin, y), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_over_a_non_channel_dim_stays_in_training_mode():
+    """BatchNorm1d(T) over (N, T, D): traced in eval mode it normalizes by running statistics, so pruning D
+    was exact; in training mode (to fine-tune) it normalized each T over N x D' and updated its buffers from
+    fewer entries than the twin (survey 12). D stays now."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(6), torch.nn.Linear(16, 3)).eval()
+    x = torch.randn(4, 6, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5)
+    assert small[0].out_features == 16
+    twin = dead_twin(model, small).train()
+    torch.testing.assert_close(small.train()(x), twin(x), rtol=1e-5, atol=1e-5)

@@ -288,3 +288,18 @@ def test_calibration_the_exported_graph_refuses_says_which_dims_it_fixed(kw):
     kw = {"ratio": 0.5, **kw} if "target_flops" not in kw else kw
     with pytest.raises(graphprune.GraphpruneError, match=r"failed on the calibration data.*fixed these input dims.*dim 3 \(8\)"):
         graphprune.compile(model, (torch.randn(2, 3, 8, 8),), calibration=calib, **kw)
+
+
+@pytest.mark.parametrize("new_style", [False, True])
+def test_a_weight_normed_layer_says_why_it_stays(new_style):
+    """A TCN's weight-normed Conv1d was held with the reason 'module type Conv1d' alone, as if convolutions
+    had no rule (survey 11). The reason names the parametrization or hook, and how to take it off."""
+    from torch.nn.utils import weight_norm
+    from torch.nn.utils.parametrizations import weight_norm as parametrized_weight_norm
+
+    wn = parametrized_weight_norm if new_style else weight_norm
+    model = torch.nn.Sequential(wn(torch.nn.Conv1d(4, 16, 3, padding=1)), torch.nn.ReLU(),
+                                torch.nn.Conv1d(16, 8, 3, padding=1)).eval()
+    why = " ".join(graphprune.analyze(model, (torch.randn(2, 4, 10),)).unsupported)
+    assert ("remove_parametrizations" if new_style else "remove_weight_norm") in why
+    assert ("_WeightNorm" if new_style else "hooks (WeightNorm)") in why
