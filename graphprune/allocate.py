@@ -168,6 +168,10 @@ class Meter:
         self._read = graph_params(p.gm)  # what the pipeline's dce keeps, so what a candidate holds
         self.base = 1.0 if kind == "latency" else original_params(p) if kind == "params" \
             else self._original_flops() if kind == "flops" else self._measure({})
+        if not self.base:  # an embedding and a sum: torch.utils.flop_counter counts no matmul or conv
+            raise GraphpruneError(f"target_{kind} is a fraction of the model's {kind}, and it has none to count "
+                                  f"({'no matmul or convolution' if kind == 'flops' else 'no parameters'}): "
+                                  "give ratio= or another budget")
 
     def _plan_params(self, removed: dict) -> float:
         """Parameters after ``removed``, read off the slicing plan: every parameter keeps

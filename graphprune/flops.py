@@ -12,16 +12,27 @@ def count_flops(model: torch.nn.Module, example_inputs: tuple, example_kwargs: d
     """Forward FLOPs, less those of the modules named in ``exclude``.
 
     Runs with grad enabled: under no_grad, nn.MultiheadAttention takes a fused
-    fast path that the counter does not see. It runs on a shadow of ``model``
+    fast path that the counter does not see. It runs on meta tensors where the
+    forward allows, else on copies of the weights. It runs on a shadow of ``model``
     (``trace.shadow``: the same parameters, module objects of its own), so a
     forward that caches what it computes (timm's EfficientFormer keeps its
     indexed attention biases) fills the shadow's cache, not the user's; a
     cached tensor with a grad history left in the user's model made it
     refuse ``copy.deepcopy``.
     """
+    from .trace import to_meta
+    from .verify import on_copies, swapped
+
     args, kwargs = copied_inputs(tuple(example_inputs), dict(example_kwargs or {}))  # a forward may write into its inputs
-    with FlopCounterMode(display=False, custom_mapping=_more_flops()) as counter:
-        _own(model)(*args, **kwargs)
+    own = _own(model)
+    try:  # on meta tensors: shapes are all a count needs, and a forward that writes its weights writes nothing
+        meta = {id(t): to_meta(t) for t in [*own.parameters(), *own.buffers()]}
+        with swapped(own, meta), FlopCounterMode(display=False, custom_mapping=_more_flops()) as counter:
+            own(*to_meta(args), **to_meta(kwargs))
+    except Exception:  # noqa: BLE001 - data-dependent shapes, tensors made on a real device: run for real, on copies
+        # of the weights too (nn.Embedding(max_norm=...) renormalised the user's rows in place, survey 12)
+        with on_copies(own), FlopCounterMode(display=False, custom_mapping=_more_flops()) as counter:
+            own(*args, **kwargs)
     total = counter.get_total_flops()
     counts = counter.get_flop_counts()
     for name in exclude:

@@ -85,6 +85,26 @@ def tolerance(dtype: torch.dtype) -> float:
     return max(1e-4, ULPS * torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
 
 
+COLUMN_FLOOR = 1 / 16  # a column's scale is at least this share of its output's largest magnitude
+
+
+def _column_scales(y: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each entry's scale for the absolute tolerance: the smallest, over the dims, of the largest
+    magnitude in its slice along that dim (its row, its column, its channel), at least
+    ``COLUMN_FLOOR`` of the whole output's. One output can hold values of different sizes: a
+    detector's ``cat(boxes * 640, class probabilities)`` measured on its largest magnitude let the
+    probabilities be 0.02 off with "verify passed" (survey 12). The floor keeps the tolerance where
+    summing in another order can land (a slice that cancels to nearly zero)."""
+    if y.dim() < 2 or not y.numel():
+        return torch.tensor(scale)
+    a = y.detach().float().abs().nan_to_num(0.0, 0.0, 0.0)
+    out = torch.full_like(a, scale)
+    for d in range(a.dim()):
+        others = [k for k in range(a.dim()) if k != d]
+        out = torch.minimum(out, a.amax(dim=others, keepdim=True))
+    return out.clamp_min(scale * COLUMN_FLOOR)
+
+
 def mismatch(got, ref) -> str | None:
     """None if ``got`` reproduces ``ref`` to the precision of its dtype, else what differs."""
     try:
@@ -111,7 +131,8 @@ def _mismatch(got, ref) -> str | None:
         finite = y.abs()[torch.isfinite(y)]
         scale = float(finite.max()) if finite.numel() else 1e-30  # each output on its own scale
         tol = tolerance(y.dtype)
-        if not torch.allclose(x.float(), y.float(), rtol=tol, atol=tol * scale, equal_nan=True):
+        close = (x.float() - y.float()).abs() <= tol * (_column_scales(y, scale) + y.float().abs())
+        if not bool((close | (x.isnan() & y.isnan()) | (x == y)).all()):
             err = (x.float() - y.float()).abs().nan_to_num(float("inf")).max().item()
             nan = " (the reference has NaN or inf)" if finite.numel() < y.numel() else ""
             return f"output {i} differs by up to {err:.3g} (its largest magnitude {scale:.3g}){nan}"

@@ -810,3 +810,36 @@ def test_half_precision_models_prune_as_in_float32(dtype):
     with torch.no_grad():
         ref = twin(x.to(dtype)).float()
         assert ((half(x.to(dtype)).float() - ref).abs().max() / ref.abs().max()) < 8 * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("budget", [{"ratio": 0.5}, {"target_flops": 0.5}, {"target_params": 0.5}])
+def test_counting_flops_leaves_a_forward_that_writes_its_weights_alone(budget):
+    """nn.Embedding(max_norm=...) renormalises the rows it looks up in place. Counting the model's FLOPs for a
+    budget ran it on a shadow that shares the user's parameters, and changed them by up to 1.99 (survey 12)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 16, max_norm=1.0), torch.nn.Linear(16, 3)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graphprune.compile(model, (torch.randint(0, 10, (2, 6)),), **budget)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_a_budget_on_a_model_without_flops_says_so():
+    """An embedding and a sum count no FLOPs: target_flops divided by zero (ZeroDivisionError, survey 12)."""
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 16), torch.nn.ReLU()).eval()
+    with pytest.raises(graphprune.GraphpruneError, match="none to count"):
+        graphprune.compile(model, (torch.randint(0, 10, (2, 6)),), target_flops=0.5)
+
+
+def test_the_self_check_measures_each_slice_of_an_output_on_its_own_scale():
+    """A detector's output cat(boxes * 640, class probabilities) was checked against 1e-4 of its largest
+    magnitude: probabilities 0.02 off passed (survey 12). Float noise of the size each slice has still passes."""
+    from graphprune.verify import mismatch
+
+    torch.manual_seed(0)
+    ref = torch.cat([640 * torch.rand(2, 4, 50), torch.rand(2, 80, 50)], 1)  # (batch, 4 + classes, anchors)
+    wrong = ref.clone()
+    wrong[:, 10] += 0.02
+    assert mismatch(wrong, ref) is not None
+    noisy = ref * (1 + 1e-6 * torch.randn_like(ref))
+    assert mismatch(noisy, ref) is None
