@@ -774,8 +774,9 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     aten._assert_tensor_metadata.default: _noop,
 }
 def _same_size(node, mod=None):
-    """pad-like ops: dims whose size does not change map through."""
-    return COp("expand", node, [vkey(node.args[0])], attrs={"sizes_at": None})
+    """pad-like ops: dims whose size does not change map through; a padded dim keeps its width (its
+    entries move by the padding, and a size-1 dim padded out is not a broadcast copy)."""
+    return COp("expand", node, [vkey(node.args[0])], attrs={"sizes_at": None, "pad": True})
 
 
 def _window_attention(node, mod=None):

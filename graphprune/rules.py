@@ -110,7 +110,7 @@ def expand(b, c: COp):
         od = len(so) - len(si) + j
         if size == so[od]:
             b.couple((x, j), (out, od))
-        elif size == 1:
+        elif size == 1 and not c.attrs.get("pad"):
             b.replica((out, od))
 
 

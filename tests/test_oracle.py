@@ -780,3 +780,24 @@ def test_batch_norm_over_a_non_channel_dim_stays_in_training_mode():
     assert small[0].out_features == 16
     twin = dead_twin(model, small).train()
     torch.testing.assert_close(small.train()(x), twin(x), rtol=1e-5, atol=1e-5)
+
+
+class _PadToChannels(torch.nn.Module):
+    """A one-channel map padded out to the conv's width: channel 0 is the map, the others zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.o = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.o(torch.relu(self.c(x)) + F.pad(x.mean(1, keepdim=True), (0, 0, 0, 0, 0, 15)))
+
+
+def test_a_size_one_dim_padded_out_is_not_a_broadcast():
+    """F.pad of a size-1 dim to the channel width was taken for a broadcast copy, so the channels around it
+    were pruned, the pad amounts were not, and compile raised with no model (survey 12). The width stays."""
+    model = _PadToChannels().eval()
+    x = torch.randn(2, 3, 12, 10)
+    small = graphprune.compile(model, (x,), ratio=0.5)
+    assert small.c.out_channels == 16
+    torch.testing.assert_close(small(x), reference(model, x))
