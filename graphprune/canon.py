@@ -385,24 +385,28 @@ def _like(node, mod=None):
     return COp("like", node, [vkey(x)], attrs={"zeros": "zeros_like" in name})
 
 
-def _size_read(v):
-    """(value key, axis) where ``v`` is one dim read off a tensor (``x.size(1)``, ``x.shape[1]``,
-    ``x.size()[1]``), else None."""
-    if not isinstance(v, Node):
+def size_source(a):
+    """If ``a`` is a size read straight off a tensor (``x.size(1)``, ``x.shape[1]``,
+    ``b, c, h, w = x.size()``), the ``(value_key, axis)`` it reads."""
+    if not isinstance(a, Node):
         return None
-    if v.op == "call_method" and v.target == "size" and len(v.args) == 2 and isinstance(v.args[1], int):
-        x, axis = v.args
-    elif v.op == "call_function" and v.target is operator.getitem and isinstance(v.args[1], int) and isinstance(v.args[0], Node):
-        s = v.args[0]
-        shape_read = (s.op == "call_method" and s.target == "size" and len(s.args) == 1) or (
-            s.op == "call_function" and s.target is getattr and s.args[1] == "shape")
-        if not shape_read:
+    if a.op == "call_method" and a.target == "size" and len(a.args) == 2:
+        x, d = a.args
+    elif a.target == torch.ops.aten.sym_size.int:
+        x, d = a.args
+    elif a.target is operator.getitem and isinstance(a.args[0], Node) and isinstance(a.args[1], int):
+        src = a.args[0]
+        is_size = (src.op == "call_method" and src.target == "size" and len(src.args) == 1) or (
+            src.op == "call_function" and src.target is getattr and src.args[1] == "shape")
+        if not is_size:
             return None
-        x, axis = s.args[0], v.args[1]
+        x, d = src.args[0], a.args[1]
     else:
         return None
-    val = x.meta.get(VAL) if isinstance(x, Node) else None
-    return (vkey(x), axis % val.dim()) if isinstance(val, torch.Tensor) and val.dim() else None
+    key = vkey(x)
+    if key is None or not isinstance(d, int):
+        return None
+    return key, d % x.meta[VAL].dim()
 
 
 def _factory(node, mod=None):
@@ -419,7 +423,7 @@ def _factory(node, mod=None):
     val = node.meta.get(VAL)
     if not isinstance(val, torch.Tensor) or len(sizes) != val.dim():
         return COp("unknown", node, _tensors(node), attrs={"why": f"{node.name}: {name} with sizes it cannot read"})
-    dims = {j: r for j, r in enumerate(map(_size_read, sizes)) if r is not None}
+    dims = {j: r for j, r in enumerate(map(size_source, sizes)) if r is not None}
     # no inputs: the tensors whose sizes it reads are not operands, and their other dims stay free
     return COp("factory", node, [], attrs={"dims": dims, "zeros": name in ("zeros", "new_zeros"), "size_positions": positions})
 

@@ -30,7 +30,7 @@ from scipy.sparse.csgraph import connected_components
 import torch
 from torch.fx import GraphModule, Node
 
-from .canon import COp, canonicalize, size_args, tensor_names, vkey
+from .canon import COp, canonicalize, size_args, size_source, tensor_names, vkey
 from .meta_keys import CANON, NUMBERS, VAL
 from .rules import RULES, carry_ids
 from .sizes import NumberUse, computed_sizes, frozen_value, number_uses
@@ -369,30 +369,6 @@ def _block_computed_sizes(b: Builder, gm: GraphModule) -> None:
                 b.block(d, why)
 
 
-def _size_source(a):
-    """If ``a`` is a size read straight off a tensor (``x.size(1)``, ``x.shape[1]``,
-    ``b, c, h, w = x.size()``), the ``(value_key, axis)`` it reads."""
-    if not isinstance(a, Node):
-        return None
-    if a.op == "call_method" and a.target == "size" and len(a.args) == 2:
-        x, d = a.args
-    elif a.target == torch.ops.aten.sym_size.int:
-        x, d = a.args
-    elif a.target is operator.getitem and isinstance(a.args[0], Node) and isinstance(a.args[1], int):
-        src = a.args[0]
-        is_size = (src.op == "call_method" and src.target == "size" and len(src.args) == 1) or (
-            src.op == "call_function" and src.target is getattr and src.args[1] == "shape")
-        if not is_size:
-            return None
-        x, d = src.args[0], a.args[1]
-    else:
-        return None
-    key = vkey(x)
-    if key is None or not isinstance(d, int):
-        return None
-    return key, d % x.meta[VAL].dim()
-
-
 def _couple_size_reads(b: Builder, c: COp) -> None:
     """A view/expand size read off another tensor's dim has that dim's width after pruning too."""
     node = c.node
@@ -401,7 +377,7 @@ def _couple_size_reads(b: Builder, c: COp) -> None:
         return
     out_shape = b.shape(node)
     for i, a in enumerate(sizes, start=first):
-        src = _size_source(a)
+        src = size_source(a)
         if src is not None and i < len(out_shape) and out_shape[i] > 1:
             b.couple(src, (node, i))
 
