@@ -424,8 +424,16 @@ def _factory(node, mod=None):
     if not isinstance(val, torch.Tensor) or len(sizes) != val.dim():
         return COp("unknown", node, _tensors(node), attrs={"why": f"{node.name}: {name} with sizes it cannot read"})
     dims = {j: r for j, r in enumerate(map(size_source, sizes)) if r is not None}
-    # no inputs: the tensors whose sizes it reads are not operands, and their other dims stay free
-    return COp("factory", node, [], attrs={"dims": dims, "zeros": name in ("zeros", "new_zeros"), "size_positions": positions})
+    # no inputs: the tensors whose sizes it reads are not operands, and their other dims stay free.
+    # A constant fill (zeros, ones, full) holds the same value at every index of a literal size, so that
+    # dim may shrink like a broadcast one, its literal rewritten (``sizes_at``, as for a view)
+    constant = name in ("zeros", "ones", "full", "new_zeros", "new_ones", "new_full")
+    at = None
+    if constant and positions:
+        at = positions[0] if len(positions) == 1 and isinstance(node.args[positions[0]], (list, tuple)) else (
+            "varargs" if node.op == "call_method" else None)
+    return COp("factory", node, [], attrs={"dims": dims, "zeros": name in ("zeros", "new_zeros"),
+                                           "size_positions": positions, "constant": constant, "sizes_at": at})
 
 
 def _indexed(kind: str, positions: tuple):

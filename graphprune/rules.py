@@ -424,9 +424,14 @@ def like(b, c: COp):
 
 
 def factory(b, c: COp):
-    """A new tensor's dims sized by dims read off other tensors are those dims."""
+    """A new tensor's dims sized by dims read off other tensors are those dims; a constant fill's
+    literal sizes hold the same value at every index (an RNN's zero initial state), so any may go."""
     for j, src in c.attrs["dims"].items():
         b.couple(src, (c.node, j))
+    if c.attrs.get("constant") and c.attrs.get("sizes_at") is not None:
+        for j in range(len(b.shape(c.node))):
+            if j not in c.attrs["dims"]:
+                b.replica((c.node, j))
 
 
 def indexed(b, c: COp):

@@ -13,6 +13,7 @@ a model whose parameters already live on ``meta`` works the same way.
 from __future__ import annotations
 
 import copy as copy_module
+import functools
 from contextlib import contextmanager
 import inspect
 import operator
@@ -571,7 +572,7 @@ class _RuledLeaves(fx.Tracer):
 
 def _symbolic(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """``model`` symbolically traced (``_RuledLeaves``) with shapes propagated; raises where it cannot be."""
-    with _use_lazy_graph_module(True), _functions_kept():  # Python code is generated on first call
+    with _use_lazy_graph_module(True), _functions_kept(), _sizes_packed():  # Python code is generated on first call
         tracer = _RuledLeaves()
         graph = tracer.trace(model)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -659,6 +660,34 @@ def _functions_kept():
         yield
     finally:
         Function.apply = raw
+
+
+_VARARG_FACTORIES = ("zeros", "ones", "empty", "rand", "randn")
+
+
+@contextmanager
+def _sizes_packed():
+    """``torch.zeros(x.size(0), 16)`` fails in torch.fx itself ("zeros() takes 1 positional argument
+    but 2 were given": sizes given one by one, one of them a proxy), so a model that makes its RNN's
+    initial state or a mask that way went to torch.export, where the widths are literals and dims
+    fixed. While tracing, these factories get their sizes as one tuple, which fx records."""
+    saved = {name: getattr(torch, name) for name in _VARARG_FACTORIES}
+
+    def packing(fn):
+        @functools.wraps(fn)
+        def call(*size, **kwargs):
+            if len(size) > 1 and any(isinstance(s, fx.Proxy) for s in size):
+                return fn(tuple(size), **kwargs)
+            return fn(*size, **kwargs)
+        return call
+
+    for name, fn in saved.items():
+        setattr(torch, name, packing(fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch, name, fn)
 
 
 def _check_state_untouched(model: torch.nn.Module) -> None:

@@ -395,6 +395,7 @@ ARG_FIXES = {
     "channel_permute": _permutation,
     "reshape": _sizes,
     "expand": _sizes,
+    "factory": _sizes,
     "split": _split,
     "index": _index,
     "layer_norm": _norm_args,

@@ -801,3 +801,34 @@ def test_a_size_one_dim_padded_out_is_not_a_broadcast():
     small = graphprune.compile(model, (x,), ratio=0.5)
     assert small.c.out_channels == 16
     torch.testing.assert_close(small(x), reference(model, x))
+
+
+class _CellLoop(torch.nn.Module):
+    """A recurrent cell unrolled over 5 steps from a zero state made as torch.zeros(B, 16), sizes one by one."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.cell, self.head = torch.nn.Linear(8, 16), torch.nn.Linear(32, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.zeros(x.size(0), 16)
+        e = torch.relu(self.inp(x))
+        for t in range(5):
+            h = torch.tanh(self.cell(torch.cat([e[:, t], h], -1)))
+        return self.head(h * torch.ones(x.size(0), h.size(1)))
+
+
+def test_a_zero_state_made_with_sizes_one_by_one_traces_and_its_width_goes():
+    """torch.zeros(x.size(0), 16) fails in torch.fx itself (sizes one by one, one a proxy), and this model was
+    refused outright (torch.export failed too). While tracing the sizes are packed into one tuple; the zero
+    state's literal width is a constant fill, so it shrinks with the hidden units it feeds."""
+    torch.manual_seed(0)
+    model = _CellLoop().eval()
+    x = torch.randn(2, 5, 8)
+    assert graphprune.analyze(model, (x,)).method == "symbolic_trace"
+    small = graphprune.compile(model, (x,), ratio=0.5, verify=False)
+    hidden, inputs = small.cell.weight.shape
+    assert hidden < 16 and inputs == small.inp.out_features + hidden  # the state's width went with the units
+    twin = dead_twin(model, small)
+    for y in (x, torch.randn(3, 5, 8)):
+        torch.testing.assert_close(small(y), reference(twin, y), rtol=1e-5, atol=1e-5)
