@@ -386,15 +386,10 @@ def sdpa(zs: Zeros, c: COp) -> None:
 
 
 def like(zs: Zeros, c: COp) -> None:
-    """``zeros_like`` is zero everywhere, unless an in-place op writes into it (``index_add_``:
-    its readers then see what was added, which the value itself does not say)."""
+    """``zeros_like`` and ``torch.zeros(...)`` are zero everywhere, unless an in-place op writes into
+    them (``index_add_``: their readers then see what was added, which the value itself does not say)."""
     if c.attrs["zeros"] and not _written_in_place(c.node):
         zs.set(c.node, range(zs.ndim(c.node)))
-
-
-def factory(zs: Zeros, c: COp) -> None:
-    """``torch.zeros(...)``: zero everywhere (``like``'s caveat: unless written in place)."""
-    like(zs, c)
 
 
 def _written_in_place(node: Node) -> bool:
@@ -402,8 +397,9 @@ def _written_in_place(node: Node) -> bool:
 
 
 def _written_in_place_by(u: Node, node: Node) -> bool:
-    name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
-    return name.endswith("_") and not name.endswith("__") and bool(u.args) and u.args[0] is node
+    from .effects import mutates
+
+    return bool(u.args) and u.args[0] is node and mutates(u)
 
 
 def indexed(zs: Zeros, c: COp) -> None:
@@ -450,7 +446,7 @@ RULES = {
     "einsum": einsum,
     "sdpa": sdpa,
     "like": like,
-    "factory": factory,
+    "factory": like,
     **{op: indexed for op in ("index_select", "gather", "index_add", "scatter_add")},
 }
 
@@ -485,15 +481,16 @@ def _written(zs: Zeros, node: Node) -> None:
 
     target = node.args[0] if node.args and isinstance(node.args[0], Node) and mutates(node) else None
     key = vkey(target) if target is not None else None
-    if key is None or key not in zs.z:
+    if key is None:
         return
-    same = zs.b.shape(key) == zs.b.shape(node)
-    kept = frozenset(k for k in zs.z[key] if same and zs.zero(node, k))
-    if kept:
-        zs.z[key] = kept
-    else:
-        zs.z.pop(key)
-    while True:  # up through the views it may be of
+    if key in zs.z:
+        same = zs.b.shape(key) == zs.b.shape(node)
+        kept = frozenset(k for k in zs.z[key] if same and zs.zero(node, k))
+        if kept:
+            zs.z[key] = kept
+        else:
+            zs.z.pop(key)
+    while True:  # up through the views it may be of, whether or not the view itself had zeros
         c = target.meta.get(CANON)
         if c is None or c.op not in _VIEWS or not c.inputs or not isinstance(c.inputs[0], Node):
             return

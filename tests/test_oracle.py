@@ -726,7 +726,7 @@ class _GroupedAttention(torch.nn.Module):
 
 
 class _InPlace(torch.nn.Module):
-    """An in-place op on a producer's output, then a reduction over its channels."""
+    """An in-place op on a producer's output, or on a flat view of it, then a reduction over its channels."""
 
     def __init__(self, kind):
         super().__init__()
@@ -734,7 +734,12 @@ class _InPlace(torch.nn.Module):
 
     def forward(self, x):
         h = self.fc(x)
-        h.add_(1.0) if self.kind == "add_" else h.sigmoid_()
+        if self.kind == "add_":
+            h.add_(1.0)
+        elif self.kind == "sigmoid_":
+            h.sigmoid_()
+        else:  # the view merges the channels with the tokens: it holds no zeros of its own to lose
+            h.view(h.shape[0], -1).add_(1.0)
         return h.sum(-1)
 
 
@@ -754,7 +759,8 @@ ZERO_PROBES = {
     "bn_over_tokens": lambda: _NormOverTokens("bn"), "ln_over_tokens": lambda: _NormOverTokens("ln"),
     "buffer_weight": lambda: _BufferLayers("buffer_weight"), "scalar_bias": lambda: _BufferLayers("scalar_bias"),
     "buffer_table": lambda: _BufferLayers("table"), "gqa_heads": _GroupedAttention,
-    "add_": lambda: _InPlace("add_"), "sigmoid_": lambda: _InPlace("sigmoid_"), "centred_weight": _CentredWeight,
+    "add_": lambda: _InPlace("add_"), "sigmoid_": lambda: _InPlace("sigmoid_"), "view_add_": lambda: _InPlace("view"),
+    "centred_weight": _CentredWeight,
 }
 
 
