@@ -460,6 +460,10 @@ def _indexed(kind: str, positions: tuple):
     return make
 
 
+_INDEX_SELECT, _GATHER = _indexed("index_select", (0, 2, None)), _indexed("gather", (0, 2, None))
+_INDEX_ADD, _SCATTER_ADD = _indexed("index_add", (0, 2, 3)), _indexed("scatter_add", (0, 2, 3))
+
+
 def _cumsum(node, mod=None):
     x = node.args[0]
     return COp("cumsum", node, [vkey(x)], attrs={"dim": _dim(arg(node, 1, "dim"), _ndim(x))})
@@ -774,12 +778,10 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     torch.zeros_like: _like, torch.ones_like: _like, torch.empty_like: _like, torch.full_like: _like,
     torch.rand_like: _like, torch.randn_like: _like, aten.zeros_like.default: _like, aten.ones_like.default: _like,
     aten.empty_like.default: _like, aten.full_like.default: _like,
-    torch.index_select: _indexed("index_select", (0, 2, None)), aten.index_select.default: _indexed("index_select", (0, 2, None)),
-    torch.gather: _indexed("gather", (0, 2, None)), aten.gather.default: _indexed("gather", (0, 2, None)),
-    torch.index_add: _indexed("index_add", (0, 2, 3)), aten.index_add.default: _indexed("index_add", (0, 2, 3)),
-    aten.index_add_.default: _indexed("index_add", (0, 2, 3)),
-    torch.scatter_add: _indexed("scatter_add", (0, 2, 3)), aten.scatter_add.default: _indexed("scatter_add", (0, 2, 3)),
-    aten.scatter_add_.default: _indexed("scatter_add", (0, 2, 3)),
+    torch.index_select: _INDEX_SELECT, aten.index_select.default: _INDEX_SELECT,
+    torch.gather: _GATHER, aten.gather.default: _GATHER,
+    torch.index_add: _INDEX_ADD, aten.index_add.default: _INDEX_ADD, aten.index_add_.default: _INDEX_ADD,
+    torch.scatter_add: _SCATTER_ADD, aten.scatter_add.default: _SCATTER_ADD, aten.scatter_add_.default: _SCATTER_ADD,
     F.pixel_shuffle: _pixel_shuffle(False), aten.pixel_shuffle.default: _pixel_shuffle(False),
     F.pixel_unshuffle: _pixel_shuffle(True), aten.pixel_unshuffle.default: _pixel_shuffle(True),
     builtins.getattr: _getattr, aten.sym_size.int: _shape_query, torch._assert: _noop,
@@ -844,9 +846,8 @@ METHOD_TABLE: dict[str, Callable] = {
     "size": _shape_query, "dim": _shape_query,
     "topk": _topk, "sort": _sort, "histc": _histc, "cumsum": _cumsum, "roll": _roll, "addmm": _f_addmm,
     "new_zeros": _factory, "new_ones": _factory, "new_empty": _factory, "new_full": _factory,
-    "index_select": _indexed("index_select", (0, 2, None)), "gather": _indexed("gather", (0, 2, None)),
-    "index_add": _indexed("index_add", (0, 2, 3)), "index_add_": _indexed("index_add", (0, 2, 3)),
-    "scatter_add": _indexed("scatter_add", (0, 2, 3)), "scatter_add_": _indexed("scatter_add", (0, 2, 3)),
+    "index_select": _INDEX_SELECT, "gather": _GATHER, "index_add": _INDEX_ADD, "index_add_": _INDEX_ADD,
+    "scatter_add": _SCATTER_ADD, "scatter_add_": _SCATTER_ADD,
 }
 
 _ACTIVATIONS = (

@@ -13,26 +13,24 @@ def count_flops(model: torch.nn.Module, example_inputs: tuple, example_kwargs: d
 
     Runs with grad enabled: under no_grad, nn.MultiheadAttention takes a fused
     fast path that the counter does not see. It runs on meta tensors where the
-    forward allows, else on copies of the weights. It runs on a shadow of ``model``
+    forward allows, else on fake ones, else for real on copies of the weights (a
+    whole model's worth of memory, for data-dependent shapes alone). It runs on a shadow of ``model``
     (``trace.shadow``: the same parameters, module objects of its own), so a
     forward that caches what it computes (timm's EfficientFormer keeps its
     indexed attention biases) fills the shadow's cache, not the user's; a
     cached tensor with a grad history left in the user's model made it
     refuse ``copy.deepcopy``.
     """
-    from .trace import to_meta
-    from .verify import on_copies, swapped
-
     args, kwargs = copied_inputs(tuple(example_inputs), dict(example_kwargs or {}))  # a forward may write into its inputs
     own = _own(model)
-    try:  # on meta tensors: shapes are all a count needs, and a forward that writes its weights writes nothing
-        meta = {id(t): to_meta(t) for t in [*own.parameters(), *own.buffers()]}
-        with swapped(own, meta), FlopCounterMode(display=False, custom_mapping=_more_flops()) as counter:
-            own(*to_meta(args), **to_meta(kwargs))
-    except Exception:  # noqa: BLE001 - data-dependent shapes, tensors made on a real device: run for real, on copies
-        # of the weights too (nn.Embedding(max_norm=...) renormalised the user's rows in place, survey 12)
-        with on_copies(own), FlopCounterMode(display=False, custom_mapping=_more_flops()) as counter:
-            own(*args, **kwargs)
+    for run in (_on_meta, _on_fake, _on_copies):  # the cheapest first; the last one's error is raised
+        try:
+            with FlopCounterMode(display=False, custom_mapping=_more_flops()) as counter:
+                run(own, args, kwargs)
+            break
+        except Exception:  # noqa: BLE001
+            if run is _on_copies:
+                raise
     total = counter.get_total_flops()
     counts = counter.get_flop_counts()
     for name in exclude:
@@ -112,6 +110,38 @@ def _more_flops() -> dict:
         return {**_MORE_FLOPS, torch.ops.transformers.grouped_mm_fallback: _grouped_mm_flops}
     except (AttributeError, RuntimeError):
         return _MORE_FLOPS
+
+
+# Where count_flops runs a forward. None touches the user's tensors: nn.Embedding(max_norm=...)
+# renormalised the user's rows in place when the count ran on them (survey 12).
+def _on_meta(own, args, kwargs) -> None:
+    """On meta tensors: shapes are all a count needs."""
+    from .trace import to_meta
+    from .verify import swapped
+
+    with swapped(own, {id(t): to_meta(t) for t in [*own.parameters(), *own.buffers()]}):
+        own(*to_meta(args), **to_meta(kwargs))
+
+
+def _on_fake(own, args, kwargs) -> None:
+    """On fake tensors, for a forward that makes tensors of its own on the CPU (meta cannot mix with them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map
+
+    from .verify import swapped
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    with swapped(own, {id(t): fake(t) for t in [*own.parameters(), *own.buffers()]}):
+        own(*tree_map(fake, args), **tree_map(fake, kwargs))
+
+
+def _on_copies(own, args, kwargs) -> None:
+    """For real (data-dependent shapes), on copies of the weights."""
+    from .verify import on_copies
+
+    with on_copies(own):
+        own(*args, **kwargs)
 
 
 def _own(model: torch.nn.Module) -> torch.nn.Module:

@@ -521,19 +521,15 @@ def parts_hint(model: torch.nn.Module, args: tuple, kwargs: dict | None) -> str:
 
 
 def _traces(part: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
-    """Whether ``part`` traces on these inputs, torch.fx first, as ``trace`` tries."""
-    try:
-        if not kwargs:
-            _symbolic(shadow(part, own_buffers=True).eval(), args)
-        else:
-            _export(shadow(part, own_buffers=True).eval(), args, kwargs)
-        return True
-    except Exception:  # noqa: BLE001
+    """Whether ``part`` traces on these inputs: torch.fx first where it takes no keywords, as ``trace`` tries."""
+    tracers = ([] if kwargs else [lambda m: _symbolic(m, args)]) + [lambda m: _export(m, args, kwargs)]
+    for tracer in tracers:
         try:
-            _export(shadow(part, own_buffers=True).eval(), args, kwargs)
+            tracer(shadow(part, own_buffers=True).eval())
             return True
-        except Exception:  # noqa: BLE001
-            return False
+        except Exception:  # noqa: BLE001 - the next tracer, or none traces it
+            continue
+    return False
 
 
 def _shapes(call) -> str:
