@@ -475,7 +475,8 @@ def _fill_gap(p: Pruner, removal, meter: Meter, lo: int | None, hi: int, n: int,
         over = without(above)
         step = {gid: np.setdiff1d(u, over.get(gid, [])) for gid, u in at[0].items()}
         step = {gid: u for gid, u in step.items() if len(u)}
-        if not step or any(groups[gid].part_of is not None or groups[gid].multiple > 1 for gid in step):
+        if not step or any(groups[gid].part_of is not None or groups[gid].even is not None or groups[gid].multiple > 1
+                           for gid in step):
             break
         for gid, u in step.items():
             kept[gid] = np.union1d(kept.get(gid, np.zeros(0, dtype=np.int64)), u)

@@ -70,6 +70,7 @@ class Group:
     fills: dict = field(default_factory=dict)  # (value_key, axis) -> (node, dim, value): the twin's removed entries (verify)
     min_units: int = 1  # a removal keeps at least this many (a topk over the group's dim keeps k)
     multiple: int = 1  # a removal keeps a multiple of this many, or all (an op's alignment: grouped_mm)
+    even: np.ndarray | None = None  # (n_units,) the equal part (a chunk) each unit lies in, -1 for none: kept alike
 
     @property
     def n_parts(self) -> int:
@@ -83,6 +84,8 @@ class Group:
         names = sorted({p.name for p in [*self.params, *self.shared_params]})
         more = f" (+{len(names) - 6} more)" if len(names) > 6 else ""
         parts = f", balanced over {self.n_parts} shared key/value heads" if self.part_of is not None else ""
+        if self.even is not None:
+            parts += f", kept equal in the {int(self.even.max()) + 1} parts a chunk splits it into"
         if self.fills:
             parts += f", routed over by top-{self.min_units} (a removed one gets no tokens)"
         return f"group {self.id}: {self.n_units} units{parts} over {len(self.dims) + len(self.shared)} dims; params {', '.join(names[:6])}{more}"
@@ -158,6 +161,7 @@ class Builder:
         self.min_kept: dict = {}  # dim -> entries that must stay (rules.topk)
         self.routes: set = set()  # dims that count rows per expert id (rules.histc)
         self.multiple: dict = {}  # dim -> its kept width must be a multiple of this (rules.grouped_mm)
+        self.evens: dict = {}  # dim -> n: the user's code splits it into n equal parts (chunk), see even()
         self._log: list | None = None
         self._attr_cache: dict = {}
 
@@ -220,6 +224,13 @@ class Builder:
                 self.g.add_edge(other, child, maps=[])
         if self._log is not None:
             self._log.append(("share", parent, child, r))
+
+    def even(self, a, n: int):
+        """Dim ``a`` is split into ``n`` equal parts by code that computes their size from the width
+        (``chunk``): a removal keeps the parts equal, so the user's own forward still splits the pruned
+        tensor where the graph does (module form). The graph form would take unequal parts too."""
+        self._add(a)
+        self.evens[a] = n
 
     def replica(self, a):
         """Dim ``a`` is a broadcast (``expand`` of a size-1 dim): its indices are copies."""
@@ -536,8 +547,46 @@ def resolve_groups(b: Builder) -> tuple[list[Group], list[BlockedGroup]]:
                 continue
             groups.append(Group(len(groups), dims, params, len(uniq), max(b.sizes[d] for d in comp),
                                 fills={d: b.fills[d] for d in comp if d in b.fills}, min_units=floor,
-                                multiple=math.lcm(1, *(b.multiple[d] for d in comp if d in b.multiple))))
+                                multiple=math.lcm(1, *(b.multiple[d] for d in comp if d in b.multiple)),
+                                even=_even_parts(b, dims, comp, len(uniq))))
     return groups, blocked_groups
+
+
+def _even_parts(b: Builder, dims: dict, comp, n: int) -> np.ndarray | None:
+    """(n_units,) for a group holding dims the user's code splits into equal parts (``Builder.even``):
+    the part each unit lies in, -1 for a unit outside every such dim or spread over its parts
+    alike (a GLU's pair ``a_i, b_i``: removing it keeps the parts equal anyway). Removing as many
+    units from every part keeps each split even. Two splits combine into their common refinement,
+    which must again be parts of equal size, as many in every part of each split. None where no
+    such labelling exists (a unit with two channels in one part and one in another: qkv's q and k
+    channels paired over v's): the parts are then free, and only the graph form splits them right."""
+    splits = [d for d in comp if d in b.evens]
+    if not splits:
+        return None
+    labels = []
+    for d in splits:
+        parts = b.evens[d]
+        chunk = np.arange(b.sizes[d]) // (b.sizes[d] // parts)          # (width,) the part of every index
+        counts = np.zeros((n, parts), dtype=np.int64)
+        np.add.at(counts, (dims[d], chunk), 1)                           # (units, parts)
+        alike = (counts == counts[:, :1]).all(1)
+        inside = (counts > 0).sum(1) == 1
+        if not (alike | inside).all() or len(np.unique(counts.max(1)[inside])) > 1:
+            return None  # a unit over two parts unevenly, or units of unequal widths in them
+        labels.append(np.where(alike, -1, counts.argmax(1)))
+    stacked = np.stack(labels, 1)                                        # (units, splits)
+    bound = (stacked >= 0).any(1)
+    _, part = np.unique(stacked[bound], axis=0, return_inverse=True)
+    out = np.full(n, -1, dtype=np.int64)
+    out[bound] = part.reshape(-1)
+    sizes = np.bincount(out[bound])
+    if len(sizes) < 2 or (sizes != sizes[0]).any():
+        return None
+    for j in range(stacked.shape[1]):  # every part of each split holds as many refined parts
+        per = [len(np.unique(out[stacked[:, j] == c])) for c in range(b.evens[splits[j]])]
+        if len(set(per)) != 1:
+            return None
+    return out
 
 
 def _min_units(b: Builder, dims: dict, comp) -> int | str:

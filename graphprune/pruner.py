@@ -62,6 +62,8 @@ def remove_lowest(g: Group, score: np.ndarray, k: int, min_keep: float = 0.0) ->
     order = np.argsort(score, kind="stable")
     counts = np.stack([np.bincount(u, minlength=g.n_units) for u in g.dims.values()])  # (dims, units)
     need = np.maximum(1, np.ceil(min_keep * counts.sum(1)))                              # (dims,)
+    if g.even is not None:
+        return remove_even(g, score, k, counts, need)
     if (counts.sum(1) - counts[:, order[:k]].sum(1) >= need).all():
         return order[:k]
     left = counts.sum(1)
@@ -73,6 +75,35 @@ def remove_lowest(g: Group, score: np.ndarray, k: int, min_keep: float = 0.0) ->
             left -= counts[:, u]
             out.append(u)
     return np.array(out, dtype=np.int64)
+
+
+def remove_even(g: Group, score: np.ndarray, k: int, counts: np.ndarray, need: np.ndarray) -> np.ndarray:
+    """At most k units of a group whose dims a ``chunk`` splits into equal parts (``g.even``):
+    units outside the parts one at a time, those inside in bundles of the j-th lowest of every
+    part (j = 0, 1, ...), so the parts stay equal. Items go cheapest first by their mean score
+    (a bundle's grows with j, as every part is sorted), each only while every member dim
+    keeps ``need`` entries and every part keeps one unit."""
+    free = np.flatnonzero(g.even < 0)
+    parts = [u[np.argsort(score[u], kind="stable")] for u in (np.flatnonzero(g.even == p) for p in range(g.even.max() + 1))]
+    bundles = [np.array([u[j] for u in parts]) for j in range(len(parts[0]) - 1)]   # the last of each part stays
+    items = [np.array([u]) for u in free] + bundles
+    order = sorted(range(len(items)), key=lambda i: float(score[items[i]].mean()))     # stable: free units first on ties
+    left, out, taken = counts.sum(1), [], 0
+    next_bundle = len(free)  # bundles only in their own order: j before j + 1
+    for i in order:
+        if i >= len(free) and i != next_bundle:
+            continue
+        unit = items[i]
+        if taken + len(unit) > k:
+            continue
+        gone = counts[:, unit].sum(1)
+        if (left - gone >= need).all():
+            left, taken = left - gone, taken + len(unit)
+            out.extend(unit.tolist())
+            next_bundle += i >= len(free)
+        elif i >= len(free):
+            next_bundle = -1  # a bundle that does not fit: none after it either
+    return np.sort(np.array(out, dtype=np.int64))
 
 
 def remove_balanced(g: Group, score: np.ndarray, k: int) -> np.ndarray:
@@ -126,6 +157,11 @@ def make_plan(groups: list[Group], removed: dict[int, np.ndarray]) -> dict:
             for dim, r in g.replicas.items():
                 if kept_per_part[alive][0] != r:
                     plan[dim] = np.arange(kept_per_part[alive][0])
+        if g.even is not None:
+            left = np.bincount(g.even[(~gone) & (g.even >= 0)], minlength=g.even.max() + 1)
+            if (left != left[0]).any():
+                raise GraphpruneError(f"group {g.id}: a removal must keep its chunk's parts equal (kept {left.tolist()} "
+                                      "units in them); use remove_lowest")
     return plan
 
 

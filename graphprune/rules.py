@@ -151,6 +151,10 @@ def split(b, c: COp):
     """split/chunk/unbind: output i is input[off_i : off_i + size_i] along dim."""
     x, d, node = c.inputs[0], c.attrs["dim"], c.node
     nd = len(b.shape(x))
+    if c.attrs["kind"] == "chunk" and len(node.meta[VAL]) > 1:
+        parts = [v.shape[d] for v in node.meta[VAL]]  # symbolic where export left the dim dynamic (a batch)
+        if all(isinstance(s, int) for s in parts) and len(set(parts)) == 1:
+            b.even((x, d), len(parts))  # chunk(n) computes equal parts from the width: keep them equal
     off = 0
     for i, v in enumerate(node.meta[VAL]):
         part = (node, i)

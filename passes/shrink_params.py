@@ -207,13 +207,15 @@ def _sizes(node: Node, cop: COp, p: _Plan) -> bool:
 
 
 def _split(node: Node, cop: COp, p: _Plan) -> bool:
-    """split/chunk -> torch.split with the new explicit sizes."""
+    """split/chunk -> torch.split with the new explicit sizes. A chunk whose parts stay equal
+    (``Builder.even`` keeps them so) stays a chunk: it splits at whatever width it meets, where
+    sizes written out would be the example's (a chunk over channels merged with the height)."""
     if cop.attrs["kind"] == "unbind":
         return False
     d = cop.attrs["dim"]
     old = [v.shape[d] for v in node.meta[VAL]]
     new = [p.size((node, i), s, d) for i, s in enumerate(old)]
-    if new == old:
+    if new == old or (cop.attrs["kind"] == "chunk" and len(set(new)) == 1 and len(set(old)) == 1):
         return False
     node.op, node.target = "call_function", torch.split
     node.args, node.kwargs = (node.args[0], new, d), {}

@@ -585,3 +585,60 @@ def test_module_form_is_checked_only_on_inputs_the_model_takes():
     graph = graphprune.compile(model, (x, edges), ratio=0.5, output="graph")
     other = torch.randint(0, 7, (2, 19))
     torch.testing.assert_close(small(x[:7], other), graph(x[:7], other))
+
+
+class _C2f(nn.Module):
+    """YOLOv8's C2f as ultralytics writes it: ``cv1(x).chunk(2, 1)``, bottlenecks on the second half,
+    every part concatenated. ``chunk`` computes its parts from the width, so the user's forward splits
+    a pruned tensor in two equal halves wherever the graph split it."""
+
+    def __init__(self, c1, c2, n=2, shortcut=True):
+        super().__init__()
+        self.c = c2 // 2
+        self.cv1 = nn.Sequential(nn.Conv2d(c1, 2 * self.c, 1, bias=False), nn.BatchNorm2d(2 * self.c), nn.SiLU())
+        self.cv2 = nn.Sequential(nn.Conv2d((2 + n) * self.c, c2, 1, bias=False), nn.BatchNorm2d(c2), nn.SiLU())
+        self.m = nn.ModuleList(nn.Sequential(nn.Conv2d(self.c, self.c, 3, padding=1), nn.SiLU()) for _ in range(n))
+        self.shortcut = shortcut
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        for m in self.m:
+            y.append(y[-1] + m(y[-1]) if self.shortcut else m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class _YoloBackbone(nn.Module):
+    def __init__(self, shortcut):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.SiLU())
+        self.c2f1, self.c2f2 = _C2f(16, 32, shortcut=shortcut), _C2f(32, 32, n=1, shortcut=shortcut)
+        self.head = nn.Conv2d(32, 7, 1)
+
+    def forward(self, x):
+        return self.head(self.c2f2(self.c2f1(self.stem(x))))
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_a_chunk_keeps_its_parts_equal_so_the_users_forward_still_splits_right(shortcut):
+    """A group split by ``chunk(2)`` loses as many units from each half (units outside the halves, a
+    bottleneck's own outputs, go freely): the user's C2f comes back as itself and runs at any image
+    size, where unequal halves left only a graph (and an exported one fixed to the example's size)."""
+    from oracle import dead_twin
+
+    torch.manual_seed(0)
+    model = _YoloBackbone(shortcut).eval()
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            nn.init.uniform_(mod.weight, 0.5, 1.5), nn.init.normal_(mod.bias), nn.init.normal_(mod.running_mean)
+    x = torch.randn(2, 3, 32, 32)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l2")
+    assert type(small) is _YoloBackbone and small.report.form == "module", small.report.form_why
+    for blk in (small.c2f1, small.c2f2):
+        width = blk.cv1[0].out_channels
+        assert width % 2 == 0 and blk.m[0][0].in_channels == width // 2 < model.c2f1.c * 2 // 2 + 1
+    assert graphprune.count_params(small) < 0.7 * graphprune.count_params(model)
+    twin = dead_twin(model, small)
+    with torch.no_grad():
+        for xb in (x, torch.randn(1, 3, 48, 40)):
+            torch.testing.assert_close(small(xb), twin(xb), rtol=1e-4, atol=1e-4)
+
