@@ -788,9 +788,18 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     aten._assert_tensor_metadata.default: _noop,
 }
 def _same_size(node, mod=None):
-    """pad-like ops: dims whose size does not change map through; a padded dim keeps its width (its
-    entries move by the padding, and a size-1 dim padded out is not a broadcast copy)."""
-    return COp("expand", node, [vkey(node.args[0])], attrs={"sizes_at": None, "pad": True})
+    """pad-like ops: dims no padding touches map through; a padded dim keeps its width (its entries
+    move by the padding, even where the amounts cancel, ``(1, -1)``, and a size-1 dim padded out is
+    not a broadcast copy). ``padded``: the dims with a nonzero amount (every dim the pad list reaches
+    where an amount is computed at run time)."""
+    nd = node.args[0].meta[VAL].dim()
+    pad = arg(node, 1, "pad", ())
+    amounts = list(pad) if isinstance(pad, (list, tuple)) else None
+    if amounts is None:
+        padded = frozenset(range(nd))
+    else:
+        padded = frozenset(nd - 1 - i // 2 for i, v in enumerate(amounts) if not (isinstance(v, int) and v == 0))
+    return COp("expand", node, [vkey(node.args[0])], attrs={"sizes_at": None, "pad": True, "padded": padded})
 
 
 def _window_attention(node, mod=None):

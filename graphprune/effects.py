@@ -28,6 +28,8 @@ def _is_inplace_name(name: str) -> bool:
 
 def mutates(node: Node) -> bool:
     """Whether running ``node`` can change a tensor it was given (or module state)."""
+    if node.op in ("call_function", "call_method") and isinstance(node.kwargs.get("out"), Node):
+        return True  # torch.sigmoid(h, out=h): its result is written into ``out``
     if node.op == "call_method":
         return _is_inplace_name(node.target) or node.target in ("__setitem__", "copy_", "resize_")
     if node.op == "call_module":

@@ -108,6 +108,8 @@ def expand(b, c: COp):
             b.replica((out, od))
     for j, size in enumerate(si):
         od = len(so) - len(si) + j
+        if j in c.attrs.get("padded", ()):
+            continue  # a padded dim's entries move, whatever its size: it keeps its width
         if size == so[od]:
             b.couple((x, j), (out, od))
         elif size == 1 and not c.attrs.get("pad"):
@@ -457,8 +459,8 @@ def indexed(b, c: COp):
             b.couple((x, k), (moved, k))
             if c.op in ("gather", "scatter_add"):
                 b.couple((index, k), (moved, k))
-    if c.op in ("index_add", "scatter_add"):
-        b.couple((x, d), (out, d))
+    # ``dim`` itself stays: the index's values address it (index_add's and scatter_add's target too,
+    # which shrunk would need its index renumbered), so no rule here relates it and it keeps its width
     if moved is not None:
         b.couple((index, 0 if c.op in ("index_select", "index_add") else d), (moved, d))
 
@@ -600,6 +602,8 @@ def batch_norm(b, c: COp):
         b.couple((x, k), (out, k))
         if k != 1 and "running_mean" in c.params:
             b.block((x, k), f"{c.node.name}: batch statistics over this dim (in training mode) update running buffers")
+        elif k != 1 and c.node.op == "call_module":  # only the functional form is rewritten to count the full width
+            b.block((x, k), f"{c.node.name}: a BatchNorm module's batch statistics over this dim")
     for p in c.params.values():
         b.couple((p, 0), (x, 1))
 

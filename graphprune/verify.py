@@ -189,29 +189,36 @@ def other_inputs(args: tuple, kwargs: dict | None = None) -> list[tuple[tuple, d
 
 
 def resized_inputs(args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
-    """Inputs at other sizes besides the batch: the size of the first input's dim 1 (tokens,
-    time steps), then of its last dim (image or signal width), made smaller in every dim of
-    every tensor input that has it, so a mask or a position table follows its sequence.
-    Each size first loses one, then half the largest power of two dividing it (what
-    strided down-sampling and up-sampling that must meet again keep), as a 64-pixel image
-    becomes 63, else 32. A number computed from a pruned width and a run-time size
-    (``e / (c * h * w)``) was frozen at the example's size and wrong at every other,
-    while the batch-only check passed."""
+    """Inputs at other sizes besides the batch, in the order they are tried (the first the
+    traced graph takes is the one checked): every non-batch dim of the first input made
+    smaller at once, then every dim after dim 1 (an image's height and width, each by its
+    own amount), then dim 1 alone (tokens, time steps), then the last dim alone (a signal's
+    width). A size changes in every dim of every tensor input that has it, so a mask or a
+    position table follows its sequence. Each size first loses one, then half the largest
+    power of two dividing it (what strided down-sampling and up-sampling that must meet
+    again keep), as a 64-pixel image becomes 63, else 32. A number computed from a pruned
+    width and a run-time size (``e / (c * h * w)``) was frozen at the example's size and
+    wrong at every other, while the batch-only check passed; with the height never varied,
+    a non-square image's frozen height passed too."""
     first = next((a for a in tree_leaves(tuple(args)) if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
     if first is None:
         return []
-    out = []
-    for s in dict.fromkeys((first.shape[1], first.shape[-1])):
-        for new in dict.fromkeys((s - 1, s - max(1, (s & -s) // 2))):
-            if new < 1:
+    shape = tuple(first.shape)
+    out, seen = [], set()
+    for sizes in (shape[1:], shape[2:], shape[1:2], shape[-1:]):
+        for smaller in (lambda s: s - 1, lambda s: s - max(1, (s & -s) // 2)):
+            new = {s: smaller(s) for s in sizes if smaller(s) >= 1}
+            key = tuple(sorted(new.items()))
+            if not new or key in seen:
                 continue
+            seen.add(key)
 
-            def cut(x, s=s, new=new):
+            def cut(x, new=new):
                 if not isinstance(x, torch.Tensor):
                     return x
-                for d in range(x.dim()):
-                    if x.shape[d] == s:
-                        x = x.narrow(d, 0, new)
+                for d in range(x.dim()):  # each dim read at its own size before it is narrowed
+                    if x.shape[d] in new:
+                        x = x.narrow(d, 0, new[x.shape[d]])
                 return x
 
             out.append(tree_map(cut, (tuple(args), dict(kwargs))))

@@ -479,7 +479,10 @@ def _written(zs: Zeros, node: Node) -> None:
     from .effects import mutates
     from .meta_keys import CANON
 
-    target = node.args[0] if node.args and isinstance(node.args[0], Node) and mutates(node) else None
+    if not mutates(node):
+        return
+    out = node.kwargs.get("out")
+    target = out if isinstance(out, Node) else node.args[0] if node.args and isinstance(node.args[0], Node) else None
     key = vkey(target) if target is not None else None
     if key is None:
         return
@@ -490,12 +493,32 @@ def _written(zs: Zeros, node: Node) -> None:
             zs.z[key] = kept
         else:
             zs.z.pop(key)
-    while True:  # up through the views it may be of, whether or not the view itself had zeros
-        c = target.meta.get(CANON)
-        if c is None or c.op not in _VIEWS or not c.inputs or not isinstance(c.inputs[0], Node):
-            return
-        target = c.inputs[0]
-        zs.z.pop(vkey(target), None)
+    root = target
+    while _aliased(root) is not None:  # up through the views it may be of
+        root = _aliased(root)
+    todo = [root]  # ... and down to every other view of that storage made before the write
+    while todo:
+        n = todo.pop()
+        if n is not target and n is not node:
+            zs.z.pop(vkey(n), None)
+        todo += [u for u in n.users if u is not node and _aliased(u) is n]
+
+
+_ALIASES = {"detach", "alias", "contiguous", "view_as", "to", "type_as", "as_strided", "requires_grad_"}
+
+
+def _aliased(n: Node) -> Node | None:
+    """The tensor ``n`` may share storage with (a view, a slice, ``detach``, a ``to`` that changes
+    nothing), or None. Wider than torch's own view relation: a copy taken for a view only loses zeros."""
+    from .meta_keys import CANON
+
+    c = n.meta.get(CANON)
+    if c is not None and c.op in _VIEWS and c.inputs and isinstance(c.inputs[0], Node):
+        return c.inputs[0]
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    if n.op in ("call_method", "call_function") and name in _ALIASES and n.args and isinstance(n.args[0], Node):
+        return n.args[0]
+    return None
 
 
 _NEEDS = {"reduce", "matmul", "grouped_mm", "einsum", "sdpa", "layer_norm", "rms_norm", "cumsum"}

@@ -225,9 +225,11 @@ def _split(node: Node, cop: COp, p: _Plan) -> bool:
 def _index(node: Node, cop: COp, p: _Plan) -> bool:
     """slices along dims that shrank get bounds counted in kept channels."""
     x = cop.inputs[0]
-    shape = x.meta[VAL].shape if isinstance(x, Node) else None
-    if shape is None:
+    # a parameter sliced where it is read (``self.w[:, :16]``) has its name for a key: its shape is on the read
+    read = x if isinstance(x, Node) else node.args[0] if node.args and isinstance(node.args[0], Node) else None
+    if read is None or not isinstance(read.meta.get(VAL), torch.Tensor):
         return False
+    shape = read.meta[VAL].shape
     idx = list(cop.attrs["index"])
     if Ellipsis in idx:
         e = idx.index(Ellipsis)

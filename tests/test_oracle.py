@@ -668,6 +668,35 @@ def test_message_passing_prunes_through_index_add_scatter_and_gather():
         torch.testing.assert_close(small(*args), reference(model, *args), rtol=1e-5, atol=1e-5)
 
 
+class _AddIntoChannels(torch.nn.Module):
+    """index_add / scatter_add along the channels: the index's values address the channel dim."""
+
+    def __init__(self, how, perm):
+        super().__init__()
+        self.how, self.a, self.b = how, torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+        self.register_buffer("idx", torch.arange(16).flip(0) if perm else torch.arange(16) % 8)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.how == "index_add":
+            h = torch.zeros_like(h).index_add(1, self.idx, h)
+        else:
+            h = torch.zeros_like(h).scatter_add(1, self.idx.expand_as(h), h)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("how", ["index_add", "scatter_add"])
+@pytest.mark.parametrize("perm", [True, False])
+def test_adding_into_channels_by_index_keeps_the_channels_the_index_addresses(how, perm):
+    """The target's indexed dim was coupled to the output and shrank, its index values never renumbered:
+    1.2 off the twin, or an out-of-bounds index at run time (survey 14, verify=False)."""
+    torch.manual_seed(0)
+    model, x = _AddIntoChannels(how, perm).eval(), torch.randn(4, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l2", verify=False)
+    for o in (x, torch.randn(5, 8)):
+        torch.testing.assert_close(small(o), dead_twin(model, small)(o), rtol=1e-5, atol=1e-5)
+
+
 # Zero-proof probes of survey 12: each made removed channels nonzero where zeros.py said zero, so a
 # reduction or norm over the channels after it was wrong with verify=False (verify kept the group whole).
 class _NormOverTokens(torch.nn.Module):
@@ -786,6 +815,31 @@ def test_batch_norm_over_a_non_channel_dim_stays_in_training_mode():
     assert small[0].out_features == 16
     twin = dead_twin(model, small).train()
     torch.testing.assert_close(small.train()(x), twin(x), rtol=1e-5, atol=1e-5)
+
+
+class _PadShift(torch.nn.Module):
+    """``F.pad`` with amounts that cancel moves every entry by one and keeps the size; padding the
+    height and width alone leaves the channels where they were."""
+
+    def __init__(self, pad):
+        super().__init__()
+        self.pad = pad
+        self.c, self.o = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 4, 3)
+
+    def forward(self, x):
+        return self.o(F.pad(torch.relu(self.c(x)), self.pad))
+
+
+@pytest.mark.parametrize("pad,prunes", [((0, 0, 0, 0, 1, -1), False), ((1, 1, 1, 1), True), ((1, -1, 0, 0, 0, 0), True)])
+def test_a_pad_that_keeps_the_size_still_moves_its_dim(pad, prunes):
+    """A padded dim of unchanged size was coupled index for index: a channel shift by ``(1, -1)`` was
+    0.34 off the twin with verify=False (survey 14). Spatial padding leaves the channels prunable."""
+    torch.manual_seed(0)
+    model, x = _PadShift(pad).eval(), torch.randn(2, 3, 12, 10)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l2", verify=False)
+    assert (small.c.out_channels < 16) == prunes
+    for o in (x, torch.randn(3, 3, 9, 14)):
+        torch.testing.assert_close(small(o), dead_twin(model, small)(o), rtol=1e-5, atol=1e-5)
 
 
 class _PadToChannels(torch.nn.Module):

@@ -843,3 +843,135 @@ def test_the_self_check_measures_each_slice_of_an_output_on_its_own_scale():
     assert mismatch(wrong, ref) is not None
     noisy = ref * (1 + 1e-6 * torch.randn_like(ref))
     assert mismatch(noisy, ref) is None
+
+
+class MergedHeightNumber(nn.Module):
+    """A number read off channels merged with the height (``h.flatten(1, 2).shape[1]``, C * H)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.c(x)))
+        return self.c2(h) / h.flatten(1, 2).shape[1]
+
+
+class MergedHeightChunk(nn.Module):
+    """A GLU over channel halves, written on channels merged with the height: ``chunk(2)`` of C * H."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        f = self.c(x).flatten(1, 2)                                  # (N, C * H, W)
+        a, b = f.chunk(2, 1)
+        return self.c2((a * torch.sigmoid(b)).unflatten(1, (8, -1)))
+
+
+@pytest.mark.parametrize("build", [MergedHeightNumber, MergedHeightChunk])
+def test_a_non_square_image_is_checked_at_another_height(build):
+    """The self-check shrank the first input's dim 1 and its last dim: for an image, the channels
+    (which the first conv refuses) and the width. The example's height, frozen into a number
+    (0.25 off at another height) or into split sizes (the pruned model raised), passed it."""
+    torch.manual_seed(0)
+    m, x = build().eval(), torch.randn(2, 3, 12, 10)
+    small = graphprune.compile(m, (x,), ratio=0.5, importance="l1")
+    assert any(s[0][2] != 12 for s in small.report.verify.inputs)
+    twin = dead_twin(m, small)
+    with torch.no_grad():
+        for o in (torch.randn(3, 3, 9, 14), torch.randn(2, 3, 8, 10), x):
+            torch.testing.assert_close(small(o), twin(o), rtol=1e-4, atol=1e-5)
+    if build is MergedHeightChunk:  # the chunk stays a chunk, its halves kept equal: exact at every height
+        assert graphprune.count_params(small) < graphprune.count_params(m)
+
+
+class SlicedWeight(nn.Module):
+    """A parameter sliced where it is read: ``self.w[:, :16]``, ``narrow(1, 4, 16)``, or two overlapping slices."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.a, self.w = how, nn.Linear(8, 16), nn.Parameter(torch.randn(4, 24))
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        if self.how == "getitem":
+            return F.linear(h, self.w[:, :16])
+        if self.how == "narrow":
+            return F.linear(h, self.w.narrow(1, 4, 16))
+        return F.linear(h, self.w[:, :16]) + F.linear(h, self.w[:, 8:])
+
+
+@pytest.mark.parametrize("how", ["getitem", "narrow", "overlapping"])
+@pytest.mark.parametrize("budget", [{"ratio": 0.5}, {"target_flops": 0.6}])
+def test_a_parameter_sliced_where_it_is_read_shrinks_with_its_slice(how, budget):
+    """The slice's bounds were left at the original columns: compile refused (ratio) or raised a raw
+    IndexError while counting FLOPs (narrow, target_flops)."""
+    torch.manual_seed(0)
+    m, x = SlicedWeight(how).eval(), torch.randn(4, 8)
+    small = graphprune.compile(m, (x,), importance="l2", **budget)
+    with torch.no_grad():
+        for o in (x, torch.randn(7, 8)):
+            torch.testing.assert_close(small(o), dead_twin(m, small)(o), rtol=1e-5, atol=1e-6)
+    if how != "overlapping":
+        assert graphprune.count_params(small) < graphprune.count_params(m)
+
+
+class BatchStatsOverFeatures(nn.Module):
+    """``BatchNorm1d(T, track_running_stats=False)`` on (N, T, D): statistics over N and D in every mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(8, 16, bias=False), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(self.bn(self.a(x)))
+
+
+def test_a_batchnorm_module_with_batch_statistics_keeps_the_dims_it_averages():
+    """D shrank, and the module (given only a new num_features) averaged over N x D': 0.24 off the twin
+    with verify=False (survey 14). The functional form is rewritten to count the full width; the module is not."""
+    torch.manual_seed(0)
+    m, x = BatchStatsOverFeatures().eval(), torch.randn(2, 6, 8)
+    small = graphprune.compile(m, (x,), ratio=0.5, importance="l2", verify=False)
+    with torch.no_grad():
+        for o in (x, torch.randn(3, 6, 8)):
+            torch.testing.assert_close(small(o), dead_twin(m, small)(o), rtol=1e-5, atol=1e-5)
+
+
+class WriteSeenThroughAlias(nn.Module):
+    """``v`` shares ``h``'s storage (a view, a slice, ``detach``, a sibling view), made before ``h`` is
+    written in place; ``torch.sigmoid(h, out=h)`` writes through ``out=``."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.a, self.b = how, nn.Linear(8, 16, bias=False), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.how == "out":
+            torch.sigmoid(h, out=h)
+            return self.b(h) + h.sum(1, keepdim=True)
+        v = {"view": lambda: h.view(-1, 16), "slice": lambda: h[:, :], "detach": h.detach,
+             "sibling": lambda: h.view(-1, 16)}[self.how]()
+        if self.how == "sibling":
+            h.view(-1, 2, 8).add_(1.0)
+        else:
+            h.add_(1.0)
+        return self.b(h) + v.sum(1, keepdim=True)                  # v is h: its removed entries are 1 in the twin
+
+
+@pytest.mark.parametrize("how", ["view", "slice", "detach", "sibling", "out"])
+def test_an_in_place_write_reaches_every_alias_of_the_storage(how):
+    """Aliases made before the write kept their zero proofs (0.4 off the twin, verify=False), and a write
+    through ``out=`` was not seen at all: dead-code elimination dropped it, 1.0 off the original with
+    nothing removed (survey 14)."""
+    torch.manual_seed(0)
+    m, x = WriteSeenThroughAlias(how).eval(), torch.randn(4, 8)
+    same = graphprune.compile(m, (x,), ratio=0.0, verify=False)
+    small = graphprune.compile(m, (x,), ratio=0.5, importance="l2", verify=False)
+    with torch.no_grad():
+        for o in (x, torch.randn(5, 8)):
+            torch.testing.assert_close(same(o.clone()), m(o.clone()), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(small(o.clone()), dead_twin(m, small)(o.clone()), rtol=1e-5, atol=1e-5)
