@@ -83,7 +83,12 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
     if info is None or "kept" not in info:
         raise GraphpruneError("save expects a model returned by graphprune.compile (it records how it was pruned); "
                               f"got a {type(model).__name__} without that record")
+    if info.get("unsaveable"):
+        raise GraphpruneError(f"this model cannot be saved to load onto its original: {info['unsaveable']}")
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise GraphpruneError(f"save writes a directory, and {path} is a file: give a directory path")
+    _check_shapes(model, info)
     path.mkdir(parents=True, exist_ok=True)
     first: dict[int, str] = {}
     tensors, aliases = {}, {}
@@ -137,6 +142,26 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
     save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt", "graphprune": FORMAT})
     (path / MANIFEST).write_text(_dumps(manifest))
     return path
+
+
+def _check_shapes(model: torch.nn.Module, info: dict) -> None:
+    """Every tensor the original had must have the shape its kept indices give it: a module replaced
+    after compile (a new head for another task) would be written, and ``load`` could never rebuild it."""
+    kept: dict = {}
+    for (name, axis), idx in info["kept"].items():
+        kept.setdefault(name, {})[int(axis)] = len(idx)
+    names: dict = {}
+    for name, t in _slots(model):
+        names.setdefault(id(t), (t, []))[1].append(name)
+    for t, tied in names.values():  # a tied tensor is recorded under one of its names
+        wants = [[kept.get(n, {}).get(k, size) for k, size in enumerate(info["original"][n])] for n in tied
+                 if n in info["original"] and len(info["original"][n]) == t.dim()]
+        if not wants or list(t.shape) in wants:
+            continue  # a tensor a pass made (a folded bias), or a layer folded into another shape
+        raise GraphpruneError(
+            f"tensor {tied[0]!r} is {tuple(t.shape)}, but pruning {info['source']} left it {tuple(wants[0])}: the model "
+            "was changed after compile (a module replaced?), and load rebuilds it from the original. Change the "
+            "original the same way and compile it, or save the state_dict yourself")
 
 
 def _dumps(manifest: dict) -> str:
@@ -258,7 +283,12 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
         if want is not None and list(t.shape) != want:
             raise GraphpruneError(f"tensor {name!r} of the original is {tuple(t.shape)}, but the saved model was pruned from one "
                                   f"where it is {tuple(want)}: build the original with the configuration it was saved from; nothing was loaded")
-    dev = torch.device(device) if device is not None else (torch.device("cpu") if where.type == "meta" else where)
+    try:
+        dev = torch.device(device) if device is not None else (torch.device("cpu") if where.type == "meta" else where)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:  # a typo ("gpu"), or cuda on a machine without one
+        raise GraphpruneError(f"load cannot put weights on device {device!r} ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:160]}): pass a device this machine has, such as 'cpu'") from None
     if dev.type == "meta":
         raise GraphpruneError("load reads the saved weights onto a real device: pass device='cpu' (or 'cuda'); "
                               "for shapes alone, build the original on meta and compile it instead")
@@ -280,20 +310,16 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
         top._graphprune = {**out.meta["graphprune"], "form": "module"}
         out = top
     slots = _slots(out)
-    with safe_open(str(path / WEIGHTS), framework="pt", device=str(dev)) as f:
-        stored = set(f.keys())
-        for name, t in slots:
-            key = m["aliases"].get(name, name)
-            if key not in stored:
-                raise GraphpruneError(f"{WEIGHTS} has no tensor {key!r}, which the rebuilt model needs: saved from another architecture?")
-            shape = tuple(f.get_slice(key).get_shape())
-            if shape != tuple(t.shape):
-                raise GraphpruneError(f"tensor {key!r} is {shape} in {WEIGHTS} but {tuple(t.shape)} in the model rebuilt "
-                                      "from the manifest; nothing was loaded")
-        # fresh, aligned copies: tensors read straight from the file can sit at unaligned offsets, which
-        # send some kernels down other paths (outputs then differ in the last bits)
-        loaded = {key: f.get_tensor(key).clone() for key in stored}
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt", device=str(dev)) as f:
+            loaded = _read(f, slots, m)
+    except GraphpruneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - missing, truncated or not a safetensors file
+        raise GraphpruneError(f"cannot read {path / WEIGHTS} ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}): "
+                              "the file is missing, truncated or not written by graphprune.save; save the model again") from None
     _assign(out, loaded, m["aliases"])
+
     left = _meta_leftovers(out)
     if left:
         raise GraphpruneError(
@@ -304,6 +330,22 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
         out.train(bool(m.get("training", False)))
     module_form.info(out)["loaded_from"] = str(path)
     return out
+
+
+def _read(f, slots, m: dict) -> dict:
+    """The tensors of an open safetensors file, checked against the slots of the rebuilt model."""
+    stored = set(f.keys())
+    for name, t in slots:
+        key = m["aliases"].get(name, name)
+        if key not in stored:
+            raise GraphpruneError(f"{WEIGHTS} has no tensor {key!r}, which the rebuilt model needs: saved from another architecture?")
+        shape = tuple(f.get_slice(key).get_shape())
+        if shape != tuple(t.shape):
+            raise GraphpruneError(f"tensor {key!r} is {shape} in {WEIGHTS} but {tuple(t.shape)} in the model rebuilt "
+                                  "from the manifest; nothing was loaded")
+    # fresh, aligned copies: tensors read straight from the file can sit at unaligned offsets, which
+    # send some kernels down other paths (outputs then differ in the last bits)
+    return {key: f.get_tensor(key).clone() for key in stored}
 
 
 def _meta_leftovers(out: torch.nn.Module) -> list[str]:

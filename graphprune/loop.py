@@ -12,6 +12,7 @@ units shrink towards zero before they are removed.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterable
 
 import torch
@@ -103,6 +104,8 @@ def prune_iteratively(model: torch.nn.Module, example_inputs: tuple, *, target_f
         if now > t:
             current = compile(current, example_inputs, target_flops=min(1.0, t / now), calibration=calibration, **compile_kw)
             params *= current.report.params or 1.0  # of the step's own input
+        if current is model:  # nothing pruned yet (a target of 1.0): recalibrate and fine-tune a copy, never the user's model
+            current = copy.deepcopy(model)
         if calibration is not None:
             recalibrate_bn(current, calibration)
         if finetune is not None:

@@ -60,6 +60,7 @@ def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.M
             _fix_ln(mod, {})
         hf.fix_conv1d(mod)
     follow_widths(top, original)
+    _own_data(top, model)
     return top, ""
 
 
@@ -337,10 +338,45 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
                 fix(mod, local)
         hf.fix_module(mod, local)
     follow_widths(top, original)
+    _own_data(top, model)
     if hf.is_hf(model):
         hf.update_config(top, model.config, model)
     top.train(model.training)
     return top
+
+
+_STATE = {"_parameters", "_buffers", "_modules", "training", *HOOK_DICTS}
+
+
+def _own_data(top: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Plain data a module of ``top`` holds (a dataclass config, nested lists and dicts) copied deep,
+    so that setting ``small.cfg.use_dropout`` for fine-tuning does not change how the user's model
+    runs: the module tree was copied one level deep (``trace.fresh_attrs``). Modules, tensors,
+    classes and callables are not data: a memo maps each of the user's modules and tensors to the
+    result's of the same name (a plain list of the user's layers then holds the pruned ones) and
+    keeps the rest as they are; an object that cannot be deep-copied stays shared."""
+    import copy
+    import types
+
+    memo: dict = {}
+    for tree in (model, top):
+        for t in (*tree.modules(), *tree.parameters(), *tree.buffers()):
+            memo[id(t)] = t
+    mine = {**dict(top.named_modules(remove_duplicate=False)), **dict(top.named_parameters(remove_duplicate=False)),
+            **dict(top.named_buffers(remove_duplicate=False))}
+    for name, t in [*model.named_modules(remove_duplicate=False), *model.named_parameters(remove_duplicate=False),
+                    *model.named_buffers(remove_duplicate=False)]:
+        if name in mine and type(mine[name]) is type(t):  # a list of the user's layers: the result's own layers
+            memo[id(t)] = mine[name]
+    for mod in top.modules():
+        for k, v in list(mod.__dict__.items()):
+            if (k in _STATE or v is None or isinstance(v, (int, float, str, bytes, torch.nn.Module, torch.Tensor, type,
+                                                             types.ModuleType)) or callable(v)):
+                continue
+            try:
+                mod.__dict__[k] = copy.deepcopy(v, memo)
+            except Exception:  # noqa: BLE001 - a lock, a file, an object that refuses copies: shared, as before
+                pass
 
 
 # attributes that state a module's own channel width (torchvision's ViT reshapes with self.hidden_dim)

@@ -210,6 +210,13 @@ class Pruner:
     latency_table: dict | None = field(init=False, default=None)  # what the last table read was (report.latency_table)
 
     def __post_init__(self):
+        if self.calibration is not None and iter(self.calibration) is self.calibration:
+            self.calibration = list(self.calibration)  # a generator: read more than once
+        if self.calibration is not None and hasattr(self.calibration, "__len__") and len(self.calibration) == 0:
+            raise GraphpruneError(
+                "calibration holds no batches (an empty list, or a generator an earlier call already used up): the "
+                "data-aware criteria would score every unit alike and the choice would be arbitrary. Give batches, or "
+                "calibration=None for a criterion that needs no data")
         self.model = unwrapped(self.model)
         self.ignore = tuple(check_ignore(self.model, self.ignore))
         traced = self._faithful_trace() if self.check_trace else trace(self.model, self.example_inputs, self.example_kwargs, method=self.method)
@@ -373,7 +380,36 @@ class Pruner:
             "pipeline": format_pipeline(parse_pipeline(self.pipeline or DEFAULT_PIPELINE)),
             "training": bool(self.model.training),  # an exported graph keeps the mode it was traced in
         }
+        from .module_form import info
+
+        before = info(self.model)
+        if before is not None and "kept" in before and "original" in before:  # a graphprune result, pruned again
+            out.meta["graphprune"] = _composed(out.meta["graphprune"], before)
         return out
+
+
+def _composed(now: dict, before: dict) -> dict:
+    """The record of a model pruned from a graphprune result (``prune_iteratively``'s steps,
+    ``compile(compile(m))``), restated against the first original, so that ``save`` writes a
+    checkpoint ``load`` can rebuild onto a freshly built original: every kept index list is
+    the earlier one read at the new one's positions, and the original, its class, example
+    and mode are the first step's. Where the steps cannot be stated as one pruning (other
+    pipelines, or tensors the earlier original did not have), ``unsaveable`` says why."""
+    out = {**now, "original": before["original"], "source": before["source"], "example": before["example"],
+           "training": before["training"], "method": before["method"],
+           "ignore": [i for i in now["ignore"] if i in before["ignore"]]}
+    if now["pipeline"] != before["pipeline"]:
+        out["unsaveable"] = (f"its steps ran different pipelines ({before['pipeline']!r}, then {now['pipeline']!r}); "
+                             "prune every step with the same pipeline")
+    unknown = sorted({name for name, _ in now["kept"] if name not in before["original"]})
+    if unknown:
+        out["unsaveable"] = (f"the later step pruned tensors the first original does not have ({', '.join(unknown[:4])}); "
+                             "save the state_dict yourself")
+    kept = dict(before["kept"])
+    for key, idx in now["kept"].items():
+        kept[key] = np.asarray(before["kept"][key])[np.asarray(idx)] if key in before["kept"] else idx
+    out["kept"] = kept
+    return out
 
 
 def _own_storage(out: torch.nn.Module, model: torch.nn.Module) -> None:

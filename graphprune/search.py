@@ -75,7 +75,8 @@ def sensitivity(model: torch.nn.Module, example_inputs: tuple, evaluate: Callabl
         curves[g.id] = pts
     bar.close()
     names = {g.id: g.params[0].name.rpartition(".")[0] for g in chosen}
-    return Sensitivity(float(evaluate(p.model)), curves, names)
+    # the baseline on a copy too: an evaluate that recalibrates BatchNorm or takes a step changes what it is given
+    return Sensitivity(float(evaluate(p.prune({}, check=False))), curves, names)
 
 
 @dataclass

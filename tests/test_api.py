@@ -681,3 +681,65 @@ def test_calibration_mistakes_are_named(kw, match):
     x = torch.randn(*IMAGE)
     with pytest.raises(graphprune.GraphpruneError, match=match):
         graphprune.compile(Residual().eval(), (x,), ratio=0.5, **{"calibration": [(x,)], **kw})
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before):
+    after = model.state_dict()
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+@pytest.mark.parametrize("calibration", [[], "used-up generator"])
+@pytest.mark.parametrize("kw", [{"importance": "taylor"}, {"importance": "auto"}, {"reconstruct": True, "importance": "l2"}])
+def test_calibration_with_no_batches_is_refused(calibration, kw):
+    """An empty list, or a generator an earlier call used up, was taken as data: taylor scored every unit 0
+    and kept the top half by index, auto judged on no batches and reported an error of 0, and the refit
+    raised torch's LinAlgError (survey 15)."""
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(*IMAGE)
+    if calibration != []:
+        calibration = ((torch.randn(*IMAGE),) for _ in range(2))
+        list(calibration)
+    with pytest.raises(graphprune.GraphpruneError, match="calibration holds no batches"):
+        graphprune.compile(model, (x,), ratio=0.5, calibration=calibration, **kw)
+
+
+def test_prune_iteratively_at_a_target_of_one_fine_tunes_a_copy():
+    """With nothing to prune, the loop recalibrated BatchNorm and ran ``finetune`` on the user's own model,
+    and returned it (survey 15: every tensor changed)."""
+    torch.manual_seed(0)
+    model, x = Residual().train(), torch.randn(*IMAGE)
+    before = _state(model)
+
+    def finetune(m):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(1.0)
+
+    out = graphprune.prune_iteratively(model, (x,), target_flops=1.0, steps=1, finetune=finetune,
+                                       calibration=[(torch.randn(*IMAGE),) for _ in range(2)], progress=False)
+    assert out is not model and model.training and not _unchanged(model, before)
+    assert torch.equal(next(out.parameters()), next(model.parameters()) + 1.0)
+
+
+def test_sensitivity_never_hands_the_users_model_to_evaluate():
+    """The baseline was ``evaluate(model)`` on the user's own object; an evaluate that recalibrates BatchNorm
+    before scoring (as it must for the pruned candidates) rewrote the user's running statistics."""
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(*IMAGE)
+    before = _state(model)
+    seen = []
+
+    def evaluate(m):
+        seen.append(m)
+        m.train()
+        with torch.no_grad():
+            m(torch.randn(*IMAGE) * 3 + 1)
+        m.eval()
+        return 0.0
+
+    graphprune.sensitivity(model, (x,), evaluate, levels=(0.5,), progress=False)
+    assert not any(m is model for m in seen) and not _unchanged(model, before)

@@ -294,3 +294,57 @@ def test_a_model_saved_in_another_mode_than_it_was_compiled_in_loads(tmp_path, c
     small.eval(), back.eval()
     with torch.no_grad():
         torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how", ["iteratively", "chained", "chained graph"])
+def test_a_model_pruned_in_steps_loads_onto_a_fresh_original(tmp_path, how):
+    """Each step recorded its own input, an already pruned model, as the original: the checkpoint saved,
+    and load refused every original the user could build (32 channels against the 25 recorded)."""
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(*IMAGE)
+    calib = [(torch.randn(*IMAGE),) for _ in range(4)]
+    if how == "iteratively":
+        small = graphprune.prune_iteratively(model, (x,), target_flops=0.4, steps=2, calibration=calib,
+                                             importance="l1", progress=False)
+    else:
+        output = "graph" if how == "chained graph" else "auto"
+        once = graphprune.compile(model, (x,), ratio=0.3, importance="l1", output=output)
+        small = graphprune.compile(once, (x,), ratio=0.3, importance="l1", output=output)
+    graphprune.save(small, tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["original"]["stem.0.weight"] == list(model.stem[0].weight.shape)
+    loaded = graphprune.load(Residual(), tmp_path / "m")
+    assert graphprune.count_params(loaded) == graphprune.count_params(small) < 0.8 * graphprune.count_params(model)
+    with torch.no_grad():
+        for o in (x, torch.randn(3, *IMAGE[1:])):
+            torch.testing.assert_close(loaded(o), small(o), rtol=0, atol=0)
+
+
+def test_save_refuses_a_model_changed_after_compile(tmp_path):
+    """A head replaced for another task was written without a word, and load then refused the original
+    with either head size."""
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(*IMAGE)
+    small = graphprune.compile(model, (x,), ratio=0.5, ignore=["head"])
+    small.head = torch.nn.Linear(small.head.in_features, 5)
+    with pytest.raises(graphprune.GraphpruneError, match="changed after compile"):
+        graphprune.save(small, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_save_and_load_mistakes_are_graphprune_errors(tmp_path):
+    """A file where the directory should be, a device this machine lacks or misspelt, a truncated weights
+    file: each raised torch's or safetensors' own error."""
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(*IMAGE)
+    small = graphprune.compile(model, (x,), ratio=0.5)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(graphprune.GraphpruneError, match="is a file"):
+        graphprune.save(small, tmp_path / "file")
+    graphprune.save(small, tmp_path / "m")
+    with pytest.raises(graphprune.GraphpruneError, match="device 'gpu'"):
+        graphprune.load(Residual(), tmp_path / "m", device="gpu")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(graphprune.GraphpruneError, match="truncated"):
+        graphprune.load(Residual(), tmp_path / "m")

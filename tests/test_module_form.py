@@ -642,3 +642,31 @@ def test_a_chunk_keeps_its_parts_equal_so_the_users_forward_still_splits_right(s
         for xb in (x, torch.randn(1, 3, 48, 40)):
             torch.testing.assert_close(small(xb), twin(xb), rtol=1e-4, atol=1e-4)
 
+
+class _Configured(nn.Module):
+    """A block holding a dataclass config and nested containers, as many user models do."""
+
+    def __init__(self):
+        super().__init__()
+        import dataclasses
+
+        self.cfg = dataclasses.make_dataclass("Cfg", [("width", int), ("dropout", bool)])(32, False)
+        self.meta_info = {"hist": [1, 2]}
+        self.a, self.b = nn.Conv2d(3, self.cfg.width, 3, padding=1), nn.Conv2d(self.cfg.width, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(F.dropout(h, 0.5, training=True) if self.cfg.dropout else h)
+
+
+def test_the_module_form_owns_its_plain_data():
+    """``small.cfg is model.cfg`` held: setting the pruned model's config for fine-tuning changed how the
+    user's model ran (survey 15)."""
+    torch.manual_seed(0)
+    model, x = _Configured().eval(), torch.randn(*IMAGE)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l2")
+    assert small.report.form == "module"
+    assert small.cfg is not model.cfg and small.meta_info["hist"] is not model.meta_info["hist"]
+    small.cfg.dropout = True
+    small.meta_info["hist"].append(3)
+    assert model.cfg.dropout is False and model.meta_info == {"hist": [1, 2]}
