@@ -177,6 +177,15 @@ class FullWidthForward:
         with _FullWidthCalls(self):
             return super().forward(*args, **kwargs)
 
+    def __reduce_ex__(self, protocol):
+        """Pickled (``torch.save(small)``, ``copy.deepcopy``) as the user's class it extends: the class
+        ``full_width`` made is no attribute of this module, so pickle could not find it by name."""
+        return _full_width_instance, (type(self).__bases__[1],), self.__dict__.copy()
+
+
+def _full_width_instance(cls: type):
+    return object.__new__(full_width(cls))
+
 
 _FULL_WIDTH_CLASSES: dict[type, type] = {nn.LayerNorm: FullWidthLayerNorm, nn.RMSNorm: FullWidthRMSNorm}
 

@@ -116,6 +116,23 @@ def test_users_norm_subclass_keeps_its_forward_with_full_width_statistics():
         torch.testing.assert_close(ep.module()(torch.randn(2, *IMAGE[1:])).shape, torch.Size([2, 5]))
 
 
+def test_a_pruned_norm_subclass_pickles_whole():
+    """``torch.save(small)`` raised PicklingError: the full-width class made for the user's norm class
+    was no attribute of graphprune.modules, where pickle looked it up (survey 15)."""
+    import io
+
+    torch.manual_seed(0)
+    model, x = NormedResidual().eval(), torch.randn(*IMAGE)
+    small = graphprune.compile(model, (x,), ratio=0.5, ignore=["head"])
+    buf = io.BytesIO()
+    torch.save(small, buf)
+    again = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    assert type(again.norm) is type(small.norm) and isinstance(again.norm, ChannelsFirstNorm)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), small(x), rtol=0, atol=0)
+        torch.testing.assert_close(copy.deepcopy(small)(x), small(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["swin_t", "swin_v2_t"])
 def test_head_count_attribute_follows_the_position_table(name):
     """Swin's attention calls its functional kernel with self.num_heads, and its relative
