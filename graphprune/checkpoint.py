@@ -16,6 +16,7 @@ shape checked before anything is loaded.
 from __future__ import annotations
 
 import json
+import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .errors import GraphpruneError
 from .trace import shadow
 
 FORMAT = "graphprune/1"
+PRUNED_CONFIG = "pruned_config.json"  # a config from_pretrained would build another model from
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 
@@ -74,9 +76,12 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
     A Hugging Face model in module form is also written as a ``save_pretrained``
     directory: ``config.json`` (with the pruned widths), the generation config,
     and ``tokenizer`` when given, beside the one ``model.safetensors``. Where
-    its config alone rebuilds every tensor shape (uniform widths),
-    ``AutoModel*.from_pretrained(path)`` loads it; ``manifest.json`` says
-    whether (``from_pretrained``), and ``graphprune.load`` always does."""
+    its config alone rebuilds the model (every tensor shape and every number
+    its layers compute with), ``AutoModel*.from_pretrained(path)`` loads it;
+    where not, the config is written as ``pruned_config.json`` instead, so that
+    ``from_pretrained`` refuses the directory rather than build another model.
+    ``manifest.json`` says which (``from_pretrained``); ``graphprune.load``
+    always rebuilds it."""
     from safetensors.torch import save_file
 
     info = module_form.info(model)
@@ -133,6 +138,11 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
             (path / "config.json").unlink(missing_ok=True)
             why = (f"transformers refuses the pruned config ({type(e).__name__}: {str(e).strip().splitlines()[-1][:160]}); "
                    "graphprune.load rebuilds the model")
+        if why is not None and (path / "config.json").exists():
+            # a config that does not rebuild this model must not sit where from_pretrained reads it: it loaded
+            # a pruned Gemma without a word and computed other logits (its embedding scale follows hidden_size)
+            os.replace(path / "config.json", path / PRUNED_CONFIG)
+            why += f"; the pruned config is in {PRUNED_CONFIG}, not config.json, so from_pretrained refuses the directory"
         manifest["from_pretrained"] = True if why is None else why
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(path)

@@ -338,9 +338,9 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
                 fix(mod, local)
         hf.fix_module(mod, local)
     follow_widths(top, original)
-    _own_data(top, model)
-    if hf.is_hf(model):
+    if hf.is_hf(model):  # before _own_data: it finds the modules holding the user's config by identity
         hf.update_config(top, model.config, model)
+    _own_data(top, model)
     top.train(model.training)
     return top
 

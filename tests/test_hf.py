@@ -415,3 +415,26 @@ def test_a_config_field_that_counts_otherwise_than_the_layers_is_left_alone():
     same = graphprune.compile(model, (ids,), ratio=0.0)
     assert same.report.form == "module" and same.config.num_attention_heads == 4
     assert from_config_alone(same) is None
+
+
+def test_a_config_that_builds_another_model_is_not_left_for_from_pretrained(tmp_path):
+    """A pruned Gemma's config states every width, but Gemma scales its embeddings by sqrt(hidden_size):
+    from_pretrained loaded the directory without a word and computed logits 1.3% off (survey 13). The
+    manifest said so; config.json, which from_pretrained reads, is now pruned_config.json."""
+    torch.manual_seed(0)
+    cfg = transformers.GemmaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=2, head_dim=8, intermediate_size=128, max_position_embeddings=64)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    model = transformers.GemmaForCausalLM(cfg).eval()
+    small = graphprune.compile(model, (ids,), ratio=0.25, importance="l2")
+    assert small.report.form == "module" and small.config.hidden_size == 48
+    assert small.generation_config is not model.generation_config  # was the user's own object (survey 13)
+    graphprune.save(small, tmp_path)
+    manifest = __import__("json").loads((tmp_path / "manifest.json").read_text())
+    assert "embed_scale" in manifest["from_pretrained"]
+    assert not (tmp_path / "config.json").exists() and (tmp_path / "pruned_config.json").exists()
+    with pytest.raises((OSError, ValueError)):  # no config.json: refused, not another model built
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    back = graphprune.load(transformers.GemmaForCausalLM(cfg), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, small(ids).logits)
