@@ -95,6 +95,12 @@ def _softmax(node, mod=None):
     return COp("ewise", node, _tensors(node), attrs={"block_dims": [_dim(dim, _ndim(node))]})
 
 
+def _glu(node, mod=None):
+    """``F.glu(x, dim)`` / ``nn.GLU``: the first half of ``dim`` gated by the second."""
+    dim = mod.dim if mod is not None else arg(node, 1, "dim", -1)
+    return COp("glu", node, [vkey(node.args[0])], attrs={"dim": _dim(dim, _ndim(node.args[0]))})
+
+
 def _sizes_positional(node: Node, name: str) -> None:
     """``torch.reshape(x, shape=s)``, ``x.expand(size=s)``: the sizes moved to args[1]."""
     if name in node.kwargs and len(node.args) == 1:
@@ -817,6 +823,7 @@ def _rel_pos_bias(node, mod=None):
     return COp("rel_pos_bias", node, [vkey(node.args[0])])
 
 
+FUNCTION_TABLE[F.glu] = FUNCTION_TABLE[aten.glu.default] = _glu
 FUNCTION_TABLE[F.pad] = FUNCTION_TABLE[aten.pad.default] = FUNCTION_TABLE[aten.constant_pad_nd.default] = _same_size
 
 
@@ -886,6 +893,7 @@ MODULE_TABLE: list[tuple[tuple[type, ...], Callable]] = [
     ((nn.PixelShuffle,), _pixel_shuffle(False)),
     ((nn.PixelUnshuffle,), _pixel_shuffle(True)),
     ((nn.Softmax, nn.LogSoftmax), _softmax),
+    ((nn.GLU,), _glu),
 ]
 
 

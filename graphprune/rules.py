@@ -608,6 +608,17 @@ def batch_norm(b, c: COp):
         b.couple((p, 0), (x, 1))
 
 
+def glu(b, c: COp):
+    """``out[i] = x[i] * sigmoid(x[i + h])`` along ``dim``, h half its width: channel i of the output
+    reads channels i and i + h, one unit, so the halves stay alike and the op splits them right."""
+    x, out, d = c.inputs[0], _out(c), c.attrs["dim"]
+    for k in range(len(b.shape(x))):
+        if k != d:
+            b.couple((x, k), (out, k))
+    n = b.shape(x)[d]
+    b.couple((x, d), (out, d), np.arange(n), np.arange(n) % (n // 2))
+
+
 def prelu(b, c: COp):
     """elementwise, with a slope per channel (dim 1, or dim 0 of a 1-D input) unless one is shared."""
     x, out = c.inputs[0], _out(c)
@@ -856,6 +867,7 @@ RULES = {
     "conv_transpose": conv_transpose,
     "batch_norm": batch_norm,
     "prelu": prelu,
+    "glu": glu,
     "batch_norm_tuple": batch_norm,
     "layer_norm": layer_norm,
     "rms_norm": layer_norm,

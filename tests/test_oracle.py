@@ -892,3 +892,32 @@ def test_a_zero_state_made_with_sizes_one_by_one_traces_and_its_width_goes():
     twin = dead_twin(model, small)
     for y in (x, torch.randn(3, 5, 8)):
         torch.testing.assert_close(small(y), reference(twin, y), rtol=1e-5, atol=1e-5)
+
+
+class _Gated(torch.nn.Module):
+    """GLU over the features (``nn.GLU``) or over a conv's channels (``F.glu(h, 1)``), then a LayerNorm."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        if how == "module":
+            self.a, self.glu, self.norm, self.b = torch.nn.Linear(8, 32), torch.nn.GLU(), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)
+        else:
+            self.a, self.b = torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        if self.how == "module":
+            return self.b(self.norm(self.glu(self.a(x))))
+        return self.b(F.glu(self.a(x), 1))
+
+
+@pytest.mark.parametrize("how,shape", [("module", (4, 8)), ("functional", (2, 3, 8, 6))])
+def test_glu_prunes_a_channel_with_its_gate(how, shape):
+    """GLU had no rule and kept both halves whole (survey 14): output channel i reads channels i and
+    i + half, one unit."""
+    torch.manual_seed(0)
+    model, x = _Gated(how).eval(), torch.randn(*shape)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l2", verify=False)
+    assert small.a.weight.shape[0] == 16 and small.b.weight.shape[1] == 8
+    for o in (x, torch.randn(3, *shape[1:])):
+        torch.testing.assert_close(small(o), dead_twin(model, small)(o), rtol=1e-5, atol=1e-5)
