@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_map
 
 from . import importance as _importance
 from . import reconstruct as _reconstruct
@@ -210,6 +211,11 @@ class Pruner:
     latency_table: dict | None = field(init=False, default=None)  # what the last table read was (report.latency_table)
 
     def __post_init__(self):
+        # contiguous examples: torch.export guards the strides it saw, and a sliced example (ids[:, :5])
+        # made every other batch size fail its guard (stride[0] != size[1]), reported as a batch-1 problem
+        self.example_inputs, self.example_kwargs = tree_map(
+            lambda t: t.contiguous() if isinstance(t, torch.Tensor) and not _dense(t) else t,
+            (tuple(self.example_inputs), self.example_kwargs))
         if self.calibration is not None and iter(self.calibration) is self.calibration:
             self.calibration = list(self.calibration)  # a generator: read more than once
         if self.calibration is not None and hasattr(self.calibration, "__len__") and len(self.calibration) == 0:
@@ -386,6 +392,12 @@ class Pruner:
         if before is not None and "kept" in before and "original" in before:  # a graphprune result, pruned again
             out.meta["graphprune"] = _composed(out.meta["graphprune"], before)
         return out
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Contiguous in some memory format (a channels-last image is the user's choice, kept)."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return t.is_contiguous() or (t.dim() in formats and t.is_contiguous(memory_format=formats[t.dim()]))
 
 
 def _composed(now: dict, before: dict) -> dict:
