@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import hf, module_form
-from .errors import GraphpruneError
+from .errors import GraphpruneError, first_line
 from .trace import shadow
 
 FORMAT = "graphprune/1"
@@ -288,6 +288,8 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     if got != m["source"]["class"]:
         raise GraphpruneError(f"{path} holds a pruned {m['source']['class']}, not a {got}; build the original it was saved from")
     where = next((t.device for t in original.parameters()), torch.device("cpu"))  # tracing happens there
+    if any(t.is_meta for t in original.parameters()):
+        where = torch.device("meta")  # built on meta, though a parameter or two stayed on the CPU
     for name, t in _slots(original):
         want = m.get("original", {}).get(name)
         if want is not None and list(t.shape) != want:
@@ -309,7 +311,18 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     # original keeps its own mode; switched to the mode it was saved in below
     traced = shadow(original)
     traced.train(bool(m.get("built_training", m.get("training", False))))
-    p = Pruner(traced, args, kwargs, tuple(m["ignore"]), "random", pipeline=m["pipeline"], method=m["source"]["method"])
+    if where.type == "meta":
+        _all_on_meta(traced)
+    try:
+        p = Pruner(traced, args, kwargs, tuple(m["ignore"]), "random", pipeline=m["pipeline"], method=m["source"]["method"])
+    except GraphpruneError as e:
+        if not any(t.is_meta for t in original.parameters()):
+            raise
+        # Wav2Vec2 built under torch.device("meta") holds a parameter on the CPU (torch.Tensor(n) ignores the
+        # device context), and the two meet in its forward
+        raise GraphpruneError(
+            f"the original was built on meta, and its forward does not run there ({first_line(e)[:300]}). Build the "
+            "original on a real device (the CPU) and load onto that; compile traced it there") from None
     out = p.prune(_removal(p, m["kept"]), check=False, fit=False)
     if where.type == "meta" and m["source"]["method"] != "symbolic_trace":
         _retarget(out, dev)
@@ -340,6 +353,18 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
         out.train(bool(m.get("training", False)))
     module_form.info(out)["loaded_from"] = str(path)
     return out
+
+
+def _all_on_meta(model: torch.nn.Module) -> None:
+    """A shadow of an original built on meta, with the tensors that stayed on a real device moved there
+    too (Wav2Vec2's ``torch.Tensor(n)`` ignores the ``torch.device("meta")`` context): the two met in its
+    forward and the trace failed. The saved weights replace them all."""
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for k, t in list(store.items()):
+                if t is not None and not t.is_meta:
+                    moved = torch.empty_like(t, device="meta")
+                    store[k] = torch.nn.Parameter(moved, t.requires_grad) if isinstance(t, torch.nn.Parameter) else moved
 
 
 def _read(f, slots, m: dict) -> dict:

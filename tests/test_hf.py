@@ -454,3 +454,24 @@ def test_a_sliced_example_input_is_taken_as_its_values():
     assert not dec.is_contiguous()
     small = graphprune.compile(bart, (ids,), example_kwargs={"decoder_input_ids": dec}, ratio=0.25, importance="l2")
     assert small.report.form == "module" and graphprune.count_params(small) < graphprune.count_params(bart)
+
+
+def test_an_original_built_on_meta_with_a_parameter_left_on_the_cpu_loads(tmp_path):
+    """Wav2Vec2 built under torch.device("meta") keeps ``masked_spec_embed`` on the CPU (``torch.Tensor(n)``
+    ignores the device context): load traced it on the CPU inputs that parameter implied, met the meta
+    weights, and refused with 'make the forward traceable' (survey 13)."""
+    def build():
+        return transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(
+            hidden_size=64, num_hidden_layers=1, num_attention_heads=8, intermediate_size=128, conv_dim=(16, 16),
+            conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4)).eval()
+
+    torch.manual_seed(0)
+    model, wav = build(), torch.randn(2, 680)
+    small = graphprune.compile(model, (wav,), ratio=0.3, importance="l2")
+    graphprune.save(small, tmp_path)
+    with torch.device("meta"):
+        original = build()
+    assert any(not t.is_meta for t in original.parameters())
+    back = graphprune.load(original, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(back(wav).last_hidden_state, small(wav).last_hidden_state)
