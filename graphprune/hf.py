@@ -222,7 +222,7 @@ def layer_widths(model) -> list[dict]:
     return out
 
 
-HIDDEN_ATTRS = ("hidden_size", "n_embd", "d_model", "embed_dim")
+HIDDEN_ATTRS = ("hidden_size", "n_embd", "d_model", "embed_dim", "dim")  # dim: DistilBERT's
 
 # config field -> what sets it: the width every layer agrees on
 CONFIG_FIELDS = {
@@ -231,6 +231,10 @@ CONFIG_FIELDS = {
     "intermediate_size": "intermediate_size", "n_inner": "intermediate_size",
     "head_dim": "head_dim",
     "num_local_experts": "num_experts", "num_experts": "num_experts", "n_routed_experts": "num_experts",
+    "n_heads": "num_attention_heads", "hidden_dim": "intermediate_size",  # DistilBERT
+    # encoder-decoders (BART, mBART, Pegasus, Marian, Whisper): set where encoder and decoder layers agree
+    "encoder_attention_heads": "num_attention_heads", "decoder_attention_heads": "num_attention_heads",
+    "encoder_ffn_dim": "intermediate_size", "decoder_ffn_dim": "intermediate_size",
 }
 
 
@@ -259,6 +263,13 @@ def _agreed(widths: list[dict]) -> dict:
     return out
 
 
+def _input_embeddings(model):
+    try:
+        return model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:  # audio models (Wav2Vec2) take no token ids
+        return None
+
+
 def update_config(model, original_config, original=None) -> None:
     """Give ``model`` its own config with the pruned widths (the user's stays as it was).
     A config field is written only where, on the unpruned ``original``, it said what the
@@ -268,13 +279,17 @@ def update_config(model, original_config, original=None) -> None:
     for mod in model.modules():  # every module that held the shared config gets the copy
         if mod.__dict__.get("config") is original_config:
             mod.config = config
-    try:
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    except NotImplementedError:  # audio models (Wav2Vec2) take no token ids
-        emb = None
+    emb = _input_embeddings(model)
     hidden = _stream_width(emb)
+    before = _stream_width(_input_embeddings(original)) if original is not None else None
+    was = getattr(original_config.get_text_config(), "hidden_size", None)
+    if hidden is not None and before is not None and was is not None and before != was:
+        # the embedding is narrower than the stream and projected up (ALBERT, ELECTRA): its width is
+        # embedding_size; hidden_size was given the embedding's pruned width
+        if getattr(config, "embedding_size", None) == before:
+            config.embedding_size = hidden
+        hidden = None
     if hidden is not None:
-        was = original_config.get_text_config().hidden_size
         for f in HIDDEN_ATTRS:
             if isinstance(getattr(config, f, None), int) and f in config.to_dict():
                 setattr(config, f, hidden)

@@ -475,3 +475,17 @@ def test_an_original_built_on_meta_with_a_parameter_left_on_the_cpu_loads(tmp_pa
     back = graphprune.load(original, tmp_path)
     with torch.no_grad():
         assert torch.equal(back(wav).last_hidden_state, small(wav).last_hidden_state)
+
+
+def test_a_narrow_embedding_projected_up_gives_its_width_to_embedding_size():
+    """ELECTRA and ALBERT embed at ``embedding_size`` and project up to ``hidden_size``: the pruned
+    embedding's width was written into hidden_size, which the projection still had whole (survey 13)."""
+    torch.manual_seed(0)
+    cfg = transformers.ElectraConfig(vocab_size=VOCAB, embedding_size=32, hidden_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, intermediate_size=128, max_position_embeddings=64)
+    model = transformers.ElectraModel(cfg).eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    small = graphprune.compile(model, (ids,), ratio=0.25, importance="l2")
+    emb = small.get_input_embeddings().weight.shape[1]
+    assert emb < 32 and small.config.embedding_size == emb
+    assert small.config.hidden_size == small.embeddings_project.out_features
