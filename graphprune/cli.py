@@ -221,6 +221,14 @@ def read_tensors(path):
     return data
 
 
+def _as_model_dtype(data, model):
+    """Floating calibration data in the model's own float type: ``torch.from_numpy`` gives float64, and
+    a float32 model refused it with advice to make its forward traceable (survey 15)."""
+    dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
+    cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t  # noqa: E731
+    return cast(data) if isinstance(data, torch.Tensor) else [cast(t) for t in data]
+
+
 def tensor_batches(data, batch_size: int) -> list[tuple]:
     if isinstance(data, torch.Tensor):
         return [(data[i:i + batch_size],) for i in range(0, len(data), batch_size)]
@@ -291,7 +299,7 @@ class Job:
                 if _is_text(cal):
                     self.calibration = text_batches(cal, self.hf_dir, seq_len, batch_size or 8)
                 else:
-                    data = read_tensors(cal)
+                    data = _as_model_dtype(read_tensors(cal), self.model)
                     size = batch_size or (shape[0] if shape else 1)
                     self.calibration = tensor_batches(data, size)
         if shape is not None:

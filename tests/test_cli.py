@@ -220,3 +220,13 @@ def test_bad_specs_and_paths_exit_with_2_and_one_line(tmp_path, capsys):
 
     r = _cli("eval", tmp_path / "not_saved")  # the installed script: exit status 2, one line, no traceback
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "manifest.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_float64_calibration_is_read_in_the_models_float_type(tmp_path):
+    """``torch.from_numpy`` gives float64: a float32 model exited 2 with 'make the forward traceable' (survey 15)."""
+    torch.manual_seed(0)
+    torch.save(torch.randn(4, 3, 32, 32, dtype=torch.float64), tmp_path / "calib.pt")
+    out = tmp_path / "cli"
+    assert main(["prune", "torchvision:resnet18", "--calibration", str(tmp_path / "calib.pt"), "--importance", "activation",
+                 "--ratio", "0.3", "--save", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["calibration"]["batches"] == 4
