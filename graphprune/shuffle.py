@@ -9,7 +9,7 @@ channels, any subset of channels can go: the pruned model permutes the
 channels it kept, in the same relative order.
 
 ``fold_channel_shuffles`` finds the pattern by shapes (after shape
-propagation) and replaces it with ``permute_channels(x, perm, 1)``, an
+propagation), and ``nn.ChannelShuffle`` / ``channel_shuffle(x, g)`` calls, and replaces them with ``permute_channels(x, perm, 1)``, an
 ``index_select`` with the permutation as a constant. The coupling rule maps
 channel ``perm[j]`` of the input to channel ``j`` of the output, and the
 rewrite restricts ``perm`` to the kept channels.
@@ -89,9 +89,31 @@ def _match(r3: Node):
     return x, g
 
 
+_SHUFFLE_FNS = {torch.channel_shuffle, torch.nn.functional.channel_shuffle, aten.channel_shuffle.default}
+if hasattr(aten, "native_channel_shuffle"):
+    _SHUFFLE_FNS.add(aten.native_channel_shuffle.default)
+
+
+def _shuffle_op(n: Node):
+    """(x, groups) if ``n`` is ``nn.ChannelShuffle`` or ``channel_shuffle(x, groups)`` on a tensor with
+    channels in dim 1, else None."""
+    if n.op == "call_module" and n.graph.owning_module is not None:
+        mod = n.graph.owning_module.get_submodule(n.target)
+        g = mod.groups if isinstance(mod, torch.nn.ChannelShuffle) else None
+    elif n.op == "call_function" and n.target in _SHUFFLE_FNS:
+        g = n.args[1] if len(n.args) > 1 else n.kwargs.get("groups")
+    else:
+        return None
+    x = n.args[0] if n.args else None
+    v = x.meta.get(VAL) if isinstance(x, Node) else None
+    if not isinstance(g, int) or not isinstance(v, torch.Tensor) or v.dim() < 3 or v.shape[1] % g or g < 2:
+        return None
+    return x, g
+
+
 def fold_channel_shuffles(gm: GraphModule) -> int:
     """Replace every channel shuffle in ``gm`` by ``permute_channels``; returns how many."""
-    found = [(r3, m) for r3 in gm.graph.nodes if (m := _match(r3)) is not None]
+    found = [(r3, m) for r3 in gm.graph.nodes if (m := _match(r3) or _shuffle_op(r3)) is not None]
     for r3, (x, g) in found:
         c = x.meta[VAL].shape[1]
         cg = c // g

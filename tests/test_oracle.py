@@ -86,6 +86,29 @@ def test_shuffle_spellings_fold(spelling):
         assert small(torch.randn(3, 3, 4, 4)).shape == (3, 5, 4, 4)
 
 
+class _ShuffleOp(torch.nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.shuffle = how, torch.nn.ChannelShuffle(4)
+        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(self.shuffle(h) if self.how == "module" else F.channel_shuffle(h, 4))
+
+
+@pytest.mark.parametrize("how", ["module", "functional"])
+def test_a_channel_shuffle_op_is_a_permutation_too(how):
+    """``nn.ChannelShuffle`` and ``F.channel_shuffle`` had no rule and kept the conv before them whole
+    (survey 14); folded like the view/transpose/view spelling, any subset of channels may go."""
+    torch.manual_seed(0)
+    model, x = _ShuffleOp(how).eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l2", verify=False)
+    assert small.a.out_channels == 8
+    for o in (x, torch.randn(3, 3, 9, 7)):
+        torch.testing.assert_close(small(o), dead_twin(model, small)(o), rtol=1e-5, atol=1e-5)
+
+
 def test_einsum_attention_prunes_heads_and_bias_table():
     model, small = assert_lossless(EinsumAttention, TOKENS)
     heads = small.table.shape[1]
