@@ -73,8 +73,8 @@ def _heads(mod) -> tuple[int, int, int] | None:
     head_dim = getattr(mod, "head_dim", None) or getattr(mod, "attention_head_size", None)
     if not head_dim:
         return None
-    q = _child(mod, "q_proj", "query", "q")
-    k = _child(mod, "k_proj", "key", "k")
+    q = _child(mod, "q_proj", "query", "q", "query_proj")  # query_proj, key_proj: DeBERTa-v2
+    k = _child(mod, "k_proj", "key", "k", "key_proj")
     if q is not None and k is not None:
         rq, rk = _rows(q), _rows(k)
         return None if rq is None or rk is None else (rq // head_dim, rk // head_dim, head_dim)

@@ -489,3 +489,20 @@ def test_a_narrow_embedding_projected_up_gives_its_width_to_embedding_size():
     emb = small.get_input_embeddings().weight.shape[1]
     assert emb < 32 and small.config.embedding_size == emb
     assert small.config.hidden_size == small.embeddings_project.out_features
+
+
+def test_deberta_v2_attention_comes_back_in_its_own_class():
+    """DeBERTa-v2 names its projections query_proj and key_proj: its head count was not read, stayed 8
+    over pruned projections, and the result came back as a graph without attention_mask (survey 13)."""
+    torch.manual_seed(0)
+    model = transformers.DebertaV2Model(transformers.DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=8, intermediate_size=128,
+        max_position_embeddings=64)).eval()
+    ids = torch.randint(3, VOCAB, (2, 7))
+    small = graphprune.compile(model, (ids,), ratio=0.3, importance="l2")
+    graph = graphprune.compile(model, (ids,), ratio=0.3, importance="l2", output="graph")
+    assert small.report.form == "module", small.report.form_why
+    assert small.encoder.layer[0].attention.self.num_attention_heads < 8
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).last_hidden_state, _out(graph(ids)), rtol=1e-5, atol=1e-5)
+        assert small(ids, attention_mask=torch.ones_like(ids)).last_hidden_state.shape[-1] == 64
