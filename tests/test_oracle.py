@@ -944,3 +944,26 @@ def test_glu_prunes_a_channel_with_its_gate(how, shape):
     assert small.a.weight.shape[0] == 16 and small.b.weight.shape[1] == 8
     for o in (x, torch.randn(3, *shape[1:])):
         torch.testing.assert_close(small(o), dead_twin(model, small)(o), rtol=1e-5, atol=1e-5)
+
+
+class _TensorSplit(torch.nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.b, self.c = torch.nn.Conv2d(3, 24, 3, padding=1), torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        p, q = torch.tensor_split(h, [8], dim=1) if self.how == "function" else h.tensor_split((8,), 1)
+        return self.b(p) + self.c(q)
+
+
+@pytest.mark.parametrize("how", ["function", "method"])
+def test_tensor_split_at_indices_is_a_split(how):
+    """``tensor_split`` at an index list had no rule and kept the conv before it whole (survey 14)."""
+    torch.manual_seed(0)
+    model, x = _TensorSplit(how).eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l2", verify=False)
+    assert small.a.out_channels == 12
+    for o in (x, torch.randn(3, 3, 9, 7)):
+        torch.testing.assert_close(small(o), dead_twin(model, small)(o), rtol=1e-5, atol=1e-5)
