@@ -215,7 +215,7 @@ class Pruner:
         # made every other batch size fail its guard (stride[0] != size[1]), reported as a batch-1 problem
         self.example_inputs, self.example_kwargs = tree_map(
             lambda t: t.contiguous() if isinstance(t, torch.Tensor) and not _dense(t) else t,
-            (tuple(self.example_inputs), self.example_kwargs))
+            (self.example_inputs, self.example_kwargs))  # a tensor for a tuple is refused later, by name
         if self.calibration is not None and iter(self.calibration) is self.calibration:
             self.calibration = list(self.calibration)  # a generator: read more than once
         if self.calibration is not None and hasattr(self.calibration, "__len__") and len(self.calibration) == 0:
