@@ -470,6 +470,7 @@ def _save(small, args, job, budget: dict, rows: dict, took: float, console) -> N
     graphprune.save(small, path)
     (path / "source.json").write_text(json.dumps({
         "model": job.spec, "weights": job.weights, "hf_dir": None if job.hf_dir is None else str(job.hf_dir),
+        "cwd": os.getcwd(),  # where a module:factory spec was imported from (eval may run elsewhere)
     }, indent=1))
     rep = small.report
     widths = graphprune.module_form.info(small)["widths"]
@@ -566,6 +567,8 @@ def _eval(path: str, console, step) -> int:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CliError(f"{source} is damaged ({_one_line(e)}); save the model again") from e
     weights = src.get("weights")
+    if isinstance(src.get("cwd"), str) and src["cwd"] not in sys.path:
+        sys.path.append(src["cwd"])  # a module:factory spec imports from where prune ran, after this directory
     with step(f"building {spec}"):
         model = build_model(spec).eval()
     if weights and Path(weights).is_file():

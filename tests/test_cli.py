@@ -230,3 +230,23 @@ def test_float64_calibration_is_read_in_the_models_float_type(tmp_path):
     assert main(["prune", "torchvision:resnet18", "--calibration", str(tmp_path / "calib.pt"), "--importance", "activation",
                  "--ratio", "0.3", "--save", str(out)]) == 0
     assert json.loads((out / "report.json").read_text())["calibration"]["batches"] == 4
+
+
+def test_eval_of_a_module_factory_runs_from_another_directory(tmp_path, monkeypatch):
+    """``source.json`` held only ``mod:factory``: eval found the module only from the directory prune ran in
+    (survey 15)."""
+    proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    proj.mkdir(), elsewhere.mkdir()
+    (proj / "gp_cli_eval_factory.py").write_text(
+        "import torch\n"
+        "def net():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))\n")
+    monkeypatch.chdir(proj)
+    assert main(["prune", "gp_cli_eval_factory:net", "--input-shape", "1,3,16,16", "--ratio", "0.5",
+                 "--save", str(tmp_path / "out")]) == 0
+    script = Path(sys.executable).parent / "graphprune"
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "graphprune.cli"]
+    r = subprocess.run([*cmd, "eval", str(tmp_path / "out")], capture_output=True, text=True, timeout=600, cwd=elsewhere,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "loaded from" in r.stdout
