@@ -88,8 +88,10 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
     if info is None or "kept" not in info:
         raise GraphpruneError("save expects a model returned by graphprune.compile (it records how it was pruned); "
                               f"got a {type(model).__name__} without that record")
-    if info.get("unsaveable"):
-        raise GraphpruneError(f"this model cannot be saved to load onto its original: {info['unsaveable']}")
+    info = {**info, **info.get("first", {})}  # pruned in steps: the pruning as one, from the first original
+    why = info.get("unsaveable") or (info.get("unsaveable_graph") if info.get("form", "graph") == "graph" else None)
+    if why:
+        raise GraphpruneError(f"this model cannot be saved to load onto its original: {why}")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise GraphpruneError(f"save writes a directory, and {path} is a file: give a directory path")

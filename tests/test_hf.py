@@ -506,3 +506,23 @@ def test_deberta_v2_attention_comes_back_in_its_own_class():
     with torch.no_grad():
         torch.testing.assert_close(small(ids).last_hidden_state, _out(graph(ids)), rtol=1e-5, atol=1e-5)
         assert small(ids, attention_mask=torch.ones_like(ids)).last_hidden_state.shape[-1] == 64
+
+
+def test_a_hugging_face_model_pruned_twice_saves_and_loads(tmp_path):
+    """The second step's module form read the first original's widths (the checkpoint's record), folded
+    the RMSNorm widths twice and came back as a graph; saved, that graph loaded 16% off (survey 16). The
+    module form now loads exactly; a graph pruned from a module form (norm widths already folded into the
+    weights) is refused at save."""
+    torch.manual_seed(0)
+    model = _llama_cached().eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    once = graphprune.compile(model, (ids,), ratio=0.25, importance="l2")
+    twice = graphprune.compile(once, (ids,), ratio=0.25, importance="l2")
+    assert twice.report.form == "module", twice.report.form_why
+    graphprune.save(twice, tmp_path / "m")
+    back = graphprune.load(_llama_cached(), tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, twice(ids).logits, rtol=0, atol=0)
+    graph = graphprune.compile(once, (ids,), ratio=0.25, importance="l2", output="graph")
+    with pytest.raises(graphprune.GraphpruneError, match="apply it twice"):
+        graphprune.save(graph, tmp_path / "g")
