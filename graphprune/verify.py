@@ -189,40 +189,72 @@ def other_inputs(args: tuple, kwargs: dict | None = None) -> list[tuple[tuple, d
 
 
 def resized_inputs(args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
-    """Inputs at other sizes besides the batch, in the order they are tried (the first the
-    traced graph takes is the one checked): every non-batch dim of the first input made
-    smaller at once, then every dim after dim 1 (an image's height and width, each by its
-    own amount), then dim 1 alone (tokens, time steps), then the last dim alone (a signal's
-    width). A size changes in every dim of every tensor input that has it, so a mask or a
-    position table follows its sequence. Each size first loses one, then half the largest
-    power of two dividing it (what strided down-sampling and up-sampling that must meet
-    again keep), as a 64-pixel image becomes 63, else 32. A number computed from a pruned
-    width and a run-time size (``e / (c * h * w)``) was frozen at the example's size and
-    wrong at every other, while the batch-only check passed; with the height never varied,
-    a non-square image's frozen height passed too."""
-    first = next((a for a in tree_leaves(tuple(args)) if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
+    """Inputs at other sizes besides the batch, in the order they are tried (``Verifier._cases``
+    checks the first the traced graph takes, then each later one that varies a dim none of those
+    did): every non-batch dim of the first input made smaller at once, then every dim after its
+    dim 1 (an image's height and width), then each of its dims alone (a spectrogram's time with
+    its mel bins fixed, a video's frames), then each dim of every other tensor input alone. A
+    size changes in every dim of every other tensor input that has it, so a mask or a position
+    table follows its sequence. Each size first loses one, then half the largest power of two
+    dividing it (what strided down-sampling and up-sampling that must meet again keep), as a
+    64-pixel image becomes 63, else 32. A number computed from a pruned width and a run-time
+    size (``e / (c * h * w)``) was frozen at the example's size and wrong at every other, while
+    the batch-only check passed; with the height never varied, a non-square image's frozen
+    height passed too."""
+    leaves = [a for a in tree_leaves((tuple(args), dict(kwargs))) if isinstance(a, torch.Tensor)]
+    first = next((a for a in leaves if a.dim() >= 2), None)
     if first is None:
         return []
     shape = tuple(first.shape)
+    plans = [(None, shape[1:]), (None, shape[2:])]  # (the one input cut by position, or None; sizes cut by value)
+    plans += [((id(first), d), ()) for d in range(1, len(shape))]
+    plans += [((id(t), d), ()) for t in leaves if t is not first for d in range(1 if t.dim() >= 2 else 0, t.dim())]
     out, seen = [], set()
-    for sizes in (shape[1:], shape[2:], shape[1:2], shape[-1:]):
+    for (where, sizes) in plans:
         for smaller in (lambda s: s - 1, lambda s: s - max(1, (s & -s) // 2)):
             new = {s: smaller(s) for s in sizes if smaller(s) >= 1}
-            key = tuple(sorted(new.items()))
-            if not new or key in seen:
+            at = None
+            if where is not None:
+                t = next(t for t in leaves if id(t) == where[0])
+                if smaller(t.shape[where[1]]) < 1:
+                    continue
+                at = (where[0], where[1], smaller(t.shape[where[1]]))
+            if not new and at is None:
                 continue
-            seen.add(key)
 
-            def cut(x, new=new):
+            def cut(x, new=new, at=at):
                 if not isinstance(x, torch.Tensor):
                     return x
-                for d in range(x.dim()):  # each dim read at its own size before it is narrowed
-                    if x.shape[d] in new:
-                        x = x.narrow(d, 0, new[x.shape[d]])
-                return x
+                if at is not None:  # this input's one dim; other inputs follow its size by value
+                    if id(x) == at[0]:
+                        return x.narrow(at[1], 0, at[2])
+                    old = next(t for t in leaves if id(t) == at[0]).shape[at[1]]
+                    return cut_sizes(x, {old: at[2]})
+                return cut_sizes(x, new)
 
-            out.append(tree_map(cut, (tuple(args), dict(kwargs))))
+            case = tree_map(cut, (tuple(args), dict(kwargs)))
+            key = tuple(tuple(t.shape) for t in tree_leaves(case) if isinstance(t, torch.Tensor))
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(case)
     return out
+
+
+def cut_sizes(x: torch.Tensor, new: dict) -> torch.Tensor:
+    """``x`` with every dim of a size in ``new`` narrowed to its new size (each read before it is cut)."""
+    for d in range(x.dim()):
+        if x.shape[d] in new:
+            x = x.narrow(d, 0, new[x.shape[d]])
+    return x
+
+
+def varied(case: tuple, example: tuple) -> set:
+    """(input, dim) pairs whose size ``case`` changed from ``example``'s."""
+    a = [t for t in tree_leaves(case) if isinstance(t, torch.Tensor)]
+    b = [t for t in tree_leaves(example) if isinstance(t, torch.Tensor)]
+    return {(i, d) for i, (x, y) in enumerate(zip(a, b)) if x.dim() == y.dim() for d in range(x.dim())
+            if x.shape[d] != y.shape[d]}
 
 
 def _same(a: tuple, b: tuple) -> bool:
@@ -364,11 +396,16 @@ class Verifier:
             case = self.others.pop(0)
             self.cases.append(case)
             yield case
-        while self.resized and not any(c is t for c in self.cases for t in self._sized):
+        covered = set().union(*(varied(c, self.cases[0]) for c in self.cases if any(c is t for t in self._sized)))
+        while self.resized:  # each size a case the graph takes varies, until none is new
             case = self.resized.pop(0)
+            if not varied(case, self.cases[0]) - covered:
+                continue
             self._sized.append(case)
             self.cases.append(case)
             yield case
+            if any(c is case for c in self.cases):  # the traced graph took it
+                covered |= varied(case, self.cases[0])
 
     def twin_state(self, removed: dict) -> dict:
         """Zeroed copies of every parameter slice of the removed units ({id(original): copy}).
