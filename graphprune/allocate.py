@@ -113,9 +113,10 @@ class Constraints:
                 k = counts[g.id]
             keep = g.n_units - k
             floor = min(g.n_units, max(self.min_width, 1, math.ceil(self.min_keep * g.n_units) if fixed is None else 1))
-            if self.round_to > 1 and g.n_units >= self.round_to:
-                floor = max(floor, self.round_to)
-                keep = max(keep - keep % self.round_to, floor)
+            q = self.round_to if g.even is None else math.lcm(self.round_to, int(g.even.max()) + 1)
+            if self.round_to > 1 and g.n_units >= q:  # a chunk's parts go in bundles: a multiple of both
+                floor = max(floor, q)
+                keep = max(keep - keep % q, floor)
             keep = max(keep, floor)
             k = g.n_units - keep
             if k > 0:

@@ -348,6 +348,30 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
 _STATE = {"_parameters", "_buffers", "_modules", "training", *HOOK_DICTS}
 
 
+def _rebound(fn, memo: dict):
+    """``fn`` with every closure cell that holds one of the user's modules or tensors holding the
+    result's instead (a lambda over ``self.head``); the same function where none does."""
+    import types
+
+    if not all(_filled(c) for c in fn.__closure__):
+        return fn
+    cells = [c.cell_contents for c in fn.__closure__]
+    if not any(id(v) in memo and memo[id(v)] is not v for v in cells):
+        return fn
+    new = tuple(types.CellType(memo.get(id(v), v)) for v in cells)
+    out = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, new)
+    out.__kwdefaults__, out.__dict__ = fn.__kwdefaults__, dict(fn.__dict__)
+    return out
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+        return True
+    except ValueError:  # a cell not yet assigned
+        return False
+
+
 def _own_data(top: torch.nn.Module, model: torch.nn.Module) -> None:
     """Plain data a module of ``top`` holds (a dataclass config, nested lists and dicts) copied deep,
     so that setting ``small.cfg.use_dropout`` for fine-tuning does not change how the user's model
@@ -356,6 +380,7 @@ def _own_data(top: torch.nn.Module, model: torch.nn.Module) -> None:
     result's of the same name (a plain list of the user's layers then holds the pruned ones) and
     keeps the rest as they are; an object that cannot be deep-copied stays shared."""
     import copy
+    import functools
     import types
 
     memo: dict = {}
@@ -370,8 +395,15 @@ def _own_data(top: torch.nn.Module, model: torch.nn.Module) -> None:
             memo[id(t)] = mine[name]
     for mod in top.modules():
         for k, v in list(mod.__dict__.items()):
+            if isinstance(v, types.MethodType) and id(v.__self__) in memo:  # self.head_fn = self.head.forward
+                mod.__dict__[k] = types.MethodType(v.__func__, memo[id(v.__self__)])
+                continue
+            if isinstance(v, types.FunctionType) and v.__closure__:  # self.fn = lambda x: self.head(x)
+                mod.__dict__[k] = _rebound(v, memo)
+                continue
             if (k in _STATE or v is None or isinstance(v, (int, float, str, bytes, torch.nn.Module, torch.Tensor, type,
-                                                             types.ModuleType)) or callable(v)):
+                                                             types.ModuleType, types.FunctionType, types.BuiltinFunctionType))
+                    or (callable(v) and not isinstance(v, functools.partial))):
                 continue
             try:
                 mod.__dict__[k] = copy.deepcopy(v, memo)

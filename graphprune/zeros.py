@@ -513,8 +513,12 @@ def _aliased(n: Node) -> Node | None:
     from .meta_keys import CANON
 
     c = n.meta.get(CANON)
-    if c is not None and c.op in _VIEWS and c.inputs and isinstance(c.inputs[0], Node):
-        return c.inputs[0]
+    if c is not None and c.op in _VIEWS and c.inputs:
+        src = c.inputs[0]
+        if isinstance(src, tuple) and src and isinstance(src[0], Node):
+            src = src[0]  # a part of a chunk or split, keyed (node, i): a view of what that node split
+        if isinstance(src, Node):
+            return src
     name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
     if n.op in ("call_method", "call_function") and name in _ALIASES and n.args and isinstance(n.args[0], Node):
         return n.args[0]

@@ -328,3 +328,23 @@ def test_concat_branches_are_scored_fairly():
     model = TwoBranch()
     small = graphprune.compile(model, (torch.randn(1, 3, 8, 8),), ratio=0.5, ignore=["fc"])
     assert 4 <= small.a.out_channels <= 12 and 4 <= small.b.out_channels <= 12
+
+
+class _ChunkedThree(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Conv2d(4, 48, 3, padding=1), nn.ModuleList(nn.Conv2d(16, 6, 1) for _ in range(3))
+        self.b, self.b2 = nn.Conv2d(4, 40, 3, padding=1), nn.Conv2d(40, 6, 1)
+
+    def forward(self, x):
+        return sum(m(p) for m, p in zip(self.o, self.a(x).chunk(3, 1))) + self.b2(F.relu(self.b(x)))
+
+
+@pytest.mark.parametrize("kw", [{"ratio": 0.6}, {"target_flops": 0.4}])
+def test_round_to_holds_on_a_group_a_chunk_splits(kw):
+    """48 channels in chunk(3) kept 18 at round_to=8: the chunk's bundles of 3 trimmed the rounded count
+    (survey 16). Widths are multiples of both."""
+    torch.manual_seed(0)
+    model, x = _ChunkedThree().eval(), torch.randn(2, 4, 8, 8)
+    small = graphprune.compile(model, (x,), importance="l2", round_to=8, **kw)
+    assert small.a.out_channels % 24 == 0 and small.b.out_channels % 8 == 0

@@ -687,3 +687,31 @@ def test_the_module_form_owns_its_plain_data():
     small.cfg.dropout = True
     small.meta_info["hist"].append(3)
     assert model.cfg.dropout is False and model.meta_info == {"hist": [1, 2]}
+
+
+class _CallableHead(nn.Module):
+    """The head called through a bound method, a partial or a lambda stored on the module."""
+
+    def __init__(self, how):
+        super().__init__()
+        import functools
+
+        self.a, self.b, self.head = nn.Linear(8, 32), nn.Linear(32, 16), nn.Linear(16, 4)
+        self.head_fn = {"bound": self.head.forward, "partial": functools.partial(self.head),
+                        "lambda": lambda t: self.head(t)}[how]
+
+    def forward(self, x):
+        return self.head_fn(F.relu(self.b(F.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("how", ["bound", "partial", "lambda"])
+def test_a_callable_attribute_calls_the_results_own_module(how):
+    """A callable bound to the user's head was kept as it was: the pruned model ran the user's head, and
+    training it sent gradients into the user's weights (survey 16)."""
+    torch.manual_seed(0)
+    model, x = _CallableHead(how).eval(), torch.randn(4, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l2", ignore=["b"])
+    assert small.report.form == "module"
+    small.train()
+    small(x).sum().backward()
+    assert model.head.weight.grad is None and small.head.weight.grad is not None

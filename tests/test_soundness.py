@@ -953,6 +953,10 @@ class WriteSeenThroughAlias(nn.Module):
         if self.how == "out":
             torch.sigmoid(h, out=h)
             return self.b(h) + h.sum(1, keepdim=True)
+        if self.how == "chunk part":  # a part of a chunk is a view keyed (chunk, i): the write reaches h
+            p, q = h.chunk(2, 1)
+            p.add_(1.0), q.add_(1.0)
+            return self.b(h) + h.sum(1, keepdim=True)
         v = {"view": lambda: h.view(-1, 16), "slice": lambda: h[:, :], "detach": h.detach,
              "sibling": lambda: h.view(-1, 16)}[self.how]()
         if self.how == "sibling":
@@ -962,7 +966,7 @@ class WriteSeenThroughAlias(nn.Module):
         return self.b(h) + v.sum(1, keepdim=True)                  # v is h: its removed entries are 1 in the twin
 
 
-@pytest.mark.parametrize("how", ["view", "slice", "detach", "sibling", "out"])
+@pytest.mark.parametrize("how", ["view", "slice", "detach", "sibling", "out", "chunk part"])
 def test_an_in_place_write_reaches_every_alias_of_the_storage(how):
     """Aliases made before the write kept their zero proofs (0.4 off the twin, verify=False), and a write
     through ``out=`` was not seen at all: dead-code elimination dropped it, 1.0 off the original with
