@@ -128,8 +128,9 @@ def shadow(model: torch.nn.Module, *, own_buffers: bool = False) -> torch.nn.Mod
     Tracing runs ``forward``: code that assigns attributes (``self.offset +=
     n``, ``self.initialized = True``) then writes to the shadow, never to the
     user's model. With ``own_buffers`` the buffers are copies too: symbolic
-    tracing proxies parameters but runs arithmetic on buffers for real, so
-    ``self.step += 1`` would count in the user's model. A module registered
+    tracing proxies parameters but runs arithmetic on buffers (and tensors held
+    as plain attributes) for real, so ``self.step += 1`` would count in the
+    user's model. A module registered
     twice stays one object."""
     copies: dict = {}
     memo: dict = {}
@@ -144,6 +145,8 @@ def shadow(model: torch.nn.Module, *, own_buffers: bool = False) -> torch.nn.Mod
         c._modules = {k: (None if v is None else copy(v)) for k, v in m._modules.items()}
         if own_buffers:
             c._buffers = {k: (None if t is None else copies.setdefault(id(t), t.clone())) for k, t in m._buffers.items()}
+            # tensors held as plain attributes too (a step counter kept as ``self.calls``, not a buffer)
+            c.__dict__ = own_tensors(c.__dict__, lambda t, _name: copies.setdefault(id(t), t.detach().clone()))
         return c
 
     top = copy(model)

@@ -296,9 +296,9 @@ def swapped(root: torch.nn.Module, new: dict):
     done = []
     try:
         for mod in root.modules():  # each module object once
-            for store in (mod._parameters, mod._buffers):
-                for k, t in store.items():
-                    if t is not None and id(t) in new:
+            for store in (mod._parameters, mod._buffers, mod.__dict__):
+                for k, t in list(store.items()):
+                    if isinstance(t, torch.Tensor) and id(t) in new:
                         done.append((store, k, t))
                         store[k] = new[id(t)]
         yield
@@ -308,11 +308,18 @@ def swapped(root: torch.nn.Module, new: dict):
 
 
 def _copies(*mods, params: bool = True) -> dict:
-    """Copies of every buffer, and of every parameter unless ``params=False``: a
+    """Copies of every buffer and plain tensor attribute, and of every parameter unless ``params=False``: a
     forward that writes to its weights (Embedding max_norm, ``w.data.clamp_()``,
     step counters) writes to these. ``check_trace`` finds out whether the model
     writes to its parameters at all; most do not, and large ones then skip the copy."""
-    return {id(t): t.detach().clone() for m in mods for t in [*(m.parameters() if params else ()), *m.buffers()]}
+    return {id(t): t.detach().clone() for m in mods
+            for t in [*(m.parameters() if params else ()), *m.buffers(), *_plain_tensors(m)]}
+
+
+def _plain_tensors(model: torch.nn.Module) -> list:
+    """Tensors modules hold as plain attributes (a step counter or an EMA kept as ``self.calls``, not
+    a buffer): a forward that updates them in place changed the user's model while compile ran it."""
+    return [t for mod in model.modules() for t in mod.__dict__.values() if isinstance(t, torch.Tensor)]
 
 
 def on_copies(*mods, params: bool = True):
