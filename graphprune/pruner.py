@@ -158,11 +158,6 @@ def make_plan(groups: list[Group], removed: dict[int, np.ndarray]) -> dict:
             for dim, r in g.replicas.items():
                 if kept_per_part[alive][0] != r:
                     plan[dim] = np.arange(kept_per_part[alive][0])
-        if g.even is not None:
-            left = np.bincount(g.even[(~gone) & (g.even >= 0)], minlength=g.even.max() + 1)
-            if (left != left[0]).any():
-                raise GraphpruneError(f"group {g.id}: a removal must keep its chunk's parts equal (kept {left.tolist()} "
-                                      "units in them); use remove_lowest")
     return plan
 
 
@@ -218,7 +213,7 @@ class Pruner:
             (self.example_inputs, self.example_kwargs))  # a tensor for a tuple is refused later, by name
         if self.calibration is not None and iter(self.calibration) is self.calibration:
             self.calibration = list(self.calibration)  # a generator: read more than once
-        if self.calibration is not None and hasattr(self.calibration, "__len__") and len(self.calibration) == 0:
+        if self.calibration is not None and _empty(self.calibration):
             raise GraphpruneError(
                 "calibration holds no batches (an empty list, or a generator an earlier call already used up): the "
                 "data-aware criteria would score every unit alike and the choice would be arbitrary. Give batches, or "
@@ -395,6 +390,14 @@ class Pruner:
             out.meta["graphprune"] = _composed(out.meta["graphprune"], before,
                                                folded=before.get("form") == "module" and is_hf(self.model))
         return out
+
+
+def _empty(batches) -> bool:
+    """Whether ``batches`` says it holds none (a DataLoader over a stream has ``__len__`` and raises)."""
+    try:
+        return len(batches) == 0
+    except TypeError:
+        return False
 
 
 def _dense(t: torch.Tensor) -> bool:

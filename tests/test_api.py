@@ -767,3 +767,18 @@ def test_compile_leaves_the_users_plain_tensor_state_alone(verify):
     model = _Stateful().eval()
     graphprune.compile(model, (torch.randn(4, 8),), ratio=0.5, importance="l2", verify=verify)
     assert float(model.calls) == 0.0 and not model.ema.any()
+
+
+def test_a_streaming_dataloader_is_calibration():
+    """A DataLoader over an IterableDataset has ``__len__`` and raises in it: the check for empty calibration
+    turned every such loader into a TypeError (survey 17)."""
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            return iter([torch.randn(*IMAGE[1:], generator=g) for _ in range(6)])
+
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=2)
+    small = graphprune.compile(Residual().eval(), (torch.randn(*IMAGE),), ratio=0.5, importance="activation",
+                               calibration=loader)
+    assert small.report.form == "module"

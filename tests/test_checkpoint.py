@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -348,3 +349,21 @@ def test_save_and_load_mistakes_are_graphprune_errors(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(graphprune.GraphpruneError, match="truncated"):
         graphprune.load(Residual(), tmp_path / "m")
+
+
+def test_a_removal_with_unequal_chunk_parts_still_builds(tmp_path):
+    """Checkpoints saved before a chunk's parts were kept equal hold unequal halves: load replays them, and
+    make_plan refused with advice about remove_lowest (survey 17). The graph splits them at their sizes."""
+    from oracle import dead_twin
+    from graphprune.pruner import Pruner
+    from test_module_form import _YoloBackbone
+
+    torch.manual_seed(0)
+    model, x = _YoloBackbone(True).eval(), torch.randn(2, 3, 32, 32)
+    p = Pruner(model, (x,), None, (), "l2")
+    g = next(g for g in p.groups if g.even is not None)
+    first_part = np.flatnonzero(g.even == 0)
+    small = p.prune({g.id: first_part[:3]})
+    with torch.no_grad():
+        for o in (x, torch.randn(3, 3, 32, 32)):  # the exported graph keeps the example's image size
+            torch.testing.assert_close(small(o), dead_twin(model, small)(o), rtol=1e-4, atol=1e-4)
