@@ -451,27 +451,45 @@ def _fill_rounded(p: Pruner, norm: dict, meter: Meter, q: int, target: float, be
     in step (query heads, chunks, multiples) are left as they are."""
     removed, at = dict(best[0]), best[1]
     free = [g for g in p.groups if g.part_of is None and g.even is None and g.multiple == 1]
+    # A group leaves for good once it has nothing to give back, or its offer overshoots: giving
+    # units back only raises what every later offer costs, so it would overshoot again. Without
+    # this every round metered every group (resnet50 at round_to=8: 4-14 s).
+    live = [g for g in free if _offer(g, removed, norm, q) is not None]
     for _ in range(4 * len(free)):
-        if target - at <= FILL_TOL:
+        if target - at <= FILL_TOL or not live:
             break
-        options = []
-        for g in free:
-            gone = removed.get(g.id)
-            if gone is None or not len(gone):
+        options, fits = [], []
+        for g in live:
+            offer = _offer(g, removed, norm, q)
+            if offer is None:
                 continue
-            back = min(q, len(gone)) if len(gone) <= q or (g.n_units - len(gone) + q) % q == 0 else 0
-            if not back:
-                continue
-            order = gone[np.argsort(-norm[g.id][gone], kind="stable")]
-            rest = np.sort(order[back:])
-            cand = {**removed, g.id: rest} if len(rest) else {k: v for k, v in removed.items() if k != g.id}
+            cand, score = offer
             c = meter(cand)
-            if at <= c <= target:  # units that cost nothing come back first
-                options.append((float(norm[g.id][order[:back]].sum()) / max(c - at, 1e-12), cand, c))
+            if c > target:
+                continue
+            fits.append(g)
+            if c >= at:  # units that cost nothing come back first
+                options.append((score / max(c - at, 1e-12), cand, c))
+        live = fits
         if not options:
             break
         _, removed, at = max(options, key=lambda o: o[0])
     return (removed, at) if at > best[1] else best
+
+
+def _offer(g, removed: dict, norm: dict, q: int) -> tuple[dict, float] | None:
+    """The removal with ``q`` of ``g``'s removed units back (its best-scoring ones; all of them
+    where fewer are removed), and their score; None where it has none to give in whole multiples."""
+    gone = removed.get(g.id)
+    if gone is None or not len(gone):
+        return None
+    back = min(q, len(gone)) if len(gone) <= q or (g.n_units - len(gone) + q) % q == 0 else 0
+    if not back:
+        return None
+    order = gone[np.argsort(-norm[g.id][gone], kind="stable")]
+    rest = np.sort(order[back:])
+    cand = {**removed, g.id: rest} if len(rest) else {k: v for k, v in removed.items() if k != g.id}
+    return cand, float(norm[g.id][order[:back]].sum())
 
 
 FILL_TOL = 0.01  # a budget search that lands further under its target than this steps over the unit that overshot

@@ -25,7 +25,7 @@ import torch
 
 from . import hf, module_form
 from .errors import GraphpruneError, first_line
-from .trace import shadow
+from .trace import shadow, to_meta
 
 FORMAT = "graphprune/1"
 PRUNED_CONFIG = "pruned_config.json"  # a config from_pretrained would build another model from
@@ -357,6 +357,38 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     return out
 
 
+def composed(now: dict, before: dict, *, folded: bool = False) -> dict:
+    """The record of a model pruned from a graphprune result (``prune_iteratively``'s steps,
+    ``compile(compile(m))``) with, under ``first``, what ``save`` writes: the pruning restated
+    against the first original, so that ``load`` rebuilds it onto a freshly built one. Every
+    kept index list is the earlier one read at the new one's positions; the original, its
+    class, example and mode are the first step's. The record itself stays this step's (the
+    module form reads the shapes this step pruned from). Where the steps cannot be stated as
+    one pruning (other pipelines, tensors the earlier original did not have), ``unsaveable``
+    says why."""
+    before = {**before, **before.get("first", {})}
+    first = {"original": before["original"], "source": before["source"], "example": before["example"],
+             "training": before["training"], "method": before["method"],
+             "ignore": [i for i in now["ignore"] if i in before["ignore"]]}
+    if now["pipeline"] != before["pipeline"]:
+        first["unsaveable"] = (f"its steps ran different pipelines ({before['pipeline']!r}, then {now['pipeline']!r}); "
+                               "prune every step with the same pipeline")
+    unknown = sorted({name for name, _ in now["kept"] if name not in before["original"]})
+    if unknown:
+        first["unsaveable"] = (f"the later step pruned tensors the first original does not have ({', '.join(unknown[:4])}); "
+                               "save the state_dict yourself")
+    if folded or before.get("unsaveable_graph"):  # a Hugging Face module form's RMSNorms carry their width (hf._fold_rms)
+        first["unsaveable_graph"] = (
+            "it was pruned as a graph from a Hugging Face model graphprune had pruned before, whose RMSNorm weights "
+            "carry that first pruning's width; load rebuilds from the original and would apply it twice (16% off). "
+            "Compile the original once to the final budget, or keep the module form (output='module')")
+    kept = dict(before["kept"])
+    for key, idx in now["kept"].items():
+        kept[key] = np.asarray(before["kept"][key])[np.asarray(idx)] if key in before["kept"] else idx
+    first["kept"] = kept
+    return {**now, "first": first}
+
+
 def _all_on_meta(model: torch.nn.Module) -> None:
     """A shadow of an original built on meta, with the tensors that stayed on a real device moved there
     too (Wav2Vec2's ``torch.Tensor(n)`` ignores the ``torch.device("meta")`` context): the two met in its
@@ -365,7 +397,7 @@ def _all_on_meta(model: torch.nn.Module) -> None:
         for store in (mod._parameters, mod._buffers):
             for k, t in list(store.items()):
                 if t is not None and not t.is_meta:
-                    moved = torch.empty_like(t, device="meta")
+                    moved = to_meta(t.detach())
                     store[k] = torch.nn.Parameter(moved, t.requires_grad) if isinstance(t, torch.nn.Parameter) else moved
 
 

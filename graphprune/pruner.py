@@ -387,8 +387,10 @@ class Pruner:
         if before is not None and "kept" in before and "original" in before:  # a graphprune result, pruned again
             from .hf import is_hf
 
-            out.meta["graphprune"] = _composed(out.meta["graphprune"], before,
-                                               folded=before.get("form") == "module" and is_hf(self.model))
+            from .checkpoint import composed
+
+            out.meta["graphprune"] = composed(out.meta["graphprune"], before,
+                                              folded=before.get("form") == "module" and is_hf(self.model))
         return out
 
 
@@ -404,38 +406,6 @@ def _dense(t: torch.Tensor) -> bool:
     """Contiguous in some memory format (a channels-last image is the user's choice, kept)."""
     formats = {4: torch.channels_last, 5: torch.channels_last_3d}
     return t.is_contiguous() or (t.dim() in formats and t.is_contiguous(memory_format=formats[t.dim()]))
-
-
-def _composed(now: dict, before: dict, *, folded: bool = False) -> dict:
-    """The record of a model pruned from a graphprune result (``prune_iteratively``'s steps,
-    ``compile(compile(m))``) with, under ``first``, what ``save`` writes: the pruning restated
-    against the first original, so that ``load`` rebuilds it onto a freshly built one. Every
-    kept index list is the earlier one read at the new one's positions; the original, its
-    class, example and mode are the first step's. The record itself stays this step's (the
-    module form reads the shapes this step pruned from). Where the steps cannot be stated as
-    one pruning (other pipelines, tensors the earlier original did not have), ``unsaveable``
-    says why."""
-    before = {**before, **before.get("first", {})}
-    first = {"original": before["original"], "source": before["source"], "example": before["example"],
-             "training": before["training"], "method": before["method"],
-             "ignore": [i for i in now["ignore"] if i in before["ignore"]]}
-    if now["pipeline"] != before["pipeline"]:
-        first["unsaveable"] = (f"its steps ran different pipelines ({before['pipeline']!r}, then {now['pipeline']!r}); "
-                               "prune every step with the same pipeline")
-    unknown = sorted({name for name, _ in now["kept"] if name not in before["original"]})
-    if unknown:
-        first["unsaveable"] = (f"the later step pruned tensors the first original does not have ({', '.join(unknown[:4])}); "
-                               "save the state_dict yourself")
-    if folded or before.get("unsaveable_graph"):  # a Hugging Face module form's RMSNorms carry their width (hf._fold_rms)
-        first["unsaveable_graph"] = (
-            "it was pruned as a graph from a Hugging Face model graphprune had pruned before, whose RMSNorm weights "
-            "carry that first pruning's width; load rebuilds from the original and would apply it twice (16% off). "
-            "Compile the original once to the final budget, or keep the module form (output='module')")
-    kept = dict(before["kept"])
-    for key, idx in now["kept"].items():
-        kept[key] = np.asarray(before["kept"][key])[np.asarray(idx)] if key in before["kept"] else idx
-    first["kept"] = kept
-    return {**now, "first": first}
 
 
 def _own_storage(out: torch.nn.Module, model: torch.nn.Module) -> None:
