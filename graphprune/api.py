@@ -13,16 +13,16 @@ from contextlib import contextmanager
 import torch
 
 from .allocate import RULES, Constraints, allocate, blocked_hint, light_report, original_params, params_read, report
-from .batches import as_call, regroup
+from .batches import as_call, read_batches, regroup
 from .errors import GraphpruneError, GraphpruneWarning, first_line
 from .flops import count_flops, latency_ratio
 from .groups import Analysis, analyze_graph
-from .meta_keys import FIXED_DIMS
+from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS
 from . import auto, module_form
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore, matching_ratio
 from .reconstruct import thin_calibration
-from .trace import on_meta, trace, unwrapped
-from .verify import Verification, verified, why_not
+from .trace import on_meta, shadow, trace, unwrapped
+from .verify import Verification, check_trace, verified, why_not
 
 
 
@@ -182,8 +182,8 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         raise GraphpruneError("target_latency times the model running, and its weights are on the meta device: "
                               "load them first, or give target_flops or target_params (counted on shapes alone)")
     choosing = importance == "auto" and calibration is not None
-    if choosing or allocation == "measured" or (calibration is not None and iter(calibration) is calibration):
-        calibration = list(calibration)  # scored, judged and refit on: iterated more than once (a generator once only)
+    if calibration is not None:
+        calibration = read_batches(calibration)  # scored, judged and refit on: read once (a generator gives them once only)
     with _gc_paused():
         p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn, pipeline,
                    bool(reconstruct), check_trace=verify and why_not(model) is None)
@@ -486,6 +486,32 @@ def _over_budget(top, p, rep) -> str | None:
     return None
 
 
+def _trace_agrees(model, p, why: str) -> None:
+    """With ``verify=False`` nothing checked the trace, and the model's own forward has just
+    disagreed with the pruned graph: one of the two is wrong. Symbolic tracing takes
+    ``if torch.is_tensor(h)`` the wrong way, and the graph came back 0.5 off at ratio 0
+    (survey 18). One run of each, unpruned, on the example says which; a graph that is
+    wrong is refused, not returned."""
+    if why_not(model) is not None:
+        return
+    problem, _ = check_trace(shadow(model), p.gm, p.example_inputs, dict(p.example_kwargs or {}))
+    if problem:
+        raise GraphpruneError(
+            f"the traced graph ({p.analysis.method}) does not compute what {type(model).__name__} computes on the "
+            f"example, before anything is removed ({problem}), and with verify=False nothing checked it. No model "
+            "was returned: pass verify=True, which checks the trace and retraces it with torch.export where it "
+            "differs")
+
+
+def _zeroed_twin(p, out) -> dict | None:
+    """The kept slices that state the dead twin by zeroed weights alone, or None where a removed
+    group is routed over (a removed expert is one no token goes to: ``verify.twin_graph``)."""
+    widths = out.meta["graphprune"]["widths"]
+    if any(g.fills and widths.get(g.id, (0, 0))[1] < widths.get(g.id, (0, 0))[0] for g in p.analysis.groups):
+        return None
+    return out.meta["graphprune"]["kept"]
+
+
 def _choose_form(model, out, p, output: str, rep):
     """(result, "module" or "graph", why): the module form where it is asked for and verified,
     and, counted on it, within the budget (``_over_budget``; ``rep`` then gives its counts)."""
@@ -501,9 +527,18 @@ def _choose_form(model, out, p, output: str, rep):
     if runs:
         why = module_form.differs(top, out, p.example_inputs, dict(p.example_kwargs or {}), params=p.param_writes,
                                   original=model)
+        if why and not p.check_trace:
+            _trace_agrees(model, p, why)
+        example = p.gm.meta.get(EXAMPLE, (p.example_inputs, dict(p.example_kwargs or {})))
+        why = why or module_form.beyond(model, top, example, p.gm.meta.get(BOUNDED_DIMS),
+                                        kept=_zeroed_twin(p, out), pruned=out, params=p.param_writes)
     if top is not None:  # on meta weights this runs nothing: modules the trace never ran are refused
         why = why or module_form.trains(model, top, p.example_inputs, dict(p.example_kwargs or {}), unseen,
-                                       params=p.param_writes)
+                                       kept=_zeroed_twin(p, out), pruned=out, params=p.param_writes)
+        if why and why.startswith(module_form.TRAIN_PATH):
+            warnings.warn(GraphpruneWarning(
+                f"the result is a graph: {why}. The graph runs the path traced in eval mode in both modes, so "
+                "fine-tuning it leaves out what the model's forward does only in training"), stacklevel=3)
     if runs:
         why = why or _over_budget(top, p, rep)
     if top is None or why:

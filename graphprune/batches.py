@@ -13,11 +13,34 @@ which input the graph has no place for.
 from __future__ import annotations
 
 import inspect
+import itertools
+import warnings
 from collections.abc import Mapping
 
 import torch
 
-from .errors import GraphpruneError, first_line
+from .errors import GraphpruneError, GraphpruneWarning, first_line
+
+CALIBRATION_CAP = 256  # batches read from a stream or loader; a list is taken whole
+
+
+def read_batches(calibration) -> list:
+    """The calibration batches as a list, read once: criteria, the judge and the refit each go
+    over them. A list or tuple is the user's own choice of batches and is taken whole. A generator,
+    a DataLoader or a stream gives its first ``CALIBRATION_CAP``: an endless generator hung compile
+    while memory grew (survey 18), and a training loader would have been read to its end."""
+    if isinstance(calibration, (list, tuple)):
+        return list(calibration)
+    it = iter(calibration)
+    out = list(itertools.islice(it, CALIBRATION_CAP))
+    if next(it, _END) is not _END:
+        warnings.warn(GraphpruneWarning(
+            f"calibration is a stream or loader with more than {CALIBRATION_CAP} batches: compile read the first "
+            f"{CALIBRATION_CAP}. Pass a list of batches to choose how many"), stacklevel=3)
+    return out
+
+
+_END = object()
 
 
 def as_call(batch, example_kwargs: dict | None = None) -> tuple[tuple, dict]:

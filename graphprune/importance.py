@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from .batches import as_call, flat_inputs
+from .batches import as_call, flat_inputs, regroup
 from .errors import GraphpruneError
 from .groups import Group
 from .meta_keys import CANON
@@ -105,6 +105,7 @@ class ScoreContext:
         fisher = {n: torch.zeros_like(t) for n, t in params.items()}
         units = {g.id: np.zeros(g.n_units) for g in self.groups} if with_units else None
         for args, kwargs, batch in self._calls("gradients"):
+            args, kwargs = regroup(self.gm, args, kwargs)  # keyword batches for an exported graph's positional inputs
             out = functional_call(self.gm, {**others, **params}, args, kwargs)
             loss = self.loss_fn(out, batch)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from .batches import as_call
+from .batches import as_call, read_batches
 from .errors import GraphpruneError
 from .flops import count_flops
 
@@ -94,7 +94,7 @@ def prune_iteratively(model: torch.nn.Module, example_inputs: tuple, *, target_f
         raise GraphpruneError(f"target_flops must be a fraction of the original in (0, 1], got {target_flops!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise GraphpruneError(f"steps must be a whole number >= 1, got {steps!r}")
-    calibration = list(calibration) if calibration is not None else None
+    calibration = read_batches(calibration) if calibration is not None else None
     if compile_kw.get("ignore"):  # every step prunes a copy: a module object of the user's model names nothing in it
         compile_kw["ignore"] = check_ignore(model, compile_kw["ignore"])
     base = count_flops(model, example_inputs)

@@ -12,6 +12,7 @@ and on ``gm.meta`` (the GraphModule):
 | ``gp_plan`` | ``Pruner.prune`` (read by ``shrink-params``) | ``(value_key, axis) -> kept indices`` for every dim that shrinks |
 | ``gp_example`` | ``trace`` | the example ``(args, kwargs)``, so the pass manager can re-run shapes |
 | ``gp_fixed_dims`` | ``trace`` (torch.export) | the input dims the exported graph fixed to the example's size, as ``"x dim 2 (16)"`` |
+| ``gp_bounded_dims`` | ``trace`` (torch.export) | input dims the exported graph keeps symbolic but bounds (the code branched on them): ``[(lower, upper or None, [(input leaf, dim), ...])]`` |
 | ``gp_numbers`` | ``groups.build`` (read by ``shrink-params``) | ``sizes.NumberUse`` list: widths read as numbers, frozen where they shrink |
 | ``graphprune`` | ``Pruner.prune`` | method, widths per group, unsupported ops |
 | ``gp_original_flops``, ``gp_original_params``, ``gp_unread``, ``gp_positions`` | ``allocate``, ``auto`` | counts (and the parameter names the forward never reads) of the traced original, cached (``CACHED``: never copied into a pruned graph, where they would be stale) |
@@ -21,6 +22,7 @@ CANON = "gp_canon"
 PLAN = "gp_plan"
 EXAMPLE = "gp_example"
 FIXED_DIMS = "gp_fixed_dims"
+BOUNDED_DIMS = "gp_bounded_dims"
 NUMBERS = "gp_numbers"
 ORIGINAL_FLOPS = "gp_original_flops"
 ORIGINAL_PARAMS = "gp_original_params"

@@ -216,50 +216,214 @@ def _layer_mismatch(ours: dict, theirs: dict) -> str | None:
 
 
 def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: dict, unseen: list[str], *,
-           params: bool = True) -> str | None:
+           kept: dict | None = None, pruned: torch.nn.Module | None = None, params: bool = True) -> str | None:
     """Why the module form cannot be trusted in training mode, or None.
 
     The trace saw the forward in one mode; the user fine-tunes the result in
-    training mode, where the user's forward can take paths the trace never saw.
-    GoogLeNet's and Inception-v3's auxiliary heads run only in training: they read
-    activations whose channels were pruned, with their own input widths as they
-    were, so the module form passed every eval check and failed at the first
-    training step. What matters is weights the trace never ran (``unseen``, from
-    ``unreached``): where there are none, nothing is run here. Where there are,
-    both run in training mode, the original on a shadow (``trace.shadow``), both on
-    copies of their tensors (parameters too where ``params``: the forward writes to
-    them), so neither the user's model nor the result changes. Outputs cannot be
-    compared (the original is unpruned, dropout draws): the module form must run
-    where the original does, and a width mismatch raises. Where the original
-    itself cannot run so (it fails in training mode on the example: Inception-v3's
-    auxiliary head at 160x160, a detector without targets; or it is too large to
-    copy), nothing shows the unseen weights take the pruned widths: refused."""
+    training mode, where the user's forward can take paths the trace never saw:
+    GoogLeNet's auxiliary heads read pruned activations with their old input
+    widths, and a centring ``if self.training: h = h - h.mean(1)`` averages over
+    pruned channels (0.045 off its dead twin, survey 18). So both run in training
+    mode on the example: the module form, and the original on a shadow
+    (``trace.shadow``) holding the pruned graph's tensors (``pruned``, refit
+    included) where ``kept`` names them and zeros elsewhere, its dead twin; dropout is switched off (``_no_dropout``) and both draw from one seed.
+    Both run on copies of their tensors (parameters too where ``params``: the
+    forward writes to them), so neither the user's model nor the result changes.
+    Without ``kept`` (a twin zeroed weights cannot state: experts no token is
+    routed to) the module form need only run where the original does. Where the
+    original itself cannot run so (Inception-v3's auxiliary head at 160x160, a
+    detector without targets; or it is too large to copy), nothing is compared,
+    and modules the trace never ran (``unseen``) are refused: nothing shows they
+    take the pruned widths."""
     from .trace import shadow
-    from .verify import why_not
+    from .verify import swapped, why_not
 
-    if not unseen:
-        return None  # every weight ran in the trace: a path it missed would be weightless (costs a forward of each)
     cannot = why_not(model)
     if cannot is None:
         theirs, mine = shadow(model), hf.example_kwargs(top, kwargs) or {}
-        with training(theirs, top), on_copies(theirs, top, params=params):
+        dead = _dead(theirs, kept, pruned) if kept is not None else {}
+        with training(theirs, top), swapped(theirs, dead), on_copies(theirs, top, params=params), _no_dropout():
             try:
-                _run(theirs, args, kwargs)
+                ref = _run(theirs, args, mine if kept is not None else kwargs)
             except Exception as e:  # noqa: BLE001 - the original does not run so either: nothing to hold the result to
                 cannot = f"the original fails in training mode on the example: {type(e).__name__}"
             else:
                 try:
-                    _run(top, args, mine)
+                    got = _run(top, args, mine)
                 except Exception as e:  # noqa: BLE001
                     return (f"in training mode the model's forward fails on the pruned modules ({type(e).__name__}: "
                             f"{first_line(e)[:160]}): it takes a path the trace did not see (modules "
                             "that run only in training, such as auxiliary heads; delete them from the model, "
                             "e.g. model.aux1 = None, to keep its own classes)")
-    if cannot is None:
+                bad = mismatch(got, ref, TRAIN_RTOL) if kept is not None else None
+                if bad:
+                    return (f"{TRAIN_PATH} ({bad}): it takes a path in training mode that the trace (in eval mode) "
+                            "did not see, and that path reads the pruned channels")
+    if cannot is None or not unseen:
         return None
     return (f"modules with weights that the traced forward never runs ({', '.join(unseen[:4])}"
             f"{', ...' if len(unseen) > 4 else ''}) could not be checked in training mode ({cannot}), and in the "
             "model's own classes they would run on pruned widths; delete them from the model to keep its classes")
+
+
+def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list | None, *,
+           kept: dict | None, pruned: torch.nn.Module, params: bool = True) -> str | None:
+    """Why the module form cannot be trusted on inputs the trace did not cover, or None.
+
+    The user's forward runs whatever it is called with; the trace saw one path.
+    - torch.export bounds a symbolic dim the code branches on (``if x.shape[0] > 4`` at
+      batch 2 gives batch in [2, 4]: ``trace._bounded_dims``). The graph refuses a batch of
+      8; the user's forward takes it, down the other branch: a centring there over pruned
+      channels was 0.04 off its dead twin (survey 18). So each bound is stepped past.
+    - A keyword flag the example left at its default (``normalize=False``) is flipped: the
+      exported graph fixed it, the user's forward branches on it (0.05 off).
+    On each such input the module form is held to its dead twin (``_dead``: the original's
+    own forward, removed slices zeroed) where the original takes it."""
+    from .trace import shadow
+    from .verify import _shapes, swapped, why_not
+
+    if kept is None or example is None or why_not(model) is not None:
+        return None
+    cases = _past_bounds(example, bounded or []) + _flipped_flags(model, example)
+    if not cases:
+        return None
+    theirs = shadow(model)
+    dead = _dead(theirs, kept, pruned)
+    for args, kwargs, what in cases:
+        mine = hf.example_kwargs(top, kwargs) or {}
+        with evaluating(theirs, top), swapped(theirs, dead), on_copies(theirs, top, params=params):
+            try:
+                ref = _run(theirs, args, mine)
+            except Exception:  # noqa: BLE001 - the original does not take it either
+                continue
+            try:
+                got = _run(top, args, mine)
+            except Exception as e:  # noqa: BLE001
+                return (f"the model's forward fails on the pruned modules at inputs {_shapes(args)} {what} "
+                        f"({type(e).__name__}: {first_line(e)[:160]})")
+        bad = _alike_where_shaped_alike(got, ref)
+        if bad:
+            return (f"at inputs {_shapes(args)} {what}, the model's forward on the pruned modules differs from the "
+                    f"original with the removed channels zeroed ({bad}): the trace did not see the path its code "
+                    "takes there, and that path reads pruned channels")
+    return None
+
+
+def _alike_where_shaped_alike(got, ref) -> str | None:
+    """``mismatch`` over the outputs whose shapes agree: a flag that returns features
+    (``return_features=True``) returns them at the pruned width, as it should."""
+    from .verify import flatten
+
+    a, b = flatten(got), flatten(ref)
+    if len(a) != len(b):
+        return mismatch(got, ref)
+    same = [i for i, (x, y) in enumerate(zip(a, b))
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape != y.shape)]
+    return mismatch([a[i] for i in same], [b[i] for i in same])
+
+
+def _past_bounds(example, bounded: list) -> list:
+    """(args, kwargs, what) just past each bound torch.export put on a symbolic input dim."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    leaves, spec = tree_flatten((tuple(example[0]), dict(example[1])))
+    tensors = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+    out = []
+    for lo, hi, dims in bounded:
+        for size in ([hi + 1] if hi is not None else []) + ([lo - 1] if lo > 2 else []):
+            moved = list(leaves)
+            for i, d in dims:  # every input dim of that size moves together (one symbol)
+                t = moved[tensors[i]]
+                moved[tensors[i]] = t.index_select(d, torch.arange(size, device=t.device) % t.shape[d])
+            args, kwargs = tree_unflatten(moved, spec)
+            out.append((args, kwargs, f"(the trace took that size only from {lo} to {hi if hi is not None else 'any'})"))
+    return out
+
+
+def _flipped_flags(model: torch.nn.Module, example) -> list:
+    """(args, kwargs, what) with each boolean keyword of ``forward`` that the example leaves at its
+    default flipped. Not for Hugging Face models: their flags (``output_attentions``,
+    ``return_dict``) choose what is returned, not how it is computed."""
+    if hf.is_hf(model):
+        return []
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return []
+    args, kwargs = tuple(example[0]), dict(example[1])
+    named = list(params)
+    out = []
+    for k, prm in params.items():
+        if isinstance(prm.default, bool) and k not in kwargs and named.index(k) >= len(args):
+            out.append((args, {**kwargs, k: not prm.default}, f"with {k}={not prm.default}"))
+    return out
+
+
+# batch statistics amplify summing in another order: VGG-19-BN at batch 1 in training mode was 4.8e-6
+# off its twin at magnitude 0.5, over the eval check's 1e-4 of scale; the paths it looks for are 1e-2 off
+TRAIN_RTOL = 1e-3
+TRAIN_PATH = "in training mode the model's forward on the pruned modules differs from the original with the removed channels zeroed"
+
+
+def _dead(model: torch.nn.Module, kept: dict, pruned: torch.nn.Module | None = None) -> dict:
+    """{id(parameter): its dead twin}: what ``pruned`` (the pruned graph, named as ``model``) holds,
+    put back at the positions ``kept`` ({(name, axis): kept indices}) names, zeros elsewhere. So the
+    twin carries what a refit (``reconstruct``) wrote into the kept columns; where ``pruned`` has
+    no such tensor, or it does not fit, the original's own is zeroed at the removed positions."""
+    theirs = dict(pruned.named_parameters(remove_duplicate=False)) if pruned is not None else {}
+    axes: dict = {}
+    for (name, axis), idx in kept.items():
+        axes.setdefault(name, []).append((axis, torch.as_tensor(idx, dtype=torch.long)))
+    state: dict = {}
+    for name, t in model.named_parameters(remove_duplicate=False):
+        if id(t) in state or (name not in axes and name not in theirs):
+            continue
+        full = theirs[name].detach() if name in theirs else None
+        for axis, idx in sorted(axes.get(name, []), key=lambda a: a[0]):
+            if full is None or full.dim() != t.dim() or full.shape[axis] != len(idx):
+                full = None
+                break
+            shape = list(full.shape)
+            shape[axis] = t.shape[axis]
+            full = full.new_zeros(shape).index_copy_(axis, idx.to(full.device), full)
+        if full is None or full.shape != t.shape:  # the original's own, removed slices zeroed
+            full = t.detach().clone()
+            for axis, idx in axes.get(name, []):
+                gone = torch.ones(t.shape[axis], dtype=torch.bool)
+                gone[idx] = False
+                full.index_fill_(axis, gone.nonzero().flatten().to(full.device), 0.0)
+        elif full is theirs.get(name):
+            full = full.clone()
+        state[id(t)] = full.to(t.dtype)
+    return state
+
+
+_DROPOUTS = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
+
+
+@contextmanager
+def _no_dropout():
+    """Dropout off for a training-mode comparison: a pruned layer draws its mask over fewer
+    channels than its twin, so the masks differ though the code is right. Attention's own
+    dropout goes too. Code that calls dropout under another name keeps it, and then differs."""
+    F = torch.nn.functional
+    saved = {k: getattr(F, k) for k in (*_DROPOUTS, "scaled_dot_product_attention")}
+    sdpa = saved["scaled_dot_product_attention"]
+
+    def attention(*a, **kw):
+        if len(a) > 4:
+            a = (*a[:4], 0.0, *a[5:])
+        kw = {**kw, "dropout_p": 0.0} if len(a) <= 4 else kw
+        return sdpa(*a, **kw)
+
+    try:
+        for k in _DROPOUTS:
+            setattr(F, k, lambda x, *a, **kw: x)
+        F.scaled_dot_product_attention = attention
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(F, k, v)
 
 
 def unreached(model: torch.nn.Module, traced: torch.fx.GraphModule) -> list[str]:

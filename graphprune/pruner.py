@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_map
 
+from .batches import read_batches
 from . import importance as _importance
 from . import reconstruct as _reconstruct
 from . import verify as _verify
@@ -211,8 +212,8 @@ class Pruner:
         self.example_inputs, self.example_kwargs = tree_map(
             lambda t: t.contiguous() if isinstance(t, torch.Tensor) and not _dense(t) else t,
             (self.example_inputs, self.example_kwargs))  # a tensor for a tuple is refused later, by name
-        if self.calibration is not None and iter(self.calibration) is self.calibration:
-            self.calibration = list(self.calibration)  # a generator: read more than once
+        if self.calibration is not None and not isinstance(self.calibration, (list, tuple)):
+            self.calibration = read_batches(self.calibration)  # a generator: read more than once
         if self.calibration is not None and _empty(self.calibration):
             raise GraphpruneError(
                 "calibration holds no batches (an empty list, or a generator an earlier call already used up): the "

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .batches import read_batches
 from .errors import GraphpruneError
 from .flops import count_flops
 from .allocate import report
@@ -149,7 +150,7 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
     if spread < 1:
         raise GraphpruneError(f"spread must be at least 1 (a weight per group within [1/spread, spread]), got {spread!r}")
     if calibration is not None:
-        calibration = list(calibration)  # scored, judged, refit and recalibrated on: read more than once
+        calibration = read_batches(calibration)  # scored, judged, refit and recalibrated on: read more than once
     with _gc_paused():
         p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn)
     if not p.groups:

@@ -27,7 +27,7 @@ from torch.fx._lazy_graph_module import _use_lazy_graph_module
 from torch.nn.utils.stateless import _reparametrize_module
 
 from .errors import GraphpruneError
-from .meta_keys import EXAMPLE, FIXED_DIMS, VAL
+from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, VAL
 from .shuffle import fold_channel_shuffles
 
 
@@ -374,16 +374,54 @@ def _export(model, example_inputs, example_kwargs) -> fx.GraphModule:
     attempts = [wide, (args, kwargs)] if grew else [(args, kwargs)]
     for a, k in attempts:
         try:
-            gm = export(model, a, kwargs=k, strict=False, dynamic_shapes=_dynamic_shapes(model, a, k)).module()
+            ep = export(model, a, kwargs=k, strict=False, dynamic_shapes=_dynamic_shapes(model, a, k))
             break
         except Exception:  # noqa: BLE001 - symbolic batch is a nicety; a static graph still prunes
             continue
     else:
         a, k = args, kwargs
-        gm = export(model, args, kwargs=kwargs, strict=False).module()
+        ep = export(model, args, kwargs=kwargs, strict=False)
+    gm = ep.module()
     gm.meta[EXAMPLE] = (a, k)  # the inputs its shapes were recorded with: the between-pass check reruns them
     gm.meta[FIXED_DIMS] = _fixed_dims(gm)
+    gm.meta[BOUNDED_DIMS] = _bounded_dims(ep, a, k)
     return gm
+
+
+def _bounded_dims(ep, args: tuple, kwargs: dict) -> list:
+    """Symbolic input dims the code branched on, so torch.export bounded them (``if x.shape[0] > 4``
+    at batch 2 gives batch in [2, 4]): [(lower, upper or None, [(tensor leaf of (args, kwargs), dim)])].
+    The graph refuses sizes outside; the user's own forward takes them, down a path no trace saw,
+    which ``module_form.beyond`` checks. Leaves are matched to the graph's inputs in order; where
+    they do not line up, nothing is said."""
+    import sympy
+    from torch.utils._pytree import tree_leaves
+    from torch.utils._sympy.numbers import int_oo
+
+    leaves = [t for t in tree_leaves((tuple(args), dict(kwargs))) if isinstance(t, torch.Tensor)]
+    names = ep.graph_signature.user_inputs
+    vals = [n.meta.get(VAL) for n in ep.graph.nodes if n.op == "placeholder" and n.name in names]
+    def size(s) -> int | None:
+        return int(s) if isinstance(s, int) else getattr(getattr(s, "node", None), "hint", None)
+
+    if len(vals) != len(leaves) or any(not isinstance(v, torch.Tensor) or [size(s) for s in v.shape] != list(t.shape)
+                                       for v, t in zip(vals, leaves)):
+        return []
+    where: dict = {}
+    for i, v in enumerate(vals):
+        for d, size in enumerate(v.shape):
+            expr = getattr(getattr(size, "node", None), "expr", None)
+            if isinstance(expr, sympy.Symbol):
+                where.setdefault(expr, []).append((i, d))
+    out = []
+    for sym, dims in where.items():
+        r = ep.range_constraints.get(sym)
+        if r is None:
+            continue
+        lo, hi = int(r.lower), (None if r.upper is int_oo or not r.upper.is_finite else int(r.upper))
+        if lo > 2 or hi is not None:  # 2 is where every symbolic dim starts (sizes 0 and 1 are specialised)
+            out.append((lo, hi, dims))
+    return out
 
 
 def _fixed_dims(gm: fx.GraphModule) -> list[str]:

@@ -1,3 +1,4 @@
+import itertools
 import warnings
 
 import pytest
@@ -769,6 +770,83 @@ def test_compile_leaves_the_users_plain_tensor_state_alone(verify):
     assert float(model.calls) == 0.0 and not model.ema.any()
 
 
+class _Masked(nn.Module):
+    """Traced by torch.export (``is_tensor`` defeats symbolic tracing), with a keyword-only mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, x, *, mask=None):
+        h = torch.relu(self.a(x))
+        if torch.is_tensor(h):
+            h = h + 0.1
+        return self.c(torch.relu(self.b(h if mask is None else h * mask)))
+
+
+def test_taylor_takes_keyword_batches_for_an_exported_graph():
+    """Batches naming the positional input by keyword reached the exported graph's gradient run as
+    they were: 'keyword mismatch', while activation and auto took them (survey 18)."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(16, 8), torch.rand(16, 32)
+    calib = [{"x": x[i:i + 4], "mask": mask[i:i + 4]} for i in range(0, 16, 4)]
+    small = graphprune.compile(_Masked().eval(), (x[:2],), example_kwargs={"mask": mask[:2]}, ratio=0.5,
+                               importance="taylor", calibration=calib, loss_fn=lambda out, batch: out.pow(2).mean())
+    assert graphprune.count_params(small) < graphprune.count_params(_Masked())
+
+
+class _WarmsUp(nn.Module):
+    """A forward that counts its calls in a plain int and behaves otherwise after two."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = torch.relu(self.a(x))
+        return self.b(h * 0.5 if self.calls > 2 else h)
+
+
+def test_the_result_starts_where_the_users_model_is():
+    """The checks ran the result twice and left its counter at 2, so its first user call took the
+    warmed-up path: 0.15 off at ratio 0 (survey 18). What a run rebinds is put back."""
+    torch.manual_seed(0)
+    model, x = _WarmsUp().eval(), torch.randn(4, 8)
+    small = graphprune.compile(model, (x,), ratio=0.0)
+    assert small.report.form == "module" and small.calls == 0 and model.calls == 0
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(small(x), model(x), rtol=0, atol=0)
+
+
+class _IsTensor(nn.Module):
+    """``torch.is_tensor`` on a traced value is False under symbolic tracing: fx takes the other branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if torch.is_tensor(h):
+            h = h * 2 + 1
+        return self.b(h)
+
+
+def test_without_verify_a_trace_found_wrong_is_refused():
+    """With verify=False the graph came back 0.5 off at ratio 0 although the module form had
+    disagreed with it (survey 18): a disagreement now runs the trace check, which refuses it."""
+    torch.manual_seed(0)
+    model, x = _IsTensor().eval(), torch.randn(4, 8)
+    with pytest.raises(graphprune.GraphpruneError, match="does not compute what _IsTensor computes"):
+        graphprune.compile(model, (x,), ratio=0.0, verify=False)
+    small = graphprune.compile(model, (x,), ratio=0.0)  # the checked path retraces it with torch.export
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=0, atol=0)
+
+
 def test_a_streaming_dataloader_is_calibration():
     """A DataLoader over an IterableDataset has ``__len__`` and raises in it: the check for empty calibration
     turned every such loader into a TypeError (survey 17)."""
@@ -782,3 +860,27 @@ def test_a_streaming_dataloader_is_calibration():
     small = graphprune.compile(Residual().eval(), (torch.randn(*IMAGE),), ratio=0.5, importance="activation",
                                calibration=loader)
     assert small.report.form == "module"
+
+
+@pytest.mark.parametrize("how", ["generator", "loader"])
+def test_an_endless_stream_is_read_to_a_cap(how):
+    """``list(calibration)`` on ``while True: yield batch`` never returned, memory growing (survey 18);
+    a training loader was read to its end. A stream gives its first CALIBRATION_CAP batches, and
+    says so; the same batches as a list give the same model."""
+    from graphprune.batches import CALIBRATION_CAP
+
+    def endless():
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield (torch.randn(2, 8, generator=g),)
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(2 * CALIBRATION_CAP + 6, 8, generator=g))
+    make = {"generator": endless, "loader": lambda: torch.utils.data.DataLoader(data, batch_size=2)}[how]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    with pytest.warns(graphprune.GraphpruneWarning, match=f"read the first {CALIBRATION_CAP}"):
+        small = graphprune.compile(model, (torch.randn(2, 8),), ratio=0.5, importance="activation", calibration=make())
+    first = list(itertools.islice(iter(make()), CALIBRATION_CAP))
+    same = graphprune.compile(model, (torch.randn(2, 8),), ratio=0.5, importance="activation", calibration=first)
+    torch.testing.assert_close(small[0].weight, same[0].weight, rtol=0, atol=0)

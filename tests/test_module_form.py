@@ -380,6 +380,129 @@ def test_a_model_in_training_mode_with_a_training_branch_compiles():
         torch.testing.assert_close(small.eval()(x), ref_eval, rtol=1e-4, atol=1e-5)
 
 
+class _CentreInTraining(_ScaleInTraining):
+    """A training-only branch that reads the pruned channels: a centring over them."""
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.training:
+            h = h - h.mean(1, keepdim=True)
+        return self.b(h)
+
+
+def test_a_training_branch_that_reads_pruned_channels_is_not_returned_as_the_users_class():
+    """The eval-mode checks never ran the branch, and the module form averaged over 8 channels where
+    its dead twin averages over 16: 0.04 off in training mode, in silence (survey 18). It comes back
+    as the graph, with a warning that says the graph runs the traced path in both modes."""
+    from oracle import dead_twin
+
+    torch.manual_seed(0)
+    model, x = _CentreInTraining().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.warns(graphprune.GraphpruneWarning, match="in training mode"):
+        small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "graph" and "in training mode" in small.report.form_why
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-4, atol=1e-5)
+
+
+class _CentreInBigBatches(_ScaleInTraining):
+    """A branch on the batch size: symbolic tracing fails on it, torch.export bounds the batch."""
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if x.shape[0] > 4:
+            h = h - h.mean(1, keepdim=True)
+        return self.b(h)
+
+
+def test_a_branch_on_a_size_past_the_traced_bound_keeps_the_graph():
+    """Exported at batch 2 the graph took batches 2 to 4; the user's forward at batch 8 ran the
+    other branch, a mean over the pruned channels, 0.04 off its dead twin (survey 18). Just past
+    the bound the module form is held to its twin; here it differs, so the graph comes back and
+    refuses that batch loudly."""
+    from oracle import dead_twin
+
+    torch.manual_seed(0)
+    model, x = _CentreInBigBatches().eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "graph" and "from 2 to 4" in small.report.form_why
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-4, atol=1e-5)
+        with pytest.raises(Exception, match="Guard failed"):
+            small(torch.randn(8, 3, 8, 8))
+    harmless = graphprune.compile(_ScaleInBigBatches().eval(), (x,), ratio=0.5, importance="l1")
+    assert harmless.report.form == "module", harmless.report.form_why
+
+
+class _ScaleInBigBatches(_ScaleInTraining):
+    """The same branch, down a path that reads no pruned channel in a way that matters."""
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if x.shape[0] > 4:
+            h = h * 0.5
+        return self.b(h)
+
+
+class _Flagged(_ScaleInTraining):
+    """A keyword flag the example leaves at its default: one value centres over the channels, the
+    other returns the hidden features (at the pruned width, as a pruned model should)."""
+
+    def forward(self, x, normalize=False, return_features=False):
+        h = torch.relu(self.a(x))
+        if normalize:
+            h = h - h.mean(1, keepdim=True)
+        return (self.b(h), h) if return_features else self.b(h)
+
+
+class _FeaturesOnly(_ScaleInTraining):
+    def forward(self, x, return_features=False):
+        h = torch.relu(self.a(x))
+        return (self.b(h), h) if return_features else self.b(h)
+
+
+def test_a_flag_left_at_its_default_is_tried_the_other_way():
+    """The exported graph fixed ``normalize=False``; the user's forward ran ``normalize=True`` on the
+    pruned modules 0.05 off its dead twin (survey 18). Flipped, it differs, so the graph comes back
+    (it refuses the keyword). A flag that only returns features of the pruned width keeps the module form."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(_Flagged().eval(), (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "graph" and "normalize=True" in small.report.form_why
+    kept = graphprune.compile(_FeaturesOnly().eval(), (x,), ratio=0.5, importance="l1")
+    assert kept.report.form == "module", kept.report.form_why
+    assert kept(x, return_features=True)[1].shape[1] == 8
+
+
+class _Dropped(nn.Module):
+    """Dropout as a module, as a function and inside attention: random in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.drop, self.b = nn.Linear(8, 32), nn.Dropout(0.5), nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = self.drop(torch.relu(self.a(x)))
+        h = F.dropout(h, 0.3, self.training)
+        q = self.b(h).view(x.shape[0], 4, 4)
+        return F.scaled_dot_product_attention(q, q, q, dropout_p=0.2 if self.training else 0.0)
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_dropout_does_not_cost_the_module_form(refit):
+    """The training-mode comparison switches dropout off: a pruned layer draws its mask over
+    fewer channels than its twin, and the two would differ with the code right. A refit
+    rewrites the kept columns of the layer after; the twin holds them too."""
+    torch.manual_seed(0)
+    model = _Dropped().eval()
+    calib = [(torch.randn(64, 8),) for _ in range(8)] if refit else None
+    small = graphprune.compile(model, (torch.randn(4, 8),), ratio=0.5, importance="activation" if refit else "l1",
+                               calibration=calib, reconstruct=refit)
+    assert small.report.form == "module", small.report.form_why
+    assert small.a.out_features == 16
+    assert refit == (not torch.equal(small.b.weight, model.b.weight[:, graphprune.module_form.info(small)["kept"][("b.weight", 1)]]))
+
+
 class _GradReverse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
