@@ -225,8 +225,9 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     def decide() -> dict:
         return decide_with(rule)
 
+    paths = _module_paths(model, p, output) if verify else None
     if verify:
-        out, removed, check = verified(p, decide)
+        out, removed, check = verified(p, decide, extra=paths)
     else:
         removed = decide()
         out, check = p.prune(removed, fit=False), Verification("skipped", "verify=False")
@@ -249,7 +250,10 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
             f"latency measured at {rep.latency:.3f} of the original, over target_latency={target_latency}: the "
             "timings moved between the search and the report (a busy machine, or a target near the device's "
             "speed steps); time it on an idle machine, or ask for a lower target"), stacklevel=2)
-    result, rep.form, rep.form_why = _choose_form(model, out, p, output, rep)
+    # the module form the self-check passed, where nothing changed the weights since (a refit, recalibration)
+    checked = paths.passed[1] if paths and paths.passed and paths.passed[0] is out and not p.reconstruct and not (
+        choice is not None and choice.recalibrate) else None
+    result, rep.form, rep.form_why = _choose_form(model, out, p, output, rep, checked)
     if rep.form == "graph" and p.analysis.method == "export" and model.training and _mode_dependent(model):
         # torch.export records the eval-mode computation: BatchNorm on its running statistics, no dropout,
         # whatever .training says afterwards (raft_large in train mode came back 56-78% off in train mode)
@@ -512,9 +516,39 @@ def _zeroed_twin(p, out) -> dict | None:
     return out.meta["graphprune"]["kept"]
 
 
-def _choose_form(model, out, p, output: str, rep):
+def _module_paths(model, p, output: str):
+    """The self-check's extra test where the result may come back in the user's classes: the
+    module form held to its dead twin on the paths the trace did not see (training mode, past
+    an export size bound, a flipped flag: ``module_form.trains``, ``module_form.beyond``). A
+    mismatch there is a mismatch of the check, so bisection keeps the groups whose removal the
+    other path cannot take (a centring over channels in training) whole, and the result stays
+    the user's class, right in both modes. Where the module form is out anyway (the forward
+    fails on it, or differs from the graph in eval mode: the graph comes back), it says nothing."""
+    if output == "graph" or (p.pipeline or DEFAULT_PIPELINE) != DEFAULT_PIPELINE or why_not(model) is not None:
+        return None
+    args, kwargs = p.example_inputs, dict(p.example_kwargs or {})
+
+    def check(removed: dict, out) -> str | None:
+        top, _ = module_form.build(model, out)
+        if top is None or any(t.is_meta for t in out.parameters()):
+            return None
+        if module_form.differs(top, out, args, kwargs, params=p.param_writes, original=model):
+            return None
+        kept = _zeroed_twin(p, out)
+        why = module_form.beyond(model, top, p.gm.meta.get(EXAMPLE, (args, kwargs)), p.gm.meta.get(BOUNDED_DIMS),
+                                 kept=kept, pruned=out, params=p.param_writes)
+        why = why or module_form.trains(model, top, args, kwargs, [], kept=kept, pruned=out, params=p.param_writes)
+        if why is None:
+            check.passed = (out, top)  # what _choose_form would run again on the same weights
+        return f"the model's own classes: {why}" if why and module_form.TWIN_DIFFERS in why else None
+    check.passed = None
+    return check
+
+
+def _choose_form(model, out, p, output: str, rep, checked=None):
     """(result, "module" or "graph", why): the module form where it is asked for and verified,
-    and, counted on it, within the budget (``_over_budget``; ``rep`` then gives its counts)."""
+    and, counted on it, within the budget (``_over_budget``; ``rep`` then gives its counts).
+    ``checked``: the module form of ``out`` the self-check already held to the graph and its twin."""
     if output not in ("auto", "module", "graph"):
         raise GraphpruneError(f"output must be 'auto', 'module' or 'graph', got {output!r}")
     rep.unrun = unseen = module_form.unreached(model, p.gm)
@@ -522,6 +556,11 @@ def _choose_form(model, out, p, output: str, rep):
         return out, "graph", "output='graph'"
     if output == "auto" and (p.pipeline or DEFAULT_PIPELINE) != DEFAULT_PIPELINE:
         return out, "graph", f"a custom pipeline ({p.pipeline}) may rewrite the graph beyond the model's own code"
+    if checked is not None and not unseen:
+        why = _over_budget(checked, p, rep)
+        if not why:
+            checked._graphprune = {**out.meta["graphprune"], "form": "module"}
+            return checked, "module", "the model's own forward reproduces the pruned graph on the example and another input shape"
     top, why = module_form.build(model, out)
     runs = top is not None and not any(t.is_meta for t in out.parameters())
     if runs:

@@ -303,9 +303,8 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
                         f"({type(e).__name__}: {first_line(e)[:160]})")
         bad = _alike_where_shaped_alike(got, ref)
         if bad:
-            return (f"at inputs {_shapes(args)} {what}, the model's forward on the pruned modules differs from the "
-                    f"original with the removed channels zeroed ({bad}): the trace did not see the path its code "
-                    "takes there, and that path reads pruned channels")
+            return (f"at inputs {_shapes(args)} {what}, the model's forward on the pruned modules {TWIN_DIFFERS} "
+                    f"({bad}): the trace did not see the path its code takes there, and that path reads pruned channels")
     return None
 
 
@@ -362,7 +361,8 @@ def _flipped_flags(model: torch.nn.Module, example) -> list:
 # batch statistics amplify summing in another order: VGG-19-BN at batch 1 in training mode was 4.8e-6
 # off its twin at magnitude 0.5, over the eval check's 1e-4 of scale; the paths it looks for are 1e-2 off
 TRAIN_RTOL = 1e-3
-TRAIN_PATH = "in training mode the model's forward on the pruned modules differs from the original with the removed channels zeroed"
+TWIN_DIFFERS = "differs from the original with the removed channels zeroed"  # in every message of a twin mismatch
+TRAIN_PATH = f"in training mode the model's forward on the pruned modules {TWIN_DIFFERS}"
 
 
 def _dead(model: torch.nn.Module, kept: dict, pruned: torch.nn.Module | None = None) -> dict:

@@ -266,7 +266,10 @@ class Pruner:
         hint = f" In-place ops in the graph: {', '.join(suspects[:8])}." if suspects else ""
         advice = ("make the forward deterministic and free of in-place updates through aliases (write h = h + y "
                   "instead of h += y where h is also used elsewhere), or pass verify=False")
-        if "Guard failed" in f"{first} {problem}":  # torch.export fixed how the input sizes relate at the example
+        if "on a second call" in first:  # state the first call wrote sends later calls down another path
+            advice = ("call the model once before compile, so that what its forward initialises on the first call is "
+                      "done and the trace follows the path every later call takes")
+        elif "Guard failed" in f"{first} {problem}":  # torch.export fixed how the input sizes relate at the example
             advice = ("torch.export fixed a relation between input sizes at the example's sizes, and the check at another "
                       "batch size broke it: give an example with a batch of 2 or more (a batch of 1 is specialised)")
         raise GraphpruneError(

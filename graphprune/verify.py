@@ -383,10 +383,16 @@ def check_trace(model, gm, args: tuple, kwargs: dict) -> tuple[str | None, bool]
     """None if the traced graph computes what ``model`` computes on the example,
     else what differs. Both run on copies of their tensors, so a forward that
     updates state (running statistics, counters, renormalised embeddings)
-    leaves the user's model as it was."""
+    leaves the user's model as it was. Where the model's first call wrote to its
+    tensors, both are called a second time, on other values, carrying that state
+    (``_again``): a one-time initialisation guarded by a buffer flag was traced as
+    taken on every call, and the graph recomputed its scale from each batch, 0.25
+    off from the second call on (survey 18)."""
     args = tuple(args)
     mine, theirs = _copies(model), _copies(gm)
     params = [(t, {**mine, **theirs}[id(t)]) for m in (model, gm) for t in m.parameters()]
+    state = [(n, t, mine[id(t)]) for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) in mine]
+    again, written = None, []
     with evaluating(model, gm):
         with swapped(model, mine):
             try:
@@ -395,13 +401,33 @@ def check_trace(model, gm, args: tuple, kwargs: dict) -> tuple[str | None, bool]
                 raise GraphpruneError(f"{type(model).__name__} fails on its example inputs {_shapes(args)} "
                                       f"({type(e).__name__}: {first_line(e)[:200]}); pass inputs the model "
                                       "takes") from e
+            written = [n for n, orig, copy in state if not torch.equal(orig, copy)]
+            if written:
+                again = _again(args, kwargs)
+                try:
+                    ref2 = _run(model, *again)
+                except Exception:  # noqa: BLE001 - it does not take those values: the first call is all there is
+                    again = None
         with swapped(gm, theirs):
             try:
                 got = _run(gm, args, kwargs)
+                got2 = _run(gm, *again) if again is not None else None
             except Exception as e:  # noqa: BLE001 - a trace that cannot run is a trace that differs
                 return f"the traced graph fails where the model runs ({type(e).__name__}: {first_line(e)[:200]})", \
                     _writes(params)
-    return mismatch(got, ref), _writes(params)
+    bad = mismatch(got, ref)
+    if bad is None and again is not None:
+        bad = mismatch(got2, ref2)
+        if bad:
+            bad = (f"on a second call, after the first wrote {', '.join(written[:4])}, {bad}: the trace took the first "
+                   "call's path for good")
+    return bad, _writes(params)
+
+
+def _again(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Other values of the same shapes for a second call: floating inputs halved (ids and masks kept)."""
+    return tree_map(lambda t: t * 0.5 if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                    (tuple(args), dict(kwargs or {})))
 
 
 def fill_entries(x: torch.Tensor, dim: int, idx: list, value: float) -> torch.Tensor:
@@ -412,8 +438,9 @@ def fill_entries(x: torch.Tensor, dim: int, idx: list, value: float) -> torch.Te
 class Verifier:
     """Checks pruned models of one ``Pruner`` against their dead twins."""
 
-    def __init__(self, p):
+    def __init__(self, p, extra=None):
         self.p = p
+        self.extra = extra  # (removed, pruned graph) -> what else is wrong, or None (``api._module_paths``)
         args, kwargs = p.example_inputs, dict(p.example_kwargs or {})
         self.cases = [(tuple(args), kwargs)]
         self.others = other_inputs(tuple(args), kwargs)  # tried in order until the model takes one
@@ -529,7 +556,7 @@ class Verifier:
                     bad = mismatch(got, ref)
                     if bad:
                         return f"on inputs {_shapes(args)}: {bad}"
-            return None
+            return self.extra(removed, out) if self.extra is not None else None
         finally:
             self.seconds += time.perf_counter() - start
 
@@ -555,16 +582,17 @@ class Verifier:
         return f"group {gid} ({g.n_units} units; parameters of {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}; ops {', '.join(ops[:6])}{' ...' if len(ops) > 6 else ''})"
 
 
-def verified(p, decide, *, rounds: int = 4):
-    """Prune by ``decide()`` (-> removal), check against the twin, and on a mismatch
-    keep the responsible groups whole and decide again. Returns (model, removal, Verification)."""
+def verified(p, decide, *, rounds: int = 4, extra=None):
+    """Prune by ``decide()`` (-> removal), check against the twin (and ``extra``: see
+    ``Verifier``), and on a mismatch keep the responsible groups whole and decide again.
+    Returns (model, removal, Verification)."""
     reason = why_not(p.model)
     p.runtime_checked = reason is None
     removed = decide()
     out = p.prune(removed, fit=False)
     if reason:
         return out, removed, Verification("skipped", reason)
-    v = Verifier(p)
+    v = Verifier(p, extra)
     blocked = []
     for _ in range(rounds):
         problem = v.check(removed, out)

@@ -821,6 +821,40 @@ def test_the_result_starts_where_the_users_model_is():
             torch.testing.assert_close(small(x), model(x), rtol=0, atol=0)
 
 
+class _InitOnce(nn.Module):
+    """ActNorm-style: the first call sets a scale from its batch, guarded by a buffer flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
+        self.register_buffer("inited", torch.tensor(False))
+        self.register_buffer("scale", torch.ones(32))
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if not self.inited:
+            self.scale.copy_(1.0 / (h.std(0) + 1e-3))
+            self.inited.fill_(True)
+        return self.b(h * self.scale)
+
+
+def test_a_first_call_initialisation_is_not_traced_as_every_call():
+    """The trace took the initialising branch for good: its result recomputed the scale from every
+    batch, 0.25 off from the second call on, with verify passed (survey 18). The trace check calls
+    both twice when the first call wrote state, and refuses with the remedy; after one call it prunes."""
+    torch.manual_seed(0)
+    model, x = _InitOnce().eval(), torch.randn(4, 8)
+    with pytest.raises(graphprune.GraphpruneError, match="on a second call.*call the model once before compile"):
+        graphprune.compile(model, (x,), ratio=0.0)
+    assert not model.inited
+    with torch.no_grad():
+        model(x)
+        small = graphprune.compile(model, (x,), ratio=0.0)
+        for _ in range(3):
+            xb = torch.randn(4, 8)
+            torch.testing.assert_close(small(xb), model(xb), rtol=0, atol=0)
+
+
 class _IsTensor(nn.Module):
     """``torch.is_tensor`` on a traced value is False under symbolic tracing: fx takes the other branch."""
 

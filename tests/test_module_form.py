@@ -390,19 +390,34 @@ class _CentreInTraining(_ScaleInTraining):
         return self.b(h)
 
 
-def test_a_training_branch_that_reads_pruned_channels_is_not_returned_as_the_users_class():
-    """The eval-mode checks never ran the branch, and the module form averaged over 8 channels where
-    its dead twin averages over 16: 0.04 off in training mode, in silence (survey 18). It comes back
-    as the graph, with a warning that says the graph runs the traced path in both modes."""
+def _twin_in_both_modes(model, small, cases):
+    """The result against its dead twin (the user's forward, removed slices zeroed) in eval and training mode."""
     from oracle import dead_twin
 
+    twin = dead_twin(model, small)
+    with torch.no_grad():
+        for train in (False, True):
+            twin.train(train), small.train(train)
+            for args, kwargs in cases:
+                torch.testing.assert_close(small(*args, **kwargs), twin(*args, **kwargs), rtol=1e-4, atol=1e-5)
+    small.eval()
+
+
+def test_a_training_branch_that_reads_pruned_channels_keeps_them():
+    """The eval-mode checks never ran the branch, and the module form averaged over 8 channels where
+    its dead twin averages over 16: 0.04 off in training mode, in silence (survey 18). The self-check
+    now holds the module form to its twin in training mode too, and keeps the group the branch reads
+    whole; the result is the user's class and right in both modes. Unchecked, the graph comes back,
+    with a warning that it runs the traced path in both modes."""
     torch.manual_seed(0)
     model, x = _CentreInTraining().eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and small.report.verify.status == "repaired"
+    assert "in training mode" in " ".join(small.report.verify.blocked) and small.a.out_channels == 16
+    _twin_in_both_modes(model, small, [((x,), {})])
     with pytest.warns(graphprune.GraphpruneWarning, match="in training mode"):
-        small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
-    assert small.report.form == "graph" and "in training mode" in small.report.form_why
-    with torch.no_grad():
-        torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-4, atol=1e-5)
+        unchecked = graphprune.compile(model, (x,), ratio=0.5, importance="l1", verify=False)
+    assert unchecked.report.form == "graph" and "in training mode" in unchecked.report.form_why
 
 
 class _CentreInBigBatches(_ScaleInTraining):
@@ -415,23 +430,19 @@ class _CentreInBigBatches(_ScaleInTraining):
         return self.b(h)
 
 
-def test_a_branch_on_a_size_past_the_traced_bound_keeps_the_graph():
+def test_a_branch_on_a_size_past_the_traced_bound_is_checked():
     """Exported at batch 2 the graph took batches 2 to 4; the user's forward at batch 8 ran the
     other branch, a mean over the pruned channels, 0.04 off its dead twin (survey 18). Just past
-    the bound the module form is held to its twin; here it differs, so the graph comes back and
-    refuses that batch loudly."""
-    from oracle import dead_twin
-
+    the bound the module form is held to its twin: the group it reads stays whole, and the result
+    is right at batch 8. A branch whose path reads no channel prunes as before."""
     torch.manual_seed(0)
     model, x = _CentreInBigBatches().eval(), torch.randn(2, 3, 8, 8)
     small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
-    assert small.report.form == "graph" and "from 2 to 4" in small.report.form_why
-    with torch.no_grad():
-        torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-4, atol=1e-5)
-        with pytest.raises(Exception, match="Guard failed"):
-            small(torch.randn(8, 3, 8, 8))
+    assert small.report.form == "module" and "from 2 to 4" in " ".join(small.report.verify.blocked)
+    _twin_in_both_modes(model, small, [((x,), {}), ((torch.randn(8, 3, 8, 8),), {})])
     harmless = graphprune.compile(_ScaleInBigBatches().eval(), (x,), ratio=0.5, importance="l1")
-    assert harmless.report.form == "module", harmless.report.form_why
+    assert harmless.report.form == "module" and harmless.report.verify.status == "passed"
+    assert harmless.a.out_channels == 8
 
 
 class _ScaleInBigBatches(_ScaleInTraining):
@@ -463,12 +474,14 @@ class _FeaturesOnly(_ScaleInTraining):
 
 def test_a_flag_left_at_its_default_is_tried_the_other_way():
     """The exported graph fixed ``normalize=False``; the user's forward ran ``normalize=True`` on the
-    pruned modules 0.05 off its dead twin (survey 18). Flipped, it differs, so the graph comes back
-    (it refuses the keyword). A flag that only returns features of the pruned width keeps the module form."""
+    pruned modules 0.05 off its dead twin (survey 18). Flipped, it differs, so the group it reads stays
+    whole. A flag that only returns features of the pruned width prunes as before."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    small = graphprune.compile(_Flagged().eval(), (x,), ratio=0.5, importance="l1")
-    assert small.report.form == "graph" and "normalize=True" in small.report.form_why
+    model = _Flagged().eval()
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and "normalize=True" in " ".join(small.report.verify.blocked)
+    _twin_in_both_modes(model, small, [((x,), {}), ((x,), {"normalize": True})])
     kept = graphprune.compile(_FeaturesOnly().eval(), (x,), ratio=0.5, importance="l1")
     assert kept.report.form == "module", kept.report.form_why
     assert kept(x, return_features=True)[1].shape[1] == 8
