@@ -457,9 +457,31 @@ def calibration_failed(p: "Pruner", what: str, e: Exception) -> GraphpruneError:
     dims to the example's size (the model itself may take others), it says which."""
     from .meta_keys import FIXED_DIMS
 
+    stale = _stale_example_kwargs(p)
+    if stale:
+        return GraphpruneError(f"{what} failed on the calibration data ({type(e).__name__}: {first_line(e)[:200]}): {stale}")
     fixed = p.gm.meta.get(FIXED_DIMS) or []
     why = (f"the graph was traced with torch.export, which fixed these input dims to the example's size: "
            f"{', '.join(fixed[:6])}{' ...' if len(fixed) > 6 else ''}; give calibration batches of those sizes, or "
            "make the forward traceable by torch.fx" if fixed else
            "give batches the model takes as it takes the example inputs")
     return GraphpruneError(f"{what} failed on the calibration data ({type(e).__name__}: {first_line(e)[:200]}): {why}")
+
+
+def _stale_example_kwargs(p: "Pruner") -> str | None:
+    """Where keyword tensors of the example, which every calibration batch gets unless it gives its
+    own, hold another number of samples than a batch's first input: what went wrong, said so (the
+    guard error named dims the batches had right, survey 18)."""
+    from .batches import as_call
+
+    kw = {k: v for k, v in (p.example_kwargs or {}).items() if isinstance(v, torch.Tensor) and v.dim() >= 1}
+    for batch in p.calibration or ():
+        args, kwargs = as_call(batch)
+        first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 1), None)
+        stale = sorted(k for k, v in kw.items() if k not in kwargs and first is not None and v.shape[0] != first.shape[0])
+        if stale:
+            return (f"example_kwargs {stale} are passed with every calibration batch that does not give its own, and "
+                    f"hold {kw[stale[0]].shape[0]} samples where this batch has {first.shape[0]}: give {stale} in each "
+                    "batch (as a dict of keyword inputs with the positional one by name), or batches of "
+                    f"{kw[stale[0]].shape[0]} samples")
+    return None

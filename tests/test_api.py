@@ -795,6 +795,16 @@ def test_taylor_takes_keyword_batches_for_an_exported_graph():
     assert graphprune.count_params(small) < graphprune.count_params(_Masked())
 
 
+def test_a_keyword_example_tensor_stale_in_calibration_is_named():
+    """The example's mask (2 samples) went with every batch of 4; the error blamed dims torch.export
+    fixed, which the batches had right (survey 18). It now names the keyword and the remedy."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(16, 8), torch.rand(16, 32)
+    with pytest.raises(graphprune.GraphpruneError, match=r"example_kwargs \['mask'\] .* hold 2 samples where this batch has 4"):
+        graphprune.compile(_Masked().eval(), (x[:2],), example_kwargs={"mask": mask[:2]}, ratio=0.5,
+                           importance="activation", calibration=[(x[i:i + 4],) for i in range(0, 16, 4)])
+
+
 class _WarmsUp(nn.Module):
     """A forward that counts its calls in a plain int and behaves otherwise after two."""
 
