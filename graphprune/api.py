@@ -268,6 +268,13 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     if rep.form == "graph" and fixed:  # the user's model may take shapes this graph refuses
         rep.form_why += (". Traced with torch.export, which fixed these input dims to the example's size: "
                          f"{', '.join(fixed[:8])}{' ...' if len(fixed) > 8 else ''}")
+    bounded = p.gm.meta.get(BOUNDED_DIMS)
+    if rep.form == "graph" and bounded:  # the code branched on a size: the graph takes only that side of it
+        spans = [f"{lo} to {hi if hi is not None else 'any'}" for lo, hi, _ in bounded]
+        rep.form_why += (". The forward branches on input sizes, and the graph takes only the sizes the example's "
+                         f"side of each branch covers: {', '.join(spans)}")
+        warnings.warn(GraphpruneWarning(f"the result is a graph that takes only some input sizes (its code branched on "
+                                        f"them: {', '.join(spans)}); see report.form_why"), stacklevel=2)
     result.report = rep
     return result
 
@@ -574,7 +581,7 @@ def _choose_form(model, out, p, output: str, rep, checked=None):
     if top is not None:  # on meta weights this runs nothing: modules the trace never ran are refused
         why = why or module_form.trains(model, top, p.example_inputs, dict(p.example_kwargs or {}), unseen,
                                        kept=_zeroed_twin(p, out), pruned=out, params=p.param_writes)
-        if why and why.startswith(module_form.TRAIN_PATH):
+        if why and why.startswith((module_form.TRAIN_PATH, module_form.TRAIN_FAILS)):
             warnings.warn(GraphpruneWarning(
                 f"the result is a graph: {why}. The graph runs the path traced in eval mode in both modes, so "
                 "fine-tuning it leaves out what the model's forward does only in training"), stacklevel=3)

@@ -865,26 +865,26 @@ def test_a_first_call_initialisation_is_not_traced_as_every_call():
             torch.testing.assert_close(small(xb), model(xb), rtol=0, atol=0)
 
 
-class _IsTensor(nn.Module):
-    """``torch.is_tensor`` on a traced value is False under symbolic tracing: fx takes the other branch."""
+class _AliasedWrite(nn.Module):
+    """``v = h; h += 1``: symbolic tracing records the write out of place, so ``v`` misses it."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
 
     def forward(self, x):
-        h = torch.relu(self.a(x))
-        if torch.is_tensor(h):
-            h = h * 2 + 1
-        return self.b(h)
+        h = self.a(x)
+        v = h
+        h += 1.0
+        return self.b(torch.relu(h)) + v.sum(1, keepdim=True)
 
 
 def test_without_verify_a_trace_found_wrong_is_refused():
-    """With verify=False the graph came back 0.5 off at ratio 0 although the module form had
-    disagreed with it (survey 18): a disagreement now runs the trace check, which refuses it."""
+    """With verify=False the graph came back 16 off at ratio 0 although the module form had
+    disagreed with it (survey 16 r7, survey 18): a disagreement now runs the trace check, which refuses it."""
     torch.manual_seed(0)
-    model, x = _IsTensor().eval(), torch.randn(4, 8)
-    with pytest.raises(graphprune.GraphpruneError, match="does not compute what _IsTensor computes"):
+    model, x = _AliasedWrite().eval(), torch.randn(4, 8)
+    with pytest.raises(graphprune.GraphpruneError, match="does not compute what _AliasedWrite computes"):
         graphprune.compile(model, (x,), ratio=0.0, verify=False)
     small = graphprune.compile(model, (x,), ratio=0.0)  # the checked path retraces it with torch.export
     with torch.no_grad():

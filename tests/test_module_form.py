@@ -487,6 +487,49 @@ def test_a_flag_left_at_its_default_is_tried_the_other_way():
     assert kept(x, return_features=True)[1].shape[1] == 8
 
 
+class _SizeBehindIsTensor(_ScaleInTraining):
+    """``torch.is_tensor`` on a traced value is False under symbolic tracing, which then never met the
+    size test behind it."""
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if torch.is_tensor(h) and x.shape[0] > 4:
+            h = h - h.mean(1, keepdim=True)
+        return self.b(h)
+
+
+class _BatchNormedCentring(nn.Module):
+    """A training-only centring after BatchNorm, and one behind a batch-size test that only training reaches."""
+
+    def __init__(self, at: int = 0):
+        super().__init__()
+        self.at = at
+        self.a, self.bn, self.b, self.c = nn.Linear(16, 64), nn.BatchNorm1d(64), nn.Linear(64, 64), nn.Linear(64, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.a(x)))
+        if self.training and x.shape[0] > self.at:
+            h = h - h.mean(1, keepdim=True)
+        return self.c(torch.relu(self.b(h)))
+
+
+@pytest.mark.parametrize("case", ["is_tensor", "batch_one", "batch_test_in_training"])
+def test_paths_the_eval_trace_hides_are_checked(case):
+    """Survey 19: fx traced past ``torch.is_tensor(h) and x.shape[0] > 4`` (0.43 off from batch 5); a batch-1
+    example could not run BatchNorm in training, so the training check was skipped (0.32 off); and a
+    batch test that only training reaches was checked at the example's batch alone (0.19 off at batch 4).
+    Now the first is traced by torch.export, and the training check also runs one more, different sample."""
+    torch.manual_seed(0)
+    model, x = {"is_tensor": (_SizeBehindIsTensor(), torch.randn(2, 3, 8, 8)),
+                "batch_one": (_BatchNormedCentring(), torch.randn(1, 16)),
+                "batch_test_in_training": (_BatchNormedCentring(at=2), torch.randn(2, 16))}[case]
+    model.eval()
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and small.report.verify.status == "repaired"
+    more = torch.randn(8, *x.shape[1:])
+    _twin_in_both_modes(model, small, [((more,), {}), ((more[:4],), {})])
+
+
 class _Dropped(nn.Module):
     """Dropout as a module, as a function and inside attention: random in training mode."""
 
