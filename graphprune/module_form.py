@@ -225,10 +225,12 @@ def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: di
     GoogLeNet's auxiliary heads read pruned activations with their old input
     widths, and a centring ``if self.training: h = h - h.mean(1)`` averages over
     pruned channels (0.045 off its dead twin, survey 18). So both run in training
-    mode on the example: the module form, and the original on a shadow
-    (``trace.shadow``) holding the pruned graph's tensors (``pruned``, refit
-    included) where ``kept`` names them and zeros elsewhere, its dead twin; dropout is switched off (``_no_dropout``) and both draw from one seed.
-    Both run on copies of their tensors (parameters too where ``params``: the
+    mode on the example and on one more sample (``_one_more``): the module form,
+    and the original on a shadow (``trace.shadow``) holding the pruned graph's
+    tensors (``pruned``, refit included) where ``kept`` names them and zeros
+    elsewhere, its dead twin. Dropout is switched off (``_no_dropout``), batch
+    norms keep their running statistics (``_stats_frozen``), both draw from one
+    seed. Both run on copies of their tensors (parameters too where ``params``: the
     forward writes to them), so neither the user's model nor the result changes.
     Without ``kept`` (a twin zeroed weights cannot state: experts no token is
     routed to) the module form need only run where the original does. Where the
