@@ -22,7 +22,7 @@ from . import auto, module_form
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore, matching_ratio
 from .reconstruct import thin_calibration
 from .trace import on_meta, shadow, trace, unwrapped
-from .verify import Verification, check_trace, verified, why_not
+from .verify import Verification, check_trace, refused_sizes, verified, why_not
 
 
 
@@ -254,6 +254,8 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     checked = paths.passed[1] if paths and paths.passed and paths.passed[0] is out and not p.reconstruct and not (
         choice is not None and choice.recalibrate) else None
     result, rep.form, rep.form_why = _choose_form(model, out, p, output, rep, checked)
+    if check.notes and rep.form == "graph":  # sizes the model takes and the graph refuses: only a module form takes them
+        raise GraphpruneError(refused_sizes(check.notes[0]) + f" (the model's own classes were not an option: {rep.form_why})")
     if rep.form == "graph" and p.analysis.method == "export" and model.training and _mode_dependent(model):
         # torch.export records the eval-mode computation: BatchNorm on its running statistics, no dropout,
         # whatever .training says afterwards (raft_large in train mode came back 56-78% off in train mode)
@@ -535,7 +537,7 @@ def _module_paths(model, p, output: str):
         return None
     args, kwargs = p.example_inputs, dict(p.example_kwargs or {})
 
-    def check(removed: dict, out) -> str | None:
+    def check(removed: dict, out, refused=()) -> str | None:
         top, _ = module_form.build(model, out)
         if top is None or any(t.is_meta for t in out.parameters()):
             return None
@@ -543,7 +545,7 @@ def _module_paths(model, p, output: str):
             return None
         kept = _zeroed_twin(p, out)
         why = module_form.beyond(model, top, p.gm.meta.get(EXAMPLE, (args, kwargs)), p.gm.meta.get(BOUNDED_DIMS),
-                                 kept=kept, pruned=out, params=p.param_writes)
+                                 kept=kept, pruned=out, params=p.param_writes, refused=refused)
         why = why or module_form.trains(model, top, args, kwargs, [], kept=kept, pruned=out, params=p.param_writes)
         if why is None:
             check.passed = (out, top)  # what _choose_form would run again on the same weights

@@ -293,7 +293,7 @@ def _one_more(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list | None, *,
-           kept: dict | None, pruned: torch.nn.Module, params: bool = True) -> str | None:
+           kept: dict | None, pruned: torch.nn.Module, params: bool = True, refused=()) -> str | None:
     """Why the module form cannot be trusted on inputs the trace did not cover, or None.
 
     The user's forward runs whatever it is called with; the trace saw one path.
@@ -303,6 +303,8 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
       channels was 0.04 off its dead twin (survey 18). So each bound is stepped past.
     - A keyword flag the example left at its default (``normalize=False``) is flipped: the
       exported graph fixed it, the user's forward branches on it (0.05 off).
+    - Sizes the model takes and the traced graph refuses (``refused``: torch.export fixed a
+      batch the code tests, ``>= 3`` at batch 2): the module form alone can take them.
     On each such input the module form is held to its dead twin (``_dead``: the original's
     own forward, removed slices zeroed) where the original takes it."""
     from .trace import shadow
@@ -310,7 +312,8 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
 
     if kept is None or example is None or why_not(model) is not None:
         return None
-    cases = _past_bounds(example, bounded or []) + _flipped_flags(model, example)
+    cases = _past_bounds(example, bounded or []) + _flipped_flags(model, example) + [
+        (tuple(a), dict(k), "(a size the traced graph refuses)") for a, k in refused]
     if not cases:
         return None
     theirs = shadow(model)

@@ -448,6 +448,7 @@ class Verifier:
         self.seconds = 0.0
         self._sized: list = []  # the resized cases tried (one stays in ``cases``)
         self.notes: list[str] = []
+        self.refused: list = []  # (args, kwargs) the model takes and the traced graph does not
         gm = p.gm
         self.params = dict(gm.named_parameters(remove_duplicate=False))
 
@@ -460,6 +461,7 @@ class Verifier:
                 _run(model, args, kwargs)
         except Exception:  # noqa: BLE001 - the model does not take it either: nothing lost
             return
+        self.refused.append((args, kwargs))
         self.notes.append(f"the model takes inputs {_shapes((args, kwargs))} but the traced graph ({self.p.analysis.method}) "
                           f"does not, so the result only takes the example's shapes {_shapes(self.cases[0])}")
 
@@ -556,7 +558,7 @@ class Verifier:
                     bad = mismatch(got, ref)
                     if bad:
                         return f"on inputs {_shapes(args)}: {bad}"
-            return self.extra(removed, out) if self.extra is not None else None
+            return self.extra(removed, out, self.refused) if self.extra is not None else None
         finally:
             self.seconds += time.perf_counter() - start
 
@@ -582,6 +584,13 @@ class Verifier:
         return f"group {gid} ({g.n_units} units; parameters of {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}; ops {', '.join(ops[:6])}{' ...' if len(ops) > 6 else ''})"
 
 
+def refused_sizes(note: str) -> str:
+    """The error for a graph that refuses input sizes the model takes, and nothing else to return."""
+    return (f"{note}. A pruned model that fails where the original works is not returned: give the forward "
+            "no Python branch on input shapes (torch.export had to specialize one), or pass verify=False to accept "
+            "a model for these input shapes only.")
+
+
 def verified(p, decide, *, rounds: int = 4, extra=None):
     """Prune by ``decide()`` (-> removal), check against the twin (and ``extra``: see
     ``Verifier``), and on a mismatch keep the responsible groups whole and decide again.
@@ -596,11 +605,8 @@ def verified(p, decide, *, rounds: int = 4, extra=None):
     blocked = []
     for _ in range(rounds):
         problem = v.check(removed, out)
-        if v.notes:
-            raise GraphpruneError(
-                f"{v.notes[0]}. A pruned model that fails where the original works is not returned: give the forward "
-                "no Python branch on input shapes (torch.export had to specialize one), or pass verify=False to accept "
-                "a model for these input shapes only.")
+        if v.notes and extra is None:  # with ``extra``, the module form is held to its twin there (api: or refused)
+            raise GraphpruneError(refused_sizes(v.notes[0]))
         if problem is None:
             return out, removed, Verification("repaired" if blocked else "passed", inputs=[_shapes((a, k)) for a, k in v.cases],
                                               blocked=blocked, seconds=v.seconds, notes=v.notes)

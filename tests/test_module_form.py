@@ -530,6 +530,33 @@ def test_paths_the_eval_trace_hides_are_checked(case):
     _twin_in_both_modes(model, small, [((more,), {}), ((more[:4],), {})])
 
 
+class _Counted(nn.Module):
+    """``len(x)`` makes torch.export fix the batch; ``literal`` also writes a width as a number."""
+
+    def __init__(self, literal: bool = False):
+        super().__init__()
+        self.literal = literal
+        self.a, self.b, self.c = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        n = len(x)
+        h = torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3))
+        return self.c(h.view(-1, 16) if self.literal else h) + n
+
+
+def test_a_batch_the_graph_refuses_is_checked_on_the_module_form():
+    """torch.export fixed the batch, so the graph refused batch 3 where the model takes it, and the whole
+    model was refused though its module form is exact at any batch (survey 18 r10). The module form is now
+    held to its twin at that batch and returned; where only the graph could come back, it is refused as before."""
+    torch.manual_seed(0)
+    model, x = _Counted().eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and small.a.out_channels == 8
+    _twin_in_both_modes(model, small, [((torch.randn(b, 3, 8, 8),), {}) for b in (1, 3, 5)])
+    with pytest.raises(graphprune.GraphpruneError, match="traced graph .* does not.*own classes were not an option"):
+        graphprune.compile(_Counted(literal=True).eval(), (x,), ratio=0.5, importance="l1")
+
+
 class _Dropped(nn.Module):
     """Dropout as a module, as a function and inside attention: random in training mode."""
 

@@ -107,11 +107,12 @@ def test_unflatten_sizes_follow_the_pruned_width(how):
         torch.testing.assert_close(small(y), dead_twin(model, small)(y), rtol=1e-5, atol=1e-5)
 
 
-def test_a_keyword_only_model_the_graph_specializes_is_refused_clearly():
+def test_a_keyword_only_model_the_graph_specializes_is_checked_on_its_module_form():
     """Inputs given only as keywords: every check case has the same empty positional tuple,
     and dropping the case the graph refused dropped the example too (IndexError). A Python
     branch on the token count specializes the exported graph; the model takes other
-    counts, so compile refuses, with a GraphpruneError that says why."""
+    counts. That was refused; now the module form, which takes them, is held to its dead
+    twin there and returned."""
     class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
@@ -123,8 +124,12 @@ def test_a_keyword_only_model_the_graph_specializes_is_refused_clearly():
 
     torch.manual_seed(0)
     model = Branchy().eval()
-    with pytest.raises(graphprune.GraphpruneError, match=r"the model takes inputs \[\(3, 4, 16\)\]"):
-        graphprune.compile(model, (), example_kwargs={"x": torch.randn(2, 5, 16)}, ratio=0.5)
+    small = graphprune.compile(model, (), example_kwargs={"x": torch.randn(2, 5, 16)}, ratio=0.5)
+    assert small.report.form == "module" and small.a.out_features == 16
+    with torch.no_grad():
+        for shape in ((3, 4, 16), (2, 5, 16)):
+            y = torch.randn(*shape)
+            torch.testing.assert_close(small(x=y), dead_twin(model, small)(x=y), rtol=1e-5, atol=1e-5)
 
 
 
