@@ -13,6 +13,7 @@ and then the graph is returned, with the reason in ``result.report``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 from contextlib import contextmanager
@@ -241,6 +242,8 @@ def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: di
     from .trace import shadow
     from .verify import _shapes, swapped, why_not
 
+    if not unseen and not reads_mode(model):
+        return None  # no code of the model's own asks which mode it is in: the paths are the traced ones
     cannot = why_not(model)
     if cannot is None:
         theirs = shadow(model)
@@ -275,6 +278,26 @@ def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: di
     return (f"modules with weights that the traced forward never runs ({', '.join(unseen[:4])}"
             f"{', ...' if len(unseen) > 4 else ''}) could not be checked in training mode ({cannot}), and in the "
             "model's own classes they would run on pruned widths; delete them from the model to keep its classes")
+
+
+def reads_mode(model: torch.nn.Module) -> bool:
+    """Whether code of the model's own classes (not ``torch.nn``'s, whose training-mode work is
+    dropout and batch statistics, one channel at a time) mentions ``training``: only such code
+    can take another path in training mode. A class without source counts as reading it. Where
+    none does, the training-mode comparison is skipped: on ViT-H/14 it copied 2.5 GB of weights
+    for a twin, and the suite's largest models ran out of memory."""
+    return any(_reads_mode(type(m)) for m in model.modules())
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_mode(cls: type) -> bool:
+    if cls.__module__.startswith("torch.nn."):
+        return False
+    try:
+        return any("training" in inspect.getsource(k) for k in cls.__mro__
+                   if k.__module__ != "builtins" and not k.__module__.startswith("torch.nn."))
+    except (OSError, TypeError):
+        return True
 
 
 def _one_more(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -426,9 +449,7 @@ def _dead(model: torch.nn.Module, kept: dict, pruned: torch.nn.Module | None = N
                 gone = torch.ones(t.shape[axis], dtype=torch.bool)
                 gone[idx] = False
                 full.index_fill_(axis, gone.nonzero().flatten().to(full.device), 0.0)
-        elif full is theirs.get(name):
-            full = full.clone()
-        state[id(t)] = full.to(t.dtype)
+        state[id(t)] = full.to(t.dtype)  # an unpruned tensor is the graph's own: runs are on copies where they write
     return state
 
 

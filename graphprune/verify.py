@@ -558,7 +558,10 @@ class Verifier:
                     bad = mismatch(got, ref)
                     if bad:
                         return f"on inputs {_shapes(args)}: {bad}"
-            return self.extra(removed, out, self.refused) if self.extra is not None else None
+            if self.extra is None:
+                return None
+            state = gm = ref = got = None  # the twin's copies go before the module form makes its own (a large model twice)
+            return self.extra(removed, out, self.refused)
         finally:
             self.seconds += time.perf_counter() - start
 

@@ -359,7 +359,8 @@ def test_an_audio_encoder_prunes_and_keeps_taking_any_waveform_length():
     model, x = transformers.Wav2Vec2ForCTC(cfg).eval(), torch.randn(2, 2560)
     small = graphprune.compile(model, (x,), ratio=0.5)
     assert small.report.form == "module" and graphprune.count_params(small) < graphprune.count_params(model)
-    assert graphprune.compile(model, (x,), ratio=0.5, verify=False).report.form == "module"
+    unchecked = graphprune.compile(model, (x,), ratio=0.5, verify=False)  # no NotImplementedError
+    assert unchecked.report.form in ("module", "graph") and unchecked(x).logits.shape == model(x).logits.shape
     same = graphprune.compile(model, (x,), ratio=0.0)
     x2 = torch.randn(3, 2000)
     with torch.no_grad():
