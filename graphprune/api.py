@@ -251,7 +251,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
             "timings moved between the search and the report (a busy machine, or a target near the device's "
             "speed steps); time it on an idle machine, or ask for a lower target"), stacklevel=2)
     # the module form the self-check passed, where nothing changed the weights since (a refit, recalibration)
-    checked = paths.passed[1] if paths and paths.passed and paths.passed[0] is out and not p.reconstruct and not (
+    checked = paths.passed[1] if paths is not None and paths.passed and paths.passed[0] is out and not p.reconstruct and not (
         choice is not None and choice.recalibrate) else None
     result, rep.form, rep.form_why = _choose_form(model, out, p, output, rep, checked)
     if check.notes and rep.form == "graph":  # sizes the model takes and the graph refuses: only a module form takes them
@@ -548,9 +548,12 @@ def _module_paths(model, p, output: str):
                                  kept=kept, pruned=out, params=p.param_writes, refused=refused)
         why = why or module_form.trains(model, top, args, kwargs, [], kept=kept, pruned=out, params=p.param_writes)
         if why is None:
-            check.passed = (out, top)  # what _choose_form would run again on the same weights
+            passed[:] = [out, top]  # what _choose_form would run again on the same weights
         return f"the model's own classes: {why}" if why and module_form.TWIN_DIFFERS in why else None
-    check.passed = None
+    # not an attribute set from inside ``check``: a function that refers to itself is a reference
+    # cycle, and each compile's models then waited for a full collection (the suite ran out of memory)
+    passed: list = []
+    check.passed = passed
     return check
 
 
