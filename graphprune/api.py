@@ -525,6 +525,16 @@ def _zeroed_twin(p, out) -> dict | None:
     return out.meta["graphprune"]["kept"]
 
 
+def _untraced_paths(model, top, out, p, *, unseen=(), refused=()) -> str | None:
+    """Why the module form ``top`` of ``out`` differs from its dead twin on a path the eval trace
+    did not take (``module_form.beyond``, then ``module_form.trains``), or None."""
+    args, kwargs = p.example_inputs, dict(p.example_kwargs or {})
+    kept = _zeroed_twin(p, out)
+    return (module_form.beyond(model, top, p.gm.meta.get(EXAMPLE, (args, kwargs)), p.gm.meta.get(BOUNDED_DIMS),
+                               kept=kept, pruned=out, params=p.param_writes, refused=refused)
+            or module_form.trains(model, top, args, kwargs, list(unseen), kept=kept, pruned=out, params=p.param_writes))
+
+
 def _module_paths(model, p, output: str):
     """The self-check's extra test where the result may come back in the user's classes: the
     module form held to its dead twin on the paths the trace did not see (training mode, past
@@ -543,10 +553,7 @@ def _module_paths(model, p, output: str):
             return None
         if module_form.differs(top, out, args, kwargs, params=p.param_writes, original=model):
             return None
-        kept = _zeroed_twin(p, out)
-        why = module_form.beyond(model, top, p.gm.meta.get(EXAMPLE, (args, kwargs)), p.gm.meta.get(BOUNDED_DIMS),
-                                 kept=kept, pruned=out, params=p.param_writes, refused=refused)
-        why = why or module_form.trains(model, top, args, kwargs, [], kept=kept, pruned=out, params=p.param_writes)
+        why = _untraced_paths(model, top, out, p, refused=refused)
         if why is None:
             passed[:] = [out, top]  # what _choose_form would run again on the same weights
         return f"the model's own classes: {why}" if why and module_form.TWIN_DIFFERS in why else None
@@ -580,12 +587,8 @@ def _choose_form(model, out, p, output: str, rep, checked=None):
                                   original=model)
         if why and not p.check_trace:
             _trace_agrees(model, p, why)
-        example = p.gm.meta.get(EXAMPLE, (p.example_inputs, dict(p.example_kwargs or {})))
-        why = why or module_form.beyond(model, top, example, p.gm.meta.get(BOUNDED_DIMS),
-                                        kept=_zeroed_twin(p, out), pruned=out, params=p.param_writes)
     if top is not None:  # on meta weights this runs nothing: modules the trace never ran are refused
-        why = why or module_form.trains(model, top, p.example_inputs, dict(p.example_kwargs or {}), unseen,
-                                       kept=_zeroed_twin(p, out), pruned=out, params=p.param_writes)
+        why = why or _untraced_paths(model, top, out, p, unseen=unseen)
         if why and why.startswith((module_form.TRAIN_PATH, module_form.TRAIN_FAILS)):
             warnings.warn(GraphpruneWarning(
                 f"the result is a graph: {why}. The graph runs the path traced in eval mode in both modes, so "

@@ -240,7 +240,7 @@ def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: di
     and modules the trace never ran (``unseen``) are refused: nothing shows they
     take the pruned widths."""
     from .trace import shadow
-    from .verify import _shapes, swapped, why_not
+    from .verify import _shapes, why_not
 
     if not unseen and not reads_mode(model):
         return None  # no code of the model's own asks which mode it is in: the paths are the traced ones
@@ -253,8 +253,7 @@ def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: di
         ran = False
         for args, kwargs in [(tuple(args), kwargs), _one_more(args, kwargs)]:
             mine = hf.example_kwargs(top, kwargs) or {}
-            with training(theirs, top), _stats_frozen(theirs, top), swapped(theirs, dead), \
-                    on_copies(theirs, top, params=params), _no_dropout():
+            with _beside_twin(theirs, top, dead, train=True, params=params):
                 try:
                     ref = _run(theirs, args, mine if kept is not None else kwargs)
                 except Exception as e:  # noqa: BLE001 - the original does not run so either: nothing to hold the result to
@@ -331,7 +330,7 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
     On each such input the module form is held to its dead twin (``_dead``: the original's
     own forward, removed slices zeroed) where the original takes it."""
     from .trace import shadow
-    from .verify import _shapes, swapped, why_not
+    from .verify import _shapes, why_not
 
     if kept is None or example is None or why_not(model) is not None:
         return None
@@ -343,10 +342,7 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
     dead = _dead(theirs, kept, pruned)
     for (args, kwargs, what), train in ((case, train) for case in cases for train in (False, True)):
         mine = hf.example_kwargs(top, kwargs) or {}
-        mode = (training(theirs, top), _stats_frozen(theirs, top), _no_dropout()) if train else (evaluating(theirs, top),)
-        with contextlib.ExitStack() as stack:
-            for ctx in (*mode, swapped(theirs, dead), on_copies(theirs, top, params=params)):
-                stack.enter_context(ctx)
+        with _beside_twin(theirs, top, dead, train=train, params=params):
             try:
                 ref = _run(theirs, args, mine)
             except Exception:  # noqa: BLE001 - the original does not take it either
@@ -362,6 +358,20 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
                     f"the pruned modules {TWIN_DIFFERS} ({bad}): the trace did not see the path its code takes there, "
                     "and that path reads pruned channels")
     return None
+
+
+@contextmanager
+def _beside_twin(twin: torch.nn.Module, top: torch.nn.Module, dead: dict, *, train: bool, params: bool):
+    """The dead twin (``twin`` holding ``dead``) and the module form, ready to run side by side in
+    one mode, on copies of their tensors: in training mode with dropout off and batch norms on
+    their running statistics (``_no_dropout``, ``_stats_frozen``)."""
+    from .verify import swapped
+
+    mode = (training(twin, top), _stats_frozen(twin, top), _no_dropout()) if train else (evaluating(twin, top),)
+    with contextlib.ExitStack() as stack:
+        for ctx in (*mode, swapped(twin, dead), on_copies(twin, top, params=params)):
+            stack.enter_context(ctx)
+        yield
 
 
 def _alike_where_shaped_alike(got, ref, rtol: float = 0.0) -> str | None:

@@ -401,10 +401,10 @@ def _bounded_dims(ep, args: tuple, kwargs: dict) -> list:
     leaves = [t for t in tree_leaves((tuple(args), dict(kwargs))) if isinstance(t, torch.Tensor)]
     names = ep.graph_signature.user_inputs
     vals = [n.meta.get(VAL) for n in ep.graph.nodes if n.op == "placeholder" and n.name in names]
-    def size(s) -> int | None:
+    def hint(s) -> int | None:  # the example's size behind a symbolic one
         return int(s) if isinstance(s, int) else getattr(getattr(s, "node", None), "hint", None)
 
-    if len(vals) != len(leaves) or any(not isinstance(v, torch.Tensor) or [size(s) for s in v.shape] != list(t.shape)
+    if len(vals) != len(leaves) or any(not isinstance(v, torch.Tensor) or [hint(s) for s in v.shape] != list(t.shape)
                                        for v, t in zip(vals, leaves)):
         return []
     where: dict = {}
