@@ -339,16 +339,20 @@ def _plain_tensors(model: torch.nn.Module) -> list:
     return [t for mod in model.modules() for t in mod.__dict__.values() if isinstance(t, torch.Tensor)]
 
 
+@contextmanager
 def on_copies(*mods, params: bool = True):
     """Run ``mods`` on copies of their tensors (see ``_copies``); the originals are put back after,
-    and so are the plain values their forwards rebind (``_plain_values``)."""
+    and so are the plain values their forwards rebind (``_plain_values``). The copies are made on
+    entering, of what the modules hold then: made when called, they were swapped in before a
+    context listed earlier in the same ``with`` (the dead twin's ``swapped``) had run, and
+    that context then found none of the tensors it replaces, so the "dead twin" was the original."""
     from contextlib import ExitStack
 
-    stack = ExitStack()
-    for m in mods:
-        stack.enter_context(swapped(m, _copies(m, params=params)))
-        stack.enter_context(_plain_values(m))
-    return stack
+    with ExitStack() as stack:
+        for m in mods:
+            stack.enter_context(swapped(m, _copies(m, params=params)))
+            stack.enter_context(_plain_values(m))
+        yield
 
 
 @contextmanager

@@ -360,7 +360,9 @@ def test_an_audio_encoder_prunes_and_keeps_taking_any_waveform_length():
     small = graphprune.compile(model, (x,), ratio=0.5)
     assert small.report.form == "module" and graphprune.count_params(small) < graphprune.count_params(model)
     unchecked = graphprune.compile(model, (x,), ratio=0.5, verify=False)  # no NotImplementedError
-    assert unchecked.report.form in ("module", "graph") and unchecked(x).logits.shape == model(x).logits.shape
+    assert unchecked.report.form == "module", unchecked.report.form_why
+    with torch.no_grad():
+        torch.testing.assert_close(unchecked(x).logits, small(x).logits)
     same = graphprune.compile(model, (x,), ratio=0.0)
     x2 = torch.randn(3, 2000)
     with torch.no_grad():

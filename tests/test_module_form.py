@@ -487,6 +487,28 @@ def test_a_flag_left_at_its_default_is_tried_the_other_way():
     assert kept(x, return_features=True)[1].shape[1] == 8
 
 
+class _Doubled(_ScaleInTraining):
+    """A flag whose path reads no pruned channel in a way that matters."""
+
+    def forward(self, x, double=False):
+        h = torch.relu(self.a(x))
+        return self.b(h * 2 if double else h)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_harmless_flag_keeps_the_module_form_whatever_the_copies(verify):
+    """Where the checks also copy parameters (``verify=False`` cannot know the forward leaves them
+    alone), the copies were swapped in before the dead twin's weights, which then found nothing to
+    replace: the "twin" was the original, every pruned module form differed from it on the flipped
+    flag, and the graph came back (Wav2Vec2 under ``verify=False``)."""
+    torch.manual_seed(0)
+    model, x = _Doubled().eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1", verify=verify)
+    assert small.report.form == "module", small.report.form_why
+    assert small.a.out_channels == 8
+    _twin_in_both_modes(model, small, [((x,), {}), ((x,), {"double": True})])
+
+
 class _SizeBehindIsTensor(_ScaleInTraining):
     """``torch.is_tensor`` on a traced value is False under symbolic tracing, which then never met the
     size test behind it."""
