@@ -405,10 +405,13 @@ def _past_bounds(example, bounded: list) -> list:
     return out
 
 
+MAX_SETTINGS = 4  # other values tried per keyword: each costs a run of the module form and its twin, in both modes
+
+
 def _flipped_flags(model: torch.nn.Module, example) -> list:
-    """(args, kwargs, what) with each boolean keyword of ``forward`` that the example leaves at its
-    default flipped. Not for Hugging Face models: their flags (``output_attentions``,
-    ``return_dict``) choose what is returned, not how it is computed."""
+    """(args, kwargs, what) with each keyword of ``forward`` that the example leaves at its default
+    set to another value the code may branch on (``_other_values``). Not for Hugging Face models:
+    their flags (``output_attentions``, ``return_dict``) choose what is returned, not how it is computed."""
     if hf.is_hf(model):
         return []
     try:
@@ -417,11 +420,84 @@ def _flipped_flags(model: torch.nn.Module, example) -> list:
         return []
     args, kwargs = tuple(example[0]), dict(example[1])
     named = list(params)
+    compared = _compared_constants(model)
     out = []
     for k, prm in params.items():
-        if isinstance(prm.default, bool) and k not in kwargs and named.index(k) >= len(args):
-            out.append((args, {**kwargs, k: not prm.default}, f"with {k}={not prm.default}"))
+        if prm.default is inspect.Parameter.empty or k in kwargs or named.index(k) < len(args):
+            continue
+        out += [(args, {**kwargs, k: v}, f"with {k}={v!r}") for v in _other_values(prm.default, compared.get(k, ()))]
     return out
+
+
+def _other_values(default, compared) -> list:
+    """Values a keyword left at ``default`` may take that lead the forward elsewhere: a bool flipped,
+    an enum's other members, and what the code compares that name to (``mode == 1``, ``act in
+    ("gelu", "silu")``, ``steps > 2``: the constant and its neighbours), of the default's type; an
+    int also as its truth flipped (``if mode:``). A float, a string or None the code compares to
+    nothing is left alone: there is no value to guess."""
+    import enum
+
+    if isinstance(default, bool):
+        return [not default]
+    if isinstance(default, enum.Enum):
+        return [m for m in type(default) if m is not default][:MAX_SETTINGS]
+    kind = type(default) if default is not None else None
+    seen = []
+    for c in compared:
+        if c is None or isinstance(c, bool) or (kind is not None and not isinstance(c, kind)):
+            continue
+        near = [c] if isinstance(c, str) else [c, c + 1, c - 1]  # either side of a bound
+        seen += [v for v in near if v != default and v not in seen]
+    if isinstance(default, int):
+        seen += [v for v in (int(not default), default + 1) if v not in seen]
+    return seen[:MAX_SETTINGS]
+
+
+def _compared_constants(model: torch.nn.Module) -> dict:
+    """{name: constants} that code of the model's own classes compares a plain name to, in any
+    method (``if mode == 2``, ``mode in (1, 2)``, ``case "fast":``): a keyword is often handed down
+    to a block that branches on it under the same name."""
+    found: dict = {}
+    for cls in {type(m) for m in model.modules()}:
+        for name, values in _compared_in(cls).items():
+            found.setdefault(name, [])
+            found[name] += [v for v in values if v not in found[name]]
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _compared_in(cls: type) -> dict:
+    import ast
+    import textwrap
+
+    if cls.__module__.startswith("torch.") or cls.__module__ == "builtins":
+        return {}
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+
+    def constants(node) -> list:
+        if isinstance(node, ast.Constant):
+            return [node.value]
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return [e.value for e in node.elts if isinstance(e, ast.Constant)]
+        return []
+
+    found: dict = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            for i, side in enumerate(sides):
+                if isinstance(side, ast.Name):
+                    for other in sides[:i] + sides[i + 1:]:
+                        found.setdefault(side.id, []).extend(constants(other))
+        elif isinstance(node, ast.Match) and isinstance(node.subject, ast.Name):
+            for case in node.cases:
+                for p in ast.walk(case.pattern):
+                    if isinstance(p, ast.MatchValue):
+                        found.setdefault(node.subject.id, []).extend(constants(p.value))
+    return {k: [v for v in vs if isinstance(v, (int, float, str))] for k, vs in found.items()}
 
 
 # batch statistics amplify summing in another order: VGG-19-BN at batch 1 in training mode was 4.8e-6

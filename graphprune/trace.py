@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import inspect
 import operator
 import types
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -611,7 +612,11 @@ def _symbolic(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """``model`` symbolically traced (``_RuledLeaves``) with shapes propagated; raises where it cannot be."""
     with _use_lazy_graph_module(True), _functions_kept(), _sizes_packed(), _no_tensor_test():  # code generated on first call
         tracer = _RuledLeaves()
-        graph = tracer.trace(model)
+        baked = _settings_baked(model, example_inputs)
+        with warnings.catch_warnings():  # fx's "could not add an assertion" for a baked enum: the placeholder goes
+            warnings.simplefilter("ignore", UserWarning)
+            graph = tracer.trace(model, concrete_args=baked or None)
+        _drop_baked(graph, baked)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _check_state_untouched(model)
     for name, child in model.named_children():  # keep the user's containers (Sequential...) intact
@@ -619,6 +624,43 @@ def _symbolic(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
     _buffer_views(gm, model)
     propagate_shapes(gm, example_inputs)
     return gm
+
+
+def _settings_baked(model: torch.nn.Module, example_inputs: tuple) -> dict:
+    """{keyword: default} for each parameter of ``forward`` past the example's inputs whose default
+    is a setting (a bool, a number, a string, an enum), not a tensor or None.
+
+    fx hands such a parameter to the forward as a proxy, which is silently wrong wherever Python
+    looks at it rather than computes with it: ``scale is Mode.SPREAD`` is False for a proxy, so the
+    graph took one path for every value, 1.3 off the model at ``scale=SPREAD`` unpruned. Baked in
+    as the example left it, as torch.export does, the graph takes no such keyword (a call with it
+    raises), and the module form, which does take it, is checked at other values
+    (``module_form.beyond``). None stays a proxy: an optional tensor input (``mask=None``) used
+    under ``is not None`` traces a path the checks then run, and fail, loudly."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params[len(example_inputs):]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
+            and p.default is not None and not isinstance(p.default, torch.Tensor)}
+
+
+def _drop_baked(graph: fx.Graph, baked: dict) -> None:
+    """The placeholders fx keeps for baked keywords (renamed, with an assertion of the baked value
+    where it can write one) removed, so the graph's signature is the example's inputs: a call with
+    another value then fails, where the assertion's renamed keyword would have been ignored."""
+    if not baked:
+        return
+    holders = [n for n in graph.nodes if n.op == "placeholder"][-len(baked):]
+    for holder in holders:
+        chain = [holder]  # the value, its comparison and the assertion on it, nothing else
+        for n in chain:
+            chain += [u for u in n.users if u not in chain]
+        if any(u.op == "output" for u in chain):
+            raise GraphpruneError(f"tracing baked in the keyword {holder.target!r}, yet its value reaches the output")
+        for n in reversed(chain):
+            graph.erase_node(n)
 
 
 def _buffer_views(gm: fx.GraphModule, model: torch.nn.Module) -> None:

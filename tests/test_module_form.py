@@ -1,5 +1,6 @@
 """output="auto" | "module" | "graph": the pruned model in the user's own classes where that is verified."""
 import copy
+import enum
 
 import pytest
 import torch
@@ -346,6 +347,12 @@ def test_hooks_that_are_methods_of_the_model_write_into_the_result():
     assert model.rec.seen == [(2, 4)] and small.rec.seen == [(2, 4)]
 
 
+class _Scale(enum.Enum):
+    ONE = 1.0
+    TWO = 2.0
+    SPREAD = 1.5
+
+
 class _ScaleInTraining(nn.Module):
     """A branch on ``self.training`` (a train-time scale), without state or in-place ops."""
 
@@ -485,6 +492,74 @@ def test_a_flag_left_at_its_default_is_tried_the_other_way():
     kept = graphprune.compile(_FeaturesOnly().eval(), (x,), ratio=0.5, importance="l1")
     assert kept.report.form == "module", kept.report.form_why
     assert kept(x, return_features=True)[1].shape[1] == 8
+
+
+class _Centre(nn.Module):
+    """A block told how to work by a keyword its parent hands down under the same name."""
+
+    def forward(self, h, how="plain"):
+        if how == "centred":
+            h = h - h.mean(1, keepdim=True)
+        return h
+
+
+class _Moded(_ScaleInTraining):
+    """Keywords that are not booleans, left at their defaults: an int mode, a string handed down,
+    an enum."""
+
+    def __init__(self):
+        super().__init__()
+        self.centre = _Centre()
+
+    def forward(self, x, mode=0, how="plain", scale=_Scale.ONE):
+        h = torch.relu(self.a(x))
+        if mode == 1:
+            h = h - h.mean(1, keepdim=True)
+        h = self.centre(h, how=how) * scale.value
+        if scale is _Scale.SPREAD:
+            h = h / h.std(1, keepdim=True)
+        return self.b(h)
+
+
+def test_keywords_left_at_their_defaults_take_the_values_the_code_compares_them_to():
+    """Only booleans were flipped, and ``mode=1`` ran a centring over the pruned channels 0.48 off
+    the dead twin (survey 19). An int, a string handed down to a block and an enum now take the
+    values the code compares them to (and an enum its other members); each path reads the group,
+    so it stays whole. A setting the code compares to nothing, or that the original refuses, is
+    not tried."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = _Moded().eval()
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    blocked = " ".join(small.report.verify.blocked)
+    assert small.report.form == "module" and "mode=1" in blocked and small.a.out_channels == 16
+    settings = [{"mode": 1}, {"how": "centred"}, {"scale": _Scale.SPREAD}, {"scale": _Scale.TWO}]
+    _twin_in_both_modes(model, small, [((x,), {})] + [((x,), kw) for kw in settings])
+    for cls, setting in ((_HandedDown, "how='centred'"), (_Enumed, "scale=<_Scale.SPREAD")):
+        one = graphprune.compile(cls().eval(), (x,), ratio=0.5, importance="l1")
+        assert one.a.out_channels == 16 and setting in " ".join(one.report.verify.blocked)
+
+
+class _HandedDown(_Moded):
+    def forward(self, x, how="plain"):
+        return self.b(self.centre(torch.relu(self.a(x)), how=how))
+
+
+class _Enumed(_Moded):
+    def forward(self, x, scale=_Scale.ONE):
+        h = torch.relu(self.a(x)) * scale.value
+        return self.b(h / h.std(1, keepdim=True) if scale is _Scale.SPREAD else h)
+
+
+def test_other_values_of_a_keyword():
+    from graphprune.module_form import _other_values
+
+    assert _other_values(False, ()) == [True]
+    assert _other_values(0, [2, "x", None]) == [2, 3, 1]
+    assert _other_values(3, ()) == [0, 4]
+    assert _other_values("plain", ["fast", 1]) == ["fast"]
+    assert _other_values(None, []) == [] and _other_values(0.5, []) == []
+    assert _other_values(_Scale.ONE, ()) == [_Scale.TWO, _Scale.SPREAD]
 
 
 class _Doubled(_ScaleInTraining):

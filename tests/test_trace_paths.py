@@ -4,6 +4,8 @@
 symbolic tracing cannot follow goes to ``torch.export``, which keeps every input dim
 that no layer reads symbolic, so the result takes other batch sizes and sequence
 lengths, not just the example's."""
+import enum
+
 import pytest
 import torch
 import torch.nn as nn
@@ -308,3 +310,40 @@ def test_a_weight_normed_layer_says_why_it_stays(new_style):
     why = " ".join(graphprune.analyze(model, (torch.randn(2, 4, 10),)).unsupported)
     assert ("remove_parametrizations" if new_style else "remove_weight_norm") in why
     assert ("_WeightNorm" if new_style else "hooks (WeightNorm)") in why
+
+
+class _Spread(nn.Module):
+    """A keyword whose default is an enum member, looked at by identity: fx handed it in as a proxy,
+    and ``scale is Spread.WIDE`` is False for a proxy."""
+
+    class Spread(enum.Enum):
+        NARROW = 1.0
+        WIDE = 2.0
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 4)
+
+    def forward(self, x, scale=Spread.NARROW, shift=0.0):
+        h = torch.relu(self.a(x)) * scale.value + shift
+        if scale is _Spread.Spread.WIDE:
+            h = h / h.std(1, keepdim=True)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("output", ["graph", "auto"])
+def test_settings_left_at_their_defaults_are_baked_into_the_graph(output):
+    """The traced graph took the identity test's False path for every value: 1.3 off the model at
+    ``scale=WIDE``, unpruned. Settings the example leaves at their defaults are now baked in, as
+    torch.export bakes them, so the graph refuses another value rather than compute the wrong
+    thing; the module form takes any value and is checked at the others."""
+    torch.manual_seed(0)
+    model, x = _Spread().eval(), torch.randn(3, 4)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1", output=output)
+    wide = {"scale": _Spread.Spread.WIDE}
+    if small.report.form == "graph":
+        with pytest.raises(TypeError, match="scale"):
+            small(x, **wide)
+    else:
+        torch.testing.assert_close(small(x, **wide), dead_twin(model, small)(x, **wide))
+    torch.testing.assert_close(small(x), dead_twin(model, small)(x))
