@@ -610,6 +610,9 @@ class _RuledLeaves(fx.Tracer):
 
 def _symbolic(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """``model`` symbolically traced (``_RuledLeaves``) with shapes propagated; raises where it cannot be."""
+    asker = _asks_tensor_type(model)
+    if asker:
+        raise fx.proxy.TraceError(f"{asker} asks isinstance(..., torch.Tensor), which a traced value answers False")
     with _use_lazy_graph_module(True), _functions_kept(), _sizes_packed(), _no_tensor_test():  # code generated on first call
         tracer = _RuledLeaves()
         baked = _settings_baked(model, example_inputs)
@@ -624,6 +627,52 @@ def _symbolic(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
     _buffer_views(gm, model)
     propagate_shapes(gm, example_inputs)
     return gm
+
+
+def _asks_tensor_type(model: torch.nn.Module) -> str | None:
+    """The first class traced into whose code asks ``isinstance(v, torch.Tensor)``, or None.
+
+    A proxy is no tensor to ``isinstance``, and the check cannot be patched as ``torch.is_tensor``
+    is (``_no_tensor_test``: the tensor metaclass is immutable), so symbolic tracing silently
+    took the non-tensor side of ``if isinstance(h, torch.Tensor) and x.shape[0] > 4``. Such code
+    goes to torch.export, which answers it. Modules fx keeps as one node (``_RuledLeaves``), and
+    what they hold (a parametrization's own code), are not read."""
+    tracer, queue = _RuledLeaves(), [("", model)]
+    while queue:
+        name, m = queue.pop()
+        if name and tracer.is_leaf_module(m, name):
+            continue
+        if _tests_tensor_type(type(m)):
+            return type(m).__name__
+        queue += [(f"{name}.{c}" if name else c, child) for c, child in m.named_children()]
+    return None
+
+
+_SETUP = frozenset({"__init__", "reset_parameters", "extra_repr", "_init_weights", "__repr__"})
+
+
+@functools.lru_cache(maxsize=None)
+def _tests_tensor_type(cls: type) -> bool:
+    import ast
+    import textwrap
+
+    def names_tensor(node) -> bool:
+        return any((isinstance(n, ast.Name) and n.id == "Tensor") or (isinstance(n, ast.Attribute) and n.attr == "Tensor")
+                   for n in ast.walk(node))
+
+    for k in cls.__mro__:
+        if k.__module__ in ("builtins", "torch.nn.modules.module") or k is torch.nn.Module:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(k)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and fn.name not in _SETUP:
+                if any(isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id == "isinstance"
+                       and len(c.args) == 2 and names_tensor(c.args[1]) for c in ast.walk(fn)):
+                    return True
+    return False
 
 
 def _settings_baked(model: torch.nn.Module, example_inputs: tuple) -> dict:

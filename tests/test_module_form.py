@@ -610,14 +610,24 @@ class _BatchNormedCentring(nn.Module):
         return self.c(torch.relu(self.b(h)))
 
 
-@pytest.mark.parametrize("case", ["is_tensor", "batch_one", "batch_test_in_training"])
+class _SizeBehindIsInstance(_ScaleInTraining):
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if isinstance(h, torch.Tensor) and x.shape[0] > 4:
+            h = h - h.mean(1, keepdim=True)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("case", ["is_tensor", "isinstance", "batch_one", "batch_test_in_training"])
 def test_paths_the_eval_trace_hides_are_checked(case):
     """Survey 19: fx traced past ``torch.is_tensor(h) and x.shape[0] > 4`` (0.43 off from batch 5); a batch-1
     example could not run BatchNorm in training, so the training check was skipped (0.32 off); and a
     batch test that only training reaches was checked at the example's batch alone (0.19 off at batch 4).
-    Now the first is traced by torch.export, and the training check also runs one more, different sample."""
+    ``isinstance(h, torch.Tensor)`` is False for a proxy too, and cannot be patched.
+    Now both are traced by torch.export, and the training check also runs one more, different sample."""
     torch.manual_seed(0)
     model, x = {"is_tensor": (_SizeBehindIsTensor(), torch.randn(2, 3, 8, 8)),
+                "isinstance": (_SizeBehindIsInstance(), torch.randn(2, 3, 8, 8)),
                 "batch_one": (_BatchNormedCentring(), torch.randn(1, 16)),
                 "batch_test_in_training": (_BatchNormedCentring(at=2), torch.randn(2, 16))}[case]
     model.eval()
