@@ -710,6 +710,7 @@ EWISE_FUNCS = [
     torch.clamp, torch.clip, torch.erf, torch.square, torch.reciprocal, torch.sin, torch.cos, torch.masked_fill,
     F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu,
     F.mish, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.hardtanh, F.selu, F.logsigmoid, F.alpha_dropout,
+    torch.dropout, torch.feature_dropout, torch.alpha_dropout, torch.feature_alpha_dropout,  # a mask per element or channel
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.where.self, aten.relu.default,
     aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default, aten.dropout.default,
     aten.neg.default, aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.sqrt.default, aten.exp.default,

@@ -555,32 +555,44 @@ def _stats_frozen(*roots):
     yield
 
 
-_DROPOUTS = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
+def _dropouts() -> frozenset:
+    F = torch.nn.functional
+    names = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
+    return frozenset([getattr(F, k) for k in names] + [getattr(torch, k) for k in (
+        "dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout", "alpha_dropout_",
+        "feature_alpha_dropout", "feature_alpha_dropout_") if hasattr(torch, k)])
+
+
+class _DropoutOff(torch.overrides.TorchFunctionMode):
+    """Every dropout the forward calls returns its input, and attention drops nothing. As a
+    function mode it sees the call however the code names it: ``F.dropout``, ``nn.Dropout``,
+    a captured ``from torch.nn.functional import dropout``, ``torch.dropout``. Patching the
+    names in ``torch.nn.functional`` missed the last two, and their masks, drawn over fewer
+    channels in the pruned model, differed from the twin's (survey 19 F8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.off = _dropouts()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self.off:
+            return args[0] if args else kwargs["input"]
+        if getattr(func, "__name__", None) == "scaled_dot_product_attention":  # F's and torch._C._nn's are two objects
+            if len(args) > 4:
+                args = (*args[:4], 0.0, *args[5:])
+            else:
+                kwargs["dropout_p"] = 0.0
+        return func(*args, **kwargs)
 
 
 @contextmanager
 def _no_dropout():
     """Dropout off for a training-mode comparison: a pruned layer draws its mask over fewer
-    channels than its twin, so the masks differ though the code is right. Attention's own
-    dropout goes too. Code that calls dropout under another name keeps it, and then differs."""
-    F = torch.nn.functional
-    saved = {k: getattr(F, k) for k in (*_DROPOUTS, "scaled_dot_product_attention")}
-    sdpa = saved["scaled_dot_product_attention"]
-
-    def attention(*a, **kw):
-        if len(a) > 4:
-            a = (*a[:4], 0.0, *a[5:])
-        kw = {**kw, "dropout_p": 0.0} if len(a) <= 4 else kw
-        return sdpa(*a, **kw)
-
-    try:
-        for k in _DROPOUTS:
-            setattr(F, k, lambda x, *a, **kw: x)
-        F.scaled_dot_product_attention = attention
+    channels than its twin, so the masks differ though the code is right (``_DropoutOff``).
+    Noise the code draws itself, over channels, still differs, and keeps the group it touches."""
+    with _DropoutOff():
         yield
-    finally:
-        for k, v in saved.items():
-            setattr(F, k, v)
 
 
 def unreached(model: torch.nn.Module, traced: torch.fx.GraphModule) -> list[str]:

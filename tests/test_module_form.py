@@ -664,8 +664,12 @@ def test_a_batch_the_graph_refuses_is_checked_on_the_module_form():
         graphprune.compile(_Counted(literal=True).eval(), (x,), ratio=0.5, importance="l1")
 
 
+from torch.nn.functional import dropout as _captured_dropout  # noqa: E402 - the name the model calls
+
+
 class _Dropped(nn.Module):
-    """Dropout as a module, as a function and inside attention: random in training mode."""
+    """Dropout as a module, as a function, under a captured name, as ``torch.dropout`` and inside
+    attention: random in training mode."""
 
     def __init__(self):
         super().__init__()
@@ -674,6 +678,7 @@ class _Dropped(nn.Module):
     def forward(self, x):
         h = self.drop(torch.relu(self.a(x)))
         h = F.dropout(h, 0.3, self.training)
+        h = torch.dropout(_captured_dropout(h, 0.2, self.training), 0.1, self.training)
         q = self.b(h).view(x.shape[0], 4, 4)
         return F.scaled_dot_product_attention(q, q, q, dropout_p=0.2 if self.training else 0.0)
 
