@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
-from . import hf
+from . import hf, source
 from .modules import full_width
 from .trace import HOOK_DICTS, fresh_attrs, own_tensors, rebind_hooks
 from .verify import _run, evaluating, mismatch, on_copies, other_inputs
@@ -281,8 +281,9 @@ def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: di
 
 def reads_mode(model: torch.nn.Module) -> bool:
     """Whether code of the model's own classes (not ``torch.nn``'s, whose training-mode work is
-    dropout and batch statistics, one channel at a time) mentions ``training``: only such code
-    can take another path in training mode. A class without source counts as reading it. Where
+    dropout and batch statistics, one channel at a time), or a function their forward calls,
+    mentions ``training``, or a class overrides ``train``: only such code can take another path
+    in training mode. A class without source counts as reading it. Where
     none does, the training-mode comparison is skipped: on ViT-H/14 it copied 2.5 GB of weights
     for a twin, and the suite's largest models ran out of memory."""
     return any(_reads_mode(type(m)) for m in model.modules())
@@ -292,11 +293,16 @@ def reads_mode(model: torch.nn.Module) -> bool:
 def _reads_mode(cls: type) -> bool:
     if cls.__module__.startswith("torch.nn."):
         return False
+    own = [k for k in cls.__mro__ if k.__module__ != "builtins" and not k.__module__.startswith("torch.nn.")]
+    if any("train" in vars(k) for k in own):  # train() overridden: it may set what forward reads (self.fast = not mode)
+        return True
     try:
-        return any("training" in inspect.getsource(k) for k in cls.__mro__
-                   if k.__module__ != "builtins" and not k.__module__.startswith("torch.nn."))
+        if any("training" in inspect.getsource(k) for k in own):
+            return True
     except (OSError, TypeError):
         return True
+    # or a function forward calls reads it off the module (mode_of(self)): survey 20
+    return any("training" in inspect.getsource(fn) for fn, _ in source.reached(cls))
 
 
 def _one_more(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -327,6 +333,8 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
       exported graph fixed it, the user's forward branches on it (0.05 off).
     - Sizes the model takes and the traced graph refuses (``refused``: torch.export fixed a
       batch the code tests, ``>= 3`` at batch 2): the module form alone can take them.
+    - Batch sizes either side of each size test in the code (``x.shape[0] > 4``): behind a
+      question the tracer answered wrongly the test left no bound to step past.
     On each such input the module form is held to its dead twin (``_dead``: the original's
     own forward, removed slices zeroed) where the original takes it."""
     from .trace import shadow
@@ -334,13 +342,18 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
 
     if kept is None or example is None or why_not(model) is not None:
         return None
-    cases = _past_bounds(example, bounded or []) + _flipped_flags(model, example) + [
+    flags, batches = _flipped_flags(model, example), _tested_batches(model, example)
+    cases = _past_bounds(example, bounded or []) + flags + batches + (
+        _other_layout(example) if source.reads_layout(model) else []) + [
         (tuple(a), dict(k), "(a size the traced graph refuses)") for a, k in refused]
+    if flags and batches:  # `if not fast and x.shape[0] > 4`: the last setting case (all at once) at each tested batch
+        cases += _tested_batches(model, flags[-1][:2], flags[-1][2])
     if not cases:
         return None
     theirs = shadow(model)
     dead = _dead(theirs, kept, pruned)
-    for (args, kwargs, what), train in ((case, train) for case in cases for train in (False, True)):
+    modes = (False, True) if reads_mode(model) else (False,)  # else training mode runs what eval mode does
+    for (args, kwargs, what), train in ((case, train) for case in cases for train in modes):
         mine = hf.example_kwargs(top, kwargs) or {}
         with _beside_twin(theirs, top, dead, train=train, params=params):
             try:
@@ -387,6 +400,33 @@ def _alike_where_shaped_alike(got, ref, rtol: float = 0.0) -> str | None:
     return mismatch([a[i] for i in same], [b[i] for i in same], rtol)
 
 
+def _other_layout(example) -> list:
+    """The example's float tensors asking for gradients and laid out transposed in memory: a
+    forward that branches on ``x.requires_grad`` or ``x.is_contiguous()`` took the other path
+    when fine-tuned, or fed a permuted tensor, 0.09 off its twin (survey 20)."""
+    from torch.utils._pytree import tree_map
+
+    def other(t):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            return t
+        t = t.detach().transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() >= 2 else t.detach().clone()
+        return t.requires_grad_(True)
+
+    args, kwargs = tree_map(other, (tuple(example[0]), dict(example[1])))
+    return [(args, kwargs, "(its inputs asking for gradients, laid out transposed)")]
+
+
+def _tested_batches(model: torch.nn.Module, example, what: str = "") -> list:
+    """(args, kwargs, what) at each batch size either side of a size test in the forward
+    (``source.batch_sizes``): a test behind a question the tracer answered wrongly left no bound."""
+    args, kwargs = tuple(example[0]), dict(example[1])
+    first = next((t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()), None)
+    if first is None:
+        return []
+    return [(*source.at_batch(args, kwargs, first.shape[0], n), f"{what} (batch {n}, a size the code tests)".lstrip())
+            for n in source.batch_sizes(model, first.shape[0])]
+
+
 def _past_bounds(example, bounded: list) -> list:
     """(args, kwargs, what) just past each bound torch.export put on a symbolic input dim."""
     from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -405,99 +445,106 @@ def _past_bounds(example, bounded: list) -> list:
     return out
 
 
-MAX_SETTINGS = 4  # other values tried per keyword: each costs a run of the module form and its twin, in both modes
+MAX_SETTINGS = 8  # other values tried per setting: each costs a run of the module form and its twin, in both modes
+SETTING_SIZE = 64  # an int compared further out is not tried: `if n > 200_000: raise`, then x.repeat(n, 1), ran 200000 copies
 
 
 def _flipped_flags(model: torch.nn.Module, example) -> list:
-    """(args, kwargs, what) with each keyword of ``forward`` that the example leaves at its default
-    set to another value the code may branch on (``_other_values``). Not for Hugging Face models:
-    their flags (``output_attentions``, ``return_dict``) choose what is returned, not how it is computed."""
+    """(args, kwargs, what) with each setting of ``forward`` (a keyword the example leaves at its
+    default, or a plain value it gives) set to another value the code may branch on
+    (``_other_values``), and, where there are several, all set at once (``if normalize and
+    centred:`` takes neither flag alone). Not for Hugging Face models: their flags
+    (``output_attentions``, ``return_dict``) choose what is returned, not how it is computed."""
     if hf.is_hf(model):
         return []
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return []
+    from .trace import is_setting
+
     args, kwargs = tuple(example[0]), dict(example[1])
-    named = list(params)
-    compared = _compared_constants(model)
-    out = []
-    for k, prm in params.items():
-        if prm.default is inspect.Parameter.empty or k in kwargs or named.index(k) < len(args):
+    compared, hints = source.compared_constants(model), _hints(model.forward)
+    out, firsts = [], {}
+    for i, (k, prm) in enumerate(params.items()):
+        if prm.kind in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD):
             continue
-        out += [(args, {**kwargs, k: v}, f"with {k}={v!r}") for v in _other_values(prm.default, compared.get(k, ()))]
+        if i < len(args):  # a setting the example gives by position (compile(model, (x, Mode.FAST)))
+            values = _other_values(args[i], compared.get(k, []) + compared[None]) if is_setting(args[i]) else []
+            out += [(args[:i] + (v,) + args[i + 1:], kwargs, f"with {k}={v!r}") for v in values]
+        else:
+            now = kwargs.get(k, prm.default)
+            if now is inspect.Parameter.empty or (k in kwargs and not is_setting(now)):
+                continue
+            values = _other_values(now, compared.get(k, []) + compared[None], hints.get(k))
+            out += [(args, {**kwargs, k: v}, f"with {k}={v!r}") for v in values]
+        if values:
+            firsts[(i, k)] = values[0]
+    if len(firsts) > 1:
+        every, named = list(args), dict(kwargs)
+        for (i, k), v in firsts.items():
+            if i < len(args):
+                every[i] = v
+            else:
+                named[k] = v
+        said = ", ".join(f"{k}={v!r}" for (_, k), v in firsts.items())
+        out.append((tuple(every), named, f"with {said}"))
     return out
 
 
-def _other_values(default, compared) -> list:
-    """Values a keyword left at ``default`` may take that lead the forward elsewhere: a bool flipped,
-    an enum's other members, and what the code compares that name to (``mode == 1``, ``act in
-    ("gelu", "silu")``, ``steps > 2``: the constant and its neighbours), of the default's type; an
-    int also as its truth flipped (``if mode:``). A float, a string or None the code compares to
-    nothing is left alone: there is no value to guess."""
-    import enum
+def _hints(fn) -> dict:
+    """``fn``'s annotations, resolved where they can be (a string annotation under
+    ``from __future__ import annotations``); {} where they cannot."""
+    import typing
 
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - an annotation naming what its module cannot resolve
+        return {}
+
+
+def _other_values(default, compared, hint=None) -> list:
+    """Values a setting at ``default`` may take that lead the forward elsewhere: a bool flipped,
+    an enum's other members, and what the code compares that name to (``mode == 1``, ``act in
+    ("gelu", "silu")``, ``steps > 2``: the constant and its neighbours; an int within
+    ``SETTING_SIZE``; a float also midway between two), of the default's type; an int also as its
+    truth flipped (``if mode:``). A
+    None default takes the values of the type its annotation names (``norm: Optional[bool] =
+    None``: True and False). A float, a string or None the code compares to nothing, unannotated,
+    is left alone: there is no value to guess."""
+    import enum
+    import typing
+
+    if default is None:
+        kinds = [t for t in typing.get_args(hint) or (hint,) if isinstance(t, type) and t is not type(None)]
+        if not kinds:
+            return []
+        kind = kinds[0]
+        if kind is bool:
+            return [True, False]
+        if issubclass(kind, enum.Enum):
+            return list(kind)[:MAX_SETTINGS]
+        return _other_values(kind(), compared)[:MAX_SETTINGS] if kind in (int, float, str) else []
     if isinstance(default, bool):
         return [not default]
     if isinstance(default, enum.Enum):
         return [m for m in type(default) if m is not default][:MAX_SETTINGS]
-    kind = type(default) if default is not None else None
+    numeric = isinstance(default, (int, float))
     seen = []
     for c in compared:
-        if c is None or isinstance(c, bool) or (kind is not None and not isinstance(c, kind)):
+        if c is None or isinstance(c, bool) or (isinstance(c, str) != isinstance(default, str)):
             continue
         near = [c] if isinstance(c, str) else [c, c + 1, c - 1]  # either side of a bound
+        if numeric:
+            near = [type(default)(v) for v in near if isinstance(default, float) or isinstance(v, int)]
         seen += [v for v in near if v != default and v not in seen]
+    if isinstance(default, float):  # between two bounds (0.0 < t < 0.5)
+        bounds = sorted({float(c) for c in compared if isinstance(c, (int, float)) and not isinstance(c, bool)})
+        seen += [m for m in ((a + b) / 2 for a, b in zip(bounds, bounds[1:])) if m != default and m not in seen]
     if isinstance(default, int):
         seen += [v for v in (int(not default), default + 1) if v not in seen]
+        seen = [v for v in seen if abs(v) <= max(SETTING_SIZE, 2 * abs(default))]
     return seen[:MAX_SETTINGS]
-
-
-def _compared_constants(model: torch.nn.Module) -> dict:
-    """{name: constants} that code of the model's own classes compares a plain name to, in any
-    method (``if mode == 2``, ``mode in (1, 2)``, ``case "fast":``): a keyword is often handed down
-    to a block that branches on it under the same name."""
-    found: dict = {}
-    for cls in {type(m) for m in model.modules()}:
-        for name, values in _compared_in(cls).items():
-            found.setdefault(name, [])
-            found[name] += [v for v in values if v not in found[name]]
-    return found
-
-
-@functools.lru_cache(maxsize=None)
-def _compared_in(cls: type) -> dict:
-    import ast
-    import textwrap
-
-    if cls.__module__.startswith("torch.") or cls.__module__ == "builtins":
-        return {}
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
-        return {}
-
-    def constants(node) -> list:
-        if isinstance(node, ast.Constant):
-            return [node.value]
-        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
-            return [e.value for e in node.elts if isinstance(e, ast.Constant)]
-        return []
-
-    found: dict = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Compare):
-            sides = [node.left, *node.comparators]
-            for i, side in enumerate(sides):
-                if isinstance(side, ast.Name):
-                    for other in sides[:i] + sides[i + 1:]:
-                        found.setdefault(side.id, []).extend(constants(other))
-        elif isinstance(node, ast.Match) and isinstance(node.subject, ast.Name):
-            for case in node.cases:
-                for p in ast.walk(case.pattern):
-                    if isinstance(p, ast.MatchValue):
-                        found.setdefault(node.subject.id, []).extend(constants(p.value))
-    return {k: [v for v in vs if isinstance(v, (int, float, str))] for k, vs in found.items()}
 
 
 # batch statistics amplify summing in another order: VGG-19-BN at batch 1 in training mode was 4.8e-6
@@ -549,8 +596,8 @@ def _stats_frozen(*roots):
     from torch.nn.modules.instancenorm import _InstanceNorm
 
     for root in roots:
-        for m in root.modules():
-            if isinstance(m, (_BatchNorm, _InstanceNorm)):
+        for m in root.modules():  # a subclass with a forward of its own may do more in training: it stays
+            if isinstance(m, (_BatchNorm, _InstanceNorm)) and type(m).forward.__module__.startswith("torch.nn."):
                 m.training = False
     yield
 
@@ -568,7 +615,9 @@ class _DropoutOff(torch.overrides.TorchFunctionMode):
     function mode it sees the call however the code names it: ``F.dropout``, ``nn.Dropout``,
     a captured ``from torch.nn.functional import dropout``, ``torch.dropout``. Patching the
     names in ``torch.nn.functional`` missed the last two, and their masks, drawn over fewer
-    channels in the pruned model, differed from the twin's (survey 19 F8)."""
+    channels in the pruned model, differed from the twin's (survey 19 F8). Calls that drop out
+    inside (attention, recurrent layers) get a probability of 0 (survey 20: their groups stayed
+    whole)."""
 
     def __init__(self):
         super().__init__()
@@ -578,12 +627,24 @@ class _DropoutOff(torch.overrides.TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func in self.off:
             return args[0] if args else kwargs["input"]
-        if getattr(func, "__name__", None) == "scaled_dot_product_attention":  # F's and torch._C._nn's are two objects
-            if len(args) > 4:
-                args = (*args[:4], 0.0, *args[5:])
+        name = getattr(func, "__name__", None)  # F's and torch._C's functions of one name are two objects
+        if name in _DROPOUT_ARG:
+            at = _DROPOUT_ARG[name](args)
+            if len(args) > at:
+                args = (*args[:at], 0.0, *args[at + 1:])
             else:
                 kwargs["dropout_p"] = 0.0
         return func(*args, **kwargs)
+
+
+# the position of the dropout probability in the calls that drop out inside themselves, where the
+# mode cannot reach (it is off while a call it sees runs): nn.MultiheadAttention, nn.LSTM/GRU/RNN's
+# _VF calls (packed input: one more argument in front, and a list where the unpacked call has its bias flag)
+_DROPOUT_ARG = {
+    "scaled_dot_product_attention": lambda a: 4,
+    "multi_head_attention_forward": lambda a: 10,
+    **{k: (lambda a: 5 if len(a) > 3 and isinstance(a[3], bool) else 6) for k in ("lstm", "gru", "rnn_tanh", "rnn_relu")},
+}
 
 
 @contextmanager

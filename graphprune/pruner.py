@@ -262,13 +262,20 @@ class Pruner:
                 problem = first_line(e)
             if problem is None:
                 return traced
-        suspects = [n.name for n in traced.gm.graph.nodes if mutates(n)]
+        suspects = [n.name for n in traced.gm.graph.nodes if mutates(n) and n.name != "_guards_fn"]  # export's own
         hint = f" In-place ops in the graph: {', '.join(suspects[:8])}." if suspects else ""
         advice = ("make the forward deterministic and free of in-place updates through aliases (write h = h + y "
                   "instead of h += y where h is also used elsewhere), or pass verify=False")
         if "on a second call" in first:  # state the first call wrote sends later calls down another path
             advice = ("call the model once before compile, so that what its forward initialises on the first call is "
                       "done and the trace follows the path every later call takes")
+        elif "a size the code tests" in first:  # a question before a size test was answered wrongly while tracing
+            hint = ""
+            advice = ("the forward tests a batch size behind a question that neither tracer answers as Python does "
+                      "(type(h) is torch.Tensor, hasattr or callable on a tensor, torch.fx or torch.compiler's "
+                      "is-tracing checks, an except around the test), so the traced graph never met the test: ask "
+                      "isinstance(h, torch.Tensor) instead, or drop the question, or pass verify=False to accept a "
+                      "model for the example's batch size only")
         elif "Guard failed" in f"{first} {problem}":  # torch.export fixed how the input sizes relate at the example
             advice = ("torch.export fixed a relation between input sizes at the example's sizes, and the check at another "
                       "batch size broke it: give an example with a batch of 2 or more (a batch of 1 is specialised)")

@@ -17,6 +17,7 @@ import functools
 from contextlib import contextmanager
 import inspect
 import operator
+import re
 import types
 import warnings
 import weakref
@@ -27,6 +28,7 @@ import torch.fx as fx
 from torch.fx._lazy_graph_module import _use_lazy_graph_module
 from torch.nn.utils.stateless import _reparametrize_module
 
+from . import source
 from .errors import GraphpruneError
 from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, VAL
 from .shuffle import fold_channel_shuffles
@@ -616,10 +618,10 @@ def _symbolic(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
     with _use_lazy_graph_module(True), _functions_kept(), _sizes_packed(), _no_tensor_test():  # code generated on first call
         tracer = _RuledLeaves()
         baked = _settings_baked(model, example_inputs)
-        with warnings.catch_warnings():  # fx's "could not add an assertion" for a baked enum: the placeholder goes
+        with warnings.catch_warnings():  # fx's "could not add an assertion" for a baked enum: _bake writes it
             warnings.simplefilter("ignore", UserWarning)
             graph = tracer.trace(model, concrete_args=baked or None)
-        _drop_baked(graph, baked)
+        _bake(graph, baked)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _check_state_untouched(model)
     for name, child in model.named_children():  # keep the user's containers (Sequential...) intact
@@ -630,7 +632,7 @@ def _symbolic(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
 
 
 def _asks_tensor_type(model: torch.nn.Module) -> str | None:
-    """The first class traced into whose code asks ``isinstance(v, torch.Tensor)``, or None.
+    """The first class traced into whose code asks ``isinstance(v, torch.Tensor)`` (``source``), or None.
 
     A proxy is no tensor to ``isinstance``, and the check cannot be patched as ``torch.is_tensor``
     is (``_no_tensor_test``: the tensor metaclass is immutable), so symbolic tracing silently
@@ -642,74 +644,57 @@ def _asks_tensor_type(model: torch.nn.Module) -> str | None:
         name, m = queue.pop()
         if name and tracer.is_leaf_module(m, name):
             continue
-        if _tests_tensor_type(type(m)):
+        if source.asks_tensor_type(type(m)):
             return type(m).__name__
         queue += [(f"{name}.{c}" if name else c, child) for c, child in m.named_children()]
     return None
 
 
-_SETUP = frozenset({"__init__", "reset_parameters", "extra_repr", "_init_weights", "__repr__"})
-
-
-@functools.lru_cache(maxsize=None)
-def _tests_tensor_type(cls: type) -> bool:
-    import ast
-    import textwrap
-
-    def names_tensor(node) -> bool:
-        return any((isinstance(n, ast.Name) and n.id == "Tensor") or (isinstance(n, ast.Attribute) and n.attr == "Tensor")
-                   for n in ast.walk(node))
-
-    for k in cls.__mro__:
-        if k.__module__ in ("builtins", "torch.nn.modules.module") or k is torch.nn.Module:
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(k)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        for fn in ast.walk(tree):
-            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and fn.name not in _SETUP:
-                if any(isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id == "isinstance"
-                       and len(c.args) == 2 and names_tensor(c.args[1]) for c in ast.walk(fn)):
-                    return True
-    return False
-
-
 def _settings_baked(model: torch.nn.Module, example_inputs: tuple) -> dict:
-    """{keyword: default} for each parameter of ``forward`` past the example's inputs whose default
-    is a setting (a bool, a number, a string, an enum), not a tensor or None.
+    """{parameter: value} for each named parameter of ``forward`` that takes a setting (a bool, a
+    number, a string, an enum): the example's own where it gives one, else the default.
 
     fx hands such a parameter to the forward as a proxy, which is silently wrong wherever Python
     looks at it rather than computes with it: ``scale is Mode.SPREAD`` is False for a proxy, so the
     graph took one path for every value, 1.3 off the model at ``scale=SPREAD`` unpruned. Baked in
-    as the example left it, as torch.export does, the graph takes no such keyword (a call with it
-    raises), and the module form, which does take it, is checked at other values
-    (``module_form.beyond``). None stays a proxy: an optional tensor input (``mask=None``) used
-    under ``is not None`` traces a path the checks then run, and fail, loudly."""
+    as the example has it, as torch.export does, the graph refuses another value (``_bake``), and
+    the module form, which takes any, is checked at others (``module_form.beyond``). None and
+    containers stay proxies: an optional tensor (``mask=None``) used under ``is not None`` traces
+    a path the checks then run, and fail, loudly; fx cannot write a container back as a default."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return {}
-    return {p.name: p.default for p in params[len(example_inputs):]
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
-            and p.default is not None and not isinstance(p.default, torch.Tensor)}
+    named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    given = {p.name: v for p, v in zip(positional, example_inputs) if is_setting(v)}
+    taken = {p.name for p in positional[:len(example_inputs)]}
+    return {**given, **{p.name: p.default for p in named if p.name not in taken and is_setting(p.default)}}
 
 
-def _drop_baked(graph: fx.Graph, baked: dict) -> None:
-    """The placeholders fx keeps for baked keywords (renamed, with an assertion of the baked value
-    where it can write one) removed, so the graph's signature is the example's inputs: a call with
-    another value then fails, where the assertion's renamed keyword would have been ignored."""
-    if not baked:
-        return
-    holders = [n for n in graph.nodes if n.op == "placeholder"][-len(baked):]
-    for holder in holders:
-        chain = [holder]  # the value, its comparison and the assertion on it, nothing else
-        for n in chain:
-            chain += [u for u in n.users if u not in chain]
-        if any(u.op == "output" for u in chain):
-            raise GraphpruneError(f"tracing baked in the keyword {holder.target!r}, yet its value reaches the output")
-        for n in reversed(chain):
-            graph.erase_node(n)
+def is_setting(value) -> bool:
+    """A plain value a forward may branch on, that a traced graph holds fixed."""
+    import enum
+
+    return isinstance(value, (bool, int, float, str, enum.Enum))
+
+
+def _bake(graph: fx.Graph, baked: dict) -> None:
+    """Each baked setting's placeholder back under its own name (fx renames it, ``mode_1``, so a
+    keyword call passed it to nothing) and checked against the value traced: fx writes that check
+    for a bool, a number or a string, and here it is written for an enum. The graph takes the
+    setting where the model does, by position or keyword, and refuses another value."""
+    for holder in [n for n in graph.nodes if n.op == "placeholder"]:
+        name = holder.target if holder.target in baked else re.sub(r"_\d+$", "", holder.target)
+        if name not in baked or holder.target.startswith("*"):
+            continue
+        holder.target = name
+        if not holder.users:
+            with graph.inserting_after(holder):
+                same = graph.call_function(operator.eq, (holder, baked[name]))
+            with graph.inserting_after(same):
+                graph.call_function(torch._assert, (same, f"{name} was traced as {baked[name]!r}, and the graph "
+                                                          "computes that value's path only"))
 
 
 def _buffer_views(gm: fx.GraphModule, model: torch.nn.Module) -> None:

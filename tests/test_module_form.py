@@ -1,11 +1,13 @@
 """output="auto" | "module" | "graph": the pruned model in the user's own classes where that is verified."""
 import copy
 import enum
+import typing
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor as _T
 import torchvision
 
 import graphprune
@@ -551,6 +553,161 @@ class _Enumed(_Moded):
         return self.b(h / h.std(1, keepdim=True) if scale is _Scale.SPREAD else h)
 
 
+class _BothFlags(_ScaleInTraining):
+    def forward(self, x, normalize=False, centred=False):
+        h = torch.relu(self.a(x))
+        if normalize and centred:
+            h = h - h.mean(1, keepdim=True)
+        return self.b(h)
+
+
+def test_flags_that_act_only_together_are_set_together():
+    """``if normalize and centred:`` takes neither flag flipped alone; all settings are now also set at once."""
+    torch.manual_seed(0)
+    model, x = _BothFlags().eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.a.out_channels == 16 and "normalize=True, centred=True" in " ".join(small.report.verify.blocked)
+    _twin_in_both_modes(model, small, [((x,), {"normalize": True, "centred": True})])
+
+
+class _CentringBN(nn.BatchNorm1d):
+    """A user's BatchNorm that also centres over channels in training."""
+
+    def forward(self, x):
+        x = super().forward(x)
+        return x - x.mean(1, keepdim=True) if self.training else x
+
+
+def _mode_of(module) -> bool:
+    return module.training
+
+
+class _BNSubclass(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(8, 32), _CentringBN(32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.b(self.bn(torch.relu(self.a(x))))
+
+
+class _ModeInHelper(nn.Module):
+    """The mode read outside the class's text, by a helper function."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h - h.mean(1, keepdim=True) if _mode_of(self) else h)
+
+
+class _ModeByOverride(_ModeInHelper):
+    """``train()`` sets a flag that forward reads."""
+
+    fast = True
+
+    def train(self, mode: bool = True):
+        self.fast = not mode
+        return super().train(mode)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h if self.fast else h - h.mean(1, keepdim=True))
+
+
+@pytest.mark.parametrize("via", ["subclass", "helper", "override"])
+def test_training_paths_outside_the_class_text_are_checked(via):
+    """A BatchNorm subclass with a forward of its own was put in eval mode for the training check
+    like torch's own; a helper function reading ``module.training`` and a ``train()`` override
+    setting a flag hid the mode from ``reads_mode``: each was about 0.1 off in training (survey 20)."""
+    torch.manual_seed(0)
+    model = {"subclass": _BNSubclass, "helper": _ModeInHelper, "override": _ModeByOverride}[via]().eval()
+    x = torch.randn(4, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.a.out_features == 32 and "training mode" in " ".join(small.report.verify.blocked)
+    _twin_in_both_modes(model, small, [((x,), {})])
+
+
+_CENTRED = ("centre", "middle")
+
+
+def _wants_centre(kind) -> bool:
+    return kind == "centre"
+
+
+class _Dispatch(_ScaleInTraining):
+    """A string or float setting compared in the forms code compares them in; ``form`` picks one."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+
+    def forward(self, x, how="plain", t=1.0):
+        h = torch.relu(self.a(x))
+        centre = {"helper": lambda: _wants_centre(how), "lower": lambda: how.lower() == "centre",
+                  "container": lambda: how in _CENTRED, "startswith": lambda: how.startswith("cen"),
+                  "table": lambda: {"plain": False, "centre": True}[how], "range": lambda: 0.0 < t < 0.5}[self.form]()
+        return self.b(h - h.mean(1, keepdim=True) if centre else h)
+
+
+@pytest.mark.parametrize("form", ["helper", "lower", "container", "startswith", "table", "range"])
+def test_settings_compared_in_other_forms_are_tried(form):
+    """A helper function comparing under another name, ``how.lower() ==``, ``in`` a module's tuple,
+    ``startswith``, a dict looked up by the setting, a float between two bounds: each path centred
+    over pruned channels, 0.09 to 0.15 off the twin, with no candidate tried (survey 20)."""
+    torch.manual_seed(0)
+    model, x = _Dispatch(form).eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.a.out_channels == 16, small.report.verify
+    other = {"t": 0.25} if form == "range" else {"how": "cen" if form == "startswith" else "centre"}
+    _twin_in_both_modes(model, small, [((x,), other)])
+
+
+class _SlowInBigBatches(_ScaleInTraining):
+    def forward(self, x, fast=True):
+        h = torch.relu(self.a(x))
+        if not fast and x.shape[0] > 4:
+            h = h - h.mean(1, keepdim=True)
+        return self.b(h)
+
+
+def test_a_setting_and_a_batch_test_together_are_tried_together():
+    """With ``fast=True`` baked in, the trace never met the batch test and set no bound; the flag was
+    flipped at the example's batch alone: 0.07 off at ``fast=False``, batch 6 (survey 20)."""
+    torch.manual_seed(0)
+    model, x = _SlowInBigBatches().eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.a.out_channels == 16, small.report.verify
+    _twin_in_both_modes(model, small, [((torch.randn(6, 3, 8, 8),), {"fast": False})])
+
+
+class _ByLayout(_ScaleInTraining):
+    def __init__(self, ask: str):
+        super().__init__()
+        self.ask = ask
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if (x.requires_grad if self.ask == "grad" else not x.is_contiguous()):
+            h = h - h.mean(1, keepdim=True)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("ask", ["grad", "contiguous"])
+def test_a_branch_on_how_the_input_is_held_is_tried(ask):
+    """``x.requires_grad`` (fine-tuning with an input that asks for gradients) and
+    ``x.is_contiguous()`` (a permuted input): the other path centred over pruned channels, 0.09
+    off (survey 20). Code that asks is now also run on such inputs."""
+    torch.manual_seed(0)
+    model, x = _ByLayout(ask).eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.a.out_channels == 16, small.report.verify
+    odd = x.transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True)
+    _twin_in_both_modes(model, small, [((odd,), {})])
+
+
 def test_other_values_of_a_keyword():
     from graphprune.module_form import _other_values
 
@@ -560,6 +717,10 @@ def test_other_values_of_a_keyword():
     assert _other_values("plain", ["fast", 1]) == ["fast"]
     assert _other_values(None, []) == [] and _other_values(0.5, []) == []
     assert _other_values(_Scale.ONE, ()) == [_Scale.TWO, _Scale.SPREAD]
+    assert _other_values(1.0, [1]) == [2.0, 0.0]  # `temperature > 1` with a float default (survey 20)
+    assert _other_values(None, [], typing.Optional[bool]) == [True, False]
+    assert _other_values(None, [], _Scale | None) == list(_Scale)
+    assert _other_values(1, [200_000]) == [0, 2]  # far bounds are not tried: `x.repeat(n)` ran 200000 copies
 
 
 class _Doubled(_ScaleInTraining):
@@ -618,7 +779,21 @@ class _SizeBehindIsInstance(_ScaleInTraining):
         return self.b(h)
 
 
-@pytest.mark.parametrize("case", ["is_tensor", "isinstance", "batch_one", "batch_test_in_training"])
+def _a_value(h) -> bool:
+    return isinstance(h, _T)
+
+
+class _SizeBehindHelper(_ScaleInTraining):
+    """The same question asked in a helper function, of ``Tensor`` imported under another name."""
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if _a_value(h) and x.shape[0] > 4:
+            h = h - h.mean(1, keepdim=True)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("case", ["is_tensor", "isinstance", "helper", "batch_one", "batch_test_in_training"])
 def test_paths_the_eval_trace_hides_are_checked(case):
     """Survey 19: fx traced past ``torch.is_tensor(h) and x.shape[0] > 4`` (0.43 off from batch 5); a batch-1
     example could not run BatchNorm in training, so the training check was skipped (0.32 off); and a
@@ -628,6 +803,7 @@ def test_paths_the_eval_trace_hides_are_checked(case):
     torch.manual_seed(0)
     model, x = {"is_tensor": (_SizeBehindIsTensor(), torch.randn(2, 3, 8, 8)),
                 "isinstance": (_SizeBehindIsInstance(), torch.randn(2, 3, 8, 8)),
+                "helper": (_SizeBehindHelper(), torch.randn(2, 3, 8, 8)),
                 "batch_one": (_BatchNormedCentring(), torch.randn(1, 16)),
                 "batch_test_in_training": (_BatchNormedCentring(at=2), torch.randn(2, 16))}[case]
     model.eval()
@@ -696,6 +872,31 @@ def test_dropout_does_not_cost_the_module_form(refit):
     assert small.report.form == "module", small.report.form_why
     assert small.a.out_features == 16
     assert refit == (not torch.equal(small.b.weight, model.b.weight[:, graphprune.module_form.info(small)["kept"][("b.weight", 1)]]))
+
+
+class _DropsInside(nn.Module):
+    """Layers that drop out inside their own call: attention and a two-layer LSTM."""
+
+    def __init__(self, layer: str):
+        super().__init__()
+        self.inp, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.layer = (nn.MultiheadAttention(16, 4, dropout=0.3, batch_first=True) if layer == "attention"
+                      else nn.LSTM(16, 16, num_layers=2, dropout=0.3, batch_first=True))
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = self.layer(h, h, h, need_weights=False)[0] if isinstance(self.layer, nn.MultiheadAttention) else self.layer(h)[0]
+        return self.head(h * 2 if self.training else h)
+
+
+@pytest.mark.parametrize("layer", ["attention", "lstm"])
+def test_dropout_inside_a_layers_own_call_is_off_too(layer):
+    """The function mode is off while a call it sees runs, so attention's and the LSTM's own dropout
+    stayed live, their masks differed from the twin's, and every group through them stayed whole (survey 20)."""
+    torch.manual_seed(0)
+    model = _DropsInside(layer).eval()
+    small = graphprune.compile(model, (torch.randn(2, 5, 8),), ratio=0.5, importance="l1")
+    assert graphprune.count_params(small) < 0.7 * graphprune.count_params(model), small.report.verify.blocked
 
 
 class _GradReverse(torch.autograd.Function):

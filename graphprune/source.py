@@ -1,0 +1,249 @@
+"""What a model's own code asks, read from its source with ``ast``.
+
+A trace follows one path through ``forward``. The questions that send the code down
+another are often plain to read: a setting it compares (``mode == 2``), a batch size it
+tests (``x.shape[0] > 4``), whether a value is a tensor at all. The checks try the paths
+those questions open (``module_form.beyond``, ``verify.check_trace``), and a question no
+proxy answers truthfully sends the model to the tracer that can (``trace``).
+
+Only code the trace runs is read: ``forward`` and what it calls by name, a method
+(``self._mix(h)``) or a function of its module (``helper(h)``), a few calls deep; never
+torch's own.
+"""
+from __future__ import annotations
+
+import ast
+import builtins
+import functools
+import inspect
+import textwrap
+import types
+
+import torch
+
+DEPTH = 3  # calls followed from forward
+MAX_BATCHES = 6  # batch sizes tried from the code's own size tests, nearest the example's first
+BATCH_LIMIT = 64  # a size test further out is not tried: the check would run that batch
+
+
+def reached(cls: type) -> tuple:
+    """(function, its ast) for ``cls.forward`` and what it calls, ``DEPTH`` calls deep."""
+    forward = getattr(cls, "forward", None)
+    return _reached(cls) if isinstance(forward, types.FunctionType) else ()
+
+
+@functools.lru_cache(maxsize=None)
+def _reached(cls: type) -> tuple:
+    out, queue, seen = [], [(cls.forward, DEPTH)], set()
+    while queue:
+        fn, depth = queue.pop(0)
+        if fn in seen or depth == 0 or fn.__module__ is None or fn.__module__.split(".")[0] == "torch":
+            continue
+        seen.add(fn)
+        tree = _parsed(fn)
+        if tree is None:
+            continue
+        out.append((fn, tree))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "self":
+                callee = inspect.getattr_static(cls, f.attr, None)
+            else:
+                callee = fn.__globals__.get(f.id) if isinstance(f, ast.Name) else None
+            if isinstance(callee, types.FunctionType):
+                queue.append((callee, depth - 1))
+    return tuple(out)
+
+
+def _parsed(fn) -> ast.AST | None:
+    try:
+        return ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+
+
+def asks_tensor_type(cls: type) -> bool:
+    """Whether code the forward runs asks whether a value is a tensor: ``isinstance(v, T)`` for
+    a tensor class ``T`` however it is named (``torch.Tensor``, ``Tensor`` imported under another
+    name, ``torch.FloatTensor``, ``nn.Parameter``). A proxy is no tensor to it (torch.export's
+    fake tensors are). ``type(v) is torch.Tensor`` is False under either tracer: ``batch_sizes``
+    and the checks it feeds catch where that matters."""
+    for fn, tree in reached(cls):
+        scope = {**vars(builtins), **fn.__globals__}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance" \
+                    and len(node.args) == 2 and _tensor_type(node.args[1], scope):
+                return True
+    return False
+
+
+def _tensor_type(node, scope: dict) -> bool:
+    """Whether ``node``, a name, a dotted path or a tuple of them, names a tensor class."""
+    if not all(isinstance(n, (ast.Name, ast.Attribute, ast.Tuple, ast.Load)) for n in ast.walk(node)):
+        return False
+    try:  # a name or a dotted path: evaluating it calls nothing
+        value = eval(compile(ast.Expression(node), "<type>", "eval"), scope)  # noqa: S307
+    except Exception:  # noqa: BLE001 - a local name: left alone
+        return False
+    return any(isinstance(v, type) and issubclass(v, torch.Tensor) for v in (value if isinstance(value, tuple) else (value,)))
+
+
+LAYOUT_ATTRS = frozenset({"requires_grad", "is_contiguous", "stride", "is_leaf", "grad_fn"})
+
+
+def reads_layout(model: torch.nn.Module) -> bool:
+    """Whether code the forward runs asks how an input is held rather than what it holds
+    (``x.requires_grad``, ``x.is_contiguous()``, its strides): the trace saw the example's answer."""
+    return any(_reads_layout(type(m)) for m in model.modules())
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_layout(cls: type) -> bool:
+    return any(isinstance(n, ast.Attribute) and n.attr in LAYOUT_ATTRS for _, tree in reached(cls) for n in ast.walk(tree))
+
+
+def batch_sizes(model: torch.nn.Module, batch: int) -> list[int]:
+    """Batch sizes either side of each size test the forward makes on a batch
+    (``x.shape[0] > 4``, ``x.size(0) >= 8``, ``len(x) == 3``, ``b`` from ``b, c = x.shape[:2]``):
+    ``MAX_BATCHES`` of them nearest ``batch``, the example's, up to ``BATCH_LIMIT``.
+
+    Where the code asks something a tracer answers wrongly before such a test (``type(h) is
+    torch.Tensor``, ``hasattr(h, ...)``, an ``except`` around it, ``is_fx_tracing()``), the
+    trace never meets the test, sets no bound on the batch, and matched the model at the
+    example; from batch 5 both the graph and the module form were 0.11 off (survey 20)."""
+    found: set = set()
+    for cls in {type(m) for m in model.modules()}:
+        found.update(_size_tests(cls))
+    near = {n for c in found for n in (c - 1, c, c + 1) if 1 <= n <= BATCH_LIMIT and n != batch}
+    return sorted(near, key=lambda n: (abs(n - batch), n))[:MAX_BATCHES]
+
+
+@functools.lru_cache(maxsize=None)
+def _size_tests(cls: type) -> frozenset:
+    found = set()
+    for _fn, tree in reached(cls):
+        names = set()  # names bound to a batch size: b = x.shape[0]; b, c, h, w = x.shape
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                target = node.targets[0]
+                if isinstance(target, ast.Name) and _is_batch(node.value, names):
+                    names.add(target.id)
+                elif isinstance(target, ast.Tuple) and target.elts and isinstance(target.elts[0], ast.Name) \
+                        and _is_shape(node.value):
+                    names.add(target.elts[0].id)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if any(_is_batch(s, names) for s in sides):
+                    found.update(s.value for s in sides if isinstance(s, ast.Constant) and type(s.value) is int)
+    return frozenset(found)
+
+
+def _is_shape(node) -> bool:
+    """``x.shape``, ``x.size()``, or a slice of either from its start."""
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Slice) and node.slice.lower is None:
+        node = node.value
+    return (isinstance(node, ast.Attribute) and node.attr == "shape") or (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "size" and not node.args)
+
+
+def _is_batch(node, names: set) -> bool:
+    """``x.shape[0]``, ``x.size(0)``, ``x.size()[0]``, ``len(x)``, or a name bound to one."""
+    if isinstance(node, ast.Name):
+        return node.id in names
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == 0:
+        return _is_shape(node.value)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "size":
+        return len(node.args) == 1 and isinstance(node.args[0], ast.Constant) and node.args[0].value == 0
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "len" and len(node.args) == 1
+
+
+def at_batch(args: tuple, kwargs: dict, batch: int, size: int) -> tuple[tuple, dict]:
+    """The example at another batch ``size``: every tensor with ``batch`` rows takes its rows in
+    turn, each round scaled apart (a batch of copies is one BatchNorm normalises to zeros)."""
+    from torch.utils._pytree import tree_map
+
+    def resize(t):
+        if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != batch:
+            return t
+        idx = torch.arange(size, device=t.device)
+        out = t.index_select(0, idx % batch)
+        if out.is_floating_point():
+            rounds = (idx // batch).to(out.dtype).view(-1, *[1] * (t.dim() - 1))
+            out = out * (1 + 0.25 * rounds)
+        return out
+
+    return tree_map(resize, (tuple(args), dict(kwargs)))
+
+
+def compared_constants(model: torch.nn.Module) -> dict:
+    """{name: constants} that code of the model's own classes compares a plain name to, in any
+    method or function forward calls (``if mode == 2``, ``mode in (1, 2)``, ``mode in MODES``,
+    ``how.lower() == "fast"``, ``how.startswith("fa")``, ``{"a": f, "b": g}[how]``, ``case
+    "fast":``): a keyword is often handed down to a block that branches on it under the same
+    name. Under ``None``, every string compared to any name: handed down under another name
+    (``kind == "centre"``), a string setting still meets it. Classes in a fixed order (by name),
+    so the values tried are the same on every run."""
+    found: dict = {}
+    for cls in sorted({type(m) for m in model.modules()}, key=lambda c: (c.__module__, c.__qualname__)):
+        for name, values in _compared_in(cls).items():
+            found.setdefault(name, [])
+            found[name] += [v for v in values if v not in found[name]]
+    anywhere = [v for values in found.values() for v in values if isinstance(v, str)]
+    found[None] = list(dict.fromkeys(anywhere))
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _compared_in(cls: type) -> dict:
+    if cls.__module__.startswith("torch.") or cls.__module__ == "builtins":
+        return {}
+    own = _parsed(cls)
+    trees = ([(own, vars(inspect.getmodule(cls)) if inspect.getmodule(cls) else {})] if own is not None else []) + [
+        (tree, fn.__globals__) for fn, tree in reached(cls) if fn.__qualname__.split(".")[0] != cls.__qualname__]
+    found: dict = {}
+    for tree, scope in trees:
+        for name, values in _compared_names(tree, scope).items():
+            found.setdefault(name, []).extend(values)
+    return {k: [v for v in vs if isinstance(v, (int, float, str)) and not isinstance(v, bool)] for k, vs in found.items()}
+
+
+def _compared_names(tree: ast.AST, scope: dict) -> dict:
+    def constants(node) -> list:
+        if isinstance(node, ast.Constant):
+            return [node.value]
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return [e.value for e in node.elts if isinstance(e, ast.Constant)]
+        if isinstance(node, ast.Dict):
+            return [k.value for k in node.keys if isinstance(k, ast.Constant)]
+        if isinstance(node, ast.Name) and isinstance(scope.get(node.id), (tuple, list, set, frozenset, dict)):
+            return [v for v in scope[node.id] if isinstance(v, (int, float, str))]  # a module's MODES = ("a", "b")
+        return []
+
+    def subject(node) -> str | None:  # how, or how.lower() / how.strip(): the name a comparison is about
+        while isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and not node.args:
+            node = node.func.value
+        return node.id if isinstance(node, ast.Name) else None
+
+    found: dict = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            for i, side in enumerate(sides):
+                name = subject(side)
+                if name is not None:
+                    for other in sides[:i] + sides[i + 1:]:
+                        found.setdefault(name, []).extend(constants(other))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                node.func.attr in ("startswith", "endswith") and subject(node.func.value) is not None:
+            found.setdefault(subject(node.func.value), []).extend(c for a in node.args for c in constants(a))
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Dict) and subject(node.slice) is not None:
+            found.setdefault(subject(node.slice), []).extend(constants(node.value))  # {"a": f, "b": g}[how]
+        elif isinstance(node, ast.Match) and subject(node.subject) is not None:
+            for case in node.cases:
+                for p in ast.walk(case.pattern):
+                    if isinstance(p, ast.MatchValue):
+                        found.setdefault(subject(node.subject), []).extend(constants(p.value))
+    return found
