@@ -239,6 +239,12 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         recalibrate_on(out, p, calibration)
     rep = report(p, removed, out, budgets, latency_inputs) if budgets else light_report(p, removed)
     rep.verify = check
+    held = [b for b in check.blocked if MODULE_PATHS in b]
+    if held and not check.notes and not p.wrong_sizes:  # a setting's other value read a group: it was kept, silently
+        warnings.warn(GraphpruneWarning(
+            f"{len(held)} group(s) kept whole so that the result, in the model's own classes, is right on paths the "
+            f"trace did not take (first: {held[0][:400]}). output='graph' prunes them: its graph runs the traced path "
+            "only, and refuses the settings it did not trace"), stacklevel=2)
     rep.auto = choice
     rep.rounding = rounding
     rep.layout = layout
@@ -256,6 +262,15 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     result, rep.form, rep.form_why = _choose_form(model, out, p, output, rep, checked)
     if check.notes and rep.form == "graph":  # sizes the model takes and the graph refuses: only a module form takes them
         raise GraphpruneError(refused_sizes(check.notes[0]) + f" (the model's own classes were not an option: {rep.form_why})")
+    if p.wrong_sizes and rep.form == "graph":  # the module form is held to its twin there (module_form.beyond); the graph is wrong
+        raise GraphpruneError(
+            f"the traced graph of {type(model).__name__} does not compute what the model computes at every batch size "
+            f"its forward tests, before anything is removed ({p.wrong_sizes}), and the model's own classes, which "
+            f"do, were not an option ({rep.form_why}). No model was returned. A tracer answered a question before "
+            "the size test unlike Python (type(h) is torch.Tensor, hasattr or callable on a tensor, an is-tracing "
+            "check, an except around the test), or torch.export assumed a batch of 2 or more (if x.shape[0] == 1): "
+            "ask isinstance(h, torch.Tensor) instead, drop the question, or pass verify=False to accept a model "
+            "for the example's batch size only")
     if rep.form == "graph" and p.analysis.method == "export" and model.training and _mode_dependent(model):
         # torch.export records the eval-mode computation: BatchNorm on its running statistics, no dropout,
         # whatever .training says afterwards (raft_large in train mode came back 56-78% off in train mode)
@@ -535,6 +550,9 @@ def _untraced_paths(model, top, out, p, *, unseen=(), refused=()) -> str | None:
             or module_form.trains(model, top, args, kwargs, list(unseen), kept=kept, pruned=out, params=p.param_writes))
 
 
+MODULE_PATHS = "the model's own classes: "  # in a self-check message: the module form differs on a path the trace did not take
+
+
 def _module_paths(model, p, output: str):
     """The self-check's extra test where the result may come back in the user's classes: the
     module form held to its dead twin on the paths the trace did not see (training mode, past
@@ -556,7 +574,7 @@ def _module_paths(model, p, output: str):
         why = _untraced_paths(model, top, out, p, refused=refused)
         if why is None:
             passed[:] = [out, top]  # what _choose_form would run again on the same weights
-        return f"the model's own classes: {why}" if why and module_form.TWIN_DIFFERS in why else None
+        return f"{MODULE_PATHS}{why}" if why and module_form.TWIN_DIFFERS in why else None
     # not an attribute set from inside ``check``: a function that refers to itself is a reference
     # cycle, and each compile's models then waited for a full collection (the suite ran out of memory)
     passed: list = []

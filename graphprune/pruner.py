@@ -201,6 +201,7 @@ class Pruner:
     unsafe: set = field(init=False, default_factory=set)  # group ids kept whole after failing the self-check
     runtime_checked: bool = field(init=False, default=False)  # set by verify: results are checked by running them
     param_writes: bool = field(init=False, default=True)  # does forward write to its parameters? (check_trace finds out)
+    wrong_sizes: str | None = field(init=False, default=None)  # batch sizes the code tests where the trace differs from it
     sensitivity: dict = field(init=False, default_factory=dict)  # {group id: (units, held-out error)}: auto.probe, for allocation by "measured"
     meta_check: bool | None = field(init=False, default=None)  # whether the meta-tensor check can run (see _meta_checkable)
     latency_tables: dict = field(init=False, default_factory=dict)  # {(pipeline, input shapes): LatencyTable}: latency_table.table_for
@@ -252,6 +253,17 @@ class Pruner:
         traced = trace(self.model, args, kwargs)
         problem, self.param_writes = _verify.check_trace(shadow(self.model), traced.gm, args, kwargs)
         if problem is None:
+            self.wrong_sizes = _verify.wrong_at_tested_batches(shadow(self.model), traced.gm, args, kwargs)
+            if self.wrong_sizes is None or traced.method == "export":
+                return traced
+            try:  # torch.export answers some questions fx does not (hasattr), and bounds the batch
+                exported = trace(self.model, args, kwargs, method="export")
+                again, writes = _verify.check_trace(shadow(self.model), exported.gm, args, kwargs)
+            except GraphpruneError:
+                return traced
+            if again is None:
+                self.param_writes, traced = writes, exported
+                self.wrong_sizes = _verify.wrong_at_tested_batches(shadow(self.model), traced.gm, args, kwargs)
             return traced
         first = f"{traced.method}: {problem}"
         if traced.method == "symbolic_trace":
@@ -261,6 +273,7 @@ class Pruner:
             except GraphpruneError as e:
                 problem = first_line(e)
             if problem is None:
+                self.wrong_sizes = _verify.wrong_at_tested_batches(shadow(self.model), traced.gm, args, kwargs)
                 return traced
         suspects = [n.name for n in traced.gm.graph.nodes if mutates(n) and n.name != "_guards_fn"]  # export's own
         hint = f" In-place ops in the graph: {', '.join(suspects[:8])}." if suspects else ""
@@ -269,13 +282,6 @@ class Pruner:
         if "on a second call" in first:  # state the first call wrote sends later calls down another path
             advice = ("call the model once before compile, so that what its forward initialises on the first call is "
                       "done and the trace follows the path every later call takes")
-        elif "a size the code tests" in first:  # a question before a size test was answered wrongly while tracing
-            hint = ""
-            advice = ("the forward tests a batch size behind a question that neither tracer answers as Python does "
-                      "(type(h) is torch.Tensor, hasattr or callable on a tensor, torch.fx or torch.compiler's "
-                      "is-tracing checks, an except around the test), so the traced graph never met the test: ask "
-                      "isinstance(h, torch.Tensor) instead, or drop the question, or pass verify=False to accept a "
-                      "model for the example's batch size only")
         elif "Guard failed" in f"{first} {problem}":  # torch.export fixed how the input sizes relate at the example
             advice = ("torch.export fixed a relation between input sizes at the example's sizes, and the check at another "
                       "batch size broke it: give an example with a batch of 2 or more (a batch of 1 is specialised)")

@@ -22,7 +22,7 @@ import types
 import torch
 
 DEPTH = 3  # calls followed from forward
-MAX_BATCHES = 6  # batch sizes tried from the code's own size tests, nearest the example's first
+MAX_BATCHES = 4  # batch sizes tried from the code's own size tests, nearest the example's first
 BATCH_LIMIT = 64  # a size test further out is not tried: the check would run that batch
 
 
@@ -37,7 +37,8 @@ def _reached(cls: type) -> tuple:
     out, queue, seen = [], [(cls.forward, DEPTH)], set()
     while queue:
         fn, depth = queue.pop(0)
-        if fn in seen or depth == 0 or fn.__module__ is None or fn.__module__.split(".")[0] == "torch":
+        fn = inspect.unwrap(fn)  # a decorated forward (@torch.no_grad()): the user's function, with its globals
+        if fn in seen or depth == 0 or (fn.__module__ or "").split(".")[0] == "torch":
             continue
         seen.add(fn)
         tree = _parsed(fn)
@@ -45,16 +46,29 @@ def _reached(cls: type) -> tuple:
             continue
         out.append((fn, tree))
         for node in ast.walk(tree):
-            if not isinstance(node, ast.Call):
-                continue
-            f = node.func
-            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "self":
-                callee = inspect.getattr_static(cls, f.attr, None)
-            else:
-                callee = fn.__globals__.get(f.id) if isinstance(f, ast.Name) else None
+            callee = _callee(node.func, fn, cls) if isinstance(node, ast.Call) else None
+            if isinstance(callee, (staticmethod, classmethod)):
+                callee = callee.__func__
             if isinstance(callee, types.FunctionType):
                 queue.append((callee, depth - 1))
     return tuple(out)
+
+
+def _callee(f: ast.AST, fn, cls: type):
+    """What a call in ``fn`` (a function of ``cls``) names: ``self.method``, ``super().method``, a
+    function of its module (``helper``), or of a module it imported (``utils.helper``)."""
+    if isinstance(f, ast.Name):
+        return fn.__globals__.get(f.id)
+    if not isinstance(f, ast.Attribute):
+        return None
+    owner = f.value
+    if isinstance(owner, ast.Name) and owner.id == "self":
+        return inspect.getattr_static(cls, f.attr, None)
+    if isinstance(owner, ast.Call) and isinstance(owner.func, ast.Name) and owner.func.id == "super":
+        return next((k.__dict__[f.attr] for k in cls.__mro__[1:] if f.attr in k.__dict__), None)
+    if isinstance(owner, ast.Name) and isinstance(fn.__globals__.get(owner.id), types.ModuleType):
+        return getattr(fn.__globals__[owner.id], f.attr, None)
+    return None
 
 
 def _parsed(fn) -> ast.AST | None:
@@ -106,8 +120,8 @@ def _reads_layout(cls: type) -> bool:
 
 def batch_sizes(model: torch.nn.Module, batch: int) -> list[int]:
     """Batch sizes either side of each size test the forward makes on a batch
-    (``x.shape[0] > 4``, ``x.size(0) >= 8``, ``len(x) == 3``, ``b`` from ``b, c = x.shape[:2]``):
-    ``MAX_BATCHES`` of them nearest ``batch``, the example's, up to ``BATCH_LIMIT``.
+    (``x.shape[0] > 4``, ``x.size(0) >= 8``, ``len(x) == 3``, ``b`` from ``b, c = x.shape[:2]``),
+    on the far side from ``batch``, the example's: ``MAX_BATCHES`` of them nearest it, up to ``BATCH_LIMIT``.
 
     Where the code asks something a tracer answers wrongly before such a test (``type(h) is
     torch.Tensor``, ``hasattr(h, ...)``, an ``except`` around it, ``is_fx_tracing()``), the
@@ -116,8 +130,9 @@ def batch_sizes(model: torch.nn.Module, batch: int) -> list[int]:
     found: set = set()
     for cls in {type(m) for m in model.modules()}:
         found.update(_size_tests(cls))
-    near = {n for c in found for n in (c - 1, c, c + 1) if 1 <= n <= BATCH_LIMIT and n != batch}
-    return sorted(near, key=lambda n: (abs(n - batch), n))[:MAX_BATCHES]
+    # the far side of each test from the example's batch: c and one past it (`> c`, `>= c`, `== c`)
+    far = {n for c in found for n in ((c, c + 1) if batch < c else (c, c - 1) if batch > c else (c - 1, c + 1))}
+    return sorted((n for n in far if 1 <= n <= BATCH_LIMIT and n != batch), key=lambda n: (abs(n - batch), n))[:MAX_BATCHES]
 
 
 @functools.lru_cache(maxsize=None)
@@ -198,11 +213,12 @@ def compared_constants(model: torch.nn.Module) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _compared_in(cls: type) -> dict:
-    if cls.__module__.startswith("torch.") or cls.__module__ == "builtins":
+    if cls.__module__.startswith("torch."):
         return {}
-    own = _parsed(cls)
-    trees = ([(own, vars(inspect.getmodule(cls)) if inspect.getmodule(cls) else {})] if own is not None else []) + [
-        (tree, fn.__globals__) for fn, tree in reached(cls) if fn.__qualname__.split(".")[0] != cls.__qualname__]
+    own, module = _parsed(cls), inspect.getmodule(cls)  # a class made in a notebook cell has no source of its own
+    trees = [(own, vars(module) if module else {})] if own is not None else []
+    trees += [(tree, fn.__globals__) for fn, tree in reached(cls)
+              if own is None or fn.__qualname__.split(".")[0] != cls.__qualname__]
     found: dict = {}
     for tree, scope in trees:
         for name, values in _compared_names(tree, scope).items():

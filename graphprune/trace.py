@@ -652,7 +652,7 @@ def _asks_tensor_type(model: torch.nn.Module) -> str | None:
 
 def _settings_baked(model: torch.nn.Module, example_inputs: tuple) -> dict:
     """{parameter: value} for each named parameter of ``forward`` that takes a setting (a bool, a
-    number, a string, an enum): the example's own where it gives one, else the default.
+    string, an enum: ``_baked``): the example's own where it gives one, else the default.
 
     fx hands such a parameter to the forward as a proxy, which is silently wrong wherever Python
     looks at it rather than computes with it: ``scale is Mode.SPREAD`` is False for a proxy, so the
@@ -667,9 +667,16 @@ def _settings_baked(model: torch.nn.Module, example_inputs: tuple) -> dict:
         return {}
     named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    given = {p.name: v for p, v in zip(positional, example_inputs) if is_setting(v)}
+    given = {p.name: v for p, v in zip(positional, example_inputs) if _baked(v)}
     taken = {p.name for p in positional[:len(example_inputs)]}
-    return {**given, **{p.name: p.default for p in named if p.name not in taken and is_setting(p.default)}}
+    return {**given, **{p.name: p.default for p in named if p.name not in taken and _baked(p.default)}}
+
+
+def _baked(value) -> bool:
+    """A setting fx must not proxy: a number stays a proxy, which computes right at any value
+    (``logits / temperature``) and fails loudly where Python branches on it; a bool, a string or
+    an enum is looked at (``flag is True``, ``isinstance(how, str)``, ``mode is Mode.A``)."""
+    return is_setting(value) and not (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def is_setting(value) -> bool:

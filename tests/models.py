@@ -495,3 +495,8 @@ ORACLE_MODELS = {
     "channel_norm_max_addcmul": (ChannelStatistics, IMAGE),
     "lstm_gru_hidden_units": (Recurrent, TOKENS),
 }
+
+
+def centre_wanted(how: str) -> bool:
+    """A helper a model calls through this module (``models.centre_wanted(how)``)."""
+    return how == "centre"

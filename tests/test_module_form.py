@@ -11,6 +11,8 @@ from torch import Tensor as _T
 import torchvision
 
 import graphprune
+import models as test_models
+from oracle import dead_twin as oracle_twin
 from models import IMAGE, Residual
 
 
@@ -706,6 +708,59 @@ def test_a_branch_on_how_the_input_is_held_is_tried(ask):
     assert small.a.out_channels == 16, small.report.verify
     odd = x.transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True)
     _twin_in_both_modes(model, small, [((odd,), {})])
+
+
+class _CentreIfAsked(_ScaleInTraining):
+    def forward(self, x, how="plain"):
+        h = torch.relu(self.a(x))
+        return self.b(h - h.mean(1, keepdim=True) if how == "centre" else h)
+
+
+class _Decorated(_ScaleInTraining):
+    @torch.no_grad()
+    def forward(self, x, how="plain"):
+        h = torch.relu(self.a(x))
+        return self.b(h - h.mean(1, keepdim=True) if _wants_centre(how) else h)
+
+
+class _ThroughAModule(_ScaleInTraining):
+    def forward(self, x, how="plain"):
+        h = torch.relu(self.a(x))
+        return self.b(h - h.mean(1, keepdim=True) if test_models.centre_wanted(how) else h)
+
+
+class _Inherited(_CentreIfAsked):
+    def forward(self, x, how="plain"):
+        return super().forward(x, how)
+
+
+@pytest.mark.parametrize("cls", [_Inherited, _Decorated, _ThroughAModule])
+def test_settings_compared_where_forward_hands_them_are_tried(cls):
+    """The comparison sat in a parent's forward reached by ``super().forward``, in a helper called from
+    a ``@torch.no_grad()`` forward (the wrapper's globals are torch's), or in a helper called through
+    a module (``models.centre_wanted(how)``): none was read, 0.03 off (survey 21)."""
+    torch.manual_seed(0)
+    model, x = cls().eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.a.out_channels == 16, small.report.verify
+    with torch.no_grad():
+        _twin_in_both_modes(model, small, [((x,), {"how": "centre"})])
+
+
+def test_groups_kept_for_the_module_forms_other_paths_are_said_and_the_graph_prunes_them():
+    """A setting whose other value centres over the channels kept the group whole, so nothing was
+    pruned, and only verify.blocked said so (survey 21). It now warns, and names output='graph',
+    whose graph prunes the group and refuses the setting it did not trace."""
+    torch.manual_seed(0)
+    model, x = _CentreIfAsked().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.warns(graphprune.GraphpruneWarning, match="kept whole.*output='graph' prunes them"):
+        small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.a.out_channels == 16
+    graph = graphprune.compile(model, (x,), ratio=0.5, importance="l1", output="graph")
+    assert graph.report.form == "graph" and graphprune.count_params(graph) < graphprune.count_params(small)
+    torch.testing.assert_close(graph(x), oracle_twin(model, graph)(x))
+    with pytest.raises(AssertionError):
+        graph(x, how="centre")
 
 
 def test_other_values_of_a_keyword():

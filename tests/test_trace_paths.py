@@ -395,21 +395,47 @@ def test_a_batch_test_behind_a_question_the_tracer_answers_wrongly_is_met(ask):
     """fx's proxy is no tensor to ``type(h) is torch.Tensor``, has every attribute, and knows it is
     tracing, so the graph never met ``h.shape[0] > 4``, set no bound on the batch and matched the
     model at the example; the graph and the module form were 0.11 off from batch 5 (survey 20).
-    The trace is now also checked either side of the sizes the code tests: torch.export answers
-    ``hasattr`` as Python does, and bounds the batch; where no tracer can (``type(h) is
-    torch.Tensor``; ``is_fx_tracing()`` is True under torch.export too), compile refuses and says
-    which question to change."""
+    The trace is now also checked on the far side of the sizes the code tests: torch.export answers
+    ``hasattr`` as Python does, and bounds the batch. Where no tracer can (``type(h) is
+    torch.Tensor``; ``is_fx_tracing()`` is True under torch.export too), the result is the model's
+    own class, held to its twin at those sizes, and a graph is refused: it would be wrong there."""
     torch.manual_seed(0)
     model, x = _AskedFirst(ask).eval(), torch.randn(2, 8)
-    if ask in ("type", "tracing"):
-        with pytest.raises(graphprune.GraphpruneError, match="a size the code tests.*isinstance"):
-            graphprune.compile(model, (x,), ratio=0.5, importance="l1")
-        return
     small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module", small.report.form_why
     twin = dead_twin(model, small)
     for b in (2, 5, 8):
         xb = torch.randn(b, 8)
         torch.testing.assert_close(small(xb), twin(xb))
+    if ask in ("type", "tracing"):
+        with pytest.raises(graphprune.GraphpruneError, match="every batch size its forward tests.*isinstance"):
+            graphprune.compile(model, (x,), ratio=0.5, importance="l1", output="graph")
+
+
+class _OneSample(nn.Module):
+    """A branch for a single sample, which torch.export does not guard (it takes a batch as 2 or more)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if x.shape[0] == 1:
+            h = h - h.mean(1, keepdim=True)
+        return self.b(h)
+
+
+def test_a_branch_for_one_sample_keeps_the_module_form():
+    """The exported graph took the batch path at batch 1, 0.3 off; refusing the trace refused models
+    whose own forward is right there (survey 21). The module form is returned, held to its twin at
+    batch 1, and the group the branch centres over stays whole."""
+    torch.manual_seed(0)
+    model = _OneSample().eval()
+    small = graphprune.compile(model, (torch.randn(4, 8),), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and small.a.out_features == 16
+    one = torch.randn(1, 8)
+    torch.testing.assert_close(small(one), model(one))
 
 
 def test_the_batch_sizes_a_forward_tests():
@@ -425,5 +451,6 @@ def test_the_batch_sizes_a_forward_tests():
         def check(self, x):
             return x * 2 if x.size(0) < 100 else x  # past BATCH_LIMIT: not tried
 
-    assert source.batch_sizes(Tests(), 2) == [3, 4, 7, 8, 9]
+    assert source.batch_sizes(Tests(), 2) == [3, 4, 8, 9]  # the far side of each test from the example's 2
+    assert source.batch_sizes(Tests(), 8) == [7, 9, 3, 2]
     assert source.batch_sizes(nn.Linear(2, 2), 2) == []
