@@ -243,8 +243,8 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     if held and not check.notes and not p.wrong_sizes:  # a setting's other value read a group: it was kept, silently
         warnings.warn(GraphpruneWarning(
             f"{len(held)} group(s) kept whole so that the result, in the model's own classes, is right on paths the "
-            f"trace did not take (first: {held[0][:400]}). output='graph' prunes them: its graph runs the traced path "
-            "only, and refuses the settings it did not trace"), stacklevel=2)
+            f"trace did not take (first: {held[0][:400]}). output='graph' prunes them: its graph computes the traced "
+            "path only, and refuses a setting or size it can tell it did not trace"), stacklevel=2)
     rep.auto = choice
     rep.rounding = rounding
     rep.layout = layout
