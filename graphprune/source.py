@@ -7,8 +7,8 @@ those questions open (``module_form.beyond``, ``verify.check_trace``), and a que
 proxy answers truthfully sends the model to the tracer that can (``trace``).
 
 Only code the trace runs is read: ``forward`` and what it calls by name, a method
-(``self._mix(h)``) or a function of its module (``helper(h)``), a few calls deep; never
-torch's own.
+(``self._mix(h)``, ``super().forward(x)``), a function of its module (``helper(h)``) or of
+a module it imported (``utils.helper(h)``), a few calls deep; never torch's own.
 """
 from __future__ import annotations
 
@@ -65,10 +65,17 @@ def _callee(f: ast.AST, fn, cls: type):
     if isinstance(owner, ast.Name) and owner.id == "self":
         return inspect.getattr_static(cls, f.attr, None)
     if isinstance(owner, ast.Call) and isinstance(owner.func, ast.Name) and owner.func.id == "super":
-        return next((k.__dict__[f.attr] for k in cls.__mro__[1:] if f.attr in k.__dict__), None)
+        mro = cls.__mro__  # after the class that defines fn: a parent's own super() goes on to the grandparent
+        at = next((i for i, k in enumerate(mro) if any(_is(v, fn) for v in vars(k).values())), 0)
+        return next((vars(k)[f.attr] for k in mro[at + 1:] if f.attr in vars(k)), None)
     if isinstance(owner, ast.Name) and isinstance(fn.__globals__.get(owner.id), types.ModuleType):
         return getattr(fn.__globals__[owner.id], f.attr, None)
     return None
+
+
+def _is(value, fn) -> bool:
+    value = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+    return callable(value) and inspect.unwrap(value) is fn
 
 
 def _parsed(fn) -> ast.AST | None:

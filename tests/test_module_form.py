@@ -734,7 +734,12 @@ class _Inherited(_CentreIfAsked):
         return super().forward(x, how)
 
 
-@pytest.mark.parametrize("cls", [_Inherited, _Decorated, _ThroughAModule])
+class _Grandchild(_Inherited):
+    def forward(self, x, how="plain"):
+        return super().forward(x, how)
+
+
+@pytest.mark.parametrize("cls", [_Inherited, _Grandchild, _Decorated, _ThroughAModule])
 def test_settings_compared_where_forward_hands_them_are_tried(cls):
     """The comparison sat in a parent's forward reached by ``super().forward``, in a helper called from
     a ``@torch.no_grad()`` forward (the wrapper's globals are torch's), or in a helper called through
