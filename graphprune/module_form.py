@@ -419,12 +419,8 @@ def _other_layout(example) -> list:
 def _tested_batches(model: torch.nn.Module, example, what: str = "") -> list:
     """(args, kwargs, what) at each batch size either side of a size test in the forward
     (``source.batch_sizes``): a test behind a question the tracer answered wrongly left no bound."""
-    args, kwargs = tuple(example[0]), dict(example[1])
-    first = next((t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()), None)
-    if first is None:
-        return []
-    return [(*source.at_batch(args, kwargs, first.shape[0], n), f"{what} (batch {n}, a size the code tests)".lstrip())
-            for n in source.batch_sizes(model, first.shape[0])]
+    return [(a, k, f"{what} (batch {n}, a size the code tests)".lstrip())
+            for n, a, k in source.tested_batches(model, tuple(example[0]), dict(example[1]))]
 
 
 def _past_bounds(example, bounded: list) -> list:

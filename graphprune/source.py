@@ -182,6 +182,18 @@ def _is_batch(node, names: set) -> bool:
     return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "len" and len(node.args) == 1
 
 
+def tested_batches(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[tuple[int, tuple, dict]]:
+    """(size, args, kwargs): the example at each of ``batch_sizes``, its batch read off the first
+    tensor input with a dim; [] where it has none."""
+    from torch.utils._pytree import tree_leaves
+
+    first = next((t for t in tree_leaves((tuple(args), dict(kwargs))) if isinstance(t, torch.Tensor) and t.dim()), None)
+    if first is None:
+        return []
+    batch = first.shape[0]
+    return [(n, *at_batch(args, kwargs, batch, n)) for n in batch_sizes(model, batch)]
+
+
 def at_batch(args: tuple, kwargs: dict, batch: int, size: int) -> tuple[tuple, dict]:
     """The example at another batch ``size``: every tensor with ``batch`` rows takes its rows in
     turn, each round scaled apart (a batch of copies is one BatchNorm normalises to zeros)."""

@@ -438,11 +438,7 @@ def wrong_at_tested_batches(model, gm, args: tuple, kwargs: dict) -> str | None:
     mismatch: it says so itself. Runs are on copies: what a forward writes is put back."""
     from . import source
 
-    first = next((t for t in tree_leaves((tuple(args), kwargs)) if isinstance(t, torch.Tensor) and t.dim()), None)
-    if first is None:
-        return None
-    for size in source.batch_sizes(model, first.shape[0]):
-        a, k = source.at_batch(args, kwargs, first.shape[0], size)
+    for size, a, k in source.tested_batches(model, args, kwargs):
         with evaluating(model, gm):
             try:
                 with on_copies(model):
