@@ -13,13 +13,13 @@ from contextlib import contextmanager
 import torch
 
 from .allocate import RULES, Constraints, allocate, blocked_hint, light_report, original_params, params_read, report
-from .batches import as_call, read_batches, regroup
+from .batches import as_call, read_batches, regroup, with_targets
 from .errors import GraphpruneError, GraphpruneWarning, first_line
 from .flops import count_flops, latency_ratio
 from .groups import Analysis, analyze_graph
 from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS
 from . import auto, module_form
-from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore, matching_ratio
+from .pruner import DEFAULT_PIPELINE, Pruner, _n_positional, check_ignore, matching_ratio
 from .reconstruct import thin_calibration
 from .trace import on_meta, shadow, trace, unwrapped
 from .verify import Verification, check_trace, refused_sizes, verified, why_not
@@ -113,8 +113,12 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     where a latency budget must land (see ``bench/deploy_speed.py``).
 
     ``ignore`` names modules whose output width must stay. ``calibration``
-    (an iterable of input tuples) and ``loss_fn(output, batch)`` feed the
-    data-driven criteria (``taylor``, ``hessian``, ``fisher``, ``activation``).
+    (an iterable of input tuples, dicts of keyword inputs, or a DataLoader)
+    and ``loss_fn(output, batch)`` feed the data-driven criteria (``taylor``,
+    ``hessian``, ``fisher``, ``activation``). A tuple with more items than the
+    forward takes positionally, ``(x, y)`` from a DataLoader, is the example's
+    number of inputs followed by targets: the model gets ``x``, ``loss_fn`` the
+    whole batch (``loss_fn=lambda out, b: F.cross_entropy(out, b[1])``).
     ``reconstruct=True`` also refits, in closed form on the calibration
     data, every linear (and 1x1 conv) layer that reads pruned channels, so
     the kept inputs stand in for the removed ones (see ``reconstruct.py``);
@@ -184,6 +188,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     choosing = importance == "auto" and calibration is not None
     if calibration is not None:
         calibration = read_batches(calibration)  # scored, judged and refit on: read once (a generator gives them once only)
+        calibration = with_targets(model, calibration, _n_positional(example_inputs))  # (x, y): x is the input
     with _gc_paused():
         p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn, pipeline,
                    bool(reconstruct), check_trace=verify and why_not(model) is None)

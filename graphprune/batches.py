@@ -2,7 +2,9 @@
 
 A batch may be a tuple (or list) of positional inputs, a single tensor, or a
 mapping of keyword inputs: a dict or a tokenizer's output (``BatchEncoding``
-is a ``UserDict``, not a ``dict``). ``example_kwargs`` given to ``compile``
+is a ``UserDict``, not a ``dict``). A tuple with more items than the model's
+forward takes positionally is inputs then targets (``(x, y)`` from a
+DataLoader, ``with_targets``): the model gets the inputs, ``loss_fn`` the whole batch. ``example_kwargs`` given to ``compile``
 apply to every batch too (``use_cache=False`` for a language model), the
 batch's own keywords winning.
 
@@ -43,9 +45,52 @@ def read_batches(calibration) -> list:
 _END = object()
 
 
+class Labelled(tuple):
+    """A calibration batch whose last items are targets: the model is called with the first
+    ``n_inputs`` items (``as_call``), ``loss_fn(output, batch)`` gets them all (``batch[1]`` is
+    a DataLoader's labels)."""
+
+    def __new__(cls, items, n_inputs: int | None = None):
+        self = super().__new__(cls, items)
+        self.n_inputs = len(self) if n_inputs is None else n_inputs
+        return self
+
+
+def positional_capacity(forward) -> int | None:
+    """How many positional inputs ``forward`` takes; None where it takes any number (``*args``)
+    or has no signature to read."""
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(q.kind is inspect.Parameter.VAR_POSITIONAL for q in params):
+        return None
+    return sum(q.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for q in params)
+
+
+def split_targets(batch, takes: int | None, n_inputs: int | None = None):
+    """``batch`` marked as inputs then targets where it is a tuple or list holding more items than
+    the forward takes positionally (``takes``): its first ``n_inputs`` items (as many as the example
+    inputs; without them, as many as the forward takes) are the inputs. A tuple the forward can take
+    whole stays inputs only, as it would be called: ``forward(x, mask=None)`` given ``(x, y)`` reads
+    ``y`` as the mask, so a loader for such a model must give dicts or the inputs alone."""
+    if takes is None or isinstance(batch, Labelled) or not isinstance(batch, (tuple, list)) or len(batch) <= takes:
+        return batch
+    n = takes if n_inputs is None else min(n_inputs, takes)
+    return Labelled(batch, n) if n >= 1 else batch
+
+
+def with_targets(model, batches: list, n_inputs: int | None = None) -> list:
+    """``batches`` (a list) with ``split_targets`` applied to each, for ``model``'s forward."""
+    takes = positional_capacity(getattr(model, "forward", model))
+    return [split_targets(b, takes, n_inputs) for b in batches]
+
+
 def as_call(batch, example_kwargs: dict | None = None) -> tuple[tuple, dict]:
     """(args, kwargs) for one calibration batch."""
     base = dict(example_kwargs or {})
+    if isinstance(batch, Labelled):
+        return tuple(batch[:batch.n_inputs]), base
     if isinstance(batch, Mapping) or (hasattr(batch, "keys") and hasattr(batch, "__getitem__") and not isinstance(batch, torch.Tensor)):
         return (), {**base, **{k: batch[k] for k in batch.keys()}}
     if isinstance(batch, (tuple, list)):

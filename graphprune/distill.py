@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from . import hf
-from .batches import as_call
+from .batches import as_call, positional_capacity, split_targets
 from .errors import GraphpruneError
 
 # fx call_function targets that compute x @ W.T (+ b) with W their second argument
@@ -163,8 +163,9 @@ def distill_loss(student: nn.Module, teacher: nn.Module, batches: Iterable, *, t
     teacher.eval()
     try:
         losses = []
+        takes = positional_capacity(teacher.forward)
         for batch in batches:
-            args, kwargs = as_call(batch)
+            args, kwargs = as_call(split_targets(batch, takes))
             t_out = _run(teacher, args, kwargs, hidden=False)
             s_out = _run(student, args, kwargs, hidden=False)
             losses.append(_output_loss(s_out, t_out, _mask(kwargs), temperature, loss_fn).item())
@@ -209,8 +210,9 @@ def _train(student, teacher, batches, params, *, steps, lr, temperature, hidden_
     columns = (TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("loss {task.fields[loss]}"))
     with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=False) as bar:
         task = bar.add_task("distill", total=steps, loss="-")
+        takes = positional_capacity(teacher.forward)
         for batch in _cycle(batches, steps):
-            args, kwargs = as_call(batch)
+            args, kwargs = as_call(split_targets(batch, takes))  # (x, y) from a DataLoader: x
             with torch.no_grad():
                 t_out = _run(teacher, args, kwargs, hidden=hidden)
             s_out = _run(student, args, kwargs, hidden=hidden)

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from .batches import as_call, read_batches
+from .batches import as_call, positional_capacity, read_batches, split_targets
 from .errors import GraphpruneError
 from .flops import count_flops
 
@@ -43,9 +43,11 @@ def recalibrate_bn(model: torch.nn.Module, calibration: Iterable) -> torch.nn.Mo
     Only the BatchNorms run in training mode, under ``no_grad``: dropout and
     anything else that trains differently stays as the model has it, so the
     statistics are those the model will see in use."""
+    takes = positional_capacity(model.forward)
+
     def forward():
         for batch in calibration:
-            args, kwargs = as_call(batch)
+            args, kwargs = as_call(split_targets(batch, takes))  # (x, y) from a DataLoader: x
             model(*args, **kwargs)
 
     return recalibrated(model, forward)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_map
 
-from .batches import read_batches
+from .batches import read_batches, with_targets
 from . import importance as _importance
 from . import reconstruct as _reconstruct
 from . import verify as _verify
@@ -215,6 +215,8 @@ class Pruner:
             (self.example_inputs, self.example_kwargs))  # a tensor for a tuple is refused later, by name
         if self.calibration is not None and not isinstance(self.calibration, (list, tuple)):
             self.calibration = read_batches(self.calibration)  # a generator: read more than once
+        if self.calibration is not None:  # (x, y) from a DataLoader: the model gets x, loss_fn the pair
+            self.calibration = with_targets(self.model, list(self.calibration), _n_positional(self.example_inputs))
         if self.calibration is not None and _empty(self.calibration):
             raise GraphpruneError(
                 "calibration holds no batches (an empty list, or a generator an earlier call already used up): the "
@@ -479,6 +481,10 @@ def calibration_failed(p: "Pruner", what: str, e: Exception) -> GraphpruneError:
            "make the forward traceable by torch.fx" if fixed else
            "give batches the model takes as it takes the example inputs")
     return GraphpruneError(f"{what} failed on the calibration data ({type(e).__name__}: {first_line(e)[:200]}): {why}")
+
+
+def _n_positional(example_inputs) -> int | None:
+    return len(example_inputs) if isinstance(example_inputs, (tuple, list)) else None
 
 
 def _stale_example_kwargs(p: "Pruner") -> str | None:

@@ -928,3 +928,57 @@ def test_an_endless_stream_is_read_to_a_cap(how):
     first = list(itertools.islice(iter(make()), CALIBRATION_CAP))
     same = graphprune.compile(model, (torch.randn(2, 8),), ratio=0.5, importance="activation", calibration=first)
     torch.testing.assert_close(small[0].weight, same[0].weight, rtol=0, atol=0)
+
+
+def _labelled_loader(n=12, batch=4):
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(n, *IMAGE[1:], generator=g), torch.randint(0, 10, (n,), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=batch)  # batches are [x, y] lists
+
+
+def test_a_labelled_loader_is_calibration():
+    """``(x, y)`` batches from a DataLoader, the loader users have: the model was called with
+    ``(x, y)`` and compile refused them (forward() takes 2 positional arguments but 3 were given).
+    The items past what the forward takes are targets: the model gets ``x``, ``loss_fn`` the whole
+    batch, so Taylor can score with the labels; ``auto`` on the labelled loader decides as on the
+    inputs alone."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(*IMAGE)
+    loader = _labelled_loader()
+    small = graphprune.compile(model, (x,), target_flops=0.5, calibration=loader)
+    alone = graphprune.compile(model, (x,), target_flops=0.5, calibration=[xb for xb, _ in loader])
+    assert str(small.report.auto).split(" candidates in")[0] == str(alone.report.auto).split(" candidates in")[0]
+    for a, b in zip(small.state_dict().values(), alone.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    by_pair = graphprune.compile(model, (x,), ratio=0.5, importance="taylor", calibration=loader,
+                                 loss_fn=lambda out, b: F.cross_entropy(out, b[1]))
+    kept = [(xb,) for xb, _ in loader]
+    labels = {xb[0].data_ptr(): yb for xb, (_, yb) in zip(kept, loader)}
+    by_lookup = graphprune.compile(model, (x,), ratio=0.5, importance="taylor", calibration=kept,
+                                   loss_fn=lambda out, b: F.cross_entropy(out, labels[b[0].data_ptr()]))
+    for a, b in zip(by_pair.state_dict().values(), by_lookup.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    flipped = graphprune.compile(model, (x,), ratio=0.5, importance="taylor", calibration=loader,
+                                 loss_fn=lambda out, b: F.cross_entropy(out, 9 - b[1]))
+    assert any(not torch.equal(a, b) for a, b in zip(by_pair.state_dict().values(), flipped.state_dict().values()))
+
+
+def test_a_labelled_loader_feeds_the_helpers():
+    """``recalibrate_bn``, ``distill`` and ``prune_iteratively`` take the same loader: the targets are not inputs."""
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(*IMAGE)
+    loader = _labelled_loader()
+    small = graphprune.prune_iteratively(model, (x,), target_flops=0.5, steps=2, calibration=loader, progress=False)
+    inputs = [(xb,) for xb, _ in loader]
+    twin = graphprune.compile(model, (x,), target_flops=0.5, calibration=inputs)
+    graphprune.recalibrate_bn(twin, inputs)
+    again = graphprune.compile(model, (x,), target_flops=0.5, calibration=loader)
+    graphprune.recalibrate_bn(again, loader)
+    for a, b in zip(again.state_dict().values(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    graphprune.distill(small, model, loader, steps=2, progress=False)
+    assert small.distill_report["steps"] == 2
+    assert graphprune.distill_loss(small, model, loader) >= 0
