@@ -357,6 +357,16 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     return out
 
 
+def _replays(before: str, now: str) -> bool:
+    """Whether ``load``, pruning the first original once and running ``now``'s passes, rebuilds a
+    model pruned under ``before`` and then again under ``now``: every pass of ``before`` runs in
+    ``now`` too (the default pipeline's ``shrink-params,dce`` and then ``deploy``, which folds at the
+    end what the earlier steps kept trainable). A fold in an earlier step is not replayed: the later
+    step pruned the folded model, which load never builds."""
+    names = lambda p: [x.strip() for x in p.split(",") if x.strip()]  # noqa: E731
+    return before == now or set(names(before)) <= set(names(now))
+
+
 def composed(now: dict, before: dict, *, folded: bool = False) -> dict:
     """The record of a model pruned from a graphprune result (``prune_iteratively``'s steps,
     ``compile(compile(m))``) with, under ``first``, what ``save`` writes: the pruning restated
@@ -370,9 +380,10 @@ def composed(now: dict, before: dict, *, folded: bool = False) -> dict:
     first = {"original": before["original"], "source": before["source"], "example": before["example"],
              "training": before["training"], "method": before["method"],
              "ignore": [i for i in now["ignore"] if i in before["ignore"]]}
-    if now["pipeline"] != before["pipeline"]:
+    if not _replays(before["pipeline"], now["pipeline"]):
         first["unsaveable"] = (f"its steps ran different pipelines ({before['pipeline']!r}, then {now['pipeline']!r}); "
-                               "prune every step with the same pipeline")
+                               "prune every step with the same pipeline, or end with one that runs every pass of the "
+                               "earlier steps (the default steps of prune_iteratively(pipeline='deploy'))")
     unknown = sorted({name for name, _ in now["kept"] if name not in before["original"]})
     if unknown:
         first["unsaveable"] = (f"the later step pruned tensors the first original does not have ({', '.join(unknown[:4])}); "

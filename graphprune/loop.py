@@ -84,7 +84,9 @@ def prune_iteratively(model: torch.nn.Module, example_inputs: tuple, *, target_f
 
     After each step BatchNorm statistics are recalibrated from ``calibration``
     (if given), then ``finetune(model)`` runs (it may return a new model or
-    train in place). The original model is not changed.
+    train in place). The original model is not changed. A ``pipeline``
+    (``"deploy"``) runs in the last step only: the steps before it keep the
+    model trainable, BatchNorms and all, for their recalibration and fine-tune.
 
     >>> small = graphprune.prune_iteratively(model, (x,), target_flops=0.5, steps=4, finetune=train_one_epoch,
     ...                                      calibration=[(xb,) for xb, _ in loader])
@@ -101,10 +103,16 @@ def prune_iteratively(model: torch.nn.Module, example_inputs: tuple, *, target_f
         compile_kw["ignore"] = check_ignore(model, compile_kw["ignore"])
     base = count_flops(model, example_inputs)
     current, params = model, 1.0
-    for t in tqdm(_targets(target_flops, steps, schedule), desc="prune steps", disable=not progress):
+    targets = _targets(target_flops, steps, schedule)
+    # pipeline="deploy" folds BatchNorms away: the steps before the last stay trainable (the default pipeline),
+    # so that their recalibration and fine-tune see BatchNorm, and the last step folds what they kept
+    last_kw, step_kw = compile_kw, {k: v for k, v in compile_kw.items() if k != "pipeline"}
+    for i, t in enumerate(tqdm(targets, desc="prune steps", disable=not progress)):
         now = count_flops(current, example_inputs) / base
-        if now > t:
-            current = compile(current, example_inputs, target_flops=min(1.0, t / now), calibration=calibration, **compile_kw)
+        last = i == len(targets) - 1
+        if now > t or (last and "pipeline" in compile_kw):  # the last step folds, pruned or not
+            kw = last_kw if last else step_kw
+            current = compile(current, example_inputs, target_flops=min(1.0, t / now), calibration=calibration, **kw)
             params *= current.report.params or 1.0  # of the step's own input
         if current is model:  # nothing pruned yet (a target of 1.0): recalibrate and fine-tune a copy, never the user's model
             current = copy.deepcopy(model)

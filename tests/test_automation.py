@@ -348,3 +348,49 @@ def test_round_to_holds_on_a_group_a_chunk_splits(kw):
     model, x = _ChunkedThree().eval(), torch.randn(2, 4, 8, 8)
     small = graphprune.compile(model, (x,), importance="l2", round_to=8, **kw)
     assert small.a.out_channels % 24 == 0 and small.b.out_channels % 8 == 0
+
+
+def test_prune_iteratively_with_the_deploy_pipeline_folds_at_the_end_and_saves(tmp_path):
+    """``pipeline="deploy"`` ran in every step: the first folded the BatchNorms, so the steps after
+    it recalibrated and fine-tuned a model without them, and the result could not be saved (the
+    later steps pruned conv biases the original does not have). The steps before the last now keep
+    the default pipeline; the last folds; save and load rebuild it onto a fresh original."""
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(*IMAGE)
+    calib = [(torch.randn(*IMAGE),) for _ in range(4)]
+    bns = []
+
+    def finetune(m):
+        bns.append(sum(isinstance(mod, nn.BatchNorm2d) for mod in m.modules()))
+
+    small = graphprune.prune_iteratively(model, (x,), target_flops=0.5, steps=3, finetune=finetune, calibration=calib,
+                                         pipeline="deploy", importance="l1", progress=False)
+    n_bn = sum(isinstance(mod, nn.BatchNorm2d) for mod in model.modules())
+    assert bns == [n_bn, n_bn, 0]  # BatchNorms until the last step, which folds them
+    assert small.report_flops <= 0.5
+    graphprune.save(small, tmp_path / "out")
+    torch.manual_seed(1)
+    loaded = graphprune.load(Residual().eval(), tmp_path / "out")
+    assert not any(isinstance(mod, nn.BatchNorm2d) for mod in loaded.modules())
+    with torch.no_grad():
+        for xb in (x, torch.randn(5, *IMAGE[1:])):
+            torch.testing.assert_close(loaded(xb), small(xb), rtol=0, atol=0)
+
+
+def test_a_fold_in_an_earlier_step_is_refused_by_save(tmp_path):
+    """Pruning a folded model again cannot be replayed from the original (load never builds the
+    folded model the second step pruned): save refuses it by name. Folding last saves."""
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(*IMAGE)
+    folded_first = graphprune.compile(graphprune.compile(model, (x,), ratio=0.25, importance="l1", pipeline="deploy"),
+                                      (x,), ratio=0.25, importance="l1")
+    with pytest.raises(graphprune.GraphpruneError, match="cannot be saved"):
+        graphprune.save(folded_first, tmp_path / "a")
+    folded_last = graphprune.compile(graphprune.compile(model, (x,), ratio=0.25, importance="l1"),
+                                     (x,), ratio=0.25, importance="l1", pipeline="deploy")
+    graphprune.save(folded_last, tmp_path / "b")
+    loaded = graphprune.load(Residual().eval(), tmp_path / "b")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), folded_last(x), rtol=0, atol=0)
