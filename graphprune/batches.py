@@ -53,14 +53,24 @@ class Labelled(tuple):
     def __new__(cls, items, n_inputs: int | None = None):
         self = super().__new__(cls, items)
         self.n_inputs = len(self) if n_inputs is None else n_inputs
+        self.given = items  # what loss_fn gets: the batch as the user made it (a namedtuple keeps its fields)
         return self
 
 
-def positional_capacity(forward) -> int | None:
-    """How many positional inputs ``forward`` takes; None where it takes any number (``*args``)
-    or has no signature to read."""
+def positional_capacity(model) -> int | None:
+    """How many positional inputs ``model`` (a module, or its forward) takes; None where it takes
+    any number (``*args``) or has no signature to read. Wrappers are looked through:
+    ``torch.compile``'s module, ``DataParallel``, a decorator that keeps ``__wrapped__``."""
+    while isinstance(model, torch.nn.Module):
+        inner = getattr(model, "_orig_mod", None)  # torch.compile(model)
+        if inner is None and isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if not isinstance(inner, torch.nn.Module):
+            model = model.forward
+            break
+        model = inner
     try:
-        params = inspect.signature(forward).parameters.values()
+        params = inspect.signature(model).parameters.values()
     except (TypeError, ValueError):
         return None
     if any(q.kind is inspect.Parameter.VAR_POSITIONAL for q in params):
@@ -81,9 +91,11 @@ def split_targets(batch, takes: int | None, n_inputs: int | None = None):
 
 
 def with_targets(model, batches: list, n_inputs: int | None = None) -> list:
-    """``batches`` (a list) with ``split_targets`` applied to each, for ``model``'s forward."""
-    takes = positional_capacity(getattr(model, "forward", model))
-    return [split_targets(b, takes, n_inputs) for b in batches]
+    """``batches`` (a list) with ``split_targets`` applied to each, for ``model``'s forward. A
+    forward that takes ``*args`` takes, once traced, as many inputs as the example has
+    (``n_inputs``): an item past those is a target there too."""
+    takes = positional_capacity(model)
+    return [split_targets(b, n_inputs if takes is None else takes, n_inputs) for b in batches]
 
 
 def as_call(batch, example_kwargs: dict | None = None) -> tuple[tuple, dict]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .modes import mixed, modes_of, set_modes
 from . import hf, module_form
 from .errors import GraphpruneError, first_line
 from .trace import shadow, to_meta
@@ -124,6 +125,8 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
         # the mode compile built it in: passes decide by it (fold-bn folds eval-mode BatchNorms only), so load
         # rebuilds in it, then switches to "training" (a model compiled in train mode and saved after .eval())
         "built_training": bool(info.get("training", model.training)),
+        # modules in the other mode than the model (frozen BatchNorms in a model in training mode)
+        "modes": mixed(model),
         "kept": kept,
         "original": info["original"],
         "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()},
@@ -353,6 +356,9 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
             "original cannot give their values: build the original on a real device, or register them as buffers")
     if m["source"]["method"] == "symbolic_trace" or m.get("form") == "module":  # exported graphs keep the mode they were exported in
         out.train(bool(m.get("training", False)))
+        modes = m.get("modes") or {}
+        if modes:
+            set_modes(out, {**modes_of(out), **modes}, out.training)
     module_form.info(out)["loaded_from"] = str(path)
     return out
 

@@ -46,6 +46,7 @@ from torch.nn.utils import parametrize
 
 from . import hf
 from .batches import as_call, positional_capacity, split_targets
+from .modes import kept_modes, modes_of, set_modes
 from .errors import GraphpruneError
 
 # fx call_function targets that compute x @ W.T (+ b) with W their second argument
@@ -123,7 +124,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, *, steps:
     _check_separate(student, teacher)
 
     requires = {id(p): p.requires_grad for p in student.parameters()}
-    student_was_training, teacher_was_training = student.training, teacher.training
+    modes = modes_of(student), modes_of(teacher)  # each module's own: a teacher with frozen BatchNorms keeps them frozen
     lora = _add_lora(student, lora_rank) if lora_rank is not None else []
     try:
         if lora:
@@ -147,8 +148,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, *, steps:
         for p in student.parameters():
             p.requires_grad_(requires.get(id(p), p.requires_grad))
             p.grad = None
-        student.train(student_was_training)
-        teacher.train(teacher_was_training)
+        set_modes(student, modes[0], modes[0][""])
+        set_modes(teacher, modes[1], modes[1][""])
     student.distill_report = report
     return student
 
@@ -158,20 +159,20 @@ def distill_loss(student: nn.Module, teacher: nn.Module, batches: Iterable, *, t
                  loss_fn: Callable | None = None) -> float:
     """The mean of ``distill``'s loss (without hidden states) over ``batches``, both models in eval mode; a way
     to measure how far the student is from the teacher on held-out inputs."""
-    modes = student.training, teacher.training
-    student.eval()
-    teacher.eval()
-    try:
-        losses = []
-        takes = positional_capacity(teacher.forward)
-        for batch in batches:
-            args, kwargs = as_call(split_targets(batch, takes))
-            t_out = _run(teacher, args, kwargs, hidden=False)
-            s_out = _run(student, args, kwargs, hidden=False)
-            losses.append(_output_loss(s_out, t_out, _mask(kwargs), temperature, loss_fn).item())
-    finally:
-        student.train(modes[0])
-        teacher.train(modes[1])
+    with kept_modes(student, teacher):
+        student.eval()
+        teacher.eval()
+        return _mean_loss(student, teacher, batches, temperature, loss_fn)
+
+
+def _mean_loss(student, teacher, batches, temperature, loss_fn) -> float:
+    losses = []
+    takes = positional_capacity(teacher)
+    for batch in batches:
+        args, kwargs = as_call(split_targets(batch, takes))
+        t_out = _run(teacher, args, kwargs, hidden=False)
+        s_out = _run(student, args, kwargs, hidden=False)
+        losses.append(_output_loss(s_out, t_out, _mask(kwargs), temperature, loss_fn).item())
     if not losses:
         raise GraphpruneError("distill_loss got no batches")
     return sum(losses) / len(losses)
@@ -179,6 +180,7 @@ def distill_loss(student: nn.Module, teacher: nn.Module, batches: Iterable, *, t
 
 # ----------------------------------------------------------------------------------------------- training loop
 
+@torch.enable_grad()  # distill called under torch.no_grad() still trains
 def _train(student, teacher, batches, params, *, steps, lr, temperature, hidden_weight, loss_fn, schedule,
            weight_decay, progress, max_seconds) -> dict:
     from rich.console import Console
@@ -210,7 +212,7 @@ def _train(student, teacher, batches, params, *, steps, lr, temperature, hidden_
     columns = (TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("loss {task.fields[loss]}"))
     with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=False) as bar:
         task = bar.add_task("distill", total=steps, loss="-")
-        takes = positional_capacity(teacher.forward)
+        takes = positional_capacity(teacher)
         for batch in _cycle(batches, steps):
             args, kwargs = as_call(split_targets(batch, takes))  # (x, y) from a DataLoader: x
             with torch.no_grad():

@@ -89,13 +89,14 @@ class ScoreContext:
             raise GraphpruneError(f"this importance criterion needs {what}: pass calibration= (an iterable of input "
                                   "tuples, dicts of keyword inputs or tokenizer outputs)")
         for batch in self.calibration:
-            yield (*as_call(batch, self.example_kwargs), batch)
+            yield (*as_call(batch, self.example_kwargs), getattr(batch, "given", batch))  # loss_fn sees the user's batch
 
     def _batches(self, what: str):
         """The graph's flat placeholder values per calibration batch (for interpreter runs)."""
         for args, kwargs, _ in self._calls(what):
             yield flat_inputs(self.gm, args, kwargs)
 
+    @torch.enable_grad()  # compile called under torch.no_grad() (an eval loop) still takes gradients here
     def _gradients(self, with_units: bool = False):
         if self.loss_fn is None:
             raise GraphpruneError("gradient-based importance needs loss_fn=: a callable (output, batch) -> scalar loss")

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batches import as_call, positional_capacity, read_batches, split_targets
-from .errors import GraphpruneError
+from .errors import GraphpruneError, first_line
 from .flops import count_flops
 
 # kept FLOPs fraction after a fraction t of the steps, for a final target
@@ -43,12 +43,18 @@ def recalibrate_bn(model: torch.nn.Module, calibration: Iterable) -> torch.nn.Mo
     Only the BatchNorms run in training mode, under ``no_grad``: dropout and
     anything else that trains differently stays as the model has it, so the
     statistics are those the model will see in use."""
-    takes = positional_capacity(model.forward)
+    takes = positional_capacity(model)
 
     def forward():
         for batch in calibration:
             args, kwargs = as_call(split_targets(batch, takes))  # (x, y) from a DataLoader: x
-            model(*args, **kwargs)
+            try:
+                model(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - the statistics are put back (recalibrated); say which batch
+                raise GraphpruneError(f"recalibrate_bn: the model does not take a calibration batch ({type(e).__name__}: "
+                                      f"{first_line(e)[:300]}); the statistics were left as they were. Give batches of "
+                                      "its positional inputs, optionally followed by targets, or dicts of keyword "
+                                      "inputs") from e
 
     return recalibrated(model, forward)
 
@@ -63,16 +69,25 @@ def recalibrated(model: torch.nn.Module, forward: Callable[[], object]) -> torch
     if not bns:
         return model
     saved = [(m.momentum, m.training) for m in bns]
+    stats = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the calibration batches
         m.training = True
+    ok = False
     try:
         with torch.no_grad():
             forward()
+        ok = any(int(m.num_batches_tracked) > 0 for m in bns)
     finally:
-        for m, (mom, was) in zip(bns, saved):
+        for m, (mom, was), (mean, var, n) in zip(bns, saved, stats):
             m.momentum, m.training = mom, was
+            if not ok or int(m.num_batches_tracked) == 0:  # no batch reached it: the statistics it had, not mean 0, var 1
+                with torch.no_grad():
+                    m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
+    if not ok:
+        raise GraphpruneError("recalibrating BatchNorm statistics ran no batch through the model (an empty list, or a "
+                              "generator already used up): the statistics were left as they were")
     return model
 
 

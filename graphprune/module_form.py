@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from . import hf, source
+from .modes import copy_modes
 from .modules import full_width
 from .trace import HOOK_DICTS, fresh_attrs, own_tensors, rebind_hooks
 from .verify import _run, evaluating, mismatch, on_copies, other_inputs
@@ -734,7 +735,7 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
     if hf.is_hf(model):  # before _own_data: it finds the modules holding the user's config by identity
         hf.update_config(top, model.config, model)
     _own_data(top, model)
-    top.train(model.training)
+    copy_modes(top, model)  # each module's own (frozen BatchNorms, a DataParallel wrapper around an eval model)
     return top
 
 

@@ -14,6 +14,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .batches import read_batches, with_targets
+from .modes import Snapshot
 from . import importance as _importance
 from . import reconstruct as _reconstruct
 from . import verify as _verify
@@ -225,6 +226,8 @@ class Pruner:
         self.model = unwrapped(self.model)
         self.ignore = tuple(check_ignore(self.model, self.ignore))
         traced = self._faithful_trace() if self.check_trace else trace(self.model, self.example_inputs, self.example_kwargs, method=self.method)
+        # calibration batches run through a copy in training mode move its BatchNorm statistics: every build restores them
+        self._buffers0 = Snapshot(traced.gm)
         self.analysis = analyze_graph(traced.gm, traced.method, self.ignore)
         ctx = _importance.ScoreContext(traced.gm, self.analysis.groups, self.calibration, self.loss_fn, self.example_kwargs)
         self._ctx = ctx
@@ -377,6 +380,7 @@ class Pruner:
         ``check=False`` skips the between-pass checks and ``fit=False`` the
         reconstruction (the cost meter's inner loop, where only shapes count)."""
         gm = self.gm
+        self._buffers0.restore()  # scoring and judging ran calibration through it (a model in training mode)
         plan = gm.meta[PLAN] = make_plan(self.groups, removed)
         try:
             out, _ = run_pipeline(gm, self.pipeline or DEFAULT_PIPELINE, check=check and self._meta_checkable())

@@ -31,6 +31,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from . import source
 from .errors import GraphpruneError
 from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, VAL
+from .modes import copy_modes
 from .shuffle import fold_channel_shuffles
 
 
@@ -475,7 +476,7 @@ def trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | 
     traced = _trace(model, example_inputs, example_kwargs, method)
     fold_channel_shuffles(traced.gm)
     if traced.method == "symbolic_trace":  # exported modules refuse train()/eval(); they keep the mode they were exported in
-        traced.gm.train(model.training)
+        copy_modes(traced.gm, model)  # each module's own: frozen BatchNorms in a model in training mode stay in eval
     return traced
 
 

@@ -568,6 +568,7 @@ class Verifier:
     def check(self, removed: dict, out: torch.nn.Module) -> str | None:
         """None if ``out`` (``removed`` pruned away) reproduces the twin on every case."""
         start = time.perf_counter()
+        self.p._buffers0.restore()  # the twin runs on the traced copy's buffers as the pruned model got them
         try:
             state = self.twin_state(removed)
             gm = self.twin_graph(removed)
