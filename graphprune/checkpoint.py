@@ -71,6 +71,40 @@ def _slots(model: torch.nn.Module):
     return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
 
 
+def _plain(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the tensors modules hold as plain attributes (``self.gain = torch.rand(8)``,
+    a fixed random projection): not in the state dict, so a freshly built original has other
+    values, or none but meta ones. Aliases of a parameter or buffer are left to that slot."""
+    slots = {id(t) for _, t in _slots(model)}
+    out = []
+    for path, mod in model.named_modules(remove_duplicate=False):
+        for k, v in vars(mod).items():
+            if (isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) and id(v) not in slots
+                    and v.layout == torch.strided and not v.is_meta and k not in mod._parameters and k not in mod._buffers):
+                out.append((f"{path}.{k}" if path else k, v))
+    return out
+
+
+def _set_plain(out: torch.nn.Module, loaded: dict, names: list) -> None:
+    """The saved plain tensor attributes put back on the rebuilt model (``_plain``)."""
+    for name in names:
+        if name not in loaded:
+            raise GraphpruneError(f"{WEIGHTS} has no tensor {name!r}, which the manifest lists: the directory is damaged; "
+                                  "save the model again")
+        path, _, k = name.rpartition(".")
+        try:
+            mod = out.get_submodule(path)
+        except AttributeError:
+            raise GraphpruneError(f"the saved model holds a tensor attribute {name!r}, and the rebuilt one has no module "
+                                  f"{path!r}: load onto the architecture it was saved from") from None
+        have = vars(mod).get(k)
+        if isinstance(have, torch.Tensor) and tuple(have.shape) != tuple(loaded[name].shape):
+            raise GraphpruneError(f"tensor attribute {name!r} is {tuple(loaded[name].shape)} in {WEIGHTS} but "
+                                  f"{tuple(have.shape)} in the rebuilt model; nothing was loaded")
+        data = loaded[name]
+        setattr(mod, k, data.to(have.device) if isinstance(have, torch.Tensor) and not have.is_meta else data)
+
+
 def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
     """Write a model returned by ``graphprune.compile`` to directory ``path``.
 
@@ -82,7 +116,13 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
     where not, the config is written as ``pruned_config.json`` instead, so that
     ``from_pretrained`` refuses the directory rather than build another model.
     ``manifest.json`` says which (``from_pretrained``); ``graphprune.load``
-    always rebuilds it."""
+    always rebuilds it.
+
+    Written: every parameter and buffer, every tensor a module holds as a plain
+    attribute (a fixed random projection), and the mode of every module whose
+    train/eval mode differs from the model's. Not written: attributes that are
+    not tensors (a float temperature set after construction); ``load`` takes
+    them from the original it is given."""
     from safetensors.torch import save_file
 
     info = module_form.info(model)
@@ -106,6 +146,8 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
             continue
         first[id(t)] = name
         tensors[name] = t.detach().contiguous().cpu()
+    plain = [(n, t) for n, t in _plain(model) if n not in tensors]
+    tensors.update({n: t.detach().contiguous().cpu() for n, t in plain})
     args, kwargs = info["example"]
     kept: dict = {}
     for (name, axis), idx in sorted(info["kept"].items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -131,6 +173,8 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
         "original": info["original"],
         "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()},
         "aliases": aliases,
+        # tensors held as plain attributes, not parameters or buffers: written too, set again by load
+        "plain": [n for n, _ in plain],
         "report": None if report is None else str(report),
         # modules graphprune put into the model before pruning it (rotate_residual's MixedNorm), by path
         "wrapped": _wrapped(model),
@@ -347,6 +391,10 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
         raise GraphpruneError(f"cannot read {path / WEIGHTS} ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}): "
                               "the file is missing, truncated or not written by graphprune.save; save the model again") from None
     _assign(out, loaded, m["aliases"])
+    _set_plain(out, loaded, m.get("plain") or [])
+    for mod in out.modules():  # an RNN's list of its weights still names the tensors the rebuild started from
+        if isinstance(mod, torch.nn.RNNBase):
+            mod._init_flat_weights()
 
     left = _meta_leftovers(out)
     if left:

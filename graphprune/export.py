@@ -3,10 +3,10 @@
 Works on what ``graphprune.compile`` returns in either form (an instance of the
 user's class, or an fx ``GraphModule``), and on any other module.
 
->>> ep = graphprune.export.export(small, (x,))              # ExportedProgram; the batch dim is symbolic
+>>> ep = graphprune.export(small, (x,))              # ExportedProgram; the batch dim is symbolic
 >>> ep.module()(torch.randn(3, *x.shape[1:]))
->>> graphprune.export.to_onnx(small, (x,), "small.onnx")    # torch.onnx.export(..., dynamo=True), dynamic batch
->>> graphprune.export.check_onnx("small.onnx", small, (x,))  # max |ort - torch| / max |torch| over the outputs
+>>> graphprune.to_onnx(small, (x,), "small.onnx")    # torch.onnx.export(..., dynamo=True), dynamic batch
+>>> graphprune.check_onnx("small.onnx", small, (x,))  # max |ort - torch| / max |torch| over the outputs
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Hugging Face models: inputs, per-layer attributes, configs and checkpoints.
 
 A pruned Hugging Face model in module form is the user's own class (so
-``generate()``, its KV cache and ``save_pretrained`` work) with every
+``generate()``, its KV cache and ``save_pretrained`` work; where its config
+alone would rebuild another model, its ``save_pretrained`` refuses and says to
+use ``graphprune.save``, ``guard_save_pretrained``) with every
 attribute that states a width made true again:
 
 * per-layer attention and MLP attributes (``num_key_value_groups``,
@@ -270,6 +272,14 @@ def _input_embeddings(model):
         return None
 
 
+def _writable(config, field: str) -> bool:
+    """Whether ``config.field`` can be set: a property without a setter derives it from other
+    fields (FalconConfig.head_dim), and the config then states it through them, or not at all
+    (``from_config_alone`` says so, and ``graphprune.save`` writes ``pruned_config.json``)."""
+    prop = getattr(type(config), field, None)
+    return not isinstance(prop, property) or prop.fset is not None
+
+
 def update_config(model, original_config, original=None) -> None:
     """Give ``model`` its own config with the pruned widths (the user's stays as it was).
     A config field is written only where, on the unpruned ``original``, it said what the
@@ -291,7 +301,7 @@ def update_config(model, original_config, original=None) -> None:
         hidden = None
     if hidden is not None:
         for f in HIDDEN_ATTRS:
-            if isinstance(getattr(config, f, None), int) and f in config.to_dict():
+            if isinstance(getattr(config, f, None), int) and f in config.to_dict() and _writable(config, f):
                 setattr(config, f, hidden)
         for mod in model.modules():  # the residual width as layers store it (attention widths are _heads')
             if _heads(mod) is None:
@@ -305,12 +315,34 @@ def update_config(model, original_config, original=None) -> None:
         if key in before and isinstance(getattr(original_config, f, None), int) and getattr(original_config, f) != before[key]:
             continue  # the field counts something other than what the layers state
         if key in agreed and f in config.to_dict() or (f == "head_dim" and key in agreed and hasattr(config, "num_key_value_heads")):
-            setattr(config, f, agreed[key])
+            if _writable(config, f):  # Falcon's head_dim and num_key_value_heads are read-only, derived properties
+                setattr(config, f, agreed[key])
     eps = {getattr(m, "variance_epsilon") for m in model.modules() if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")}
     if len(eps) == 1 and isinstance(getattr(config, "rms_norm_eps", None), float):
         config.rms_norm_eps = eps.pop()
     if any(len({w[k] for w in widths if k in w}) > 1 for k in set(CONFIG_FIELDS.values())):
         config.graphprune_layers = widths  # layers differ: graphprune.load rebuilds them
+
+
+def guard_save_pretrained(model) -> None:
+    """A pruned model whose config alone does not rebuild it (``from_config_alone``: Gemma's
+    embedding scale is the square root of the original width) gets a ``save_pretrained`` that
+    refuses: the model's own would write a ``config.json`` that ``from_pretrained`` builds into
+    another model without a word (3.5% off on a tiny Gemma). ``graphprune.save`` writes the
+    directory so that ``from_pretrained`` refuses it and ``graphprune.load`` rebuilds it."""
+    why = from_config_alone(model)
+    if why is None:
+        return
+    name = type(model).__name__
+
+    def save_pretrained(*args, **kwargs):
+        from .errors import GraphpruneError
+
+        raise GraphpruneError(f"{name}.save_pretrained would write a config that from_pretrained builds into another "
+                              f"model ({why}): save with graphprune.save(model, path) and load with "
+                              "graphprune.load(original, path)")
+
+    model.save_pretrained = save_pretrained
 
 
 def from_config_alone(model) -> str | None:

@@ -736,6 +736,8 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
         hf.update_config(top, model.config, model)
     _own_data(top, model)
     copy_modes(top, model)  # each module's own (frozen BatchNorms, a DataParallel wrapper around an eval model)
+    if hf.is_hf(model):
+        hf.guard_save_pretrained(top)
     return top
 
 

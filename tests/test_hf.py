@@ -529,3 +529,42 @@ def test_a_hugging_face_model_pruned_twice_saves_and_loads(tmp_path):
     graph = graphprune.compile(once, (ids,), ratio=0.25, importance="l2", output="graph")
     with pytest.raises(graphprune.GraphpruneError, match="apply it twice"):
         graphprune.save(graph, tmp_path / "g")
+
+
+def test_falcon_compiles_though_its_config_derives_head_dim():
+    """FalconConfig's head_dim and num_key_value_heads are read-only properties: writing the pruned
+    widths into the config raised AttributeError out of compile (survey 22), on both Falcon forms."""
+    for kw in ({"new_decoder_architecture": True, "num_kv_heads": 2}, {}):
+        cfg = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **kw)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+        ids = torch.randint(0, VOCAB, (2, 12))
+        small = graphprune.compile(model, (ids,), ratio=0.5, importance="l2")
+        assert small.report.form == "module"
+        assert graphprune.count_params(small) < graphprune.count_params(model)
+        with torch.no_grad():
+            small(torch.randint(0, VOCAB, (3, 9)))
+
+
+def test_save_pretrained_refuses_where_the_config_alone_builds_another_model(tmp_path):
+    """Gemma scales its embeddings by the square root of hidden_size: from the pruned config,
+    from_pretrained rebuilt the model with another scale, 3.5% off, without a word (survey 22).
+    Such a result's save_pretrained refuses; graphprune.save and load rebuild it exactly."""
+    cfg = transformers.GemmaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    small = graphprune.compile(model, (ids,), ratio=0.5, importance="l2")
+    assert small.report.form == "module"
+    with pytest.raises(graphprune.GraphpruneError, match="graphprune.save"):
+        small.save_pretrained(tmp_path / "hf")
+    graphprune.save(small, tmp_path / "gp")
+    with torch.device("meta"):
+        original = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    back = graphprune.load(original, tmp_path / "gp")
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, small(ids).logits)
+    qwen = graphprune.compile(_qwen2(), (ids,), ratio=0.5, importance="l2")  # a config that does rebuild it: saves
+    qwen.save_pretrained(tmp_path / "qwen")
+    assert (tmp_path / "qwen" / "config.json").exists()
