@@ -217,10 +217,15 @@ def _check_shapes(model: torch.nn.Module, info: dict) -> None:
                  if n in info["original"] and len(info["original"][n]) == t.dim()]
         if not wants or list(t.shape) in wants:
             continue  # a tensor a pass made (a folded bias), or a layer folded into another shape
+        path, _, k = tied[0].rpartition(".")
+        if k in getattr(model.get_submodule(path), "_non_persistent_buffers_set", ()):
+            why = ("a non-persistent buffer changed size since compile (a cache the forward grows on a longer input): "
+                   "save before running such inputs, or compile the original after its cache has grown")
+        else:
+            why = "the model was changed after compile (a module replaced?), and load rebuilds it from the original"
         raise GraphpruneError(
-            f"tensor {tied[0]!r} is {tuple(t.shape)}, but pruning {info['source']} left it {tuple(wants[0])}: the model "
-            "was changed after compile (a module replaced?), and load rebuilds it from the original. Change the "
-            "original the same way and compile it, or save the state_dict yourself")
+            f"tensor {tied[0]!r} is {tuple(t.shape)}, but pruning {info['source']} left it {tuple(wants[0])}: {why}. "
+            "Change the original the same way and compile it, or save the state_dict yourself")
 
 
 def _dumps(manifest: dict) -> str:
