@@ -12,6 +12,13 @@ defaults and are run once, as they are. Each stresses a coupling the suite has l
 * ``signal_gated``: a WaveNet-style 1-D net on the suite's signals: dilated convs whose output is split in
   halves (``chunk``) into a tanh and a sigmoid gate, residual and skip outputs, the skips summed.
 
+A second batch, written and run once in a later session (twentieth), after the defaults stopped changing:
+
+* ``digits_gru``: a GRU reading each digit row by row, its last state into the head (a recurrent hidden unit is
+  one across the three gates and the recurrence);
+* ``digits_tabmlp``: the pixels as a table, an MLP with BatchNorm1d and dropout;
+* ``digits_convmixer``: a ConvMixer, residual depthwise convs between pointwise ones, GELU and BatchNorm.
+
 Same data splits, training, budgets, fine-tune and rivals as ``bench/tasks.py`` (its ``Run``); graphprune is
 called as documented. Rows go to ``bench/results/heldout.json``; Torch-Pruning with the ignore lists it
 needs (``RECIPES``) to ``heldout_recipes.json``, shown as ``tp_*_recipe`` columns:
@@ -167,6 +174,62 @@ class Gated1d(nn.Module):
         return self.fc(self.post(total).mean(2))
 
 
+# ---------------------------------------------------------------- second batch (session of 2026-12-05, twentieth)
+
+
+class DigitsGRU(nn.Module):
+    """Each 8x8 digit read as 8 rows of 8 pixels: a linear 32 per row, ReLU, a GRU of 64, its last state -> fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
+        self.rnn = nn.GRU(32, 64, batch_first=True)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        out, h = self.rnn(self.proj(x[:, 0]))  # (B, 8 rows, 64), (1, B, 64)
+        return self.fc(h[-1])
+
+
+class TabMLP(nn.Module):
+    """The 64 pixels as a table: 256-256-128 with BatchNorm1d and dropout 0.2, the way tabular MLPs are written."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Dropout(0.2),
+                                  nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Dropout(0.2),
+                                  nn.Linear(256, 128), nn.ReLU())
+        self.fc = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc(self.body(x.flatten(1)))
+
+
+class Residual(nn.Module):
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x) + x
+
+
+class ConvMixer(nn.Module):
+    """ConvMixer (Trockman and Kolter, 2022) at width 64, depth 4, patch 1: residual depthwise 3x3 + GELU + BN,
+    then pointwise + GELU + BN."""
+
+    def __init__(self, dim: int = 64, depth: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, dim, 1), nn.GELU(), nn.BatchNorm2d(dim))
+        self.blocks = nn.Sequential(*[nn.Sequential(
+            Residual(nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, groups=dim), nn.GELU(), nn.BatchNorm2d(dim))),
+            nn.Conv2d(dim, dim, 1), nn.GELU(), nn.BatchNorm2d(dim)) for _ in range(depth)])
+        self.fc = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
 def ignoring(*suffixes: str):
     """A Torch-Pruning recipe: the layers a user must list in ``ignored_layers`` before it runs at all."""
     return lambda model: {"ignored_layers": [m for n, m in model.named_modules() if n.endswith(suffixes)]}
@@ -184,6 +247,9 @@ HELDOUT = {t.name: t for t in (
     Task("digits_resnext", ResNeXt, digits.load_splits, 15, 3e-3),
     Task("digits_mixer", Mixer, digits.load_splits, 40, 2e-3),
     Task("signal_gated", Gated1d, signal_splits, 20, 3e-3),
+    Task("digits_gru", DigitsGRU, digits.load_splits, 30, 3e-3),
+    Task("digits_tabmlp", TabMLP, digits.load_splits, 30, 1e-3),
+    Task("digits_convmixer", ConvMixer, digits.load_splits, 15, 3e-3),
 )}
 
 

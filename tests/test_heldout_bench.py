@@ -1,4 +1,4 @@
-"""bench/heldout.py's four networks, written after the defaults: lossless under the oracle, and the
+"""bench/heldout.py's networks, written after the defaults: lossless under the oracle, and the
 budget holds on what compile returns (the gated net's forward computes a residual nothing reads)."""
 
 import pytest
@@ -19,7 +19,8 @@ def _inputs(name):
     return (lambda b: (torch.randn(b, 1, 8, 8),)) if name.startswith("digits") else (lambda b: (torch.randn(b, 1, 128),))
 
 
-@pytest.mark.parametrize("name", ["digits_dense", "digits_resnext", "digits_mixer", "signal_gated"])
+@pytest.mark.parametrize("name", ["digits_dense", "digits_resnext", "digits_mixer", "signal_gated", "digits_gru",
+                                  "digits_tabmlp", "digits_convmixer"])
 def test_heldout_network_is_lossless(name):
     from adversarial import ADVERSARIAL, classify
 
