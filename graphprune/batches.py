@@ -4,9 +4,9 @@ A batch may be a tuple (or list) of positional inputs, a single tensor, or a
 mapping of keyword inputs: a dict or a tokenizer's output (``BatchEncoding``
 is a ``UserDict``, not a ``dict``). A tuple with more items than the model's
 forward takes positionally is inputs then targets (``(x, y)`` from a
-DataLoader, ``with_targets``): the model gets the inputs, ``loss_fn`` the whole batch. ``example_kwargs`` given to ``compile``
-apply to every batch too (``use_cache=False`` for a language model), the
-batch's own keywords winning.
+DataLoader, ``with_targets``): the model gets the inputs, ``loss_fn`` the
+whole batch. ``example_kwargs`` given to ``compile`` apply to every batch too
+(``use_cache=False`` for a language model), the batch's own keywords winning.
 
 Criteria run batches through the traced graph, whose placeholders are flat:
 ``flat_inputs`` orders (args, kwargs) the way the graph wants them, or says
