@@ -343,7 +343,7 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
 
     if kept is None or example is None or why_not(model) is not None:
         return None
-    flags, batches = _flipped_flags(model, example), _tested_batches(model, example)
+    flags, batches = _other_settings(model, example), _tested_batches(model, example)
     cases = _past_bounds(example, bounded or []) + flags + batches + (
         _other_layout(example) if source.reads_layout(model) else []) + [
         (tuple(a), dict(k), "(a size the traced graph refuses)") for a, k in refused]
@@ -449,7 +449,7 @@ MAX_SETTINGS = 8  # other values tried per setting: each costs a run of the modu
 SETTING_SIZE = 64  # an int compared further out is not tried: `if n > 200_000: raise`, then x.repeat(n, 1), ran 200000 copies
 
 
-def _flipped_flags(model: torch.nn.Module, example) -> list:
+def _other_settings(model: torch.nn.Module, example) -> list:
     """(args, kwargs, what) with each setting of ``forward`` (a keyword the example leaves at its
     default, or a plain value it gives) set to another value the code may branch on
     (``_other_values``), and, where there are several, all set at once (``if normalize and
