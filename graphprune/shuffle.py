@@ -1,6 +1,7 @@
 """Fold channel shuffles into one explicit channel permutation.
 
-ShuffleNet's shuffle is ``view(B, g, C/g, H, W) -> transpose(1, 2) -> view(B, C, H, W)``.
+ShuffleNet's shuffle is ``view(B, g, C/g, H, W) -> transpose(1, 2) -> view(B, C, H, W)``
+(or ``reshape``/``unflatten``, ``permute(0, 2, 1, 3, 4)``, ``flatten(1, 2)``).
 Read as reshapes, it ties channel ``i`` of every one of the ``g`` groups
 together (the view needs equal groups, and the interleave needs the same
 positions kept in each), and a stage of chained shuffles ties the whole stream
@@ -33,8 +34,11 @@ def permute_channels(x: torch.Tensor, perm: tuple, dim: int = 1) -> torch.Tensor
 
 torch.fx.wrap("permute_channels")
 
-_RESHAPE_METHODS = {"view", "reshape"}
-_RESHAPE_FNS = {torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+# the split of dim 1 and the merge back may be spelled as any reshape: the shapes checked in ``_match``
+# (b, c, *rest) -> (b, g, c/g, *rest) and (b, c/g, g, *rest) -> (b, c, *rest) leave only those meanings
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten"}
+_RESHAPE_FNS = {torch.reshape, torch.flatten, torch.unflatten, aten.view.default, aten.reshape.default,
+                aten._unsafe_view.default, aten.flatten.using_ints, aten.unflatten.int}
 _COPY_METHODS = {"contiguous"}
 _COPY_FNS = {aten.clone.default, aten.contiguous.default}
 

@@ -59,8 +59,10 @@ def test_shuffle_is_a_permutation_not_a_coupling():
     assert small(torch.randn(3, *IMAGE[1:])).shape == (3, *model(x).shape[1:])
 
 
-@pytest.mark.parametrize("spelling", ["transpose", "permute", "export"])
+@pytest.mark.parametrize("spelling", ["transpose", "permute", "export", "flatten", "unflatten"])
 def test_shuffle_spellings_fold(spelling):
+    """The split of dim 1 and the merge back spelled as flatten/unflatten (survey 25: reshape, permute,
+    flatten(1, 2) held the whole group) fold as the view/transpose/view spelling does."""
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -69,9 +71,9 @@ def test_shuffle_spellings_fold(spelling):
         def forward(self, x):
             y = self.a(x)
             b, c, h, w = y.shape
-            y = y.reshape(b, 3, c // 3, h, w)
-            y = y.transpose(1, 2) if spelling != "permute" else y.permute(0, 2, 1, 3, 4)
-            return self.b(y.reshape(b, c, h, w))
+            y = y.unflatten(1, (3, c // 3)) if spelling == "unflatten" else y.reshape(b, 3, c // 3, h, w)
+            y = y.transpose(1, 2) if spelling in ("transpose", "export") else y.permute(0, 2, 1, 3, 4)
+            return self.b(y.flatten(1, 2) if spelling in ("flatten", "unflatten") else y.reshape(b, c, h, w))
 
     from graphprune.trace import trace
 
