@@ -279,9 +279,10 @@ def _ignored_outputs(gm: GraphModule, ignore: set[str]):
     inside = {}
     for n in gm.graph.nodes:
         inside[n] = {i for p in _module_of(n) for i in ignore if p == i or p.startswith(i + ".")}
-    for n in gm.graph.nodes:
-        if inside[n] and any(not inside[u] for u in n.users):
-            yield n, min(inside[n])
+    for n in gm.graph.nodes:  # leaving one ignored module for another (layer3 read by layer4, both ignored) is leaving it
+        left = sorted(i for i in inside[n] if any(i not in inside[u] for u in n.users))
+        if left:
+            yield n, left[0]
 
 
 # ops that read sizes at run time (x.size(1), x.dim()); what they compute adapts to the new widths

@@ -48,6 +48,20 @@ def test_ignore_keeps_output_width():
     assert small.a[0][0].out_channels < model.a[0][0].out_channels  # its inside shrinks
 
 
+def test_ignored_modules_next_to_each_other_both_keep_their_output_width():
+    """An ignored module read only by another ignored module counted as inside "the ignored part":
+    ignore=["l1", "l2"] pruned l1's output, which ignore=["l1"] alone kept (survey 24, resnet18's layer3)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, 32), nn.ReLU()),
+                          nn.Sequential(nn.Linear(32, 32), nn.ReLU()), nn.Linear(32, 4)).eval()
+    x = torch.randn(4, 8)
+    for ignore in (["2"], ["2", "3"]):
+        small = graphprune.compile(model, (x,), ratio=0.5, importance="l2", ignore=ignore)
+        assert small[2][0].out_features == 32, ignore
+        assert small[0].out_features < 32  # what no ignored module makes still goes
+    assert small[3][0].out_features == 32
+
+
 def test_analyze_reports_groups_and_blocking_ops():
     class Odd(nn.Module):
         def __init__(self):
