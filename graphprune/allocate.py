@@ -111,6 +111,8 @@ class Constraints:
                 k = int(round(fixed * g.n_units))
             else:
                 k = counts[g.id]
+            if k == 0:  # nothing asked of this group (ratio 0, a pattern that names others): rounding is not a reason to cut it
+                continue
             keep = g.n_units - k
             floor = min(g.n_units, max(self.min_width, 1, math.ceil(self.min_keep * g.n_units) if fixed is None else 1))
             q = self.round_to if g.even is None else math.lcm(self.round_to, int(g.even.max()) + 1)

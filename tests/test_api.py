@@ -62,6 +62,18 @@ def test_ignored_modules_next_to_each_other_both_keep_their_output_width():
     assert small[3][0].out_features == 32
 
 
+def test_round_to_cuts_no_group_the_ratio_leaves_whole():
+    """round_to rounded every group's width down, also those a ratio of 0 or a pattern naming other
+    modules leaves whole: ratio=0.0, round_to=16 pruned 15 convs of MobileNetV3 (survey 24)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 30), nn.ReLU(), nn.Linear(30, 30), nn.ReLU(), nn.Linear(30, 4)).eval()
+    x = torch.randn(4, 8)
+    same = graphprune.compile(model, (x,), ratio=0.0, round_to=16)
+    assert [m.out_features for m in same if isinstance(m, nn.Linear)] == [30, 30, 4]
+    one = graphprune.compile(model, (x,), ratio={"2": 0.5}, round_to=8)
+    assert [m.out_features for m in one if isinstance(m, nn.Linear)] == [30, 8, 4]  # 15 kept, rounded down to 8
+
+
 def test_analyze_reports_groups_and_blocking_ops():
     class Odd(nn.Module):
         def __init__(self):
