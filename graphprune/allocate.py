@@ -122,8 +122,46 @@ class Constraints:
             keep = max(keep, floor)
             k = g.n_units - keep
             if k > 0:
-                out[g.id] = remove_lowest(g, p.scores[g.id], k, self.min_keep if fixed is None else 0.0)
+                units = remove_lowest(g, p.scores[g.id], k, self.min_keep if fixed is None else 0.0)
+                if (self.round_to > 1 or self.min_width > 1) and g.even is None and g.part_of is None:
+                    units = _per_branch(g, p.scores[g.id], units, self.round_to, self.min_width)
+                if len(units):
+                    out[g.id] = units
         return out
+
+
+def _branches(g) -> list[np.ndarray]:
+    """The units of ``g`` split by the dims that cover them: a concatenation's branches (each
+    branch conv covers its own units, the conv after the concat all of them); one for a group
+    every dim covers whole."""
+    covers = np.stack([np.bincount(u, minlength=g.n_units) > 0 for u in g.dims.values()])  # (dims, units)
+    _, branch = np.unique(covers.T, axis=0, return_inverse=True)                          # (units,)
+    branch = branch.reshape(-1)
+    return [np.flatnonzero(branch == b) for b in range(branch.max() + 1)]
+
+
+def _per_branch(g, score: np.ndarray, removed: np.ndarray, q: int, min_width: int) -> np.ndarray:
+    """``removed`` with ``round_to`` and ``min_width`` held by every branch of a concatenation, not
+    only by the group: each set of units that the same dims cover (a branch conv's outputs; a
+    DenseNet layer's new channels) keeps a multiple of ``q`` and at least ``min_width`` units, or
+    all of them where it has fewer (two branches of 16 and 24 kept 5 and 11 for round_to=8, survey 24).
+    Each branch gives up its lowest-scoring units."""
+    branches = _branches(g)
+    if len(branches) == 1:
+        return removed  # one branch: the group's rounding is the layer's
+    gone = np.zeros(g.n_units, dtype=bool)
+    gone[removed] = True
+    out = []
+    for units in branches:
+        keep = len(units) - int(gone[units].sum())
+        if len(units) >= max(q, min_width):
+            keep = max(keep - keep % q, min_width, q) if keep < len(units) else keep
+            keep = min(keep + (-keep) % q if keep % q else keep, len(units))
+        else:
+            keep = len(units)  # a branch narrower than the multiple or the floor stays whole
+        order = units[np.argsort(score[units], kind="stable")]
+        out.extend(order[:len(units) - keep].tolist())
+    return np.array(sorted(out), dtype=np.int64)
 
 
 def original_params(p: Pruner) -> float:
@@ -480,18 +518,27 @@ def _fill_rounded(p: Pruner, norm: dict, meter: Meter, q: int, target: float, be
 
 
 def _offer(g, removed: dict, norm: dict, q: int) -> tuple[dict, float] | None:
-    """The removal with ``q`` of ``g``'s removed units back (its best-scoring ones; all of them
-    where fewer are removed), and their score; None where it has none to give in whole multiples."""
+    """The removal with ``q`` of ``g``'s removed units back (the best-scoring ones of one branch;
+    all of that branch's where fewer are removed), and their score; None where it has none to give
+    in whole multiples."""
     gone = removed.get(g.id)
     if gone is None or not len(gone):
         return None
-    back = min(q, len(gone)) if len(gone) <= q or (g.n_units - len(gone) + q) % q == 0 else 0
-    if not back:
+    best = None
+    for units in _branches(g):  # a concatenation's branches each keep their multiple (``_per_branch``)
+        out = np.intersect1d(gone, units)
+        back = min(q, len(out)) if len(out) <= q or (len(units) - len(out) + q) % q == 0 else 0
+        if not back:
+            continue
+        order = out[np.argsort(-norm[g.id][out], kind="stable")]
+        score = float(norm[g.id][order[:back]].sum())
+        if best is None or score > best[0]:
+            best = (score, order[:back])
+    if best is None:
         return None
-    order = gone[np.argsort(-norm[g.id][gone], kind="stable")]
-    rest = np.sort(order[back:])
+    rest = np.setdiff1d(gone, best[1])
     cand = {**removed, g.id: rest} if len(rest) else {k: v for k, v in removed.items() if k != g.id}
-    return cand, float(norm[g.id][order[:back]].sum())
+    return cand, best[0]
 
 
 FILL_TOL = 0.01  # a budget search that lands further under its target than this steps over the unit that overshot

@@ -74,6 +74,32 @@ def test_round_to_cuts_no_group_the_ratio_leaves_whole():
     assert [m.out_features for m in one if isinstance(m, nn.Linear)] == [30, 8, 4]  # 15 kept, rounded down to 8
 
 
+class _TwoBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(3, 24, 3, padding=1)
+        self.c, self.fc = nn.Conv2d(40, 32, 1), nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.fc(torch.relu(self.c(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("budget", [{"ratio": 0.5}, {"target_flops": 0.4}, {"target_flops": 0.7}])
+def test_round_to_and_min_width_hold_on_every_branch_of_a_concatenation(budget):
+    """round_to and min_width held for the concatenation's group, not for the convs that make it:
+    branches of 16 and 24 channels came out at 5 and 11 for round_to=8, min_width=8 (survey 24)."""
+    torch.manual_seed(0)
+    model, x = _TwoBranches().eval(), torch.randn(2, 3, 16, 16)
+    small = graphprune.compile(model, (x,), round_to=8, min_width=8, importance="l1", **budget)
+    for name in ("a", "b", "c"):
+        w = getattr(small, name).out_channels
+        assert w % 8 == 0 and w >= 8, (name, w)
+    assert small.a.out_channels + small.b.out_channels == small.c.in_channels
+    if "target_flops" in budget:
+        assert small.report.flops <= budget["target_flops"]
+
+
 def test_analyze_reports_groups_and_blocking_ops():
     class Odd(nn.Module):
         def __init__(self):
