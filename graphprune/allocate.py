@@ -747,7 +747,8 @@ def _bisect(cost, n: int, target: float, kind: str, seen: set | None = None, gue
     if c_hi > target:
         raise Unreachable(
             f"target_{kind}={target} cannot be reached: pruning every group to its minimum width keeps {c_hi:.3f}; "
-            "lower min_width/round_to, remove entries from ignore, or pick a larger target")
+            "lower min_width/round_to, loosen overrides (their ratios are fixed), remove entries from ignore, or pick a "
+            "larger target")
     c_lo = cost(lo)[1]
     if c_lo <= target:
         return None, lo

@@ -265,6 +265,15 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     checked = paths.passed[1] if paths is not None and paths.passed and paths.passed[0] is out and not p.reconstruct and not (
         choice is not None and choice.recalibrate) else None
     result, rep.form, rep.form_why = _choose_form(model, out, p, output, rep, checked)
+    if kind == "params" and rep.form == "module" and rep.unrun:  # a params budget counts what the forward runs
+        idle = sum(t.numel() for n in rep.unrun for t in model.get_submodule(n).parameters())
+        total = sum(t.numel() for t in model.parameters())
+        if idle > 0.01 * total:
+            warnings.warn(GraphpruneWarning(
+                f"target_params counts the parameters the traced forward runs: {', '.join(rep.unrun[:4])} never run "
+                f"({idle / total:.0%} of all parameters), stay whole and are outside it; the result holds "
+                f"{sum(t.numel() for t in result.parameters()) / total:.2f} of all parameters. Delete them from the "
+                "model (model.aux = None) to count them out, or give a lower target"), stacklevel=2)
     if check.notes and rep.form == "graph":  # sizes the model takes and the graph refuses: only a module form takes them
         raise GraphpruneError(refused_sizes(check.notes[0]) + f" (the model's own classes were not an option: {rep.form_why})")
     if p.wrong_sizes and rep.form == "graph":  # the module form is held to its twin there (module_form.beyond); the graph is wrong

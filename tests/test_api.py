@@ -100,6 +100,24 @@ def test_round_to_and_min_width_hold_on_every_branch_of_a_concatenation(budget):
         assert small.report.flops <= budget["target_flops"]
 
 
+def test_a_params_budget_says_when_modules_it_never_runs_hold_many_parameters():
+    """A module the forward never calls is outside a params budget (documented): the report said 0.50
+    while the model returned held 0.96 of its parameters, and nothing warned (survey 24)."""
+    class WithAux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+            self.aux = nn.Linear(64, 400)  # never called
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    with pytest.warns(graphprune.GraphpruneWarning, match="aux never run"):
+        small = graphprune.compile(WithAux().eval(), (torch.randn(4, 16),), target_params=0.5, importance="l2")
+    assert small.report.params <= 0.5 and small.aux.weight.shape == (400, 64)
+
+
 def test_analyze_reports_groups_and_blocking_ops():
     class Odd(nn.Module):
         def __init__(self):
