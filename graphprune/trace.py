@@ -99,6 +99,16 @@ def rebind_hooks(copies: dict, where=None) -> None:
                     hooks[k] = types.MethodType(h.__func__, mods[id(h.__self__)])
 
 
+def _odd_names(model: torch.nn.Module) -> list[str]:
+    """Submodule names that cannot be written as attribute access in Python (a ModuleDict key
+    ``"conv-1"``, ``"class"``, ``"my layer"``): fx's generated code has a SyntaxError there.
+    Integer keys are fine (fx indexes them)."""
+    import keyword
+
+    return [name for name, _ in model.named_modules() if name and any(
+        not part.isdigit() and (not part.isidentifier() or keyword.iskeyword(part)) for part in name.split("."))]
+
+
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     """The Python module graphprune works on: ``torch.compile(model)`` gives its
     ``_orig_mod`` (the pruned result is a plain module; compile it again), and a
@@ -507,9 +517,13 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
     except Exception as e:  # noqa: BLE001
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
         hint = f" symbolic_trace failed first with: {symbolic_error}." if symbolic_error else ""
+        odd = _odd_names(user_model) if "SyntaxError" in msg + (symbolic_error or "") else []
+        advice = (f"Rename the submodules whose names are not Python identifiers ({', '.join(map(repr, odd[:4]))}): "
+                  "torch.fx writes them into generated code (a ModuleDict key such as 'conv_1' instead of 'conv-1')."
+                  if odd else "Make the forward traceable (no data-dependent Python control flow), or pass example "
+                  "inputs the model accepts.")
         raise GraphpruneError(
-            f"cannot trace {type(model).__name__}: torch.export failed with {msg}.{hint} "
-            "Make the forward traceable (no data-dependent Python control flow), or pass example inputs the model accepts."
+            f"cannot trace {type(model).__name__}: torch.export failed with {msg}.{hint} {advice}"
             f"{parts_hint(user_model, example_inputs, example_kwargs)}"
         ) from e
     _fill_missing_vals(gm)

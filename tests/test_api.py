@@ -118,6 +118,21 @@ def test_a_params_budget_says_when_modules_it_never_runs_hold_many_parameters():
     assert small.report.params <= 0.5 and small.aux.weight.shape == (400, 64)
 
 
+def test_module_names_fx_cannot_write_are_named_in_the_refusal():
+    """ModuleDict keys like "conv-1" or "class" break fx's generated code (SyntaxError); the refusal
+    said to make the forward traceable (survey 22). It names the keys to rename."""
+    class OddNames(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleDict({"conv-1": nn.Linear(8, 24), "class": nn.Linear(24, 8)})
+
+        def forward(self, x):
+            return self.blocks["class"](torch.relu(self.blocks["conv-1"](x)))
+
+    with pytest.raises(graphprune.GraphpruneError, match=r"Rename the submodules.*'blocks.conv-1', 'blocks.class'"):
+        graphprune.compile(OddNames().eval(), (torch.randn(2, 8),), ratio=0.5)
+
+
 def test_analyze_reports_groups_and_blocking_ops():
     class Odd(nn.Module):
         def __init__(self):
