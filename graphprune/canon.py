@@ -688,6 +688,22 @@ def _roll(node, mod=None):
     return COp("roll", node, [vkey(node.args[0])], attrs={"dims": [_dim(d, _ndim(node)) for d in dims]})
 
 
+def _fft(pos: int, default):
+    """A Fourier transform along ``dim`` (``torch.fft.rfft(x, dim=-1)``; ``aten._fft_r2c(x, dims, ...)``):
+    the transformed dims mix their entries and change size, so they keep their width, as a roll's do;
+    every other dim maps through (a channel transformed along time stays that channel, and zeros stay
+    zeros). Over every dim (``fftn`` without ``dim``) nothing maps through."""
+    def make(node, mod=None):
+        dims = arg(node, pos, "dim", default)
+        if dims is None:
+            return COp("unknown", node, _tensors(node), attrs={"why": f"{node.name}: a transform over every dim"})
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if not all(isinstance(d, int) for d in dims):
+            return COp("unknown", node, _tensors(node), attrs={"why": f"{node.name}: a transform over computed dims"})
+        return COp("roll", node, [vkey(node.args[0])], attrs={"dims": [_dim(d, _ndim(node)) for d in dims]})
+    return make
+
+
 def _pixel_shuffle(inverse: bool):
     """``pixel_shuffle(x, r)`` (sub-pixel upsampling: C*r*r channels become C) and its inverse;
     the factor comes from the module or the call."""
@@ -783,6 +799,14 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     F.prelu: _prelu, torch.prelu: _prelu, aten.prelu.default: _prelu, aten._prelu_kernel.default: _prelu,
     torch.histc: _histc, aten.histc.default: _histc, torch.cumsum: _cumsum, aten.cumsum.default: _cumsum,
     torch.roll: _roll, aten.roll.default: _roll,
+    **{f: _fft(2, -1) for f in (torch.fft.fft, torch.fft.ifft, torch.fft.rfft, torch.fft.irfft, torch.fft.hfft,
+                                torch.fft.ihfft)},
+    **{f: _fft(2, (-2, -1)) for f in (torch.fft.fft2, torch.fft.ifft2, torch.fft.rfft2, torch.fft.irfft2)},
+    **{f: _fft(2, None) for f in (torch.fft.fftn, torch.fft.ifftn, torch.fft.rfftn, torch.fft.irfftn)},
+    **{getattr(aten, f"fft_{k}").default: _fft(2, -1) for k in ("fft", "ifft", "rfft", "irfft", "hfft", "ihfft")},
+    **{getattr(aten, f"fft_{k}").default: _fft(2, (-2, -1)) for k in ("fft2", "ifft2", "rfft2", "irfft2")},
+    **{getattr(aten, f"fft_{k}").default: _fft(2, None) for k in ("fftn", "ifftn", "rfftn", "irfftn")},
+    **{f: _fft(1, None) for f in (aten._fft_r2c.default, aten._fft_c2r.default, aten._fft_c2c.default)},
     torch.zeros: _factory, torch.ones: _factory, torch.empty: _factory, torch.full: _factory,
     torch.zeros_like: _like, torch.ones_like: _like, torch.empty_like: _like, torch.full_like: _like,
     torch.rand_like: _like, torch.randn_like: _like, aten.zeros_like.default: _like, aten.ones_like.default: _like,

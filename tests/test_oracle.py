@@ -966,3 +966,36 @@ def test_tensor_split_at_indices_is_a_split(how):
     torch.manual_seed(0)
     small = _exact_without_verify(_TensorSplit(how).eval(), torch.randn(2, 3, 8, 8), torch.randn(3, 3, 9, 7))
     assert small.a.out_channels == 12
+
+
+class _Spectral(torch.nn.Module):
+    """A filter in the frequency domain along time: the channels stay independent (survey 25: the
+    transform had no rule and held the conv before it whole); or a transform over the channels."""
+
+    def __init__(self, over_channels=False):
+        super().__init__()
+        self.over_channels = over_channels
+        self.a, self.b, self.fc = torch.nn.Conv1d(4, 8, 3, padding=1), torch.nn.Conv1d(8, 8, 1), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.over_channels:
+            h = torch.fft.fft(h, dim=1).abs()  # mixes the channels: they stay whole
+        else:
+            h = torch.fft.irfft(torch.fft.rfft(h, dim=-1) * 0.5, n=x.shape[-1], dim=-1)
+        return self.fc(self.b(h).mean(-1))
+
+
+def test_a_fourier_transform_along_time_keeps_channels_apart():
+    from graphprune.groups import analyze_graph
+    from graphprune.trace import trace
+
+    torch.manual_seed(0)
+    x, other = torch.randn(2, 4, 16), torch.randn(3, 4, 16)
+    small = _exact_without_verify(_Spectral().eval(), x, other)
+    assert small.a.out_channels == 4
+    exported = trace(_Spectral().eval(), (x,), method="export")  # aten._fft_r2c / _fft_c2r
+    groups = analyze_graph(exported.gm, exported.method, ()).groups
+    assert any(("a.weight", 0) in g.dims for g in groups)
+    mixed = graphprune.compile(_Spectral(over_channels=True).eval(), (x,), ratio=0.5, importance="l2")
+    assert dict(mixed.named_parameters())["a.weight"].shape[0] == 8
