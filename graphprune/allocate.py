@@ -123,7 +123,8 @@ class Constraints:
             k = g.n_units - keep
             if k > 0:
                 units = remove_lowest(g, p.scores[g.id], k, self.min_keep if fixed is None else 0.0)
-                if (self.round_to > 1 or self.min_width > 1) and g.even is None and g.part_of is None and g.multiple == 1:
+                in_step = g.even is not None or g.part_of is not None or g.multiple > 1  # bundles of their own
+                if (self.round_to > 1 or self.min_width > 1) and not in_step:
                     units = _per_branch(g, p.scores[g.id], units, self.round_to, self.min_width)
                 if len(units):
                     out[g.id] = units
