@@ -244,6 +244,14 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         recalibrate_on(out, p, calibration)
     rep = report(p, removed, out, budgets, latency_inputs) if budgets else light_report(p, removed)
     rep.verify = check
+    if round_to > 1:  # query heads go in balance over their key/value heads: not every multiple is a width they can keep
+        off = [g for g in p.groups if g.part_of is not None and g.id in removed
+               and (g.n_units - len(removed[g.id])) % round_to]
+        if off:
+            warnings.warn(GraphpruneWarning(
+                f"round_to={round_to} does not hold on {len(off)} group(s) of query heads, which keep the same number "
+                f"of heads for each of their {off[0].n_parts} key/value heads (first: {off[0].n_units - len(removed[off[0].id])} "
+                f"of {off[0].n_units}): give a round_to those counts allow, or ignore the attention"), stacklevel=2)
     held = [b for b in check.blocked if MODULE_PATHS in b]
     if held and not check.notes and not p.wrong_sizes:  # a setting's other value read a group: it was kept, silently
         warnings.warn(GraphpruneWarning(

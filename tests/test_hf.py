@@ -568,3 +568,15 @@ def test_save_pretrained_refuses_where_the_config_alone_builds_another_model(tmp
     qwen = graphprune.compile(_qwen2(), (ids,), ratio=0.5, importance="l2")  # a config that does rebuild it: saves
     qwen.save_pretrained(tmp_path / "qwen")
     assert (tmp_path / "qwen" / "config.json").exists()
+
+
+def test_a_round_to_query_heads_cannot_keep_is_said():
+    """Query heads are removed in balance over their key/value heads, so round_to=5 on 8 heads over 4
+    kept 6 heads without a word while every other group kept multiples of 5 (survey 24)."""
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=4, intermediate_size=344, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with pytest.warns(graphprune.GraphpruneWarning, match=r"round_to=5 does not hold on \d group\(s\) of query heads"):
+        graphprune.compile(model, (ids,), target_params=0.5, round_to=5, importance="l2")
