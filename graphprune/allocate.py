@@ -131,23 +131,13 @@ class Constraints:
         return out
 
 
-def _branches(g) -> list[np.ndarray]:
-    """The units of ``g`` split by the dims that cover them: a concatenation's branches (each
-    branch conv covers its own units, the conv after the concat all of them); one for a group
-    every dim covers whole."""
-    covers = np.stack([np.bincount(u, minlength=g.n_units) > 0 for u in g.dims.values()])  # (dims, units)
-    _, branch = np.unique(covers.T, axis=0, return_inverse=True)                          # (units,)
-    branch = branch.reshape(-1)
-    return [np.flatnonzero(branch == b) for b in range(branch.max() + 1)]
-
-
 def _per_branch(g, score: np.ndarray, removed: np.ndarray, q: int, min_width: int) -> np.ndarray:
     """``removed`` with ``round_to`` and ``min_width`` held by every branch of a concatenation, not
     only by the group: each set of units that the same dims cover (a branch conv's outputs; a
     DenseNet layer's new channels) keeps a multiple of ``q`` and at least ``min_width`` units, or
     all of them where it has fewer (two branches of 16 and 24 kept 5 and 11 for round_to=8, survey 24).
     Each branch gives up its lowest-scoring units."""
-    branches = _branches(g)
+    branches = g.branches
     if len(branches) == 1:
         return removed  # one branch: the group's rounding is the layer's
     gone = np.zeros(g.n_units, dtype=bool)
@@ -526,7 +516,7 @@ def _offer(g, removed: dict, norm: dict, q: int) -> tuple[dict, float] | None:
     if gone is None or not len(gone):
         return None
     best = None
-    for units in _branches(g):  # a concatenation's branches each keep their multiple (``_per_branch``)
+    for units in g.branches:  # a concatenation's branches each keep their multiple (``_per_branch``)
         out = np.intersect1d(gone, units)
         back = min(q, len(out)) if len(out) <= q or (len(units) - len(out) + q) % q == 0 else 0
         if not back:

@@ -46,7 +46,8 @@ from torch.nn.utils import parametrize
 
 from . import hf
 from .batches import as_call, positional_capacity, split_targets
-from .modes import kept_modes, modes_of, set_modes
+from .modes import modes_of, set_modes
+from .verify import evaluating
 from .errors import GraphpruneError
 
 # fx call_function targets that compute x @ W.T (+ b) with W their second argument
@@ -159,9 +160,7 @@ def distill_loss(student: nn.Module, teacher: nn.Module, batches: Iterable, *, t
                  loss_fn: Callable | None = None) -> float:
     """The mean of ``distill``'s loss (without hidden states) over ``batches``, both models in eval mode; a way
     to measure how far the student is from the teacher on held-out inputs."""
-    with kept_modes(student, teacher):
-        student.eval()
-        teacher.eval()
+    with evaluating(student, teacher):
         return _mean_loss(student, teacher, batches, temperature, loss_fn)
 
 

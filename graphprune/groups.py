@@ -18,6 +18,8 @@ factor is (a channel shuffle swaps the order), it is the widest.
 """
 from __future__ import annotations
 
+import functools
+
 import math
 import operator
 from dataclasses import dataclass, field
@@ -79,6 +81,16 @@ class Group:
     @property
     def size(self) -> int:
         return self.n_units
+
+    @functools.cached_property
+    def branches(self) -> list[np.ndarray]:
+        """The units split by the dims that cover them: a concatenation's branches (each branch
+        conv covers its own units, the conv after the concat all of them); one for a group every
+        dim covers whole. Read by the allocation under round_to/min_width, after analysis."""
+        covers = np.stack([np.bincount(u, minlength=self.n_units) > 0 for u in self.dims.values()])  # (dims, units)
+        _, branch = np.unique(covers.T, axis=0, return_inverse=True)                                # (units,)
+        branch = branch.reshape(-1)
+        return [np.flatnonzero(branch == b) for b in range(branch.max() + 1)]
 
     def describe(self) -> str:
         names = sorted({p.name for p in [*self.params, *self.shared_params]})

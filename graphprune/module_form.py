@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from . import hf, source
-from .modes import copy_modes
+from .modes import copy_modes, kept_modes
 from .modules import full_width
 from .trace import HOOK_DICTS, fresh_attrs, own_tensors, rebind_hooks
 from .verify import _run, evaluating, flatten, mismatch, on_copies, other_inputs
@@ -691,14 +691,10 @@ def unreached(model: torch.nn.Module, traced: torch.fx.GraphModule) -> list[str]
 @contextmanager
 def training(*modules):
     """Training mode for the check, each submodule's own mode restored after."""
-    saved = [(m, m.training) for mod in modules for m in mod.modules()]
-    try:
+    with kept_modes(*modules):
         for mod in modules:
             mod.train()
         yield
-    finally:
-        for m, was in saved:
-            m.training = was
 
 
 def info(model: torch.nn.Module) -> dict | None:

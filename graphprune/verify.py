@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .modes import kept_modes
 from .errors import GraphpruneError, first_line
 from .flops import copied_inputs
 from .trace import shadow
@@ -144,17 +145,13 @@ def _mismatch(got, ref, rtol: float = 0.0) -> str | None:
 def evaluating(*modules):
     """Eval mode for the check, each submodule's own mode restored after.
     Exported modules refuse train()/eval(); they keep theirs."""
-    saved = [(m, m.training) for mod in modules for m in mod.modules()]
-    try:
+    with kept_modes(*modules):
         for mod in modules:
             try:
                 mod.eval()
             except (NotImplementedError, RuntimeError):
                 pass
         yield
-    finally:
-        for m, was in saved:
-            m.training = was
 
 
 def _run(fn, args, kwargs):
