@@ -88,8 +88,8 @@ this floor its curve is extrapolation anyway."""
 
 @dataclass
 class Constraints:
-    round_to: int = 1  # kept units per group rounded down to a multiple of this (8 for tensor cores)
-    min_width: int = 1  # at least this many units kept per group
+    round_to: int = 1  # kept channels per group rounded down to a multiple of this (8 for tensor cores; Group.unit_multiple)
+    min_width: int = 1  # at least this many channels kept per group (Group.unit_floor)
     overrides: dict | None = None  # {module pattern: fixed ratio} for the groups those modules produce
     min_keep: float = field(default_factory=lambda: MIN_KEEP)  # ... and this fraction of its units, where the budget allows
 
@@ -114,9 +114,11 @@ class Constraints:
             if k == 0:  # nothing asked of this group (ratio 0, a pattern that names others): rounding is not a reason to cut it
                 continue
             keep = g.n_units - k
-            floor = min(g.n_units, max(self.min_width, 1, math.ceil(self.min_keep * g.n_units) if fixed is None else 1))
-            q = self.round_to if g.even is None else math.lcm(self.round_to, int(g.even.max()) + 1)
-            if self.round_to > 1 and g.n_units >= q:  # a chunk's parts go in bundles: a multiple of both
+            floor = min(g.n_units, max(g.unit_floor(self.min_width), 1,
+                                       math.ceil(self.min_keep * g.n_units) if fixed is None else 1))
+            q = g.unit_multiple(self.round_to)
+            q = q if g.even is None else math.lcm(q, int(g.even.max()) + 1)
+            if q > 1 and g.n_units >= q:  # a chunk's parts go in bundles: a multiple of both
                 floor = max(floor, q)
                 keep = max(keep - keep % q, floor)
             keep = max(keep, floor)
@@ -125,7 +127,7 @@ class Constraints:
                 units = remove_lowest(g, p.scores[g.id], k, self.min_keep if fixed is None else 0.0)
                 in_step = g.even is not None or g.part_of is not None or g.multiple > 1  # bundles of their own
                 if (self.round_to > 1 or self.min_width > 1) and not in_step:
-                    units = _per_branch(g, p.scores[g.id], units, self.round_to, self.min_width)
+                    units = _per_branch(g, p.scores[g.id], units, g.unit_multiple(self.round_to), g.unit_floor(self.min_width))
                 if len(units):
                     out[g.id] = units
         return out
@@ -485,13 +487,13 @@ def _fill_rounded(p: Pruner, norm: dict, meter: Meter, q: int, target: float, be
     # A group leaves for good once it has nothing to give back, or its offer overshoots: giving
     # units back only raises what every later offer costs, so it would overshoot again. Without
     # this every round metered every group (resnet50 at round_to=8: 4-14 s).
-    live = [g for g in free if _offer(g, removed, norm, q) is not None]
+    live = [g for g in free if _offer(g, removed, norm, g.unit_multiple(q)) is not None]
     for _ in range(4 * len(free)):
         if target - at <= FILL_TOL or not live:
             break
         options, fits = [], []
         for g in live:
-            offer = _offer(g, removed, norm, q)
+            offer = _offer(g, removed, norm, g.unit_multiple(q))
             if offer is None:
                 continue
             cand, score = offer

@@ -112,6 +112,12 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) or use jemalloc/tcmalloc
     where a latency budget must land (see ``bench/deploy_speed.py``).
 
+    ``round_to=q`` keeps every pruned width a multiple of ``q`` channels and
+    ``min_width=m`` at least ``m`` channels, counted in the layers' own channels:
+    a head of 64 channels satisfies ``round_to=8`` alone, so heads go one at a
+    time, and a grouped conv's unit (a channel in each of its groups) counts as
+    many (``Group.unit_multiple``, ``Group.unit_floor``).
+
     ``ignore`` names modules whose output width must stay. ``calibration``
     (an iterable of input tuples, dicts of keyword inputs, or a DataLoader)
     and ``loss_fn(output, batch)`` feed the data-driven criteria (``taylor``,
@@ -171,9 +177,9 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         raise GraphpruneError(f"calibration must be an iterable of batches (a list of input tuples or dicts), "
                               f"got {type(calibration).__name__}")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise GraphpruneError(f"round_to must be a whole number of units >= 1 (or None), got {round_to!r}")
+        raise GraphpruneError(f"round_to must be a whole number of channels >= 1 (or None), got {round_to!r}")
     if isinstance(min_width, bool) or not isinstance(min_width, int) or min_width < 1:
-        raise GraphpruneError(f"min_width must be a whole number of units >= 1, got {min_width!r}")
+        raise GraphpruneError(f"min_width must be a whole number of channels >= 1, got {min_width!r}")
     if allocation != "auto" and allocation not in RULES:
         raise GraphpruneError(f"allocation must be 'auto' or one of {', '.join(map(repr, RULES))}, got {allocation!r}")
     if allocation != "auto" and not budgets:
@@ -246,7 +252,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     rep.verify = check
     if round_to > 1:  # query heads go in balance over their key/value heads: not every multiple is a width they can keep
         off = [g for g in p.groups if g.part_of is not None and g.id in removed
-               and (g.n_units - len(removed[g.id])) % round_to]
+               and (g.n_units - len(removed[g.id])) % g.unit_multiple(round_to)]
         if off:
             warnings.warn(GraphpruneWarning(
                 f"round_to={round_to} does not hold on {len(off)} group(s) of query heads, which keep the same number "

@@ -92,6 +92,29 @@ class Group:
         branch = branch.reshape(-1)
         return [np.flatnonzero(branch == b) for b in range(branch.max() + 1)]
 
+    @functools.cached_property
+    def channels_per_unit(self) -> int:
+        """The fewest channels one unit holds along any parameter dim it spans: a head holds
+        ``head_dim`` rows of its projections, a channel of a grouped conv one input channel of
+        each group's kernel. ``round_to`` and ``min_width`` count channels, so a group of heads
+        of 64 keeps any number of them under ``round_to=8`` (counted in units, 12 heads could
+        keep only 8 or 12). 1 where a dim gives its units unequal shares."""
+        fewest = None
+        for ps in self.params:
+            share = np.bincount(ps.unit_of[ps.unit_of >= 0], minlength=self.n_units)
+            if share.min() != share.max():
+                return 1
+            fewest = int(share[0]) if fewest is None else min(fewest, int(share[0]))
+        return max(1, fewest or 1)
+
+    def unit_multiple(self, round_to: int) -> int:
+        """Units a width must be a multiple of for its channels to be one of ``round_to``."""
+        return round_to // math.gcd(round_to, self.channels_per_unit)
+
+    def unit_floor(self, min_width: int) -> int:
+        """Units that hold at least ``min_width`` channels."""
+        return -(-min_width // self.channels_per_unit)
+
     def describe(self) -> str:
         names = sorted({p.name for p in [*self.params, *self.shared_params]})
         more = f" (+{len(names) - 6} more)" if len(names) > 6 else ""

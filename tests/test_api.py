@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import graphprune
 from models import IMAGE, Residual
+from oracle import dead_twin
 
 
 def test_bad_ratio():
@@ -463,6 +464,40 @@ def test_ratio_honours_round_to_min_width_and_overrides():
     assert width(ratio=0.25) == 12 and width(ratio=0.25, round_to=8) == 8
     assert width(ratio=0.5) == 8 and width(ratio=0.5, min_width=12) == 12
     assert width(ratio=0.5, overrides={"0": 0.0}) == 16 and width(ratio=0.5, overrides={"0": 0.25}) == 12
+
+
+def test_round_to_and_min_width_count_channels_not_units():
+    """round_to and min_width counted units: a head of 8 channels under round_to=8 kept 8 of 12 heads
+    (ratio=0.25 asks for 9), min_width=32 kept every one of 4 heads of 16, and a grouped conv's
+    unit (a channel in each of its 4 groups) was rounded to 8 units, 32 channels, where 48 is a
+    multiple of 8 too."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=96, num_hidden_layers=1, num_attention_heads=12,
+                                  intermediate_size=40, max_position_embeddings=16)
+    torch.manual_seed(0)
+    bert, ids = transformers.BertModel(cfg).eval(), torch.randint(0, 50, (2, 6))
+    small = graphprune.compile(bert, (ids,), ratio=0.25, round_to=8, importance="l2")
+    attention = small.encoder.layer[0].attention.self
+    assert attention.query.out_features == 9 * 8 and attention.num_attention_heads == 9  # 9 heads of 8: multiples of 8
+    assert small.encoder.layer[0].intermediate.dense.out_features == 24  # 30 channels: rounded down to 24
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=40, max_position_embeddings=16)
+    bert = transformers.BertModel(cfg).eval()
+    small = graphprune.compile(bert, (ids,), ratio=0.75, min_width=32, importance="l2")
+    assert small.encoder.layer[0].attention.self.query.out_features == 32  # 2 heads of 16, not all 4
+
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv1d(4, 64, 3), nn.Conv1d(64, 64, 3, groups=4), nn.Conv1d(64, 2, 1)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    model, x = Grouped().eval(), torch.randn(2, 4, 20)
+    small = graphprune.compile(model, (x,), ratio={"b": 0.25}, round_to=8, importance="l2")
+    assert small.b.out_channels == 48 and small.c.in_channels == 48
+    torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-5, atol=1e-6)
 
 
 def test_a_float64_model_prunes_in_float64():
