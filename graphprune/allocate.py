@@ -470,20 +470,31 @@ def _allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rul
     if rule != "uniform" and constraints.round_to == 1:  # one fraction everywhere is the point of uniform
         best = _fill_gap(p, removal, meter, lo, hi, len(taus), target, best)
     elif rule != "uniform":
-        best = _fill_rounded(p, norm, meter, constraints.round_to, target, best)
+        best = _fill_rounded(p, norm, meter, constraints, target, best)
     return best
 
 
-def _fill_rounded(p: Pruner, norm: dict, meter: Meter, q: int, target: float, best: tuple) -> tuple:
+def overrides_ceiling(p: Pruner, kind: str, overrides: dict) -> float:
+    """The most of the original's FLOPs or parameters a budget can keep when ``overrides``
+    fix some groups' ratios: every other group whole. A target above it lands here, under
+    its target by what the overrides take (compile says so)."""
+    removed = Constraints(overrides=overrides, min_keep=0.0)._bounded(p, {g.id: 0 for g in p.groups})
+    return Meter(p, kind)(removed)
+
+
+def _fill_rounded(p: Pruner, norm: dict, meter: Meter, constraints: Constraints, target: float, best: tuple) -> tuple:
     """``_fill_gap`` for widths rounded to multiples of ``q``: a threshold moves every group by
     whole multiples at once, so the search stopped far under its budget (``round_to=8`` at
     ``target_flops=0.5``: 0.373, where a uniform allocation with the same rounding reached 0.436).
     Here ``q`` removed units at a time go back, the best-scoring removed ones of a group, into
     the group that gets the most score back for the budget they take, while the budget holds
     (a group goes back to full width where fewer than ``q`` are removed). Groups that shrink
-    in step (query heads, chunks, multiples) are left as they are."""
-    removed, at = dict(best[0]), best[1]
-    free = [g for g in p.groups if g.part_of is None and g.even is None and g.multiple == 1]
+    in step (query heads, chunks, multiples), and those whose ratio ``overrides`` fixes, are left
+    as they are (an override of 0.5 on resnet18's layer4 came back at 440 of 512 channels)."""
+    removed, at, q = dict(best[0]), best[1], constraints.round_to
+    fixed = constraints.overrides or {}
+    free = [g for g in p.groups if g.part_of is None and g.even is None and g.multiple == 1
+            and (not fixed or matching_ratio(g, fixed) is None)]
     # A group leaves for good once it has nothing to give back, or its offer overshoots: giving
     # units back only raises what every later offer costs, so it would overshoot again. Without
     # this every round metered every group (resnet50 at round_to=8: 4-14 s).

@@ -12,7 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .allocate import RULES, Constraints, allocate, blocked_hint, light_report, original_params, params_read, report
+from .allocate import (FILL_TOL, RULES, Constraints, allocate, blocked_hint, light_report, original_params, overrides_ceiling,
+                       params_read, report)
 from .batches import as_call, read_batches, regroup, with_targets
 from .errors import GraphpruneError, GraphpruneWarning, first_line
 from .flops import count_flops, latency_ratio
@@ -250,6 +251,13 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         recalibrate_on(out, p, calibration)
     rep = report(p, removed, out, budgets, latency_inputs) if budgets else light_report(p, removed)
     rep.verify = check
+    if overrides and kind in ("flops", "params") and target - getattr(rep, kind) > 2 * FILL_TOL:
+        ceiling = overrides_ceiling(p, kind, overrides)
+        if ceiling < target - FILL_TOL:
+            warnings.warn(GraphpruneWarning(
+                f"target_{kind}={target} landed at {getattr(rep, kind):.3f}: the ratios overrides fix keep at most "
+                f"{ceiling:.3f} of the original's {'FLOPs' if kind == 'flops' else 'parameters'} with every other group "
+                f"whole; lower those ratios or the target"), stacklevel=2)
     if round_to > 1:  # query heads go in balance over their key/value heads: not every multiple is a width they can keep
         off = [g for g in p.groups if g.part_of is not None and g.id in removed
                and (g.n_units - len(removed[g.id])) % g.unit_multiple(round_to)]

@@ -500,6 +500,25 @@ def test_round_to_and_min_width_count_channels_not_units():
     torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("target", [0.7, 0.9])
+def test_a_rounded_budget_keeps_the_ratios_overrides_fix(target):
+    """Under round_to the fill that gives units back after the budget search gave them to groups
+    whose ratio overrides fix: layer4.* at 0.5 came back at 512 and 496 of 512 channels. A target
+    the overrides put out of reach lands under it with a warning that names them."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small = graphprune.compile(model, (x,), target_flops=target, round_to=16, overrides={"layer4.*": 0.5},
+                                   importance="l2", ignore=["fc"])
+    for name in ("0.conv1", "0.conv2", "0.downsample.0", "1.conv1", "1.conv2"):
+        assert small.get_submodule(f"layer4.{name}").out_channels == 256
+    assert small.report.flops <= target
+    said = [str(w.message) for w in caught if "overrides fix" in str(w.message)]
+    assert bool(said) == (target == 0.9), said
+
+
 def test_a_float64_model_prunes_in_float64():
     """The weight-norm criteria reduced with a float32 accumulator, which torch refuses for
     float64 weights (a bare RuntimeError from every budget and from l1/l2)."""
