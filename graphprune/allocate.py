@@ -488,13 +488,31 @@ def _fill_rounded(p: Pruner, norm: dict, meter: Meter, constraints: Constraints,
     ``target_flops=0.5``: 0.373, where a uniform allocation with the same rounding reached 0.436).
     Here ``q`` removed units at a time go back, the best-scoring removed ones of a group, into
     the group that gets the most score back for the budget they take, while the budget holds
-    (a group goes back to full width where fewer than ``q`` are removed). Groups that shrink
-    in step (query heads, chunks, multiples), and those whose ratio ``overrides`` fixes, are left
-    as they are (an override of 0.5 on resnet18's layer4 came back at 440 of 512 channels)."""
-    removed, at, q = dict(best[0]), best[1], constraints.round_to
+    (a group goes back to full width where fewer than ``q`` are removed). Where every such
+    offer overshoots, one group gives back while another takes ``q`` more (``_swap``; a 1-D
+    conv net at target_params=0.5, round_to=8 stopped at 0.447 where 0.474 fits). Groups that
+    shrink in step (query heads, chunks, multiples), and those whose ratio ``overrides`` fixes,
+    are left as they are (an override of 0.5 on resnet18's layer4 came back at 440 of 512 channels)."""
+    removed, at = dict(best[0]), best[1]
     fixed = constraints.overrides or {}
     free = [g for g in p.groups if g.part_of is None and g.even is None and g.multiple == 1
             and (not fixed or matching_ratio(g, fixed) is None)]
+    for _ in range(SWAP_ROUNDS + 1):
+        removed, at = _give_back(free, norm, meter, constraints.round_to, target, removed, at)
+        if target - at <= FILL_TOL:
+            break
+        swapped = _swap(free, norm, meter, constraints, target, removed, at)
+        if swapped is None:
+            break
+        removed, at = swapped
+    return (removed, at) if at > best[1] else best
+
+
+SWAP_ROUNDS = 3  # the rounded fill trades units between two groups at most this many times
+
+
+def _give_back(free: list, norm: dict, meter: Meter, q: int, target: float, removed: dict, at: float) -> tuple[dict, float]:
+    """``_fill_rounded``'s greedy part: the offer that gets the most score back per unit of budget, while one fits."""
     # A group leaves for good once it has nothing to give back, or its offer overshoots: giving
     # units back only raises what every later offer costs, so it would overshoot again. Without
     # this every round metered every group (resnet50 at round_to=8: 4-14 s).
@@ -518,7 +536,70 @@ def _fill_rounded(p: Pruner, norm: dict, meter: Meter, constraints: Constraints,
         if not options:
             break
         _, removed, at = max(options, key=lambda o: o[0])
-    return (removed, at) if at > best[1] else best
+    return removed, at
+
+
+def _swap(free: list, norm: dict, meter: Meter, constraints: Constraints, target: float, removed: dict,
+          at: float) -> tuple[dict, float] | None:
+    """One group's offer that overshoots, paid for by another group giving up as many of its
+    lowest-scoring kept multiples as that takes: the pair that lands closest under the budget
+    (more score back breaks ties). Each move is metered alone and pairs are ranked by the sum of
+    their effects (a multiple's saving taken as linear), so this costs two meter readings per
+    group and one per pair tried, not one per pair."""
+    q = constraints.round_to
+    gives, takes = [], []
+    for g in free:
+        offer = _offer(g, removed, norm, g.unit_multiple(q))
+        if offer is not None:
+            c = meter(offer[0])
+            if c > target:
+                gives.append((g, offer[0][g.id] if g.id in offer[0] else None, offer[1], c - at))
+        take = _take(g, removed, norm, constraints)
+        if take is not None:
+            takes.append((g, at - meter({**removed, g.id: take[0]})))
+    pairs = []
+    for g, g_gone, g_score, up in gives:
+        for h, down in takes:
+            if h is g or down <= 0:
+                continue
+            times = max(1, math.ceil((at + up - target) / down))  # multiples of h that pay for g's offer
+            guess = at + up - times * down
+            if at + FILL_TOL / 4 < guess <= target:
+                pairs.append((guess, g_score, g, g_gone, h, times))
+    pairs.sort(key=lambda t: (-t[0], -t[1]))
+    for _, _, g, g_gone, h, times in pairs[:SWAP_TRIES]:
+        take = _take(h, removed, norm, constraints, times)
+        if take is None:
+            continue
+        cand = {k: v for k, v in removed.items() if k != g.id}
+        if g_gone is not None:
+            cand[g.id] = g_gone
+        cand[h.id] = take[0]
+        c = meter(cand)
+        if at < c <= target:
+            return cand, c
+    return None
+
+
+SWAP_TRIES = 8  # pairs metered per swap, best guesses first
+
+
+def _take(g, removed: dict, norm: dict, constraints: Constraints, times: int = 1) -> tuple[np.ndarray, float] | None:
+    """``g``'s removal with its kept width ``times`` multiples lower (its lowest-scoring kept units), and
+    the score that costs; None where its floor (``min_width``, ``min_keep``, the multiple) or its
+    branches (each keeps its own multiple) forbid it."""
+    if len(g.branches) > 1:
+        return None
+    gone = removed.get(g.id, np.zeros(0, dtype=np.int64))
+    keep = g.n_units - len(gone)
+    q = g.unit_multiple(constraints.round_to)
+    new = keep - (keep % q or q) - (times - 1) * q
+    floor = max(g.unit_floor(constraints.min_width), math.ceil(constraints.min_keep * g.n_units), q, g.min_units, 1)
+    if new < floor:
+        return None
+    kept = np.setdiff1d(np.arange(g.n_units), gone)
+    more = kept[np.argsort(norm[g.id][kept], kind="stable")[:keep - new]]
+    return np.union1d(gone, more), float(norm[g.id][more].sum())
 
 
 def _offer(g, removed: dict, norm: dict, q: int) -> tuple[dict, float] | None:
