@@ -14,13 +14,13 @@ import torch
 
 from .allocate import (FILL_TOL, RULES, Constraints, allocate, blocked_hint, light_report, original_params, overrides_ceiling,
                        params_read, report)
-from .batches import as_call, read_batches, regroup, with_targets
+from .batches import as_call, read_batches, regroup
 from .errors import GraphpruneError, GraphpruneWarning, first_line
-from .flops import count_flops, latency_ratio
+from .flops import count_flops, count_params, latency_ratio
 from .groups import Analysis, analyze_graph
 from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS
 from . import auto, module_form
-from .pruner import DEFAULT_PIPELINE, Pruner, _n_positional, check_ignore, matching_ratio
+from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore, matching_ratio
 from .reconstruct import thin_calibration
 from .trace import on_meta, shadow, trace, unwrapped
 from .verify import Verification, check_trace, refused_sizes, verified, why_not
@@ -195,7 +195,6 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     choosing = importance == "auto" and calibration is not None
     if calibration is not None:
         calibration = read_batches(calibration)  # scored, judged and refit on: read once (a generator gives them once only)
-        calibration = with_targets(model, calibration, _n_positional(example_inputs))  # (x, y): x is the input
     with _gc_paused():
         p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn, pipeline,
                    bool(reconstruct), check_trace=verify and why_not(model) is None)
@@ -248,7 +247,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         if thin:
             warnings.warn(GraphpruneWarning(thin), stacklevel=2)
     if choice is not None and choice.recalibrate:  # as auto judged it: statistics of the pruned model on the user's data
-        recalibrate_on(out, p, calibration)
+        recalibrate_on(out, p, p.calibration)  # (x, y) batches split by the Pruner: x is the input
     rep = report(p, removed, out, budgets, latency_inputs) if budgets else light_report(p, removed)
     rep.verify = check
     if overrides and kind in ("flops", "params") and target - getattr(rep, kind) > 2 * FILL_TOL:
@@ -288,13 +287,13 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         choice is not None and choice.recalibrate) else None
     result, rep.form, rep.form_why = _choose_form(model, out, p, output, rep, checked)
     if kind == "params" and rep.form == "module" and rep.unrun:  # a params budget counts what the forward runs
-        idle = sum(t.numel() for n in rep.unrun for t in model.get_submodule(n).parameters())
-        total = sum(t.numel() for t in model.parameters())
+        idle = sum(t.numel() for t in {id(t): t for n in rep.unrun for t in model.get_submodule(n).parameters()}.values())
+        total = count_params(model)  # each tied parameter once, as count_params counts the result
         if idle > 0.01 * total:
             warnings.warn(GraphpruneWarning(
                 f"target_params counts the parameters the traced forward runs: {', '.join(rep.unrun[:4])} never run "
                 f"({idle / total:.0%} of all parameters), stay whole and are outside it; the result holds "
-                f"{sum(t.numel() for t in result.parameters()) / total:.2f} of all parameters. Delete them from the "
+                f"{count_params(result) / total:.2f} of all parameters. Delete them from the "
                 "model (model.aux = None) to count them out, or give a lower target"), stacklevel=2)
     if check.notes and rep.form == "graph":  # sizes the model takes and the graph refuses: only a module form takes them
         raise GraphpruneError(refused_sizes(check.notes[0]) + f" (the model's own classes were not an option: {rep.form_why})")
