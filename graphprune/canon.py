@@ -509,6 +509,16 @@ def _f_linear(node, mod=None):
     return COp("linear", node, [vkey(node.args[0])], params=_roles(node, {"weight": (1, "weight"), "bias": (2, "bias")}))
 
 
+def _f_bilinear(node, mod=None):
+    # F.bilinear(x1, x2, weight (out, in1, in2), bias): out[..., o] = x1 W[o] x2 + b[o]
+    return COp("bilinear", node, [vkey(node.args[0]), vkey(node.args[1])],
+               params=_roles(node, {"weight": (2, "weight"), "bias": (3, "bias")}))
+
+
+def _m_bilinear(node, mod):
+    return COp("bilinear", node, [vkey(node.args[0]), vkey(node.args[1])], params=_m_params(node, mod))
+
+
 def _f_addmm(node, mod=None):
     # addmm(bias, x, w) with w laid out (in, out): GPT-2's Conv1D (torch.addmm, Tensor.addmm, ATen).
     return COp("linear", node, [vkey(node.args[1])], params=_roles(node, {"weight": (2, "mat2"), "bias": (0, "input")}), attrs={"weight_t": True})
@@ -780,7 +790,8 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     torch.matmul: _matmul, operator.matmul: _matmul, torch.bmm: _matmul, aten.matmul.default: _matmul, aten.bmm.default: _matmul,
     torch.einsum: _einsum, torch.functional.einsum: _einsum, aten.einsum.default: _einsum,
     F.scaled_dot_product_attention: _sdpa, aten.scaled_dot_product_attention.default: _sdpa,
-    F.linear: _f_linear, aten.linear.default: _f_linear, aten.addmm.default: _f_addmm, torch.addmm: _f_addmm,
+    F.linear: _f_linear, aten.linear.default: _f_linear, F.bilinear: _f_bilinear, torch.bilinear: _f_bilinear,
+    aten.bilinear.default: _f_bilinear, aten.addmm.default: _f_addmm, torch.addmm: _f_addmm,
     F.conv1d: _f_conv, F.conv2d: _f_conv, F.conv3d: _f_conv, F.conv_transpose1d: _f_conv, F.conv_transpose2d: _f_conv,
     F.conv_transpose3d: _f_conv, aten.conv1d.default: _f_conv, aten.conv2d.default: _f_conv, aten.conv3d.default: _f_conv,
     aten.convolution.default: _f_conv,
@@ -905,6 +916,7 @@ _POOLS = (
 MODULE_TABLE: list[tuple[tuple[type, ...], Callable]] = [
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _m_conv),
     ((nn.Linear,), _m_linear),
+    ((nn.Bilinear,), _m_bilinear),
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), _m_bn),
     ((nn.LayerNorm, _full.FullWidthLayerNorm), _m_ln),
     ((nn.GroupNorm,), _m_gn),

@@ -94,7 +94,26 @@ def _cpu_attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwa
     return 2 * heads * s_q * s_k * (d_qk + d_v)
 
 
-_MORE_FLOPS = {torch.ops.aten.mkldnn_rnn_layer: _rnn_layer_flops} if hasattr(torch.ops.aten, "mkldnn_rnn_layer") else {}
+def _trilinear_flops(s1, s2, s3, expand1, expand2, expand3, sumdim, *args, out_shape=None, **kwargs) -> int:
+    """``aten._trilinear``, what ``nn.Bilinear``/``F.bilinear`` run: the three operands, each
+    unsqueezed at its ``expand`` dims, multiplied over their broadcast shape and summed over
+    ``sumdim``; 2 x that shape's size (``x1 W[o] x2``: 2 B out in1 in2). torch's counter has
+    none, so a bilinear layer counted 0 and a FLOPs budget cut every other layer for it."""
+    def full(shape, expand):
+        dims, it = [], iter(shape)
+        for d in range(len(shape) + len(expand)):
+            dims.append(1 if d in expand else next(it))
+        return dims
+
+    total = 1
+    for sizes in zip(full(s1, expand1), full(s2, expand2), full(s3, expand3)):
+        total *= max(sizes)
+    return 2 * total
+
+
+_MORE_FLOPS = {torch.ops.aten._trilinear: _trilinear_flops}
+if hasattr(torch.ops.aten, "mkldnn_rnn_layer"):
+    _MORE_FLOPS[torch.ops.aten.mkldnn_rnn_layer] = _rnn_layer_flops
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _MORE_FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_attention_flops
 if hasattr(torch.ops.aten, "_grouped_mm"):

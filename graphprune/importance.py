@@ -149,8 +149,9 @@ class ScoreContext:
         group dims that are inputs of a weighted layer (what Wanda weighs a
         weight by: the input it multiplies, e.g. after the GELU, not before)."""
         if self._act is None:
-            feeds = {c.inputs[0] for c in (n.meta.get(CANON) for n in self.gm.graph.nodes)
-                     if c is not None and c.op in _WEIGHTED and c.inputs}
+            feeds = {x for c in (n.meta.get(CANON) for n in self.gm.graph.nodes)
+                     if c is not None and c.op in _WEIGHTED and c.inputs
+                     for x in (c.inputs[:2] if c.op == "bilinear" else c.inputs[:1])}  # a bilinear reads two
             wanted: dict = {}
             for g in self.groups:
                 for (key, axis) in g.dims:
@@ -181,7 +182,7 @@ class ScoreContext:
         return self._moments
 
 
-_WEIGHTED = ("linear", "conv", "conv_transpose", "matmul", "einsum", "mha", "window_attention", "grouped_mm")
+_WEIGHTED = ("linear", "bilinear", "conv", "conv_transpose", "matmul", "einsum", "mha", "window_attention", "grouped_mm")
 
 
 class _Recorder(torch.fx.Interpreter):

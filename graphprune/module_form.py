@@ -912,8 +912,13 @@ def _fix_embedding(mod, orig):
     mod.num_embeddings, mod.embedding_dim = mod.weight.shape
 
 
+def _fix_bilinear(mod, orig):
+    mod.out_features, mod.in1_features, mod.in2_features = mod.weight.shape
+
+
 MODULE_FIXES = [
     ((nn.Linear,), _fix_linear),
+    ((nn.Bilinear,), _fix_bilinear),
     ((nn.modules.conv._ConvNd,), _fix_conv),
     ((nn.modules.batchnorm._BatchNorm,), _fix_bn),
     ((nn.LayerNorm, nn.RMSNorm), _fix_ln),

@@ -539,6 +539,24 @@ def linear(b, c: COp):
         b.couple((x, k), (out, k))
 
 
+def bilinear(b, c: COp):
+    """weight (out, in1, in2): x1[-1] is the weight's dim 1, x2[-1] its dim 2, y[-1] its rows and
+    the bias; the leading dims of both inputs are the output's (``nn.Bilinear`` takes them equal)."""
+    x1, x2, out = c.inputs[0], c.inputs[1], _out(c)
+    w = c.params["weight"]
+    nd = len(b.shape(out))
+    if len(b.shape(x1)) != nd or len(b.shape(x2)) != nd:
+        return b.unknown(c, "bilinear over inputs of another rank than its output")
+    b.couple((x1, nd - 1), (w, 1))
+    b.couple((x2, nd - 1), (w, 2))
+    b.couple((out, nd - 1), (w, 0))
+    if "bias" in c.params:
+        b.couple((c.params["bias"], 0), (out, nd - 1))
+    for k in range(nd - 1):
+        b.couple((x1, k), (out, k))
+        b.couple((x2, k), (out, k))
+
+
 def _unify_blocks(b, key, n: int, block: int):
     """Make every index of each length-`block` run of `key` one unit (whole groups, whole heads)."""
     if block > 1:
@@ -863,6 +881,7 @@ RULES = {
     "cumsum": cumsum,
     "sdpa": sdpa,
     "linear": linear,
+    "bilinear": bilinear,
     "conv": conv,
     "conv_transpose": conv_transpose,
     "batch_norm": batch_norm,

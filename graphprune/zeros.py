@@ -188,6 +188,12 @@ def _computed_weight(zs: Zeros, c: COp, x) -> bool:
     w, bias = c.params.get("weight"), c.params.get("bias")
     if c.op == "embedding":  # a table held as a buffer (sinusoids) keeps its columns in the twin
         return w is None or zs.zero(w, 1)
+    if c.op == "bilinear":  # x1 W[o] x2 contracts x1 over the weight's dim 1 and x2 over its dim 2
+        for k, inp in ((1, x), (2, c.inputs[1])):
+            if not zs.zero(w, k):
+                zs.need(inp, zs.ndim(inp) - 1, f"{c.node.name}: bilinear with a computed weight contracts this dim; "
+                        "its removed entries must be zero on one side")
+        return zs.zero(w, 0) and (bias is None or zs.zero(bias, 0))
     if c.op not in ("linear", "conv", "conv_transpose"):
         return True
     w_out, w_in = {"linear": (1, 0) if c.attrs.get("weight_t") else (0, 1), "conv": (0, 1), "conv_transpose": (1, 0)}[c.op]
@@ -429,6 +435,7 @@ def nothing(zs: Zeros, c: COp) -> None:
 RULES = {
     "ewise": ewise,
     "linear": producer(lambda nd: nd - 1),
+    "bilinear": producer(lambda nd: nd - 1),
     "conv": producer(lambda nd: 1),
     "conv_transpose": producer(lambda nd: 1),
     "embedding": producer(lambda nd: nd - 1),

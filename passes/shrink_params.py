@@ -115,6 +115,10 @@ def _fix_linear(mod, node, p):
     mod.out_features, mod.in_features = mod.weight.shape
 
 
+def _fix_bilinear(mod, node, p):
+    mod.out_features, mod.in1_features, mod.in2_features = mod.weight.shape
+
+
 def _fix_bn(mod, node, p):
     mod.num_features = p.size(node, mod.num_features, 1)
 
@@ -154,6 +158,7 @@ def _fix_rnn(mod, node, p):
 MODULE_FIXES = [
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _fix_conv),
     ((nn.Linear,), _fix_linear),
+    ((nn.Bilinear,), _fix_bilinear),
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), _fix_bn),
     ((nn.LayerNorm, nn.RMSNorm, FullWidthLayerNorm, FullWidthRMSNorm), _fix_ln),
     ((nn.GroupNorm,), _fix_gn),

@@ -999,3 +999,31 @@ def test_a_fourier_transform_along_time_keeps_channels_apart():
     assert any(("a.weight", 0) in g.dims for g in groups)
     mixed = graphprune.compile(_Spectral(over_channels=True).eval(), (x,), ratio=0.5, importance="l2")
     assert dict(mixed.named_parameters())["a.weight"].shape[0] == 8
+
+
+class _Bilinear(torch.nn.Module):
+    """Two conv branches pooled into an ``nn.Bilinear``, and a functional ``F.bilinear`` with a
+    parameter of this module (survey 25: no rule, every channel touching them stayed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(3, 12, 3, padding=1)
+        self.bil, self.head = torch.nn.Bilinear(16, 12, 10), torch.nn.Linear(10, 3)
+        self.w = torch.nn.Parameter(torch.randn(6, 10, 10) * 0.1)
+
+    def forward(self, x):
+        h1, h2 = torch.relu(self.a(x)).mean((2, 3)), torch.relu(self.b(x)).amax((2, 3))
+        y = torch.relu(self.bil(h1, h2))
+        return self.head(y) + F.bilinear(y, y, self.w).sum(-1, keepdim=True)
+
+
+def test_a_bilinear_layer_prunes_both_inputs_and_its_outputs():
+    torch.manual_seed(0)
+    model, x, other = _Bilinear().eval(), torch.randn(2, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    small = _exact_without_verify(model, x, other)
+    assert (small.bil.in1_features, small.bil.in2_features, small.bil.out_features) == (8, 6, 5)
+    assert tuple(small.bil.weight.shape) == (5, 8, 6) and tuple(small.w.shape) == (3, 5, 5)
+    # its FLOPs are counted (torch's counter has no formula for aten._trilinear): 2 x batch x out x in1 x in2
+    assert graphprune.count_flops(model.bil, (torch.randn(4, 16), torch.randn(4, 12))) == 2 * 4 * 10 * 16 * 12
+    budget = graphprune.compile(model, (x,), target_flops=0.5, importance="l2")
+    assert budget.report.flops <= 0.5 and budget.bil.out_features < 10
