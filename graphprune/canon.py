@@ -524,12 +524,15 @@ def _f_addmm(node, mod=None):
     return COp("linear", node, [vkey(node.args[1])], params=_roles(node, {"weight": (2, "mat2"), "bias": (0, "input")}), attrs={"weight_t": True})
 
 
+_TRANSPOSED = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+               *(getattr(op, o) for op in (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+                 for o in op.overloads() if o in ("default", "input")))  # what torch.export records
+
+
 def _f_conv(node, mod=None):
     t = node.target
     groups_pos = 8 if t == aten.convolution.default else 6
-    transposed = t in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d) or (t == aten.convolution.default and node.args[6])
-    if t in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
-        groups_pos = 6
+    transposed = t in _TRANSPOSED or (t == aten.convolution.default and node.args[6])
     groups = arg(node, groups_pos, "groups", 1)
     if isinstance(groups, Node):  # read at run time (groups=x.shape[1]): its value on the example
         groups = groups.meta.get(VAL)
@@ -794,7 +797,7 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     aten.bilinear.default: _f_bilinear, aten.addmm.default: _f_addmm, torch.addmm: _f_addmm,
     F.conv1d: _f_conv, F.conv2d: _f_conv, F.conv3d: _f_conv, F.conv_transpose1d: _f_conv, F.conv_transpose2d: _f_conv,
     F.conv_transpose3d: _f_conv, aten.conv1d.default: _f_conv, aten.conv2d.default: _f_conv, aten.conv3d.default: _f_conv,
-    aten.convolution.default: _f_conv,
+    aten.convolution.default: _f_conv, **{t: _f_conv for t in _TRANSPOSED},  # aten.conv_transpose2d.input: torch.export
     F.batch_norm: _f_norm("batch_norm", {"running_mean": (1, "running_mean"), "running_var": (2, "running_var"), "weight": (3, "weight"), "bias": (4, "bias")}),
     aten.batch_norm.default: _f_norm("batch_norm", {"weight": (1, "weight"), "bias": (2, "bias"), "running_mean": (3, "running_mean"), "running_var": (4, "running_var")}),
     aten._native_batch_norm_legit_no_training.default: _f_norm("batch_norm_tuple", {"weight": (1, "weight"), "bias": (2, "bias"), "running_mean": (3, "running_mean"), "running_var": (4, "running_var")}),

@@ -877,11 +877,16 @@ def _fix_linear(mod, orig):
 
 
 def _fix_conv(mod, orig):
-    """Whole conv groups went where the per-group input width is unchanged (depthwise)."""
+    """A grouped conv loses whole groups where its groups are narrower than their number
+    (``rules.conv``, ``rules.conv_transpose``: depthwise), else channel positions within
+    every group; the weights alone cannot tell these apart (one of two groups of 4 outputs,
+    or 2 positions of each, leave the same weight), so the rule's choice is made again."""
     w, was = mod.weight, orig.get("weight")
     out_axis, in_axis = (1, 0) if mod.transposed else (0, 1)
-    if was is not None and mod.groups > 1 and w.shape[in_axis] == was[in_axis] and not mod.transposed:
-        mod.groups = mod.groups * w.shape[0] // was[0]
+    if was is not None and mod.groups > 1:
+        cin_g = was[0] // mod.groups if mod.transposed else was[1]
+        if cin_g < mod.groups:  # whole groups: the weight's first dim (out, or in when transposed) went by groups
+            mod.groups = mod.groups * w.shape[0] // was[0]
     mod.out_channels = w.shape[out_axis] * (mod.groups if mod.transposed else 1)
     mod.in_channels = w.shape[in_axis] * (1 if mod.transposed else mod.groups)
 

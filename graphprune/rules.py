@@ -596,15 +596,29 @@ def conv(b, c: COp):
 
 
 def conv_transpose(b, c: COp):
-    """weight (Cin, Cout/g, *k): the layout is the transpose of conv's."""
+    """weight (Cin, Cout/g, *k): the layout is the transpose of conv's, and so is a grouped
+    one's balance: whole groups where they are narrow (a depthwise upsampling: ``groups``
+    shrinks), else channel p of every group as one unit on each side (``groups`` stays)."""
     x, out, w = c.inputs[0], _out(c), c.params["weight"]
+    g = c.attrs["groups"]
     b.couple((x, 0), (out, 0))
-    if c.attrs["groups"] != 1:
-        return b.unknown(c, "grouped ConvTranspose")
     b.couple((x, 1), (w, 0))
-    b.couple((out, 1), (w, 1))
     if "bias" in c.params:
         b.couple((c.params["bias"], 0), (out, 1))
+    if g == 1:
+        b.couple((out, 1), (w, 1))
+        return
+    cin, cout = b.shape(x)[1], b.shape(out)[1]
+    cin_g, cout_g = cin // g, cout // g
+    if cin_g >= g:
+        i, o = np.arange(cin), np.arange(cout)
+        b.couple((out, 1), (w, 1), o, o % cout_g)
+        b.couple((x, 1), (x, 1), i, i % cin_g)
+        return
+    i = np.arange(cin)
+    b.couple((x, 1), (out, 1), i, (i // cin_g) * cout_g)
+    _unify_blocks(b, (out, 1), cout, cout_g)
+    b.block((w, 1), f"{c.node.name}: output channels per group of a grouped ConvTranspose stay")
 
 
 def batch_norm(b, c: COp):

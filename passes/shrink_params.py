@@ -106,8 +106,8 @@ def _fix_conv(mod, node, p: _Plan):
     groups or positions within every group were removed."""
     new_in = p.size(vkey(node.args[0]), mod.in_channels, 1)
     new_out = p.size(node, mod.out_channels, 1)
-    per_group = mod.weight.shape[0 if mod.transposed else 1]
-    mod.groups = new_in // per_group if not mod.transposed else mod.groups
+    # a transposed conv's weight is (in, out / groups): its groups are read off the output side
+    mod.groups = new_in // mod.weight.shape[1] if not mod.transposed else new_out // mod.weight.shape[1]
     mod.in_channels, mod.out_channels = new_in, new_out
 
 
@@ -327,8 +327,11 @@ def _conv_groups(node: Node, cop: COp, p: _Plan) -> bool:
     new_in = p.size(x, old_in, 1)
     if new_in == old_in:
         return False
-    old_per_group = old_in // cop.attrs["groups"]
-    groups = new_in // p.size(w, old_per_group, 1)
+    if cop.op == "conv_transpose":  # weight (in, out / groups): the groups are read off the output side
+        old_out = node.meta[VAL].shape[1]
+        groups = p.size(node, old_out, 1) // p.size(w, old_out // cop.attrs["groups"], 1)
+    else:
+        groups = new_in // p.size(w, old_in // cop.attrs["groups"], 1)
     pos = 8 if node.target == torch.ops.aten.convolution.default else 6
     if len(node.args) > pos:
         node.args = (*node.args[:pos], groups, *node.args[pos + 1:])
@@ -412,6 +415,7 @@ ARG_FIXES = {
     "group_norm": _norm_args,
     "batch_norm": _batch_norm_args,
     "conv": _conv_groups,
+    "conv_transpose": _conv_groups,
     "window_attention": _window_heads,
 }
 

@@ -1027,3 +1027,73 @@ def test_a_bilinear_layer_prunes_both_inputs_and_its_outputs():
     assert graphprune.count_flops(model.bil, (torch.randn(4, 16), torch.randn(4, 12))) == 2 * 4 * 10 * 16 * 12
     budget = graphprune.compile(model, (x,), target_flops=0.5, importance="l2")
     assert budget.report.flops <= 0.5 and budget.bil.out_features < 10
+
+
+class _GroupedUp(torch.nn.Module):
+    """A depthwise ConvTranspose upsampling (whole groups go), one with two wide groups (channel
+    positions go), and a functional grouped transposed conv on a parameter (no rule before:
+    every channel touching one stayed). ``checked`` routes the trace through torch.export."""
+
+    def __init__(self, functional=True, checked=False):
+        super().__init__()
+        self.functional, self.checked = functional, checked
+        self.a = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(16, 32, 4, stride=2, padding=1, groups=16)
+        self.b = torch.nn.Conv2d(32, 8, 1)
+        self.wide = torch.nn.ConvTranspose2d(8, 12, 3, padding=1, groups=2)
+        self.w = torch.nn.Parameter(torch.randn(12, 3, 3, 3) * 0.1)
+        self.head = torch.nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.checked:
+            h = _tensor_checked(h)
+        h = torch.relu(self.wide(torch.relu(self.b(torch.relu(self.up(h))))))
+        if self.functional:
+            h = torch.relu(F.conv_transpose2d(h, self.w, padding=1, groups=4))
+        return self.head(h)
+
+
+def _tensor_checked(h):
+    if not isinstance(h, torch.Tensor):  # a question symbolic tracing answers wrong: traced with torch.export
+        raise TypeError(type(h))
+    return h
+
+
+@pytest.mark.parametrize("checked", [False, True])
+def test_a_grouped_conv_transpose_prunes_whole_groups_or_positions(checked):
+    torch.manual_seed(0)
+    x, other = torch.randn(2, 3, 6, 6), torch.randn(3, 3, 6, 6)
+    model = _GroupedUp(functional=False, checked=checked).eval()
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l2")
+    assert small.report.form == "module"
+    assert (small.up.in_channels, small.up.out_channels, small.up.groups) == (8, 16, 8)  # whole groups: groups shrink
+    assert (small.wide.in_channels, small.wide.out_channels, small.wide.groups) == (4, 6, 2)  # positions: groups stay
+    for o in (x, other):
+        torch.testing.assert_close(small(o), dead_twin(model, small)(o), rtol=1e-5, atol=1e-5)
+    model = _GroupedUp(checked=checked).eval()
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l2", verify=False, output="graph")
+    assert dict(small.named_parameters())["w"].shape[0] == 6  # the functional one: 2 of its 4 groups
+    for o in (x, other):
+        torch.testing.assert_close(small(o), dead_twin(model, small)(o), rtol=1e-5, atol=1e-5)
+
+
+class _WideGroups(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.h = torch.nn.Conv2d(8, 12, 3, padding=1, groups=2), torch.nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        return self.h(torch.relu(_tensor_checked(self.c(x))))
+
+
+def test_a_conv_of_wide_groups_traced_by_export_keeps_its_groups():
+    """Traced with torch.export, the module form's widths are read off the weights; a grouped conv
+    that lost output positions (its input, the model's, stays) looked as if it had lost a whole
+    group: groups=1, and the module form failed to run (the graph came back instead)."""
+    torch.manual_seed(0)
+    model, x = _WideGroups().eval(), torch.randn(2, 8, 6, 6)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l2")
+    assert small.report.form == "module", small.report.form_why
+    assert (small.c.in_channels, small.c.out_channels, small.c.groups) == (8, 6, 2)
+    torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-5, atol=1e-5)
