@@ -147,3 +147,19 @@ def test_a_rounded_budget_trades_width_between_groups_to_land_close():
     assert all(w % 8 == 0 for w in widths), widths
     assert 0.47 <= count(small) / count(model) <= 0.5, (count(small) / count(model), widths)
     torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [{"target_flops": 0.5}, {"target_params": 0.9}])
+def test_a_budget_lands_when_every_score_ties(budget):
+    """bn_scale on a freshly built network scores every unit 1: the only thresholds were "remove
+    nothing" and "remove everything", and resnet18 at target_flops=0.5 kept 0.017 (survey 26).
+    Ties now go a few units at a time, the same fraction from every group."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model, x = torchvision.models.resnet18(num_classes=10).eval(), torch.randn(1, 3, 32, 32)
+    small = graphprune.compile(model, (x,), importance="bn_scale", **budget)
+    kind, target = next(iter(budget.items()))
+    got = small.report.flops if kind == "target_flops" else small.report.params
+    assert target - 0.02 <= got <= target
+    kept = [after / before for before, after in small.report.widths.values()]
+    assert max(kept) - min(kept) < 0.15, kept  # no group emptied while another stays whole
