@@ -847,6 +847,8 @@ def follow_widths(top: nn.Module, original: dict) -> None:
     as wide before, shrink with the heads). ``differs`` still decides the forward; this
     keeps the user's other methods true to the new widths."""
     for name, mod in top.named_modules():
+        if isinstance(mod, nn.RNNBase):  # its widths are its weights' (_fix_rnn): a hidden size of 16 that was
+            continue                     # the input's width once became the input's new width (survey 26)
         prefix = f"{name}." if name else ""
         user = not type(mod).__module__.startswith("torch.")
         for attr in WIDTH_ATTRS + CHANNEL_ATTRS if user else WIDTH_ATTRS:
@@ -917,6 +919,12 @@ def _fix_embedding(mod, orig):
     mod.num_embeddings, mod.embedding_dim = mod.weight.shape
 
 
+def _fix_rnn(mod, orig):
+    from graphprune.passes.shrink_params import _fix_rnn as fix
+
+    fix(mod, None, None)
+
+
 def _fix_bilinear(mod, orig):
     mod.out_features, mod.in1_features, mod.in2_features = mod.weight.shape
 
@@ -924,6 +932,7 @@ def _fix_bilinear(mod, orig):
 MODULE_FIXES = [
     ((nn.Linear,), _fix_linear),
     ((nn.Bilinear,), _fix_bilinear),
+    ((nn.RNNBase,), _fix_rnn),
     ((nn.modules.conv._ConvNd,), _fix_conv),
     ((nn.modules.batchnorm._BatchNorm,), _fix_bn),
     ((nn.LayerNorm, nn.RMSNorm), _fix_ln),

@@ -1294,3 +1294,26 @@ def test_a_callable_attribute_calls_the_results_own_module(how):
     small.train()
     small(x).sum().backward()
     assert model.head.weight.grad is None and small.head.weight.grad is not None
+
+
+class _GRUNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.gru, self.out = torch.nn.Linear(8, 16), torch.nn.GRU(16, 24, batch_first=True), torch.nn.Linear(24, 3)
+
+    def forward(self, x):
+        h, _ = self.gru(torch.relu(self.inp(x)))
+        return self.out(h[:, -1])
+
+
+def test_a_recurrent_layers_widths_are_its_weights():
+    """A GRU's hidden size pruned to 16, the input's width before, was renamed after the input's new
+    width (13) by the pass that follows width attributes: the module form failed on every call."""
+    from oracle import dead_twin
+
+    torch.manual_seed(0)
+    model, x = _GRUNet().eval(), torch.randn(2, 5, 8)
+    small = graphprune.compile(model, (x,), ratio={"inp": 3 / 16, "gru": 8 / 24}, importance="l2")
+    assert small.report.form == "module"
+    assert (small.gru.input_size, small.gru.hidden_size) == (13, 16)
+    torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-5, atol=1e-6)
