@@ -29,6 +29,8 @@ DEFAULT_PIPELINE = "shrink-params,dce"
 
 
 def check_ignore(model: torch.nn.Module, ignore) -> list[str]:
+    if isinstance(ignore, (str, torch.nn.Module)):
+        ignore = [ignore]  # one module, not its characters (search, sensitivity and GroupLasso took those)
     names = {id(m): n for n, m in model.named_modules()}
     out = []
     for item in ignore:

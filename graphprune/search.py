@@ -14,6 +14,7 @@ evaluates its own trials and all see every result.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -64,7 +65,14 @@ def sensitivity(model: torch.nn.Module, example_inputs: tuple, evaluate: Callabl
     >>> s = graphprune.sensitivity(model, (x,), lambda m: accuracy(m, val), levels=(0.3, 0.6))
     >>> s.plot("sensitivity.png")
     """
-    p = Pruner(model, example_inputs, kw.pop("example_kwargs", None), tuple(ignore), importance, kw.pop("calibration", None), kw.pop("loss_fn", None))
+    from .verify import why_not
+
+    bad = [r for r in levels if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1]
+    if bad:
+        raise GraphpruneError(f"levels are fractions of a group to remove, in [0, 1); got {bad}")
+    # the trace checked against the model, as compile checks it: a forward fx misreads is retraced
+    p = Pruner(model, example_inputs, kw.pop("example_kwargs", None), ignore, importance, kw.pop("calibration", None),
+               kw.pop("loss_fn", None), check_trace=why_not(model) is None)
     chosen = [g for g in p.groups if groups is None or g.id in groups]
     curves = {}
     bar = tqdm(total=len(chosen) * len(levels), desc="sensitivity", disable=not progress)
@@ -142,6 +150,7 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
 
     from .allocate import RULES, Constraints, allocate, measured_scores
     from .api import _gc_paused, choose_rule, recalibrate_on
+    from .verify import verified, why_not
 
     if isinstance(target_flops, bool) or not isinstance(target_flops, (int, float)) or not 0 < target_flops <= 1:
         raise GraphpruneError(f"target_flops must be a fraction in (0, 1], got {target_flops!r}")
@@ -151,8 +160,9 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
         raise GraphpruneError(f"spread must be at least 1 (a weight per group within [1/spread, spread]), got {spread!r}")
     if calibration is not None:
         calibration = read_batches(calibration)  # scored, judged, refit and recalibrated on: read more than once
-    with _gc_paused():
-        p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn)
+    with _gc_paused():  # the trace checked against the model, as compile checks it
+        p = Pruner(model, example_inputs, example_kwargs, ignore, importance, calibration, loss_fn,
+                   check_trace=why_not(model) is None)
     if not p.groups:
         raise GraphpruneError("the model has no prunable group; see graphprune.analyze(model, inputs).summary()")
     constraints = Constraints(min_keep=1.0 - max_ratio)
@@ -175,16 +185,23 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
     def build(removal: dict, check: bool) -> torch.nn.Module:
         out = p.prune(removal, check=check)  # refit too, where compile's choice refits
         if choice is not None and choice.recalibrate:
-            recalibrate_on(out, p, calibration)
+            recalibrate_on(out, p, p.calibration)  # (x, y) batches split: x is the input
         return out
+
+    lock = threading.Lock()  # one Pruner builds every candidate: optuna's n_jobs threads take turns (they
+    # shared its meta-device counting and crashed); the user's evaluate runs outside the lock
 
     def objective(trial):
         params = {"base": trial.suggest_categorical("base", list(bases))}
         params.update({f"g{g.id}": trial.suggest_float(f"g{g.id}", -math.log(spread), math.log(spread)) for g in p.groups})
-        removal, flops = candidate(params)
-        key = tuple(len(removal.get(g.id, ())) for g in p.groups)
-        if key not in built:
-            built[key] = float(evaluate(build(removal, check=False))), flops
+        with lock:
+            removal, flops = candidate(params)
+            key = tuple(len(removal.get(g.id, ())) for g in p.groups)
+            todo = None if key in built else build(removal, check=False)
+        if todo is not None:
+            metric = float(evaluate(todo))
+            with lock:
+                built.setdefault(key, (metric, flops))
         trial.set_user_attr("flops", built[key][1])
         trial.set_user_attr("widths", [g.n_units - k for g, k in zip(p.groups, key)])
         return built[key][0]
@@ -193,7 +210,13 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=sampler, storage=storage, study_name=study_name,
                                 load_if_exists=storage is not None)
+    asked = {"target_flops": float(target_flops), "groups": [g.n_units for g in p.groups]}
+    if study.trials and any(study.user_attrs.get(k) != v for k, v in asked.items()):  # another search's trials
+        raise GraphpruneError(f"study {study.study_name!r} in this storage holds a search of another budget or model "
+                              f"({ {k: study.user_attrs.get(k) for k in asked} }, not {asked}): give a new study_name")
     if not study.trials:  # a new study starts from compile's allocations; workers joining it do not
+        for k, v in asked.items():
+            study.set_user_attr(k, v)
         for base in bases:
             study.enqueue_trial({"base": base, **{f"g{g.id}": 0.0 for g in p.groups}})
     study.optimize(objective, n_trials=trials, n_jobs=n_jobs, show_progress_bar=progress)
@@ -201,14 +224,19 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
     if not done:
         raise GraphpruneError(f"no candidate could be evaluated at target_flops={target_flops}")
     best = max(done, key=lambda t: t.value)
-    removal, flops = candidate(best.params)
     front = [{"metric": t.value, "flops": t.user_attrs["flops"], "base": t.params.get("base"),
               "widths": t.user_attrs["widths"], "weights": {k: math.exp(v) for k, v in t.params.items() if k != "base"}}
              for t in done if not any(_dominates(o, t) for o in done)]
+    # the winner held to its dead twin, as compile's result is: groups that break it are kept whole and the
+    # same weights allocate again (then measured again); candidates were built unchecked, for speed
+    _, removal, check = verified(p, lambda: candidate(best.params)[0])
     result = build(removal, check=True)
+    metric = float(best.value)
+    if check.blocked:
+        metric = float(evaluate(result))
     result.report = report(p, removal, result, {"flops": target_flops})
-    result.report.auto = choice
-    return SearchResult(result, best.value, flops, front, study)
+    result.report.auto, result.report.verify = choice, check
+    return SearchResult(result, metric, result.report.flops, front, study)
 
 
 def _dominates(a, b) -> bool:
