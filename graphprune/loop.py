@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .batches import as_call, positional_capacity, read_batches, split_targets
 from .errors import GraphpruneError, first_line
 from .flops import count_flops
+from .modes import copy_modes
 
 # kept FLOPs fraction after a fraction t of the steps, for a final target
 SCHEDULES = {
@@ -102,6 +103,9 @@ def prune_iteratively(model: torch.nn.Module, example_inputs: tuple, *, target_f
     train in place). The original model is not changed. A ``pipeline``
     (``"deploy"``) runs in the last step only: the steps before it keep the
     model trainable, BatchNorms and all, for their recalibration and fine-tune.
+    ``overrides`` are fractions of the original's groups: the first step that
+    prunes takes them, the later ones hold those groups. The result has each
+    module in the mode it has in ``model``, as ``compile`` returns it.
 
     >>> small = graphprune.prune_iteratively(model, (x,), target_flops=0.5, steps=4, finetune=train_one_epoch,
     ...                                      calibration=[(xb,) for xb, _ in loader])
@@ -116,27 +120,31 @@ def prune_iteratively(model: torch.nn.Module, example_inputs: tuple, *, target_f
     calibration = read_batches(calibration) if calibration is not None else None
     if compile_kw.get("ignore"):  # every step prunes a copy: a module object of the user's model names nothing in it
         compile_kw["ignore"] = check_ignore(model, compile_kw["ignore"])
-    base = count_flops(model, example_inputs)
+    kwargs = compile_kw.get("example_kwargs")  # keyword inputs the forward needs, counted with too
+    base = count_flops(model, example_inputs, kwargs)
     current, params = model, 1.0
     targets = _targets(target_flops, steps, schedule)
     # pipeline="deploy" folds BatchNorms away: the steps before the last stay trainable (the default pipeline),
     # so that their recalibration and fine-tune see BatchNorm, and the last step folds what they kept
     last_kw, step_kw = compile_kw, {k: v for k, v in compile_kw.items() if k != "pipeline"}
     for i, t in enumerate(tqdm(targets, desc="prune steps", disable=not progress)):
-        now = count_flops(current, example_inputs) / base
+        now = count_flops(current, example_inputs, kwargs) / base
         last = i == len(targets) - 1
         if now > t or (last and "pipeline" in compile_kw):  # the last step folds, pruned or not
             kw = last_kw if last else step_kw
             current = compile(current, example_inputs, target_flops=min(1.0, t / now), calibration=calibration, **kw)
             params *= current.report.params or 1.0  # of the step's own input
+            if compile_kw.get("overrides"):  # the fraction each names is of the original: taken once, then held
+                held = {k: 0.0 for k in compile_kw["overrides"]}
+                last_kw, step_kw = {**last_kw, "overrides": held}, {**step_kw, "overrides": held}
         if current is model:  # nothing pruned yet (a target of 1.0): recalibrate and fine-tune a copy, never the user's model
             current = copy.deepcopy(model)
         if calibration is not None:
             recalibrate_bn(current, calibration)
         if finetune is not None:
             current = finetune(current) or current
-    current.eval()
-    achieved = count_flops(current, example_inputs) / base
+    copy_modes(current, model)  # each module in the mode it has in the user's model, as compile returns it
+    achieved = count_flops(current, example_inputs, kwargs) / base
     current.report_flops = achieved
     if current is not model and getattr(current, "report", None) is not None:
         # the last compile measured against its own input, the previous step's model: said 0.965 for 0.50

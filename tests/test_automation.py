@@ -302,6 +302,32 @@ def test_prune_iteratively_steps_finetune_and_recalibrate():
     torch.testing.assert_close(small.stem[1].running_mean, acts.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
 
 
+class _Scaled(torch.nn.Module):
+    """A forward with a required keyword input, for example_kwargs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Residual()
+
+    def forward(self, x, *, scale):
+        return self.inner(x) * scale
+
+
+def test_prune_iteratively_takes_overrides_once_keyword_inputs_and_keeps_modes():
+    """Overrides were taken again at every step (a group asked to lose half kept 4 of 32 after 3
+    steps), the loop counted FLOPs without example_kwargs (a raw TypeError), and it ended with
+    .eval() where compile keeps each module's mode (survey 26)."""
+    torch.manual_seed(0)
+    model, x = _Scaled().train(), torch.randn(*IMAGE)
+    model.inner.stem[1].eval()  # a frozen BatchNorm
+    kw = {"scale": torch.tensor(2.0)}
+    small = graphprune.prune_iteratively(model, (x,), target_flops=0.6, steps=3, example_kwargs=kw, progress=False,
+                                         overrides={"inner.a.0.*": 0.5}, importance="l2")
+    assert small.inner.a[0][0].out_channels == 12  # half of 24, once
+    assert small.report_flops <= 0.6 + 1e-9
+    assert small.training and not small.inner.stem[1].training and small.inner.a[1].training
+
+
 def test_prune_iteratively_ignores_a_module_given_as_an_object_at_every_step():
     """Steps after the first prune a copy: the user's module object must still name its layer there."""
     torch.manual_seed(0)
