@@ -64,7 +64,9 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, *, steps:
     form: the model's own class or an fx ``GraphModule``), never the model
     itself; a student that shares a parameter with the teacher is refused.
     ``teacher`` runs under ``torch.no_grad()`` in eval mode; its parameters,
-    and its train/eval mode, are left as they were.
+    and its train/eval mode, are left as they were. The student trains in
+    training mode; one already in training mode keeps the modules its user
+    put in eval (frozen BatchNorms) in eval.
 
     ``batches`` is an iterable of inputs in any form ``compile``'s
     ``calibration`` takes: tuples of positional inputs, dicts of keyword
@@ -140,6 +142,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable, *, steps:
             raise GraphpruneError("the student has nothing to train: no parameter requires grad"
                                   + (" and no linear weight takes a low-rank update" if lora_rank is not None else ""))
         student.train()
+        if modes[0][""]:  # a student already training keeps what its user froze (BatchNorms in eval: their
+            set_modes(student, modes[0], True)  # statistics were overwritten, survey 26)
         teacher.eval()
         report = _train(student, teacher, batches, params, steps=steps, lr=lr, temperature=temperature,
                         hidden_weight=hidden_weight, loss_fn=loss_fn, schedule=schedule, weight_decay=weight_decay,

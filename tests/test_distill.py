@@ -219,3 +219,23 @@ def test_a_time_limit_is_the_cosine_horizon():
     constant = copy.deepcopy(base)
     distill(constant, teacher, train, steps=10**7, lr=1e-2, max_seconds=0.3, schedule="constant", progress=False)
     assert constant.distill_report["last_lr"] == 1e-2
+
+
+def test_a_student_in_training_keeps_its_frozen_batchnorms_frozen():
+    """distill put the whole student in training mode: BatchNorms its user froze (eval, no grad)
+    had their running statistics overwritten, and the mode put back afterwards hid it (survey 26)."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    with torch.no_grad():
+        teacher[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 6, 6)
+    student = graphprune.compile(teacher.eval(), (x,), ratio=0.5, importance="l2").train()
+    student[1].eval().requires_grad_(False)
+    stats = student[1].running_mean.clone()
+    distill(student, teacher, [(torch.randn(4, 3, 6, 6),) for _ in range(3)], steps=3, progress=False)
+    torch.testing.assert_close(student[1].running_mean, stats, rtol=0, atol=0)
+    assert student.training and not student[1].training
+    fresh = graphprune.compile(teacher, (x,), ratio=0.5, importance="l2")  # an eval student trains whole, as before
+    before = fresh[1].running_mean.clone()
+    distill(fresh, teacher, [(torch.randn(4, 3, 6, 6),) for _ in range(3)], steps=3, progress=False)
+    assert not torch.equal(fresh[1].running_mean, before) and not fresh.training
