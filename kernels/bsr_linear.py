@@ -68,7 +68,8 @@ __all__ = ["block_sparse_linear", "block_sparse_linear_reference", "SMALL_M"]
 SMALL_M = 16
 
 _INTERPRET = bool(triton.knobs.runtime.interpret)
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# bf16 tl.dot is broken under the interpreter (outputs of 1e10 where the reference gives 1): torch computes those
+_KERNEL_DTYPES = (torch.float16, torch.float32) if _INTERPRET else (torch.float16, torch.bfloat16, torch.float32)
 
 # Kernel efficiency relative to cuBLAS, by smaller block edge: the density at
 # which the block-sparse kernel and the dense GEMM take equally long. Below it
@@ -281,8 +282,8 @@ def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.
     can_launch = x.is_cuda or (_INTERPRET and x.device.type == "cpu")
     if backend == "kernel" and not (can_launch and x.dtype in _KERNEL_DTYPES):
         raise GraphpruneError(
-            f"backend='kernel' needs a CUDA tensor (or TRITON_INTERPRET=1 set before importing triton) in "
-            f"fp16/bf16/fp32; got {x.dtype} on {x.device}. Use backend='auto' to fall back to torch."
+            f"backend='kernel' needs a CUDA tensor in fp16/bf16/fp32 (or, with TRITON_INTERPRET=1 set before importing "
+            f"triton, a CPU tensor in fp16/fp32); got {x.dtype} on {x.device}. Use backend='auto' to fall back to torch."
         )
     if not can_launch or x.dtype not in _KERNEL_DTYPES:
         return block_sparse_linear_reference(x, weight, bias)
@@ -310,12 +311,14 @@ def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.
         BN=bn, BK=bk, HAS_BIAS=has_bias,
         INPUT_PRECISION="tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee",
     )
-    bias_arg = bias if has_bias else y  # never read when HAS_BIAS is false
+    # the kernels index the bias and the block values as dense arrays: a strided view read other numbers
+    bias_arg = bias.contiguous() if has_bias else y  # never read when HAS_BIAS is false
+    values = weight.values if weight.values.is_contiguous() else weight.values.contiguous()
     if m > SMALL_M:
         num_block_rows = n // bn
         grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * num_block_rows,)  # noqa: E731
         _bsr_rows_kernel[grid](
-            x2, weight.values, weight.row_ptr, weight.col_idx, weight.row_order, bias_arg, y,
+            x2, values, weight.row_ptr, weight.col_idx, weight.row_order, bias_arg, y,
             m, n, k, num_block_rows,
             x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
             **common,
@@ -325,7 +328,7 @@ def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.
         partials = torch.empty((plan["num_items"], SMALL_M, bn), dtype=torch.float32, device=x.device)
         grid = (plan["num_items"],)
         _bsr_splitk_kernel[grid](
-            x2, weight.values, weight.col_idx, bias_arg, y,
+            x2, values, weight.col_idx, bias_arg, y,
             plan["item_row"], plan["item_start"], plan["item_end"], plan["row_items"], partials, plan["tickets"],
             m, n, k,
             x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),

@@ -56,7 +56,7 @@ class BlockSparseLinear(nn.Module):
         Rebuilt only when ``.to()``, ``.half()`` or an in-place write replaced
         or changed them, so the kernel's per-weight caches survive between calls."""
         tensors = (self.values, self.row_ptr, self.col_idx, self.row_order)
-        key = tuple((t.data_ptr(), t.dtype, t.device, t._version) for t in tensors)
+        key = tuple((t.data_ptr(), t.dtype, t.device, _version(t)) for t in tensors)
         if self._weight_cache is None or self._weight_cache[0] != key:
             weight = BlockSparseWeight(self.values, self.row_ptr, self.col_idx, (self.out_features, self.in_features), self.row_order)
             self._weight_cache = (key, weight)
@@ -78,6 +78,12 @@ class BlockSparseLinear(nn.Module):
         state = self.__dict__.copy()
         state["_weight_cache"] = None
         return state
+
+
+def _version(t: torch.Tensor) -> int:
+    """``t._version``; a tensor made under ``torch.inference_mode()`` keeps none (and cannot be
+    written in place outside it), so reading it raised."""
+    return -1 if t.is_inference() else t._version
 
 
 def conv1x1_problem(conv: nn.Module) -> str | None:
@@ -118,5 +124,8 @@ class BlockSparseConv1x1(nn.Module):
         return cls(BlockSparseLinear(weight, conv.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x.permute(0, 2, 3, 1))  # (B, H, W, C_out)
-        return y.permute(0, 3, 1, 2)  # (B, C_out, H, W)
+        if x.dim() == 3:  # (C, H, W), unbatched, as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        y = self.linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C_out, H, W), channels-last in memory
+        # laid out as nn.Conv2d lays it out: code after it may .view() it (a contiguous input stays contiguous)
+        return y if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else y.contiguous()

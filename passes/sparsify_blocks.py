@@ -88,6 +88,8 @@ def sparsify_blocks(gm: GraphModule, density: float = 0.25, block_size=64, modul
             out_features, in_features = module.out_channels, module.in_channels
         if problem is None and (out_features % bn or in_features % bk):
             problem = f"weight ({out_features}, {in_features}) is not divisible by the block size ({bn}, {bk})"
+        if problem is None:
+            problem = _held(gm, name, module)
         if problem is not None:
             skipped[name] = problem
             continue
@@ -105,3 +107,19 @@ def sparsify_blocks(gm: GraphModule, density: float = 0.25, block_size=64, modul
     result.meta["sparsify_blocks"] = {"converted": converted, "skipped": skipped}
     result.recompile()
     return PassResult(result, bool(converted))
+
+
+def _held(gm, name: str, module: nn.Module) -> str | None:
+    """What keeps a layer as it is, beyond its own shape: hooks the replacement would not run
+    (a forward hook scaling the output by 3 was dropped, and the result moved by 4.0), the graph
+    reading its tensors directly (``x @ self.fc.weight.t()`` met a BlockSparseWeight), or a call
+    with keyword arguments (``self.fc(input=h)``) its forward does not take (survey 27)."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    if any(getattr(module, h, None) for h in hooks):
+        return "it has hooks, which the block-sparse module would not run"
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target.startswith(name + "."):
+            return f"the graph reads its {n.target[len(name) + 1:]} directly"
+        if n.op == "call_module" and n.target == name and n.kwargs:
+            return f"it is called with keyword arguments ({', '.join(n.kwargs)})"
+    return None

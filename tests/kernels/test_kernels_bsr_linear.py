@@ -161,3 +161,33 @@ def test_random_layouts(block, rows, cols, m, bits):
 def test_bf16_on_gpu(block, m, poisoned_empty):
     weight, x, b, expected = make_problem(block, random_mask(6, 8, 0.3, seed=m), torch.bfloat16, torch.device("cuda"), (m,))
     check(block_sparse_linear(x, weight, b, backend="kernel"), expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("m", [3, 40], ids=["splitk", "rows"])
+def test_strided_bias_and_values_are_read_as_their_numbers(device, m):
+    """The kernels index the bias and the block values as dense arrays: a bias sliced with a step
+    (b[::2]) came out 2.95 off, an expanded one read past its end, and values with other strides
+    1.9 off (survey 27)."""
+    weight, x, b, _ = make_problem(16, random_mask(4, 4, 0.5), torch.float32, device, (m,))
+    wide = torch.randn(2 * b.shape[0], device=device)
+    strided = wide[::2]
+    expected = block_sparse_linear_reference(x, weight, strided.contiguous())
+    torch.testing.assert_close(block_sparse_linear(x, weight, strided, backend="kernel"), expected, rtol=1e-5, atol=1e-5)
+    flat = torch.full((1,), 0.5, device=device).expand(b.shape[0])
+    torch.testing.assert_close(block_sparse_linear(x, weight, flat, backend="kernel"),
+                               block_sparse_linear_reference(x, weight, flat.contiguous()), rtol=1e-5, atol=1e-5)
+    values = weight.values.transpose(1, 2).contiguous().transpose(1, 2)  # same numbers, other strides
+    other = BlockSparseWeight(values, weight.row_ptr, weight.col_idx, weight.shape, weight.row_order)
+    torch.testing.assert_close(block_sparse_linear(x, other, b, backend="kernel"),
+                               block_sparse_linear_reference(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_under_the_interpreter_runs_torch(monkeypatch):
+    """bf16 tl.dot is broken under the interpreter (outputs of 1e10 for values of 1): auto computes
+    bf16 with torch there, and backend='kernel' refuses it."""
+    if not bsr_linear._INTERPRET:
+        pytest.skip("a GPU runs bf16 in the kernel")
+    weight, x, b, expected = make_problem(16, random_mask(2, 3, 0.5), torch.bfloat16, torch.device("cpu"), (40,))
+    check(block_sparse_linear(x, weight, b), expected, torch.bfloat16)
+    with pytest.raises(GraphpruneError, match="fp16/fp32"):
+        block_sparse_linear(x, weight, b, backend="kernel")

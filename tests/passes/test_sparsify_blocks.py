@@ -135,3 +135,33 @@ def test_vit_mlp_blocks_end_to_end():
     # 3 images x 5 tokens = 15 tokens (decode kernel); 4 images = 20 tokens (large-M kernel)
     for batch in (3, 4):
         assert_same_outputs(model, result, torch.randn(batch, 3, 32, 32), rtol=1e-3, atol=1e-3)
+
+
+class _Held(nn.Module):
+    """Three layers the pass must leave: one with a forward hook, one whose weight the graph reads,
+    one called with a keyword argument; and a 1x1 conv whose output is viewed (survey 27)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hooked, self.read, self.keyword = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+        self.hooked.register_forward_hook(lambda mod, args, out: out * 3)
+        self.conv = nn.Conv2d(32, 32, 1)
+
+    def forward(self, x):
+        h = self.keyword(input=self.hooked(x) + self.read(x) + x @ self.read.weight.t())
+        img = self.conv(h.reshape(h.shape[0], 32, 1, 1).expand(-1, -1, 2, 2))
+        return img.view(img.shape[0], -1)
+
+
+def test_layers_held_by_hooks_direct_reads_or_keywords_are_skipped():
+    torch.manual_seed(0)
+    model, x = _Held().eval(), torch.randn(3, 32)
+    gm = fx.symbolic_trace(model)
+    out, _ = run_pipeline(gm, "sparsify-blocks{density=1.0;block_size=16}")
+    info = out.meta["sparsify_blocks"]
+    assert set(info["skipped"]) == {"hooked", "read", "keyword"} and set(info["converted"]) == {"conv"}
+    assert "hooks" in info["skipped"]["hooked"] and "weight" in info["skipped"]["read"]
+    with torch.no_grad():
+        torch.testing.assert_close(out.to(DEVICE)(x.to(DEVICE)).cpu(), model(x), rtol=1e-4, atol=1e-4)
+        unbatched = out.conv(torch.randn(32, 2, 2).to(DEVICE))
+    assert unbatched.shape == (32, 2, 2)
