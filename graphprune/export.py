@@ -137,6 +137,13 @@ def to_onnx(model: torch.nn.Module, args: tuple, path, kwargs: dict | None = Non
     from the program :func:`export` builds (so the batch dim is dynamic). Returns the path."""
     _need("onnx")
     _need("onnxscript")
+    from .api import _mode_dependent
+
+    if _mode_dependent(model):  # the exporter writes eval-mode BatchNorm whatever the model runs: 0.71 off it
+        raise GraphpruneError(
+            f"{type(model).__name__} has BatchNorm or dropout modules in training mode, and ONNX records them in eval "
+            "mode (a file that differs from the model as it runs): call model.eval() before to_onnx, or use export(), "
+            "which follows the training-mode computation")
     ep = export(model, args, kwargs, dynamic_batch=dynamic_batch)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +162,18 @@ def _tensors(tree) -> list:
     return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
+def _by_name(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict | None:
+    """{forward parameter name: tensor}, the names the exporter gives the inputs; None where the
+    forward's signature cannot be bound."""
+    import inspect
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    return {k: v for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
+
+
 def check_onnx(path, model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> float:
     """Run the ONNX file at ``path`` in onnxruntime (CPUExecutionProvider) on ``args``
     and return the largest difference from ``model``'s outputs, per output relative to
@@ -170,12 +189,18 @@ def check_onnx(path, model: torch.nn.Module, args: tuple, kwargs: dict | None = 
     names = [i.name for i in sess.get_inputs()]
     if len(names) != len(inputs):
         raise GraphpruneError(f"{path} takes {len(names)} inputs ({', '.join(names)}) but {len(inputs)} tensors were given")
+    named = _by_name(model, args, kwargs)  # keyword inputs in another order than the export saw: fed by name
+    feed = {n: named[n] for n in names} if named is not None and set(names) <= set(named) else dict(zip(names, inputs))
     try:
-        got = sess.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)})
+        got = sess.run(None, {n: t.detach().cpu().numpy() for n, t in feed.items()})
     except Exception as e:  # noqa: BLE001
         raise GraphpruneError(f"onnxruntime failed to run {path}: {_first_line(e)}") from e
-    with torch.no_grad():
+    from .modes import Snapshot, kept_modes
+
+    saved = Snapshot(model)  # a model in training mode moves its BatchNorm statistics as it runs: put them back
+    with torch.no_grad(), kept_modes(model):
         want = _tensors(model(*args, **kwargs))
+    saved.restore()
     if len(got) != len(want):
         raise GraphpruneError(f"{path} gives {len(got)} outputs, the model {len(want)}")
     worst = 0.0

@@ -120,3 +120,33 @@ def test_a_pruned_causal_lm_exports_without_its_kv_cache():
     with torch.no_grad():
         torch.testing.assert_close(program(other, use_cache=False).logits, small(other, use_cache=False).logits,
                                    rtol=1e-4, atol=1e-5)
+
+
+class _Gated(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 4)
+
+    def forward(self, x, *, mask, scale):
+        h = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.fc(h * mask) * scale
+
+
+def test_onnx_refuses_training_mode_and_checks_keywords_by_name(tmp_path):
+    """A model in training mode was written with eval-mode BatchNorm (0.71 off it, no word), and
+    check_onnx ran the model in training mode, moving its statistics; keyword inputs were fed by
+    position, so a correct file checked 1.31 off when they came in another order (survey 27)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model, x = _Gated().train(), torch.randn(2, 3, 6, 6)
+    kw = {"mask": torch.rand(2, 8), "scale": torch.rand(2, 1) + 0.5}
+    small = graphprune.compile(model.eval(), (x,), example_kwargs=kw, ratio=0.5, importance="l2").train()
+    with pytest.raises(graphprune.GraphpruneError, match="training mode"):
+        to_onnx(small, (x,), tmp_path / "m.onnx", kw)
+    path = to_onnx(small.eval(), (x,), tmp_path / "m.onnx", kw)
+    assert check_onnx(path, small, (x,), {"scale": kw["scale"], "mask": kw["mask"]}) <= 1e-5
+    small.train()
+    stats = small.bn.running_mean.clone()
+    check_onnx(path, small, (x,), kw)
+    assert torch.equal(small.bn.running_mean, stats) and small.training
