@@ -167,6 +167,7 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
         # the mode compile built it in: passes decide by it (fold-bn folds eval-mode BatchNorms only), so load
         # rebuilds in it, then switches to "training" (a model compiled in train mode and saved after .eval())
         "built_training": bool(info.get("training", model.training)),
+        "built_modes": info.get("built_modes", {}),  # ... each module's own (a frozen BatchNorm deploy folded)
         # modules in the other mode than the model (frozen BatchNorms in a model in training mode)
         "modes": mixed(model),
         "kept": kept,
@@ -365,6 +366,8 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     # original keeps its own mode; switched to the mode it was saved in below
     traced = shadow(original)
     traced.train(bool(m.get("built_training", m.get("training", False))))
+    if m.get("built_modes"):  # a frozen BatchNorm in a model in training mode: folded by deploy, so rebuilt folded
+        set_modes(traced, {**modes_of(traced), **m["built_modes"]}, traced.training)
     if where.type == "meta":
         _all_on_meta(traced)
     try:

@@ -14,7 +14,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .batches import read_batches, with_targets
-from .modes import Snapshot
+from .modes import Snapshot, mixed
 from . import importance as _importance
 from . import reconstruct as _reconstruct
 from . import verify as _verify
@@ -405,6 +405,7 @@ class Pruner:
             # the passes by name, not "deploy": a checkpoint replays what ran, whatever "deploy" comes to mean
             "pipeline": format_pipeline(parse_pipeline(self.pipeline or DEFAULT_PIPELINE)),
             "training": bool(self.model.training),  # an exported graph keeps the mode it was traced in
+            "built_modes": mixed(self.model),  # modules in the other mode (a frozen BatchNorm, which fold-bn folds)
         }
         from .module_form import info
 

@@ -423,3 +423,31 @@ def test_an_rnn_loads_onto_a_meta_original(tmp_path):
     torch.manual_seed(0)
     small, back = _roundtrip(_Recurrent().eval(), torch.randn(2, 5, 8), tmp_path, ratio=0.5, importance="l2")
     assert back.rnn.hidden_size == small.rnn.hidden_size < 24
+
+
+class _FrozenStem(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16),
+                                        torch.nn.ReLU())
+        self.c2, self.bn2, self.fc = torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn2(self.c2(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_frozen_batchnorm_folded_by_deploy_reloads(tmp_path):
+    """A model in training mode with a frozen (eval) BatchNorm: deploy folds that one, and load
+    rebuilt with every module in the model's mode, so the fold did not happen and the saved
+    tensors did not fit ("no tensor 'stem.1.weight'... another architecture?", survey 26)."""
+    torch.manual_seed(0)
+    model = _FrozenStem().train()
+    model.stem[1].eval()
+    x = torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), target_flops=0.5, importance="l2", pipeline="deploy")
+    graphprune.save(small, tmp_path)
+    fresh = _FrozenStem()  # default modes: the manifest says which module was frozen
+    loaded = graphprune.load(fresh, tmp_path)
+    small.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
