@@ -264,15 +264,34 @@ def _wrapped(model: torch.nn.Module) -> dict:
     return {name: type(mod).__name__ for name, mod in model.named_modules() if isinstance(mod, MixedNorm)}
 
 
+def _untied(original: torch.nn.Module, m: dict) -> list[str]:
+    """Parameter names that share one tensor in ``original`` but were saved as tensors of their own
+    (neither an alias of the other): the pruned model had them untied (a tied head that
+    ``rotate_residual(tied="untie")`` copied), and load refused it as another architecture's."""
+    names: dict[int, list[str]] = {}
+    for n, t in original.named_parameters(remove_duplicate=False):
+        names.setdefault(id(t), []).append(n)
+    out = []
+    for group in names.values():
+        own = [n for n in group if n in m["tensors"] and n not in m["aliases"]]
+        out += own[1:]
+    return out
+
+
 def _rewrapped(original: torch.nn.Module, m: dict) -> torch.nn.Module:
     """A shadow of ``original`` with the modules graphprune wrapped in before pruning
     wrapped in again (the user's model is not changed)."""
     from .rotate import MixedNorm
 
     wrapped = m.get("wrapped") or {}
-    if not wrapped:
+    untie = _untied(original, m)
+    if not wrapped and not untie:
         return original
     top = shadow(original)
+    for name in untie:  # rotate_residual(tied="untie") gave the head its own copy: so does the rebuilt model
+        owner, _, attr = name.rpartition(".")
+        t = top.get_parameter(name)
+        setattr(top.get_submodule(owner) if owner else top, attr, torch.nn.Parameter(t.detach().clone(), t.requires_grad))
     for path, kind in sorted(wrapped.items()):
         if kind != "MixedNorm":
             raise GraphpruneError(f"the manifest wraps {path} in a {kind}, which this graphprune does not know; "

@@ -230,3 +230,22 @@ def test_a_sliced_mixed_model_saves_and_loads_onto_a_fresh_original(tmp_path):
         assert back.model.norm.mix.weight.shape == (48, 48)
         with torch.no_grad():
             assert torch.equal(back(ids).logits, small(ids).logits)
+
+
+def test_a_sliced_untied_model_saves_and_loads_onto_a_tied_original(tmp_path):
+    """tied="untie" gives the head its own copy; load onto the tied original it came from was
+    refused ("the manifest prunes lm_head.weight axis 1, which this model cannot prune the same
+    way", survey 27): the rebuilt model unties the head as the saved one had it."""
+    model = _llama(tie=True, strong_directions=True)
+    ids, batches = torch.randint(0, VOCAB, (2, 7)), _batches(8)
+    rotated = graphprune.rotate_residual(model, (ids,), batches, tied="untie")
+    small = graphprune.compile(rotated, (ids,), ratio={"model.norm*": 0.25}, importance="activation", calibration=batches)
+    graphprune.save(small, tmp_path)
+    with torch.device("meta"):
+        on_meta = type(model)(model.config).eval()
+    for original in (_llama(tie=True), on_meta):
+        back = graphprune.load(original, tmp_path)
+        assert back.lm_head.weight is not back.model.embed_tokens.weight
+        assert original.lm_head.weight is original.model.embed_tokens.weight  # the user's original stays tied
+        with torch.no_grad():
+            assert torch.equal(back(ids).logits, small(ids).logits)
