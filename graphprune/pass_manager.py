@@ -14,6 +14,7 @@ the pass that broke it and the passes that ran before.
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 from typing import Callable
 
@@ -178,6 +179,11 @@ def _run(gm: GraphModule, steps: list, *, check_each: bool, shapes: list | None 
     modified: dict[str, bool] = {}
     for name, opts in steps:
         fn = get_pass(name)
+        try:
+            inspect.signature(fn).bind(gm, **opts)
+        except TypeError as e:
+            takes = [p for p in list(inspect.signature(fn).parameters)[1:]]
+            raise GraphpruneError(f"pass {name!r} takes the options {takes or 'none'}; got {opts} ({e})") from None
         result = fn(gm, **opts)
         if not isinstance(result, PassResult):
             raise GraphpruneError(f"pass {name!r} returned {type(result).__name__}; a pass must return torch.fx.passes.infra.pass_base.PassResult")

@@ -30,7 +30,11 @@ BLOCK_SIZES = (16, 32, 64, 128)
 
 def as_block_size(block_size) -> tuple[int, int]:
     """``64`` or ``(64, 64)`` -> ``(64, 64)``, checked against :data:`BLOCK_SIZES`."""
-    bn, bk = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    pair = (block_size, block_size) if isinstance(block_size, int) else block_size
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(type(s) is int for s in pair):
+        raise GraphpruneError(f"block size {block_size!r} is not an int or a pair of ints; use one of {BLOCK_SIZES} "
+                              "(or a pair of them, (16,32) written as block_size=(16,32) in a pipeline string)")
+    bn, bk = pair
     if bn not in BLOCK_SIZES or bk not in BLOCK_SIZES:
         raise GraphpruneError(
             f"block size {block_size!r} is not supported; use one of {BLOCK_SIZES} (or a pair of them) for each side"

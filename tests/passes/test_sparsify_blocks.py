@@ -123,6 +123,15 @@ def test_bad_options_raise(options):
         sparsify_module.sparsify_blocks(fx.symbolic_trace(MLP()), **options)
 
 
+@pytest.mark.parametrize("pipeline", ["sparsify-blocks{block_size=(16,32)}", "sparsify-blocks{bogus=1}",
+                                      "sparsify-blocks{block_size=16.0}", "sparsify-blocks{block_size=[16]}"])
+def test_malformed_pipeline_options_are_refused_by_name(pipeline):
+    """An option the pass does not take, or a block size that is not an int or a pair, raised a bare
+    TypeError or ValueError from inside the pass (survey 27)."""
+    with pytest.raises(GraphpruneError, match="options|block size"):
+        run_pipeline(fx.symbolic_trace(MLP()), pipeline)
+
+
 def test_vit_mlp_blocks_end_to_end():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
