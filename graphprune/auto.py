@@ -82,8 +82,10 @@ class Choice:
     def __str__(self) -> str:
         best = min(self.tried.values()) if self.tried else float("nan")
         bn = ", BatchNorm recalibrated" if self.recalibrate else ""
+        # a refit the user asked for (reconstruct=True) is not judged: the errors are the candidates' before it
+        before = " before the refit" if self.refit and not any(k.endswith("/refit") for k in self.tried) else ""
         return (f"auto chose {self.criterion}, allocation by {self.allocation}, refit {'on' if self.refit else 'off'}{bn} "
-                f"(held-out output error {best:.4g}; {len(self.tried)} candidates in {self.seconds:.1f}s)")
+                f"(held-out output error{before} {best:.4g}; {len(self.tried)} candidates in {self.seconds:.1f}s)")
 
 
 def unit_params(g, gm) -> np.ndarray:
