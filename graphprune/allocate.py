@@ -118,7 +118,9 @@ class Constraints:
                                        math.ceil(self.min_keep * g.n_units) if fixed is None else 1))
             q = g.unit_multiple(self.round_to)
             q = q if g.even is None else math.lcm(q, int(g.even.max()) + 1)
-            if q > 1 and g.n_units >= q:  # a chunk's parts go in bundles: a multiple of both
+            if q > 1 and g.n_units < q:  # no multiple fits under its width: it stays whole (it was cut unrounded)
+                continue
+            if q > 1:  # a chunk's parts go in bundles: a multiple of both
                 floor = max(floor, q)
                 keep = max(keep - keep % q, floor)
             keep = max(keep, floor)

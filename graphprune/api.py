@@ -257,6 +257,12 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
                 f"target_{kind}={target} landed at {getattr(rep, kind):.3f}: the ratios overrides fix keep at most "
                 f"{ceiling:.3f} of the original's {'FLOPs' if kind == 'flops' else 'parameters'} with every other group "
                 f"whole; lower those ratios or the target"), stacklevel=2)
+    narrow = [g for g in p.groups if round_to > 1 and g.n_units < g.unit_multiple(round_to)]
+    if narrow and (overrides or any(n for n in (ratio.values() if isinstance(ratio, dict) else [ratio]) if n) or budgets):
+        warnings.warn(GraphpruneWarning(
+            f"round_to={round_to}: {len(narrow)} group(s) narrower than {round_to} channels stay whole, since no multiple "
+            f"of it fits under their width (first: {narrow[0].describe()[:160]}); give a smaller round_to to prune them"),
+            stacklevel=2)
     if round_to > 1:  # query heads go in balance over their key/value heads: not every multiple is a width they can keep
         off = [g for g in p.groups if g.part_of is not None and g.id in removed
                and (g.n_units - len(removed[g.id])) % g.unit_multiple(round_to)]

@@ -519,6 +519,18 @@ def test_a_rounded_budget_keeps_the_ratios_overrides_fix(target):
     assert bool(said) == (target == 0.9), said
 
 
+def test_a_group_narrower_than_round_to_stays_whole_and_is_said():
+    """A group narrower than round_to was cut without rounding (round_to=24: 16 channels came out at
+    10, survey 26): no multiple of 24 fits under 16, so it stays whole, and compile says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(graphprune.GraphpruneWarning, match="narrower than 24 channels stay whole"):
+        small = graphprune.compile(model, (x,), ratio=0.4, round_to=24, importance="l2")
+    assert small[0].out_channels == 16 and small[2].out_channels == 24
+
+
 def test_a_float64_model_prunes_in_float64():
     """The weight-norm criteria reduced with a float32 accumulator, which torch refuses for
     float64 weights (a bare RuntimeError from every budget and from l1/l2)."""
