@@ -217,6 +217,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         # a latency budget picks its multiple at the FLOPs fraction of the same size: odd widths make latency
         # jump up and down along the bisection (MobileNetV2 landed at 0.21 for a target of 0.3 without it)
         rounding = fastest_rounding(p, "flops" if kind == "latency" else kind, target, Constraints(1, min_width, overrides))
+    asked_round_to = round_to  # the user's; deploy's own choice below is timed, not asked for
     round_to = round_to or (rounding or {}).get("chosen", 1)
 
     def decide_with(rule: str, budget: tuple | None = None) -> dict:
@@ -257,7 +258,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
                 f"target_{kind}={target} landed at {getattr(rep, kind):.3f}: the ratios overrides fix keep at most "
                 f"{ceiling:.3f} of the original's {'FLOPs' if kind == 'flops' else 'parameters'} with every other group "
                 f"whole; lower those ratios or the target"), stacklevel=2)
-    narrow = [g for g in p.groups if round_to > 1 and g.n_units < g.unit_multiple(round_to)]
+    narrow = [g for g in p.groups if (asked_round_to or 1) > 1 and g.n_units < g.unit_multiple(round_to)]
     if narrow and (overrides or any(n for n in (ratio.values() if isinstance(ratio, dict) else [ratio]) if n) or budgets):
         warnings.warn(GraphpruneWarning(
             f"round_to={round_to}: {len(narrow)} group(s) narrower than {round_to} channels stay whole, since no multiple "
