@@ -48,7 +48,7 @@ from . import hf
 from .batches import as_call, positional_capacity, split_targets
 from .modes import modes_of, set_modes
 from .verify import evaluating
-from .errors import GraphpruneError
+from .errors import GraphpruneError, GraphpruneWarning, first_line
 
 # fx call_function targets that compute x @ W.T (+ b) with W their second argument
 _LINEAR_OPS = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
@@ -218,17 +218,26 @@ def _train(student, teacher, batches, params, *, steps, lr, temperature, hidden_
         takes = positional_capacity(teacher)
         for batch in _cycle(batches, steps):
             args, kwargs = as_call(split_targets(batch, takes))  # (x, y) from a DataLoader: x
-            with torch.no_grad():
-                t_out = _run(teacher, args, kwargs, hidden=hidden)
-            s_out = _run(student, args, kwargs, hidden=hidden)
+            try:
+                with torch.no_grad():
+                    t_out = _run(teacher, args, kwargs, hidden=hidden)
+                s_out = _run(student, args, kwargs, hidden=hidden)
+            except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                if done:
+                    raise
+                raise GraphpruneError(  # as recalibrate_bn and compile say it, not the model's own error
+                    f"the first distillation batch does not fit the models ({type(e).__name__}: {first_line(e)[:200]}): "
+                    "give batches as input tuples, dicts of keyword inputs or (x, y) pairs, each as the model "
+                    "takes them") from e
             mask = _mask(kwargs)
             loss = _output_loss(s_out, t_out, mask, temperature, loss_fn)
             if hidden:
                 h = _hidden_loss(s_out, t_out, mask)
                 if h is None:
                     if not warned:
-                        warnings.warn("hidden_weight has no effect: no hidden state of the student has the shape of the "
-                                      "teacher's at the same layer (a pruned residual stream is narrower)", stacklevel=3)
+                        warnings.warn(GraphpruneWarning(
+                            "hidden_weight has no effect: no hidden state of the student has the shape of the teacher's at "
+                            "the same layer (a pruned residual stream is narrower)"), stacklevel=3)
                         warned = True
                 else:
                     loss = loss + hidden_weight * h

@@ -181,7 +181,12 @@ class GroupLasso:
         params = dict(model.named_parameters())
         per_group: dict[int, torch.Tensor] = {}
         for name, axis, unit_of, n, gi in self.slices:
-            w = params[name]
+            w = params.get(name)
+            if w is None or w.dim() <= axis or w.shape[axis] != len(unit_of):
+                raise GraphpruneError(
+                    f"GroupLasso was built on a model whose {name} has {len(unit_of)} entries along dim {axis}; this one "
+                    f"{'has no such parameter' if w is None else f'has shape {tuple(w.shape)}'}: build a GroupLasso on "
+                    "the model it regularizes (a pruned model needs its own)")
             sq = w.movedim(axis, 0).reshape(w.shape[axis], -1).square().sum(1)  # (size of axis,)
             acc = per_group.get(gi, torch.zeros(n, dtype=sq.dtype, device=sq.device))
             per_group[gi] = acc.index_add(0, unit_of.to(sq.device), sq)

@@ -268,6 +268,16 @@ def test_search_runs_threads_and_refuses_another_budgets_study(tmp_path):
         graphprune.sensitivity(model, (x,), _agreement(model, x), levels=(0.5, 1.5), progress=False)
 
 
+def test_a_group_lasso_called_on_another_model_says_so():
+    """Built on the original and called on the pruned model, it raised index_add_'s RuntimeError (survey 26)."""
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(*IMAGE)
+    reg = graphprune.GroupLasso(model, (x,))
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l2")
+    with pytest.raises(graphprune.GraphpruneError, match="GroupLasso was built on a model"):
+        reg(small)
+
+
 def test_sensitivity_curves(tmp_path):
     model = Residual().eval()
     x = torch.randn(*IMAGE)

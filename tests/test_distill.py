@@ -239,3 +239,12 @@ def test_a_student_in_training_keeps_its_frozen_batchnorms_frozen():
     before = fresh[1].running_mean.clone()
     distill(fresh, teacher, [(torch.randn(4, 3, 6, 6),) for _ in range(3)], steps=3, progress=False)
     assert not torch.equal(fresh[1].running_mean, before) and not fresh.training
+
+
+def test_a_batch_the_models_cannot_take_is_a_graphprune_error():
+    """The model's own RuntimeError came through, where recalibrate_bn and compile say what to give (survey 26)."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    student = graphprune.compile(teacher, (torch.randn(2, 8),), ratio=0.5, importance="l2")
+    with pytest.raises(graphprune.GraphpruneError, match="does not fit the models"):
+        distill(student, teacher, [(torch.randn(2, 5),)], steps=2, progress=False)
