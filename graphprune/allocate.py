@@ -472,6 +472,9 @@ def _allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rul
         best = cost(hi)
     if rule != "uniform" and constraints.round_to == 1:  # one fraction everywhere is the point of uniform
         best = _fill_gap(p, removal, meter, lo, hi, len(taus), target, best)
+        if target - best[1] > FILL_TOL:  # every finer unit past the threshold overshot too: units below it go back,
+            best = _fill_rounded(p, norm, meter, constraints, target, best)  # one at a time (a search's candidate
+            # with one group at its floor landed at 0.465 for 0.5, survey 26)
     elif rule != "uniform":
         best = _fill_rounded(p, norm, meter, constraints, target, best)
     return best

@@ -278,6 +278,31 @@ def test_a_group_lasso_called_on_another_model_says_so():
         reg(small)
 
 
+class _TwoBlocks(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.b1, self.b2 = [nn.Sequential(nn.Conv2d(c, 2 * c, 3, padding=1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(),
+                                          nn.Conv2d(2 * c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)) for _ in range(2)]
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.b1(x))
+        return self.fc(F.relu(x + self.b2(x)).mean((2, 3)))
+
+
+def test_every_search_candidate_lands_within_a_hundredth_of_the_budget():
+    """A candidate that weighed one group's units low put it at its floor; the next units past the
+    threshold were residual-stream channels, each too big, so it stopped at 0.465 for 0.5: units
+    below the threshold now go back one at a time while they fit (survey 26)."""
+    torch.manual_seed(0)
+    model, x = _TwoBlocks().eval(), torch.randn(2, 3, 16, 16)
+    res = graphprune.search(model, (x,), _agreement(model, x), target_flops=0.5, trials=6, importance="l2", progress=False)
+    flops = [t.user_attrs["flops"] for t in res.study.trials]
+    assert all(0.5 - 0.0101 <= f <= 0.5 for f in flops), flops
+
+
 def test_sensitivity_curves(tmp_path):
     model = Residual().eval()
     x = torch.randn(*IMAGE)
