@@ -16,6 +16,7 @@ import copy as copy_module
 import functools
 from contextlib import contextmanager
 import inspect
+import logging
 import operator
 import re
 import types
@@ -315,9 +316,24 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, example_kwargs: 
         _meta_run(gm, args)
     except GraphpruneError as meta_error:
         try:
-            _fake_run(gm, args)
+            with _quiet_fake_tensors():
+                _fake_run(gm, args)
         except Exception:  # noqa: BLE001 - the meta error names the node
             raise meta_error from None
+
+
+@contextmanager
+def _quiet_fake_tensors():
+    """torch's fake-tensor logger at CRITICAL: a shape the model cannot take made it log every failed
+    meta kernel with its traceback (118 lines before the CLI's one-line message, survey 27);
+    the failure is raised here as a GraphpruneError that names the node."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def meta_state(gm: fx.GraphModule, convert=None) -> dict:
@@ -388,13 +404,15 @@ def _export(model, example_inputs, example_kwargs) -> fx.GraphModule:
     attempts = [wide, (args, kwargs)] if grew else [(args, kwargs)]
     for a, k in attempts:
         try:
-            ep = export(model, a, kwargs=k, strict=False, dynamic_shapes=_dynamic_shapes(model, a, k))
+            with _quiet_fake_tensors():
+                ep = export(model, a, kwargs=k, strict=False, dynamic_shapes=_dynamic_shapes(model, a, k))
             break
         except Exception:  # noqa: BLE001 - symbolic batch is a nicety; a static graph still prunes
             continue
     else:
         a, k = args, kwargs
-        ep = export(model, args, kwargs=kwargs, strict=False)
+        with _quiet_fake_tensors():
+            ep = export(model, args, kwargs=kwargs, strict=False)
     gm = ep.module()
     gm.meta[EXAMPLE] = (a, k)  # the inputs its shapes were recorded with: the between-pass check reruns them
     gm.meta[FIXED_DIMS] = _fixed_dims(gm)

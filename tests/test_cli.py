@@ -250,3 +250,18 @@ def test_eval_of_a_module_factory_runs_from_another_directory(tmp_path, monkeypa
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "loaded from" in r.stdout
+
+
+def test_an_input_shape_the_model_cannot_take_is_one_line(tmp_path):
+    """torch's fake-tensor logger printed every failed meta kernel with its traceback (118 lines, five
+    tracebacks) before the one-line message (survey 27)."""
+    (tmp_path / "gp_cli_mlp.py").write_text(
+        "import torch\n"
+        "def mlp():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))\n")
+    script = Path(sys.executable).parent / "graphprune"
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "graphprune.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
+    r = subprocess.run([*cmd, "prune", "gp_cli_mlp:mlp", "--input-shape", "4,16,5"], capture_output=True, text=True,
+                       timeout=600, env=env, cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
