@@ -99,17 +99,23 @@ class Group:
         each group's kernel. ``round_to`` and ``min_width`` count channels, so a group of heads
         of 64 keeps any number of them under ``round_to=8`` (counted in units, 12 heads could
         keep only 8 or 12). 1 where a dim gives its units unequal shares."""
-        fewest = None
+        shares = self._shares
+        return 1 if not shares or 0 in shares else min(shares)
+
+    @functools.cached_property
+    def _shares(self) -> list[int]:
+        """Channels one unit holds along each parameter dim (0 where a dim gives units unequal shares)."""
+        out = []
         for ps in self.params:
             share = np.bincount(ps.unit_of[ps.unit_of >= 0], minlength=self.n_units)
-            if share.min() != share.max():
-                return 1
-            fewest = int(share[0]) if fewest is None else min(fewest, int(share[0]))
-        return max(1, fewest or 1)
+            out.append(int(share[0]) if share.min() == share.max() else 0)
+        return out
 
     def unit_multiple(self, round_to: int) -> int:
-        """Units a width must be a multiple of for its channels to be one of ``round_to``."""
-        return round_to // math.gcd(round_to, self.channels_per_unit)
+        """Units a width must be a multiple of for every parameter dim's channels to be one of
+        ``round_to``: a whole group of a grouped conv holds 4 input and 6 output channels, so
+        round_to=8 needs units in fours (counted by the fewest, twos, 36 output channels came out)."""
+        return math.lcm(1, *(round_to // math.gcd(round_to, c) if c else round_to for c in self._shares))
 
     def unit_floor(self, min_width: int) -> int:
         """Units that hold at least ``min_width`` channels."""

@@ -340,8 +340,13 @@ class Pruner:
             by_ratio.setdefault(group_ratio(g, ratio), []).append(g)
         counts = {g.id: 0 for g in self.groups}
         room = {g.id: g.n_units - 1 for g in self.groups}
+        from .allocate import untied
+
         for r, gs in by_ratio.items():
-            scores = np.concatenate([self.scores[g.id] for g in gs])
+            # equal scores ranked within their group first (a fresh network's BatchNorm gammas are all 1: the
+            # stable sort gave every removal to the first groups in graph order, cut to one channel, survey 28)
+            ranked = untied({g.id: self.scores[g.id] for g in gs})
+            scores = np.concatenate([ranked[g.id] for g in gs])
             owner = np.concatenate([np.full(g.n_units, g.id) for g in gs])
             left = int(round(r * len(scores)))
             for gid in owner[np.argsort(scores, kind="stable")]:
