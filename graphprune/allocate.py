@@ -198,6 +198,7 @@ class Meter:
     def __init__(self, p: Pruner, kind: str, *, latency_inputs: tuple | None = None, runs: int = 5):
         self.p, self.kind, self.runs = p, kind, runs
         self.inputs = latency_inputs or p.example_inputs
+        self.kwargs = None if latency_inputs else p.example_kwargs  # keyword inputs a required parameter takes
         self._meta_state = meta_state(p.gm)
         # the plan gives parameter counts exactly where the default passes only slice parameters
         self.exact_params = None if (p.pipeline or "shrink-params,dce") == "shrink-params,dce" else False
@@ -268,7 +269,8 @@ class Meter:
 
     def _built(self, removed: dict) -> float:
         if self.kind == "latency":
-            return latency_ratio(self.p.prune(removed, check=False, fit=False), self.p.model, self.inputs, rounds=self.runs)
+            return latency_ratio(self.p.prune(removed, check=False, fit=False), self.p.model, self.inputs, rounds=self.runs,
+                                 example_kwargs=self.kwargs)
         with _reparametrize_module(self.p.gm, self._meta_state, tie_weights=False):
             model = self.p.prune(removed, check=False, fit=False)
         if self.kind == "params":
@@ -480,11 +482,11 @@ def _allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rul
     return best
 
 
-def overrides_ceiling(p: Pruner, kind: str, overrides: dict) -> float:
+def overrides_ceiling(p: Pruner, kind: str, overrides: dict, round_to: int = 1) -> float:
     """The most of the original's FLOPs or parameters a budget can keep when ``overrides``
-    fix some groups' ratios: every other group whole. A target above it lands here, under
-    its target by what the overrides take (compile says so)."""
-    removed = Constraints(overrides=overrides, min_keep=0.0)._bounded(p, {g.id: 0 for g in p.groups})
+    fix some groups' ratios (their widths rounded to ``round_to`` too): every other group whole.
+    A target above it lands here, under its target by what the overrides take (compile says so)."""
+    removed = Constraints(round_to=round_to, overrides=overrides, min_keep=0.0)._bounded(p, {g.id: 0 for g in p.groups})
     return Meter(p, kind)(removed)
 
 
@@ -915,7 +917,7 @@ def report(p: Pruner, removed: dict, model: torch.nn.Module, budget: dict, laten
         x, kw = to_meta(x), to_meta(kw)  # weights on meta, inputs given on the CPU: count on shapes alone
     lat = None
     if "latency" in budget:
-        lat = latency_ratio(model, p.model, latency_inputs or x)
+        lat = latency_ratio(model, p.model, latency_inputs or x, example_kwargs=None if latency_inputs else kw)
     return Report(
         widths={g.id: (g.n_units, g.n_units - len(removed.get(g.id, ()))) for g in p.groups},
         flops=count_flops(model, x, kw) / count_flops(p.model, x, kw),

@@ -252,10 +252,11 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     rep = report(p, removed, out, budgets, latency_inputs) if budgets else light_report(p, removed)
     rep.verify = check
     if overrides and kind in ("flops", "params") and target - getattr(rep, kind) > 2 * FILL_TOL:
-        ceiling = overrides_ceiling(p, kind, overrides)
+        ceiling = overrides_ceiling(p, kind, overrides, round_to)
         if ceiling < target - FILL_TOL:
             warnings.warn(GraphpruneWarning(
-                f"target_{kind}={target} landed at {getattr(rep, kind):.3f}: the ratios overrides fix keep at most "
+                f"target_{kind}={target} landed at {getattr(rep, kind):.3f}: the ratios overrides fix"
+                f"{f' (rounded to round_to={round_to})' if round_to > 1 else ''} keep at most "
                 f"{ceiling:.3f} of the original's {'FLOPs' if kind == 'flops' else 'parameters'} with every other group "
                 f"whole; lower those ratios or the target"), stacklevel=2)
     narrow = [g for g in p.groups if (asked_round_to or 1) > 1 and g.n_units < g.unit_multiple(round_to)]
@@ -425,9 +426,9 @@ def fastest_rounding(p, kind: str, target: float, constraints, *, clock=None) ->
         return None
     if len(built) == 1:
         return {"chosen": 1, "latency_vs_unrounded": {}, "too_coarse": coarse} if coarse else None
-    x = p.example_inputs
+    x, kw = p.example_inputs, ({"example_kwargs": p.example_kwargs} if p.example_kwargs else {})
     with torch.no_grad():
-        ratios = {q: clock(m, built[1], x) for q, m in built.items() if q != 1}
+        ratios = {q: clock(m, built[1], x, **kw) for q, m in built.items() if q != 1}
     q, r = min(ratios.items(), key=lambda kv: kv[1])
     return {"chosen": q if r < 0.95 else 1, "latency_vs_unrounded": {k: round(v, 3) for k, v in ratios.items()}}
 
@@ -493,16 +494,16 @@ def _timed_pass(p, name: str, what: str, clock, applies, baseline: str = "plain"
         p.pipeline = before
     if not applies(converted):
         return None
-    x = p.example_inputs
+    x, kw = p.example_inputs, dict(p.example_kwargs or {})
     try:
         with torch.no_grad():
-            same = _same_outputs(converted(*x), plain(*x))
+            same = _same_outputs(converted(*x, **kw), plain(*x, **kw))
     except Exception as e:  # noqa: BLE001 - the pass is then not used, and the reason reported
         return False, f"the model with {what} raised {type(e).__name__}: {first_line(e)[:200]}", None
     if not same:
         return False, f"outputs differ with {what}", None
     with torch.no_grad():
-        r = (clock or latency_ratio)(converted, plain, x)
+        r = (clock or latency_ratio)(converted, plain, x, **({"example_kwargs": kw} if kw else {}))
     faster = r < 0.95
     if faster:
         p.pipeline = trial

@@ -203,28 +203,30 @@ def copied_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (args, kwargs))
 
 
-def latency_ms(model: torch.nn.Module, example_inputs: tuple, *, warmup: int = 3, runs: int = 10) -> float:
+def latency_ms(model: torch.nn.Module, example_inputs: tuple, *, warmup: int = 3, runs: int = 10,
+               example_kwargs: dict | None = None) -> float:
     """Median wall time of a forward pass on the inputs' device (on a copy of the inputs)."""
-    example_inputs = copied_inputs(tuple(example_inputs), {})[0]
+    example_inputs, example_kwargs = copied_inputs(tuple(example_inputs), dict(example_kwargs or {}))
     times = []
     with torch.no_grad():
         for i in range(warmup + runs):
             t = time.perf_counter()
-            model(*example_inputs)
+            model(*example_inputs, **example_kwargs)
             if i >= warmup:
                 times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
 
 
-def latency_ratio(model: torch.nn.Module, reference: torch.nn.Module, example_inputs: tuple, *, rounds: int = 5) -> float:
+def latency_ratio(model: torch.nn.Module, reference: torch.nn.Module, example_inputs: tuple, *, rounds: int = 5,
+                  example_kwargs: dict | None = None) -> float:
     """latency of ``model`` over that of ``reference``, measured side by side: the two
     alternate, so load that comes and goes hits both alike, and each keeps its
     fastest round. Other processes only ever add time (on a shared 2-core
     machine one busy neighbour made some rounds of a 2-thread forward several
     times slower), so the fastest round is the least disturbed estimate."""
     mine, theirs = [], []
-    example_inputs = copied_inputs(tuple(example_inputs), {})[0]
+    example_inputs, kw = copied_inputs(tuple(example_inputs), dict(example_kwargs or {}))  # keyword inputs the forward needs
     for _ in range(rounds):
-        theirs.append(latency_ms(reference, example_inputs, warmup=1, runs=3))
-        mine.append(latency_ms(model, example_inputs, warmup=1, runs=3))
+        theirs.append(latency_ms(reference, example_inputs, warmup=1, runs=3, example_kwargs=kw))
+        mine.append(latency_ms(model, example_inputs, warmup=1, runs=3, example_kwargs=kw))
     return min(mine) / min(theirs)

@@ -531,6 +531,37 @@ def test_a_group_narrower_than_round_to_stays_whole_and_is_said():
     assert small[0].out_channels == 16 and small[2].out_channels == 24
 
 
+def test_round_to_holds_on_every_side_of_a_whole_group_unit():
+    """A whole group of Conv2d(32, 48, groups=8) holds 4 input and 6 output channels: counted by the
+    fewest, round_to=8 took units in twos and left 36 output channels (survey 28)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 48, 3, padding=1, groups=8), nn.ReLU(),
+                          nn.Conv2d(48, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.25, round_to=8, importance="l2")
+    assert small[2].in_channels % 8 == 0 and small[2].out_channels % 8 == 0, small[2]
+    torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-5, atol=1e-6)
+
+
+class _Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 4, 1)
+
+    def forward(self, x, mask):
+        return self.b(torch.relu(self.a(x)) * mask)
+
+
+def test_deploy_times_a_forward_that_needs_keyword_inputs():
+    """pipeline="deploy" timed its candidates without example_kwargs: a required keyword input
+    raised a bare TypeError (survey 28)."""
+    torch.manual_seed(0)
+    model, x = _Gated().eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), example_kwargs={"mask": torch.rand(2, 1, 8, 8)}, target_flops=0.5,
+                               pipeline="deploy", importance="l2")
+    assert small.report.flops <= 0.5
+
+
 def test_a_float64_model_prunes_in_float64():
     """The weight-norm criteria reduced with a float32 accumulator, which torch refuses for
     float64 weights (a bare RuntimeError from every budget and from l1/l2)."""
