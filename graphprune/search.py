@@ -210,9 +210,12 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=sampler, storage=storage, study_name=study_name,
                                 load_if_exists=storage is not None)
-    asked = {"target_flops": float(target_flops), "groups": [g.n_units for g in p.groups]}
+    # what makes trials comparable: the budget, the model, the criterion and the rankings drawn from (another
+    # importance's trials quoted a metric its model did not have; other rankings crashed optuna's sampler)
+    asked = {"target_flops": float(target_flops), "groups": [g.n_units for g in p.groups],
+             "importance": importance if isinstance(importance, str) else repr(importance), "bases": list(bases)}
     if study.trials and any(study.user_attrs.get(k) != v for k, v in asked.items()):  # another search's trials
-        raise GraphpruneError(f"study {study.study_name!r} in this storage holds a search of another budget or model "
+        raise GraphpruneError(f"study {study.study_name!r} in this storage holds a search of another budget, model or criterion "
                               f"({ {k: study.user_attrs.get(k) for k in asked} }, not {asked}): give a new study_name")
     if not study.trials:  # a new study starts from compile's allocations; workers joining it do not
         for k, v in asked.items():

@@ -261,9 +261,12 @@ def test_search_runs_threads_and_refuses_another_budgets_study(tmp_path):
     assert res.flops <= 0.5 and len(res.study.trials) == 6
     url = f"sqlite:///{tmp_path / 'study.db'}"
     graphprune.search(model, (x,), _agreement(model, x), target_flops=0.8, trials=2, storage=url, study_name="s", progress=False)
-    with pytest.raises(graphprune.GraphpruneError, match="another budget or model"):
+    with pytest.raises(graphprune.GraphpruneError, match="another budget, model or criterion"):
         graphprune.search(model, (x,), _agreement(model, x), target_flops=0.3, trials=2, storage=url, study_name="s",
                           progress=False)
+    with pytest.raises(graphprune.GraphpruneError, match="another budget, model or criterion"):
+        graphprune.search(model, (x,), _agreement(model, x), target_flops=0.8, trials=2, storage=url, study_name="s",
+                          importance="random", progress=False)  # another criterion's trials: not comparable
     with pytest.raises(graphprune.GraphpruneError, match=r"levels are fractions"):
         graphprune.sensitivity(model, (x,), _agreement(model, x), levels=(0.5, 1.5), progress=False)
 
