@@ -150,3 +150,22 @@ def test_onnx_refuses_training_mode_and_checks_keywords_by_name(tmp_path):
     stats = small.bn.running_mean.clone()
     check_onnx(path, small, (x,), kw)
     assert torch.equal(small.bn.running_mean, stats) and small.training
+
+
+class _FunctionalDropout(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.dropout(torch.relu(self.a(x)), 0.5, self.training))
+
+
+def test_onnx_refuses_a_forward_that_reads_training_mode(tmp_path):
+    """Only dropout and BatchNorm modules were looked at: F.dropout(x, p, self.training) in training
+    mode was written as the eval-mode model, 0.57 off it (survey 28)."""
+    pytest.importorskip("onnxscript")
+    model = _FunctionalDropout().train()
+    with pytest.raises(graphprune.GraphpruneError, match="training"):
+        to_onnx(model, (torch.randn(2, 8),), tmp_path / "d.onnx")
+    assert to_onnx(model.eval(), (torch.randn(2, 8),), tmp_path / "d.onnx").exists()
