@@ -113,11 +113,12 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) or use jemalloc/tcmalloc
     where a latency budget must land (see ``bench/deploy_speed.py``).
 
-    ``round_to=q`` keeps every pruned width a multiple of ``q`` channels and
-    ``min_width=m`` at least ``m`` channels, counted in the layers' own channels:
-    a head of 64 channels satisfies ``round_to=8`` alone, so heads go one at a
-    time, and a grouped conv's unit (a channel in each of its groups) counts as
-    many (``Group.unit_multiple``, ``Group.unit_floor``).
+    ``round_to=q`` keeps every pruned width a multiple of ``q`` channels, along
+    every parameter dimension a group spans (a grouped conv's per-group kernel
+    width too), and ``min_width=m`` at least ``m`` channels: a head of 64
+    channels satisfies ``round_to=8`` alone, so heads go one at a time
+    (``Group.unit_multiple``, ``Group.unit_floor``). A group narrower than
+    ``q`` channels stays whole.
 
     ``ignore`` names modules whose output width must stay. ``calibration``
     (an iterable of input tuples, dicts of keyword inputs, or a DataLoader)

@@ -573,52 +573,40 @@ def conv(b, c: COp):
     * positions (RegNet-X's few wide groups): channel p of every group is one
       unit, on each side; ``groups`` stays and FLOPs fall quadratically.
     """
-    x, out, w = c.inputs[0], _out(c), c.params["weight"]
-    g = c.attrs["groups"]
-    cin, cout = b.shape(x)[1], b.shape(out)[1]
-    b.couple((x, 0), (out, 0))
-    b.couple((out, 1), (w, 0))
-    if "bias" in c.params:
-        b.couple((c.params["bias"], 0), (out, 1))
-    if g == 1:
-        b.couple((x, 1), (w, 1))
-        return
-    cin_g, cout_g = cin // g, cout // g
-    if cin_g >= g:
-        i, o = np.arange(cin), np.arange(cout)
-        b.couple((x, 1), (w, 1), i, i % cin_g)
-        b.couple((out, 1), (out, 1), o, o % cout_g)
-        return
-    i = np.arange(cin)
-    b.couple((x, 1), (out, 1), i, (i // cin_g) * cout_g)
-    _unify_blocks(b, (out, 1), cout, cout_g)
-    b.block((w, 1), f"{c.node.name}: channels per group of a grouped conv stay")
+    _grouped(b, c, transposed=False)
 
 
 def conv_transpose(b, c: COp):
     """weight (Cin, Cout/g, *k): the layout is the transpose of conv's, and so is a grouped
-    one's balance: whole groups where they are narrow (a depthwise upsampling: ``groups``
-    shrinks), else channel p of every group as one unit on each side (``groups`` stays)."""
+    one's balance (a depthwise upsampling loses whole groups)."""
+    _grouped(b, c, transposed=True)
+
+
+def _grouped(b, c: COp, transposed: bool):
+    """A conv's coupling: the weight's dim 0 is one side's full width (the output's, the input's
+    when transposed), its dim 1 the other side's width per group."""
     x, out, w = c.inputs[0], _out(c), c.params["weight"]
     g = c.attrs["groups"]
+    whole, per_group = ((x, 1), (out, 1)) if transposed else ((out, 1), (x, 1))  # (w, 0) and (w, 1)
     b.couple((x, 0), (out, 0))
-    b.couple((x, 1), (w, 0))
+    b.couple(whole, (w, 0))
     if "bias" in c.params:
         b.couple((c.params["bias"], 0), (out, 1))
     if g == 1:
-        b.couple((out, 1), (w, 1))
+        b.couple(per_group, (w, 1))
         return
     cin, cout = b.shape(x)[1], b.shape(out)[1]
     cin_g, cout_g = cin // g, cout // g
-    if cin_g >= g:
-        i, o = np.arange(cin), np.arange(cout)
-        b.couple((out, 1), (w, 1), o, o % cout_g)
-        b.couple((x, 1), (x, 1), i, i % cin_g)
+    if cin_g >= g:  # positions: channel p of every group, on each side
+        (n_whole, g_whole), (n_per, g_per) = ((cin, cin_g), (cout, cout_g)) if transposed else ((cout, cout_g), (cin, cin_g))
+        i, o = np.arange(n_per), np.arange(n_whole)
+        b.couple(per_group, (w, 1), i, i % g_per)
+        b.couple(whole, whole, o, o % g_whole)
         return
-    i = np.arange(cin)
+    i = np.arange(cin)  # whole groups: an input group and its output group
     b.couple((x, 1), (out, 1), i, (i // cin_g) * cout_g)
     _unify_blocks(b, (out, 1), cout, cout_g)
-    b.block((w, 1), f"{c.node.name}: output channels per group of a grouped ConvTranspose stay")
+    b.block((w, 1), f"{c.node.name}: channels per group of a grouped {'ConvTranspose' if transposed else 'conv'} stay")
 
 
 def batch_norm(b, c: COp):
