@@ -270,7 +270,7 @@ class Meter:
     def _built(self, removed: dict) -> float:
         if self.kind == "latency":
             return latency_ratio(self.p.prune(removed, check=False, fit=False), self.p.model, self.inputs, rounds=self.runs,
-                                 example_kwargs=self.kwargs)
+                                 **({"example_kwargs": self.kwargs} if self.kwargs else {}))
         with _reparametrize_module(self.p.gm, self._meta_state, tie_weights=False):
             model = self.p.prune(removed, check=False, fit=False)
         if self.kind == "params":
@@ -917,7 +917,7 @@ def report(p: Pruner, removed: dict, model: torch.nn.Module, budget: dict, laten
         x, kw = to_meta(x), to_meta(kw)  # weights on meta, inputs given on the CPU: count on shapes alone
     lat = None
     if "latency" in budget:
-        lat = latency_ratio(model, p.model, latency_inputs or x, example_kwargs=None if latency_inputs else kw)
+        lat = latency_ratio(model, p.model, latency_inputs or x, **({"example_kwargs": kw} if kw and not latency_inputs else {}))
     return Report(
         widths={g.id: (g.n_units, g.n_units - len(removed.get(g.id, ()))) for g in p.groups},
         flops=count_flops(model, x, kw) / count_flops(p.model, x, kw),
