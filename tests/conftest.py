@@ -46,3 +46,29 @@ def _seeded():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+def _release_memory():
+    """Collect cycles and hand freed heap back to the OS (glibc keeps it otherwise): the suite runs ~1200 tests
+    in one process, and the zoo at its end reached the 24 GB of the CI machine (killed by the OOM killer)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _released_after_each_file():
+    yield
+    _release_memory()
+
+
+@pytest.fixture(autouse=True)
+def _released_after_each_zoo_model(request):
+    yield
+    if request.module.__name__.endswith("test_zoo"):  # 80 models, the largest ones last
+        _release_memory()
