@@ -12,7 +12,6 @@ result never exceeds it.
 """
 from __future__ import annotations
 
-import gc
 import math
 import warnings
 
@@ -244,8 +243,9 @@ class Meter:
         counts have been seen to miss parameters some modules re-create)."""
         if any(t.is_meta for t in self.p.gm.parameters()):
             return self._built(removed)
-        n = float(count_params(self.p.prune(removed, check=False, fit=False)))
-        gc.collect()  # the candidate is a reference cycle as large as the model: free it now
+        candidate = self.p.prune(removed, check=False, fit=False)
+        n = float(count_params(candidate))
+        self.p.discard(candidate)  # a reference cycle as large as the model: freed now
         return n
 
     def _original_flops(self) -> float:
@@ -269,8 +269,11 @@ class Meter:
 
     def _built(self, removed: dict) -> float:
         if self.kind == "latency":
-            return latency_ratio(self.p.prune(removed, check=False, fit=False), self.p.model, self.inputs, rounds=self.runs,
-                                 **({"example_kwargs": self.kwargs} if self.kwargs else {}))
+            candidate = self.p.prune(removed, check=False, fit=False)
+            ratio = latency_ratio(candidate, self.p.model, self.inputs, rounds=self.runs,
+                                  **({"example_kwargs": self.kwargs} if self.kwargs else {}))
+            self.p.discard(candidate)
+            return ratio
         with _reparametrize_module(self.p.gm, self._meta_state, tie_weights=False):
             model = self.p.prune(removed, check=False, fit=False)
         if self.kind == "params":

@@ -47,7 +47,6 @@ data there is nothing to judge by, and ``auto`` is ``l2`` by weight norm.
 """
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -289,7 +288,10 @@ def probe(p, judge: Judge, reference: dict, *, batches: int = 2) -> dict:
     def error(g, units) -> float:
         if sub.recal is not None:  # statistics to recompute: on a model of its own, never the traced original
             model = p.prune({g.id: units}, check=False, fit=False)
-            return sub(model)
+            try:
+                return sub(model)
+            finally:
+                p.discard(model)
         state = twin.twin_state({g.id: units})
         with swapped(p.gm, state):
             return sub(p.gm, recalibrate=False)
@@ -369,8 +371,7 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
             removed = decide_with(rule)
             model = p.prune(removed, check=False, fit=False)
             d = judge(model)
-            del model
-            gc.collect()  # a GraphModule is a reference cycle: without this, every candidate (an LLM's worth of weights) waits for a full collection
+            p.discard(model)  # a reference cycle: its weights (an LLM's worth) would wait for a full collection
             tried[f"{name}/{rule}"] = d
             if best is None or d < best[0]:
                 best = (d, name, rule, removed, scores)
@@ -382,8 +383,7 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
         measured = decide_with("measured")
         model = p.prune(measured, check=False, fit=False)
         dm = judge(model)
-        del model
-        gc.collect()
+        p.discard(model)
         tried[f"{name}/measured"] = dm
         notes.append(f"sensitivity of {len(p.sensitivity)} groups measured in {time.perf_counter() - t:.1f}s")
         if dm < d or allocation == "measured":
@@ -401,6 +401,7 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
             refit = with_refit < d
         except Exception as e:  # noqa: BLE001 - a model the refit cannot handle keeps its slices
             notes.append(f"refit unavailable ({type(e).__name__})")
+        p.discard(model)
     if recal:  # the statistics as they were, against recomputed: the result gets what judged better
         model = p.prune(removed, check=False, fit=False)
         if refit:
@@ -411,8 +412,7 @@ def choose(p, decide_with, *, budgeted: bool, refit_possible: bool, recalibrate_
         kept_stats = judge(model, recalibrate=False)
         tried[f"{name}/{rule}{'/refit' if refit else ''}/bn-as-trained"] = kept_stats
         recal = kept_stats >= min(v for k, v in tried.items() if not k.endswith("/bn-as-trained"))
-        del model
-        gc.collect()
+        p.discard(model)
     p.scores = p.score_with(name)  # the winner, scored on every batch: what importance=name would give
     why = ("lowest output error on held-out calibration batches (the odd ones; the even ones scored and refit)"
            if len(p.calibration) > 1 else "one calibration batch: scored and judged on the same data")
