@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from .allocate import (FILL_TOL, RULES, Constraints, allocate, blocked_hint, light_report, original_params, overrides_ceiling,
-                       params_read, report)
+                       params_read, report, unrounded)
 from .batches import as_call, read_batches, regroup
 from .errors import GraphpruneError, GraphpruneWarning, first_line
 from .flops import count_flops, count_params, latency_ratio
@@ -266,14 +266,19 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
             f"round_to={round_to}: {len(narrow)} group(s) narrower than {round_to} channels stay whole, since no multiple "
             f"of it fits under their width (first: {narrow[0].describe()[:160]}); give a smaller round_to to prune them"),
             stacklevel=2)
-    if round_to > 1:  # query heads go in balance over their key/value heads: not every multiple is a width they can keep
-        off = [g for g in p.groups if g.part_of is not None and g.id in removed
-               and (g.n_units - len(removed[g.id])) % g.unit_multiple(round_to)]
-        if off:
-            warnings.warn(GraphpruneWarning(
-                f"round_to={round_to} does not hold on {len(off)} group(s) of query heads, which keep the same number "
-                f"of heads for each of their {off[0].n_parts} key/value heads (first: {off[0].n_units - len(removed[off[0].id])} "
-                f"of {off[0].n_units}): give a round_to those counts allow, or ignore the attention"), stacklevel=2)
+    off = unrounded(p, removed, round_to) if round_to > 1 else []
+    if off:  # bundled units: query heads in balance over their key/value heads, a chunk's equal parts
+        name, width, kept, g = off[0]
+        why = (f"query heads, kept in the same number for each of their {g.n_parts} key/value heads" if g.part_of is not None
+               else "the equal parts a chunk splits them into, kept alike" if g.even is not None
+               else f"units kept in multiples of {g.multiple}" if g.multiple > 1
+               else f"a dim that reads several of the {len(g.branches)} branches a concatenation or a shuffle makes, each "
+                    "rounded on its own, one kept whole at a width that is not a multiple" if len(g.branches) > 1
+               else "units that go together")
+        warnings.warn(GraphpruneWarning(
+            f"round_to={round_to} does not hold on {len(off)} pruned dim(s) (first: {name}, {kept} of {width}): their "
+            f"channels go in bundles ({why}); give a round_to those counts allow, or ignore those layers"),
+            stacklevel=2)
     held = [b for b in check.blocked if MODULE_PATHS in b]
     if held and not check.notes and not p.wrong_sizes:  # a setting's other value read a group: it was kept, silently
         warnings.warn(GraphpruneWarning(

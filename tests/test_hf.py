@@ -578,5 +578,5 @@ def test_a_round_to_query_heads_cannot_keep_is_said():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, VOCAB, (2, 12))
-    with pytest.warns(graphprune.GraphpruneWarning, match=r"round_to=5 does not hold on \d group\(s\) of query heads"):
+    with pytest.warns(graphprune.GraphpruneWarning, match=r"round_to=5 does not hold on \d+ pruned dim\(s\) \(first: model\.layers\.\d\.self_attn\.\w_proj\.weight, .*query heads"):
         graphprune.compile(model, (ids,), target_params=0.5, round_to=5, importance="l2")
