@@ -14,7 +14,7 @@ import torch
 
 from .allocate import (FILL_TOL, RULES, Constraints, allocate, blocked_hint, light_report, original_params, overrides_ceiling,
                        params_read, report, unrounded)
-from .batches import as_call, read_batches, regroup
+from .batches import as_call, not_batches, read_batches, regroup
 from .errors import GraphpruneError, GraphpruneWarning, first_line
 from .flops import count_flops, count_params, latency_ratio
 from .groups import Analysis, analyze_graph
@@ -175,9 +175,8 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         ignore = [ignore]  # one module name, not its characters
     if not isinstance(verify, bool):
         raise GraphpruneError(f"verify must be True or False, got {verify!r}")
-    if calibration is not None and (isinstance(calibration, (torch.Tensor, str, bytes)) or not hasattr(calibration, "__iter__")):
-        raise GraphpruneError(f"calibration must be an iterable of batches (a list of input tuples or dicts), "
-                              f"got {type(calibration).__name__}")
+    if calibration is not None and not_batches(calibration):
+        raise GraphpruneError(not_batches(calibration))
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise GraphpruneError(f"round_to must be a whole number of channels >= 1 (or None), got {round_to!r}")
     if isinstance(min_width, bool) or not isinstance(min_width, int) or min_width < 1:

@@ -30,7 +30,11 @@ def read_batches(calibration) -> list:
     """The calibration batches as a list, read once: criteria, the judge and the refit each go
     over them. A list or tuple is the user's own choice of batches and is taken whole. A generator,
     a DataLoader or a stream gives its first ``CALIBRATION_CAP``: an endless generator hung compile
-    while memory grew (survey 18), and a training loader would have been read to its end."""
+    while memory grew (survey 18), and a training loader would have been read to its end.
+    One batch given bare is refused (``not_batches``)."""
+    wrong = not_batches(calibration)
+    if wrong:
+        raise GraphpruneError(wrong)
     if isinstance(calibration, (list, tuple)):
         return list(calibration)
     it = iter(calibration)
@@ -43,6 +47,19 @@ def read_batches(calibration) -> list:
 
 
 _END = object()
+
+
+def not_batches(calibration) -> str | None:
+    """Why ``calibration`` is not an iterable of batches, or None. One batch given bare iterated as
+    something else: a dict of keyword inputs gave its keys (the strings "input_ids", ...) as batches,
+    a tensor its rows."""
+    if isinstance(calibration, (torch.Tensor, Mapping)) or (hasattr(calibration, "keys") and hasattr(calibration, "__getitem__")):
+        return (f"calibration must be an iterable of batches, got one {type(calibration).__name__}: pass a list of "
+                "batches, [batch] for this one alone")
+    if isinstance(calibration, (str, bytes)) or not hasattr(calibration, "__iter__"):
+        return (f"calibration must be an iterable of batches (a list of input tuples or dicts), "
+                f"got {type(calibration).__name__}")
+    return None
 
 
 class Labelled(tuple):

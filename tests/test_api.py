@@ -830,6 +830,20 @@ def test_bad_arguments_fail_early_and_clearly(kw, match):
         graphprune.compile(Residual().eval(), (torch.randn(*IMAGE),), **kw)
 
 
+def test_one_batch_given_bare_as_calibration_is_refused_by_every_entry_point():
+    """A dict of keyword inputs given as ``calibration`` was iterated for its keys: the batches were the
+    strings "x", and every entry point failed somewhere deep, or took a tensor's rows as batches."""
+    model, x = Residual().eval(), torch.randn(*IMAGE)
+    for bare in ({"x": x}, x):
+        for run in (lambda: graphprune.compile(model, (x,), target_flops=0.5, calibration=bare),
+                    lambda: graphprune.prune_iteratively(model, (x,), target_flops=0.5, steps=2, calibration=bare,
+                                                         progress=False),
+                    lambda: graphprune.search(model, (x,), lambda m: 0.0, target_flops=0.5, trials=2, progress=False,
+                                              calibration=bare)):
+            with pytest.raises(graphprune.GraphpruneError, match=r"got one (dict|Tensor): pass a list of batches"):
+                run()
+
+
 def test_ignore_may_name_one_module_as_a_string():
     """``ignore="head"`` was read character by character ("ignore entry 'h' is not a submodule")."""
     model, x = Residual().eval(), torch.randn(*IMAGE)
