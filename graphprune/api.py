@@ -175,8 +175,9 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         ignore = [ignore]  # one module name, not its characters
     if not isinstance(verify, bool):
         raise GraphpruneError(f"verify must be True or False, got {verify!r}")
-    if calibration is not None and not_batches(calibration):
-        raise GraphpruneError(not_batches(calibration))
+    wrong = None if calibration is None else not_batches(calibration)
+    if wrong:
+        raise GraphpruneError(wrong)
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise GraphpruneError(f"round_to must be a whole number of channels >= 1 (or None), got {round_to!r}")
     if isinstance(min_width, bool) or not isinstance(min_width, int) or min_width < 1:

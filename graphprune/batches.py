@@ -49,11 +49,18 @@ def read_batches(calibration) -> list:
 _END = object()
 
 
+def keyword_batch(batch) -> bool:
+    """Whether ``batch`` is one batch of keyword inputs: a dict, or a mapping that is not one (a
+    tokenizer's ``BatchEncoding``)."""
+    return isinstance(batch, Mapping) or (hasattr(batch, "keys") and hasattr(batch, "__getitem__")
+                                          and not isinstance(batch, torch.Tensor))
+
+
 def not_batches(calibration) -> str | None:
     """Why ``calibration`` is not an iterable of batches, or None. One batch given bare iterated as
     something else: a dict of keyword inputs gave its keys (the strings "input_ids", ...) as batches,
     a tensor its rows."""
-    if isinstance(calibration, (torch.Tensor, Mapping)) or (hasattr(calibration, "keys") and hasattr(calibration, "__getitem__")):
+    if isinstance(calibration, torch.Tensor) or keyword_batch(calibration):
         return (f"calibration must be an iterable of batches, got one {type(calibration).__name__}: pass a list of "
                 "batches, [batch] for this one alone")
     if isinstance(calibration, (str, bytes)) or not hasattr(calibration, "__iter__"):
@@ -120,7 +127,7 @@ def as_call(batch, example_kwargs: dict | None = None) -> tuple[tuple, dict]:
     base = dict(example_kwargs or {})
     if isinstance(batch, Labelled):
         return tuple(batch[:batch.n_inputs]), base
-    if isinstance(batch, Mapping) or (hasattr(batch, "keys") and hasattr(batch, "__getitem__") and not isinstance(batch, torch.Tensor)):
+    if keyword_batch(batch):
         return (), {**base, **{k: batch[k] for k in batch.keys()}}
     if isinstance(batch, (tuple, list)):
         return tuple(batch), base
