@@ -300,12 +300,12 @@ def _reads_mode(cls: type) -> bool:
     if any("train" in vars(k) for k in own):  # train() overridden: it may set what forward reads (self.fast = not mode)
         return True
     try:
-        if any("training" in inspect.getsource(k) for k in own):
+        if any("training" in source.getsource(k) for k in own):
             return True
     except (OSError, TypeError):
         return True
     # or a function forward calls reads it off the module (mode_of(self)): survey 20
-    return any("training" in inspect.getsource(fn) for fn, _ in source.reached(cls))
+    return any("training" in source.getsource(fn) for fn, _ in source.reached(cls))
 
 
 def _one_more(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -16,6 +16,8 @@ import ast
 import builtins
 import functools
 import inspect
+import linecache
+import sys
 import textwrap
 import types
 
@@ -80,9 +82,55 @@ def _is(value, fn) -> bool:
 
 def _parsed(fn) -> ast.AST | None:
     try:
-        return ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        return ast.parse(textwrap.dedent(getsource(fn)))
     except (OSError, TypeError, SyntaxError):
         return None
+
+
+def getsource(obj) -> str:
+    """``inspect.getsource``, a class found in its file parsed once per contents of the file.
+    Before Python 3.13, ``inspect`` finds a class by parsing its whole file on every call, 40 ms
+    for a file of a thousand lines; the checks read each class a model is made of (a test file's
+    classes, a transformers modeling file), and the parsing was a tenth of a small model's compile.
+    Raises as ``inspect.getsource`` does (OSError, TypeError) where there is no source."""
+    if not isinstance(obj, type):
+        return inspect.getsource(obj)
+    file = inspect.getsourcefile(obj) or inspect.getfile(obj)
+    module = sys.modules.get(obj.__module__)
+    linecache.checkcache(file)  # a file edited since it was read is read again
+    lines = linecache.getlines(file, module.__dict__ if module else None)
+    if not lines:
+        raise OSError(f"could not get source code of {obj.__qualname__}")
+    held = _CLASSES.get(file)
+    if held is None or held[0] is not lines:  # linecache holds one list per contents of the file
+        held = _CLASSES[file] = (lines, _class_defs(ast.parse("".join(lines))))
+    node = held[1].get(obj.__qualname__)
+    if node is None:
+        raise OSError(f"could not find class definition of {obj.__qualname__}")
+    start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    return "".join(lines[start - 1:node.end_lineno])
+
+
+_CLASSES: dict = {}  # {file: (its lines as linecache holds them, {qualname: first ClassDef of that name})}
+
+
+def _class_defs(tree: ast.AST) -> dict:
+    """{qualified name: ClassDef}, in source order, the first of a name kept (what ``inspect`` finds):
+    ``A.B`` for a class in a class, ``f.<locals>.C`` for one defined in a function."""
+    out: dict = {}
+
+    def visit(node, prefix: str):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                out.setdefault(prefix + child.name, child)
+                visit(child, f"{prefix}{child.name}.")
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, f"{prefix}{child.name}.<locals>.")
+            else:  # if / try / with blocks: the same scope
+                visit(child, prefix)
+
+    visit(tree, "")
+    return out
 
 
 def asks_tensor_type(cls: type) -> bool:

@@ -1,11 +1,14 @@
-"""Every torchvision classification model compiles at ratio 0.5 and is exact at ratio 0."""
+"""Every torchvision classification model compiles at ratio 0.5; the smallest model of each kind is exact at ratio 0."""
 import pytest
 import torch
 import torchvision
 
 import graphprune
 
-NAMES = torchvision.models.list_models(module=torchvision.models)
+# smallest first (the parameter counts torchvision's weight tables give, nothing downloaded): the first model of a
+# kind is the one checked at ratio 0, and the largest run last, when the least else is held in memory
+NAMES = sorted(torchvision.models.list_models(module=torchvision.models),
+               key=lambda n: torchvision.models.get_model_weights(n).DEFAULT.meta["num_params"])
 # a small input each family accepts; ViTs are built for it (torchvision's image_size argument)
 SIZE = {"inception_v3": 75, "alexnet": 64, "maxvit_t": 224, "vit_h_14": 28}
 SIZE.update({n: 64 for n in NAMES if n.startswith("swin")})
@@ -30,6 +33,18 @@ def _size(name):
     return SIZE.get(name, 32)
 
 
+def _kinds(model) -> frozenset:
+    """The kinds of layer a model is made of: its module classes, a grouped convolution told apart from a dense one.
+    Two models of one kind differ only in depth and widths (resnet50 and resnet152, densenet121 and densenet201),
+    which the ratio-0 check does not reach: its subject is each kind of layer traced and rewritten with nothing
+    removed, and compile already checks every model it prunes against its twin. Checking the smallest of each kind
+    kept the zoo's meaning at half its time (the ratio-0 compile of the 80 models was ~250 s of the suite)."""
+    return frozenset((type(m).__name__, getattr(m, "groups", 1) > 1) for m in model.modules())
+
+
+_EXACT_CHECKED: set = set()  # kinds already checked at ratio 0 in this run
+
+
 def _classifier(model):
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1:]
 
@@ -49,6 +64,9 @@ def test_zoo(name):
     head = _classifier(model)
     ratio = graphprune.count_flops(small, (x,), exclude=head) / graphprune.count_flops(model, (x,), exclude=head)
     assert ratio <= 0.35, f"{name}: FLOPs only dropped to {ratio:.3f}"
+    if _kinds(model) in _EXACT_CHECKED:
+        return
+    _EXACT_CHECKED.add(_kinds(model))
     same = graphprune.compile(model, (x,), ratio=0.0)
     with torch.no_grad():
         torch.testing.assert_close(same(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
