@@ -24,7 +24,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from .errors import GraphpruneError, GraphpruneWarning, first_line
 from .flops import count_flops, count_params, graph_params, latency_ratio
 from .pruner import Pruner, matching_ratio, remove_lowest
-from .meta_keys import ORIGINAL_FLOPS, ORIGINAL_PARAMS, UNREAD
+from .meta_keys import ORIGINAL_FLOPS, ORIGINAL_PARAMS, PLAN_FLOPS, UNREAD
 from .trace import meta_state, on_meta, to_meta
 
 
@@ -232,6 +232,9 @@ class Meter:
         # the plan gives parameter counts exactly where the default passes only slice parameters
         self.exact_params = None if (p.pipeline or "shrink-params,dce") == "shrink-params,dce" else False
         self._read = graph_params(p.gm)  # what the pipeline's dce keeps, so what a candidate holds
+        # FLOPs read off the plan (plan_flops) where the default passes build the candidate: trusted once a built
+        # candidate's count matched, and the answer's count is held to a built one (``confirmed``)
+        self.exact_flops = None if kind == "flops" and (p.pipeline or "shrink-params,dce") == "shrink-params,dce" else False
         self.base = 1.0 if kind == "latency" else original_params(p) if kind == "params" \
             else self._original_flops() if kind == "flops" else self._measure({})
         if not self.base:  # an embedding and a sum: torch.utils.flop_counter counts no matmul or conv
@@ -257,7 +260,35 @@ class Meter:
                     sizes[axis] = min(sizes[axis], len(idx))
         return float(sum(int(np.prod(v)) for v in kept.values()))
 
+    def _plan_flops(self, removed: dict) -> float | None:
+        """FLOPs of the candidate read off the slicing plan (``plan_flops``), or None where it cannot say."""
+        from .plan_flops import PlanFlops
+
+        plan = self.p.gm.meta.get(PLAN_FLOPS)
+        if plan is None:
+            plan = self.p.gm.meta[PLAN_FLOPS] = PlanFlops.build(
+                self.p, self.p.example_inputs, self.p.example_kwargs, self._meta_state) or False
+        return None if plan is False else float(plan.count(self.p.groups, removed))
+
+    def confirmed(self, removed: dict) -> bool:
+        """Whether the FLOPs the plan gave ``removed`` (an answer) are the built candidate's; where they
+        are not, every count from here on is built (and the caller searches again)."""
+        if self.kind != "flops" or self.exact_flops is False:
+            return True
+        if self._plan_flops(removed) == self._built(removed):
+            self.exact_flops = True
+            return True
+        self.exact_flops = False
+        return False
+
     def _measure(self, removed: dict) -> float:
+        if self.kind == "flops" and self.exact_flops is not False:
+            fast = self._plan_flops(removed)
+            if fast is not None and removed and self.exact_flops is None:  # trusted once it matched a built candidate
+                self.exact_flops = fast == self._built(removed)
+            if fast is not None and self.exact_flops is not False:
+                return fast
+            self.exact_flops = False
         if self.kind == "params" and self.exact_params is not False:
             fast = self._plan_params(removed)
             if removed and self.exact_params is None:  # trusted once it matched a model built for real
@@ -497,21 +528,29 @@ def _allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rul
         best = _landed(readings, cost, len(taus), target, guess=guess)
         _warn_near_floor(target, cost(len(taus) - 1)[1], best[1])
         return best
-    lo, hi = _bisect(cost, len(taus), target, kind)
-    best = cost(hi)
-    if meter.exact_params and best[0] and meter._built_for_real(best[0]) / meter.base > target:
-        meter.exact_params = False  # the plan's count disagreed with the model: measure every candidate for real
-        meter.base = meter._built({})
-        cache.clear()
+
+    def search() -> tuple[dict, float]:
         lo, hi = _bisect(cost, len(taus), target, kind)
         best = cost(hi)
-    if rule != "uniform" and constraints.round_to == 1:  # one fraction everywhere is the point of uniform
-        best = _fill_gap(p, removal, meter, lo, hi, len(taus), target, best)
-        if target - best[1] > FILL_TOL:  # every finer unit past the threshold overshot too: units below it go back,
-            best = _fill_rounded(p, norm, meter, constraints, target, best)  # one at a time (a search's candidate
-            # with one group at its floor landed at 0.465 for 0.5, survey 26)
-    elif rule != "uniform":
-        best = _fill_rounded(p, norm, meter, constraints, target, best)
+        if meter.exact_params and best[0] and meter._built_for_real(best[0]) / meter.base > target:
+            meter.exact_params = False  # the plan's count disagreed with the model: measure every candidate for real
+            meter.base = meter._built({})
+            cache.clear()
+            lo, hi = _bisect(cost, len(taus), target, kind)
+            best = cost(hi)
+        if rule != "uniform" and constraints.round_to == 1:  # one fraction everywhere is the point of uniform
+            best = _fill_gap(p, removal, meter, lo, hi, len(taus), target, best)
+            if target - best[1] > FILL_TOL:  # every finer unit past the threshold overshot too: units below it go back,
+                best = _fill_rounded(p, norm, meter, constraints, target, best)  # one at a time (a search's candidate
+                # with one group at its floor landed at 0.465 for 0.5, survey 26)
+        elif rule != "uniform":
+            best = _fill_rounded(p, norm, meter, constraints, target, best)
+        return best
+
+    best = search()
+    if not meter.confirmed(best[0]):  # the plan's FLOPs of the answer are not the built model's: again, every count built
+        cache.clear()
+        best = search()
     return best
 
 

@@ -15,7 +15,7 @@ and on ``gm.meta`` (the GraphModule):
 | ``gp_bounded_dims`` | ``trace`` (torch.export) | input dims the exported graph keeps symbolic but bounds (the code branched on them): ``[(lower, upper or None, [(input leaf, dim), ...])]`` |
 | ``gp_numbers`` | ``groups.build`` (read by ``shrink-params``) | ``sizes.NumberUse`` list: widths read as numbers, frozen where they shrink |
 | ``graphprune`` | ``Pruner.prune`` | method, widths per group, unsupported ops |
-| ``gp_original_flops``, ``gp_original_params``, ``gp_unread``, ``gp_positions`` | ``allocate``, ``auto`` | counts (and the parameter names the forward never reads) of the traced original, cached (``CACHED``: never copied into a pruned graph, where they would be stale) |
+| ``gp_original_flops``, ``gp_original_params``, ``gp_unread``, ``gp_positions``, ``gp_plan_flops`` | ``allocate``, ``auto`` | counts (and the parameter names the forward never reads, ``plan_flops.PlanFlops`` or False) of the traced original, cached (``CACHED``: never copied into a pruned graph, where they would be stale) |
 """
 VAL = "val"
 CANON = "gp_canon"
@@ -28,4 +28,5 @@ ORIGINAL_FLOPS = "gp_original_flops"
 ORIGINAL_PARAMS = "gp_original_params"
 POSITIONS = "gp_positions"
 UNREAD = "gp_unread"
-CACHED = (ORIGINAL_FLOPS, ORIGINAL_PARAMS, UNREAD, POSITIONS)
+PLAN_FLOPS = "gp_plan_flops"
+CACHED = (ORIGINAL_FLOPS, ORIGINAL_PARAMS, UNREAD, POSITIONS, PLAN_FLOPS)

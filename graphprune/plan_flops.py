@@ -1,0 +1,224 @@
+"""FLOPs of a candidate read off the slicing plan, without building it.
+
+A FLOPs budget reads the cost of a dozen to a few dozen candidates (the bisection over
+thresholds, then the fill), and each was built on meta tensors and run under torch's
+counter: on ViT-B/16 and EfficientNet-B0 that was 60% of a ``target_flops`` compile.
+Here the traced original is counted once, node by node, and every node that does counted
+work in an op of ``TERMS`` gets its count as a formula in the sizes of its operands' dims
+(a conv: 2 x its output's elements x its kernel's elements per output channel). A
+candidate's count is those formulas over the sizes the plan keeps (``pruner.make_plan``:
+what ``shrink-params`` slices by), plus the work of every other node, which no group
+reaches and so does not change.
+
+Nothing is taken on trust. A formula that does not give its node's own count on the
+original, or counted work in an op without one whose dims a group reaches, leaves the
+model to the built count (``PlanFlops.build`` returns None); and ``allocate.Meter``
+holds the plan's count to a built one on the first candidate it measures and on the
+answer, and measures every candidate built once they differ.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .effects import has_effect
+from .meta_keys import CANON
+
+
+def _all(value: str):
+    return lambda shapes: [(value, a) for a in range(len(shapes[value]))]
+
+
+def _axes(value: str, *axes):
+    return lambda shapes: [(value, a % len(shapes[value])) for a in axes]
+
+
+def _from(value: str, start: int):
+    return lambda shapes: [(value, a) for a in range(start, len(shapes[value]))]
+
+
+def _rows(value: str):  # every axis but the last: the positions a projection is applied at
+    return lambda shapes: [(value, a) for a in range(len(shapes[value]) - 1)]
+
+
+# {canonical op: terms}; a term is (factor, [dims]) and counts factor x the product of its dims'
+# sizes, a dim being (operand, axis) with the operands "out" (the node's value), "x" (its first
+# input), "a", "k" (matmul and attention operands) and "weight". The counts are torch's own
+# (torch.utils.flop_counter): multiply-adds twice, a bias or an elementwise op nothing.
+TERMS = {
+    "conv": [(2, [_all("out"), _from("weight", 1)])],                 # N Co S' x Ci/g K
+    "conv_transpose": [(2, [_axes("x", 0), _from("x", 2), _all("weight")])],  # N S x Ci Co/g K
+    "linear": [(2, [_all("out"), _axes("x", -1)])],                   # rows Co x Ci
+    "matmul": [(2, [_all("out"), _axes("a", -1)])],                   # [..., m, n] x k
+    "sdpa": [(2, [_all("x"), _axes("k", -2)]), (2, [_all("out"), _axes("k", -2)])],  # q k^T, then by v
+    # nn.MultiheadAttention, batch-first self-attention (canon's only form): the packed in-projection,
+    # q k^T and the product by v (B L x L x E each), the out-projection
+    "mha": [(2, [_rows("x"), _all("in_weight")]), (4, [_rows("x"), _axes("x", 1), _axes("out_weight", 1)]),
+            (2, [_rows("x"), _all("out_weight")])],
+}
+# where each operand of a canonical op is: its role in ``COp.params``, or its position in ``COp.inputs``
+OPERANDS = {"x": 0, "a": 0, "k": 1, "weight": "weight", "in_weight": "in_weight", "out_weight": "out_weight"}
+
+
+class PlanFlops:
+    """``count(groups, removed)``: the FLOPs of the candidate that removes ``removed`` (units of
+    ``groups``), as the pipeline ``shrink-params,dce`` builds it."""
+
+    def __init__(self, constant: int, terms: list, sizes: dict):
+        self.constant = constant
+        self.terms = terms      # [(factor, [(value key, axis), ...]), ...]
+        self.sizes = sizes      # {(value key, axis): size on the original}
+
+    def count(self, groups, removed: dict) -> int:
+        from .pruner import make_plan
+
+        plan = make_plan(groups, removed)
+        total = self.constant
+        for factor, dims in self.terms:
+            n = factor
+            for d in dims:
+                kept = plan.get(d)
+                n *= self.sizes[d] if kept is None else len(kept)
+            total += n
+        return total
+
+    @classmethod
+    def build(cls, p, example_inputs, example_kwargs, state) -> PlanFlops | None:
+        """From the Pruner ``p`` (its traced graph run on ``state``, meta copies of its tensors);
+        None where the plan cannot say (see the module's docstring)."""
+        per_node, shapes = _counted_by_node(p.gm, example_inputs, example_kwargs, state)
+        if per_node is None:
+            return None
+        reached = {k for g in p.analysis.groups for k, _ in [*g.dims, *g.shared, *g.replicas]}
+        live = _live(p.gm)
+        constant, terms, sizes = 0, [], {}
+        for node, flops in per_node.items():
+            if not flops or node not in live:
+                continue
+            cop = node.meta.get(CANON)
+            made = _terms(cop, node, shapes, p.gm) if cop is not None else None
+            if made is None:
+                keys = {node, *(cop.inputs if cop else ()), *(cop.params.values() if cop else ())}
+                if cop is None or keys & reached or any(isinstance(k, tuple) and k[0] in reached for k in keys):
+                    return None  # counted work whose size the groups may change, in an op without a formula
+                constant += flops
+                continue
+            node_terms, node_sizes = made
+            if sum(f * math.prod(node_sizes[d] for d in dims) for f, dims in node_terms) != flops:
+                return None  # the formula is not what the counter counted here
+            terms += node_terms
+            sizes.update(node_sizes)
+        return cls(constant, terms, sizes)
+
+
+def _terms(cop, node: fx.Node, shapes: dict, gm) -> tuple[list, dict] | None:
+    """([(factor, [(value key, axis)])], {(value key, axis): size}) for one node, or None."""
+    table = TERMS.get(cop.op)
+    if table is None:
+        return None
+    keys, shape_of = {"out": node}, {"out": shapes.get(node)}
+    for role, where in OPERANDS.items():
+        key = cop.params.get(where) if isinstance(where, str) else (cop.inputs[where] if len(cop.inputs) > where else None)
+        if key is None:
+            continue
+        keys[role] = key
+        shape_of[role] = _param_shape(gm, key) if isinstance(key, str) else shapes.get(key)
+    out, sizes = [], {}
+    try:
+        for factor, parts in table:
+            dims = []
+            for part in parts:
+                for role, axis in part(shape_of):
+                    if shape_of[role] is None:
+                        return None
+                    d = (keys[role], axis)
+                    sizes[d] = int(shape_of[role][axis])
+                    dims.append(d)
+            out.append((factor, dims))
+    except (KeyError, TypeError, ZeroDivisionError):  # an operand the op lacks, or without a shape
+        return None
+    return out, sizes
+
+
+def _param_shape(gm, name: str) -> tuple | None:
+    try:
+        t = operator.attrgetter(name)(gm)
+    except AttributeError:
+        return None
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+
+
+def _live(gm: fx.GraphModule) -> set:
+    """Nodes ``dce`` keeps: what the output reads, what writes or calls for effect, and what those read."""
+    live: set = set()
+    for n in reversed(gm.graph.nodes):
+        if n.op == "output" or has_effect(n) or any(u in live for u in n.users):
+            live.add(n)
+    return live
+
+
+_ACTIVE: list = []  # the recording in progress: (counter, [(node name, total so far, operand shapes)])
+
+
+def _after(name: str, *values) -> None:
+    """Called by the marked graph after each node: the counter's total so far, and the shapes
+    of the node's value and tensor inputs."""
+    counter, out = _ACTIVE[-1]
+    out.append((name, counter.get_total_flops(), [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in values]))
+
+
+def _counted_by_node(gm: fx.GraphModule, args: tuple, kwargs: dict | None, state: dict):
+    """({node: FLOPs}, {node: its value's shape and its inputs'}) from one meta run of a copy of
+    ``gm``'s graph with a marker after every call; (None, None) where the graph does not run on meta."""
+    from torch.nn.utils.stateless import _reparametrize_module
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .flops import _more_flops, _on_fake, _on_meta, _own
+    from .trace import to_meta
+
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen
+    env: dict = {}
+    nodes: dict = {}
+    operands: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            graph.output(fx.map_arg(n.args[0], lambda a: env[a]), type_expr=n.type)
+            continue
+        env[n] = graph.node_copy(n, lambda a: env[a])
+        if n.op in ("call_function", "call_method", "call_module"):
+            cop = n.meta.get(CANON)
+            ins = [k for k in (cop.inputs if cop is not None and cop.op in TERMS else ()) if isinstance(k, fx.Node)]
+            nodes[n.name] = n
+            operands[n.name] = [n, *ins]
+            graph.call_function(_after, (n.name, env[n], *(env[k] for k in ins)))
+    marked = fx.GraphModule(gm, graph)
+    for run in (_on_meta, _on_fake):  # as count_flops: fake tensors where the graph reads a value (an .item())
+        out: list = []
+        try:
+            with _reparametrize_module(gm, state, tie_weights=False), contextlib.ExitStack() as stack:
+                counter = stack.enter_context(FlopCounterMode(display=False, custom_mapping=_more_flops()))
+                _ACTIVE.append((counter, out))
+                stack.callback(_ACTIVE.pop)
+                run(_own(marked), to_meta(tuple(args)), to_meta(dict(kwargs or {})))
+            break
+        except Exception:  # noqa: BLE001 - a graph that makes real-device tensors of its own: counted built
+            continue
+    else:
+        return None, None
+    if len(out) != len(nodes):  # a node ran twice or never: the marks do not say what each did
+        return None, None
+    per_node, shapes, before = {}, {}, 0
+    for name, total, seen in out:
+        n = nodes[name]
+        per_node[n] = total - before
+        before = total
+        for key, shape in zip(operands[name], seen):
+            if shape is not None:
+                shapes.setdefault(key, shape)
+    return per_node, shapes
