@@ -54,7 +54,10 @@ def analyze(model: torch.nn.Module, example_inputs: tuple, *, ignore=(), example
     model = unwrapped(model)
     ignore = check_ignore(model, ignore)
     with _gc_paused():
-        traced = trace(model, example_inputs, example_kwargs)
+        if why_not(model) is None:  # the graph compile prunes: the trace that computes what the model computes
+            # (fx misses an in-place update through an alias, r = y; y += z, and the groups it gave missed z's producer)
+            return Pruner(model, example_inputs, example_kwargs, tuple(ignore), check_trace=True).analysis
+        traced = trace(model, example_inputs, example_kwargs)  # weights on meta: nothing can run the model
         return analyze_graph(traced.gm, traced.method, ignore)
 
 
