@@ -217,6 +217,9 @@ def normalized_scores(p: Pruner, kind: str | None = None) -> dict[int, np.ndarra
     return {g.id: p.scores[g.id] / max(float(np.mean(p.scores[g.id])), 1e-30) for g in p.groups}
 
 
+PLAN_FLOPS_ON = True  # False: every FLOPs count builds its candidate (bench/flops_meter.py compares the two)
+
+
 class Meter:
     """Cost of a candidate as a fraction of the original model's.
 
@@ -234,7 +237,8 @@ class Meter:
         self._read = graph_params(p.gm)  # what the pipeline's dce keeps, so what a candidate holds
         # FLOPs read off the plan (plan_flops) where the default passes build the candidate: trusted once a built
         # candidate's count matched, and the answer's count is held to a built one (``confirmed``)
-        self.exact_flops = None if kind == "flops" and (p.pipeline or "shrink-params,dce") == "shrink-params,dce" else False
+        self.exact_flops = None if PLAN_FLOPS_ON and kind == "flops" and (p.pipeline or "shrink-params,dce") == "shrink-params,dce" \
+            else False
         self.base = 1.0 if kind == "latency" else original_params(p) if kind == "params" \
             else self._original_flops() if kind == "flops" else self._measure({})
         if not self.base:  # an embedding and a sum: torch.utils.flop_counter counts no matmul or conv
