@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import threading
 
 import numpy as np
 import torch
@@ -162,13 +163,13 @@ def _live(gm: fx.GraphModule) -> set:
     return live
 
 
-_ACTIVE: list = []  # the recording in progress: (counter, [(node name, total so far, operand shapes)])
+_ACTIVE = threading.local()  # this thread's recording: (counter, [(node name, total so far, operand shapes)])
 
 
 def _after(name: str, *values) -> None:
     """Called by the marked graph after each node: the counter's total so far, and the shapes
     of the node's value and tensor inputs."""
-    counter, out = _ACTIVE[-1]
+    counter, out = _ACTIVE.recording
     out.append((name, counter.get_total_flops(), [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in values]))
 
 
@@ -203,8 +204,8 @@ def _counted_by_node(gm: fx.GraphModule, args: tuple, kwargs: dict | None, state
         try:
             with _reparametrize_module(gm, state, tie_weights=False), contextlib.ExitStack() as stack:
                 counter = stack.enter_context(FlopCounterMode(display=False, custom_mapping=_more_flops()))
-                _ACTIVE.append((counter, out))
-                stack.callback(_ACTIVE.pop)
+                _ACTIVE.recording = (counter, out)
+                stack.callback(delattr, _ACTIVE, "recording")
                 run(_own(marked), to_meta(tuple(args)), to_meta(dict(kwargs or {})))
             break
         except Exception:  # noqa: BLE001 - a graph that makes real-device tensors of its own: counted built
