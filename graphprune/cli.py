@@ -283,9 +283,17 @@ class Job:
         if cal is not None and _is_text(cal) and self.hf_dir is None:
             raise CliError(f"calibration file {cal} is read as text, which needs an hf: model (its tokenizer); "
                            "give a tensor file (.pt or .safetensors) for other models")
-        seq_len, batch_size = getattr(args, "seq_len", 128), getattr(args, "batch_size", None)
+        given, batch_size = getattr(args, "seq_len", None), getattr(args, "batch_size", None)
+        seq_len = 128 if given is None else given
         if seq_len <= 0 or (batch_size is not None and batch_size <= 0):
             raise CliError("--seq-len and --batch-size must be positive")
+        text = cal is not None and _is_text(cal)
+        if given is not None and not (self.hf_dir is not None and (text or (cal is None and not args.input_shape))):
+            why = ("the model is not an hf: model: drop --seq-len" if self.hf_dir is None else
+                   f"the tensors of {cal} keep their own length: drop --seq-len, or cut them to that length"
+                   if cal is not None else "--input-shape gives the example: drop one of them")
+            raise CliError(f"--seq-len {given} sets the token length of an hf: model's text calibration and built-in "
+                           f"example, and here {why}")
         with status(f"building {self.spec}"):
             self.model = build_model(self.spec).eval()
         if self.weights:
@@ -360,7 +368,7 @@ def _args_parser() -> argparse.ArgumentParser:
         p.add_argument("--weights", metavar="FILE", help="state dict (.safetensors or .pt) loaded strictly into the built model")
         p.add_argument("--input-shape", help="comma-separated example input shape (default 1,3,224,224; "
                        "hf: token ids of shape 1,SEQ_LEN; with --calibration: its first sample)")
-        p.add_argument("--seq-len", type=int, default=128, help="hf: example and calibration block length in tokens (default 128)")
+        p.add_argument("--seq-len", type=int, help="hf: example and text calibration block length in tokens (default 128)")
         p.add_argument("--ignore", action="append", default=[], help="module whose output width must stay (repeatable)")
 
     p = sub.add_parser("prune", help="prune a model; print parameters, FLOPs and CPU latency before and after")

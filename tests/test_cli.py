@@ -210,6 +210,10 @@ def test_bad_specs_and_paths_exit_with_2_and_one_line(tmp_path, capsys):
         "data criterion without data": (["prune", "torchvision:resnet18", "--importance", "activation"], "--calibration"),
         "gradient criterion without a loss": (["prune", "torchvision:resnet18", "--importance", "taylor",
                                                "--calibration", str(tmp_path / "c.pt")], "loss"),
+        # --seq-len where nothing reads it was ignored without a word (survey 27: an hf: model, a tensor file)
+        "token length for an image model": (["prune", "torchvision:resnet18", "--seq-len", "16"], "--seq-len 16"),
+        "token length beside a tensor file": (["prune", "torchvision:resnet18", "--seq-len", "16", "--calibration",
+                                               str(tmp_path / "c.pt")], "--seq-len 16"),
     }
     for case, (argv, says) in cases.items():
         assert main(argv) == 2, case
