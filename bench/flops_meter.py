@@ -29,6 +29,7 @@ MODELS = {
     "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(), (1, 3, 64, 64)),
     "convnext_tiny": (lambda: torchvision.models.convnext_tiny(), (1, 3, 64, 64)),
     "vit_b_16": (lambda: torchvision.models.vit_b_16(image_size=64), (1, 3, 64, 64)),
+    "swin_t": (lambda: torchvision.models.swin_t(), (1, 3, 64, 64)),
 }
 
 

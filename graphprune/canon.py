@@ -856,7 +856,7 @@ def _window_attention(node, mod=None):
     a = {n: arg(node, i, n) for i, n in enumerate(names)}
     params = {k: vkey(a[k]) for k in ("qkv_weight", "proj_weight", "qkv_bias", "proj_bias", "logit_scale") if vkey(a[k]) is not None}
     return COp("window_attention", node, [vkey(a["input"]), vkey(a["relative_position_bias"])], params=params,
-               attrs={"num_heads": a["num_heads"]})
+               attrs={"num_heads": a["num_heads"], "window_size": a["window_size"]})
 
 
 def _rel_pos_bias(node, mod=None):

@@ -49,8 +49,10 @@ def _rows(value: str):  # every axis but the last: the positions a projection is
 
 # {canonical op: terms}; a term is (factor, [dims]) and counts factor x the product of its dims'
 # sizes, a dim being (operand, axis) with the operands "out" (the node's value), "x" (its first
-# input), "a", "k" (matmul and attention operands) and "weight". The counts are torch's own
-# (torch.utils.flop_counter): multiply-adds twice, a bias or an elementwise op nothing.
+# input), "a", "k" (matmul and attention operands) and the weights by their role. A factor is a
+# number, or a function of the node's COp and operand shapes for sizes no group reaches (a window's
+# positions). The counts are torch's own (torch.utils.flop_counter): multiply-adds twice, a bias or
+# an elementwise op nothing.
 TERMS = {
     "conv": [(2, [_all("out"), _from("weight", 1)])],                 # N Co S' x Ci/g K
     "conv_transpose": [(2, [_axes("x", 0), _from("x", 2), _all("weight")])],  # N S x Ci Co/g K
@@ -61,9 +63,25 @@ TERMS = {
     # q k^T and the product by v (B L x L x E each), the out-projection
     "mha": [(2, [_rows("x"), _all("in_weight")]), (4, [_rows("x"), _axes("x", 1), _axes("out_weight", 1)]),
             (2, [_rows("x"), _all("out_weight")])],
+    # torchvision's shifted_window_attention on x (B, H, W, C) padded to whole windows of N positions, T of them in
+    # all: the qkv projection, q k^T and the product by v (T x N x heads' width each), the output projection
+    "window_attention": [(lambda c, s: 2 * _padded(c, s), [_all("qkv_weight")]),
+                         (lambda c, s: 4 * _padded(c, s) * _window(c), [_axes("proj_weight", 1)]),
+                         (lambda c, s: 2 * _padded(c, s), [_all("proj_weight")])],
 }
+
+
+def _window(cop) -> int:
+    ws = cop.attrs["window_size"]
+    return int(ws[0]) * int(ws[1])
+
+
+def _padded(cop, shapes) -> int:
+    """Positions of x (B, H, W, C) padded up to whole windows."""
+    (b, h, w, _), ws = shapes["x"], cop.attrs["window_size"]
+    return b * (-(-h // ws[0]) * ws[0]) * (-(-w // ws[1]) * ws[1])
 # where each operand of a canonical op is: its role in ``COp.params``, or its position in ``COp.inputs``
-OPERANDS = {"x": 0, "a": 0, "k": 1, "weight": "weight", "in_weight": "in_weight", "out_weight": "out_weight"}
+OPERANDS = {"x": 0, "a": 0, "k": 1, **{w: w for w in ("weight", "in_weight", "out_weight", "qkv_weight", "proj_weight")}}
 
 
 class PlanFlops:
@@ -132,6 +150,7 @@ def _terms(cop, node: fx.Node, shapes: dict, gm) -> tuple[list, dict] | None:
     out, sizes = [], {}
     try:
         for factor, parts in table:
+            factor = factor(cop, shape_of) if callable(factor) else factor
             dims = []
             for part in parts:
                 for role, axis in part(shape_of):
@@ -141,7 +160,7 @@ def _terms(cop, node: fx.Node, shapes: dict, gm) -> tuple[list, dict] | None:
                     sizes[d] = int(shape_of[role][axis])
                     dims.append(d)
             out.append((factor, dims))
-    except (KeyError, TypeError, ZeroDivisionError):  # an operand the op lacks, or without a shape
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):  # an operand the op lacks, or without a shape
         return None
     return out, sizes
 

@@ -287,10 +287,11 @@ def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.
         )
     if not can_launch or x.dtype not in _KERNEL_DTYPES:
         return block_sparse_linear_reference(x, weight, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.values.requires_grad or (bias is not None and bias.requires_grad)):
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.values.requires_grad or (bias is not None and bias.requires_grad))
+    if grad and backend != "dense":  # "dense" multiplies in torch: it takes gradients (survey 27 f18: it was refused too)
         raise GraphpruneError(
             "block_sparse_linear has no backward pass; run it under torch.no_grad() / torch.inference_mode(), "
-            "or call block_sparse_linear_reference for a differentiable version"
+            "or call block_sparse_linear_reference (or backend='dense') for a differentiable version"
         )
 
     (n, k), (bn, bk) = weight.shape, weight.block_size
@@ -302,7 +303,8 @@ def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: torch.
         y = x.new_zeros(*x.shape[:-1], n)
         return y if bias is None else y + bias
     if backend == "dense" or (backend == "auto" and _prefers_dense(weight, m)):
-        return F.linear(x, weight.dense(), bias) if x.is_cuda else block_sparse_linear_reference(x, weight, bias)
+        # the cached dense weight holds no graph: where gradients are asked for, the reference rebuilds it
+        return F.linear(x, weight.dense(), bias) if x.is_cuda and not grad else block_sparse_linear_reference(x, weight, bias)
 
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)  # (M, N)
     has_bias = bias is not None

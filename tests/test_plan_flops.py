@@ -52,6 +52,12 @@ CASES = {
     "decoder": lambda: (Decoder().eval(), (torch.randn(2, 3, 16, 16),)),
     "encoder": lambda: (Encoder().eval(), (torch.randn(2, 7, 10),)),
     "llama_gqa": _llama,
+    # windows of 4 over 10 x 10 patches: padded to 12 x 12
+    "swin": lambda: (torchvision.models.SwinTransformer([4, 4], 24, [2, 2], [2, 4], [4, 4], num_classes=10).eval(),
+                     (torch.randn(2, 3, 40, 40),)),
+    "swin_v2": lambda: (torchvision.models.SwinTransformer(
+        [4, 4], 24, [2, 2], [2, 4], [4, 4], num_classes=10, block=torchvision.models.swin_transformer.SwinTransformerBlockV2,
+        downsample_layer=torchvision.models.swin_transformer.PatchMergingV2).eval(), (torch.randn(2, 3, 40, 40),)),
 }
 
 

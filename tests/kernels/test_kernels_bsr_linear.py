@@ -138,6 +138,19 @@ def test_bad_inputs_raise_graphprune_error(device):
             call()
 
 
+def test_the_dense_backend_takes_gradients_and_the_kernel_paths_refuse_them(device):
+    """backend="dense" multiplies in torch, so it takes gradients wherever it runs; it was refused with the kernel's
+    "no backward pass" under the interpreter and on CUDA (survey 27 f18). The kernel paths still refuse."""
+    weight, x, b, _ = make_problem(16, random_mask(2, 3, 0.5), torch.float32, device, (5,))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    block_sparse_linear(x1, weight, b, backend="dense").square().sum().backward()
+    block_sparse_linear_reference(x2, weight, b).square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    for backend in ("auto", "kernel"):
+        with pytest.raises(GraphpruneError, match="no backward"):
+            block_sparse_linear(x.clone().requires_grad_(), weight, b, backend=backend)
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     block=st.sampled_from([(16, 16), (16, 32), (32, 16), (32, 32)]),
