@@ -4,7 +4,7 @@ A FLOPs budget reads the cost of a dozen to a few dozen candidates (the bisectio
 thresholds, then the fill), and each was built on meta tensors and run under torch's
 counter: on ViT-B/16 and EfficientNet-B0 that was 60% of a ``target_flops`` compile.
 Here the traced original is counted once, node by node, and every node that does counted
-work in an op of ``TERMS`` gets its count as a formula in the sizes of its operands' dims
+work in an op of ``TERMS`` (or a two-operand einsum) gets its count as a formula in the sizes of its operands' dims
 (a conv: 2 x its output's elements x its kernel's elements per output channel). A
 candidate's count is those formulas over the sizes the plan keeps (``pruner.make_plan``:
 what ``shrink-params`` slices by), plus the work of every other node, which no group
@@ -80,6 +80,7 @@ def _padded(cop, shapes) -> int:
     """Positions of x (B, H, W, C) padded up to whole windows."""
     (b, h, w, _), ws = shapes["x"], cop.attrs["window_size"]
     return b * (-(-h // ws[0]) * ws[0]) * (-(-w // ws[1]) * ws[1])
+FORMULAS = {*TERMS, "einsum"}  # einsum's terms follow its equation (_einsum_terms)
 # where each operand of a canonical op is: its role in ``COp.params``, or its position in ``COp.inputs``
 OPERANDS = {"x": 0, "a": 0, "k": 1, **{w: w for w in ("weight", "in_weight", "out_weight", "qkv_weight", "proj_weight")}}
 
@@ -135,8 +136,36 @@ class PlanFlops:
         return cls(constant, terms, sizes)
 
 
+def _einsum_terms(cop, shapes: dict, gm) -> tuple[list, dict] | None:
+    """A two-operand einsum, as torch runs it (a batched matmul): 2 x the product of the sizes of its
+    letters that are in the output or in both operands (a letter in one operand alone is summed out first,
+    which the counter does not count). None for anything else (three operands, an ellipsis, a diagonal)."""
+    eq = str(cop.attrs.get("equation", "")).replace(" ", "")
+    if len(cop.inputs) != 2 or "->" not in eq or "." in eq or any(k is None for k in cop.inputs):
+        return None
+    lhs, out = eq.split("->")
+    sides = lhs.split(",")
+    if len(sides) != 2 or any(len(set(t)) != len(t) for t in (*sides, out)):
+        return None
+    dims, sizes = [], {}
+    for letter in sorted(set(lhs) - {","}):
+        if letter not in out and not all(letter in t for t in sides):
+            continue
+        i = 0 if letter in sides[0] else 1
+        key = cop.inputs[i]
+        shape = _param_shape(gm, key) if isinstance(key, str) else shapes.get(key)
+        if shape is None or len(shape) != len(sides[i]):
+            return None
+        d = (key, sides[i].index(letter))
+        sizes[d] = int(shape[d[1]])
+        dims.append(d)
+    return [(2, dims)], sizes
+
+
 def _terms(cop, node: fx.Node, shapes: dict, gm) -> tuple[list, dict] | None:
     """([(factor, [(value key, axis)])], {(value key, axis): size}) for one node, or None."""
+    if cop.op == "einsum":
+        return _einsum_terms(cop, shapes, gm)
     table = TERMS.get(cop.op)
     if table is None:
         return None
@@ -213,7 +242,7 @@ def _counted_by_node(gm: fx.GraphModule, args: tuple, kwargs: dict | None, state
         env[n] = graph.node_copy(n, lambda a: env[a])
         if n.op in ("call_function", "call_method", "call_module"):
             cop = n.meta.get(CANON)
-            ins = [k for k in (cop.inputs if cop is not None and cop.op in TERMS else ()) if isinstance(k, fx.Node)]
+            ins = [k for k in (cop.inputs if cop is not None and cop.op in FORMULAS else ()) if isinstance(k, fx.Node)]
             nodes[n.name] = n
             operands[n.name] = [n, *ins]
             graph.call_function(_after, (n.name, env[n], *(env[k] for k in ins)))

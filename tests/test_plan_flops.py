@@ -27,6 +27,22 @@ class Decoder(nn.Module):
         return k @ k.transpose(1, 2)                                # (B, 12, 12)
 
 
+class Einsum(nn.Module):
+    """Projections and attention written as einsums (MaxViT's attention is), a letter summed out of one operand too."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 32)
+        self.w = nn.Parameter(torch.randn(24, 32))
+        self.heads = nn.Linear(24, 24)
+
+    def forward(self, x):                                                      # (B, T, 8)
+        h = torch.einsum("bti,oi->bto", torch.relu(self.a(x)), self.w)         # (B, T, 24)
+        q = self.heads(h).unflatten(-1, (4, 6))                                 # (B, T, 4, 6)
+        att = torch.einsum("bqhd,bkhd->bhqk", q, h.unflatten(-1, (4, 6)))       # (B, 4, T, T)
+        return torch.einsum("bhqk,bkhd->bqh", att.softmax(-1), q)               # d summed out of one side
+
+
 class Encoder(nn.Module):
     def __init__(self):
         super().__init__()
@@ -50,6 +66,7 @@ CASES = {
     "mobilenet_v3_small": lambda: (torchvision.models.mobilenet_v3_small(num_classes=10).eval(), (torch.randn(1, 3, 32, 32),)),
     "vit": lambda: (torchvision.models.VisionTransformer(32, 8, 2, 4, 32, 64, num_classes=10).eval(), (torch.randn(2, 3, 32, 32),)),
     "decoder": lambda: (Decoder().eval(), (torch.randn(2, 3, 16, 16),)),
+    "einsum": lambda: (Einsum().eval(), (torch.randn(2, 5, 8),)),
     "encoder": lambda: (Encoder().eval(), (torch.randn(2, 7, 10),)),
     "llama_gqa": _llama,
     # windows of 4 over 10 x 10 patches: padded to 12 x 12
@@ -91,18 +108,18 @@ def test_a_flops_budget_builds_two_candidates_to_count_not_one_per_step(monkeypa
 
 
 def test_an_op_without_a_formula_where_groups_reach_leaves_the_count_built():
-    """An einsum projection: its count changes with the widths, and no formula says how."""
+    """A bilinear layer: its count changes with the widths, and no formula says how."""
 
-    class Einsum(nn.Module):
+    class Bilinear(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a = nn.Linear(8, 32)
-            self.w = nn.Parameter(torch.randn(4, 32))
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(8, 12)
+            self.mix = nn.Bilinear(16, 12, 4)
 
         def forward(self, x):
-            return torch.einsum("bi,oi->bo", torch.relu(self.a(x)), self.w)
+            return self.mix(torch.relu(self.a(x)), torch.relu(self.b(x)))
 
-    model, x = Einsum().eval(), torch.randn(2, 8)
+    model, x = Bilinear().eval(), torch.randn(2, 8)
     p = Pruner(model, (x,))
     meter = Meter(p, "flops")
     assert meter._plan_flops(p.removal_for_group_ratios({g.id: 0.5 for g in p.groups})) is None
