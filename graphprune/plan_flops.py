@@ -91,20 +91,19 @@ class PlanFlops:
 
     def __init__(self, constant: int, terms: list, sizes: dict):
         self.constant = constant
-        self.terms = terms      # [(factor, [(value key, axis), ...]), ...]
+        self.terms = terms      # [(factor, [(value key, axis), ...], gate), ...]: see count
         self.sizes = sizes      # {(value key, axis): size on the original}
 
     def count(self, groups, removed: dict) -> int:
         from .pruner import make_plan
 
         plan = make_plan(groups, removed)
+        size = lambda d: self.sizes[d] if plan.get(d) is None else len(plan[d])  # noqa: E731
         total = self.constant
-        for factor, dims in self.terms:
-            n = factor
-            for d in dims:
-                kept = plan.get(d)
-                n *= self.sizes[d] if kept is None else len(kept)
-            total += n
+        for factor, dims, gate in self.terms:
+            if gate is not None and math.prod(size(d) for d in gate) == 1:
+                continue  # an einsum with nothing left to contract runs as a product of elements: no counted work
+            total += factor * math.prod(size(d) for d in dims)
         return total
 
     @classmethod
@@ -129,7 +128,8 @@ class PlanFlops:
                 constant += flops
                 continue
             node_terms, node_sizes = made
-            if sum(f * math.prod(node_sizes[d] for d in dims) for f, dims in node_terms) != flops:
+            if sum(f * math.prod(node_sizes[d] for d in dims) for f, dims, gate in node_terms
+                   if gate is None or math.prod(node_sizes[d] for d in gate) > 1) != flops:
                 return None  # the formula is not what the counter counted here
             terms += node_terms
             sizes.update(node_sizes)
@@ -147,7 +147,7 @@ def _einsum_terms(cop, shapes: dict, gm) -> tuple[list, dict] | None:
     sides = lhs.split(",")
     if len(sides) != 2 or any(len(set(t)) != len(t) for t in (*sides, out)):
         return None
-    dims, sizes = [], {}
+    dims, contracted, sizes = [], [], {}
     for letter in sorted(set(lhs) - {","}):
         if letter not in out and not all(letter in t for t in sides):
             continue
@@ -159,11 +159,15 @@ def _einsum_terms(cop, shapes: dict, gm) -> tuple[list, dict] | None:
         d = (key, sides[i].index(letter))
         sizes[d] = int(shape[d[1]])
         dims.append(d)
-    return [(2, dims)], sizes
+        if letter not in out:
+            contracted.append(d)
+    # where the contracted letters come to one element, torch multiplies elementwise, which the counter does not count
+    return [(2, dims, contracted)], sizes
 
 
 def _terms(cop, node: fx.Node, shapes: dict, gm) -> tuple[list, dict] | None:
-    """([(factor, [(value key, axis)])], {(value key, axis): size}) for one node, or None."""
+    """([(factor, [(value key, axis)], gate)], {(value key, axis): size}) for one node, or None; a term whose
+    ``gate`` dims (when not None) come to one element counts nothing."""
     if cop.op == "einsum":
         return _einsum_terms(cop, shapes, gm)
     table = TERMS.get(cop.op)
@@ -188,7 +192,7 @@ def _terms(cop, node: fx.Node, shapes: dict, gm) -> tuple[list, dict] | None:
                     d = (keys[role], axis)
                     sizes[d] = int(shape_of[role][axis])
                     dims.append(d)
-            out.append((factor, dims))
+            out.append((factor, dims, None))
     except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):  # an operand the op lacks, or without a shape
         return None
     return out, sizes
