@@ -23,7 +23,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from .errors import GraphpruneError, GraphpruneWarning, first_line
 from .flops import count_flops, count_params, graph_params, latency_ratio
-from .pruner import Pruner, matching_ratio, remove_lowest
+from .pruner import DEFAULT_PIPELINE, Pruner, matching_ratio, remove_lowest
 from .meta_keys import ORIGINAL_FLOPS, ORIGINAL_PARAMS, PLAN_FLOPS, UNREAD
 from .trace import meta_state, on_meta, to_meta
 
@@ -233,12 +233,12 @@ class Meter:
         self.kwargs = None if latency_inputs else p.example_kwargs  # keyword inputs a required parameter takes
         self._meta_state = meta_state(p.gm)
         # the plan gives parameter counts exactly where the default passes only slice parameters
-        self.exact_params = None if (p.pipeline or "shrink-params,dce") == "shrink-params,dce" else False
+        default = (p.pipeline or DEFAULT_PIPELINE) == DEFAULT_PIPELINE
+        self.exact_params = None if default else False
         self._read = graph_params(p.gm)  # what the pipeline's dce keeps, so what a candidate holds
         # FLOPs read off the plan (plan_flops) where the default passes build the candidate: trusted once a built
         # candidate's count matched, and the answer's count is held to a built one (``confirmed``)
-        self.exact_flops = None if PLAN_FLOPS_ON and kind == "flops" and (p.pipeline or "shrink-params,dce") == "shrink-params,dce" \
-            else False
+        self.exact_flops = None if PLAN_FLOPS_ON and kind == "flops" and default else False
         self.base = 1.0 if kind == "latency" else original_params(p) if kind == "params" \
             else self._original_flops() if kind == "flops" else self._measure({})
         if not self.base:  # an embedding and a sum: torch.utils.flop_counter counts no matmul or conv

@@ -280,14 +280,14 @@ class Job:
         cal = getattr(args, "calibration", None) if calibration else None
         if cal is not None and not Path(cal).expanduser().is_file():
             raise CliError(f"calibration file {cal} does not exist")
-        if cal is not None and _is_text(cal) and self.hf_dir is None:
+        text = cal is not None and _is_text(cal)
+        if text and self.hf_dir is None:
             raise CliError(f"calibration file {cal} is read as text, which needs an hf: model (its tokenizer); "
                            "give a tensor file (.pt or .safetensors) for other models")
         given, batch_size = getattr(args, "seq_len", None), getattr(args, "batch_size", None)
         seq_len = 128 if given is None else given
         if seq_len <= 0 or (batch_size is not None and batch_size <= 0):
             raise CliError("--seq-len and --batch-size must be positive")
-        text = cal is not None and _is_text(cal)
         if given is not None and not (self.hf_dir is not None and (text or (cal is None and not args.input_shape))):
             why = ("the model is not an hf: model: drop --seq-len" if self.hf_dir is None else
                    f"the tensors of {cal} keep their own length: drop --seq-len, or cut them to that length"
@@ -304,7 +304,7 @@ class Job:
         shape = _shape(args.input_shape) if args.input_shape else None
         if cal is not None:
             with status(f"reading calibration {cal}"):
-                if _is_text(cal):
+                if text:
                     self.calibration = text_batches(cal, self.hf_dir, seq_len, batch_size or 8)
                 else:
                     data = _as_model_dtype(read_tensors(cal), self.model)

@@ -23,7 +23,6 @@ import math
 import operator
 import threading
 
-import numpy as np
 import torch
 import torch.fx as fx
 
