@@ -29,12 +29,24 @@ def _first_line(e: BaseException) -> str:
 
 
 def _doubled(x):
-    """A batch-1 tensor repeated to batch 2 (the same sample twice); anything else as it is.
-    torch.export specializes every dim whose example size is 1, so a batch-1 example
-    would give a program that takes batch 1 only."""
+    """A batch-1 tensor repeated to batch 2 (the same sample twice); anything else as it is."""
     if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1:
         return torch.cat([x, x], 0)
     return x
+
+
+def doubled_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A batch-1 example at batch 2: every tensor whose dim 0 is 1 repeated (nested ones too).
+    torch.export specializes every dim whose example size is 1, so a batch-1 example would
+    give a program that takes batch 1 only. The example's batch is dim 0 of its first tensor;
+    where that is 2 or more, a size-1 dim 0 elsewhere is an input broadcast over the batch
+    (a ``(1, C)`` scale, Hugging Face's ``(1, T)`` position ids), and nothing is repeated:
+    repeated, it was tied to the batch, and the program refused it at size 1 beside a larger
+    batch, a call the model takes (survey 27 f19, survey 28)."""
+    first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 1), None)
+    if first is None or first.shape[0] != 1:
+        return args, kwargs
+    return pytree.tree_map(_doubled, (tuple(args), dict(kwargs)))
 
 
 def _batch_spec(x):
@@ -61,6 +73,18 @@ def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, spec=_bat
     return specs
 
 
+def _in_signature_order(model: torch.nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` in the order the forward declares them (any it gathers in ``**kwargs`` after, as given).
+    torch.export flattens keyword inputs in the order the dict has them, and a graph form whose forward
+    re-flattens its inputs by a pytree spec (what compile returns from a torch.export trace) then takes
+    them by position: ``{"scale": s, "mask": m}`` reached the program as mask=s (survey 27 f13)."""
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return kwargs
+    return {**{k: kwargs[k] for k in names if k in kwargs}, **{k: v for k, v in kwargs.items() if k not in names}}
+
+
 def _symbolic_batches(ep) -> tuple[int, list]:
     """(number of tensor user inputs with a symbolic dim 0, the static sizes of the others)."""
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
@@ -79,11 +103,18 @@ def _symbolic_batches(ep) -> tuple[int, list]:
     return dynamic, static
 
 
-def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic_batch: bool = True):
+def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic_batch: bool = True,
+           dynamic_shapes=None):
     """``torch.export`` ``model`` (non-strict) with dim 0 of every tensor input symbolic.
 
     A batch-1 example is traced at batch 2 (the sample twice), since torch.export
     fixes every size-1 dim; if the model refuses that, the example as given is tried.
+    Every tensor whose dim 0 is 1 is taken for a batched input then: one the model
+    broadcasts over the batch (a ``(1, C)`` scale) is tied to the batch of the others
+    and the program refuses it at size 1 beside a larger batch. Give an example whose
+    batch is 2 or more (a size-1 dim beside it stays 1), or say which dims are dynamic
+    with ``dynamic_shapes`` (torch.export's argument, used as given, with the example as given,
+    where torch.export fixes every size-1 dim).
     With ``dynamic_batch=True`` a program whose batch came out fixed (the model's own
     code pins it) is refused with a GraphpruneError rather than returned. A Hugging Face
     model that would return a KV cache is exported with ``use_cache=False`` (a keyword
@@ -95,12 +126,14 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
     kwargs = dict(kwargs or {})
     if getattr(getattr(model, "config", None), "use_cache", False):  # a KV cache is no output a program carries
         kwargs = hf.example_kwargs(model, kwargs)
-    if not dynamic_batch:
+    kwargs = _in_signature_order(model, kwargs)
+    if not dynamic_batch or dynamic_shapes is not None:
         try:
-            return torch.export.export(model, args, kwargs=kwargs, strict=False)
+            return torch.export.export(model, args, kwargs=kwargs, strict=False,
+                                       dynamic_shapes=dynamic_shapes if dynamic_batch else None)
         except Exception as e:  # noqa: BLE001 - torch.export raises many types
             raise GraphpruneError(f"torch.export failed on {type(model).__name__}: {_first_line(e)}") from e
-    wide = pytree.tree_map(_doubled, (args, kwargs))
+    wide = doubled_batch(args, kwargs)
     grew = any(w is not a for w, a in zip(pytree.tree_leaves(wide), pytree.tree_leaves((args, kwargs))))
     attempts = [wide, (args, kwargs)] if grew else [(args, kwargs)]
     errors = []
@@ -119,7 +152,8 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
                       "the model's code specializes it")
     raise GraphpruneError(f"torch.export with a dynamic batch failed on {type(model).__name__}: {errors[-1]}"
                           + (f" (at the doubled batch: {errors[0]})" if len(errors) > 1 else "")
-                          + "; export(..., dynamic_batch=False) gives a program for the example's shapes only")
+                          + "; export(..., dynamic_batch=False) gives a program for the example's shapes only, "
+                          "dynamic_shapes= (torch.export's) says which dims vary")
 
 
 def _need(module: str):
@@ -132,9 +166,11 @@ def _need(module: str):
                               f"onnxruntime: {_INSTALL}") from e
 
 
-def to_onnx(model: torch.nn.Module, args: tuple, path, kwargs: dict | None = None, *, dynamic_batch: bool = True) -> Path:
+def to_onnx(model: torch.nn.Module, args: tuple, path, kwargs: dict | None = None, *, dynamic_batch: bool = True,
+            dynamic_shapes=None) -> Path:
     """Write ``model`` to the ONNX file ``path`` through ``torch.onnx.export(..., dynamo=True)``,
-    from the program :func:`export` builds (so the batch dim is dynamic). Returns the path."""
+    from the program :func:`export` builds (so the batch dim is dynamic; ``dynamic_shapes`` as there).
+    Returns the path."""
     _need("onnx")
     _need("onnxscript")
     from .api import _mode_dependent
@@ -145,7 +181,7 @@ def to_onnx(model: torch.nn.Module, args: tuple, path, kwargs: dict | None = Non
             "mode, and ONNX records them in eval "
             "mode (a file that differs from the model as it runs): call model.eval() before to_onnx, or use export(), "
             "which follows the training-mode computation")
-    ep = export(model, args, kwargs, dynamic_batch=dynamic_batch)
+    ep = export(model, args, kwargs, dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

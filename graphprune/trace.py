@@ -395,12 +395,15 @@ def _fake_run(gm: fx.GraphModule, args: tuple) -> None:
 
 def _export(model, example_inputs, example_kwargs) -> fx.GraphModule:
     from torch.export import export
+    from torch.utils._pytree import tree_leaves
+
+    from .export import doubled_batch
 
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
     # torch.export specializes every dim whose example size is 1, so a batch-1 example would give a
     # graph that takes batch 1 only: trace with the batch doubled, which keeps it symbolic
-    wide = tuple(_doubled(a) for a in args), {k: _doubled(v) for k, v in kwargs.items()}
-    grew = any(w is not a for w, a in zip([*wide[0], *wide[1].values()], [*args, *kwargs.values()]))
+    wide = doubled_batch(args, kwargs)
+    grew = any(w is not a for w, a in zip(tree_leaves(wide), tree_leaves((args, kwargs))))
     attempts = [wide, (args, kwargs)] if grew else [(args, kwargs)]
     for a, k in attempts:
         try:
@@ -469,13 +472,6 @@ def _fixed_dims(gm: fx.GraphModule) -> list[str]:
             out += [f"{node.target} dim {i} ({int(d)})" for i, d in enumerate(val.shape) if is_concrete_int(d)]
     return out
 
-
-
-def _doubled(x):
-    """A batch-1 tensor repeated to batch 2 (the same sample twice); anything else as it is."""
-    if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1:
-        return torch.cat([x, x], 0)
-    return x
 
 
 def _dynamic_shapes(model, args, kwargs):

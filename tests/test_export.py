@@ -169,3 +169,54 @@ def test_onnx_refuses_a_forward_that_reads_training_mode(tmp_path):
     with pytest.raises(graphprune.GraphpruneError, match="training"):
         to_onnx(model, (torch.randn(2, 8),), tmp_path / "d.onnx")
     assert to_onnx(model.eval(), (torch.randn(2, 8),), tmp_path / "d.onnx").exists()
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x, mask=None, scale=None):
+        h = torch.relu(self.a(x))  # (B, 32)
+        if mask is not None:
+            h = h * mask  # (B, 1): a row mask
+        out = self.b(h)  # (B, 8)
+        return out if scale is None else out * scale
+
+
+def test_keyword_inputs_reach_the_program_by_name_in_either_order():
+    """A graph form traced by torch.export re-flattens its inputs by a pytree spec: keywords given in
+    another order than the forward declares reached the program swapped, and export failed on a guard
+    (survey 27 f13)."""
+    torch.manual_seed(0)
+    x, mask, scale = torch.randn(4, 16), (torch.rand(4, 1) > 0.3).float(), torch.randn(4, 8)
+    small = graphprune.compile(_Scaled().eval(), (x,), example_kwargs={"mask": mask, "scale": scale}, ratio=0.5,
+                               ignore=["b"], output="graph")
+    ep = export(small, (x,), {"scale": scale, "mask": mask})
+    x3, mask3, scale3 = torch.randn(3, 16), (torch.rand(3, 1) > 0.3).float(), torch.randn(3, 8)
+    with torch.no_grad():
+        want = small(x3, mask=mask3, scale=scale3)
+        torch.testing.assert_close(ep.module()(x3, scale=scale3, mask=mask3), want)
+
+
+def test_an_input_broadcast_over_the_batch_is_kept_at_one_where_the_example_or_the_caller_says_so():
+    """From a batch-1 example every size-1 dim 0 is taken for the batch, so a (1, C) scale the model
+    broadcasts was tied to x's batch and the program refused (x at batch 3, scale (1, 8)), a call the
+    model takes (survey 27 f19). A batch-2 example, or dynamic_shapes, tells them apart."""
+    torch.manual_seed(0)
+    model = _Scaled().eval()
+    scale = torch.randn(1, 8)
+    small = graphprune.compile(model, (torch.randn(2, 16),), example_kwargs={"scale": scale}, ratio=0.5, ignore=["b"])
+    x3 = torch.randn(3, 16)
+    with torch.no_grad():
+        want = small(x3, scale=scale)
+    tied = export(small, (torch.randn(1, 16),), {"scale": scale})
+    with pytest.raises(Exception, match="scale"):  # torch's guard: the documented reading of a batch-1 example
+        tied.module()(x3, scale=scale)
+    auto, x2 = torch.export.Dim.AUTO, torch.randn(2, 16)
+    for ep in (export(small, (x2,), {"scale": scale}),
+               export(small, (x2,), {"scale": scale}, dynamic_shapes={"x": {0: auto}, "scale": None})):
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(x3, scale=scale), want)
+    static = export(small, (x2,), {"scale": scale}, dynamic_shapes={"x": None, "scale": None})  # used as given
+    assert not _batch_is_symbolic(static)
