@@ -105,6 +105,25 @@ def _set_plain(out: torch.nn.Module, loaded: dict, names: list) -> None:
         setattr(mod, k, data.to(have.device) if isinstance(have, torch.Tensor) and not have.is_meta else data)
 
 
+def _write_stop_config(path: Path, config) -> None:
+    """A ``config.json`` from which no model is built, where the pruned config does not rebuild the model.
+    Without one, ``AutoModel*`` refused the directory, but a concrete class (``LlamaForCausalLM``)
+    took the missing file for an empty config and began building the architecture's default size,
+    a 7B Llama (survey 27 f14). Every integer of the config is the message instead: transformers'
+    field validation refuses the file with it, and a config without validation fails on the first
+    size it builds a layer from."""
+    msg = (f"graphprune: {path} holds a pruned model its config alone does not rebuild (manifest.json, "
+           "from_pretrained, says why): load it with graphprune.load(original_model, directory)")
+    try:
+        fields = config.to_dict()
+    except Exception:  # noqa: BLE001 - a config transformers refused to write
+        fields = {}
+    stop = {k: msg for k, v in fields.items() if isinstance(v, int) and not isinstance(v, bool)}
+    stop = {"model_type": getattr(config, "model_type", None) or fields.get("model_type"), "graphprune": msg,
+            "hidden_size": msg, **stop}
+    (path / "config.json").write_text(json.dumps(stop, indent=2))
+
+
 def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
     """Write a model returned by ``graphprune.compile`` to directory ``path``.
 
@@ -113,8 +132,9 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
     and ``tokenizer`` when given, beside the one ``model.safetensors``. Where
     its config alone rebuilds the model (every tensor shape and every number
     its layers compute with), ``AutoModel*.from_pretrained(path)`` loads it;
-    where not, the config is written as ``pruned_config.json`` instead, so that
-    ``from_pretrained`` refuses the directory rather than build another model.
+    where not, the config is written as ``pruned_config.json`` instead, and the
+    ``config.json`` beside it stops ``from_pretrained`` (Auto or concrete class)
+    with a message that names ``graphprune.load``, rather than build another model.
     ``manifest.json`` says which (``from_pretrained``); ``graphprune.load``
     always rebuilds it.
 
@@ -188,11 +208,14 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
             (path / "config.json").unlink(missing_ok=True)
             why = (f"transformers refuses the pruned config ({type(e).__name__}: {str(e).strip().splitlines()[-1][:160]}); "
                    "graphprune.load rebuilds the model")
-        if why is not None and (path / "config.json").exists():
+        if why is not None:
             # a config that does not rebuild this model must not sit where from_pretrained reads it: it loaded
             # a pruned Gemma without a word and computed other logits (its embedding scale follows hidden_size)
-            os.replace(path / "config.json", path / PRUNED_CONFIG)
-            why += f"; the pruned config is in {PRUNED_CONFIG}, not config.json, so from_pretrained refuses the directory"
+            if (path / "config.json").exists():
+                os.replace(path / "config.json", path / PRUNED_CONFIG)
+                why += f"; the pruned config is in {PRUNED_CONFIG}"
+            _write_stop_config(path, model.config)
+            why += ", and config.json stops from_pretrained with a message that names graphprune.load"
         manifest["from_pretrained"] = True if why is None else why
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(path)
