@@ -312,6 +312,17 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
                 f"({idle / total:.0%} of all parameters), stay whole and are outside it; the result holds "
                 f"{count_params(result) / total:.2f} of all parameters. Delete them from the "
                 "model (model.aux = None) to count them out, or give a lower target"), stacklevel=2)
+    _graph_checks(model, p, result, rep, check)
+    result.report = rep
+    return result
+
+
+
+def _graph_checks(model, p, result, rep, check) -> None:
+    """What a graph result must not be returned with, and what it must say: sizes the model takes
+    and the graph refuses, or computes wrongly, where the model's own classes were no option (a
+    GraphpruneError), a training-mode model traced in eval mode, input dims export fixed or
+    bounded (``rep.form_why``). Shared by ``compile`` and ``search``."""
     if check.notes and rep.form == "graph":  # sizes the model takes and the graph refuses: only a module form takes them
         raise GraphpruneError(refused_sizes(check.notes[0]) + f" (the model's own classes were not an option: {rep.form_why})")
     if p.wrong_sizes and rep.form == "graph":  # the module form is held to its twin there (module_form.beyond); the graph is wrong
@@ -332,7 +343,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
             "eval-mode computation (BatchNorm on running statistics, no dropout): the graph returned computes that "
             "in either mode, so it is returned in eval mode. To fine-tune with batch statistics, prune the model "
             "where it traces with torch.fx (see report.form_why) or fine-tune the original and compile again"),
-            stacklevel=2)
+            stacklevel=3)
     fixed = p.gm.meta.get(FIXED_DIMS)
     if rep.form == "graph" and fixed:  # the user's model may take shapes this graph refuses
         rep.form_why += (". Traced with torch.export, which fixed these input dims to the example's size: "
@@ -343,10 +354,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         rep.form_why += (". The forward branches on input sizes, and the graph takes only the sizes the example's "
                          f"side of each branch covers: {', '.join(spans)}")
         warnings.warn(GraphpruneWarning(f"the result is a graph that takes only some input sizes (its code branched on "
-                                        f"them: {', '.join(spans)}); see report.form_why"), stacklevel=2)
-    result.report = rep
-    return result
-
+                                        f"them: {', '.join(spans)}); see report.form_why"), stacklevel=3)
 
 
 def choose_rule(p, decide_with, kind: str | None, target, *, choosing: bool, allocation: str,

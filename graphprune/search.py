@@ -120,7 +120,7 @@ class SearchResult:
 def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[torch.nn.Module], float], *,
            target_flops: float, trials: int = 50, importance="auto", ignore=(), seed: int = 0, max_ratio: float = 0.9,
            spread: float = 4.0, calibration=None, loss_fn=None, example_kwargs=None, storage=None,
-           study_name: str | None = None, n_jobs: int = 1, progress: bool = True) -> SearchResult:
+           study_name: str | None = None, n_jobs: int = 1, progress: bool = True, output: str = "auto") -> SearchResult:
     """Search per-group widths for the best ``evaluate(pruned)`` at ``target_flops``.
 
     The search starts where ``compile`` would stop: the same criterion,
@@ -138,7 +138,9 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
     group, ranked by weight norm, and landed wherever the draw fell: on the
     task suite's MobileNet at 25% of its FLOPs the best of 16 kept 16% and
     21% and fine-tuned to 73% and 46%, where ``compile`` reaches 93%. A draw
-    that builds a model already evaluated reuses its metric.
+    that builds a model already evaluated reuses its metric. The model comes
+    back as ``compile``'s does: in the user's own classes where they are
+    verified (``output="auto"``, ``"module"`` or ``"graph"``, as there).
 
     >>> res = graphprune.search(model, (x,), lambda m: accuracy(m, val), target_flops=0.5, trials=40,
     ...                         calibration=batches)
@@ -149,7 +151,7 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
     import optuna
 
     from .allocate import RULES, Constraints, allocate, measured_scores
-    from .api import _gc_paused, choose_rule, recalibrate_on
+    from .api import _choose_form, _gc_paused, _graph_checks, _module_paths, choose_rule, recalibrate_on
     from .verify import verified, why_not
 
     if isinstance(target_flops, bool) or not isinstance(target_flops, (int, float)) or not 0 < target_flops <= 1:
@@ -158,6 +160,8 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
         raise GraphpruneError(f"max_ratio must be a fraction in (0, 1), got {max_ratio!r}")
     if spread < 1:
         raise GraphpruneError(f"spread must be at least 1 (a weight per group within [1/spread, spread]), got {spread!r}")
+    if output not in ("auto", "module", "graph"):
+        raise GraphpruneError(f"output must be 'auto', 'module' or 'graph', got {output!r}")
     if calibration is not None:
         calibration = read_batches(calibration)  # scored, judged, refit and recalibrated on: read more than once
     with _gc_paused():  # the trace checked against the model, as compile checks it
@@ -232,14 +236,19 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
              for t in done if not any(_dominates(o, t) for o in done)]
     # the winner held to its dead twin, as compile's result is: groups that break it are kept whole and the
     # same weights allocate again (then measured again); candidates were built unchecked, for speed
-    _, removal, check = verified(p, lambda: candidate(best.params)[0])
-    result = build(removal, check=True)
+    # and, where it may come back in the user's classes, their forward held to the twin on paths the trace
+    # did not take (training mode, sizes past an export bound), as compile holds it
+    _, removal, check = verified(p, lambda: candidate(best.params)[0], extra=_module_paths(model, p, output))
+    graph = build(removal, check=True)
+    rep = report(p, removal, graph, {"flops": target_flops})
+    rep.auto, rep.verify = choice, check
+    result, rep.form, rep.form_why = _choose_form(model, graph, p, output, rep)
+    _graph_checks(model, p, result, rep, check)
+    result.report = rep
     metric = float(best.value)
-    if check.blocked:
+    if check.blocked or rep.form == "module":  # another model than the one evaluated: its own figure
         metric = float(evaluate(result))
-    result.report = report(p, removal, result, {"flops": target_flops})
-    result.report.auto, result.report.verify = choice, check
-    return SearchResult(result, metric, result.report.flops, front, study)
+    return SearchResult(result, metric, rep.flops, front, study)
 
 
 def _dominates(a, b) -> bool:

@@ -209,6 +209,30 @@ def test_search_spends_the_budget_and_starts_from_compile():
     assert res.flops == pytest.approx(graphprune.count_flops(res.model, (x,)) / graphprune.count_flops(model, (x,)))
 
 
+def test_search_returns_the_users_class_as_compile_does(tmp_path):
+    """search returned the fx graph only: no model in the user's own class to fine-tune, keep or
+    save, where compile gives one. Now it comes back as compile's result does (output=), is its own
+    dead twin, and saves and loads."""
+    from oracle import dead_twin
+
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(*IMAGE)
+    score = _agreement(model, x)
+    res = graphprune.search(model, (x,), score, target_flops=0.5, trials=3, importance="l2", progress=False)
+    assert type(res.model) is Residual and res.model.report.form == "module"
+    assert res.metric == pytest.approx(score(res.model), rel=1e-6)
+    torch.testing.assert_close(res.model(x), dead_twin(model, res.model)(x), rtol=1e-5, atol=1e-6)
+    graphprune.save(res.model, tmp_path / "s")
+    back = graphprune.load(Residual(), tmp_path / "s")
+    torch.testing.assert_close(back(x), res.model(x))
+    graph = graphprune.search(model, (x,), score, target_flops=0.5, trials=3, importance="l2", progress=False,
+                              output="graph")
+    assert isinstance(graph.model, torch.fx.GraphModule) and graph.model.report.form == "graph"
+    torch.testing.assert_close(graph.model(x), res.model(x))
+    with pytest.raises(graphprune.GraphpruneError, match="output must be"):
+        graphprune.search(model, (x,), score, target_flops=0.5, trials=1, output="modul", progress=False)
+
+
 def test_search_workers_share_storage(tmp_path):
     model = Residual().eval()
     x = torch.randn(*IMAGE)
