@@ -22,6 +22,7 @@ from .batches import as_call, positional_capacity, read_batches, split_targets
 from .errors import GraphpruneError, first_line
 from .flops import count_flops
 from .modes import copy_modes
+from . import module_form
 
 # kept FLOPs fraction after a fraction t of the steps, for a final target
 SCHEDULES = {
@@ -149,7 +150,30 @@ def prune_iteratively(model: torch.nn.Module, example_inputs: tuple, *, target_f
     if current is not model and getattr(current, "report", None) is not None:
         # the last compile measured against its own input, the previous step's model: said 0.965 for 0.50
         current.report.flops, current.report.params = achieved, params
+        current.report.widths = _widths_from_original(model, example_inputs, compile_kw, current) or current.report.widths
     return current
+
+
+def _widths_from_original(model, example_inputs, compile_kw: dict, result) -> dict | None:
+    """``report.widths`` of a model pruned in steps, against the original: the last step's had its own
+    input's groups and widths ({0: (40, 40), 1: (31, 28)} for layers of 64, survey 26). The original's
+    groups (``analyze``, the ids its first step pruned by), each counted in what the steps kept of
+    it altogether (the record ``save`` writes); None where there was one step."""
+    import numpy as np
+
+    from .api import analyze
+
+    kept = (module_form.info(result) or {}).get("first", {}).get("kept")
+    if kept is None:
+        return None
+    groups = analyze(model, example_inputs, ignore=compile_kw.get("ignore", ()),
+                     example_kwargs=compile_kw.get("example_kwargs")).groups
+    out = {}
+    for g in groups:
+        member = next((ps for ps in g.params if (ps.name, ps.axis) in kept), None)  # none: the group stayed whole
+        left = g.n_units if member is None else len(np.unique(member.unit_of[np.asarray(kept[(member.name, member.axis)])]))
+        out[g.id] = (g.n_units, left)
+    return out
 
 
 def bn_l1(model: torch.nn.Module) -> torch.Tensor:

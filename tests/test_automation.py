@@ -410,6 +410,12 @@ def test_prune_iteratively_reports_against_the_original():
     assert small.report.flops == pytest.approx(graphprune.count_flops(small, (x,)) / graphprune.count_flops(model, (x,)))
     assert small.report.flops <= 0.5
     assert small.report.params == pytest.approx(graphprune.count_params(small) / graphprune.count_params(model), abs=0.01)
+    # widths too: the last step's groups held (its input's width, what it kept) (survey 26)
+    widths = small.report.widths
+    assert sorted(widths) == sorted(g.id for g in graphprune.analyze(model, (x,)).groups)
+    assert sorted(b for b, _ in widths.values()) == [12, 16, 24]
+    now = [small.stem[0].out_channels, small.a[0][0].out_channels, small.b[0][0].out_channels]  # stream, a, b
+    assert sorted(a for _, a in widths.values()) == sorted(now) and sum(now) < 52
     for kw in ({"steps": 0}, {"target_flops": 1.5}):
         with pytest.raises(graphprune.GraphpruneError, match="must be"):
             graphprune.prune_iteratively(model, (x,), **{"target_flops": 0.5, "steps": 3, **kw}, progress=False)
