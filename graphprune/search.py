@@ -58,6 +58,23 @@ class Sensitivity:
         return fig
 
 
+def group_names(p: Pruner, groups) -> dict:
+    """{group id: a name a reader can tell apart}: the layers that write its channels (a weight's
+    dim 0), the first the model registers and how many more, with the group's id where two would read alike.
+    The first parameter's module was often a layer reading the channels: a residual stream and a
+    block's inner group were both "b1.0", Llama's stream "lm_head" (survey 26 f14)."""
+    dims = {n: t.dim() for n, t in p.gm.named_parameters()}  # in the order the model registers them
+    order = {n: i for i, n in enumerate(dims)}
+    names = {}
+    for g in groups:
+        written = sorted((ps.name for ps in g.params if ps.axis == 0 and dims.get(ps.name, 0) >= 2), key=order.get)
+        writers = list(dict.fromkeys(n.rpartition(".")[0] for n in written))
+        first = writers[0] if writers else g.params[0].name.rpartition(".")[0]
+        names[g.id] = first + (f" +{len(writers) - 1}" if len(writers) > 1 else "")
+    seen = [n for n in names.values()]
+    return {gid: n if seen.count(n) == 1 else f"{n} (group {gid})" for gid, n in names.items()}
+
+
 def sensitivity(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[torch.nn.Module], float], *,
                 levels=(0.25, 0.5, 0.75), importance="l2", ignore=(), groups=None, progress: bool = True, **kw) -> Sensitivity:
     """Prune each group alone to each level in ``levels`` and record ``evaluate(pruned)``.
@@ -83,7 +100,7 @@ def sensitivity(model: torch.nn.Module, example_inputs: tuple, evaluate: Callabl
             bar.update()
         curves[g.id] = pts
     bar.close()
-    names = {g.id: g.params[0].name.rpartition(".")[0] for g in chosen}
+    names = group_names(p, chosen)
     # the baseline on a copy too: an evaluate that recalibrates BatchNorm or takes a step changes what it is given
     return Sensitivity(float(evaluate(p.prune({}, check=False))), curves, names)
 

@@ -339,6 +339,9 @@ def test_sensitivity_curves(tmp_path):
     for pts in s.curves.values():
         assert [r for r, _ in pts] == [0.25, 0.75]
         assert pts[1][1] <= pts[0][1] + 1e-12  # removing more hurts at least as much here
+    # each curve named by the layers that write its channels: the stream and a block's inner group were
+    # both named by a layer reading them, alike (survey 26 f14)
+    assert sorted(s.names.values()) == ["a.0.0", "b.0.0", "stem.0 +2"]
     s.plot(tmp_path / "s.png")
 
 
