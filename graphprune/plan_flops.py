@@ -233,31 +233,39 @@ def _counted_by_node(gm: fx.GraphModule, args: tuple, kwargs: dict | None, state
     from .flops import _more_flops, _on_fake, _on_meta, _own
     from .trace import to_meta
 
-    graph = fx.Graph()
-    graph._codegen = gm.graph._codegen
-    env: dict = {}
     nodes: dict = {}
     operands: dict = {}
-    for n in gm.graph.nodes:
-        if n.op == "output":
-            graph.output(fx.map_arg(n.args[0], lambda a: env[a]), type_expr=n.type)
-            continue
-        env[n] = graph.node_copy(n, lambda a: env[a])
-        if n.op in ("call_function", "call_method", "call_module"):
-            cop = n.meta.get(CANON)
-            ins = [k for k in (cop.inputs if cop is not None and cop.op in FORMULAS else ()) if isinstance(k, fx.Node)]
-            nodes[n.name] = n
-            operands[n.name] = [n, *ins]
-            graph.call_function(_after, (n.name, env[n], *(env[k] for k in ins)))
-    marked = fx.GraphModule(gm, graph)
-    for run in (_on_meta, _on_fake):  # as count_flops: fake tensors where the graph reads a value (an .item())
+
+    def marked(on_meta: bool) -> fx.GraphModule:
+        graph = fx.Graph()
+        graph._codegen = gm.graph._codegen
+        env: dict = {}
+        for n in gm.graph.nodes:
+            if n.op == "output":
+                graph.output(fx.map_arg(n.args[0], lambda a: env[a]), type_expr=n.type)
+                continue
+            env[n] = graph.node_copy(n, lambda a: env[a])
+            if on_meta and n.kwargs.get("device") is not None:  # a tensor the graph makes: torch.export bakes the
+                # example's device in (arange(17, device=cpu), Hugging Face ViT's mask); made on meta, counted alike
+                env[n].kwargs = {**n.kwargs, "device": torch.device("meta")}
+            if n.op in ("call_function", "call_method", "call_module"):
+                cop = n.meta.get(CANON)
+                ins = [k for k in (cop.inputs if cop is not None and cop.op in FORMULAS else ()) if isinstance(k, fx.Node)]
+                nodes[n.name] = n
+                operands[n.name] = [n, *ins]
+                graph.call_function(_after, (n.name, env[n], *(env[k] for k in ins)))
+        return fx.GraphModule(gm, graph)
+
+    for run, on_meta in ((_on_meta, True), (_on_fake, False)):  # as count_flops: fake tensors where the graph
+        # reads a value (an .item()); those run on the example's device
+        copy = marked(on_meta)
         out: list = []
         try:
             with _reparametrize_module(gm, state, tie_weights=False), contextlib.ExitStack() as stack:
                 counter = stack.enter_context(FlopCounterMode(display=False, custom_mapping=_more_flops()))
                 _ACTIVE.recording = (counter, out)
                 stack.callback(delattr, _ACTIVE, "recording")
-                run(_own(marked), to_meta(tuple(args)), to_meta(dict(kwargs or {})))
+                run(_own(copy), to_meta(tuple(args)), to_meta(dict(kwargs or {})))
             break
         except Exception:  # noqa: BLE001 - a graph that makes real-device tensors of its own: counted built
             continue
