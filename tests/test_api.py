@@ -565,6 +565,13 @@ def test_a_round_to_that_bundled_units_cannot_hold_is_said_and_only_then():
     said = _unrounded_said(seen)
     assert bool(off) == bool(said), (off, said)
     assert not said or "branches a concatenation or a shuffle makes" in said[0]
+    # a conv writing branches of 3 kept whole beside multiples: 11 convs off at 64 px, and not a word
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        small = graphprune.compile(model, (torch.randn(1, 3, 64, 64),), target_flops=0.5, round_to=8, importance="l1")
+    off = [n for n, c in small.named_modules() if isinstance(c, nn.Conv2d) and c.out_channels != mods[n].out_channels
+           and c.out_channels % 8]
+    assert off and _unrounded_said(seen), off
     for budget in ({"ratio": 0.5}, {"target_flops": 0.4}):  # branches of a concatenation hold it: nothing to say
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
