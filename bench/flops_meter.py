@@ -41,6 +41,14 @@ def _llama():
     return transformers.LlamaForCausalLM(cfg)
 
 
+def _hf_vit():
+    """Hugging Face's ViT-B/16 at 64 px: its exported graph builds its mask with the example's device baked in."""
+    import transformers
+
+    cfg = transformers.ViTConfig(image_size=64, patch_size=16)  # ViT-B: 12 layers, 768 wide, 12 heads
+    return transformers.ViTForImageClassification(cfg)
+
+
 def one(model, inputs, plan: bool) -> dict:
     built = []
     real = allocate.Meter._built
@@ -57,10 +65,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "flops_meter.json"))
+    ap.add_argument("--models", default=None, help="comma-separated names to run (their rows replace those in --out)")
     args = ap.parse_args()
     cases = {name: (build, (torch.randn(*shape),)) for name, (build, shape) in MODELS.items()}
     cases["llama_gqa_4x256"] = (_llama, (torch.randint(0, 1000, (1, 64)),))
+    cases["hf_vit_b16"] = (_hf_vit, (torch.randn(1, 3, 64, 64),))
     rows = {}
+    if args.models:
+        cases = {k: v for k, v in cases.items() if k in args.models.split(",")}
+        if Path(args.out).exists():
+            rows = json.loads(Path(args.out).read_text())["models"]
     for name, (build, inputs) in cases.items():
         torch.manual_seed(0)
         model = build().eval()
