@@ -149,9 +149,13 @@ def _on_fake(own, args, kwargs) -> None:
 
     from .verify import swapped
 
+    from .trace import _quiet_fake_tensors
+
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
-    with swapped(own, {id(t): fake(t) for t in [*own.parameters(), *own.buffers()]}):
+    # quiet: a kernel the forward tries and falls back from (transformers' MoE tries torch's bf16-only grouped_mm)
+    # was logged with its traceback, 105 error lines for one compile of a small Mixtral
+    with swapped(own, {id(t): fake(t) for t in [*own.parameters(), *own.buffers()]}), _quiet_fake_tensors():
         own(*tree_map(fake, args), **tree_map(fake, kwargs))
 
 

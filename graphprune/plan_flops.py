@@ -57,6 +57,9 @@ TERMS = {
     "conv_transpose": [(2, [_axes("x", 0), _from("x", 2), _all("weight")])],  # N S x Ci Co/g K
     "linear": [(2, [_all("out"), _axes("x", -1)])],                   # rows Co x Ci
     "matmul": [(2, [_all("out"), _axes("a", -1)])],                   # [..., m, n] x k
+    # Hugging Face's grouped_mm_fallback, x (S, K) by w (E, K, N): each routed row by its expert's matrix, S N x K
+    # (the experts kept change which matrix a row meets, not how many rows there are)
+    "grouped_mm": [(2, [_all("out"), _axes("x", -1)])],
     "sdpa": [(2, [_all("x"), _axes("k", -2)]), (2, [_all("out"), _axes("k", -2)])],  # q k^T, then by v
     # nn.MultiheadAttention, batch-first self-attention (canon's only form): the packed in-projection,
     # q k^T and the product by v (B L x L x E each), the out-projection

@@ -70,6 +70,15 @@ def _hf_vit():
     return transformers.ViTForImageClassification(cfg).eval(), (torch.randn(2, 3, 32, 32),)
 
 
+def _mixtral():
+    """Experts as Hugging Face's grouped_mm over routed rows (counted built before: no formula)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2)
+    return transformers.MixtralForCausalLM(cfg).eval(), (torch.randint(0, 64, (2, 8)),)
+
+
 CASES = {
     "resnet18": lambda: (torchvision.models.resnet18(num_classes=10).eval(), (torch.randn(1, 3, 32, 32),)),
     "mobilenet_v3_small": lambda: (torchvision.models.mobilenet_v3_small(num_classes=10).eval(), (torch.randn(1, 3, 32, 32),)),
@@ -79,6 +88,7 @@ CASES = {
     "encoder": lambda: (Encoder().eval(), (torch.randn(2, 7, 10),)),
     "llama_gqa": _llama,
     "hf_vit": _hf_vit,
+    "mixtral": _mixtral,
     # windows of 4 over 10 x 10 patches: padded to 12 x 12
     "swin": lambda: (torchvision.models.SwinTransformer([4, 4], 24, [2, 2], [2, 4], [4, 4], num_classes=10).eval(),
                      (torch.randn(2, 3, 40, 40),)),
