@@ -233,6 +233,24 @@ def test_search_returns_the_users_class_as_compile_does(tmp_path):
         graphprune.search(model, (x,), score, target_flops=0.5, trials=1, output="modul", progress=False)
 
 
+def test_search_never_returns_a_model_its_evaluate_changed():
+    """An evaluate that adapts what it is given (a step of training, as NetAdapt takes) was run once more on
+    the model search returned, to read its metric: the result came back trained, off its twin (survey 30)."""
+    from oracle import dead_twin
+
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(*IMAGE)
+
+    def adapting(m):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1)
+        return -float(m(x).square().mean())
+
+    res = graphprune.search(model, (x,), adapting, target_flops=0.5, trials=2, importance="l2", progress=False)
+    torch.testing.assert_close(res.model(x), dead_twin(model, res.model)(x), rtol=1e-5, atol=1e-6)
+
+
 def test_search_workers_share_storage(tmp_path):
     model = Residual().eval()
     x = torch.randn(*IMAGE)
