@@ -35,22 +35,47 @@ def _doubled(x):
     return x
 
 
-def doubled_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def doubled_batch(args: tuple, kwargs: dict, model: torch.nn.Module | None = None) -> tuple[tuple, dict]:
     """A batch-1 example at batch 2: every tensor whose dim 0 is 1 repeated (nested ones too).
     torch.export specializes every dim whose example size is 1, so a batch-1 example would
-    give a program that takes batch 1 only. The example's batch is dim 0 of its first tensor;
-    where that is 2 or more, a size-1 dim 0 elsewhere is an input broadcast over the batch
-    (a ``(1, C)`` scale, Hugging Face's ``(1, T)`` position ids), and nothing is repeated:
-    repeated, it was tied to the batch, and the program refused it at size 1 beside a larger
-    batch, a call the model takes (survey 27 f19, survey 28)."""
-    first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 1), None)
-    if first is None or first.shape[0] != 1:
+    give a program that takes batch 1 only. The example's batch is dim 0 of its first tensor
+    of the most dims (keyword inputs in the forward's order): the ``(B, T, D)`` input beside
+    ``(1, T)`` position ids given first, or beside a ``(T, T)`` mask. Where that is 2 or more,
+    a size-1 dim 0 elsewhere is an input broadcast over the batch (a ``(1, C)`` scale, Hugging
+    Face's ``(1, T)`` position ids), and nothing is repeated: repeated, it was tied to the batch,
+    and the program refused it at size 1 beside a larger batch, a call the model takes (survey
+    27 f19, survey 28, survey 30 f01, f02, f06)."""
+    ordered = _in_signature_order(model, dict(kwargs)) if model is not None else dict(kwargs)
+    leaves = [t for t in pytree.tree_leaves((tuple(args), ordered)) if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    if not leaves or max(leaves, key=lambda t: t.dim()).shape[0] != 1:  # max: the first of the most dims
         return args, kwargs
     return pytree.tree_map(_doubled, (tuple(args), dict(kwargs)))
 
 
+def agrees_at_example(model: torch.nn.Module, traced: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether ``traced`` (a program traced at the doubled batch) computes what ``model`` does on the
+    example as given, both in eval mode, on copies of their buffers. torch.export assumes a symbolic
+    size is never 1 and records no guard for ``if x.shape[0] == 1``: traced at batch 2, the program
+    ran the other branch at the user's own batch-1 example, 0.5 off it (survey 30 f11)."""
+    from .verify import _run, evaluating, mismatch, on_copies
+
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        return True  # nothing to run: weights on meta (analyze of a model built on meta)
+    try:
+        with evaluating(model, traced), torch.no_grad():
+            with on_copies(model, params=False):  # buffers copied (a counter a forward bumps), weights shared
+                ref = _run(model, args, kwargs)
+            with on_copies(traced, params=False):
+                got = _run(traced, args, kwargs)
+    except Exception:  # noqa: BLE001 - the program refuses the example: not a program for it
+        return False
+    return mismatch(got, ref) is None
+
+
 def _batch_spec(x):
-    return {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None
+    # a dim 0 of 1 left so by doubled_batch is an input broadcast over the batch: fixed, said so to torch.export
+    # (Dim.AUTO on it logged a warning per input)
+    return {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] != 1 else None
 
 
 def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, spec=_batch_spec):
@@ -133,7 +158,7 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
                                        dynamic_shapes=dynamic_shapes if dynamic_batch else None)
         except Exception as e:  # noqa: BLE001 - torch.export raises many types
             raise GraphpruneError(f"torch.export failed on {type(model).__name__}: {_first_line(e)}") from e
-    wide = doubled_batch(args, kwargs)
+    wide = doubled_batch(args, kwargs, model)
     grew = any(w is not a for w, a in zip(pytree.tree_leaves(wide), pytree.tree_leaves((args, kwargs))))
     attempts = [wide, (args, kwargs)] if grew else [(args, kwargs)]
     errors = []
@@ -144,6 +169,10 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
             raise
         except Exception as e:  # noqa: BLE001
             errors.append(_first_line(e))
+            continue
+        if a is not args and not agrees_at_example(model, ep.module(), args, kwargs):
+            errors.append("traced at batch 2, the program computes another path at the example's batch of 1 (the "
+                          "code branches on it): torch.export puts no guard on a size of 1")
             continue
         dynamic, static = _symbolic_batches(ep)
         if dynamic or not static:
@@ -217,15 +246,23 @@ def _tensors(tree) -> list:
 
 
 def _by_name(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict | None:
-    """{forward parameter name: tensor}, the names the exporter gives the inputs; None where the
-    forward's signature cannot be bound."""
+    """{input name: tensor}, the names the exporter gives the inputs: a forward parameter's, and for a
+    tensor inside a dict or a list, that name and its keys or places joined by ``_`` (``extra_scale``);
+    a nested dict in another order than the export saw was fed by position (survey 30 f05). None
+    where the forward's signature cannot be bound."""
     import inspect
 
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except (TypeError, ValueError):
         return None
-    return {k: v for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
+    out = {}
+    for name, value in bound.arguments.items():
+        for where, leaf in pytree.tree_flatten_with_path(value)[0]:
+            if isinstance(leaf, torch.Tensor):
+                keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in where]
+                out["_".join([name, *keys])] = leaf
+    return out
 
 
 def check_onnx(path, model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> float:

@@ -397,21 +397,22 @@ def _export(model, example_inputs, example_kwargs) -> fx.GraphModule:
     from torch.export import export
     from torch.utils._pytree import tree_leaves
 
-    from .export import doubled_batch
+    from .export import agrees_at_example, doubled_batch
 
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
     # torch.export specializes every dim whose example size is 1, so a batch-1 example would give a
     # graph that takes batch 1 only: trace with the batch doubled, which keeps it symbolic
-    wide = doubled_batch(args, kwargs)
+    wide = doubled_batch(args, kwargs, model)
     grew = any(w is not a for w, a in zip(tree_leaves(wide), tree_leaves((args, kwargs))))
     attempts = [wide, (args, kwargs)] if grew else [(args, kwargs)]
     for a, k in attempts:
         try:
             with _quiet_fake_tensors():
                 ep = export(model, a, kwargs=k, strict=False, dynamic_shapes=_dynamic_shapes(model, a, k))
-            break
         except Exception:  # noqa: BLE001 - symbolic batch is a nicety; a static graph still prunes
             continue
+        if a is args or agrees_at_example(model, ep.module(), args, kwargs):  # traced at batch 2, it may take
+            break  # another branch at the example's batch of 1 (no guard on a size of 1): then as given
     else:
         a, k = args, kwargs
         with _quiet_fake_tensors():
@@ -489,7 +490,9 @@ def _dynamic_shapes(model, args, kwargs):
     def spec(x):
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             return None
-        return {i: Dim.AUTO for i in range(2 if x.dim() in (2, 3) else 1)}
+        # a dim of 1 stays 1 (torch.export fixes it, and logged a warning per input told otherwise): a dim 0 of
+        # 1 beside a larger batch is an input broadcast over it (export.doubled_batch)
+        return {i: Dim.AUTO for i in range(2 if x.dim() in (2, 3) else 1) if x.shape[i] != 1} or None
 
     return by_signature(model, args, kwargs, spec)
 

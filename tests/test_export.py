@@ -220,3 +220,74 @@ def test_an_input_broadcast_over_the_batch_is_kept_at_one_where_the_example_or_t
             torch.testing.assert_close(ep.module()(x3, scale=scale), want)
     static = export(small, (x2,), {"scale": scale}, dynamic_shapes={"x": None, "scale": None})  # used as given
     assert not _batch_is_symbolic(static)
+
+
+class _PositionsFirst(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pe, self.a, self.b = torch.nn.Embedding(10, 16), torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, pos, x):  # pos (1, T) broadcast over x (B, T, 16)
+        if isinstance(x, torch.Tensor):  # to torch.export, as compile sends code that asks this
+            x = x + self.pe(pos)
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_the_batch_is_read_off_the_input_of_the_most_dims_in_the_forwards_order():
+    """(1, T) position ids given first beside a batch of 2 were taken for the batch: repeated and tied to it,
+    so export's program refused its own example and compile refused the model asking for a batch of 2
+    or more, which it had (survey 30 f01, f02; f06 the same with keyword inputs in another order)."""
+    torch.manual_seed(0)
+    model, pos, x = _PositionsFirst().eval(), torch.arange(5)[None], torch.randn(2, 5, 16)
+    ep = export(model, (pos, x))
+    x3 = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(pos, x3), model(pos, x3))
+        small = graphprune.compile(model, (pos, x), ratio=0.5, ignore=["b"])
+        torch.testing.assert_close(small(pos, x3), small(pos.expand(3, 5), x3))
+
+
+class _OneSamplePath(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.a(x)))
+        return h * 2 if x.shape[0] == 1 else h  # a path for one sample
+
+
+def test_a_program_traced_at_batch_2_is_held_to_the_batch_1_example():
+    """torch.export puts no guard on a size of 1: traced at the doubled batch, the program took the other
+    branch and was 0.5 off the model on the user's own batch-1 example (survey 30 f11); compile refused
+    the model with advice about in-place updates (f12). Now export says why it cannot give a dynamic batch
+    and compile traces at the example as given."""
+    from oracle import dead_twin
+
+    torch.manual_seed(0)
+    model, x1 = _OneSamplePath().eval(), torch.randn(1, 16)
+    with pytest.raises(graphprune.GraphpruneError, match="another path at the example's batch of 1"):
+        export(model, (x1,))
+    small = graphprune.compile(model, (x1,), ratio=0.5, ignore=["b"])
+    with torch.no_grad():
+        torch.testing.assert_close(small(x1), dead_twin(model, small)(x1), rtol=1e-5, atol=1e-6)
+
+
+class _NestedKeywords(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x, extra):
+        return self.b(torch.relu(self.a(x)) * extra["scale"] + extra["bias"])
+
+
+def test_check_onnx_feeds_a_nested_dict_by_its_keys(tmp_path):
+    """A dict input in another key order than to_onnx saw was fed by position: 1.32 off a correct file (survey 30 f05)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model, x = _NestedKeywords().eval(), torch.randn(2, 16)
+    extra = {"scale": torch.randn(2, 32), "bias": torch.randn(2, 32)}
+    path = to_onnx(model, (x, extra), tmp_path / "n.onnx")
+    assert check_onnx(path, model, (x, {"bias": extra["bias"], "scale": extra["scale"]})) <= 1e-5

@@ -1058,3 +1058,25 @@ def test_analyze_reports_the_groups_of_the_graph_compile_prunes():
     summed = {("layers.2.0.weight", 0), ("layers.2.1.weight", 0)}  # the output channels y and z add up on
     assert len([g for g in groups if summed <= {(s.name, s.axis) for s in g.params}]) == 1
     _twin_check(lambda: Generated(plan, 4), (2, 3, 8, 8), must_prune=True)
+
+
+class _NumelPath(torch.nn.Module):
+    """A batch test the code reader cannot see (``x.numel() == 16``: batch 1), and a reshape by a literal
+    head count, so the model's own classes are no option and a graph would come back."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x)).view(x.shape[0], 4, 8).reshape(-1, 32)
+        out = self.b(h)
+        return out * 2 if x.numel() == 16 else out
+
+
+def test_a_graph_is_held_to_the_model_at_batch_one_where_torch_export_guards_nothing():
+    """torch.export takes a symbolic size for never 1: compiled from a batch of 2, the graph came back and at
+    batch 1 ran the other branch, 0.5 off its dead twin (survey 30 f14). Batch 1 is now always checked."""
+    torch.manual_seed(0)
+    with pytest.raises(graphprune.GraphpruneError, match="at batch 1"):
+        graphprune.compile(_NumelPath().eval(), (torch.randn(2, 16),), ratio=0.5)
