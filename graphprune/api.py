@@ -313,6 +313,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
                 f"{count_params(result) / total:.2f} of all parameters. Delete them from the "
                 "model (model.aux = None) to count them out, or give a lower target"), stacklevel=2)
     _graph_checks(model, p, result, rep, check)
+    module_form.record_tree(result)
     result.report = rep
     return result
 

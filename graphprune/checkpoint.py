@@ -111,7 +111,8 @@ def _write_stop_config(path: Path, config) -> None:
     took the missing file for an empty config and began building the architecture's default size,
     a 7B Llama (survey 27 f14). Every integer of the config is the message instead: transformers'
     field validation refuses the file with it, and a config without validation fails on the first
-    size it builds a layer from."""
+    size it builds a layer from; so is ``model_type``, which AutoConfig quotes as it refuses, and
+    AutoTokenizer, which reads a config and falls back on a plain one, still loads the tokenizer."""
     msg = (f"graphprune: {path} holds a pruned model its config alone does not rebuild (manifest.json, "
            "from_pretrained, says why): load it with graphprune.load(original_model, directory)")
     try:
@@ -119,8 +120,9 @@ def _write_stop_config(path: Path, config) -> None:
     except Exception:  # noqa: BLE001 - a config transformers refused to write
         fields = {}
     stop = {k: msg for k, v in fields.items() if isinstance(v, int) and not isinstance(v, bool)}
-    stop = {"model_type": getattr(config, "model_type", None) or fields.get("model_type"), "graphprune": msg,
-            "hidden_size": msg, **stop}
+    # model_type too: AutoConfig then refuses with a ValueError that quotes it, which AutoTokenizer catches and
+    # reads a plain config instead (the integers alone stopped AutoTokenizer with the message, survey 30 f04)
+    stop = {"graphprune": msg, "hidden_size": msg, **stop, "model_type": msg}
     (path / "config.json").write_text(json.dumps(stop, indent=2))
 
 
@@ -156,6 +158,7 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise GraphpruneError(f"save writes a directory, and {path} is a file: give a directory path")
+    _check_tree(model, info)
     _check_shapes(model, info)
     path.mkdir(parents=True, exist_ok=True)
     first: dict[int, str] = {}
@@ -225,6 +228,49 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
     save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt", "graphprune": FORMAT})
     (path / MANIFEST).write_text(_dumps(manifest))
     return path
+
+
+# not the computation, or held by the tensors themselves: a tie is the manifest's aliases (rotate_residual's
+# tied="untie" saves an untied model that loads onto the tied original it came from)
+_CONFIG_METADATA = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "tie_word_embeddings"}
+
+
+def _check_config(out: torch.nn.Module, path: Path) -> None:
+    """The config of the model rebuilt onto the original is the one saved: tensor shapes alone let a Llama
+    built with another ``rope_theta`` and ``rms_norm_eps`` load, 5.25x its logits' largest magnitude off
+    the model saved (survey 30 f18)."""
+    saved = path / PRUNED_CONFIG if (path / PRUNED_CONFIG).is_file() else path / "config.json"
+    try:
+        want = type(out.config).from_json_file(str(saved)).to_dict()
+    except Exception:  # noqa: BLE001 - none written (transformers refused the pruned config), or a stop file
+        return
+    norm = lambda d: json.loads(json.dumps({k: v for k, v in d.items() if k not in _CONFIG_METADATA}, default=str))  # noqa: E731
+    want, have = norm(want), norm(out.config.to_dict())
+    differ = sorted(k for k in {*want, *have} if want.get(k) != have.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: saved {want.get(k)!r}, this original {have.get(k)!r}" for k in differ[:4])
+        raise GraphpruneError(f"the original's config differs from the one the model was saved from ({shown}"
+                              f"{' ...' if len(differ) > 4 else ''}): build the original with the configuration it was "
+                              "saved from; nothing was loaded")
+
+
+def _check_tree(model: torch.nn.Module, info: dict) -> None:
+    """The module tree is the one compile returned: ``load`` rebuilds it from the original's classes, so a
+    module swapped or wrapped since would come back as it was (ReLU for a GELU put in after compile: 0.34
+    off, survey 30 f10)."""
+    was = info.get("tree")
+    if was is None:
+        return
+    now = module_form.tree(model)
+    changed = [(p, was.get(p), now.get(p)) for p in dict.fromkeys([*was, *now]) if was.get(p) != now.get(p)]
+    if changed:
+        path, before, after = changed[0]
+        what = (f"module {path or '(the model)'!r} is {after.rpartition('.')[2]}, compile returned "
+                f"{before.rpartition('.')[2]}" if before and after else
+                f"module {path!r} was {'added' if after else 'removed'} since compile")
+        raise GraphpruneError(f"the model was changed after compile ({what}; {len(changed)} module(s) differ), and load "
+                              "rebuilds it from the original's classes: change the original the same way and compile it, "
+                              "or save the state_dict yourself")
 
 
 def _check_shapes(model: torch.nn.Module, info: dict) -> None:
@@ -377,21 +423,39 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
 
     from .pruner import Pruner
 
+    from .trace import unwrapped
+
     path = Path(path)
     m = read_manifest(path)
     if not (path / WEIGHTS).is_file():
         raise GraphpruneError(f"{path} has no {WEIGHTS}")
+    original = unwrapped(original)  # torch.compile(Net()): the module it wraps, as compile took it (survey 30 f19)
     got = f"{type(original).__module__}.{type(original).__qualname__}"
     if got != m["source"]["class"]:
         raise GraphpruneError(f"{path} holds a pruned {m['source']['class']}, not a {got}; build the original it was saved from")
     where = next((t.device for t in original.parameters()), torch.device("cpu"))  # tracing happens there
     if any(t.is_meta for t in original.parameters()):
         where = torch.device("meta")  # built on meta, though a parameter or two stayed on the CPU
+    def float_inputs(spec) -> set:  # dtypes of the floating tensors of the saved example
+        if isinstance(spec, dict) and "tensor" in spec:
+            return {spec["dtype"]} if getattr(torch, spec["dtype"]).is_floating_point else set()
+        inner = spec.values() if isinstance(spec, dict) else spec if isinstance(spec, list) else ()
+        return set().union(*(float_inputs(v) for v in inner)) if inner else set()
+
+    example_floats = float_inputs([*m["inputs"]["args"], *m["inputs"]["kwargs"].values()])
+    saved_dtypes = {n: spec.get("dtype") for n, spec in m.get("tensors", {}).items()}
     for name, t in _slots(original):
         want = m.get("original", {}).get(name)
         if want is not None and list(t.shape) != want:
             raise GraphpruneError(f"tensor {name!r} of the original is {tuple(t.shape)}, but the saved model was pruned from one "
                                   f"where it is {tuple(want)}: build the original with the configuration it was saved from; nothing was loaded")
+        dtype = saved_dtypes.get(name)
+        if dtype in example_floats and t.is_floating_point() and getattr(torch, dtype) != t.dtype:
+            # the rebuild traces the original on the saved example: a float32 original on a bfloat16 image
+            # failed in the trace with advice about tracing (survey 30 f16); on integer ids it traces, and loads
+            raise GraphpruneError(f"tensor {name!r} of the original is {str(t.dtype).removeprefix('torch.')}, but the model "
+                                  f"was saved in {dtype}: build the original in {dtype} (original.to(torch.{dtype})); "
+                                  "nothing was loaded")
     try:
         dev = torch.device(device) if device is not None else (torch.device("cpu") if where.type == "meta" else where)
         torch.empty(0, device=dev)
@@ -457,6 +521,11 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
         modes = m.get("modes") or {}
         if modes:
             set_modes(out, {**modes_of(out), **modes}, out.training)
+    if m.get("form") == "module" and hf.is_hf(out):
+        _check_config(out, path)
+    if (path / "generation_config.json").is_file() and getattr(out, "generation_config", None) is not None:
+        # what save wrote, not the fresh original's: generate() ran 20 new tokens for the saved 4 (survey 30 f08)
+        out.generation_config = type(out.generation_config).from_pretrained(path)
     module_form.info(out)["loaded_from"] = str(path)
     return out
 

@@ -697,6 +697,19 @@ def training(*modules):
         yield
 
 
+def tree(model: torch.nn.Module) -> dict:
+    """{module path: its class}, what ``save`` holds a result to: a module swapped after compile
+    (ReLU for GELU, a layer wrapped in a Sequential) has no tensor of another shape to show it."""
+    return {path: f"{type(m).__module__}.{type(m).__qualname__}" for path, m in model.named_modules()}
+
+
+def record_tree(model: torch.nn.Module) -> None:
+    """Note ``tree(model)`` in the record compile leaves on its result."""
+    rec = info(model)
+    if rec is not None:
+        rec["tree"] = tree(model)
+
+
 def info(model: torch.nn.Module) -> dict | None:
     """What graphprune recorded about how ``model`` was pruned, in either form."""
     meta = getattr(model, "meta", None)

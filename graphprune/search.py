@@ -27,6 +27,7 @@ from .batches import read_batches
 from .errors import GraphpruneError
 from .flops import count_flops
 from .allocate import report
+from . import module_form
 from .pruner import Pruner
 
 
@@ -262,6 +263,7 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
     rep.auto, rep.verify = choice, check
     result, rep.form, rep.form_why = _choose_form(model, graph, p, output, rep)
     _graph_checks(model, p, result, rep, check)
+    module_form.record_tree(result)
     result.report = rep
     metric = float(best.value)
     if check.blocked or rep.form == "module":  # another model than the one evaluated: its own figure, read on a

@@ -451,3 +451,45 @@ def test_a_frozen_batchnorm_folded_by_deploy_reloads(tmp_path):
     loaded = graphprune.load(fresh, tmp_path)
     small.eval(), loaded.eval()
     torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+
+
+class _Act(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)))
+
+
+def test_save_refuses_a_module_swapped_after_compile_and_load_takes_a_compiled_original(tmp_path):
+    """A parameter-free module swapped after compile (ReLU for GELU) has no tensor of another shape: save
+    wrote it, and load rebuilt the ReLU, 0.34 off; a wrapped layer was written and only load refused it
+    (survey 30 f10). load also refused torch.compile(original), which compile takes (f19)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    for edit in (lambda s: setattr(s, "act", torch.nn.GELU()),
+                 lambda s: setattr(s, "b", torch.nn.Sequential(s.b, torch.nn.Tanh()))):
+        small = graphprune.compile(_Act().eval(), (x,), ratio=0.5)
+        edit(small)
+        with pytest.raises(graphprune.GraphpruneError, match="changed after compile"):
+            graphprune.save(small, tmp_path / "edited")
+    model = _Act().eval()
+    small = graphprune.compile(torch.compile(model), (x,), ratio=0.5)
+    graphprune.save(small, tmp_path / "s")
+    back = graphprune.load(torch.compile(_Act().eval()), tmp_path / "s")
+    torch.testing.assert_close(back(x), small(x))
+
+
+def test_load_onto_an_original_of_another_float_type_says_so(tmp_path):
+    """A bfloat16 conv net loaded onto a float32 original failed in the trace with advice about tracing
+    (survey 30 f16); the dtypes are named now, and an original in the saved dtype loads."""
+    torch.manual_seed(0)
+    model = Residual().eval().to(torch.bfloat16)
+    x = torch.randn(*IMAGE, dtype=torch.bfloat16)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    graphprune.save(small, tmp_path)
+    with pytest.raises(graphprune.GraphpruneError, match="saved in bfloat16"):
+        graphprune.load(Residual().eval(), tmp_path)
+    back = graphprune.load(Residual().eval().to(torch.bfloat16), tmp_path)
+    torch.testing.assert_close(back(x), small(x))

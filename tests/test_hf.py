@@ -328,6 +328,14 @@ def test_judge_compares_language_model_outputs_by_kl():
     assert 0.0 < mild < hard
 
 
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, **{f"w{i}": i for i in range(1, VOCAB)}}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+
+
 def _stops_from_pretrained(path, concrete):
     """Neither AutoModel nor the concrete class builds a model from the directory: a concrete class
     took a missing config.json for an empty config and began building the default size, a 7B Llama
@@ -335,6 +343,42 @@ def _stops_from_pretrained(path, concrete):
     for cls in (transformers.AutoModelForCausalLM, transformers.AutoConfig, concrete, concrete.config_class):
         with pytest.raises(Exception, match="graphprune.load"):
             cls.from_pretrained(path)
+
+
+def test_load_keeps_the_saved_generation_config(tmp_path):
+    """load took the fresh original's generation config: generate() ran 20 new tokens where the saved
+    model ran 4, with another end token (survey 30 f08)."""
+    torch.manual_seed(0)
+    model = _llama().eval()
+    model.generation_config.max_new_tokens, model.generation_config.eos_token_id = 4, [5, 7]
+    small = graphprune.compile(model, (torch.randint(3, VOCAB, (2, 12)),), ratio={"*.mlp.*": 0.25})
+    graphprune.save(small, tmp_path)
+    with torch.device("meta"):
+        original = type(model)(model.config)
+    back = graphprune.load(original, tmp_path)
+    assert back.generation_config.max_new_tokens == 4 and back.generation_config.eos_token_id == [5, 7]
+    prompt = torch.randint(8, VOCAB, (1, 5))
+    assert torch.equal(back.generate(prompt, do_sample=False, pad_token_id=0),
+                       small.generate(prompt, do_sample=False, pad_token_id=0))
+
+
+def test_load_refuses_an_original_of_another_config_of_the_same_shapes(tmp_path):
+    """load compared tensor shapes only: an original with the default rope_theta and rms_norm_eps loaded a
+    model saved from one with others, its logits 5.25x their largest magnitude off (survey 30 f18)."""
+    kw = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+              intermediate_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw, rope_theta=500000.0, rms_norm_eps=1e-2)).eval()
+    small = graphprune.compile(model, (torch.randint(3, VOCAB, (2, 12)),), ratio={"*.mlp.*": 0.25})
+    graphprune.save(small, tmp_path)
+    with torch.device("meta"):
+        other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
+        same = transformers.LlamaForCausalLM(model.config)
+    with pytest.raises(graphprune.GraphpruneError, match="config differs.*rms_norm_eps"):
+        graphprune.load(other, tmp_path)
+    ids = torch.randint(3, VOCAB, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(graphprune.load(same, tmp_path)(ids).logits, small(ids).logits, rtol=0, atol=0)
 
 
 def test_a_config_transformers_refuses_is_not_written_and_load_still_works(tmp_path):
@@ -441,11 +485,13 @@ def test_a_config_that_builds_another_model_is_not_left_for_from_pretrained(tmp_
     small = graphprune.compile(model, (ids,), ratio=0.25, importance="l2")
     assert small.report.form == "module" and small.config.hidden_size == 48
     assert small.generation_config is not model.generation_config  # was the user's own object (survey 13)
-    graphprune.save(small, tmp_path)
+    graphprune.save(small, tmp_path, tokenizer=_word_tokenizer())
     manifest = __import__("json").loads((tmp_path / "manifest.json").read_text())
     assert "embed_scale" in manifest["from_pretrained"]
     assert (tmp_path / "pruned_config.json").exists()
     _stops_from_pretrained(tmp_path, transformers.GemmaForCausalLM)
+    # the tokenizer saved beside it still loads: AutoTokenizer reads config.json and was stopped too (survey 30 f04)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path)("w5 w7")["input_ids"] == [5, 7]
     back = graphprune.load(transformers.GemmaForCausalLM(cfg), tmp_path)
     with torch.no_grad():
         assert torch.equal(back(ids).logits, small(ids).logits)
