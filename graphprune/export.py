@@ -54,13 +54,16 @@ def doubled_batch(args: tuple, kwargs: dict, model: torch.nn.Module | None = Non
 
 def agrees_at_example(model: torch.nn.Module, traced: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
     """Whether ``traced`` (a program traced at the doubled batch) computes what ``model`` does on the
-    example as given, both in eval mode, on copies of their buffers. torch.export assumes a symbolic
+    example as given, both in eval mode, on copies of their buffers (a model in training mode is taken
+    at its word). torch.export assumes a symbolic
     size is never 1 and records no guard for ``if x.shape[0] == 1``: traced at batch 2, the program
     ran the other branch at the user's own batch-1 example, 0.5 off it (survey 30 f11)."""
     from .verify import _run, evaluating, mismatch, on_copies
 
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         return True  # nothing to run: weights on meta (analyze of a model built on meta)
+    if any(m.training for m in model.modules()):
+        return True  # a program of the training-mode computation (dropout draws, batch statistics): not compared
     try:
         with evaluating(model, traced), torch.no_grad():
             with on_copies(model, params=False):  # buffers copied (a counter a forward bumps), weights shared

@@ -291,3 +291,12 @@ def test_check_onnx_feeds_a_nested_dict_by_its_keys(tmp_path):
     extra = {"scale": torch.randn(2, 32), "bias": torch.randn(2, 32)}
     path = to_onnx(model, (x, extra), tmp_path / "n.onnx")
     assert check_onnx(path, model, (x, {"bias": extra["bias"], "scale": extra["scale"]})) <= 1e-5
+
+
+def test_a_model_in_training_mode_exports_from_a_batch_1_example():
+    """The check at the example compares eval-mode runs; a model in training mode (batch statistics) is taken at
+    its word, and its program keeps a dynamic batch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU()).train()
+    ep = export(model, (torch.randn(1, 3, 8, 8),))
+    assert _batch_is_symbolic(ep) and model.training
