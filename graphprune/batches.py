@@ -26,6 +26,32 @@ from .errors import GraphpruneError, GraphpruneWarning, first_line
 CALIBRATION_CAP = 256  # batches read from a stream or loader; a list is taken whole
 
 
+def in_signature_order(model: torch.nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` in the order the forward declares them (any it gathers in ``**kwargs`` after, as given).
+    torch.export flattens keyword inputs in the order the dict has them, and a graph form whose forward
+    re-flattens its inputs by a pytree spec (what compile returns from a torch.export trace) then takes
+    them by position: ``{"scale": s, "mask": m}`` reached the program as mask=s (survey 27 f13)."""
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return kwargs
+    return {**{k: kwargs[k] for k in names if k in kwargs}, **{k: v for k, v in kwargs.items() if k not in names}}
+
+
+def example_batch(args: tuple, kwargs: dict, model: torch.nn.Module | None = None) -> int | None:
+    """The example's batch: dim 0 of its first tensor of the most dims, keyword inputs in the forward's
+    order (None without a tensor of a dim). Not simply the first tensor: ``(1, T)`` position ids given
+    before a ``(B, T, D)`` batch, or a ``(T, T)`` mask, are broadcast over it. Read by ``export``
+    (which example to trace at batch 2) and ``source.tested_batches`` (which inputs to resize), one
+    rule for both: the checks had resized the position ids as the batch, and skipped what they meant
+    to check (survey 30 f01)."""
+    from torch.utils._pytree import tree_leaves
+
+    ordered = in_signature_order(model, dict(kwargs)) if model is not None else dict(kwargs)
+    leaves = [t for t in tree_leaves((tuple(args), ordered)) if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    return int(max(leaves, key=lambda t: t.dim()).shape[0]) if leaves else None  # max: the first of the most dims
+
+
 def read_batches(calibration) -> list:
     """The calibration batches as a list, read once: criteria, the judge and the refit each go
     over them. A list or tuple is the user's own choice of batches and is taken whole. A generator,

@@ -17,6 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import hf
+from .batches import example_batch, in_signature_order
 from .errors import GraphpruneError, first_line
 
 __all__ = ["export", "to_onnx", "check_onnx"]
@@ -38,16 +39,13 @@ def _doubled(x):
 def doubled_batch(args: tuple, kwargs: dict, model: torch.nn.Module | None = None) -> tuple[tuple, dict]:
     """A batch-1 example at batch 2: every tensor whose dim 0 is 1 repeated (nested ones too).
     torch.export specializes every dim whose example size is 1, so a batch-1 example would
-    give a program that takes batch 1 only. The example's batch is dim 0 of its first tensor
-    of the most dims (keyword inputs in the forward's order): the ``(B, T, D)`` input beside
-    ``(1, T)`` position ids given first, or beside a ``(T, T)`` mask. Where that is 2 or more,
+    give a program that takes batch 1 only. The example's batch is ``batches.example_batch``
+    (the ``(B, T, D)`` input beside ``(1, T)`` position ids given first). Where that is 2 or more,
     a size-1 dim 0 elsewhere is an input broadcast over the batch (a ``(1, C)`` scale, Hugging
     Face's ``(1, T)`` position ids), and nothing is repeated: repeated, it was tied to the batch,
     and the program refused it at size 1 beside a larger batch, a call the model takes (survey
     27 f19, survey 28, survey 30 f01, f02, f06)."""
-    ordered = _in_signature_order(model, dict(kwargs)) if model is not None else dict(kwargs)
-    leaves = [t for t in pytree.tree_leaves((tuple(args), ordered)) if isinstance(t, torch.Tensor) and t.dim() >= 1]
-    if not leaves or max(leaves, key=lambda t: t.dim()).shape[0] != 1:  # max: the first of the most dims
+    if example_batch(args, kwargs, model) != 1:
         return args, kwargs
     return pytree.tree_map(_doubled, (tuple(args), dict(kwargs)))
 
@@ -101,18 +99,6 @@ def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, spec=_bat
     return specs
 
 
-def _in_signature_order(model: torch.nn.Module, kwargs: dict) -> dict:
-    """``kwargs`` in the order the forward declares them (any it gathers in ``**kwargs`` after, as given).
-    torch.export flattens keyword inputs in the order the dict has them, and a graph form whose forward
-    re-flattens its inputs by a pytree spec (what compile returns from a torch.export trace) then takes
-    them by position: ``{"scale": s, "mask": m}`` reached the program as mask=s (survey 27 f13)."""
-    try:
-        names = list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return kwargs
-    return {**{k: kwargs[k] for k in names if k in kwargs}, **{k: v for k, v in kwargs.items() if k not in names}}
-
-
 def _symbolic_batches(ep) -> tuple[int, list]:
     """(number of tensor user inputs with a symbolic dim 0, the static sizes of the others)."""
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
@@ -154,7 +140,7 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
     kwargs = dict(kwargs or {})
     if getattr(getattr(model, "config", None), "use_cache", False):  # a KV cache is no output a program carries
         kwargs = hf.example_kwargs(model, kwargs)
-    kwargs = _in_signature_order(model, kwargs)
+    kwargs = in_signature_order(model, kwargs)
     if not dynamic_batch or dynamic_shapes is not None:
         try:
             return torch.export.export(model, args, kwargs=kwargs, strict=False,

@@ -232,13 +232,12 @@ def _is_batch(node, names: set) -> bool:
 
 def tested_batches(model: torch.nn.Module, args: tuple, kwargs: dict, *, one: bool = False) -> list[tuple[int, tuple, dict]]:
     """(size, args, kwargs): the example at each of ``batch_sizes`` (and with ``one``, at a batch of 1),
-    its batch read off the first tensor input with a dim; [] where it has none."""
-    from torch.utils._pytree import tree_leaves
+    its batch ``batches.example_batch``; [] where it has none."""
+    from .batches import example_batch
 
-    first = next((t for t in tree_leaves((tuple(args), dict(kwargs))) if isinstance(t, torch.Tensor) and t.dim()), None)
-    if first is None:
+    batch = example_batch(args, kwargs, model)
+    if batch is None:
         return []
-    batch = first.shape[0]
     sizes = batch_sizes(model, batch)
     if one and batch > 1 and 1 not in sizes:  # torch.export takes a symbolic size for never 1 and guards no test
         sizes.append(1)  # of it: `x.numel() == 16` at batch 1 ran the other branch in the trace, 0.5 off (survey 30 f14)

@@ -1080,3 +1080,25 @@ def test_a_graph_is_held_to_the_model_at_batch_one_where_torch_export_guards_not
     torch.manual_seed(0)
     with pytest.raises(graphprune.GraphpruneError, match="at batch 1"):
         graphprune.compile(_NumelPath().eval(), (torch.randn(2, 16),), ratio=0.5)
+
+
+class _NumelPathPositionsFirst(torch.nn.Module):
+    """``_NumelPath`` with (1, T) position ids given first, broadcast over the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.pe, self.a, self.b = torch.nn.Embedding(10, 16), torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, pos, x):                                     # pos (1, T), x (B, T, 16)
+        h = torch.relu(self.a(x + self.pe(pos))).view(x.shape[0], x.shape[1], 4, 8).flatten(2)
+        out = self.b(h)
+        return out * 2 if x.numel() == x.shape[1] * 16 else out  # batch 1
+
+
+def test_the_batch_checks_read_the_batch_as_export_does():
+    """The checks at other batch sizes read the batch off the first tensor, the (1, T) position ids: they took
+    the example for a batch of 1, never ran batch 1, and the graph came back 0.5 off its twin there (survey 30
+    f01 with f14). One rule for both now (``batches.example_batch``)."""
+    torch.manual_seed(0)
+    with pytest.raises(graphprune.GraphpruneError, match="at batch 1"):
+        graphprune.compile(_NumelPathPositionsFirst().eval(), (torch.arange(5)[None], torch.randn(2, 5, 16)), ratio=0.5)
