@@ -54,6 +54,14 @@ def _input_spec(x):
                           "pass tensors, plain Python values, or lists, tuples and str-keyed dicts of them")
 
 
+def _float_dtypes(spec) -> set:
+    """The dtypes of the floating tensors in a manifest's input specs (``_input_spec``), nested ones too."""
+    if isinstance(spec, dict) and "tensor" in spec:
+        return {spec["dtype"]} if getattr(torch, spec["dtype"]).is_floating_point else set()
+    inner = spec.values() if isinstance(spec, dict) else spec if isinstance(spec, list) else ()
+    return set().union(*(_float_dtypes(v) for v in inner)) if inner else set()
+
+
 def _input_value(spec: dict, device):
     if "tensor" in spec:
         dtype = getattr(torch, spec["dtype"])
@@ -436,13 +444,7 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     where = next((t.device for t in original.parameters()), torch.device("cpu"))  # tracing happens there
     if any(t.is_meta for t in original.parameters()):
         where = torch.device("meta")  # built on meta, though a parameter or two stayed on the CPU
-    def float_inputs(spec) -> set:  # dtypes of the floating tensors of the saved example
-        if isinstance(spec, dict) and "tensor" in spec:
-            return {spec["dtype"]} if getattr(torch, spec["dtype"]).is_floating_point else set()
-        inner = spec.values() if isinstance(spec, dict) else spec if isinstance(spec, list) else ()
-        return set().union(*(float_inputs(v) for v in inner)) if inner else set()
-
-    example_floats = float_inputs([*m["inputs"]["args"], *m["inputs"]["kwargs"].values()])
+    example_floats = _float_dtypes([*m["inputs"]["args"], *m["inputs"]["kwargs"].values()])
     saved_dtypes = {n: spec.get("dtype") for n, spec in m.get("tensors", {}).items()}
     for name, t in _slots(original):
         want = m.get("original", {}).get(name)

@@ -217,8 +217,6 @@ def _reads_training(model: torch.nn.Module) -> bool:
     """Whether a module in training mode, of a class outside torch, reads ``self.training`` in its
     forward (``F.dropout(x, p, self.training)``, as timm heads and Hugging Face attention do):
     its ONNX file would be the eval-mode model (0.57 off it, survey 28)."""
-    import inspect
-
     for mod in model.modules():
         if not mod.training or type(mod).__module__.startswith("torch."):
             continue
@@ -239,8 +237,6 @@ def _by_name(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict | None:
     tensor inside a dict or a list, that name and its keys or places joined by ``_`` (``extra_scale``);
     a nested dict in another order than the export saw was fed by position (survey 30 f05). None
     where the forward's signature cannot be bound."""
-    import inspect
-
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except (TypeError, ValueError):

@@ -236,8 +236,13 @@ def _counted_by_node(gm: fx.GraphModule, args: tuple, kwargs: dict | None, state
     from .flops import _more_flops, _on_fake, _on_meta, _own
     from .trace import to_meta
 
-    nodes: dict = {}
-    operands: dict = {}
+    nodes: dict = {}     # name -> node, for every call
+    operands: dict = {}  # name -> [the node, its tensor inputs where a formula reads them]
+    for n in gm.graph.nodes:
+        if n.op in ("call_function", "call_method", "call_module"):
+            cop = n.meta.get(CANON)
+            ins = [k for k in (cop.inputs if cop is not None and cop.op in FORMULAS else ()) if isinstance(k, fx.Node)]
+            nodes[n.name], operands[n.name] = n, [n, *ins]
 
     def marked(on_meta: bool) -> fx.GraphModule:
         graph = fx.Graph()
@@ -251,12 +256,8 @@ def _counted_by_node(gm: fx.GraphModule, args: tuple, kwargs: dict | None, state
             if on_meta and n.kwargs.get("device") is not None:  # a tensor the graph makes: torch.export bakes the
                 # example's device in (arange(17, device=cpu), Hugging Face ViT's mask); made on meta, counted alike
                 env[n].kwargs = {**n.kwargs, "device": torch.device("meta")}
-            if n.op in ("call_function", "call_method", "call_module"):
-                cop = n.meta.get(CANON)
-                ins = [k for k in (cop.inputs if cop is not None and cop.op in FORMULAS else ()) if isinstance(k, fx.Node)]
-                nodes[n.name] = n
-                operands[n.name] = [n, *ins]
-                graph.call_function(_after, (n.name, env[n], *(env[k] for k in ins)))
+            if n.name in operands:
+                graph.call_function(_after, (n.name, *(env[k] for k in operands[n.name])))
         return fx.GraphModule(gm, graph)
 
     for run, on_meta in ((_on_meta, True), (_on_fake, False)):  # as count_flops: fake tensors where the graph

@@ -265,12 +265,11 @@ def _shared_weights(gm: GraphModule) -> set:
     names, or read again by ``x @ self.embed.weight.T``). A refit of one reader wrote into the other's
     weights: the embedding table moved 0.43 and the output error grew from 0.24 to 0.31 (survey 30 f20).
     Those layers keep their sliced weights."""
-    import operator
     from collections import Counter
 
     def tensor(key):
         try:
-            return operator.attrgetter(key)(gm)
+            return _attr(gm, key)
         except AttributeError:
             return None
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -73,8 +74,8 @@ def group_names(p: Pruner, groups) -> dict:
         writers = list(dict.fromkeys(n.rpartition(".")[0] for n in written))
         first = writers[0] if writers else g.params[0].name.rpartition(".")[0]
         names[g.id] = first + (f" +{len(writers) - 1}" if len(writers) > 1 else "")
-    seen = [n for n in names.values()]
-    return {gid: n if seen.count(n) == 1 else f"{n} (group {gid})" for gid, n in names.items()}
+    alike = Counter(names.values())
+    return {gid: n if alike[n] == 1 else f"{n} (group {gid})" for gid, n in names.items()}
 
 
 def sensitivity(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[torch.nn.Module], float], *,
