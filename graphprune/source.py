@@ -211,6 +211,45 @@ def _size_tests(cls: type) -> frozenset:
     return frozenset(found)
 
 
+def tests_other_sizes(cls: type) -> bool:
+    """Whether code the forward runs compares a size other than the batch: ``h.shape[-1] > 64``,
+    ``x.size(2) == 1``, ``x.dim() == 4``, ``h == 7`` after ``b, c, h, w = x.shape``, ``x.shape == y.shape``.
+    The checks at other sizes compare a graph with its twin, another graph, so behind a question
+    the tracer answered wrongly (``isinstance(h, torch.Tensor)`` is False for a proxy) such a test
+    is met by no check; batch tests are (``batch_sizes``)."""
+    return _tests_other_sizes(cls) if isinstance(getattr(cls, "forward", None), types.FunctionType) else False
+
+
+@functools.lru_cache(maxsize=None)
+def _tests_other_sizes(cls: type) -> bool:
+    for _fn, tree in reached(cls):
+        names = set()  # names bound to a size that is not the batch: h from b, c, h, w = x.shape; t = x.size(1)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                target = node.targets[0]
+                if isinstance(target, ast.Tuple) and _is_shape(node.value):
+                    names.update(e.id for e in target.elts[1:] if isinstance(e, ast.Name))
+                elif isinstance(target, ast.Name) and _sized(node.value, names) and not _is_batch(node.value, set()):
+                    names.add(target.id)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare) and any(_sized(s, names) and not _is_batch(s, set())
+                                                     for s in [node.left, *node.comparators]):
+                return True
+    return False
+
+
+def _sized(node, names: set) -> bool:
+    """Whether ``node`` reads a size: a ``.shape`` or ``.ndim``, a ``.size(...)`` or ``.dim()`` call, or a name bound to one."""
+    for n in ast.walk(node):
+        if isinstance(n, ast.Attribute) and n.attr in ("shape", "ndim"):
+            return True
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in ("size", "dim"):
+            return True
+        if isinstance(n, ast.Name) and n.id in names:
+            return True
+    return False
+
+
 def _is_shape(node) -> bool:
     """``x.shape``, ``x.size()``, or a slice of either from its start."""
     if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Slice) and node.slice.lower is None:

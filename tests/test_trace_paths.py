@@ -458,3 +458,93 @@ def test_the_batch_sizes_a_forward_tests():
     assert source.batch_sizes(Tests(), 2) == [3, 4, 8, 9]  # the far side of each test from the example's 2
     assert source.batch_sizes(Tests(), 8) == [7, 9, 3, 2]
     assert source.batch_sizes(nn.Linear(2, 2), 2) == []
+
+
+class _Layer(nn.Module):
+    """DenseNet's layer: it takes a tensor or the list of every earlier layer's output."""
+
+    def __init__(self, cin: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, 8, 3, padding=1)
+
+    def forward(self, inputs):
+        feats = [inputs] if isinstance(inputs, torch.Tensor) else inputs
+        return torch.relu(self.conv(torch.cat(feats, 1)))
+
+
+class _Dense(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.l1, self.l2, self.head = nn.Conv2d(3, 8, 3, padding=1), _Layer(8), _Layer(16), nn.Linear(24, 4)
+
+    def forward(self, x):
+        feats = [torch.relu(self.stem(x))]
+        feats.append(self.l1(feats))
+        return self.head(torch.cat([*feats, self.l2(feats)], 1).mean((2, 3)))
+
+
+class _DenseCentred(_Dense):
+    def forward(self, x):
+        feats = [torch.relu(self.stem(x))]
+        feats.append(self.l1(feats))
+        h = self.l2(feats)
+        if isinstance(h, torch.Tensor) and h.shape[-1] > 8:  # a width test behind the question
+            h = h - h.mean(1, keepdim=True)
+        return self.head(torch.cat([*feats, h], 1).mean((2, 3)))
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_code_that_asks_for_a_tensor_is_traced_symbolically_where_the_checks_meet_every_size_test(centred):
+    """A proxy is no tensor to ``isinstance``, so such code went to torch.export: DenseNet compiled in three
+    times the time, into a graph of the example's image size only. Where the code tests no size but the
+    batch, what a wrong answer changes shows at the example or a tested batch, so fx traces it and the
+    checks judge. A width test behind the question (``h.shape[-1] > 8``) is met by no check (the graph
+    is compared with its twin, another graph, at other widths): that code still goes to torch.export,
+    whose graph takes the example's width only, and the module form is held to its twin past it."""
+    torch.manual_seed(0)
+    model = (_DenseCentred() if centred else _Dense()).eval()
+    x, wide = torch.randn(2, 3, 8, 8), torch.randn(3, 3, 16, 16)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1", output="graph")
+    assert dict(small.named_parameters())["l1.conv.weight"].shape[0] == 4
+    if centred:  # the exported graph refuses the width the code tests, where fx's took it down the wrong path
+        with pytest.raises(Exception):
+            small(wide)
+    else:
+        torch.testing.assert_close(small(wide), dead_twin(model, small)(wide))
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    for o in (x, torch.randn(3, 3, 7, 7)) + (() if centred else (wide,)):
+        torch.testing.assert_close(small(o), dead_twin(model, small)(o))
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: sizes past a non-batch size test are not tried on the module form")
+def test_the_module_form_is_held_past_a_width_test():
+    """The checks try smaller sizes of every input dim (``verify.resized_inputs``) and either side of
+    each batch test; ``h.shape[-1] > 8`` at an 8-wide example is passed only by larger widths, where
+    the module form centres over its pruned channels, 0.004 off its twin at 16."""
+    torch.manual_seed(0)
+    model, x, wide = _DenseCentred().eval(), torch.randn(2, 3, 8, 8), torch.randn(3, 3, 16, 16)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    torch.testing.assert_close(small(wide), dead_twin(model, small)(wide))
+
+
+def test_the_size_tests_other_than_the_batch():
+    from graphprune import source
+
+    class Batch(nn.Module):
+        def forward(self, x):
+            b = x.shape[0]
+            return x * 2 if b > 4 or len(x) == 3 or x.size(0) == 1 else x
+
+    assert not source.tests_other_sizes(Batch) and not source.tests_other_sizes(_Layer)
+    assert not source.tests_other_sizes(_Dense) and source.tests_other_sizes(_DenseCentred)
+
+    class Unpacked(nn.Module):
+        def forward(self, x):
+            b, c, h, w = x.shape
+            return x * 2 if h == 7 else x
+
+    class Rank(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.dim() == 4 else x
+
+    assert source.tests_other_sizes(Unpacked) and source.tests_other_sizes(Rank)
