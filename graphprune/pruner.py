@@ -260,7 +260,7 @@ class Pruner:
         traced = trace(self.model, args, kwargs, checked=True)
         problem, self.param_writes = _verify.check_trace(shadow(self.model), traced.gm, args, kwargs)
         if problem is None:
-            self.wrong_sizes = _verify.wrong_at_tested_batches(shadow(self.model), traced.gm, args, kwargs)
+            self.wrong_sizes = _verify.wrong_at_tested_batches(shadow(self.model), traced.gm, args, kwargs, self.param_writes)
             if self.wrong_sizes is None or traced.method == "export":
                 return traced
             try:  # torch.export answers some questions fx does not (hasattr), and bounds the batch
@@ -270,7 +270,7 @@ class Pruner:
                 return traced
             if again is None:
                 self.param_writes, traced = writes, exported
-                self.wrong_sizes = _verify.wrong_at_tested_batches(shadow(self.model), traced.gm, args, kwargs)
+                self.wrong_sizes = _verify.wrong_at_tested_batches(shadow(self.model), traced.gm, args, kwargs, self.param_writes)
             return traced
         first = f"{traced.method}: {problem}"
         if traced.method == "symbolic_trace":
@@ -280,7 +280,7 @@ class Pruner:
             except GraphpruneError as e:
                 problem = first_line(e)
             if problem is None:
-                self.wrong_sizes = _verify.wrong_at_tested_batches(shadow(self.model), traced.gm, args, kwargs)
+                self.wrong_sizes = _verify.wrong_at_tested_batches(shadow(self.model), traced.gm, args, kwargs, self.param_writes)
                 return traced
         suspects = [n.name for n in traced.gm.graph.nodes if mutates(n) and n.name != "_guards_fn"]  # export's own
         hint = f" In-place ops in the graph: {', '.join(suspects[:8])}." if suspects else ""

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.utils._python_dispatch
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .modes import kept_modes
@@ -397,24 +398,71 @@ def _writes(pairs: list) -> bool:
     return any(not torch.equal(orig, copy) for orig, copy in pairs)
 
 
+class _ParamWrite(BaseException):
+    """Raised before an op writes to a parameter under ``_no_param_writes``. A BaseException, so
+    that no ``except Exception`` in the user's forward swallows it and lets the write go on."""
+
+
+class _NoParamWrites(torch.utils._python_dispatch.TorchDispatchMode):
+    """Refuses, before it runs, every op that writes into the storage of one of ``tensors``
+    (``w.data.clamp_()``, an Embedding's ``max_norm`` renorm, ``out=`` into a weight, a view's
+    ``zero_()``): the schema says which arguments an op writes."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.ptrs = {t.untyped_storage().data_ptr() for t in tensors} - {0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.is_mutable:
+            given = [*zip(func._schema.arguments, args), *((a, kwargs[a.name]) for a in func._schema.arguments
+                                                            if a.name in kwargs)]
+            for arg, value in given:
+                written = arg.alias_info is not None and arg.alias_info.is_write
+                for t in (value if isinstance(value, (list, tuple)) else (value,)):
+                    if written and isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.ptrs:
+                        raise _ParamWrite(func)
+        return func(*args, **kwargs)
+
+
+class _Retry(Exception):
+    """The run without copies of the weights could not say: run again with them."""
+
+
 def check_trace(model, gm, args: tuple, kwargs: dict) -> tuple[str | None, bool]:
     """None if the traced graph computes what ``model`` computes on the example,
-    else what differs. Both run on copies of their tensors, so a forward that
-    updates state (running statistics, counters, renormalised embeddings)
-    leaves the user's model as it was. Where the model's first call wrote to its
+    else what differs, and whether the forward writes to its parameters. Both run
+    on copies of their buffers, so a forward that updates state (running statistics,
+    counters) leaves the user's model as it was. The weights are shared, under a guard
+    that refuses any write into them before it happens (``_NoParamWrites``): most
+    forwards write none, and copying them for the check was a full copy of the model
+    (vit_h_14: 2.5 GB, 3 s). Where the guard trips, or the guarded run fails for any
+    reason, the check is run again on copies of the weights too, which a forward that
+    renormalises its embeddings may write to. Where the model's first call wrote to its
     tensors, both are called a second time, on other values, carrying that state
     (``_again``): a one-time initialisation guarded by a buffer flag was traced as
     taken on every call, and the graph recomputed its scale from each batch, 0.25
     off from the second call on (survey 18)."""
-    args = tuple(args)
-    mine = _copies(model)
+    try:
+        return _check_trace(model, gm, tuple(args), kwargs, guarded=True)
+    except (_ParamWrite, _Retry):
+        return _check_trace(model, gm, tuple(args), kwargs, guarded=False)
+
+
+def _check_trace(model, gm, args: tuple, kwargs: dict, *, guarded: bool) -> tuple[str | None, bool]:
+    weights = list({id(t): t for m in (model, gm) for t in m.parameters()}.values())
+    guard = (lambda: _NoParamWrites(weights)) if guarded else contextlib.nullcontext
+    mine = _copies(model, params=not guarded)
     state = [(n, t, mine[id(t)]) for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) in mine]
     again, written = None, []
     with evaluating(model, gm):
         with swapped(model, mine):
             try:
-                ref = _run(model, args, kwargs)
+                with guard():
+                    ref = _run(model, args, kwargs)
             except Exception as e:  # noqa: BLE001 - the user's own forward: say so instead of a raw traceback
+                if guarded:
+                    raise _Retry from e
                 raise GraphpruneError(f"{type(model).__name__} fails on its example inputs {_shapes(args)} "
                                       f"({type(e).__name__}: {first_line(e)[:200]}); pass inputs the model "
                                       "takes") from e
@@ -422,24 +470,28 @@ def check_trace(model, gm, args: tuple, kwargs: dict) -> tuple[str | None, bool]
             if written:
                 again = _again(args, kwargs)
                 try:
-                    ref2 = _run(model, *again)
+                    with guard():
+                        ref2 = _run(model, *again)
                 except Exception:  # noqa: BLE001 - it does not take those values: the first call is all there is
                     again = None
         # the graph shares the model's parameters: the copies the model's run left as they were serve the graph's
         # run too, so a model is copied once, not twice (regnet_y_128gf: 2.6 GB and 3 s less)
         # (where it wrote, a second call ran, and nothing is shared; an output that is a view of a copy is taken
         # apart from it first)
-        shared = {} if written else {id(t): mine[id(t)] for t in model.parameters()}
+        shared = {} if written or guarded else {id(t): mine[id(t)] for t in model.parameters()}
         if shared:
             ref = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, ref)
-        theirs = _copies(gm, keep=shared)
+        theirs = _copies(gm, keep=shared, params=not guarded)
         copies = {**mine, **theirs}
-        params = list({id(t): (t, copies[id(t)]) for m in (model, gm) for t in m.parameters()}.values())
+        params = [] if guarded else list({id(t): (t, copies[id(t)]) for t in weights}.values())
         with swapped(gm, theirs):
             try:
-                got = _run(gm, args, kwargs)
-                got2 = _run(gm, *again) if again is not None else None
+                with guard():
+                    got = _run(gm, args, kwargs)
+                    got2 = _run(gm, *again) if again is not None else None
             except Exception as e:  # noqa: BLE001 - a trace that cannot run is a trace that differs
+                if guarded:
+                    raise _Retry from e
                 return f"the traced graph fails where the model runs ({type(e).__name__}: {first_line(e)[:200]})", \
                     _writes(params)
     bad = mismatch(got, ref)
@@ -451,25 +503,26 @@ def check_trace(model, gm, args: tuple, kwargs: dict) -> tuple[str | None, bool]
     return bad, _writes(params)
 
 
-def wrong_at_tested_batches(model, gm, args: tuple, kwargs: dict) -> str | None:
+def wrong_at_tested_batches(model, gm, args: tuple, kwargs: dict, params: bool = True) -> str | None:
     """What differs between ``model`` and its trace at the batch sizes the code tests
     (``source.batch_sizes``), or None. A tracer that answered a question about a value wrongly
     (``type(h) is torch.Tensor``, ``hasattr``, ``is_fx_tracing()``) never met the size test
     behind it, put no bound on the batch, and matched the model at the example: from batch 5 the
     graph was 0.11 off (survey 20). torch.export puts no guard on a batch of 1 (``if x.shape[0]
     == 1:``), and its graph was 0.30 off there (survey 21). A size the graph refuses is no
-    mismatch: it says so itself. Runs are on copies: what a forward writes is put back."""
+    mismatch: it says so itself. Runs are on copies: what a forward writes is put back (of the
+    weights too where ``params``: ``check_trace`` says whether the forward writes to them)."""
     from . import source
 
     for size, a, k in source.tested_batches(model, args, kwargs, one=True):
         with evaluating(model, gm):
             try:
-                with on_copies(model):
+                with on_copies(model, params=params):
                     ref = _run(model, a, k)
             except Exception:  # noqa: BLE001 - the model does not take it either
                 continue
             try:
-                with on_copies(gm):
+                with on_copies(gm, params=params):
                     got = _run(gm, a, k)
             except Exception:  # noqa: BLE001 - the graph refuses it, loudly
                 continue
