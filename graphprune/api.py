@@ -18,7 +18,7 @@ from .batches import as_call, not_batches, read_batches, regroup
 from .errors import GraphpruneError, GraphpruneWarning, first_line
 from .flops import count_flops, count_params, latency_ratio
 from .groups import Analysis, analyze_graph
-from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS
+from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, SYMBOLIC_DIMS
 from . import auto, module_form
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore, matching_ratio
 from .reconstruct import thin_calibration
@@ -329,12 +329,13 @@ def _graph_checks(model, p, result, rep, check) -> None:
     if p.wrong_sizes and rep.form == "graph":  # the module form is held to its twin there (module_form.beyond); the graph is wrong
         raise GraphpruneError(
             f"the traced graph of {type(model).__name__} does not compute what the model computes at every batch size "
-            f"its forward tests, before anything is removed ({p.wrong_sizes}), and the model's own classes, which "
+            f"its forward tests and every size of 1, before anything is removed ({p.wrong_sizes}), and the model's "
+            "own classes, which "
             f"do, were not an option ({rep.form_why}). No model was returned. A tracer answered a question before "
             "the size test unlike Python (type(h) is torch.Tensor, hasattr or callable on a tensor, an is-tracing "
-            "check, an except around the test), or torch.export assumed a batch of 2 or more (if x.shape[0] == 1): "
-            "ask isinstance(h, torch.Tensor) instead, drop the question, or pass verify=False to accept a model "
-            "for the example's batch size only")
+            "check, an except around the test), or torch.export assumed a size of 2 or more (if x.shape[0] == 1, "
+            "if x.shape[1] == 1): ask isinstance(h, torch.Tensor) instead, drop the question, give an example of "
+            "that size, or pass verify=False to accept a model for the example's sizes only")
     if rep.form == "graph" and p.analysis.method == "export" and model.training and _mode_dependent(model):
         # torch.export records the eval-mode computation: BatchNorm on its running statistics, no dropout,
         # whatever .training says afterwards (raft_large in train mode came back 56-78% off in train mode)
@@ -607,7 +608,8 @@ def _untraced_paths(model, top, out, p, *, unseen=(), refused=()) -> str | None:
     args, kwargs = p.example_inputs, dict(p.example_kwargs or {})
     kept = _zeroed_twin(p, out)
     return (module_form.beyond(model, top, p.gm.meta.get(EXAMPLE, (args, kwargs)), p.gm.meta.get(BOUNDED_DIMS),
-                               kept=kept, pruned=out, params=p.param_writes, refused=refused)
+                               kept=kept, pruned=out, params=p.param_writes, refused=refused,
+                               symbolic=p.gm.meta.get(SYMBOLIC_DIMS))
             or module_form.trains(model, top, args, kwargs, list(unseen), kept=kept, pruned=out, params=p.param_writes))
 
 

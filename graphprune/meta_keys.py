@@ -13,6 +13,7 @@ and on ``gm.meta`` (the GraphModule):
 | ``gp_example`` | ``trace`` | the example ``(args, kwargs)``, so the pass manager can re-run shapes |
 | ``gp_fixed_dims`` | ``trace`` (torch.export) | the input dims the exported graph fixed to the example's size, as ``"x dim 2 (16)"`` |
 | ``gp_bounded_dims`` | ``trace`` (torch.export) | input dims the exported graph keeps symbolic but bounds (the code branched on them): ``[(lower, upper or None, [(input leaf, dim), ...])]`` |
+| ``gp_symbolic_dims`` | ``trace`` (torch.export) | every input dim the exported graph keeps symbolic, one list per symbol: ``[[(input leaf, dim), ...], ...]`` (a size of 1 is never guarded: ``verify.wrong_at_tested_batches``) |
 | ``gp_numbers`` | ``groups.build`` (read by ``shrink-params``) | ``sizes.NumberUse`` list: widths read as numbers, frozen where they shrink |
 | ``graphprune`` | ``Pruner.prune`` | method, widths per group, unsupported ops |
 | ``gp_original_flops``, ``gp_original_params``, ``gp_unread``, ``gp_positions``, ``gp_plan_flops`` | ``allocate``, ``auto`` | counts (and the parameter names the forward never reads, ``plan_flops.PlanFlops`` or False) of the traced original, cached (``CACHED``: never copied into a pruned graph, where they would be stale) |
@@ -23,6 +24,7 @@ PLAN = "gp_plan"
 EXAMPLE = "gp_example"
 FIXED_DIMS = "gp_fixed_dims"
 BOUNDED_DIMS = "gp_bounded_dims"
+SYMBOLIC_DIMS = "gp_symbolic_dims"
 NUMBERS = "gp_numbers"
 ORIGINAL_FLOPS = "gp_original_flops"
 ORIGINAL_PARAMS = "gp_original_params"

@@ -241,7 +241,7 @@ def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: di
     and modules the trace never ran (``unseen``) are refused: nothing shows they
     take the pruned widths."""
     from .trace import shadow
-    from .verify import _shapes, why_not
+    from .verify import _shapes, at_size_one, why_not
 
     if not unseen and not reads_mode(model):
         return None  # no code of the model's own asks which mode it is in: the paths are the traced ones
@@ -324,7 +324,7 @@ def _one_more(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list | None, *,
-           kept: dict | None, pruned: torch.nn.Module, params: bool = True, refused=()) -> str | None:
+           kept: dict | None, pruned: torch.nn.Module, params: bool = True, refused=(), symbolic=None) -> str | None:
     """Why the module form cannot be trusted on inputs the trace did not cover, or None.
 
     The user's forward runs whatever it is called with; the trace saw one path.
@@ -338,17 +338,20 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
       batch the code tests, ``>= 3`` at batch 2): the module form alone can take them.
     - Batch sizes either side of each size test in the code (``x.shape[0] > 4``): behind a
       question the tracer answered wrongly the test left no bound to step past.
+    - Each other symbolic input dim of the exported graph (``symbolic``) at 1, which torch.export
+      never guards (``if x.shape[1] == 1``: one token takes another branch).
     On each such input the module form is held to its dead twin (``_dead``: the original's
     own forward, removed slices zeroed) where the original takes it."""
     from .trace import shadow
-    from .verify import _shapes, why_not
+    from .verify import _shapes, at_size_one, why_not
 
     if kept is None or example is None or why_not(model) is not None:
         return None
     flags, batches = _other_settings(model, example), _tested_batches(model, example)
     cases = _past_bounds(example, bounded or []) + flags + batches + (
         _other_layout(example) if source.reads_layout(model) else []) + [
-        (tuple(a), dict(k), "(a size the traced graph refuses)") for a, k in refused]
+        (tuple(a), dict(k), "(a size the traced graph refuses)") for a, k in refused] + [
+        (a, k, f"({what})") for what, a, k in at_size_one(example[0], example[1], symbolic)]
     if flags and batches:  # `if not fast and x.shape[0] > 4`: the last setting case (all at once) at each tested batch
         cases += _tested_batches(model, flags[-1][:2], flags[-1][2])
     if not cases:

@@ -31,7 +31,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from . import source
 from .errors import GraphpruneError
-from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, VAL
+from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, SYMBOLIC_DIMS, VAL
 from .modes import copy_modes
 from .shuffle import fold_channel_shuffles
 
@@ -420,19 +420,18 @@ def _export(model, example_inputs, example_kwargs) -> fx.GraphModule:
     gm = ep.module()
     gm.meta[EXAMPLE] = (a, k)  # the inputs its shapes were recorded with: the between-pass check reruns them
     gm.meta[FIXED_DIMS] = _fixed_dims(gm)
-    gm.meta[BOUNDED_DIMS] = _bounded_dims(ep, a, k)
+    where = _dims_by_symbol(ep, a, k)
+    gm.meta[BOUNDED_DIMS] = _bounded_dims(ep, where)
+    gm.meta[SYMBOLIC_DIMS] = list(where.values())
     return gm
 
 
-def _bounded_dims(ep, args: tuple, kwargs: dict) -> list:
-    """Symbolic input dims the code branched on, so torch.export bounded them (``if x.shape[0] > 4``
-    at batch 2 gives batch in [2, 4]): [(lower, upper or None, [(tensor leaf of (args, kwargs), dim)])].
-    The graph refuses sizes outside; the user's own forward takes them, down a path no trace saw,
-    which ``module_form.beyond`` checks. Leaves are matched to the graph's inputs in order; where
-    they do not line up, nothing is said."""
+def _dims_by_symbol(ep, args: tuple, kwargs: dict) -> dict:
+    """{symbol: [(tensor leaf of (args, kwargs), dim), ...]}: the input dims the exported program
+    keeps symbolic. Leaves are matched to the graph's inputs in order; where they do not line up,
+    nothing is said ({})."""
     import sympy
     from torch.utils._pytree import tree_leaves
-    from torch.utils._sympy.numbers import int_oo
 
     leaves = [t for t in tree_leaves((tuple(args), dict(kwargs))) if isinstance(t, torch.Tensor)]
     names = ep.graph_signature.user_inputs
@@ -442,13 +441,23 @@ def _bounded_dims(ep, args: tuple, kwargs: dict) -> list:
 
     if len(vals) != len(leaves) or any(not isinstance(v, torch.Tensor) or [hint(s) for s in v.shape] != list(t.shape)
                                        for v, t in zip(vals, leaves)):
-        return []
+        return {}
     where: dict = {}
     for i, v in enumerate(vals):
         for d, size in enumerate(v.shape):
             expr = getattr(getattr(size, "node", None), "expr", None)
             if isinstance(expr, sympy.Symbol):
                 where.setdefault(expr, []).append((i, d))
+    return where
+
+
+def _bounded_dims(ep, where: dict) -> list:
+    """Symbolic input dims the code branched on, so torch.export bounded them (``if x.shape[0] > 4``
+    at batch 2 gives batch in [2, 4]): [(lower, upper or None, [(tensor leaf of (args, kwargs), dim)])],
+    from ``_dims_by_symbol``. The graph refuses sizes outside; the user's own forward takes them, down
+    a path no trace saw, which ``module_form.beyond`` checks."""
+    from torch.utils._sympy.numbers import int_oo
+
     out = []
     for sym, dims in where.items():
         r = ep.range_constraints.get(sym)

@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .modes import kept_modes
 from .errors import GraphpruneError, first_line
 from .flops import copied_inputs
+from .meta_keys import SYMBOLIC_DIMS
 from .trace import shadow
 
 
@@ -509,12 +510,16 @@ def wrong_at_tested_batches(model, gm, args: tuple, kwargs: dict, params: bool =
     (``type(h) is torch.Tensor``, ``hasattr``, ``is_fx_tracing()``) never met the size test
     behind it, put no bound on the batch, and matched the model at the example: from batch 5 the
     graph was 0.11 off (survey 20). torch.export puts no guard on a batch of 1 (``if x.shape[0]
-    == 1:``), and its graph was 0.30 off there (survey 21). A size the graph refuses is no
+    == 1:``), and its graph was 0.30 off there (survey 21); nor on any other symbolic dim of 1
+    (``at_size_one``). A size the graph refuses is no
     mismatch: it says so itself. Runs are on copies: what a forward writes is put back (of the
     weights too where ``params``: ``check_trace`` says whether the forward writes to them)."""
     from . import source
 
-    for size, a, k in source.tested_batches(model, args, kwargs, one=True):
+    cases = [(f"at batch {size}, a size the code tests (or 1, which torch.export never guards)", a, k)
+             for size, a, k in source.tested_batches(model, args, kwargs, one=True)]
+    cases += at_size_one(args, kwargs, gm.meta.get(SYMBOLIC_DIMS))
+    for what, a, k in cases:
         with evaluating(model, gm):
             try:
                 with on_copies(model, params=params):
@@ -528,9 +533,30 @@ def wrong_at_tested_batches(model, gm, args: tuple, kwargs: dict, params: bool =
                 continue
         bad = mismatch(got, ref)
         if bad:
-            return (f"at batch {size}, a size the code tests (or 1, which torch.export never guards), {bad}: the trace "
-                    "did not take the path the code takes there")
+            return f"{what}, {bad}: the trace did not take the path the code takes there"
     return None
+
+
+def at_size_one(args: tuple, kwargs: dict, symbolic: list | None) -> list[tuple[str, tuple, dict]]:
+    """(what, args, kwargs): the example with the dims of one symbol of the exported graph at 1, for
+    each symbol but the batch's (``source.tested_batches`` tries a batch of 1). torch.export takes
+    a symbolic size for 2 or more and guards no test of 1: ``if x.shape[1] == 1`` (one token, one
+    frame) ran the other branch in a graph traced at 8 tokens, 0.48 off the model at 1 (survey 30 f13)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
+    tensors = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+    out = []
+    for dims in symbolic or []:
+        if any(d == 0 for _, d in dims) or any(i >= len(tensors) or d >= leaves[tensors[i]].dim() for i, d in dims):
+            continue
+        moved = list(leaves)
+        for i, d in dims:  # every dim of that symbol together (a mask follows its sequence)
+            moved[tensors[i]] = moved[tensors[i]].narrow(d, 0, 1)
+        a, k = tree_unflatten(moved, spec)
+        where = ", ".join(f"dim {d} of input {i}" for i, d in dims[:3])
+        out.append((f"at size 1 of {where} (torch.export never guards a size of 1)", a, k))
+    return out
 
 
 def _again(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -548,3 +548,33 @@ def test_the_size_tests_other_than_the_batch():
             return x * 2 if x.dim() == 4 else x
 
     assert source.tests_other_sizes(Unpacked) and source.tests_other_sizes(Rank)
+
+
+class _OneToken(nn.Module):
+    """A branch for a sequence of one token: a centring over the hidden channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):  # (B, T, 16)
+        h = torch.relu(self.a(x))
+        if x.shape[1] == 1:
+            h = h - h.mean(-1, keepdim=True)
+        return self.b(h)
+
+
+def test_a_branch_for_one_token_is_met_by_the_checks():
+    """torch.export keeps T symbolic and takes it for 2 or more: a graph traced at 8 tokens ran the many-token
+    branch at 1, 0.17 off the model unpruned, and the module form centred over its pruned channels there,
+    both returned as verified (survey 30 f13). Each symbolic dim is now also tried at 1: the graph is refused,
+    and the module form keeps whole the group the branch centres over."""
+    torch.manual_seed(0)
+    model, x = _OneToken().eval(), torch.randn(2, 8, 16)
+    with pytest.raises(graphprune.GraphpruneError, match="size 1 of dim 1 of input 0"):
+        graphprune.compile(model, (x,), ratio=0.0, output="graph")
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and small.a.out_features == 32
+    for t in (1, 3):
+        y = torch.randn(2, t, 16)
+        torch.testing.assert_close(small(y), dead_twin(model, small)(y))
