@@ -15,8 +15,10 @@ shape checked before anything is loaded.
 """
 from __future__ import annotations
 
+import enum
 import json
 import os
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -44,6 +46,8 @@ def _version() -> str:
 def _input_spec(x):
     if isinstance(x, torch.Tensor):
         return {"tensor": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+    if isinstance(x, enum.Enum):  # a setting (Mode.FAST): its class by name, found again among the imported modules
+        return {"enum": f"{type(x).__module__}:{type(x).__qualname__}", "name": x.name}
     if x is None or isinstance(x, (bool, int, float, str)):
         return {"value": x}
     if isinstance(x, (list, tuple)) and type(x) in (list, tuple):  # inputs given as [x, y] or (x, y)
@@ -51,7 +55,8 @@ def _input_spec(x):
     if isinstance(x, dict) and all(isinstance(k, str) for k in x):  # {"image": x, "mask": m}
         return {"dict": {k: _input_spec(v) for k, v in x.items()}}
     raise GraphpruneError(f"cannot record an example input of type {type(x).__name__} in the manifest; "
-                          "pass tensors, plain Python values, or lists, tuples and str-keyed dicts of them")
+                          "pass tensors, plain Python values, enum members, or lists, tuples and str-keyed dicts "
+                          "of them")
 
 
 def _float_dtypes(spec) -> set:
@@ -71,7 +76,22 @@ def _input_value(spec: dict, device):
         return kind(_input_value(v, device) for v in spec[kind.__name__])
     if "dict" in spec:
         return {k: _input_value(v, device) for k, v in spec["dict"].items()}
+    if "enum" in spec:
+        return _enum_member(spec["enum"], spec["name"])
     return spec["value"]
+
+
+def _enum_member(where: str, name: str):
+    """``module:Qual.Name`` and a member name back to the member. Only modules already imported are
+    looked in (the original's own, imported to build it): a manifest names no code to import."""
+    module, _, qualname = where.partition(":")
+    cls = sys.modules.get(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part, None)
+    if not (isinstance(cls, type) and issubclass(cls, enum.Enum)) or name not in cls.__members__:
+        raise GraphpruneError(f"the manifest's example input {where}.{name} is no enum member of an imported module: "
+                              f"import {module} (the module that defines it) before load")
+    return cls[name]
 
 
 def _slots(model: torch.nn.Module):

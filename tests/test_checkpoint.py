@@ -493,3 +493,27 @@ def test_load_onto_an_original_of_another_float_type_says_so(tmp_path):
         graphprune.load(Residual().eval(), tmp_path)
     back = graphprune.load(Residual().eval().to(torch.bfloat16), tmp_path)
     torch.testing.assert_close(back(x), small(x))
+
+
+@pytest.mark.parametrize("output", ["graph", "auto"])
+def test_an_enum_setting_in_the_example_saves_and_loads(tmp_path, output):
+    """``compile(model, (x, Spread.NARROW))`` gave a model save refused: the manifest, which records the example
+    to trace the original at again, took plain values only (survey 30 f17). An enum member is written as its
+    class's module and name and its member's name, and found again among the imported modules."""
+    from test_trace_paths import _Spread
+
+    torch.manual_seed(0)
+    model, x = _Spread().eval(), torch.randn(3, 4)
+    narrow = _Spread.Spread.NARROW
+    small = graphprune.compile(model, (x, narrow), ratio=0.5, importance="l1", output=output)
+    graphprune.save(small, tmp_path)
+    spec = json.loads((tmp_path / "manifest.json").read_text())["inputs"]["args"][1]
+    assert spec == {"enum": "test_trace_paths:_Spread.Spread", "name": "NARROW"}
+    back = graphprune.load(_Spread().eval(), tmp_path)
+    torch.testing.assert_close(back(x, narrow), small(x, narrow))
+    spec["name"] = "GONE"  # a member the class does not have: refused by name, nothing imported
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    m["inputs"]["args"][1] = spec
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(graphprune.GraphpruneError, match="no enum member"):
+        graphprune.load(_Spread().eval(), tmp_path)
