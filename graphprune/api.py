@@ -346,6 +346,11 @@ def _graph_checks(model, p, result, rep, check) -> None:
             "in either mode, so it is returned in eval mode. To fine-tune with batch statistics, prune the model "
             "where it traces with torch.fx (see report.form_why) or fine-tune the original and compile again"),
             stacklevel=3)
+    left = _left_out(p.model, p) if rep.form == "graph" and p.analysis.method == "export" else []
+    if left:  # called with one of them, the graph raised Python's bare TypeError (survey 30 f07, f09)
+        rep.form_why += (f". Traced with torch.export from the inputs the example gives: {', '.join(left[:6])}"
+                         f"{' ...' if len(left) > 6 else ''} (left at their defaults) are no inputs of the graph, "
+                         "which refuses them by name; give them in the example to trace them")
     fixed = p.gm.meta.get(FIXED_DIMS)
     if rep.form == "graph" and fixed:  # the user's model may take shapes this graph refuses
         rep.form_why += (". Traced with torch.export, which fixed these input dims to the example's size: "
@@ -357,6 +362,19 @@ def _graph_checks(model, p, result, rep, check) -> None:
                          f"side of each branch covers: {', '.join(spans)}")
         warnings.warn(GraphpruneWarning(f"the result is a graph that takes only some input sizes (its code branched on "
                                         f"them: {', '.join(spans)}); see report.form_why"), stacklevel=3)
+
+
+def _left_out(model, p) -> list[str]:
+    """The forward's named parameters the example gives no value for: an exported program has an
+    input for each value the example gives, and none for these."""
+    import inspect
+
+    try:
+        sig = inspect.signature(model.forward)
+        given = sig.bind_partial(*p.example_inputs, **dict(p.example_kwargs or {})).arguments
+    except (TypeError, ValueError):
+        return []
+    return [n for n, q in sig.parameters.items() if n not in given and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
 
 
 def choose_rule(p, decide_with, kind: str | None, target, *, choosing: bool, allocation: str,

@@ -578,3 +578,28 @@ def test_a_branch_for_one_token_is_met_by_the_checks():
     for t in (1, 3):
         y = torch.randn(2, t, 16)
         torch.testing.assert_close(small(y), dead_twin(model, small)(y))
+
+
+class _Optional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x, mask=None, k: int = 2):
+        h = torch.relu(self.a(x)) * k
+        if mask is not None:
+            h = h * mask
+        return self.b(h)
+
+
+def test_a_graph_says_which_inputs_the_example_left_out():
+    """An exported graph has an input for each value the example gives: called with ``mask=`` or ``k=`` it raised
+    Python's bare TypeError, and nothing had said the graph was traced without them (survey 30 f07, f09)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    small = graphprune.compile(_Optional().eval(), (x,), ratio=0.5, importance="l1", output="graph")
+    assert "mask, k (left at their defaults) are no inputs of the graph" in small.report.form_why
+    with pytest.raises(TypeError, match="mask"):
+        small(x, mask=torch.ones(2, 16))
+    small = graphprune.compile(_Optional().eval(), (x, None, 3), ratio=0.5, importance="l1", output="graph")
+    assert "no inputs of the graph" not in small.report.form_why
