@@ -627,7 +627,7 @@ def _untraced_paths(model, top, out, p, *, unseen=(), refused=()) -> str | None:
     kept = _zeroed_twin(p, out)
     return (module_form.beyond(model, top, p.gm.meta.get(EXAMPLE, (args, kwargs)), p.gm.meta.get(BOUNDED_DIMS),
                                kept=kept, pruned=out, params=p.param_writes, refused=refused,
-                               symbolic=p.gm.meta.get(SYMBOLIC_DIMS))
+                               symbolic=p.gm.meta.get(SYMBOLIC_DIMS), traced=p.gm)
             or module_form.trains(model, top, args, kwargs, list(unseen), kept=kept, pruned=out, params=p.param_writes))
 
 

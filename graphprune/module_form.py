@@ -324,7 +324,8 @@ def _one_more(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list | None, *,
-           kept: dict | None, pruned: torch.nn.Module, params: bool = True, refused=(), symbolic=None) -> str | None:
+           kept: dict | None, pruned: torch.nn.Module, params: bool = True, refused=(), symbolic=None,
+           traced=None) -> str | None:
     """Why the module form cannot be trusted on inputs the trace did not cover, or None.
 
     The user's forward runs whatever it is called with; the trace saw one path.
@@ -340,6 +341,9 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
       question the tracer answered wrongly the test left no bound to step past.
     - Each other symbolic input dim of the exported graph (``symbolic``) at 1, which torch.export
       never guards (``if x.shape[1] == 1``: one token takes another branch).
+    - Input sizes on the far side of each test of a size other than the batch (``h.shape[-1] > 8``
+      at an 8-wide example: 9 wide; ``_tested_sizes``, scaled by the sizes ``traced`` holds):
+      behind a question the tracer answered wrongly, or in a dim torch.export fixed, no bound says so.
     On each such input the module form is held to its dead twin (``_dead``: the original's
     own forward, removed slices zeroed) where the original takes it."""
     from .trace import shadow
@@ -351,7 +355,8 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
     cases = _past_bounds(example, bounded or []) + flags + batches + (
         _other_layout(example) if source.reads_layout(model) else []) + [
         (tuple(a), dict(k), "(a size the traced graph refuses)") for a, k in refused] + [
-        (a, k, f"({what})") for what, a, k in at_size_one(example[0], example[1], symbolic)]
+        (a, k, f"({what})") for what, a, k in at_size_one(example[0], example[1], symbolic)] + (
+        _tested_sizes(model, example, traced) if traced is not None else [])
     if flags and batches:  # `if not fast and x.shape[0] > 4`: the last setting case (all at once) at each tested batch
         cases += _tested_batches(model, flags[-1][:2], flags[-1][2])
     if not cases:
@@ -427,6 +432,61 @@ def _tested_batches(model: torch.nn.Module, example, what: str = "") -> list:
     (``source.batch_sizes``): a test behind a question the tracer answered wrongly left no bound."""
     return [(a, k, f"{what} (batch {n}, a size the code tests)".lstrip())
             for n, a, k in source.tested_batches(model, tuple(example[0]), dict(example[1]))]
+
+
+MAX_SIZES = 4  # input sizes tried past the code's tests of sizes other than the batch, nearest the example's first
+SIZE_LIMIT = 4  # ... and none over this many times the example's
+
+
+def _tested_sizes(model: torch.nn.Module, example, traced) -> list:
+    """(args, kwargs, what) with dims of the example's main input (its first tensor of the most dims)
+    moved to the far side of each integer the code compares a non-batch size with
+    (``source.other_size_constants``): all its dims after dim 1 at once where they are equal (an
+    image's height and width), then each dim alone, ``MAX_SIZES`` nearest the example's in ratio.
+
+    The size tested is often an intermediate's, down-sampled from the input's by a power of two
+    (``h.shape[-1] == 7`` at the end of a 224-pixel network), so each scale ``r`` that takes the
+    input's size ``s`` to a size ``s / r`` some tensor of the traced graph has is tried: the input
+    at ``r`` times the far side of the test. Other inputs' dims of size ``s`` follow (a mask its
+    sequence). At an 8-wide example ``h.shape[-1] > 8`` ran the other branch from 9 wide, where the
+    module form centred over its pruned channels: 0.004 off its twin, with nothing checking it."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    from .meta_keys import VAL
+
+    constants = source.other_size_constants(model)
+    leaves, spec = tree_flatten((tuple(example[0]), dict(example[1])))
+    tensors = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.dim() >= 2]
+    if not constants or not tensors:
+        return []
+    main = max(tensors, key=lambda i: leaves[i].dim())  # max keeps the first of the most dims
+    shape = tuple(leaves[main].shape)
+    held = {d for n in traced.graph.nodes if isinstance(n.meta.get(VAL), torch.Tensor)
+            for d in n.meta[VAL].shape[1:] if isinstance(d, int) and d > 1}
+    plans = ([tuple(range(2, len(shape)))] if len(shape) > 3 and len(set(shape[2:])) == 1 else [])
+    plans += [(d,) for d in range(1, len(shape))]
+    found = {}
+    for k, dims in enumerate(plans):
+        s = shape[dims[0]]
+        scales = {s // m for m in held | {s} if m <= s and s % m == 0 and (s // m) & (s // m - 1) == 0}
+        for c in constants:
+            for r in scales:
+                m = s // r
+                for new in ((c, c - 1) if m > c else (c, c + 1) if m < c else (c - 1, c + 1)):
+                    if 1 <= new * r <= SIZE_LIMIT * s and new * r != s:
+                        found.setdefault((dims, new * r), (abs(math.log(new * r / s)), k))
+    out = []
+    for dims, size in sorted(found, key=lambda key: found[key])[:MAX_SIZES]:
+        s, moved = shape[dims[0]], list(leaves)
+        for i in tensors:
+            t = moved[i]
+            for d in (dims if i == main else [d for d in range(1, t.dim()) if t.shape[d] == s]):
+                t = t.index_select(d, torch.arange(size, device=t.device) % s)
+            moved[i] = t
+        args, kwargs = tree_unflatten(moved, spec)
+        where = "dims " + ", ".join(map(str, dims)) if len(dims) > 1 else f"dim {dims[0]}"
+        out.append((args, kwargs, f"({where} of input {tensors.index(main)} at {size}, past a size the code tests)"))
+    return out
 
 
 def _past_bounds(example, bounded: list) -> list:

@@ -192,23 +192,7 @@ def batch_sizes(model: torch.nn.Module, batch: int) -> list[int]:
 
 @functools.lru_cache(maxsize=None)
 def _size_tests(cls: type) -> frozenset:
-    found = set()
-    for _fn, tree in reached(cls):
-        names = set()  # names bound to a batch size: b = x.shape[0]; b, c, h, w = x.shape
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Assign) and len(node.targets) == 1:
-                target = node.targets[0]
-                if isinstance(target, ast.Name) and _is_batch(node.value, names):
-                    names.add(target.id)
-                elif isinstance(target, ast.Tuple) and target.elts and isinstance(target.elts[0], ast.Name) \
-                        and _is_shape(node.value):
-                    names.add(target.elts[0].id)
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Compare):
-                sides = [node.left, *node.comparators]
-                if any(_is_batch(s, names) for s in sides):
-                    found.update(s.value for s in sides if isinstance(s, ast.Constant) and type(s.value) is int)
-    return frozenset(found)
+    return _compared_sizes(cls)[0]
 
 
 def tests_other_sizes(cls: type) -> bool:
@@ -217,25 +201,85 @@ def tests_other_sizes(cls: type) -> bool:
     The checks at other sizes compare a graph with its twin, another graph, so behind a question
     the tracer answered wrongly (``isinstance(h, torch.Tensor)`` is False for a proxy) such a test
     is met by no check; batch tests are (``batch_sizes``)."""
-    return _tests_other_sizes(cls) if isinstance(getattr(cls, "forward", None), types.FunctionType) else False
+    return _compared_sizes(cls)[2] if isinstance(getattr(cls, "forward", None), types.FunctionType) else False
+
+
+def other_size_constants(model: torch.nn.Module) -> list[int]:
+    """The integers code of the model compares a size other than the batch with (``h.shape[-1] > 8``,
+    ``t == 1`` after ``t = x.size(1)``, ``h.shape[-2:] == (7, 7)``, ``w <= self.window`` read off each
+    module), not ranks (``x.dim() == 4``), sorted: ``module_form.beyond`` moves input sizes to the far
+    side of each."""
+    found: set = set()
+    for m in model.modules():
+        if isinstance(getattr(type(m), "forward", None), types.FunctionType):
+            _, numbers, _, attrs = _compared_sizes(type(m))
+            found.update(numbers)
+            for name in attrs:  # a threshold the module holds: `if h.shape[-1] > self.window`
+                found.update(_ints(getattr(m, name, None)))
+    return sorted(found)
+
+
+def _ints(value) -> list[int]:
+    """``value`` if it is an int, the ints of a tuple or list of them, else []."""
+    values = value if isinstance(value, (tuple, list)) else [value]
+    return [v for v in values if type(v) is int]
 
 
 @functools.lru_cache(maxsize=None)
-def _tests_other_sizes(cls: type) -> bool:
+def _compared_sizes(cls: type) -> tuple[frozenset, frozenset, bool, frozenset]:
+    """(the integers compared with a batch size, those compared with another size, whether another
+    size is compared at all, the names of ``self`` attributes compared with another size) in code
+    ``cls``'s forward runs."""
+    batch, other, any_other, attrs = set(), set(), False, set()
     for _fn, tree in reached(cls):
-        names = set()  # names bound to a size that is not the batch: h from b, c, h, w = x.shape; t = x.size(1)
+        batch_names, other_names = _size_names(tree)
         for node in ast.walk(tree):
-            if isinstance(node, ast.Assign) and len(node.targets) == 1:
-                target = node.targets[0]
-                if isinstance(target, ast.Tuple) and _is_shape(node.value):
-                    names.update(e.id for e in target.elts[1:] if isinstance(e, ast.Name))
-                elif isinstance(target, ast.Name) and _sized(node.value, names) and not _is_batch(node.value, set()):
-                    names.add(target.id)
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Compare) and any(_sized(s, names) and not _is_batch(s, set())
-                                                     for s in [node.left, *node.comparators]):
-                return True
-    return False
+            if not isinstance(node, ast.Compare):
+                continue
+            sides = [node.left, *node.comparators]
+            numbers = [v for s in sides for v in _int_constants(s)]
+            if any(_is_batch(s, batch_names) for s in sides):
+                batch.update(v for s in sides if isinstance(s, ast.Constant) for v in _int_constants(s))
+            sized = [s for s in sides if _sized(s, other_names) and not _is_batch(s, set())]
+            if sized:
+                any_other = True
+                if not all(_is_rank(s) for s in sized):
+                    other.update(numbers)
+                    attrs.update(s.attr for s in sides if isinstance(s, ast.Attribute)
+                                 and isinstance(s.value, ast.Name) and s.value.id == "self")
+    return frozenset(batch), frozenset(other), any_other, frozenset(attrs)
+
+
+def _size_names(tree: ast.AST) -> tuple[set, set]:
+    """The names ``tree`` binds to sizes: (the batch's: ``b = x.shape[0]``, ``b`` of ``b, c, h, w = x.shape``;
+    the others': ``c, h, w`` there, ``t = x.size(1)``)."""
+    batch, other = set(), set()
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+            continue
+        target = node.targets[0]
+        if isinstance(target, ast.Tuple) and target.elts and _is_shape(node.value):
+            if isinstance(target.elts[0], ast.Name):
+                batch.add(target.elts[0].id)
+            other.update(e.id for e in target.elts[1:] if isinstance(e, ast.Name))
+        elif isinstance(target, ast.Name):
+            if _is_batch(node.value, batch):
+                batch.add(target.id)
+            elif _sized(node.value, other):
+                other.add(target.id)
+    return batch, other
+
+
+def _int_constants(node) -> list[int]:
+    """``8`` or the integers of ``(7, 7)``."""
+    elts = node.elts if isinstance(node, (ast.Tuple, ast.List)) else [node]
+    return [e.value for e in elts if isinstance(e, ast.Constant) and type(e.value) is int]
+
+
+def _is_rank(node) -> bool:
+    """``x.dim()`` or ``x.ndim``: a rank, not a size."""
+    return (isinstance(node, ast.Attribute) and node.attr == "ndim") or (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "dim" and not node.args)
 
 
 def _sized(node, names: set) -> bool:

@@ -516,15 +516,41 @@ def test_code_that_asks_for_a_tensor_is_traced_symbolically_where_the_checks_mee
         torch.testing.assert_close(small(o), dead_twin(model, small)(o))
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: sizes past a non-batch size test are not tried on the module form")
 def test_the_module_form_is_held_past_a_width_test():
     """The checks try smaller sizes of every input dim (``verify.resized_inputs``) and either side of
     each batch test; ``h.shape[-1] > 8`` at an 8-wide example is passed only by larger widths, where
-    the module form centres over its pruned channels, 0.004 off its twin at 16."""
+    the module form centred over its pruned channels, 0.004 off its twin at 16. The sizes either side
+    of each non-batch size test are tried too (``module_form._tested_sizes``)."""
     torch.manual_seed(0)
     model, x, wide = _DenseCentred().eval(), torch.randn(2, 3, 8, 8), torch.randn(3, 3, 16, 16)
     small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
     torch.testing.assert_close(small(wide), dead_twin(model, small)(wide))
+
+
+class _DownCentred(nn.Module):
+    """A test of a down-sampled width: at a 16-wide example ``h`` is 4 wide and the centring over
+    its channels runs from 20 wide on (``h`` 5 wide), a scale of 4 the check must find."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.a(x)))
+        if h.shape[-1] > 4:
+            h = h - h.mean(1, keepdim=True)
+        return self.head(h.mean((2, 3)))
+
+
+def test_the_module_form_is_held_past_a_width_test_of_a_down_sampled_tensor():
+    torch.manual_seed(0)
+    model, x = _DownCentred().eval(), torch.randn(2, 3, 16, 16)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    for size in (16, 20, 32):
+        o = torch.randn(3, 3, size, size)
+        torch.testing.assert_close(small(o), dead_twin(model, small)(o))
 
 
 def test_the_size_tests_other_than_the_batch():
@@ -548,6 +574,32 @@ def test_the_size_tests_other_than_the_batch():
             return x * 2 if x.dim() == 4 else x
 
     assert source.tests_other_sizes(Unpacked) and source.tests_other_sizes(Rank)
+
+    class Several(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Unpacked()
+
+        def forward(self, x):
+            t = x.size(1)
+            if x.shape[-2:] == (5, 6) or t == 3 or x.shape[0] == 9:
+                return self.inner(x)
+            return x
+
+    # ranks are not sizes, the batch's constants are the batch's; an inner class's tests count
+    assert source.other_size_constants(Rank()) == [] and source.other_size_constants(Batch()) == []
+    assert source.other_size_constants(Several()) == [3, 5, 6, 7]
+
+    class Windowed(nn.Module):
+        def __init__(self, window):
+            super().__init__()
+            self.window, self.other = window, 13
+
+        def forward(self, x):
+            return x * 2 if x.shape[-1] > self.window else x
+
+    # a threshold each module holds, read off the module
+    assert source.other_size_constants(nn.Sequential(Windowed(11), Windowed((3, 4)))) == [3, 4, 11]
 
 
 class _OneToken(nn.Module):
