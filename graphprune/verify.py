@@ -541,14 +541,19 @@ def at_size_one(args: tuple, kwargs: dict, symbolic: list | None) -> list[tuple[
     """(what, args, kwargs): the example with the dims of one symbol of the exported graph at 1, for
     each symbol but the batch's (``source.tested_batches`` tries a batch of 1). torch.export takes
     a symbolic size for 2 or more and guards no test of 1: ``if x.shape[1] == 1`` (one token, one
-    frame) ran the other branch in a graph traced at 8 tokens, 0.48 off the model at 1 (survey 30 f13)."""
+    frame) ran the other branch in a graph traced at 8 tokens, 0.48 off the model at 1 (survey 30 f13).
+    The batch's symbol is the one at dim 0 of the first tensor of the most dims (``batches.example_batch``);
+    a dim 0 of another input is no batch: a ``(T,)`` position input beside a ``(B, T, D)`` batch, tested
+    ``pos.shape[0] == 1``, left a graph 0.20 off the model at one token."""
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
     leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
     tensors = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+    sized = [n for n, i in enumerate(tensors) if leaves[i].dim() >= 1]
+    main = max(sized, key=lambda n: leaves[tensors[n]].dim()) if sized else None  # max: the first of the most dims
     out = []
     for dims in symbolic or []:
-        if any(d == 0 for _, d in dims) or any(i >= len(tensors) or d >= leaves[tensors[i]].dim() for i, d in dims):
+        if (main, 0) in dims or any(i >= len(tensors) or d >= leaves[tensors[i]].dim() for i, d in dims):
             continue
         moved = list(leaves)
         for i, d in dims:  # every dim of that symbol together (a mask follows its sequence)

@@ -632,6 +632,31 @@ def test_a_branch_for_one_token_is_met_by_the_checks():
         torch.testing.assert_close(small(y), dead_twin(model, small)(y))
 
 
+class _OnePosition(_OneToken):
+    """The same branch, tested on a ``(T,)`` position input beside the ``(B, T, 16)`` batch."""
+
+    def forward(self, x, pos):
+        h = torch.relu(self.a(x + pos[:, None]))
+        if pos.shape[0] == 1:
+            h = h - h.mean(-1, keepdim=True)
+        return self.b(h)
+
+
+def test_a_branch_for_one_position_of_an_input_without_a_batch_is_met_by_the_checks():
+    """Only the batch's symbol is left to the batch checks: one at dim 0 of another input (T of a ``(T,)``
+    position input) was skipped with it, and both forms came back verified, the graph 0.20 off the model at
+    one token and the module form 0.14 off its twin."""
+    torch.manual_seed(0)
+    model, x, pos = _OnePosition().eval(), torch.randn(2, 8, 16), torch.randn(8)
+    with pytest.raises(graphprune.GraphpruneError, match="dim 0 of input 1"):
+        graphprune.compile(model, (x, pos), ratio=0.0, output="graph")
+    small = graphprune.compile(model, (x, pos), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and small.a.out_features == 32
+    for t in (1, 3):
+        y, p = torch.randn(2, t, 16), torch.randn(t)
+        torch.testing.assert_close(small(y, p), dead_twin(model, small)(y, p))
+
+
 class _Optional(nn.Module):
     def __init__(self):
         super().__init__()
