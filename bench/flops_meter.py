@@ -22,7 +22,8 @@ import torchvision
 import graphprune
 import graphprune.allocate as allocate
 
-# (name, builder, input): torchvision at small inputs, random weights, and a small Llama with grouped-query attention
+# (name, builder, input): torchvision at small inputs, random weights; below, a small Llama with grouped-query
+# attention, Hugging Face's ViT and a bidirectional LSTM
 MODELS = {
     "resnet50": (lambda: torchvision.models.resnet50(), (1, 3, 64, 64)),
     "mobilenet_v3_large": (lambda: torchvision.models.mobilenet_v3_large(), (1, 3, 64, 64)),
@@ -49,6 +50,20 @@ def _hf_vit():
     return transformers.ViTForImageClassification(cfg)
 
 
+class _Speech(torch.nn.Module):
+    """A DeepSpeech-like acoustic model: a conv front over 40 mel bins, two bidirectional LSTM layers of 256."""
+
+    def __init__(self):
+        super().__init__()
+        self.front = torch.nn.Conv1d(40, 128, 5, padding=2)
+        self.rnn = torch.nn.LSTM(128, 256, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = torch.nn.Linear(512, 29)
+
+    def forward(self, x):                                    # (B, 40, T)
+        h = torch.relu(self.front(x)).transpose(1, 2)        # (B, T, 128)
+        return self.head(self.rnn(h)[0])                     # (B, T, 29)
+
+
 def one(model, inputs, plan: bool) -> dict:
     built = []
     real = allocate.Meter._built
@@ -70,6 +85,7 @@ def main():
     cases = {name: (build, (torch.randn(*shape),)) for name, (build, shape) in MODELS.items()}
     cases["llama_gqa_4x256"] = (_llama, (torch.randint(0, 1000, (1, 64)),))
     cases["hf_vit_b16"] = (_hf_vit, (torch.randn(1, 3, 64, 64),))
+    cases["speech_bilstm_2x256"] = (_Speech, (torch.randn(1, 40, 100),))
     rows = {}
     if args.models:
         cases = {k: v for k, v in cases.items() if k in args.models.split(",")}

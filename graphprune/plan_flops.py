@@ -82,7 +82,7 @@ def _padded(cop, shapes) -> int:
     """Positions of x (B, H, W, C) padded up to whole windows."""
     (b, h, w, _), ws = shapes["x"], cop.attrs["window_size"]
     return b * (-(-h // ws[0]) * ws[0]) * (-(-w // ws[1]) * ws[1])
-FORMULAS = {*TERMS, "einsum"}  # einsum's terms follow its equation (_einsum_terms)
+FORMULAS = {*TERMS, "einsum", "rnn"}  # einsum's terms follow its equation, an RNN's its layers (SPECIAL)
 # where each operand of a canonical op is: its role in ``COp.params``, or its position in ``COp.inputs``
 OPERANDS = {"x": 0, "a": 0, "k": 1, **{w: w for w in ("weight", "in_weight", "out_weight", "qkv_weight", "proj_weight")}}
 
@@ -167,11 +167,35 @@ def _einsum_terms(cop, shapes: dict, gm) -> tuple[list, dict] | None:
     return [(2, dims, contracted)], sizes
 
 
+def _rnn_terms(cop, shapes: dict, gm) -> tuple[list, dict] | None:
+    """nn.LSTM / GRU / RNN: every layer and direction multiplies each position's input by its input
+    weights and its hidden state by its hidden weights, 2 x positions x the weight's size each (every
+    gate's rows). The layers after the first read the one before (its hidden size, both directions):
+    that is the width of their input weights, so each term is a product of one weight's dims."""
+    x = cop.inputs[0] if cop.inputs else None
+    shape = shapes.get(x) if x is not None else None
+    if shape is None or len(shape) < 2:
+        return None
+    rows = [(x, a) for a in range(len(shape) - 1)]  # (N, T) or (T, N), or (T,) unbatched
+    sizes = {d: int(shape[d[1]]) for d in rows}
+    out = []
+    for role, name in cop.params.items():
+        if not role.startswith(("weight_ih", "weight_hh")):
+            continue  # biases: elementwise, not counted
+        w = _param_shape(gm, name)
+        if w is None or len(w) != 2:
+            return None
+        dims = [(name, 0), (name, 1)]
+        sizes.update({d: int(w[d[1]]) for d in dims})
+        out.append((2, rows + dims, None))
+    return out, sizes
+
+
 def _terms(cop, node: fx.Node, shapes: dict, gm) -> tuple[list, dict] | None:
     """([(factor, [(value key, axis)], gate)], {(value key, axis): size}) for one node, or None; a term whose
     ``gate`` dims (when not None) come to one element counts nothing."""
-    if cop.op == "einsum":
-        return _einsum_terms(cop, shapes, gm)
+    if cop.op in SPECIAL:
+        return SPECIAL[cop.op](cop, shapes, gm)
     table = TERMS.get(cop.op)
     if table is None:
         return None
@@ -198,6 +222,9 @@ def _terms(cop, node: fx.Node, shapes: dict, gm) -> tuple[list, dict] | None:
     except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):  # an operand the op lacks, or without a shape
         return None
     return out, sizes
+
+
+SPECIAL = {"einsum": _einsum_terms, "rnn": _rnn_terms}  # ops whose terms are read off the op itself
 
 
 def _param_shape(gm, name: str) -> tuple | None:

@@ -43,6 +43,21 @@ class Einsum(nn.Module):
         return torch.einsum("bhqk,bkhd->bqh", att.softmax(-1), q)               # d summed out of one side
 
 
+class Recurrent(nn.Module):
+    """An RNN between projections: its input weights are as wide as the projection before it, and a
+    second layer's as its first layer's hidden size, both directions."""
+
+    def __init__(self, kind: str, **kw):
+        super().__init__()
+        self.inp = nn.Linear(6, 12)
+        self.rnn = getattr(nn, kind)(12, 16, **kw)
+        self.head = nn.Linear(16 * (2 if kw.get("bidirectional") else 1), 3)
+
+    def forward(self, x):
+        h, _ = self.rnn(torch.relu(self.inp(x)))
+        return self.head(h)
+
+
 class Encoder(nn.Module):
     def __init__(self):
         super().__init__()
@@ -86,6 +101,9 @@ CASES = {
     "decoder": lambda: (Decoder().eval(), (torch.randn(2, 3, 16, 16),)),
     "einsum": lambda: (Einsum().eval(), (torch.randn(2, 5, 8),)),
     "encoder": lambda: (Encoder().eval(), (torch.randn(2, 7, 10),)),
+    "gru": lambda: (Recurrent("GRU", batch_first=True).eval(), (torch.randn(2, 5, 6),)),
+    "lstm": lambda: (Recurrent("LSTM", num_layers=2, bidirectional=True).eval(), (torch.randn(5, 2, 6),)),
+    "rnn": lambda: (Recurrent("RNN", num_layers=2, batch_first=True).eval(), (torch.randn(2, 5, 6),)),
     "llama_gqa": _llama,
     "hf_vit": _hf_vit,
     "mixtral": _mixtral,
