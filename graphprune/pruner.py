@@ -257,7 +257,7 @@ class Pruner:
         cannot see in-place updates through an alias (``r = h; h += y``); where its
         graph differs from the model, ``torch.export`` (which follows them) is used."""
         args, kwargs = self.example_inputs, dict(self.example_kwargs or {})
-        traced = trace(self.model, args, kwargs, checked=True)
+        traced = trace(self.model, args, kwargs)
         problem, self.param_writes = _verify.check_trace(shadow(self.model), traced.gm, args, kwargs)
         if problem is None:
             self.wrong_sizes = _verify.wrong_at_tested_batches(shadow(self.model), traced.gm, args, kwargs, self.param_writes)

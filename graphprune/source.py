@@ -190,18 +190,8 @@ def batch_sizes(model: torch.nn.Module, batch: int) -> list[int]:
     return sorted((n for n in far if 1 <= n <= BATCH_LIMIT and n != batch), key=lambda n: (abs(n - batch), n))[:MAX_BATCHES]
 
 
-@functools.lru_cache(maxsize=None)
 def _size_tests(cls: type) -> frozenset:
     return _compared_sizes(cls)[0]
-
-
-def tests_other_sizes(cls: type) -> bool:
-    """Whether code the forward runs compares a size other than the batch: ``h.shape[-1] > 64``,
-    ``x.size(2) == 1``, ``x.dim() == 4``, ``h == 7`` after ``b, c, h, w = x.shape``, ``x.shape == y.shape``.
-    The checks at other sizes compare a graph with its twin, another graph, so behind a question
-    the tracer answered wrongly (``isinstance(h, torch.Tensor)`` is False for a proxy) such a test
-    is met by no check; batch tests are (``batch_sizes``)."""
-    return _compared_sizes(cls)[2] if isinstance(getattr(cls, "forward", None), types.FunctionType) else False
 
 
 def other_size_constants(model: torch.nn.Module) -> list[int]:
@@ -212,7 +202,7 @@ def other_size_constants(model: torch.nn.Module) -> list[int]:
     found: set = set()
     for m in model.modules():
         if isinstance(getattr(type(m), "forward", None), types.FunctionType):
-            _, numbers, _, attrs = _compared_sizes(type(m))
+            _, numbers, attrs = _compared_sizes(type(m))
             found.update(numbers)
             for name in attrs:  # a threshold the module holds: `if h.shape[-1] > self.window`
                 found.update(_ints(getattr(m, name, None)))
@@ -226,11 +216,10 @@ def _ints(value) -> list[int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _compared_sizes(cls: type) -> tuple[frozenset, frozenset, bool, frozenset]:
-    """(the integers compared with a batch size, those compared with another size, whether another
-    size is compared at all, the names of ``self`` attributes compared with another size) in code
-    ``cls``'s forward runs."""
-    batch, other, any_other, attrs = set(), set(), False, set()
+def _compared_sizes(cls: type) -> tuple[frozenset, frozenset, frozenset]:
+    """(the integers compared with a batch size, those compared with another size, the names of
+    ``self`` attributes compared with another size) in code ``cls``'s forward runs."""
+    batch, other, attrs = set(), set(), set()
     for _fn, tree in reached(cls):
         batch_names, other_names = _size_names(tree)
         for node in ast.walk(tree):
@@ -241,13 +230,11 @@ def _compared_sizes(cls: type) -> tuple[frozenset, frozenset, bool, frozenset]:
             if any(_is_batch(s, batch_names) for s in sides):
                 batch.update(v for s in sides if isinstance(s, ast.Constant) for v in _int_constants(s))
             sized = [s for s in sides if _sized(s, other_names) and not _is_batch(s, set())]
-            if sized:
-                any_other = True
-                if not all(_is_rank(s) for s in sized):
-                    other.update(numbers)
-                    attrs.update(s.attr for s in sides if isinstance(s, ast.Attribute)
-                                 and isinstance(s.value, ast.Name) and s.value.id == "self")
-    return frozenset(batch), frozenset(other), any_other, frozenset(attrs)
+            if sized and not all(_is_rank(s) for s in sized):
+                other.update(numbers)
+                attrs.update(s.attr for s in sides if isinstance(s, ast.Attribute)
+                             and isinstance(s.value, ast.Name) and s.value.id == "self")
+    return frozenset(batch), frozenset(other), frozenset(attrs)
 
 
 def _size_names(tree: ast.AST) -> tuple[set, set]:

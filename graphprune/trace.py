@@ -506,21 +506,17 @@ def _dynamic_shapes(model, args, kwargs):
     return by_signature(model, args, kwargs, spec)
 
 
-def trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None, *, method: str = "auto",
-          checked: bool = False) -> Traced:
+def trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None, *, method: str = "auto") -> Traced:
     """Trace ``model`` and propagate shapes; say which tracer was used and why.
-    The traced module is in the model's train/eval mode. ``checked``: the caller holds the graph
-    to the model at the example and at every batch size the code tests (``Pruner._faithful_trace``),
-    so code that asks ``isinstance(v, torch.Tensor)`` and tests no other size is traced
-    symbolically too (``_symbolic``)."""
-    traced = _trace(model, example_inputs, example_kwargs, method, checked)
+    The traced module is in the model's train/eval mode."""
+    traced = _trace(model, example_inputs, example_kwargs, method)
     fold_channel_shuffles(traced.gm)
     if traced.method == "symbolic_trace":  # exported modules refuse train()/eval(); they keep the mode they were exported in
         copy_modes(traced.gm, model)  # each module's own: frozen BatchNorms in a model in training mode stay in eval
     return traced
 
 
-def _trace(model, example_inputs, example_kwargs, method, checked=False) -> Traced:
+def _trace(model, example_inputs, example_kwargs, method) -> Traced:
     if not isinstance(model, torch.nn.Module):
         raise GraphpruneError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_inputs, tuple):
@@ -536,7 +532,7 @@ def _trace(model, example_inputs, example_kwargs, method, checked=False) -> Trac
     user_model, model = model, shadow(model, own_buffers=True).eval()
     if method in ("auto", "symbolic_trace") and not example_kwargs:
         try:
-            return Traced(_symbolic(model, example_inputs, checked), "symbolic_trace")
+            return Traced(_symbolic(model, example_inputs), "symbolic_trace")
         except Exception as e:  # noqa: BLE001 - fall back to export, keep the reason
             symbolic_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             if method == "symbolic_trace":
@@ -655,18 +651,15 @@ class _RuledLeaves(fx.Tracer):
         return super().is_leaf_module(m, qualname) and (computes_unseen(m) or table_rule(m) is not None)
 
 
-def _symbolic(model: torch.nn.Module, example_inputs: tuple, checked: bool = False) -> fx.GraphModule:
+def _symbolic(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """``model`` symbolically traced (``_RuledLeaves``) with shapes propagated; raises where it cannot be.
 
-    Code that asks ``isinstance(v, torch.Tensor)`` goes to torch.export (``_asks_tensor_type``)
-    unless the graph is ``checked`` and the code tests no size but the batch
-    (``source.tests_other_sizes``): what a wrong answer changes then shows at the example or at a
-    tested batch, and the checks send the model to torch.export there. DenseNet asks it of each
-    layer's input (a tensor or a list) and tests no size: traced symbolically, it compiles in a
-    third of the time (densenet121, 9.5 s to 3.0 s) and takes any image size."""
+    Code that asks ``isinstance(v, torch.Tensor)`` goes to torch.export (``_asks_tensor_type``), which
+    answers it as Python does. Traced here behind the checks (from 37d0e0d, for DenseNet's speed, until survey 31),
+    a wrong answer skipped what no check meets: a branch on values (``bool((h > 3).any())``, 2.86 off),
+    a size test the source reader does not see (``h.numel()``, a test four calls deep), a batch test where
+    the first input of the most dims is no batch (survey 31 f02, f03, f16); torch.export refused those."""
     asker = _asks_tensor_type(model)
-    if asker and checked and not any(source.tests_other_sizes(type(m)) for m in model.modules()):
-        asker = None
     if asker:
         raise fx.proxy.TraceError(f"{asker} asks isinstance(..., torch.Tensor), which a traced value answers False")
     with _use_lazy_graph_module(True), _functions_kept(), _sizes_packed(), _no_tensor_test():  # code generated on first call
