@@ -346,6 +346,16 @@ def _graph_checks(model, p, result, rep, check) -> None:
             "in either mode, so it is returned in eval mode. To fine-tune with batch statistics, prune the model "
             "where it traces with torch.fx (see report.form_why) or fine-tune the original and compile again"),
             stacklevel=3)
+    elif rep.form == "graph" and p.analysis.method == "export" and _mode_dependent(model, in_either=True):
+        # a stock nn.TransformerEncoderLayer comes back so (its fused path refuses the module form): fine-tuned
+        # after .train(), it ran no dropout and kept its BatchNorm statistics, with nothing said (survey 31 f03)
+        rep.form_why += (". Traced with torch.export, which recorded the eval-mode computation: .train() on the graph "
+                         "changes nothing (no dropout, BatchNorm on its running statistics)")
+        warnings.warn(GraphpruneWarning(
+            f"the result is a graph traced with torch.export from {type(model).__name__}, which holds dropout or "
+            "BatchNorm: it computes the eval-mode path whatever .train() says, so fine-tuning it runs no dropout and "
+            "updates no batch statistics. To fine-tune, do so on the original and compile again (see report.form_why "
+            "for why the model's own classes were not an option)"), stacklevel=3)
     left = _left_out(p.model, p) if rep.form == "graph" and p.analysis.method == "export" else []
     if left:  # called with one of them, the graph raised Python's bare TypeError (survey 30 f07, f09)
         rep.form_why += (f". Traced with torch.export from the inputs the example gives: {', '.join(left[:6])}"
@@ -407,10 +417,14 @@ def recalibrate_on(out, p, calibration) -> None:
     recalibrated(out, lambda: [out(*a, **k) for a, k in (regroup(out, a0, k0) for a0, k0 in calls)])
 
 
-def _mode_dependent(model: torch.nn.Module) -> bool:
-    """Whether the model holds modules that compute differently in training mode."""
-    kinds = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
-    return any(isinstance(m, kinds) and m.training for m in model.modules())
+def _mode_dependent(model: torch.nn.Module, *, in_either: bool = False) -> bool:
+    """Whether the model holds modules that compute differently in training mode, in training mode
+    now (or, ``in_either``, in either mode): a BatchNorm that tracks statistics, a dropout that drops."""
+    def differs(m) -> bool:
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            return m.track_running_stats
+        return isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
+    return any(differs(m) and (in_either or m.training) for m in model.modules())
 
 
 ROUNDINGS = (1, 8, 16)

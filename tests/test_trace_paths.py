@@ -194,6 +194,38 @@ def test_an_exported_graph_of_a_training_model_says_it_computes_eval_mode():
         torch.testing.assert_close(small(x), same(x))
 
 
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, x):  # (B, T, 16)
+        return self.head(self.enc(self.inp(x)).mean(1))
+
+
+def test_an_exported_graph_of_a_model_with_dropout_says_train_changes_nothing():
+    """The stock ``nn.TransformerEncoderLayer`` (dropout 0.1) compiled in eval mode comes back as an exported
+    graph (its fused path refuses pruned heads in the module form): after ``.train()`` it ran no dropout, 0.04
+    off its twin in training mode, with nothing said (survey 31 f03). Now a warning and ``report.form_why`` say
+    so; a model without dropout or BatchNorm gets no such warning."""
+    torch.manual_seed(0)
+    model, x = _Encoder().eval(), torch.randn(2, 12, 16)
+    with pytest.warns(graphprune.GraphpruneWarning, match="whatever .train.. says"):
+        small = graphprune.compile(model, (x,), ratio=0.5)
+    assert small.report.form == "graph" and ".train() on the graph changes nothing" in small.report.form_why
+    small.train()
+    with torch.no_grad():
+        assert torch.equal(small(x), small(x))  # what the warning says: no dropout ran
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", graphprune.GraphpruneWarning)
+        assert graphprune.compile(model, (x,), ratio=0.5).report.form == "graph"
+
+
 class Pair(nn.Module):
     """RAFT's pattern: two images concatenated on the batch, run together, chunked apart; a loop over a
     size sends it to torch.export, which at a batch of 1 ties the two batches together."""
