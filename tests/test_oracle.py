@@ -243,6 +243,34 @@ def test_channel_max_norm_and_addcmul_let_their_channels_go():
             torch.testing.assert_close(small(xb), twin(xb), rtol=1e-5, atol=1e-6)
 
 
+class _Mm(torch.nn.Module):
+    """``torch.mm`` and ``Tensor.mm`` on flattened tokens against a weight of the model's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 32), torch.nn.Linear(24, 4)
+        self.w, self.v = torch.nn.Parameter(torch.randn(32, 24)), torch.nn.Parameter(torch.randn(24, 24))
+
+    def forward(self, x):  # (B, T, 8)
+        h = torch.relu(self.a(x))
+        b, t, _ = h.shape
+        h = torch.relu(torch.mm(h.flatten(0, 1), self.w))     # (B*T, 24)
+        return self.b(h.mm(self.v).view(b, t, -1))
+
+
+@pytest.mark.parametrize("output", ["graph", "auto"])
+def test_mm_prunes_what_it_contracts_and_what_it_writes(output):
+    """``torch.mm`` had no rule: the channels on both sides stayed (survey 31 f04), where ``@`` and ``bmm`` prune."""
+    torch.manual_seed(0)
+    model, x = _Mm().eval(), torch.randn(2, 5, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1", output=output)
+    assert small.a.out_features == 16 and dict(small.named_parameters())["w"].shape == (16, 12)
+    twin = dead_twin(model, small)
+    for xb in (x, torch.randn(3, 7, 8)):
+        with torch.no_grad():
+            torch.testing.assert_close(small(xb), twin(xb), rtol=1e-5, atol=1e-6)
+
+
 def test_recurrent_hidden_units_go_in_every_layer_and_direction_at_once():
     """nn.LSTM / nn.GRU had no rule and kept every channel they touched (timm Sequencer2d).
     A hidden unit is one across gates, layers and directions (the module keeps one
