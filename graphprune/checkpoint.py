@@ -223,6 +223,7 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
         "modes": mixed(model),
         "kept": kept,
         "original": info["original"],
+        "original_modules": info.get("original_modules"),
         "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()},
         "aliases": aliases,
         # tensors held as plain attributes, not parameters or buffers: written too, set again by load
@@ -299,6 +300,32 @@ def _check_tree(model: torch.nn.Module, info: dict) -> None:
         raise GraphpruneError(f"the model was changed after compile ({what}; {len(changed)} module(s) differ), and load "
                               "rebuilds it from the original's classes: change the original the same way and compile it, "
                               "or save the state_dict yourself")
+
+
+def _check_modules(original: torch.nn.Module, m: dict) -> None:
+    """The original given to ``load`` has the classes and settings of the one compiled (``module_form.described``):
+    the rebuild runs its modules, and one built with another activation or dilation has weights of the same shapes."""
+    was = m.get("original_modules")
+    if not was:
+        return  # saved before they were recorded
+    if not isinstance(was, dict):
+        raise GraphpruneError("the manifest's original_modules is not a mapping of module paths: it was edited; save again")
+    now = module_form.described(original)
+    changed = [p for p in dict.fromkeys([*was, *now]) if was.get(p) != now.get(p)]
+    if changed:
+        p = changed[0]
+        what = (f"module {p or '(the model)'!r} is {_short(now[p])} here, {_short(was[p])} in the model compiled"
+                if p in was and p in now else f"module {p!r} is {'only in this one' if p in now else 'missing here'}")
+        how = ("from the config it was saved from (config.json beside the weights)" if hf.is_hf(original) else
+               "with the same classes and settings (activation, dilation, padding mode...)")
+        raise GraphpruneError(f"the original given to load is not built as the one that was compiled ({what}; "
+                              f"{len(changed)} module(s) differ): build it {how}; nothing was loaded")
+
+
+def _short(described: str) -> str:
+    """``torch.nn.modules.activation.GELU(approximate='none')`` -> ``GELU(approximate='none')``."""
+    name, _, settings = described.partition("(")
+    return f"{name.rpartition('.')[2]}({settings}"
 
 
 def _check_shapes(model: torch.nn.Module, info: dict) -> None:
@@ -488,6 +515,7 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
         raise GraphpruneError("load reads the saved weights onto a real device: pass device='cpu' (or 'cuda'); "
                               "for shapes alone, build the original on meta and compile it instead")
     original = _rewrapped(original, m)  # a rotated model's structure (rotate_residual(tied="mix"))
+    _check_modules(original, m)
     args = tuple(_input_value(s, where) for s in m["inputs"]["args"])
     kwargs = {k: _input_value(s, where) for k, s in m["inputs"]["kwargs"].items()} or None
     # rebuilt in the mode it was compiled in (the passes decided by it), on a shadow copy so the user's
@@ -572,7 +600,8 @@ def composed(now: dict, before: dict, *, folded: bool = False) -> dict:
     one pruning (other pipelines, tensors the earlier original did not have), ``unsaveable``
     says why."""
     before = {**before, **before.get("first", {})}
-    first = {"original": before["original"], "source": before["source"], "example": before["example"],
+    first = {"original": before["original"], "original_modules": before.get("original_modules"),
+             "source": before["source"], "example": before["example"],
              "training": before["training"], "method": before["method"],
              "ignore": [i for i in now["ignore"] if i in before["ignore"]]}
     if not _replays(before["pipeline"], now["pipeline"]):

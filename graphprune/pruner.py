@@ -411,6 +411,8 @@ class Pruner:
         _own_storage(out, self.model)
         if self.reconstruct and fit:
             self.refit(out, removed)
+        from .module_form import described
+
         out.meta["graphprune"] = {
             "method": self.analysis.method,
             "widths": {g.id: (g.n_units, g.n_units - len(removed.get(g.id, ()))) for g in self.groups},
@@ -422,6 +424,7 @@ class Pruner:
             "ignore": list(self.ignore),
             "original": {n: list(t.shape) for n, t in [*self.model.named_parameters(remove_duplicate=False),
                                                           *self.model.named_buffers(remove_duplicate=False)]},
+            "original_modules": described(self.model),  # classes and settings: load refuses another original
             # the passes by name, not "deploy": a checkpoint replays what ran, whatever "deploy" comes to mean
             "pipeline": format_pipeline(parse_pipeline(self.pipeline or DEFAULT_PIPELINE)),
             "training": bool(self.model.training),  # an exported graph keeps the mode it was traced in

@@ -373,9 +373,13 @@ def test_load_refuses_an_original_of_another_config_of_the_same_shapes(tmp_path)
     graphprune.save(small, tmp_path)
     with torch.device("meta"):
         other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
+        rope = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw, rms_norm_eps=1e-2))
         same = transformers.LlamaForCausalLM(model.config)
-    with pytest.raises(graphprune.GraphpruneError, match="config differs.*rms_norm_eps"):
+    # the RMSNorms' eps shows in the modules (checked first), rope_theta only in the config
+    with pytest.raises(graphprune.GraphpruneError, match=r"eps=1e-06\) here, LlamaRMSNorm.*eps=0.01.*from the config"):
         graphprune.load(other, tmp_path)
+    with pytest.raises(graphprune.GraphpruneError, match="config differs.*rope"):
+        graphprune.load(rope, tmp_path)
     ids = torch.randint(3, VOCAB, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(graphprune.load(same, tmp_path)(ids).logits, small(ids).logits, rtol=0, atol=0)
