@@ -23,7 +23,7 @@ from . import auto, module_form
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore, matching_ratio
 from .reconstruct import thin_calibration
 from .trace import on_meta, shadow, trace, unwrapped
-from .verify import Verification, check_trace, refused_sizes, verified, why_not
+from .verify import Verification, check_trace, refused_sizes, retried_on_weight_writes, verified, why_not
 
 
 
@@ -61,6 +61,7 @@ def analyze(model: torch.nn.Module, example_inputs: tuple, *, ignore=(), example
         return analyze_graph(traced.gm, traced.method, ignore)
 
 
+@retried_on_weight_writes
 def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target_flops=None, target_params=None,
             target_latency=None, importance="auto", ignore=(), pipeline=None, example_kwargs=None, calibration=None,
             loss_fn=None, round_to: int | None = None, min_width: int = 1, overrides: dict | None = None,

@@ -17,6 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import hf
+from .verify import retried_on_weight_writes
 from .batches import example_batch, in_signature_order
 from .errors import GraphpruneError, first_line
 
@@ -117,6 +118,7 @@ def _symbolic_batches(ep) -> tuple[int, list]:
     return dynamic, static
 
 
+@retried_on_weight_writes
 def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, dynamic_batch: bool = True,
            dynamic_shapes=None):
     """``torch.export`` ``model`` (non-strict) with dim 0 of every tensor input symbolic.

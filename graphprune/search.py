@@ -29,6 +29,7 @@ from .errors import GraphpruneError
 from .flops import count_flops
 from .allocate import report
 from . import module_form
+from .verify import retried_on_weight_writes
 from .pruner import Pruner
 
 
@@ -137,6 +138,7 @@ class SearchResult:
         return fig
 
 
+@retried_on_weight_writes
 def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[torch.nn.Module], float], *,
            target_flops: float, trials: int = 50, importance="auto", ignore=(), seed: int = 0, max_ratio: float = 0.9,
            spread: float = 4.0, calibration=None, loss_fn=None, example_kwargs=None, storage=None,

@@ -20,7 +20,9 @@ tracing).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
+import functools
 import io
 import os
 import time
@@ -361,14 +363,51 @@ def on_copies(*mods, params: bool = True):
     and so are the plain values their forwards rebind (``_plain_values``). The copies are made on
     entering, of what the modules hold then: made when called, they were swapped in before a
     context listed earlier in the same ``with`` (the dead twin's ``swapped``) had run, and
-    that context then found none of the tensors it replaces, so the "dead twin" was the original."""
+    that context then found none of the tensors it replaces, so the "dead twin" was the original.
+
+    Without ``params`` the weights are shared, under the guard that stops a write into them before
+    it happens (``_NoParamWrites``): ``check_trace`` saw no write at the example, but a forward may
+    write at another size (``if x.shape[0] > 4: w.data.mul_(0.5)`` halved the user's weights at the
+    tested batch 5, survey 31 f01). The guard's exception leaves every check; the public entry
+    points then run again with every check on copies (``retried_on_weight_writes``)."""
     from contextlib import ExitStack
 
+    params = params or _COPY_WEIGHTS.get()
     with ExitStack() as stack:
         for m in mods:
             stack.enter_context(swapped(m, _copies(m, params=params)))
             stack.enter_context(_plain_values(m))
+        if not params:
+            stack.enter_context(_NoParamWrites([t for m in mods for t in m.parameters()]))
         yield
+
+
+_COPY_WEIGHTS = contextvars.ContextVar("graphprune_copy_weights", default=False)
+
+
+@contextmanager
+def copying_weights():
+    """Every run of the checks on copies of the weights too (``on_copies``, ``check_trace``)."""
+    token = _COPY_WEIGHTS.set(True)
+    try:
+        yield
+    finally:
+        _COPY_WEIGHTS.reset(token)
+
+
+def retried_on_weight_writes(fn):
+    """``fn`` (compile, search, export) run again with every check on copies of the weights where a
+    check's forward tried to write into shared ones (``_ParamWrite``, stopped before the write)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if _COPY_WEIGHTS.get():
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except _ParamWrite:
+            with copying_weights():
+                return fn(*args, **kwargs)
+    return run
 
 
 @contextmanager
@@ -445,6 +484,8 @@ def check_trace(model, gm, args: tuple, kwargs: dict) -> tuple[str | None, bool]
     taken on every call, and the graph recomputed its scale from each batch, 0.25
     off from the second call on (survey 18)."""
     try:
+        if _COPY_WEIGHTS.get():
+            raise _Retry  # the forward writes at some size: no run shares the weights
         return _check_trace(model, gm, tuple(args), kwargs, guarded=True)
     except (_ParamWrite, _Retry):
         return _check_trace(model, gm, tuple(args), kwargs, guarded=False)

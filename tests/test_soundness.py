@@ -1125,6 +1125,33 @@ class _WritesItsWeights(torch.nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
+class _WritesAtLargeBatches(torch.nn.Module):
+    """Writes into a weight only at batches the code tests, past the example's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        if x.shape[0] > 4:
+            self.a.weight.data.mul_(0.5)
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_forward_that_writes_its_weights_only_past_the_example_never_writes_the_users():
+    """The guard ran at the example alone: at the tested batch 5 the checks ran the forward on the user's own
+    weights, which it halved, and the result's were an eighth of the original's (survey 31 f01). Every run on
+    shared weights is guarded now; where one would write, compile runs again with every check on copies."""
+    torch.manual_seed(0)
+    model, x = _WritesAtLargeBatches().eval(), torch.randn(2, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    rows = torch.as_tensor(graphprune.module_form.info(small)["kept"][("a.weight", 0)])
+    torch.testing.assert_close(small.a.weight, before["a.weight"][rows], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("how", ["data", "view", "out", "none"])
 def test_the_trace_check_shares_the_weights_only_with_a_forward_that_writes_none(how):
     """check_trace ran the model on a copy of every weight to learn whether its forward writes to them (a full
