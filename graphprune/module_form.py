@@ -435,7 +435,7 @@ def _tested_batches(model: torch.nn.Module, example, what: str = "") -> list:
             for n, a, k in source.tested_batches(model, tuple(example[0]), dict(example[1]))]
 
 
-MAX_SIZES = 4  # input sizes tried past the code's tests of sizes other than the batch, nearest the example's first
+MAX_SIZES = 6  # input sizes tried past the code's tests of sizes other than the batch, nearest the example's first
 SIZE_LIMIT = 4  # ... and none over this many times the example's
 
 
@@ -443,7 +443,12 @@ def _tested_sizes(model: torch.nn.Module, example, traced) -> list:
     """(args, kwargs, what) with dims of the example's main input (its first tensor of the most dims)
     moved to the far side of each integer the code compares a non-batch size with
     (``source.other_size_constants``): all its dims after dim 1 at once where they are equal (an
-    image's height and width), then each dim alone, ``MAX_SIZES`` nearest the example's in ratio.
+    image's height and width), then each dim alone, ``MAX_SIZES`` in all, each plan's nearest the
+    example's in ratio first. A size in the graph that is not the input's scaled (a 4-channel
+    width at a 32-wide input, taken for a scale of 8) adds sizes to try, which come before those
+    of the real scale where they are nearer: 40 and 48 had taken the four tries, so 20 and 16, where
+    ``h.shape[-1] < 5`` turns, went untried (survey 31 f12); the plans no longer share the tries
+    ahead of sizes.
 
     The size tested is often an intermediate's, down-sampled from the input's by a power of two
     (``h.shape[-1] == 7`` at the end of a 224-pixel network), so each scale ``r`` that takes the
@@ -475,7 +480,7 @@ def _tested_sizes(model: torch.nn.Module, example, traced) -> list:
                 m = s // r
                 for new in ((c, c - 1) if m > c else (c, c + 1) if m < c else (c - 1, c + 1)):
                     if 1 <= new * r <= SIZE_LIMIT * s and new * r != s:
-                        found.setdefault((dims, new * r), (abs(math.log(new * r / s)), k))
+                        found.setdefault((dims, new * r), (k, abs(math.log(new * r / s))))
     out = []
     for dims, size in sorted(found, key=lambda key: found[key])[:MAX_SIZES]:
         s, moved = shape[dims[0]], list(leaves)

@@ -58,7 +58,8 @@ def _reached(cls: type) -> tuple:
 
 def _callee(f: ast.AST, fn, cls: type):
     """What a call in ``fn`` (a function of ``cls``) names: ``self.method``, ``super().method``, a
-    function of its module (``helper``), or of a module it imported (``utils.helper``)."""
+    function of its module (``helper``), or of a module it imported (``utils.helper``), or a method
+    of a class it names (``Base.forward``)."""
     if isinstance(f, ast.Name):
         return fn.__globals__.get(f.id)
     if not isinstance(f, ast.Attribute):
@@ -72,6 +73,9 @@ def _callee(f: ast.AST, fn, cls: type):
         return next((vars(k)[f.attr] for k in mro[at + 1:] if f.attr in vars(k)), None)
     if isinstance(owner, ast.Name) and isinstance(fn.__globals__.get(owner.id), types.ModuleType):
         return getattr(fn.__globals__[owner.id], f.attr, None)
+    if isinstance(owner, ast.Name) and isinstance(fn.__globals__.get(owner.id), type):
+        # Base.forward(self, h): a parent's method called by name, not through super() (survey 31 f10)
+        return inspect.getattr_static(fn.__globals__[owner.id], f.attr, None)
     return None
 
 
