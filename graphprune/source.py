@@ -140,26 +140,39 @@ def _class_defs(tree: ast.AST) -> dict:
 def asks_tensor_type(cls: type) -> bool:
     """Whether code the forward runs asks whether a value is a tensor: ``isinstance(v, T)`` for
     a tensor class ``T`` however it is named (``torch.Tensor``, ``Tensor`` imported under another
-    name, ``torch.FloatTensor``, ``nn.Parameter``). A proxy is no tensor to it (torch.export's
+    name, ``torch.FloatTensor``, ``nn.Parameter``), or ``torch.is_tensor`` however it is named. A proxy is no tensor to it (torch.export's
     fake tensors are). ``type(v) is torch.Tensor`` is False under either tracer: ``batch_sizes``
     and the checks it feeds catch where that matters."""
     for fn, tree in reached(cls):
         scope = {**vars(builtins), **fn.__globals__}
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance" \
-                    and len(node.args) == 2 and _tensor_type(node.args[1], scope):
+            if not isinstance(node, ast.Call):
+                continue
+            if isinstance(node.func, ast.Name) and node.func.id == "isinstance" and len(node.args) == 2 \
+                    and _tensor_type(node.args[1], scope):
                 return True
+            if any(_named(node.func, scope) is f for f in TENSOR_TESTS):  # `from torch import is_tensor` too:
+                return True  # the tracer's patch of torch.is_tensor misses a name bound before it (survey 31 f18)
     return False
+
+
+TENSOR_TESTS = (torch.is_tensor, torch.overrides.is_tensor_like)
+
+
+def _named(node, scope: dict):
+    """What ``node``, a name, a dotted path or a tuple of them, names in ``scope``, or None where it
+    is none of those or names nothing there (a local). Evaluating such a path calls nothing."""
+    if not all(isinstance(n, (ast.Name, ast.Attribute, ast.Tuple, ast.Load)) for n in ast.walk(node)):
+        return None
+    try:
+        return eval(compile(ast.Expression(node), "<type>", "eval"), scope)  # noqa: S307
+    except Exception:  # noqa: BLE001 - a local name: left alone
+        return None
 
 
 def _tensor_type(node, scope: dict) -> bool:
     """Whether ``node``, a name, a dotted path or a tuple of them, names a tensor class."""
-    if not all(isinstance(n, (ast.Name, ast.Attribute, ast.Tuple, ast.Load)) for n in ast.walk(node)):
-        return False
-    try:  # a name or a dotted path: evaluating it calls nothing
-        value = eval(compile(ast.Expression(node), "<type>", "eval"), scope)  # noqa: S307
-    except Exception:  # noqa: BLE001 - a local name: left alone
-        return False
+    value = _named(node, scope)
     return any(isinstance(v, type) and issubclass(v, torch.Tensor) for v in (value if isinstance(value, tuple) else (value,)))
 
 
