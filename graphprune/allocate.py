@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
-from .errors import GraphpruneError, GraphpruneWarning, first_line
+from .errors import GraphpruneError, GraphpruneWarning, first_line, user_level
 from .flops import count_flops, count_params, graph_params, latency_ratio
 from .pruner import DEFAULT_PIPELINE, Pruner, matching_ratio, remove_lowest
 from .meta_keys import ORIGINAL_FLOPS, ORIGINAL_PARAMS, PLAN_FLOPS, UNREAD
@@ -875,7 +875,7 @@ def _warn_near_floor(target: float, floor: float, got: float) -> None:
             f"target_latency={target} is near this model's latency floor on this device: every group at its minimum "
             f"width still takes {floor:.3f} of the original's time (chosen: {got:.3f}). Widths this close to the floor "
             "are chosen by timing noise and may remove far more than the latency gained suggests; check "
-            "result.report.flops, or prefer a target above the floor / 0.8 or a FLOPs budget"), stacklevel=3)
+            "result.report.flops, or prefer a target above the floor / 0.8 or a FLOPs budget"), stacklevel=user_level())
 
 
 SETTLED = 3  # readings of each of the final pair: a median of three outvotes one lucky or unlucky reading

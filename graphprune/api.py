@@ -15,7 +15,7 @@ import torch
 from .allocate import (FILL_TOL, RULES, Constraints, allocate, blocked_hint, light_report, original_params, overrides_ceiling,
                        params_read, report, unrounded)
 from .batches import as_call, not_batches, read_batches, regroup
-from .errors import GraphpruneError, GraphpruneWarning, first_line
+from .errors import GraphpruneError, GraphpruneWarning, first_line, user_level
 from .flops import count_flops, count_params, latency_ratio
 from .groups import Analysis, analyze_graph
 from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, SYMBOLIC_DIMS
@@ -166,7 +166,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
             raise GraphpruneError(f"target_{kind_} must be a fraction of the original in (0, 1], got {v!r}")
     if ratio is None and not budgets and not pipeline:
         warnings.warn(GraphpruneWarning("no ratio or target given: nothing is removed (give ratio=, target_flops=, "
-                                        "target_params= or target_latency=)"), stacklevel=2)
+                                        "target_params= or target_latency=)"), stacklevel=user_level())
     if ratio is None:
         ratio = 0.0
     for r in (ratio.values() if isinstance(ratio, dict) else [ratio]):
@@ -209,10 +209,10 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         if missed:  # a pattern that names nothing prunable would otherwise prune nothing there, in silence
             warnings.warn(GraphpruneWarning(f"{what} pattern(s) {missed} name no module that produces a prunable "
                                             "group: analyze(model, inputs).summary() lists the groups and their modules"),
-                          stacklevel=2)
+                          stacklevel=user_level())
     if not p.groups and not budgets and any(ratio.values() if isinstance(ratio, dict) else [ratio]):
         warnings.warn(GraphpruneWarning(f"nothing to prune: the model has no prunable group and comes back as it "
-                                        f"is{blocked_hint(p)}"), stacklevel=2)
+                                        f"is{blocked_hint(p)}"), stacklevel=user_level())
     meter_kw = {"latency_inputs": latency_inputs} if kind == "latency" else {}
     rounding = None  # pipeline="deploy": the width multiple timed fastest, and the timings
     deploy = (pipeline or "").strip() == "deploy"
@@ -251,7 +251,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     if p.reconstruct:
         thin = thin_calibration(p.refit(out, removed))
         if thin:
-            warnings.warn(GraphpruneWarning(thin), stacklevel=2)
+            warnings.warn(GraphpruneWarning(thin), stacklevel=user_level())
     if choice is not None and choice.recalibrate:  # as auto judged it: statistics of the pruned model on the user's data
         recalibrate_on(out, p, p.calibration)  # (x, y) batches split by the Pruner: x is the input
     rep = report(p, removed, out, budgets, latency_inputs) if budgets else light_report(p, removed)
@@ -263,13 +263,13 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
                 f"target_{kind}={target} landed at {getattr(rep, kind):.3f}: the ratios overrides fix"
                 f"{f' (rounded to round_to={round_to})' if round_to > 1 else ''} keep at most "
                 f"{ceiling:.3f} of the original's {'FLOPs' if kind == 'flops' else 'parameters'} with every other group "
-                f"whole; lower those ratios or the target"), stacklevel=2)
+                f"whole; lower those ratios or the target"), stacklevel=user_level())
     narrow = [g for g in p.groups if (asked_round_to or 1) > 1 and g.n_units < g.unit_multiple(round_to)]
     if narrow and (overrides or any(n for n in (ratio.values() if isinstance(ratio, dict) else [ratio]) if n) or budgets):
         warnings.warn(GraphpruneWarning(
             f"round_to={round_to}: {len(narrow)} group(s) narrower than {round_to} channels stay whole, since no multiple "
             f"of it fits under their width (first: {narrow[0].describe()[:160]}); give a smaller round_to to prune them"),
-            stacklevel=2)
+            stacklevel=user_level())
     off = unrounded(p, removed, round_to) if round_to > 1 else []
     if off:  # bundled units: query heads in balance over their key/value heads, a chunk's equal parts
         name, width, kept, g = off[0]
@@ -282,13 +282,13 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         warnings.warn(GraphpruneWarning(
             f"round_to={round_to} does not hold on {len(off)} pruned dim(s) (first: {name}, {kept} of {width}): their "
             f"channels go in bundles ({why}); give a round_to those counts allow, or ignore those layers"),
-            stacklevel=2)
+            stacklevel=user_level())
     held = [b for b in check.blocked if MODULE_PATHS in b]
     if held and not check.notes and not p.wrong_sizes:  # a setting's other value read a group: it was kept, silently
         warnings.warn(GraphpruneWarning(
             f"{len(held)} group(s) kept whole so that the result, in the model's own classes, is right on paths the "
             f"trace did not take (first: {held[0][:400]}). output='graph' prunes them: its graph computes the traced "
-            "path only, and refuses a setting or size it can tell it did not trace"), stacklevel=2)
+            "path only, and refuses a setting or size it can tell it did not trace"), stacklevel=user_level())
     rep.auto = choice
     rep.rounding = rounding
     rep.layout = layout
@@ -299,7 +299,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         warnings.warn(GraphpruneWarning(
             f"latency measured at {rep.latency:.3f} of the original, over target_latency={target_latency}: the "
             "timings moved between the search and the report (a busy machine, or a target near the device's "
-            "speed steps); time it on an idle machine, or ask for a lower target"), stacklevel=2)
+            "speed steps); time it on an idle machine, or ask for a lower target"), stacklevel=user_level())
     # the module form the self-check passed, where nothing changed the weights since (a refit, recalibration)
     checked = paths.passed[1] if paths is not None and paths.passed and paths.passed[0] is out and not p.reconstruct and not (
         choice is not None and choice.recalibrate) else None
@@ -312,7 +312,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
                 f"target_params counts the parameters the traced forward runs: {', '.join(rep.unrun[:4])} never run "
                 f"({idle / total:.0%} of all parameters), stay whole and are outside it; the result holds "
                 f"{count_params(result) / total:.2f} of all parameters. Delete them from the "
-                "model (model.aux = None) to count them out, or give a lower target"), stacklevel=2)
+                "model (model.aux = None) to count them out, or give a lower target"), stacklevel=user_level())
     _graph_checks(model, p, result, rep, check)
     module_form.record_tree(result)
     result.report = rep
@@ -346,7 +346,7 @@ def _graph_checks(model, p, result, rep, check) -> None:
             "eval-mode computation (BatchNorm on running statistics, no dropout): the graph returned computes that "
             "in either mode, so it is returned in eval mode. To fine-tune with batch statistics, prune the model "
             "where it traces with torch.fx (see report.form_why) or fine-tune the original and compile again"),
-            stacklevel=3)
+            stacklevel=user_level())
     elif rep.form == "graph" and p.analysis.method == "export" and _mode_dependent(model, in_either=True):
         # a stock nn.TransformerEncoderLayer comes back so (its fused path refuses the module form): fine-tuned
         # after .train(), it ran no dropout and kept its BatchNorm statistics, with nothing said (survey 31 f03)
@@ -356,7 +356,7 @@ def _graph_checks(model, p, result, rep, check) -> None:
             f"the result is a graph traced with torch.export from {type(model).__name__}, which holds dropout or "
             "BatchNorm: it computes the eval-mode path whatever .train() says, so fine-tuning it runs no dropout and "
             "updates no batch statistics. To fine-tune, do so on the original and compile again (see report.form_why "
-            "for why the model's own classes were not an option)"), stacklevel=3)
+            "for why the model's own classes were not an option)"), stacklevel=user_level())
     left = _left_out(p.model, p) if rep.form == "graph" and p.analysis.method == "export" else []
     if left:  # called with one of them, the graph raised Python's bare TypeError (survey 30 f07, f09)
         rep.form_why += (f". Traced with torch.export from the inputs the example gives: {', '.join(left[:6])}"
@@ -372,7 +372,7 @@ def _graph_checks(model, p, result, rep, check) -> None:
         rep.form_why += (". The forward branches on input sizes, and the graph takes only the sizes the example's "
                          f"side of each branch covers: {', '.join(spans)}")
         warnings.warn(GraphpruneWarning(f"the result is a graph that takes only some input sizes (its code branched on "
-                                        f"them: {', '.join(spans)}); see report.form_why"), stacklevel=3)
+                                        f"them: {', '.join(spans)}); see report.form_why"), stacklevel=user_level())
 
 
 def _left_out(model, p) -> list[str]:
@@ -706,7 +706,7 @@ def _choose_form(model, out, p, output: str, rep, checked=None):
         if why and why.startswith((module_form.TRAIN_PATH, module_form.TRAIN_FAILS)):
             warnings.warn(GraphpruneWarning(
                 f"the result is a graph: {why}. The graph runs the path traced in eval mode in both modes, so "
-                "fine-tuning it leaves out what the model's forward does only in training"), stacklevel=3)
+                "fine-tuning it leaves out what the model's forward does only in training"), stacklevel=user_level())
     if runs:
         why = why or _over_budget(top, p, rep)
     if top is None or why:

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .errors import GraphpruneError, GraphpruneWarning, first_line
+from .errors import GraphpruneError, GraphpruneWarning, first_line, user_level
 
 CALIBRATION_CAP = 256  # batches read from a stream or loader; a list is taken whole
 
@@ -68,7 +68,7 @@ def read_batches(calibration) -> list:
     if next(it, _END) is not _END:
         warnings.warn(GraphpruneWarning(
             f"calibration is a stream or loader with more than {CALIBRATION_CAP} batches: compile read the first "
-            f"{CALIBRATION_CAP}. Pass a list of batches to choose how many"), stacklevel=3)
+            f"{CALIBRATION_CAP}. Pass a list of batches to choose how many"), stacklevel=user_level())
     return out
 
 

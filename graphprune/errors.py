@@ -1,4 +1,5 @@
-"""The one exception type users catch."""
+"""The one exception type users catch, the warning they see, and where it points."""
+import sys
 
 
 class GraphpruneError(Exception):
@@ -19,3 +20,17 @@ def first_line(e: BaseException) -> str:
     ``str(e).splitlines()`` raised IndexError from inside graphprune's own error reporting)."""
     lines = str(e).splitlines()
     return lines[0] if lines else ""
+
+
+_INSIDE = ("graphprune", "torch", "contextlib", "functools")  # modules a warning's line is never in
+
+
+def user_level() -> int:
+    """The ``stacklevel`` of the first frame outside graphprune (and the torch, contextlib and functools
+    frames it runs through) from the caller of ``warnings.warn``: the user's line that called
+    compile, however deep inside it the warning is raised and whatever wraps it
+    (``verify.retried_on_weight_writes``)."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _INSIDE:
+        frame, level = frame.f_back, level + 1
+    return level
