@@ -252,6 +252,17 @@ class Pruner:
                 raise
             raise calibration_failed(self, f"importance {name!r}", e) from e
 
+    def _wrong_at_tested_batches(self, gm) -> str | None:
+        """``verify.wrong_at_tested_batches``, on copies of the weights where the forward writes them:
+        one that writes only at a size past the example's (``if x.shape[0] > 4: w.data = ...``) is
+        stopped by the guard, and every later check then runs on copies (``param_writes``)."""
+        args, kwargs = self.example_inputs, dict(self.example_kwargs or {})
+        try:
+            return _verify.wrong_at_tested_batches(shadow(self.model), gm, args, kwargs, self.param_writes)
+        except _verify.ParamWrite:
+            self.param_writes = True
+            return _verify.wrong_at_tested_batches(shadow(self.model), gm, args, kwargs, True)
+
     def _faithful_trace(self):
         """A trace that computes what the model computes (ratio 0). Symbolic tracing
         cannot see in-place updates through an alias (``r = h; h += y``); where its
@@ -260,7 +271,7 @@ class Pruner:
         traced = trace(self.model, args, kwargs)
         problem, self.param_writes = _verify.check_trace(shadow(self.model), traced.gm, args, kwargs)
         if problem is None:
-            self.wrong_sizes = _verify.wrong_at_tested_batches(shadow(self.model), traced.gm, args, kwargs, self.param_writes)
+            self.wrong_sizes = self._wrong_at_tested_batches(traced.gm)
             if self.wrong_sizes is None or traced.method == "export":
                 return traced
             try:  # torch.export answers some questions fx does not (hasattr), and bounds the batch
@@ -270,7 +281,7 @@ class Pruner:
                 return traced
             if again is None:
                 self.param_writes, traced = writes, exported
-                self.wrong_sizes = _verify.wrong_at_tested_batches(shadow(self.model), traced.gm, args, kwargs, self.param_writes)
+                self.wrong_sizes = self._wrong_at_tested_batches(traced.gm)
             return traced
         first = f"{traced.method}: {problem}"
         if traced.method == "symbolic_trace":
@@ -280,7 +291,7 @@ class Pruner:
             except GraphpruneError as e:
                 problem = first_line(e)
             if problem is None:
-                self.wrong_sizes = _verify.wrong_at_tested_batches(shadow(self.model), traced.gm, args, kwargs, self.param_writes)
+                self.wrong_sizes = self._wrong_at_tested_batches(traced.gm)
                 return traced
         suspects = [n.name for n in traced.gm.graph.nodes if mutates(n) and n.name != "_guards_fn"]  # export's own
         hint = f" In-place ops in the graph: {', '.join(suspects[:8])}." if suspects else ""

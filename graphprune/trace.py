@@ -12,6 +12,7 @@ a model whose parameters already live on ``meta`` works the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import copy as copy_module
 import functools
 from contextlib import contextmanager
@@ -509,11 +510,26 @@ def _dynamic_shapes(model, args, kwargs):
 def trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None, *, method: str = "auto") -> Traced:
     """Trace ``model`` and propagate shapes; say which tracer was used and why.
     The traced module is in the model's train/eval mode."""
-    traced = _trace(model, example_inputs, example_kwargs, method)
+    with _data_kept(model):
+        traced = _trace(model, example_inputs, example_kwargs, method)
     fold_channel_shuffles(traced.gm)
     if traced.method == "symbolic_trace":  # exported modules refuse train()/eval(); they keep the mode they were exported in
         copy_modes(traced.gm, model)  # each module's own: frozen BatchNorms in a model in training mode stay in eval
     return traced
+
+
+@contextlib.contextmanager
+def _data_kept(model: torch.nn.Module):
+    """Each parameter and buffer of ``model`` holds the data it held before, after: a forward that
+    rebinds a weight's data (``w.data = w.data.clamp(-0.1, 0.1)``, WGAN's weight clipping) ran under
+    torch.export on the user's own tensors, which the trace shares, and left them clipped
+    (``analyze`` alone did it, survey 31 f09, f14). Rebinding the same data back is free."""
+    held = [(t, t.data) for t in [*model.parameters(), *model.buffers()] if not isinstance(t, torch.nn.parameter.UninitializedTensorMixin)]
+    try:
+        yield
+    finally:
+        for t, data in held:
+            t.data = data
 
 
 def _trace(model, example_inputs, example_kwargs, method) -> Traced:

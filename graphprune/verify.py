@@ -446,11 +446,30 @@ class _ParamWrite(BaseException):
 class _NoParamWrites(torch.utils._python_dispatch.TorchDispatchMode):
     """Refuses, before it runs, every op that writes into the storage of one of ``tensors``
     (``w.data.clamp_()``, an Embedding's ``max_norm`` renorm, ``out=`` into a weight, a view's
-    ``zero_()``): the schema says which arguments an op writes."""
+    ``zero_()``): the schema says which arguments an op writes. A forward that rebinds a
+    weight's data (``w.data = w.data.clamp(-0.1, 0.1)``, WGAN's weight clipping) runs no op
+    on it: on leaving, each tensor holding other data is given its own back, and the run
+    counts as a write (it clipped the user's weights, survey 31 f09)."""
 
     def __init__(self, tensors):
         super().__init__()
-        self.ptrs = {t.untyped_storage().data_ptr() for t in tensors} - {0}
+        self.tensors = list({id(t): t for t in tensors}.values())
+        self.ptrs = {t.untyped_storage().data_ptr() for t in self.tensors} - {0}
+
+    def __enter__(self):
+        self.held = [(t, t.data) for t in self.tensors]  # the data each holds: put back if rebound
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        rebound = [t for t, data in self.held if t.data.data_ptr() != data.data_ptr() or t.shape != data.shape]
+        for t, data in self.held:
+            if t.data.data_ptr() != data.data_ptr() or t.shape != data.shape:
+                t.data = data
+        self.held = []
+        if rebound and exc[0] is None:
+            raise _ParamWrite("a weight's data rebound")
+        return False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -463,6 +482,9 @@ class _NoParamWrites(torch.utils._python_dispatch.TorchDispatchMode):
                     if written and isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.ptrs:
                         raise _ParamWrite(func)
         return func(*args, **kwargs)
+
+
+ParamWrite = _ParamWrite  # what a guarded run raises where the forward would write (``Pruner`` catches it)
 
 
 class _Retry(Exception):

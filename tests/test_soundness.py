@@ -1152,6 +1152,41 @@ def test_a_forward_that_writes_its_weights_only_past_the_example_never_writes_th
     torch.testing.assert_close(small.a.weight, before["a.weight"][rows], rtol=0, atol=0)
 
 
+class _ClipsItsWeights(torch.nn.Module):
+    """WGAN's weight clipping, rebinding the data: on every call, or only at batches past the example's."""
+
+    def __init__(self, always: bool):
+        super().__init__()
+        self.always = always
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        if self.always or x.shape[0] > 4:
+            self.a.weight.data = self.a.weight.data.clamp(-0.1, 0.1)
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("always", [True, False])
+def test_a_forward_that_rebinds_its_weights_data_never_rebinds_the_users(always):
+    """Rebinding ``w.data`` runs no op the write guard sees: torch.export ran the forward on the user's own
+    weights and left them clipped, under ``analyze`` alone too, and the checks at batch 5 did the same
+    (survey 31 f09, f14). The trace and every guarded run put the data back; a run that rebound it counts
+    as a write."""
+    torch.manual_seed(0)
+    model, x = _ClipsItsWeights(always).eval(), torch.randn(2, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        graphprune.analyze(model, (x,))
+        small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    except graphprune.GraphpruneError:  # on every call: the trace cannot compute it, and says so
+        small = None
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    if small is not None and not always:
+        for o in (x, torch.randn(3, 8)):
+            torch.testing.assert_close(small(o), dead_twin(model, small)(o))
+
+
 @pytest.mark.parametrize("how", ["data", "view", "out", "none"])
 def test_the_trace_check_shares_the_weights_only_with_a_forward_that_writes_none(how):
     """check_trace ran the model on a copy of every weight to learn whether its forward writes to them (a full
