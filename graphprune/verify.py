@@ -334,6 +334,17 @@ def swapped(root: torch.nn.Module, new: dict):
                     if isinstance(t, torch.Tensor) and id(t) in new:
                         done.append((store, k, t))
                         store[k] = new[id(t)]
+            for k, held in list(mod.__dict__.items()):  # tensors in a list or dict attribute, and in a tuple
+                slots = _container_slots(held)
+                if any(id(t) in new for _, t in slots):
+                    if type(held) is tuple:
+                        done.append((mod.__dict__, k, held))
+                        mod.__dict__[k] = tuple(new.get(id(v), v) if isinstance(v, torch.Tensor) else v for v in held)
+                        continue
+                    for j, t in slots:
+                        if id(t) in new:
+                            done.append((held, j, t))
+                            held[j] = new[id(t)]
         yield
     finally:
         for store, k, t in reversed(done):
@@ -353,8 +364,19 @@ def _copies(*mods, params: bool = True, keep: dict | None = None) -> dict:
 
 def _plain_tensors(model: torch.nn.Module) -> list:
     """Tensors modules hold as plain attributes (a step counter or an EMA kept as ``self.calls``, not
-    a buffer): a forward that updates them in place changed the user's model while compile ran it."""
-    return [t for mod in model.modules() for t in mod.__dict__.values() if isinstance(t, torch.Tensor)]
+    a buffer), also in a list, tuple or dict attribute (``self.ema["mean"]``, ``self.hist[0]``): a
+    forward that updates them in place changed the user's model while compile ran it (survey 31 f05)."""
+    return [t for mod in model.modules() for v in mod.__dict__.values()
+            for t in ([v] if isinstance(v, torch.Tensor) else [t for _, t in _container_slots(v)])]
+
+
+def _container_slots(held) -> list:
+    """[(index or key, tensor)] of a list, tuple or dict attribute's tensors, one level deep."""
+    if type(held) in (list, tuple):
+        return [(j, t) for j, t in enumerate(held) if isinstance(t, torch.Tensor)]
+    if type(held) is dict:
+        return [(j, t) for j, t in held.items() if isinstance(t, torch.Tensor)]
+    return []
 
 
 @contextmanager

@@ -1187,6 +1187,33 @@ def test_a_forward_that_rebinds_its_weights_data_never_rebinds_the_users(always)
             torch.testing.assert_close(small(o), dead_twin(model, small)(o))
 
 
+class _KeepsStateInContainers(torch.nn.Module):
+    """A call counter in a list and an input EMA in a dict, the EMA read by the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+        self.hist, self.ema = [torch.zeros(())], {"mean": torch.zeros(8)}
+
+    def forward(self, x):
+        self.hist[0].add_(1)
+        self.ema["mean"].mul_(0.9).add_(0.1 * x.mean(0))
+        return self.b(torch.relu(self.a(x - self.ema["mean"])))
+
+
+def test_tensors_in_list_and_dict_attributes_are_run_on_copies():
+    """Buffers and plain tensor attributes were copied for every check, tensors inside a list or dict
+    attribute were not: compile's runs advanced the user's counter and moved the user's EMA, whether it
+    returned a model or refused (survey 31 f05)."""
+    torch.manual_seed(0)
+    model, x = _KeepsStateInContainers().eval(), torch.randn(2, 8)
+    try:
+        graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    except graphprune.GraphpruneError:
+        pass
+    assert model.hist[0].item() == 0 and torch.equal(model.ema["mean"], torch.zeros(8))
+
+
 @pytest.mark.parametrize("how", ["data", "view", "out", "none"])
 def test_the_trace_check_shares_the_weights_only_with_a_forward_that_writes_none(how):
     """check_trace ran the model on a copy of every weight to learn whether its forward writes to them (a full
