@@ -362,6 +362,12 @@ def _graph_checks(model, p, result, rep, check) -> None:
         rep.form_why += (f". Traced with torch.export from the inputs the example gives: {', '.join(left[:6])}"
                          f"{' ...' if len(left) > 6 else ''} (left at their defaults) are no inputs of the graph, "
                          "which refuses them by name; give them in the example to trace them")
+    nones = given_none(p.model, p.example_inputs, p.example_kwargs) if rep.form == "graph" and \
+        p.analysis.method == "export" else []
+    if nones:  # the program holds them as constants: called with a tensor there, it ignored it (survey 31 f08)
+        rep.form_why += (f". Traced with {', '.join(f'{n}=None' for n in nones)}, which torch.export holds as "
+                         "constants: the graph refuses another value for them")
+        refuse_values(result, p.model, nones)
     fixed = p.gm.meta.get(FIXED_DIMS)
     if rep.form == "graph" and fixed:  # the user's model may take shapes this graph refuses
         rep.form_why += (". Traced with torch.export, which fixed these input dims to the example's size: "
@@ -373,6 +379,37 @@ def _graph_checks(model, p, result, rep, check) -> None:
                          f"side of each branch covers: {', '.join(spans)}")
         warnings.warn(GraphpruneWarning(f"the result is a graph that takes only some input sizes (its code branched on "
                                         f"them: {', '.join(spans)}); see report.form_why"), stacklevel=user_level())
+
+
+def given_none(model, args: tuple, kwargs: dict | None) -> list[str]:
+    """The forward's named parameters the example gives as None (``mask=None``)."""
+    import inspect
+
+    try:
+        given = inspect.signature(model.forward).bind_partial(*args, **dict(kwargs or {})).arguments
+    except (TypeError, ValueError):
+        return []
+    return [n for n, v in given.items() if v is None]
+
+
+def refuse_values(graph: torch.nn.Module, model: torch.nn.Module, names: list[str]) -> None:
+    """``graph`` refuses a value other than None for each of ``names``, by position or keyword, with a
+    GraphpruneError that says why: torch.export traced them as None, and the program took a tensor
+    there and ignored it, 0.36 off the model (survey 31 f08)."""
+    import inspect
+
+    params = [q for q in inspect.signature(model.forward).parameters.values()
+              if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
+    where = {n: next((i for i, q in enumerate(params) if q.name == n), None) for n in names}
+
+    def check(_module, args, kwargs):
+        for n, i in where.items():
+            if kwargs.get(n) is not None or (i is not None and i < len(args) and args[i] is not None):
+                raise GraphpruneError(
+                    f"this graph was traced with {n}=None and computes that path only (torch.export held it as a "
+                    f"constant): compile with an example that gives {n}, or keep the model's own classes "
+                    "(output='module'), which take any value")
+    graph.register_forward_pre_hook(check, with_kwargs=True)
 
 
 def _left_out(model, p) -> list[str]:

@@ -576,6 +576,12 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     if (path / "generation_config.json").is_file() and getattr(out, "generation_config", None) is not None:
         # what save wrote, not the fresh original's: generate() ran 20 new tokens for the saved 4 (survey 30 f08)
         out.generation_config = type(out.generation_config).from_pretrained(path)
+    if m.get("form", "graph") == "graph" and m["source"]["method"] == "export":
+        from .api import given_none, refuse_values
+
+        nones = given_none(original, args, kwargs)
+        if nones:  # as compile's graph does: the program ignores a value there (api.refuse_values)
+            refuse_values(out, original, nones)
     module_form.info(out)["loaded_from"] = str(path)
     return out
 
