@@ -470,6 +470,15 @@ _INDEX_SELECT, _GATHER = _indexed("index_select", (0, 2, None)), _indexed("gathe
 _INDEX_ADD, _SCATTER_ADD = _indexed("index_add", (0, 2, 3)), _indexed("scatter_add", (0, 2, 3))
 
 
+def _normalize(node, mod=None):
+    """``F.normalize(x, p, dim, eps)``: ``x`` over its p-norm along ``dim``. For p > 0 a zero entry adds
+    nothing to the norm and stays zero, so a dim it normalizes over may shrink where those are zero."""
+    x, p, d = node.args[0], arg(node, 1, "p", 2.0), arg(node, 2, "dim", 1)
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0 or not isinstance(d, int) or arg(node, 4, "out"):
+        return COp("unknown", node, _tensors(node), attrs={"why": "F.normalize with p <= 0, several dims or out="})
+    return COp("normalize", node, [vkey(x)], attrs={"dim": _dim(d, _ndim(x))})
+
+
 def _cumsum(node, mod=None):
     x = node.args[0]
     return COp("cumsum", node, [vkey(x)], attrs={"dim": _dim(arg(node, 1, "dim"), _ndim(x))})
@@ -813,6 +822,7 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     torch.topk: _topk, aten.topk.default: _topk, torch.sort: _sort, aten.sort.default: _sort, aten.sort.stable: _sort,
     F.prelu: _prelu, torch.prelu: _prelu, aten.prelu.default: _prelu, aten._prelu_kernel.default: _prelu,
     torch.histc: _histc, aten.histc.default: _histc, torch.cumsum: _cumsum, aten.cumsum.default: _cumsum,
+    F.normalize: _normalize,
     torch.roll: _roll, aten.roll.default: _roll,
     **{f: _fft(2, -1) for f in (torch.fft.fft, torch.fft.ifft, torch.fft.rfft, torch.fft.irfft, torch.fft.hfft,
                                 torch.fft.ihfft)},

@@ -465,6 +465,14 @@ def indexed(b, c: COp):
         b.couple((index, 0 if c.op in ("index_select", "index_add") else d), (moved, d))
 
 
+def normalize(b, c: COp):
+    """``F.normalize`` along ``dim``: every dim maps to itself; the one normalized over is exact after
+    removal where the removed entries are zero (zeros.normalize), as a p-norm's sum is."""
+    x, out = c.inputs[0], c.node
+    for j in range(len(b.shape(x))):
+        b.couple((x, j), (out, j))
+
+
 def cumsum(b, c: COp):
     """Running sum along ``dim``: exact after removal where the removed entries are zero
     (zeros.cumsum); the output's removed entries then repeat their predecessor."""
@@ -881,6 +889,7 @@ RULES = {
     "sort": sort,
     "histc": histc,
     "cumsum": cumsum,
+    "normalize": normalize,
     "sdpa": sdpa,
     "linear": linear,
     "bilinear": bilinear,

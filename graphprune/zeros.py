@@ -428,6 +428,14 @@ def _fresh_zeros(x, writer: Node) -> bool:
     return c is not None and c.op in ("like", "factory") and c.attrs.get("zeros") and writers == [writer]
 
 
+def normalize(zs: Zeros, c: COp) -> None:
+    """The norm along ``dim`` needs the removed entries zero; a zero entry stays zero (0 / norm),
+    so every dim zero in the input is zero in the output."""
+    x, d = c.inputs[0], c.attrs["dim"]
+    zs.need(x, d, f"{c.node.name}: normalize over this dim needs its removed entries to be zero")
+    zs.set(c.node, [k for k in range(zs.ndim(x)) if zs.zero(x, k)])
+
+
 def nothing(zs: Zeros, c: COp) -> None:
     """No dim of the result is known to be zero."""
 
@@ -450,6 +458,7 @@ RULES = {
     "grouped_mm": grouped_mm,
     "histc": histc,
     "cumsum": cumsum,
+    "normalize": normalize,
     "einsum": einsum,
     "sdpa": sdpa,
     "like": like,
@@ -532,4 +541,4 @@ def _aliased(n: Node) -> Node | None:
     return None
 
 
-_NEEDS = {"reduce", "matmul", "grouped_mm", "einsum", "sdpa", "layer_norm", "rms_norm", "cumsum"}
+_NEEDS = {"reduce", "matmul", "grouped_mm", "einsum", "sdpa", "layer_norm", "rms_norm", "cumsum", "normalize"}

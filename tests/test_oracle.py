@@ -271,6 +271,38 @@ def test_mm_prunes_what_it_contracts_and_what_it_writes(output):
             torch.testing.assert_close(small(xb), twin(xb), rtol=1e-5, atol=1e-6)
 
 
+class _Normalized(torch.nn.Module):
+    """``F.normalize`` over the channels (a cosine head) and over the tokens, and after a sigmoid, whose
+    removed channels hold 0.5, not zero."""
+
+    def __init__(self, gate: bool):
+        super().__init__()
+        self.gate = gate
+        self.a, self.b = torch.nn.Linear(8, 32), torch.nn.Linear(32, 4)
+
+    def forward(self, x):  # (B, T, 8)
+        h = self.a(x)
+        h = torch.sigmoid(h) if self.gate else torch.relu(h)
+        h = torch.nn.functional.normalize(h, dim=-1)
+        return self.b(torch.nn.functional.normalize(h, p=1, dim=1))
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_normalize_lets_zero_channels_go(gate):
+    """``F.normalize`` had no rule, so the channels it read stayed (timm's XCA, cosine classifiers: survey 31
+    f04). A removed channel that is zero adds nothing to the norm and stays zero; after a sigmoid it is not
+    zero, and the group stays whole."""
+    torch.manual_seed(0)
+    model, x = _Normalized(gate).eval(), torch.randn(2, 5, 8)
+    for output in ("graph", "auto"):
+        small = graphprune.compile(model, (x,), ratio=0.5, importance="l1", output=output)
+        assert dict(small.named_parameters())["a.weight"].shape[0] == (32 if gate else 16)
+        twin = dead_twin(model, small)
+        for xb in (x, torch.randn(3, 7, 8)):
+            with torch.no_grad():
+                torch.testing.assert_close(small(xb), twin(xb), rtol=1e-5, atol=1e-6)
+
+
 def test_recurrent_hidden_units_go_in_every_layer_and_direction_at_once():
     """nn.LSTM / nn.GRU had no rule and kept every channel they touched (timm Sequencer2d).
     A hidden unit is one across gates, layers and directions (the module keeps one
