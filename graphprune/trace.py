@@ -17,9 +17,11 @@ import copy as copy_module
 import functools
 from contextlib import contextmanager
 import inspect
+import io
 import logging
 import operator
 import re
+import sys
 import types
 import warnings
 import weakref
@@ -325,16 +327,28 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple, example_kwargs: 
 
 @contextmanager
 def _quiet_fake_tensors():
-    """torch's fake-tensor logger at CRITICAL: a shape the model cannot take made it log every failed
-    meta kernel with its traceback (118 lines before the CLI's one-line message, survey 27);
-    the failure is raised here as a GraphpruneError that names the node."""
-    log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
+    """torch's fake-tensor and symbolic-shape loggers at CRITICAL: a shape the model cannot take made
+    the first log every failed meta kernel with its traceback (118 lines before the CLI's one-line
+    message, survey 27), and a branch on a value made the second print the whole graph traced so far
+    (40 lines ahead of the refusal, survey 31), as torch.export itself printed it to stderr; the
+    failure is raised as a GraphpruneError that says why. Whatever else goes to stderr is passed on."""
+    logs = [logging.getLogger(n) for n in ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
+    said = io.StringIO()  # torch.export prints the graph it traced so far when it fails: kept from the user
     try:
-        yield
+        with contextlib.redirect_stderr(said):
+            yield
+    except BaseException as e:
+        partial = getattr(e, "partial_fx_graph", None)
+        sys.stderr.write(said.getvalue().replace(f"{partial}\n", "") if partial else said.getvalue())
+        raise
+    else:
+        sys.stderr.write(said.getvalue())
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
 
 
 def meta_state(gm: fx.GraphModule, convert=None) -> dict:
