@@ -537,13 +537,15 @@ def _data_kept(model: torch.nn.Module):
     """Each parameter and buffer of ``model`` holds the data it held before, after: a forward that
     rebinds a weight's data (``w.data = w.data.clamp(-0.1, 0.1)``, WGAN's weight clipping) ran under
     torch.export on the user's own tensors, which the trace shares, and left them clipped
-    (``analyze`` alone did it, survey 31 f09, f14). Rebinding the same data back is free."""
+    (``analyze`` alone did it, survey 31 f09, f14). Only a tensor holding other data is touched."""
     held = [(t, t.data) for t in [*model.parameters(), *model.buffers()] if not isinstance(t, torch.nn.parameter.UninitializedTensorMixin)]
     try:
         yield
     finally:
         for t, data in held:
-            t.data = data
+            now = t.data
+            if type(now) is not type(data) or now.shape != data.shape or now.data_ptr() != data.data_ptr():
+                t.data = data
 
 
 def _trace(model, example_inputs, example_kwargs, method) -> Traced:

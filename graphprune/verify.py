@@ -335,7 +335,7 @@ def swapped(root: torch.nn.Module, new: dict):
                         done.append((store, k, t))
                         store[k] = new[id(t)]
             for k, held in list(mod.__dict__.items()):  # tensors in a list or dict attribute, and in a tuple
-                slots = _container_slots(held)
+                slots = _container_slots(held) if k not in _MODULE_STORES else []
                 if any(id(t) in new for _, t in slots):
                     if type(held) is tuple:
                         done.append((mod.__dict__, k, held))
@@ -366,8 +366,11 @@ def _plain_tensors(model: torch.nn.Module) -> list:
     """Tensors modules hold as plain attributes (a step counter or an EMA kept as ``self.calls``, not
     a buffer), also in a list, tuple or dict attribute (``self.ema["mean"]``, ``self.hist[0]``): a
     forward that updates them in place changed the user's model while compile ran it (survey 31 f05)."""
-    return [t for mod in model.modules() for v in mod.__dict__.values()
+    return [t for mod in model.modules() for k, v in mod.__dict__.items() if k not in _MODULE_STORES
             for t in ([v] if isinstance(v, torch.Tensor) else [t for _, t in _container_slots(v)])]
+
+
+_MODULE_STORES = ("_parameters", "_buffers", "_modules")  # a module's own dicts: not attributes it keeps
 
 
 def _container_slots(held) -> list:
