@@ -684,11 +684,7 @@ def test_a_size_test_in_a_parent_called_by_name_is_read():
         torch.testing.assert_close(small(o), dead_twin(model, small)(o))
 
 
-class _IsTensorByName(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1, self.c2 = nn.Conv1d(4, 16, 3, padding=1), nn.Conv1d(16, 4, 1)
-
+class _IsTensorByName(_ValueBranch):
     def forward(self, x):
         h = torch.relu(self.c1(x))
         if is_tensor(h) and h.shape[-1] > 64:  # `from torch import is_tensor`: bound before any trace patches it
