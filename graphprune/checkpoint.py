@@ -324,8 +324,8 @@ def _check_modules(original: torch.nn.Module, m: dict) -> None:
 
 def _short(described: str) -> str:
     """``torch.nn.modules.activation.GELU(approximate='none')`` -> ``GELU(approximate='none')``."""
-    name, _, settings = described.partition("(")
-    return f"{name.rpartition('.')[2]}({settings}"
+    name, paren, settings = described.partition("(")
+    return f"{name.rpartition('.')[2]}{paren}{settings}"
 
 
 def _check_shapes(model: torch.nn.Module, info: dict) -> None:

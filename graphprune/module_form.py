@@ -773,21 +773,34 @@ def tree(model: torch.nn.Module) -> dict:
 
 
 def described(model: torch.nn.Module) -> dict:
-    """{module path: its class and settings (``extra_repr``)}: what ``load`` holds a fresh original to.
-    Its tensors' shapes say nothing of a GELU where compile saw a ReLU, a dilation of 2 or a reflect
-    padding of the same weights: a model built ``Net(act_layer=nn.GELU)`` loaded onto ``Net()``
-    without a word, 0.034 off (survey 31 f02). Object addresses are dropped (a function's repr)."""
+    """{module path: its class, and for torch.nn's own layers their settings (``extra_repr``)}: what
+    ``load`` holds a fresh original to. Its tensors' shapes say nothing of a GELU where compile saw a
+    ReLU, a dilation of 2 or a reflect padding of the same weights: a model built
+    ``Net(act_layer=nn.GELU)`` loaded onto ``Net()`` without a word, 0.034 off (survey 31 f02).
+    Other classes' ``extra_repr`` prints what no load should compare (a call counter, a buffer that
+    prints otherwise on meta, a set in hash order, timm's ``drop_prob`` of a model trained with
+    stochastic depth and rebuilt for inference: survey 32), and neither is a dropout's rate."""
     out = {}
     for path, m in model.named_modules():
+        name = f"{type(m).__module__}.{type(m).__qualname__}"
+        if _EVAL_IDENTITY.fullmatch(type(m).__name__) and not any(True for _ in m.parameters()):
+            out[path] = "the identity in eval mode"  # nn.Identity where training used DropPath (timm's drop_path_rate)
+            continue
+        if not type(m).__module__.startswith("torch.nn."):
+            out[path] = name
+            continue
         try:
             settings = m.extra_repr()
         except Exception:  # noqa: BLE001 - a module whose repr needs state it lacks (on meta)
             settings = ""
-        out[path] = f"{type(m).__module__}.{type(m).__qualname__}({_ADDRESS.sub('', settings)})"
+        out[path] = f"{name}({_ADDRESS.sub('', settings)})"
     return out
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+# regularizers that are the identity in eval mode, by class name: torch's dropouts, timm's DropPath and
+# DropBlock, torchvision's StochasticDepth, and nn.Identity, which a model built without them holds instead
+_EVAL_IDENTITY = re.compile(r"Identity|(Alpha|FeatureAlpha)?Dropout[123]?d?|Drop(Path|Block)\d*d?|StochasticDepth")
 
 
 def record_tree(model: torch.nn.Module) -> None:

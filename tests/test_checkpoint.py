@@ -549,3 +549,60 @@ def test_load_refuses_an_original_built_with_other_modules_of_the_same_shapes(tm
     graphprune.save(small, tmp_path / "dilated")
     with pytest.raises(graphprune.GraphpruneError, match="dilation"):
         graphprune.load(_Built().eval(), tmp_path / "dilated")
+
+
+class DropPath(torch.nn.Module):
+    """timm's stochastic depth, by name: the identity in eval mode."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return x
+
+    def extra_repr(self):
+        return f"drop_prob={self.p}"
+
+
+class _Scaled(torch.nn.Module):
+    """A custom layer whose repr prints run-time state: a call count and a buffer (printed otherwise on meta)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.register_buffer("s", torch.tensor(0.125))
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.s
+
+    def extra_repr(self):
+        return f"calls={self.calls}, s={self.s}"
+
+
+class _Regularized(torch.nn.Module):
+    def __init__(self, drop: float = 0.0):
+        super().__init__()
+        self.a, self.scale, self.b = torch.nn.Linear(8, 32), _Scaled(), torch.nn.Linear(32, 4)
+        self.drop = DropPath(drop) if drop else torch.nn.Identity()
+
+    def forward(self, x):
+        return self.b(self.drop(self.scale(torch.relu(self.a(x)))))
+
+
+def test_load_takes_an_original_that_differs_only_where_eval_mode_cannot_tell(tmp_path):
+    """Comparing every module's ``extra_repr`` refused an original built for inference (``DropPath`` where it
+    was trained with stochastic depth, ``nn.Identity`` without), one whose custom layer prints a counter, and a
+    meta-built one whose buffer prints otherwise (survey 32). Classes are compared; torch.nn's layers' settings
+    too; a regularizer that is the identity in eval mode is the identity."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    small = graphprune.compile(_Regularized(drop=0.1).eval(), (x,), ratio=0.5, importance="l1")
+    graphprune.save(small, tmp_path)
+    with torch.device("meta"):
+        fresh = _Regularized()
+    for original in (_Regularized().eval(), fresh):
+        back = graphprune.load(original, tmp_path)
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)

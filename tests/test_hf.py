@@ -375,8 +375,7 @@ def test_load_refuses_an_original_of_another_config_of_the_same_shapes(tmp_path)
         other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
         rope = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw, rms_norm_eps=1e-2))
         same = transformers.LlamaForCausalLM(model.config)
-    # the RMSNorms' eps shows in the modules (checked first), rope_theta only in the config
-    with pytest.raises(graphprune.GraphpruneError, match=r"eps=1e-06\) here, LlamaRMSNorm.*eps=0.01.*from the config"):
+    with pytest.raises(graphprune.GraphpruneError, match="config differs.*rms_norm_eps"):
         graphprune.load(other, tmp_path)
     with pytest.raises(graphprune.GraphpruneError, match="config differs.*rope"):
         graphprune.load(rope, tmp_path)
