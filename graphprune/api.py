@@ -365,7 +365,7 @@ def _graph_checks(model, p, result, rep, check) -> None:
     nones = given_none(p.model, p.example_inputs, p.example_kwargs) if rep.form == "graph" and \
         p.analysis.method == "export" else []
     if nones:  # the program holds them as constants: called with a tensor there, it ignored it (survey 31 f08)
-        rep.form_why += (f". Traced with {', '.join(f'{n}=None' for n in nones)}, which torch.export holds as "
+        rep.form_why += (f". Traced with {', '.join(f'{n}=None' if isinstance(n, str) else f'input {n}=None' for n in nones)}, which torch.export holds as "
                          "constants: the graph refuses another value for them")
         refuse_values(result, p.model, nones)
     fixed = p.gm.meta.get(FIXED_DIMS)
@@ -382,14 +382,22 @@ def _graph_checks(model, p, result, rep, check) -> None:
 
 
 def given_none(model, args: tuple, kwargs: dict | None) -> list[str]:
-    """The forward's named parameters the example gives as None (``mask=None``)."""
+    """The forward's inputs the example gives as None: by name (``mask=None``, also through ``**kwargs``),
+    and by position where ``*inputs`` takes them."""
     import inspect
 
     try:
-        given = inspect.signature(model.forward).bind_partial(*args, **dict(kwargs or {})).arguments
+        sig = inspect.signature(model.forward)
+        given = sig.bind_partial(*args, **dict(kwargs or {})).arguments
     except (TypeError, ValueError):
         return []
-    return [n for n, v in given.items() if v is None]
+    var = [n for n, q in sig.parameters.items() if q.kind is q.VAR_KEYWORD]  # forward(self, x, **kw): mask=None in kw
+    named = {**{k: v for n in var for k, v in dict(given.get(n) or {}).items()},
+             **{n: v for n, v in given.items() if n not in var}}
+    star = next((n for n, q in sig.parameters.items() if q.kind is q.VAR_POSITIONAL), None)
+    lead = sum(q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD) for q in sig.parameters.values())
+    stars = [lead + i for i, v in enumerate(given.get(star) or ()) if v is None]  # forward(self, *inputs): by position
+    return [n for n, v in named.items() if v is None and n != star] + stars
 
 
 def refuse_values(graph: torch.nn.Module, model: torch.nn.Module, names: list[str]) -> None:
@@ -400,11 +408,12 @@ def refuse_values(graph: torch.nn.Module, model: torch.nn.Module, names: list[st
 
     params = [q for q in inspect.signature(model.forward).parameters.values()
               if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
-    where = {n: next((i for i, q in enumerate(params) if q.name == n), None) for n in names}
+    where = {n: n if isinstance(n, int) else next((i for i, q in enumerate(params) if q.name == n), None) for n in names}
 
     def check(_module, args, kwargs):
         for n, i in where.items():
-            if kwargs.get(n) is not None or (i is not None and i < len(args) and args[i] is not None):
+            if (not isinstance(n, int) and kwargs.get(n) is not None) or (i is not None and i < len(args) and args[i] is not None):
+                n = f"input {n}" if isinstance(n, int) else n
                 raise GraphpruneError(
                     f"this graph was traced with {n}=None and computes that path only (torch.export held it as a "
                     f"constant): compile with an example that gives {n}, or keep the model's own classes "
