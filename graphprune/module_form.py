@@ -793,11 +793,14 @@ def described(model: torch.nn.Module) -> dict:
             settings = m.extra_repr()
         except Exception:  # noqa: BLE001 - a module whose repr needs state it lacks (on meta)
             settings = ""
-        out[path] = f"{name}({_ADDRESS.sub('', settings)})"
+        out[path] = f"{name}({_TRAINING_ONLY.sub('', _ADDRESS.sub('', settings))})"
     return out
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+# settings of torch.nn layers that change training, not what eval mode computes: a BatchNorm's momentum
+# (0.01 for fine-tuning refused a stock original, survey 32 f04), an activation's inplace
+_TRAINING_ONLY = re.compile(r",?\s*\b(momentum|inplace)=[^,]*")
 # regularizers that are the identity in eval mode, by class name: torch's dropouts, timm's DropPath and
 # DropBlock, torchvision's StochasticDepth, and nn.Identity, which a model built without them holds instead
 _EVAL_IDENTITY = re.compile(r"Identity|(Alpha|FeatureAlpha)?Dropout[123]?d?|Drop(Path|Block)\d*d?|StochasticDepth")

@@ -606,3 +606,18 @@ def test_load_takes_an_original_that_differs_only_where_eval_mode_cannot_tell(tm
         back = graphprune.load(original, tmp_path)
         with torch.no_grad():
             torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+
+def test_load_takes_an_original_whose_layers_differ_only_in_training_settings(tmp_path):
+    """A BatchNorm momentum of 0.01 for fine-tuning (and ReLU(inplace=True)) refused a stock original whose
+    every tensor matches (survey 32 f04): momentum and inplace change training, not what eval computes."""
+    torch.manual_seed(0)
+    build = lambda momentum, inplace: torch.nn.Sequential(  # noqa: E731
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16, momentum=momentum),
+        torch.nn.ReLU(inplace=inplace), torch.nn.Conv2d(16, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(build(0.01, True), (x,), ratio=0.5, importance="l1")
+    graphprune.save(small, tmp_path)
+    back = graphprune.load(build(0.1, False), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
