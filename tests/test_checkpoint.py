@@ -565,7 +565,7 @@ class DropPath(torch.nn.Module):
         return f"drop_prob={self.p}"
 
 
-class _Scaled(torch.nn.Module):
+class _CountingScale(torch.nn.Module):
     """A custom layer whose repr prints run-time state: a call count and a buffer (printed otherwise on meta)."""
 
     def __init__(self):
@@ -584,7 +584,7 @@ class _Scaled(torch.nn.Module):
 class _Regularized(torch.nn.Module):
     def __init__(self, drop: float = 0.0):
         super().__init__()
-        self.a, self.scale, self.b = torch.nn.Linear(8, 32), _Scaled(), torch.nn.Linear(32, 4)
+        self.a, self.scale, self.b = torch.nn.Linear(8, 32), _CountingScale(), torch.nn.Linear(32, 4)
         self.drop = DropPath(drop) if drop else torch.nn.Identity()
 
     def forward(self, x):
