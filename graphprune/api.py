@@ -384,12 +384,8 @@ def _graph_checks(model, p, result, rep, check) -> None:
 def given_none(model, args: tuple, kwargs: dict | None) -> list[str]:
     """The forward's inputs the example gives as None: by name (``mask=None``, also through ``**kwargs``),
     and by position where ``*inputs`` takes them."""
-    import inspect
-
-    try:
-        sig = inspect.signature(model.forward)
-        given = sig.bind_partial(*args, **dict(kwargs or {})).arguments
-    except (TypeError, ValueError):
+    sig, given = _bound(model, args, kwargs)
+    if sig is None:
         return []
     var = [n for n, q in sig.parameters.items() if q.kind is q.VAR_KEYWORD]  # forward(self, x, **kw): mask=None in kw
     named = {**{k: v for n in var for k, v in dict(given.get(n) or {}).items()},
@@ -424,14 +420,21 @@ def refuse_values(graph: torch.nn.Module, model: torch.nn.Module, names: list[st
 def _left_out(model, p) -> list[str]:
     """The forward's named parameters the example gives no value for: an exported program has an
     input for each value the example gives, and none for these."""
+    sig, given = _bound(model, p.example_inputs, p.example_kwargs)
+    if sig is None:
+        return []
+    return [n for n, q in sig.parameters.items() if n not in given and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
+
+
+def _bound(model, args: tuple, kwargs: dict | None) -> tuple:
+    """(the forward's signature, the example bound to it by name), or (None, {}) where it does not bind."""
     import inspect
 
     try:
         sig = inspect.signature(model.forward)
-        given = sig.bind_partial(*p.example_inputs, **dict(p.example_kwargs or {})).arguments
+        return sig, sig.bind_partial(*args, **dict(kwargs or {})).arguments
     except (TypeError, ValueError):
-        return []
-    return [n for n, q in sig.parameters.items() if n not in given and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
+        return None, {}
 
 
 def choose_rule(p, decide_with, kind: str | None, target, *, choosing: bool, allocation: str,

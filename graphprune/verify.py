@@ -487,10 +487,9 @@ class _NoParamWrites(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __exit__(self, *exc):
         super().__exit__(*exc)
-        rebound = [t for t, data in self.held if t.data.data_ptr() != data.data_ptr() or t.shape != data.shape]
-        for t, data in self.held:
-            if t.data.data_ptr() != data.data_ptr() or t.shape != data.shape:
-                t.data = data
+        rebound = [(t, data) for t, data in self.held if t.data.data_ptr() != data.data_ptr() or t.shape != data.shape]
+        for t, data in rebound:
+            t.data = data
         self.held = []
         if rebound and exc[0] is None:
             raise _ParamWrite("a weight's data rebound")

@@ -618,15 +618,6 @@ class _DownCentred(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-def test_the_module_form_is_held_past_a_width_test_of_a_down_sampled_tensor():
-    torch.manual_seed(0)
-    model, x = _DownCentred().eval(), torch.randn(2, 3, 16, 16)
-    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
-    for size in (16, 20, 32):
-        o = torch.randn(3, 3, size, size)
-        torch.testing.assert_close(small(o), dead_twin(model, small)(o))
-
-
 class _SmallMaps(nn.Module):
     """The test turns below the example (``h`` 8 wide at 32, centred from 16 down), and a 4-channel output
     adds a size that is no scale of the input (32 / 4)."""
@@ -644,14 +635,16 @@ class _SmallMaps(nn.Module):
         return self.c3(h).mean((2, 3))
 
 
-def test_the_sizes_tried_past_a_width_test_reach_the_real_scale():
-    """The spurious scale's sizes (40, 48) were nearer the example and took every try: 16 and 12, where the
-    module form centred over pruned channels, went untried, 0.017 off its twin there (survey 31 f12)."""
+@pytest.mark.parametrize("model, example, sizes", [(_DownCentred, 16, (16, 20, 32)), (_SmallMaps, 32, (32, 16, 12))])
+def test_the_module_form_is_held_past_a_width_test_of_a_down_sampled_tensor(model, example, sizes):
+    """The test's turn is found through the down-sampling (a scale of 4). ``_SmallMaps``: the spurious scale's
+    sizes (40, 48) were nearer the example and took every try: 16 and 12, where the module form centred over
+    pruned channels, went untried, 0.017 off its twin there (survey 31 f12)."""
     torch.manual_seed(0)
-    model, x = _SmallMaps().eval(), torch.randn(2, 3, 32, 32)
-    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
-    for size in (32, 16, 12):
-        o = torch.randn(2, 3, size, size)
+    model = model().eval()
+    small = graphprune.compile(model, (torch.randn(2, 3, example, example),), ratio=0.5, importance="l1")
+    for size in sizes:
+        o = torch.randn(3, 3, size, size)
         torch.testing.assert_close(small(o), dead_twin(model, small)(o))
 
 
