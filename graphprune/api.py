@@ -18,7 +18,7 @@ from .batches import as_call, not_batches, read_batches, regroup
 from .errors import GraphpruneError, GraphpruneWarning, first_line, user_level
 from .flops import count_flops, count_params, latency_ratio
 from .groups import Analysis, analyze_graph
-from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, SYMBOLIC_DIMS
+from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, SYMBOLIC_DIMS, VAL
 from . import auto, module_form
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore, matching_ratio
 from .reconstruct import thin_calibration
@@ -362,12 +362,10 @@ def _graph_checks(model, p, result, rep, check) -> None:
         rep.form_why += (f". Traced with torch.export from the inputs the example gives: {', '.join(left[:6])}"
                          f"{' ...' if len(left) > 6 else ''} (left at their defaults) are no inputs of the graph, "
                          "which refuses them by name; give them in the example to trace them")
-    nones = given_none(p.model, p.example_inputs, p.example_kwargs) if rep.form == "graph" and \
-        p.analysis.method == "export" else []
+    nones = refuse_values(result) if rep.form == "graph" and p.analysis.method == "export" else []
     if nones:  # the program holds them as constants: called with a tensor there, it ignored it (survey 31 f08)
-        rep.form_why += (f". Traced with {', '.join(f'{n}=None' if isinstance(n, str) else f'input {n}=None' for n in nones)}, which torch.export holds as "
+        rep.form_why += (f". Traced with {', '.join(f'{n}=None' for n in nones)}, which torch.export holds as "
                          "constants: the graph refuses another value for them")
-        refuse_values(result, p.model, nones)
     fixed = p.gm.meta.get(FIXED_DIMS)
     if rep.form == "graph" and fixed:  # the user's model may take shapes this graph refuses
         rep.form_why += (". Traced with torch.export, which fixed these input dims to the example's size: "
@@ -381,40 +379,31 @@ def _graph_checks(model, p, result, rep, check) -> None:
                                         f"them: {', '.join(spans)}); see report.form_why"), stacklevel=user_level())
 
 
-def given_none(model, args: tuple, kwargs: dict | None) -> list[str]:
-    """The forward's inputs the example gives as None: by name (``mask=None``, also through ``**kwargs``),
-    and by position where ``*inputs`` takes them."""
-    sig, given = _bound(model, args, kwargs)
-    if sig is None:
-        return []
-    var = [n for n, q in sig.parameters.items() if q.kind is q.VAR_KEYWORD]  # forward(self, x, **kw): mask=None in kw
-    named = {**{k: v for n in var for k, v in dict(given.get(n) or {}).items()},
-             **{n: v for n, v in given.items() if n not in var}}
-    star = next((n for n, q in sig.parameters.items() if q.kind is q.VAR_POSITIONAL), None)
-    lead = sum(q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD) for q in sig.parameters.values())
-    stars = [lead + i for i, v in enumerate(given.get(star) or ()) if v is None]  # forward(self, *inputs): by position
-    return [n for n, v in named.items() if v is None and n != star] + stars
+def refuse_values(graph: torch.fx.GraphModule) -> list[str]:
+    """Make ``graph`` refuse a value other than None for each input torch.export traced as None
+    (a placeholder whose ``val`` is None, by name, position, ``**kwargs`` or ``*inputs`` alike), and
+    return their names. The program holds such an input as a constant: given a tensor there, it
+    ignored it, 0.36 off the model (survey 31 f08). The check is a node of the graph, not a hook, so
+    ``copy.deepcopy`` and a re-export keep it (a hook was lost there, survey 32 f02)."""
+    holders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    nones = [n for n in holders if VAL in n.meta and n.meta[VAL] is None]
+    if not nones or any(n.target is traced_as_none for n in graph.graph.nodes):
+        return [n.name for n in nones]
+    with graph.graph.inserting_after(holders[-1]):
+        for n in reversed(nones):
+            graph.graph.call_function(traced_as_none, (n, n.name))
+    graph.recompile()
+    return [n.name for n in nones]
 
 
-def refuse_values(graph: torch.nn.Module, model: torch.nn.Module, names: list[str]) -> None:
-    """``graph`` refuses a value other than None for each of ``names``, by position or keyword, with a
-    GraphpruneError that says why: torch.export traced them as None, and the program took a tensor
-    there and ignored it, 0.36 off the model (survey 31 f08)."""
-    import inspect
-
-    params = [q for q in inspect.signature(model.forward).parameters.values()
-              if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
-    where = {n: n if isinstance(n, int) else next((i for i, q in enumerate(params) if q.name == n), None) for n in names}
-
-    def check(_module, args, kwargs):
-        for n, i in where.items():
-            if (not isinstance(n, int) and kwargs.get(n) is not None) or (i is not None and i < len(args) and args[i] is not None):
-                n = f"input {n}" if isinstance(n, int) else n
-                raise GraphpruneError(
-                    f"this graph was traced with {n}=None and computes that path only (torch.export held it as a "
-                    f"constant): compile with an example that gives {n}, or keep the model's own classes "
-                    "(output='module'), which take any value")
-    graph.register_forward_pre_hook(check, with_kwargs=True)
+@torch.fx.node.has_side_effect  # no dead-code pass drops it: it has no users
+def traced_as_none(value, name: str) -> None:
+    """The check ``refuse_values`` puts in a graph for an input traced as None."""
+    if value is not None:
+        raise GraphpruneError(
+            f"this graph was traced with {name}=None and computes that path only (torch.export held it as a "
+            f"constant): compile with an example that gives {name}, or keep the model's own classes "
+            "(output='module'), which take any value")
 
 
 def _left_out(model, p) -> list[str]:
