@@ -10,11 +10,12 @@ from torch.overrides import TorchFunctionMode
 
 
 class PrunedSelfAttention(nn.Module):
-    """``nn.MultiheadAttention`` (batch_first self-attention) with fewer heads.
+    """``nn.MultiheadAttention`` (batched self-attention) with fewer heads.
 
     ``nn.MultiheadAttention`` ties the attention width (heads x head_dim) to
     the embedding width; after pruning they differ, so this module keeps them
-    apart. It accepts the same call and returns ``(output, weights)``.
+    apart. It accepts the same call, batch first or second as the original
+    took it, and returns ``(output, weights)``.
     """
 
     def __init__(self, mha: nn.MultiheadAttention, in_proj_weight, in_proj_bias, out_proj: nn.Linear, num_heads: int):
@@ -22,13 +23,15 @@ class PrunedSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = mha.head_dim
         self.dropout = mha.dropout
-        self.batch_first = True
+        self.batch_first = mha.batch_first
         self.in_proj_weight = in_proj_weight  # (3 * heads * head_dim, E)
         self.in_proj_bias = in_proj_bias
         self.out_proj = out_proj  # (E, heads * head_dim)
 
     def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        if not self.batch_first:
+            query = query.transpose(0, 1)  # (T, B, E) -> (B, T, E)
         B, T, _ = query.shape
         h, d = self.num_heads, self.head_dim
         q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, T, h*d)
@@ -48,7 +51,8 @@ class PrunedSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal and mask is None)
             weights = None
         y = y.transpose(1, 2).reshape(B, T, h * d)  # (B, T, h*d)
-        return self.out_proj(y), weights
+        y = self.out_proj(y)  # (B, T, E)
+        return (y if self.batch_first else y.transpose(0, 1)), weights
 
 
 def _merge_masks(attn_mask, key_padding_mask, B, h, T, dtype):

@@ -706,7 +706,7 @@ def embedding(b, c: COp):
 
 
 def mha(b, c: COp):
-    """nn.MultiheadAttention (batch_first self-attention): whole heads go together.
+    """nn.MultiheadAttention (batched self-attention, batch first or second): whole heads go together.
 
     The attention width E' = heads * head_dim gets a dim of its own,
     ``("attn", node)``, independent of the residual width E.

@@ -959,6 +959,39 @@ def test_dropout_inside_a_layers_own_call_is_off_too(layer):
     assert graphprune.count_params(small) < 0.7 * graphprune.count_params(model), small.report.verify.blocked
 
 
+class _SequenceFirst(nn.Module):
+    """``nn.MultiheadAttention`` at its default ``batch_first=False``, inputs (T, B, E)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(8, 32), nn.Linear(32, 4)
+        self.attn = nn.MultiheadAttention(32, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        y, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(h + y)
+
+
+def test_sequence_first_attention_prunes_heads_and_residual():
+    """The layer was held whole ("supported only for batch_first"), and the residual through it with it
+    (survey 31b): its heads and the width around it prune now, in the model's own classes, and the result
+    takes inputs (T, B, E) of any T and B."""
+    from oracle import dead_twin
+
+    torch.manual_seed(0)
+    model = _SequenceFirst().eval()
+    with torch.no_grad():
+        model.attn.in_proj_weight[8:16].mul_(0.01)  # head 1's queries, the smallest
+    small = graphprune.compile(model, (torch.randn(6, 2, 8),), ratio=0.5, importance="l1")
+    assert small.report.form == "module", small.report.form_why
+    assert small.attn.num_heads < 4 and small.inp.out_features < 32, small.report.verify.blocked
+    twin = dead_twin(model, small)
+    for shape in [(6, 2, 8), (9, 3, 8), (1, 1, 8)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(small(x), twin(x))
+
+
 class _GradReverse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

@@ -69,6 +69,20 @@ class Encoder(nn.Module):
         return self.head(self.layer(self.embed(x)))
 
 
+class SelfAttention(nn.Module):
+    """nn.MultiheadAttention called as self-attention, sequence first by default."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.embed = nn.Linear(10, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(h + self.attn(h, h, h, need_weights=False)[0])
+
+
 def _llama():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -101,6 +115,9 @@ CASES = {
     "decoder": lambda: (Decoder().eval(), (torch.randn(2, 3, 16, 16),)),
     "einsum": lambda: (Einsum().eval(), (torch.randn(2, 5, 8),)),
     "encoder": lambda: (Encoder().eval(), (torch.randn(2, 7, 10),)),
+    # q k^T is B L x L x E: L is dim 0 of a sequence-first input (counted as dim 1 before, 2/7 of it)
+    "mha_sequence_first": lambda: (SelfAttention(False).eval(), (torch.randn(7, 2, 10),)),
+    "mha_batch_first": lambda: (SelfAttention(True).eval(), (torch.randn(2, 7, 10),)),
     "gru": lambda: (Recurrent("GRU", batch_first=True).eval(), (torch.randn(2, 5, 6),)),
     "lstm": lambda: (Recurrent("LSTM", num_layers=2, bidirectional=True).eval(), (torch.randn(5, 2, 6),)),
     "rnn": lambda: (Recurrent("RNN", num_layers=2, batch_first=True).eval(), (torch.randn(2, 5, 6),)),
