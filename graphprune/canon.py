@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from .meta_keys import CANON, VAL
-from . import modules as _full
+from . import contractions, modules as _full
 from .shuffle import permute_channels
 
 aten = torch.ops.aten
@@ -338,9 +338,43 @@ def _sdpa(node, mod=None):
 
 
 def _einsum(node, mod=None):
+    """An einsum, its equation written out (``contractions.explicit``: an ellipsis in letters, the output named)."""
     eq = node.args[0]
     ops = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    ranks = [_rank(o) for o in ops]
+    if isinstance(eq, str) and None not in ranks:
+        eq = contractions.explicit(eq, ranks) or eq
     return COp("einsum", node, [vkey(o) for o in ops], attrs={"equation": eq})
+
+
+def _rank(x) -> int | None:
+    val = x.meta.get(VAL) if isinstance(x, Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) and not val.is_complex() else None
+
+
+def _contraction(name: str, spell: Callable, operands: tuple, params: tuple, counted: bool = True):
+    """A product einsum spells another way (``tensordot``, ``inner``, ``linalg.vecdot``, ``dot``, ``outer``):
+    its equation from ``spell(ranks..., *settings)``, the operands read by their names in ``operands``, the
+    settings by ``params`` (name, default).
+    ``counted``: whether torch's FLOP counter counts it (a vecdot is a product and a sum to it)."""
+    def extract(node, mod=None):
+        a, b = arg(node, 0, operands[0]), arg(node, 1, operands[1])
+        settings = [arg(node, 2 + i, n, d) for i, (n, d) in enumerate(params)]
+        ranks = [_rank(a), _rank(b)]
+        eq = spell(*ranks, *settings) if None not in ranks and vkey(a) is not None and vkey(b) is not None else None
+        if eq is None or arg(node, 2 + len(params), "out") is not None:
+            return COp("unknown", node, _tensors(node), attrs={"why": f"{name} of this form"})
+        return COp("einsum", node, [vkey(a), vkey(b)], attrs={"equation": eq, "counted": counted})
+    return extract
+
+
+_CONTRACTIONS = {
+    "tensordot": _contraction("tensordot", contractions.tensordot, ("a", "b"), (("dims", 2),)),
+    "inner": _contraction("inner", contractions.inner, ("input", "other"), ()),
+    "vecdot": _contraction("vecdot", contractions.vecdot, ("x", "y"), (("dim", -1),), counted=False),
+    "dot": _contraction("dot", contractions.dot, ("input", "tensor"), (), counted=False),
+    "outer": _contraction("outer", contractions.outer, ("input", "vec2"), (), counted=False),
+}
 
 
 def _grouped_mm(node, mod=None):
@@ -805,6 +839,9 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     torch.matmul: _matmul, operator.matmul: _matmul, torch.bmm: _matmul, aten.matmul.default: _matmul, aten.bmm.default: _matmul,
     torch.mm: _matmul, aten.mm.default: _matmul,
     torch.einsum: _einsum, torch.functional.einsum: _einsum, aten.einsum.default: _einsum,
+    torch.tensordot: _CONTRACTIONS["tensordot"], torch.functional.tensordot: _CONTRACTIONS["tensordot"],
+    torch.inner: _CONTRACTIONS["inner"], torch.linalg.vecdot: _CONTRACTIONS["vecdot"], torch.dot: _CONTRACTIONS["dot"],
+    torch.outer: _CONTRACTIONS["outer"], torch.ger: _CONTRACTIONS["outer"],
     F.scaled_dot_product_attention: _sdpa, aten.scaled_dot_product_attention.default: _sdpa,
     F.linear: _f_linear, aten.linear.default: _f_linear, F.bilinear: _f_bilinear, torch.bilinear: _f_bilinear,
     aten.bilinear.default: _f_bilinear, aten.addmm.default: _f_addmm, torch.addmm: _f_addmm,
@@ -916,6 +953,7 @@ METHOD_TABLE: dict[str, Callable] = {
     "narrow": _slice, "mean": _reduce, "sum": _reduce, "amax": _reduce, "amin": _reduce, "norm": _p_norm, "matmul": _matmul, "mm": _matmul, "bmm": _matmul,
     "size": _shape_query, "dim": _shape_query,
     "topk": _topk, "sort": _sort, "histc": _histc, "cumsum": _cumsum, "roll": _roll, "addmm": _f_addmm,
+    "inner": _CONTRACTIONS["inner"], "dot": _CONTRACTIONS["dot"], "outer": _CONTRACTIONS["outer"], "ger": _CONTRACTIONS["outer"],
     "new_zeros": _factory, "new_ones": _factory, "new_empty": _factory, "new_full": _factory,
     "index_select": _INDEX_SELECT, "gather": _GATHER, "index_add": _INDEX_ADD, "index_add_": _INDEX_ADD,
     "scatter_add": _SCATTER_ADD, "scatter_add_": _SCATTER_ADD,

@@ -144,6 +144,8 @@ def _einsum_terms(cop, shapes: dict, gm) -> tuple[list, dict] | None:
     letters that are in the output or in both operands (a letter in one operand alone is summed out first,
     which the counter does not count). None for anything else (three operands, an ellipsis, a diagonal)."""
     eq = str(cop.attrs.get("equation", "")).replace(" ", "")
+    if cop.attrs.get("counted") is False:  # a vecdot, dot or outer: products and sums, which the counter does not count
+        return [], {}
     if len(cop.inputs) != 2 or "->" not in eq or "." in eq or any(k is None for k in cop.inputs):
         return None
     lhs, out = eq.split("->")

@@ -8,6 +8,7 @@ import torchvision
 import graphprune
 from graphprune.allocate import Meter
 from graphprune.pruner import Pruner
+from test_contractions import _Contracted
 
 
 class Decoder(nn.Module):
@@ -118,6 +119,9 @@ CASES = {
     # q k^T is B L x L x E: L is dim 0 of a sequence-first input (counted as dim 1 before, 2/7 of it)
     "mha_sequence_first": lambda: (SelfAttention(False).eval(), (torch.randn(7, 2, 10),)),
     "mha_batch_first": lambda: (SelfAttention(True).eval(), (torch.randn(2, 7, 10),)),
+    # contractions written as einsums (graphprune.contractions); a vecdot is a product and a sum: counted as nothing
+    **{f"contraction_{how}": (lambda how=how: (_Contracted(how).eval(), (torch.randn(2, 5, 8),)))
+       for how in ("ellipsis", "tensordot", "inner", "vecdot")},
     "gru": lambda: (Recurrent("GRU", batch_first=True).eval(), (torch.randn(2, 5, 6),)),
     "lstm": lambda: (Recurrent("LSTM", num_layers=2, bidirectional=True).eval(), (torch.randn(5, 2, 6),)),
     "rnn": lambda: (Recurrent("RNN", num_layers=2, batch_first=True).eval(), (torch.randn(2, 5, 6),)),
