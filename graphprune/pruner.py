@@ -14,7 +14,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .batches import read_batches, with_targets
-from .modes import Snapshot, mixed
+from .modes import Snapshot, copy_modes, mixed
 from . import importance as _importance
 from . import reconstruct as _reconstruct
 from . import verify as _verify
@@ -419,6 +419,8 @@ class Pruner:
             out, _ = run_pipeline(gm, self.pipeline or DEFAULT_PIPELINE, check=check and self._meta_checkable())
         finally:
             gm.meta.pop(PLAN, None)
+        if self.analysis.method == "symbolic_trace":  # a module a pass built (PrunedSelfAttention, built in training
+            copy_modes(out, gm)  # mode) takes the mode of the one it replaced: its attention dropout ran in eval
         _own_storage(out, self.model)
         if self.reconstruct and fit:
             self.refit(out, removed)

@@ -959,6 +959,34 @@ def test_dropout_inside_a_layers_own_call_is_off_too(layer):
     assert graphprune.count_params(small) < 0.7 * graphprune.count_params(model), small.report.verify.blocked
 
 
+class _AttentionDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.attn = nn.MultiheadAttention(16, 4, dropout=0.3, batch_first=True)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.head(h + self.attn(h, h, h, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("output", ["module", "graph"])
+def test_a_module_a_pass_builds_is_in_the_mode_of_the_one_it_replaced(output):
+    """The attention that stands in for a pruned nn.MultiheadAttention was built in training mode, and
+    ran its dropout in an eval model: 0.1 off the dead twin and a new answer at every call, "verify
+    passed" (the checks put every module in eval mode)."""
+    from oracle import dead_twin
+
+    torch.manual_seed(0)
+    model = _AttentionDropout().eval()
+    small = graphprune.compile(model, (torch.randn(2, 5, 8),), ratio=0.5, importance="l1", output=output)
+    assert not any(m.training for m in small.modules())
+    x = torch.randn(3, 7, 8)
+    torch.testing.assert_close(small(x), dead_twin(model, small)(x))
+    small.train()
+    assert all(m.training for m in small.modules()) and not torch.equal(small(x), small(x))
+
+
 class _SequenceFirst(nn.Module):
     """``nn.MultiheadAttention`` at its default ``batch_first=False``, inputs (T, B, E)."""
 
