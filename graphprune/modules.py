@@ -18,6 +18,9 @@ class PrunedSelfAttention(nn.Module):
     took it, and returns ``(output, weights)``.
     """
 
+    # read by nn.TransformerEncoderLayer's fast-path checks: False takes its plain path, which calls this module
+    _qkv_same_embed_dim = False
+
     def __init__(self, mha: nn.MultiheadAttention, in_proj_weight, in_proj_bias, out_proj: nn.Linear, num_heads: int):
         super().__init__()
         self.num_heads = num_heads

@@ -37,6 +37,7 @@ from .errors import GraphpruneError
 from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, SYMBOLIC_DIMS, VAL
 from .modes import copy_modes
 from .shuffle import fold_channel_shuffles
+from .standins import STANDINS
 
 
 @dataclass
@@ -675,12 +676,19 @@ class _RuledLeaves(fx.Tracer):
     channel around it). Where its forward cannot be traced (the encoder's fast-path
     checks branch on tensors), the model goes to ``torch.export`` as any other
     untraceable code does. A hooked or parametrized module stays one node: tracing into
-    it would drop its hooks, or expose the computation of its weight."""
+    it would drop its hooks, or expose the computation of its weight. The encoder's and decoder's
+    fast-path checks branch on tensors: their plain path is traced in their place (``standins``)."""
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         from .canon import computes_unseen, table_rule
 
         return super().is_leaf_module(m, qualname) and (computes_unseen(m) or table_rule(m) is not None)
+
+    def call_module(self, m: torch.nn.Module, forward, args, kwargs):
+        standin = STANDINS.get(type(m))
+        if standin is not None and not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = functools.partial(standin, m)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _symbolic(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:

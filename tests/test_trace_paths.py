@@ -35,17 +35,17 @@ class Encoder(nn.Module):
 
 def test_a_transformer_encoder_prunes_and_takes_other_lengths():
     """nn.TransformerEncoder was one opaque node: nothing around it pruned. Traced into
-    (through torch.export: its fast-path checks branch on tensors), its linears and
-    heads prune, and the result matches the dead twin at other batch sizes and lengths
-    (the exported graph fixed the token count before, and the self-check refused it)."""
+    (its plain path in place of its fast-path checks, which branch on tensors: ``standins``),
+    its linears and heads prune, and the result matches the dead twin at other batch sizes
+    and lengths (an exported graph fixed the token count once, and the self-check refused it)."""
     torch.manual_seed(0)
     model, x = Encoder().eval(), torch.randn(2, 5, 16)
     analysis = graphprune.analyze(model, (x,))
-    assert analysis.method == "export" and analysis.groups
+    assert analysis.method == "symbolic_trace" and analysis.groups
     before = {k: v.clone() for k, v in model.state_dict().items()}
     small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
     assert graphprune.count_params(small) < 0.6 * graphprune.count_params(model)
-    assert "x dim 2 (16)" in small.report.form_why and "x dim 1" not in small.report.form_why
+    assert small.report.form == "module", small.report.form_why
     twin = dead_twin(model, small)
     with torch.no_grad():
         for shape in [(2, 5, 16), (3, 9, 16), (1, 2, 16)]:
@@ -203,29 +203,30 @@ class _Encoder(nn.Module):
         layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
         self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
 
-    def forward(self, x):  # (B, T, 16)
-        return self.head(self.enc(self.inp(x)).mean(1))
+    def forward(self, x, pad):  # (B, T, 16), (B, T)
+        return self.head(self.enc(self.inp(x), src_key_padding_mask=pad).mean(1))
 
 
 def test_an_exported_graph_of_a_model_with_dropout_says_train_changes_nothing():
-    """The stock ``nn.TransformerEncoderLayer`` (dropout 0.1) compiled in eval mode comes back as an exported
-    graph (its fused path refuses pruned heads in the module form): after ``.train()`` it ran no dropout, 0.04
-    off its twin in training mode, with nothing said (survey 31 f03). Now a warning and ``report.form_why`` say
-    so; a model without dropout or BatchNorm gets no such warning."""
+    """The stock ``nn.TransformerEncoderLayer`` (dropout 0.1) given a padding mask goes to torch.export (the
+    mask's canonicalisation reads its dtype) and, compiled in eval mode, comes back as an exported graph (its
+    fused path refuses pruned heads in the module form): after ``.train()`` it ran no dropout, 0.04 off its twin
+    in training mode, with nothing said (survey 31 f03). Now a warning and ``report.form_why`` say so; a model
+    without dropout or BatchNorm gets no such warning."""
     torch.manual_seed(0)
-    model, x = _Encoder().eval(), torch.randn(2, 12, 16)
+    model, x, pad = _Encoder().eval(), torch.randn(2, 12, 16), torch.zeros(2, 12, dtype=torch.bool)
     with pytest.warns(graphprune.GraphpruneWarning, match="whatever .train.. says"):
-        small = graphprune.compile(model, (x,), ratio=0.5)
+        small = graphprune.compile(model, (x, pad), ratio=0.5)
     assert small.report.form == "graph" and ".train() on the graph changes nothing" in small.report.form_why
     small.train()
     with torch.no_grad():
-        assert torch.equal(small(x), small(x))  # what the warning says: no dropout ran
+        assert torch.equal(small(x, pad), small(x, pad))  # what the warning says: no dropout ran
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("error", graphprune.GraphpruneWarning)
-        assert graphprune.compile(model, (x,), ratio=0.5).report.form == "graph"
+        assert graphprune.compile(model, (x, pad), ratio=0.5).report.form == "graph"
 
 
 class Pair(nn.Module):
@@ -891,3 +892,63 @@ def test_a_graph_says_which_inputs_the_example_left_out():
         small(x, mask=torch.ones(2, 16))
     small = graphprune.compile(_Optional().eval(), (x, None, 3), ratio=0.5, importance="l1", output="graph")
     assert "no inputs of the graph" not in small.report.form_why
+
+
+class _Encoded(nn.Module):
+    """A stock nn.TransformerEncoder (or nn.Transformer) between projections."""
+
+    def __init__(self, kind: str = "encoder", batch_first: bool = True, norm_first: bool = False):
+        super().__init__()
+        self.kind, self.inp, self.head = kind, nn.Linear(8, 32), nn.Linear(32, 3)
+        if kind == "encoder":
+            layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=batch_first, norm_first=norm_first,
+                                               activation="gelu" if norm_first else "relu")
+            self.body = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(32) if norm_first else None,
+                                              enable_nested_tensor=False)
+        else:
+            self.body = nn.Transformer(32, 4, 1, 1, 64, dropout=0.1, batch_first=batch_first, norm_first=norm_first)
+
+    def forward(self, x, y=None):
+        h = self.inp(x)
+        return self.head(self.body(h) if self.kind == "encoder" else self.body(h, self.inp(y)))
+
+
+@pytest.mark.parametrize("kind,batch_first,norm_first", [("encoder", True, False), ("encoder", False, True),
+                                                         ("transformer", True, False)])
+def test_a_stock_transformer_encoder_comes_back_in_the_models_own_classes(kind, batch_first, norm_first):
+    """Its fast-path checks branch on tensors, so fx could not trace it and the result was a torch.export graph
+    that ignores .train() (survey 31b f03): its plain path is traced in its place now (graphprune.standins), and
+    the result is the user's class, exact against the dead twin at other sizes, and trains (dropout live)."""
+    torch.manual_seed(0)
+    model = _Encoded(kind, batch_first, norm_first).eval()
+
+    def inputs(b, t):
+        x = torch.randn(b, t, 8) if batch_first else torch.randn(t, b, 8)
+        return (x,) if kind == "encoder" else (x, torch.randn(b, t - 1, 8) if batch_first else torch.randn(t - 1, b, 8))
+
+    small = graphprune.compile(model, inputs(2, 5), target_flops=0.5, importance="l1")
+    assert small.report.form == "module" and type(small) is _Encoded, small.report.form_why
+    assert graphprune.count_params(small) < 0.7 * graphprune.count_params(model)
+    twin = dead_twin(model, small)
+    for b, t in [(2, 5), (3, 9)]:
+        args = inputs(b, t)
+        torch.testing.assert_close(small(*args), twin(*args))
+    small.train()
+    args = inputs(2, 5)
+    assert not torch.equal(small(*args), small(*args))  # dropout runs: the result can be fine-tuned
+
+
+def test_an_encoder_given_a_mask_still_prunes_through_torch_export():
+    """A mask's canonicalisation reads its dtype, which fx cannot: that call keeps the module's own forward,
+    and the model goes to torch.export as before."""
+    torch.manual_seed(0)
+
+    class Masked(_Encoded):
+        def forward(self, x, pad):
+            return self.head(self.body(self.inp(x), src_key_padding_mask=pad))
+
+    model = Masked().eval()
+    x, pad = torch.randn(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    small = graphprune.compile(model, (x, pad), target_flops=0.5, importance="l1")
+    torch.testing.assert_close(small(x, pad), dead_twin(model, small)(x, pad))
