@@ -19,7 +19,7 @@ from .errors import GraphpruneError, GraphpruneWarning, first_line, user_level
 from .flops import count_flops, count_params, latency_ratio
 from .groups import Analysis, analyze_graph
 from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, SYMBOLIC_DIMS, VAL
-from . import auto, module_form
+from . import auto, graph_inputs, module_form
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore, matching_ratio
 from .reconstruct import thin_calibration
 from .trace import on_meta, shadow, trace, unwrapped
@@ -362,7 +362,7 @@ def _graph_checks(model, p, result, rep, check) -> None:
         rep.form_why += (f". Traced with torch.export from the inputs the example gives: {', '.join(left[:6])}"
                          f"{' ...' if len(left) > 6 else ''} (left at their defaults) are no inputs of the graph, "
                          "which refuses them by name; give them in the example to trace them")
-    nones = refuse_values(result) if rep.form == "graph" and p.analysis.method == "export" else []
+    nones = graph_inputs.guard(result) if rep.form == "graph" and p.analysis.method == "export" else []
     if nones:  # the program holds them as constants: called with a tensor there, it ignored it (survey 31 f08)
         rep.form_why += (f". Traced with {', '.join(f'{n}=None' for n in nones)}, which torch.export holds as "
                          "constants: the graph refuses another value for them")
@@ -377,33 +377,6 @@ def _graph_checks(model, p, result, rep, check) -> None:
                          f"side of each branch covers: {', '.join(spans)}")
         warnings.warn(GraphpruneWarning(f"the result is a graph that takes only some input sizes (its code branched on "
                                         f"them: {', '.join(spans)}); see report.form_why"), stacklevel=user_level())
-
-
-def refuse_values(graph: torch.fx.GraphModule) -> list[str]:
-    """Make ``graph`` refuse a value other than None for each input torch.export traced as None
-    (a placeholder whose ``val`` is None, by name, position, ``**kwargs`` or ``*inputs`` alike), and
-    return their names. The program holds such an input as a constant: given a tensor there, it
-    ignored it, 0.36 off the model (survey 31 f08). The check is a node of the graph, not a hook, so
-    ``copy.deepcopy`` and a re-export keep it (a hook was lost there, survey 32 f02)."""
-    holders = [n for n in graph.graph.nodes if n.op == "placeholder"]
-    nones = [n for n in holders if VAL in n.meta and n.meta[VAL] is None]
-    if not nones or any(n.target is traced_as_none for n in graph.graph.nodes):
-        return [n.name for n in nones]
-    with graph.graph.inserting_after(holders[-1]):
-        for n in reversed(nones):
-            graph.graph.call_function(traced_as_none, (n, n.name))
-    graph.recompile()
-    return [n.name for n in nones]
-
-
-@torch.fx.node.has_side_effect  # no dead-code pass drops it: it has no users
-def traced_as_none(value, name: str) -> None:
-    """The check ``refuse_values`` puts in a graph for an input traced as None."""
-    if value is not None:
-        raise GraphpruneError(
-            f"this graph was traced with {name}=None and computes that path only (torch.export held it as a "
-            f"constant): compile with an example that gives {name}, or keep the model's own classes "
-            "(output='module'), which take any value")
 
 
 def _left_out(model, p) -> list[str]:

@@ -577,9 +577,9 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
         # what save wrote, not the fresh original's: generate() ran 20 new tokens for the saved 4 (survey 30 f08)
         out.generation_config = type(out.generation_config).from_pretrained(path)
     if m.get("form", "graph") == "graph" and m["source"]["method"] == "export":
-        from .api import refuse_values
+        from .graph_inputs import guard
 
-        refuse_values(out)  # as compile's graph does: the program ignores a value there
+        guard(out)  # as compile's graph does: the program ignores a value there, and keys the example lacked
     module_form.info(out)["loaded_from"] = str(path)
     return out
 

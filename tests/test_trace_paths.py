@@ -845,6 +845,50 @@ def test_a_graph_traced_with_an_input_as_none_refuses_a_value_there(tmp_path):
     torch.testing.assert_close(small(x, mask=mask), dead_twin(model, small)(x, mask=mask))
 
 
+class _Batched(nn.Module):
+    """Inputs in a dict or a list, an optional mask among them, and a width read from an attribute (so the
+    result is a graph: the module form cannot take that reshape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.width = nn.Linear(8, 16), nn.Linear(16, 4), 16
+
+    def forward(self, batch):
+        x = batch["x"] if isinstance(batch, dict) else batch[0]
+        mask = batch.get("mask") if isinstance(batch, dict) else (batch[1] if len(batch) > 1 else None)
+        h = torch.relu(self.a(x)).reshape(x.shape[0], -1, self.width)
+        if x.shape[1] > 100:
+            h = h * 2
+        if mask is not None:
+            h = h * mask[..., None]
+        return self.b(h)
+
+
+@pytest.mark.parametrize("container", ["dict", "list"])
+def test_a_graph_refuses_keys_and_items_its_example_lacked(container):
+    """The generated forward flattened its inputs by the example's tree, taking the keys it knew: called with
+    a mask the example lacked, the graph dropped it, 0.36 off the twin (survey 33 f01). It refuses such a call,
+    after a deep copy too, and takes the example's own tree, keys in any order; a call without an input traced
+    as None is taken, as the model takes it."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(2, 5, 8), torch.rand(2, 5)
+    model = _Batched().eval()
+    example, call = ({"x": x}, {"x": x, "mask": mask}) if container == "dict" else ([x], [x, mask])
+    small = graphprune.compile(model, (example,), ratio=0.5, importance="l1")
+    assert small.report.form == "graph"
+    twin = dead_twin(model, small)
+    for graph in (small, copy.deepcopy(small)):
+        torch.testing.assert_close(graph(example), twin(example))
+        with pytest.raises(graphprune.GraphpruneError, match="'mask' the example did not|2 items where the example had 1"):
+            graph(call)
+    both = graphprune.compile(model, ({"x": x, "mask": mask},), ratio=0.5, importance="l1")
+    torch.testing.assert_close(both({"mask": mask, "x": x}), dead_twin(model, both)({"x": x, "mask": mask}))
+    optional = _Masked().eval()
+    masked = graphprune.compile(optional, (x,), example_kwargs={"mask": None}, ratio=0.5, importance="l1",
+                                output="graph")
+    torch.testing.assert_close(masked(x), dead_twin(optional, masked)(x))  # forward(x, mask=None)
+
+
 class _MaskedKeywords(_Masked):
     def forward(self, x, **kw):
         return super().forward(x, kw.get("mask"))
