@@ -102,8 +102,10 @@ def build_model(spec: str, *, meta: bool = False) -> torch.nn.Module:
         if source == "torchvision":
             import torchvision
 
+            # a segmentation or detection model's backbone has weights of its own, pretrained by default: downloaded
+            takes = inspect.signature(torchvision.models.get_model_builder(name)).parameters
             with where:
-                return torchvision.models.get_model(name, weights=None)
+                return torchvision.models.get_model(name, weights=None, **({"weights_backbone": None} if "weights_backbone" in takes else {}))
         if source == "timm":
             import timm
 

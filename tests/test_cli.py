@@ -269,3 +269,19 @@ def test_an_input_shape_the_model_cannot_take_is_one_line(tmp_path):
     r = subprocess.run([*cmd, "prune", "gp_cli_mlp:mlp", "--input-shape", "4,16,5"], capture_output=True, text=True,
                        timeout=600, env=env, cwd=tmp_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "fcn_resnet50"])
+def test_a_torchvision_model_with_a_backbone_is_built_without_downloading(name, monkeypatch):
+    """get_model(weights=None) leaves weights_backbone at its default, ImageNet weights, which the CLI went
+    to download (and failed offline, or silently took pretrained weights for a random model) (survey 34 F2)."""
+    from graphprune.cli import build_model
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setenv("TORCH_HOME", "/nonexistent-graphprune-test")  # no cached weights either
+    model = build_model(f"torchvision:{name}", meta=True)
+    assert any(True for _ in model.parameters())
