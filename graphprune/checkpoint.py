@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -275,12 +276,24 @@ def _check_config(out: torch.nn.Module, path: Path) -> None:
         return
     norm = lambda d: json.loads(json.dumps({k: v for k, v in d.items() if k not in _CONFIG_METADATA}, default=str))  # noqa: E731
     want, have = norm(want), norm(out.config.to_dict())
-    differ = sorted(k for k in {*want, *have} if want.get(k) != have.get(k))
+    differ = sorted(k for k in {*want, *have} if not _same_setting(want.get(k), have.get(k)))
     if differ:
         shown = ", ".join(f"{k}: saved {want.get(k)!r}, this original {have.get(k)!r}" for k in differ[:4])
         raise GraphpruneError(f"the original's config differs from the one the model was saved from ({shown}"
                               f"{' ...' if len(differ) > 4 else ''}): build the original with the configuration it was "
                               "saved from; nothing was loaded")
+
+
+def _same_setting(a, b) -> bool:
+    """Config values equal, floats to rounding: an ``rms_norm_eps`` a model pruned in steps rescaled once per
+    step, and ``load`` once for all, differs in its last digit, and the load was refused (survey 33 f08)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_setting(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same_setting, a, b))
+    return a == b
 
 
 def _check_tree(model: torch.nn.Module, info: dict) -> None:

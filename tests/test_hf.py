@@ -637,3 +637,22 @@ def test_a_round_to_query_heads_cannot_keep_is_said():
     ids = torch.randint(0, VOCAB, (2, 12))
     with pytest.warns(graphprune.GraphpruneWarning, match=r"round_to=5 does not hold on \d+ pruned dim\(s\) \(first: model\.layers\.\d\.self_attn\.\w_proj\.weight, .*query heads"):
         graphprune.compile(model, (ids,), target_params=0.5, round_to=5, importance="l2")
+
+
+def test_a_model_pruned_in_steps_loads_though_its_rescaled_eps_rounds_otherwise(tmp_path):
+    """Each step rescaled rms_norm_eps for the residual it pruned, and load rescales once for all: the two
+    differ in the last digit (1.391304347826087e-06 against ...868e-06), and load refused the model as built
+    from another config (survey 33 f08). Config floats compare to rounding; another eps is still refused."""
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=100)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw)).eval()
+    ids = torch.randint(2, 100, (2, 8))
+    steps = graphprune.prune_iteratively(model, (ids,), target_flops=0.5, steps=2, importance="l1", progress=False)
+    assert steps.config.hidden_size < 64
+    graphprune.save(steps, tmp_path)
+    back = graphprune.load(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw)), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, steps(ids).logits, rtol=0, atol=0)
+    with pytest.raises(graphprune.GraphpruneError, match="config differs.*rms_norm_eps"):
+        graphprune.load(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw, rms_norm_eps=1.001e-6)), tmp_path)
