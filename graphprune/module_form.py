@@ -948,17 +948,19 @@ WIDTH_ATTRS = ("hidden_dim", "hidden_size", "embed_dim", "d_model", "dim", "widt
 
 
 CHANNEL_ATTRS = ("in_channels", "out_channels", "channels", "num_channels", "in_features", "out_features",
-                 "in_dim", "out_dim", "inplanes", "planes")
-"""Widths a user's own block states (RepVGG's ``self.in_channels``, read by its ``switch_to_deploy``), followed
-only on classes outside torch: a torch module's are set by shrink-params from its own weights."""
+                 "in_dim", "out_dim", "inplanes", "planes", "in_chs", "out_chs", "mid_chs", "dim_in", "dim_out",
+                 "num_features")
+"""Widths a user's own block states (RepVGG's ``self.in_channels``, timm MobileOne's ``self.out_chs``, read by
+their reparameterization), followed only on classes outside torch: a torch module's are set by shrink-params
+from its own weights. A block's ``groups`` equal to one of these (depthwise) follows it too."""
 
 
 def follow_widths(top: nn.Module, original: dict) -> None:
     """A width attribute follows the module's tensors: where it equals the original size
     of a dim of the module's parameters or buffers that shrank, and every such dim shrank
     alike, it takes the new size. The module's own tensors decide; where none shrank, a
-    user's block states its channels (``CHANNEL_ATTRS``) through its submodules' tensors,
-    where every dim that had that size went to one new size (a Hugging Face attention's
+    user's block states its widths through its submodules' tensors (timm RepMixer's
+    ``dim``, read by its reparameterization), where every dim that had that size went to one new size (a Hugging Face attention's
     ``embed_dim`` names the stream, which stays, while its output projection's columns,
     as wide before, shrink with the heads). ``differs`` still decides the forward; this
     keeps the user's other methods true to the new widths."""
@@ -967,16 +969,26 @@ def follow_widths(top: nn.Module, original: dict) -> None:
             continue                     # the input's width once became the input's new width (survey 26)
         prefix = f"{name}." if name else ""
         user = not type(mod).__module__.startswith("torch.")
+        moved: dict = {}  # a channel count stated before -> after (None where two attributes of it went two ways)
         for attr in WIDTH_ATTRS + CHANNEL_ATTRS if user else WIDTH_ATTRS:
             v = mod.__dict__.get(attr)
             if not isinstance(v, int) or isinstance(v, bool):
                 continue
             new = _sizes_of(v, [*mod._parameters.items(), *mod._buffers.items()], prefix, original) - {v}
-            if not new and user and attr in CHANNEL_ATTRS:  # through its submodules: every dim that was v went alike
+            if not new and user:  # through its submodules: every dim that was v went alike (timm RepMixer's dim)
                 new = _sizes_of(v, [*mod.named_parameters(), *mod.named_buffers()], prefix, original)
                 new = new if v not in new else set()
             if len(new) == 1:
-                mod.__dict__[attr] = new.pop()
+                now = mod.__dict__[attr] = new.pop()
+                if attr in CHANNEL_ATTRS:
+                    moved[v] = now if moved.get(v, now) == now else None
+        groups = mod.__dict__.get("groups")
+        if user and isinstance(groups, int) and not isinstance(groups, bool) and groups > 1:
+            now = {c.groups for c in mod.modules() if isinstance(c, nn.modules.conv._ConvNd) and c.groups > 1}
+            if len(now) == 1 and groups not in now:  # its grouped convs went to one count (depthwise: fewer channels)
+                mod.__dict__["groups"] = now.pop()
+            elif not now and moved.get(groups):  # no conv to say: a group per channel it states, fewer channels
+                mod.__dict__["groups"] = moved[groups]
 
 
 def _sizes_of(v: int, tensors: list, prefix: str, original: dict) -> set:

@@ -1378,3 +1378,24 @@ def test_a_recurrent_layers_widths_are_its_weights():
     assert small.report.form == "module"
     assert (small.gru.input_size, small.gru.hidden_size) == (13, 16)
     torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mobileone_s0", "fastvit_t8"])
+def test_a_pruned_timm_model_reparameterizes(name):
+    """timm's deploy step reads the widths its blocks state (MobileOne's ``groups``, RepMixer's ``dim``,
+    BatchNormAct2d's ``num_features``): they kept the unpruned counts, and ``reparameterize_model`` failed on
+    the pruned model (a modulo by zero, a conv of 48 groups over 24 channels; survey 34 F1). They follow the
+    weights now, and the reparameterized model computes what the pruned one does."""
+    timm = pytest.importorskip("timm")
+    from timm.utils.model import reparameterize_model
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module"
+    with torch.no_grad():
+        want = small(x)
+        fused = reparameterize_model(small)
+        torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4)
+    assert not any(type(m).__name__ == "MobileOneBlock" and m.reparam_conv is None for m in fused.modules())
