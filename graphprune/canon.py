@@ -452,8 +452,8 @@ def size_source(a):
 def _factory(node, mod=None):
     """``torch.zeros(n, x.size(1))``, ``x.new_zeros(...)`` and kin: an output dim sized by a dim read
     off a tensor is that dim (it follows the new width at run time); a literal size stays."""
-    start = 1 if node.op == "call_method" else 0  # x.new_zeros(sizes): x only gives dtype and device
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "").split(".")[0]
+    start = 1 if node.op == "call_method" or name.startswith("new_") else 0  # x.new_zeros(sizes): x gives dtype, device
     if len(node.args) > start and isinstance(node.args[start], (list, tuple)):
         sizes, positions = list(node.args[start]), [start]
     elif name in ("full", "new_full"):  # full(size, fill_value): the size is one sequence
@@ -474,6 +474,17 @@ def _factory(node, mod=None):
             "varargs" if node.op == "call_method" else None)
     return COp("factory", node, [], attrs={"dims": dims, "zeros": name in ("zeros", "new_zeros"),
                                            "size_positions": positions, "constant": constant, "sizes_at": at})
+
+
+def _new_tensor(node, mod=None):
+    """``x.new_tensor(2.0)``: a constant from Python data, of its own shape (x gives dtype and device)."""
+    def traced(v) -> bool:
+        return isinstance(v, Node) or (isinstance(v, (list, tuple)) and any(map(traced, v)))
+
+    if traced(arg(node, 1, "data")):
+        return COp("unknown", node, _tensors(node), attrs={"why": f"{node.name}: new_tensor of a traced value"})
+    return COp("factory", node, [], attrs={"dims": {}, "zeros": False, "size_positions": [], "constant": False,
+                                           "sizes_at": None})
 
 
 def _indexed(kind: str, positions: tuple):
@@ -747,6 +758,18 @@ def _roll(node, mod=None):
     return COp("roll", node, [vkey(node.args[0])], attrs={"dims": [_dim(d, _ndim(node)) for d in dims]})
 
 
+def _flip(dims_at=None):
+    """``flip(x, dims)`` (``fliplr``: dim 1, ``flipud``: dim 0): index i of a flipped dim goes to n - 1 - i,
+    which on fewer kept indices is still their order reversed, so the dim maps through, reversed."""
+    def make(node, mod=None):
+        dims = arg(node, 1, "dims") if dims_at is None else dims_at
+        dims = [dims] if isinstance(dims, int) else dims
+        if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims) or vkey(node.args[0]) is None:
+            return COp("unknown", node, _tensors(node), attrs={"why": f"{node.name}: flip over computed dims"})
+        return COp("flip", node, [vkey(node.args[0])], attrs={"dims": sorted({_dim(d, _ndim(node)) for d in dims})})
+    return make
+
+
 def _fft(pos: int, default):
     """A Fourier transform along ``dim`` (``torch.fft.rfft(x, dim=-1)``; ``aten._fft_r2c(x, dims, ...)``):
     the transformed dims mix their entries and change size, so they keep their width, as a roll's do;
@@ -864,6 +887,8 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     torch.histc: _histc, aten.histc.default: _histc, torch.cumsum: _cumsum, aten.cumsum.default: _cumsum,
     F.normalize: _normalize,
     torch.roll: _roll, aten.roll.default: _roll,
+    torch.flip: _flip(), aten.flip.default: _flip(), torch.fliplr: _flip(1), torch.flipud: _flip(0),
+    aten.fliplr.default: _flip(1), aten.flipud.default: _flip(0),
     **{f: _fft(2, -1) for f in (torch.fft.fft, torch.fft.ifft, torch.fft.rfft, torch.fft.irfft, torch.fft.hfft,
                                 torch.fft.ihfft)},
     **{f: _fft(2, (-2, -1)) for f in (torch.fft.fft2, torch.fft.ifft2, torch.fft.rfft2, torch.fft.irfft2)},
@@ -873,6 +898,8 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     **{getattr(aten, f"fft_{k}").default: _fft(2, None) for k in ("fftn", "ifftn", "rfftn", "irfftn")},
     **{f: _fft(1, None) for f in (aten._fft_r2c.default, aten._fft_c2r.default, aten._fft_c2c.default)},
     torch.zeros: _factory, torch.ones: _factory, torch.empty: _factory, torch.full: _factory,
+    aten.new_zeros.default: _factory, aten.new_ones.default: _factory, aten.new_empty.default: _factory,
+    aten.new_full.default: _factory, aten.expand_as.default: _expand,
     torch.zeros_like: _like, torch.ones_like: _like, torch.empty_like: _like, torch.full_like: _like,
     torch.rand_like: _like, torch.randn_like: _like, aten.zeros_like.default: _like, aten.ones_like.default: _like,
     aten.empty_like.default: _like, aten.full_like.default: _like,
@@ -952,9 +979,9 @@ METHOD_TABLE: dict[str, Callable] = {
     "split": _split, "chunk": _split, "unbind": _split, "split_with_sizes": _split, "tensor_split": _split,
     "narrow": _slice, "mean": _reduce, "sum": _reduce, "amax": _reduce, "amin": _reduce, "norm": _p_norm, "matmul": _matmul, "mm": _matmul, "bmm": _matmul,
     "size": _shape_query, "dim": _shape_query,
-    "topk": _topk, "sort": _sort, "histc": _histc, "cumsum": _cumsum, "roll": _roll, "addmm": _f_addmm,
+    "topk": _topk, "sort": _sort, "histc": _histc, "cumsum": _cumsum, "roll": _roll, "flip": _flip(), "fliplr": _flip(1), "flipud": _flip(0), "addmm": _f_addmm,
     "inner": _CONTRACTIONS["inner"], "dot": _CONTRACTIONS["dot"], "outer": _CONTRACTIONS["outer"], "ger": _CONTRACTIONS["outer"],
-    "new_zeros": _factory, "new_ones": _factory, "new_empty": _factory, "new_full": _factory,
+    "new_zeros": _factory, "new_ones": _factory, "new_empty": _factory, "new_full": _factory, "new_tensor": _new_tensor,
     "index_select": _INDEX_SELECT, "gather": _GATHER, "index_add": _INDEX_ADD, "index_add_": _INDEX_ADD,
     "scatter_add": _SCATTER_ADD, "scatter_add_": _SCATTER_ADD,
 }

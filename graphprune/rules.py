@@ -842,6 +842,16 @@ def roll(b, c: COp):
             b.couple((x, k), (out, k))
 
 
+def flip(b, c: COp):
+    """Every dim maps through; a flipped one reversed (index i of n is n - 1 - i)."""
+    x, out = c.inputs[0], _out(c)
+    for k, n in enumerate(b.shape(x)):
+        if k in c.attrs["dims"]:
+            b.couple((x, k), (out, k), np.arange(n), n - 1 - np.arange(n))
+        else:
+            b.couple((x, k), (out, k))
+
+
 def pixel_shuffle(b, c: COp):
     """(*, C*r*r, H, W) -> (*, C, H*r, W*r): output channel j is input channels j*r*r .. j*r*r + r*r - 1,
     so those go with it, a block of the layer before (the inverse: the other way round)."""
@@ -909,6 +919,7 @@ RULES = {
     "rel_pos_bias": rel_pos_bias,
     "pixel_shuffle": pixel_shuffle,
     "roll": roll,
+    "flip": flip,
     "like": like,
     "factory": factory,
     **{op: indexed for op in ("index_select", "gather", "index_add", "scatter_add")},

@@ -452,7 +452,7 @@ RULES = {
     "window_attention": producer(lambda nd: nd - 1),
     "batch_norm": norm, "batch_norm_tuple": norm, "layer_norm": norm, "rms_norm": norm, "group_norm": norm,
     **{op: linked for op in ("permute", "split", "tuple_get", "cat", "reshape", "expand", "index", "pool", "stack", "prelu", "glu",
-                             "repeat_interleave", "channel_permute", "patch_merge", "rel_pos_bias")},
+                             "repeat_interleave", "channel_permute", "patch_merge", "rel_pos_bias", "flip")},
     "reduce": reduce,
     "matmul": matmul,
     "grouped_mm": grouped_mm,

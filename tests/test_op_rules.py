@@ -1,0 +1,47 @@
+"""Ops that held every channel around them for want of a rule (survey 33 f05): flips, expand_as and
+new_ones as torch.export records them, new_tensor. Each model prunes now, exact against the dead twin on
+both trace paths (a size test sends a model to torch.export)."""
+import pytest
+import torch
+import torch.nn as nn
+
+import graphprune
+from oracle import dead_twin
+
+OPS = {
+    "flip_time": lambda s, h: h.flip(1),
+    "flip_channels": lambda s, h: h.flip(-1) * s.scale,         # channel c meets scale[c]: the flip's map decides
+    "fliplr_then_cat": lambda s, h: torch.cat([h, torch.fliplr(h)], 1),
+    "flip_two": lambda s, h: torch.flip(h, (1, 2)) + s.scale,
+    "expand_as": lambda s, h: h * s.scale.expand_as(h),
+    "new_ones": lambda s, h: h * h.new_ones(h.shape[-1]),
+    "new_tensor": lambda s, h: h * h.new_tensor(2.0),
+}
+
+
+class _Op(nn.Module):
+    def __init__(self, op: str, exported: bool):
+        super().__init__()
+        self.op, self.exported = op, exported
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 16))
+
+    def forward(self, x):                      # (N, T, 8)
+        h = torch.relu(self.a(x))              # (N, T, 16)
+        if self.exported and x.shape[1] > 100:
+            h = h * 2
+        return self.b(OPS[self.op](self, h))
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["fx", "export"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_an_op_with_a_rule_now_prunes_exactly(op, exported):
+    torch.manual_seed(0)
+    model = _Op(op, exported).eval()
+    small = graphprune.compile(model, (torch.randn(2, 5, 8),), ratio=0.5, importance="l1")
+    kept = dict(small.named_parameters())["a.weight"].shape[0]
+    assert kept < 16, small.report.verify.blocked
+    twin = dead_twin(model, small)
+    for shape in [(2, 5, 8), (3, 7, 8)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(small(x), twin(x))
