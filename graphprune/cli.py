@@ -298,6 +298,7 @@ class Job:
                            f"example, and here {why}")
         with status(f"building {self.spec}"):
             self.model = build_model(self.spec).eval()
+        _takes_one_input(self.model, self.spec)
         if self.weights:
             with status(f"loading {args.weights}"):
                 load_weights(self.model, self.weights, self.spec)
@@ -332,6 +333,19 @@ class Job:
 
 
 # --- commands -----------------------------------------------------------------------------------------------
+
+
+def _takes_one_input(model: torch.nn.Module, spec: str) -> None:
+    """The CLI gives the forward one positional input (``--input-shape``): a forward that needs more
+    failed deep in tracing, with advice about traceable code (survey 34 F4)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return
+    need = [q.name for q in params if q.default is q.empty and q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
+    if len(need) > 1:
+        raise CliError(f"{spec}: its forward takes {len(need)} inputs ({', '.join(need)}), and the command line gives "
+                       "one (--input-shape): prune it from Python, graphprune.compile(model, (a, b, ...), ...)")
 
 
 def _one_line(e: BaseException) -> str:

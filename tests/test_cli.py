@@ -285,3 +285,20 @@ def test_a_torchvision_model_with_a_backbone_is_built_without_downloading(name, 
     monkeypatch.setenv("TORCH_HOME", "/nonexistent-graphprune-test")  # no cached weights either
     model = build_model(f"torchvision:{name}", meta=True)
     assert any(True for _ in model.parameters())
+
+
+def test_a_model_of_two_inputs_is_refused_up_front(tmp_path, monkeypatch, capsys):
+    """RAFT's forward takes two images; the CLI gives one, and the error was torch.export's missing argument
+    wrapped in advice to make the forward traceable (survey 34 F4)."""
+    (tmp_path / "two_inputs.py").write_text(
+        "import torch\n"
+        "class Two(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(); self.a = torch.nn.Linear(4, 4)\n"
+        "    def forward(self, x, y):\n"
+        "        return self.a(x) + self.a(y)\n"
+        "def build():\n"
+        "    return Two()\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["analyze", "two_inputs:build", "--input-shape", "2,4"]) == 2
+    assert "takes 2 inputs (x, y)" in capsys.readouterr().err
