@@ -726,19 +726,25 @@ def _m_rnn(node, mod: nn.RNNBase):
 
 
 def _m_mha(node, mod: nn.MultiheadAttention):
-    q, k, v = (vkey(arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+    """nn.MultiheadAttention with its packed in-projection: self-attention, or query, key and value of
+    the layer's width from other tensors (DETR's ``q = k = x + pos, v = x``, a decoder's cross-attention
+    over the encoder's memory). Inputs: query, key, value (one tensor may be several of them)."""
+    names = ("query", "key", "value")
+    given = [arg(node, i, n) for i, n in enumerate(names)]
+    keys = [vkey(t) for t in given]
     ok = mod._qkv_same_embed_dim and mod.in_proj_bias is not None and mod.bias_k is None and not mod.add_zero_attn
-    query = arg(node, 0, "query")
-    val = query.meta.get(VAL) if isinstance(query, Node) else None
-    if not ok or q is None or q != k or k != v or getattr(val, "ndim", None) != 3:
-        return COp("unknown", node, _tensors(node), attrs={"why": "MultiheadAttention supported only for batched self-attention with packed in_proj and bias"})
+    if not ok or None in keys or any(getattr(t.meta.get(VAL), "ndim", None) != 3 for t in given):
+        return COp("unknown", node, _tensors(node), attrs={"why": "MultiheadAttention supported only with packed "
+                                                                  "in_proj and bias, on batched inputs"})
     params = {"in_weight": f"{node.target}.in_proj_weight", "in_bias": f"{node.target}.in_proj_bias",
               "out_weight": f"{node.target}.out_proj.weight", "out_bias": f"{node.target}.out_proj.bias"}
     need = arg(node, 4, "need_weights", True)
     weights_used = need is not False and any(
         not (u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, -2)) for u in node.users)
-    return COp("mha", node, [q], params=params, attrs={"num_heads": mod.num_heads, "weights_used": weights_used,
-                                                          "batch_first": mod.batch_first})
+    mask = arg(node, 5, "attn_mask")
+    per_head = isinstance(mask, Node) and getattr(mask.meta.get(VAL), "ndim", None) == 3  # (B * heads, T, S)
+    return COp("mha", node, keys, params=params, attrs={"num_heads": mod.num_heads, "weights_used": weights_used,
+                                                        "batch_first": mod.batch_first, "per_head_mask": per_head})
 
 
 def _m_flatten(node, mod):

@@ -62,6 +62,8 @@ def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.M
     for mod in top.modules():  # modules fx traced through, norm subclasses and Conv1D (leaf modules are fixed by shrink-params)
         if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
             _fix_ln(mod, {})
+        if isinstance(mod, nn.Transformer):
+            _fix_transformer(mod, {})
         hf.fix_conv1d(mod)
     follow_widths(top, original)
     _own_data(top, model)
@@ -975,7 +977,7 @@ def follow_widths(top: nn.Module, original: dict) -> None:
             if not isinstance(v, int) or isinstance(v, bool):
                 continue
             new = _sizes_of(v, [*mod._parameters.items(), *mod._buffers.items()], prefix, original) - {v}
-            if not new and user:  # through its submodules: every dim that was v went alike (timm RepMixer's dim)
+            if not new:  # through its submodules: every dim that was v went alike (timm RepMixer's dim, nn.Transformer's d_model)
                 new = _sizes_of(v, [*mod.named_parameters(), *mod.named_buffers()], prefix, original)
                 new = new if v not in new else set()
             if len(new) == 1:
@@ -1053,6 +1055,12 @@ def _fix_rnn(mod, orig):
     fix(mod, None, None)
 
 
+def _fix_transformer(mod, orig):
+    """nn.Transformer checks its inputs' width against ``d_model``: the residual stream's, which its first
+    encoder layer's feed-forward reads (the attention's inner width, as wide before, may have gone elsewhere)."""
+    mod.d_model = mod.encoder.layers[0].linear1.weight.shape[1]
+
+
 def _fix_bilinear(mod, orig):
     mod.out_features, mod.in1_features, mod.in2_features = mod.weight.shape
 
@@ -1068,4 +1076,5 @@ MODULE_FIXES = [
     ((nn.modules.instancenorm._InstanceNorm,), _fix_bn),
     ((nn.Embedding, nn.EmbeddingBag), _fix_embedding),
     ((nn.PReLU,), lambda mod, orig: setattr(mod, "num_parameters", mod.weight.numel())),
+    ((nn.Transformer,), _fix_transformer),
 ]

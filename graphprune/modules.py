@@ -10,12 +10,13 @@ from torch.overrides import TorchFunctionMode
 
 
 class PrunedSelfAttention(nn.Module):
-    """``nn.MultiheadAttention`` (batched self-attention) with fewer heads.
+    """``nn.MultiheadAttention`` (packed in-projection, batched inputs) with fewer heads.
 
     ``nn.MultiheadAttention`` ties the attention width (heads x head_dim) to
     the embedding width; after pruning they differ, so this module keeps them
-    apart. It accepts the same call, batch first or second as the original
-    took it, and returns ``(output, weights)``.
+    apart. It accepts the same call (self-attention, or a key and value of
+    their own: a cross-attention), batch first or second as the original took
+    it, and returns ``(output, weights)``.
     """
 
     # read by nn.TransformerEncoderLayer's fast-path checks: False takes its plain path, which calls this module
@@ -33,20 +34,20 @@ class PrunedSelfAttention(nn.Module):
 
     def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if not self.batch_first:
-            query = query.transpose(0, 1)  # (T, B, E) -> (B, T, E)
-        B, T, _ = query.shape
+        key = query if key is None else key
+        value = key if value is None else value
+        q, k, v = self._project(query, key, value)  # (B, T, h*d), (B, S, h*d) x 2
+        B, T, S = q.shape[0], q.shape[1], k.shape[1]
         h, d = self.num_heads, self.head_dim
-        q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, T, h*d)
-        q, k, v = (t.view(B, T, h, d).transpose(1, 2) for t in (q, k, v))  # (B, h, T, d)
-        mask = _merge_masks(attn_mask, key_padding_mask, B, h, T, q.dtype)
+        q, k, v = (t.unflatten(-1, (h, d)).transpose(1, 2) for t in (q, k, v))  # (B, h, T or S, d)
+        mask = _merge_masks(attn_mask, key_padding_mask, B, h, T, S, q.dtype)
         p = self.dropout if self.training else 0.0
         if need_weights:
-            att = (q @ k.transpose(-2, -1)) * d ** -0.5  # (B, h, T, T)
+            att = (q @ k.transpose(-2, -1)) * d ** -0.5  # (B, h, T, S)
             if mask is not None:
                 att = att + mask
             elif is_causal:
-                att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+                att = att.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
             att = F.dropout(att.softmax(-1), p, self.training)
             y = att @ v
             weights = att.mean(1) if average_attn_weights else att
@@ -57,11 +58,24 @@ class PrunedSelfAttention(nn.Module):
         y = self.out_proj(y)  # (B, T, E)
         return (y if self.batch_first else y.transpose(0, 1)), weights
 
+    def _project(self, query, key, value):
+        """q, k, v batch first, each through its third of the packed projection (one product where
+        the inputs are one tensor, as nn.MultiheadAttention does)."""
+        w, b = self.in_proj_weight, self.in_proj_bias
+        n = w.shape[0] // 3
+        if query is key and key is value:
+            out = F.linear(query, w, b).chunk(3, dim=-1)
+        elif key is value:
+            out = (F.linear(query, w[:n], b[:n]), *F.linear(key, w[n:], b[n:]).chunk(2, dim=-1))
+        else:
+            out = tuple(F.linear(t, w[i * n:(i + 1) * n], b[i * n:(i + 1) * n]) for i, t in enumerate((query, key, value)))
+        return out if self.batch_first else tuple(t.transpose(0, 1) for t in out)
 
-def _merge_masks(attn_mask, key_padding_mask, B, h, T, dtype):
-    """Both masks as one additive float mask broadcastable to (B, h, T, T)."""
+
+def _merge_masks(attn_mask, key_padding_mask, B, h, T, S, dtype):
+    """Both masks as one additive float mask broadcastable to (B, h, T, S)."""
     mask = None
-    for m, shape in ((attn_mask, None), (key_padding_mask, (B, 1, 1, T))):
+    for m, shape in ((attn_mask, None), (key_padding_mask, (B, 1, 1, S))):
         if m is None:
             continue
         if m.dtype == torch.bool:
@@ -69,7 +83,7 @@ def _merge_masks(attn_mask, key_padding_mask, B, h, T, dtype):
         if shape is not None:
             m = m.view(shape)
         elif m.dim() == 3:
-            m = m.view(B, h, T, T)
+            m = m.view(B, h, T, S)
         mask = m if mask is None else mask + m
     return mask
 

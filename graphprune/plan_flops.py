@@ -61,10 +61,12 @@ TERMS = {
     # (the experts kept change which matrix a row meets, not how many rows there are)
     "grouped_mm": [(2, [_all("out"), _axes("x", -1)])],
     "sdpa": [(2, [_all("x"), _axes("k", -2)]), (2, [_all("out"), _axes("k", -2)])],  # q k^T, then by v
-    # nn.MultiheadAttention, batched self-attention (canon's only form): the packed in-projection,
-    # q k^T and the product by v (B L x L x E each; L is x's dim 1, or dim 0 where the batch is second), the out-projection
-    "mha": [(2, [_rows("x"), _all("in_weight")]),
-            (lambda c, s: 4 * s["x"][1 if c.attrs.get("batch_first", True) else 0], [_rows("x"), _axes("out_weight", 1)]),
+    # nn.MultiheadAttention, query x and key k (the same tensor in self-attention): the packed in-projection, E' x E
+    # per query position and two per key position, q k^T and the product by v (B Lq x Lk x E' each; L is dim 1, or dim 0
+    # where the batch is second), the out-projection
+    "mha": [(2, [_rows("x"), _axes("out_weight", 1), _axes("in_weight", 1)]),
+            (4, [_rows("k"), _axes("out_weight", 1), _axes("in_weight", 1)]),
+            (lambda c, s: 4 * s["k"][1 if c.attrs.get("batch_first", True) else 0], [_rows("x"), _axes("out_weight", 1)]),
             (2, [_rows("x"), _all("out_weight")])],
     # torchvision's shifted_window_attention on x (B, H, W, C) padded to whole windows of N positions, T of them in
     # all: the qkv projection, q k^T and the product by v (T x N x heads' width each), the output projection

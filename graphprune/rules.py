@@ -706,20 +706,23 @@ def embedding(b, c: COp):
 
 
 def mha(b, c: COp):
-    """nn.MultiheadAttention (batched self-attention, batch first or second): whole heads go together.
+    """nn.MultiheadAttention (batched, batch first or second): whole heads go together.
 
-    The attention width E' = heads * head_dim gets a dim of its own,
-    ``("attn", node)``, independent of the residual width E.
-    """
-    x, node = c.inputs[0], c.node
+    The attention width E' = heads * head_dim gets a dim of its own, ``("attn", node)``,
+    independent of the residual width E, which query, key and value share through the
+    packed in-projection's columns. The output has the query's positions; key and value
+    share theirs (a cross-attention's memory)."""
+    q, k, v = c.inputs
+    node = c.node
     out = (node, 0)
     p = c.params
-    e = b.shape(x)[-1]
+    e = b.shape(q)[-1]
     head = e // c.attrs["num_heads"]
     b.declare(("attn", node), e)
     inner = (("attn", node), 0)
     i = np.arange(e)
-    b.couple((x, 2), (p["in_weight"], 1))
+    for t in (q, k, v):
+        b.couple((t, 2), (p["in_weight"], 1))
     b.couple((out, 2), (p["out_weight"], 0))
     b.couple((p["out_bias"], 0), (out, 2))
     for s in range(3):
@@ -729,8 +732,13 @@ def mha(b, c: COp):
     _unify_blocks(b, inner, e, head)
     if c.attrs.get("weights_used"):
         b.block(inner, f"{node.name}: the attention weights it returns are averaged over heads")
-    for k in range(2):
-        b.couple((x, k), (out, k))
+    if c.attrs.get("per_head_mask"):
+        b.block(inner, f"{node.name}: its attention mask has a slice per head")
+    batch = 0 if c.attrs.get("batch_first", True) else 1
+    for d in range(2):
+        b.couple((q, d), (out, d))
+        b.couple((k, d), (v, d))
+    b.couple((q, batch), (k, batch))
 
 
 def rnn(b, c: COp):

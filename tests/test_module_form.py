@@ -1020,6 +1020,60 @@ def test_sequence_first_attention_prunes_heads_and_residual():
         torch.testing.assert_close(small(x), twin(x))
 
 
+class _CrossAttention(nn.Module):
+    """nn.MultiheadAttention with a key and value of their own: DETR's ``q = k = h + pos, v = h``, or a
+    memory attended over (``kind``), batch first or second; optionally a per-head 3-D mask."""
+
+    def __init__(self, kind: str, batch_first: bool = True, per_head_mask: bool = False):
+        super().__init__()
+        self.kind, self.batch_first, self.per_head_mask = kind, batch_first, per_head_mask
+        self.inp, self.mem, self.head = nn.Linear(8, 32), nn.Linear(6, 32), nn.Linear(32, 4)
+        self.pos = nn.Parameter(torch.randn(32) * 0.1)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+
+    def forward(self, x, m):
+        h = self.inp(x)
+        if self.kind == "detr":
+            q = k = h + self.pos
+            v = h
+        else:
+            q, k = h, torch.relu(self.mem(m))
+            v = k
+        mask = None
+        if self.per_head_mask:
+            b, t, s = (q.shape[0], q.shape[1], k.shape[1]) if self.batch_first else (q.shape[1], q.shape[0], k.shape[0])
+            mask = torch.arange(4 * t * s, dtype=q.dtype).remainder(7).eq(0).view(4, t, s).repeat(b, 1, 1) * -1e4
+        y, _ = self.attn(q, k, v, attn_mask=mask, need_weights=False)
+        return self.head(h + y)
+
+
+@pytest.mark.parametrize("kind,batch_first,per_head_mask", [("detr", True, False), ("detr", False, False),
+                                                            ("memory", True, False), ("memory", False, False),
+                                                            ("memory", True, True)])
+def test_attention_with_a_key_and_value_of_their_own_prunes(kind, batch_first, per_head_mask):
+    """A query, key and value from different tensors held the layer and every width around it whole
+    ("supported only for self-attention", survey 31b): they share the packed projection's columns, the
+    heads and residual prune, and the result is exact at other lengths of query and memory. A mask with a
+    slice per head keeps the heads."""
+    from oracle import dead_twin
+
+    torch.manual_seed(0)
+    model = _CrossAttention(kind, batch_first, per_head_mask).eval()
+
+    def inputs(b, t, s):
+        x, m = torch.randn(b, t, 8), torch.randn(b, s, 6)
+        return (x, m) if batch_first else (x.transpose(0, 1), m.transpose(0, 1))
+
+    small = graphprune.compile(model, inputs(2, 5, 7), ratio=0.5, importance="l1")
+    assert small.report.form == "module", small.report.form_why
+    assert small.inp.out_features < 32
+    assert (small.attn.num_heads == 4) == per_head_mask
+    twin = dead_twin(model, small)
+    for b, t, s in [(2, 5, 7), (3, 4, 9), (1, 6, 2)]:
+        args = inputs(b, t, s)
+        torch.testing.assert_close(small(*args), twin(*args))
+
+
 class _GradReverse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

@@ -9,6 +9,7 @@ import graphprune
 from graphprune.allocate import Meter
 from graphprune.pruner import Pruner
 from test_contractions import _Contracted
+from test_module_form import _CrossAttention
 
 
 class Decoder(nn.Module):
@@ -119,6 +120,8 @@ CASES = {
     # q k^T is B L x L x E: L is dim 0 of a sequence-first input (counted as dim 1 before, 2/7 of it)
     "mha_sequence_first": lambda: (SelfAttention(False).eval(), (torch.randn(7, 2, 10),)),
     "mha_batch_first": lambda: (SelfAttention(True).eval(), (torch.randn(2, 7, 10),)),
+    # a memory of another length attended over: its positions count the key and value projections and q k^T
+    "mha_cross": lambda: (_CrossAttention("memory", False).eval(), (torch.randn(5, 2, 8), torch.randn(9, 2, 6))),
     # contractions written as einsums (graphprune.contractions); a vecdot is a product and a sum: counted as nothing
     **{f"contraction_{how}": (lambda how=how: (_Contracted(how).eval(), (torch.randn(2, 5, 8),)))
        for how in ("ellipsis", "tensordot", "inner", "vecdot")},
