@@ -362,7 +362,7 @@ def _graph_checks(model, p, result, rep, check) -> None:
         rep.form_why += (f". Traced with torch.export from the inputs the example gives: {', '.join(left[:6])}"
                          f"{' ...' if len(left) > 6 else ''} (left at their defaults) are no inputs of the graph, "
                          "which refuses them by name; give them in the example to trace them")
-    nones = graph_inputs.guard(result) if rep.form == "graph" and p.analysis.method == "export" else []
+    nones = graph_inputs.guard(result, p.model) if rep.form == "graph" and p.analysis.method == "export" else []
     if nones:  # the program holds them as constants: called with a tensor there, it ignored it (survey 31 f08)
         rep.form_why += (f". Traced with {', '.join(f'{n}=None' for n in nones)}, which torch.export holds as "
                          "constants: the graph refuses another value for them")

@@ -592,7 +592,7 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     if m.get("form", "graph") == "graph" and m["source"]["method"] == "export":
         from .graph_inputs import guard
 
-        guard(out)  # as compile's graph does: the program ignores a value there, and keys the example lacked
+        guard(out, original)  # as compile's graph does: the program ignores a value there, and keys the example lacked
     module_form.info(out)["loaded_from"] = str(path)
     return out
 

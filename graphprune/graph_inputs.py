@@ -23,9 +23,11 @@ from .errors import GraphpruneError
 from .meta_keys import VAL
 
 
-def guard(graph: torch.fx.GraphModule) -> list[str]:
-    """Make ``graph`` (a torch.export graph) refuse a value other than None for each input traced as
-    None, and inputs of another tree than its example's; return the names traced as None."""
+def guard(graph: torch.fx.GraphModule, model: torch.nn.Module | None = None) -> list[str]:
+    """Make ``graph`` (a torch.export graph of ``model``) refuse a value other than None for each input
+    traced as None, and inputs of another tree than its example's; return the names traced as None.
+    Such an input defaults to None where ``model``'s forward defaults it to None: a forward whose
+    default is another value (``mask="auto"``) computes something else without it (survey 35 F1)."""
     holders = [n for n in graph.graph.nodes if n.op == "placeholder"]
     nones = [n for n in holders if VAL in n.meta and n.meta[VAL] is None]
     if nones and not any(n.target is traced_as_none for n in graph.graph.nodes):
@@ -34,9 +36,20 @@ def guard(graph: torch.fx.GraphModule) -> list[str]:
                 graph.graph.call_function(traced_as_none, (n, n.name))
     codegen = graph.graph._codegen
     if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info is not None:
-        graph.graph._codegen = ExactInputs(codegen.pytree_info, [n.name for n in nones])
+        graph.graph._codegen = ExactInputs(codegen.pytree_info, [n.name for n in nones if n.name in _none_defaults(model)])
     graph.recompile()
     return [n.name for n in nones]
+
+
+def _none_defaults(model) -> set:
+    """The names of ``model.forward``'s parameters that default to None."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values() if model is not None else ()
+    except (TypeError, ValueError):
+        return set()
+    return {q.name for q in params if q.default is None}
 
 
 @torch.fx.node.has_side_effect  # no dead-code pass drops it: it has no users
@@ -51,20 +64,44 @@ def traced_as_none(value, name: str) -> None:
 
 def flatten_exactly(inputs, spec) -> list:
     """``inputs`` flattened by the example's tree ``spec``, refusing another tree: a dict with
-    keys the example lacked, a list of another length. The generated code hands the positional
-    inputs over as a list, where the tree holds them as a tuple."""
-    if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], list):  # ([args], {kwargs})
-        inputs = (tuple(inputs[0]), inputs[1])
-    elif isinstance(inputs, list):  # [args]
-        inputs = tuple(inputs)
+    keys the example lacked, a sequence of another length. A list, tuple or namedtuple may stand
+    for one another, as they do for the forward that indexes them (survey 35 F4)."""
+    out: list = []
     try:
-        return spec.flatten_up_to(inputs)
-    except (ValueError, TypeError) as e:
+        _flatten(inputs, spec, out)
+    except (ValueError, TypeError, KeyError) as e:
         raise GraphpruneError(
             f"this graph takes inputs shaped as its example, and these differ: {_difference(inputs, spec) or e}. "
-            "torch.export traced the "
-            "example's keys and items only, and the graph would drop the others unseen. Compile with an example "
-            "that gives every key and item the calls give, or keep the model's own classes (output='module')") from None
+            "torch.export traced the example's keys and items only, and the graph would drop the others unseen. "
+            "Compile with an example that gives every key and item the calls give, or keep the model's own classes "
+            "(output='module')") from None
+    return out
+
+
+def _flatten(value, spec, out: list) -> None:
+    if spec.is_leaf():
+        out.append(value)
+    elif _sequence(spec) and isinstance(value, (list, tuple)):
+        if len(value) != spec.num_children:
+            raise ValueError(f"{len(value)} items where the example had {spec.num_children}")
+        for v, c in zip(value, spec.children_specs):
+            _flatten(v, c, out)
+    elif _mapping(spec) and isinstance(value, dict):
+        if set(value) != set(spec.context):
+            raise ValueError(f"keys {sorted(map(str, value))} where the example had {sorted(map(str, spec.context))}")
+        for k, c in zip(spec.context, spec.children_specs):
+            _flatten(value[k], c, out)
+    else:  # another registered type: exactly its tree
+        out.extend(spec.flatten_up_to(value))
+
+
+def _sequence(spec) -> bool:
+    return spec.type in (list, tuple) or (isinstance(spec.type, type) and issubclass(spec.type, tuple)) or \
+        "namedtuple" in getattr(spec.type, "__name__", "")
+
+
+def _mapping(spec) -> bool:
+    return isinstance(spec.type, type) and issubclass(spec.type, dict)
 
 
 def _difference(value, spec, path: str = "") -> str | None:
@@ -72,19 +109,19 @@ def _difference(value, spec, path: str = "") -> str | None:
     if spec.is_leaf():
         return None
     where = path or "the inputs"
-    if isinstance(value, dict) and issubclass(spec.type, dict):
+    if isinstance(value, dict) and _mapping(spec):
         keys = list(spec.context)
         extra, missing = [k for k in value if k not in keys], [k for k in keys if k not in value]
         if extra or missing:
             return (f"{where} give{'s' if path else ''} {', '.join(map(repr, extra))} the example did not"
                     if extra else f"{where} lack{'s' if path else ''} {', '.join(map(repr, missing))}")
         children = [(f"{path}[{k!r}]" if path else str(k), value[k], c) for k, c in zip(keys, spec.children_specs)]
-    elif isinstance(value, (list, tuple)) and issubclass(spec.type, (list, tuple)):
+    elif isinstance(value, (list, tuple)) and _sequence(spec):
         if len(value) != spec.num_children:
             return f"{where} has {len(value)} items where the example had {spec.num_children}"
         children = [(f"{path}[{i}]" if path else f"input {i}", v, c) for i, (v, c) in enumerate(zip(value, spec.children_specs))]
     else:
-        return f"{where} is a {type(value).__name__} where the example had a {spec.type.__name__}"
+        return f"{where} is a {type(value).__name__} where the example had a {getattr(spec.type, '__name__', spec.type)}"
     if not path and len(children) == 2 and isinstance(value, tuple) and isinstance(value[1], dict):  # (args, kwargs)
         return _difference(value[0], spec.children_specs[0], "") or _difference(value[1], spec.children_specs[1], "")
     return next((d for name, v, c in children if (d := _difference(v, c, name))), None)

@@ -64,6 +64,8 @@ def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.M
             _fix_ln(mod, {})
         if isinstance(mod, nn.Transformer):
             _fix_transformer(mod, {})
+        if isinstance(mod, nn.TransformerEncoder):
+            _fix_encoder(mod, {})
         hf.fix_conv1d(mod)
     follow_widths(top, original)
     _own_data(top, model)
@@ -961,36 +963,71 @@ def follow_widths(top: nn.Module, original: dict) -> None:
     """A width attribute follows the module's tensors: where it equals the original size
     of a dim of the module's parameters or buffers that shrank, and every such dim shrank
     alike, it takes the new size. The module's own tensors decide; where none shrank, a
-    user's block states its widths through its submodules' tensors (timm RepMixer's
-    ``dim``, read by its reparameterization), where every dim that had that size went to one new size (a Hugging Face attention's
+    user's block states its channels (``CHANNEL_ATTRS``) through its submodules' tensors,
+    where every dim that had that size went to one new size (a Hugging Face attention's
     ``embed_dim`` names the stream, which stays, while its output projection's columns,
-    as wide before, shrink with the heads). ``differs`` still decides the forward; this
-    keeps the user's other methods true to the new widths."""
-    for name, mod in top.named_modules():
+    as wide before, shrink with the heads), and a width of another name (timm RepMixer's
+    ``dim``) through the channels its own blocks state, where those went to one count: a
+    constant such as ``self.width = 2`` that a bottleneck of 2 shares is no width of its
+    blocks, and stays (survey 35 F5). A block's ``groups`` follows its grouped convs where it
+    was their count and they all went to one, else a channel count it equals. ``differs``
+    still decides the forward; this keeps the user's other methods true to the new widths
+    (timm's reparameterization reads them)."""
+    moved: dict = {}  # module name -> {stated channel count before: after, or None where two went two ways}
+    for name, mod in reversed(list(top.named_modules())):  # a block's own blocks first
         if isinstance(mod, nn.RNNBase):  # its widths are its weights' (_fix_rnn): a hidden size of 16 that was
             continue                     # the input's width once became the input's new width (survey 26)
         prefix = f"{name}." if name else ""
         user = not type(mod).__module__.startswith("torch.")
-        moved: dict = {}  # a channel count stated before -> after (None where two attributes of it went two ways)
+        mine: dict = {}
+        stated = _merged([m for n, m in moved.items() if n.startswith(prefix) or not name])
         for attr in WIDTH_ATTRS + CHANNEL_ATTRS if user else WIDTH_ATTRS:
             v = mod.__dict__.get(attr)
             if not isinstance(v, int) or isinstance(v, bool):
                 continue
             new = _sizes_of(v, [*mod._parameters.items(), *mod._buffers.items()], prefix, original) - {v}
-            if not new:  # through its submodules: every dim that was v went alike (timm RepMixer's dim, nn.Transformer's d_model)
+            if not new and user and attr in CHANNEL_ATTRS:  # through its submodules: every dim that was v went alike
                 new = _sizes_of(v, [*mod.named_parameters(), *mod.named_buffers()], prefix, original)
                 new = new if v not in new else set()
+            elif not new and stated.get(v):  # a width its own blocks state went to one count
+                new = {stated[v]}
             if len(new) == 1:
                 now = mod.__dict__[attr] = new.pop()
                 if attr in CHANNEL_ATTRS:
-                    moved[v] = now if moved.get(v, now) == now else None
-        groups = mod.__dict__.get("groups")
-        if user and isinstance(groups, int) and not isinstance(groups, bool) and groups > 1:
-            now = {c.groups for c in mod.modules() if isinstance(c, nn.modules.conv._ConvNd) and c.groups > 1}
-            if len(now) == 1 and groups not in now:  # its grouped convs went to one count (depthwise: fewer channels)
-                mod.__dict__["groups"] = now.pop()
-            elif not now and moved.get(groups):  # no conv to say: a group per channel it states, fewer channels
-                mod.__dict__["groups"] = moved[groups]
+                    mine[v] = now if mine.get(v, now) == now else None
+        _follow_groups(mod, prefix, original, user, mine)
+        if mine:
+            moved[name] = mine
+
+
+def _merged(maps: list) -> dict:
+    out: dict = {}
+    for m in maps:
+        for k, v in m.items():
+            out[k] = v if out.get(k, v) == v else None
+    return out
+
+
+def _follow_groups(mod: nn.Module, prefix: str, original: dict, user: bool, mine: dict) -> None:
+    """A user block's ``groups`` takes its grouped convs' new count where it was their count before (a
+    conv that lost whole groups, depthwise, had ``was_out * groups / out`` of them) and they all went to one;
+    with no conv to say, a channel count it equals that moved. A ``groups`` that was something else (a
+    branch count) stays (survey 35 F2)."""
+    groups = mod.__dict__.get("groups")
+    if not user or not isinstance(groups, int) or isinstance(groups, bool) or groups <= 1:
+        return
+    pairs = set()
+    for n, c in mod.named_modules():
+        if isinstance(c, nn.modules.conv._ConvNd) and c.groups > 1:
+            was = original.get(f"{prefix}{n}.weight" if n else f"{prefix}weight")
+            if was is None or (was[0] * c.groups) % c.weight.shape[0]:
+                return
+            pairs.add((was[0] * c.groups // c.weight.shape[0], c.groups))
+    if pairs:
+        if {before for before, _ in pairs} == {groups} and len({after for _, after in pairs}) == 1:
+            mod.__dict__["groups"] = next(iter(pairs))[1]
+    elif mine.get(groups):
+        mod.__dict__["groups"] = mine[groups]
 
 
 def _sizes_of(v: int, tensors: list, prefix: str, original: dict) -> set:
@@ -1061,6 +1098,16 @@ def _fix_transformer(mod, orig):
     mod.d_model = mod.encoder.layers[0].linear1.weight.shape[1]
 
 
+def _fix_encoder(mod, orig):
+    """nn.TransformerEncoder turns a padded batch into a nested tensor for its fused path when built with
+    ``enable_nested_tensor``, and a pruned layer's attention cannot take one (survey 35 F6): off where a
+    layer's attention was pruned."""
+    from .modules import PrunedSelfAttention
+
+    if any(isinstance(m, PrunedSelfAttention) for m in mod.modules()):
+        mod.use_nested_tensor = False
+
+
 def _fix_bilinear(mod, orig):
     mod.out_features, mod.in1_features, mod.in2_features = mod.weight.shape
 
@@ -1077,4 +1124,5 @@ MODULE_FIXES = [
     ((nn.Embedding, nn.EmbeddingBag), _fix_embedding),
     ((nn.PReLU,), lambda mod, orig: setattr(mod, "num_parameters", mod.weight.numel())),
     ((nn.Transformer,), _fix_transformer),
+    ((nn.TransformerEncoder,), _fix_encoder),
 ]

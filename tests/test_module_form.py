@@ -1453,3 +1453,74 @@ def test_a_pruned_timm_model_reparameterizes(name):
         fused = reparameterize_model(small)
         torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4)
     assert not any(type(m).__name__ == "MobileOneBlock" and m.reparam_conv is None for m in fused.modules())
+
+
+class _Branches(nn.Module):
+    """``groups`` here counts branches (``split``), not its depthwise conv's groups; ``width`` is a
+    multiplier that a bottleneck of 2 shares."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.groups, self.width = 2, 2
+        self.pw, self.dw = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.down, self.up = nn.Conv2d(c, 2, 1), nn.Conv2d(2, c, 1)
+
+    def forward(self, x):
+        h = self.dw(torch.relu(self.pw(x)))
+        return x + h + self.up(torch.relu(self.down(h))) * self.width
+
+    def split(self, x):
+        return x.chunk(self.groups, 1)
+
+
+class _BranchNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.blk, self.head = nn.Conv2d(3, 16, 3, padding=1), _Branches(), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.blk(self.stem(x)))
+
+
+def test_stated_numbers_that_are_not_widths_stay():
+    """A ``groups`` that counts branches took the depthwise conv's new count, and a ``width = 2`` multiplier
+    followed a bottleneck of 2 down to 1, which lost the module form (survey 35 F2, F5): a block's groups
+    follows only its convs' own count, and a width of another name only the channels its own blocks state."""
+    from oracle import dead_twin
+
+    torch.manual_seed(0)
+    model = _BranchNet().eval()
+    small = graphprune.compile(model, (torch.randn(2, 3, 8, 8),), ratio=0.5, importance="l1")
+    assert small.report.form == "module", small.report.form_why
+    assert small.blk.dw.groups < 16 and small.blk.groups == 2 and small.blk.width == 2
+    x = torch.randn(3, 3, 10, 10)
+    torch.testing.assert_close(small(x), dead_twin(model, small)(x))
+
+
+def test_a_pruned_encoder_takes_a_padding_mask_with_nested_tensors_on():
+    """Built with enable_nested_tensor (the default), the encoder turned a padded batch into a nested tensor
+    for its fused path under no_grad, and the pruned attention failed on it (survey 35 F6)."""
+    from oracle import dead_twin
+
+    torch.manual_seed(0)
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 8)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 2)
+
+        def forward(self, x):
+            return self.out(self.enc(self.inp(x)))
+
+    model, x = Enc().eval(), torch.randn(3, 6, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module"
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[0, -2:] = True
+    twin = dead_twin(model, small)
+    with torch.no_grad():
+        got = small.enc(small.inp(x), src_key_padding_mask=pad)
+        want = twin.enc(twin.inp(x), src_key_padding_mask=pad)
+    # the twin's fused path leaves padded positions at zero, the plain path computes them: the others agree
+    torch.testing.assert_close(small.out(got)[~pad], twin.out(want)[~pad])
