@@ -8,13 +8,14 @@ which takes the keys it knows and drops the rest. Either way a call that gives m
 without it, silently: a mask ignored, 0.36 off the model (survey 31 f08, survey 33 f01).
 ``guard`` makes the graph refuse both, in the graph itself and its code, not in a hook, so a
 deep copy, ``load`` and a re-export given the value keep the refusal (a hook was lost there,
-survey 32 f02). The graph takes a call without an input it traced as None, as the model did
-(``forward(x)`` for ``forward(x, mask=None)``).
+survey 32 f02). The graph takes a call without an input it traced as None where the model's
+forward defaults it to None (``forward(x)`` for ``forward(x, mask=None)``).
 """
 from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Mapping
 
 import torch
 from torch.fx.graph import _PyTreeCodeGen, _register_custom_builtin
@@ -86,7 +87,7 @@ def _flatten(value, spec, out: list) -> None:
             raise ValueError(f"{len(value)} items where the example had {spec.num_children}")
         for v, c in zip(value, spec.children_specs):
             _flatten(v, c, out)
-    elif _mapping(spec) and isinstance(value, dict):
+    elif _mapping(spec) and isinstance(value, Mapping):  # a tokenizer's BatchEncoding for a dict
         if set(value) != set(spec.context):
             raise ValueError(f"keys {sorted(map(str, value))} where the example had {sorted(map(str, spec.context))}")
         for k, c in zip(spec.context, spec.children_specs):
@@ -109,7 +110,7 @@ def _difference(value, spec, path: str = "") -> str | None:
     if spec.is_leaf():
         return None
     where = path or "the inputs"
-    if isinstance(value, dict) and _mapping(spec):
+    if isinstance(value, Mapping) and _mapping(spec):
         keys = list(spec.context)
         extra, missing = [k for k in value if k not in keys], [k for k in keys if k not in value]
         if extra or missing:

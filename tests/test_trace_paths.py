@@ -1057,3 +1057,32 @@ def test_a_list_tuple_or_namedtuple_input_stands_for_another():
             torch.testing.assert_close(small(call), want)
         with pytest.raises(graphprune.GraphpruneError, match="3 items where the example had 2"):
             small([x, y, y])
+
+
+class _Keyed(nn.Module):
+    """Reads its batch by key (a dict or a tokenizer's BatchEncoding alike); the result is a graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.width = nn.Linear(8, 16), nn.Linear(16, 4), 16
+
+    def forward(self, batch):
+        x = batch["x"]
+        h = torch.relu(self.a(x)).reshape(x.shape[0], -1, self.width)
+        if x.shape[1] > 100:
+            h = h * 2
+        return self.b(h)
+
+
+def test_a_mapping_stands_for_the_dict_its_example_was():
+    """The generated code took any mapping by its keys; the strict tree check must too (a BatchEncoding is a
+    UserDict, not a dict), and still refuse a key the example lacked."""
+    import collections
+
+    torch.manual_seed(0)
+    model, x = _Keyed().eval(), torch.randn(2, 5, 8)
+    small = graphprune.compile(model, ({"x": x},), ratio=0.5, importance="l1")
+    assert small.report.form == "graph"
+    torch.testing.assert_close(small(collections.UserDict({"x": x})), dead_twin(model, small)({"x": x}))
+    with pytest.raises(graphprune.GraphpruneError, match="'y' the example did not"):
+        small(collections.UserDict({"x": x, "y": x}))
