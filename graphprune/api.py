@@ -18,7 +18,7 @@ from .batches import as_call, not_batches, read_batches, regroup
 from .errors import GraphpruneError, GraphpruneWarning, first_line, user_level
 from .flops import count_flops, count_params, latency_ratio
 from .groups import Analysis, analyze_graph
-from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, SYMBOLIC_DIMS, VAL
+from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, SYMBOLIC_DIMS
 from . import auto, graph_inputs, module_form
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore, matching_ratio
 from .reconstruct import thin_calibration
@@ -382,21 +382,14 @@ def _graph_checks(model, p, result, rep, check) -> None:
 def _left_out(model, p) -> list[str]:
     """The forward's named parameters the example gives no value for: an exported program has an
     input for each value the example gives, and none for these."""
-    sig, given = _bound(model, p.example_inputs, p.example_kwargs)
-    if sig is None:
-        return []
-    return [n for n, q in sig.parameters.items() if n not in given and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
-
-
-def _bound(model, args: tuple, kwargs: dict | None) -> tuple:
-    """(the forward's signature, the example bound to it by name), or (None, {}) where it does not bind."""
     import inspect
 
     try:
         sig = inspect.signature(model.forward)
-        return sig, sig.bind_partial(*args, **dict(kwargs or {})).arguments
+        given = sig.bind_partial(*p.example_inputs, **dict(p.example_kwargs or {})).arguments
     except (TypeError, ValueError):
-        return None, {}
+        return []
+    return [n for n, q in sig.parameters.items() if n not in given and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
 
 
 def choose_rule(p, decide_with, kind: str | None, target, *, choosing: bool, allocation: str,

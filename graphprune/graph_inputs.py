@@ -70,30 +70,40 @@ def flatten_exactly(inputs, spec) -> list:
     out: list = []
     try:
         _flatten(inputs, spec, out)
-    except (ValueError, TypeError, KeyError) as e:
+    except ValueError as e:
         raise GraphpruneError(
-            f"this graph takes inputs shaped as its example, and these differ: {_difference(inputs, spec) or e}. "
+            f"this graph takes inputs shaped as its example, and these differ: {e}. "
             "torch.export traced the example's keys and items only, and the graph would drop the others unseen. "
             "Compile with an example that gives every key and item the calls give, or keep the model's own classes "
             "(output='module')") from None
     return out
 
 
-def _flatten(value, spec, out: list) -> None:
+def _flatten(value, spec, out: list, where: str = "") -> None:
+    """``value``'s leaves onto ``out`` by ``spec``; a ValueError saying where ``value`` departs from it.
+    ``where`` names ``value`` ("" for the generated code's ``([args], {kwargs})``)."""
     if spec.is_leaf():
         out.append(value)
     elif _sequence(spec) and isinstance(value, (list, tuple)):
         if len(value) != spec.num_children:
-            raise ValueError(f"{len(value)} items where the example had {spec.num_children}")
-        for v, c in zip(value, spec.children_specs):
-            _flatten(v, c, out)
+            raise ValueError(f"{where or 'the inputs'} has {len(value)} items where the example had {spec.num_children}")
+        pair = not where and isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Mapping)
+        for i, (v, c) in enumerate(zip(value, spec.children_specs)):
+            _flatten(v, c, out, "" if pair else f"{where}[{i}]" if where else f"input {i}")
     elif _mapping(spec) and isinstance(value, Mapping):  # a tokenizer's BatchEncoding for a dict
-        if set(value) != set(spec.context):
-            raise ValueError(f"keys {sorted(map(str, value))} where the example had {sorted(map(str, spec.context))}")
-        for k, c in zip(spec.context, spec.children_specs):
-            _flatten(value[k], c, out)
+        keys = list(spec.context)
+        extra, missing = [k for k in value if k not in keys], [k for k in keys if k not in value]
+        if extra or missing:
+            said = f"{', '.join(map(repr, extra))} the example did not" if extra else f"no {', '.join(map(repr, missing))}"
+            raise ValueError(f"{where or 'the inputs'} give{'s' if where else ''} {said}")
+        for k, c in zip(keys, spec.children_specs):
+            _flatten(value[k], c, out, f"{where}[{k!r}]" if where else str(k))
     else:  # another registered type: exactly its tree
-        out.extend(spec.flatten_up_to(value))
+        try:
+            out.extend(spec.flatten_up_to(value))
+        except (ValueError, TypeError, KeyError):
+            raise ValueError(f"{where or 'the inputs'} is a {type(value).__name__} where the example had a "
+                             f"{getattr(spec.type, '__name__', spec.type)}") from None
 
 
 def _sequence(spec) -> bool:
@@ -103,29 +113,6 @@ def _sequence(spec) -> bool:
 
 def _mapping(spec) -> bool:
     return isinstance(spec.type, type) and issubclass(spec.type, dict)
-
-
-def _difference(value, spec, path: str = "") -> str | None:
-    """Where ``value`` first departs from the tree ``spec``, in words."""
-    if spec.is_leaf():
-        return None
-    where = path or "the inputs"
-    if isinstance(value, Mapping) and _mapping(spec):
-        keys = list(spec.context)
-        extra, missing = [k for k in value if k not in keys], [k for k in keys if k not in value]
-        if extra or missing:
-            return (f"{where} give{'s' if path else ''} {', '.join(map(repr, extra))} the example did not"
-                    if extra else f"{where} lack{'s' if path else ''} {', '.join(map(repr, missing))}")
-        children = [(f"{path}[{k!r}]" if path else str(k), value[k], c) for k, c in zip(keys, spec.children_specs)]
-    elif isinstance(value, (list, tuple)) and _sequence(spec):
-        if len(value) != spec.num_children:
-            return f"{where} has {len(value)} items where the example had {spec.num_children}"
-        children = [(f"{path}[{i}]" if path else f"input {i}", v, c) for i, (v, c) in enumerate(zip(value, spec.children_specs))]
-    else:
-        return f"{where} is a {type(value).__name__} where the example had a {getattr(spec.type, '__name__', spec.type)}"
-    if not path and len(children) == 2 and isinstance(value, tuple) and isinstance(value[1], dict):  # (args, kwargs)
-        return _difference(value[0], spec.children_specs[0], "") or _difference(value[1], spec.children_specs[1], "")
-    return next((d for name, v, c in children if (d := _difference(v, c, name))), None)
 
 
 _register_custom_builtin("graphprune_graph_inputs", "import graphprune.graph_inputs as graphprune_graph_inputs",

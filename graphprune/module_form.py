@@ -60,12 +60,9 @@ def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.M
     _hooks_follow(top, model)
     original = info.get("original", {})
     for mod in top.modules():  # modules fx traced through, norm subclasses and Conv1D (leaf modules are fixed by shrink-params)
-        if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
-            _fix_ln(mod, {})
-        if isinstance(mod, nn.Transformer):
-            _fix_transformer(mod, {})
-        if isinstance(mod, nn.TransformerEncoder):
-            _fix_encoder(mod, {})
+        for types, fix in TRACED_THROUGH_FIXES:
+            if isinstance(mod, types):
+                fix(mod, {})
         hf.fix_conv1d(mod)
     follow_widths(top, original)
     _own_data(top, model)
@@ -956,7 +953,7 @@ CHANNEL_ATTRS = ("in_channels", "out_channels", "channels", "num_channels", "in_
                  "num_features")
 """Widths a user's own block states (RepVGG's ``self.in_channels``, timm MobileOne's ``self.out_chs``, read by
 their reparameterization), followed only on classes outside torch: a torch module's are set by shrink-params
-from its own weights. A block's ``groups`` equal to one of these (depthwise) follows it too."""
+from its own weights (a norm subclass outside torch, timm's BatchNormAct2d, states ``num_features``)."""
 
 
 def follow_widths(top: nn.Module, original: dict) -> None:
@@ -1110,6 +1107,14 @@ def _fix_encoder(mod, orig):
 
 def _fix_bilinear(mod, orig):
     mod.out_features, mod.in1_features, mod.in2_features = mod.weight.shape
+
+
+# torch modules fx traces through, whose widths no leaf fix (shrink-params) sets
+TRACED_THROUGH_FIXES = [
+    ((nn.LayerNorm, nn.RMSNorm), _fix_ln),
+    ((nn.Transformer,), _fix_transformer),
+    ((nn.TransformerEncoder,), _fix_encoder),
+]
 
 
 MODULE_FIXES = [
