@@ -19,8 +19,9 @@ from .errors import GraphpruneError, GraphpruneWarning, first_line, user_level
 from .flops import count_flops, count_params, latency_ratio
 from .groups import Analysis, analyze_graph
 from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, SYMBOLIC_DIMS
-from . import auto, graph_inputs, module_form
+from . import auto, graph_inputs, hf, module_form, none_inputs
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore, matching_ratio
+from .pass_manager import format_pipeline, parse_pipeline, run_pipeline
 from .reconstruct import thin_calibration
 from .trace import on_meta, shadow, trace, unwrapped
 from .verify import Verification, check_trace, refused_sizes, retried_on_weight_writes, verified, why_not
@@ -244,16 +245,12 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
 
     paths = _module_paths(model, p, output) if verify else None
     if verify:
-        out, removed, check = verified(p, decide, extra=paths)
+        out, removed, check = verified_in_classes(p, decide, paths)
     else:
         removed = decide()
         out, check = p.prune(removed, fit=False), Verification("skipped", "verify=False")
-    if p.reconstruct:
-        thin = thin_calibration(p.refit(out, removed))
-        if thin:
-            warnings.warn(GraphpruneWarning(thin), stacklevel=user_level())
-    if choice is not None and choice.recalibrate:  # as auto judged it: statistics of the pruned model on the user's data
-        recalibrate_on(out, p, p.calibration)  # (x, y) batches split by the Pruner: x is the input
+    if p.reconstruct or (choice is not None and choice.recalibrate):
+        out = fitted(p, removed, out, recalibrate=choice is not None and choice.recalibrate)
     rep = report(p, removed, out, budgets, latency_inputs) if budgets else light_report(p, removed)
     rep.verify = check
     if overrides and kind in ("flops", "params") and target - getattr(rep, kind) > 2 * FILL_TOL:
@@ -283,6 +280,12 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
             f"round_to={round_to} does not hold on {len(off)} pruned dim(s) (first: {name}, {kept} of {width}): their "
             f"channels go in bundles ({why}); give a round_to those counts allow, or ignore those layers"),
             stacklevel=user_level())
+    classes = [b for b in check.blocked if HF_CLASSES in b]
+    if classes:  # the budget was met on the other groups; output="graph" would have pruned these
+        warnings.warn(GraphpruneWarning(
+            f"{len(classes)} group(s) kept whole so that the result stays in the model's own classes, which carry "
+            f"generate() and save_pretrained, and whose forward cannot run their pruning (first: {classes[0][:400]}). "
+            "output='graph' prunes them, as an fx graph"), stacklevel=user_level())
     held = [b for b in check.blocked if MODULE_PATHS in b]
     if held and not check.notes and not p.wrong_sizes:  # a setting's other value read a group: it was kept, silently
         warnings.warn(GraphpruneWarning(
@@ -357,11 +360,25 @@ def _graph_checks(model, p, result, rep, check) -> None:
             "BatchNorm: it computes the eval-mode path whatever .train() says, so fine-tuning it runs no dropout and "
             "updates no batch statistics. To fine-tune, do so on the original and compile again (see report.form_why "
             "for why the model's own classes were not an option)"), stacklevel=user_level())
+    elif rep.form == "graph" and p.analysis.method == "symbolic_trace" and module_form.reads_mode(model):
+        # fx ran the forward once: ``if self.training`` and F.dropout(training=self.training) took that mode's
+        # branch for good, while the graph's torch modules follow .train() (survey 36 F02: no dropout in training)
+        mode = "training" if model.training else "eval"
+        rep.form_why += (f". Traced with torch.fx in {mode} mode: where the model's own code asks self.training, the "
+                         "graph keeps the answer it got then, whatever .train() or .eval() says later (its torch "
+                         "modules, BatchNorm and dropout, follow their mode)")
+        warnings.warn(GraphpruneWarning(
+            f"the result is a graph traced with torch.fx in {mode} mode from {type(model).__name__}, whose own code asks "
+            f"self.training: the graph keeps the {mode}-mode path of that code whatever .train() or .eval() says later. "
+            "To fine-tune in the other mode, compile the model in that mode, or see report.form_why for why the "
+            "model's own classes were not an option"), stacklevel=user_level())
     left = _left_out(p.model, p) if rep.form == "graph" and p.analysis.method == "export" else []
     if left:  # called with one of them, the graph raised Python's bare TypeError (survey 30 f07, f09)
         rep.form_why += (f". Traced with torch.export from the inputs the example gives: {', '.join(left[:6])}"
                          f"{' ...' if len(left) > 6 else ''} (left at their defaults) are no inputs of the graph, "
                          "which refuses them by name; give them in the example to trace them")
+    if rep.form == "graph" and p.analysis.method == "symbolic_trace":
+        graph_inputs.guard_given(result)  # an input the example gave that defaults to None: refused as None
     nones = graph_inputs.guard(result, p.model) if rep.form == "graph" and p.analysis.method == "export" else []
     if nones:  # the program holds them as constants: called with a tensor there, it ignored it (survey 31 f08)
         rep.form_why += (f". Traced with {', '.join(f'{n}=None' for n in nones)}, which torch.export holds as "
@@ -401,9 +418,10 @@ def choose_rule(p, decide_with, kind: str | None, target, *, choosing: bool, all
     choice = None
     if choosing:
         judged_at = (kind, target) if kind != "latency" else latency_as_flops(p, decide_with("score"))
-        choice = auto.choose(p, lambda rule: decide_with(rule, judged_at), budgeted=kind is not None,
-                             refit_possible=reconstruct is None and bool(p._ctx.layers),
-                             recalibrate_possible=reconstruct is None, allocation=allocation)
+        with trainable(p):  # candidates judged with their BatchNorms, which recalibration needs (survey 37 F04)
+            choice = auto.choose(p, lambda rule: decide_with(rule, judged_at), budgeted=kind is not None,
+                                 refit_possible=reconstruct is None and bool(p._ctx.layers),
+                                 recalibrate_possible=reconstruct is None, allocation=allocation)
         if judged_at != (kind, target):
             choice.why += (f"; candidates compared at {judged_at[1]:.3f} of the FLOPs (where the latency search "
                            "landed with weight-norm scores), the winner timed")
@@ -411,6 +429,42 @@ def choose_rule(p, decide_with, kind: str | None, target, *, choosing: bool, all
     elif allocation == "measured":  # a fixed criterion: its sensitivity probed around its own score allocation
         auto.measure_sensitivity(p, decide_with("score"))
     return choice, choice.allocation if choice else "score" if allocation == "auto" else allocation
+
+
+@contextmanager
+def trainable(p):
+    """``p`` building pruned models with the default pipeline: a deploy pipeline folds the
+    BatchNorms that auto's judge and a recalibration work on (with them folded, every
+    recalibration found none, and the report said it had recalibrated: survey 37 F04)."""
+    before = p.pipeline
+    p.pipeline = None
+    try:
+        yield
+    finally:
+        p.pipeline = before
+
+
+def fitted(p, removed: dict, out, *, recalibrate: bool):
+    """``out`` (``removed`` pruned away) refit where ``p.reconstruct``, and its BatchNorm statistics
+    recomputed on the calibration batches where ``recalibrate``. Under a pipeline beyond the
+    default, that happens on the default pipeline's model, which the other passes then fold:
+    folded first, the BatchNorms were gone before their statistics were."""
+    folding = [(n, o) for n, o in parse_pipeline(p.pipeline or DEFAULT_PIPELINE) if n != "shrink-params"]
+    base = out
+    if p.pipeline and format_pipeline(parse_pipeline(p.pipeline)) != format_pipeline(parse_pipeline(DEFAULT_PIPELINE)):
+        with trainable(p):
+            base = p.prune(removed, fit=False)
+    if p.reconstruct:
+        thin = thin_calibration(p.refit(base, removed))
+        if thin:
+            warnings.warn(GraphpruneWarning(thin), stacklevel=user_level())
+    if recalibrate:  # as auto judged it: statistics of the pruned model on the user's data
+        recalibrate_on(base, p, p.calibration)  # (x, y) batches split by the Pruner: x is the input
+    if base is out:
+        return out
+    folded, _ = run_pipeline(base, folding)
+    folded.meta["graphprune"] = dict(out.meta["graphprune"])  # the record of the pipeline asked for
+    return folded
 
 
 def recalibrate_on(out, p, calibration) -> None:
@@ -531,7 +585,6 @@ def _timed_pass(p, name: str, what: str, clock, applies, baseline: str = "plain"
     added (to ``p.pipeline``) where its outputs equal the plain model's and it times 5% faster;
     None where the pass is in the pipeline already (the user's choice) or changes nothing
     (``applies(model)`` false)."""
-    from .pass_manager import format_pipeline, parse_pipeline
 
     steps = parse_pipeline(p.pipeline or DEFAULT_PIPELINE)
     if any(step == name for step, _ in steps):
@@ -669,8 +722,9 @@ def _module_paths(model, p, output: str):
         top, _ = module_form.build(model, out)
         if top is None or any(t.is_meta for t in out.parameters()):
             return None
-        if module_form.differs(top, out, args, kwargs, params=p.param_writes, original=model):
-            return None
+        why = module_form.differs(top, out, args, kwargs, params=p.param_writes, original=model)
+        if why:
+            return f"{HF_CLASSES}{why}" if keep_classes[0] and any(len(u) for u in removed.values()) and classes_run() else None
         why = _untraced_paths(model, top, out, p, refused=refused)
         if why is None:
             passed[:] = [out, top]  # what _choose_form would run again on the same weights
@@ -679,7 +733,39 @@ def _module_paths(model, p, output: str):
     # cycle, and each compile's models then waited for a full collection (the suite ran out of memory)
     passed: list = []
     check.passed = passed
+    # a Hugging Face model's classes carry generate() and save_pretrained: where its forward cannot run a
+    # group's pruning (OLMo's LayerNorm without weights over a pruned residual, survey 33 f04), that group
+    # is kept whole rather than the model lost to a graph; compile drops this if the budget then fails
+    keep_classes = check.keep_classes = [hf.is_hf(model)]
+    base: list = []
+
+    def classes_run() -> bool:
+        """Whether the model's classes reproduce its graph with nothing removed: only then is a
+        group whose removal they cannot run to blame for a mismatch (computed once)."""
+        if not base:
+            out = p.prune({}, fit=False)
+            top, _ = module_form.build(model, out)
+            base.append(top is not None and module_form.differs(top, out, args, kwargs, params=p.param_writes,
+                                                                 original=model) is None)
+        return base[0]
     return check
+
+
+HF_CLASSES = "the model's own classes, which carry generate() and save_pretrained: "  # a self-check message
+
+
+def verified_in_classes(p, decide, paths):
+    """``verify.verified`` with ``paths`` (``_module_paths``) as its extra check, and again without
+    keeping groups whole for a Hugging Face model's classes where the budget, or the repair, then
+    fails: the model comes back as a graph, as it would have before."""
+    unsafe = set(p.unsafe)
+    try:
+        return verified(p, decide, extra=paths)
+    except GraphpruneError:
+        if paths is None or not paths.keep_classes[0]:
+            raise
+        p.unsafe, paths.keep_classes[0] = unsafe, False
+        return verified(p, decide, extra=paths)
 
 
 def _choose_form(model, out, p, output: str, rep, checked=None):
@@ -697,7 +783,7 @@ def _choose_form(model, out, p, output: str, rep, checked=None):
         why = _over_budget(checked, p, rep)
         if not why:
             checked._graphprune = {**out.meta["graphprune"], "form": "module"}
-            return checked, "module", "the model's own forward reproduces the pruned graph on the example and another input shape"
+            return checked, "module", MODULE_WHY + _held_to_none(checked, model, p)
     top, why = module_form.build(model, out)
     runs = top is not None and not any(t.is_meta for t in out.parameters())
     if runs:
@@ -723,4 +809,15 @@ def _choose_form(model, out, p, output: str, rep, checked=None):
                                   + (", or the default pipeline for the model's own classes." if custom else "."))
         return out, "graph", why
     top._graphprune = {**out.meta["graphprune"], "form": "module"}
-    return top, "module", "the model's own forward reproduces the pruned graph on the example and another input shape"
+    return top, "module", MODULE_WHY + _held_to_none(top, model, p)
+
+
+MODULE_WHY = "the model's own forward reproduces the pruned graph on the example and another input shape"
+
+
+def _held_to_none(top, model, p) -> str:
+    """Make the module form ``top`` refuse a value where the example gave None (``none_inputs``);
+    what ``report.form_why`` says of it."""
+    rules = none_inputs.unchecked(model, (p.example_inputs, p.example_kwargs))
+    none_inputs.refuse(top, rules)
+    return none_inputs.said(rules) if rules else ""

@@ -184,7 +184,12 @@ def judged(held: list, rows: int | None = None) -> list:
 def output_rows(p, batch) -> int:
     """Rows the judge compares on one batch: its first output's elements over the last dim."""
     args, kwargs = as_call(batch, p.example_kwargs)
-    t = next(iter(Judge._floats(p.gm, args, kwargs)), None)
+    try:
+        t = next(iter(Judge._floats(p.gm, args, kwargs)), None)
+    except Exception as e:  # noqa: BLE001 - as the judge says it: a batch the traced graph does not take (survey 37 F07)
+        from .pruner import calibration_failed
+
+        raise calibration_failed(p, 'importance="auto" (judging candidates)', e) from e
     t = t.t if isinstance(t, _LogProbs) else t
     return max(1, t.numel() // max(1, t.shape[-1])) if t is not None and t.dim() else 1
 

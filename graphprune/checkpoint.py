@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .modes import mixed, modes_of, set_modes
-from . import hf, module_form
+from . import hf, module_form, none_inputs
 from .errors import GraphpruneError, first_line
 from .trace import shadow, to_meta
 
@@ -232,6 +232,8 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
         "report": None if report is None else str(report),
         # modules graphprune put into the model before pruning it (rotate_residual's MixedNorm), by path
         "wrapped": _wrapped(model),
+        # inputs the example gave as None, which the module form refuses a value for (none_inputs)
+        "held_to_none": info.get("held_to_none", []),
     }
     if info.get("form") == "module" and hf.is_hf(model):
         why = hf.from_config_alone(model)
@@ -557,6 +559,7 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
         if top is None:
             raise GraphpruneError(f"the saved model is in module form, but {why}")
         top._graphprune = {**out.meta["graphprune"], "form": "module"}
+        none_inputs.refuse(top, m.get("held_to_none") or [])
         out = top
     slots = _slots(out)
     try:
@@ -593,6 +596,10 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
         from .graph_inputs import guard
 
         guard(out, original)  # as compile's graph does: the program ignores a value there, and keys the example lacked
+    elif m.get("form", "graph") == "graph":
+        from .graph_inputs import guard_given
+
+        guard_given(out)  # as compile's graph does: an input the example gave, refused as None
     module_form.info(out)["loaded_from"] = str(path)
     return out
 

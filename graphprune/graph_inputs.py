@@ -37,20 +37,62 @@ def guard(graph: torch.fx.GraphModule, model: torch.nn.Module | None = None) -> 
                 graph.graph.call_function(traced_as_none, (n, n.name))
     codegen = graph.graph._codegen
     if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info is not None:
-        graph.graph._codegen = ExactInputs(codegen.pytree_info, [n.name for n in nones if n.name in _none_defaults(model)])
+        defaults = _defaults(model)
+        graph.graph._codegen = ExactInputs(codegen.pytree_info, [n.name for n in nones if defaults.get(n.name, 0) is None],
+                                           [k for k in defaults if k not in {n.name for n in nones}])
     graph.recompile()
     return [n.name for n in nones]
 
 
-def _none_defaults(model) -> set:
-    """The names of ``model.forward``'s parameters that default to None."""
+def _defaults(model) -> dict:
+    """{name: default} of ``model.forward``'s parameters that have one."""
     import inspect
 
     try:
         params = inspect.signature(model.forward).parameters.values() if model is not None else ()
     except (TypeError, ValueError):
-        return set()
-    return {q.name for q in params if q.default is None}
+        return {}
+    return {q.name: q.default for q in params if q.default is not inspect.Parameter.empty}
+
+
+class Missing:
+    """The default the generated forward gives an input the example gave and the model's forward
+    may go without: a call without it is refused by name (survey 36 F05: Python's bare TypeError)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"graphprune_graph_inputs.Missing({self.name!r})"
+
+
+def guard_given(graph: torch.fx.GraphModule) -> list[str]:
+    """Make ``graph`` (an fx graph: its forward keeps the model's defaults) refuse None for each
+    input its example gave a tensor where the forward defaults it to None: the graph computes the
+    path with the tensor, and went on with None into ``None[..., None]`` (survey 36 F05). Returns
+    those inputs' names."""
+    holders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    given = [n for n in holders if n.args == (None,) and isinstance(n.meta.get(VAL), torch.Tensor)]
+    if given and not any(n.target is traced_as_given for n in graph.graph.nodes):
+        with graph.graph.inserting_after(holders[-1]):
+            for n in reversed(given):
+                graph.graph.call_function(traced_as_given, (n, n.name))
+        graph.recompile()
+    return [n.name for n in given]
+
+
+@torch.fx.node.has_side_effect  # no dead-code pass drops it: it has no users
+def traced_as_given(value, name: str) -> None:
+    """The check ``guard_given`` puts in a graph for an input its example gave."""
+    if value is None:
+        raise GraphpruneError(
+            f"this graph was traced from an example that gave {name}, and computes that path only: give {name} as "
+            f"the example did{_ones(name)}, or compile with an example without it, to trace the path the model "
+            "takes then")
+
+
+def _ones(name: str) -> str:
+    return " (a mask of ones where nothing is masked)" if "mask" in name else ""
 
 
 @torch.fx.node.has_side_effect  # no dead-code pass drops it: it has no users
@@ -59,8 +101,7 @@ def traced_as_none(value, name: str) -> None:
     if value is not None:
         raise GraphpruneError(
             f"this graph was traced with {name}=None and computes that path only (torch.export held it as a "
-            f"constant): compile with an example that gives {name}, or keep the model's own classes "
-            "(output='module'), which take any value")
+            f"constant): compile with an example that gives {name}, to prune with that path traced and checked")
 
 
 def flatten_exactly(inputs, spec) -> list:
@@ -68,6 +109,12 @@ def flatten_exactly(inputs, spec) -> list:
     keys the example lacked, a sequence of another length. A list, tuple or namedtuple may stand
     for one another, as they do for the forward that indexes them (survey 35 F4)."""
     out: list = []
+    left = [v.name for v in _top_values(inputs) if isinstance(v, Missing)]
+    if left:
+        raise GraphpruneError(
+            f"this graph was traced from an example that gave {', '.join(left)}, and computes that path only "
+            f"(torch.export): give {'them' if len(left) > 1 else 'it'} as the example did{_ones(' '.join(left))}, or "
+            "compile with an example without, to trace the path the model takes then")
     try:
         _flatten(inputs, spec, out)
     except ValueError as e:
@@ -77,6 +124,13 @@ def flatten_exactly(inputs, spec) -> list:
             "Compile with an example that gives every key and item the calls give, or keep the model's own classes "
             "(output='module')") from None
     return out
+
+
+def _top_values(inputs) -> list:
+    """The generated code's ``([args], {kwargs})`` as one list of values."""
+    if isinstance(inputs, (list, tuple)) and len(inputs) == 2 and isinstance(inputs[1], Mapping):
+        return [*inputs[0], *inputs[1].values()]
+    return list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
 
 
 def _flatten(value, spec, out: list, where: str = "") -> None:
@@ -120,12 +174,14 @@ _register_custom_builtin("graphprune_graph_inputs", "import graphprune.graph_inp
 
 
 class ExactInputs(_PyTreeCodeGen):
-    """torch.export's pytree code, flattening with ``flatten_exactly``, and with a default of None
-    for the trailing inputs traced as None."""
+    """torch.export's pytree code, flattening with ``flatten_exactly``, and with a default for the
+    trailing inputs the model's forward defaults: None for those traced as None, a ``Missing``
+    that ``flatten_exactly`` refuses by name for the others."""
 
-    def __init__(self, pytree_info, nones: list[str]):
+    def __init__(self, pytree_info, nones: list[str], optional: list[str] = ()):
         super().__init__(pytree_info)
         self.nones = list(nones)
+        self.optional = list(optional)
 
     def gen_var_bindings(self, fn_args, free_vars, expanded_def) -> str:
         code = super().gen_var_bindings(fn_args, free_vars, expanded_def)
@@ -134,11 +190,13 @@ class ExactInputs(_PyTreeCodeGen):
     def gen_fn_def(self, free_vars, maybe_return_annotation, *, expanded_def: bool = False) -> str:
         code = super().gen_fn_def(free_vars, maybe_return_annotation, expanded_def=expanded_def)
         head = re.match(r"def forward\(self((?:, \w+)*)\)", code)
-        if head is None or not self.nones:
+        optional = getattr(self, "optional", [])  # a codegen pickled before optional inputs were defaulted
+        if head is None or not (self.nones or optional):
             return code
         names = [a.strip() for a in head.group(1).split(",") if a.strip()]
         tail = len(names)
-        while tail and names[tail - 1] in self.nones:  # only a trailing run can default
+        while tail > 1 and (names[tail - 1] in self.nones or names[tail - 1] in optional):  # a trailing run can default
             tail -= 1
-        args = names[:tail] + [f"{n}=None" for n in names[tail:]]
+        args = names[:tail] + [f"{n}=None" if n in self.nones else f"{n}=graphprune_graph_inputs.Missing({n!r})"
+                               for n in names[tail:]]
         return code.replace(head.group(0), f"def forward({', '.join(['self', *args])})", 1)

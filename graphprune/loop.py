@@ -77,20 +77,57 @@ def recalibrated(model: torch.nn.Module, forward: Callable[[], object]) -> torch
         m.momentum = None  # cumulative average over the calibration batches
         m.training = True
     ok = False
+    hooks = _one_sample_batches_skipped(model, bns)
     try:
         with torch.no_grad():
             forward()
         ok = any(int(m.num_batches_tracked) > 0 for m in bns)
     finally:
+        for h in hooks:
+            h.remove()
         for m, (mom, was), (mean, var, n) in zip(bns, saved, stats):
             m.momentum, m.training = mom, was
             if not ok or int(m.num_batches_tracked) == 0:  # no batch reached it: the statistics it had, not mean 0, var 1
                 with torch.no_grad():
                     m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
     if not ok:
-        raise GraphpruneError("recalibrating BatchNorm statistics ran no batch through the model (an empty list, or a "
-                              "generator already used up): the statistics were left as they were")
+        raise GraphpruneError("recalibrating BatchNorm statistics ran no batch through the model (an empty list, a "
+                              "generator already used up, or batches that give a BatchNorm one value per channel, "
+                              "a batch of one sample: give larger batches): the statistics were left as they were")
     return model
+
+
+def _one_sample_batches_skipped(model: torch.nn.Module, bns: list) -> list:
+    """Hooks that leave out of the statistics a call of ``model`` in which some BatchNorm gets
+    one value per channel (a batch of one sample into a BatchNorm1d), which training mode
+    refuses: that BatchNorm runs on the statistics so far, and every BatchNorm's statistics go
+    back to where the call found them. A batch of 1 among others failed auto with a raw
+    ValueError, or not, by the batches' order (survey 37 F01)."""
+    state: dict = {"before": None, "skip": False}
+
+    def begin(_mod, _args):
+        state["before"] = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+        state["skip"] = False
+
+    def one_value(bn, args):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.numel() == x.shape[1]:
+            state["skip"] = True
+            bn.training = False
+
+    def after_bn(bn, _args, _out):
+        bn.training = True
+
+    def end(_mod, _args, _out):
+        if state["skip"] and state["before"] is not None:
+            with torch.no_grad():
+                for m, (mean, var, n) in zip(bns, state["before"]):
+                    m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
+
+    hooks = [model.register_forward_pre_hook(begin), model.register_forward_hook(end)]
+    for m in bns:
+        hooks += [m.register_forward_pre_hook(one_value), m.register_forward_hook(after_bn)]
+    return hooks
 
 
 def prune_iteratively(model: torch.nn.Module, example_inputs: tuple, *, target_flops: float, steps: int = 3,
@@ -102,8 +139,9 @@ def prune_iteratively(model: torch.nn.Module, example_inputs: tuple, *, target_f
     After each step BatchNorm statistics are recalibrated from ``calibration``
     (if given), then ``finetune(model)`` runs (it may return a new model or
     train in place). The original model is not changed. A ``pipeline``
-    (``"deploy"``) runs in the last step only: the steps before it keep the
-    model trainable, BatchNorms and all, for their recalibration and fine-tune.
+    (``"deploy"``) runs after the last step, in a compile that removes nothing:
+    every step keeps the model trainable, BatchNorms and all, for its
+    recalibration and fine-tune.
     ``overrides`` are fractions of the original's groups: the first step that
     prunes takes them, the later ones hold those groups. The result has each
     module in the mode it has in ``model``, as ``compile`` returns it.
@@ -125,25 +163,26 @@ def prune_iteratively(model: torch.nn.Module, example_inputs: tuple, *, target_f
     base = count_flops(model, example_inputs, kwargs)
     current, params = model, 1.0
     targets = _targets(target_flops, steps, schedule)
-    # pipeline="deploy" folds BatchNorms away: the steps before the last stay trainable (the default pipeline),
-    # so that their recalibration and fine-tune see BatchNorm, and the last step folds what they kept
-    last_kw, step_kw = compile_kw, {k: v for k, v in compile_kw.items() if k != "pipeline"}
-    for i, t in enumerate(tqdm(targets, desc="prune steps", disable=not progress)):
+    # pipeline="deploy" folds BatchNorms away: every step stays trainable (the default pipeline), so that its
+    # recalibration and fine-tune see BatchNorm, and a last compile that removes nothing folds what they left
+    # (the last step folded before its recalibration, which then found no BatchNorm: survey 37 F03)
+    fold, step_kw = compile_kw.get("pipeline"), {k: v for k, v in compile_kw.items() if k != "pipeline"}
+    for t in tqdm(targets, desc="prune steps", disable=not progress):
         now = count_flops(current, example_inputs, kwargs) / base
-        last = i == len(targets) - 1
-        if now > t or (last and "pipeline" in compile_kw):  # the last step folds, pruned or not
-            kw = last_kw if last else step_kw
-            current = compile(current, example_inputs, target_flops=min(1.0, t / now), calibration=calibration, **kw)
+        if now > t:
+            current = compile(current, example_inputs, target_flops=min(1.0, t / now), calibration=calibration, **step_kw)
             params *= current.report.params or 1.0  # of the step's own input
             if compile_kw.get("overrides"):  # the fraction each names is of the original: taken once, then held
-                held = {k: 0.0 for k in compile_kw["overrides"]}
-                last_kw, step_kw = {**last_kw, "overrides": held}, {**step_kw, "overrides": held}
+                step_kw = {**step_kw, "overrides": {k: 0.0 for k in compile_kw["overrides"]}}
         if current is model:  # nothing pruned yet (a target of 1.0): recalibrate and fine-tune a copy, never the user's model
             current = copy.deepcopy(model)
         if calibration is not None:
             recalibrate_bn(current, calibration)
         if finetune is not None:
             current = finetune(current) or current
+    if fold is not None:
+        current = compile(current, example_inputs, target_flops=1.0, pipeline=fold, **step_kw)
+        params *= current.report.params or 1.0  # the folded BatchNorms' parameters
     copy_modes(current, model)  # each module in the mode it has in the user's model, as compile returns it
     achieved = count_flops(current, example_inputs, kwargs) / base
     current.report_flops = achieved

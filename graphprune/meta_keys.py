@@ -4,6 +4,7 @@
 |---|---|---|
 | ``val`` | ``trace.propagate_shapes`` (and torch.export) | a meta/fake tensor, or a tuple of them, or a python value |
 | ``gp_canon`` | ``canon.canonicalize`` | the node's ``COp``: canonical op name, operands and attributes |
+| ``gp_added`` | ``shrink-params`` | on an op it put in that the model's code does not run (a max over removed zeros clamped at 0): what it computes |
 
 and on ``gm.meta`` (the GraphModule):
 
@@ -20,6 +21,7 @@ and on ``gm.meta`` (the GraphModule):
 """
 VAL = "val"
 CANON = "gp_canon"
+ADDED = "gp_added"
 PLAN = "gp_plan"
 EXAMPLE = "gp_example"
 FIXED_DIMS = "gp_fixed_dims"

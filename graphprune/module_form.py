@@ -124,6 +124,9 @@ def differs(top: torch.nn.Module, out: torch.nn.Module, args: tuple, kwargs: dic
     user's model, run on a shadow) takes: a graph can be more lenient than the code
     it was traced from (it read rows 0 and 1 of a GNN's (2, E) edge list, which
     grown to (3, E) no longer unpacks as ``src, dst = edge_index``)."""
+    added = _added(out)
+    if added:
+        return f"the pruned graph computes {added}, which the model's forward does not: they agree only on some inputs"
     mine = hf.example_kwargs(top, kwargs) or {}  # the graph was traced without a KV cache: compare logits alone
     with evaluating(top, out), on_copies(top, out, params=params):
         try:
@@ -150,6 +153,20 @@ def differs(top: torch.nn.Module, out: torch.nn.Module, args: tuple, kwargs: dic
                 return (f"the model's forward fails on the pruned modules at another input shape {shapes}: "
                         f"{type(e).__name__}: {first_line(e)[:200]}")
             return f"at another input shape the model's forward differs from the pruned graph ({bad})" if bad else None
+    return None
+
+
+def _added(out: torch.nn.Module) -> str | None:
+    """What an op ``shrink-params`` put in the pruned graph computes, where one is there: a max
+    over channels clamped at 0 for the removed zeros agrees with the model's own ``amax`` on
+    every input where a kept channel is positive, and on no other (survey 36 F01), so no
+    comparison on random inputs may stand for it."""
+    from .meta_keys import ADDED
+
+    graph = getattr(out, "graph", None)
+    for n in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
+        if ADDED in n.meta:
+            return f"{n.meta[ADDED]} at {n.name}"
     return None
 
 
@@ -580,10 +597,12 @@ def _other_values(default, compared, hint=None) -> list:
     an enum's other members, and what the code compares that name to (``mode == 1``, ``act in
     ("gelu", "silu")``, ``steps > 2``: the constant and its neighbours; an int within
     ``SETTING_SIZE``; a float also midway between two), of the default's type; an int also as its
-    truth flipped (``if mode:``). A
+    truth flipped (``if mode:``); a float also at a half, a quarter, three quarters and twice
+    itself, which it may size something by (``int(out * width)``: one fraction can take the
+    same units by chance). A
     None default takes the values of the type its annotation names (``norm: Optional[bool] =
-    None``: True and False). A float, a string or None the code compares to nothing, unannotated,
-    is left alone: there is no value to guess."""
+    None``: True and False). A string or None the code compares to nothing, unannotated, is left
+    alone: there is no value to guess."""
     import enum
     import typing
 
@@ -613,6 +632,9 @@ def _other_values(default, compared, hint=None) -> list:
     if isinstance(default, float):  # between two bounds (0.0 < t < 0.5)
         bounds = sorted({float(c) for c in compared if isinstance(c, (int, float)) and not isinstance(c, bool)})
         seen += [m for m in ((a + b) / 2 for a, b in zip(bounds, bounds[1:])) if m != default and m not in seen]
+        # compared or not, a float may size something: a slimmable layer's weight[:int(out * width)] at
+        # width=0.5 took the first kept channels, not the first ones (survey 36 F07)
+        seen += [m for m in ([default * f for f in (0.5, 0.25, 0.75, 2.0)] if default else (0.5, 1.0)) if m not in seen]
     if isinstance(default, int):
         seen += [v for v in (int(not default), default + 1) if v not in seen]
         seen = [v for v in seen if abs(v) <= max(SETTING_SIZE, 2 * abs(default))]
@@ -959,7 +981,7 @@ from its own weights (a norm subclass outside torch, timm's BatchNormAct2d, stat
 def follow_widths(top: nn.Module, original: dict) -> None:
     """A width attribute follows the module's tensors: where it equals the original size
     of a dim of the module's parameters or buffers that shrank, and every such dim shrank
-    alike, it takes the new size. The module's own tensors decide; where none shrank, a
+    alike, it takes the new size (where one of them stayed, the attribute stays). The module's own tensors decide; where none shrank, a
     user's block states its channels (``CHANNEL_ATTRS``) through its submodules' tensors,
     where every dim that had that size went to one new size (a Hugging Face attention's
     ``embed_dim`` names the stream, which stays, while its output projection's columns,
@@ -982,7 +1004,10 @@ def follow_widths(top: nn.Module, original: dict) -> None:
             v = mod.__dict__.get(attr)
             if not isinstance(v, int) or isinstance(v, bool):
                 continue
-            new = _sizes_of(v, [*mod._parameters.items(), *mod._buffers.items()], prefix, original) - {v}
+            own = _sizes_of(v, [*mod._parameters.items(), *mod._buffers.items()], prefix, original)
+            if v in own and len(own) > 1:  # a dim of that size shrank and another stayed: which one it names, none
+                continue                   # can tell (an image width of 16 beside 16 channels, survey 36 F06)
+            new = own - {v}
             if not new and user and attr in CHANNEL_ATTRS:  # through its submodules: every dim that was v went alike
                 new = _sizes_of(v, [*mod.named_parameters(), *mod.named_buffers()], prefix, original)
                 new = new if v not in new else set()

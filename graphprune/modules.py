@@ -247,7 +247,8 @@ def _onednn_ready(x, weight: torch.Tensor) -> bool:
     return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and weight.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and not torch.jit.is_tracing())  # torch.jit.trace cannot record the kernels' optional scalars (survey 37 F02)
 
 
 class OneDNNConv2d(nn.Conv2d):

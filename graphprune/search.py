@@ -173,7 +173,7 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
     import optuna
 
     from .allocate import RULES, Constraints, allocate, measured_scores
-    from .api import _choose_form, _gc_paused, _graph_checks, _module_paths, choose_rule, recalibrate_on
+    from .api import _choose_form, _gc_paused, _graph_checks, _module_paths, choose_rule, recalibrate_on, verified_in_classes
     from .verify import verified, why_not
 
     if isinstance(target_flops, bool) or not isinstance(target_flops, (int, float)) or not 0 < target_flops <= 1:
@@ -260,7 +260,7 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
     # same weights allocate again (then measured again); candidates were built unchecked, for speed
     # and, where it may come back in the user's classes, their forward held to the twin on paths the trace
     # did not take (training mode, sizes past an export bound), as compile holds it
-    _, removal, check = verified(p, lambda: candidate(best.params)[0], extra=_module_paths(model, p, output))
+    _, removal, check = verified_in_classes(p, lambda: candidate(best.params)[0], _module_paths(model, p, output))
     graph = build(removal, check=True)
     rep = report(p, removal, graph, {"flops": target_flops})
     rep.auto, rep.verify = choice, check

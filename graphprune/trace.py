@@ -702,8 +702,25 @@ def _symbolic(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
     asker = _asks_tensor_type(model)
     if asker:
         raise fx.proxy.TraceError(f"{asker} asks isinstance(..., torch.Tensor), which a traced value answers False")
+    gm = _fx_graph(model, example_inputs, buffers=False)
+    if _constants_left(gm) and next(model.buffers(), None) is not None:
+        # fx ran arithmetic on buffers while tracing ((self.rv + eps).sqrt()) and kept its result as a constant,
+        # which the graph pruned and the user's buffer, whole, did not match: the module form was lost (survey
+        # 36 F03). Traced again with buffers as graph values; where that fails, the constants stay
+        try:
+            gm = _fx_graph(model, example_inputs, buffers=True)
+        except Exception:  # noqa: BLE001 - code that asks a buffer's value (if self.ready:), which a proxy cannot answer
+            _check_state_untouched(model)
+    propagate_shapes(gm, example_inputs)
+    return gm
+
+
+def _fx_graph(model: torch.nn.Module, example_inputs: tuple, *, buffers: bool) -> fx.GraphModule:
+    """The fx graph of ``model`` (``_RuledLeaves``), settings baked in; with ``buffers``, buffers
+    read as graph values (``proxy_buffer_attributes``) rather than run while tracing."""
     with _use_lazy_graph_module(True), _functions_kept(), _sizes_packed(), _no_tensor_test():  # code generated on first call
         tracer = _RuledLeaves()
+        tracer.proxy_buffer_attributes = buffers
         baked = _settings_baked(model, example_inputs)
         with warnings.catch_warnings():  # fx's "could not add an assertion" for a baked enum: _bake writes it
             warnings.simplefilter("ignore", UserWarning)
@@ -714,8 +731,12 @@ def _symbolic(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
     for name, child in model.named_children():  # keep the user's containers (Sequential...) intact
         setattr(gm, name, child)
     _buffer_views(gm, model)
-    propagate_shapes(gm, example_inputs)
     return gm
+
+
+def _constants_left(gm: fx.GraphModule) -> bool:
+    """Whether the graph holds a tensor fx computed while tracing (``_tensor_constant``)."""
+    return any(n.op == "get_attr" and n.target.startswith("_tensor_constant") for n in gm.graph.nodes)
 
 
 def _asks_tensor_type(model: torch.nn.Module) -> str | None:

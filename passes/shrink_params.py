@@ -29,7 +29,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from graphprune.canon import COp, arg, size_args, tensor_names, vkey
-from graphprune.meta_keys import CACHED, CANON, NUMBERS, PLAN, VAL
+from graphprune.meta_keys import ADDED, CACHED, CANON, NUMBERS, PLAN, VAL
 from graphprune.sizes import at_original_widths, frozen_value
 from graphprune.trace import _COPY_OF, fresh_attrs, own_tensors, rebind_hooks
 from graphprune.modules import (FullWidthLayerNorm, FullWidthRMSNorm, PrunedSelfAttention, batch_norm_full, full_width,
@@ -374,6 +374,8 @@ def _reduce_full(node: Node, cop: COp, p: _Plan) -> bool:
     fn, arg2 = {"mean": (operator.mul, new / old), "amax": (torch.clamp_min, 0.0), "amin": (torch.clamp_max, 0.0)}[kind]
     with node.graph.inserting_after(node):
         scaled = node.graph.call_function(fn, (node, arg2))
+    if kind != "mean":  # a mean's scale shows on any input (or the module form rescales it: hf._fold_rms); a clamp
+        scaled.meta[ADDED] = f"the {kind} over the removed zeros too ({fn.__name__}(0))"  # only where all kept are < 0
     node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
     return True
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import graphprune
-from oracle import kill_units
+from oracle import dead_twin, kill_units
 from graphprune.pruner import remove_balanced
 
 transformers = pytest.importorskip("transformers")
@@ -124,8 +124,22 @@ def _codegen():
         bos_token_id=0, eos_token_id=0))
 
 
+def _olmo(layers=2):
+    """A LayerNorm without weights on the residual stream: the graph prunes the stream, the
+    model's own OlmoLayerNorm cannot run that, so the stream stays whole in its classes."""
+    return transformers.OlmoForCausalLM(transformers.OlmoConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
+def _mpt():
+    """Heads reshaped by the config's n_heads, ALiBi biases per head."""
+    return transformers.MptForCausalLM(transformers.MptConfig(d_model=64, n_layers=2, n_heads=4, vocab_size=VOCAB,
+                                                              max_seq_len=64, pad_token_id=0))
+
+
 FAMILIES = {"llama": _llama_cached, "qwen2": _qwen2, "mistral": _mistral, "gpt2": _gpt2, "bert": _bert,
-            "gpt_bigcode_mqa": _bigcode_mqa, "persimmon": _persimmon, "codegen": _codegen}
+            "gpt_bigcode_mqa": _bigcode_mqa, "persimmon": _persimmon, "codegen": _codegen, "mpt": _mpt}
 # families whose config can state every pruned width (query heads x head_dim is not tied to hidden_size)
 CONFIG_EXPRESSES = {"llama", "qwen2", "mistral"}
 
@@ -643,7 +657,7 @@ def test_a_model_pruned_in_steps_loads_though_its_rescaled_eps_rounds_otherwise(
     """Each step rescaled rms_norm_eps for the residual it pruned, and load rescales once for all: the two
     differ in the last digit (1.391304347826087e-06 against ...868e-06), and load refused the model as built
     from another config (survey 33 f08). Config floats compare to rounding; another eps is still refused."""
-    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=100)
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw)).eval()
@@ -656,3 +670,31 @@ def test_a_model_pruned_in_steps_loads_though_its_rescaled_eps_rounds_otherwise(
         torch.testing.assert_close(back(ids).logits, steps(ids).logits, rtol=0, atol=0)
     with pytest.raises(graphprune.GraphpruneError, match="config differs.*rms_norm_eps"):
         graphprune.load(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw, rms_norm_eps=1.001e-6)), tmp_path)
+
+
+def test_a_hugging_face_model_keeps_its_classes_where_its_forward_cannot_run_a_groups_pruning():
+    """Survey 33 f04: OLMo came back as an fx graph, without generate(), because its LayerNorm
+    without weights cannot take a pruned residual stream. The groups the model's own forward
+    cannot run are kept whole, said in a warning, and the budget is met on the others; a budget
+    that needs them, or output="graph", still prunes them in a graph."""
+    torch.manual_seed(0)
+    model = _olmo(layers=1).eval()
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with pytest.warns(graphprune.GraphpruneWarning, match="stays in the model's own classes"):
+        small = graphprune.compile(model, (ids,), target_flops=0.5, importance="l1")
+    assert small.report.form == "module" and type(small) is type(model) and 0.4 < small.report.flops <= 0.5
+    assert small.model.norm.normalized_shape == model.model.norm.normalized_shape  # the stream whole
+    assert small.model.layers[0].mlp.up_proj.out_features < 128
+    twin = dead_twin(model, small)
+    other = torch.randint(0, VOCAB, (3, 5))
+    with torch.no_grad():
+        for x in (ids, other):
+            ref = twin(x).logits
+            torch.testing.assert_close(small(x).logits, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    prompt = ids[:1, :4]
+    assert small.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0).tolist() == \
+        _greedy_no_cache(small, prompt, 6).tolist()
+    graph = graphprune.compile(model, (ids,), target_flops=0.5, importance="l1", output="graph")
+    assert graph.report.form == "graph" and graphprune.count_params(graph) < graphprune.count_params(small)
+    deep = graphprune.compile(model, (ids,), target_flops=0.15, importance="l1")  # out of reach with the stream whole
+    assert deep.report.form == "graph" and deep.report.flops <= 0.15

@@ -775,9 +775,10 @@ def test_other_values_of_a_keyword():
     assert _other_values(0, [2, "x", None]) == [2, 3, 1]
     assert _other_values(3, ()) == [0, 4]
     assert _other_values("plain", ["fast", 1]) == ["fast"]
-    assert _other_values(None, []) == [] and _other_values(0.5, []) == []
+    assert _other_values(None, []) == [] and _other_values(0.5, []) == [0.25, 0.125, 0.375, 1.0]  # a float may size a slice
+    assert _other_values(0.0, []) == [0.5, 1.0]
     assert _other_values(_Scale.ONE, ()) == [_Scale.TWO, _Scale.SPREAD]
-    assert _other_values(1.0, [1]) == [2.0, 0.0]  # `temperature > 1` with a float default (survey 20)
+    assert _other_values(1.0, [1]) == [2.0, 0.0, 0.5, 0.25, 0.75]  # `temperature > 1` with a float default (survey 20)
     assert _other_values(None, [], typing.Optional[bool]) == [True, False]
     assert _other_values(None, [], _Scale | None) == list(_Scale)
     assert _other_values(1, [200_000]) == [0, 2]  # far bounds are not tried: `x.repeat(n)` ran 200000 copies

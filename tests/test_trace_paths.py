@@ -842,7 +842,11 @@ def test_a_graph_traced_with_an_input_as_none_refuses_a_value_there(tmp_path):
         graphprune.export(small, (x, mask))
     torch.testing.assert_close(copy.deepcopy(small)(x, mask=None), dead_twin(model, small)(x))
     small = graphprune.compile(model, (x,), example_kwargs={"mask": None}, ratio=0.5, importance="l1")
-    torch.testing.assert_close(small(x, mask=mask), dead_twin(model, small)(x, mask=mask))
+    assert small.report.form == "module"  # which holds it to None too (none_inputs), until the example gives it
+    with pytest.raises(graphprune.GraphpruneError, match="example with mask=None"):
+        small(x, mask=mask)
+    small = graphprune.compile(model, (x,), example_kwargs={"mask": mask}, ratio=0.5, importance="l1")
+    torch.testing.assert_close(small(x, mask=mask.flip(0)), dead_twin(model, small)(x, mask=mask.flip(0)))
 
 
 class _Batched(nn.Module):
