@@ -449,9 +449,8 @@ def fitted(p, removed: dict, out, *, recalibrate: bool):
     recomputed on the calibration batches where ``recalibrate``. Under a pipeline beyond the
     default, that happens on the default pipeline's model, which the other passes then fold:
     folded first, the BatchNorms were gone before their statistics were."""
-    folding = [(n, o) for n, o in parse_pipeline(p.pipeline or DEFAULT_PIPELINE) if n != "shrink-params"]
     base = out
-    if p.pipeline and format_pipeline(parse_pipeline(p.pipeline)) != format_pipeline(parse_pipeline(DEFAULT_PIPELINE)):
+    if (p.pipeline or DEFAULT_PIPELINE) != DEFAULT_PIPELINE:
         with trainable(p):
             base = p.prune(removed, fit=False)
     if p.reconstruct:
@@ -462,7 +461,7 @@ def fitted(p, removed: dict, out, *, recalibrate: bool):
         recalibrate_on(base, p, p.calibration)  # (x, y) batches split by the Pruner: x is the input
     if base is out:
         return out
-    folded, _ = run_pipeline(base, folding)
+    folded, _ = run_pipeline(base, [(n, o) for n, o in parse_pipeline(p.pipeline) if n != "shrink-params"])
     folded.meta["graphprune"] = dict(out.meta["graphprune"])  # the record of the pipeline asked for
     return folded
 

@@ -42,8 +42,8 @@ def unchecked(model: torch.nn.Module, example) -> list[list]:
     if hf.is_hf(model):
         return []
     try:
-        params = inspect.signature(model.forward).parameters
-        bound = inspect.signature(model.forward).bind(*example[0], **dict(example[1] or {}))
+        signature = inspect.signature(model.forward)
+        params, bound = signature.parameters, signature.bind(*example[0], **dict(example[1] or {}))
     except (TypeError, ValueError):
         return []
     compared, hints = None, None
