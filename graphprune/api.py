@@ -387,6 +387,13 @@ def _graph_checks(model, p, result, rep, check) -> None:
     if rep.form == "graph" and fixed:  # the user's model may take shapes this graph refuses
         rep.form_why += (". Traced with torch.export, which fixed these input dims to the example's size: "
                          f"{', '.join(fixed[:8])}{' ...' if len(fixed) > 8 else ''}")
+        refused = _sizes_refused(p, result)
+        if refused:  # the graph's guard says only "Guard failed: x.size()[2] == 8" (survey 39 f01)
+            warnings.warn(GraphpruneWarning(
+                f"the result is a graph traced with torch.export, which fixed input dims to the example's size "
+                f"({', '.join(fixed[:4])}{' ...' if len(fixed) > 4 else ''}): {type(model).__name__} takes inputs "
+                f"{refused} and the graph refuses them. Compile with an example of the size you will run, or see "
+                "report.form_why for why the model's own classes were not an option"), stacklevel=user_level())
     bounded = p.gm.meta.get(BOUNDED_DIMS)
     if rep.form == "graph" and bounded:  # the code branched on a size: the graph takes only that side of it
         spans = [f"{lo} to {hi if hi is not None else 'any'}" for lo, hi, _ in bounded]
@@ -394,6 +401,24 @@ def _graph_checks(model, p, result, rep, check) -> None:
                          f"side of each branch covers: {', '.join(spans)}")
         warnings.warn(GraphpruneWarning(f"the result is a graph that takes only some input sizes (its code branched on "
                                         f"them: {', '.join(spans)}); see report.form_why"), stacklevel=user_level())
+
+
+def _sizes_refused(p, result) -> list:
+    """The shapes of the first input at another size (``verify.resized_inputs``, of the first few)
+    that the user's model takes, where the graph ``result`` refuses it; else []."""
+    from .module_form import _takes
+    from .verify import _run, _shapes, evaluating, resized_inputs
+
+    for args, kwargs in resized_inputs(tuple(p.example_inputs), dict(p.example_kwargs or {}))[:6]:
+        if not _takes(p.model, args, kwargs, params=p.param_writes):
+            continue
+        try:
+            with evaluating(result):
+                _run(result, args, kwargs)
+        except Exception:  # noqa: BLE001 - a guard of the exported program
+            return _shapes((args, kwargs))
+        return []
+    return []
 
 
 def _left_out(model, p) -> list[str]:

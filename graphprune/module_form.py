@@ -27,7 +27,8 @@ from . import hf, source
 from .modes import copy_modes, kept_modes
 from .modules import full_width
 from .trace import HOOK_DICTS, fresh_attrs, own_tensors, rebind_hooks
-from .verify import _run, evaluating, flatten, mismatch, on_copies, other_inputs
+from .verify import (HALF, _run, evaluating, flatten, mismatch, on_copies, other_inputs, rounding_noted, tolerance,
+                     widened_on_rounding)
 from .errors import first_line
 
 
@@ -117,6 +118,7 @@ def _restore_unrun(top: torch.nn.Module, model: torch.nn.Module) -> None:
             parent._modules = {k: parent._modules[k] for k in [*theirs, *parent._modules] if k in parent._modules}
 
 
+@widened_on_rounding
 def differs(top: torch.nn.Module, out: torch.nn.Module, args: tuple, kwargs: dict, *, params: bool = True,
             original: torch.nn.Module | None = None) -> str | None:
     """None if the module form computes what the pruned graph computes on the
@@ -199,7 +201,7 @@ def _layer_outputs(model: torch.nn.Module):
 
     def keep(name):
         return lambda mod, inp, out: seen.setdefault(name, []).append(
-            [_digest(t) for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()])
+            [(_digest(t), t.dtype) for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()])
 
     handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules()
                if n and any(t is not None for t in m._parameters.values())]
@@ -230,13 +232,15 @@ def _layer_mismatch(ours: dict, theirs: dict) -> str | None:
         for got, want in zip(calls, ref):
             if len(got) != len(want):
                 return f"inside {name}: {len(got)} outputs instead of {len(want)}"
-            for a, b in zip(got, want):
-                tol = 1e-4 * float(b[1]) + 1e-12
+            for (a, _), (b, dtype) in zip(got, want):
+                tol = tolerance(dtype) * float(b[1]) + 1e-12
                 if not (abs(float(a[0] - b[0])) <= tol and abs(float(a[1] - b[1])) <= tol):  # NaN fails too
-                    return f"inside {name}: its output differs (a random projection {float(a[0]):.4g} instead of {float(b[0]):.4g})"
+                    return rounding_noted(f"inside {name}: its output differs (a random projection {float(a[0]):.4g} "
+                                          f"instead of {float(b[0]):.4g})", dtype in HALF)
     return None
 
 
+@widened_on_rounding
 def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: dict, unseen: list[str], *,
            kept: dict | None = None, pruned: torch.nn.Module | None = None, params: bool = True) -> str | None:
     """Why the module form cannot be trusted in training mode, or None.
@@ -342,6 +346,7 @@ def _one_more(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tree_map(grow, (tuple(args), dict(kwargs or {})))
 
 
+@widened_on_rounding
 def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list | None, *,
            kept: dict | None, pruned: torch.nn.Module, params: bool = True, refused=(), symbolic=None,
            traced=None) -> str | None:

@@ -33,8 +33,10 @@ PassFn = Callable[..., PassResult]
 _REGISTRY: dict[str, PassFn] = {}
 
 
-def register_pass(name: str):
+def register_pass(name: str, *, computes_weights: bool = False):
     """Decorator: make ``fn(gm, **options) -> PassResult`` nameable in pipelines.
+    ``computes_weights``: the pass writes new weight values (a fold), rounded to the model's
+    dtype, rather than slices of the given ones (``computes_weights``).
 
     >>> @register_pass("my-pass")
     ... def my_pass(gm):
@@ -46,6 +48,7 @@ def register_pass(name: str):
             raise GraphpruneError(f"a pass named {name!r} is already registered ({_REGISTRY[name].__module__}); pick another name")
         _REGISTRY[name] = fn
         fn.pass_name = name
+        fn.computes_weights = computes_weights
         return fn
 
     return deco
@@ -60,6 +63,12 @@ def get_pass(name: str) -> PassFn:
     if name not in _REGISTRY:
         raise GraphpruneError(f"no pass named {name!r}; registered passes: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def computes_weights(pipeline: str | list) -> bool:
+    """Whether a pass of ``pipeline`` writes new weight values: in half precision their rounding
+    is part of the result, which a check in float32 copies cannot take back (``verify.widened_on_rounding``)."""
+    return any(getattr(get_pass(name), "computes_weights", False) for name, _ in parse_pipeline(pipeline))
 
 
 def registered_passes() -> list[str]:

@@ -9,7 +9,7 @@ EfficientNet fused no activation at all.
 
 Removed: ``call_module`` nodes whose module is exactly ``nn.Identity``, or
 exactly one of torch's dropout classes in eval mode, called with one tensor
-argument and no keywords; readers take the argument instead. A subclass (it
+argument and no keywords, without hooks; readers take the argument instead. A subclass (it
 may compute something) and a dropout in train mode stay. The deploy pipeline
 is an inference form: the graph switched to ``train()`` afterwards has no
 dropout there. Modules the graph no longer calls are left to ``dce``.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch.nn as nn
 from torch.fx import GraphModule, Node
 
+from graphprune.canon import computes_unseen
 from graphprune.pass_manager import PassResult, register_pass
 
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -28,6 +29,8 @@ def _identity(gm: GraphModule, node: Node) -> bool:
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], Node):
         return False
     mod = gm.get_submodule(node.target)
+    if computes_unseen(mod):  # a hook on it runs there
+        return False
     return type(mod) is nn.Identity or (type(mod) in DROPOUTS and not mod.training)
 
 

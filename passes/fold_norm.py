@@ -108,7 +108,7 @@ if hasattr(torch.ops.aten, "rms_norm"):
     FUNCTIONAL[torch.ops.aten.rms_norm.default] = FUNCTIONAL[F.rms_norm]
 
 
-@register_pass("fold-norm")
+@register_pass("fold-norm", computes_weights=True)
 def fold_norm(gm: GraphModule) -> PassResult:
     calls = call_counts(gm)
     reads = attr_reads(gm)

@@ -133,7 +133,7 @@ def _scaled(layer: nn.Module, g: torch.Tensor) -> nn.Module:
     return with_params(layer, **params)
 
 
-@register_pass("fold-scale")
+@register_pass("fold-scale", computes_weights=True)
 def fold_scale(gm: GraphModule) -> PassResult:
     calls = call_counts(gm)
     changed = False

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from graphprune.canon import computes_unseen
 from graphprune.modules import OneDNNConv2d, OneDNNLinear
 from graphprune.pass_manager import PassResult, register_pass
 from graphprune.trace import fresh_attrs
@@ -58,8 +59,9 @@ _KWARGS_OK = {"inplace"}  # an in-place activation of a fresh output is the same
 def _activation(gm: GraphModule, node: Node, src: Node) -> tuple | None:
     """The post-op that ``node`` applies to ``src`` (its only tensor input), or None."""
     if node.op == "call_module":
-        rule = MODULE_ACTIVATIONS.get(type(gm.get_submodule(node.target)))
-        return rule(gm.get_submodule(node.target)) if rule and node.args == (src,) and not node.kwargs else None
+        mod = gm.get_submodule(node.target)
+        rule = None if computes_unseen(mod) else MODULE_ACTIVATIONS.get(type(mod))  # a hook on it runs there
+        return rule(mod) if rule and node.args == (src,) and not node.kwargs else None
     if node.op == "call_method" and node.args == (src,) and not node.kwargs:
         attr = METHOD_ACTIVATIONS.get(node.target)
         return (attr, (), "") if attr else None
@@ -89,7 +91,7 @@ def _fused(mod: nn.Module, post_op: tuple) -> nn.Module:
     return new
 
 
-@register_pass("onednn-fuse")
+@register_pass("onednn-fuse", computes_weights=True)
 def onednn_fuse(gm: GraphModule, convs: bool = True) -> PassResult:
     """``convs=False`` converts linears only (where fused convolutions time slower)."""
     calls = call_counts(gm)

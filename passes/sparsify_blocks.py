@@ -41,7 +41,7 @@ __all__ = ["sparsify_blocks", "REWRITES"]
 REWRITES: Counter = Counter()
 
 
-@register_pass("sparsify-blocks")
+@register_pass("sparsify-blocks", computes_weights=True)
 def sparsify_blocks(gm: GraphModule, density: float = 0.25, block_size=64, modules=None) -> PassResult:
     """Return a new GraphModule whose chosen layers are block-sparse (the input is not modified)."""
     # Imported here: the kernels need Triton, and loading the pass registry must not.
@@ -114,9 +114,10 @@ def _held(gm, name: str, module: nn.Module) -> str | None:
     (a forward hook scaling the output by 3 was dropped, and the result moved by 4.0), the graph
     reading its tensors directly (``x @ self.fc.weight.t()`` met a BlockSparseWeight), or a call
     with keyword arguments (``self.fc(input=h)``) its forward does not take (survey 27)."""
-    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    if any(getattr(module, h, None) for h in hooks):
-        return "it has hooks, which the block-sparse module would not run"
+    from graphprune.canon import computes_unseen
+
+    if computes_unseen(module):
+        return "it has hooks or a computed weight, which the block-sparse module would not run"
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target.startswith(name + "."):
             return f"the graph reads its {n.target[len(name) + 1:]} directly"
