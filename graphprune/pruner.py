@@ -537,13 +537,27 @@ def _stale_example_kwargs(p: "Pruner") -> str | None:
     from .batches import as_call
 
     kw = {k: v for k, v in (p.example_kwargs or {}).items() if isinstance(v, torch.Tensor) and v.dim() >= 1}
+    lead = _first_tensor(tuple(p.example_inputs), {k: v for k, v in (p.example_kwargs or {}).items() if k not in kw})
     for batch in p.calibration or ():
         args, kwargs = as_call(batch)
-        first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 1), None)
-        stale = sorted(k for k, v in kw.items() if k not in kwargs and first is not None and v.shape[0] != first.shape[0])
-        if stale:
-            return (f"example_kwargs {stale} are passed with every calibration batch that does not give its own, and "
-                    f"hold {kw[stale[0]].shape[0]} samples where this batch has {first.shape[0]}: give {stale} in each "
-                    "batch (as a dict of keyword inputs with the positional one by name), or batches of "
-                    f"{kw[stale[0]].shape[0]} samples")
+        first = _first_tensor(args, kwargs)
+        if first is None:
+            continue
+        for k, v in kw.items():
+            # the dims where the example's keyword tensor followed its first input (a mask's samples and tokens)
+            dims = [d for d in range(min(v.dim(), first.dim()))
+                    if d == 0 or (lead is not None and d < lead.dim() and v.shape[d] == lead.shape[d])]
+            off = next((d for d in dims if v.shape[d] != first.shape[d]), None)
+            if k in kwargs or off is None:
+                continue
+            what = "samples" if off == 0 else f"entries in dim {off}"
+            return (f"example_kwargs [{k!r}] are passed with every calibration batch that does not give its own, and "
+                    f"hold {v.shape[off]} {what} where this batch has {first.shape[off]}: give {k!r} in each batch "
+                    "(as a dict of keyword inputs with the positional one by name), or batches of the example's "
+                    f"shape {tuple(v.shape)}")
     return None
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The first tensor of at least one dim among a call's inputs, positional first."""
+    return next((a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor) and a.dim() >= 1), None)

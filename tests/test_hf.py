@@ -284,6 +284,11 @@ def test_calibration_dicts_and_example_kwargs():
     with pytest.raises(graphprune.GraphpruneError, match="calibration batch"):
         graphprune.compile(model, (ids,), example_kwargs={"attention_mask": mask}, ratio=0.25, importance="activation",
                            calibration=[{"input_ids": ids, "token_type_ids": ids * 0}])
+    # batches of other lengths that give no mask of their own get the example's (7 tokens): the error said only
+    # "give batches the model takes" (survey 37 F06a); it names the mask, the dim and the remedy
+    with pytest.raises(graphprune.GraphpruneError, match=r"\['attention_mask'\] .* hold 7 entries in dim 1 where this batch has 5"):
+        graphprune.compile(model, (ids,), example_kwargs={"attention_mask": mask}, ratio=0.25, importance="activation",
+                           calibration=[{"input_ids": torch.randint(0, VOCAB, (2, 5))}])
 
 
 def test_t5_prunes_inside_heads_in_module_form():
