@@ -82,3 +82,19 @@ def _released_after_each_zoo_model(request):
     yield
     if _zoo(request):
         _release_memory()
+
+
+# ``@pytest.mark.full``: end-to-end smokes of the bench scripts, which run whole benchmark steps (10-16 s each on
+# the 2-core CI machine). The suite must finish in 20 minutes there; these run with GRAPHPRUNE_FULL=1, as the
+# zoo's larger members run with GRAPHPRUNE_ZOO=all. The bench scripts' own helpers keep their unit tests here.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "full: a bench-script smoke, run with GRAPHPRUNE_FULL=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("GRAPHPRUNE_FULL") == "1":
+        return
+    skip = pytest.mark.skip(reason="a whole bench step: GRAPHPRUNE_FULL=1 runs it")
+    for item in items:
+        if item.get_closest_marker("full"):
+            item.add_marker(skip)

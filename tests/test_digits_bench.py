@@ -30,6 +30,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.full
 def test_one_quick_seed_meets_every_budget(one_thread):
     bench = _bench()
     fit, val, test = bench.load_splits()

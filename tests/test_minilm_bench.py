@@ -52,6 +52,7 @@ def test_sentence_sets_are_disjoint(bench):
     assert not [(s, f) for s in calibration for f in frames if f and all(part in s for part in f)]
 
 
+@pytest.mark.full
 def test_prune_and_embed(bench, minilm, one_thread):
     tokenizer, model = minilm
     rng = np.random.default_rng(0)

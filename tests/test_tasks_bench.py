@@ -29,6 +29,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.full
 def test_one_task_two_methods_meet_the_budget(one_thread, tmp_path):
     bench = _bench()
     out = tmp_path / "tasks.json"

@@ -4,10 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
 KEYS = {"device", "dtype", "M", "N", "K", "block", "sparsity", "dense_ms", "torch_bsr_ms", "graphprune_ms"}
 
 
+@pytest.mark.full
 def test_cpu_smoke_writes_results(tmp_path):
     run = subprocess.run([sys.executable, str(BENCH), "--cpu-smoke", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
