@@ -22,6 +22,15 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+# pytest-xdist runs the suite in two processes (``-n 2`` in pyproject's addopts), one per core of the CI machine:
+# each takes one thread, as two processes of two threads each on two cores spin against each other.
+# OMP_NUM_THREADS carries the same to the fresh processes tests start (a reload there must give the same bits).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 # Latency tables (graphprune/latency_table.py) are cached on disk: the suite writes its own, never the user's,
 # and removes it when the run ends (67 of them had piled up in /tmp).
 if "GRAPHPRUNE_CACHE" not in os.environ:
