@@ -203,7 +203,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         calibration = read_batches(calibration)  # scored, judged and refit on: read once (a generator gives them once only)
     with _gc_paused():
         p = Pruner(model, example_inputs, example_kwargs, tuple(ignore), importance, calibration, loss_fn, pipeline,
-                   bool(reconstruct), check_trace=verify and why_not(model) is None)
+                   bool(reconstruct), check_trace=verify and why_not(model) is None, free_reads=output == "graph")
     kind, target = next(iter(budgets.items()), (None, None))
     for what, patterns in (("ratio", ratio if isinstance(ratio, dict) else None), ("overrides", overrides)):
         missed = [k for k in patterns or () if not any(matching_ratio(g, {k: 0.0}) is not None for g in p.groups)]

@@ -209,7 +209,7 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
         "format": FORMAT,
         "graphprune_version": _version(),
         "form": info.get("form", "graph"),
-        "source": {"class": info["source"], "method": info["method"]},
+        "source": {"class": info["source"], "method": info["method"], **({"free_reads": True} if info.get("free_reads") else {})},
         "inputs": {"args": [_input_spec(a) for a in args], "kwargs": {k: _input_spec(v) for k, v in (kwargs or {}).items()}},
         "ignore": info["ignore"],
         "pipeline": info["pipeline"],
@@ -542,7 +542,8 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     if where.type == "meta":
         _all_on_meta(traced)
     try:
-        p = Pruner(traced, args, kwargs, tuple(m["ignore"]), "random", pipeline=m["pipeline"], method=m["source"]["method"])
+        p = Pruner(traced, args, kwargs, tuple(m["ignore"]), "random", pipeline=m["pipeline"], method=m["source"]["method"],
+                   free_reads=bool(m["source"].get("free_reads")))
     except GraphpruneError as e:
         if not any(t.is_meta for t in original.parameters()):
             raise

@@ -203,6 +203,7 @@ class Builder:
         self.routes: set = set()  # dims that count rows per expert id (rules.histc)
         self.multiple: dict = {}  # dim -> its kept width must be a multiple of this (rules.grouped_mm)
         self.evens: dict = {}  # dim -> n: the user's code splits it into n equal parts (chunk), see even()
+        self.merged_reads: list = []  # (reshape COp, merged output dim, dim read): see _tie_merged_reads
         self._log: list | None = None
         self._attr_cache: dict = {}
 
@@ -330,7 +331,7 @@ def _ignored_outputs(gm: GraphModule, ignore: set[str]):
 _SIZE_ONLY = ("shape", "python", "get_attr")
 
 
-def build(gm: GraphModule, ignore=()) -> Builder:
+def build(gm: GraphModule, ignore=(), free_reads: bool = False) -> Builder:
     b = Builder(gm)
     cops = canonicalize(gm)
     for c in cops:
@@ -374,6 +375,7 @@ def build(gm: GraphModule, ignore=()) -> Builder:
         for v in _tensor_values(n):
             for k in range(len(b.shape(v))):
                 b.block((v, k), f"output of ignored module {module}")
+    _tie_merged_reads(b, free_reads)
     block_unproven_reductions(b, cops)
     _record_number_uses(b, gm)
     _block_computed_sizes(b, gm)
@@ -423,16 +425,50 @@ def _block_computed_sizes(b: Builder, gm: GraphModule) -> None:
 
 
 def _couple_size_reads(b: Builder, c: COp) -> None:
-    """A view/expand size read off another tensor's dim has that dim's width after pruning too."""
+    """A view/expand size read off another tensor's dim has that dim's width after pruning too.
+    Where a reshape merges several dims into the dim a read sizes, the tie waits for ``_tie_merged_reads``."""
     node = c.node
     sizes, first, _ = size_args(node, c.attrs["sizes_at"])
     if sizes is None:
         return
     out_shape = b.shape(node)
+    merged = {flat[1] for flat, _ in b.products if flat[0] is node} if c.op == "reshape" else set()
     for i, a in enumerate(sizes, start=first):
         src = size_source(a)
-        if src is not None and i < len(out_shape) and out_shape[i] > 1:
+        if src is None or i >= len(out_shape) or out_shape[i] <= 1:
+            continue
+        if i in merged:
+            b.merged_reads.append((c, i, src))
+        else:
             b.couple(src, (node, i))
+
+
+def _tie_merged_reads(b: Builder, free: bool) -> None:
+    """nanoGPT and timm merge heads back with ``y.transpose(1, 2).reshape(B, N, C)``, ``B, N, C = x.shape``:
+    a width read off the residual stream sizes the merged heads. Tied to the stream, heads and stream move
+    together, and the model's own forward, which reads ``C`` again, runs the result (timm CaiT, CoaT, XCiT,
+    BEiT keep their classes so). Where the stream cannot shrink (the model's input, its output), the tie held
+    every head for nothing (survey 36 F09). With ``free`` (``output="graph"``, which never runs the model's
+    own forward) the read is set free there: the merge already relates the dim to the heads it merges
+    (``rules.reshape``'s product), and shrink-params writes the merged dim's new width in the read's place
+    (``attrs["free_reads"]``; the stream keeps its width, so nothing else reads a changed value). Without it
+    the heads stay, and the model keeps its classes, which read ``C`` again (timm XCiT)."""
+    if not b.merged_reads:
+        return
+    comp_of: dict = {}
+    held: set = set()
+    for k, comp in enumerate(nx.connected_components(b.g)):
+        for d in comp:
+            comp_of[d] = k
+        if any(d in b.blocked for d in comp):
+            held.add(k)
+    for c, i, src in b.merged_reads:
+        if free and src in comp_of and comp_of[src] in held and comp_of.get((c.node, i)) not in held:
+            c.attrs["free_reads"] = c.attrs.get("free_reads", frozenset()) | {i}
+        else:
+            b._log = b.links.setdefault(c.node, [])
+            b.couple(src, (c.node, i))
+            b._log = None
 
 
 def _flatten_args(args):
@@ -737,7 +773,7 @@ def _relabel(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq + lo, local[lab - lo]
 
 
-def analyze_graph(gm: GraphModule, method: str = "symbolic_trace", ignore=()) -> Analysis:
-    b = build(gm, ignore)
+def analyze_graph(gm: GraphModule, method: str = "symbolic_trace", ignore=(), free_reads: bool = False) -> Analysis:
+    b = build(gm, ignore, free_reads)
     groups, blocked = resolve_groups(b)
     return Analysis(gm, method, groups, blocked, sorted(b.unsupported), b.g)

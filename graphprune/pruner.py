@@ -199,6 +199,7 @@ class Pruner:
     reconstruct: bool = False
     check_trace: bool = False  # compare the traced graph with the model first (needs real weights)
     method: str = "auto"  # tracer: "auto" (symbolic_trace, else export), "symbolic_trace" or "export"
+    free_reads: bool = False  # output="graph": widths read off a stream that stays free the heads merged into them (groups.py)
     analysis: Analysis = field(init=False)
     scores: dict = field(init=False)
     unsafe: set = field(init=False, default_factory=set)  # group ids kept whole after failing the self-check
@@ -230,7 +231,7 @@ class Pruner:
         traced = self._faithful_trace() if self.check_trace else trace(self.model, self.example_inputs, self.example_kwargs, method=self.method)
         # calibration batches run through a copy in training mode move its BatchNorm statistics: every build restores them
         self._buffers0 = Snapshot(traced.gm)
-        self.analysis = analyze_graph(traced.gm, traced.method, self.ignore)
+        self.analysis = analyze_graph(traced.gm, traced.method, self.ignore, self.free_reads)
         ctx = _importance.ScoreContext(traced.gm, self.analysis.groups, self.calibration, self.loss_fn, self.example_kwargs)
         self._ctx = ctx
         # "auto" starts from weight norms; api.compile swaps in the criterion auto.choose picks
@@ -428,6 +429,7 @@ class Pruner:
 
         out.meta["graphprune"] = {
             "method": self.analysis.method,
+            "free_reads": self.free_reads,
             "widths": {g.id: (g.n_units, g.n_units - len(removed.get(g.id, ()))) for g in self.groups},
             "unsupported": self.analysis.unsupported,
             # what graphprune.save records to rebuild this model onto a fresh original

@@ -188,7 +188,7 @@ def search(model: torch.nn.Module, example_inputs: tuple, evaluate: Callable[[to
         calibration = read_batches(calibration)  # scored, judged, refit and recalibrated on: read more than once
     with _gc_paused():  # the trace checked against the model, as compile checks it
         p = Pruner(model, example_inputs, example_kwargs, ignore, importance, calibration, loss_fn,
-                   check_trace=why_not(model) is None)
+                   check_trace=why_not(model) is None, free_reads=output == "graph")
     if not p.groups:
         raise GraphpruneError("the model has no prunable group; see graphprune.analyze(model, inputs).summary()")
     constraints = Constraints(min_keep=1.0 - max_ratio)

@@ -204,9 +204,14 @@ def _sizes(node: Node, cop: COp, p: _Plan) -> bool:
         for i, s in enumerate(sizes):
             if isinstance(s, Node):
                 s.meta[VAL] = whole.meta[VAL][i]
+    free = cop.attrs.get("free_reads", ())  # merged dims sized by a read of a width that stays (groups.py)
     for i, s in enumerate(sizes):
-        if isinstance(s, int) and s != -1 and new[first + i] != old[first + i]:
+        if new[first + i] == old[first + i]:
+            continue
+        if isinstance(s, int) and s != -1:
             sizes[i] = new[first + i]
+        elif first + i in free and isinstance(s, Node):
+            sizes[i] = new[first + i]  # the dim shrank: the width the plan keeps, not the one the read now gives
     node.args = (node.args[0], *sizes) if pos == "varargs" else (*node.args[:pos], type(node.args[pos])(sizes), *node.args[pos + 1:])
     return True
 
