@@ -491,11 +491,12 @@ def blocked_hint(p: Pruner) -> str:
     The blocked groups that hold the most weights come first (``Analysis.holding``)."""
     held = [h for h in p.analysis.holding() if h[0] > 0]
     if held:
-        parts = [f"{'; '.join(reasons[:2])}{'; ...' if len(reasons) > 2 else ''} "
-                 f"(touches {share:.0%} of the weights: {', '.join(params[:2])}{', ...' if len(params) > 2 else ''})"
-                 for share, reasons, params in held[:3]]
-        return (f". What holds channels out of pruning, by the weights it touches: {' | '.join(parts)}"
-                f"{' | ...' if len(held) > 3 else ''}; analyze(model, inputs).summary() lists all of it")
+        parts = list(dict.fromkeys(  # one op holding several groups alike is named once (it was 3 times)
+            f"{'; '.join(reasons[:2])}{'; ...' if len(reasons) > 2 else ''} "
+            f"(touches {share:.0%} of the weights: {', '.join(params[:2])}{', ...' if len(params) > 2 else ''})"
+            for share, reasons, params in held))
+        return (f". What holds channels out of pruning, by the weights it touches: {' | '.join(parts[:3])}"
+                f"{' | ...' if len(parts) > 3 else ''}; analyze(model, inputs).summary() lists all of it")
     why = p.analysis.unsupported
     if not why:
         return ""

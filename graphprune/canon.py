@@ -1037,13 +1037,13 @@ def computes_unseen(mod: nn.Module) -> bool:
     return parametrize.is_parametrized(mod) or bool(_hooks(mod))
 
 
-def _hooks(mod: nn.Module) -> list:
-    """The hooks that run around ``mod``'s calls: its own forward and backward ones, and the global ones."""
+def _hooks(mod: nn.Module, backward: bool = True) -> list:
+    """The hooks that run around ``mod``'s calls: its own forward (and backward) ones, and the global ones."""
     from torch.nn.modules import module as _m
 
-    own = [mod._forward_pre_hooks, mod._forward_hooks, mod._backward_pre_hooks, mod._backward_hooks]
-    every = [getattr(_m, k, {}) for k in ("_global_forward_pre_hooks", "_global_forward_hooks",
-                                          "_global_backward_pre_hooks", "_global_backward_hooks")]
+    kinds = ("forward_pre", "forward") + (("backward_pre", "backward") if backward else ())
+    own = [getattr(mod, f"_{k}_hooks") for k in kinds]
+    every = [getattr(_m, f"_global_{k}_hooks", {}) for k in kinds]
     return [h for d in (*own, *every) for h in d.values()]
 
 
@@ -1094,6 +1094,13 @@ def _positional(node: Node, fn: Callable) -> None:
     node.args, node.kwargs = tuple(args), kwargs
 
 
+# ops without a rule whose cause in the user's code is known, and what to do about it
+UNRULED_HINTS = {
+    "wrap_with_autocast": "torch.autocast inside forward, which torch.export keeps as one opaque region: call the "
+                          "model under torch.autocast instead, or move the autocast out of forward, before pruning",
+}
+
+
 def canonicalize_node(gm: GraphModule, node: Node) -> COp:
     if node.op in ("placeholder", "output", "get_attr"):
         return COp(node.op, node)
@@ -1121,7 +1128,9 @@ def canonicalize_node(gm: GraphModule, node: Node) -> COp:
     if fn is None:
         if not tensor_out and not _tensors(node):
             return COp("python", node)
-        return COp("unknown", node, _tensors(node), attrs={"why": f"no rule for {_target_name(node)}"})
+        name = _target_name(node)
+        hint = next((h for k, h in UNRULED_HINTS.items() if k in name), None)
+        return COp("unknown", node, _tensors(node), attrs={"why": f"no rule for {name}" + (f" ({hint})" if hint else "")})
     if fn is _ewise and not tensor_out:
         return COp("python", node)
     try:

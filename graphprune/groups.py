@@ -450,8 +450,10 @@ def _tie_merged_reads(b: Builder, free: bool) -> None:
     BEiT keep their classes so). Where the stream cannot shrink (the model's input, its output), the tie held
     every head for nothing (survey 36 F09). With ``free`` (``output="graph"``, which never runs the model's
     own forward) the read is set free there: the merge already relates the dim to the heads it merges
-    (``rules.reshape``'s product), and shrink-params writes the merged dim's new width in the read's place
-    (``attrs["free_reads"]``; the stream keeps its width, so nothing else reads a changed value). Without it
+    (``rules.reshape``'s product), and shrink-params writes -1 in the read's place (``attrs["free_reads"]``;
+    the stream keeps its width, so nothing else reads a changed value), one a reshape, where it has none.
+    Not the new width: a merged dim may hold a length too (``y.reshape(B, inp.shape[1])`` over T x heads x
+    head_dim), and the example's length written there failed every other (survey 41 F1). Without it
     the heads stay, and the model keeps its classes, which read ``C`` again (timm XCiT)."""
     if not b.merged_reads:
         return
@@ -462,13 +464,21 @@ def _tie_merged_reads(b: Builder, free: bool) -> None:
             comp_of[d] = k
         if any(d in b.blocked for d in comp):
             held.add(k)
+    inferred = {}  # reshape -> its sizes already hold a -1, or one read is set free (which becomes the -1)
     for c, i, src in b.merged_reads:
-        if free and src in comp_of and comp_of[src] in held and comp_of.get((c.node, i)) not in held:
+        sizes = size_args(c.node, c.attrs["sizes_at"])[0]
+        inferred.setdefault(c.node, any(s == -1 for s in sizes if isinstance(s, int)))
+        holds = src in comp_of and comp_of[src] in held and comp_of.get((c.node, i)) not in held
+        if free and holds and not inferred[c.node]:
+            inferred[c.node] = True
             c.attrs["free_reads"] = c.attrs.get("free_reads", frozenset()) | {i}
-        else:
-            b._log = b.links.setdefault(c.node, [])
-            b.couple(src, (c.node, i))
-            b._log = None
+            continue
+        b._log = b.links.setdefault(c.node, [])
+        b.couple(src, (c.node, i))
+        b._log = None
+        if holds:  # the reason analyze and a refusal give, beside the stream's own ("model input")
+            b.block((c.node, i), f"heads merged by {c.node.name} into a width read off {getattr(src[0], 'name', src[0])}, which "
+                                 "stays: output='graph' prunes them")
 
 
 def _flatten_args(args):

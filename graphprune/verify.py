@@ -211,10 +211,7 @@ def _fits_widened(args) -> bool:
     """Room for float32 copies of the half-precision weights of the modules among ``args``."""
     mods = [a for a in args if isinstance(a, torch.nn.Module)]
     tensors = list({id(t): t for m in mods for t in [*m.parameters(), *m.buffers()] if t.dtype in HALF}.values())
-    if not tensors:
-        return True
-    free = _free_bytes(tensors[0].device)
-    return free is None or 2 * sum(4 * t.numel() for t in tensors) < free
+    return not tensors or _short_of_room(sum(4 * t.numel() for t in tensors), tensors[0].device) is None
 
 
 def _widened_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -420,10 +417,17 @@ def why_not(model: torch.nn.Module) -> str | None:
     if any(t.is_meta for t in tensors):
         return "the model's weights are on the meta device"
     size = sum(t.numel() * t.element_size() for t in tensors)
-    free = _free_bytes(tensors[0].device if tensors else torch.device("cpu"))
-    if free is not None and 2 * size > free:
+    free = _short_of_room(size, tensors[0].device if tensors else torch.device("cpu"))
+    if free is not None:
         return f"a copy of the weights ({size / 2**30:.1f} GiB) does not fit in free memory ({free / 2**30:.1f} GiB)"
     return None
+
+
+def _short_of_room(nbytes: int, device: torch.device) -> int | None:
+    """The free bytes on ``device`` where two copies of ``nbytes`` do not fit in them, else None
+    (also where free memory cannot be read): the margin every copy the check makes keeps."""
+    free = _free_bytes(device)
+    return free if free is not None and 2 * nbytes > free else None
 
 
 def _free_bytes(device: torch.device) -> int | None:
@@ -713,10 +717,9 @@ def _hooked(model: torch.nn.Module) -> bool:
     """Whether a forward hook runs in ``model``: one that stores a module's output where the forward
     reads it (``self.feats["c1"] = out``) does not run while fx traces, which kept the stored tensor
     of the user's last call as a constant, right at that call's input only (survey 39 f04)."""
-    from torch.nn.modules import module as _m
+    from .canon import _hooks
 
-    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks) or any(
-        m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    return any(_hooks(m, backward=False) for m in model.modules())
 
 
 def wrong_at_tested_batches(model, gm, args: tuple, kwargs: dict, params: bool = True) -> str | None:

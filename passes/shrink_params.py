@@ -211,7 +211,7 @@ def _sizes(node: Node, cop: COp, p: _Plan) -> bool:
         if isinstance(s, int) and s != -1:
             sizes[i] = new[first + i]
         elif first + i in free and isinstance(s, Node):
-            sizes[i] = new[first + i]  # the dim shrank: the width the plan keeps, not the one the read now gives
+            sizes[i] = -1  # merged dims that shrank: inferred, lengths they hold included (groups._tie_merged_reads)
     node.args = (node.args[0], *sizes) if pos == "varargs" else (*node.args[:pos], type(node.args[pos])(sizes), *node.args[pos + 1:])
     return True
 

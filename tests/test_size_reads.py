@@ -95,6 +95,32 @@ def test_heads_merged_into_a_width_that_stays_prune_in_graph_form(tmp_path):
     assert kept.report.form == "module" and kept.o.in_features == D
 
 
+class FlatLength(nn.Module):
+    """The merged dim holds the length too: (B, T * D) in, heads merged back by the input's flat width."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, inp):
+        B = inp.shape[0]
+        x = inp.view(B, -1, D)  # (B, T, D)
+        T = x.shape[1]
+        q, k, v = (m(x).view(B, T, HEADS, D // HEADS).transpose(1, 2) for m in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, T, heads, head_dim)
+        return self.o(y.reshape(B, inp.shape[1]).view(B, T, -1))  # T x heads x head_dim, sized by a read
+
+
+def test_a_merged_dim_that_holds_the_length_is_inferred_not_written():
+    """The read set free becomes -1, not the merged width: here that width is T x heads x head_dim, and the
+    example's T written in its place failed every other length (survey 41 F1)."""
+    torch.manual_seed(0)
+    model = FlatLength().eval()
+    small = graphprune.compile(model, (torch.randn(2, 6 * D),), ratio=0.5, importance="l1", output="graph")
+    assert small.o.in_features < D
+    _exact(model, small, [(2, 6 * D), (3, 4 * D), (1, D)], torch.randn)
+
+
 @pytest.mark.parametrize("output", ["auto", "graph"])
 def test_heads_merged_into_a_stream_that_shrinks_move_with_it(output):
     """nanoGPT: the stream is prunable, and the read ties the heads to it in both forms (in step, the merged

@@ -1090,3 +1090,31 @@ def test_a_mapping_stands_for_the_dict_its_example_was():
     torch.testing.assert_close(small(collections.UserDict({"x": x})), dead_twin(model, small)({"x": x}))
     with pytest.raises(graphprune.GraphpruneError, match="'y' the example did not"):
         small(collections.UserDict({"x": x, "y": x}))
+
+
+def test_autocast_inside_forward_says_what_to_do():
+    """``with torch.autocast(...)`` in forward: fx cannot trace it, torch.export keeps the region as one op no rule
+    reads, and the warning named only ``wrap_with_autocast``, three times over (survey 39 f09). It now says to
+    call the model under autocast instead, and names each holding op once."""
+
+    class Autocast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = torch.relu(self.c2(torch.relu(self.c1(x))))
+            return self.fc(h.float().mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Autocast().eval()
+    with pytest.warns(graphprune.GraphpruneWarning) as got:
+        small = graphprune.compile(model, (torch.randn(2, 3, 8, 8),), ratio=0.5, importance="l1")
+    said = " ".join(str(w.message) for w in got)
+    assert "call the model under torch.autocast" in said
+    hint = said[said.index("What holds"):]
+    parts = hint.split(" | ")
+    assert len(parts) == len(set(parts))
+    assert graphprune.count_params(small) == graphprune.count_params(model)
