@@ -67,12 +67,26 @@ def arg(node: Node, pos: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
-def _tensors(node: Node) -> list:
+def _tensors(node: Node, elements: bool = False) -> list:
+    """The value keys of ``node``'s tensor arguments; with ``elements``, those of a tuple-valued one too:
+    ``torch.stack(x.chunk(2, -1))`` takes the chunk's tuple whole, and an op without a rule that
+    held no dim of it left the chunked channels prunable, the output's width with them (survey 41 F3)."""
     flat = []
     for a in list(node.args) + list(node.kwargs.values()):
         items = a if isinstance(a, (list, tuple)) else [a]
-        flat.extend(k for k in map(vkey, items) if k is not None)
+        for item in items:
+            flat.extend(_elements(item) if elements and _tuple_valued(item) else [k for k in [vkey(item)] if k is not None])
     return flat
+
+
+def _tuple_valued(a) -> bool:
+    return isinstance(a, Node) and isinstance(a.meta.get(VAL), (tuple, list)) and any(
+        isinstance(v, torch.Tensor) for v in a.meta[VAL])
+
+
+def _elements(a: Node) -> list:
+    """The value keys of a tuple-valued node's tensors."""
+    return [_tuple_element(a, i) for i, v in enumerate(a.meta[VAL]) if isinstance(v, torch.Tensor)]
 
 
 def _ndim(node: Node) -> int:
@@ -183,7 +197,8 @@ def _repeat_interleave(node, mod=None):
 
 
 def _cat(node, mod=None):
-    tensors = [vkey(t) for t in arg(node, 0, "tensors")]
+    given = arg(node, 0, "tensors")  # a list, or a tuple-valued node passed whole (torch.stack(x.chunk(2)))
+    tensors = _elements(given) if _tuple_valued(given) else [vkey(t) for t in given]
     dim = arg(node, 1, "dim", 0)
     op = "stack" if node.target in (torch.stack, aten.stack.default) else "cat"
     nd = _ndim(node)
@@ -1126,17 +1141,19 @@ def canonicalize_node(gm: GraphModule, node: Node) -> COp:
             _positional(node, node.target)  # F.linear(input=x, weight=w)
     tensor_out = isinstance(val, torch.Tensor) or (isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
     if fn is None:
-        if not tensor_out and not _tensors(node):
+        if not tensor_out and not _tensors(node):  # len(x.chunk(2)) reads no channel
             return COp("python", node)
         name = _target_name(node)
         hint = next((h for k, h in UNRULED_HINTS.items() if k in name), None)
-        return COp("unknown", node, _tensors(node), attrs={"why": f"no rule for {name}" + (f" ({hint})" if hint else "")})
+        return COp("unknown", node, _tensors(node, elements=True),
+                   attrs={"why": f"no rule for {name}" + (f" ({hint})" if hint else "")})
     if fn is _ewise and not tensor_out:
         return COp("python", node)
     try:
         return fn(node)
     except (TypeError, IndexError, KeyError, AttributeError) as e:
-        return COp("unknown", node, _tensors(node), attrs={"why": f"cannot read arguments of {_target_name(node)}: {e}"})
+        return COp("unknown", node, _tensors(node, elements=True),
+                   attrs={"why": f"cannot read arguments of {_target_name(node)}: {e}"})
 
 
 def tensor_names(gm: GraphModule) -> dict[str, str]:

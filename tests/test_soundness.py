@@ -1234,3 +1234,32 @@ def test_the_trace_check_shares_the_weights_only_with_a_forward_that_writes_none
     assert writes == (how != "none")
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+class _StackedChunks(torch.nn.Module):
+    """``torch.stack(h.chunk(2, -1))``: the chunk's tuple passed whole, not as a list of its parts."""
+
+    def __init__(self, head: bool):
+        super().__init__()
+        self.inp = torch.nn.Linear(16, 32)
+        self.out = torch.nn.Linear(16, 4) if head else None
+
+    def forward(self, z):
+        h = torch.stack(self.inp(z).chunk(2, -1), 0).sum(0)  # (B, T, 16): the halves added channel by channel
+        return h if self.out is None else self.out(h)
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_a_tuple_passed_whole_is_read_element_by_element(head):
+    """The stack rule read no tensor out of the tuple node, nor did the unknown-op fallback: the chunked
+    channels stayed prunable though the stack's output was the model's, and compile failed inside
+    shrink-params with a hint about head counts (survey 41 F3). Read element by element, the halves are
+    tied channel by channel: held by the model's output, pruned in pairs before a layer."""
+    torch.manual_seed(0)
+    model = _StackedChunks(head).eval()
+    z = torch.randn(2, 6, 16)
+    small = graphprune.compile(model, (z,), ratio=0.5, importance="l1")
+    assert (small.inp.out_features < 32) == head and small.inp.out_features % 2 == 0
+    for x in (z, torch.randn(3, 5, 16)):
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-5, atol=1e-6)
