@@ -190,6 +190,22 @@ def _reads_layout(cls: type) -> bool:
     return any(isinstance(n, ast.Attribute) and n.attr in LAYOUT_ATTRS for _, tree in reached(cls) for n in ast.walk(tree))
 
 
+PACKING = {"pack_padded_sequence", "pack_sequence", "PackedSequence"}  # torch.nn.utils.rnn's packed batches
+
+
+def packs_sequences(model: torch.nn.Module) -> str | None:
+    """The class whose forward (or what it calls) packs sequences for an RNN, or None. A packed batch carries
+    its lengths as data: neither tracer follows it, and their errors named FakeTensors and
+    ``__cuda_array_interface__`` rather than the packing (survey 36 F12)."""
+    return next((type(m).__name__ for m in model.modules() if _packs(type(m))), None)
+
+
+@functools.lru_cache(maxsize=None)
+def _packs(cls: type) -> bool:
+    return any(isinstance(n, (ast.Name, ast.Attribute)) and (n.id if isinstance(n, ast.Name) else n.attr) in PACKING
+               for _, tree in reached(cls) for n in ast.walk(tree))
+
+
 def batch_sizes(model: torch.nn.Module, batch: int) -> list[int]:
     """Batch sizes either side of each size test the forward makes on a batch
     (``x.shape[0] > 4``, ``x.size(0) >= 8``, ``len(x) == 3``, ``b`` from ``b, c = x.shape[:2]``),

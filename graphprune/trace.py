@@ -576,10 +576,17 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
     except Exception as e:  # noqa: BLE001
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
         hint = f" symbolic_trace failed first with: {symbolic_error}." if symbolic_error else ""
+        from .source import packs_sequences
+
         odd = _odd_names(user_model) if "SyntaxError" in msg + (symbolic_error or "") else []
+        packer = packs_sequences(user_model)
         advice = (f"Rename the submodules whose names are not Python identifiers ({', '.join(map(repr, odd[:4]))}): "
                   "torch.fx writes them into generated code (a ModuleDict key such as 'conv_1' instead of 'conv-1')."
-                  if odd else "Make the forward traceable (no data-dependent Python control flow), or pass example "
+                  if odd else
+                  f"{packer}'s forward packs sequences (pack_padded_sequence), whose lengths are data neither tracer "
+                  "follows: compile the parts before and after the RNN as models of their own, or a copy of the model "
+                  "whose forward runs the RNN on the padded tensors." if packer else
+                  "Make the forward traceable (no data-dependent Python control flow), or pass example "
                   "inputs the model accepts.")
         raise GraphpruneError(
             f"cannot trace {type(model).__name__}: torch.export failed with {msg}.{hint} {advice}"

@@ -1118,3 +1118,22 @@ def test_autocast_inside_forward_says_what_to_do():
     parts = hint.split(" | ")
     assert len(parts) == len(set(parts))
     assert graphprune.count_params(small) == graphprune.count_params(model)
+
+
+def test_packed_sequences_are_named_as_what_stops_the_trace():
+    """``pack_padded_sequence`` around a GRU: both tracers fail on the packed batch's lengths, and the error named
+    a FakeTensor and ``__cuda_array_interface__`` (survey 36 F12). It now names the packing and what to do."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.gru, self.fc = nn.Linear(8, 24), nn.GRU(24, 16, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, x, lengths):
+            p = pack_padded_sequence(torch.relu(self.proj(x)), lengths, batch_first=True, enforce_sorted=False)
+            h, _ = pad_packed_sequence(self.gru(p)[0], batch_first=True, total_length=x.shape[1])
+            return self.fc(h.sum(1))
+
+    with pytest.raises(graphprune.GraphpruneError, match="Packed's forward packs sequences"):
+        graphprune.compile(Packed().eval(), (torch.randn(3, 7, 8), torch.tensor([7, 4, 2])), ratio=0.5)
