@@ -451,7 +451,8 @@ def _tie_merged_reads(b: Builder, free: bool) -> None:
     every head for nothing (survey 36 F09). With ``free`` (``output="graph"``, which never runs the model's
     own forward) the read is set free there: the merge already relates the dim to the heads it merges
     (``rules.reshape``'s product), and shrink-params writes -1 in the read's place (``attrs["free_reads"]``;
-    the stream keeps its width, so nothing else reads a changed value), one a reshape, where it has none.
+    the stream keeps its width, so nothing else reads a changed value): one read a reshape, and none where it
+    already holds a -1.
     Not the new width: a merged dim may hold a length too (``y.reshape(B, inp.shape[1])`` over T x heads x
     head_dim), and the example's length written there failed every other (survey 41 F1). Without it
     the heads stay, and the model keeps its classes, which read ``C`` again (timm XCiT)."""
@@ -476,7 +477,7 @@ def _tie_merged_reads(b: Builder, free: bool) -> None:
         b._log = b.links.setdefault(c.node, [])
         b.couple(src, (c.node, i))
         b._log = None
-        if holds:  # the reason analyze and a refusal give, beside the stream's own ("model input")
+        if holds and not free:  # the reason analyze and a refusal give, beside the stream's own ("model input")
             b.block((c.node, i), f"heads merged by {c.node.name} into a width read off {getattr(src[0], 'name', src[0])}, which "
                                  "stays: output='graph' prunes them")
 
