@@ -126,8 +126,7 @@ class Constraints:
             k = g.n_units - keep
             if k > 0:
                 units = remove_lowest(g, p.scores[g.id], k, self.min_keep if fixed is None else 0.0)
-                in_step = g.even is not None or g.part_of is not None or g.multiple > 1  # bundles of their own
-                if (self.round_to > 1 or self.min_width > 1) and not in_step:
+                if (self.round_to > 1 or self.min_width > 1) and not g.in_step:
                     units = _per_branch(g, p.scores[g.id], units, g.unit_multiple(self.round_to), g.unit_floor(self.min_width))
                 if len(units):
                     out[g.id] = units
@@ -759,8 +758,9 @@ def _fill_gap(p: Pruner, removal, meter: Meter, lo: int | None, hi: int, n: int,
     on the next coarse unit along the order, keeps that unit too and goes on); the
     result is the candidate that keeps the most within the budget. A group that must shrink in step (query heads
     over key/value heads, equal chunks, multiples) cannot keep part of a step, which would unbalance it: it stays
-    as the threshold before the step left it, a removal that kept it balanced, at every threshold on. Ending the search there had landed a GQA attention at 0.70 for a 0.9 budget, one key/value
-    head and its queries gone, where its output projection alone could give the rest."""
+    as the threshold before the step left it, a removal that kept it balanced, at every threshold on. Ending
+    the search there had landed a GQA attention at 0.70 for a 0.9 budget, one key/value head and its queries
+    gone, where its output projection alone could give the rest."""
     if lo is None:
         return best
     kept: dict[int, np.ndarray] = {}  # units a threshold reached but the search keeps
@@ -786,8 +786,7 @@ def _fill_gap(p: Pruner, removal, meter: Meter, lo: int | None, hi: int, n: int,
         if not step:
             break
         for gid, u in step.items():
-            g = groups[gid]
-            if g.part_of is not None or g.even is not None or g.multiple > 1:
+            if groups[gid].in_step:
                 pinned[gid] = over.get(gid, np.zeros(0, dtype=np.int64))  # as the threshold before the step left it
             else:
                 kept[gid] = np.union1d(kept.get(gid, np.zeros(0, dtype=np.int64)), u)

@@ -75,6 +75,12 @@ class Group:
     even: np.ndarray | None = None  # (n_units,) the equal part (a chunk) each unit lies in, -1 for none: kept alike
 
     @property
+    def in_step(self) -> bool:
+        """Whether its removals come in bundles of their own (query heads balanced over key/value heads,
+        equal chunks, multiples): part of a removal may leave it unbalanced."""
+        return self.even is not None or self.part_of is not None or self.multiple > 1
+
+    @property
     def n_parts(self) -> int:
         return 0 if self.part_of is None else int(self.part_of.max()) + 1
 
