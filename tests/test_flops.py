@@ -50,3 +50,20 @@ def test_an_attention_model_lands_on_its_budget_as_reported(output):
     got = graphprune.count_flops(small, (x,)) / graphprune.count_flops(model, (x,))
     assert small.report.flops == pytest.approx(got, abs=1e-9)
     assert 0.87 <= got <= 0.9
+
+
+@pytest.mark.parametrize("target", [0.85, 0.8])
+def test_past_a_coarse_head_step_the_finer_units_go_back(target):
+    """One key/value head and its two queries are a quarter of the attention; without them
+    and with the output projection whole the model keeps 0.75 of its FLOPs, and no balanced
+    removal lands between that and 0.88 (the projection at its floor, every head kept). The
+    search crossed the step with the projection half gone, and gave back a few channels at a
+    time, four times: 0.70 for either target, 0.72 with offers doubling but still four."""
+    torch.manual_seed(0)
+    model, x = Attention(d=64, heads=8).eval(), torch.randn(2, 128, 64)
+    small = graphprune.compile(model, (x,), target_flops=target, importance="l2", output="graph")
+    got = graphprune.count_flops(small, (x,)) / graphprune.count_flops(model, (x,))
+    widths = {n: tuple(p.shape) for n, p in small.named_parameters() if n.endswith("weight")}
+    assert widths["k.weight"] == (24, 64) and widths["q.weight"] == (48, 64)  # the one step the budget needs
+    assert widths["o.weight"] == (64, 48)  # every output channel back: the budget has room for all of them
+    assert got <= target and got == pytest.approx(0.75, abs=0.005)
