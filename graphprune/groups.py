@@ -471,6 +471,7 @@ def _tie_merged_reads(b: Builder, free: bool) -> None:
             comp_of[d] = k
         if any(d in b.blocked for d in comp):
             held.add(k)
+    held |= _held_by_products(b, comp_of, held)
     inferred = {}  # reshape -> its sizes already hold a -1, or one read is set free (which becomes the -1)
     for c, i, src in b.merged_reads:
         sizes = size_args(c.node, c.attrs["sizes_at"])[0]
@@ -486,6 +487,27 @@ def _tie_merged_reads(b: Builder, free: bool) -> None:
         if holds and not free:  # the reason analyze and a refusal give, beside the stream's own ("model input")
             b.block((c.node, i), f"heads merged by {c.node.name} into a width read off {getattr(src[0], 'name', src[0])}, which "
                                  "stays: output='graph' prunes them")
+
+
+def _held_by_products(b: Builder, comp_of: dict, held: set) -> set:
+    """Components ``_resolve_products`` will hold, decided before it runs: a dim a reshape splits
+    into factors that all keep their width (the model's output, ``h.view(B, T, 2, 16)``) keeps its
+    own, and so does all it is coupled to, which may be the factor of another such split. Without
+    this a stream held only by such a split at the output left a merged read tied to it, and every
+    head stayed in graph form (survey 41 F2)."""
+    out: set = set()
+    plain = [(flat, factors) for flat, factors in b.products if _share_pattern(b, flat, factors) is None]
+    grew = True
+    while grew:
+        grew = False
+        for flat, factors in plain:
+            k = comp_of.get(flat)
+            if k is None or k in held or k in out:
+                continue
+            if all(b.sizes[f] <= 1 or comp_of.get(f) in held or comp_of.get(f) in out for f in factors):
+                out.add(k)
+                grew = True
+    return out
 
 
 def _flatten_args(args):

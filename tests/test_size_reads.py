@@ -95,6 +95,34 @@ def test_heads_merged_into_a_width_that_stays_prune_in_graph_form(tmp_path):
     assert kept.report.form == "module" and kept.o.in_features == D
 
 
+class SplitAtOutput(nn.Module):
+    """The stream is held only by the model's output splitting it into literal factors, a hold
+    decided with the reshape's factors, after the merged read was."""
+
+    def __init__(self, tail: str):
+        super().__init__()
+        self.tail = tail
+        self.inp = nn.Linear(16, D)
+        self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, z):
+        x = self.inp(z)
+        B, T, C = x.shape
+        q, k, v = (m(x).view(B, T, HEADS, C // HEADS).transpose(1, 2) for m in (self.q, self.k, self.v))
+        h = x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+        return h.view(B, T, 2, D // 2) if self.tail == "view" else h.unflatten(-1, (4, D // 4))
+
+
+@pytest.mark.parametrize("tail", ["view", "unflatten"])
+def test_a_stream_held_by_a_split_at_the_output_frees_the_read(tail):
+    """Survey 41 F2: every head stayed (o kept its 64 inputs); with ``reshape(B, T, -1)`` they were pruned."""
+    torch.manual_seed(0)
+    model = SplitAtOutput(tail).eval()
+    small = graphprune.compile(model, (torch.randn(2, 6, 16),), ratio=0.5, importance="l1", output="graph")
+    assert small.o.in_features == 2 * D // HEADS and small.o.out_features == D and small.inp.out_features == D
+    _exact(model, small, [(2, 6, 16), (3, 4, 16), (1, 1, 16)], torch.randn)
+
+
 class FlatLength(nn.Module):
     """The merged dim holds the length too: (B, T * D) in, heads merged back by the input's flat width."""
 
