@@ -529,7 +529,11 @@ def _past_bounds(example, bounded: list) -> list:
         now = leaves[tensors[dims[0][0]]].shape[dims[0][1]] if dims else 0
         # a bound far out (`if x.shape[0] > 4096: chunk`) is not stepped past: batch 10**6 took 90 s (survey 21)
         far = hi is not None and hi + 1 > max(source.BATCH_LIMIT, 4 * now)
-        for size in ([hi + 1] if hi is not None and not far else []) + ([lo - 1] if lo > 2 else []):
+        # both sides of each bound: past it the user's forward takes the other branch; at it a branch whose test
+        # reads a pruned width (``h.shape[-1] * T > 150``) may turn elsewhere in the module form (survey 43 F1)
+        for size in ([hi, hi + 1] if hi is not None and not far else []) + ([lo, lo - 1] if lo > 2 else []):
+            if size == now:  # the example's own size: checked already
+                continue
             moved = list(leaves)
             for i, d in dims:  # every input dim of that size moves together (one symbol)
                 t = moved[tensors[i]]

@@ -466,6 +466,40 @@ class _ScaleInBigBatches(_ScaleInTraining):
         return self.b(h)
 
 
+class _ScaleLongInputs(nn.Module):
+    """A branch on an expression of a pruned width and the length: torch.export records it as a
+    guard, ``32*T > 150``, and bounds no range."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if h.shape[-1] * h.shape[1] > 150:
+            h = h * 2
+        return self.c(torch.relu(self.b(h)))
+
+
+def test_a_branch_on_a_width_times_a_length_is_checked_at_its_turn():
+    """Survey 43 F1: at length 12 both forms took the branch, and the checks' other lengths (11, 10)
+    did too; the module form's own forward, 16 channels wide, left it from 5 to 9, 0.2 off its dead
+    twin, nothing said. The guard's turn, 5, is now a bound: checked there, the group the branch reads
+    stays whole in the module form, and the graph says it takes lengths from 5 on."""
+    torch.manual_seed(0)
+    model, x = _ScaleLongInputs().eval(), torch.randn(2, 12, 16)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and small.a.out_features == 32 and small.b.out_features == 16
+    twin = oracle_twin(model, small)
+    for t in (3, 4, 5, 7, 9, 10, 12, 16):
+        xt = torch.randn(2, t, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(small(xt), twin(xt), rtol=1e-5, atol=1e-6)
+    with pytest.warns(graphprune.GraphpruneWarning, match="5 to any"):
+        graph = graphprune.compile(model, (x,), ratio=0.5, importance="l1", output="graph")
+    assert graph.a.weight.shape[0] == 16 and "5 to any" in graph.report.form_why
+
+
 class _Flagged(_ScaleInTraining):
     """A keyword flag the example leaves at its default: one value centres over the channels, the
     other returns the hidden features (at the pruned width, as a pruned model should)."""
