@@ -547,13 +547,15 @@ def _allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rul
             cache.clear()
             lo, hi = _bisect(cost, len(taus), target, kind)
             best = cost(hi)
-        if rule != "uniform" and constraints.round_to == 1:  # one fraction everywhere is the point of uniform
-            best = _fill_gap(p, removal, meter, lo, hi, len(taus), target, best)
-            if target - best[1] > FILL_TOL:  # every finer unit past the threshold overshot too: units below it go back,
-                best = _fill_rounded(p, norm, meter, constraints, target, best)  # one at a time (a search's candidate
-                # with one group at its floor landed at 0.465 for 0.5, survey 26)
-        elif rule != "uniform":
-            best = _fill_rounded(p, norm, meter, constraints, target, best)
+        if rule != "uniform":  # one fraction everywhere is the point of uniform
+            rounded = constraints.round_to > 1  # whole multiples: the groups of the step that overshot are pinned
+            filled = _fill_gap(p, removal, meter, lo, hi, len(taus), target, best, pin=rounded)
+            if target - filled[1] > FILL_TOL:  # every finer unit past the threshold overshot too: units below it go
+                # back, a bundle at a time (a search's candidate with one group at its floor landed at 0.465 for 0.5,
+                # survey 26); rounded, from the threshold's landing too, where the greedy fill may go further
+                starts = (filled, best) if rounded and filled is not best else (filled,)
+                filled = max((_fill_rounded(p, norm, meter, constraints, target, b) for b in starts), key=lambda b: b[1])
+            best = filled
         return best
 
     best = search()
@@ -598,13 +600,15 @@ def _fill_rounded(p: Pruner, norm: dict, meter: Meter, constraints: Constraints,
     the group that gets the most score back for the budget they take, while the budget holds
     (a group goes back to full width where fewer than ``q`` are removed). Where every such
     offer overshoots, one group gives back while another takes ``q`` more (``_swap``; a 1-D
-    conv net at target_params=0.5, round_to=8 stopped at 0.447 where 0.474 fits). Groups that
-    shrink in step (query heads, chunks, multiples), and those whose ratio ``overrides`` fixes,
-    are left as they are (an override of 0.5 on resnet18's layer4 came back at 440 of 512 channels)."""
+    conv net at target_params=0.5, round_to=8 stopped at 0.447 where 0.474 fits). A group that
+    shrinks in step (query heads over key/value heads, chunks, multiples) gives back a bundle at a
+    time (``_offer_in_step``) and takes none: it had been left as it was, and a GQA attention at
+    round_to=8 kept 3 of 8 query heads a block for a 0.5 budget (0.41) where 4 over 2 key/value heads
+    fit (0.49, survey 42 F1). Groups whose ratio ``overrides`` fixes are left as they are (an override
+    of 0.5 on resnet18's layer4 came back at 440 of 512 channels)."""
     removed, at = dict(best[0]), best[1]
     fixed = constraints.overrides or {}
-    free = [g for g in p.groups if g.part_of is None and g.even is None and g.multiple == 1
-            and (not fixed or matching_ratio(g, fixed) is None)]
+    free = [g for g in p.groups if not fixed or matching_ratio(g, fixed) is None]
     for _ in range(SWAP_ROUNDS + 1):
         removed, at = _give_back(free, norm, meter, constraints.round_to, target, removed, at)
         if target - at <= FILL_TOL:
@@ -694,16 +698,23 @@ def _swap(free: list, norm: dict, meter: Meter, constraints: Constraints, target
                 pairs.append((guess, g_score, g, g_gone, h, times))
     pairs.sort(key=lambda t: (-t[0], -t[1]))
     for _, _, g, g_gone, h, times in pairs[:SWAP_TRIES]:
-        take = _take(h, removed, norm, constraints, times)
-        if take is None:
-            continue
-        cand = {k: v for k, v in removed.items() if k != g.id}
-        if g_gone is not None:
-            cand[g.id] = g_gone
-        cand[h.id] = take[0]
-        c = meter(cand)
-        if at < c <= target:
-            return cand, c
+        # h's saving was metered at g's width before the give-back; with it, a multiple of h may save more
+        # or less: one multiple fewer or more is tried where the guess lands under ``at`` or over the target
+        # (a Llama at round_to=8 asked 7 multiples, 0.869 under 0.881, where 6 gave 0.8875, survey 42 F2)
+        tried = set()
+        while times >= 1 and times not in tried:
+            tried.add(times)
+            take = _take(h, removed, norm, constraints, times)
+            if take is None:
+                break
+            cand = {k: v for k, v in removed.items() if k != g.id}
+            if g_gone is not None:
+                cand[g.id] = g_gone
+            cand[h.id] = take[0]
+            c = meter(cand)
+            if at < c <= target:
+                return cand, c
+            times += 1 if c > target else -1
     return None
 
 
@@ -713,14 +724,24 @@ SWAP_TRIES = 8  # pairs metered per swap, best guesses first
 def _take(g, removed: dict, norm: dict, constraints: Constraints, times: int = 1) -> tuple[np.ndarray, float] | None:
     """``g``'s removal with its kept width ``times`` multiples lower (its lowest-scoring kept units), and
     the score that costs; None where its floor (``min_width``, ``min_keep``, the multiple) or its
-    branches (each keeps its own multiple) forbid it."""
+    branches (each keeps its own multiple) forbid it. A group that shrinks in step takes ``times``
+    bundles more: the next larger balanced removals (``_offer_in_step``'s other way)."""
     if len(g.branches) > 1:
         return None
     gone = removed.get(g.id, np.zeros(0, dtype=np.int64))
     keep = g.n_units - len(gone)
     q = g.unit_multiple(constraints.round_to)
-    new = keep - (keep % q or q) - (times - 1) * q
     floor = max(g.unit_floor(constraints.min_width), math.ceil(constraints.min_keep * g.n_units), q, g.min_units, 1)
+    if g.in_step:
+        units = gone
+        for _ in range(times):
+            units = next((u for k in range(len(units) + 1, g.n_units - floor + 1)
+                          for u in [remove_lowest(g, norm[g.id], k, constraints.min_keep)]
+                          if len(u) > len(units) and (g.n_units - len(u)) % q == 0), None)
+            if units is None or g.n_units - len(units) < floor:
+                return None
+        return units, float(norm[g.id][units].sum() - norm[g.id][gone].sum())
+    new = keep - (keep % q or q) - (times - 1) * q
     if new < floor:
         return None
     kept = np.setdiff1d(np.arange(g.n_units), gone)
@@ -735,6 +756,8 @@ def _offer(g, removed: dict, norm: dict, q: int, times: int = 1) -> tuple[dict, 
     gone = removed.get(g.id)
     if gone is None or not len(gone):
         return None
+    if g.in_step:
+        return _offer_in_step(g, removed, norm, q)
     best = None
     for units in g.branches:  # a concatenation's branches each keep their multiple (``_per_branch``)
         out = np.intersect1d(gone, units)
@@ -752,11 +775,30 @@ def _offer(g, removed: dict, norm: dict, q: int, times: int = 1) -> tuple[dict, 
     return cand, best[0]
 
 
+def _offer_in_step(g, removed: dict, norm: dict, q: int) -> tuple[dict, float] | None:
+    """``_offer`` for a group that shrinks in step: its removal one bundle lighter, the largest balanced
+    removal (``remove_lowest``: query heads over key/value heads, a chunk's parts, multiples) of fewer
+    units than it removes now whose kept count is a multiple of ``q`` (or none at all), and the score
+    that comes back. Which units go may change (three query heads over three key/value heads become
+    four over two)."""
+    gone = removed[g.id]
+    for k in range(len(gone) - 1, -1, -1):
+        units = remove_lowest(g, norm[g.id], k) if k else np.zeros(0, dtype=np.int64)
+        if len(units) < len(gone) and (not len(units) or (g.n_units - len(units)) % q == 0):
+            break
+    else:
+        return None
+    back = float(norm[g.id][gone].sum() - norm[g.id][units].sum())
+    cand = {**removed, g.id: units} if len(units) else {k: v for k, v in removed.items() if k != g.id}
+    return cand, max(back, 0.0)
+
+
 FILL_TOL = 0.01  # a budget search that lands further under its target than this steps over the unit that overshot
 FILL_ROUNDS = 6  # ... at most this many times (each a bisection of its own; it stops once within FILL_TOL)
 
 
-def _fill_gap(p: Pruner, removal, meter: Meter, lo: int | None, hi: int, n: int, target: float, best: tuple) -> tuple:
+def _fill_gap(p: Pruner, removal, meter: Meter, lo: int | None, hi: int, n: int, target: float, best: tuple,
+              pin: bool = False) -> tuple:
     """Land closer under the budget when one coarse unit overshoots it.
 
     The thresholds remove units in one order, so the step that crosses the budget
@@ -797,7 +839,7 @@ def _fill_gap(p: Pruner, removal, meter: Meter, lo: int | None, hi: int, n: int,
         if not step:
             break
         for gid, u in step.items():
-            if groups[gid].in_step:
+            if groups[gid].in_step or pin:
                 pinned[gid] = over.get(gid, np.zeros(0, dtype=np.int64))  # as the threshold before the step left it
             else:
                 kept[gid] = np.union1d(kept.get(gid, np.zeros(0, dtype=np.int64)), u)
