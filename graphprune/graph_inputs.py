@@ -133,6 +133,11 @@ def _top_values(inputs) -> list:
     return list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
 
 
+def _children(spec) -> list:
+    """A TreeSpec's child specs (``children()``; ``children_specs`` before torch 2.14, now deprecated)."""
+    return spec.children() if hasattr(spec, "children") else spec.children_specs
+
+
 def _flatten(value, spec, out: list, where: str = "") -> None:
     """``value``'s leaves onto ``out`` by ``spec``; a ValueError saying where ``value`` departs from it.
     ``where`` names ``value`` ("" for the generated code's ``([args], {kwargs})``)."""
@@ -142,7 +147,7 @@ def _flatten(value, spec, out: list, where: str = "") -> None:
         if len(value) != spec.num_children:
             raise ValueError(f"{where or 'the inputs'} has {len(value)} items where the example had {spec.num_children}")
         pair = not where and isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Mapping)
-        for i, (v, c) in enumerate(zip(value, spec.children_specs)):
+        for i, (v, c) in enumerate(zip(value, _children(spec))):
             _flatten(v, c, out, "" if pair else f"{where}[{i}]" if where else f"input {i}")
     elif _mapping(spec) and isinstance(value, Mapping):  # a tokenizer's BatchEncoding for a dict
         keys = list(spec.context)
@@ -150,7 +155,7 @@ def _flatten(value, spec, out: list, where: str = "") -> None:
         if extra or missing:
             said = f"{', '.join(map(repr, extra))} the example did not" if extra else f"no {', '.join(map(repr, missing))}"
             raise ValueError(f"{where or 'the inputs'} give{'s' if where else ''} {said}")
-        for k, c in zip(keys, spec.children_specs):
+        for k, c in zip(keys, _children(spec)):
             _flatten(value[k], c, out, f"{where}[{k!r}]" if where else str(k))
     else:  # another registered type: exactly its tree
         try:

@@ -503,7 +503,8 @@ def _guarded(ep, where: dict, spans: dict) -> dict:
                 for s in n.meta[VAL].shape if getattr(getattr(s, "node", None), "shape_env", None) is not None), None)
     if env is None:
         return spans
-    hints = {s: int(env.var_to_val[s]) for s in where if s in env.var_to_val}
+    values = getattr(env, "backed_var_to_val", None) or env.var_to_val  # torch 2.14 renamed it
+    hints = {s: int(values[s]) for s in where if s in values}
     relations = (sympy.StrictGreaterThan, sympy.GreaterThan, sympy.StrictLessThan, sympy.LessThan)
     spans = dict(spans)
     for guard in env.guards:
