@@ -122,7 +122,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     every parameter dimension a group spans (a grouped conv's per-group kernel
     width too), and ``min_width=m`` at least ``m`` channels: a head of 64
     channels satisfies ``round_to=8`` alone, so heads go one at a time
-    (``Group.unit_multiple``, ``Group.unit_floor``). A group narrower than
+    (``Group.unit_multiple``, ``Group.unit_floor``). A group no wider than
     ``q`` channels stays whole.
 
     ``ignore`` names modules whose output width must stay. ``calibration``
@@ -261,10 +261,10 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
                 f"{f' (rounded to round_to={round_to})' if round_to > 1 else ''} keep at most "
                 f"{ceiling:.3f} of the original's {'FLOPs' if kind == 'flops' else 'parameters'} with every other group "
                 f"whole; lower those ratios or the target"), stacklevel=user_level())
-    narrow = [g for g in p.groups if (asked_round_to or 1) > 1 and g.n_units < g.unit_multiple(round_to)]
+    narrow = [g for g in p.groups if (asked_round_to or 1) > 1 and g.n_units <= g.unit_multiple(round_to)]
     if narrow and (overrides or any(n for n in (ratio.values() if isinstance(ratio, dict) else [ratio]) if n) or budgets):
         warnings.warn(GraphpruneWarning(
-            f"round_to={round_to}: {len(narrow)} group(s) narrower than {round_to} channels stay whole, since no multiple "
+            f"round_to={round_to}: {len(narrow)} group(s) no wider than {round_to} channels stay whole, since no multiple "
             f"of it fits under their width (first: {narrow[0].describe()[:160]}); give a smaller round_to to prune them"),
             stacklevel=user_level())
     off = unrounded(p, removed, round_to) if round_to > 1 else []

@@ -526,9 +526,24 @@ def test_a_group_narrower_than_round_to_stays_whole_and_is_said():
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(32, 4, 1)).eval()
     x = torch.randn(2, 3, 8, 8)
-    with pytest.warns(graphprune.GraphpruneWarning, match="narrower than 24 channels stay whole"):
+    with pytest.warns(graphprune.GraphpruneWarning, match="no wider than 24 channels stay whole"):
         small = graphprune.compile(model, (x,), ratio=0.4, round_to=24, importance="l2")
     assert small[0].out_channels == 16 and small[2].out_channels == 24
+
+
+def test_a_group_one_multiple_wide_is_said_to_stay_whole():
+    """Survey 42: a group exactly round_to wide cannot shrink either (a multiple under it is 0), and only
+    the narrower ones were named; where it is the only group, the budget's error says round_to holds it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(graphprune.GraphpruneWarning, match="no wider than 8 channels stay whole"):
+        small = graphprune.compile(model, (x,), ratio=0.5, round_to=8, importance="l2")
+    assert small[0].out_channels == 8 and small[2].out_channels == 16
+    alone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    with pytest.raises(graphprune.GraphpruneError, match="round_to=8 keeps 1 of 1 prunable group"):
+        graphprune.compile(alone, (x,), target_flops=0.9, round_to=8, importance="l2")
 
 
 def test_round_to_holds_on_every_side_of_a_whole_group_unit():
