@@ -605,8 +605,8 @@ def _fill_rounded(p: Pruner, norm: dict, meter: Meter, constraints: Constraints,
     (a group goes back to full width where fewer than ``q`` are removed). Where every such
     offer overshoots, one group gives back while another takes ``q`` more (``_swap``; a 1-D
     conv net at target_params=0.5, round_to=8 stopped at 0.447 where 0.474 fits). A group that
-    shrinks in step (query heads over key/value heads, chunks, multiples) gives back a bundle at a
-    time (``_offer_in_step``) and takes none: it had been left as it was, and a GQA attention at
+    shrinks in step (query heads over key/value heads, chunks, multiples) gives back and takes a
+    bundle at a time (``_offer_in_step``, ``_take``): it had been left as it was, and a GQA attention at
     round_to=8 kept 3 of 8 query heads a block for a 0.5 budget (0.41) where 4 over 2 key/value heads
     fit (0.49, survey 42 F1). Groups whose ratio ``overrides`` fixes are left as they are (an override
     of 0.5 on resnet18's layer4 came back at 440 of 512 channels)."""
@@ -817,7 +817,8 @@ def _fill_gap(p: Pruner, removal, meter: Meter, lo: int | None, hi: int, n: int,
     over key/value heads, equal chunks, multiples) cannot keep part of a step, which would unbalance it: it stays
     as the threshold before the step left it, a removal that kept it balanced, at every threshold on. Ending
     the search there had landed a GQA attention at 0.70 for a 0.9 budget, one key/value head and its queries
-    gone, where its output projection alone could give the rest."""
+    gone, where its output projection alone could give the rest. With ``pin`` (widths in multiples of
+    ``round_to``) every group of the step stays so, as part of a multiple would break it."""
     if lo is None:
         return best
     kept: dict[int, np.ndarray] = {}  # units a threshold reached but the search keeps
