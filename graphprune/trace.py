@@ -491,28 +491,38 @@ GUARD_CAP = 1 << 20  # sizes a guard's bounds are looked for up to (bisection: a
 def _guarded(ep, where: dict, spans: dict) -> dict:
     """``spans`` ({symbol: (lower, upper or None)}) narrowed by torch.export's other guards: a branch on
     an expression of sizes (``if h.shape[-1] * h.shape[1] > 150``, h 32 wide) bounds no symbol's range;
-    it is a guard, ``32*s1 > 150``, that the graph checks on every call. Each inequality guard in the
-    input symbols gives the sizes of each of its symbols it holds at, the others at the example's,
-    found by bisection either side of the example's (a guard taken to turn at most once a side).
+    it is a guard, ``32*s1 > 150``, that the graph checks on every call (``_narrowed`` reads it).
     Without them the module form was checked only at lengths on the example's side (11 and 10 for 12),
     and its own forward, which compares 16 pruned channels x the length, took the other branch from 5
     to 9: 0.2 off its twin, nothing said (survey 43 F1); the graph form refused lengths under 5 unwarned."""
-    import sympy
-
     env = next((s.node.shape_env for n in ep.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get(VAL), torch.Tensor)
                 for s in n.meta[VAL].shape if getattr(getattr(s, "node", None), "shape_env", None) is not None), None)
     if env is None:
         return spans
     values = getattr(env, "backed_var_to_val", None) or env.var_to_val  # torch 2.14 renamed it
     hints = {s: int(values[s]) for s in where if s in values}
+    return _narrowed([guard.expr for guard in env.guards], hints, spans)
+
+
+def _narrowed(guards: list, hints: dict, spans: dict) -> dict:
+    """``spans`` narrowed by each inequality in ``guards`` over the symbols of ``hints`` ({symbol: the
+    example's size}): the sizes of each of its symbols it holds at, the others at the example's, found
+    by bisection either side of the example's (a guard taken to turn at most once a side).
+
+    Symbols are told apart by equality, never identity: sympy keeps one object per symbol only while
+    its bounded cache holds it, so after enough other work in one process the guard's ``s27`` and the
+    placeholder's were two equal objects. An identity test then put the example's size in for the
+    symbol itself, the guard read as always true, and the bound was lost: the module form came back
+    unchecked after the suite's first two dozen files, and right when compiled alone."""
+    import sympy
+
     relations = (sympy.StrictGreaterThan, sympy.GreaterThan, sympy.StrictLessThan, sympy.LessThan)
     spans = dict(spans)
-    for guard in env.guards:
-        expr = guard.expr
+    for expr in guards:
         if not isinstance(expr, relations) or not expr.free_symbols or not expr.free_symbols <= set(hints):
             continue
         for sym in expr.free_symbols:
-            at = expr.xreplace({s: sympy.Integer(v) for s, v in hints.items() if s is not sym})
+            at = expr.xreplace({s: sympy.Integer(v) for s, v in hints.items() if s != sym})
 
             def holds(v: int, at=at, sym=sym) -> bool:
                 return bool(at.xreplace({sym: sympy.Integer(v)}))

@@ -481,7 +481,11 @@ class _ScaleLongInputs(nn.Module):
         return self.c(torch.relu(self.b(h)))
 
 
-def _width_times_length_checked():
+def test_a_branch_on_a_width_times_a_length_is_checked_at_its_turn():
+    """Survey 43 F1: at length 12 both forms took the branch, and the checks' other lengths (11, 10)
+    did too; the module form's own forward, 16 channels wide, left it from 5 to 9, 0.2 off its dead
+    twin, nothing said. The guard's turn, 5, is now a bound: checked there, the group the branch reads
+    stays whole in the module form, and the graph says it takes lengths from 5 on."""
     torch.manual_seed(0)
     model, x = _ScaleLongInputs().eval(), torch.randn(2, 12, 16)
     small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
@@ -496,22 +500,25 @@ def _width_times_length_checked():
     assert graph.a.weight.shape[0] == 16 and "5 to any" in graph.report.form_why
 
 
-def test_a_branch_on_a_width_times_a_length_is_checked_at_its_turn():
-    """Survey 43 F1: at length 12 both forms took the branch, and the checks' other lengths (11, 10)
-    did too; the module form's own forward, 16 channels wide, left it from 5 to 9, 0.2 off its dead
-    twin, nothing said. The guard's turn, 5, is now a bound: checked there, the group the branch reads
-    stays whole in the module form, and the graph says it takes lengths from 5 on.
+def test_a_guard_bounds_its_size_when_sympy_made_the_symbol_twice():
+    """The test above passed alone and failed after the suite's first two dozen files in one process:
+    sympy had evicted ``s27`` from its cache and made it again, the guard's object and the input's
+    were equal but not the same, an identity test put the example's length in for the symbol itself,
+    and the guard read as always true: no bound, the module form unchecked. Here the two objects are
+    made apart on purpose, as that process had them."""
+    import sympy
+    from sympy.core.cache import clear_cache
 
-    Run in a fresh process: after some sequences of other tests in one process (the latency and
-    min_keep files, then this) the module form came back 16 wide again, a state the check depends on
-    that is not found yet (the session's closing note; issue 12's open list)."""
-    import subprocess
-    import sys
+    from graphprune.trace import _narrowed
 
-    code = "import sys; sys.path.insert(0, 'tests'); import test_module_form as t; t._width_times_length_checked()"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=str(__import__("pathlib").Path(__file__).parent.parent))
-    assert out.returncode == 0, out.stderr[-3000:]
+    length = sympy.Symbol("s27", positive=True, integer=True)
+    guards = [32 * length > 150, length <= 40]
+    clear_cache()
+    again = sympy.Symbol("s27", positive=True, integer=True)
+    assert again == length and again is not length
+    assert _narrowed(guards, {again: 12}, {}) == {again: (5, 40)}
+    batch = sympy.Symbol("s77", positive=True, integer=True)  # a guard in two sizes bounds each, the other at its example's
+    assert _narrowed([batch * length > 20], {batch: 2, again: 12}, {again: (2, None)}) == {again: (11, None), batch: (2, None)}
 
 
 class _Flagged(_ScaleInTraining):
