@@ -577,6 +577,24 @@ def overrides_ceiling(p: Pruner, kind: str, overrides: dict, round_to: int = 1) 
     return Meter(p, kind)(removed)
 
 
+def steps_back(p: Pruner, kind: str, removed: dict, round_to: int = 1, overrides: dict | None = None) -> list[tuple]:
+    """[(landing, group, units)]: for each pruned group the ``overrides`` leave free, where ``removed``
+    lands with that group's smallest step given back (a multiple of ``round_to``; a balanced bundle
+    where it shrinks in step: a key/value head with its queries), and how many units the step holds.
+    Where a budget lands far under, these say why: every step overshoots it. A GQA attention at
+    ``target_flops=0.85`` landed at 0.75 with nothing said but the report (survey 42)."""
+    meter = Meter(p, kind)
+    norm = {g.id: np.zeros(g.n_units) for g in p.groups}  # any units: a step's cost is its count's
+    out = []
+    for g in p.groups:
+        if g.id not in removed or (overrides and matching_ratio(g, overrides) is not None):
+            continue
+        offer = _offer(g, removed, norm, g.unit_multiple(round_to))
+        if offer is not None:
+            out.append((meter(offer[0]), g, len(removed[g.id]) - len(offer[0].get(g.id, ()))))
+    return out
+
+
 def untied(norm: dict) -> dict:
     """``norm`` with equal scores made unequal, in the order of each unit's rank within its group,
     by less than any gap between distinct scores (which keep their order): thresholds then step

@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import gc
+import math
 import warnings
 from contextlib import contextmanager
 
 import torch
 
-from .allocate import (FILL_TOL, RULES, Constraints, allocate, blocked_hint, light_report, original_params, overrides_ceiling,
+from .allocate import (FILL_TOL, RULES, Constraints, allocate, blocked_hint, steps_back, light_report, original_params, overrides_ceiling,
                        params_read, report, unrounded)
 from .batches import as_call, not_batches, read_batches, regroup
 from .errors import GraphpruneError, GraphpruneWarning, first_line, user_level
@@ -253,14 +254,16 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         out = fitted(p, removed, out, recalibrate=choice is not None and choice.recalibrate)
     rep = report(p, removed, out, budgets, latency_inputs) if budgets else light_report(p, removed)
     rep.verify = check
-    if overrides and kind in ("flops", "params") and target - getattr(rep, kind) > 2 * FILL_TOL:
-        ceiling = overrides_ceiling(p, kind, overrides, round_to)
+    if kind in ("flops", "params") and target - getattr(rep, kind) > FAR_UNDER:
+        ceiling = overrides_ceiling(p, kind, overrides, round_to) if overrides else 1.0
         if ceiling < target - FILL_TOL:
             warnings.warn(GraphpruneWarning(
                 f"target_{kind}={target} landed at {getattr(rep, kind):.3f}: the ratios overrides fix"
                 f"{f' (rounded to round_to={round_to})' if round_to > 1 else ''} keep at most "
                 f"{ceiling:.3f} of the original's {'FLOPs' if kind == 'flops' else 'parameters'} with every other group "
                 f"whole; lower those ratios or the target"), stacklevel=user_level())
+        else:
+            _warn_coarse_steps(p, kind, target, getattr(rep, kind), removed, round_to, overrides)
     narrow = [g for g in p.groups if (asked_round_to or 1) > 1 and g.n_units <= g.unit_multiple(round_to)]
     if narrow and (overrides or any(n for n in (ratio.values() if isinstance(ratio, dict) else [ratio]) if n) or budgets):
         warnings.warn(GraphpruneWarning(
@@ -728,6 +731,35 @@ def _untraced_paths(model, top, out, p, *, unseen=(), refused=()) -> str | None:
 
 
 MODULE_PATHS = "the model's own classes: "  # in a self-check message: the module form differs on a path the trace did not take
+
+
+FAR_UNDER = 2 * FILL_TOL  # a budget landing further under its target than this is explained (``_warn_coarse_steps``)
+
+
+def _warn_coarse_steps(p, kind: str, target: float, got: float, removed: dict, round_to: int, overrides) -> None:
+    """Say why a budget landed far under its target, where the reason is that every step any pruned
+    group can take back overshoots it (``allocate.steps_back``): the smallest of them, and the target
+    that leaves room for it. A GQA attention at ``target_flops=0.85`` landed at 0.75 with nothing said:
+    a key/value head and its query heads go together, and the projection whole with every head kept is
+    0.88 (survey 42). Where some step fits (a uniform allocation keeps one fraction everywhere; a step
+    that costs nothing), that is not the reason, and nothing is said."""
+    steps = [s for s in steps_back(p, kind, removed, round_to, overrides) if s[0] > got + 1e-9]
+    if not steps or any(at <= target for at, _, _ in steps):
+        return
+    at, g, n = min(steps, key=lambda s: s[0])
+    what, units = "FLOPs" if kind == "flops" else "parameters", f"{n} unit{'s' if n != 1 else ''}"
+    why = (f"query heads go in balance over their {g.n_parts} key/value heads" if g.part_of is not None
+           else "the equal parts a chunk splits them into shrink alike" if g.even is not None
+           else f"widths stay multiples of round_to={round_to}" if round_to > 1
+           else f"its units go {g.multiple} at a time" if g.multiple > 1
+           else "one unit is that large a share of the model")
+    warnings.warn(GraphpruneWarning(
+        f"target_{kind}={target} landed at {got:.3f} of the original's {what}: no removal found lands nearer, "
+        f"since the smallest step any pruned group takes back ({units} of {g.describe()[:160]}; {why}) "
+        + ("brings the model back whole" if at >= 1 - 1e-9 else
+           f"reaches {at:.3f}, over the target. Ask for target_{kind}={math.ceil(at * 1000 - 1e-6) / 1000:.3f} or "
+           "more to leave room for it")
+        + (", or give a smaller round_to" if round_to > 1 else "")), stacklevel=user_level())
 
 
 def _module_paths(model, p, output: str):

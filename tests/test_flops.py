@@ -1,5 +1,7 @@
 """FLOPs are counted alike on the CPU and on meta tensors: the budget search counts on
 meta, the report and the user on real tensors."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -67,3 +69,25 @@ def test_past_a_coarse_head_step_the_finer_units_go_back(target):
     assert widths["k.weight"] == (24, 64) and widths["q.weight"] == (48, 64)  # the one step the budget needs
     assert widths["o.weight"] == (64, 48)  # every output channel back: the budget has room for all of them
     assert got <= target and got == pytest.approx(0.75, abs=0.005)
+
+
+def test_a_budget_far_under_says_which_step_overshoots():
+    """A key/value head and its query heads go together, so ``target_flops=0.6`` lands at 0.57 and
+    0.85 at 0.75, where only the report had shown it (survey 42). The warning names the step that
+    overshoots and the target that leaves room for it; that target lands within the search's tolerance
+    and says nothing."""
+    import re
+
+    torch.manual_seed(0)
+    model, x = Attention(d=64, heads=8).eval(), torch.randn(2, 128, 64)
+    with pytest.warns(graphprune.GraphpruneWarning, match=r"landed at 0\.57.*2 units of group.*key/value heads\) "
+                                                          r"reaches 0\.750") as caught:
+        graphprune.compile(model, (x,), target_flops=0.6, importance="l2", output="graph")
+    room = float(re.search(r"Ask for target_flops=([0-9.]+) or more", str(caught[-1].message)).group(1))
+    with pytest.warns(graphprune.GraphpruneWarning, match=r"landed at 0\.750.*brings the model back whole"):
+        graphprune.compile(model, (x,), target_flops=0.85, importance="l2", output="graph")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small = graphprune.compile(model, (x,), target_flops=room, importance="l2", output="graph")
+    assert room - 0.01 <= small.report.flops <= room
+    assert not [w for w in caught if "landed at" in str(w.message)]
