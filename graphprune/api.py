@@ -398,12 +398,15 @@ def _graph_checks(model, p, result, rep, check) -> None:
                 f"{refused} and the graph refuses them. Compile with an example of the size you will run, or see "
                 "report.form_why for why the model's own classes were not an option"), stacklevel=user_level())
     bounded = p.gm.meta.get(BOUNDED_DIMS)
-    if rep.form == "graph" and bounded:  # the code branched on a size: the graph takes only that side of it
+    if rep.form == "graph" and bounded:  # torch.export bounded a size: the graph takes only that span of it
+        # a branch on a size bounds it (`if x.shape[1] > 4`), and so does shape arithmetic that holds only on some
+        # sizes: heads merged with `y.reshape(B, C, T)` gave T in [2, 7], with no branch in the code (survey 43 F3)
         spans = [f"{lo} to {hi if hi is not None else 'any'}" for lo, hi, _ in bounded]
-        rep.form_why += (". The forward branches on input sizes, and the graph takes only the sizes the example's "
-                         f"side of each branch covers: {', '.join(spans)}")
-        warnings.warn(GraphpruneWarning(f"the result is a graph that takes only some input sizes (its code branched on "
-                                        f"them: {', '.join(spans)}); see report.form_why"), stacklevel=user_level())
+        rep.form_why += (". torch.export bounded input sizes, where the forward branches on a size or its shape "
+                         f"arithmetic holds only on some, and the graph takes only these: {', '.join(spans)}")
+        warnings.warn(GraphpruneWarning(f"the result is a graph that takes only some input sizes ({', '.join(spans)}): "
+                                        "torch.export bounded them where the forward branches on a size or its shape "
+                                        "arithmetic holds only on some; see report.form_why"), stacklevel=user_level())
 
 
 def _sizes_refused(p, result) -> list:

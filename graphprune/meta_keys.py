@@ -13,7 +13,7 @@ and on ``gm.meta`` (the GraphModule):
 | ``gp_plan`` | ``Pruner.prune`` (read by ``shrink-params``) | ``(value_key, axis) -> kept indices`` for every dim that shrinks |
 | ``gp_example`` | ``trace`` | the example ``(args, kwargs)``, so the pass manager can re-run shapes |
 | ``gp_fixed_dims`` | ``trace`` (torch.export) | the input dims the exported graph fixed to the example's size, as ``"x dim 2 (16)"`` |
-| ``gp_bounded_dims`` | ``trace`` (torch.export) | input dims the exported graph keeps symbolic but bounds (the code branched on them): ``[(lower, upper or None, [(input leaf, dim), ...])]`` |
+| ``gp_bounded_dims`` | ``trace`` (torch.export) | input dims the exported graph keeps symbolic but bounds (a branch on a size, or shape arithmetic that holds on some sizes only): ``[(lower, upper or None, [(input leaf, dim), ...])]`` |
 | ``gp_symbolic_dims`` | ``trace`` (torch.export) | every input dim the exported graph keeps symbolic, one list per symbol: ``[[(input leaf, dim), ...], ...]`` (a size of 1 is never guarded: ``verify.wrong_at_tested_batches``) |
 | ``gp_numbers`` | ``groups.build`` (read by ``shrink-params``) | ``sizes.NumberUse`` list: widths read as numbers, frozen where they shrink |
 | ``graphprune`` | ``Pruner.prune`` | method, widths per group, unsupported ops |
