@@ -757,9 +757,7 @@ def _take(g, removed: dict, norm: dict, constraints: Constraints, times: int = 1
     if g.in_step:
         units = gone
         for _ in range(times):
-            units = next((u for k in range(len(units) + 1, g.n_units - floor + 1)
-                          for u in [remove_lowest(g, norm[g.id], k, constraints.min_keep)]
-                          if len(u) > len(units) and (g.n_units - len(u)) % q == 0), None)
+            units = _next_balanced(g, norm, units, q, more=True, min_keep=constraints.min_keep)
             if units is None or g.n_units - len(units) < floor:
                 return None
         return units, float(norm[g.id][units].sum() - norm[g.id][gone].sum())
@@ -804,15 +802,26 @@ def _offer_in_step(g, removed: dict, norm: dict, q: int) -> tuple[dict, float] |
     that comes back. Which units go may change (three query heads over three key/value heads become
     four over two)."""
     gone = removed[g.id]
-    for k in range(len(gone) - 1, -1, -1):
-        units = remove_lowest(g, norm[g.id], k) if k else np.zeros(0, dtype=np.int64)
-        if len(units) < len(gone) and (not len(units) or (g.n_units - len(units)) % q == 0):
-            break
-    else:
+    units = _next_balanced(g, norm, gone, q, more=False)
+    if units is None:
         return None
     back = float(norm[g.id][gone].sum() - norm[g.id][units].sum())
     cand = {**removed, g.id: units} if len(units) else {k: v for k, v in removed.items() if k != g.id}
     return cand, max(back, 0.0)
+
+
+def _next_balanced(g, norm: dict, gone: np.ndarray, q: int, *, more: bool, min_keep: float = 0.0) -> np.ndarray | None:
+    """For a group that shrinks in step: the balanced removal (``remove_lowest``) next to ``gone``, the
+    smallest that removes more units (``more``) or the largest that removes fewer, whose kept count is a
+    multiple of ``q`` (going down, removing none is one too); None where there is none. ``_take`` and
+    ``_offer_in_step`` step up and down the same ladder."""
+    ks = range(len(gone) + 1, g.n_units + 1) if more else range(len(gone) - 1, -1, -1)
+    for k in ks:
+        units = remove_lowest(g, norm[g.id], k, min_keep) if k else np.zeros(0, dtype=np.int64)
+        if (len(units) > len(gone) if more else len(units) < len(gone)) and (
+                not len(units) or (g.n_units - len(units)) % q == 0):
+            return units
+    return None
 
 
 FILL_TOL = 0.01  # a budget search that lands further under its target than this steps over the unit that overshot
