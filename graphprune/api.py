@@ -19,7 +19,7 @@ from .batches import as_call, not_batches, read_batches, regroup
 from .errors import GraphpruneError, GraphpruneWarning, first_line, user_level
 from .flops import count_flops, count_params, latency_ratio
 from .groups import Analysis, analyze_graph
-from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, SYMBOLIC_DIMS
+from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, GUARD_SIZES, SYMBOLIC_DIMS
 from . import auto, graph_inputs, hf, module_form, none_inputs
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore, matching_ratio
 from .pass_manager import format_pipeline, parse_pipeline, run_pipeline
@@ -407,6 +407,13 @@ def _graph_checks(model, p, result, rep, check) -> None:
         warnings.warn(GraphpruneWarning(f"the result is a graph that takes only some input sizes ({', '.join(spans)}): "
                                         "torch.export bounded them where the forward branches on a size or its shape "
                                         "arithmetic holds only on some; see report.form_why"), stacklevel=user_level())
+    turns = p.gm.meta.get(GUARD_SIZES)
+    if rep.form == "graph" and turns:  # `x.shape[1] == 64` at 12 is a guard, Ne(s1, 64), and no bound: 64 is refused
+        at = [f"input {dims[0][0]} dim {dims[0][1]} at {size}" for size, dims in turns]
+        listed = f"{', '.join(at[:6])}{' ...' if len(at) > 6 else ''}"
+        rep.form_why += f". The forward tests sizes for equality, and the graph refuses sizes where a test turns, such as {listed}"
+        warnings.warn(GraphpruneWarning(f"the result is a graph that refuses input sizes where the forward's tests of sizes "
+                                        f"turn, such as {listed}; see report.form_why"), stacklevel=user_level())
 
 
 def _sizes_refused(p, result) -> list:
@@ -729,7 +736,7 @@ def _untraced_paths(model, top, out, p, *, unseen=(), refused=()) -> str | None:
     kept = _zeroed_twin(p, out)
     return (module_form.beyond(model, top, p.gm.meta.get(EXAMPLE, (args, kwargs)), p.gm.meta.get(BOUNDED_DIMS),
                                kept=kept, pruned=out, params=p.param_writes, refused=refused,
-                               symbolic=p.gm.meta.get(SYMBOLIC_DIMS), traced=p.gm)
+                               symbolic=p.gm.meta.get(SYMBOLIC_DIMS), traced=p.gm, turns=p.gm.meta.get(GUARD_SIZES))
             or module_form.trains(model, top, args, kwargs, list(unseen), kept=kept, pruned=out, params=p.param_writes))
 
 

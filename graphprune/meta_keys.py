@@ -14,6 +14,7 @@ and on ``gm.meta`` (the GraphModule):
 | ``gp_example`` | ``trace`` | the example ``(args, kwargs)``, so the pass manager can re-run shapes |
 | ``gp_fixed_dims`` | ``trace`` (torch.export) | the input dims the exported graph fixed to the example's size, as ``"x dim 2 (16)"`` |
 | ``gp_bounded_dims`` | ``trace`` (torch.export) | input dims the exported graph keeps symbolic but bounds (a branch on a size, or shape arithmetic that holds on some sizes only): ``[(lower, upper or None, [(input leaf, dim), ...])]`` |
+| ``gp_guard_sizes`` | ``trace`` (torch.export) | input sizes where an equality guard of the exported graph turns (``if x.shape[1] == 64`` at 12 refuses 64): ``[(size, [(input leaf, dim), ...])]``, which the module form is checked at |
 | ``gp_symbolic_dims`` | ``trace`` (torch.export) | every input dim the exported graph keeps symbolic, one list per symbol: ``[[(input leaf, dim), ...], ...]`` (a size of 1 is never guarded: ``verify.wrong_at_tested_batches``) |
 | ``gp_numbers`` | ``groups.build`` (read by ``shrink-params``) | ``sizes.NumberUse`` list: widths read as numbers, frozen where they shrink |
 | ``graphprune`` | ``Pruner.prune`` | method, widths per group, unsupported ops |
@@ -26,6 +27,7 @@ PLAN = "gp_plan"
 EXAMPLE = "gp_example"
 FIXED_DIMS = "gp_fixed_dims"
 BOUNDED_DIMS = "gp_bounded_dims"
+GUARD_SIZES = "gp_guard_sizes"
 SYMBOLIC_DIMS = "gp_symbolic_dims"
 NUMBERS = "gp_numbers"
 ORIGINAL_FLOPS = "gp_original_flops"

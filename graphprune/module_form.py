@@ -349,7 +349,7 @@ def _one_more(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 @widened_on_rounding
 def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list | None, *,
            kept: dict | None, pruned: torch.nn.Module, params: bool = True, refused=(), symbolic=None,
-           traced=None) -> str | None:
+           traced=None, turns=()) -> str | None:
     """Why the module form cannot be trusted on inputs the trace did not cover, or None.
 
     The user's forward runs whatever it is called with; the trace saw one path.
@@ -363,6 +363,9 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
       batch the code tests, ``>= 3`` at batch 2): the module form alone can take them.
     - Batch sizes either side of each size test in the code (``x.shape[0] > 4``): behind a
       question the tracer answered wrongly the test left no bound to step past.
+    - Each size where an equality guard of the exported graph turns (``turns``: ``x.shape[1] == 64`` at 12
+      is ``Ne(s1, 64)``, a guard and no bound; ``h.shape[-1] == T`` with h 32 wide turns at 32, and the
+      module form, 16 wide, took that branch at 16 instead: 0.44 off, survey 44 F1).
     - Each other symbolic input dim of the exported graph (``symbolic``) at 1, which torch.export
       never guards (``if x.shape[1] == 1``: one token takes another branch).
     - Input sizes on the far side of each test of a size other than the batch (``h.shape[-1] > 8``
@@ -376,7 +379,7 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
     if kept is None or example is None or why_not(model) is not None:
         return None
     flags, batches = _other_settings(model, example), _tested_batches(model, example)
-    cases = _past_bounds(example, bounded or []) + flags + batches + (
+    cases = _past_bounds(example, bounded or [], turns or []) + flags + batches + (
         _other_layout(example) if source.reads_layout(model) else []) + [
         (tuple(a), dict(k), "(a size the traced graph refuses)") for a, k in refused] + [
         (a, k, f"({what})") for what, a, k in at_size_one(example[0], example[1], symbolic)] + (
@@ -518,29 +521,41 @@ def _tested_sizes(model: torch.nn.Module, example, traced) -> list:
     return out
 
 
-def _past_bounds(example, bounded: list) -> list:
-    """(args, kwargs, what) just past each bound torch.export put on a symbolic input dim."""
+def _past_bounds(example, bounded: list, turns: list = ()) -> list:
+    """(args, kwargs, what) just past each bound torch.export put on a symbolic input dim, and at each
+    size where one of its equality guards turns (``turns``: ``trace._guard_sizes``)."""
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
     leaves, spec = tree_flatten((tuple(example[0]), dict(example[1])))
     tensors = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
-    out = []
+
+    def now(dims) -> int:
+        return leaves[tensors[dims[0][0]]].shape[dims[0][1]] if dims else 0
+
+    plans = []  # (sizes, dims, what)
     for lo, hi, dims in bounded:
-        now = leaves[tensors[dims[0][0]]].shape[dims[0][1]] if dims else 0
         # a bound far out (`if x.shape[0] > 4096: chunk`) is not stepped past: batch 10**6 took 90 s (survey 21)
-        far = hi is not None and hi + 1 > max(source.BATCH_LIMIT, 4 * now)
+        far = hi is not None and hi + 1 > max(source.BATCH_LIMIT, 4 * now(dims))
         # both sides of each bound: past it the user's forward takes the other branch; at it a branch whose test
         # reads a pruned width (``h.shape[-1] * T > 150``) may turn elsewhere in the module form (survey 43 F1)
-        for size in ([hi, hi + 1] if hi is not None and not far else []) + ([lo, lo - 1] if lo > 2 else []):
-            if size == now:  # the example's own size: checked already
+        plans.append((([hi, hi + 1] if hi is not None and not far else []) + ([lo, lo - 1] if lo > 2 else []), dims,
+                      f"(the trace took that size only from {lo} to {hi if hi is not None else 'any'})"))
+    for size, dims in turns:  # `x.shape[1] == 64` at 12: the other branch at 64 alone (as far out as a bound)
+        if size <= max(source.BATCH_LIMIT, 4 * now(dims)):
+            plans.append(([size], dims, "(a size where a test of sizes the trace recorded turns)"))
+    out = []
+    for sizes, dims, what in plans:
+        for size in sizes:
+            if size == now(dims):  # the example's own size: checked already
                 continue
             moved = list(leaves)
             for i, d in dims:  # every input dim of that size moves together (one symbol)
                 t = moved[tensors[i]]
                 moved[tensors[i]] = t.index_select(d, torch.arange(size, device=t.device) % t.shape[d])
             args, kwargs = tree_unflatten(moved, spec)
-            out.append((args, kwargs, f"(the trace took that size only from {lo} to {hi if hi is not None else 'any'})"))
+            out.append((args, kwargs, what))
     return out
+
 
 
 MAX_SETTINGS = 8  # other values tried per setting: each costs a run of the module form and its twin, in both modes

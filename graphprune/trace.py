@@ -34,7 +34,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from . import source
 from .errors import GraphpruneError
-from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, SYMBOLIC_DIMS, VAL
+from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, GUARD_SIZES, SYMBOLIC_DIMS, VAL
 from .modes import copy_modes
 from .shuffle import fold_channel_shuffles
 from .standins import STANDINS
@@ -438,6 +438,7 @@ def _export(model, example_inputs, example_kwargs) -> fx.GraphModule:
     gm.meta[FIXED_DIMS] = _fixed_dims(gm)
     where = _dims_by_symbol(ep, a, k)
     gm.meta[BOUNDED_DIMS] = _bounded_dims(ep, where)
+    gm.meta[GUARD_SIZES] = _guard_sizes(ep, where)
     gm.meta[SYMBOLIC_DIMS] = list(where.values())
     return gm
 
@@ -495,13 +496,70 @@ def _guarded(ep, where: dict, spans: dict) -> dict:
     Without them the module form was checked only at lengths on the example's side (11 and 10 for 12),
     and its own forward, which compares 16 pruned channels x the length, took the other branch from 5
     to 9: 0.2 off its twin, nothing said (survey 43 F1); the graph form refused lengths under 5 unwarned."""
+    guards, hints = _guards_and_hints(ep, where)
+    return _narrowed(guards, hints, spans)
+
+
+def _guards_and_hints(ep, where: dict) -> tuple[list, dict]:
+    """The guard expressions of ``ep``'s shape env, and {symbol: the example's size} for the symbols of
+    ``where`` ([], {} where the program has no symbolic input)."""
     env = next((s.node.shape_env for n in ep.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get(VAL), torch.Tensor)
                 for s in n.meta[VAL].shape if getattr(getattr(s, "node", None), "shape_env", None) is not None), None)
     if env is None:
-        return spans
+        return [], {}
     values = getattr(env, "backed_var_to_val", None) or env.var_to_val  # torch 2.14 renamed it
-    hints = {s: int(values[s]) for s in where if s in values}
-    return _narrowed([guard.expr for guard in env.guards], hints, spans)
+    return [guard.expr for guard in env.guards], {s: int(values[s]) for s in where if s in values}
+
+
+TURN_REACH = 16  # sizes either side of the example an equality guard that holds there is tried at, for its turn
+
+
+def _guard_sizes(ep, where: dict) -> list:
+    """[(size, [(tensor leaf of (args, kwargs), dim)])]: the sizes of each symbolic input dim at which an
+    equality guard of the exported program turns, the other dims at the example's (``_turns``). A
+    branch on ``x.shape[1] == 64`` (or on a width and a length, ``h.shape[-1] == T``, h 32 wide) at a
+    length of 12 is a guard ``Ne(s1, 64)``: it bounds no range, so the module form was checked nowhere
+    near 64, and its own forward ran the other branch there, 0.19 off its twin, nothing said; the graph
+    refused 64 unwarned (survey 44 F1, F6 to F9)."""
+    guards, hints = _guards_and_hints(ep, where)
+    return [(size, where[sym]) for sym, sizes in _turns(guards, hints).items() for size in sizes]
+
+
+def _turns(guards: list, hints: dict) -> dict:
+    """{symbol: sorted sizes}: for each equality or inequality (``==``, ``!=``) guard over the symbols of
+    ``hints`` and each of its symbols, the others at the example's sizes, the sizes where it turns:
+    the roots of a ``!=`` (``Ne(32, s1)``: 32), and the nearest size either side of the example, within
+    ``TURN_REACH``, where an ``==`` that holds there stops holding (``Eq(Mod(s1, 2), 0)``: 11 and 13 at 12).
+    Symbols are told apart by equality (``_narrowed``)."""
+    import sympy
+
+    out: dict = {}
+    for expr in guards:
+        if not isinstance(expr, (sympy.Eq, sympy.Ne)) or not expr.free_symbols or not expr.free_symbols <= set(hints):
+            continue
+        for sym in expr.free_symbols:
+            at = expr.xreplace({s: sympy.Integer(v) for s, v in hints.items() if s != sym})
+            n, sizes = hints[sym], set()
+
+            def holds(v: int, at=at, sym=sym) -> bool:
+                return bool(at.xreplace({sym: sympy.Integer(v)}))
+
+            if not holds(n):
+                continue
+            if isinstance(expr, sympy.Ne):
+                try:
+                    roots = sympy.solve(sympy.Eq(at.lhs, at.rhs), sym)
+                except Exception:  # noqa: BLE001 - an equation sympy cannot solve: its nearest turns instead
+                    roots = []
+                sizes |= {int(r) for r in roots if getattr(r, "is_integer", False) and int(r) >= 1 and not holds(int(r))}
+            if not sizes:
+                for side in (-1, 1):
+                    v = next((v for v in range(n + side, n + side * (TURN_REACH + 1), side) if v >= 1 and not holds(v)), None)
+                    if v is not None:
+                        sizes.add(v)
+            if sizes:
+                out.setdefault(sym, set()).update(sizes)
+    return {sym: sorted(v) for sym, v in out.items()}
 
 
 def _narrowed(guards: list, hints: dict, spans: dict) -> dict:

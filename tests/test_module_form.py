@@ -521,6 +521,57 @@ def test_a_guard_bounds_its_size_when_sympy_made_the_symbol_twice():
     assert _narrowed([batch * length > 20], {batch: 2, again: 12}, {again: (2, None)}) == {again: (11, None), batch: (2, None)}
 
 
+class _CentredAtSomeLengths(nn.Module):
+    """Branches on a size for equality: torch.export records a guard (``Ne(s1, 32)``, ``Ne(s1, 10)``)
+    and bounds no range. ``how``: the pruned width against the length, or a length kept in a dict."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.cfg = how, {"n": 10}
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if (h.shape[-1] if self.how == "width" else self.cfg["n"]) == x.shape[1]:
+            h = h - h.mean(-1, keepdim=True)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("how,turn", [("width", 32), ("dict", 10)])
+def test_a_test_of_sizes_for_equality_is_checked_where_it_turns(how, turn):
+    """Survey 44 F1, F6: at length 12 the guard holds and bounds nothing, so the module form was checked
+    nowhere near where it turns. Its own forward, 16 wide, took the branch at length 16 (0.44 off its
+    twin), or at the dict's 10 over its pruned channels (0.16 off), nothing said. Now the turn is tried:
+    the module form keeps the group the branch reads whole and is exact there, and the graph, which
+    refuses that length, says so."""
+    torch.manual_seed(0)
+    model, x = _CentredAtSomeLengths(how).eval(), torch.randn(2, 12, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module"
+    twin = oracle_twin(model, small)
+    for t in (turn, 16, 12, 9):
+        xt = torch.randn(2, t, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(small(xt), twin(xt), rtol=1e-5, atol=1e-6)
+    with pytest.warns(graphprune.GraphpruneWarning, match=f"refuses input sizes where .* at {turn}"):
+        graph = graphprune.compile(model, (x,), ratio=0.5, importance="l1", output="graph")
+    assert graph.fc1.weight.shape[0] == 16
+
+
+def test_an_equality_guard_turns_at_its_roots_and_its_nearest_other_sizes():
+    """``Ne`` guards turn at their roots (a width against a length: 32; over two symbols, each with the
+    other at its example's); an ``Eq`` that holds at the example (an even length) turns at the nearest
+    size either side where it stops holding."""
+    import sympy
+
+    from graphprune.trace import _turns
+
+    t, b = sympy.Symbol("s1", positive=True, integer=True), sympy.Symbol("s0", positive=True, integer=True)
+    guards = [sympy.Ne(t, 32), sympy.Ne(b * t, 64), sympy.Eq(sympy.Mod(t, 2), 0), t > 3]
+    assert _turns(guards, {t: 12, b: 2}) == {t: [11, 13, 32]}
+    assert _turns([sympy.Ne(t, 12)], {t: 12}) == {}  # false at the example: not a guard it took
+
+
 class _Flagged(_ScaleInTraining):
     """A keyword flag the example leaves at its default: one value centres over the channels, the
     other returns the hidden features (at the pruned width, as a pruned model should)."""
