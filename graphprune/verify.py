@@ -807,6 +807,7 @@ class Verifier:
         self._sized: list = []  # the resized cases tried (one stays in ``cases``)
         self.notes: list[str] = []
         self.refused: list = []  # (args, kwargs) the model takes and the traced graph does not
+        self.unsized: list = []  # (args, kwargs) at another size the exported graph refuses (fixed dims): said elsewhere
         gm = p.gm
         self.params = dict(gm.named_parameters(remove_duplicate=False))
         # a fold writes weights rounded to the model's dtype: no float32 check of a half model (``widened_on_rounding``)
@@ -918,6 +919,8 @@ class Verifier:
                         self.cases = [c for c in self.cases if c is not case]
                         if not any(c is case for c in self._sized):  # an exported graph fixes those sizes, and says so
                             self._graph_refused(args, kwargs)
+                        else:  # ... but the module form takes them, and is held to its twin there (``module_form.beyond``)
+                            self.unsized.append((args, kwargs))
                         continue
                     try:
                         with on_copies(out, params=self.p.param_writes):
@@ -930,7 +933,7 @@ class Verifier:
             if self.extra is None:
                 return None
             state = gm = ref = got = None  # the twin's copies go before the module form makes its own (a large model twice)
-            return self.extra(removed, out, self.refused)
+            return self.extra(removed, out, self.refused + self.unsized)
         finally:
             self.seconds += time.perf_counter() - start
 

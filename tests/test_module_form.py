@@ -572,6 +572,40 @@ def test_an_equality_guard_turns_at_its_roots_and_its_nearest_other_sizes():
     assert _turns([sympy.Ne(t, 12)], {t: 12}) == {}  # false at the example: not a guard it took
 
 
+class _CentredOnOddLengths(nn.Module):
+    """Branches on a size torch.export fixes (a Conv1d's time, an image's height against its width):
+    the graph takes the example's size only, and the module form any."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        self.dims, self.c1, self.c2 = dims, conv(4, 16, 3, padding=1), conv(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        if (h.shape[-1] % 2 if self.dims == 1 else h.shape[-2] != h.shape[-1]):
+            h = h - h.mean(1, keepdim=True)
+        return self.c2(h)
+
+
+@pytest.mark.parametrize("dims,other", [(1, (2, 4, 11)), (2, (2, 4, 15, 16))])
+def test_a_branch_on_a_fixed_size_is_checked_at_the_sizes_the_graph_refuses(dims, other):
+    """Survey 44 F4, F5: the self-check's inputs at other sizes (``resized_inputs``) that the exported
+    graph refused were dropped, since the graph says so itself, and so the module form, which takes
+    them, was never run at any length but the example's. At odd lengths (or a non-square image) its
+    forward centred over its pruned channels, 0.17 off its dead twin, nothing said. Now the module form
+    is held to its twin at them: the group the branch reads stays whole, and it is exact there."""
+    torch.manual_seed(0)
+    model = _CentredOnOddLengths(dims).eval()
+    x = torch.randn(2, 4, 12) if dims == 1 else torch.randn(2, 4, 16, 16)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module"
+    twin = oracle_twin(model, small)
+    with torch.no_grad():
+        for xt in (x, torch.randn(*other)):
+            torch.testing.assert_close(small(xt), twin(xt), rtol=1e-5, atol=1e-6)
+
+
 class _Flagged(_ScaleInTraining):
     """A keyword flag the example leaves at its default: one value centres over the channels, the
     other returns the hidden features (at the pruned width, as a pruned model should)."""
