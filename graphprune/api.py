@@ -290,11 +290,16 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
             f"generate() and save_pretrained, and whose forward cannot run their pruning (first: {classes[0][:400]}). "
             "output='graph' prunes them, as an fx graph"), stacklevel=user_level())
     held = [b for b in check.blocked if MODULE_PATHS in b]
-    if held and not check.notes and not p.wrong_sizes:  # a setting's other value read a group: it was kept, silently
+    if held:  # a setting's other value, or another size, read a group: it was kept
+        # where the traced graph refuses sizes the model takes (or computes them wrongly), output='graph' raises, so
+        # the warning had been left out, and a model that came back with nothing removed said nothing (survey 44 F12)
+        other = ("output='graph' prunes them: its graph computes the traced path only, and refuses a setting or size it "
+                 "can tell it did not trace" if not check.notes and not p.wrong_sizes else
+                 "output='graph' is no way out: the traced graph does not take every input size the model does "
+                 "(report.verify says which). Compile with an example of the sizes you will run")
         warnings.warn(GraphpruneWarning(
             f"{len(held)} group(s) kept whole so that the result, in the model's own classes, is right on paths the "
-            f"trace did not take (first: {held[0][:400]}). output='graph' prunes them: its graph computes the traced "
-            "path only, and refuses a setting or size it can tell it did not trace"), stacklevel=user_level())
+            f"trace did not take (first: {held[0][:400]}). {other}"), stacklevel=user_level())
     rep.auto = choice
     rep.rounding = rounding
     rep.layout = layout

@@ -606,6 +606,37 @@ def test_a_branch_on_a_fixed_size_is_checked_at_the_sizes_the_graph_refuses(dims
             torch.testing.assert_close(small(xt), twin(xt), rtol=1e-5, atol=1e-6)
 
 
+def _odd(n: int) -> bool:
+    return n % 2 == 1
+
+
+class _CentredOnOddBatchesOfTokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if _odd(x.shape[1]):  # a guard Eq(Mod(s1, 2), 0) at 12, behind a helper: no size test in forward's source
+            h = h - h.mean(-1, keepdim=True)
+        return self.fc2(h)
+
+
+def test_a_group_kept_whole_where_the_graph_is_no_way_out_is_said():
+    """Survey 44 F12: the module form kept the group whole (right at odd lengths), so nothing was removed,
+    and nothing said: the warning was left out where the traced graph refuses sizes the model takes, since
+    its advice, output='graph', raises there. It is said now, with advice that holds."""
+    torch.manual_seed(0)
+    model, x = _CentredOnOddBatchesOfTokens().eval(), torch.randn(2, 12, 8)
+    with pytest.warns(graphprune.GraphpruneWarning, match=r"kept whole .* at inputs \[\(2, 11, 8\)\].*no way out"):
+        small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and small.fc1.out_features == 32
+    twin = oracle_twin(model, small)
+    xt = torch.randn(3, 11, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(small(xt), twin(xt), rtol=1e-5, atol=1e-6)
+
+
 class _Flagged(_ScaleInTraining):
     """A keyword flag the example leaves at its default: one value centres over the channels, the
     other returns the hidden features (at the pruned width, as a pruned model should)."""
