@@ -572,32 +572,38 @@ def test_an_equality_guard_turns_at_its_roots_and_its_nearest_other_sizes():
     assert _turns([sympy.Ne(t, 12)], {t: 12}) == {}  # false at the example: not a guard it took
 
 
-class _CentredOnOddLengths(nn.Module):
-    """Branches on a size torch.export fixes (a Conv1d's time, an image's height against its width):
-    the graph takes the example's size only, and the module form any."""
+_FIXED_SIZE_TESTS = {  # a branch on sizes torch.export fixes: a Conv1d's time, an image's height and width
+    "odd": lambda h: h.shape[-1] % 2,
+    "square": lambda h: h.shape[-2] != h.shape[-1],
+    "portrait": lambda h: h.shape[-2] > h.shape[-1],
+}
 
-    def __init__(self, dims: int):
+
+class _CentredAtSomeSizes(nn.Module):
+    def __init__(self, test: str):
         super().__init__()
-        conv = nn.Conv1d if dims == 1 else nn.Conv2d
-        self.dims, self.c1, self.c2 = dims, conv(4, 16, 3, padding=1), conv(16, 8, 3, padding=1)
+        conv = nn.Conv1d if test == "odd" else nn.Conv2d
+        self.test, self.c1, self.c2 = test, conv(4, 16, 3, padding=1), conv(16, 8, 3, padding=1)
 
     def forward(self, x):
         h = torch.relu(self.c1(x))
-        if (h.shape[-1] % 2 if self.dims == 1 else h.shape[-2] != h.shape[-1]):
+        if _FIXED_SIZE_TESTS[self.test](h):
             h = h - h.mean(1, keepdim=True)
         return self.c2(h)
 
 
-@pytest.mark.parametrize("dims,other", [(1, (2, 4, 11)), (2, (2, 4, 15, 16))])
-def test_a_branch_on_a_fixed_size_is_checked_at_the_sizes_the_graph_refuses(dims, other):
-    """Survey 44 F4, F5: the self-check's inputs at other sizes (``resized_inputs``) that the exported
+@pytest.mark.parametrize("test,example,other", [("odd", (2, 4, 12), (2, 4, 11)), ("square", (2, 4, 16, 16), (2, 4, 15, 16)),
+                                                ("portrait", (2, 4, 12, 17), (2, 4, 20, 16))])
+def test_a_branch_on_a_fixed_size_is_checked_at_the_sizes_the_graph_refuses(test, example, other):
+    """Survey 44 F3 to F5: the self-check's inputs at other sizes (``resized_inputs``) that the exported
     graph refused were dropped, since the graph says so itself, and so the module form, which takes
-    them, was never run at any length but the example's. At odd lengths (or a non-square image) its
-    forward centred over its pruned channels, 0.17 off its dead twin, nothing said. Now the module form
-    is held to its twin at them: the group the branch reads stays whole, and it is exact there."""
+    them, was never run at any size but the example's; and no size tried turned a landscape image
+    portrait. At odd lengths, a non-square or a portrait image its forward centred over its pruned
+    channels, 0.15 to 0.22 off its dead twin, nothing said. Now the module form is held to its twin at
+    them, an image's height and width swapped among them: the group the branch reads stays whole, and
+    it is exact there."""
     torch.manual_seed(0)
-    model = _CentredOnOddLengths(dims).eval()
-    x = torch.randn(2, 4, 12) if dims == 1 else torch.randn(2, 4, 16, 16)
+    model, x = _CentredAtSomeSizes(test).eval(), torch.randn(*example)
     small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
     assert small.report.form == "module"
     twin = oracle_twin(model, small)
