@@ -385,6 +385,11 @@ def _graph_checks(model, p, result, rep, check) -> None:
         rep.form_why += (f". Traced with torch.export from the inputs the example gives: {', '.join(left[:6])}"
                          f"{' ...' if len(left) > 6 else ''} (left at their defaults) are no inputs of the graph, "
                          "which refuses them by name; give them in the example to trace them")
+        warnings.warn(GraphpruneWarning(  # the reason alone was in form_why; a call raised first (survey 44 F11)
+            f"the result is a graph that takes no {', '.join(left[:6])}{' ...' if len(left) > 6 else ''}: torch.export "
+            "traced the forward with them at their defaults, and the graph refuses them by name. Give them in the "
+            "example (example_kwargs) to trace them, or see report.form_why for why the model's own classes were not "
+            "an option"), stacklevel=user_level())
     if rep.form == "graph" and p.analysis.method == "symbolic_trace":
         graph_inputs.guard_given(result)  # an input the example gave that defaults to None: refused as None
     nones = graph_inputs.guard(result, p.model) if rep.form == "graph" and p.analysis.method == "export" else []

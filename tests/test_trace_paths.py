@@ -931,15 +931,20 @@ class _Optional(nn.Module):
 
 def test_a_graph_says_which_inputs_the_example_left_out():
     """An exported graph has an input for each value the example gives: called with ``mask=`` or ``k=`` it raised
-    Python's bare TypeError, and nothing had said the graph was traced without them (survey 30 f07, f09)."""
+    Python's bare TypeError, and nothing had said the graph was traced without them (survey 30 f07, f09); then only
+    ``report.form_why`` said it, and compile warned of nothing (survey 44 F11)."""
     torch.manual_seed(0)
     x = torch.randn(2, 8)
-    small = graphprune.compile(_Optional().eval(), (x,), ratio=0.5, importance="l1", output="graph")
+    with pytest.warns(graphprune.GraphpruneWarning, match="graph that takes no mask, k: "):
+        small = graphprune.compile(_Optional().eval(), (x,), ratio=0.5, importance="l1", output="graph")
     assert "mask, k (left at their defaults) are no inputs of the graph" in small.report.form_why
     with pytest.raises(TypeError, match="mask"):
         small(x, mask=torch.ones(2, 16))
-    small = graphprune.compile(_Optional().eval(), (x, None, 3), ratio=0.5, importance="l1", output="graph")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small = graphprune.compile(_Optional().eval(), (x, None, 3), ratio=0.5, importance="l1", output="graph")
     assert "no inputs of the graph" not in small.report.form_why
+    assert not [w for w in caught if "graph that takes no" in str(w.message)]
 
 
 class _Encoded(nn.Module):
