@@ -366,6 +366,8 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
     - Each size where an equality guard of the exported graph turns (``turns``: ``x.shape[1] == 64`` at 12
       is ``Ne(s1, 64)``, a guard and no bound; ``h.shape[-1] == T`` with h 32 wide turns at 32, and the
       module form, 16 wide, took that branch at 16 instead: 0.44 off, survey 44 F1).
+    - Each other symbolic input dim at twice its size, where the bounds take it (``h / min(h.shape[-1], T)``
+      agrees with its twin up to the pruned width, survey 44 F2).
     - Each other symbolic input dim of the exported graph (``symbolic``) at 1, which torch.export
       never guards (``if x.shape[1] == 1``: one token takes another branch).
     - Input sizes on the far side of each test of a size other than the batch (``h.shape[-1] > 8``
@@ -374,7 +376,7 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
     On each such input the module form is held to its dead twin (``_dead``: the original's
     own forward, removed slices zeroed) where the original takes it."""
     from .trace import shadow
-    from .verify import _shapes, at_size_one, why_not
+    from .verify import _shapes, at_size_one, at_twice, why_not
 
     if kept is None or example is None or why_not(model) is not None:
         return None
@@ -382,7 +384,8 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
     cases = _past_bounds(example, bounded or [], turns or []) + flags + batches + (
         _other_layout(example) if source.reads_layout(model) else []) + [
         (tuple(a), dict(k), "(a size the traced graph refuses)") for a, k in refused] + [
-        (a, k, f"({what})") for what, a, k in at_size_one(example[0], example[1], symbolic)] + (
+        (a, k, f"({what})") for what, a, k in at_size_one(example[0], example[1], symbolic)] + [
+        (a, k, f"({what})") for what, a, k in at_twice(example[0], example[1], symbolic, bounded)] + (
         _tested_sizes(model, example, traced) if traced is not None else [])
     if flags and batches:  # `if not fast and x.shape[0] > 4`: the last setting case (all at once) at each tested batch
         cases += _tested_batches(model, flags[-1][:2], flags[-1][2])

@@ -612,6 +612,32 @@ def test_a_branch_on_a_fixed_size_is_checked_at_the_sizes_the_graph_refuses(test
             torch.testing.assert_close(small(xt), twin(xt), rtol=1e-5, atol=1e-6)
 
 
+class _ScaledByTheShorter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h / min(h.shape[-1], x.shape[1]))  # no test: the width and the length meet in a min
+
+
+def test_a_width_against_a_length_is_checked_past_the_pruned_width():
+    """Survey 44 F2: at length 12, min(32, 12) and the module form's min(16, 12) agree, and every size
+    the check tried was smaller; from 17 tokens on the module form divided by 16, not 32, 0.02 off its
+    twin, nothing said (the graph, which freezes the width, was right). Twice the length is tried now."""
+    torch.manual_seed(0)
+    model, x = _ScaledByTheShorter().eval(), torch.randn(2, 12, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    twin = oracle_twin(model, small)
+    with torch.no_grad():
+        for t in (12, 17, 40):
+            xt = torch.randn(2, t, 8)
+            torch.testing.assert_close(small(xt), twin(xt), rtol=1e-5, atol=1e-6)
+    graph = graphprune.compile(model, (x,), ratio=0.5, importance="l1", output="graph")
+    assert graph.fc1.weight.shape[0] == 16
+
+
 def _odd(n: int) -> bool:
     return n % 2 == 1
 
