@@ -521,14 +521,21 @@ def test_a_guard_bounds_its_size_when_sympy_made_the_symbol_twice():
     assert _narrowed([batch * length > 20], {batch: 2, again: 12}, {again: (2, None)}) == {again: (11, None), batch: (2, None)}
 
 
-class _CentredAtSomeLengths(nn.Module):
+class _Tokens(nn.Module):
+    """(N, T, 8) tokens through a 32-wide hidden layer: the forwards below read its width and T."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+
+
+class _CentredAtSomeLengths(_Tokens):
     """Branches on a size for equality: torch.export records a guard (``Ne(s1, 32)``, ``Ne(s1, 10)``)
     and bounds no range. ``how``: the pruned width against the length, or a length kept in a dict."""
 
     def __init__(self, how: str):
         super().__init__()
         self.how, self.cfg = how, {"n": 10}
-        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
 
     def forward(self, x):
         h = torch.relu(self.fc1(x))
@@ -612,11 +619,7 @@ def test_a_branch_on_a_fixed_size_is_checked_at_the_sizes_the_graph_refuses(test
             torch.testing.assert_close(small(xt), twin(xt), rtol=1e-5, atol=1e-6)
 
 
-class _ScaledByTheShorter(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
-
+class _ScaledByTheShorter(_Tokens):
     def forward(self, x):
         h = torch.relu(self.fc1(x))
         return self.fc2(h / min(h.shape[-1], x.shape[1]))  # no test: the width and the length meet in a min
@@ -642,11 +645,7 @@ def _odd(n: int) -> bool:
     return n % 2 == 1
 
 
-class _CentredOnOddBatchesOfTokens(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
-
+class _CentredOnOddBatchesOfTokens(_Tokens):
     def forward(self, x):
         h = torch.relu(self.fc1(x))
         if _odd(x.shape[1]):  # a guard Eq(Mod(s1, 2), 0) at 12, behind a helper: no size test in forward's source
