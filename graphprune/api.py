@@ -411,7 +411,12 @@ def _graph_checks(model, p, result, rep, check) -> None:
     if rep.form == "graph" and bounded:  # torch.export bounded a size: the graph takes only that span of it
         # a branch on a size bounds it (`if x.shape[1] > 4`), and so does shape arithmetic that holds only on some
         # sizes: heads merged with `y.reshape(B, C, T)` gave T in [2, 7], with no branch in the code (survey 43 F3)
-        spans = [f"{lo} to {hi if hi is not None else 'any'}" for lo, hi, _ in bounded]
+        # each span named by its input dim, and, where several are bounded, measured with the others at the
+        # example's: `x.shape[1] > y.shape[1]` gave "2 to 12, 12 to any", and the graph takes x at 20 with y at 25
+        spans = [f"input {dims[0][0]} dim {dims[0][1]}: {lo} to {hi if hi is not None else 'any'}" if dims else
+                 f"{lo} to {hi if hi is not None else 'any'}" for lo, hi, dims in bounded]
+        if len(spans) > 1:
+            spans[-1] += ", each with the other sizes at the example's"
         rep.form_why += (". torch.export bounded input sizes, where the forward branches on a size or its shape "
                          f"arithmetic holds only on some, and the graph takes only these: {', '.join(spans)}")
         warnings.warn(GraphpruneWarning(f"the result is a graph that takes only some input sizes ({', '.join(spans)}): "

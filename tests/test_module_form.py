@@ -641,6 +641,31 @@ def test_a_width_against_a_length_is_checked_past_the_pruned_width():
     assert graph.fc1.weight.shape[0] == 16
 
 
+class _LongerQuery(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fa, self.fb, self.fc2 = nn.Linear(8, 32), nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x, y):
+        h, g = torch.relu(self.fa(x)), torch.relu(self.fb(y)).mean(1, keepdim=True)
+        if x.shape[1] > y.shape[1]:
+            h = h - h.mean(-1, keepdim=True)
+        return self.fc2(h + g)
+
+
+def test_a_bounded_graph_names_each_span_and_says_they_are_measured_at_the_example():
+    """Survey 44 F13: a test of one length against another bounds each, the other at the example's, and
+    the warning said "2 to 12, 12 to any", naming neither input, while the graph takes x at 20 with y at 25."""
+    torch.manual_seed(0)
+    model, x = _LongerQuery().eval(), torch.randn(2, 12, 8)
+    with pytest.warns(graphprune.GraphpruneWarning, match=r"input 0 dim 1: 2 to 12, input 1 dim 1: 12 to any, each "
+                                                          r"with the other sizes at the example's"):
+        graph = graphprune.compile(model, (x, x.clone()), ratio=0.5, importance="l1", output="graph")
+    a, b = torch.randn(2, 20, 8), torch.randn(2, 25, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(a, b), oracle_twin(model, graph)(a, b), rtol=1e-5, atol=1e-6)
+
+
 def _odd(n: int) -> bool:
     return n % 2 == 1
 
