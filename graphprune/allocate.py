@@ -481,7 +481,7 @@ def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule
         if not p.groups:
             raise Unreachable(f"target_{kind}={target} cannot be reached: the model has no prunable group"
                               f"{blocked_hint(p)}") from None
-        narrow = [g for g in p.groups if constraints.round_to > 1 and g.n_units <= g.unit_multiple(constraints.round_to)]
+        narrow = [g for g in p.groups if g.one_multiple_wide(constraints.round_to)]
         if narrow:  # a group one multiple wide keeps every channel: round_to, not the model, holds it
             e = Unreachable(f"{e}. round_to={constraints.round_to} keeps {len(narrow)} of {len(p.groups)} prunable group(s) "
                             f"whole, no wider than one multiple (first: {narrow[0].describe()[:120]})")

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .allocate import (FILL_TOL, RULES, Constraints, allocate, blocked_hint, steps_back, light_report, original_params, overrides_ceiling,
-                       params_read, report, unrounded)
+from .allocate import (FILL_TOL, RULES, Constraints, allocate, blocked_hint, light_report, original_params, overrides_ceiling,
+                       params_read, report, steps_back, unrounded)
 from .batches import as_call, not_batches, read_batches, regroup
 from .errors import GraphpruneError, GraphpruneWarning, first_line, user_level
 from .flops import count_flops, count_params, latency_ratio
@@ -264,7 +264,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
                 f"whole; lower those ratios or the target"), stacklevel=user_level())
         else:
             _warn_coarse_steps(p, kind, target, getattr(rep, kind), removed, round_to, overrides)
-    narrow = [g for g in p.groups if (asked_round_to or 1) > 1 and g.n_units <= g.unit_multiple(round_to)]
+    narrow = [g for g in p.groups if (asked_round_to or 1) > 1 and g.one_multiple_wide(round_to)]
     if narrow and (overrides or any(n for n in (ratio.values() if isinstance(ratio, dict) else [ratio]) if n) or budgets):
         warnings.warn(GraphpruneWarning(
             f"round_to={round_to}: {len(narrow)} group(s) no wider than {round_to} channels stay whole, since no multiple "
@@ -273,12 +273,10 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
     off = unrounded(p, removed, round_to) if round_to > 1 else []
     if off:  # bundled units: query heads in balance over their key/value heads, a chunk's equal parts
         name, width, kept, g = off[0]
-        why = (f"query heads, kept in the same number for each of their {g.n_parts} key/value heads" if g.part_of is not None
-               else "the equal parts a chunk splits them into, kept alike" if g.even is not None
-               else f"units kept in multiples of {g.multiple}" if g.multiple > 1
-               else f"a dim that reads several of the {len(g.branches)} branches a concatenation or a shuffle makes, each "
-                    "rounded on its own, one kept whole at a width that is not a multiple" if len(g.branches) > 1
-               else "units that go together")
+        why = _bundled(g) or (
+            f"a dim that reads several of the {len(g.branches)} branches a concatenation or a shuffle makes, each "
+            "rounded on its own, one kept whole at a width that is not a multiple" if len(g.branches) > 1
+            else "units that go together")
         warnings.warn(GraphpruneWarning(
             f"round_to={round_to} does not hold on {len(off)} pruned dim(s) (first: {name}, {kept} of {width}): their "
             f"channels go in bundles ({why}); give a round_to those counts allow, or ignore those layers"),
@@ -761,6 +759,13 @@ MODULE_PATHS = "the model's own classes: "  # in a self-check message: the modul
 FAR_UNDER = 2 * FILL_TOL  # a budget landing further under its target than this is explained (``_warn_coarse_steps``)
 
 
+def _bundled(g) -> str | None:
+    """Why ``g``'s units go in bundles of their own, or None: what a warning about its steps names."""
+    return (f"query heads, kept in the same number for each of their {g.n_parts} key/value heads" if g.part_of is not None
+            else "the equal parts a chunk splits them into, kept alike" if g.even is not None
+            else f"units kept in multiples of {g.multiple}" if g.multiple > 1 else None)
+
+
 def _warn_coarse_steps(p, kind: str, target: float, got: float, removed: dict, round_to: int, overrides) -> None:
     """Say why a budget landed far under its target, where the reason is that every step any pruned
     group can take back overshoots it (``allocate.steps_back``): the smallest of them, and the target
@@ -773,11 +778,8 @@ def _warn_coarse_steps(p, kind: str, target: float, got: float, removed: dict, r
         return
     at, g, n = min(steps, key=lambda s: s[0])
     what, units = "FLOPs" if kind == "flops" else "parameters", f"{n} unit{'s' if n != 1 else ''}"
-    why = (f"query heads go in balance over their {g.n_parts} key/value heads" if g.part_of is not None
-           else "the equal parts a chunk splits them into shrink alike" if g.even is not None
-           else f"widths stay multiples of round_to={round_to}" if round_to > 1
-           else f"its units go {g.multiple} at a time" if g.multiple > 1
-           else "one unit is that large a share of the model")
+    why = _bundled(g) or (f"widths stay multiples of round_to={round_to}" if round_to > 1
+                          else "one unit is that large a share of the model")
     warnings.warn(GraphpruneWarning(
         f"target_{kind}={target} landed at {got:.3f} of the original's {what}: no removal found lands nearer, "
         f"since the smallest step any pruned group takes back ({units} of {g.describe()[:160]}; {why}) "

@@ -123,6 +123,10 @@ class Group:
         round_to=8 needs units in fours (counted by the fewest, twos, 36 output channels came out)."""
         return math.lcm(1, *(round_to // math.gcd(round_to, c) if c else round_to for c in self._shares))
 
+    def one_multiple_wide(self, round_to: int) -> bool:
+        """Whether ``round_to`` holds the whole group: no multiple of it fits under its width."""
+        return round_to > 1 and self.n_units <= self.unit_multiple(round_to)
+
     def unit_floor(self, min_width: int) -> int:
         """Units that hold at least ``min_width`` channels."""
         return -(-min_width // self.channels_per_unit)

@@ -528,14 +528,14 @@ def _tested_sizes(model: torch.nn.Module, example, traced) -> list:
 
 def _past_bounds(example, bounded: list, turns: list = ()) -> list:
     """(args, kwargs, what) just past each bound torch.export put on a symbolic input dim, and at each
-    size where one of its equality guards turns (``turns``: ``trace._guard_sizes``)."""
-    from torch.utils._pytree import tree_flatten, tree_unflatten
+    size where one of its equality guards turns (``turns``: ``trace._turns``)."""
+    from .verify import symbol_at
 
-    leaves, spec = tree_flatten((tuple(example[0]), dict(example[1])))
-    tensors = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+    args, kwargs = tuple(example[0]), dict(example[1])
+    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
 
     def now(dims) -> int:
-        return leaves[tensors[dims[0][0]]].shape[dims[0][1]] if dims else 0
+        return tensors[dims[0][0]].shape[dims[0][1]] if dims else 0
 
     plans = []  # (sizes, dims, what)
     for lo, hi, dims in bounded:
@@ -548,19 +548,9 @@ def _past_bounds(example, bounded: list, turns: list = ()) -> list:
     for size, dims in turns:  # `x.shape[1] == 64` at 12: the other branch at 64 alone (as far out as a bound)
         if size <= max(source.BATCH_LIMIT, 4 * now(dims)):
             plans.append(([size], dims, "(a size where a test of sizes the trace recorded turns)"))
-    out = []
-    for sizes, dims, what in plans:
-        for size in sizes:
-            if size == now(dims):  # the example's own size: checked already
-                continue
-            moved = list(leaves)
-            for i, d in dims:  # every input dim of that size moves together (one symbol)
-                t = moved[tensors[i]]
-                moved[tensors[i]] = t.index_select(d, torch.arange(size, device=t.device) % t.shape[d])
-            args, kwargs = tree_unflatten(moved, spec)
-            out.append((args, kwargs, what))
-    return out
-
+    # the example's own size is checked already; every input dim of one symbol moves together
+    return [(*symbol_at(args, kwargs, dims, size), what) for sizes, dims, what in plans for size in sizes
+            if size != now(dims)]
 
 
 MAX_SETTINGS = 8  # other values tried per setting: each costs a run of the module form and its twin, in both modes

@@ -437,8 +437,9 @@ def _export(model, example_inputs, example_kwargs) -> fx.GraphModule:
     gm.meta[EXAMPLE] = (a, k)  # the inputs its shapes were recorded with: the between-pass check reruns them
     gm.meta[FIXED_DIMS] = _fixed_dims(gm)
     where = _dims_by_symbol(ep, a, k)
-    gm.meta[BOUNDED_DIMS] = _bounded_dims(ep, where)
-    gm.meta[GUARD_SIZES] = _guard_sizes(ep, where)
+    guards, hints = _guards_and_hints(ep, where)
+    gm.meta[BOUNDED_DIMS] = _bounded_dims(ep, where, guards, hints)
+    gm.meta[GUARD_SIZES] = [(size, where[sym]) for sym, sizes in _turns(guards, hints).items() for size in sizes]
     gm.meta[SYMBOLIC_DIMS] = list(where.values())
     return gm
 
@@ -468,10 +469,10 @@ def _dims_by_symbol(ep, args: tuple, kwargs: dict) -> dict:
     return where
 
 
-def _bounded_dims(ep, where: dict) -> list:
+def _bounded_dims(ep, where: dict, guards: list, hints: dict) -> list:
     """Symbolic input dims the code branched on, so torch.export bounded them (``if x.shape[0] > 4``
     at batch 2 gives batch in [2, 4]): [(lower, upper or None, [(tensor leaf of (args, kwargs), dim)])],
-    from ``_dims_by_symbol``, its ranges narrowed by the program's other guards (``_guarded``). The
+    from ``_dims_by_symbol``, its ranges narrowed by the program's other guards (``_narrowed``). The
     graph refuses sizes outside; the user's own forward takes them, down a path no trace saw, which
     ``module_form.beyond`` checks."""
     from torch.utils._sympy.numbers import int_oo
@@ -481,23 +482,13 @@ def _bounded_dims(ep, where: dict) -> list:
         r = ep.range_constraints.get(sym)
         if r is not None:
             spans[sym] = (int(r.lower), None if r.upper is int_oo or not r.upper.is_finite else int(r.upper))
-    spans = _guarded(ep, where, spans)
+    spans = _narrowed(guards, hints, spans)
     # 2 is where every symbolic dim starts (sizes 0 and 1 are specialised)
     return [(lo, hi, where[sym]) for sym, (lo, hi) in spans.items() if lo > 2 or hi is not None]
 
 
 GUARD_CAP = 1 << 20  # sizes a guard's bounds are looked for up to (bisection: about 20 evaluations a side)
-
-
-def _guarded(ep, where: dict, spans: dict) -> dict:
-    """``spans`` ({symbol: (lower, upper or None)}) narrowed by torch.export's other guards: a branch on
-    an expression of sizes (``if h.shape[-1] * h.shape[1] > 150``, h 32 wide) bounds no symbol's range;
-    it is a guard, ``32*s1 > 150``, that the graph checks on every call (``_narrowed`` reads it).
-    Without them the module form was checked only at lengths on the example's side (11 and 10 for 12),
-    and its own forward, which compares 16 pruned channels x the length, took the other branch from 5
-    to 9: 0.2 off its twin, nothing said (survey 43 F1); the graph form refused lengths under 5 unwarned."""
-    guards, hints = _guards_and_hints(ep, where)
-    return _narrowed(guards, hints, spans)
+TURN_REACH = 16  # sizes either side of the example an equality guard that holds there is tried at, for its turn
 
 
 def _guards_and_hints(ep, where: dict) -> tuple[list, dict]:
@@ -511,61 +502,10 @@ def _guards_and_hints(ep, where: dict) -> tuple[list, dict]:
     return [guard.expr for guard in env.guards], {s: int(values[s]) for s in where if s in values}
 
 
-TURN_REACH = 16  # sizes either side of the example an equality guard that holds there is tried at, for its turn
-
-
-def _guard_sizes(ep, where: dict) -> list:
-    """[(size, [(tensor leaf of (args, kwargs), dim)])]: the sizes of each symbolic input dim at which an
-    equality guard of the exported program turns, the other dims at the example's (``_turns``). A
-    branch on ``x.shape[1] == 64`` (or on a width and a length, ``h.shape[-1] == T``, h 32 wide) at a
-    length of 12 is a guard ``Ne(s1, 64)``: it bounds no range, so the module form was checked nowhere
-    near 64, and its own forward ran the other branch there, 0.19 off its twin, nothing said; the graph
-    refused 64 unwarned (survey 44 F1, F6 to F9)."""
-    guards, hints = _guards_and_hints(ep, where)
-    return [(size, where[sym]) for sym, sizes in _turns(guards, hints).items() for size in sizes]
-
-
-def _turns(guards: list, hints: dict) -> dict:
-    """{symbol: sorted sizes}: for each equality or inequality (``==``, ``!=``) guard over the symbols of
-    ``hints`` and each of its symbols, the others at the example's sizes, the sizes where it turns:
-    the roots of a ``!=`` (``Ne(32, s1)``: 32), and the nearest size either side of the example, within
-    ``TURN_REACH``, where an ``==`` that holds there stops holding (``Eq(Mod(s1, 2), 0)``: 11 and 13 at 12).
-    Symbols are told apart by equality (``_narrowed``)."""
-    import sympy
-
-    out: dict = {}
-    for expr in guards:
-        if not isinstance(expr, (sympy.Eq, sympy.Ne)) or not expr.free_symbols or not expr.free_symbols <= set(hints):
-            continue
-        for sym in expr.free_symbols:
-            at = expr.xreplace({s: sympy.Integer(v) for s, v in hints.items() if s != sym})
-            n, sizes = hints[sym], set()
-
-            def holds(v: int, at=at, sym=sym) -> bool:
-                return bool(at.xreplace({sym: sympy.Integer(v)}))
-
-            if not holds(n):
-                continue
-            if isinstance(expr, sympy.Ne):
-                try:
-                    roots = sympy.solve(sympy.Eq(at.lhs, at.rhs), sym)
-                except Exception:  # noqa: BLE001 - an equation sympy cannot solve: its nearest turns instead
-                    roots = []
-                sizes |= {int(r) for r in roots if getattr(r, "is_integer", False) and int(r) >= 1 and not holds(int(r))}
-            if not sizes:
-                for side in (-1, 1):
-                    v = next((v for v in range(n + side, n + side * (TURN_REACH + 1), side) if v >= 1 and not holds(v)), None)
-                    if v is not None:
-                        sizes.add(v)
-            if sizes:
-                out.setdefault(sym, set()).update(sizes)
-    return {sym: sorted(v) for sym, v in out.items()}
-
-
-def _narrowed(guards: list, hints: dict, spans: dict) -> dict:
-    """``spans`` narrowed by each inequality in ``guards`` over the symbols of ``hints`` ({symbol: the
-    example's size}): the sizes of each of its symbols it holds at, the others at the example's, found
-    by bisection either side of the example's (a guard taken to turn at most once a side).
+def _each_symbol(guards: list, hints: dict, kinds: tuple):
+    """(guard, guard at the example's other sizes, symbol, holds, the example's size) for each guard of
+    ``kinds`` over the symbols of ``hints`` that holds at the example, and each of its symbols:
+    ``holds(v)`` says whether it holds with that symbol at ``v`` and the others at the example's sizes.
 
     Symbols are told apart by equality, never identity: sympy keeps one object per symbol only while
     its bounded cache holds it, so after enough other work in one process the guard's ``s27`` and the
@@ -574,10 +514,8 @@ def _narrowed(guards: list, hints: dict, spans: dict) -> dict:
     unchecked after the suite's first two dozen files, and right when compiled alone."""
     import sympy
 
-    relations = (sympy.StrictGreaterThan, sympy.GreaterThan, sympy.StrictLessThan, sympy.LessThan)
-    spans = dict(spans)
     for expr in guards:
-        if not isinstance(expr, relations) or not expr.free_symbols or not expr.free_symbols <= set(hints):
+        if not isinstance(expr, kinds) or not expr.free_symbols or not expr.free_symbols <= set(hints):
             continue
         for sym in expr.free_symbols:
             at = expr.xreplace({s: sympy.Integer(v) for s, v in hints.items() if s != sym})
@@ -585,14 +523,59 @@ def _narrowed(guards: list, hints: dict, spans: dict) -> dict:
             def holds(v: int, at=at, sym=sym) -> bool:
                 return bool(at.xreplace({sym: sympy.Integer(v)}))
 
-            n = hints[sym]
-            if not holds(n):  # the example is not on its true side: nothing to read off it
-                continue
-            lo = 1 if holds(1) else _turn(holds, 1, n)
-            hi = None if holds(GUARD_CAP) else _turn(holds, GUARD_CAP, n)
-            was_lo, was_hi = spans.get(sym, (1, None))
-            spans[sym] = (max(was_lo, lo), hi if was_hi is None else was_hi if hi is None else min(was_hi, hi))
+            if holds(hints[sym]):  # else the example is not on its true side: nothing to read off it
+                yield expr, at, sym, holds, hints[sym]
+
+
+def _narrowed(guards: list, hints: dict, spans: dict) -> dict:
+    """``spans`` ({symbol: (lower, upper or None)}) narrowed by each inequality in ``guards`` over the
+    symbols of ``hints`` ({symbol: the example's size}): the sizes of each of its symbols it holds at,
+    the others at the example's, found by bisection either side of the example's (a guard taken to turn
+    at most once a side). A branch on an expression of sizes (``if h.shape[-1] * h.shape[1] > 150``, h 32
+    wide) bounds no symbol's range: it is a guard, ``32*s1 > 150``, that the graph checks on every call.
+    Without it the module form was checked only at lengths on the example's side (11 and 10 for 12), and
+    its own forward, which compares 16 pruned channels x the length, took the other branch from 5 to 9:
+    0.2 off its twin, nothing said (survey 43 F1); the graph form refused lengths under 5 unwarned."""
+    import sympy
+
+    relations = (sympy.StrictGreaterThan, sympy.GreaterThan, sympy.StrictLessThan, sympy.LessThan)
+    spans = dict(spans)
+    for _, _, sym, holds, n in _each_symbol(guards, hints, relations):
+        lo = 1 if holds(1) else _turn(holds, 1, n)
+        hi = None if holds(GUARD_CAP) else _turn(holds, GUARD_CAP, n)
+        was_lo, was_hi = spans.get(sym, (1, None))
+        spans[sym] = (max(was_lo, lo), hi if was_hi is None else was_hi if hi is None else min(was_hi, hi))
     return spans
+
+
+def _turns(guards: list, hints: dict) -> dict:
+    """{symbol: sorted sizes}: the sizes of each symbolic input dim at which an equality or inequality
+    (``==``, ``!=``) guard over the symbols of ``hints`` turns, the others at the example's sizes: the
+    roots of a ``!=`` (``Ne(32, s1)``: 32), and the nearest size either side of the example, within
+    ``TURN_REACH``, where an ``==`` that holds there stops holding (``Eq(Mod(s1, 2), 0)``: 11 and 13 at 12).
+    A branch on ``x.shape[1] == 64`` (or on a width and a length, ``h.shape[-1] == T``, h 32 wide) at a
+    length of 12 is a guard ``Ne(s1, 64)``: it bounds no range, so the module form was checked nowhere
+    near 64, and its own forward ran the other branch there, 0.19 off its twin, nothing said; the graph
+    refused 64 unwarned (survey 44 F1, F6 to F9)."""
+    import sympy
+
+    out: dict = {}
+    for expr, at, sym, holds, n in _each_symbol(guards, hints, (sympy.Eq, sympy.Ne)):
+        sizes = set()
+        if isinstance(expr, sympy.Ne):
+            try:
+                roots = sympy.solve(sympy.Eq(at.lhs, at.rhs), sym)
+            except Exception:  # noqa: BLE001 - an equation sympy cannot solve: its nearest turns instead
+                roots = []
+            sizes |= {int(r) for r in roots if getattr(r, "is_integer", False) and int(r) >= 1 and not holds(int(r))}
+        if not sizes:
+            for side in (-1, 1):
+                v = next((v for v in range(n + side, n + side * (TURN_REACH + 1), side) if v >= 1 and not holds(v)), None)
+                if v is not None:
+                    sizes.add(v)
+        if sizes:
+            out.setdefault(sym, set()).update(sizes)
+    return {sym: sorted(v) for sym, v in out.items()}
 
 
 def _turn(holds, out: int, inside: int) -> int:

@@ -767,23 +767,8 @@ def at_size_one(args: tuple, kwargs: dict, symbolic: list | None) -> list[tuple[
     The batch's symbol is the one at dim 0 of the first tensor of the most dims (``batches.example_batch``);
     a dim 0 of another input is no batch: a ``(T,)`` position input beside a ``(B, T, D)`` batch, tested
     ``pos.shape[0] == 1``, left a graph 0.20 off the model at one token."""
-    from torch.utils._pytree import tree_flatten, tree_unflatten
-
-    leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
-    tensors = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
-    sized = [n for n, i in enumerate(tensors) if leaves[i].dim() >= 1]
-    main = max(sized, key=lambda n: leaves[tensors[n]].dim()) if sized else None  # max: the first of the most dims
-    out = []
-    for dims in symbolic or []:
-        if (main, 0) in dims or any(i >= len(tensors) or d >= leaves[tensors[i]].dim() for i, d in dims):
-            continue
-        moved = list(leaves)
-        for i, d in dims:  # every dim of that symbol together (a mask follows its sequence)
-            moved[tensors[i]] = moved[tensors[i]].narrow(d, 0, 1)
-        a, k = tree_unflatten(moved, spec)
-        where = ", ".join(f"dim {d} of input {i}" for i, d in dims[:3])
-        out.append((f"at size 1 of {where} (torch.export never guards a size of 1)", a, k))
-    return out
+    return [(f"at size 1 of {_named(dims)} (torch.export never guards a size of 1)", *symbol_at(args, kwargs, dims, 1))
+            for dims, _ in _other_symbols(args, kwargs, symbolic)]
 
 
 def at_twice(args: tuple, kwargs: dict, symbolic: list | None, bounded: list | None = None) -> list[tuple[str, tuple, dict]]:
@@ -792,28 +777,35 @@ def at_twice(args: tuple, kwargs: dict, symbolic: list | None, bounded: list | N
     other size the self-check tries is smaller than the example's or at a bound, and a forward that
     reads a pruned width against a length with no test in between (``h / min(h.shape[-1], T)``) agrees
     with its twin up to the pruned width: 16 wide from 32, 0.02 off it from 17 tokens on (survey 44 F2)."""
+    highs = {tuple(dims): hi for _, hi, dims in bounded or [] if hi is not None}
+    return [(f"at twice the size of {_named(dims)}", *symbol_at(args, kwargs, dims, 2 * n))
+            for dims, n in _other_symbols(args, kwargs, symbolic) if 2 * n <= highs.get(tuple(dims), 2 * n)]
+
+
+def _other_symbols(args: tuple, kwargs: dict, symbolic: list | None) -> list[tuple[list, int]]:
+    """(dims, the example's size) of each symbol of ``symbolic`` but the batch's (``at_size_one``)."""
+    tensors = [t for t in tree_leaves((tuple(args), dict(kwargs))) if isinstance(t, torch.Tensor)]
+    sized = [n for n, t in enumerate(tensors) if t.dim() >= 1]
+    main = max(sized, key=lambda n: tensors[n].dim()) if sized else None  # max: the first of the most dims
+    return [(dims, tensors[dims[0][0]].shape[dims[0][1]]) for dims in symbolic or []
+            if (main, 0) not in dims and all(i < len(tensors) and d < tensors[i].dim() for i, d in dims)]
+
+
+def _named(dims: list) -> str:
+    return ", ".join(f"dim {d} of input {i}" for i, d in dims[:3])
+
+
+def symbol_at(args: tuple, kwargs: dict, dims: list, size: int) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with every input dim of one symbol (``dims``: [(tensor index, dim)], a mask
+    following its sequence) at ``size``, its values repeated in turn where it grows."""
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
     leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
     tensors = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
-    sized = [n for n, i in enumerate(tensors) if leaves[i].dim() >= 1]
-    main = max(sized, key=lambda n: leaves[tensors[n]].dim()) if sized else None  # as ``at_size_one``
-    highs = {tuple(dims): hi for _, hi, dims in bounded or [] if hi is not None}
-    out = []
-    for dims in symbolic or []:
-        if (main, 0) in dims or any(i >= len(tensors) or d >= leaves[tensors[i]].dim() for i, d in dims):
-            continue
-        n = leaves[tensors[dims[0][0]]].shape[dims[0][1]]
-        if 2 * n > highs.get(tuple(dims), 2 * n):
-            continue
-        moved = list(leaves)
-        for i, d in dims:  # every dim of that symbol together (a mask follows its sequence)
-            t = moved[tensors[i]]
-            moved[tensors[i]] = t.index_select(d, torch.arange(2 * n, device=t.device) % t.shape[d])
-        a, k = tree_unflatten(moved, spec)
-        where = ", ".join(f"dim {d} of input {i}" for i, d in dims[:3])
-        out.append((f"at twice the size of {where}", a, k))
-    return out
+    for i, d in dims:
+        t = leaves[tensors[i]]
+        leaves[tensors[i]] = t.index_select(d, torch.arange(size, device=t.device) % t.shape[d])
+    return tree_unflatten(leaves, spec)
 
 
 def _again(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

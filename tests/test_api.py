@@ -519,13 +519,17 @@ def test_a_rounded_budget_keeps_the_ratios_overrides_fix(target):
     assert bool(said) == (target == 0.9), said
 
 
+def _narrow_then_wide(narrow: int) -> nn.Module:
+    """A conv ``narrow`` channels wide, then one 32 wide: the narrow group is the one round_to holds."""
+    return nn.Sequential(nn.Conv2d(3, narrow, 3, padding=1), nn.ReLU(), nn.Conv2d(narrow, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 4, 1)).eval()
+
+
 def test_a_group_narrower_than_round_to_stays_whole_and_is_said():
     """A group narrower than round_to was cut without rounding (round_to=24: 16 channels came out at
     10, survey 26): no multiple of 24 fits under 16, so it stays whole, and compile says so."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(32, 4, 1)).eval()
-    x = torch.randn(2, 3, 8, 8)
+    model, x = _narrow_then_wide(16), torch.randn(2, 3, 8, 8)
     with pytest.warns(graphprune.GraphpruneWarning, match="no wider than 24 channels stay whole"):
         small = graphprune.compile(model, (x,), ratio=0.4, round_to=24, importance="l2")
     assert small[0].out_channels == 16 and small[2].out_channels == 24
@@ -535,9 +539,7 @@ def test_a_group_one_multiple_wide_is_said_to_stay_whole():
     """Survey 42: a group exactly round_to wide cannot shrink either (a multiple under it is 0), and only
     the narrower ones were named; where it is the only group, the budget's error says round_to holds it."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(32, 4, 1)).eval()
-    x = torch.randn(2, 3, 8, 8)
+    model, x = _narrow_then_wide(8), torch.randn(2, 3, 8, 8)
     with pytest.warns(graphprune.GraphpruneWarning, match="no wider than 8 channels stay whole"):
         small = graphprune.compile(model, (x,), ratio=0.5, round_to=8, importance="l2")
     assert small[0].out_channels == 8 and small[2].out_channels == 16
