@@ -654,22 +654,28 @@ def resolve_groups(b: Builder) -> tuple[list[Group], list[BlockedGroup]]:
                 params.append(ParamSlice(d[0], d[1], dims[d]))
             pos += n
         shares = [sh for sh in b.shares if sh[1] in comp]
+        n_units = len(uniq)
         if shares:
-            parts = _partition(b, dims, shares, len(uniq))
-            if isinstance(parts, str):
-                names = sorted({d[0] for d in comp if isinstance(d[0], str)})
-                blocked_groups.append(BlockedGroup(sorted(comp, key=str), [parts], names))
+            parts = _partition(b, dims, shares, n_units)
+            if not isinstance(parts, str):
+                groups.append(Group(len(groups), channels=max(b.sizes[d] for d in comp), **parts))
                 continue
-            groups.append(Group(len(groups), channels=max(b.sizes[d] for d in comp), **parts))
-        elif len(uniq) >= 2:
+            dims = _whole_partitions(b, dims, shares)  # no balance to keep: key/value heads go whole
+            params = [ParamSlice(d[0], d[1], u) for d, u in dims.items() if isinstance(d[0], str)]
+            n_units = 1 + max(int(u.max()) for u in dims.values())
+            if n_units < 2:
+                blocked_groups.append(BlockedGroup(sorted(comp, key=str), [parts], [p.name for p in params]))
+                continue
+        if n_units >= 2:
+            comp = [d for d in comp if d in dims]  # the copy dims a fallback left out keep their size
             floor = _min_units(b, dims, comp)
             if isinstance(floor, str):
                 blocked_groups.append(BlockedGroup(sorted(comp, key=str), [floor], [p.name for p in params]))
                 continue
-            groups.append(Group(len(groups), dims, params, len(uniq), max(b.sizes[d] for d in comp),
+            groups.append(Group(len(groups), dims, params, n_units, max(b.sizes[d] for d in comp),
                                 fills={d: b.fills[d] for d in comp if d in b.fills}, min_units=floor,
                                 multiple=math.lcm(1, *(b.multiple[d] for d in comp if d in b.multiple)),
-                                even=_even_parts(b, dims, comp, len(uniq))))
+                                even=_even_parts(b, dims, comp, n_units)))
     return groups, blocked_groups
 
 
@@ -721,6 +727,41 @@ def _min_units(b: Builder, dims: dict, comp) -> int | str:
                 return f"{d[0]}: a topk over entries that are not one unit each"
             floor = max(floor, b.min_kept[d])
     return floor
+
+
+MIXED = "a dim that mixes query heads and key/value heads"
+
+
+def _whole_partitions(b: Builder, dims: dict, shares: list) -> dict:
+    """Each key/value head one unit with every query head it serves: ``dims`` relabelled so a
+    child takes its parent's unit, copy dims (``repeat_kv``'s expand) left out, as they keep
+    their size. The fallback where query heads cannot be balanced over their key/value heads
+    (``_partition`` says why): one parameter dim holds both kinds (Phi-3's ``qkv_proj``, gpt-fast's
+    ``wqkv``), or a fused layout already made them one unit (Falcon's interleaved ``query_key_value``).
+    Whole partitions remove rows of both kinds together, so no dim needs two labellings."""
+    n = 1 + max(int(u.max()) for u in dims.values())
+    link = np.arange(n)
+
+    def find(u):
+        while link[u] != u:
+            link[u] = link[link[u]]
+            u = link[u]
+        return u
+
+    for parent, child, r, _ in shares:
+        pu = dims[parent][np.arange(len(dims[child])) // r]                 # (child width,) the parent of each index
+        for c, p in zip(dims[child].tolist(), pu.tolist()):
+            a, z = find(c), find(p)
+            if a != z:
+                link[a] = z
+    roots = np.array([find(u) for u in range(n)])
+    kept = {d: roots[u] for d, u in dims.items() if d not in b.replicas}  # a copy dim's own labels name no unit
+    _, new = np.unique(np.concatenate(list(kept.values())), return_inverse=True)
+    out, pos = {}, 0
+    for d, u in kept.items():
+        out[d] = new[pos:pos + len(u)]
+        pos += len(u)
+    return out
 
 
 def _partition(b: Builder, dims: dict, shares: list, n: int):
@@ -776,7 +817,7 @@ def _partition(b: Builder, dims: dict, shares: list, n: int):
         elif d in b.replicas:
             continue
         else:
-            return "a dim that mixes query heads and key/value heads"
+            return MIXED
     for _, _, r, replica in shares:
         if replica is not None:
             out["replicas"][replica] = r

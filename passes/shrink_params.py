@@ -361,6 +361,29 @@ def _window_heads(node: Node, cop: COp, p: _Plan) -> bool:
     return True
 
 
+def _repeats(node: Node, cop: COp, p: _Plan) -> bool:
+    """repeat_interleave: every kept source keeps as many copies (``rules.repeat_interleave``
+    shares them, and a removal keeps shares balanced), so ``repeats`` is the new output width
+    over the new input width; an ``output_size`` given becomes the new output width."""
+    x, d = cop.inputs[0], cop.attrs["dim"]
+    src = x[0].meta[VAL][x[1]] if isinstance(x, tuple) else x.meta[VAL]
+    old_in, old_out = src.shape[d], node.meta[VAL].shape[d]
+    new_in, new_out = p.size(x, old_in, d), p.size(node, old_out, d)
+    if (new_in, new_out) == (old_in, old_out):
+        return False
+    args, kwargs = list(node.args), dict(node.kwargs)
+    if len(args) > 1:
+        args[1] = new_out // new_in
+    else:
+        kwargs["repeats"] = new_out // new_in
+    if len(args) > 3:
+        args[3] = new_out
+    elif kwargs.get("output_size") is not None:
+        kwargs["output_size"] = new_out
+    node.args, node.kwargs = tuple(args), kwargs
+    return True
+
+
 def _reduce_full(node: Node, cop: COp, p: _Plan) -> bool:
     """A reduction over dims that shrank still counts the removed entries, which were
     zero: a mean is scaled by new count / old count, so it stays sum / (original
@@ -414,6 +437,7 @@ ARG_FIXES = {
     "channel_permute": _permutation,
     "reshape": _sizes,
     "expand": _sizes,
+    "repeat_interleave": _repeats,
     "factory": _sizes,
     "split": _split,
     "index": _index,

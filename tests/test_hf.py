@@ -242,6 +242,27 @@ def test_gqa_query_heads_are_balanced_units():
     assert np.bincount(g.part_of[remove_balanced(g, score, 4)], minlength=2).tolist() == [2, 2]
 
 
+def test_a_fused_qkv_projection_removes_whole_key_value_heads():
+    """Phi-3 projects query, key and value heads with one ``qkv_proj``, so one parameter dim holds
+    rows of both kinds: each key/value head goes whole with its query heads, in the model's own
+    class. Trying to balance the query heads blocked the whole attention."""
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=8,
+                                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                                  use_cache=False, pad_token_id=0)
+    model = transformers.Phi3ForCausalLM(cfg).eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    heads = [g for g in graphprune.analyze(model, (ids,)).groups if any("qkv_proj" in p.name and p.axis == 0 for p in g.params)]
+    assert [g.n_units for g in heads] == [2]  # no unit for repeat_kv's copy dim, which keeps its size
+    small = graphprune.compile(model, (ids,), ratio=0.5, importance="l1")
+    attn, d = small.model.layers[0].self_attn, model.model.layers[0].self_attn.head_dim
+    assert small.report.form == "module"
+    assert attn.qkv_proj.out_features == (4 + 2 * 1) * d and attn.o_proj.in_features == 4 * d
+    other = torch.randint(0, VOCAB, (3, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(small(other).logits, dead_twin(model, small)(other).logits)
+
+
 def test_whole_kv_group_removal_is_lossless():
     """A dead key/value head with all its query heads goes as one, with k/v rows."""
     torch.manual_seed(0)

@@ -47,6 +47,67 @@ def test_gqa_stays_balanced(expand):
         assert len(k) == model.n_kv and all(v < hd for v in k.values())  # every head kept, head_dim shrunk
 
 
+class _FusedGQA(torch.nn.Module):
+    """gpt-fast's attention: one ``wqkv`` projection, split, key/value heads repeated by
+    ``repeat_interleave``. Its rows hold query heads and key/value heads in one dim."""
+
+    def __init__(self, d=32, n_head=8, n_kv=2, hd=4):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = n_head, n_kv, hd
+        self.inp = torch.nn.Linear(16, d)
+        self.wqkv = torch.nn.Linear(d, (n_head + 2 * n_kv) * hd)
+        self.wo = torch.nn.Linear(n_head * hd, d)
+        self.out = torch.nn.Linear(d, 4)
+
+    def forward(self, x):
+        x = self.inp(x)
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)                 # (B, nh, T, hd)
+        k, v = (t.view(B, T, self.n_kv, self.hd).transpose(1, 2).repeat_interleave(self.n_head // self.n_kv, dim=1)
+                for t in (k, v))                                                # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(x + self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)))
+
+
+@pytest.mark.parametrize("output", ["graph", "auto"])
+def test_query_heads_repeated_by_repeat_interleave_go_alone(output):
+    """``repeat_interleave`` copies each key/value head for its query heads (gpt-fast, mistral-inference):
+    the query heads are units of their own, balanced over their key/value heads, as with ``repeat_kv``'s
+    expand, and the graph's ``repeats`` follows the kept heads. They were one unit with their key/value
+    head, so a budget could take attention only a key/value head at a time (0.756 for 0.9, survey 42 F3)."""
+    model, x = GQAttention(n_head=8, n_kv=2, sdpa=True).eval(), torch.randn(*TOKENS)
+    heads = next(g for g in graphprune.analyze(model, (x,)).groups if ("q.weight", 0) in g.dims)
+    assert (heads.n_units, heads.n_parts) == (8, 2)
+    torch.manual_seed(0)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l2", output=output)
+    q, k = _heads_kept(small, "q.weight", model.hd), _heads_kept(small, "k.weight", model.hd)
+    assert len(q) == 4 and len(q) % len(k) == 0 and set(q.values()) == set(k.values()) == {model.hd}
+    if output == "graph":
+        repeats = [n.args[1] for n in small.graph.nodes if n.op == "call_method" and n.target == "repeat_interleave"]
+        assert repeats == [len(q) // len(k)] * 2
+    other = torch.randn(3, 5, TOKENS[-1])
+    with torch.no_grad():
+        torch.testing.assert_close(small(other), dead_twin(model, small)(other))
+
+
+def test_a_fused_projection_of_query_and_key_value_heads_removes_whole_key_value_heads():
+    """Where one parameter dim holds query rows and key/value rows (gpt-fast's ``wqkv``, Phi-3's
+    ``qkv_proj``), no removal can keep query heads balanced by rows of one kind: each key/value head
+    goes whole with its query heads. Where the heads are shared (``repeat_kv``'s expand, now
+    ``repeat_interleave`` too), trying to balance them blocked the group ("a dim that mixes query
+    heads and key/value heads": Phi-3's attention was never pruned, ``test_hf``)."""
+    model, x = _FusedGQA().eval(), torch.randn(*TOKENS)
+    heads = next(g for g in graphprune.analyze(model, (x,)).groups if ("wqkv.weight", 0) in g.dims)
+    assert heads.n_units == model.n_kv and heads.part_of is None
+    torch.manual_seed(0)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l2", output="graph")
+    assert small.wqkv.out_features == (model.n_head + 2 * model.n_kv) * model.hd // 2
+    other = torch.randn(3, 5, TOKENS[-1])
+    with torch.no_grad():
+        torch.testing.assert_close(small(other), dead_twin(model, small)(other))
+
+
 def test_shuffle_is_a_permutation_not_a_coupling():
     """Folded into permute_channels, a shuffle leaves every stream channel its own unit."""
     model, small = assert_lossless(Shuffle, IMAGE, output="graph")
