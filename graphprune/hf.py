@@ -79,7 +79,9 @@ def _heads(mod) -> tuple[int, int, int] | None:
     k = _child(mod, "k_proj", "key", "k", "key_proj")
     if q is not None and k is not None:
         rq, rk = _rows(q), _rows(k)
-        return None if rq is None or rk is None else (rq // head_dim, rk // head_dim, head_dim)
+        if rq is None or rk is None:
+            return None
+        return _read_heads(rq, rk, _child(mod, "v_proj", "value", "v", "value_proj"), _child(mod, *FUSED_OUT), head_dim)
     fused = _child(mod, *FUSED_QKV)  # GPT-2: q, k and v in one projection
     if fused is not None and not getattr(mod, "is_cross_attention", False) and _rows(fused) is not None:
         rows, inner = _rows(fused), _cols(_child(mod, *FUSED_OUT))
@@ -90,6 +92,20 @@ def _heads(mod) -> tuple[int, int, int] | None:
         h = rows // 3 // head_dim
         return h, h, head_dim
     return None
+
+
+def _read_heads(rq: int, rk: int, v, out, head_dim: int) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head_dim) from the projections' widths. The output projection
+    reads one value head's width per query head, so where a query head holds more rows than
+    ``head_dim`` (Qwen3-Next's ``q_proj`` holds each head's query and its output gate) the count is
+    the output's; ``rq // head_dim`` made it 12 of 6, and masked attention failed on it (survey 45 F1)."""
+    kv = rk // head_dim
+    rv, cols = (_rows(v) if v is not None else None), (_cols(out) if out is not None else None)
+    if kv and rv and cols and rv % kv == 0 and cols % (rv // kv) == 0:
+        h = cols // (rv // kv)                                   # value heads' width: rv / kv
+        if h and rq % h == 0 and rq // h > head_dim and (rq // h) % head_dim == 0:
+            return h, kv, head_dim
+    return rq // head_dim, kv, head_dim
 
 
 FUSED_QKV = ("c_attn", "query_key_value", "qkv_proj", "Wqkv")  # GPT-2, Persimmon, CodeGen, MPT

@@ -263,6 +263,30 @@ def test_a_fused_qkv_projection_removes_whole_key_value_heads():
         torch.testing.assert_close(small(other).logits, dead_twin(model, small)(other).logits)
 
 
+def test_a_query_projection_that_holds_a_gate_per_head_counts_its_heads_by_the_output():
+    """Qwen3-Next's ``q_proj`` holds each query head's rows and its output gate's, so its rows over
+    head_dim count twice the heads. The module's ``num_key_value_groups`` was set from that count
+    (6 for 3): the self-check's unmasked SDPA never reads it, and every masked or eager call failed.
+    The output projection reads one value head per query head: the count is taken from it."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3NextConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=64, pad_token_id=0, head_dim=8, mlp_only_layers=[0],
+        layer_types=["full_attention"])
+    model = transformers.Qwen3NextForCausalLM(cfg).eval()
+    small = graphprune.compile(model, (torch.randint(3, VOCAB, (2, 7)),), ratio=0.25, importance="l1")
+    attn = small.model.layers[0].self_attn
+    heads, kv = attn.o_proj.in_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
+    assert heads < 8 and attn.num_key_value_groups == heads // kv
+    ids = torch.randint(3, VOCAB, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        small(ids, attention_mask=mask)  # raised: the size of tensor a (6) must match the size of tensor b (12)
+        small.set_attn_implementation("eager")
+        small(ids)
+
+
 def test_whole_kv_group_removal_is_lossless():
     """A dead key/value head with all its query heads goes as one, with k/v rows."""
     torch.manual_seed(0)
