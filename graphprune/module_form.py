@@ -382,7 +382,7 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
         return None
     flags, batches = _other_settings(model, example), _tested_batches(model, example)
     cases = _past_bounds(example, bounded or [], turns or []) + flags + batches + (
-        _other_layout(example) if source.reads_layout(model) else []) + [
+        _other_layout(example) if source.reads_layout(model) else []) + _padded(model, example) + [
         (tuple(a), dict(k), "(a size the traced graph refuses)") for a, k in refused] + [
         (a, k, f"({what})") for what, a, k in at_size_one(example[0], example[1], symbolic)] + [
         (a, k, f"({what})") for what, a, k in at_twice(example[0], example[1], symbolic, bounded)] + (
@@ -457,6 +457,28 @@ def _other_layout(example) -> list:
 
     args, kwargs = tree_map(other, (tuple(example[0]), dict(example[1])))
     return [(args, kwargs, "(its inputs asking for gradients, laid out transposed)")]
+
+
+def _padded(model: torch.nn.Module, example) -> list:
+    """(args, kwargs, what) with an attention mask that pads the first sequence's second half, for a
+    Hugging Face model whose forward takes ``attention_mask`` and whose example masks nothing: a
+    materialised mask sends attention down paths an unmasked SDPA call skips, which read the head
+    counts the module form set (Qwen3-Next's ``num_key_value_groups``, 6 for 3, failed every masked
+    call, survey 45 F1). Padding at the end leaves every query a key it may read."""
+    if not hf.is_hf(model) or not example[0]:
+        return []
+    ids, kwargs = example[0][0], dict(example[1])
+    try:
+        takes = "attention_mask" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return []
+    given = kwargs.get("attention_mask")
+    if (not takes or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.shape[1] < 2
+            or (given is not None and not (isinstance(given, torch.Tensor) and bool((given == 1).all())))):
+        return []
+    mask = torch.ones_like(ids)
+    mask[0, ids.shape[1] // 2:] = 0
+    return [(tuple(example[0]), {**kwargs, "attention_mask": mask}, "(an attention mask with padding)")]
 
 
 def _tested_batches(model: torch.nn.Module, example, what: str = "") -> list:

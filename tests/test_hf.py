@@ -263,18 +263,32 @@ def test_a_fused_qkv_projection_removes_whole_key_value_heads():
         torch.testing.assert_close(small(other).logits, dead_twin(model, small)(other).logits)
 
 
+def _gated_qwen3_next():
+    cfg = transformers.Qwen3NextConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=64, pad_token_id=0, head_dim=8, mlp_only_layers=[0],
+        layer_types=["full_attention"])
+    return transformers.Qwen3NextForCausalLM(cfg).eval()
+
+
+def test_a_module_form_is_checked_under_an_attention_mask_with_padding(monkeypatch):
+    """A head count set wrong on the module form (here the count rows // head_dim gave Qwen3-Next's
+    gated query projection before the fix below) is read only where attention materialises a mask:
+    the self-check, unmasked, passed a module form every padded call then failed. The module form is
+    now also run with the first sequence's second half padded, against its dead twin."""
+    monkeypatch.setattr(graphprune.hf, "_read_heads", lambda rq, rk, v, out, d: (rq // d, rk // d, d))
+    torch.manual_seed(0)
+    small = graphprune.compile(_gated_qwen3_next(), (torch.randint(3, VOCAB, (2, 7)),), ratio=0.25, importance="l1")
+    assert small.report.form == "graph" and "(an attention mask with padding)" in small.report.form_why
+
+
 def test_a_query_projection_that_holds_a_gate_per_head_counts_its_heads_by_the_output():
     """Qwen3-Next's ``q_proj`` holds each query head's rows and its output gate's, so its rows over
     head_dim count twice the heads. The module's ``num_key_value_groups`` was set from that count
     (6 for 3): the self-check's unmasked SDPA never reads it, and every masked or eager call failed.
     The output projection reads one value head per query head: the count is taken from it."""
     torch.manual_seed(0)
-    cfg = transformers.Qwen3NextConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2,
-        intermediate_size=128, max_position_embeddings=64, pad_token_id=0, head_dim=8, mlp_only_layers=[0],
-        layer_types=["full_attention"])
-    model = transformers.Qwen3NextForCausalLM(cfg).eval()
-    small = graphprune.compile(model, (torch.randint(3, VOCAB, (2, 7)),), ratio=0.25, importance="l1")
+    small = graphprune.compile(_gated_qwen3_next(), (torch.randint(3, VOCAB, (2, 7)),), ratio=0.25, importance="l1")
     attn = small.model.layers[0].self_attn
     heads, kv = attn.o_proj.in_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
     assert heads < 8 and attn.num_key_value_groups == heads // kv
