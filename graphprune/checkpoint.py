@@ -466,7 +466,7 @@ def _removal(p, kept: dict) -> dict:
             seen.append((s, covered, keeps))
         for s, covered, keeps in seen:
             if covered - gone != keeps:
-                raise GraphpruneError(f"the kept indices of {s.name} disagree with the rest of its channel group; "
+                raise _Unmatched(f"the kept indices of {s.name} disagree with the rest of its channel group; "
                                       "the manifest was edited by hand or saved from another architecture")
         for s in g.shared_params:  # key/value heads: kept while any of their query heads is
             idx = kept.get(s.name, {}).get(str(s.axis))
@@ -475,13 +475,13 @@ def _removal(p, kept: dict) -> dict:
             claimed.add((s.name, str(s.axis)))
             alive = set(g.part_of[sorted(set(range(g.n_units)) - gone)].tolist())
             if set(s.unit_of[idx].tolist()) != alive:
-                raise GraphpruneError(f"the kept indices of {s.name} disagree with the query heads kept in its group; "
+                raise _Unmatched(f"the kept indices of {s.name} disagree with the query heads kept in its group; "
                                       "the manifest was edited by hand or saved from another architecture")
         if gone:
             removed[g.id] = np.array(sorted(gone), dtype=np.int64)
     extra = [f"{n} axis {a}" for n, axes in kept.items() for a in axes if (n, a) not in claimed]
     if extra:
-        raise GraphpruneError(f"the manifest prunes {extra[0]}, which this model cannot prune the same way "
+        raise _Unmatched(f"the manifest prunes {extra[0]}, which this model cannot prune the same way "
                               f"({len(extra)} such entries): load onto the architecture it was saved from")
     return removed
 
@@ -490,8 +490,6 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     """Rebuild the model saved at ``path`` onto ``original`` (a freshly built model
     of the same architecture, on ``meta`` or with any weights; it is not changed)."""
     from safetensors import safe_open
-
-    from .pruner import Pruner
 
     from .trace import unwrapped
 
@@ -533,26 +531,11 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     _check_modules(original, m)
     args = tuple(_input_value(s, where) for s in m["inputs"]["args"])
     kwargs = {k: _input_value(s, where) for k, s in m["inputs"]["kwargs"].items()} or None
-    # rebuilt in the mode it was compiled in (the passes decided by it), on a shadow copy so the user's
-    # original keeps its own mode; switched to the mode it was saved in below
-    traced = shadow(original)
-    traced.train(bool(m.get("built_training", m.get("training", False))))
-    if m.get("built_modes"):  # a frozen BatchNorm in a model in training mode: folded by deploy, so rebuilt folded
-        set_modes(traced, {**modes_of(traced), **m["built_modes"]}, traced.training)
-    if where.type == "meta":
-        _all_on_meta(traced)
     try:
-        p = Pruner(traced, args, kwargs, tuple(m["ignore"]), "random", pipeline=m["pipeline"], method=m["source"]["method"],
-                   free_reads=bool(m["source"].get("free_reads")))
-    except GraphpruneError as e:
-        if not any(t.is_meta for t in original.parameters()):
-            raise
-        # Wav2Vec2 built under torch.device("meta") holds a parameter on the CPU (torch.Tensor(n) ignores the
-        # device context), and the two meet in its forward
-        raise GraphpruneError(
-            f"the original was built on meta, and its forward does not run there ({first_line(e)[:300]}). Build the "
-            "original on a real device (the CPU) and load onto that; compile traced it there") from None
-    out = p.prune(_removal(p, m["kept"]), check=False, fit=False)
+        p, removal = _rebuilt(original, m, args, kwargs, where)
+    except _Unmatched as e:
+        original, p, removal = _run_once(original, m, args, kwargs, where, e)
+    out = p.prune(removal, check=False, fit=False)
     if where.type == "meta" and m["source"]["method"] != "symbolic_trace":
         _retarget(out, dev)
     if m.get("form") == "module":
@@ -603,6 +586,68 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
         guard_given(out)  # as compile's graph does: an input the example gave, refused as None
     module_form.info(out)["loaded_from"] = str(path)
     return out
+
+
+class _Unmatched(GraphpruneError):
+    """The manifest's pruning is not one the original's groups can make."""
+
+
+def _rebuilt(original, m: dict, args, kwargs, where):
+    """(Pruner, removal): the original traced as compile traced it, and the manifest's pruning in its groups."""
+    from .pruner import Pruner
+
+    # rebuilt in the mode it was compiled in (the passes decided by it), on a shadow copy so the user's
+    # original keeps its own mode; switched to the mode it was saved in by load
+    traced = shadow(original)
+    traced.train(bool(m.get("built_training", m.get("training", False))))
+    if m.get("built_modes"):  # a frozen BatchNorm in a model in training mode: folded by deploy, so rebuilt folded
+        set_modes(traced, {**modes_of(traced), **m["built_modes"]}, traced.training)
+    if where.type == "meta":
+        _all_on_meta(traced)
+    try:
+        p = Pruner(traced, args, kwargs, tuple(m["ignore"]), "random", pipeline=m["pipeline"], method=m["source"]["method"],
+                   free_reads=bool(m["source"].get("free_reads")))
+    except GraphpruneError as e:
+        if not any(t.is_meta for t in original.parameters()):
+            raise
+        # Wav2Vec2 built under torch.device("meta") holds a parameter on the CPU (torch.Tensor(n) ignores the
+        # device context), and the two meet in its forward
+        raise GraphpruneError(
+            f"the original was built on meta, and its forward does not run there ({first_line(e)[:300]}). Build the "
+            "original on a real device (the CPU) and load onto that; compile traced it there") from None
+    return p, _removal(p, m["kept"])
+
+
+def _run_once(original, m: dict, args, kwargs, where, unmatched: _Unmatched):
+    """(original, Pruner, removal) where the manifest's pruning fits the original only after one call of its
+    forward: a forward that changes the model on its first call (RWKV rescales its weights in place and
+    sets ``layers_are_rescaled``) traces otherwise on a fresh original than on the model compile was given,
+    which had been run, and load refused it as another architecture (survey 45 F2). The call runs on a
+    copy, in the mode compile traced in; that copy, whose state then matches the saved weights (rescaled
+    too: on the fresh original, the loaded model would rescale them again on its first call), is what load
+    builds on. Where the pruning still does not fit, the error stands."""
+    import copy
+    import warnings
+
+    from .errors import GraphpruneWarning, user_level
+
+    if where.type == "meta":
+        raise unmatched
+    try:
+        warm = copy.deepcopy(original)
+        warm.train(bool(m.get("built_training", m.get("training", False))))
+        with torch.no_grad():
+            warm(*args, **(kwargs or {}))
+        p, removal = _rebuilt(warm, m, args, kwargs, where)
+    except _Unmatched:
+        raise unmatched from None
+    except Exception:  # noqa: BLE001 - a copy or a call that fails: the error load met stands
+        raise unmatched from None
+    warnings.warn(GraphpruneWarning(
+        f"the saved pruning fits this {type(original).__name__} only after one call of its forward, which changes the "
+        "model (a first-call initialisation, such as RWKV's rescaling of its weights): load ran it once on the saved "
+        "example, on a copy, and built on that; the original you gave is unchanged"), stacklevel=user_level())
+    return warm, p, removal
 
 
 def _replays(before: str, now: str) -> bool:

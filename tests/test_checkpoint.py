@@ -621,3 +621,33 @@ def test_load_takes_an_original_whose_layers_differ_only_in_training_settings(tm
     back = graphprune.load(build(0.1, False), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+
+def test_a_model_its_first_call_changes_loads_onto_a_fresh_original(tmp_path):
+    """RWKV rescales its weights in place on its first call in eval mode and then sets a flag, so a
+    model that has run traces another graph than a fresh one. Compiled after a first call, saved, and
+    loaded onto a freshly built original, load refused it as another architecture; built on the fresh
+    original's unset flag, the loaded model would have rescaled the saved (already rescaled) weights
+    again. Load now runs a copy of the original once where the pruning fits only so, and says so."""
+    transformers = pytest.importorskip("transformers")
+
+    def build():
+        torch.manual_seed(0)
+        cfg = transformers.RwkvConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                                      intermediate_size=64, context_length=32, rescale_every=1)
+        return transformers.RwkvForCausalLM(cfg).eval()
+
+    model, ids = build(), torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        model(ids)                                    # rescales: layer 1's output weights halved, once
+    small = graphprune.compile(model, (ids,), ratio=0.25, importance="l1")
+    assert graphprune.count_params(small) < graphprune.count_params(model)
+    graphprune.save(small, tmp_path)
+    fresh = build()
+    with pytest.warns(graphprune.GraphpruneWarning, match="only after one call of its forward"):
+        back = graphprune.load(fresh, tmp_path)
+    assert not fresh.rwkv.layers_are_rescaled       # the original given is unchanged
+    other = torch.randint(3, 100, (3, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(back(other).logits, small(other).logits)
+        torch.testing.assert_close(back(other).logits, small(other).logits)  # a second call rescales nothing
