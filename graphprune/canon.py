@@ -233,8 +233,10 @@ def _slice(node, mod=None):
         if isinstance(start, int) and start < 0 and isinstance(size[dim], int):
             start += size[dim]  # narrow(x, 1, -6, 6): the last six (start + length was a range past the end)
         end = start + length if isinstance(start, int) and isinstance(length, int) else None
-    if start is None or end is None or step != 1:
-        return COp("unknown", node, _tensors(node), attrs={"why": "slice with symbolic bounds or a step"})
+    if start is None or end is None:  # x[..., :T] at a length T read at run time (Mamba's causal conv): its other dims
+        return COp("slice", node, [vkey(x)], attrs={"dim": dim})  # map through, the sliced one stays (rules.slice_)
+    if step != 1:
+        return COp("unknown", node, _tensors(node), attrs={"why": "slice with a step"})
     index = tuple([slice(None)] * dim + [slice(start, end)])
     return COp("index", node, [vkey(x)], attrs={"index": index, "form": "slice_op"})
 
@@ -840,7 +842,7 @@ EWISE_FUNCS = [
     aten.silu_.default, aten.add_.Tensor, aten.mul_.Tensor, aten.abs.default, aten.erf.default,
     torch.addcmul, aten.addcmul.default, torch.clamp_min, torch.clamp_max, aten.clamp.Tensor,
     # the long spellings torch.export keeps (RWKV's squared ReLU, ConvBERT's torch.multiply)
-    aten.square.default, aten.multiply.Tensor, aten.multiply.Scalar, aten.subtract.Tensor, aten.divide.Tensor,
+    aten.softplus.default, aten.square.default, aten.multiply.Tensor, aten.multiply.Scalar, aten.subtract.Tensor, aten.divide.Tensor,
     aten.true_divide.Tensor, torch.multiply, torch.subtract, torch.divide, torch.true_divide,
 ]
 EWISE_METHODS = [
@@ -920,6 +922,7 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     **{f: _fft(1, None) for f in (aten._fft_r2c.default, aten._fft_c2r.default, aten._fft_c2c.default)},
     torch.zeros: _factory, torch.ones: _factory, torch.empty: _factory, torch.full: _factory,
     aten.new_zeros.default: _factory, aten.new_ones.default: _factory, aten.new_empty.default: _factory,
+    aten.zeros.default: _factory, aten.ones.default: _factory, aten.full.default: _factory,  # torch.export's spellings
     aten.new_full.default: _factory, aten.expand_as.default: _expand,
     torch.zeros_like: _like, torch.ones_like: _like, torch.empty_like: _like, torch.full_like: _like,
     torch.rand_like: _like, torch.randn_like: _like, aten.zeros_like.default: _like, aten.ones_like.default: _like,

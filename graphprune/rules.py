@@ -189,6 +189,15 @@ def tuple_get(b, c: COp):
         b.couple((src, k), (c.node, k))
 
 
+def slice_(b, c: COp):
+    """x[..., a:b] with a bound read at run time: the other dims map through; the sliced dim, whose
+    width is known only then, relates to nothing (``build`` holds it, a length such as Mamba's time)."""
+    x, out, d = c.inputs[0], _out(c), c.attrs["dim"]
+    for k in range(len(b.shape(x))):
+        if k != d:
+            b.couple((x, k), (out, k))
+
+
 def index(b, c: COp):
     """x[..., a:b, None, 3]: slices map with an offset, ints fix their dim, None adds one."""
     x, out = c.inputs[0], _out(c)
@@ -903,6 +912,7 @@ RULES = {
     "tuple_get": tuple_get,
     "rnn_states": rnn_states,
     "index": index,
+    "slice": slice_,
     "reduce": reduce,
     "channel_permute": channel_permute,
     "einsum": einsum,

@@ -451,7 +451,7 @@ RULES = {
     "rnn": producer(lambda nd: nd - 1),
     "window_attention": producer(lambda nd: nd - 1),
     "batch_norm": norm, "batch_norm_tuple": norm, "layer_norm": norm, "rms_norm": norm, "group_norm": norm,
-    **{op: linked for op in ("permute", "split", "tuple_get", "cat", "reshape", "expand", "index", "pool", "stack", "prelu", "glu",
+    **{op: linked for op in ("permute", "split", "tuple_get", "cat", "reshape", "expand", "index", "slice", "pool", "stack", "prelu", "glu",
                              "repeat_interleave", "channel_permute", "patch_merge", "rel_pos_bias", "flip")},
     "reduce": reduce,
     "matmul": matmul,
@@ -483,7 +483,7 @@ def block_unproven_reductions(b, cops: list[COp]) -> None:
                         b.block((t, k), f"{c.node.name}: cannot prove removed entries are zero ({type(e).__name__})")
 
 
-_VIEWS = {"reshape", "permute", "index", "expand", "split", "tuple_get", "channel_permute"}
+_VIEWS = {"reshape", "permute", "index", "slice", "expand", "split", "tuple_get", "channel_permute"}
 
 
 def _written(zs: Zeros, node: Node) -> None:

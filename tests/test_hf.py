@@ -762,3 +762,19 @@ def test_a_hugging_face_model_keeps_its_classes_where_its_forward_cannot_run_a_g
     assert graph.report.form == "graph" and graphprune.count_params(graph) < graphprune.count_params(small)
     deep = graphprune.compile(model, (ids,), target_flops=0.15, importance="l1")  # out of reach with the stream whole
     assert deep.report.form == "graph" and deep.report.flops <= 0.15
+
+
+def test_mamba_prunes_its_inner_channels():
+    """Mamba's mixer (in_proj, a causal depthwise conv cut to the input's length, softplus time steps,
+    a state of zeros as wide as the channels, out_proj): its inner channels, most of its weights, were
+    held for want of rules for softplus, zeros and the slice, and only the residual width was pruned."""
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, state_size=4, expand=2,
+                                   conv_kernel=4, pad_token_id=0)
+    model = transformers.MambaForCausalLM(cfg).eval()
+    small = graphprune.compile(model, (torch.randint(3, VOCAB, (2, 7)),), ratio=0.25, importance="l1")
+    mixer = small.backbone.layers[0].mixer
+    assert mixer.out_proj.in_features == 48 and mixer.in_proj.out_features == 2 * 48  # 64 inner channels, 48 kept
+    other = torch.randint(3, VOCAB, (3, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(small(other).logits, dead_twin(model, small)(other).logits)

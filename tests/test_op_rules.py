@@ -1,5 +1,6 @@
 """Ops that held every channel around them for want of a rule (survey 33 f05): flips, expand_as and
-new_ones as torch.export records them, new_tensor. Each model prunes now, exact against the dead twin on
+new_ones as torch.export records them, new_tensor; softplus, zeros and a slice at a length read at run time
+(survey 45 F3). Each model prunes now, exact against the dead twin on
 both trace paths (a size test sends a model to torch.export)."""
 import pytest
 import torch
@@ -16,6 +17,11 @@ OPS = {
     "expand_as": lambda s, h: h * s.scale.expand_as(h),
     "new_ones": lambda s, h: h * h.new_ones(h.shape[-1]),
     "new_tensor": lambda s, h: h * h.new_tensor(2.0),
+    # Mamba's mixer as torch.export records it (survey 45 F3): softplus, a slice at a length read at run
+    # time (its causal conv's padding cut off), a state of zeros as wide as the channels
+    "softplus": lambda s, h: torch.nn.functional.softplus(h * s.scale) * h,
+    "slice_at_length": lambda s, h: torch.cat([h, h], 1)[:, :h.shape[1]],
+    "zeros": lambda s, h: h + torch.zeros(h.shape[0], h.shape[1], 16),
 }
 
 
