@@ -104,6 +104,13 @@ def _ewise(node, mod=None):
     return COp("ewise", node, _tensors(node))
 
 
+def _cast(node, mod=None):
+    """``x.type_as(h)``, ``x.to(h)``: x's values in h's dtype (and device). ``h`` gives no values, so
+    its dims relate to nothing: a (T, T) mask cast with ``.type_as(h)`` tied h's channels to the mask's
+    positions and held the whole hidden width (Meta's Llama reference; survey 46 F1)."""
+    return COp("ewise", node, [vkey(node.args[0])] if node.args and isinstance(node.args[0], Node) else _tensors(node))
+
+
 def _softmax(node, mod=None):
     dim = mod.dim if mod is not None else arg(node, 1, "dim")
     return COp("ewise", node, _tensors(node), attrs={"block_dims": [_dim(dim, _ndim(node))]})
@@ -854,6 +861,7 @@ EWISE_METHODS = [
 
 FUNCTION_TABLE: dict[Any, Callable] = {
     **{f: _ewise for f in EWISE_FUNCS},
+    aten.type_as.default: _cast,
     F.softmax: _softmax, torch.softmax: _softmax, F.log_softmax: _softmax, aten._softmax.default: _softmax, aten.softmax.int: _softmax,
     torch.reshape: _reshape, torch.flatten: _reshape, torch.squeeze: _reshape, torch.unsqueeze: _reshape, torch.unflatten: _reshape,
     aten.view.default: _reshape, aten.reshape.default: _reshape, aten._unsafe_view.default: _reshape,
@@ -995,6 +1003,7 @@ if hasattr(aten, "rms_norm"):
 
 METHOD_TABLE: dict[str, Callable] = {
     **{m: _ewise for m in EWISE_METHODS},
+    "type_as": _cast, "to": _cast,
     "softmax": _softmax, "log_softmax": _softmax,
     "view": _reshape, "reshape": _reshape, "flatten": _reshape, "squeeze": _reshape, "unsqueeze": _reshape, "unflatten": _reshape,
     "reshape_as": _reshape_as, "view_as": _reshape_as,

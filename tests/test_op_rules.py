@@ -1,6 +1,6 @@
 """Ops that held every channel around them for want of a rule (survey 33 f05): flips, expand_as and
 new_ones as torch.export records them, new_tensor; softplus, zeros and a slice at a length read at run time
-(survey 45 F3). Each model prunes now, exact against the dead twin on
+(survey 45 F3); ``type_as``, whose other tensor gives a dtype and no values (survey 46 F1). Each model prunes now, exact against the dead twin on
 both trace paths (a size test sends a model to torch.export)."""
 import pytest
 import torch
@@ -22,6 +22,8 @@ OPS = {
     "softplus": lambda s, h: torch.nn.functional.softplus(h * s.scale) * h,
     "slice_at_length": lambda s, h: torch.cat([h, h], 1)[:, :h.shape[1]],
     "zeros": lambda s, h: h + torch.zeros(h.shape[0], h.shape[1], 16),
+    # a causal mask cast to h's dtype (Meta's Llama reference): h gives the dtype, not values (survey 46 F1)
+    "mask_type_as": lambda s, h: torch.ones(h.shape[1], h.shape[1]).tril().type_as(h) @ h,
 }
 
 
