@@ -178,6 +178,15 @@ FAMILIES = {
              "GPTJForCausalLM, MHA 8, parallel block"),
     "bloom": (lambda: _t("BloomForCausalLM", "BloomConfig", vocab_size=V, hidden_size=H, n_layer=L, n_head=NH, **TOK),
               "causal", "BloomForCausalLM, MHA 8, ALiBi, interleaved query_key_value (MLP 256)"),
+    "qwen3_next": (lambda: _decoder("Qwen3NextConfig", "Qwen3NextForCausalLM", head_dim=D, mlp_only_layers=[0, 1],
+                                    layer_types=["full_attention"] * L), "causal",
+                   "Qwen3NextForCausalLM (full-attention layers), GQA 8/2, q_proj holds a gate per head"),
+    "mamba": (lambda: _t("MambaForCausalLM", "MambaConfig", vocab_size=V, hidden_size=H, num_hidden_layers=L, state_size=8,
+                         expand=2, conv_kernel=4, **TOK), "causal",
+              "MambaForCausalLM, selective state space, causal depthwise conv (inner 128)"),
+    "falcon_mamba": (lambda: _t("FalconMambaForCausalLM", "FalconMambaConfig", vocab_size=V, hidden_size=H, num_hidden_layers=L,
+                                state_size=8, expand=2, conv_kernel=4, **TOK), "causal",
+                     "FalconMambaForCausalLM, Mamba with RMS-normed B, C and time steps (inner 128)"),
 }
 
 
@@ -244,6 +253,7 @@ KEY = re.compile(r"(k_proj|self\.key|Attention\.k)\.weight$")
 FUSED_QKV = re.compile(r"(qkv_proj|query_key_value|c_attn)\.weight$")
 UP = re.compile(r"(?<!shared_expert\.)(up_proj|fc1|c_fc|fc_in|dense_h_to_4h|intermediate\.dense|DenseReluDense\.wi|gate_up_proj)\.weight$")
 SHARED_UP = re.compile(r"shared_expert\.up_proj\.weight$")
+SSM_OUT = re.compile(r"mixer\.out_proj\.weight$")  # Mamba: the out projection reads the inner channels
 EXPERTS = re.compile(r"experts\.gate_up_proj$")
 
 
@@ -281,7 +291,9 @@ def pruned_kinds(model, info: dict) -> tuple[dict, dict]:
     for name, shape in shapes.items():
         mod = mods.get(name.rsplit(".", 1)[0])
         out_ax, in_ax = _out_axis(mod) if len(shape) == 2 else (0, 1)
-        if ATTN_OUT.search(name) and len(shape) == 2:
+        if SSM_OUT.search(name) and len(shape) == 2:
+            add("SSM inner channels", shape[in_ax], width(name, in_ax))
+        elif ATTN_OUT.search(name) and len(shape) == 2:
             heads(name, in_ax, "query heads", "value head_dim")
             q_kept = width(name, in_ax)
             fused = next((n for n in shapes if FUSED_QKV.search(n) and n.rsplit(".", 2)[0] == name.rsplit(".", 2)[0]), None)
