@@ -729,7 +729,29 @@ def _min_units(b: Builder, dims: dict, comp) -> int | str:
     return floor
 
 
-MIXED = "a dim that mixes query heads and key/value heads"
+class _Sets:
+    """Disjoint sets of units (union-find): ``join`` puts two units' sets together, ``find`` names a set."""
+
+    def __init__(self, n: int):
+        self.link = np.arange(n)
+
+    def find(self, u: int) -> int:
+        while self.link[u] != u:
+            self.link[u] = self.link[self.link[u]]
+            u = self.link[u]
+        return u
+
+    def join(self, a: int, z: int) -> None:
+        a, z = self.find(a), self.find(z)
+        if a != z:
+            self.link[z] = a
+
+
+def _child_parent(dims: dict, shares: list):
+    """(child unit, parent unit) at every index of each shared dim: index i of the child reads i // r of the parent."""
+    for parent, child, r, _ in shares:
+        pu = dims[parent][np.arange(len(dims[child])) // r]                 # (child width,) the parent of each index
+        yield from zip(dims[child].tolist(), pu.tolist())
 
 
 def _whole_partitions(b: Builder, dims: dict, shares: list) -> dict:
@@ -740,21 +762,10 @@ def _whole_partitions(b: Builder, dims: dict, shares: list) -> dict:
     ``wqkv``), or a fused layout already made them one unit (Falcon's interleaved ``query_key_value``).
     Whole partitions remove rows of both kinds together, so no dim needs two labellings."""
     n = 1 + max(int(u.max()) for u in dims.values())
-    link = np.arange(n)
-
-    def find(u):
-        while link[u] != u:
-            link[u] = link[link[u]]
-            u = link[u]
-        return u
-
-    for parent, child, r, _ in shares:
-        pu = dims[parent][np.arange(len(dims[child])) // r]                 # (child width,) the parent of each index
-        for c, p in zip(dims[child].tolist(), pu.tolist()):
-            a, z = find(c), find(p)
-            if a != z:
-                link[a] = z
-    roots = np.array([find(u) for u in range(n)])
+    sets = _Sets(n)
+    for c, p in _child_parent(dims, shares):
+        sets.join(p, c)
+    roots = np.array([sets.find(u) for u in range(n)])
     kept = {d: roots[u] for d, u in dims.items() if d not in b.replicas}  # a copy dim's own labels name no unit
     _, new = np.unique(np.concatenate(list(kept.values())), return_inverse=True)
     out, pos = {}, 0
@@ -769,33 +780,21 @@ def _partition(b: Builder, dims: dict, shares: list, n: int):
     (key/value heads), each parent a partition; the group's units become the
     children. A string says why it cannot be done (then nothing is pruned)."""
     parent_units, child_of = set(), {}
-    link = np.arange(n)  # union-find over units: parents that serve one child are one partition
-
-    def find(u):
-        while link[u] != u:
-            link[u] = link[link[u]]
-            u = link[u]
-        return u
-
-    for parent, child, r, _ in shares:
-        pu = dims[parent][np.arange(len(dims[child])) // r]
-        cu = dims[child]
-        parent_units.update(pu.tolist())
-        for c, p in zip(cu.tolist(), pu.tolist()):
-            child_of.setdefault(c, p)
-            a, z = find(child_of[c]), find(p)
-            if a != z:
-                link[z] = a
+    sets = _Sets(n)  # parents that serve one child are one partition
+    for c, p in _child_parent(dims, shares):
+        parent_units.add(p)
+        child_of.setdefault(c, p)
+        sets.join(child_of[c], p)
     children = set(child_of)
     every = set(np.concatenate([u for d, u in dims.items() if d not in b.replicas]).tolist())
     if children & parent_units or children | parent_units != every:
         return "grouped-query heads that cannot be told apart from their key/value heads"
     child_ids = np.full(n, -1)
     child_ids[sorted(children)] = np.arange(len(children))
-    roots = sorted({find(p) for p in parent_units})
+    roots = sorted({sets.find(p) for p in parent_units})
     part_ids = np.full(n, -1)
     for p in parent_units:
-        part_ids[p] = roots.index(find(p))
+        part_ids[p] = roots.index(sets.find(p))
     part_of = np.empty(len(children), dtype=np.int64)
     for c, p in child_of.items():
         part_of[child_ids[c]] = part_ids[p]
@@ -817,7 +816,7 @@ def _partition(b: Builder, dims: dict, shares: list, n: int):
         elif d in b.replicas:
             continue
         else:
-            return MIXED
+            return "a dim that mixes query heads and key/value heads"
     for _, _, r, replica in shares:
         if replica is not None:
             out["replicas"][replica] = r
