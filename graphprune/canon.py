@@ -844,7 +844,7 @@ EWISE_FUNCS = [
     aten.neg.default, aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.sqrt.default, aten.exp.default,
     aten.clone.default, aten.alias.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
     aten.contiguous.default, aten.hardswish.default, aten.hardsigmoid.default, aten.clamp.default,
-    aten.masked_fill.Scalar, aten.detach.default, aten.lift_fresh_copy.default, aten.type_as.default,
+    aten.masked_fill.Scalar, aten.detach.default, aten.lift_fresh_copy.default,
     aten.add.Scalar, aten.mul.Scalar, aten.sub.Scalar, aten.div.Scalar, aten.relu_.default, aten.hardtanh.default,
     aten.silu_.default, aten.add_.Tensor, aten.mul_.Tensor, aten.abs.default, aten.erf.default,
     torch.addcmul, aten.addcmul.default, torch.clamp_min, torch.clamp_max, aten.clamp.Tensor,
@@ -854,14 +854,14 @@ EWISE_FUNCS = [
 ]
 EWISE_METHODS = [
     "add", "sub", "mul", "div", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "float",
-    "half", "bfloat16", "double", "to", "type_as", "detach", "pow", "exp", "neg", "sqrt", "rsqrt", "abs", "clamp",
+    "half", "bfloat16", "double", "detach", "pow", "exp", "neg", "sqrt", "rsqrt", "abs", "clamp",
     "masked_fill", "add_", "mul_", "sub_", "div_", "__add__", "__mul__", "__radd__", "__rmul__", "sin", "cos", "square",
     "addcmul",
 ]
 
 FUNCTION_TABLE: dict[Any, Callable] = {
     **{f: _ewise for f in EWISE_FUNCS},
-    aten.type_as.default: _cast,
+    aten.type_as.default: _cast,  # casts: their other tensor gives a dtype, no values (METHOD_TABLE's to, type_as)
     F.softmax: _softmax, torch.softmax: _softmax, F.log_softmax: _softmax, aten._softmax.default: _softmax, aten.softmax.int: _softmax,
     torch.reshape: _reshape, torch.flatten: _reshape, torch.squeeze: _reshape, torch.unsqueeze: _reshape, torch.unflatten: _reshape,
     aten.view.default: _reshape, aten.reshape.default: _reshape, aten._unsafe_view.default: _reshape,

@@ -15,11 +15,13 @@ shape checked before anything is loaded.
 """
 from __future__ import annotations
 
+import copy
 import enum
 import json
 import math
 import os
 import sys
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import torch
 
 from .modes import mixed, modes_of, set_modes
 from . import hf, module_form, none_inputs
-from .errors import GraphpruneError, first_line
+from .errors import GraphpruneError, GraphpruneWarning, first_line, user_level
 from .trace import shadow, to_meta
 
 FORMAT = "graphprune/1"
@@ -588,6 +590,11 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
     return out
 
 
+def _built_training(m: dict) -> bool:
+    """The mode compile built the saved model in (passes decide by it), which load rebuilds in."""
+    return bool(m.get("built_training", m.get("training", False)))
+
+
 class _Unmatched(GraphpruneError):
     """The manifest's pruning is not one the original's groups can make."""
 
@@ -599,7 +606,7 @@ def _rebuilt(original, m: dict, args, kwargs, where):
     # rebuilt in the mode it was compiled in (the passes decided by it), on a shadow copy so the user's
     # original keeps its own mode; switched to the mode it was saved in by load
     traced = shadow(original)
-    traced.train(bool(m.get("built_training", m.get("training", False))))
+    traced.train(_built_training(m))
     if m.get("built_modes"):  # a frozen BatchNorm in a model in training mode: folded by deploy, so rebuilt folded
         set_modes(traced, {**modes_of(traced), **m["built_modes"]}, traced.training)
     if where.type == "meta":
@@ -626,22 +633,15 @@ def _run_once(original, m: dict, args, kwargs, where, unmatched: _Unmatched):
     copy, in the mode compile traced in; that copy, whose state then matches the saved weights (rescaled
     too: on the fresh original, the loaded model would rescale them again on its first call), is what load
     builds on. Where the pruning still does not fit, the error stands."""
-    import copy
-    import warnings
-
-    from .errors import GraphpruneWarning, user_level
-
     if where.type == "meta":
         raise unmatched
     try:
         warm = copy.deepcopy(original)
-        warm.train(bool(m.get("built_training", m.get("training", False))))
+        warm.train(_built_training(m))
         with torch.no_grad():
             warm(*args, **(kwargs or {}))
         p, removal = _rebuilt(warm, m, args, kwargs, where)
-    except _Unmatched:
-        raise unmatched from None
-    except Exception:  # noqa: BLE001 - a copy or a call that fails: the error load met stands
+    except Exception:  # noqa: BLE001 - a copy, a call or a pruning that fails: the error load met stands
         raise unmatched from None
     warnings.warn(GraphpruneWarning(
         f"the saved pruning fits this {type(original).__name__} only after one call of its forward, which changes the "
