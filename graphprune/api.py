@@ -433,13 +433,13 @@ def _sizes_refused(p, result) -> list:
     """The shapes of the first input at another size (``verify.resized_inputs``, of the first few)
     that the user's model takes, where the graph ``result`` refuses it; else []."""
     from .module_form import _takes
-    from .verify import _run, _shapes, evaluating, resized_inputs
+    from .verify import _run, _shapes, evaluating, on_copies, resized_inputs
 
     for args, kwargs in resized_inputs(tuple(p.example_inputs), dict(p.example_kwargs or {}))[:6]:
         if not _takes(p.model, args, kwargs, params=p.param_writes):
             continue
         try:
-            with evaluating(result):
+            with evaluating(result), on_copies(result, params=p.param_writes):  # a KV cache it writes stays as it was
                 _run(result, args, kwargs)
         except Exception:  # noqa: BLE001 - a guard of the exported program
             return _shapes((args, kwargs))

@@ -66,10 +66,14 @@ def has_bn(model: torch.nn.Module) -> bool:
 
 
 def recalibrated(model: torch.nn.Module, forward: Callable[[], object]) -> torch.nn.Module:
-    """``model`` with its BatchNorm statistics the cumulative average over what ``forward()`` runs through it."""
+    """``model`` with its BatchNorm statistics the cumulative average over what ``forward()`` runs through it.
+    Its other buffers are put back as they were: a forward that writes a KV cache or bumps a counter would
+    otherwise leave the calibration batches in them."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return model
+    stat_ids = {id(t) for m in bns for t in (m.running_mean, m.running_var, m.num_batches_tracked)}
+    others = [(t, t.clone()) for t in {id(t): t for t in model.buffers()}.values() if id(t) not in stat_ids]
     saved = [(m.momentum, m.training) for m in bns]
     stats = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
     for m in bns:
@@ -90,6 +94,9 @@ def recalibrated(model: torch.nn.Module, forward: Callable[[], object]) -> torch
             if not ok or int(m.num_batches_tracked) == 0:  # no batch reached it: the statistics it had, not mean 0, var 1
                 with torch.no_grad():
                     m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(n)
+        with torch.no_grad():
+            for t, was in others:
+                t.copy_(was)
     if not ok:
         raise GraphpruneError("recalibrating BatchNorm statistics ran no batch through the model (an empty list, a "
                               "generator already used up, or batches that give a BatchNorm one value per channel, "

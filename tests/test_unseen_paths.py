@@ -282,3 +282,26 @@ def test_an_fx_graph_called_without_an_input_its_example_gave_says_which(tmp_pat
             assert _rel(m(x, scale.flip(0)), dead_twin(model, small)(x, scale.flip(0))) < 1e-5
         with pytest.raises(graphprune.GraphpruneError, match="example that gave scale"):
             m(x)
+
+
+class _Counted(nn.Module):
+    """A BatchNorm net whose forward also writes a buffer of its own (a call counter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.bn(self.conv(x))
+
+
+def test_recalibration_moves_only_the_batchnorm_statistics():
+    """Recomputing BatchNorm statistics runs the calibration batches through the model; what else its
+    forward writes (a counter, a KV cache) is put back as it was."""
+    torch.manual_seed(0)
+    model = _Counted()
+    graphprune.recalibrate_bn(model, [(torch.randn(4, 3, 8, 8),) for _ in range(3)])
+    assert float(model.calls) == 0.0
+    assert not torch.equal(model.bn.running_mean, torch.zeros(8))
