@@ -287,6 +287,13 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
             f"{len(classes)} group(s) kept whole so that the result stays in the model's own classes, which carry "
             f"generate() and save_pretrained, and whose forward cannot run their pruning (first: {classes[0][:400]}). "
             "output='graph' prunes them, as an fx graph"), stacklevel=user_level())
+    sized = [b for b in check.blocked if SIZES_CLASSES in b]
+    if sized:  # the traced graph refuses sizes the model takes: no graph could be returned
+        warnings.warn(GraphpruneWarning(
+            f"{len(sized)} group(s) kept whole so that the result stays in the model's own classes, whose forward "
+            f"cannot run their pruning (first: {sized[0][:400]}): the traced graph, which could, does not take every "
+            f"input size the model does ({check.notes[0] if check.notes else 'report.verify says which'}). Attributes "
+            "the forward reads a width or head count from (self.n_head) do not follow the pruning"), stacklevel=user_level())
     held = [b for b in check.blocked if MODULE_PATHS in b]
     if held:  # a setting's other value, or another size, read a group: it was kept
         # where the traced graph refuses sizes the model takes (or computes them wrongly), output='graph' raises, so
@@ -801,13 +808,17 @@ def _module_paths(model, p, output: str):
         return None
     args, kwargs = p.example_inputs, dict(p.example_kwargs or {})
 
-    def check(removed: dict, out, refused=()) -> str | None:
+    def check(removed: dict, out, refused=(), fatal: bool = False) -> str | None:
         top, _ = module_form.build(model, out)
         if top is None or any(t.is_meta for t in out.parameters()):
             return None
         why = module_form.differs(top, out, args, kwargs, params=p.param_writes, original=model)
-        if why:
-            return f"{HF_CLASSES}{why}" if keep_classes[0] and any(len(u) for u in removed.values()) and classes_run() else None
+        if why:  # kept whole for the classes where they carry generate(), or where the graph refuses sizes the model takes
+            keep = HF_CLASSES if keep_classes[0] else SIZES_CLASSES if keep_classes[1] and fatal else None
+            if keep and any(len(u) for u in removed.values()) and classes_run():
+                keep_classes.append(keep)  # a group was kept for them: without, the result may be another one
+                return f"{keep}{why}"
+            return None
         why = _untraced_paths(model, top, out, p, refused=refused)
         if why is None:
             passed[:] = [out, top]  # what _choose_form would run again on the same weights
@@ -819,7 +830,9 @@ def _module_paths(model, p, output: str):
     # a Hugging Face model's classes carry generate() and save_pretrained: where its forward cannot run a
     # group's pruning (OLMo's LayerNorm without weights over a pruned residual, survey 33 f04), that group
     # is kept whole rather than the model lost to a graph; compile drops this if the budget then fails
-    keep_classes = check.keep_classes = [hf.is_hf(model)]
+    # so is a group that breaks the classes of any model whose traced graph refuses input sizes the model takes
+    # (torch.export fixed them): that graph is no result (``_graph_checks``), and the classes are the only form left
+    keep_classes = check.keep_classes = [hf.is_hf(model), True]
     base: list = []
 
     def classes_run() -> bool:
@@ -835,6 +848,7 @@ def _module_paths(model, p, output: str):
 
 
 HF_CLASSES = "the model's own classes, which carry generate() and save_pretrained: "  # a self-check message
+SIZES_CLASSES = "the model's own classes, the one form that takes every input size the model does: "
 
 
 def verified_in_classes(p, decide, paths):
@@ -845,9 +859,9 @@ def verified_in_classes(p, decide, paths):
     try:
         return verified(p, decide, extra=paths)
     except GraphpruneError:
-        if paths is None or not paths.keep_classes[0]:
+        if paths is None or not (paths.keep_classes[0] or len(paths.keep_classes) > 2):
             raise
-        p.unsafe, paths.keep_classes[0] = unsafe, False
+        p.unsafe, paths.keep_classes[:] = unsafe, [False, False]
         return verified(p, decide, extra=paths)
 
 

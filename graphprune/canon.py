@@ -513,7 +513,8 @@ def _new_tensor(node, mod=None):
 
 def _indexed(kind: str, positions: tuple):
     """Ops that move rows along one ``dim`` by an index tensor (message passing over an edge list):
-    ``index_select``/``gather`` read them, ``index_add``/``scatter_add`` add them into ``self``.
+    ``index_select``/``gather`` read them, ``index_add``/``scatter_add`` add them into ``self``,
+    ``index_copy`` writes them over its rows (a KV cache: ``k_cache.index_copy_(2, pos, k)``).
     ``positions``: where self (or input), index and source sit in the call, None where absent."""
     names = {"self": ("input", "self"), "index": ("index",), "source": ("source", "src")}
 
@@ -537,6 +538,23 @@ def _indexed(kind: str, positions: tuple):
 
 _INDEX_SELECT, _GATHER = _indexed("index_select", (0, 2, None)), _indexed("gather", (0, 2, None))
 _INDEX_ADD, _SCATTER_ADD = _indexed("index_add", (0, 2, 3)), _indexed("scatter_add", (0, 2, 3))
+_INDEX_COPY = _indexed("index_copy", (0, 2, 3))
+
+
+def _index_put(node, mod=None):
+    """``x[:, :, pos] = k`` as torch.export writes it, ``index_put_(x, [None, None, pos], k)``: one 1-D integer
+    index at dim d and full slices elsewhere is ``index_copy`` (``accumulate``: ``index_add``) along d, where the
+    values have x's rank (broadcast values, masks and several indices have no rule here)."""
+    x, indices, values = node.args[0], arg(node, 1, "indices"), arg(node, 2, "values")
+    accumulate = arg(node, 3, "accumulate", False)
+    at = [d for d, i in enumerate(indices or ()) if i is not None]
+    index = indices[at[0]] if len(at) == 1 else None
+    val = index.meta.get(VAL) if isinstance(index, Node) else None
+    if (not isinstance(val, torch.Tensor) or val.dim() != 1 or val.dtype.is_floating_point or val.dtype == torch.bool
+            or vkey(x) is None or vkey(values) is None or _ndim(values) != _ndim(x)):
+        return COp("unknown", node, _tensors(node), attrs={"why": f"{node.name}: index_put other than one 1-D index"})
+    return COp("index_add" if accumulate else "index_copy", node, [vkey(x), vkey(index), vkey(values)],
+               attrs={"dim": at[0]})
 
 
 def _normalize(node, mod=None):
@@ -938,6 +956,9 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     torch.index_select: _INDEX_SELECT, aten.index_select.default: _INDEX_SELECT,
     torch.gather: _GATHER, aten.gather.default: _GATHER,
     torch.index_add: _INDEX_ADD, aten.index_add.default: _INDEX_ADD, aten.index_add_.default: _INDEX_ADD,
+    torch.index_copy: _INDEX_COPY, aten.index_copy.default: _INDEX_COPY, aten.index_copy_.default: _INDEX_COPY,
+    aten.index_put.default: _index_put, aten.index_put_.default: _index_put,
+    aten.copy_.default: _ewise, aten.copy.default: _ewise,  # x[:, a:b] = k as export writes it: a slice, then copy_
     torch.scatter_add: _SCATTER_ADD, aten.scatter_add.default: _SCATTER_ADD, aten.scatter_add_.default: _SCATTER_ADD,
     F.pixel_shuffle: _pixel_shuffle(False), aten.pixel_shuffle.default: _pixel_shuffle(False),
     F.pixel_unshuffle: _pixel_shuffle(True), aten.pixel_unshuffle.default: _pixel_shuffle(True),
@@ -1016,6 +1037,7 @@ METHOD_TABLE: dict[str, Callable] = {
     "inner": _CONTRACTIONS["inner"], "dot": _CONTRACTIONS["dot"], "outer": _CONTRACTIONS["outer"], "ger": _CONTRACTIONS["outer"],
     "new_zeros": _factory, "new_ones": _factory, "new_empty": _factory, "new_full": _factory, "new_tensor": _new_tensor,
     "index_select": _INDEX_SELECT, "gather": _GATHER, "index_add": _INDEX_ADD, "index_add_": _INDEX_ADD,
+    "index_copy": _INDEX_COPY, "index_copy_": _INDEX_COPY, "copy_": _ewise,
     "scatter_add": _SCATTER_ADD, "scatter_add_": _SCATTER_ADD,
 }
 

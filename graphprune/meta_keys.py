@@ -17,6 +17,7 @@ and on ``gm.meta`` (the GraphModule):
 | ``gp_guard_sizes`` | ``trace`` (torch.export) | input sizes where an equality guard of the exported graph turns (``if x.shape[1] == 64`` at 12 refuses 64): ``[(size, [(input leaf, dim), ...])]``, which the module form is checked at |
 | ``gp_symbolic_dims`` | ``trace`` (torch.export) | every input dim the exported graph keeps symbolic, one list per symbol: ``[[(input leaf, dim), ...], ...]`` (a size of 1 is never guarded: ``verify.wrong_at_tested_batches``) |
 | ``gp_numbers`` | ``groups.build`` (read by ``shrink-params``) | ``sizes.NumberUse`` list: widths read as numbers, frozen where they shrink |
+| ``gp_literal_moves`` | ``shrink-params`` | ``[(module path, int before, int after)]`` for the literals of each shape argument it rewrote (``view(B, T, 8, 64)`` -> ``6``), by the module whose code holds it: the module form sets that module's attributes to match (``module_form.follow_literals``) |
 | ``graphprune`` | ``Pruner.prune`` | method, widths per group, unsupported ops |
 | ``gp_original_flops``, ``gp_original_params``, ``gp_unread``, ``gp_positions``, ``gp_plan_flops`` | ``allocate``, ``auto`` | counts (and the parameter names the forward never reads, ``plan_flops.PlanFlops`` or False) of the traced original, cached (``CACHED``: never copied into a pruned graph, where they would be stale) |
 """
@@ -30,6 +31,7 @@ BOUNDED_DIMS = "gp_bounded_dims"
 GUARD_SIZES = "gp_guard_sizes"
 SYMBOLIC_DIMS = "gp_symbolic_dims"
 NUMBERS = "gp_numbers"
+LITERAL_MOVES = "gp_literal_moves"
 ORIGINAL_FLOPS = "gp_original_flops"
 ORIGINAL_PARAMS = "gp_original_params"
 POSITIONS = "gp_positions"

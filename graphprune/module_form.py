@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from . import hf, source
+from .meta_keys import LITERAL_MOVES
 from .modes import copy_modes, kept_modes
 from .modules import full_width
 from .trace import HOOK_DICTS, fresh_attrs, own_tensors, rebind_hooks
@@ -66,6 +67,7 @@ def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.M
                 fix(mod, {})
         hf.fix_conv1d(mod)
     follow_widths(top, original)
+    follow_literals(top, out.meta.get(LITERAL_MOVES, ()))
     _own_data(top, model)
     return top, ""
 
@@ -928,6 +930,7 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
                 fix(mod, local)
         hf.fix_module(mod, local)
     follow_widths(top, original)
+    follow_literals(top, out.meta.get(LITERAL_MOVES, ()))
     if hf.is_hf(model):  # before _own_data: it finds the modules holding the user's config by identity
         hf.update_config(top, model.config, model)
     _own_data(top, model)
@@ -1061,6 +1064,33 @@ def follow_widths(top: nn.Module, original: dict) -> None:
         _follow_groups(mod, prefix, original, user, mine)
         if mine:
             moved[name] = mine
+
+
+# classes whose attributes are set by their own rules (MODULE_FIXES, hf.fix_module, shrink-params' full-width
+# norms), not read off literals: a Conv1D's ``nf`` and a full-width norm's ``full`` are not head counts
+_FIXED_ELSEWHERE = ("torch.", "graphprune.", "transformers.")
+
+
+def follow_literals(top: nn.Module, moves) -> None:
+    """An attribute a user's module reads in its forward (``self.n_head``) takes the value the literals
+    it gave became: shrink-params rewrote ``view(B, T, 8, 64)`` to ``view(B, T, 6, 64)`` in that module's
+    code (``LITERAL_MOVES``), and the module's own forward must ask for 6 heads too. Only where every
+    literal of that value in the module's code went to one new value: a head count of 8 beside a head_dim
+    of 8 that stayed is ambiguous, and stays (``differs`` then says the classes cannot run it)."""
+    seen: dict = {}
+    for scope, before, after in moves:
+        seen.setdefault(scope, {}).setdefault(before, set()).add(after)
+    for scope, values in seen.items():
+        mod = _submodule(top, scope) if scope else top
+        if mod is None or type(mod).__module__.startswith(_FIXED_ELSEWHERE):
+            continue
+        reads = source.self_reads(type(mod))
+        for attr, v in list(mod.__dict__.items()):
+            if attr not in reads or not isinstance(v, int) or isinstance(v, bool):
+                continue
+            new = values.get(v, set())
+            if len(new) == 1 and v not in new:
+                mod.__dict__[attr] = next(iter(new))
 
 
 def _merged(maps: list) -> dict:

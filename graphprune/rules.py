@@ -455,29 +455,36 @@ def factory(b, c: COp):
                 b.replica((c.node, j))
 
 
+_WRITES_INTO = ("index_add", "scatter_add", "index_copy")
+
+
 def indexed(b, c: COp):
     """Rows moved along ``dim`` by an index: every other dim maps through, where the tensors that
-    share it have its full size (a partial index leaves it whole). ``index_select`` and ``index_add``
-    take a 1-D index whose length is the rows read or added; ``gather`` and ``scatter_add`` an index
+    share it have its full size (a partial index leaves it whole). ``index_select``, ``index_add`` and
+    ``index_copy`` take a 1-D index whose length is the rows read or added; ``gather`` and ``scatter_add`` an index
     of the moved tensor's shape, whose values address ``dim`` alone."""
     x, index, *source = c.inputs
     out, d = c.node, c.attrs["dim"]
-    moved = {"index_select": out, "gather": out, "index_add": source[0] if source else None,
-             "scatter_add": source[0] if source else None}[c.op]  # the tensor indexed along d
+    into = c.op in _WRITES_INTO  # the result is ``x`` with ``source``'s rows added or written at the index
+    moved = (source[0] if source else None) if into else out  # the tensor indexed along d
     so, sx = b.shape(out), b.shape(x)
     for k in range(len(sx)):
         if k == d:
             continue
-        if c.op in ("index_add", "scatter_add"):
+        if into:
             b.couple((x, k), (out, k))
         if moved is not None and b.shape(moved)[k] == sx[k]:
             b.couple((x, k), (moved, k))
             if c.op in ("gather", "scatter_add"):
                 b.couple((index, k), (moved, k))
     # ``dim`` itself stays: the index's values address it (index_add's and scatter_add's target too,
-    # which shrunk would need its index renumbered), so no rule here relates it and it keeps its width
+    # which shrunk would need its index renumbered). Blocked, not just left out: another path may relate it,
+    # as ``gather(h, 1, perm.view(1, C, 1, 1).expand_as(h))`` ties h's channels to the index's (survey 47 M1)
+    b.block((x, d), f"{c.node.name}: the index's values address this dim")
+    if into:
+        b.block((out, d), f"{c.node.name}: the index's values address this dim")
     if moved is not None:
-        b.couple((index, 0 if c.op in ("index_select", "index_add") else d), (moved, d))
+        b.couple((index, d if c.op in ("gather", "scatter_add") else 0), (moved, d))
 
 
 def normalize(b, c: COp):
@@ -946,7 +953,7 @@ RULES = {
     "flip": flip,
     "like": like,
     "factory": factory,
-    **{op: indexed for op in ("index_select", "gather", "index_add", "scatter_add")},
+    **{op: indexed for op in ("index_select", "gather", "index_add", "scatter_add", "index_copy")},
     "patch_merge": patch_merge,
     "unknown": unknown,
     "python": nothing,

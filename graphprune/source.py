@@ -56,6 +56,21 @@ def _reached(cls: type) -> tuple:
     return tuple(out)
 
 
+def self_reads(cls: type) -> frozenset:
+    """The attributes ``forward`` (and what it calls, ``reached``) reads off ``self``: ``self.n_head``."""
+    return _self_reads(cls) if isinstance(getattr(cls, "forward", None), types.FunctionType) else frozenset()
+
+
+@functools.lru_cache(maxsize=None)
+def _self_reads(cls: type) -> frozenset:
+    out = set()
+    for fn, tree in _reached(cls):
+        names = list(inspect.signature(fn).parameters)[:1]  # what the method calls its module: self, or s
+        out |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load)
+                and isinstance(node.value, ast.Name) and node.value.id in names}
+    return frozenset(out)
+
+
 def _callee(f: ast.AST, fn, cls: type):
     """What a call in ``fn`` (a function of ``cls``) names: ``self.method``, ``super().method``, a
     function of its module (``helper``), or of a module it imported (``utils.helper``), or a method

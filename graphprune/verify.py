@@ -959,7 +959,8 @@ class Verifier:
             if self.extra is None:
                 return None
             state = gm = ref = got = None  # the twin's copies go before the module form makes its own (a large model twice)
-            return self.extra(removed, out, self.refused + self.unsized)
+            # ``fatal``: sizes the model takes and the graph refuses, which no graph result may be returned with
+            return self.extra(removed, out, self.refused + self.unsized, fatal=bool(self.refused))
         finally:
             self.seconds += time.perf_counter() - start
 

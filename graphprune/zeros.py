@@ -39,6 +39,7 @@ _KEEPS_ZERO = {  # f(0) == 0, one tensor operand that matters
 _PRODUCT = {"mul", "multiply", "imul", "__mul__", "__rmul__"}  # zero if any operand is
 _QUOTIENT = {"div", "divide", "true_divide", "truediv", "itruediv"}  # zero if the numerator is
 _ADD_PRODUCT = {"addcmul"}  # input + value * t1 * t2: zero if the input is and either factor is
+_OVERWRITTEN = {"copy"}  # dst.copy_(src): zero if the source is (dst is all overwritten)
 _SUM = {"add", "sub", "subtract", "iadd", "isub", "__add__", "__radd__", "__sub__", "where", "maximum", "minimum"}  # zero if all are
 _MODULE_NAMES = {
     nn.ReLU: "relu", nn.ReLU6: "relu6", nn.GELU: "gelu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Hardswish: "hardswish",
@@ -132,6 +133,8 @@ def ewise(zs: Zeros, c: COp) -> None:
             ok = bool(z) and z[0]
         elif name in _SUM:
             ok = bool(z) and all(z)
+        elif name in _OVERWRITTEN:
+            ok = len(z) > 1 and z[1]
         elif name in _ADD_PRODUCT:
             ok = len(z) >= 3 and z[0] and (z[1] or z[2])
         else:
@@ -463,7 +466,7 @@ RULES = {
     "sdpa": sdpa,
     "like": like,
     "factory": like,
-    **{op: indexed for op in ("index_select", "gather", "index_add", "scatter_add")},
+    **{op: indexed for op in ("index_select", "gather", "index_add", "scatter_add", "index_copy")},
 }
 
 

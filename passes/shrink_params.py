@@ -29,7 +29,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from graphprune.canon import COp, arg, size_args, tensor_names, vkey
-from graphprune.meta_keys import ADDED, CACHED, CANON, NUMBERS, PLAN, VAL
+from graphprune.meta_keys import ADDED, CACHED, CANON, LITERAL_MOVES, NUMBERS, PLAN, VAL
 from graphprune.sizes import at_original_widths, frozen_value
 from graphprune.trace import _COPY_OF, fresh_attrs, own_tensors, rebind_hooks
 from graphprune.modules import (FullWidthLayerNorm, FullWidthRMSNorm, PrunedSelfAttention, batch_norm_full, full_width,
@@ -366,7 +366,8 @@ def _repeats(node: Node, cop: COp, p: _Plan) -> bool:
     shares them, and a removal keeps shares balanced), so ``repeats`` is the new output width
     over the new input width; an ``output_size`` given becomes the new output width."""
     x, d = cop.inputs[0], cop.attrs["dim"]
-    src = x[0].meta[VAL][x[1]] if isinstance(x, tuple) else x.meta[VAL]
+    read = x if isinstance(x, Node) else node.args[0]  # a buffer read directly (a KV cache) has its name for a key
+    src = x[0].meta[VAL][x[1]] if isinstance(x, tuple) else read.meta[VAL]
     old_in, old_out = src.shape[d], node.meta[VAL].shape[d]
     new_in, new_out = p.size(x, old_in, d), p.size(node, old_out, d)
     if (new_in, new_out) == (old_in, old_out):
@@ -495,6 +496,7 @@ def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
     out_val = graph.graph_copy(gm.graph, env)
     graph.output(out_val)
     p = _Plan({(_remap(k, env), a): v for (k, a), v in plan.items()})
+    moves: list = []  # (module path, literal before, after) of each shape argument rewritten
     for old, node in env.items():
         cop: COp = old.meta.get(CANON)
         if cop is not None:
@@ -511,7 +513,10 @@ def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
                     fix(mod, node, p)
                     COUNTERS["modules"] += 1
         elif cop is not None and cop.op in ARG_FIXES:
-            COUNTERS["args"] += bool(ARG_FIXES[cop.op](node, cop, p))
+            before = _literals(node)
+            if ARG_FIXES[cop.op](node, cop, p):
+                COUNTERS["args"] += 1
+                moves += _moved(old, before, _literals(node))
     env_out = {**env, next(n for n in gm.graph.nodes if n.op == "output"): next(n for n in graph.nodes if n.op == "output")}
     _freeze_numbers(gm.meta.get(NUMBERS, ()), plan, env_out, tensor_names(gm))
     out = GraphModule(root, graph, class_name=type(gm).__name__)
@@ -520,7 +525,26 @@ def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
     # not the plan, the number uses (read here, of the old graph's nodes) or the original's counts: stale here
     out.meta.update({k: v for k, v in gm.meta.items() if k not in (PLAN, NUMBERS) and k not in CACHED})
     out.training = gm.training  # set, not train(): exported modules refuse train()
+    out.meta[LITERAL_MOVES] = moves
     return PassResult(out, bool(plan))
+
+
+def _literals(node: Node) -> list:
+    """The plain ints among ``node``'s arguments, in order (None where an argument is something else)."""
+    from torch.utils._pytree import tree_leaves
+
+    return [a if isinstance(a, int) and not isinstance(a, bool) else None for a in tree_leaves((node.args, node.kwargs))]
+
+
+def _moved(node: Node, before: list, after: list) -> list:
+    """(the module whose code ``node`` is in, old, new) for each literal the rewrite changed, and each it left
+    (old == new: a value that stayed is what tells a head count of 8 from a head_dim of 8). The module form
+    sets an attribute of that module to what its value became (``module_form.follow_literals``)."""
+    stack = node.meta.get("nn_module_stack") or {}  # none: the top module's own forward (torch.fx records none there)
+    if len(before) != len(after):
+        return []
+    scope = list(stack.values())[-1][0] if stack else ""
+    return [(scope, a, b) for a, b in zip(before, after) if a is not None and b is not None]
 
 
 def _freeze_numbers(uses, plan: dict, env: dict, names: dict) -> None:

@@ -1118,14 +1118,20 @@ class _Counted(nn.Module):
 def test_a_batch_the_graph_refuses_is_checked_on_the_module_form():
     """torch.export fixed the batch, so the graph refused batch 3 where the model takes it, and the whole
     model was refused though its module form is exact at any batch (survey 18 r10). The module form is now
-    held to its twin at that batch and returned; where only the graph could come back, it is refused as before."""
+    held to its twin at that batch and returned. Where the classes cannot run a group's pruning (``view(-1, 16)``
+    writes the width), that group is kept whole, with a warning: the graph, which could run it, is no result, and
+    the whole model was refused before."""
     torch.manual_seed(0)
     model, x = _Counted().eval(), torch.randn(2, 3, 8, 8)
     small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
     assert small.report.form == "module" and small.a.out_channels == 8
     _twin_in_both_modes(model, small, [((torch.randn(b, 3, 8, 8),), {}) for b in (1, 3, 5)])
-    with pytest.raises(graphprune.GraphpruneError, match="traced graph .* does not.*own classes were not an option"):
-        graphprune.compile(_Counted(literal=True).eval(), (x,), ratio=0.5, importance="l1")
+    literal = _Counted(literal=True).eval()
+    with pytest.warns(graphprune.GraphpruneWarning, match="kept whole so that the result stays in the model's own "
+                                                          "classes.*does not take every input size"):
+        small = graphprune.compile(literal, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and small.a.out_channels == 8 and small.b.out_channels == 16
+    _twin_in_both_modes(literal, small, [((torch.randn(b, 3, 8, 8),), {}) for b in (1, 3, 5)])
 
 
 from torch.nn.functional import dropout as _captured_dropout  # noqa: E402 - the name the model calls
@@ -1752,3 +1758,32 @@ def test_a_pruned_encoder_takes_a_padding_mask_with_nested_tensors_on():
         want = twin.enc(twin.inp(x), src_key_padding_mask=pad)
     # the twin's fused path leaves padded positions at zero, the plain path computes them: the others agree
     torch.testing.assert_close(small.out(got)[~pad], twin.out(want)[~pad])
+
+
+class _ReadsWidths(nn.Module):
+    """Its forward writes widths and a head count from attributes (``self.width``, ``self.n_head``)."""
+
+    def __init__(self, heads: int = 4, head_dim: int = 6):
+        super().__init__()
+        self.n_head, self.head_dim, self.width = heads, head_dim, heads * head_dim
+        self.a, self.b = nn.Linear(8, self.width), nn.Linear(self.width, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x)).view(x.shape[0], x.shape[1], self.n_head, self.head_dim)
+        h = h * h.softmax(-1)  # per head: the head dim is held, the heads prune
+        return self.b(h.reshape(x.shape[0], -1, self.width))
+
+
+def test_attributes_the_forward_writes_into_shapes_follow_the_pruned_heads():
+    """``view(B, T, self.n_head, self.head_dim)`` became ``view(B, T, 2, 6)`` in the graph; the module form sets
+    ``n_head`` and ``width`` to what their literals became (``module_form.follow_literals``) and comes back in the
+    user's class. Before, its forward asked for 4 heads of the pruned projection and the result was a graph."""
+    torch.manual_seed(0)
+    model, x = _ReadsWidths().eval(), torch.randn(2, 5, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module", small.report.form_why
+    assert (small.n_head, small.head_dim, small.width) == (2, 6, 12)
+    assert (model.n_head, model.width) == (4, 24)  # the user's own stay
+    for shape in ((2, 5, 8), (3, 7, 8)):
+        y = torch.randn(shape)
+        torch.testing.assert_close(small(y), oracle_twin(model, small)(y))

@@ -878,7 +878,8 @@ def test_a_graph_refuses_keys_and_items_its_example_lacked(container):
     x, mask = torch.randn(2, 5, 8), torch.rand(2, 5)
     model = _Batched().eval()
     example, call = ({"x": x}, {"x": x, "mask": mask}) if container == "dict" else ([x], [x, mask])
-    small = graphprune.compile(model, (example,), ratio=0.5, importance="l1")
+    # output="graph": the module form takes the call too, now that ``self.width`` follows (follow_literals)
+    small = graphprune.compile(model, (example,), ratio=0.5, importance="l1", output="graph")
     assert small.report.form == "graph"
     twin = dead_twin(model, small)
     for graph in (small, copy.deepcopy(small)):
@@ -1059,7 +1060,7 @@ def test_a_list_tuple_or_namedtuple_input_stands_for_another():
     Two = collections.namedtuple("Two", "x y")
     model, x, y = _Pair().eval(), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     for example in ([x, y], Two(x, y)):
-        small = graphprune.compile(model, (example,), ratio=0.5, importance="l1")
+        small = graphprune.compile(model, (example,), ratio=0.5, importance="l1", output="graph")
         assert small.report.form == "graph"
         want = dead_twin(model, small)([x, y])
         for call in ([x, y], (x, y), Two(x, y)):
@@ -1069,7 +1070,7 @@ def test_a_list_tuple_or_namedtuple_input_stands_for_another():
 
 
 class _Keyed(nn.Module):
-    """Reads its batch by key (a dict or a tokenizer's BatchEncoding alike); the result is a graph."""
+    """Reads its batch by key (a dict or a tokenizer's BatchEncoding alike)."""
 
     def __init__(self):
         super().__init__()
@@ -1090,7 +1091,7 @@ def test_a_mapping_stands_for_the_dict_its_example_was():
 
     torch.manual_seed(0)
     model, x = _Keyed().eval(), torch.randn(2, 5, 8)
-    small = graphprune.compile(model, ({"x": x},), ratio=0.5, importance="l1")
+    small = graphprune.compile(model, ({"x": x},), ratio=0.5, importance="l1", output="graph")
     assert small.report.form == "graph"
     torch.testing.assert_close(small(collections.UserDict({"x": x})), dead_twin(model, small)({"x": x}))
     with pytest.raises(graphprune.GraphpruneError, match="'y' the example did not"):
