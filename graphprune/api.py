@@ -880,7 +880,7 @@ def _choose_form(model, out, p, output: str, rep, checked=None):
         why = _over_budget(checked, p, rep)
         if not why:
             checked._graphprune = {**out.meta["graphprune"], "form": "module"}
-            return checked, "module", MODULE_WHY + _held_to_none(checked, model, p)
+            return checked, "module", MODULE_WHY + _held_to_none(checked, model, p) + _unchecked(p)
     top, why = module_form.build(model, out)
     runs = top is not None and not any(t.is_meta for t in out.parameters())
     if runs:
@@ -906,7 +906,23 @@ def _choose_form(model, out, p, output: str, rep, checked=None):
                                   + (", or the default pipeline for the model's own classes." if custom else "."))
         return out, "graph", why
     top._graphprune = {**out.meta["graphprune"], "form": "module"}
-    return top, "module", MODULE_WHY + _held_to_none(top, model, p)
+    return top, "module", MODULE_WHY + _held_to_none(top, model, p) + _unchecked(p)
+
+
+def _unchecked(p) -> str:
+    """What ``report.form_why`` says, with a warning, of sizes past a bound too far out to check
+    (``module_form.unchecked_bounds``): the model's forward branches there, on a path no check ran."""
+    far = module_form.unchecked_bounds(p.gm.meta.get(EXAMPLE), p.gm.meta.get(BOUNDED_DIMS))
+    if not far:
+        return ""
+    sizes = ", ".join(far)
+    warnings.warn(GraphpruneWarning(
+        f"the result is in the model's own classes, unchecked at sizes {sizes}: torch.export bounded them where the "
+        "forward takes another path, too far out to run. Compile with an example of such a size to check it, or pass "
+        "output='graph', which refuses those sizes"), stacklevel=user_level())
+    return (f". At sizes {sizes} (torch.export bounded them) the forward takes another path, too far out to run: "
+            "the module form was not held to its twin there")
+    return said
 
 
 MODULE_WHY = "the model's own forward reproduces the pruned graph on the example and another input shape"

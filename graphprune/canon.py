@@ -193,7 +193,9 @@ def _expand(node, mod=None):
         sizes_at = "varargs" if not isinstance(arg(node, 1, "size"), (list, tuple)) else 1
     elif node.target == aten.expand.default:
         sizes_at = 1
-    return COp("expand", node, [vkey(node.args[0])], attrs={"sizes_at": sizes_at})
+    like = arg(node, 1, "other") if node.op == "call_method" and node.target == "expand_as" else None
+    return COp("expand", node, [vkey(node.args[0])] + ([vkey(like)] if vkey(like) is not None else []),
+               attrs={"sizes_at": sizes_at})
 
 
 def _repeat_interleave(node, mod=None):

@@ -563,8 +563,7 @@ def _past_bounds(example, bounded: list, turns: list = ()) -> list:
 
     plans = []  # (sizes, dims, what)
     for lo, hi, dims in bounded:
-        # a bound far out (`if x.shape[0] > 4096: chunk`) is not stepped past: batch 10**6 took 90 s (survey 21)
-        far = hi is not None and hi + 1 > max(source.BATCH_LIMIT, 4 * now(dims))
+        far = _far(hi, now(dims), tensors)
         # both sides of each bound: past it the user's forward takes the other branch; at it a branch whose test
         # reads a pruned width (``h.shape[-1] * T > 150``) may turn elsewhere in the module form (survey 43 F1)
         plans.append((([hi, hi + 1] if hi is not None and not far else []) + ([lo, lo - 1] if lo > 2 else []), dims,
@@ -575,6 +574,28 @@ def _past_bounds(example, bounded: list, turns: list = ()) -> list:
     # the example's own size is checked already; every input dim of one symbol moves together
     return [(*symbol_at(args, kwargs, dims, size), what) for sizes, dims, what in plans for size in sizes
             if size != now(dims)]
+
+
+FAR_ELEMENTS = 1 << 21  # input elements a check past a bound may run (8 MB of float32)
+
+
+def _far(hi: int | None, now: int, tensors: list) -> bool:
+    """Whether the size just past an upper bound ``hi`` (on a dim now ``now``) is too far out to run: past
+    ``source.BATCH_LIMIT`` and four times the example's size, and holding more than ``FAR_ELEMENTS`` input
+    elements. Batch 10**6 took 90 s (survey 21); batch 65 of a (2, 5, 8) example is 2,600 elements, and
+    left unchecked it hid a branch at ``x.shape[0] > 64`` that read the pruned width (survey 47 F1)."""
+    if hi is None or hi + 1 <= max(source.BATCH_LIMIT, 4 * now):
+        return False
+    return sum(t.numel() for t in tensors) * (hi + 1) / max(now, 1) > FAR_ELEMENTS
+
+
+def unchecked_bounds(example, bounded: list | None) -> list[str]:
+    """The bounds ``beyond`` does not step past (``_far``), said as "input 0 dim 0 above 64"."""
+    if not bounded or example is None:
+        return []
+    tensors = [t for t in tree_leaves((tuple(example[0]), dict(example[1]))) if isinstance(t, torch.Tensor)]
+    return [f"input {dims[0][0]} dim {dims[0][1]} above {hi}" if dims else f"above {hi}" for lo, hi, dims in bounded
+            if _far(hi, tensors[dims[0][0]].shape[dims[0][1]] if dims else 0, tensors)]
 
 
 MAX_SETTINGS = 8  # other values tried per setting: each costs a run of the module form and its twin, in both modes

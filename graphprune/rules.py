@@ -100,8 +100,12 @@ def reshape(b, c: COp):
 
 def expand(b, c: COp):
     """expand: dims that keep their size map through; broadcast dims (size 1 or
-    new, grown) hold copies: any of their indices may go (see ``Builder.replica``)."""
+    new, grown) hold copies: any of their indices may go (see ``Builder.replica``).
+    ``expand_as(y)`` also ties each dim to y's (survey 47 M1: a gather index expanded as its input)."""
     x, out = c.inputs[0], _out(c)
+    for like in c.inputs[1:]:  # expand_as(y): the result has y's sizes, every dim of it, at run time
+        for k in range(len(b.shape(like))):
+            b.couple((like, k), (out, k))
     si, so = b.shape(x), b.shape(out)
     for od in range(len(so) - len(si)):
         if so[od] > 1:

@@ -53,3 +53,29 @@ def test_an_op_with_a_rule_now_prunes_exactly(op, exported):
     for shape in [(2, 5, 8), (3, 7, 8)]:
         x = torch.randn(*shape)
         torch.testing.assert_close(small(x), twin(x))
+
+
+class _GatherByPermutation(nn.Module):
+    """A gather whose index, a buffer, is expanded as its input: the index's values address h's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 4, 1)
+        self.register_buffer("perm", torch.randperm(16))
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.gather(h, 1, self.perm.view(1, 16, 1, 1).expand_as(h)))
+
+
+def test_a_gather_index_expanded_as_its_input_holds_the_channels():
+    """expand_as(h) ties the index's dims to h's, and gather's index addresses h's channels by value: the
+    channels stay, where compile was refused with "shrink-params left an invalid graph" (survey 47 M1)."""
+    torch.manual_seed(0)
+    model = _GatherByPermutation().eval()
+    x = torch.randn(2, 3, 5, 5)
+    summary = graphprune.analyze(model, (x,)).summary()
+    assert "the index's values address this dim" in summary
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.a.out_channels == 16
+    torch.testing.assert_close(small(x), model(x))

@@ -1143,3 +1143,40 @@ def test_packed_sequences_are_named_as_what_stops_the_trace():
 
     with pytest.raises(graphprune.GraphpruneError, match="Packed's forward packs sequences"):
         graphprune.compile(Packed().eval(), (torch.randn(3, 7, 8), torch.tensor([7, 4, 2])), ratio=0.5)
+
+
+class _ScaledPast(nn.Module):
+    """A forward that rescales by the width it reads, but only at batches past ``limit``."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if x.shape[0] > self.limit:
+            h = h * (16.0 / h.shape[-1])  # reads the pruned width
+        return self.b(h)
+
+
+def test_a_bound_past_the_batch_limit_is_checked_where_the_inputs_are_small():
+    """torch.export bounds the batch to [2, 64]; 65 is past ``source.BATCH_LIMIT``, and was not
+    stepped past, so the module form came back 0.32 off its twin at batch 65 (survey 47 F1). Batch 65
+    of a (2, 5, 8) example is 2,600 input elements: it is checked, and the group stays whole."""
+    torch.manual_seed(0)
+    model = _ScaledPast(64).eval()
+    small = graphprune.compile(model, (torch.randn(2, 5, 8),), ratio=0.25, importance="l1")
+    big = torch.randn(65, 5, 8)
+    torch.testing.assert_close(small(big), model(big))
+    assert small.a.out_features == 16
+
+
+def test_a_bound_too_far_out_to_check_is_said():
+    """Past ``module_form.FAR_ELEMENTS`` the check would cost too much: the module form comes back
+    unchecked there, and says so in a warning and in ``report.form_why``."""
+    torch.manual_seed(0)
+    model = _ScaledPast(100_000).eval()
+    with pytest.warns(graphprune.GraphpruneWarning, match="unchecked at sizes input 0 dim 0 above 100000"):
+        small = graphprune.compile(model, (torch.randn(2, 5, 8),), ratio=0.25, importance="l1")
+    assert small.report.form == "module" and "too far out to run" in small.report.form_why
