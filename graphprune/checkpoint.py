@@ -587,7 +587,20 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
 
         guard_given(out)  # as compile's graph does: an input the example gave, refused as None
     module_form.info(out)["loaded_from"] = str(path)
+    out.report = _loaded_report(p, removal, m, path)
     return out
+
+
+def _loaded_report(p, removal: dict, m: dict, path: Path):
+    """``report`` of a loaded model: the widths of every group and the form, as compile's said; the rest
+    of compile's report (budget, timings, the self-check) as the text save wrote (``form_why``). It had
+    none, and ``small.report.form`` failed after a round trip (survey 48 F3)."""
+    from .allocate import light_report
+
+    rep = light_report(p, removal)
+    rep.form = m.get("form", "graph")
+    rep.form_why = f"loaded from {path} by graphprune.load" + (f"; compile's report: {m['report']}" if m.get("report") else "")
+    return rep
 
 
 def _built_training(m: dict) -> bool:

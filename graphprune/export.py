@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from torch.utils import _pytree as pytree
 
-from . import hf
 from .verify import retried_on_weight_writes
 from .batches import example_batch, in_signature_order
 from .errors import GraphpruneError, first_line
@@ -133,15 +132,19 @@ def export(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, d
     where torch.export fixes every size-1 dim).
     With ``dynamic_batch=True`` a program whose batch came out fixed (the model's own
     code pins it) is refused with a GraphpruneError rather than returned. A Hugging Face
-    model that would return a KV cache is exported with ``use_cache=False`` (a keyword
-    input of the program, passed again when it is called) unless ``kwargs`` sets it.
+    model that would return a KV cache is exported as called with ``use_cache=False`` (on a
+    copy of its module tree whose config says so: the program takes the inputs it was exported
+    with, and nothing more) unless ``kwargs`` sets it. It had been a keyword input of the
+    program, which torch refused to run without ("kwarg keyword mismatch", survey 48 F1).
     """
     if not isinstance(model, torch.nn.Module):
         raise GraphpruneError(f"export expects a torch.nn.Module, got {type(model).__name__}")
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     kwargs = dict(kwargs or {})
-    if getattr(getattr(model, "config", None), "use_cache", False):  # a KV cache is no output a program carries
-        kwargs = hf.example_kwargs(model, kwargs)
+    if getattr(getattr(model, "config", None), "use_cache", False) and "use_cache" not in kwargs:
+        from .trace import shadow, without_cache
+
+        model = without_cache(shadow(model))  # a KV cache is no output a program carries
     kwargs = in_signature_order(model, kwargs)
     if not dynamic_batch or dynamic_shapes is not None:
         try:

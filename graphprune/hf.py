@@ -354,16 +354,27 @@ def guard_save_pretrained(model) -> None:
     def save_pretrained(*args, **kwargs):
         from .errors import GraphpruneError
 
-        raise GraphpruneError(f"{name}.save_pretrained would write a config that from_pretrained builds into another "
-                              f"model ({why}): save with graphprune.save(model, path) and load with "
-                              "graphprune.load(original, path)")
+        what = ("cannot write this model's config" if why.startswith(REFUSED) else
+                "would write a config that from_pretrained builds into another model")
+        raise GraphpruneError(f"{name}.save_pretrained {what} ({why}): save with graphprune.save(model, path) and load "
+                              "with graphprune.load(original, path)")
 
     model.save_pretrained = save_pretrained
 
 
+REFUSED = "transformers refuses the pruned config"
+
+
 def from_config_alone(model) -> str | None:
     """None if ``type(model)(model.config)`` has every tensor shape ``model`` has
-    (so ``from_pretrained`` on a saved directory rebuilds it), else the first difference."""
+    (so ``from_pretrained`` on a saved directory rebuilds it), else the first difference. A config
+    transformers itself refuses to save (hidden size 45 over 4 heads) rebuilds nothing."""
+    validate = getattr(model.config, "validate", None)
+    try:
+        if callable(validate):
+            validate()
+    except Exception as e:  # noqa: BLE001 - what the model's own save_pretrained would raise, from its config
+        return f"{REFUSED} ({type(e).__name__}: {str(e).strip().splitlines()[-1].strip()[:160]})"
     try:
         with torch.device("meta"):
             fresh = type(model)(copy.deepcopy(model.config))

@@ -255,7 +255,7 @@ def refit(out: GraphModule, gm: GraphModule, plan: dict, layers: list[Consumer],
                 C_tp[i % FOLDS] += t.T @ xp
                 T[i % FOLDS] += torch.tensor([t.square().sum(), len(t)])
             _solve_into(out, c, w, kept, G_pp, C_tp, T)
-            fitted.append((float(T[:, 1].sum()), K, c.node.name))
+            fitted.append((float(T[:, 1].sum()), K, c.weight.removesuffix(".weight")))  # the layer's name, not its node's
     positions, inputs, name = min(fitted, key=lambda f: f[0] / f[1])
     return {"layers": len(todo), "positions": int(positions), "inputs": inputs, "layer": name}
 

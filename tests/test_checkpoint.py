@@ -651,3 +651,17 @@ def test_a_model_its_first_call_changes_loads_onto_a_fresh_original(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(other).logits, small(other).logits)
         torch.testing.assert_close(back(other).logits, small(other).logits)  # a second call rescales nothing
+
+
+@pytest.mark.parametrize("output", ["module", "graph"])
+def test_a_loaded_model_has_a_report_of_its_widths_and_form(tmp_path, output):
+    """``small.report.form`` said which form came back; after save and load the model had no report at all
+    (survey 48 F3). Load gives one: every group's widths and the form, as compile's, and compile's text."""
+    torch.manual_seed(0)
+    x = torch.randn(*IMAGE)
+    small = graphprune.compile(Residual().eval(), (x,), ratio=0.5, output=output)
+    graphprune.save(small, tmp_path)
+    back = graphprune.load(Residual(), tmp_path)
+    assert back.report.form == small.report.form == output
+    assert back.report.widths == small.report.widths
+    assert str(tmp_path) in back.report.form_why and str(small.report) in back.report.form_why

@@ -778,3 +778,23 @@ def test_mamba_prunes_its_inner_channels():
     other = torch.randint(3, VOCAB, (3, 11))
     with torch.no_grad():
         torch.testing.assert_close(small(other).logits, dead_twin(model, small)(other).logits)
+
+
+def test_save_pretrained_of_a_config_transformers_refuses_points_to_save(tmp_path):
+    """A residual pruned to 45 over 4 heads: transformers' own save_pretrained failed on its config's
+    validation and left an empty folder (survey 48 F2); it now refuses as for any config that would not
+    rebuild the model, naming graphprune.save, which saves it."""
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (1, 12))
+    small = graphprune.compile(model, (ids,), ratio=0.3)
+    assert small.config.hidden_size % small.config.num_attention_heads  # what transformers refuses
+    with pytest.raises(graphprune.GraphpruneError, match="cannot write this model's config.*graphprune.save"):
+        small.save_pretrained(tmp_path / "hf")
+    graphprune.save(small, tmp_path / "gp")
+    back = graphprune.load(transformers.LlamaForCausalLM(cfg), tmp_path / "gp")
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, small(ids).logits)
