@@ -1,6 +1,8 @@
 """Model cost: FLOPs with torch.utils.flop_counter, parameters, CPU latency."""
 from __future__ import annotations
 
+import contextlib
+
 import statistics
 import time
 
@@ -216,7 +218,9 @@ def latency_ms(model: torch.nn.Module, example_inputs: tuple, *, warmup: int = 3
 
     example_inputs, example_kwargs = copied_inputs(tuple(example_inputs), dict(example_kwargs or {}))
     times = []
-    with torch.no_grad(), swapped(model, _copies(model, params=_COPY_WEIGHTS.get())):
+    own = (swapped(model, _copies(model, params=_COPY_WEIGHTS.get())) if isinstance(model, torch.nn.Module)
+           else contextlib.nullcontext())  # any callable may be timed (the CLI times a bound call)
+    with torch.no_grad(), own:
         for i in range(warmup + runs):
             t = time.perf_counter()
             model(*example_inputs, **example_kwargs)
