@@ -128,7 +128,8 @@ def said(rules: list) -> str:
     parts += [f"the keys it gave {', '.join(dicts[:4])}"] if dicts else []
     parts += [f"{r[2]} item(s) in {_name(r[1])}" for r in rules if r[0] == "items"]
     return (f". Pruned from an example with {' and '.join(parts)}: the model's code with another value there was not "
-            "checked, so the model refuses one; give it in the example to prune with that path checked")
+            "checked, so the returned model refuses a call that gives one (more items, a key or a value where the "
+            "example had none); give it in the example to prune with that path checked")
 
 
 class HeldToNone:

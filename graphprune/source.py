@@ -56,18 +56,44 @@ def _reached(cls: type) -> tuple:
     return tuple(out)
 
 
-def self_reads(cls: type) -> frozenset:
-    """The attributes ``forward`` (and what it calls, ``reached``) reads off ``self``: ``self.n_head``."""
-    return _self_reads(cls) if isinstance(getattr(cls, "forward", None), types.FunctionType) else frozenset()
+SHAPE_CALLS = frozenset({"view", "reshape", "expand", "repeat", "repeat_interleave", "split", "chunk", "unflatten",
+                         "narrow", "tensor_split", "new_zeros", "new_ones", "new_empty", "new_full", "zeros", "ones",
+                         "empty", "full", "rand", "randn"})
+"""Calls whose arguments are sizes: a value an attribute gives them becomes a shape literal in the graph."""
+
+
+def shape_reads(cls: type) -> frozenset:
+    """The attributes of ``self`` that ``forward`` (and what it calls, ``reached``) gives to the size
+    arguments of a shape call (``SHAPE_CALLS``) itself: ``view(B, T, self.n_head, -1)``,
+    ``repeat_interleave(self.nh // self.nkv, 1)``. An attribute read only in a comparison, a slice or a
+    modulo (``dist >= self.window``) is not one, whatever its value; nor one that reaches a shape through a
+    local name (``T = self.max_len`` in a branch, then ``view(B, T, ...)``, where T is the input's length
+    on the traced path)."""
+    return _shape_reads(cls) if isinstance(getattr(cls, "forward", None), types.FunctionType) else frozenset()
+
+
+class _ShapeReads(ast.NodeVisitor):
+    """The attributes of ``self`` (``me``: what the method calls it) that shape calls read."""
+
+    def __init__(self, me: list):
+        self.me, self.out = me, set()
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        f = node.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+        if name in SHAPE_CALLS:
+            self.out |= {n.attr for a in [*node.args, *(k.value for k in node.keywords)] for n in ast.walk(a)
+                         if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in self.me}
 
 
 @functools.lru_cache(maxsize=None)
-def _self_reads(cls: type) -> frozenset:
+def _shape_reads(cls: type) -> frozenset:
     out = set()
     for fn, tree in _reached(cls):
-        names = list(inspect.signature(fn).parameters)[:1]  # what the method calls its module: self, or s
-        out |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load)
-                and isinstance(node.value, ast.Name) and node.value.id in names}
+        visitor = _ShapeReads(list(inspect.signature(fn).parameters)[:1])  # what the method calls its module: self, or s
+        visitor.visit(tree)
+        out |= visitor.out
     return frozenset(out)
 
 

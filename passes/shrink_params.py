@@ -514,9 +514,8 @@ def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
                     COUNTERS["modules"] += 1
         elif cop is not None and cop.op in ARG_FIXES:
             before = _literals(node)
-            if ARG_FIXES[cop.op](node, cop, p):
-                COUNTERS["args"] += 1
-                moves += _moved(old, before, _literals(node))
+            COUNTERS["args"] += bool(ARG_FIXES[cop.op](node, cop, p))
+            moves += _moved(old, before, _literals(node))  # a literal that stayed counts too: 8 heads beside an 8 kept
     env_out = {**env, next(n for n in gm.graph.nodes if n.op == "output"): next(n for n in graph.nodes if n.op == "output")}
     _freeze_numbers(gm.meta.get(NUMBERS, ()), plan, env_out, tensor_names(gm))
     out = GraphModule(root, graph, class_name=type(gm).__name__)
@@ -537,9 +536,10 @@ def _literals(node: Node) -> list:
 
 
 def _moved(node: Node, before: list, after: list) -> list:
-    """(the module whose code ``node`` is in, old, new) for each literal the rewrite changed, and each it left
-    (old == new: a value that stayed is what tells a head count of 8 from a head_dim of 8). The module form
-    sets an attribute of that module to what its value became (``module_form.follow_literals``)."""
+    """(the module whose code ``node`` is in, old, new) for each literal of a shape argument, changed by the
+    rewrite or left (old == new, also in an op it left whole: a value that stayed is what tells a head count
+    of 8 from a head_dim or a max_len of 8). The module form sets an attribute of that module to what its
+    value became (``module_form.follow_literals``)."""
     stack = node.meta.get("nn_module_stack") or {}  # none: the top module's own forward (torch.fx records none there)
     if len(before) != len(after):
         return []
