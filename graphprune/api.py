@@ -292,8 +292,9 @@ def compile(model: torch.nn.Module, example_inputs: tuple, *, ratio=None, target
         warnings.warn(GraphpruneWarning(
             f"{len(sized)} group(s) kept whole so that the result stays in the model's own classes, whose forward "
             f"cannot run their pruning (first: {sized[0][:400]}): the traced graph, which could, does not take every "
-            f"input size the model does ({check.notes[0] if check.notes else 'report.verify says which'}). Attributes "
-            "the forward reads a width or head count from (self.n_head) do not follow the pruning"), stacklevel=user_level())
+            f"input size the model does ({check.notes[0] if check.notes else 'report.verify says which'}). A width the "
+            "forward writes as a literal, or reads through a local name, does not follow the pruning"),
+            stacklevel=user_level())
     held = [b for b in check.blocked if MODULE_PATHS in b]
     if held:  # a setting's other value, or another size, read a group: it was kept
         # where the traced graph refuses sizes the model takes (or computes them wrongly), output='graph' raises, so
@@ -814,9 +815,9 @@ def _module_paths(model, p, output: str):
             return None
         why = module_form.differs(top, out, args, kwargs, params=p.param_writes, original=model)
         if why:  # kept whole for the classes where they carry generate(), or where the graph refuses sizes the model takes
-            keep = HF_CLASSES if keep_classes[0] else SIZES_CLASSES if keep_classes[1] and fatal else None
+            keep = HF_CLASSES if keep_classes["hf"] else SIZES_CLASSES if keep_classes["sizes"] and fatal else None
             if keep and any(len(u) for u in removed.values()) and classes_run():
-                keep_classes.append(keep)  # a group was kept for them: without, the result may be another one
+                keep_classes["kept"] = True  # a group was kept for them: without, the result may be another one
                 return f"{keep}{why}"
             return None
         why = _untraced_paths(model, top, out, p, refused=refused)
@@ -832,7 +833,7 @@ def _module_paths(model, p, output: str):
     # is kept whole rather than the model lost to a graph; compile drops this if the budget then fails
     # so is a group that breaks the classes of any model whose traced graph refuses input sizes the model takes
     # (torch.export fixed them): that graph is no result (``_graph_checks``), and the classes are the only form left
-    keep_classes = check.keep_classes = [hf.is_hf(model), True]
+    keep_classes = check.keep_classes = {"hf": hf.is_hf(model), "sizes": True, "kept": False}
     base: list = []
 
     def classes_run() -> bool:
@@ -859,9 +860,10 @@ def verified_in_classes(p, decide, paths):
     try:
         return verified(p, decide, extra=paths)
     except GraphpruneError:
-        if paths is None or not (paths.keep_classes[0] or len(paths.keep_classes) > 2):
+        if paths is None or not (paths.keep_classes["hf"] or paths.keep_classes["kept"]):
             raise
-        p.unsafe, paths.keep_classes[:] = unsafe, [False, False]
+        p.unsafe = unsafe
+        paths.keep_classes.update(hf=False, sizes=False)
         return verified(p, decide, extra=paths)
 
 
@@ -922,7 +924,6 @@ def _unchecked(p) -> str:
         "output='graph', which refuses those sizes"), stacklevel=user_level())
     return (f". At sizes {sizes} (torch.export bounded them) the forward takes another path, too far out to run: "
             "the module form was not held to its twin there")
-    return said
 
 
 MODULE_WHY = "the model's own forward reproduces the pruned graph on the example and another input shape"

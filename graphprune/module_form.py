@@ -67,7 +67,7 @@ def build(model: torch.nn.Module, out: torch.fx.GraphModule) -> tuple[torch.nn.M
                 fix(mod, {})
         hf.fix_conv1d(mod)
     follow_widths(top, original)
-    follow_literals(top, out.meta.get(LITERAL_MOVES, ()))
+    follow_literals(top, model, out.meta.get(LITERAL_MOVES, ()))
     _own_data(top, model)
     return top, ""
 
@@ -981,7 +981,7 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
                 fix(mod, local)
         hf.fix_module(mod, local)
     follow_widths(top, original)
-    follow_literals(top, out.meta.get(LITERAL_MOVES, ()))
+    follow_literals(top, model, out.meta.get(LITERAL_MOVES, ()))
     if hf.is_hf(model):  # before _own_data: it finds the modules holding the user's config by identity
         hf.update_config(top, model.config, model)
     _own_data(top, model)
@@ -1122,7 +1122,7 @@ def follow_widths(top: nn.Module, original: dict) -> None:
 _FIXED_ELSEWHERE = ("torch.", "graphprune.", "transformers.")
 
 
-def follow_literals(top: nn.Module, moves) -> None:
+def follow_literals(top: nn.Module, model: nn.Module, moves) -> None:
     """An attribute a user's module gives a shape call in its forward (``view(B, T, self.n_head, -1)``,
     ``source.shape_reads``) takes the value the literals it gave became: shrink-params rewrote
     ``view(B, T, 8, 64)`` to ``view(B, T, 6, 64)`` in that module's code (``LITERAL_MOVES``), and the
@@ -1130,17 +1130,18 @@ def follow_literals(top: nn.Module, moves) -> None:
     code went to one new value: a head count of 8 beside a head_dim of 8 that stayed is ambiguous, and
     stays (``differs`` then says the classes cannot run it). An attribute of the same value read elsewhere
     (a window of 8 in ``dist >= self.window``) is no shape: set to 4, it passed every check at sequences
-    of 4 and was 0.46 off at 9 (survey 49 F1)."""
+    of 4 and was 0.46 off at 9 (survey 49 F1). The values are read off the user's ``model``: a module
+    form built twice on one pruned graph shares its submodules, whose attributes the first build set."""
     seen: dict = {}
     for scope, before, after in moves:
         seen.setdefault(scope, {}).setdefault(before, set()).add(after)
     for scope, values in seen.items():
-        mod = _submodule(top, scope) if scope else top
-        if mod is None or type(mod).__module__.startswith(_FIXED_ELSEWHERE):
+        mod, theirs = (_submodule(top, scope), _submodule(model, scope)) if scope else (top, model)
+        if mod is None or theirs is None or type(mod).__module__.startswith(_FIXED_ELSEWHERE):
             continue
         reads = source.shape_reads(type(mod))
-        for attr, v in list(mod.__dict__.items()):
-            if attr not in reads or not isinstance(v, int) or isinstance(v, bool):
+        for attr, v in list(theirs.__dict__.items()):
+            if attr not in reads or not isinstance(v, int) or isinstance(v, bool) or attr not in mod.__dict__:
                 continue
             new = values.get(v, set())
             if len(new) == 1 and v not in new:
