@@ -541,6 +541,7 @@ def _indexed(kind: str, positions: tuple):
 _INDEX_SELECT, _GATHER = _indexed("index_select", (0, 2, None)), _indexed("gather", (0, 2, None))
 _INDEX_ADD, _SCATTER_ADD = _indexed("index_add", (0, 2, 3)), _indexed("scatter_add", (0, 2, 3))
 _INDEX_COPY = _indexed("index_copy", (0, 2, 3))
+INDEXED = ("index_select", "gather", "index_add", "scatter_add", "index_copy")  # the ops ``_indexed`` makes
 
 
 def _index_put(node, mod=None):

@@ -243,7 +243,7 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
             model.config.save_pretrained(path)
         except Exception as e:  # noqa: BLE001 - transformers validates configs (hidden 45 over 4 heads is refused)
             (path / "config.json").unlink(missing_ok=True)
-            why = (f"transformers refuses the pruned config ({type(e).__name__}: {str(e).strip().splitlines()[-1][:160]}); "
+            why = (f"{hf.REFUSED} ({type(e).__name__}: {str(e).strip().splitlines()[-1][:160]}); "
                    "graphprune.load rebuilds the model")
         if why is not None:
             # a config that does not rebuild this model must not sit where from_pretrained reads it: it loaded

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from .canon import COp, _tensors, exact_cast, vkey
+from .canon import INDEXED, COp, _tensors, exact_cast, vkey
 from .meta_keys import VAL
 
 
@@ -471,7 +471,7 @@ def indexed(b, c: COp):
     out, d = c.node, c.attrs["dim"]
     into = c.op in _WRITES_INTO  # the result is ``x`` with ``source``'s rows added or written at the index
     moved = (source[0] if source else None) if into else out  # the tensor indexed along d
-    so, sx = b.shape(out), b.shape(x)
+    sx = b.shape(x)
     for k in range(len(sx)):
         if k == d:
             continue
@@ -957,7 +957,7 @@ RULES = {
     "flip": flip,
     "like": like,
     "factory": factory,
-    **{op: indexed for op in ("index_select", "gather", "index_add", "scatter_add", "index_copy")},
+    **{op: indexed for op in INDEXED},
     "patch_merge": patch_merge,
     "unknown": unknown,
     "python": nothing,

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch.fx import Node
 
-from .canon import COp, arg
+from .canon import INDEXED, COp, arg
 from .meta_keys import VAL
 from .rules import REDUCE_OVER_ZEROS
 
@@ -466,7 +466,7 @@ RULES = {
     "sdpa": sdpa,
     "like": like,
     "factory": like,
-    **{op: indexed for op in ("index_select", "gather", "index_add", "scatter_add", "index_copy")},
+    **{op: indexed for op in INDEXED},
 }
 
 
