@@ -244,9 +244,11 @@ def _slice(node, mod=None):
         end = start + length if isinstance(start, int) and isinstance(length, int) else None
     if start is None or end is None:  # x[..., :T] at a length T read at run time (Mamba's causal conv): its other dims
         return COp("slice", node, [vkey(x)], attrs={"dim": dim})  # map through, the sliced one stays (rules.slice_)
-    if step != 1:
-        return COp("unknown", node, _tensors(node), attrs={"why": "slice with a step"})
-    index = tuple([slice(None)] * dim + [slice(start, end)])
+    if not isinstance(step, int):
+        return COp("unknown", node, _tensors(node), attrs={"why": "slice with a step computed at run time"})
+    # a step (interleaved rotary embeddings' x[..., ::2]): the index rule holds the sliced dim and maps
+    # the others through, as for the same slice written as x[..., ::2] in a symbolic trace
+    index = tuple([slice(None)] * dim + [slice(start, end, step if step != 1 else None)])
     return COp("index", node, [vkey(x)], attrs={"index": index, "form": "slice_op"})
 
 

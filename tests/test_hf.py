@@ -798,3 +798,28 @@ def test_save_pretrained_of_a_config_transformers_refuses_points_to_save(tmp_pat
     back = graphprune.load(transformers.LlamaForCausalLM(cfg), tmp_path / "gp")
     with torch.no_grad():
         assert torch.equal(back(ids).logits, small(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["Helium", "Glm"])
+def test_interleaved_rotary_embeddings_leave_heads_prunable(family):
+    """Interleaved rotary embeddings slice the head dim with a step (``x[..., ::2]``, ``x[..., 1::2]``).
+    The exported slice with a step was an unknown op, which held every dim of its input, the heads
+    too: Helium and GLM pruned no query or key/value head where Llama prunes them (survey 50 F01).
+    The step holds the sliced dim only, as the same slice in a symbolic trace does; the heads
+    prune, the head dim stays, and the result is its dead twin."""
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{family}Config")(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                                                   intermediate_size=128, max_position_embeddings=64,
+                                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    ids = torch.randint(3, VOCAB, (2, 7))
+    a = graphprune.analyze(model, (ids,))
+    assert sum(g.part_of is not None for g in a.groups) == 2 and not any("step" in u for u in a.unsupported)
+    small = graphprune.compile(model, (ids,), ratio=0.25, importance="l1")
+    attn = small.model.layers[0].self_attn
+    assert attn.q_proj.out_features == 48 and attn.o_proj.in_features == 48 and small.report.verify.status == "passed"
+    twin = dead_twin(model, small)
+    for x in (ids, torch.randint(3, VOCAB, (3, 11))):
+        with torch.no_grad():
+            torch.testing.assert_close(small(x).logits, twin(x).logits, rtol=1e-4, atol=1e-5)
