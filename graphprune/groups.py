@@ -134,7 +134,8 @@ class Group:
     def describe(self) -> str:
         names = sorted({p.name for p in [*self.params, *self.shared_params]})
         more = f" (+{len(names) - 6} more)" if len(names) > 6 else ""
-        parts = f", balanced over {self.n_parts} shared key/value heads" if self.part_of is not None else ""
+        parts = (f", kept in equal numbers over the {self.n_parts} units they share (key/value heads in grouped-query "
+                 "attention, or any repeated slice)") if self.part_of is not None else ""
         if self.even is not None:
             parts += f", kept equal in the {int(self.even.max()) + 1} parts a chunk splits it into"
         if self.fills:
