@@ -679,6 +679,31 @@ def test_a_width_against_a_length_is_checked_past_the_pruned_width():
     assert graph.fc1.weight.shape[0] == 16
 
 
+class _CentredInALoopOverTheLength(_Tokens):
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        for _ in range(x.shape[1] - 5):  # torch.export fixes the length: the loop runs as often as it says
+            h = h - h.mean(-1, keepdim=True)
+        return self.fc2(h)
+
+
+def test_a_loop_over_a_length_the_export_fixed_is_checked_above_it():
+    """Survey 51 F01: at the example's 5 tokens the loop runs no time, nor at 4, the size the self-check
+    found the graph refuses; every other size it tried was the example's. The module form came back
+    with the centring over 16 of 32 channels, 0.26 off its twin at 7 tokens, nothing said. A size the
+    exported graph fixed is tried at twice the example's too: the group stays whole, and the result
+    is its twin at every length."""
+    torch.manual_seed(0)
+    model, x = _CentredInALoopOverTheLength().eval(), torch.randn(2, 5, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and "which the traced graph fixed" in " ".join(small.report.verify.blocked)
+    twin = oracle_twin(model, small)
+    with torch.no_grad():
+        for t in (5, 4, 7, 9):
+            xt = torch.randn(3, t, 8)
+            torch.testing.assert_close(small(xt), twin(xt), rtol=1e-5, atol=1e-6)
+
+
 class _LongerQuery(nn.Module):
     def __init__(self):
         super().__init__()
