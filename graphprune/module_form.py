@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from . import hf, source
-from .meta_keys import LITERAL_MOVES
+from .meta_keys import FROZEN_WIDTHS, LITERAL_MOVES
 from .modes import copy_modes, kept_modes
 from .modules import full_width
 from .trace import HOOK_DICTS, fresh_attrs, own_tensors, rebind_hooks
@@ -333,18 +333,12 @@ def _reads_mode(cls: type) -> bool:
     return any("training" in source.getsource(fn) for fn, _ in source.reached(cls))
 
 
-def _past_refused(example, refused) -> list[tuple]:
-    """(args, kwargs, what): the example with each size a refused input changed (``refused``: sizes
-    torch.export fixed, which the graph refuses and the model takes) at twice the example's size.
-    The self-check's other sizes are smaller than the example's, and a loop over a length
-    (``for _ in range(T - 5)``, none at the example's 5 tokens and none at 4) ran a centring over
-    pruned channels only above it: the module form came back 0.26 off its twin at 7 tokens
-    (survey 51 F01). Dims that change together in a refused input (a mask with its sequence)
-    grow together."""
-    from .verify import _named, symbol_at
-
+def _fixed_dims(example, refused) -> list[tuple[list, int]]:
+    """(dims, the example's size) of each size a refused input changed (``refused``: sizes torch.export
+    fixed, which the graph refuses and the model takes). Dims that change together in a refused input
+    (a mask with its sequence) go together."""
     base = [t.shape for t in tree_leaves((tuple(example[0]), dict(example[1] or {}))) if isinstance(t, torch.Tensor)]
-    cases, seen = [], set()
+    found: dict = {}
     for a, k in refused:
         shapes = [t.shape for t in tree_leaves((tuple(a), dict(k or {}))) if isinstance(t, torch.Tensor)]
         if len(shapes) != len(base) or any(len(x) != len(y) for x, y in zip(shapes, base)):
@@ -355,10 +349,68 @@ def _past_refused(example, refused) -> list[tuple]:
                 if m != n and n > 0:
                     changed.setdefault((n, m), []).append((i, d))
         for (n, _), dims in changed.items():
-            if tuple(dims) not in seen:
-                seen.add(tuple(dims))
-                cases.append((*symbol_at(example[0], example[1] or {}, dims, 2 * n),
-                              f"(twice the example's size in {_named(dims)}, which the traced graph fixed)"))
+            found.setdefault(tuple(dims), n)
+    return [(list(dims), n) for dims, n in found.items()]
+
+
+def _past_refused(example, refused) -> list[tuple]:
+    """(args, kwargs, what): the example with each size torch.export fixed (``_fixed_dims``) at twice
+    the example's size. The self-check's other sizes are smaller than the example's, and a loop over
+    a length (``for _ in range(T - 5)``, none at the example's 5 tokens and none at 4) ran a centring
+    over pruned channels only above it: the module form came back 0.26 off its twin at 7 tokens
+    (survey 51 F01)."""
+    from .verify import _named, symbol_at
+
+    return [(*symbol_at(example[0], example[1] or {}, dims, 2 * n),
+             f"(twice the example's size in {_named(dims)}, which the traced graph fixed)")
+            for dims, n in _fixed_dims(example, refused)]
+
+
+LADDER = 4  # a length the module form is also run at, in multiples of the example's (twice: ``at_twice``)
+CROSSINGS = 2  # kept widths above the example's length whose sizes (k and k + 1) a length is also tried at
+LADDER_ELEMENTS = 1 << 18  # input elements a run on the ladder may hold: 1 MB of float32
+
+
+def _farther(example, symbolic, refused, bounded, kept: dict, model: torch.nn.Module, pruned=None) -> list[tuple]:
+    """(args, kwargs, what): each length of the example that torch.export left symbolic or fixed (but
+    the batch) at ``LADDER`` times its size, and at each of the ``CROSSINGS`` smallest widths the
+    pruning kept above it, k and k + 1, where the bounds take them and the input stays under
+    ``LADDER_ELEMENTS``. A Python loop whose count grows slowly with a length
+    (``range(int(log2(T)) - 4)``) first ran a centring over pruned channels at 32 tokens, an 8-token
+    example's twice did not reach it, and the module form came back 0.75 off its twin there;
+    a length compared with a width inside tensor ops (``arange(T) < h.shape[-1]``, ``T % h.shape[-1]``)
+    turns at the kept width in the module form and at the original in its twin, and no guard names it
+    (survey 52). Sizes other than these are not tried: a path that runs only at a length the ladder
+    misses (``while n > 8: n //= 2`` landing on 5) is not seen (README, Known limits).
+    Where the graph froze a kept width the code reads as a number (``FROZEN_WIDTHS``: a graph torch.fx
+    traced, whose every dim takes any size), the model's own code reads the kept width live: each
+    dim of each input but the batch is tried at those widths and one more."""
+    from .verify import _named, _other_symbols, symbol_at
+
+    args, kwargs = tuple(example[0]), dict(example[1] or {})
+    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    total = sum(t.numel() for t in tensors)
+    highs = {tuple(dims): hi for _, hi, dims in bounded or [] if hi is not None}
+    shapes = {name: tuple(t.shape) for name, t in model.named_parameters(remove_duplicate=False)}
+    widths = sorted({len(idx) for (name, axis), idx in kept.items()
+                     if name in shapes and axis < len(shapes[name]) and len(idx) < shapes[name][axis]})
+    groups: dict = {tuple(dims): n for dims, n in _other_symbols(args, kwargs, symbolic)}
+    for dims, n in _fixed_dims(example, refused):
+        groups.setdefault(tuple(dims), n)
+    read = (pruned.meta.get(FROZEN_WIDTHS) if pruned is not None else None) or []
+    lengths = {((i, d),): t.shape[d] for i, t in enumerate(tensors) for d in range(1, t.dim())} if read else {}
+    cases = []
+    for dims, n in [*groups.items(), *((dims, n) for dims, n in lengths.items() if dims not in groups)]:
+        on_ladder = dims in groups
+        crossing = [k for k in (widths if on_ladder else read) if k + 1 > n][:CROSSINGS]
+        sizes = sorted({*([LADDER * n] if on_ladder else []), *crossing, *(k + 1 for k in crossing)} - {n, 2 * n})
+        for size in sizes:
+            if size > highs.get(dims, size) or total * size / max(n, 1) > LADDER_ELEMENTS:
+                continue
+            what = "times the example's size" if size == LADDER * n else "a kept width, or one more"
+            cases.append((*symbol_at(args, kwargs, list(dims), size),
+                          f"({_named(list(dims))} at {size}: {LADDER if size == LADDER * n else ''}"
+                          f"{' ' if size == LADDER * n else ''}{what})"))
     return cases
 
 
@@ -414,7 +466,8 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
     flags, batches = _other_settings(model, example), _tested_batches(model, example)
     cases = _past_bounds(example, bounded or [], turns or []) + flags + batches + (
         _other_layout(example) if source.reads_layout(model) else []) + _padded(model, example) + [
-        (tuple(a), dict(k), "(a size the traced graph refuses)") for a, k in refused] + _past_refused(example, refused) + [
+        (tuple(a), dict(k), "(a size the traced graph refuses)") for a, k in refused] + _past_refused(example, refused) + (
+        _farther(example, symbolic, refused, bounded, kept, model, pruned)) + [
         (a, k, f"({what})") for what, a, k in at_size_one(example[0], example[1], symbolic)] + [
         (a, k, f"({what})") for what, a, k in at_twice(example[0], example[1], symbolic, bounded)] + (
         _tested_sizes(model, example, traced) if traced is not None else [])

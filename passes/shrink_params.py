@@ -29,7 +29,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from graphprune.canon import COp, arg, size_args, tensor_names, vkey
-from graphprune.meta_keys import ADDED, CACHED, CANON, LITERAL_MOVES, NUMBERS, PLAN, VAL
+from graphprune.meta_keys import ADDED, CACHED, CANON, FROZEN_WIDTHS, LITERAL_MOVES, NUMBERS, PLAN, VAL
 from graphprune.sizes import at_original_widths, frozen_value
 from graphprune.trace import _COPY_OF, fresh_attrs, own_tensors, rebind_hooks
 from graphprune.modules import (FullWidthLayerNorm, FullWidthRMSNorm, PrunedSelfAttention, batch_norm_full, full_width,
@@ -517,7 +517,7 @@ def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
             COUNTERS["args"] += bool(ARG_FIXES[cop.op](node, cop, p))
             moves += _moved(old, before, _literals(node))  # a literal that stayed counts too: 8 heads beside an 8 kept
     env_out = {**env, next(n for n in gm.graph.nodes if n.op == "output"): next(n for n in graph.nodes if n.op == "output")}
-    _freeze_numbers(gm.meta.get(NUMBERS, ()), plan, env_out, tensor_names(gm))
+    frozen = _freeze_numbers(gm.meta.get(NUMBERS, ()), plan, env_out, tensor_names(gm))
     out = GraphModule(root, graph, class_name=type(gm).__name__)
     for name, child in root.named_children():  # whole subtrees, so Sequential and friends keep their types
         setattr(out, name, child)
@@ -525,6 +525,7 @@ def shrink_params(gm: GraphModule, plan: dict | None = None) -> PassResult:
     out.meta.update({k: v for k, v in gm.meta.items() if k not in (PLAN, NUMBERS) and k not in CACHED})
     out.training = gm.training  # set, not train(): exported modules refuse train()
     out.meta[LITERAL_MOVES] = moves
+    out.meta[FROZEN_WIDTHS] = frozen
     return PassResult(out, bool(plan))
 
 
@@ -547,16 +548,22 @@ def _moved(node: Node, before: list, after: list) -> list:
     return [(scope, a, b) for a, b in zip(before, after) if a is not None and b is not None]
 
 
-def _freeze_numbers(uses, plan: dict, env: dict, names: dict) -> None:
+def _freeze_numbers(uses, plan: dict, env: dict, names: dict) -> list[int]:
     """A width read as a number (``h / h.shape[1]``) keeps its original value
     where that width shrank: the twin divides by the width it was trained with.
-    Shape arguments (view sizes) are not number uses and stay symbolic."""
+    Shape arguments (view sizes) are not number uses and stay symbolic.
+    Returns the kept widths so read: the model's own code reads them live, where
+    the graph holds the original (``module_form._farther`` runs it at lengths
+    either side of each)."""
+    frozen: set = set()
     for use in uses:
         if not any(d in plan for d in use.deps):
             continue
+        frozen.update(len(plan[d]) for d in use.deps if d in plan)
         user, value = env[use.user], env[use.value]
         # recomputed from the run-time sizes with the shrunk widths put back; frozen whole where that cannot be done
         number = at_original_widths(use.value, plan.__contains__, env, user.graph, user, names)
         number = frozen_value(use.number) if number is None else number
         user.args = map_arg(user.args, lambda m: number if m is value else m)
         user.kwargs = map_arg(user.kwargs, lambda m: number if m is value else m)
+    return sorted(frozen)

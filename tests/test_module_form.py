@@ -1,5 +1,6 @@
 """output="auto" | "module" | "graph": the pruned model in the user's own classes where that is verified."""
 import copy
+import math
 import enum
 import typing
 
@@ -701,6 +702,40 @@ def test_a_loop_over_a_length_the_export_fixed_is_checked_above_it():
     with torch.no_grad():
         for t in (5, 4, 7, 9):
             xt = torch.randn(3, t, 8)
+            torch.testing.assert_close(small(xt), twin(xt), rtol=1e-5, atol=1e-6)
+
+
+class _CentredPastALogLength(_Tokens):
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        for _ in range(int(math.log2(x.shape[1])) - 4):  # no pass below 32 tokens
+            h = h - h.mean(-1, keepdim=True)
+        return self.fc2(h)
+
+
+class _MaskedAtTheWidth(_Tokens):
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        keep = (torch.arange(x.shape[1]) < h.shape[-1]).float()  # no guard: the width is compared inside tensor ops
+        return self.fc2(h) * keep[:, None]
+
+
+@pytest.mark.parametrize("model_cls, lengths", [(_CentredPastALogLength, (8, 31, 32, 40)),
+                                                 (_MaskedAtTheWidth, (8, 16, 17, 24))], ids=["log_loop", "width_mask"])
+def test_lengths_the_code_turns_at_are_tried_past_twice_the_example(model_cls, lengths):
+    """Survey 52 F01/F05: a loop over log2 of the length first runs at 32 tokens, past twice the 8-token
+    example; a mask of the positions below the hidden width turns at 16 in the module form and at 32 in
+    its twin, with no guard to say so. Both came back as the module form, 0.75 and 0.73 off their twins
+    there, nothing said. Each length is also tried at four times the example's, and at the kept widths
+    the graph read as numbers and one more: the group stays whole, and the result is its twin."""
+    torch.manual_seed(0)
+    model, x = model_cls().eval(), torch.randn(2, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and small.report.verify.status == "repaired", small.report
+    twin = oracle_twin(model, small)
+    with torch.no_grad():
+        for t in lengths:
+            xt = torch.randn(2, t, 8)
             torch.testing.assert_close(small(xt), twin(xt), rtol=1e-5, atol=1e-6)
 
 
