@@ -479,8 +479,11 @@ def allocate(p: Pruner, kind: str, target: float, constraints: Constraints, rule
         return _allocate(p, kind, target, constraints, rule, **meter_kw)
     except Unreachable as e:
         if not p.groups:
+            kept = (f" left: the self-check kept all {len(p.unsafe)} whole (its pruned results differed from the "
+                    "original with the removed channels zeroed; the warnings and report.verify.blocked of a "
+                    "compile with ratio= say where)") if p.unsafe else ""
             raise Unreachable(f"target_{kind}={target} cannot be reached: the model has no prunable group"
-                              f"{blocked_hint(p)}") from None
+                              f"{kept}{'' if kept else blocked_hint(p)}") from None
         narrow = [g for g in p.groups if g.one_multiple_wide(constraints.round_to)]
         if narrow:  # a group one multiple wide keeps every channel: round_to, not the model, holds it
             e = Unreachable(f"{e}. round_to={constraints.round_to} keeps {len(narrow)} of {len(p.groups)} prunable group(s) "

@@ -860,7 +860,8 @@ class Verifier:
             return
         self.refused.append((args, kwargs))
         self.notes.append(f"the model takes inputs {_shapes((args, kwargs))} but the traced graph ({self.p.analysis.method}) "
-                          f"does not, so the result only takes the example's shapes {_shapes(self.cases[0])}")
+                          f"does not, so a graph result only takes the example's shapes {_shapes(self.cases[0])} (the "
+                          "model's own classes take every size the model does)")
 
     def _cases(self):
         """The example, the first other batch shape the model accepts, and the first input at

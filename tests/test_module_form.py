@@ -705,6 +705,15 @@ def test_a_loop_over_a_length_the_export_fixed_is_checked_above_it():
             torch.testing.assert_close(small(xt), twin(xt), rtol=1e-5, atol=1e-6)
 
 
+def test_a_budget_no_group_is_left_for_says_the_self_check_kept_them():
+    """Survey 52 F06: where the module form's check kept the one group whole, target_flops said "the model has
+    no prunable group" and named the model's input and output as what holds channels, not the check."""
+    torch.manual_seed(0)
+    model, x = _CentredInALoopOverTheLength().eval(), torch.randn(2, 5, 8)
+    with pytest.raises(graphprune.GraphpruneError, match="the self-check kept all 1 whole"):
+        graphprune.compile(model, (x,), target_flops=0.5, importance="l1")
+
+
 class _CentredPastALogLength(_Tokens):
     def forward(self, x):
         h = torch.relu(self.fc1(x))
