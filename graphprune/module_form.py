@@ -354,8 +354,8 @@ def _fixed_dims(example, refused) -> list[tuple[list, int]]:
 
 
 def _past_refused(example, refused) -> list[tuple]:
-    """(args, kwargs, what): the example with each size torch.export fixed (``_fixed_dims``) at twice
-    the example's size. The self-check's other sizes are smaller than the example's, and a loop over
+    """(args, kwargs, what): the example with each size torch.export fixed (``_fixed_dims``; only for
+    an exported graph, one torch.fx traced fixes none) at twice the example's size. The self-check's other sizes are smaller than the example's, and a loop over
     a length (``for _ in range(T - 5)``, none at the example's 5 tokens and none at 4) ran a centring
     over pruned channels only above it: the module form came back 0.26 off its twin at 7 tokens
     (survey 51 F01)."""
@@ -367,7 +367,7 @@ def _past_refused(example, refused) -> list[tuple]:
 
 
 LADDER = 4  # a length the module form is also run at, in multiples of the example's (twice: ``at_twice``)
-CROSSINGS = 2  # kept widths above the example's length whose sizes (k and k + 1) a length is also tried at
+CROSSINGS = 1  # kept widths above the example's length whose sizes (k and k + 1) a length is also tried at
 LADDER_ELEMENTS = 1 << 18  # input elements a run on the ladder may hold: 1 MB of float32
 
 
@@ -395,7 +395,7 @@ def _farther(example, symbolic, refused, bounded, kept: dict, model: torch.nn.Mo
     widths = sorted({len(idx) for (name, axis), idx in kept.items()
                      if name in shapes and axis < len(shapes[name]) and len(idx) < shapes[name][axis]})
     groups: dict = {tuple(dims): n for dims, n in _other_symbols(args, kwargs, symbolic)}
-    for dims, n in _fixed_dims(example, refused):
+    for dims, n in _fixed_dims(example, refused) if symbolic is not None else ():  # an exported graph's fixed dims
         groups.setdefault(tuple(dims), n)
     read = (pruned.meta.get(FROZEN_WIDTHS) if pruned is not None else None) or []
     lengths = {((i, d),): t.shape[d] for i, t in enumerate(tensors) for d in range(1, t.dim())} if read else {}
@@ -466,7 +466,8 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
     flags, batches = _other_settings(model, example), _tested_batches(model, example)
     cases = _past_bounds(example, bounded or [], turns or []) + flags + batches + (
         _other_layout(example) if source.reads_layout(model) else []) + _padded(model, example) + [
-        (tuple(a), dict(k), "(a size the traced graph refuses)") for a, k in refused] + _past_refused(example, refused) + (
+        (tuple(a), dict(k), "(a size the traced graph refuses)") for a, k in refused] + (
+        _past_refused(example, refused) if symbolic is not None else []) + (
         _farther(example, symbolic, refused, bounded, kept, model, pruned)) + [
         (a, k, f"({what})") for what, a, k in at_size_one(example[0], example[1], symbolic)] + [
         (a, k, f"({what})") for what, a, k in at_twice(example[0], example[1], symbolic, bounded)] + (
