@@ -500,7 +500,8 @@ def _plain_tensors(model: torch.nn.Module) -> list:
 
 _MODULE_STORES = ("_parameters", "_buffers", "_modules")  # a module's own dicts: not attributes it keeps
 # what every nn.Module keeps in its __dict__ (its stores, hook dicts, flags): never a tensor of the user's.
-# The walks over attributes skip them: they were 16% of a default compile of ResNet-152 (swapped, _plain_tensors)
+# The walks over attributes skip them (swapped and _plain_tensors were 16% of a cProfile of a default
+# ResNet-152 compile, out of its top 25 after; in wall-clock time the forwards hide the difference)
 _MODULE_STATE = frozenset(torch.nn.Module().__dict__) | frozenset(_MODULE_STORES)
 
 
