@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import hf, source
 from .meta_keys import FROZEN_WIDTHS, LITERAL_MOVES
@@ -369,13 +370,23 @@ def _past_refused(example, refused) -> list[tuple]:
 LADDER = 4  # a length the module form is also run at, in multiples of the example's (twice: ``at_twice``)
 CROSSINGS = 1  # kept widths above the example's length whose sizes (k and k + 1) a length is also tried at
 LADDER_ELEMENTS = 1 << 18  # input elements a run on the ladder may hold: 1 MB of float32
+# the longest length the ladder runs: what a run costs grows with the length (attention with its square), not
+# with the input's elements (token ids): a 1024-token example ran 4096 tokens, and compile took 3x (survey 53 F04)
+LADDER_LENGTH = 256
+
+
+def _main_input(tensors: list) -> tuple:
+    """(index, tensor) of the first input of the most dims, whose dim 0 is the batch, or (None, None)."""
+    sized = [n for n, t in enumerate(tensors) if t.dim() >= 1]
+    main = max(sized, key=lambda n: tensors[n].dim()) if sized else None
+    return main, tensors[main] if main is not None else None
 
 
 def _farther(example, symbolic, refused, bounded, kept: dict, model: torch.nn.Module, pruned=None) -> list[tuple]:
     """(args, kwargs, what): each length of the example that torch.export left symbolic or fixed (but
     the batch) at ``LADDER`` times its size, and at each of the ``CROSSINGS`` smallest widths the
     pruning kept above it, k and k + 1, where the bounds take them and the input stays under
-    ``LADDER_ELEMENTS``. A Python loop whose count grows slowly with a length
+    ``LADDER_ELEMENTS`` and ``LADDER_LENGTH``. A Python loop whose count grows slowly with a length
     (``range(int(log2(T)) - 4)``) first ran a centring over pruned channels at 32 tokens, an 8-token
     example's twice did not reach it, and the module form came back 0.75 off its twin there;
     a length compared with a width inside tensor ops (``arange(T) < h.shape[-1]``, ``T % h.shape[-1]``)
@@ -399,13 +410,16 @@ def _farther(example, symbolic, refused, bounded, kept: dict, model: torch.nn.Mo
         groups.setdefault(tuple(dims), n)
     read = (pruned.meta.get(FROZEN_WIDTHS) if pruned is not None else None) or []
     lengths = {((i, d),): t.shape[d] for i, t in enumerate(tensors) for d in range(1, t.dim())} if read else {}
+    batch = {(main, 0) for main, _ in [_main_input(tensors)] if main is not None}
     cases = []
     for dims, n in [*groups.items(), *((dims, n) for dims, n in lengths.items() if dims not in groups)]:
+        if n < 1 or batch & set(dims):  # an empty dim stays empty; the batch has checks of its own
+            continue
         on_ladder = dims in groups
         crossing = [k for k in (widths if on_ladder else read) if k + 1 > n][:CROSSINGS]
         sizes = sorted({*([LADDER * n] if on_ladder else []), *crossing, *(k + 1 for k in crossing)} - {n, 2 * n})
         for size in sizes:
-            if size > highs.get(dims, size) or total * size / max(n, 1) > LADDER_ELEMENTS:
+            if size > min(highs.get(dims, size), LADDER_LENGTH) or total * size / n > LADDER_ELEMENTS:
                 continue
             what = "times the example's size" if size == LADDER * n else "a kept width, or one more"
             cases.append((*symbol_at(args, kwargs, list(dims), size),
@@ -856,16 +870,35 @@ def _rounding(ref, theirs, top, dead, args, kwargs, params) -> bool:
     if not floats or _short_of_room(sum(8 * t.numel() for t in floats), floats[0].device) is not None:
         return False
     wide = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
-    args, kwargs = tree_map(wide, tuple(args)), tree_map(wide, dict(kwargs or {}))
+    wide_args, wide_kwargs = tree_map(wide, tuple(args)), tree_map(wide, dict(kwargs or {}))
+    runs = {}
     with _beside_twin(theirs, top, dead, train=True, params=params):
         try:
-            with _doubled(theirs):
-                ref = _run(theirs, args, kwargs)
-            with _doubled(top):
-                got = _run(top, args, kwargs)
+            for name, model in (("twin", theirs), ("top", top)):
+                with _OpLog() as narrow:
+                    _run(model, args, kwargs)
+                with _doubled(model), _OpLog() as double:
+                    runs[name] = _run(model, wide_args, wide_kwargs)
+                if narrow.ops != double.ops:  # code that reads the dtype took another path in float64
+                    return False
         except Exception:  # noqa: BLE001 - it does not run in float64: the float32 verdict stands
             return False
-    return mismatch(got, ref) is None
+    return mismatch(runs["top"], runs["twin"]) is None
+
+
+class _OpLog(TorchDispatchMode):
+    """The aten ops a run dispatches, by name: a run in float64 that dispatches other ops than the
+    same run in float32 took another path (``if h.dtype == torch.float32: h = h - h.mean(1)``, a
+    cast that is a no-op in one dtype only), and its agreement says nothing of the float32 one's
+    (survey 53 F01: that centring over pruned channels was 0.38 off its twin, called rounding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.name())
+        return func(*args, **(kwargs or {}))
 
 
 def _tensors_of(model: torch.nn.Module) -> list:

@@ -470,6 +470,55 @@ def test_batch_statistics_of_two_values_are_rounding_not_a_path():
     assert "in training mode" in " ".join(centred.report.verify.blocked)
 
 
+class _CentredInFullPrecision(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.training and h.dtype == torch.float32:  # a path float64 does not take
+            h = h - h.mean(1, keepdim=True)
+        return self.b(h)
+
+
+def test_a_difference_is_not_called_rounding_where_float64_takes_another_path():
+    """Survey 53 F01: the float64 run that tells rounding from a path skipped the centring, agreed with
+    its twin, and the centring over 8 of 16 channels came back 0.38 off in training mode, verify passed.
+    The float64 run must dispatch the ops the float32 one did; here it does not, and the group stays."""
+    torch.manual_seed(0)
+    model, x = _CentredInFullPrecision(), torch.randn(4, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.verify.status == "repaired" and small.a.out_features == 16
+    _twin_in_both_modes(model, small, [((x,), {})])
+
+
+class _MaskedBeside(nn.Module):
+    """A width read as a number, and a second input with an empty dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x, extra):
+        h = torch.relu(self.a(x))
+        keep = (torch.arange(x.shape[1]) < h.shape[-1]).float()
+        return self.b(h) * keep[:, None] + extra.sum()
+
+
+def test_an_empty_input_dim_is_not_grown():
+    """Survey 53 F02: the lengths tried at the widths the graph froze included the empty dim of an input
+    of shape (2, 0, 8), and growing it divided by zero: compile raised a RuntimeError."""
+    torch.manual_seed(0)
+    model, x, extra = _MaskedBeside().eval(), torch.randn(2, 5, 8), torch.zeros(2, 0, 8)
+    small = graphprune.compile(model, (x, extra), ratio=0.5, importance="l1")
+    twin = oracle_twin(model, small)
+    with torch.no_grad():
+        for t in (5, 9, 17, 20):
+            xt = torch.randn(2, t, 8)
+            torch.testing.assert_close(small(xt, extra), twin(xt, extra), rtol=1e-5, atol=1e-6)
+
+
 class _CentreInBigBatches(_ScaleInTraining):
     """A branch on the batch size: symbolic tracing fails on it, torch.export bounds the batch."""
 
