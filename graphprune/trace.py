@@ -64,13 +64,38 @@ def own_tensors(d: dict, copy) -> dict:
     for k, v in d.items():
         if k in ("_parameters", "_buffers", "_modules"):
             continue
-        if isinstance(v, torch.Tensor):
-            out[k] = copy(v, k)
-        elif type(v) in (list, tuple) and any(isinstance(t, torch.Tensor) for t in v):
-            out[k] = type(v)(copy(t, f"{k}.{i}") if isinstance(t, torch.Tensor) else t for i, t in enumerate(v))
-        elif type(v) is dict and any(isinstance(t, torch.Tensor) for t in v.values()):
-            out[k] = {j: (copy(t, f"{k}.{j}") if isinstance(t, torch.Tensor) else t) for j, t in v.items()}
+        out[k] = _with_own_tensors(v, copy, k, 4)
     return out
+
+
+def _with_own_tensors(v, copy, name: str, depth: int):
+    """``v`` with every tensor in it copied (``copy(tensor, name)``): a tensor, and the tensors of
+    lists, tuples, dicts, ``SimpleNamespace``s and dataclasses nested in it, ``depth`` levels down,
+    rebuilt around the copies; ``v`` itself where it holds none. A forward's ``self.hist[0][0] += 1``
+    counted in the user's model while the trace ran it, and the result shared the tensor (survey 53 F03)."""
+    import dataclasses
+    import types
+
+    if isinstance(v, torch.Tensor):
+        return copy(v, name)
+    if depth <= 0:
+        return v
+    if type(v) in (list, tuple):
+        items = [_with_own_tensors(t, copy, f"{name}.{i}", depth - 1) for i, t in enumerate(v)]
+        return type(v)(items) if any(a is not b for a, b in zip(items, v)) else v
+    if type(v) is dict:
+        items = {j: _with_own_tensors(t, copy, f"{name}.{j}", depth - 1) for j, t in v.items()}
+        return items if any(items[j] is not t for j, t in v.items()) else v
+    own = getattr(v, "__dict__", None)  # a dataclass with __slots__ has none: left as it is
+    if isinstance(own, dict) and (type(v) is types.SimpleNamespace or (dataclasses.is_dataclass(v) and not isinstance(v, type))):
+        fields = {j: _with_own_tensors(t, copy, f"{name}.{j}", depth - 1) for j, t in own.items()}
+        if all(fields[j] is t for j, t in own.items()):
+            return v
+        out = copy_module.copy(v)
+        for j, t in fields.items():
+            object.__setattr__(out, j, t)
+        return out
+    return v
 
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",

@@ -473,6 +473,10 @@ def swapped(root: torch.nn.Module, new: dict):
                         if id(t) in new:
                             done.append((held, j, t))
                             held[j] = new[id(t)]
+                for store, j, t in _deeper_slots(held):  # a list of lists, a dict of lists, a SimpleNamespace
+                    if id(t) in new:
+                        done.append((store, j, t))
+                        store[j] = new[id(t)]
         yield
     finally:
         for store, k, t in reversed(done):
@@ -495,7 +499,8 @@ def _plain_tensors(model: torch.nn.Module) -> list:
     a buffer), also in a list, tuple or dict attribute (``self.ema["mean"]``, ``self.hist[0]``): a
     forward that updates them in place changed the user's model while compile ran it (survey 31 f05)."""
     return [t for mod in model.modules() for k, v in mod.__dict__.items() if k not in _MODULE_STATE
-            for t in ([v] if isinstance(v, torch.Tensor) else [t for _, t in _container_slots(v)])]
+            for t in ([v] if isinstance(v, torch.Tensor) else [t for _, t in _container_slots(v)]
+                      + [t for _, _, t in _deeper_slots(v)])]
 
 
 _MODULE_STORES = ("_parameters", "_buffers", "_modules")  # a module's own dicts: not attributes it keeps
@@ -512,6 +517,41 @@ def _container_slots(held) -> list:
     if type(held) is dict:
         return [(j, t) for j, t in held.items() if isinstance(t, torch.Tensor)]
     return []
+
+
+DEEPER = 3  # levels of containers below an attribute whose tensors the checks run on copies of
+
+
+def _deeper_slots(held, depth: int = DEEPER, top: bool = True) -> list:
+    """[(store, key, tensor)] of the tensors below the first level of an attribute (``_container_slots``
+    has that one): in lists and dicts inside it, and in the ``__dict__`` of a ``SimpleNamespace`` or a
+    dataclass, down to ``depth`` levels; ``store[key]`` is the slot. A forward that counted its calls in
+    ``self.hist[0][0] += 1`` or ``self.state.steps += 1`` ran the checks on the user's own tensors and
+    compile left them advanced (survey 53 F03). Tuples below the first level hold what they hold."""
+    import dataclasses
+    import types
+
+    if depth <= 0:
+        return []
+    if type(held) is list:
+        items, store = list(enumerate(held)), held
+    elif type(held) is dict:
+        items, store = list(held.items()), held
+    elif isinstance(getattr(held, "__dict__", None), dict) and (
+            type(held) is types.SimpleNamespace or (dataclasses.is_dataclass(held) and not isinstance(held, type))):
+        items, store = list(vars(held).items()), vars(held)  # a dataclass with __slots__ has no __dict__: skipped
+    elif type(held) is tuple and top:
+        items, store = list(enumerate(held)), None
+    else:
+        return []
+    out = []
+    for k, v in items:
+        if isinstance(v, torch.Tensor):
+            if store is not None and not (top and type(held) in (list, dict)):  # those: ``_container_slots``
+                out.append((store, k, v))
+        elif not isinstance(v, (torch.nn.Module, str, bytes, int, float, bool, type(None))):
+            out += _deeper_slots(v, depth - 1, top=False)
+    return out
 
 
 @contextmanager

@@ -1214,6 +1214,39 @@ def test_tensors_in_list_and_dict_attributes_are_run_on_copies():
     assert model.hist[0].item() == 0 and torch.equal(model.ema["mean"], torch.zeros(8))
 
 
+class _KeepsStateDeeper(torch.nn.Module):
+    """Counters two levels down: in a list of lists, a dict of lists and a SimpleNamespace."""
+
+    def __init__(self):
+        import types
+
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+        self.hist, self.stats = [[torch.zeros(())]], {"calls": [torch.zeros(())]}
+        self.state = types.SimpleNamespace(steps=torch.zeros(()))
+
+    def forward(self, x):
+        self.hist[0][0].add_(1)
+        self.stats["calls"][0].add_(1)
+        self.state.steps += 1
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_tensors_deeper_in_attributes_are_run_on_copies_and_not_shared():
+    """Survey 53 F03: the checks copied tensors one level into a list or dict attribute; two levels down, or
+    in a SimpleNamespace, compile's runs counted in the user's model (8 calls), and the result shared
+    those tensors with it. Now neither: the user's counters stay at 0 after compile and after the result runs."""
+    torch.manual_seed(0)
+    model, x = _KeepsStateDeeper().eval(), torch.randn(2, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    counters = lambda m: [m.hist[0][0], m.stats["calls"][0], m.state.steps]  # noqa: E731
+    assert [float(t) for t in counters(model)] == [0.0, 0.0, 0.0]
+    small(x)
+    assert [float(t) for t in counters(model)] == [0.0, 0.0, 0.0]
+    assert not {t.untyped_storage().data_ptr() for t in counters(small)} & {
+        t.untyped_storage().data_ptr() for t in counters(model)}
+
+
 @pytest.mark.parametrize("how", ["data", "view", "out", "none"])
 def test_the_trace_check_shares_the_weights_only_with_a_forward_that_writes_none(how):
     """check_trace ran the model on a copy of every weight to learn whether its forward writes to them (a full
