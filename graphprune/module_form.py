@@ -375,13 +375,6 @@ LADDER_ELEMENTS = 1 << 18  # input elements a run on the ladder may hold: 1 MB o
 LADDER_LENGTH = 256
 
 
-def _main_input(tensors: list) -> tuple:
-    """(index, tensor) of the first input of the most dims, whose dim 0 is the batch, or (None, None)."""
-    sized = [n for n, t in enumerate(tensors) if t.dim() >= 1]
-    main = max(sized, key=lambda n: tensors[n].dim()) if sized else None
-    return main, tensors[main] if main is not None else None
-
-
 def _farther(example, symbolic, refused, bounded, kept: dict, model: torch.nn.Module, pruned=None) -> list[tuple]:
     """(args, kwargs, what): each length of the example that torch.export left symbolic or fixed (but
     the batch) at ``LADDER`` times its size, and at each of the ``CROSSINGS`` smallest widths the
@@ -396,7 +389,7 @@ def _farther(example, symbolic, refused, bounded, kept: dict, model: torch.nn.Mo
     Where the graph froze a kept width the code reads as a number (``FROZEN_WIDTHS``: a graph torch.fx
     traced, whose every dim takes any size), the model's own code reads the kept width live: each
     dim of each input but the batch is tried at those widths and one more."""
-    from .verify import _named, _other_symbols, symbol_at
+    from .verify import _named, _other_symbols, main_index, symbol_at
 
     args, kwargs = tuple(example[0]), dict(example[1] or {})
     tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
@@ -410,7 +403,8 @@ def _farther(example, symbolic, refused, bounded, kept: dict, model: torch.nn.Mo
         groups.setdefault(tuple(dims), n)
     read = (pruned.meta.get(FROZEN_WIDTHS) if pruned is not None else None) or []
     lengths = {((i, d),): t.shape[d] for i, t in enumerate(tensors) for d in range(1, t.dim())} if read else {}
-    batch = {(main, 0) for main, _ in [_main_input(tensors)] if main is not None}
+    main = main_index(tensors)
+    batch = {(main, 0)} if main is not None else set()
     cases = []
     for dims, n in [*groups.items(), *((dims, n) for dims, n in lengths.items() if dims not in groups)]:
         if n < 1 or batch & set(dims):  # an empty dim stays empty; the batch has checks of its own
@@ -863,27 +857,28 @@ def _rounding(ref, theirs, top, dead, args, kwargs, params) -> bool:
     code sets) or float64 copies do not fit."""
     if _collapsed(ref, theirs, top, dead, args, kwargs, params):
         return True
-    from torch.utils._pytree import tree_map
-    from .verify import _short_of_room
+    from .verify import _short_of_room, _widened, _widened_inputs
 
-    floats = [t for m in (theirs, top) for t in _tensors_of(m) if t.is_floating_point()]
+    floats = [t for m in (theirs, top) for t in (*m.parameters(), *m.buffers()) if t.dtype in FLOATS]
     if not floats or _short_of_room(sum(8 * t.numel() for t in floats), floats[0].device) is not None:
         return False
-    wide = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
-    wide_args, wide_kwargs = tree_map(wide, tuple(args)), tree_map(wide, dict(kwargs or {}))
+    wide_args, wide_kwargs = _widened_inputs(tuple(args), dict(kwargs or {}), torch.float64, FLOATS)
     runs = {}
     with _beside_twin(theirs, top, dead, train=True, params=params):
         try:
             for name, model in (("twin", theirs), ("top", top)):
                 with _OpLog() as narrow:
                     _run(model, args, kwargs)
-                with _doubled(model), _OpLog() as double:
+                with _widened(model, torch.float64, FLOATS), _OpLog() as double:
                     runs[name] = _run(model, wide_args, wide_kwargs)
                 if narrow.ops != double.ops:  # code that reads the dtype took another path in float64
                     return False
         except Exception:  # noqa: BLE001 - it does not run in float64: the float32 verdict stands
             return False
     return mismatch(runs["top"], runs["twin"]) is None
+
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # what the rounding check runs in float64
 
 
 class _OpLog(TorchDispatchMode):
@@ -899,19 +894,6 @@ class _OpLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(func.name())
         return func(*args, **(kwargs or {}))
-
-
-def _tensors_of(model: torch.nn.Module) -> list:
-    from .verify import _plain_tensors
-
-    return list({id(t): t for t in [*model.parameters(), *model.buffers(), *_plain_tensors(model)]}.values())
-
-
-def _doubled(model: torch.nn.Module):
-    """``model``'s floating tensors swapped for float64 copies while it runs."""
-    from .verify import swapped
-
-    return swapped(model, {id(t): t.detach().double() for t in _tensors_of(model) if t.is_floating_point()})
 
 
 # batch statistics amplify summing in another order: VGG-19-BN at batch 1 in training mode was 4.8e-6

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy as copy_module
+import dataclasses
 import functools
 from contextlib import contextmanager
 import inspect
@@ -64,18 +65,26 @@ def own_tensors(d: dict, copy) -> dict:
     for k, v in d.items():
         if k in ("_parameters", "_buffers", "_modules"):
             continue
-        out[k] = _with_own_tensors(v, copy, k, 4)
+        out[k] = _with_own_tensors(v, copy, k)
     return out
 
 
-def _with_own_tensors(v, copy, name: str, depth: int):
+ATTR_DEPTH = 4  # levels of containers in a module attribute whose tensors are the model's state too
+
+
+def plain_fields(v) -> dict | None:
+    """The ``__dict__`` of a ``SimpleNamespace`` or a dataclass instance (state a forward may keep
+    there, ``self.state.steps``), else None; a dataclass with ``__slots__`` has none."""
+    own = getattr(v, "__dict__", None)
+    plain = type(v) is types.SimpleNamespace or (dataclasses.is_dataclass(v) and not isinstance(v, type))
+    return own if plain and isinstance(own, dict) else None
+
+
+def _with_own_tensors(v, copy, name: str, depth: int = ATTR_DEPTH):
     """``v`` with every tensor in it copied (``copy(tensor, name)``): a tensor, and the tensors of
     lists, tuples, dicts, ``SimpleNamespace``s and dataclasses nested in it, ``depth`` levels down,
     rebuilt around the copies; ``v`` itself where it holds none. A forward's ``self.hist[0][0] += 1``
     counted in the user's model while the trace ran it, and the result shared the tensor (survey 53 F03)."""
-    import dataclasses
-    import types
-
     if isinstance(v, torch.Tensor):
         return copy(v, name)
     if depth <= 0:
@@ -86,16 +95,16 @@ def _with_own_tensors(v, copy, name: str, depth: int):
     if type(v) is dict:
         items = {j: _with_own_tensors(t, copy, f"{name}.{j}", depth - 1) for j, t in v.items()}
         return items if any(items[j] is not t for j, t in v.items()) else v
-    own = getattr(v, "__dict__", None)  # a dataclass with __slots__ has none: left as it is
-    if isinstance(own, dict) and (type(v) is types.SimpleNamespace or (dataclasses.is_dataclass(v) and not isinstance(v, type))):
-        fields = {j: _with_own_tensors(t, copy, f"{name}.{j}", depth - 1) for j, t in own.items()}
-        if all(fields[j] is t for j, t in own.items()):
-            return v
-        out = copy_module.copy(v)
-        for j, t in fields.items():
-            object.__setattr__(out, j, t)
-        return out
-    return v
+    own = plain_fields(v)
+    if own is None:
+        return v
+    fields = {j: _with_own_tensors(t, copy, f"{name}.{j}", depth - 1) for j, t in own.items()}
+    if all(fields[j] is t for j, t in own.items()):
+        return v
+    out = copy_module.copy(v)
+    for j, t in fields.items():
+        object.__setattr__(out, j, t)
+    return out
 
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",

@@ -38,7 +38,7 @@ from .modes import kept_modes
 from .errors import GraphpruneError, first_line
 from .flops import copied_inputs
 from .meta_keys import SYMBOLIC_DIMS
-from .trace import shadow
+from .trace import ATTR_DEPTH, plain_fields, shadow
 
 
 @dataclass
@@ -214,17 +214,19 @@ def _fits_widened(args) -> bool:
     return not tensors or _short_of_room(sum(4 * t.numel() for t in tensors), tensors[0].device) is None
 
 
-def _widened_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    wide = lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in HALF else t  # noqa: E731
+def _widened_inputs(args: tuple, kwargs: dict, to: torch.dtype = torch.float32, of=HALF) -> tuple[tuple, dict]:
+    """The inputs with their tensors of the dtypes ``of`` cast ``to`` a wider one."""
+    wide = lambda t: t.to(to) if isinstance(t, torch.Tensor) and t.dtype in of else t  # noqa: E731
     return tree_map(wide, args), tree_map(wide, kwargs)
 
 
-def _widened(fn):
-    """``fn``'s half-precision tensors swapped for float32 copies while it runs (a module), or nothing."""
+def _widened(fn, to: torch.dtype = torch.float32, of=HALF):
+    """``fn``'s tensors of the dtypes ``of`` (half precision) swapped for copies in ``to`` (float32)
+    while it runs (a module), or nothing."""
     if not isinstance(fn, torch.nn.Module):
         return contextlib.nullcontext()
     tensors = [*fn.parameters(), *fn.buffers(), *_plain_tensors(fn)]
-    return swapped(fn, {id(t): t.detach().float() for t in tensors if t.dtype in HALF})
+    return swapped(fn, {id(t): t.detach().to(to) for t in tensors if t.dtype in of})
 
 
 def _mismatch(got, ref, rtol: float = 0.0) -> str | None:
@@ -457,26 +459,14 @@ def swapped(root: torch.nn.Module, new: dict):
                     if isinstance(t, torch.Tensor) and id(t) in new:
                         done.append((store, k, t))
                         store[k] = new[id(t)]
-            for k, held in [kv for kv in mod.__dict__.items() if kv[0] not in _MODULE_STATE]:
-                if isinstance(held, torch.Tensor):  # a plain tensor attribute
+            for store, k, held in _attr_slots(mod.__dict__, skip=_MODULE_STATE):
+                if isinstance(held, torch.Tensor):
                     if id(held) in new:
-                        done.append((mod.__dict__, k, held))
-                        mod.__dict__[k] = new[id(held)]
-                    continue
-                slots = _container_slots(held)  # tensors in a list or dict attribute, and in a tuple
-                if any(id(t) in new for _, t in slots):
-                    if type(held) is tuple:
-                        done.append((mod.__dict__, k, held))
-                        mod.__dict__[k] = tuple(new.get(id(v), v) if isinstance(v, torch.Tensor) else v for v in held)
-                        continue
-                    for j, t in slots:
-                        if id(t) in new:
-                            done.append((held, j, t))
-                            held[j] = new[id(t)]
-                for store, j, t in _deeper_slots(held):  # a list of lists, a dict of lists, a SimpleNamespace
-                    if id(t) in new:
-                        done.append((store, j, t))
-                        store[j] = new[id(t)]
+                        done.append((store, k, held))
+                        store[k] = new[id(held)]
+                elif any(isinstance(v, torch.Tensor) and id(v) in new for v in held):  # a tuple: rebuilt around them
+                    done.append((store, k, held))
+                    store[k] = tuple(new.get(id(v), v) if isinstance(v, torch.Tensor) else v for v in held)
         yield
     finally:
         for store, k, t in reversed(done):
@@ -498,9 +488,8 @@ def _plain_tensors(model: torch.nn.Module) -> list:
     """Tensors modules hold as plain attributes (a step counter or an EMA kept as ``self.calls``, not
     a buffer), also in a list, tuple or dict attribute (``self.ema["mean"]``, ``self.hist[0]``): a
     forward that updates them in place changed the user's model while compile ran it (survey 31 f05)."""
-    return [t for mod in model.modules() for k, v in mod.__dict__.items() if k not in _MODULE_STATE
-            for t in ([v] if isinstance(v, torch.Tensor) else [t for _, t in _container_slots(v)]
-                      + [t for _, _, t in _deeper_slots(v)])]
+    return [t for mod in model.modules() for _, _, v in _attr_slots(mod.__dict__, skip=_MODULE_STATE)
+            for t in ([v] if isinstance(v, torch.Tensor) else [t for t in v if isinstance(t, torch.Tensor)])]
 
 
 _MODULE_STORES = ("_parameters", "_buffers", "_modules")  # a module's own dicts: not attributes it keeps
@@ -510,47 +499,27 @@ _MODULE_STORES = ("_parameters", "_buffers", "_modules")  # a module's own dicts
 _MODULE_STATE = frozenset(torch.nn.Module().__dict__) | frozenset(_MODULE_STORES)
 
 
-def _container_slots(held) -> list:
-    """[(index or key, tensor)] of a list, tuple or dict attribute's tensors, one level deep."""
-    if type(held) in (list, tuple):
-        return [(j, t) for j, t in enumerate(held) if isinstance(t, torch.Tensor)]
-    if type(held) is dict:
-        return [(j, t) for j, t in held.items() if isinstance(t, torch.Tensor)]
-    return []
-
-
-DEEPER = 3  # levels of containers below an attribute whose tensors the checks run on copies of
-
-
-def _deeper_slots(held, depth: int = DEEPER, top: bool = True) -> list:
-    """[(store, key, tensor)] of the tensors below the first level of an attribute (``_container_slots``
-    has that one): in lists and dicts inside it, and in the ``__dict__`` of a ``SimpleNamespace`` or a
-    dataclass, down to ``depth`` levels; ``store[key]`` is the slot. A forward that counted its calls in
-    ``self.hist[0][0] += 1`` or ``self.state.steps += 1`` ran the checks on the user's own tensors and
-    compile left them advanced (survey 53 F03). Tuples below the first level hold what they hold."""
-    import dataclasses
-    import types
-
-    if depth <= 0:
-        return []
-    if type(held) is list:
-        items, store = list(enumerate(held)), held
-    elif type(held) is dict:
-        items, store = list(held.items()), held
-    elif isinstance(getattr(held, "__dict__", None), dict) and (
-            type(held) is types.SimpleNamespace or (dataclasses.is_dataclass(held) and not isinstance(held, type))):
-        items, store = list(vars(held).items()), vars(held)  # a dataclass with __slots__ has no __dict__: skipped
-    elif type(held) is tuple and top:
-        items, store = list(enumerate(held)), None
-    else:
-        return []
+def _attr_slots(store, depth: int = ATTR_DEPTH, skip=()) -> list:
+    """[(store, key, value)]: where ``store`` (a module's ``__dict__``, less the names in ``skip``) and the
+    lists, dicts, tuples, ``SimpleNamespace``s and dataclasses in it hold tensors, ``depth`` levels of
+    containers down (``trace.ATTR_DEPTH``, as the result's copies go). ``value`` is a tensor, or a tuple
+    that holds tensors (``store[key]`` is then rebuilt, not the tensors' own slots). Buffers alone were
+    run on copies at first, then tensors one level into a list or dict; a forward that counted its calls
+    in ``self.hist[0][0] += 1`` or ``self.state.steps += 1`` ran the checks on the user's own tensors
+    and compile left them advanced (survey 53 F03)."""
     out = []
-    for k, v in items:
+    for k, v in list(enumerate(store) if type(store) is list else store.items()):
+        if k in skip:
+            continue
         if isinstance(v, torch.Tensor):
-            if store is not None and not (top and type(held) in (list, dict)):  # those: ``_container_slots``
+            out.append((store, k, v))
+        elif depth > 0:
+            if type(v) is tuple and any(isinstance(t, torch.Tensor) for t in v):
                 out.append((store, k, v))
-        elif not isinstance(v, (torch.nn.Module, str, bytes, int, float, bool, type(None))):
-            out += _deeper_slots(v, depth - 1, top=False)
+            for child in (v if type(v) is tuple else (v,)):
+                inner = child if type(child) in (list, dict) else plain_fields(child)
+                if inner is not None:
+                    out += _attr_slots(inner, depth - 1)
     return out
 
 
@@ -831,11 +800,17 @@ def at_twice(args: tuple, kwargs: dict, symbolic: list | None, bounded: list | N
             for dims, n in _other_symbols(args, kwargs, symbolic) if 2 * n <= highs.get(tuple(dims), 2 * n)]
 
 
+def main_index(tensors: list) -> int | None:
+    """Which of ``tensors`` is the main input, whose dim 0 is the batch: the first of the most dims
+    (``batches.example_batch`` reads the batch so), or None where none has a dim."""
+    sized = [n for n, t in enumerate(tensors) if t.dim() >= 1]
+    return max(sized, key=lambda n: tensors[n].dim()) if sized else None
+
+
 def _other_symbols(args: tuple, kwargs: dict, symbolic: list | None) -> list[tuple[list, int]]:
     """(dims, the example's size) of each symbol of ``symbolic`` but the batch's (``at_size_one``)."""
     tensors = [t for t in tree_leaves((tuple(args), dict(kwargs))) if isinstance(t, torch.Tensor)]
-    sized = [n for n, t in enumerate(tensors) if t.dim() >= 1]
-    main = max(sized, key=lambda n: tensors[n].dim()) if sized else None  # max: the first of the most dims
+    main = main_index(tensors)
     return [(dims, tensors[dims[0][0]].shape[dims[0][1]]) for dims in symbolic or []
             if (main, 0) not in dims and all(i < len(tensors) and d < tensors[i].dim() for i, d in dims)]
 
