@@ -1247,6 +1247,34 @@ def test_tensors_deeper_in_attributes_are_run_on_copies_and_not_shared():
         t.untyped_storage().data_ptr() for t in counters(model)}
 
 
+class _KeepsStateInTuplesAndNamespaces(torch.nn.Module):
+    """State in a tuple inside a list, a list inside a tuple, and a dict of lists inside a SimpleNamespace."""
+
+    def __init__(self):
+        import types
+
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+        self.pairs, self.mixed = [(torch.zeros(()),)], (torch.zeros(()), [torch.zeros(())])
+        self.ns = types.SimpleNamespace(x={"y": [torch.zeros(())]})
+
+    def forward(self, x):
+        for t in (self.pairs[0][0], self.mixed[0], self.mixed[1][0], self.ns.x["y"][0]):
+            t.add_(1)
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_state_in_tuples_and_namespaces_at_any_level_is_run_on_copies():
+    """The next model after survey 53 F03: a tuple held inside a list cannot have its items swapped, so the
+    walk rebuilds it where it sits; containers inside tuples and namespaces are walked too."""
+    torch.manual_seed(0)
+    model, x = _KeepsStateInTuplesAndNamespaces().eval(), torch.randn(2, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    counters = lambda m: [m.pairs[0][0], m.mixed[0], m.mixed[1][0], m.ns.x["y"][0]]  # noqa: E731
+    small(x)
+    assert [float(t) for t in counters(model)] == [0.0] * 4 and [float(t) for t in counters(small)] == [1.0] * 4
+
+
 @pytest.mark.parametrize("how", ["data", "view", "out", "none"])
 def test_the_trace_check_shares_the_weights_only_with_a_forward_that_writes_none(how):
     """check_trace ran the model on a copy of every weight to learn whether its forward writes to them (a full
