@@ -553,8 +553,8 @@ def _freeze_numbers(uses, plan: dict, env: dict, names: dict) -> list[int]:
     where that width shrank: the twin divides by the width it was trained with.
     Shape arguments (view sizes) are not number uses and stay symbolic.
     Returns the kept widths so read: the model's own code reads them live, where
-    the graph holds the original (``module_form._farther`` runs it at lengths
-    either side of each)."""
+    the graph holds the original (``module_form._farther`` runs it at lengths of
+    each and one more)."""
     frozen: set = set()
     for use in uses:
         if not any(d in plan for d in use.deps):
