@@ -205,6 +205,22 @@ def _repeat_interleave(node, mod=None):
     return COp("repeat_interleave", node, [vkey(node.args[0])], attrs={"repeats": repeats, "dim": _dim(dim, _ndim(node))})
 
 
+def _repeat(node, mod=None):
+    """``x.repeat(*counts)``, ``torch.tile(x, dims)``: every dim holds its input's entries ``count`` times
+    over, one whole copy after another (``[a, b, a, b]``, where ``repeat_interleave`` gives
+    ``[a, a, b, b]``); counts past the input's dims add new dims in front. ``counts`` lines them up with
+    the output's dims from the right, as tile does with a shorter ``dims``."""
+    return COp("repeat", node, [vkey(node.args[0])], attrs={"counts": repeat_counts(node)})
+
+
+def repeat_counts(node: Node) -> list | None:
+    """The counts a repeat/tile node gives, as a list (``x.repeat(2, 1)``, ``x.repeat((2, 1))``, ``torch.tile(x, 2)``)."""
+    counts = list(node.args[1:]) if node.op == "call_method" and len(node.args) > 2 else arg(node, 1, "repeats", arg(node, 1, "dims"))
+    if isinstance(counts, (int, Node)):
+        counts = [counts]
+    return list(counts) if isinstance(counts, (list, tuple)) else None
+
+
 def _cat(node, mod=None):
     given = arg(node, 0, "tensors")  # a list, or a tuple-valued node passed whole (torch.stack(x.chunk(2)))
     tensors = _elements(given) if _tuple_valued(given) else [vkey(t) for t in given]
@@ -895,6 +911,7 @@ FUNCTION_TABLE: dict[Any, Callable] = {
     **({aten.numpy_T.default: _permute} if hasattr(aten, "numpy_T") else {}),
     aten.expand.default: _expand,
     torch.repeat_interleave: _repeat_interleave, aten.repeat_interleave.self_int: _repeat_interleave,
+    torch.tile: _repeat, aten.tile.default: _repeat, aten.repeat.default: _repeat,
     torch.cat: _cat, torch.concat: _cat, torch.concatenate: _cat, torch.stack: _cat, aten.cat.default: _cat, aten.stack.default: _cat,
     torch.split: _split, torch.chunk: _split, torch.unbind: _split, aten.split.Tensor: _split,
     aten.split_with_sizes.default: _split, aten.chunk.default: _split, aten.unbind.int: _split,
@@ -1034,7 +1051,7 @@ METHOD_TABLE: dict[str, Callable] = {
     "view": _reshape, "reshape": _reshape, "flatten": _reshape, "squeeze": _reshape, "unsqueeze": _reshape, "unflatten": _reshape,
     "reshape_as": _reshape_as, "view_as": _reshape_as,
     "permute": _permute, "transpose": _permute, "swapaxes": _permute, "t": _permute, "movedim": _permute,
-    "expand": _expand, "expand_as": _expand, "repeat_interleave": _repeat_interleave,
+    "expand": _expand, "expand_as": _expand, "repeat_interleave": _repeat_interleave, "repeat": _repeat, "tile": _repeat,
     "split": _split, "chunk": _split, "unbind": _split, "split_with_sizes": _split, "tensor_split": _split,
     "narrow": _slice, "mean": _reduce, "sum": _reduce, "amax": _reduce, "amin": _reduce, "norm": _p_norm, "matmul": _matmul, "mm": _matmul, "bmm": _matmul,
     "size": _shape_query, "dim": _shape_query,

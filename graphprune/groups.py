@@ -33,7 +33,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .canon import COp, canonicalize, size_args, size_source, tensor_names, vkey
-from .meta_keys import CANON, NUMBERS, VAL
+from .meta_keys import CANON, NUMBERS, SYMBOLIC_DIMS, VAL
 from .rules import RULES, carry_ids
 from .sizes import NumberUse, computed_sizes, frozen_value, number_uses
 from .zeros import block_unproven_reductions
@@ -420,8 +420,14 @@ def _block_computed_sizes(b: Builder, gm: GraphModule) -> None:
     of the very dim it sizes (``kv * n_rep`` merging key/value heads and their copies), the
     widths it reads stay too."""
     names = tensor_names(gm)
+    order = {n: k for k, n in enumerate(gm.graph.nodes)}
     for node, i, value, dims in computed_sizes(gm):
         out_shape = b.shape(node)
+        twin = _size_twin(b, gm, order, node, i) if i < len(out_shape) else None
+        if twin is not None:  # shrink-params reads the size off the twin dim at run time
+            cop = node.meta[CANON]
+            cop.attrs["read_sizes"] = {**cop.attrs.get("read_sizes", {}), i: twin}
+            continue
         why = f"{node.name}: size {i} is computed from a width ({value.name})"
         if i < len(out_shape):
             b.block((node, i), why)
@@ -433,6 +439,44 @@ def _block_computed_sizes(b: Builder, gm: GraphModule) -> None:
         else:
             for d in deps:
                 b.block(d, why)
+
+
+def _size_twin(b: Builder, gm: GraphModule, order: dict, node: Node, i: int):
+    """A dim ``(m, k)`` of a tensor computed before ``node`` whose size is, by the exported program's
+    own shape symbols, the size ``node`` computes for its dim ``i`` at every input it takes, and which
+    is joined to it by identity maps alone, so the plan keeps the same indices of both: reading the
+    size off it at run time gives the pruned width. DeBERTa expands its relative positions to
+    ``query.size(0)`` of ``(B * heads, T, d)``, which torch.export writes ``4 * s0``: frozen, the
+    heads stayed whole. Only for exported graphs, whose sizes are symbols or guarded constants;
+    a torch.fx graph holds the example's numbers, which prove no equality at other sizes."""
+    if SYMBOLIC_DIMS not in gm.meta:
+        return None
+    size = node.meta[VAL].shape[i]
+    start = (node, i)
+    if start not in b.g:
+        return None
+    seen, todo = {start}, [start]
+    while todo:
+        d = todo.pop()
+        for e in b.g.neighbors(d):
+            maps = b.g.edges[d, e]["maps"]
+            if e in seen or not maps or any(ia is not None for _, ia, _ in maps):
+                continue
+            seen.add(e)
+            todo.append(e)
+            m, k = e
+            val = m.meta.get(VAL) if isinstance(m, Node) else None
+            if isinstance(val, torch.Tensor) and order.get(m, len(order)) < order[node] and _same_size(val.shape[k], size):
+                return e
+    return None
+
+
+def _same_size(a, b) -> bool:
+    """Equal at every input an exported program takes: the same symbolic expression, or one guarded constant."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    ea, eb = getattr(getattr(a, "node", None), "expr", None), getattr(getattr(b, "node", None), "expr", None)
+    return ea is not None and eb is not None and ea == eb
 
 
 def _couple_size_reads(b: Builder, c: COp) -> None:

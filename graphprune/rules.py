@@ -137,6 +137,31 @@ def repeat_interleave(b, c: COp):
             b.couple((x, d), (out, d))
 
 
+def repeat(b, c: COp):
+    """``repeat``/``tile``: out[k * n + i] is in[i] along a dim repeated over ``n`` entries, so every copy of
+    an entry goes with it, one unit (DeBERTa repeats its position heads over the batch, ``(H, P, d)`` to
+    ``(B * H, P, d)``, beside queries viewed so). A size-1 dim repeated is a broadcast: its copies may go
+    one by one where the count is a literal, which shrink-params rewrites (``_repeat_counts``); a count
+    computed at run time keeps it. New leading dims are copies too; their counts stay."""
+    x, out, counts = c.inputs[0], _out(c), c.attrs["counts"]
+    si, so = b.shape(x), b.shape(out)
+    lead = len(so) - len(si)
+    for od in range(lead):
+        if so[od] > 1:
+            b.replica((out, od))
+    for j, n in enumerate(si):
+        od = lead + j
+        k = len(counts) - len(so) + od if counts is not None else -1
+        count = counts[k] if k >= 0 else 1
+        if so[od] == n:
+            b.couple((x, j), (out, od))
+        elif n == 1 and isinstance(count, int):
+            b.replica((out, od))
+        elif n > 1 and so[od] % n == 0:
+            r = so[od] // n
+            b.couple((x, j), (out, od), np.tile(np.arange(n), r), np.arange(n * r))
+
+
 def cat(b, c: COp):
     """out[off_k + i] is input_k[i] along the cat dim."""
     out, d = _out(c), c.attrs["dim"]
@@ -917,6 +942,7 @@ RULES = {
     "reshape": reshape,
     "expand": expand,
     "repeat_interleave": repeat_interleave,
+    "repeat": repeat,
     "cat": cat,
     "stack": stack,
     "split": split,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from graphprune.canon import COp, arg, size_args, tensor_names, vkey
+from graphprune.canon import COp, arg, repeat_counts, size_args, tensor_names, vkey
 from graphprune.meta_keys import ADDED, CACHED, CANON, FROZEN_WIDTHS, LITERAL_MOVES, NUMBERS, PLAN, VAL
 from graphprune.sizes import at_original_widths, frozen_value
 from graphprune.trace import _COPY_OF, fresh_attrs, own_tensors, rebind_hooks
@@ -205,6 +205,7 @@ def _sizes(node: Node, cop: COp, p: _Plan) -> bool:
             if isinstance(s, Node):
                 s.meta[VAL] = whole.meta[VAL][i]
     free = cop.attrs.get("free_reads", ())  # merged dims sized by a read of a width that stays (groups.py)
+    reads = cop.attrs.get("read_sizes", {})
     for i, s in enumerate(sizes):
         if new[first + i] == old[first + i]:
             continue
@@ -212,6 +213,10 @@ def _sizes(node: Node, cop: COp, p: _Plan) -> bool:
             sizes[i] = new[first + i]
         elif first + i in free and isinstance(s, Node):
             sizes[i] = -1  # merged dims that shrank: inferred, lengths they hold included (groups._tie_merged_reads)
+        elif first + i in reads and isinstance(s, Node):  # computed; read off a dim the plan keeps alike (groups._size_twin)
+            m, k = reads[first + i]
+            with node.graph.inserting_before(node):
+                sizes[i] = node.graph.call_function(torch.ops.aten.sym_size.int, (m, k))
     node.args = (node.args[0], *sizes) if pos == "varargs" else (*node.args[:pos], type(node.args[pos])(sizes), *node.args[pos + 1:])
     return True
 
@@ -385,6 +390,28 @@ def _repeats(node: Node, cop: COp, p: _Plan) -> bool:
     return True
 
 
+def _repeat_counts(node: Node, cop: COp, p: _Plan) -> bool:
+    """repeat/tile: a size-1 dim repeated ``count`` times is a broadcast whose copies may go
+    (``rules.repeat``), so its count becomes the new width; a tiled dim keeps its count."""
+    old = node.meta[VAL].shape
+    new = p.new_shape(node, old)
+    counts = repeat_counts(node)  # read off this graph's node: the attrs hold the input graph's
+    if counts is None or list(new) == list(old):
+        return False
+    for od in range(len(old)):
+        k = len(counts) - len(old) + od
+        if new[od] != old[od] and k >= 0 and isinstance(counts[k], int) and counts[k] == old[od]:
+            counts[k] = new[od]
+    if node.op == "call_method" and len(node.args) > 2:
+        node.args = (node.args[0], *counts)
+    elif len(node.args) > 1:
+        node.args = (node.args[0], type(node.args[1])(counts) if isinstance(node.args[1], (list, tuple)) else counts[0], *node.args[2:])
+    else:
+        key = "repeats" if "repeats" in node.kwargs else "dims"
+        node.kwargs = {**node.kwargs, key: counts}
+    return True
+
+
 def _reduce_full(node: Node, cop: COp, p: _Plan) -> bool:
     """A reduction over dims that shrank still counts the removed entries, which were
     zero: a mean is scaled by new count / old count, so it stays sum / (original
@@ -439,6 +466,7 @@ ARG_FIXES = {
     "reshape": _sizes,
     "expand": _sizes,
     "repeat_interleave": _repeats,
+    "repeat": _repeat_counts,
     "factory": _sizes,
     "split": _split,
     "index": _index,
@@ -462,7 +490,10 @@ def _remap(key, env):
 
 
 def _remap_cop(cop: COp, node: Node, env) -> COp:
-    return COp(cop.op, node, [_remap(i, env) for i in cop.inputs], {r: _remap(v, env) for r, v in cop.params.items()}, cop.attrs)
+    attrs = cop.attrs
+    if "read_sizes" in attrs:  # sizes read off another tensor's dim (groups._size_twin): that tensor in the copy
+        attrs = {**attrs, "read_sizes": {i: (_remap(m, env), k) for i, (m, k) in attrs["read_sizes"].items()}}
+    return COp(cop.op, node, [_remap(i, env) for i in cop.inputs], {r: _remap(v, env) for r, v in cop.params.items()}, attrs)
 
 
 @register_pass("shrink-params")

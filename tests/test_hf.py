@@ -646,6 +646,32 @@ def test_deberta_v2_attention_comes_back_in_its_own_class():
         assert small(ids, attention_mask=torch.ones_like(ids)).last_hidden_state.shape[-1] == 64
 
 
+@pytest.mark.parametrize("share", [True, False], ids=["shared_keys", "own_position_projections"])
+def test_deberta_v3_relative_attention_prunes_heads(share):
+    """DeBERTa-v3's relative attention repeats its position heads over the batch (``repeat``, no rule then)
+    and expands positions to ``query.size(0)``, which torch.export writes ``4 * s0`` with the head count
+    a constant: the heads stayed whole. Now ``repeat`` has a rule and the size is read off the query at
+    run time in the graph (``groups._size_twin``); heads go in both forms, exact at other sizes."""
+    torch.manual_seed(0)
+    model = transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"],
+        share_att_key=share, norm_rel_ebd="layer_norm", position_biased_input=False)).eval()
+    ids = torch.randint(3, VOCAB, (2, 7))
+    kill_units(model, (ids,), 0.25)
+    for output in ("auto", "graph"):
+        small = graphprune.compile(model, (ids,), ratio=0.25, importance="l1", output=output)
+        q = dict(small.named_parameters())["deberta.encoder.layer.0.attention.self.query_proj.weight"]
+        assert q.shape[0] == 48, small.report.verify.blocked
+        assert small.report.form == ("module" if output == "auto" else "graph"), small.report.form_why
+        twin = dead_twin(model, small)
+        for shape in [(2, 7), (3, 11), (1, 4)]:
+            x = torch.randint(3, VOCAB, shape)
+            with torch.no_grad():
+                torch.testing.assert_close(_out(small(x)) if output == "auto" else small(x)[0], twin(x).logits,
+                                           rtol=1e-5, atol=1e-5)
+
+
 def test_a_hugging_face_model_pruned_twice_saves_and_loads(tmp_path):
     """The second step's module form read the first original's widths (the checkpoint's record), folded
     the RMSNorm widths twice and came back as a graph; saved, that graph loaded 16% off (survey 16). The

@@ -24,6 +24,10 @@ OPS = {
     "zeros": lambda s, h: h + torch.zeros(h.shape[0], h.shape[1], 16),
     # a causal mask cast to h's dtype (Meta's Llama reference): h gives the dtype, not values (survey 46 F1)
     "mask_type_as": lambda s, h: torch.ones(h.shape[1], h.shape[1]).tril().type_as(h) @ h,
+    # repeat/tile: whole copies one after another (DeBERTa repeats its position heads over the batch)
+    "repeat_new_dim": lambda s, h: h.repeat(2, 1, 1, 1).sum(0) * s.scale,
+    "tile_channels": lambda s, h: torch.tile(h, (1, 1, 2)).view(h.shape[0], h.shape[1], 2, -1).mean(2) * s.scale,
+    "tile_then_slice": lambda s, h: h.repeat(1, 1, 3)[..., 8:24] * s.scale,
 }
 
 
@@ -79,3 +83,61 @@ def test_a_gather_index_expanded_as_its_input_holds_the_channels():
     small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
     assert small.a.out_channels == 16
     torch.testing.assert_close(small(x), model(x))
+
+
+class _TiledKeyValueHeads(nn.Module):
+    """Grouped-query attention written with ``repeat``: query head j reads key/value head j % 2."""
+
+    def __init__(self, d=32, heads=8, kv=2):
+        super().__init__()
+        self.heads, self.kv, self.head_dim = heads, kv, d // heads
+        self.q, self.o = nn.Linear(d, d), nn.Linear(d, d)
+        self.k, self.v = nn.Linear(d, kv * self.head_dim), nn.Linear(d, kv * self.head_dim)
+
+    def forward(self, x):                                                      # (B, T, d)
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)    # (B, 8, T, 4)
+        k = self.k(x).view(B, T, self.kv, self.head_dim).transpose(1, 2)       # (B, 2, T, 4)
+        v = self.v(x).view(B, T, self.kv, self.head_dim).transpose(1, 2)
+        n_rep = self.heads // self.kv
+        y = torch.nn.functional.scaled_dot_product_attention(q, k.repeat(1, n_rep, 1, 1), v.repeat(1, n_rep, 1, 1))
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class _HeadBiasRepeated(nn.Module):
+    """A bias shared by every head, repeated to the head count: a broadcast whose copies go with the heads."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.bias = nn.Parameter(torch.randn(1, 1, 5, 5))
+
+    def forward(self, x):                                                      # (B, 5, d)
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, 8).permute(2, 0, 3, 1, 4)   # (B, 4, 5, 8) each
+        a = q @ k.transpose(-1, -2) + self.bias.repeat(1, self.heads, 1, 1)          # (B, 4, 5, 5)
+        return self.o((a.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
+
+
+def test_repeat_ties_each_copy_to_its_source():
+    """``repeat`` had no rule: it held every channel around it. A key/value head repeated whole goes with
+    the query heads that read its copies, and a bias repeated over the heads shrinks with them; both exact
+    at another batch and length, the first in the model's own class (its head counts followed)."""
+    torch.manual_seed(0)
+    gqa = _TiledKeyValueHeads().eval()
+    x = torch.randn(2, 5, 32)
+    small = graphprune.compile(gqa, (x,), ratio=0.5, importance="l1")
+    assert small.k.out_features == 4 and small.q.out_features == 16, small.report.verify.blocked
+    assert small.report.form == "module", small.report.form_why
+    twin = dead_twin(gqa, small)
+    for shape in [(2, 5, 32), (3, 9, 32)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(small(x), twin(x))
+    bias = _HeadBiasRepeated().eval()
+    x = torch.randn(2, 5, 32)
+    small = graphprune.compile(bias, (x,), ratio=0.5, importance="l1")
+    assert dict(small.named_parameters())["qkv.weight"].shape[0] < 96
+    twin = dead_twin(bias, small)
+    x = torch.randn(3, 5, 32)
+    torch.testing.assert_close(small(x), twin(x))
