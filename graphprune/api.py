@@ -19,7 +19,7 @@ from .batches import as_call, not_batches, read_batches, regroup
 from .errors import GraphpruneError, GraphpruneWarning, first_line, user_level
 from .flops import count_flops, count_params, latency_ratio
 from .groups import Analysis, analyze_graph
-from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, GUARD_SIZES, SYMBOLIC_DIMS
+from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, GUARD_SIZES, PYTHON_STATE, SYMBOLIC_DIMS
 from . import auto, graph_inputs, hf, module_form, none_inputs
 from .pruner import DEFAULT_PIPELINE, Pruner, check_ignore, matching_ratio
 from .pass_manager import format_pipeline, parse_pipeline, run_pipeline
@@ -385,6 +385,15 @@ def _graph_checks(model, p, result, rep, check) -> None:
             f"the result is a graph traced with torch.fx in {mode} mode from {type(model).__name__}, whose own code asks "
             f"self.training: the graph keeps the {mode}-mode path of that code whatever .train() or .eval() says later. "
             "To fine-tune in the other mode, compile the model in that mode, or see report.form_why for why the "
+            "model's own classes were not an option"), stacklevel=user_level())
+    changed = p.gm.meta.get(PYTHON_STATE) if rep.form == "graph" else None
+    if changed:  # a counter that turns a branch after 20 calls agrees with the trace at its first two (survey 54 F1)
+        rep.form_why += (f". The model's forward changes Python state on every call ({', '.join(map(str, changed[:4]))}), "
+                         "which the graph holds at the value its trace read")
+        warnings.warn(GraphpruneWarning(
+            f"the result is a graph, and {type(model).__name__}'s forward changes Python state on every call "
+            f"({', '.join(map(str, changed[:4]))}): the graph computes what the first call's state gave, checked on two "
+            "calls only. Keep such state in a buffer, which a trace computes with, or see report.form_why for why the "
             "model's own classes were not an option"), stacklevel=user_level())
     left = _left_out(p.model, p) if rep.form == "graph" and p.analysis.method == "export" else []
     if left:  # called with one of them, the graph raised Python's bare TypeError (survey 30 f07, f09)

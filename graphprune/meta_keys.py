@@ -16,6 +16,7 @@ and on ``gm.meta`` (the GraphModule):
 | ``gp_bounded_dims`` | ``trace`` (torch.export) | input dims the exported graph keeps symbolic but bounds (a branch on a size, or shape arithmetic that holds on some sizes only): ``[(lower, upper or None, [(input leaf, dim), ...])]`` |
 | ``gp_guard_sizes`` | ``trace`` (torch.export) | input sizes where an equality guard of the exported graph turns (``if x.shape[1] == 64`` at 12 refuses 64): ``[(size, [(input leaf, dim), ...])]``, which the module form is checked at |
 | ``gp_symbolic_dims`` | ``trace`` (torch.export) | every input dim the exported graph keeps symbolic, one list per symbol: ``[[(input leaf, dim), ...], ...]`` (a size of 1 is never guarded: ``verify.wrong_at_tested_batches``) |
+| ``gp_python_state`` | ``verify.check_trace`` | the Python attributes (or containers) the model's forward changed on the example, which a traced graph holds at the first call's values |
 | ``gp_numbers`` | ``groups.build`` (read by ``shrink-params``) | ``sizes.NumberUse`` list: widths read as numbers, frozen where they shrink |
 | ``gp_literal_moves`` | ``shrink-params`` | ``[(module path, int before, int after)]`` for the literals of each shape argument it rewrote (``view(B, T, 8, 64)`` -> ``6``), by the module whose code holds it: the module form sets that module's attributes to match (``module_form.follow_literals``) |
 | ``graphprune`` | ``Pruner.prune`` | method, widths per group, unsupported ops |
@@ -31,6 +32,7 @@ BOUNDED_DIMS = "gp_bounded_dims"
 GUARD_SIZES = "gp_guard_sizes"
 SYMBOLIC_DIMS = "gp_symbolic_dims"
 NUMBERS = "gp_numbers"
+PYTHON_STATE = "gp_python_state"
 LITERAL_MOVES = "gp_literal_moves"
 FROZEN_WIDTHS = "gp_frozen_widths"
 ORIGINAL_FLOPS = "gp_original_flops"

@@ -1106,7 +1106,7 @@ def from_tensors(model: torch.nn.Module, out: torch.nn.Module, info: dict) -> to
             return memo[id(m)]
         c = object.__new__(type(m))  # not type(m).__new__: a GraphModule's makes a fresh class without its forward
         memo[id(m)] = c
-        c.__dict__ = fresh_attrs(m.__dict__)
+        c.__dict__ = fresh_attrs(m.__dict__, memo)
         c._parameters = {k: (None if t is None else tensor(t, prefix + k)) for k, t in m._parameters.items()}
         c._buffers = {k: (None if t is None else tensor(t, prefix + k)) for k, t in m._buffers.items()}
         c.__dict__ = own_tensors(c.__dict__, _cloned(mine))

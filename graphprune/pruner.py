@@ -298,7 +298,11 @@ class Pruner:
         hint = f" In-place ops in the graph: {', '.join(suspects[:8])}." if suspects else ""
         advice = ("make the forward deterministic and free of in-place updates through aliases (write h = h + y "
                   "instead of h += y where h is also used elsewhere), or pass verify=False")
-        if "on a second call" in first:  # state the first call wrote sends later calls down another path
+        if "a tracer runs the Python" in first:  # Python state a forward changes each call: traced at one value
+            advice = ("keep state that changes from call to call in a buffer (register_buffer, updated in place), which "
+                      "a trace computes with, not in a Python attribute, which it reads once; or fix it at the value "
+                      "the model will run with before compile")
+        elif "on a second call" in first:  # state the first call wrote sends later calls down another path
             advice = ("call the model once before compile, so that what its forward initialises on the first call is "
                       "done and the trace follows the path every later call takes")
         elif "Guard failed" in f"{first} {problem}":  # torch.export fixed how the input sizes relate at the example

@@ -48,10 +48,48 @@ class Traced:
     symbolic_error: str | None = None  # why symbolic_trace was not used
 
 
-def fresh_attrs(d: dict) -> dict:
-    """A module's ``__dict__`` with its containers copied (hook dicts, the
-    non-persistent buffer set, lists): a copy of the module gets its own."""
-    return {k: (type(v)(v) if isinstance(v, (dict, set, list)) else v) for k, v in d.items()}
+def fresh_attrs(d: dict, memo: dict | None = None) -> dict:
+    """A module's ``__dict__`` with its containers copied (hook dicts, the non-persistent buffer
+    set, and the lists, dicts, sets, tuples, ``SimpleNamespace``s and dataclasses a forward keeps
+    state in, ``ATTR_DEPTH`` levels down; not dataclasses): a copy of the module gets its own. One level was copied,
+    and a forward's ``self.cfg["stats"]["n"] += 1`` counted in the user's model while the trace ran
+    it (survey 54 F2). ``memo`` ({id: copy}, the caller's for the whole tree) keeps a container that
+    several modules share one container in the copy. Tensors and modules stay: the callers give
+    those their own (``own_tensors``, the module copies)."""
+    memo = {} if memo is None else memo
+    return {k: (copy_module.copy(v) if k in _STORES else _fresh(v, ATTR_DEPTH, memo)) for k, v in d.items()}
+
+
+_STORES = ("_parameters", "_buffers", "_modules")  # a module's own stores: copied, each caller fills its own
+
+
+def _fresh(v, depth: int, memo: dict):
+    """``v`` with the containers in it copied (see ``fresh_attrs``)."""
+    if isinstance(v, (torch.Tensor, torch.nn.Module)):
+        return v
+    if id(v) in memo:
+        return memo[id(v)]
+    if isinstance(v, (dict, list, set)):
+        out = memo[id(v)] = copy_module.copy(v)  # copy, not type(v)(v): a defaultdict takes no dict
+        if depth > 0 and not isinstance(v, set):
+            for k, item in (v.items() if isinstance(v, dict) else enumerate(v)):
+                new = _fresh(item, depth - 1, memo)
+                if new is not item:
+                    out[k] = new
+        return out
+    if type(v) is tuple and depth > 0:
+        items = [_fresh(t, depth - 1, memo) for t in v]
+        return tuple(items) if any(a is not b for a, b in zip(items, v)) else v
+    if type(v) is not types.SimpleNamespace:  # a dataclass stays shared: Hugging Face's configs are dataclasses,
+        return v                              # and hf.update_config finds the modules that hold one by identity
+    own = v.__dict__
+    out = memo[id(v)] = copy_module.copy(v)
+    if depth > 0:
+        for k, item in own.items():
+            new = _fresh(item, depth - 1, memo)
+            if new is not item:
+                object.__setattr__(out, k, new)
+    return out
 
 
 def own_tensors(d: dict, copy) -> dict:
@@ -187,6 +225,7 @@ def shadow(model: torch.nn.Module, *, own_buffers: bool = False) -> torch.nn.Mod
     twice stays one object."""
     copies: dict = {}
     memo: dict = {}
+    attrs: dict = {}  # the containers copied, shared ones once
 
     def copy(m):
         if id(m) in memo:
@@ -194,7 +233,7 @@ def shadow(model: torch.nn.Module, *, own_buffers: bool = False) -> torch.nn.Mod
         c = object.__new__(type(m))  # not type(m).__new__: a GraphModule's makes a fresh class without its forward
         memo[id(m)] = c
         _COPY_OF[c] = m
-        c.__dict__ = fresh_attrs(m.__dict__)
+        c.__dict__ = fresh_attrs(m.__dict__, attrs)
         c._modules = {k: (None if v is None else copy(v)) for k, v in m._modules.items()}
         if own_buffers:
             c._buffers = {k: (None if t is None else copies.setdefault(id(t), t.clone())) for k, t in m._buffers.items()}

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .modes import kept_modes
 from .errors import GraphpruneError, first_line
 from .flops import copied_inputs
-from .meta_keys import SYMBOLIC_DIMS
+from .meta_keys import PYTHON_STATE, SYMBOLIC_DIMS
 from .trace import ATTR_DEPTH, plain_fields, shadow
 
 
@@ -579,20 +579,86 @@ def retried_on_weight_writes(fn):
 @contextmanager
 def _plain_values(root: torch.nn.Module):
     """Put back every plain attribute a run rebinds or adds (``self.calls += 1``, a cached
-    ``self.last = h``): the checks ran the result twice and left its step counter at 2, so a
-    forward that warms up over its first calls was off by 0.15 on the user's first ones (survey 18).
-    Rebinding is what is undone; a list appended to in place stays appended."""
-    saved = [(mod, dict(mod.__dict__)) for mod in {id(m): m for m in root.modules()}.values()]
+    ``self.last = h``), and the contents of the lists, dicts, sets and namespaces it changes in
+    place (``self.state["step"] += 1``, ``self.feats.append(h)``): the checks ran the result twice
+    and left its step counter at 2, so a forward that warms up over its first calls was off by 0.15
+    on the user's first ones (survey 18); a counter in a dict came back at 3, three calls early into
+    its next phase (survey 54 F2)."""
+    saved = plain_state(root)
     try:
         yield
     finally:
-        for mod, before in saved:
-            now = mod.__dict__
-            for k in [k for k in now if k not in before]:
-                del now[k]
-            for k, v in before.items():
-                if now.get(k, _MISSING) is not v:
-                    now[k] = v
+        restore_plain_state(saved)
+
+
+def plain_state(root: torch.nn.Module) -> list:
+    """What a forward may change outside its tensors, to compare or put back: each module's
+    ``__dict__`` and, ``ATTR_DEPTH`` levels into it, every list, dict, set, ``SimpleNamespace`` and
+    dataclass, each with a shallow copy of its contents."""
+    out, seen = [], set()
+
+    def walk(v, depth, name):
+        if isinstance(v, (torch.Tensor, torch.nn.Module)) or id(v) in seen:
+            return
+        if type(v) is tuple:
+            for i, t in enumerate(v if depth > 0 else ()):
+                walk(t, depth - 1, f"{name}[{i}]")
+            return
+        inner = v if isinstance(v, (dict, list, set)) else plain_fields(v)
+        if inner is None:
+            return
+        seen.add(id(v))
+        out.append((inner, copy.copy(inner), name))
+        if depth > 0 and not isinstance(inner, set):
+            for k, t in (inner.items() if isinstance(inner, dict) else enumerate(inner)):
+                walk(t, depth - 1, f"{name}[{k!r}]" if inner is v else f"{name}.{k}")
+
+    mods = {}
+    for path, mod in root.named_modules(remove_duplicate=False):
+        mods.setdefault(id(mod), (path, mod))
+    for path, mod in mods.values():
+        prefix = f"{path}." if path else ""
+        out.append((mod.__dict__, dict(mod.__dict__), prefix))
+        for k, v in mod.__dict__.items():
+            if k not in _MODULE_STATE:
+                walk(v, ATTR_DEPTH, prefix + k)
+    return out
+
+
+def _differs(now, before) -> bool:
+    if isinstance(now, set):
+        return now != before
+    if len(now) != len(before):
+        return True
+    if isinstance(now, dict):
+        return any(k not in before or before[k] is not v for k, v in now.items())
+    return any(a is not b for a, b in zip(now, before))
+
+
+def plain_state_changed(saved: list) -> list[str]:
+    """The attributes (by name, where a module's own) and the containers whose contents differ from
+    ``saved`` (``plain_state``): a run changed Python state its trace may hold as the first call's."""
+    changed = []
+    for now, before, name in saved:
+        if not _differs(now, before):
+            continue
+        if "_parameters" in before:  # a module's __dict__: by attribute, internals left out
+            changed += [name + k for k in sorted(set(now) | set(before), key=str)
+                        if k not in _MODULE_STATE and now.get(k, _MISSING) is not before.get(k, _MISSING)]
+        else:
+            changed.append(name)
+    return changed
+
+
+def restore_plain_state(saved: list) -> None:
+    for now, before, _ in saved:
+        if not _differs(now, before):
+            continue
+        if isinstance(now, list):
+            now[:] = before
+        else:
+            now.clear()
+            now.update(before)
 
 
 _MISSING = object()
@@ -683,9 +749,10 @@ def _check_trace(model, gm, args: tuple, kwargs: dict, *, guarded: bool) -> tupl
     guard = (lambda: _NoParamWrites(weights)) if guarded else contextlib.nullcontext
     mine = _copies(model, params=not guarded)
     state = [(n, t, mine[id(t)]) for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) in mine]
-    again, written = None, []
+    again, written, changed, hooked = None, [], [], False
     with evaluating(model, gm):
         with swapped(model, mine):
+            plain = plain_state(model)
             try:
                 with guard():
                     ref = _run(model, args, kwargs)
@@ -696,7 +763,10 @@ def _check_trace(model, gm, args: tuple, kwargs: dict, *, guarded: bool) -> tupl
                                       f"({type(e).__name__}: {first_line(e)[:200]}); pass inputs the model "
                                       "takes") from e
             written = [n for n, orig, copy in state if not torch.equal(orig, copy)]
-            if written or _hooked(model):
+            changed = plain_state_changed(plain)  # Python state (``self.step += 1``): a trace runs Python once
+            gm.meta[PYTHON_STATE] = changed
+            hooked = _hooked(model)
+            if written or changed or hooked:
                 again = _again(args, kwargs)
                 try:
                     with guard():
@@ -729,6 +799,9 @@ def _check_trace(model, gm, args: tuple, kwargs: dict, *, guarded: bool) -> tupl
         if bad and written:
             bad = (f"on a second call, after the first wrote {', '.join(written[:4])}, {bad}: the trace took the first "
                    "call's path for good")
+        elif bad and changed and not hooked:
+            bad = (f"on a second call, after the first changed {', '.join(map(str, changed[:4]))}, {bad}: the trace "
+                   "holds what the first call's Python state made of it (a tracer runs the Python of a forward once)")
         elif bad:
             bad = (f"on a second call with other values, {bad}: the trace holds a value of an earlier call (a hook "
                    "wrote what the forward reads, and fx runs no hook while it traces)")

@@ -74,7 +74,7 @@ def _clone(m: nn.Module, new: dict, prefix: str, memo: dict) -> nn.Module:
     c = object.__new__(type(m))  # not copy.copy (parametrized modules refuse it), not type(m).__new__ (a GraphModule's makes a class without forward)
     memo[id(m)] = c
     _COPY_OF[c] = m
-    c.__dict__ = fresh_attrs(m.__dict__)  # hook dicts and buffer sets of its own
+    c.__dict__ = fresh_attrs(m.__dict__, memo)  # hook dicts, buffer sets and state containers of its own
     c._parameters = {k: (None if p is None else _copy_tensor(p, prefix + k, new, memo)) for k, p in m._parameters.items()}
     c._buffers = {k: (None if b is None else _copy_tensor(b, prefix + k, new, memo)) for k, b in m._buffers.items()}
     c._modules = {k: (None if s is None else _clone(s, new, f"{prefix}{k}.", memo)) for k, s in m._modules.items()}

@@ -1324,3 +1324,74 @@ def test_a_tuple_passed_whole_is_read_element_by_element(head):
     for x in (z, torch.randn(3, 5, 16)):
         with torch.no_grad():
             torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-5, atol=1e-6)
+
+
+class _WarmsUpInPython(torch.nn.Module):
+    """A warm-up schedule whose step is a Python number: an int, an int in a dict, or a list's length."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 4, 1)
+        self.step, self.state, self.seen = 0, {"step": 0}, []
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.how == "int":
+            self.step += 1
+            step = self.step
+        elif self.how == "dict":
+            self.state["step"] += 1
+            step = self.state["step"]
+        else:
+            self.seen.append(1)
+            step = len(self.seen)
+        return self.b(h * min(1.0, step / 4))
+
+
+@pytest.mark.parametrize("how", ["int", "dict", "list"])
+def test_a_schedule_in_python_state_is_refused_not_frozen(how):
+    """Survey 54 F1: the trace was called twice only where the first call wrote a tensor, so a step kept in a
+    Python attribute came back frozen in a graph (``h * 0.25``), 0.039 off its twin from the fourth call, with
+    "verify passed". A change of Python state now calls both twice, and the trace that froze it is refused."""
+    torch.manual_seed(0)
+    model, x = _WarmsUpInPython(how).eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(graphprune.GraphpruneError, match="buffer"):
+        graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert (model.step, model.state, model.seen) == (0, {"step": 0}, [])
+
+
+class _SwitchesPhaseAfterCalls(torch.nn.Module):
+    """A phase that turns after 20 calls, counted in a dict two levels down; features logged in a list."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 4, 1)
+        self.state, self.feats = {"phase": {"step": 0}}, []
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        self.state["phase"]["step"] += 1
+        self.feats.append(h.detach())
+        return self.b(h * 0.5 if self.state["phase"]["step"] > 20 else h)
+
+
+def test_python_state_a_forward_changes_is_the_users_and_the_results_own():
+    """Survey 54 F2: the copies of a module's containers were one level deep, and the checks' runs of the result
+    undid rebinding only: the result came back with its counter at 3 and three stale feature tensors, switched
+    phase three calls early (0.025 off its twin), and a counter two levels down counted in the user's model. Now
+    the user's model and the result both keep their state as it was, and agree over 25 calls; where the result is
+    a graph, which holds the first call's state, compile warns."""
+    torch.manual_seed(0)
+    model, x = _SwitchesPhaseAfterCalls().eval(), torch.randn(2, 3, 8, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module", small.report.form_why
+    assert model.state == {"phase": {"step": 0}} and model.feats == []
+    assert small.state == {"phase": {"step": 0}} and small.feats == []
+    assert small.state["phase"] is not model.state["phase"]
+    twin = dead_twin(model, small)
+    with torch.no_grad():
+        for _ in range(25):
+            torch.testing.assert_close(small(x), twin(x))
+    with pytest.warns(graphprune.GraphpruneWarning, match="changes Python state"):
+        graphprune.compile(model, (x,), ratio=0.5, importance="l1", output="graph")
