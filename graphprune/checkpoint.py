@@ -175,7 +175,8 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
     attribute (a fixed random projection), and the mode of every module whose
     train/eval mode differs from the model's. Not written: attributes that are
     not tensors (a float temperature set after construction); ``load`` takes
-    them from the original it is given."""
+    them from the original it is given, and refuses one whose plain settings
+    differ from those compile recorded (``module_form.settings``)."""
     from safetensors.torch import save_file
 
     info = module_form.info(model)
@@ -191,6 +192,11 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
         raise GraphpruneError(f"save writes a directory, and {path} is a file: give a directory path")
     _check_tree(model, info)
     _check_shapes(model, info)
+    on_meta = [n for n, t in [*_slots(model), *_plain(model)] if t.is_meta]
+    if on_meta:  # nothing to write: it raised torch's "Cannot copy out of meta tensor" and left an empty directory
+        raise GraphpruneError(f"the model's tensors are on the meta device ({', '.join(on_meta[:3])}"
+                              f"{' ...' if len(on_meta) > 3 else ''}): they hold no values to save; save the model "
+                              "before .to('meta'), or move real weights into it (to_empty and load_state_dict)")
     path.mkdir(parents=True, exist_ok=True)
     first: dict[int, str] = {}
     tensors, aliases = {}, {}
@@ -227,6 +233,7 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
         "kept": kept,
         "original": info["original"],
         "original_modules": info.get("original_modules"),
+        "original_settings": info.get("original_settings"),
         "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()},
         "aliases": aliases,
         # tensors held as plain attributes, not parameters or buffers: written too, set again by load
@@ -269,7 +276,7 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
 _CONFIG_METADATA = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "tie_word_embeddings"}
 
 
-def _check_config(out: torch.nn.Module, path: Path) -> None:
+def _check_config(out: torch.nn.Module, path: Path, training: bool = False) -> None:
     """The config of the model rebuilt onto the original is the one saved: tensor shapes alone let a Llama
     built with another ``rope_theta`` and ``rms_norm_eps`` load, 5.25x its logits' largest magnitude off
     the model saved (survey 30 f18)."""
@@ -278,7 +285,10 @@ def _check_config(out: torch.nn.Module, path: Path) -> None:
         want = type(out.config).from_json_file(str(saved)).to_dict()
     except Exception:  # noqa: BLE001 - none written (transformers refused the pruned config), or a stop file
         return
-    norm = lambda d: json.loads(json.dumps({k: v for k, v in d.items() if k not in _CONFIG_METADATA}, default=str))  # noqa: E731
+    # a dropout rate changes nothing a model in eval mode computes: an original built for inference with dropout
+    # off was refused (survey 55 F2); the layers' own rates are skipped so too (module_form.described)
+    skip = lambda k: k in _CONFIG_METADATA or (not training and module_form._TRAINING_ATTR.search(k))  # noqa: E731
+    norm = lambda d: json.loads(json.dumps({k: v for k, v in d.items() if not skip(k)}, default=str))  # noqa: E731
     want, have = norm(want), norm(out.config.to_dict())
     differ = sorted(k for k in {*want, *have} if not _same_setting(want.get(k), have.get(k)))
     if differ:
@@ -337,6 +347,25 @@ def _check_modules(original: torch.nn.Module, m: dict) -> None:
                "with the same classes and settings (activation, dilation, padding mode...)")
         raise GraphpruneError(f"the original given to load is not built as the one that was compiled ({what}; "
                               f"{len(changed)} module(s) differ): build it {how}; nothing was loaded")
+
+
+def _check_settings(original: torch.nn.Module, m: dict) -> None:
+    """The original given to ``load`` holds the plain settings of the one compiled (``module_form.settings``): the
+    rebuild takes every attribute that is not a tensor from it, so ``MLP(scale=1.0)`` took a model saved from
+    ``MLP(scale=2.0)`` 0.5 off (survey 55 F1). An attribute only one of them has is the structure's business
+    (``_check_modules``)."""
+    was = m.get("original_settings")
+    if not was:
+        return  # saved before they were recorded, or nothing to record
+    now = module_form.settings(original)
+    differ = [(p, k, v, now[p][k]) for p, attrs in was.items() for k, v in attrs.items()
+              if k in now.get(p, {}) and not _same_setting(json.loads(json.dumps(now[p][k])), v)]
+    if differ:
+        shown = ", ".join(f"{p + '.' if p else ''}{k} is {here!r} here, {saved!r} in the model compiled"
+                          for p, k, saved, here in differ[:3])
+        raise GraphpruneError(f"the original given to load is not built as the one that was compiled ({shown}"
+                              f"{' ...' if len(differ) > 3 else ''}): build it with the same settings, or set them on it "
+                              "before load; nothing was loaded")
 
 
 def _short(described: str) -> str:
@@ -531,6 +560,7 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
                               "for shapes alone, build the original on meta and compile it instead")
     original = _rewrapped(original, m)  # a rotated model's structure (rotate_residual(tied="mix"))
     _check_modules(original, m)
+    _check_settings(original, m)
     args = tuple(_input_value(s, where) for s in m["inputs"]["args"])
     kwargs = {k: _input_value(s, where) for k, s in m["inputs"]["kwargs"].items()} or None
     try:
@@ -574,7 +604,7 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
         if modes:
             set_modes(out, {**modes_of(out), **modes}, out.training)
     if m.get("form") == "module" and hf.is_hf(out):
-        _check_config(out, path)
+        _check_config(out, path, training=bool(m.get("training")))
     if (path / "generation_config.json").is_file() and getattr(out, "generation_config", None) is not None:
         # what save wrote, not the fresh original's: generate() ran 20 new tokens for the saved 4 (survey 30 f08)
         out.generation_config = type(out.generation_config).from_pretrained(path)
@@ -684,6 +714,7 @@ def composed(now: dict, before: dict, *, folded: bool = False) -> dict:
     says why."""
     before = {**before, **before.get("first", {})}
     first = {"original": before["original"], "original_modules": before.get("original_modules"),
+             "original_settings": before.get("original_settings"),
              "source": before["source"], "example": before["example"],
              "training": before["training"], "method": before["method"],
              "ignore": [i for i in now["ignore"] if i in before["ignore"]]}

@@ -13,6 +13,7 @@ and then the graph is returned, with the reason in ``result.report``.
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import inspect
 import math
@@ -1055,6 +1056,48 @@ def described(model: torch.nn.Module) -> dict:
             settings = ""
         out[path] = f"{name}({_TRAINING_ONLY.sub('', _ADDRESS.sub('', settings))})"
     return out
+
+
+def settings(model: torch.nn.Module, skip=()) -> dict:
+    """{module path: {attribute: value}}: the plain settings (numbers, strings, bools, None, and short
+    tuples of them) that modules of classes outside ``torch.nn`` hold as public attributes, which ``load``
+    holds a fresh original to. Their shapes show none of them: ``MLP(scale=2.0)`` saved and loaded onto
+    ``MLP(scale=1.0)`` came back 0.5 off without a word (survey 55 F1). ``torch.nn``'s own layers say theirs
+    in ``described``; a Hugging Face model's config says its own (``checkpoint._check_config``). Left out:
+    settings of training alone (dropout rates, momentum), private names (``_step``, caches), and ``skip``,
+    the attributes the forward changed on its example call (``verify.plain_state_changed``: a counter)."""
+    if hf.is_hf(model):
+        return {}
+    skip = set(skip)
+    out: dict = {}
+    for path, m in model.named_modules():
+        if type(m).__module__.startswith("torch.nn."):
+            continue
+        prefix = f"{path}." if path else ""
+        mine = {k: _setting(v) for k, v in vars(m).items() if not k.startswith("_") and k != "training"
+                and not _TRAINING_ATTR.search(k) and prefix + k not in skip}
+        mine = {k: v for k, v in mine.items() if v is not _NOT_A_SETTING}
+        if mine:
+            out[path] = mine
+    return out
+
+
+_NOT_A_SETTING = object()
+# attribute and config names of settings that change training alone, not what eval mode computes
+_TRAINING_ATTR = re.compile(r"dropout|pdrop|drop_?path|layerdrop|drop_?rate|drop_?prob|momentum|inplace|initializer|init_std",
+                            re.IGNORECASE)
+
+
+def _setting(v):
+    """``v`` as JSON where it is a plain setting, else ``_NOT_A_SETTING``."""
+    if isinstance(v, enum.Enum):  # Mode.FAST: by name, as JSON holds it
+        return f"{type(v).__qualname__}.{v.name}"
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (tuple, list)) and len(v) <= 16:
+        items = [_setting(t) for t in v]
+        return _NOT_A_SETTING if any(t is _NOT_A_SETTING for t in items) else items
+    return _NOT_A_SETTING
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")

@@ -21,7 +21,7 @@ from . import verify as _verify
 from .effects import mutates
 from .errors import GraphpruneError, first_line
 from .groups import Analysis, Group, analyze_graph
-from .meta_keys import PLAN
+from .meta_keys import PLAN, PYTHON_STATE
 from .pass_manager import check_graph, format_pipeline, parse_pipeline, run_pipeline
 from .trace import shadow, trace, unwrapped
 
@@ -429,7 +429,7 @@ class Pruner:
         _own_storage(out, self.model)
         if self.reconstruct and fit:
             self.refit(out, removed)
-        from .module_form import described
+        from .module_form import described, settings
 
         out.meta["graphprune"] = {
             "method": self.analysis.method,
@@ -444,6 +444,8 @@ class Pruner:
             "original": {n: list(t.shape) for n, t in [*self.model.named_parameters(remove_duplicate=False),
                                                           *self.model.named_buffers(remove_duplicate=False)]},
             "original_modules": described(self.model),  # classes and settings: load refuses another original
+            # plain settings of the user's own classes (a float scale), less what the forward changes (a counter)
+            "original_settings": settings(self.model, skip=self.gm.meta.get(PYTHON_STATE) or ()),
             # the passes by name, not "deploy": a checkpoint replays what ran, whatever "deploy" comes to mean
             "pipeline": format_pipeline(parse_pipeline(self.pipeline or DEFAULT_PIPELINE)),
             "training": bool(self.model.training),  # an exported graph keeps the mode it was traced in

@@ -665,3 +665,76 @@ def test_a_loaded_model_has_a_report_of_its_widths_and_form(tmp_path, output):
     assert back.report.form == small.report.form == output
     assert back.report.widths == small.report.widths
     assert str(tmp_path) in back.report.form_why and str(small.report) in back.report.form_why
+
+
+class _ScaledHead(torch.nn.Module):
+    """Settings the tensors cannot show: a float scale, an activation named by a string; and a call counter."""
+
+    def __init__(self, scale: float = 2.0, act: str = "gelu"):
+        super().__init__()
+        self.scale, self.act, self.calls = scale, act, 0
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        self.calls += 1
+        h = self.a(x)
+        h = torch.nn.functional.gelu(h) if self.act == "gelu" else torch.relu(h)
+        return self.b(h) * self.scale
+
+
+def test_load_refuses_an_original_built_with_other_plain_settings(tmp_path):
+    """Survey 55 F1: ``_ScaledHead(scale=2.0)`` saved and loaded onto ``_ScaledHead(scale=1.0)`` came back 0.5 off
+    without a word: only torch.nn layers' settings and Hugging Face configs were compared. A user class's plain
+    settings are recorded now and held at load, set after construction too; a counter its forward advances
+    (compiled after three calls, loaded onto a fresh original at 0) is no setting."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    model = _ScaledHead(2.0).eval()
+    for _ in range(3):
+        model(x)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    graphprune.save(small, tmp_path / "a")
+    with pytest.raises(graphprune.GraphpruneError, match="scale is 1.0 here, 2.0 in the model compiled"):
+        graphprune.load(_ScaledHead(1.0), tmp_path / "a")
+    with pytest.raises(graphprune.GraphpruneError, match="act is 'relu' here"):
+        graphprune.load(_ScaledHead(2.0, "relu"), tmp_path / "a")
+    back = graphprune.load(_ScaledHead(2.0), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+    model.scale = 0.5  # set after construction: the original given to load must say so too
+    graphprune.save(graphprune.compile(model, (x,), ratio=0.5, importance="l1"), tmp_path / "b")
+    with pytest.raises(graphprune.GraphpruneError, match="scale is 2.0 here, 0.5"):
+        graphprune.load(_ScaledHead(2.0), tmp_path / "b")
+    original = _ScaledHead(2.0)
+    original.scale = 0.5
+    graphprune.load(original, tmp_path / "b")
+
+
+def test_load_takes_a_hugging_face_original_whose_config_differs_only_in_dropout(tmp_path):
+    """Survey 55 F2: a BERT saved with hidden_dropout_prob 0.1 was refused on an original built for inference
+    with 0.3 (or none), though a model in eval mode computes no dropout; layer settings were already so."""
+    transformers = pytest.importorskip("transformers")
+
+    def build(p):
+        torch.manual_seed(0)
+        return transformers.BertModel(transformers.BertConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+            hidden_dropout_prob=p, attention_probs_dropout_prob=p)).eval()
+
+    ids = torch.randint(3, 100, (2, 7))
+    small = graphprune.compile(build(0.1), (ids,), ratio=0.5, importance="l1")
+    graphprune.save(small, tmp_path)
+    back = graphprune.load(build(0.3), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).last_hidden_state, small(ids).last_hidden_state, rtol=0, atol=0)
+
+
+def test_save_refuses_a_model_on_meta_and_writes_nothing(tmp_path):
+    """Survey 55 F3: torch's "Cannot copy out of meta tensor" came out of save, which had made the directory."""
+    import copy
+
+    torch.manual_seed(0)
+    small = graphprune.compile(Residual().eval(), (torch.randn(*IMAGE),), ratio=0.5, importance="l1")
+    with pytest.raises(graphprune.GraphpruneError, match="meta"):
+        graphprune.save(copy.deepcopy(small).to("meta"), tmp_path / "m")
+    assert not (tmp_path / "m").exists()
