@@ -824,6 +824,9 @@ def _partition(b: Builder, dims: dict, shares: list, n: int):
     """Split a group's units into children (query heads) and their parents
     (key/value heads), each parent a partition; the group's units become the
     children. A string says why it cannot be done (then nothing is pruned)."""
+    for parent, _, _, _ in shares:  # ``repeats`` is rewritten as one count for every parent index: each must be
+        if len(np.unique(dims[parent])) < len(dims[parent]):  # its own unit (survey 56 F2: tiled, then shared)
+            return "key/value heads repeated whole before their copies are shared out (repeat, then repeat_interleave)"
     parent_units, child_of = set(), {}
     sets = _Sets(n)  # parents that serve one child are one partition
     for c, p in _child_parent(dims, shares):

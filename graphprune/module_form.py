@@ -1063,9 +1063,12 @@ def settings(model: torch.nn.Module, skip=()) -> dict:
     tuples of them) that modules of classes outside ``torch.nn`` hold as public attributes, which ``load``
     holds a fresh original to. Their shapes show none of them: ``MLP(scale=2.0)`` saved and loaded onto
     ``MLP(scale=1.0)`` came back 0.5 off without a word (survey 55 F1). ``torch.nn``'s own layers say theirs
-    in ``described``; a Hugging Face model's config says its own (``checkpoint._check_config``). Left out:
-    settings of training alone (dropout rates, momentum), private names (``_step``, caches), and ``skip``,
-    the attributes the forward changed on its example call (``verify.plain_state_changed``: a counter)."""
+    in ``described``; a Hugging Face model's config says its own (``checkpoint._check_config``). Only what the
+    forward (and what it calls) reads and never assigns (``source.self_attributes``): a counter it advances in
+    training alone, a random id drawn in ``__init__`` were refused (survey 56 F3); none where the class has
+    no source to read. Left out too: settings of training alone (dropout rates, momentum, gradient
+    checkpointing), private names (``_step``, caches), and ``skip``, the attributes the forward changed on
+    its example call (``verify.plain_state_changed``)."""
     if hf.is_hf(model):
         return {}
     skip = set(skip)
@@ -1073,9 +1076,13 @@ def settings(model: torch.nn.Module, skip=()) -> dict:
     for path, m in model.named_modules():
         if type(m).__module__.startswith("torch.nn."):
             continue
+        attrs = source.self_attributes(type(m))
+        if attrs is None:
+            continue
+        reads, writes = attrs
         prefix = f"{path}." if path else ""
-        mine = {k: _setting(v) for k, v in vars(m).items() if not k.startswith("_") and k != "training"
-                and not _TRAINING_ATTR.search(k) and prefix + k not in skip}
+        mine = {k: _setting(v) for k, v in vars(m).items() if k in reads and k not in writes and not k.startswith("_")
+                and k != "training" and not _TRAINING_ATTR.search(k) and prefix + k not in skip}
         mine = {k: v for k, v in mine.items() if v is not _NOT_A_SETTING}
         if mine:
             out[path] = mine
@@ -1084,7 +1091,8 @@ def settings(model: torch.nn.Module, skip=()) -> dict:
 
 _NOT_A_SETTING = object()
 # attribute and config names of settings that change training alone, not what eval mode computes
-_TRAINING_ATTR = re.compile(r"dropout|pdrop|drop_?path|layerdrop|drop_?rate|drop_?prob|momentum|inplace|initializer|init_std",
+_TRAINING_ATTR = re.compile(r"dropout|pdrop|drop_?path|layerdrop|drop_?rate|drop_?prob|momentum|inplace|initializer|init_std|"
+                            r"checkpoint",
                             re.IGNORECASE)
 
 

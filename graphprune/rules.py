@@ -142,12 +142,12 @@ def repeat(b, c: COp):
     an entry goes with it, one unit (DeBERTa repeats its position heads over the batch, ``(H, P, d)`` to
     ``(B * H, P, d)``, beside queries viewed so). A size-1 dim repeated is a broadcast: its copies may go
     one by one where the count is a literal, which shrink-params rewrites (``_repeat_counts``); a count
-    computed at run time keeps it. New leading dims are copies too; their counts stay."""
+    computed at run time keeps it, and so do new leading dims (copies too)."""
     x, out, counts = c.inputs[0], _out(c), c.attrs["counts"]
     si, so = b.shape(x), b.shape(out)
     lead = len(so) - len(si)
-    for od in range(lead):
-        if so[od] > 1:
+    for od in range(lead):  # a new dim of copies: pruned only where shrink-params can rewrite its literal count
+        if so[od] > 1 and counts is not None and isinstance(counts[len(counts) - len(so) + od], int):
             b.replica((out, od))
     for j, n in enumerate(si):
         od = lead + j

@@ -72,6 +72,32 @@ def shape_reads(cls: type) -> frozenset:
     return _shape_reads(cls) if isinstance(getattr(cls, "forward", None), types.FunctionType) else frozenset()
 
 
+def self_attributes(cls: type) -> tuple[frozenset, frozenset] | None:
+    """(the attributes of ``self`` that ``forward`` and what it calls read, those they assign), or None
+    where no source is there to read: what a forward reads and never writes is a setting (a scale, a
+    mode), what it writes is state (a counter)."""
+    if not isinstance(getattr(cls, "forward", None), types.FunctionType):
+        return None
+    return _self_attributes(cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _self_attributes(cls: type) -> tuple[frozenset, frozenset] | None:
+    reads, writes = set(), set()
+    found = _reached(cls)
+    if not found:
+        return None
+    for fn, tree in found:
+        me = list(inspect.signature(fn).parameters)[:1]
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in me:
+                (writes if isinstance(n.ctx, ast.Store) else reads).add(n.attr)
+            elif isinstance(n, ast.AugAssign) and isinstance(n.target, ast.Attribute) and \
+                    isinstance(n.target.value, ast.Name) and n.target.value.id in me:
+                writes.add(n.target.attr)
+    return frozenset(reads), frozenset(writes)
+
+
 class _ShapeReads(ast.NodeVisitor):
     """The attributes of ``self`` (``me``: what the method calls it) that shape calls read."""
 

@@ -51,7 +51,7 @@ class Traced:
 def fresh_attrs(d: dict, memo: dict | None = None) -> dict:
     """A module's ``__dict__`` with its containers copied (hook dicts, the non-persistent buffer
     set, and the lists, dicts, sets, tuples, ``SimpleNamespace``s and dataclasses a forward keeps
-    state in, ``ATTR_DEPTH`` levels down; not dataclasses): a copy of the module gets its own. One level was copied,
+    state in, ``ATTR_DEPTH`` levels down; not a Hugging Face config): a copy of the module gets its own. One level was copied,
     and a forward's ``self.cfg["stats"]["n"] += 1`` counted in the user's model while the trace ran
     it (survey 54 F2). ``memo`` ({id: copy}, the caller's for the whole tree) keeps a container that
     several modules share one container in the copy. Tensors and modules stay: the callers give
@@ -80,9 +80,9 @@ def _fresh(v, depth: int, memo: dict):
     if type(v) is tuple and depth > 0:
         items = [_fresh(t, depth - 1, memo) for t in v]
         return tuple(items) if any(a is not b for a, b in zip(items, v)) else v
-    if type(v) is not types.SimpleNamespace:  # a dataclass stays shared: Hugging Face's configs are dataclasses,
-        return v                              # and hf.update_config finds the modules that hold one by identity
-    own = v.__dict__
+    own = plain_fields(v)
+    if own is None or type(v).__module__.startswith("transformers."):  # Hugging Face's configs are dataclasses,
+        return v  # settings that stay shared: hf.update_config finds the modules that hold one by identity
     out = memo[id(v)] = copy_module.copy(v)
     if depth > 0:
         for k, item in own.items():

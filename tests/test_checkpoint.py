@@ -668,15 +668,21 @@ def test_a_loaded_model_has_a_report_of_its_widths_and_form(tmp_path, output):
 
 
 class _ScaledHead(torch.nn.Module):
-    """Settings the tensors cannot show: a float scale, an activation named by a string; and a call counter."""
+    """Settings the tensors cannot show: a float scale, an activation named by a string. And what is none: a call
+    counter, a count of training steps, a random id drawn when built, a gradient checkpointing flag."""
 
     def __init__(self, scale: float = 2.0, act: str = "gelu"):
         super().__init__()
-        self.scale, self.act, self.calls = scale, act, 0
+        self.scale, self.act, self.calls, self.updates = scale, act, 0, 0
+        self.run_id, self.grad_checkpointing = int(torch.randint(0, 10**6, ())), False
         self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
 
     def forward(self, x):
         self.calls += 1
+        if self.training:
+            self.updates += 1
+        if self.grad_checkpointing and self.training:
+            return torch.utils.checkpoint.checkpoint(self.b, self.a(x), use_reentrant=False)
         h = self.a(x)
         h = torch.nn.functional.gelu(h) if self.act == "gelu" else torch.relu(h)
         return self.b(h) * self.scale
@@ -689,9 +695,11 @@ def test_load_refuses_an_original_built_with_other_plain_settings(tmp_path):
     (compiled after three calls, loaded onto a fresh original at 0) is no setting."""
     torch.manual_seed(0)
     x = torch.randn(3, 16)
-    model = _ScaledHead(2.0).eval()
+    model = _ScaledHead(2.0).train()
     for _ in range(3):
-        model(x)
+        model(x)  # survey 56 F3: a step counter, a random id and a checkpointing flag refused every fresh original
+    model.grad_checkpointing = True
+    model.eval()
     small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
     graphprune.save(small, tmp_path / "a")
     with pytest.raises(graphprune.GraphpruneError, match="scale is 1.0 here, 2.0 in the model compiled"):

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import graphprune
-from oracle import dead_twin
+from oracle import dead_twin, kill_units
 
 OPS = {
     "flip_time": lambda s, h: h.flip(1),
@@ -141,3 +141,30 @@ def test_repeat_ties_each_copy_to_its_source():
     twin = dead_twin(bias, small)
     x = torch.randn(3, 5, 32)
     torch.testing.assert_close(small(x), twin(x))
+
+
+class _TiledThenInterleaved(_TiledKeyValueHeads):
+    """Key heads tiled, then each copy interleaved: query head j reads key head (j // 2) % 2."""
+
+    def forward(self, x):                                                      # (B, T, d)
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)    # (B, 8, T, 4)
+        k = self.k(x).view(B, T, self.kv, self.head_dim).transpose(1, 2)       # (B, 2, T, 4)
+        k = k.repeat(1, 2, 1, 1).repeat_interleave(2, dim=1)                    # (B, 8, T, 4)
+        y = (q @ k.transpose(-1, -2)).softmax(-1) @ q
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def test_copies_tiled_and_then_shared_go_with_their_key_head():
+    """Survey 56 F2: a tiled key head's two copies were balanced over the query heads as if each were its own
+    head, and ``repeats`` came out 6 / 4: "shrink-params left an invalid graph". Each key head now goes whole
+    with the four query heads that read its copies."""
+    torch.manual_seed(0)
+    model, x = _TiledThenInterleaved().eval(), torch.randn(2, 5, 32)
+    kill_units(model, (x,), 0.5)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.k.out_features == 4 and small.q.out_features == 16
+    twin = dead_twin(model, small)
+    for shape in [(2, 5, 32), (3, 9, 32)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(small(x), twin(x))

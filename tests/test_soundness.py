@@ -1,6 +1,8 @@
 """Regression tests for the soundness classes of issue "Soundness": each model
 is built from one construct that real code uses, and was wrong, crashed or
 aliased before the fix. The reference is the dead twin (``kill_units``)."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -1326,14 +1328,19 @@ def test_a_tuple_passed_whole_is_read_element_by_element(head):
             torch.testing.assert_close(small(x), dead_twin(model, small)(x), rtol=1e-5, atol=1e-6)
 
 
+@dataclasses.dataclass
+class _Step:
+    step: int = 0
+
+
 class _WarmsUpInPython(torch.nn.Module):
-    """A warm-up schedule whose step is a Python number: an int, an int in a dict, or a list's length."""
+    """A warm-up schedule whose step is a Python number: an int, an int in a dict or a dataclass, or a list's length."""
 
     def __init__(self, how: str):
         super().__init__()
         self.how = how
         self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 4, 1)
-        self.step, self.state, self.seen = 0, {"step": 0}, []
+        self.step, self.state, self.seen, self.dc = 0, {"step": 0}, [], _Step()
 
     def forward(self, x):
         h = torch.relu(self.a(x))
@@ -1343,22 +1350,27 @@ class _WarmsUpInPython(torch.nn.Module):
         elif self.how == "dict":
             self.state["step"] += 1
             step = self.state["step"]
+        elif self.how == "dataclass":
+            self.dc.step += 1
+            step = self.dc.step
         else:
             self.seen.append(1)
             step = len(self.seen)
         return self.b(h * min(1.0, step / 4))
 
 
-@pytest.mark.parametrize("how", ["int", "dict", "list"])
+@pytest.mark.parametrize("how", ["int", "dict", "list", "dataclass"])
 def test_a_schedule_in_python_state_is_refused_not_frozen(how):
     """Survey 54 F1: the trace was called twice only where the first call wrote a tensor, so a step kept in a
     Python attribute came back frozen in a graph (``h * 0.25``), 0.039 off its twin from the fourth call, with
-    "verify passed". A change of Python state now calls both twice, and the trace that froze it is refused."""
+    "verify passed". A change of Python state now calls both twice, and the trace that froze it is refused.
+    Survey 56 F1: a dataclass stayed shared with the user's model, every trace advanced its step, and after
+    six the warm-up was over and the check agreed: the user's model then ran 0.54 off. Copies own it now."""
     torch.manual_seed(0)
     model, x = _WarmsUpInPython(how).eval(), torch.randn(2, 3, 8, 8)
     with pytest.raises(graphprune.GraphpruneError, match="buffer"):
         graphprune.compile(model, (x,), ratio=0.5, importance="l1")
-    assert (model.step, model.state, model.seen) == (0, {"step": 0}, [])
+    assert (model.step, model.state, model.seen, model.dc.step) == (0, {"step": 0}, [], 0)
 
 
 class _SwitchesPhaseAfterCalls(torch.nn.Module):
