@@ -19,6 +19,17 @@ A second batch, written and run once in a later session (twentieth), after the d
 * ``digits_tabmlp``: the pixels as a table, an MLP with BatchNorm1d and dropout;
 * ``digits_convmixer``: a ConvMixer, residual depthwise convs between pointwise ones, GELU and BatchNorm.
 
+A third batch, written by a red-team session (survey 57, thirty-sixth session) and run once, 3 seeds, rows in
+``bench/results/heldout3.json`` (``--out`` it):
+
+* ``signal_unet1d``: a 1-D U-Net as a classifier, transposed-conv upsampling and skip concatenations;
+* ``digits_clstf``: a CLS token over 2x2 patches through three ``nn.TransformerEncoderLayer`` (Torch-Pruning
+  is given the head counts, ``mha_tp``);
+* ``digits_shuffle``: a ShuffleNet v1, grouped 1x1 convs around a channel shuffle and a depthwise conv.
+
+    OMP_NUM_THREADS=1 nice -n 12 .venv/bin/python bench/heldout.py --tasks signal_unet1d,digits_clstf,digits_shuffle \
+        --seeds 0,1,2 --methods graphprune,tp_magnitude,tp_taylor --out bench/results/heldout3.json --resume
+
 Same data splits, training, budgets, fine-tune and rivals as ``bench/tasks.py`` (its ``Run``); graphprune is
 called as documented. Rows go to ``bench/results/heldout.json``; Torch-Pruning with the ignore lists it
 needs (``RECIPES``) to ``heldout_recipes.json``, shown as ``tp_*_recipe`` columns:
@@ -40,7 +51,8 @@ import torch.nn as nn
 sys.path.append(str(Path(__file__).parent))
 import accuracy_digits as digits  # noqa: E402
 import tasks  # noqa: E402
-from tasks import Task, conv_bn, signal_splits  # noqa: E402
+from tasks import Task, conv_bn, conv_bn1d, signal_splits  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 class DenseLayer(nn.Module):
@@ -230,6 +242,114 @@ class ConvMixer(nn.Module):
         return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+# ---------------------------------------------------------------- third batch: written by a red-team session (survey 57), run once
+
+
+class DoubleConv1d(nn.Sequential):
+    """Two conv-BN-ReLU, the U-Net way."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3):
+        super().__init__(conv_bn1d(cin, cout, k), conv_bn1d(cout, cout, k))
+
+
+class UNet1d(nn.Module):
+    """A 1-D U-Net used as a classifier on the suite's signals: (1, 128) -> enc 16 (k5) @128 -> pool -> enc 32 @64
+    -> pool -> enc 64 @32 -> pool -> bottleneck 96 @16 -> up (transposed conv, x2) to 64, cat enc 64 -> dec 64
+    -> up to 32, cat enc 32 -> dec 32 @64; the decoder's and the bottleneck's time means concatenated (128) -> fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc1, self.enc2, self.enc3 = DoubleConv1d(1, 16, 5), DoubleConv1d(16, 32), DoubleConv1d(32, 64)
+        self.pool = nn.MaxPool1d(2)
+        self.bottleneck = DoubleConv1d(64, 96)
+        self.up3, self.dec3 = nn.ConvTranspose1d(96, 64, 2, 2), DoubleConv1d(128, 64)
+        self.up2, self.dec2 = nn.ConvTranspose1d(64, 32, 2, 2), DoubleConv1d(64, 32)
+        self.fc = nn.Linear(32 + 96, 10)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(self.pool(e1))
+        e3 = self.enc3(self.pool(e2))
+        b = self.bottleneck(self.pool(e3))
+        d3 = self.dec3(torch.cat([self.up3(b), e3], 1))
+        d2 = self.dec2(torch.cat([self.up2(d3), e2], 1))
+        return self.fc(torch.cat([d2.mean(2), b.mean(2)], 1))
+
+
+class PatchTransformer(nn.Module):
+    """8x8x1 -> 16 flattened 2x2 patches -> linear 64, a learned CLS token prepended, learned positions (17)
+    -> ``nn.TransformerEncoder`` of 3 ``nn.TransformerEncoderLayer`` (4 heads, feed-forward 128, GELU, dropout 0.1,
+    pre-norm, batch first) -> LayerNorm of the CLS token -> fc."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, ff: int = 128, depth: int = 3):
+        super().__init__()
+        self.embed = nn.Linear(4, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, ff, dropout=0.1, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        b = x.shape[0]
+        patches = x.reshape(b, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(b, 16, 4)
+        tokens = torch.cat([self.cls.expand(b, -1, -1), self.embed(patches)], 1) + self.pos
+        return self.fc(self.norm(self.encoder(tokens))[:, 0])
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNet (v1) unit: grouped 1x1 -> BN-ReLU -> channel shuffle -> depthwise 3x3 (stride) -> BN -> grouped 1x1
+    -> BN; added to x (stride 1) or concatenated to a 3x3 average pool of x (stride 2); then ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int, groups: int = 4):
+        super().__init__()
+        mid, out = cout // 4, (cout - cin if stride == 2 else cout)
+        self.groups, self.stride = groups, stride
+        self.gconv1 = nn.Sequential(nn.Conv2d(cin, mid, 1, groups=groups, bias=False), nn.BatchNorm2d(mid), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid))
+        self.gconv2 = nn.Sequential(nn.Conv2d(mid, out, 1, groups=groups, bias=False), nn.BatchNorm2d(out))
+
+    def forward(self, x):
+        y = self.gconv2(self.dw(channel_shuffle(self.gconv1(x), self.groups)))
+        if self.stride == 2:
+            return torch.relu(torch.cat([F.avg_pool2d(x, 3, 2, 1), y], 1))
+        return torch.relu(x + y)
+
+
+class ShuffleNet(nn.Module):
+    """8x8x1 -> conv 24 -> unit(24 -> 96, /2) -> 2 units(96) -> unit(96 -> 192, /2) -> unit(192) -> mean -> fc;
+    groups 4 throughout."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(1, 24)
+        self.stages = nn.Sequential(ShuffleUnit(24, 96, 2), ShuffleUnit(96, 96, 1), ShuffleUnit(96, 96, 1),
+                                    ShuffleUnit(96, 192, 2), ShuffleUnit(192, 192, 1))
+        self.fc = nn.Linear(192, 10)
+
+    def forward(self, x):
+        return self.fc(self.stages(self.stem(x)).mean((2, 3)))
+
+
+def mha_tp(model: nn.Module) -> dict:
+    """Torch-Pruning's documented way to declare attention heads (as the suite's ViT gets): no ignore list."""
+    return {"num_heads": {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}}
+
+
+THIRD = {t.name: t for t in (
+    Task("signal_unet1d", UNet1d, signal_splits, 20, 3e-3),
+    Task("digits_clstf", PatchTransformer, digits.load_splits, 40, 2e-3, tp_kw=mha_tp),
+    Task("digits_shuffle", ShuffleNet, digits.load_splits, 20, 3e-3),
+)}
+
+
 def ignoring(*suffixes: str):
     """A Torch-Pruning recipe: the layers a user must list in ``ignored_layers`` before it runs at all."""
     return lambda model: {"ignored_layers": [m for n, m in model.named_modules() if n.endswith(suffixes)]}
@@ -250,6 +370,7 @@ HELDOUT = {t.name: t for t in (
     Task("digits_gru", DigitsGRU, digits.load_splits, 30, 3e-3),
     Task("digits_tabmlp", TabMLP, digits.load_splits, 30, 1e-3),
     Task("digits_convmixer", ConvMixer, digits.load_splits, 15, 3e-3),
+    *THIRD.values(),
 )}
 
 

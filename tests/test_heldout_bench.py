@@ -20,7 +20,7 @@ def _inputs(name):
 
 
 @pytest.mark.parametrize("name", ["digits_dense", "digits_resnext", "digits_mixer", "signal_gated", "digits_gru",
-                                  "digits_tabmlp", "digits_convmixer"])
+                                  "digits_tabmlp", "digits_convmixer", "signal_unet1d", "digits_clstf", "digits_shuffle"])
 def test_heldout_network_is_lossless(name):
     from adversarial import ADVERSARIAL, classify
 
