@@ -1060,29 +1060,31 @@ def described(model: torch.nn.Module) -> dict:
 
 def settings(model: torch.nn.Module, skip=()) -> dict:
     """{module path: {attribute: value}}: the plain settings (numbers, strings, bools, None, and short
-    tuples of them) that modules of classes outside ``torch.nn`` hold as public attributes, which ``load``
-    holds a fresh original to. Their shapes show none of them: ``MLP(scale=2.0)`` saved and loaded onto
-    ``MLP(scale=1.0)`` came back 0.5 off without a word (survey 55 F1). ``torch.nn``'s own layers say theirs
-    in ``described``; a Hugging Face model's config says its own (``checkpoint._check_config``). Only what the
-    forward (and what it calls) reads and never assigns (``source.self_attributes``): a counter it advances in
-    training alone, a random id drawn in ``__init__`` were refused (survey 56 F3); none where the class has
-    no source to read. Left out too: settings of training alone (dropout rates, momentum, gradient
-    checkpointing), private names (``_step``, caches), and ``skip``, the attributes the forward changed on
-    its example call (``verify.plain_state_changed``)."""
+    tuples of them) that modules hold as public attributes, which ``load`` holds a fresh original to. Their
+    shapes show none of them: ``MLP(scale=2.0)`` saved and loaded onto ``MLP(scale=1.0)`` came back 0.5 off
+    without a word (survey 55 F1); a ``gain`` set on a ``torch.nn.Linear`` is one too. A Hugging Face model's
+    config says its own (``checkpoint._check_config``). Left out:
+    state the forward keeps (``source.state_attributes``: a counter it adds to, in training alone too,
+    which refused every fresh original, survey 56 F3), what it changed on its example call where no source
+    says what it keeps (``skip``, ``verify.plain_state_changed``), settings of training alone (dropout rates, momentum, gradient
+    checkpointing) and private names (``_step``, caches). Everything else is compared, also what the
+    forward reads through a property, ``getattr`` or a child, and all of a class with no source to read
+    or a forward replaced on the instance: reading only what the forward names (``self.scale``) let all
+    of those load 0.35 to 1.4 off (survey 58 F2). A value drawn at random when built is refused so; the
+    message names it, to be set on the original before load."""
     if hf.is_hf(model):
         return {}
     skip = set(skip)
     out: dict = {}
     for path, m in model.named_modules():
-        if type(m).__module__.startswith("torch.nn."):
-            continue
-        attrs = source.self_attributes(type(m))
-        if attrs is None:
-            continue
-        reads, writes = attrs
+        if _EVAL_IDENTITY.fullmatch(type(m).__name__):
+            continue  # a dropout's rate, DropPath's probability: nothing in eval mode
+        state = source.state_attributes(type(m)) if "forward" not in vars(m) else None
         prefix = f"{path}." if path else ""
-        mine = {k: _setting(v) for k, v in vars(m).items() if k in reads and k not in writes and not k.startswith("_")
-                and k != "training" and not _TRAINING_ATTR.search(k) and prefix + k not in skip}
+        # what the example call changed is state only where no source says (a setting the first call fills in,
+        # ``if self.bias is None: self.bias = 0.5``, is compared at the value the user's model holds)
+        mine = {k: _setting(v) for k, v in vars(m).items() if k not in (state or ()) and not k.startswith("_")
+                and k != "training" and not _TRAINING_ATTR.search(k) and (state is not None or prefix + k not in skip)}
         mine = {k: v for k, v in mine.items() if v is not _NOT_A_SETTING}
         if mine:
             out[path] = mine

@@ -72,30 +72,35 @@ def shape_reads(cls: type) -> frozenset:
     return _shape_reads(cls) if isinstance(getattr(cls, "forward", None), types.FunctionType) else frozenset()
 
 
-def self_attributes(cls: type) -> tuple[frozenset, frozenset] | None:
-    """(the attributes of ``self`` that ``forward`` and what it calls read, those they assign), or None
-    where no source is there to read: what a forward reads and never writes is a setting (a scale, a
-    mode), what it writes is state (a counter)."""
+def state_attributes(cls: type) -> frozenset | None:
+    """The attributes of ``self`` that ``forward`` (and what it calls) keeps as state: added to anywhere
+    (``self.updates += 1``, under ``if self.training`` too), or assigned on every call (``self.last = x``);
+    None where no source is there to read. One assigned only in a branch (``if self.scale is None:
+    self.scale = 1.0``) is a setting the first call may fill in, not state (survey 58 F2)."""
     if not isinstance(getattr(cls, "forward", None), types.FunctionType):
         return None
-    return _self_attributes(cls)
+    return _state_attributes(cls)
 
 
 @functools.lru_cache(maxsize=None)
-def _self_attributes(cls: type) -> tuple[frozenset, frozenset] | None:
-    reads, writes = set(), set()
+def _state_attributes(cls: type) -> frozenset | None:
     found = _reached(cls)
     if not found:
         return None
+    out: set = set()
     for fn, tree in found:
         me = list(inspect.signature(fn).parameters)[:1]
-        for n in ast.walk(tree):
-            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in me:
-                (writes if isinstance(n.ctx, ast.Store) else reads).add(n.attr)
-            elif isinstance(n, ast.AugAssign) and isinstance(n.target, ast.Attribute) and \
-                    isinstance(n.target.value, ast.Name) and n.target.value.id in me:
-                writes.add(n.target.attr)
-    return frozenset(reads), frozenset(writes)
+        mine = lambda t: isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in me  # noqa: E731
+        out |= {n.target.attr for n in ast.walk(tree) if isinstance(n, ast.AugAssign) and mine(n.target)}
+        body = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))][:1]
+        todo = list(body[0].body) if body else []
+        while todo:  # statements every call runs: the body, and what a ``with`` holds
+            st = todo.pop()
+            if isinstance(st, ast.With):
+                todo += st.body
+            targets = st.targets if isinstance(st, ast.Assign) else [st.target] if isinstance(st, ast.AnnAssign) else []
+            out |= {t.attr for t in targets if mine(t)}
+    return frozenset(out)
 
 
 class _ShapeReads(ast.NodeVisitor):

@@ -12,6 +12,7 @@ a model whose parameters already live on ``meta`` works the same way.
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import copy as copy_module
 import dataclasses
@@ -110,12 +111,45 @@ def own_tensors(d: dict, copy) -> dict:
 ATTR_DEPTH = 4  # levels of containers in a module attribute whose tensors are the model's state too
 
 
-def plain_fields(v) -> dict | None:
+def plain_fields(v):
     """The ``__dict__`` of a ``SimpleNamespace`` or a dataclass instance (state a forward may keep
-    there, ``self.state.steps``), else None; a dataclass with ``__slots__`` has none."""
-    own = getattr(v, "__dict__", None)
+    there, ``self.state.steps``), or for a dataclass with ``__slots__``, which has none, a mapping
+    over its fields (``SlotFields``); else None."""
     plain = type(v) is types.SimpleNamespace or (dataclasses.is_dataclass(v) and not isinstance(v, type))
-    return own if plain and isinstance(own, dict) else None
+    if not plain:
+        return None
+    own = getattr(v, "__dict__", None)
+    return own if isinstance(own, dict) else SlotFields(v)
+
+
+class SlotFields(collections.abc.MutableMapping):
+    """The fields of a ``@dataclass(slots=True)`` read and written as a dict's items: the walks that copy,
+    swap and put back a forward's state go through it as through a ``__dict__``; left out, a warm-up step
+    in one stayed shared with the user's model, and compile advanced it (survey 58 F1). Fields cannot be
+    deleted: ``clear`` leaves them, and ``update`` writes them."""
+
+    def __init__(self, obj):
+        self.obj, self.names = obj, [f.name for f in dataclasses.fields(obj)]
+
+    def __getitem__(self, k):
+        if k not in self.names or not hasattr(self.obj, k):
+            raise KeyError(k)
+        return getattr(self.obj, k)
+
+    def __setitem__(self, k, v):
+        object.__setattr__(self.obj, k, v)  # a frozen dataclass too
+
+    def __delitem__(self, k):
+        pass
+
+    def __iter__(self):
+        return (k for k in self.names if hasattr(self.obj, k))
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+    def __copy__(self):
+        return dict(self.items())
 
 
 def _with_own_tensors(v, copy, name: str, depth: int = ATTR_DEPTH):

