@@ -1120,10 +1120,12 @@ _EVAL_IDENTITY = re.compile(r"Identity|(Alpha|FeatureAlpha)?Dropout[123]?d?|Drop
 
 
 def record_tree(model: torch.nn.Module) -> None:
-    """Note ``tree(model)`` in the record compile leaves on its result."""
+    """Note ``tree(model)`` in the record compile leaves on its result, and its plain settings (``settings``),
+    so ``save`` can tell those the user changed on the result since (``checkpoint``'s ``settings_after``)."""
     rec = info(model)
     if rec is not None:
         rec["tree"] = tree(model)
+        rec["settings"] = settings(model)
 
 
 def info(model: torch.nn.Module) -> dict | None:

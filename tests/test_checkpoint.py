@@ -787,3 +787,17 @@ def test_load_compares_settings_however_the_forward_reads_them(tmp_path):
     back = graphprune.load(_ScaleThroughProperty(2.0), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+
+def test_a_setting_changed_on_the_result_after_compile_is_saved(tmp_path):
+    """Survey 58 F3: load rebuilds onto the original, whose settings are those compiled, so a scale set on the
+    result after compile was lost, 0.565 off what was saved. Save now records what changed since compile."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    small = graphprune.compile(_ScaledHead(2.0).eval(), (x,), ratio=0.5, importance="l1")
+    small.scale, small.act = 0.5, "relu"
+    graphprune.save(small, tmp_path)
+    back = graphprune.load(_ScaledHead(2.0), tmp_path)
+    assert (back.scale, back.act) == (0.5, "relu")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
