@@ -289,7 +289,7 @@ def _check_config(out: torch.nn.Module, path: Path, training: bool = False) -> N
         return
     # a dropout rate changes nothing a model in eval mode computes: an original built for inference with dropout
     # off was refused (survey 55 F2); the layers' own rates are skipped so too (module_form.described)
-    skip = lambda k: k in _CONFIG_METADATA or (not training and module_form._TRAINING_ATTR.search(k))  # noqa: E731
+    skip = lambda k: k in _CONFIG_METADATA or (not training and module_form.TRAINING_ATTR.search(k))  # noqa: E731
     norm = lambda d: json.loads(json.dumps({k: v for k, v in d.items() if not skip(k)}, default=str))  # noqa: E731
     want, have = norm(want), norm(out.config.to_dict())
     differ = sorted(k for k in {*want, *have} if not _same_setting(want.get(k), have.get(k)))

@@ -1084,7 +1084,7 @@ def settings(model: torch.nn.Module, skip=()) -> dict:
         # what the example call changed is state only where no source says (a setting the first call fills in,
         # ``if self.bias is None: self.bias = 0.5``, is compared at the value the user's model holds)
         mine = {k: _setting(v) for k, v in vars(m).items() if k not in (state or ()) and not k.startswith("_")
-                and k != "training" and not _TRAINING_ATTR.search(k) and (state is not None or prefix + k not in skip)}
+                and k != "training" and not TRAINING_ATTR.search(k) and (state is not None or prefix + k not in skip)}
         mine = {k: v for k, v in mine.items() if v is not _NOT_A_SETTING}
         if mine:
             out[path] = mine
@@ -1093,7 +1093,7 @@ def settings(model: torch.nn.Module, skip=()) -> dict:
 
 _NOT_A_SETTING = object()
 # attribute and config names of settings that change training alone, not what eval mode computes
-_TRAINING_ATTR = re.compile(r"dropout|pdrop|drop_?path|layerdrop|drop_?rate|drop_?prob|momentum|inplace|initializer|init_std|"
+TRAINING_ATTR = re.compile(r"dropout|pdrop|drop_?path|layerdrop|drop_?rate|drop_?prob|momentum|inplace|initializer|init_std|"
                             r"checkpoint",
                             re.IGNORECASE)
 

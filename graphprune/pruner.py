@@ -7,6 +7,8 @@ and never touches the user's model. ``compile``, the budget allocator,
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -413,6 +415,21 @@ class Pruner:
                 for k in [k for k, v in vars(mod).items() if isinstance(v, torch.Tensor)]:
                     delattr(mod, k)
 
+    @functools.cached_property
+    def _original_record(self) -> dict:
+        """What ``save`` holds a fresh original to: its tensor shapes, its modules' classes and settings
+        (``module_form.described``), the plain settings of its modules (``module_form.settings``, less what
+        the forward changed on the example). Read once: the user's model does not change while it is pruned,
+        and ``prune`` runs for every candidate ``auto`` and ``search`` build."""
+        from .module_form import described, settings
+
+        return {
+            "original": {n: list(t.shape) for n, t in [*self.model.named_parameters(remove_duplicate=False),
+                                                          *self.model.named_buffers(remove_duplicate=False)]},
+            "original_modules": described(self.model),  # classes and settings: load refuses another original
+            "original_settings": settings(self.model, skip=self.gm.meta.get(PYTHON_STATE) or ()),
+        }
+
     def prune(self, removed: dict[int, np.ndarray], *, check: bool = True, fit: bool = True) -> torch.fx.GraphModule:
         """A new module without the ``removed`` units ({group id: unit ids}).
         ``check=False`` skips the between-pass checks and ``fit=False`` the
@@ -429,8 +446,6 @@ class Pruner:
         _own_storage(out, self.model)
         if self.reconstruct and fit:
             self.refit(out, removed)
-        from .module_form import described, settings
-
         out.meta["graphprune"] = {
             "method": self.analysis.method,
             "free_reads": self.free_reads,
@@ -441,11 +456,7 @@ class Pruner:
             "source": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
             "example": (self.example_inputs, self.example_kwargs),
             "ignore": list(self.ignore),
-            "original": {n: list(t.shape) for n, t in [*self.model.named_parameters(remove_duplicate=False),
-                                                          *self.model.named_buffers(remove_duplicate=False)]},
-            "original_modules": described(self.model),  # classes and settings: load refuses another original
-            # plain settings of the user's own classes (a float scale), less what the forward changes (a counter)
-            "original_settings": settings(self.model, skip=self.gm.meta.get(PYTHON_STATE) or ()),
+            **self._original_record,
             # the passes by name, not "deploy": a checkpoint replays what ran, whatever "deploy" comes to mean
             "pipeline": format_pipeline(parse_pipeline(self.pipeline or DEFAULT_PIPELINE)),
             "training": bool(self.model.training),  # an exported graph keeps the mode it was traced in

@@ -70,26 +70,19 @@ def _fresh(v, depth: int, memo: dict):
         return v
     if id(v) in memo:
         return memo[id(v)]
-    if isinstance(v, (dict, list, set)):
-        out = memo[id(v)] = copy_module.copy(v)  # copy, not type(v)(v): a defaultdict takes no dict
-        if depth > 0 and not isinstance(v, set):
-            for k, item in (v.items() if isinstance(v, dict) else enumerate(v)):
-                new = _fresh(item, depth - 1, memo)
-                if new is not item:
-                    out[k] = new
-        return out
-    if type(v) is tuple and depth > 0:
-        items = [_fresh(t, depth - 1, memo) for t in v]
+    if type(v) is tuple:
+        items = [_fresh(t, depth - 1, memo) for t in v] if depth > 0 else v
         return tuple(items) if any(a is not b for a, b in zip(items, v)) else v
-    own = plain_fields(v)
-    if own is None or type(v).__module__.startswith("transformers."):  # Hugging Face's configs are dataclasses,
-        return v  # settings that stay shared: hf.update_config finds the modules that hold one by identity
-    out = memo[id(v)] = copy_module.copy(v)
-    if depth > 0:
-        for k, item in own.items():
+    if not isinstance(v, (dict, list, set)) and (plain_fields(v) is None or type(v).__module__.startswith("transformers.")):
+        return v  # not a container; or a Hugging Face config, a dataclass of settings that stays shared: hf.update_config
+        # finds the modules that hold one by identity
+    out = memo[id(v)] = copy_module.copy(v)  # copy, not type(v)(v): a defaultdict takes no dict
+    slots = out if isinstance(out, (dict, list)) else plain_fields(out)  # where its items are written (a set's: none)
+    if depth > 0 and slots is not None:
+        for k, item in list(slots.items() if isinstance(slots, collections.abc.Mapping) else enumerate(slots)):
             new = _fresh(item, depth - 1, memo)
             if new is not item:
-                object.__setattr__(out, k, new)
+                slots[k] = new
     return out
 
 
