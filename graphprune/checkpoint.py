@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from .modes import mixed, modes_of, set_modes
-from . import hf, module_form, none_inputs
+from . import hf, module_form, none_inputs, settings
 from .errors import GraphpruneError, GraphpruneWarning, first_line, user_level
+from .attrs import MODULE_STATE, at, held_tensors, put
 from .trace import shadow, to_meta
 
 FORMAT = "graphprune/1"
@@ -102,38 +103,54 @@ def _slots(model: torch.nn.Module):
     return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
 
 
-def _plain(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) of the tensors modules hold as plain attributes (``self.gain = torch.rand(8)``,
-    a fixed random projection): not in the state dict, so a freshly built original has other
-    values, or none but meta ones. Aliases of a parameter or buffer are left to that slot."""
+def _plain(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, list | None]]:
+    """(name, tensor, keys) of the tensors modules hold as plain attributes (``self.gain = torch.rand(8)``,
+    a fixed random projection), and inside their containers (``self.proj["w"]``, ``attrs.held_tensors``;
+    keys: [module path, attribute, keys...], None for an attribute itself): not in the state dict, so a
+    freshly built original has other values, or none but meta ones; one in a dict came back from the
+    fresh original, 1.7 off what was saved. Aliases of a parameter or buffer are left to that slot."""
     slots = {id(t) for _, t in _slots(model)}
+    mine = lambda t: (not isinstance(t, torch.nn.Parameter) and id(t) not in slots  # noqa: E731
+                      and t.layout == torch.strided and not t.is_meta)
     out = []
     for path, mod in model.named_modules(remove_duplicate=False):
+        prefix = f"{path}." if path else ""
         for k, v in vars(mod).items():
-            if (isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) and id(v) not in slots
-                    and v.layout == torch.strided and not v.is_meta and k not in mod._parameters and k not in mod._buffers):
-                out.append((f"{path}.{k}" if path else k, v))
+            if k in MODULE_STATE:
+                continue
+            if isinstance(v, torch.Tensor):
+                if mine(v):
+                    out.append((prefix + k, v, None))
+                continue
+            for keys, t in held_tensors(v):
+                if mine(t):
+                    out.append((prefix + k + "".join(f"[{j!r}]" for j in keys), t, [path, k, *keys]))
     return out
 
 
-def _set_plain(out: torch.nn.Module, loaded: dict, names: list) -> None:
-    """The saved plain tensor attributes put back on the rebuilt model (``_plain``)."""
+def _set_plain(out: torch.nn.Module, loaded: dict, names: list, keys: dict) -> None:
+    """The saved plain tensor attributes put back on the rebuilt model (``_plain``; ``keys``: where those
+    inside a container sit)."""
     for name in names:
         if name not in loaded:
             raise GraphpruneError(f"{WEIGHTS} has no tensor {name!r}, which the manifest lists: the directory is damaged; "
                                   "save the model again")
-        path, _, k = name.rpartition(".")
+        path, k, *inside = keys.get(name) or [*name.rpartition(".")[::2]]
         try:
             mod = out.get_submodule(path)
         except AttributeError:
             raise GraphpruneError(f"the saved model holds a tensor attribute {name!r}, and the rebuilt one has no module "
                                   f"{path!r}: load onto the architecture it was saved from") from None
-        have = vars(mod).get(k)
+        have = at(vars(mod).get(k), inside) if inside else vars(mod).get(k)
+        if inside and not isinstance(have, torch.Tensor):
+            raise GraphpruneError(f"the saved model holds a tensor at {name!r}, and the rebuilt one holds "
+                                  f"{type(have).__name__} there: load onto an original built as the one saved")
         if isinstance(have, torch.Tensor) and tuple(have.shape) != tuple(loaded[name].shape):
             raise GraphpruneError(f"tensor attribute {name!r} is {tuple(loaded[name].shape)} in {WEIGHTS} but "
                                   f"{tuple(have.shape)} in the rebuilt model; nothing was loaded")
         data = loaded[name]
-        setattr(mod, k, data.to(have.device) if isinstance(have, torch.Tensor) and not have.is_meta else data)
+        data = data.to(have.device) if isinstance(have, torch.Tensor) and not have.is_meta else data
+        setattr(mod, k, put(vars(mod)[k], inside, data) if inside else data)
 
 
 def _write_stop_config(path: Path, config) -> None:
@@ -176,7 +193,7 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
     train/eval mode differs from the model's. Not written: attributes that are
     not tensors (a float temperature set after construction); ``load`` takes
     them from the original it is given, and refuses one whose plain settings
-    differ from those compile recorded (``module_form.settings``)."""
+    differ from those compile recorded (``settings.settings``)."""
     from safetensors.torch import save_file
 
     info = module_form.info(model)
@@ -192,7 +209,7 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
         raise GraphpruneError(f"save writes a directory, and {path} is a file: give a directory path")
     _check_tree(model, info)
     _check_shapes(model, info)
-    on_meta = [n for n, t in [*_slots(model), *_plain(model)] if t.is_meta]
+    on_meta = [n for n, t in [*_slots(model), *((n, t) for n, t, _ in _plain(model))] if t.is_meta]
     if on_meta:  # nothing to write: it raised torch's "Cannot copy out of meta tensor" and left an empty directory
         raise GraphpruneError(f"the model's tensors are on the meta device ({', '.join(on_meta[:3])}"
                               f"{' ...' if len(on_meta) > 3 else ''}): they hold no values to save; save the model "
@@ -206,8 +223,8 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
             continue
         first[id(t)] = name
         tensors[name] = t.detach().contiguous().cpu()
-    plain = [(n, t) for n, t in _plain(model) if n not in tensors]
-    tensors.update({n: t.detach().contiguous().cpu() for n, t in plain})
+    plain = [(n, t, keys) for n, t, keys in _plain(model) if n not in tensors]
+    tensors.update({n: t.detach().contiguous().cpu() for n, t, _ in plain})
     args, kwargs = info["example"]
     kept: dict = {}
     for (name, axis), idx in sorted(info["kept"].items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -237,7 +254,8 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
         "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()},
         "aliases": aliases,
         # tensors held as plain attributes, not parameters or buffers: written too, set again by load
-        "plain": [n for n, _ in plain],
+        "plain": [n for n, _, _ in plain],
+        "plain_keys": {n: keys for n, _, keys in plain if keys is not None},  # ... those inside containers
         # plain settings changed on the result since compile (small.scale = 3.0): load sets them again
         "settings_after": _settings_after(model, info.get("settings")),
         "report": None if report is None else str(report),
@@ -289,7 +307,7 @@ def _check_config(out: torch.nn.Module, path: Path, training: bool = False) -> N
         return
     # a dropout rate changes nothing a model in eval mode computes: an original built for inference with dropout
     # off was refused (survey 55 F2); the layers' own rates are skipped so too (module_form.described)
-    skip = lambda k: k in _CONFIG_METADATA or (not training and module_form.TRAINING_ATTR.search(k))  # noqa: E731
+    skip = lambda k: k in _CONFIG_METADATA or (not training and settings.TRAINING_ATTR.search(k))  # noqa: E731
     norm = lambda d: json.loads(json.dumps({k: v for k, v in d.items() if not skip(k)}, default=str))  # noqa: E731
     want, have = norm(want), norm(out.config.to_dict())
     differ = sorted(k for k in {*want, *have} if not _same_setting(want.get(k), have.get(k)))
@@ -352,16 +370,21 @@ def _check_modules(original: torch.nn.Module, m: dict) -> None:
 
 
 def _check_settings(original: torch.nn.Module, m: dict) -> None:
-    """The original given to ``load`` holds the plain settings of the one compiled (``module_form.settings``): the
+    """The original given to ``load`` holds the plain settings of the one compiled (``settings.settings``): the
     rebuild takes every attribute that is not a tensor from it, so ``MLP(scale=1.0)`` took a model saved from
     ``MLP(scale=2.0)`` 0.5 off (survey 55 F1). An attribute only one of them has is the structure's business
     (``_check_modules``)."""
     was = m.get("original_settings")
     if not was:
         return  # saved before they were recorded, or nothing to record
-    now = module_form.settings(original)
+    now = json.loads(json.dumps(settings.settings(original)))
     differ = [(p, k, v, now[p][k]) for p, attrs in was.items() for k, v in attrs.items()
-              if k in now.get(p, {}) and not _same_setting(json.loads(json.dumps(now[p][k])), v)]
+              if k in now.get(p, {}) and not _same_setting(now[p][k], v)]
+    # a hook only one of them has: load would run the original's hooks (survey 61: a gain a hook's closure held,
+    # drawn when built, loaded 0.45 off)
+    differ += [(p, k, (was.get(p) or {}).get(k), (now.get(p) or {}).get(k)) for p in {*was, *now}
+               for k in sorted({*(was.get(p) or {}), *(now.get(p) or {})}) if settings.is_hook(k)
+               and (k not in (was.get(p) or {})) != (k not in (now.get(p) or {}))]
     if differ:
         shown = ", ".join(f"{p + '.' if p else ''}{k} is {here!r} here, {saved!r} in the model compiled"
                           for p, k, saved, here in differ[:3])
@@ -377,34 +400,25 @@ def _settings_after(model: torch.nn.Module, was: dict | None) -> dict:
     if not was:
         return {}
     out: dict = {}
-    for p, attrs in module_form.settings(model).items():
-        changed = {k: v for k, v in attrs.items() if k in was.get(p, {}) and not _same_setting(v, was[p][k])}
+    now = json.loads(json.dumps(settings.settings(model)))
+    for p, attrs in now.items():
+        changed = {k: v for k, v in attrs.items() if k in was.get(p, {}) and not _same_setting(v, was[p][k])
+                   and not settings.is_hook(k)}
         if changed:
             out[p] = changed
+    hooks = sorted(f"{p + '.' if p else ''}{k}" for p in {*was, *now} for k in {*(was.get(p) or {}), *(now.get(p) or {})}
+                   if settings.is_hook(k) and not _same_setting((was.get(p) or {}).get(k), (now.get(p) or {}).get(k)))
+    if hooks:
+        warnings.warn(f"the result's forward hooks differ from those it had when compile returned it ({', '.join(hooks[:3])}"
+                      f"{' ...' if len(hooks) > 3 else ''}): save writes no hooks, and load takes those of the original "
+                      "it is given; register them on the loaded model again", GraphpruneWarning, stacklevel=user_level())
     return out
-
-
-def _set_settings(model: torch.nn.Module, after: dict) -> None:
-    """Set the settings ``_settings_after`` recorded, each as the type the rebuilt module holds (a tuple, an enum)."""
-    for p, attrs in after.items():
-        try:
-            mod = model.get_submodule(p)
-        except AttributeError:
-            raise GraphpruneError(f"the manifest's settings_after names module {p!r}, which the rebuilt model lacks: it "
-                                  "was edited; save again") from None
-        for k, v in attrs.items():
-            now = getattr(mod, k, None)
-            if isinstance(now, enum.Enum) and isinstance(v, str):
-                v = type(now)[v.rpartition(".")[2]]
-            elif isinstance(now, tuple) and isinstance(v, list):
-                v = tuple(v)
-            setattr(mod, k, v)
 
 
 def _short(described: str) -> str:
     """``torch.nn.modules.activation.GELU(approximate='none')`` -> ``GELU(approximate='none')``."""
-    name, paren, settings = described.partition("(")
-    return f"{name.rpartition('.')[2]}{paren}{settings}"
+    name, paren, rest = described.partition("(")
+    return f"{name.rpartition('.')[2]}{paren}{rest}"
 
 
 def _check_shapes(model: torch.nn.Module, info: dict) -> None:
@@ -620,8 +634,8 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
         raise GraphpruneError(f"cannot read {path / WEIGHTS} ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}): "
                               "the file is missing, truncated or not written by graphprune.save; save the model again") from None
     _assign(out, loaded, m["aliases"])
-    _set_plain(out, loaded, m.get("plain") or [])
-    _set_settings(out, m.get("settings_after") or {})
+    _set_plain(out, loaded, m.get("plain") or [], m.get("plain_keys") or {})
+    settings.set_settings(out, m.get("settings_after") or {})
     for mod in out.modules():  # an RNN's list of its weights still names the tensors the rebuild started from
         if isinstance(mod, torch.nn.RNNBase):
             mod._init_flat_weights()

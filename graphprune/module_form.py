@@ -29,7 +29,9 @@ from . import hf, source
 from .meta_keys import FROZEN_WIDTHS, LITERAL_MOVES
 from .modes import copy_modes, kept_modes
 from .modules import full_width
-from .trace import HOOK_DICTS, fresh_attrs, own_tensors, rebind_hooks
+from .attrs import fresh_attrs, own_tensors
+from .settings import EVAL_IDENTITY, settings
+from .trace import HOOK_DICTS, rebind_hooks
 from .verify import (HALF, _run, evaluating, flatten, mismatch, on_copies, other_inputs, rounding_noted, tolerance,
                      widened_on_rounding)
 from .errors import first_line
@@ -1044,7 +1046,7 @@ def described(model: torch.nn.Module) -> dict:
     out = {}
     for path, m in model.named_modules():
         name = f"{type(m).__module__}.{type(m).__qualname__}"
-        if _EVAL_IDENTITY.fullmatch(type(m).__name__) and not any(True for _ in m.parameters()):
+        if EVAL_IDENTITY.fullmatch(type(m).__name__) and not any(True for _ in m.parameters()):
             out[path] = "the identity in eval mode"  # nn.Identity where training used DropPath (timm's drop_path_rate)
             continue
         if not type(m).__module__.startswith("torch.nn."):
@@ -1058,65 +1060,10 @@ def described(model: torch.nn.Module) -> dict:
     return out
 
 
-def settings(model: torch.nn.Module, skip=()) -> dict:
-    """{module path: {attribute: value}}: the plain settings (numbers, strings, bools, None, and short
-    tuples of them) that modules hold as public attributes, which ``load`` holds a fresh original to. Their
-    shapes show none of them: ``MLP(scale=2.0)`` saved and loaded onto ``MLP(scale=1.0)`` came back 0.5 off
-    without a word (survey 55 F1); a ``gain`` set on a ``torch.nn.Linear`` is one too. A Hugging Face model's
-    config says its own (``checkpoint._check_config``). Left out:
-    state the forward keeps (``source.state_attributes``: a counter it adds to, in training alone too,
-    which refused every fresh original, survey 56 F3), what it changed on its example call where no source
-    says what it keeps (``skip``, ``verify.plain_state_changed``), settings of training alone (dropout rates, momentum, gradient
-    checkpointing) and private names (``_step``, caches). Everything else is compared, also what the
-    forward reads through a property, ``getattr`` or a child, and all of a class with no source to read
-    or a forward replaced on the instance: reading only what the forward names (``self.scale``) let all
-    of those load 0.35 to 1.4 off (survey 58 F2). A value drawn at random when built is refused so; the
-    message names it, to be set on the original before load."""
-    if hf.is_hf(model):
-        return {}
-    skip = set(skip)
-    out: dict = {}
-    for path, m in model.named_modules():
-        if _EVAL_IDENTITY.fullmatch(type(m).__name__):
-            continue  # a dropout's rate, DropPath's probability: nothing in eval mode
-        state = source.state_attributes(type(m)) if "forward" not in vars(m) else None
-        prefix = f"{path}." if path else ""
-        # what the example call changed is state only where no source says (a setting the first call fills in,
-        # ``if self.bias is None: self.bias = 0.5``, is compared at the value the user's model holds)
-        mine = {k: _setting(v) for k, v in vars(m).items() if k not in (state or ()) and not k.startswith("_")
-                and k != "training" and not TRAINING_ATTR.search(k) and (state is not None or prefix + k not in skip)}
-        mine = {k: v for k, v in mine.items() if v is not _NOT_A_SETTING}
-        if mine:
-            out[path] = mine
-    return out
-
-
-_NOT_A_SETTING = object()
-# attribute and config names of settings that change training alone, not what eval mode computes
-TRAINING_ATTR = re.compile(r"dropout|pdrop|drop_?path|layerdrop|drop_?rate|drop_?prob|momentum|inplace|initializer|init_std|"
-                            r"checkpoint",
-                            re.IGNORECASE)
-
-
-def _setting(v):
-    """``v`` as JSON where it is a plain setting, else ``_NOT_A_SETTING``."""
-    if isinstance(v, enum.Enum):  # Mode.FAST: by name, as JSON holds it
-        return f"{type(v).__qualname__}.{v.name}"
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, (tuple, list)) and len(v) <= 16:
-        items = [_setting(t) for t in v]
-        return _NOT_A_SETTING if any(t is _NOT_A_SETTING for t in items) else items
-    return _NOT_A_SETTING
-
-
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 # settings of torch.nn layers that change training, not what eval mode computes: a BatchNorm's momentum
 # (0.01 for fine-tuning refused a stock original, survey 32 f04), an activation's inplace
 _TRAINING_ONLY = re.compile(r",?\s*\b(momentum|inplace)=[^,]*")
-# regularizers that are the identity in eval mode, by class name: torch's dropouts, timm's DropPath and
-# DropBlock, torchvision's StochasticDepth, and nn.Identity, which a model built without them holds instead
-_EVAL_IDENTITY = re.compile(r"Identity|(Alpha|FeatureAlpha)?Dropout[123]?d?|Drop(Path|Block)\d*d?|StochasticDepth")
 
 
 def record_tree(model: torch.nn.Module) -> None:

@@ -418,10 +418,11 @@ class Pruner:
     @functools.cached_property
     def _original_record(self) -> dict:
         """What ``save`` holds a fresh original to: its tensor shapes, its modules' classes and settings
-        (``module_form.described``), the plain settings of its modules (``module_form.settings``, less what
+        (``module_form.described``), the plain settings of its modules (``settings.settings``, less what
         the forward changed on the example). Read once: the user's model does not change while it is pruned,
         and ``prune`` runs for every candidate ``auto`` and ``search`` build."""
-        from .module_form import described, settings
+        from .module_form import described
+        from .settings import settings
 
         return {
             "original": {n: list(t.shape) for n, t in [*self.model.named_parameters(remove_duplicate=False),

@@ -74,9 +74,10 @@ def shape_reads(cls: type) -> frozenset:
 
 def state_attributes(cls: type) -> frozenset | None:
     """The attributes of ``self`` that ``forward`` (and what it calls) keeps as state: added to anywhere
-    (``self.updates += 1``, under ``if self.training`` too), or assigned on every call (``self.last = x``);
-    None where no source is there to read. One assigned only in a branch (``if self.scale is None:
-    self.scale = 1.0``) is a setting the first call may fill in, not state (survey 58 F2)."""
+    (``self.updates += 1``, under ``if self.training`` too), or assigned on every call (``self.last = x``),
+    or what they hold (``self.stats["n"] += 1``, ``self.feats.append(h)``); None where no source is there
+    to read. One assigned only in a branch (``if self.scale is None: self.scale = 1.0``) is a setting the
+    first call may fill in, not state (survey 58 F2)."""
     if not isinstance(getattr(cls, "forward", None), types.FunctionType):
         return None
     return _state_attributes(cls)
@@ -90,8 +91,11 @@ def _state_attributes(cls: type) -> frozenset | None:
     out: set = set()
     for fn, tree in found:
         me = list(inspect.signature(fn).parameters)[:1]
-        mine = lambda t: isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in me  # noqa: E731
-        out |= {n.target.attr for n in ast.walk(tree) if isinstance(n, ast.AugAssign) and mine(n.target)}
+        root = functools.partial(_root_attribute, me=me)
+        out |= {root(n.target) for n in ast.walk(tree) if isinstance(n, ast.AugAssign)}
+        # a container changed in place (``self.feats.append(h)``, ``self.seen.update(ids)``) keeps state too
+        out |= {root(n.func.value) for n in ast.walk(tree) if isinstance(n, ast.Call)
+                and isinstance(n.func, ast.Attribute) and n.func.attr in _IN_PLACE}
         body = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))][:1]
         todo = list(body[0].body) if body else []
         while todo:  # statements every call runs: the body, and what a ``with`` holds
@@ -99,8 +103,23 @@ def _state_attributes(cls: type) -> frozenset | None:
             if isinstance(st, ast.With):
                 todo += st.body
             targets = st.targets if isinstance(st, ast.Assign) else [st.target] if isinstance(st, ast.AnnAssign) else []
-            out |= {t.attr for t in targets if mine(t)}
-    return frozenset(out)
+            out |= {root(t) for t in targets}
+    return frozenset(out - {None})
+
+
+# methods that change a list, dict, set or deque in place
+_IN_PLACE = frozenset({"append", "appendleft", "extend", "extendleft", "insert", "pop", "popleft", "popitem", "remove",
+                       "clear", "update", "setdefault", "add", "discard", "__setitem__", "__delitem__"})
+
+
+def _root_attribute(t: ast.AST, me: list) -> str | None:
+    """The attribute of ``self`` that an assignment target or a value starts at: ``x`` for ``self.x``,
+    ``self.x.steps`` and ``self.x["n"][0]``; None for anything else."""
+    while isinstance(t, (ast.Attribute, ast.Subscript)):
+        if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in me:
+            return t.attr
+        t = t.value
+    return None
 
 
 class _ShapeReads(ast.NodeVisitor):

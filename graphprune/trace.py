@@ -12,10 +12,8 @@ a model whose parameters already live on ``meta`` works the same way.
 """
 from __future__ import annotations
 
-import collections.abc
 import contextlib
 import copy as copy_module
-import dataclasses
 import functools
 from contextlib import contextmanager
 import inspect
@@ -35,6 +33,7 @@ from torch.fx._lazy_graph_module import _use_lazy_graph_module
 from torch.nn.utils.stateless import _reparametrize_module
 
 from . import source
+from .attrs import ATTR_DEPTH, SlotFields, fresh_attrs, own_tensors, plain_fields  # noqa: F401 - re-exported
 from .errors import GraphpruneError
 from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, GUARD_SIZES, SYMBOLIC_DIMS, VAL
 from .modes import copy_modes
@@ -47,129 +46,6 @@ class Traced:
     gm: fx.GraphModule
     method: str  # "symbolic_trace" or "export"
     symbolic_error: str | None = None  # why symbolic_trace was not used
-
-
-def fresh_attrs(d: dict, memo: dict | None = None) -> dict:
-    """A module's ``__dict__`` with its containers copied (hook dicts, the non-persistent buffer
-    set, and the lists, dicts, sets, tuples, ``SimpleNamespace``s and dataclasses a forward keeps
-    state in, ``ATTR_DEPTH`` levels down; not a Hugging Face config): a copy of the module gets its own. One level was copied,
-    and a forward's ``self.cfg["stats"]["n"] += 1`` counted in the user's model while the trace ran
-    it (survey 54 F2). ``memo`` ({id: copy}, the caller's for the whole tree) keeps a container that
-    several modules share one container in the copy. Tensors and modules stay: the callers give
-    those their own (``own_tensors``, the module copies)."""
-    memo = {} if memo is None else memo
-    return {k: (copy_module.copy(v) if k in _STORES else _fresh(v, ATTR_DEPTH, memo)) for k, v in d.items()}
-
-
-_STORES = ("_parameters", "_buffers", "_modules")  # a module's own stores: copied, each caller fills its own
-
-
-def _fresh(v, depth: int, memo: dict):
-    """``v`` with the containers in it copied (see ``fresh_attrs``)."""
-    if isinstance(v, (torch.Tensor, torch.nn.Module)):
-        return v
-    if id(v) in memo:
-        return memo[id(v)]
-    if type(v) is tuple:
-        items = [_fresh(t, depth - 1, memo) for t in v] if depth > 0 else v
-        return tuple(items) if any(a is not b for a, b in zip(items, v)) else v
-    if not isinstance(v, (dict, list, set)) and (plain_fields(v) is None or type(v).__module__.startswith("transformers.")):
-        return v  # not a container; or a Hugging Face config, a dataclass of settings that stays shared: hf.update_config
-        # finds the modules that hold one by identity
-    out = memo[id(v)] = copy_module.copy(v)  # copy, not type(v)(v): a defaultdict takes no dict
-    slots = out if isinstance(out, (dict, list)) else plain_fields(out)  # where its items are written (a set's: none)
-    if depth > 0 and slots is not None:
-        for k, item in list(slots.items() if isinstance(slots, collections.abc.Mapping) else enumerate(slots)):
-            new = _fresh(item, depth - 1, memo)
-            if new is not item:
-                slots[k] = new
-    return out
-
-
-def own_tensors(d: dict, copy) -> dict:
-    """A module ``__dict__`` (already through ``fresh_attrs``) whose plain tensor
-    attributes, and tensors held in list, tuple or dict attributes (an RNN's
-    ``_flat_weights``, a cache a user keeps as ``[tensor]``), are replaced by
-    ``copy(tensor, name)``: a result tree must not hold the user's tensors,
-    which its forward could write into. Parameters and buffers are not here:
-    they live in ``_parameters`` / ``_buffers``."""
-    out = dict(d)
-    for k, v in d.items():
-        if k in ("_parameters", "_buffers", "_modules"):
-            continue
-        out[k] = _with_own_tensors(v, copy, k)
-    return out
-
-
-ATTR_DEPTH = 4  # levels of containers in a module attribute whose tensors are the model's state too
-
-
-def plain_fields(v):
-    """The ``__dict__`` of a ``SimpleNamespace`` or a dataclass instance (state a forward may keep
-    there, ``self.state.steps``), or for a dataclass with ``__slots__``, which has none, a mapping
-    over its fields (``SlotFields``); else None."""
-    plain = type(v) is types.SimpleNamespace or (dataclasses.is_dataclass(v) and not isinstance(v, type))
-    if not plain:
-        return None
-    own = getattr(v, "__dict__", None)
-    return own if isinstance(own, dict) else SlotFields(v)
-
-
-class SlotFields(collections.abc.MutableMapping):
-    """The fields of a ``@dataclass(slots=True)`` read and written as a dict's items: the walks that copy,
-    swap and put back a forward's state go through it as through a ``__dict__``; left out, a warm-up step
-    in one stayed shared with the user's model, and compile advanced it (survey 58 F1). Fields cannot be
-    deleted: ``clear`` leaves them, and ``update`` writes them."""
-
-    def __init__(self, obj):
-        self.obj, self.names = obj, [f.name for f in dataclasses.fields(obj)]
-
-    def __getitem__(self, k):
-        if k not in self.names or not hasattr(self.obj, k):
-            raise KeyError(k)
-        return getattr(self.obj, k)
-
-    def __setitem__(self, k, v):
-        object.__setattr__(self.obj, k, v)  # a frozen dataclass too
-
-    def __delitem__(self, k):
-        pass
-
-    def __iter__(self):
-        return (k for k in self.names if hasattr(self.obj, k))
-
-    def __len__(self):
-        return sum(1 for _ in self)
-
-    def __copy__(self):
-        return dict(self.items())
-
-
-def _with_own_tensors(v, copy, name: str, depth: int = ATTR_DEPTH):
-    """``v`` with every tensor in it copied (``copy(tensor, name)``): a tensor, and the tensors of
-    lists, tuples, dicts, ``SimpleNamespace``s and dataclasses nested in it, ``depth`` levels down,
-    rebuilt around the copies; ``v`` itself where it holds none. A forward's ``self.hist[0][0] += 1``
-    counted in the user's model while the trace ran it, and the result shared the tensor (survey 53 F03)."""
-    if isinstance(v, torch.Tensor):
-        return copy(v, name)
-    if depth <= 0:
-        return v
-    if type(v) in (list, tuple):
-        items = [_with_own_tensors(t, copy, f"{name}.{i}", depth - 1) for i, t in enumerate(v)]
-        return type(v)(items) if any(a is not b for a, b in zip(items, v)) else v
-    if type(v) is dict:
-        items = {j: _with_own_tensors(t, copy, f"{name}.{j}", depth - 1) for j, t in v.items()}
-        return items if any(items[j] is not t for j, t in v.items()) else v
-    own = plain_fields(v)
-    if own is None:
-        return v
-    fields = {j: _with_own_tensors(t, copy, f"{name}.{j}", depth - 1) for j, t in own.items()}
-    if all(fields[j] is t for j, t in own.items()):
-        return v
-    out = copy_module.copy(v)
-    for j, t in fields.items():
-        object.__setattr__(out, j, t)
-    return out
 
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",

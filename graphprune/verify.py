@@ -39,7 +39,8 @@ from .modes import kept_modes
 from .errors import GraphpruneError, first_line
 from .flops import copied_inputs
 from .meta_keys import PYTHON_STATE, SYMBOLIC_DIMS
-from .trace import ATTR_DEPTH, plain_fields, shadow
+from .attrs import ATTR_DEPTH, MODULE_STATE, rebuilt, slots_of, tensor_slots
+from .trace import shadow
 
 
 @dataclass
@@ -460,14 +461,14 @@ def swapped(root: torch.nn.Module, new: dict):
                     if isinstance(t, torch.Tensor) and id(t) in new:
                         done.append((store, k, t))
                         store[k] = new[id(t)]
-            for store, k, held in _attr_slots(mod.__dict__, skip=_MODULE_STATE):
+            for store, k, held in tensor_slots(mod.__dict__, skip=_MODULE_STATE):
                 if isinstance(held, torch.Tensor):
                     if id(held) in new:
                         done.append((store, k, held))
                         store[k] = new[id(held)]
                 elif any(isinstance(v, torch.Tensor) and id(v) in new for v in held):  # a tuple: rebuilt around them
                     done.append((store, k, held))
-                    store[k] = tuple(new.get(id(v), v) if isinstance(v, torch.Tensor) else v for v in held)
+                    store[k] = rebuilt(held, [new.get(id(v), v) if isinstance(v, torch.Tensor) else v for v in held])
         yield
     finally:
         for store, k, t in reversed(done):
@@ -489,39 +490,13 @@ def _plain_tensors(model: torch.nn.Module) -> list:
     """Tensors modules hold as plain attributes (a step counter or an EMA kept as ``self.calls``, not
     a buffer), also in a list, tuple or dict attribute (``self.ema["mean"]``, ``self.hist[0]``): a
     forward that updates them in place changed the user's model while compile ran it (survey 31 f05)."""
-    return [t for mod in model.modules() for _, _, v in _attr_slots(mod.__dict__, skip=_MODULE_STATE)
+    return [t for mod in model.modules() for _, _, v in tensor_slots(mod.__dict__, skip=_MODULE_STATE)
             for t in ([v] if isinstance(v, torch.Tensor) else [t for t in v if isinstance(t, torch.Tensor)])]
 
 
-_MODULE_STORES = ("_parameters", "_buffers", "_modules")  # a module's own dicts: not attributes it keeps
-# what every nn.Module keeps in its __dict__ (its stores, hook dicts, flags): never a tensor of the user's.
-# The walks over attributes skip them (swapped and _plain_tensors were 16% of a cProfile of a default
-# ResNet-152 compile, out of its top 25 after; in wall-clock time the forwards hide the difference)
-_MODULE_STATE = frozenset(torch.nn.Module().__dict__) | frozenset(_MODULE_STORES)
-
-
-def _attr_slots(store, depth: int = ATTR_DEPTH, skip=()) -> list:
-    """[(store, key, value)]: where ``store`` (a module's ``__dict__``, less the names in ``skip``) and the
-    lists, dicts, tuples, ``SimpleNamespace``s and dataclasses in it hold tensors, ``depth`` levels of
-    containers down (``trace.ATTR_DEPTH``, as the result's copies go). ``value`` is a tensor, or a tuple
-    that holds tensors (``store[key]`` is then rebuilt, not the tensors' own slots). Buffers alone were
-    run on copies at first, then tensors one level into a list or dict; a forward that counted its calls
-    in ``self.hist[0][0] += 1`` or ``self.state.steps += 1`` ran the checks on the user's own tensors
-    and compile left them advanced (survey 53 F03)."""
-    out = []
-    for k, v in list(enumerate(store) if type(store) is list else store.items()):
-        if k in skip:
-            continue
-        if isinstance(v, torch.Tensor):
-            out.append((store, k, v))
-        elif depth > 0:
-            if type(v) is tuple and any(isinstance(t, torch.Tensor) for t in v):
-                out.append((store, k, v))
-            for child in (v if type(v) is tuple else (v,)):
-                inner = child if type(child) in (list, dict) else plain_fields(child)
-                if inner is not None:
-                    out += _attr_slots(inner, depth - 1)
-    return out
+# The walks over attributes skip what every module keeps (``attrs.MODULE_STATE``: swapped and _plain_tensors were
+# 16% of a cProfile of a default ResNet-152 compile, out of its top 25 after; in wall-clock time the forwards hide it)
+_MODULE_STATE = MODULE_STATE
 
 
 @contextmanager
@@ -601,11 +576,11 @@ def plain_state(root: torch.nn.Module) -> list:
     def walk(v, depth, name):
         if isinstance(v, (torch.Tensor, torch.nn.Module)) or id(v) in seen:
             return
-        if type(v) is tuple:
+        if isinstance(v, tuple):
             for i, t in enumerate(v if depth > 0 else ()):
                 walk(t, depth - 1, f"{name}[{i}]")
             return
-        inner = v if isinstance(v, (dict, list, set)) else plain_fields(v)
+        inner = v if isinstance(v, set) else slots_of(v)
         if inner is None:
             return
         seen.add(id(v))

@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
-from graphprune.trace import fresh_attrs
+from graphprune.attrs import fresh_attrs
 from graphprune.pass_manager import PassResult, register_pass
 
 from .fold_bn import _ndim

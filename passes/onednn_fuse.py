@@ -31,7 +31,7 @@ from torch.fx import GraphModule, Node
 from graphprune.canon import computes_unseen
 from graphprune.modules import OneDNNConv2d, OneDNNLinear
 from graphprune.pass_manager import PassResult, register_pass
-from graphprune.trace import fresh_attrs
+from graphprune.attrs import fresh_attrs
 
 from .fold_bn import call_counts, shape_only
 

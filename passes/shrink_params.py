@@ -31,7 +31,8 @@ from torch.fx.node import map_arg
 from graphprune.canon import COp, arg, repeat_counts, size_args, tensor_names, vkey
 from graphprune.meta_keys import ADDED, CACHED, CANON, FROZEN_WIDTHS, LITERAL_MOVES, NUMBERS, PLAN, VAL
 from graphprune.sizes import at_original_widths, frozen_value
-from graphprune.trace import _COPY_OF, fresh_attrs, own_tensors, rebind_hooks
+from graphprune.attrs import fresh_attrs, own_tensors
+from graphprune.trace import _COPY_OF, rebind_hooks
 from graphprune.modules import (FullWidthLayerNorm, FullWidthRMSNorm, PrunedSelfAttention, batch_norm_full, full_width,
                                 layer_norm_full, rms_norm_full)
 from graphprune.pass_manager import PassResult, register_pass

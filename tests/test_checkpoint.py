@@ -1,8 +1,13 @@
 """graphprune.save / graphprune.load: safetensors plus a manifest, rebuilt onto a fresh original."""
+import collections
+import dataclasses
+import functools
 import json
+import re
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -801,3 +806,144 @@ def test_a_setting_changed_on_the_result_after_compile_is_saved(tmp_path):
     assert (back.scale, back.act) == (0.5, "relu")
     with torch.no_grad():
         torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+
+@dataclasses.dataclass
+class _CfgData:
+    scale: float = 2.0
+
+
+class _CfgObject:  # a plain class of settings, as a user's training script keeps them
+    def __init__(self, scale=2.0):
+        self.scale = scale
+
+
+_HOLDERS = {
+    "dict": (lambda s: {"scale": s}, lambda c: c["scale"], "cfg['scale']"),
+    "dataclass": (_CfgData, lambda c: c.scale, "cfg.scale"),
+    "namespace": (lambda s: types.SimpleNamespace(scale=s), lambda c: c.scale, "cfg.scale"),
+    "object": (_CfgObject, lambda c: c.scale, "cfg.scale"),
+    "nested": (lambda s: {"head": [_CfgData(s)]}, lambda c: c["head"][0].scale, "cfg['head'][0].scale"),
+}
+
+
+class _HeldSettings(torch.nn.Module):
+    """A scale kept in a config the module holds, and a call counter kept in a dict the forward advances."""
+
+    def __init__(self, holder: str, scale: float = 2.0):
+        super().__init__()
+        self.holder = holder
+        self.cfg = _HOLDERS[holder][0](scale)
+        self.stats = {"calls": 0}
+        self.a = torch.nn.Linear(16, 32)
+        self.b = torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        self.stats["calls"] += 1
+        return self.b(torch.relu(self.a(x))) * _HOLDERS[self.holder][1](self.cfg)
+
+
+@pytest.mark.parametrize("holder", list(_HOLDERS))
+def test_load_compares_settings_held_in_a_config_object(tmp_path, holder):
+    """Settings a module keeps inside a dict, dataclass, namespace or plain object of its own (``self.cfg.scale``)
+    were not compared: built with scale 2.0 and loaded onto a fresh original built with 1.0, the model came back
+    0.5 off without a word. They are compared by path now, and one changed on the result after compile is saved
+    and set again by load. A counter the forward advances in a dict is state, and loads onto a fresh original."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    model = _HeldSettings(holder).eval()
+    model(x)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module"
+    graphprune.save(small, tmp_path / "a")
+    name = _HOLDERS[holder][2]
+    with pytest.raises(graphprune.GraphpruneError, match=re.escape(f"{name} is 1.0 here, 2.0 in the model compiled")):
+        graphprune.load(_HeldSettings(holder, 1.0), tmp_path / "a")
+    back = graphprune.load(_HeldSettings(holder), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+    cfg = small.cfg["head"][0] if holder == "nested" else small.cfg
+    if holder == "dict":
+        cfg["scale"] = 0.5
+    else:
+        cfg.scale = 0.5
+    graphprune.save(small, tmp_path / "b")
+    back = graphprune.load(_HeldSettings(holder), tmp_path / "b")
+    assert _HOLDERS[holder][1](back.cfg) == 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+
+class _HeldTensors(torch.nn.Module):
+    """Fixed random tensors kept inside containers, not as buffers: a bias in a dict, a gain in a namedtuple in a list."""
+
+    Pair = collections.namedtuple("Pair", "gain shift")
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+        self.proj = {"bias": torch.randn(4)}
+        self.pairs = [self.Pair(torch.rand(4) + 0.5, 1.0)]
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) * self.pairs[0].gain + self.proj["bias"]
+
+
+def test_a_tensor_held_in_a_container_attribute_is_saved(tmp_path):
+    """Tensors a module keeps as plain attributes were saved, those inside its dicts, lists and tuples were not: load
+    took them from the fresh original, and a bias drawn when built came back 1.7 off what was saved. They are saved
+    now, by the keys that reach them, and set again (a namedtuple rebuilt as one)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    small = graphprune.compile(_HeldTensors().eval(), (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module"
+    graphprune.save(small, tmp_path)
+    torch.manual_seed(1)
+    back = graphprune.load(_HeldTensors(), tmp_path)
+    assert isinstance(back.pairs[0], _HeldTensors.Pair)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+
+class _Hooked(torch.nn.Module):
+    """A gain drawn when built, applied by a forward hook's closure; a leaky slope held in a ``functools.partial``."""
+
+    def __init__(self, hook: bool = True, slope: float = 0.2):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+        self.act = functools.partial(torch.nn.functional.leaky_relu, negative_slope=slope)
+        if hook:
+            gain = torch.rand(4) + 0.5
+            self.register_forward_hook(lambda m, args, out: out * gain)
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)))
+
+
+def test_load_compares_forward_hooks_and_functions_with_what_they_hold(tmp_path):
+    """Survey 61: load runs the hooks of the original it is given, and nothing compared them: a gain a hook's closure
+    drew when built loaded 0.7 off, and a slope held in a ``functools.partial`` 0.05 off, without a word. Hooks (what
+    function, and what its closure and defaults hold, tensors by their sums) and functions held as attributes are
+    settings now: another value, or a hook only one side has, is refused; one registered on the result after compile
+    warns at save, as no hook is saved."""
+    torch.manual_seed(0)
+    model = _Hooked().eval()
+    x = torch.randn(3, 16)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module"
+    graphprune.save(small, tmp_path / "a")
+    torch.manual_seed(1)
+    with pytest.raises(graphprune.GraphpruneError, match=re.escape("forward_hooks[0].gain is 'tensor [4]")):
+        graphprune.load(_Hooked(), tmp_path / "a")
+    with pytest.raises(graphprune.GraphpruneError, match=re.escape("forward_hooks[0].function is None here")):
+        graphprune.load(_Hooked(hook=False), tmp_path / "a")
+    torch.manual_seed(0)
+    with pytest.raises(graphprune.GraphpruneError, match="act.negative_slope is 0.1 here, 0.2"):
+        graphprune.load(_Hooked(slope=0.1), tmp_path / "a")
+    torch.manual_seed(0)
+    back = graphprune.load(_Hooked(), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+    small.b.register_forward_hook(lambda m, args, out: out + 1)
+    with pytest.warns(graphprune.GraphpruneWarning, match=re.escape("(b.forward_hooks[0].function)")):
+        graphprune.save(small, tmp_path / "b")

@@ -1,7 +1,9 @@
 """Regression tests for the soundness classes of issue "Soundness": each model
 is built from one construct that real code uses, and was wrong, crashed or
 aliased before the fix. The reference is the dead twin (``kill_units``)."""
+import collections
 import dataclasses
+import typing
 
 import pytest
 import torch
@@ -1275,6 +1277,61 @@ def test_state_in_tuples_and_namespaces_at_any_level_is_run_on_copies():
     counters = lambda m: [m.pairs[0][0], m.mixed[0], m.mixed[1][0], m.ns.x["y"][0]]  # noqa: E731
     small(x)
     assert [float(t) for t in counters(model)] == [0.0] * 4 and [float(t) for t in counters(small)] == [1.0] * 4
+
+
+class _KeepsStateInSubclasses(torch.nn.Module):
+    """An EMA in an ``OrderedDict``, counters in a ``defaultdict``, a namedtuple and a list subclass."""
+
+    class _Pair(typing.NamedTuple):
+        count: torch.Tensor
+        total: torch.Tensor
+
+    class _History(list):
+        pass
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+        self.kind = kind
+        if kind == "ordered":
+            self.ema = collections.OrderedDict(mean=torch.zeros(4))
+        elif kind == "default":
+            self.ema = collections.defaultdict(int, mean=torch.zeros(4))
+        elif kind == "namedtuple":
+            self.ema = {"mean": self._Pair(torch.zeros(()), torch.zeros(4))}
+        else:
+            self.ema = {"mean": self._History([torch.zeros(4)])}
+
+    def mean(self):
+        held = self.ema["mean"]
+        return held.total if self.kind == "namedtuple" else held[0] if self.kind == "list" else held
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        self.mean().mul_(0.5).add_(y.detach().mean(0))
+        return y + self.mean()
+
+
+@pytest.mark.parametrize("kind", ["ordered", "default", "namedtuple", "list"])
+def test_state_in_dict_and_tuple_subclasses_is_run_on_copies(kind):
+    """The walks that copy a forward's containers, run the checks on copies of their tensors and put back what a
+    run changed each had their own test of what a container is. An EMA in an ``OrderedDict`` or ``defaultdict``
+    was copied by one (``isinstance``) and not swapped by another (``type(v) is dict``): compile refused the model
+    and left the user's EMA advanced. One walk (``attrs.items_of``) now says for all: dicts and lists of any
+    class, tuples too (a namedtuple rebuilt as one)."""
+    torch.manual_seed(0)
+    model, x = _KeepsStateInSubclasses(kind).eval(), torch.randn(2, 8)
+    try:
+        small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    except graphprune.GraphpruneError:
+        small = None
+    assert torch.equal(model.mean(), torch.zeros(4))
+    if small is not None:
+        small(x)
+        assert torch.equal(model.mean(), torch.zeros(4))
+        if small.report.form == "module":
+            assert type(small.ema) is type(model.ema) and type(small.ema["mean"]) is type(model.ema["mean"])
+            assert small.mean().data_ptr() != model.mean().data_ptr()
 
 
 @pytest.mark.parametrize("how", ["data", "view", "out", "none"])

@@ -1,0 +1,239 @@
+"""The plain settings a model holds outside its tensors, which ``load`` holds a fresh original to.
+
+``load`` rebuilds a saved result onto a freshly built original and takes every attribute that is not
+a tensor from it; tensor shapes show none of them. ``settings`` records them at compile (the manifest's
+``original_settings``), ``checkpoint`` compares them at load, and ``set_settings`` puts back those the
+user changed on the result since (``settings_after``). A setting is a number, string, bool, None or
+enum, or a short tuple or list of them, held by a module as a public attribute or inside what one
+holds: a dict, list, namespace, dataclass or plain object of the user's (``self.cfg.scale``,
+``self.opts["eps"]``), ``attrs.ATTR_DEPTH`` levels down. Those inside were left out at first, and a
+model built with ``Cfg(scale=2.0)`` loaded onto ``Cfg(scale=1.0)`` 0.5 off without a word.
+"""
+from __future__ import annotations
+
+import argparse
+import enum
+import functools
+import re
+import sys
+import types
+from collections.abc import Mapping
+
+import torch
+
+from . import hf, source
+from .attrs import ATTR_DEPTH, items_of, slots_of
+from .errors import GraphpruneError
+
+# attribute and config names of settings that change training alone, not what eval mode computes
+TRAINING_ATTR = re.compile(r"dropout|pdrop|drop_?path|layerdrop|drop_?rate|drop_?prob|momentum|inplace|initializer|init_std|"
+                           r"checkpoint",
+                           re.IGNORECASE)
+# regularizers that are the identity in eval mode, by class name: torch's dropouts, timm's DropPath and
+# DropBlock, torchvision's StochasticDepth, and nn.Identity, which a model built without them holds instead
+EVAL_IDENTITY = re.compile(r"Identity|(Alpha|FeatureAlpha)?Dropout[123]?d?|Drop(Path|Block)\d*d?|StochasticDepth")
+MAX_ITEMS = 64  # a container with more items holds data (a vocabulary), not settings: not walked
+# libraries whose objects a module may hold (a logger, a Hugging Face config, which ``checkpoint._check_config``
+# compares itself): not the user's settings objects, so not walked; argparse's namespace is
+_LIBRARIES = frozenset(sys.stdlib_module_names) | {"torch", "transformers", "numpy", "timm", "torchvision", "tokenizers",
+                                                  "safetensors", "huggingface_hub", "accelerate", "graphprune"}
+
+
+def settings(model: torch.nn.Module, skip=()) -> dict:
+    """{module path: {name: value}}: the plain settings of every module (see the module's doc), a name
+    being an attribute's, or a path into what it holds (``cfg.scale``, ``opts['eps']``). A Hugging Face
+    model's config says its own (``checkpoint._check_config``). Left out:
+    state the forward keeps (``source.state_attributes``: a counter it adds to, in training alone too,
+    which refused every fresh original, survey 56 F3; a container it changes in place), what its example
+    call changed (``skip``, ``verify.plain_state_changed``: inside containers always, and attributes where no
+    source says what it keeps), settings of training alone (dropout rates, momentum, gradient
+    checkpointing) and private names (``_step``, caches). Everything else is compared, also what the
+    forward reads through a property, ``getattr`` or a child, and all of a class with no source to read
+    or a forward replaced on the instance: reading only what the forward names (``self.scale``) let all
+    of those load 0.35 to 1.4 off (survey 58 F2). A value drawn at random when built is refused so; the
+    message names it, to be set on the original before load."""
+    if hf.is_hf(model):
+        return {}
+    skip = set(skip)
+    out: dict = {}
+    for path, m in model.named_modules():
+        if EVAL_IDENTITY.fullmatch(type(m).__name__):
+            continue  # a dropout's rate, DropPath's probability: nothing in eval mode
+        state = source.state_attributes(type(m)) if "forward" not in vars(m) else None
+        prefix = f"{path}." if path else ""
+        # what the example call changed is state only where no source says (a setting the first call fills in,
+        # ``if self.bias is None: self.bias = 0.5``, is compared at the value the user's model holds)
+        mine: dict = {}
+        for k, v in vars(m).items():
+            if (_named(k) and k != "training" and k not in (state or ())
+                    and (state is not None or prefix + k not in skip)):
+                _walk(v, k, ATTR_DEPTH, _Walk(mine, {id(m)}, skip, prefix))
+        _hooks(m, path, _Walk(mine, {id(m)}, skip, prefix))
+        if mine:
+            out[path] = mine
+    return out
+
+
+class _Walk:
+    """Where one module's walk writes (``out``), what it has seen, the changed containers it skips, whether
+    tensors are settings here (in a hook's closure, which no save writes: ``tensors``), and where each
+    setting is written (``slots``, for ``set_settings``)."""
+
+    def __init__(self, out: dict, seen: set, skip: set, prefix: str, slots: dict | None = None, tensors: bool = False):
+        self.out, self.seen, self.skip, self.prefix, self.slots, self.tensors = out, seen, skip, prefix, slots, tensors
+
+
+def _walk(v, name: str, depth: int, w: _Walk, holder=None, key=None) -> None:
+    """Record the settings ``v`` is or holds under ``name`` (``w.slots`` also gets where each is written:
+    ``(holder, key)``, holder None where it cannot be: inside a tuple or a function)."""
+    plain = _fingerprint(v) if w.tensors and isinstance(v, torch.Tensor) else _setting(v)
+    if plain is not _NOT_A_SETTING:
+        w.out[name] = plain
+        if w.slots is not None:
+            w.slots[name] = (holder, key)
+        return
+    if depth <= 0 or id(v) in w.seen:
+        return
+    if w.prefix + name in w.skip and ("." in name or "[" in name or slots_of(v) is not None):
+        return  # a container the example call changed holds state (``self.stats["n"] += 1``)
+    items, write, fields = _held(v)
+    if items is None or len(items) > MAX_ITEMS:
+        return
+    w.seen.add(id(v))
+    for k, t in items:
+        if isinstance(k, str) and not _named(k):
+            continue
+        _walk(t, f"{name}.{k}" if fields else f"{name}[{k!r}]", depth - 1, w, write, k)
+
+
+def _held(v):
+    """([(key, item)], where they are written or None, whether keys are field names) of what ``v`` holds, or
+    (None, None, False): a container (``attrs.items_of``: a dict, list or tuple, a namespace's or dataclass's
+    fields), another mapping (read only), a plain object of the user's (its ``__dict__``, set by ``setattr``),
+    or a function: its name, and the values its closure and defaults hold (``functools.partial(F.leaky_relu,
+    negative_slope=0.2)`` built with another slope loaded 0.05 off, survey 61)."""
+    if isinstance(v, (torch.Tensor, torch.nn.Module, type)):
+        return None, None, False
+    if isinstance(v, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)):
+        return _function(v), None, True
+    mine = type(v) is argparse.Namespace or type(v).__module__.split(".")[0] not in _LIBRARIES
+    if not (mine or isinstance(v, (dict, list, tuple, types.SimpleNamespace))):
+        return None, None, False  # a library's object: a logger, a Hugging Face config, graphprune's report
+    items = items_of(v)
+    if items is not None:
+        slots = slots_of(v)
+        fields = not isinstance(v, (Mapping, list, tuple))
+        return items, (v if fields else slots) if slots is not None else None, fields
+    if isinstance(v, Mapping):
+        return list(v.items()), None, False
+    own = getattr(v, "__dict__", None)
+    return (list(own.items()), v, True) if isinstance(own, dict) else (None, None, False)
+
+
+def _function(f) -> list:
+    """[(key, item)] of a function, a bound method or a ``functools.partial``: what it is by name
+    (``function``), and the values its closure cells and defaults hold, by the names its code gives them."""
+    if isinstance(f, functools.partial):
+        return [("function", _name(f.func)), *_function(f.func)[1:], ("args", list(f.args)), *f.keywords.items()]
+    if isinstance(f, types.MethodType):  # a bound method: its module's settings are its own
+        return [("function", _name(f.__func__))]
+    out = [("function", _name(f))]
+    code = getattr(f, "__code__", None)
+    if code is None:
+        return out
+    out += [(n, c.cell_contents) for n, c in zip(code.co_freevars, f.__closure__ or ()) if _filled(c)]
+    defaults = f.__defaults__ or ()
+    out += list(zip(code.co_varnames[code.co_argcount - len(defaults):code.co_argcount], defaults))
+    return out + list((f.__kwdefaults__ or {}).items())
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+def _name(f) -> str:
+    return f"{getattr(f, '__module__', None) or ''}.{getattr(f, '__qualname__', type(f).__qualname__)}"
+
+
+def _fingerprint(t: torch.Tensor) -> str:
+    """A tensor in a hook's closure as a setting: its shape, dtype and sums (load rebuilds its hooks from the
+    original it is given, whose tensor there may differ: a gain drawn when built loaded 0.45 off, survey 61)."""
+    if t.is_meta:
+        return f"tensor {list(t.shape)} {t.dtype} on meta"
+    d = t.detach().double()
+    return f"tensor {list(t.shape)} {t.dtype} sum {float(d.sum()):.9g} abs {float(d.abs().sum()):.9g}"
+
+
+def _named(k: str) -> bool:
+    """A public name that is not a training-only setting."""
+    return not k.startswith("_") and not TRAINING_ATTR.search(k)
+
+
+_NOT_A_SETTING = object()
+
+
+def _setting(v):
+    """``v`` as JSON where it is a plain setting, else ``_NOT_A_SETTING``."""
+    if isinstance(v, enum.Enum):  # Mode.FAST: by name, as JSON holds it
+        return f"{type(v).__qualname__}.{v.name}"
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (tuple, list)) and len(v) <= 16:
+        items = [_setting(t) for t in v]
+        return _NOT_A_SETTING if any(t is _NOT_A_SETTING for t in items) else items
+    return _NOT_A_SETTING
+
+
+HOOKS = ("_forward_pre_hooks", "_forward_hooks")  # the hooks a forward runs, whose values load takes from the original
+
+
+def _hooks(m: torch.nn.Module, name: str, w: _Walk) -> None:
+    """The forward hooks of ``m`` (graphprune's own aside) as settings, in order: ``forward_hooks[0].function``
+    and what its closure holds, tensors too (load takes the hooks of the original it is given)."""
+    hooks = _Walk(w.out, w.seen, w.skip, w.prefix, w.slots, tensors=True)
+    for kind in HOOKS:
+        mine = [h for h in getattr(m, kind, {}).values() if not _name(getattr(h, "__func__", h)).startswith("graphprune.")]
+        for i, h in enumerate(mine):
+            _walk(h, f"{kind[1:]}[{i}]", ATTR_DEPTH, hooks)
+
+
+def is_hook(name: str) -> bool:
+    """A setting ``_hooks`` recorded."""
+    return name.startswith(tuple(f"{k[1:]}[" for k in HOOKS))
+
+
+def set_settings(model: torch.nn.Module, after: dict) -> None:
+    """Set the settings ``settings_after`` in a manifest recorded (``{module path: {name: value}}``), each as the
+    type the rebuilt model holds there (a tuple, an enum), inside what a module holds too (``cfg.scale``)."""
+    for p, values in after.items():
+        try:
+            mod = model.get_submodule(p)
+        except AttributeError:
+            raise GraphpruneError(f"the manifest's settings_after names module {p!r}, which the rebuilt model lacks: it "
+                                  "was edited; save again") from None
+        where: dict = {}
+        for k, v in vars(mod).items():
+            if _named(k):
+                _walk(v, k, ATTR_DEPTH, _Walk({}, {id(mod)}, set(), "", where), mod, k)
+        for k, v in values.items():
+            if k not in where:
+                raise GraphpruneError(f"the manifest's settings_after names {p + '.' if p else ''}{k}, which the rebuilt "
+                                      "model does not hold: it was edited, or the original given to load is built "
+                                      "otherwise; save again")
+            holder, key = where[k]
+            if holder is None:
+                raise GraphpruneError(f"setting {p + '.' if p else ''}{k} was changed after compile inside a tuple, "
+                                      "which load cannot set: set it on the original before load")
+            now = holder[key] if isinstance(holder, (Mapping, list)) else getattr(holder, key, None)
+            if isinstance(now, enum.Enum) and isinstance(v, str):
+                v = type(now)[v.rpartition(".")[2]]
+            elif isinstance(now, tuple) and isinstance(v, list):
+                v = tuple(v)
+            if isinstance(holder, (Mapping, list)):
+                holder[key] = v
+            else:
+                setattr(holder, key, v)
