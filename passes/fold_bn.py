@@ -33,8 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from graphprune.errors import GraphpruneError
 from graphprune.meta_keys import VAL
-from graphprune.trace import fresh_attrs
+from graphprune.attrs import fresh_attrs
 from graphprune.pass_manager import PassResult, register_pass
 
 # producer type -> the BatchNorm types that normalise its output channels
@@ -202,6 +203,7 @@ def fold_bn(gm: GraphModule) -> PassResult:
             bn_node.replace_all_uses_with(src)
             gm.graph.erase_node(bn_node)
             gm.delete_submodule(bn_node.target)
+            _stand_in(gm, bn_node.target, training=False)
             changed = True
         elif (found := _functional(gm, bn_node, calls, reads)) is not None:
             src, layer, stats, path, attrs = found
@@ -212,8 +214,42 @@ def fold_bn(gm: GraphModule) -> PassResult:
                 gm.graph.erase_node(a)
             owner = gm.get_submodule(path)  # keeps what else it holds (timm's activation)
             gm.add_submodule(path, with_params(owner, **{a.target.rpartition(".")[2]: None for a in attrs}))
+            _stand_in(gm, f"{path}.folded_batchnorm", training=False)
             changed = True
     if changed:
         gm.graph.lint()
         gm.recompile()
     return PassResult(gm, changed)
+
+
+class FoldedBatchNorm(nn.Module):
+    """Stands where fold-bn removed a BatchNorm, at its name and in its mode, which ``.train()`` and
+    ``.eval()`` move as they would have moved the BatchNorm's (a frozen one in a model in training
+    mode stays in eval mode). Never called: the graph hands it to ``refuse_training``."""
+
+
+@torch.fx.node.has_side_effect  # nothing reads it: no dead-code pass may drop it
+def refuse_training(*stand_ins: FoldedBatchNorm) -> None:
+    """Refuses a run where a folded BatchNorm is in training mode: it would have normalised by batch
+    statistics then, and the folded layer still uses the running ones. A deploy result put in training
+    mode computed 0.68 off the default pipeline's, without a word (survey 59 F1)."""
+    if any(m.training for m in stand_ins):
+        raise GraphpruneError(
+            "this model was compiled with pipeline='deploy', which folded its BatchNorms into the layers before "
+            "them: in training mode they would normalise by batch statistics, which the folded layers cannot. "
+            "Call .eval() to run it; to fine-tune, fine-tune a result of the default pipeline, which keeps its "
+            "BatchNorms, and compile that with pipeline='deploy' after")
+
+
+def _stand_in(gm: GraphModule, path: str, training: bool) -> None:
+    """A ``FoldedBatchNorm`` at ``path`` in mode ``training``, given by name (a ``get_attr``, which copies and
+    loads keep) to the graph's one ``refuse_training`` call."""
+    gm.add_submodule(path, FoldedBatchNorm().train(training))
+    check = next((n for n in gm.graph.nodes if n.op == "call_function" and n.target is refuse_training), None)
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first):
+        read = gm.graph.get_attr(path)
+        if check is None:
+            gm.graph.call_function(refuse_training, (read,))
+        else:
+            check.args = (*check.args, read)

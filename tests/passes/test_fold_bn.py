@@ -139,3 +139,43 @@ def test_fold_bn_folds_functional_batch_norms_of_traced_through_modules():
     model.train()
     _, changed = run_pipeline(torch.fx.symbolic_trace(model), "fold-bn", check=False)
     assert not changed["fold-bn"]  # training=True: batch statistics, nothing to fold
+
+
+class _Frozen(nn.Module):
+    """A conv -> BatchNorm -> ReLU -> conv net; ``frozen`` keeps its BatchNorm in eval mode in a model in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Conv2d(16, 4, 1)
+        _trained(self.bn)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.bn(self.c1(x))))
+
+
+def test_a_deploy_result_refuses_training_mode_where_it_folded_a_batchnorm(tmp_path):
+    """Survey 59 F1: a deploy result put in training mode ran its folded layers with the running statistics where
+    the BatchNorms would have used the batch's: 0.68 off the default pipeline's result in training mode, without a
+    word. It is refused now, by a guard in the BatchNorms' place that takes their mode: a BatchNorm frozen in a
+    model in training mode was folded, and that model still runs in training mode. The guard survives save/load."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    small = graphprune.compile(_Frozen().eval(), (x,), ratio=0.5, importance="l1", pipeline="deploy")
+    assert "BatchNorm2d" not in _kinds(small)
+    small(x)
+    with pytest.raises(graphprune.GraphpruneError, match="training mode"):
+        small.train()(x)
+    small.eval()
+    graphprune.save(small, tmp_path)
+    back = graphprune.load(_Frozen(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+    with pytest.raises(graphprune.GraphpruneError, match="training mode"):
+        back.train()(x)
+
+    frozen = _Frozen().train()
+    frozen.bn.eval()
+    small = graphprune.compile(frozen, (x,), ratio=0.5, importance="l1", pipeline="deploy")
+    assert small.training and "BatchNorm2d" not in _kinds(small)
+    twin = graphprune.compile(frozen, (x,), ratio=0.5, importance="l1")
+    torch.testing.assert_close(small(x), twin(x), rtol=1e-5, atol=1e-5)
