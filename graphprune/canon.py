@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 
 import builtins
+import functools
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -1149,12 +1150,8 @@ def _module_rule(mod) -> Callable | None:
 def _positional(node: Node, fn: Callable) -> None:
     """Rewrite keyword inputs of a call (``self.conv(input=x)``) as positional
     ones, as far as ``fn``'s signature allows, so rules can read ``node.args``."""
-    import inspect
-
-    try:
-        sig = inspect.signature(fn)
-        bound = sig.bind(*node.args, **node.kwargs).arguments
-    except (TypeError, ValueError):
+    sig, bound = _bound(fn, node.args, node.kwargs)
+    if sig is None:
         return
     args, kwargs = [], dict(node.kwargs)
     for name, p in sig.parameters.items():
@@ -1163,6 +1160,55 @@ def _positional(node: Node, fn: Callable) -> None:
         args.append(bound[name])
         kwargs.pop(name, None)
     node.args, node.kwargs = tuple(args), kwargs
+
+
+def _pointwise(target) -> Callable | None:
+    """``_ewise`` for an ATen op its schema tags pointwise (each output element from the same element of each
+    broadcast input), and for a function or method of torch's of the same name whose every tensor overload is
+    (``torch.lerp``, ``h.lerp``): ``aten.leaky_relu``, ``aten.elu``, ``torch.lerp`` had no rule and held their
+    channels. Which of them keep zeros is ``zeros``' table, by name; an op missing there keeps none."""
+    if isinstance(target, torch._ops.OpOverload):
+        return _ewise if torch.Tag.pointwise in target.tags else None
+    name = target if isinstance(target, str) else getattr(target, "__name__", None)
+    if not isinstance(name, str) or not (isinstance(target, str) or getattr(torch, name, None) is target
+                                         or getattr(torch.nn.functional, name, None) is target):
+        return None
+    return _ewise if _pointwise_packet(name) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _pointwise_packet(name: str) -> bool:
+    """Every overload of ``aten.<name>`` that takes a tensor and writes no ``out=`` is tagged pointwise."""
+    packet = getattr(torch.ops.aten, name, None)
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return False
+    tensor = [o for o in packet.overloads() if not o.endswith("out")
+              and any(isinstance(a.type, torch.TensorType) for a in getattr(packet, o)._schema.arguments)]
+    return bool(tensor) and all(torch.Tag.pointwise in getattr(packet, o).tags for o in tensor)
+
+
+def _bound(fn: Callable, args: tuple, kwargs: dict):
+    """(signature, bound arguments) of a call of ``fn``, or (None, None). A builtin such as ``F.linear`` has
+    no Python signature: its TorchScript schemas are tried, the first that binds (``F.linear(input=x,
+    weight=w, bias=b)``, as timm's SwinV2 calls it, left its keywords where the linear rule reads
+    positions, and the layer was kept whole with "tuple index out of range", survey 60)."""
+    import inspect
+
+    try:
+        sigs = [inspect.signature(fn)]
+    except (TypeError, ValueError):
+        from torch.fx.operator_schemas import get_signature_for_torch_op
+
+        try:
+            sigs = get_signature_for_torch_op(fn) or []
+        except Exception:  # noqa: BLE001 - not a torch op
+            sigs = []
+    for sig in sigs:
+        try:
+            return sig, sig.bind(*args, **kwargs).arguments
+        except TypeError:
+            continue
+    return None, None
 
 
 # ops without a rule whose cause in the user's code is known, and what to do about it
@@ -1188,11 +1234,11 @@ def canonicalize_node(gm: GraphModule, node: Node) -> COp:
         except (TypeError, IndexError, KeyError, AttributeError) as e:
             return COp("unknown", node, _tensors(node), attrs={"why": f"cannot read the inputs of {type(mod).__qualname__}: {e}"})
     if node.op == "call_method":
-        fn = METHOD_TABLE.get(node.target)
+        fn = METHOD_TABLE.get(node.target) or _pointwise(node.target)
         if node.target == "size" or node.target == "dim":
             return _shape_query(node)
     else:
-        fn = FUNCTION_TABLE.get(node.target) or OP_NAME_TABLE.get(_op_name(node.target))
+        fn = FUNCTION_TABLE.get(node.target) or OP_NAME_TABLE.get(_op_name(node.target)) or _pointwise(node.target)
         if fn is not None and node.kwargs and not node.args and callable(node.target):
             _positional(node, node.target)  # F.linear(input=x, weight=w)
     tensor_out = isinstance(val, torch.Tensor) or (isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))

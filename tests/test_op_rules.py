@@ -1,6 +1,7 @@
 """Ops that held every channel around them for want of a rule (survey 33 f05): flips, expand_as and
 new_ones as torch.export records them, new_tensor; softplus, zeros and a slice at a length read at run time
-(survey 45 F3); ``type_as``, whose other tensor gives a dtype and no values (survey 46 F1). Each model prunes now, exact against the dead twin on
+(survey 45 F3); ``type_as``, whose other tensor gives a dtype and no values (survey 46 F1); ATen ops tagged
+pointwise; ``F.linear`` called by keyword (survey 60). Each model prunes now, exact against the dead twin on
 both trace paths (a size test sends a model to torch.export)."""
 import pytest
 import torch
@@ -28,6 +29,11 @@ OPS = {
     "repeat_new_dim": lambda s, h: h.repeat(2, 1, 1, 1).sum(0) * s.scale,
     "tile_channels": lambda s, h: torch.tile(h, (1, 1, 2)).view(h.shape[0], h.shape[1], 2, -1).mean(2) * s.scale,
     "tile_then_slice": lambda s, h: h.repeat(1, 1, 3)[..., 8:24] * s.scale,
+    # pointwise ATen ops torch.export keeps under their own names, without a rule of their own (tagged pointwise)
+    "leaky_relu_elu": lambda s, h: torch.nn.functional.elu(torch.nn.functional.leaky_relu(h * s.scale, 0.2)),
+    "lerp": lambda s, h: torch.lerp(h, h * s.scale, 0.3),
+    # F.linear called by keyword alone (timm's SwinV2): a builtin with no Python signature (survey 60)
+    "linear_by_keyword": lambda s, h: torch.nn.functional.linear(input=h, weight=s.mix, bias=s.scale),
 }
 
 
@@ -37,6 +43,7 @@ class _Op(nn.Module):
         self.op, self.exported = op, exported
         self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
         self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 16))
+        self.mix = nn.Parameter(torch.randn(16, 16) / 4)
 
     def forward(self, x):                      # (N, T, 8)
         h = torch.relu(self.a(x))              # (N, T, 16)
