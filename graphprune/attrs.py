@@ -20,10 +20,23 @@ import dataclasses
 import types
 
 import torch
+import torch.fx
 
 ATTR_DEPTH = 4  # levels of containers in a module attribute whose tensors are the model's state too
 # what every nn.Module keeps in its __dict__ (its stores, hook dicts, flags): never a tensor or setting of the user's
 MODULE_STATE = frozenset(torch.nn.Module().__dict__) | {"_parameters", "_buffers", "_modules"}
+
+
+def user_attributes(mod: torch.nn.Module) -> list:
+    """[(name, value)] of what ``mod`` holds in its ``__dict__`` for its own code: less what every module keeps
+    (``MODULE_STATE``), graphprune's record (``RECORD``), and a graph module's ``meta``, the records of fx
+    and graphprune (the example inputs, shapes), which ``save`` wrote as tensors of the model, twice, and
+    safetensors refused."""
+    graph = isinstance(mod, torch.fx.GraphModule)
+    return [(k, v) for k, v in vars(mod).items() if k not in MODULE_STATE and k != RECORD and not (graph and k == "meta")]
+
+
+RECORD = "_graphprune"  # the attribute a result keeps graphprune's record of its compile in (module_form.info)
 
 
 def plain_fields(v):

@@ -31,7 +31,7 @@ import torch
 from .modes import mixed, modes_of, set_modes
 from . import hf, module_form, none_inputs, settings
 from .errors import GraphpruneError, GraphpruneWarning, first_line, user_level
-from .attrs import MODULE_STATE, at, held_tensors, put
+from .attrs import at, held_tensors, put, user_attributes
 from .trace import shadow, to_meta
 
 FORMAT = "graphprune/1"
@@ -115,9 +115,7 @@ def _plain(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, list | None]
     out = []
     for path, mod in model.named_modules(remove_duplicate=False):
         prefix = f"{path}." if path else ""
-        for k, v in vars(mod).items():
-            if k in MODULE_STATE:
-                continue
+        for k, v in user_attributes(mod):
             if isinstance(v, torch.Tensor):
                 if mine(v):
                     out.append((prefix + k, v, None))
@@ -128,12 +126,13 @@ def _plain(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, list | None]
     return out
 
 
-def _set_plain(out: torch.nn.Module, loaded: dict, names: list, keys: dict) -> None:
+def _set_plain(out: torch.nn.Module, loaded: dict, names: list, keys: dict, aliases: dict) -> None:
     """The saved plain tensor attributes put back on the rebuilt model (``_plain``; ``keys``: where those
-    inside a container sit)."""
+    inside a container sit; ``aliases``: a name to the name of the same tensor written)."""
     for name in names:
-        if name not in loaded:
-            raise GraphpruneError(f"{WEIGHTS} has no tensor {name!r}, which the manifest lists: the directory is damaged; "
+        written = aliases.get(name, name)
+        if written not in loaded:
+            raise GraphpruneError(f"{WEIGHTS} has no tensor {written!r}, which the manifest lists: the directory is damaged; "
                                   "save the model again")
         path, k, *inside = keys.get(name) or [*name.rpartition(".")[::2]]
         try:
@@ -145,10 +144,10 @@ def _set_plain(out: torch.nn.Module, loaded: dict, names: list, keys: dict) -> N
         if inside and not isinstance(have, torch.Tensor):
             raise GraphpruneError(f"the saved model holds a tensor at {name!r}, and the rebuilt one holds "
                                   f"{type(have).__name__} there: load onto an original built as the one saved")
-        if isinstance(have, torch.Tensor) and tuple(have.shape) != tuple(loaded[name].shape):
-            raise GraphpruneError(f"tensor attribute {name!r} is {tuple(loaded[name].shape)} in {WEIGHTS} but "
+        if isinstance(have, torch.Tensor) and tuple(have.shape) != tuple(loaded[written].shape):
+            raise GraphpruneError(f"tensor attribute {name!r} is {tuple(loaded[written].shape)} in {WEIGHTS} but "
                                   f"{tuple(have.shape)} in the rebuilt model; nothing was loaded")
-        data = loaded[name]
+        data = loaded[written]
         data = data.to(have.device) if isinstance(have, torch.Tensor) and not have.is_meta else data
         setattr(mod, k, put(vars(mod)[k], inside, data) if inside else data)
 
@@ -224,7 +223,10 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
         first[id(t)] = name
         tensors[name] = t.detach().contiguous().cpu()
     plain = [(n, t, keys) for n, t, keys in _plain(model) if n not in tensors]
-    tensors.update({n: t.detach().contiguous().cpu() for n, t, _ in plain})
+    held = {}  # a tensor held in two places is written once, and set again in both (safetensors refuses shared memory)
+    plain_aliases = {n: held.setdefault(id(t), n) for n, t, _ in plain}
+    plain_aliases = {n: first for n, first in plain_aliases.items() if n != first}
+    tensors.update({n: t.detach().contiguous().cpu() for n, t, _ in plain if n not in plain_aliases})
     args, kwargs = info["example"]
     kept: dict = {}
     for (name, axis), idx in sorted(info["kept"].items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -256,6 +258,7 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
         # tensors held as plain attributes, not parameters or buffers: written too, set again by load
         "plain": [n for n, _, _ in plain],
         "plain_keys": {n: keys for n, _, keys in plain if keys is not None},  # ... those inside containers
+        "plain_aliases": plain_aliases,  # ... and those held in two places, by the name written
         # plain settings changed on the result since compile (small.scale = 3.0): load sets them again
         "settings_after": _settings_after(model, info.get("settings")),
         "report": None if report is None else str(report),
@@ -634,7 +637,7 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
         raise GraphpruneError(f"cannot read {path / WEIGHTS} ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}): "
                               "the file is missing, truncated or not written by graphprune.save; save the model again") from None
     _assign(out, loaded, m["aliases"])
-    _set_plain(out, loaded, m.get("plain") or [], m.get("plain_keys") or {})
+    _set_plain(out, loaded, m.get("plain") or [], m.get("plain_keys") or {}, m.get("plain_aliases") or {})
     settings.set_settings(out, m.get("settings_after") or {})
     for mod in out.modules():  # an RNN's list of its weights still names the tensors the rebuild started from
         if isinstance(mod, torch.nn.RNNBase):
@@ -822,9 +825,7 @@ def _meta_leftovers(out: torch.nn.Module) -> list[str]:
 
     left = []
     for path, mod in out.named_modules(remove_duplicate=False):
-        for k, v in mod.__dict__.items():
-            if k in ("_parameters", "_buffers", "_modules", "_graphprune", "meta"):  # graphprune's records, fx's node metadata
-                continue
+        for k, v in user_attributes(mod):
             if isinstance(v, (torch.Tensor, list, tuple, dict)) and any(
                     isinstance(t, torch.Tensor) and t.is_meta for t in tree_leaves(v)):
                 left.append(f"{path}.{k}" if path else k)

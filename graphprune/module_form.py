@@ -29,7 +29,7 @@ from . import hf, source
 from .meta_keys import FROZEN_WIDTHS, LITERAL_MOVES
 from .modes import copy_modes, kept_modes
 from .modules import full_width
-from .attrs import fresh_attrs, own_tensors
+from .attrs import MODULE_STATE, fresh_attrs, own_tensors, tensor_slots
 from .settings import EVAL_IDENTITY, settings
 from .trace import HOOK_DICTS, rebind_hooks
 from .verify import (HALF, _run, evaluating, flatten, mismatch, on_copies, other_inputs, rounding_noted, tolerance,
@@ -1178,6 +1178,10 @@ def _own_data(top: torch.nn.Module, model: torch.nn.Module) -> None:
     for tree in (model, top):
         for t in (*tree.modules(), *tree.parameters(), *tree.buffers()):
             memo[id(t)] = t
+    for mod in top.modules():  # the result's own copies of plain tensors, held in two places: one tensor still
+        for _, _, v in tensor_slots(mod.__dict__, skip=MODULE_STATE):
+            for t in (v,) if isinstance(v, torch.Tensor) else [t for t in v if isinstance(t, torch.Tensor)]:
+                memo[id(t)] = t
     mine = {**dict(top.named_modules(remove_duplicate=False)), **dict(top.named_parameters(remove_duplicate=False)),
             **dict(top.named_buffers(remove_duplicate=False))}
     for name, t in [*model.named_modules(remove_duplicate=False), *model.named_parameters(remove_duplicate=False),

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from . import hf, source
-from .attrs import ATTR_DEPTH, items_of, slots_of
+from .attrs import ATTR_DEPTH, items_of, slots_of, user_attributes
 from .errors import GraphpruneError
 
 # attribute and config names of settings that change training alone, not what eval mode computes
@@ -64,7 +64,7 @@ def settings(model: torch.nn.Module, skip=()) -> dict:
         # what the example call changed is state only where no source says (a setting the first call fills in,
         # ``if self.bias is None: self.bias = 0.5``, is compared at the value the user's model holds)
         mine: dict = {}
-        for k, v in vars(m).items():
+        for k, v in user_attributes(m):
             if (_named(k) and k != "training" and k not in (state or ())
                     and (state is not None or prefix + k not in skip)):
                 _walk(v, k, ATTR_DEPTH, _Walk(mine, {id(m)}, skip, prefix))
@@ -216,7 +216,7 @@ def set_settings(model: torch.nn.Module, after: dict) -> None:
             raise GraphpruneError(f"the manifest's settings_after names module {p!r}, which the rebuilt model lacks: it "
                                   "was edited; save again") from None
         where: dict = {}
-        for k, v in vars(mod).items():
+        for k, v in user_attributes(mod):
             if _named(k):
                 _walk(v, k, ATTR_DEPTH, _Walk({}, {id(mod)}, set(), "", where), mod, k)
         for k, v in values.items():

@@ -884,23 +884,27 @@ class _HeldTensors(torch.nn.Module):
         self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
         self.proj = {"bias": torch.randn(4)}
         self.pairs = [self.Pair(torch.rand(4) + 0.5, 1.0)]
+        self.last_bias = self.proj["bias"]  # one tensor held in two places
 
     def forward(self, x):
         return self.b(torch.relu(self.a(x))) * self.pairs[0].gain + self.proj["bias"]
 
 
-def test_a_tensor_held_in_a_container_attribute_is_saved(tmp_path):
+@pytest.mark.parametrize("output", ["module", "graph"])
+def test_a_tensor_held_in_a_container_attribute_is_saved(tmp_path, output):
     """Tensors a module keeps as plain attributes were saved, those inside its dicts, lists and tuples were not: load
     took them from the fresh original, and a bias drawn when built came back 1.7 off what was saved. They are saved
-    now, by the keys that reach them, and set again (a namedtuple rebuilt as one)."""
+    now, by the keys that reach them, and set again (a namedtuple rebuilt as one; one tensor held in two places is
+    written once and held in both again). A graph's own records (``meta``, the example inputs) are not the model's."""
     torch.manual_seed(0)
     x = torch.randn(3, 16)
-    small = graphprune.compile(_HeldTensors().eval(), (x,), ratio=0.5, importance="l1")
-    assert small.report.form == "module"
+    small = graphprune.compile(_HeldTensors().eval(), (x,), ratio=0.5, importance="l1", output=output)
+    assert small.report.form == output
     graphprune.save(small, tmp_path)
     torch.manual_seed(1)
     back = graphprune.load(_HeldTensors(), tmp_path)
-    assert isinstance(back.pairs[0], _HeldTensors.Pair)
+    if output == "module":
+        assert isinstance(back.pairs[0], _HeldTensors.Pair) and back.last_bias is back.proj["bias"]
     with torch.no_grad():
         torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
 
