@@ -102,11 +102,18 @@ def items_of(v) -> list | None:
 
 
 def rebuilt(t: tuple, items) -> tuple:
-    """A tuple of ``t``'s own class around ``items`` (a namedtuple's fields are positional)."""
+    """A tuple of ``t``'s own class around ``items``, made as ``tuple`` makes one, its own attributes copied: a
+    subclass's constructor may take its items one by one (``Pair(a, b)``), and calling it failed (survey 63)."""
     if type(t) is tuple:
         return tuple(items)
-    make = getattr(type(t), "_make", None)
-    return make(items) if make is not None else type(t)(items)
+    try:
+        out = tuple.__new__(type(t), items)
+    except TypeError:  # a class of C code (torch.Size, torch.return_types): its own constructor takes the items
+        return type(t)(items)
+    own = getattr(t, "__dict__", None)
+    if own:
+        out.__dict__.update(own)
+    return out
 
 
 def _shared(v) -> bool:

@@ -304,6 +304,10 @@ class Pruner:
             advice = ("keep state that changes from call to call in a buffer (register_buffer, updated in place), which "
                       "a trace computes with, not in a Python attribute, which it reads once; or fix it at the value "
                       "the model will run with before compile")
+        elif "not a buffer" in first:  # a tensor outside the buffers: fx ran what the forward does to it once
+            advice = ("register a tensor the forward updates as a buffer (register_buffer), not a plain attribute or an "
+                      "item of a list or dict: torch.fx takes such a tensor for a constant, and ran what the forward does "
+                      "to it once, while tracing")
         elif "on a second call" in first:  # state the first call wrote sends later calls down another path
             advice = ("call the model once before compile, so that what its forward initialises on the first call is "
                       "done and the trace follows the path every later call takes")

@@ -176,14 +176,14 @@ def _named(k: str) -> bool:
 _NOT_A_SETTING = object()
 
 
-def _setting(v):
-    """``v`` as JSON where it is a plain setting, else ``_NOT_A_SETTING``."""
+def _setting(v, depth: int = ATTR_DEPTH):
+    """``v`` as JSON where it is a plain setting, else ``_NOT_A_SETTING`` (a list that holds itself too)."""
     if isinstance(v, enum.Enum):  # Mode.FAST: by name, as JSON holds it
         return f"{type(v).__qualname__}.{v.name}"
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
-    if isinstance(v, (tuple, list)) and len(v) <= 16:
-        items = [_setting(t) for t in v]
+    if isinstance(v, (tuple, list)) and len(v) <= 16 and depth > 0:
+        items = [_setting(t, depth - 1) for t in v]
         return _NOT_A_SETTING if any(t is _NOT_A_SETTING for t in items) else items
     return _NOT_A_SETTING
 

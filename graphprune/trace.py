@@ -605,9 +605,21 @@ def trace(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | 
     with _data_kept(model):
         traced = _trace(model, example_inputs, example_kwargs, method)
     fold_channel_shuffles(traced.gm)
+    _kept_folds(model, traced.gm)
     if traced.method == "symbolic_trace":  # exported modules refuse train()/eval(); they keep the mode they were exported in
         copy_modes(traced.gm, model)  # each module's own: frozen BatchNorms in a model in training mode stay in eval
     return traced
+
+
+def _kept_folds(model: torch.nn.Module, gm: fx.GraphModule) -> None:
+    """A deploy result traced again keeps the stand-ins of the BatchNorms it folded, and their guard
+    (``fold_bn.refuse_training``): the tracer ran the guard once, as plain Python, and left it and them
+    out, and the new model ran in training mode, where the folded layers are wrong (survey 63)."""
+    from graphprune.passes.fold_bn import FoldedBatchNorm, stand_in
+
+    for path, m in model.named_modules():
+        if isinstance(m, FoldedBatchNorm) and path:
+            stand_in(gm, path, m.training)
 
 
 @contextlib.contextmanager

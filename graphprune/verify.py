@@ -39,7 +39,7 @@ from .modes import kept_modes
 from .errors import GraphpruneError, first_line
 from .flops import copied_inputs
 from .meta_keys import PYTHON_STATE, SYMBOLIC_DIMS
-from .attrs import ATTR_DEPTH, MODULE_STATE, rebuilt, slots_of, tensor_slots
+from .attrs import ATTR_DEPTH, MODULE_STATE, held_tensors, rebuilt, slots_of, tensor_slots, user_attributes
 from .trace import shadow
 
 
@@ -486,6 +486,19 @@ def _copies(*mods, params: bool = True, keep: dict | None = None) -> dict:
             for t in [*(m.parameters() if params else ()), *m.buffers(), *_plain_tensors(m)]}
 
 
+def _named_plain_tensors(model: torch.nn.Module) -> list:
+    """[(name, tensor)] of ``_plain_tensors``, for what a check says a forward wrote: an EMA a forward advanced
+    in ``self.st["ema"]`` was not among what it wrote, so its trace, which ran ``mul_(0.9)`` once while tracing
+    and kept only the ``add_``, was never called twice, and came back 0.07 off from its second call (survey 63)."""
+    out = []
+    for path, mod in model.named_modules():
+        prefix = f"{path}." if path else ""
+        for k, v in user_attributes(mod):
+            out += [(prefix + k, v)] if isinstance(v, torch.Tensor) else [
+                (prefix + k + "".join(f"[{j!r}]" for j in keys), t) for keys, t in held_tensors(v)]
+    return out
+
+
 def _plain_tensors(model: torch.nn.Module) -> list:
     """Tensors modules hold as plain attributes (a step counter or an EMA kept as ``self.calls``, not
     a buffer), also in a list, tuple or dict attribute (``self.ema["mean"]``, ``self.hist[0]``): a
@@ -724,7 +737,9 @@ def _check_trace(model, gm, args: tuple, kwargs: dict, *, guarded: bool) -> tupl
     weights = list({id(t): t for m in (model, gm) for t in m.parameters()}.values())
     guard = (lambda: _NoParamWrites(weights)) if guarded else contextlib.nullcontext
     mine = _copies(model, params=not guarded)
-    state = [(n, t, mine[id(t)]) for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) in mine]
+    plain_named = _named_plain_tensors(model)
+    state = [(n, t, mine[id(t)]) for n, t in [*model.named_parameters(), *model.named_buffers(), *plain_named]
+             if id(t) in mine]
     again, written, changed, hooked = None, [], [], False
     with evaluating(model, gm):
         with swapped(model, mine):
@@ -773,8 +788,10 @@ def _check_trace(model, gm, args: tuple, kwargs: dict, *, guarded: bool) -> tupl
     if bad is None and again is not None:
         bad = mismatch(got2, ref2)
         if bad and written:
+            plain = {n for n, _ in plain_named} & set(written)
             bad = (f"on a second call, after the first wrote {', '.join(written[:4])}, {bad}: the trace took the first "
-                   "call's path for good")
+                   "call's path for good" + (f" ({', '.join(sorted(plain)[:3])}: a tensor held as a plain attribute, not "
+                                             "a buffer, which a trace takes for a constant)" if plain else ""))
         elif bad and changed and not hooked:
             bad = (f"on a second call, after the first changed {', '.join(map(str, changed[:4]))}, {bad}: the trace "
                    "holds what the first call's Python state made of it (a tracer runs the Python of a forward once)")

@@ -203,7 +203,7 @@ def fold_bn(gm: GraphModule) -> PassResult:
             bn_node.replace_all_uses_with(src)
             gm.graph.erase_node(bn_node)
             gm.delete_submodule(bn_node.target)
-            _stand_in(gm, bn_node.target, training=False)
+            stand_in(gm, bn_node.target, training=False)
             changed = True
         elif (found := _functional(gm, bn_node, calls, reads)) is not None:
             src, layer, stats, path, attrs = found
@@ -214,7 +214,7 @@ def fold_bn(gm: GraphModule) -> PassResult:
                 gm.graph.erase_node(a)
             owner = gm.get_submodule(path)  # keeps what else it holds (timm's activation)
             gm.add_submodule(path, with_params(owner, **{a.target.rpartition(".")[2]: None for a in attrs}))
-            _stand_in(gm, f"{path}.folded_batchnorm", training=False)
+            stand_in(gm, f"{path}.folded_batchnorm", training=False)
             changed = True
     if changed:
         gm.graph.lint()
@@ -227,6 +227,10 @@ class FoldedBatchNorm(nn.Module):
     ``.eval()`` move as they would have moved the BatchNorm's (a frozen one in a model in training
     mode stays in eval mode). Never called: the graph hands it to ``refuse_training``."""
 
+    def __init__(self, path: str = ""):
+        super().__init__()
+        self.path = path  # the BatchNorm's name, for the message
+
 
 @torch.fx.node.has_side_effect  # nothing reads it: no dead-code pass may drop it
 def refuse_training(*stand_ins: FoldedBatchNorm) -> None:
@@ -238,13 +242,15 @@ def refuse_training(*stand_ins: FoldedBatchNorm) -> None:
             "this model was compiled with pipeline='deploy', which folded its BatchNorms into the layers before "
             "them: in training mode they would normalise by batch statistics, which the folded layers cannot. "
             "Call .eval() to run it; to fine-tune, fine-tune a result of the default pipeline, which keeps its "
-            "BatchNorms, and compile that with pipeline='deploy' after")
+            "BatchNorms, and compile that with pipeline='deploy' after. (A graph runs no train() of your classes: a "
+            "BatchNorm your train() keeps frozen is frozen again by .eval() on its stand-in, "
+            f"{', '.join(repr(m.path) for m in stand_ins if m.training)[:200]}.)")
 
 
-def _stand_in(gm: GraphModule, path: str, training: bool) -> None:
+def stand_in(gm: GraphModule, path: str, training: bool) -> None:
     """A ``FoldedBatchNorm`` at ``path`` in mode ``training``, given by name (a ``get_attr``, which copies and
     loads keep) to the graph's one ``refuse_training`` call."""
-    gm.add_submodule(path, FoldedBatchNorm().train(training))
+    gm.add_submodule(path, FoldedBatchNorm(path).train(training))
     check = next((n for n in gm.graph.nodes if n.op == "call_function" and n.target is refuse_training), None)
     first = next(n for n in gm.graph.nodes if n.op != "placeholder")
     with gm.graph.inserting_before(first):

@@ -3,6 +3,7 @@ is built from one construct that real code uses, and was wrong, crashed or
 aliased before the fix. The reference is the dead twin (``kill_units``)."""
 import collections
 import dataclasses
+import re
 import typing
 
 import pytest
@@ -1332,6 +1333,69 @@ def test_state_in_dict_and_tuple_subclasses_is_run_on_copies(kind):
         if small.report.form == "module":
             assert type(small.ema) is type(model.ema) and type(small.ema["mean"]) is type(model.ema["mean"])
             assert small.mean().data_ptr() != model.mean().data_ptr()
+
+
+class _Pair(tuple):
+    """A tuple whose constructor takes its items one by one."""
+
+    def __new__(cls, a, b):
+        return super().__new__(cls, (a, b))
+
+    def __getnewargs__(self):  # for copy.deepcopy (the dead twin)
+        return tuple(self)
+
+
+class _OddHolders(torch.nn.Module):
+    """A gain in a tuple subclass of its own constructor, and a list that holds itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+        self.pair = _Pair(torch.rand(4) + 0.5, 2.0)
+        self.loop = [torch.randn(4)]
+        self.loop.append(self.loop)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) * self.pair[0] * self.pair[1] + self.loop[1][0]
+
+
+def test_holders_of_odd_construction_are_copied_without_calling_them():
+    """Survey 63: copying a tuple subclass called its constructor with the items as one argument (TypeError), and
+    the settings walk recursed without end into a list that holds itself (RecursionError). A tuple is now made as
+    ``tuple`` makes one, in its own class, and a setting is read four levels deep at most."""
+    torch.manual_seed(0)
+    model, x = _OddHolders().eval(), torch.randn(2, 8)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and type(small.pair) is _Pair
+    assert small.pair[0].data_ptr() != model.pair[0].data_ptr()
+    torch.testing.assert_close(small(x), dead_twin(model, small)(x))
+
+
+class _EMAInADict(torch.nn.Module):
+    """An EMA a forward advances in place, kept in a dict, not a buffer."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+        self.st = kind(ema=torch.ones(4))
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        self.st["ema"].mul_(0.9).add_(0.1 * y.detach().mean(0))
+        return y + self.st["ema"]
+
+
+@pytest.mark.parametrize("kind", [dict, collections.OrderedDict])
+def test_a_tensor_a_forward_advances_outside_its_buffers_is_refused(kind):
+    """Survey 63: torch.fx takes a tensor held in a dict for a constant, so ``st["ema"].mul_(0.9)`` ran once while
+    tracing and the graph kept the ``add_`` alone. The check calls a trace twice where the first call wrote a
+    parameter or buffer; writes into plain tensors were not counted, and the result agreed on its first call and
+    was 0.07 off from the second, without a word. Now they count, and the message says to make it a buffer."""
+    torch.manual_seed(0)
+    model, x = _EMAInADict(kind).eval(), torch.randn(2, 8)
+    with pytest.raises(graphprune.GraphpruneError, match=re.escape("st['ema']") + ".*register_buffer"):
+        graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert torch.equal(model.st["ema"], torch.ones(4))
 
 
 @pytest.mark.parametrize("how", ["data", "view", "out", "none"])

@@ -173,6 +173,11 @@ def test_a_deploy_result_refuses_training_mode_where_it_folded_a_batchnorm(tmp_p
     with pytest.raises(graphprune.GraphpruneError, match="training mode"):
         back.train()(x)
 
+    for pipeline in (None, "deploy"):  # survey 63: compiled again, the guard was run once while tracing, and lost
+        again = graphprune.compile(small, (x,), ratio=0.25, importance="l1", pipeline=pipeline)
+        with pytest.raises(graphprune.GraphpruneError, match="training mode.*'bn'"):
+            again.train()(x)
+
     frozen = _Frozen().train()
     frozen.bn.eval()
     small = graphprune.compile(frozen, (x,), ratio=0.5, importance="l1", pipeline="deploy")
