@@ -92,13 +92,28 @@ def slots_of(v):
 
 
 def items_of(v) -> list | None:
-    """[(key, item)] of a container the walks go into (``slots_of``, and tuples), else None."""
+    """[(key, item)] of a container the walks go into (``slots_of``, and tuples), else None (also for one
+    whose items cannot be read: a dict subclass whose ``items`` raises)."""
     if isinstance(v, tuple):
         return list(enumerate(v))
     slots = slots_of(v)
-    if slots is None:
-        return None
-    return list(enumerate(slots) if isinstance(slots, list) else slots.items())
+    return None if slots is None else pairs(slots)
+
+
+def pairs(slots) -> list:
+    """[(key, item)] of a list or mapping (``slots_of``), or [] where reading its items raises."""
+    try:
+        return list(enumerate(slots) if isinstance(slots, list) else slots.items())
+    except Exception:  # noqa: BLE001 - the user's container refuses: not walked
+        return []
+
+
+def key_name(k) -> str:
+    """``repr(k)`` for a name (``st['ema']``), or its class's where its repr raises."""
+    try:
+        return repr(k)
+    except Exception:  # noqa: BLE001 - the user's key class
+        return f"<{type(k).__name__}>"
 
 
 def rebuilt(t: tuple, items) -> tuple:
@@ -148,7 +163,11 @@ def _fresh(v, depth: int, memo: dict):
         return rebuilt(v, items) if any(a is not b for a, b in zip(items, v)) else v
     if (not isinstance(v, set) and slots_of(v) is None) or _shared(v):
         return v
-    out = memo[id(v)] = copy.copy(v)  # copy, not type(v)(v): a defaultdict takes no dict
+    try:
+        out = copy.copy(v)  # copy, not type(v)(v): a defaultdict takes no dict
+    except Exception:  # noqa: BLE001 - a container that refuses copies (its items raise): shared, as other objects are
+        return v
+    memo[id(v)] = out
     slots = slots_of(out)  # where its items are written (a set's: none)
     for k, item in (items_of(out) or ()) if depth > 0 else ():
         new = _fresh(item, depth - 1, memo)
@@ -176,7 +195,8 @@ def _with_own_tensors(v, copy_tensor, name: str, depth: int = ATTR_DEPTH):
     items = items_of(v) if depth > 0 else None
     if not items:
         return v
-    new = {k: _with_own_tensors(t, copy_tensor, f"{name}.{k}", depth - 1) for k, t in items}
+    new = {k: _with_own_tensors(t, copy_tensor, f"{name}.{k if isinstance(k, (int, str)) else type(k).__name__}",
+                                depth - 1) for k, t in items}
     if all(new[k] is t for k, t in items):
         return v
     if isinstance(v, tuple):
@@ -197,7 +217,7 @@ def tensor_slots(store, depth: int = ATTR_DEPTH, skip=()) -> list:
     that counted its calls in ``self.hist[0][0] += 1`` or ``self.state.steps += 1`` ran the checks on
     the user's own tensors and compile left them advanced (survey 53 F03)."""
     out = []
-    for k, v in list(enumerate(store) if isinstance(store, list) else store.items()):
+    for k, v in pairs(store):
         if k in skip:
             continue
         if isinstance(v, torch.Tensor):
@@ -231,8 +251,8 @@ def put(v, keys, value):
     tuple on the way is rebuilt, and what holds it is given the new one. Returns ``v``, or its rebuilt tuple."""
     k, rest = keys[0], keys[1:]
     items = items_of(v)
-    if items is None or k not in dict(items):
-        raise KeyError(k)
+    if items is None or (k not in dict(items) and (rest or not isinstance(v, dict))):
+        raise KeyError(k)  # a dict may take a key it lacks; nothing else
     new = value if not rest else put(dict(items)[k], rest, value)
     if isinstance(v, tuple):
         return rebuilt(v, [new if j == k else t for j, t in items])

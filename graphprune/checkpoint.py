@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .modes import mixed, modes_of, set_modes
-from . import hf, module_form, none_inputs, settings
+from . import hf, module_form, none_inputs, settings, source
 from .errors import GraphpruneError, GraphpruneWarning, first_line, user_level
 from .attrs import at, held_tensors, put, user_attributes
 from .trace import shadow, to_meta
@@ -115,10 +115,13 @@ def _plain(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, list | None]
     out = []
     for path, mod in model.named_modules(remove_duplicate=False):
         prefix = f"{path}." if path else ""
+        state = source.state_attributes(type(mod)) or ()
         for k, v in user_attributes(mod):
             if isinstance(v, torch.Tensor):
                 if mine(v):
                     out.append((prefix + k, v, None))
+                continue
+            if k in state:  # a cache the forward fills (``self.cache["last"] = y``): a fresh original's is empty
                 continue
             for keys, t in held_tensors(v):
                 if mine(t):
@@ -141,7 +144,7 @@ def _set_plain(out: torch.nn.Module, loaded: dict, names: list, keys: dict, alia
             raise GraphpruneError(f"the saved model holds a tensor attribute {name!r}, and the rebuilt one has no module "
                                   f"{path!r}: load onto the architecture it was saved from") from None
         have = at(vars(mod).get(k), inside) if inside else vars(mod).get(k)
-        if inside and not isinstance(have, torch.Tensor):
+        if inside and have is not None and not isinstance(have, torch.Tensor):
             raise GraphpruneError(f"the saved model holds a tensor at {name!r}, and the rebuilt one holds "
                                   f"{type(have).__name__} there: load onto an original built as the one saved")
         if isinstance(have, torch.Tensor) and tuple(have.shape) != tuple(loaded[written].shape):
@@ -149,7 +152,11 @@ def _set_plain(out: torch.nn.Module, loaded: dict, names: list, keys: dict, alia
                                   f"{tuple(have.shape)} in the rebuilt model; nothing was loaded")
         data = loaded[written]
         data = data.to(have.device) if isinstance(have, torch.Tensor) and not have.is_meta else data
-        setattr(mod, k, put(vars(mod)[k], inside, data) if inside else data)
+        try:
+            setattr(mod, k, put(vars(mod)[k], inside, data) if inside else data)
+        except KeyError:
+            raise GraphpruneError(f"the saved model holds a tensor at {name!r}, and the rebuilt one has no place for "
+                                  "it: load onto an original built as the one saved") from None
 
 
 def _write_stop_config(path: Path, config) -> None:
@@ -325,7 +332,7 @@ def _same_setting(a, b) -> bool:
     """Config values equal, floats to rounding: an ``rms_norm_eps`` a model pruned in steps rescaled once per
     step, and ``load`` once for all, differs in its last digit, and the load was refused (survey 33 f08)."""
     if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-9)
+        return math.isclose(a, b, rel_tol=1e-9) or (math.isnan(a) and math.isnan(b))  # a NaN pad value too
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same_setting(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
@@ -821,13 +828,11 @@ def _meta_leftovers(out: torch.nn.Module) -> list[str]:
     """Names of tensors on ``meta`` that the loaded model holds outside its parameters and
     buffers (``self.perm = torch.tensor(...)`` built under ``torch.device("meta")``): nothing
     loads them, and a model that indexes with one runs and returns garbage."""
-    from torch.utils._pytree import tree_leaves
-
     left = []
     for path, mod in out.named_modules(remove_duplicate=False):
         for k, v in user_attributes(mod):
-            if isinstance(v, (torch.Tensor, list, tuple, dict)) and any(
-                    isinstance(t, torch.Tensor) and t.is_meta for t in tree_leaves(v)):
+            held = [v] if isinstance(v, torch.Tensor) else [t for _, t in held_tensors(v)]
+            if any(t.is_meta for t in held):
                 left.append(f"{path}.{k}" if path else k)
     return left
 

@@ -12,8 +12,10 @@ model built with ``Cfg(scale=2.0)`` loaded onto ``Cfg(scale=1.0)`` 0.5 off witho
 from __future__ import annotations
 
 import argparse
+import collections
 import enum
 import functools
+import numbers
 import re
 import sys
 import types
@@ -22,7 +24,7 @@ from collections.abc import Mapping
 import torch
 
 from . import hf, source
-from .attrs import ATTR_DEPTH, items_of, slots_of, user_attributes
+from .attrs import ATTR_DEPTH, items_of, key_name, slots_of, user_attributes
 from .errors import GraphpruneError
 
 # attribute and config names of settings that change training alone, not what eval mode computes
@@ -96,14 +98,40 @@ def _walk(v, name: str, depth: int, w: _Walk, holder=None, key=None) -> None:
         return
     if w.prefix + name in w.skip and ("." in name or "[" in name or slots_of(v) is not None):
         return  # a container the example call changed holds state (``self.stats["n"] += 1``)
-    items, write, fields = _held(v)
-    if items is None or len(items) > MAX_ITEMS:
+    try:
+        items, write, fields = _held(v)
+    except Exception:  # noqa: BLE001 - an object that refuses to be read (its __dict__ or items raise) holds no setting
+        return
+    if items is None:
         return
     w.seen.add(id(v))
+    if len(items) > MAX_ITEMS:  # data, or many settings: compared as one digest where every item is plain
+        digest = _digest(items)
+        if digest is not None:
+            w.out[name] = digest
+        return
+    # a function's closure and a plain object of the user's are not saved: their tensors are settings there
+    inner = w if w.tensors or not (fields and write is None or _plain_object(v)) else _Walk(
+        w.out, w.seen, w.skip, w.prefix, w.slots, tensors=True)
     for k, t in items:
         if isinstance(k, str) and not _named(k):
             continue
-        _walk(t, f"{name}.{k}" if fields else f"{name}[{k!r}]", depth - 1, w, write, k)
+        _walk(t, f"{name}.{k}" if fields else f"{name}[{key_name(k)}]", depth - 1, inner, write, k)
+
+
+def _digest(items: list) -> str | None:
+    """One setting for a container of more than ``MAX_ITEMS`` plain items: their count and hash."""
+    import hashlib
+    import json
+
+    values = [(key_name(k), _setting(t)) for k, t in items]
+    if any(t is _NOT_A_SETTING for _, t in values):
+        return None
+    return f"{len(values)} items, sha256 {hashlib.sha256(json.dumps(values, default=str).encode()).hexdigest()[:16]}"
+
+
+def _plain_object(v) -> bool:
+    return not isinstance(v, (Mapping, list, tuple, types.SimpleNamespace)) and slots_of(v) is None
 
 
 def _held(v):
@@ -123,11 +151,17 @@ def _held(v):
     if items is not None:
         slots = slots_of(v)
         fields = not isinstance(v, (Mapping, list, tuple))
+        factory = getattr(v, "default_factory", None)  # a defaultdict's: what a missing key reads
+        items = items + [("default_factory", factory)] if factory is not None else items
         return items, (v if fields else slots) if slots is not None else None, fields
     if isinstance(v, Mapping):
         return list(v.items()), None, False
     own = getattr(v, "__dict__", None)
-    return (list(own.items()), v, True) if isinstance(own, dict) else (None, None, False)
+    if isinstance(own, dict):
+        return list(own.items()), v, True
+    names = [n for c in type(v).__mro__ for n in ([c.__slots__] if isinstance(getattr(c, "__slots__", ()), str)
+                                                     else getattr(c, "__slots__", ()))]
+    return ([(n, getattr(v, n)) for n in names if hasattr(v, n)], v, True) if names else (None, None, False)
 
 
 def _function(f) -> list:
@@ -135,13 +169,17 @@ def _function(f) -> list:
     (``function``), and the values its closure cells and defaults hold, by the names its code gives them."""
     if isinstance(f, functools.partial):
         return [("function", _name(f.func)), *_function(f.func)[1:], ("args", list(f.args)), *f.keywords.items()]
-    if isinstance(f, types.MethodType):  # a bound method: its module's settings are its own
-        return [("function", _name(f.__func__))]
+    if isinstance(f, types.MethodType):  # a bound method: its object's settings are its own, its function's here
+        return [("function", _name(f.__func__)), *_function(f.__func__)[1:]]
     out = [("function", _name(f))]
     code = getattr(f, "__code__", None)
     if code is None:
         return out
-    out += [(n, c.cell_contents) for n, c in zip(code.co_freevars, f.__closure__ or ()) if _filled(c)]
+    # the numbers and strings its code holds (``lambda: 0.5`` against ``lambda: 1.0``)
+    out.append(("constants", [c for c in code.co_consts if isinstance(c, (bool, int, float, str))][:16]))
+    cells = [(n, c.cell_contents) for n, c in zip(code.co_freevars, f.__closure__ or ()) if _filled(c)]
+    # a dict or list in a closure is what a hook fills (``acts[name] = out``): state, not a setting (survey 62)
+    out += [(n, v) for n, v in cells if not isinstance(v, (dict, list, set, collections.deque))]
     defaults = f.__defaults__ or ()
     out += list(zip(code.co_varnames[code.co_argcount - len(defaults):code.co_argcount], defaults))
     return out + list((f.__kwdefaults__ or {}).items())
@@ -182,6 +220,11 @@ def _setting(v, depth: int = ATTR_DEPTH):
         return f"{type(v).__qualname__}.{v.name}"
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
+    if isinstance(v, numbers.Number):  # np.float32(2.0), Fraction(1, 3), Decimal("0.1"): as the number they are
+        item = getattr(v, "item", None)
+        return item() if callable(item) and isinstance(item(), (bool, int, float)) else str(v)
+    if isinstance(v, (torch.dtype, torch.device, torch.memory_format)):
+        return str(v)
     if isinstance(v, (tuple, list)) and len(v) <= 16 and depth > 0:
         items = [_setting(t, depth - 1) for t in v]
         return _NOT_A_SETTING if any(t is _NOT_A_SETTING for t in items) else items
@@ -233,6 +276,12 @@ def set_settings(model: torch.nn.Module, after: dict) -> None:
                 v = type(now)[v.rpartition(".")[2]]
             elif isinstance(now, tuple) and isinstance(v, list):
                 v = tuple(v)
+            elif isinstance(now, torch.dtype) and isinstance(v, str):
+                v = getattr(torch, v.removeprefix("torch."))
+            elif isinstance(now, torch.device) and isinstance(v, str):
+                v = torch.device(v)
+            elif isinstance(now, numbers.Number) and not isinstance(now, (bool, int, float)):
+                v = type(now)(v)  # np.float32, Fraction, Decimal: from the number or string recorded
             if isinstance(holder, (Mapping, list)):
                 holder[key] = v
             else:

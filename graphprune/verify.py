@@ -39,7 +39,7 @@ from .modes import kept_modes
 from .errors import GraphpruneError, first_line
 from .flops import copied_inputs
 from .meta_keys import PYTHON_STATE, SYMBOLIC_DIMS
-from .attrs import ATTR_DEPTH, MODULE_STATE, held_tensors, rebuilt, slots_of, tensor_slots, user_attributes
+from .attrs import ATTR_DEPTH, MODULE_STATE, held_tensors, key_name, pairs, rebuilt, slots_of, tensor_slots, user_attributes
 from .trace import shadow
 
 
@@ -597,10 +597,13 @@ def plain_state(root: torch.nn.Module) -> list:
         if inner is None:
             return
         seen.add(id(v))
-        out.append((inner, copy.copy(inner), name))
+        try:
+            out.append((inner, copy.copy(inner), name))
+        except Exception:  # noqa: BLE001 - a container whose items cannot be read: not put back
+            return
         if depth > 0 and not isinstance(inner, set):
-            for k, t in (inner.items() if isinstance(inner, Mapping) else enumerate(inner)):
-                walk(t, depth - 1, f"{name}[{k!r}]" if inner is v else f"{name}.{k}")
+            for k, t in pairs(inner):
+                walk(t, depth - 1, f"{name}[{key_name(k)}]" if inner is v else f"{name}.{k}")
 
     mods = {}
     for path, mod in root.named_modules(remove_duplicate=False):

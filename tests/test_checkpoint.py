@@ -1,6 +1,7 @@
 """graphprune.save / graphprune.load: safetensors plus a manifest, rebuilt onto a fresh original."""
 import collections
 import dataclasses
+import fractions
 import functools
 import json
 import re
@@ -949,5 +950,65 @@ def test_load_compares_forward_hooks_and_functions_with_what_they_hold(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
     small.b.register_forward_hook(lambda m, args, out: out + 1)
-    with pytest.warns(graphprune.GraphpruneWarning, match=re.escape("(b.forward_hooks[0].function)")):
+    with pytest.warns(graphprune.GraphpruneWarning, match=re.escape("b.forward_hooks[0]")):
         graphprune.save(small, tmp_path / "b")
+
+
+class _Slotted:
+    __slots__ = ("scale",)
+
+    def __init__(self, scale):
+        self.scale = scale
+
+
+class _Holder:  # a plain object of the user's holding a tensor, which save does not write
+    def __init__(self, w):
+        self.w = w
+
+
+_ODD_SETTINGS = {
+    "numpy": (lambda s: {"scale": np.float32(s)}, lambda c: float(c["scale"])),
+    "fraction": (lambda s: {"scale": fractions.Fraction(s)}, lambda c: float(c["scale"])),
+    "slots": (_Slotted, lambda c: c.scale),
+    "big_dict": (lambda s: {**{f"k{i}": i for i in range(80)}, "scale": s}, lambda c: c["scale"]),
+    "closure": (lambda s: (lambda: s), lambda c: c()),
+    "constant": (lambda s: eval(f"lambda: {s}"), lambda c: c()),  # noqa: S307 - a lambda's code constant
+    "object_tensor": (lambda s: _Holder(torch.full((4,), s)), lambda c: c.w),
+}
+
+
+class _OddSettings(torch.nn.Module):
+    """A scale held where the first walk of settings did not look, and a feature cache, a hook's closure dict and
+    a NaN pad value, which are no settings that differ."""
+
+    def __init__(self, kind: str, scale: float = 2.0):
+        super().__init__()
+        self.kind, self.cfg = kind, _ODD_SETTINGS[kind][0](scale)
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+        self.cache, self.pad_value = {}, float("nan")
+        acts = {}
+        self.a.register_forward_hook(lambda m, args, out: acts.__setitem__("a", out.detach()))
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x))) * _ODD_SETTINGS[self.kind][1](self.cfg)
+        self.cache["last"] = y.detach()
+        return y
+
+
+@pytest.mark.parametrize("kind", list(_ODD_SETTINGS))
+def test_load_compares_settings_where_they_hide_and_not_state(tmp_path, kind):
+    """Survey 62: a scale held as a numpy or Fraction number, in a slotted object, in a dict of 80 items, in a
+    function's closure or code, or a tensor in a plain object of the user's, loaded onto another value without a
+    word (0.5 to 2.3 off). They are compared now (a big dict by its digest, a tensor there by its sums). And what
+    is no setting loads: a tensor the forward caches in a dict, a dict a hook's closure fills, a NaN pad value."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    small = graphprune.compile(_OddSettings(kind).eval(), (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module"
+    small(x)  # the result's cache filled before save
+    graphprune.save(small, tmp_path)
+    with pytest.raises(graphprune.GraphpruneError, match="not built as the one that was compiled"):
+        graphprune.load(_OddSettings(kind, 1.0), tmp_path)
+    back = graphprune.load(_OddSettings(kind), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
