@@ -1166,7 +1166,7 @@ def _filled(cell) -> bool:
 def _own_data(top: torch.nn.Module, model: torch.nn.Module) -> None:
     """Plain data a module of ``top`` holds (a dataclass config, nested lists and dicts) copied deep,
     so that setting ``small.cfg.use_dropout`` for fine-tuning does not change how the user's model
-    runs: the module tree was copied one level deep (``trace.fresh_attrs``). Modules, tensors,
+    runs: the module tree was copied ``ATTR_DEPTH`` levels deep (``attrs.fresh_attrs``). Modules, tensors,
     classes and callables are not data: a memo maps each of the user's modules and tensors to the
     result's of the same name (a plain list of the user's layers then holds the pruned ones) and
     keeps the rest as they are; an object that cannot be deep-copied stays shared."""
