@@ -55,7 +55,8 @@ def settings(model: torch.nn.Module, skip=()) -> dict:
     of those load 0.35 to 1.4 off (survey 58 F2). A value drawn at random when built is refused so; the
     message names it, to be set on the original before load."""
     if hf.is_hf(model):
-        return {}
+        return {}  # its config says (``checkpoint._check_config``); inside a user's model, its layers' attributes
+        # say (its own are where it was loaded from, ``name_or_path``, which refused a copy elsewhere, survey 64)
     skip = set(skip)
     out: dict = {}
     for path, m in model.named_modules():
@@ -66,10 +67,14 @@ def settings(model: torch.nn.Module, skip=()) -> dict:
         # what the example call changed is state only where no source says (a setting the first call fills in,
         # ``if self.bias is None: self.bias = 0.5``, is compared at the value the user's model holds)
         mine: dict = {}
-        for k, v in user_attributes(m):
+        library = type(m).__module__.split(".")[0] in _LIBRARIES
+        for k, v in ([] if path and hf.is_hf(m) else user_attributes(m)):
             if (_named(k) and k != "training" and k not in (state or ())
                     and (state is not None or prefix + k not in skip)):
-                _walk(v, k, ATTR_DEPTH, _Walk(mine, {id(m)}, skip, prefix))
+                # a library's layer states its settings as plain attributes; what its dicts hold is metadata (timm's
+                # pretrained_cfg: the weights' url and tag, which refused a build with another tag, survey 64)
+                deep = not library or isinstance(v, _FUNCTIONS)  # its activation function too (F.gelu for F.relu)
+                _walk(v, k, ATTR_DEPTH if deep else 0, _Walk(mine, {id(m)}, skip, prefix))
         _hooks(m, path, _Walk(mine, {id(m)}, skip, prefix))
         if mine:
             out[path] = mine
@@ -142,7 +147,7 @@ def _held(v):
     negative_slope=0.2)`` built with another slope loaded 0.05 off, survey 61)."""
     if isinstance(v, (torch.Tensor, torch.nn.Module, type)):
         return None, None, False
-    if isinstance(v, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)):
+    if isinstance(v, _FUNCTIONS):
         return _function(v), None, True
     mine = type(v) is argparse.Namespace or type(v).__module__.split(".")[0] not in _LIBRARIES
     if not (mine or isinstance(v, (dict, list, tuple, types.SimpleNamespace))):
@@ -162,6 +167,9 @@ def _held(v):
     names = [n for c in type(v).__mro__ for n in ([c.__slots__] if isinstance(getattr(c, "__slots__", ()), str)
                                                      else getattr(c, "__slots__", ()))]
     return ([(n, getattr(v, n)) for n in names if hasattr(v, n)], v, True) if names else (None, None, False)
+
+
+_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)
 
 
 def _function(f) -> list:

@@ -1012,3 +1012,41 @@ def test_load_compares_settings_where_they_hide_and_not_state(tmp_path, kind):
     back = graphprune.load(_OddSettings(kind), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+
+def test_load_takes_a_library_model_built_under_another_weights_tag_or_path(tmp_path):
+    """Survey 64: a timm model records its weights' url, hub id and tag in ``pretrained_cfg``, and a Hugging Face
+    model inside a user's module the path it was loaded from (``name_or_path``): both were compared as settings,
+    and refused an original of the same architecture built under another tag or from a copy elsewhere. A library
+    layer's dicts are metadata, and a Hugging Face model's own attributes say where it came from; what they compute
+    is held as before (their layers' attributes, an activation function)."""
+    timm = pytest.importorskip("timm")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    small = graphprune.compile(timm.create_model("resnet18.a1_in1k", pretrained=False, num_classes=10).eval(), (x,),
+                               ratio=0.3, importance="l1")
+    graphprune.save(small, tmp_path / "timm")
+    back = graphprune.load(timm.create_model("resnet18.tv_in1k", pretrained=False, num_classes=10), tmp_path / "timm")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, where: str, eps: float = 1e-12):
+            super().__init__()
+            config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                             intermediate_size=64, layer_norm_eps=eps)
+            config._name_or_path = where
+            self.encoder, self.head = transformers.BertModel(config), torch.nn.Linear(32, 3)
+
+        def forward(self, ids):
+            return self.head(self.encoder(ids).last_hidden_state)
+
+    ids = torch.randint(3, 100, (2, 7))
+    small = graphprune.compile(Wrapped("/models/bert").eval(), (ids,), ratio=0.5, importance="l1")
+    graphprune.save(small, tmp_path / "hf")
+    back = graphprune.load(Wrapped("/elsewhere/bert"), tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), small(ids), rtol=0, atol=0)
+    with pytest.raises(graphprune.GraphpruneError, match="eps"):
+        graphprune.load(Wrapped("/models/bert", eps=1e-5), tmp_path / "hf")
