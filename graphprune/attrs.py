@@ -2,9 +2,11 @@
 
 A forward may keep tensors and Python state outside its parameters and buffers: a step counter in
 ``self.state["step"]``, an EMA in ``self.ema["mean"]``, features in ``self.feats.append(h)``, a
-warm-up in a dataclass. Four walks go into those attributes: the copies graphprune runs and returns
+warm-up in a dataclass. Several walks go into those attributes: the copies graphprune runs and returns
 own their containers (``fresh_attrs``) and tensors (``own_tensors``), the checks run on copies of
-the tensors (``verify.swapped``) and put back the Python values a run changed (``verify.plain_state``).
+the tensors (``verify.swapped``) and put back the Python values a run changed (``verify.plain_state``),
+``save`` writes the tensors (``held_tensors``, ``checkpoint._plain``) and ``load`` holds the settings
+(``settings``).
 
 They go into the same containers, ``ATTR_DEPTH`` levels down, as ``items_of`` says: a dict or a list
 of any class (an ``OrderedDict``, a ``defaultdict``), a tuple of any class (a namedtuple), and the
