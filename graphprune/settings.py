@@ -7,7 +7,9 @@ user changed on the result since (``settings_after``). A setting is a number, st
 enum, or a short tuple or list of them, held by a module as a public attribute or inside what one
 holds: a dict, list, namespace, dataclass or plain object of the user's (``self.cfg.scale``,
 ``self.opts["eps"]``), ``attrs.ATTR_DEPTH`` levels down. Those inside were left out at first, and a
-model built with ``Cfg(scale=2.0)`` loaded onto ``Cfg(scale=1.0)`` 0.5 off without a word.
+model built with ``Cfg(scale=2.0)`` loaded onto ``Cfg(scale=1.0)`` 0.5 off without a word. So are the
+functions a module holds and its forward hooks, which ``load`` takes from the original as they are: by
+name, and what their closures, defaults and code constants hold (tensors there by their sums).
 """
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ def settings(model: torch.nn.Module, skip=()) -> dict:
                 # pretrained_cfg: the weights' url and tag, which refused a build with another tag, survey 64)
                 deep = not library or isinstance(v, _FUNCTIONS)  # its activation function too (F.gelu for F.relu)
                 _walk(v, k, ATTR_DEPTH if deep else 0, _Walk(mine, {id(m)}, skip, prefix))
-        _hooks(m, path, _Walk(mine, {id(m)}, skip, prefix))
+        _hooks(m, _Walk(mine, {id(m)}, skip, prefix))
         if mine:
             out[path] = mine
     return out
@@ -116,8 +118,8 @@ def _walk(v, name: str, depth: int, w: _Walk, holder=None, key=None) -> None:
             w.out[name] = digest
         return
     # a function's closure and a plain object of the user's are not saved: their tensors are settings there
-    inner = w if w.tensors or not (fields and write is None or _plain_object(v)) else _Walk(
-        w.out, w.seen, w.skip, w.prefix, w.slots, tensors=True)
+    unsaved = (fields and write is None) or _plain_object(v)  # a function (named items, none written), an object
+    inner = _Walk(w.out, w.seen, w.skip, w.prefix, w.slots, tensors=True) if unsaved and not w.tensors else w
     for k, t in items:
         if isinstance(k, str) and not _named(k):
             continue
@@ -242,7 +244,7 @@ def _setting(v, depth: int = ATTR_DEPTH):
 HOOKS = ("_forward_pre_hooks", "_forward_hooks")  # the hooks a forward runs, whose values load takes from the original
 
 
-def _hooks(m: torch.nn.Module, name: str, w: _Walk) -> None:
+def _hooks(m: torch.nn.Module, w: _Walk) -> None:
     """The forward hooks of ``m`` (graphprune's own aside) as settings, in order: ``forward_hooks[0].function``
     and what its closure holds, tensors too (load takes the hooks of the original it is given)."""
     hooks = _Walk(w.out, w.seen, w.skip, w.prefix, w.slots, tensors=True)
