@@ -248,6 +248,22 @@ def held_tensors(v, depth: int = ATTR_DEPTH) -> list:
     return out
 
 
+def attribute_tensors(model: torch.nn.Module) -> list:
+    """[(module path, attribute, keys, tensor)] of every tensor a module holds as a plain attribute (keys ``()``)
+    or inside one's containers (``held_tensors``), every name a module has: what ``save`` writes, what the trace
+    check counts as written, and where ``load`` looks for tensors left on meta."""
+    out = []
+    for path, mod in model.named_modules(remove_duplicate=False):
+        for k, v in user_attributes(mod):
+            out += [(path, k, (), v)] if isinstance(v, torch.Tensor) else [(path, k, keys, t) for keys, t in held_tensors(v)]
+    return out
+
+
+def tensor_name(path: str, attr: str, keys=()) -> str:
+    """``proj['bias']``, ``block.cache[0]``: an ``attribute_tensors`` entry by name."""
+    return (f"{path}." if path else "") + attr + "".join(f"[{key_name(k)}]" for k in keys)
+
+
 def put(v, keys, value):
     """``v`` with ``value`` at ``keys`` (``held_tensors``): written into dicts, lists and fields in place; a
     tuple on the way is rebuilt, and what holds it is given the new one. Returns ``v``, or its rebuilt tuple."""

@@ -31,7 +31,7 @@ import torch
 from .modes import mixed, modes_of, set_modes
 from . import hf, module_form, none_inputs, settings, source
 from .errors import GraphpruneError, GraphpruneWarning, first_line, user_level
-from .attrs import at, held_tensors, put, user_attributes
+from .attrs import at, attribute_tensors, put, tensor_name
 from .trace import shadow, to_meta
 
 FORMAT = "graphprune/1"
@@ -105,28 +105,16 @@ def _slots(model: torch.nn.Module):
 
 def _plain(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, list | None]]:
     """(name, tensor, keys) of the tensors modules hold as plain attributes (``self.gain = torch.rand(8)``,
-    a fixed random projection), and inside their containers (``self.proj["w"]``, ``attrs.held_tensors``;
+    a fixed random projection), and inside their containers (``self.proj["w"]``, ``attrs.attribute_tensors``;
     keys: [module path, attribute, keys...], None for an attribute itself): not in the state dict, so a
     freshly built original has other values, or none but meta ones; one in a dict came back from the
     fresh original, 1.7 off what was saved. Aliases of a parameter or buffer are left to that slot."""
     slots = {id(t) for _, t in _slots(model)}
-    mine = lambda t: (not isinstance(t, torch.nn.Parameter) and id(t) not in slots  # noqa: E731
-                      and t.layout == torch.strided and not t.is_meta)
-    out = []
-    for path, mod in model.named_modules(remove_duplicate=False):
-        prefix = f"{path}." if path else ""
-        state = source.state_attributes(type(mod)) or ()
-        for k, v in user_attributes(mod):
-            if isinstance(v, torch.Tensor):
-                if mine(v):
-                    out.append((prefix + k, v, None))
-                continue
-            if k in state:  # a cache the forward fills (``self.cache["last"] = y``): a fresh original's is empty
-                continue
-            for keys, t in held_tensors(v):
-                if mine(t):
-                    out.append((prefix + k + "".join(f"[{j!r}]" for j in keys), t, [path, k, *keys]))
-    return out
+    states = {path: source.state_attributes(type(mod)) or () for path, mod in model.named_modules(remove_duplicate=False)}
+    # a cache the forward fills (``self.cache["last"] = y``) is state: a fresh original's is empty
+    return [(tensor_name(path, k, keys), t, [path, k, *keys] if keys else None) for path, k, keys, t in attribute_tensors(model)
+            if not isinstance(t, torch.nn.Parameter) and id(t) not in slots and t.layout == torch.strided
+            and not t.is_meta and not (keys and k in states[path])]
 
 
 def _set_plain(out: torch.nn.Module, loaded: dict, names: list, keys: dict, aliases: dict) -> None:
@@ -389,12 +377,8 @@ def _check_settings(original: torch.nn.Module, m: dict) -> None:
         return  # saved before they were recorded, or nothing to record
     now = json.loads(json.dumps(settings.settings(original)))
     differ = [(p, k, v, now[p][k]) for p, attrs in was.items() for k, v in attrs.items()
-              if k in now.get(p, {}) and not _same_setting(now[p][k], v)]
-    # a hook only one of them has: load would run the original's hooks (survey 61: a gain a hook's closure held,
-    # drawn when built, loaded 0.45 off)
-    differ += [(p, k, (was.get(p) or {}).get(k), (now.get(p) or {}).get(k)) for p in {*was, *now}
-               for k in sorted({*(was.get(p) or {}), *(now.get(p) or {})}) if settings.is_hook(k)
-               and (k not in (was.get(p) or {})) != (k not in (now.get(p) or {}))]
+              if not settings.is_hook(k) and k in now.get(p, {}) and not _same_setting(now[p][k], v)]
+    differ += _hooks_changed(was, now)  # a hook only one side has too: load runs the original's (survey 61)
     if differ:
         shown = ", ".join(f"{p + '.' if p else ''}{k} is {here!r} here, {saved!r} in the model compiled"
                           for p, k, saved, here in differ[:3])
@@ -416,12 +400,22 @@ def _settings_after(model: torch.nn.Module, was: dict | None) -> dict:
                    and not settings.is_hook(k)}
         if changed:
             out[p] = changed
-    hooks = sorted(f"{p + '.' if p else ''}{k}" for p in {*was, *now} for k in {*(was.get(p) or {}), *(now.get(p) or {})}
-                   if settings.is_hook(k) and not _same_setting((was.get(p) or {}).get(k), (now.get(p) or {}).get(k)))
+    hooks = [f"{p + '.' if p else ''}{k}" for p, k, _, _ in _hooks_changed(was, now)]
     if hooks:
         warnings.warn(f"the result's forward hooks differ from those it had when compile returned it ({', '.join(hooks[:3])}"
                       f"{' ...' if len(hooks) > 3 else ''}): save writes no hooks, and load takes those of the original "
                       "it is given; register them on the loaded model again", GraphpruneWarning, stacklevel=user_level())
+    return out
+
+
+def _hooks_changed(was: dict, now: dict) -> list:
+    """(module path, name, before, now) of the hook settings (``settings.is_hook``) that differ, one side
+    missing one too: a hook's closure, or a hook registered on one side only."""
+    out = []
+    for p in sorted({*was, *now}):
+        a, b = was.get(p) or {}, now.get(p) or {}
+        out += [(p, k, a.get(k), b.get(k)) for k in sorted({*a, *b})
+                if settings.is_hook(k) and ((k in a) != (k in b) or not _same_setting(a.get(k), b.get(k)))]
     return out
 
 
@@ -828,13 +822,7 @@ def _meta_leftovers(out: torch.nn.Module) -> list[str]:
     """Names of tensors on ``meta`` that the loaded model holds outside its parameters and
     buffers (``self.perm = torch.tensor(...)`` built under ``torch.device("meta")``): nothing
     loads them, and a model that indexes with one runs and returns garbage."""
-    left = []
-    for path, mod in out.named_modules(remove_duplicate=False):
-        for k, v in user_attributes(mod):
-            held = [v] if isinstance(v, torch.Tensor) else [t for _, t in held_tensors(v)]
-            if any(t.is_meta for t in held):
-                left.append(f"{path}.{k}" if path else k)
-    return left
+    return list(dict.fromkeys(tensor_name(path, k) for path, k, _, t in attribute_tensors(out) if t.is_meta))
 
 
 def _retarget(gm: torch.fx.GraphModule, dev: torch.device) -> None:

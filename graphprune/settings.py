@@ -231,8 +231,8 @@ def _setting(v, depth: int = ATTR_DEPTH):
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, numbers.Number):  # np.float32(2.0), Fraction(1, 3), Decimal("0.1"): as the number they are
-        item = getattr(v, "item", None)
-        return item() if callable(item) and isinstance(item(), (bool, int, float)) else str(v)
+        item = v.item() if callable(getattr(v, "item", None)) else None
+        return item if isinstance(item, (bool, int, float)) else str(v)
     if isinstance(v, (torch.dtype, torch.device, torch.memory_format)):
         return str(v)
     if isinstance(v, (tuple, list)) and len(v) <= 16 and depth > 0:
@@ -279,8 +279,8 @@ def set_settings(model: torch.nn.Module, after: dict) -> None:
                                       "otherwise; save again")
             holder, key = where[k]
             if holder is None:
-                raise GraphpruneError(f"setting {p + '.' if p else ''}{k} was changed after compile inside a tuple, "
-                                      "which load cannot set: set it on the original before load")
+                raise GraphpruneError(f"setting {p + '.' if p else ''}{k} was changed after compile inside a tuple or a "
+                                      "function, which load cannot set: set it on the original before load")
             now = holder[key] if isinstance(holder, (Mapping, list)) else getattr(holder, key, None)
             if isinstance(now, enum.Enum) and isinstance(v, str):
                 v = type(now)[v.rpartition(".")[2]]

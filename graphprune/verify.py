@@ -39,7 +39,8 @@ from .modes import kept_modes
 from .errors import GraphpruneError, first_line
 from .flops import copied_inputs
 from .meta_keys import PYTHON_STATE, SYMBOLIC_DIMS
-from .attrs import ATTR_DEPTH, MODULE_STATE, held_tensors, key_name, pairs, rebuilt, slots_of, tensor_slots, user_attributes
+from .attrs import (ATTR_DEPTH, MODULE_STATE, attribute_tensors, key_name, pairs, rebuilt, slots_of, tensor_name,
+                    tensor_slots)
 from .trace import shadow
 
 
@@ -461,7 +462,7 @@ def swapped(root: torch.nn.Module, new: dict):
                     if isinstance(t, torch.Tensor) and id(t) in new:
                         done.append((store, k, t))
                         store[k] = new[id(t)]
-            for store, k, held in tensor_slots(mod.__dict__, skip=_MODULE_STATE):
+            for store, k, held in tensor_slots(mod.__dict__, skip=MODULE_STATE):
                 if isinstance(held, torch.Tensor):
                     if id(held) in new:
                         done.append((store, k, held))
@@ -487,29 +488,22 @@ def _copies(*mods, params: bool = True, keep: dict | None = None) -> dict:
 
 
 def _named_plain_tensors(model: torch.nn.Module) -> list:
-    """[(name, tensor)] of ``_plain_tensors``, for what a check says a forward wrote: an EMA a forward advanced
-    in ``self.st["ema"]`` was not among what it wrote, so its trace, which ran ``mul_(0.9)`` once while tracing
-    and kept only the ``add_``, was never called twice, and came back 0.07 off from its second call (survey 63)."""
-    out = []
-    for path, mod in model.named_modules():
-        prefix = f"{path}." if path else ""
-        for k, v in user_attributes(mod):
-            out += [(prefix + k, v)] if isinstance(v, torch.Tensor) else [
-                (prefix + k + "".join(f"[{j!r}]" for j in keys), t) for keys, t in held_tensors(v)]
-    return out
+    """[(name, tensor)] of ``attrs.attribute_tensors``, for what a check says a forward wrote: an EMA a forward
+    advanced in ``self.st["ema"]`` was not among what it wrote, so its trace, which ran ``mul_(0.9)`` once while
+    tracing and kept only the ``add_``, was never called twice, and came back 0.07 off from its second call (survey 63)."""
+    return [(tensor_name(path, k, keys), t) for path, k, keys, t in attribute_tensors(model)]
 
 
 def _plain_tensors(model: torch.nn.Module) -> list:
     """Tensors modules hold as plain attributes (a step counter or an EMA kept as ``self.calls``, not
     a buffer), also in a list, tuple or dict attribute (``self.ema["mean"]``, ``self.hist[0]``): a
     forward that updates them in place changed the user's model while compile ran it (survey 31 f05)."""
-    return [t for mod in model.modules() for _, _, v in tensor_slots(mod.__dict__, skip=_MODULE_STATE)
+    return [t for mod in model.modules() for _, _, v in tensor_slots(mod.__dict__, skip=MODULE_STATE)
             for t in ([v] if isinstance(v, torch.Tensor) else [t for t in v if isinstance(t, torch.Tensor)])]
 
 
-# The walks over attributes skip what every module keeps (``attrs.MODULE_STATE``: swapped and _plain_tensors were
-# 16% of a cProfile of a default ResNet-152 compile, out of its top 25 after; in wall-clock time the forwards hide it)
-_MODULE_STATE = MODULE_STATE
+# The walks over attributes skip what every module keeps (``attrs.MODULE_STATE``): swapped and _plain_tensors were
+# 16% of a cProfile of a default ResNet-152 compile, out of its top 25 after; in wall-clock time the forwards hide it
 
 
 @contextmanager
@@ -612,7 +606,7 @@ def plain_state(root: torch.nn.Module) -> list:
         prefix = f"{path}." if path else ""
         out.append((mod.__dict__, dict(mod.__dict__), prefix))
         for k, v in mod.__dict__.items():
-            if k not in _MODULE_STATE:
+            if k not in MODULE_STATE:
                 walk(v, ATTR_DEPTH, prefix + k)
     return out
 
@@ -636,7 +630,7 @@ def plain_state_changed(saved: list) -> list[str]:
             continue
         if "_parameters" in before:  # a module's __dict__: by attribute, internals left out
             changed += [name + k for k in sorted(set(now) | set(before), key=str)
-                        if k not in _MODULE_STATE and now.get(k, _MISSING) is not before.get(k, _MISSING)]
+                        if k not in MODULE_STATE and now.get(k, _MISSING) is not before.get(k, _MISSING)]
         else:
             changed.append(name)
     return changed
