@@ -33,7 +33,7 @@ from torch.fx._lazy_graph_module import _use_lazy_graph_module
 from torch.nn.utils.stateless import _reparametrize_module
 
 from . import source
-from .attrs import ATTR_DEPTH, SlotFields, fresh_attrs, own_tensors, plain_fields  # noqa: F401 - re-exported
+from .attrs import fresh_attrs, own_tensors
 from .errors import GraphpruneError
 from .meta_keys import BOUNDED_DIMS, EXAMPLE, FIXED_DIMS, GUARD_SIZES, SYMBOLIC_DIMS, VAL
 from .modes import copy_modes

@@ -616,7 +616,7 @@ def _differs(now, before) -> bool:
         return now != before
     if len(now) != len(before):
         return True
-    if isinstance(now, Mapping):  # a dict, or a slotted dataclass's fields (trace.SlotFields)
+    if isinstance(now, Mapping):  # a dict, or a slotted dataclass's fields (attrs.SlotFields)
         return any(k not in before or before[k] is not v for k, v in now.items())
     return any(a is not b for a, b in zip(now, before))
 
