@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import enum
 import json
-import math
 import os
 import sys
 import warnings
@@ -308,24 +307,12 @@ def _check_config(out: torch.nn.Module, path: Path, training: bool = False) -> N
     skip = lambda k: k in _CONFIG_METADATA or (not training and settings.TRAINING_ATTR.search(k))  # noqa: E731
     norm = lambda d: json.loads(json.dumps({k: v for k, v in d.items() if not skip(k)}, default=str))  # noqa: E731
     want, have = norm(want), norm(out.config.to_dict())
-    differ = sorted(k for k in {*want, *have} if not _same_setting(want.get(k), have.get(k)))
+    differ = sorted(k for k in {*want, *have} if not settings.same(want.get(k), have.get(k)))
     if differ:
         shown = ", ".join(f"{k}: saved {want.get(k)!r}, this original {have.get(k)!r}" for k in differ[:4])
         raise GraphpruneError(f"the original's config differs from the one the model was saved from ({shown}"
                               f"{' ...' if len(differ) > 4 else ''}): build the original with the configuration it was "
                               "saved from; nothing was loaded")
-
-
-def _same_setting(a, b) -> bool:
-    """Config values equal, floats to rounding: an ``rms_norm_eps`` a model pruned in steps rescaled once per
-    step, and ``load`` once for all, differs in its last digit, and the load was refused (survey 33 f08)."""
-    if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-9) or (math.isnan(a) and math.isnan(b))  # a NaN pad value too
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_setting(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(map(_same_setting, a, b))
-    return a == b
 
 
 def _check_tree(model: torch.nn.Module, info: dict) -> None:
@@ -376,8 +363,12 @@ def _check_settings(original: torch.nn.Module, m: dict) -> None:
     if not was:
         return  # saved before they were recorded, or nothing to record
     now = json.loads(json.dumps(settings.settings(original)))
+    # an original built with a setting the user changed on the result after compile is built as the one saved
+    # (``settings_after``: where load cannot set it, inside a function, this is the only way to load)
+    after = m.get("settings_after") or {}
     differ = [(p, k, v, now[p][k]) for p, attrs in was.items() for k, v in attrs.items()
-              if not settings.is_hook(k) and k in now.get(p, {}) and not _same_setting(now[p][k], v)]
+              if not settings.is_hook(k) and k in now.get(p, {}) and not settings.same(now[p][k], v)
+              and not (k in after.get(p, {}) and settings.same(now[p][k], after[p][k]))]
     differ += _hooks_changed(was, now)  # a hook only one side has too: load runs the original's (survey 61)
     if differ:
         shown = ", ".join(f"{p + '.' if p else ''}{k} is {here!r} here, {saved!r} in the model compiled"
@@ -396,10 +387,15 @@ def _settings_after(model: torch.nn.Module, was: dict | None) -> dict:
     out: dict = {}
     now = json.loads(json.dumps(settings.settings(model)))
     for p, attrs in now.items():
-        changed = {k: v for k, v in attrs.items() if k in was.get(p, {}) and not _same_setting(v, was[p][k])
+        changed = {k: v for k, v in attrs.items() if k in was.get(p, {}) and not settings.same(v, was[p][k])
                    and not settings.is_hook(k)}
         if changed:
             out[p] = changed
+    fixed = settings.unsettable(model, out)
+    if fixed:
+        warnings.warn(f"{', '.join(fixed[:3])}{' ...' if len(fixed) > 3 else ''} changed on the result after compile inside "
+                      "a tuple or a function, which load cannot set: load it onto an original built with the new "
+                      "value", GraphpruneWarning, stacklevel=user_level())
     hooks = [f"{p + '.' if p else ''}{k}" for p, k, _, _ in _hooks_changed(was, now)]
     if hooks:
         warnings.warn(f"the result's forward hooks differ from those it had when compile returned it ({', '.join(hooks[:3])}"
@@ -415,7 +411,7 @@ def _hooks_changed(was: dict, now: dict) -> list:
     for p in sorted({*was, *now}):
         a, b = was.get(p) or {}, now.get(p) or {}
         out += [(p, k, a.get(k), b.get(k)) for k in sorted({*a, *b})
-                if settings.is_hook(k) and ((k in a) != (k in b) or not _same_setting(a.get(k), b.get(k)))]
+                if settings.is_hook(k) and ((k in a) != (k in b) or not settings.same(a.get(k), b.get(k)))]
     return out
 
 

@@ -17,6 +17,8 @@ import argparse
 import collections
 import enum
 import functools
+import json
+import math
 import numbers
 import re
 import sys
@@ -69,9 +71,9 @@ def settings(model: torch.nn.Module, skip=()) -> dict:
         # what the example call changed is state only where no source says (a setting the first call fills in,
         # ``if self.bias is None: self.bias = 0.5``, is compared at the value the user's model holds)
         mine: dict = {}
-        library = type(m).__module__.split(".")[0] in _LIBRARIES
-        for k, v in ([] if path and hf.is_hf(m) else user_attributes(m)):
-            if (_named(k) and k != "training" and k not in (state or ())
+        library = _library(m)
+        for k, v in ([] if path and hf.is_hf(m) else _attributes(m)):
+            if (k != "training" and k not in (state or ())
                     and (state is not None or prefix + k not in skip)):
                 # a library's layer states its settings as plain attributes; what its dicts hold is metadata (timm's
                 # pretrained_cfg: the weights' url and tag, which refused a build with another tag, survey 64)
@@ -221,6 +223,20 @@ def _named(k: str) -> bool:
     return not k.startswith("_") and not TRAINING_ATTR.search(k)
 
 
+def _library(m: torch.nn.Module) -> bool:
+    return type(m).__module__.split(".")[0] in _LIBRARIES
+
+
+def _attributes(m: torch.nn.Module) -> list:
+    """[(name, value)] of the attributes of ``m`` that may hold settings: the public ones, and for a class of
+    the user's its private ones too (``self._scale``, set from an argument as often as ``self.scale``: left
+    out, a model built with ``_scale=2.0`` loaded onto one built with 1.0 0.36 off without a word). A
+    library's private attributes are its bookkeeping, derived from the public ones; dunder names are Python's."""
+    mine = not _library(m)
+    return [(k, v) for k, v in user_attributes(m)
+            if _named(k) or (mine and k.startswith("_") and not k.startswith("__") and not TRAINING_ATTR.search(k))]
+
+
 _NOT_A_SETTING = object()
 
 
@@ -259,28 +275,61 @@ def is_hook(name: str) -> bool:
     return name.startswith(tuple(f"{k[1:]}[" for k in HOOKS))
 
 
+def same(a, b) -> bool:
+    """Settings equal as JSON holds them, floats to rounding: an ``rms_norm_eps`` a model pruned in steps rescaled
+    once per step, and ``load`` once for all, differs in its last digit, and the load was refused (survey 33 f08)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9) or (math.isnan(a) and math.isnan(b))  # a NaN pad value too
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+def _slots(mod: torch.nn.Module) -> tuple[dict, dict]:
+    """({name: value}, {name: (holder, key)}) of the settings ``mod`` holds itself (``settings``' names)."""
+    values: dict = {}
+    where: dict = {}
+    for k, v in _attributes(mod):
+        _walk(v, k, ATTR_DEPTH, _Walk(values, {id(mod)}, set(), "", where), mod, k)
+    return json.loads(json.dumps(values)), where
+
+
+def unsettable(model: torch.nn.Module, after: dict) -> list[str]:
+    """The settings of ``after`` (``{module path: {name: value}}``) that ``set_settings`` cannot write on ``model``:
+    those inside a tuple or a function (``act.negative_slope`` of a ``functools.partial``)."""
+    out = []
+    for p, values in after.items():
+        where = _slots(model.get_submodule(p))[1]
+        out += [f"{p + '.' if p else ''}{k}" for k in values if k in where and where[k][0] is None]
+    return out
+
+
 def set_settings(model: torch.nn.Module, after: dict) -> None:
     """Set the settings ``settings_after`` in a manifest recorded (``{module path: {name: value}}``), each as the
-    type the rebuilt model holds there (a tuple, an enum), inside what a module holds too (``cfg.scale``)."""
+    type the rebuilt model holds there (a tuple, an enum), inside what a module holds too (``cfg.scale``).
+    One the model holds already is left: the original was built with it (the only way, where it is held
+    inside a tuple or a function, which cannot be written)."""
     for p, values in after.items():
         try:
             mod = model.get_submodule(p)
         except AttributeError:
             raise GraphpruneError(f"the manifest's settings_after names module {p!r}, which the rebuilt model lacks: it "
                                   "was edited; save again") from None
-        where: dict = {}
-        for k, v in user_attributes(mod):
-            if _named(k):
-                _walk(v, k, ATTR_DEPTH, _Walk({}, {id(mod)}, set(), "", where), mod, k)
+        held, where = _slots(mod)
         for k, v in values.items():
             if k not in where:
                 raise GraphpruneError(f"the manifest's settings_after names {p + '.' if p else ''}{k}, which the rebuilt "
                                       "model does not hold: it was edited, or the original given to load is built "
                                       "otherwise; save again")
+            if same(held[k], v):
+                continue
             holder, key = where[k]
             if holder is None:
                 raise GraphpruneError(f"setting {p + '.' if p else ''}{k} was changed after compile inside a tuple or a "
-                                      "function, which load cannot set: set it on the original before load")
+                                      f"function, which load cannot set: build the original with {k} = {v!r} (save "
+                                      "warned of this)")
             now = holder[key] if isinstance(holder, (Mapping, list)) else getattr(holder, key, None)
             if isinstance(now, enum.Enum) and isinstance(v, str):
                 v = type(now)[v.rpartition(".")[2]]

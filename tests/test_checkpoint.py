@@ -875,6 +875,44 @@ def test_load_compares_settings_held_in_a_config_object(tmp_path, holder):
         torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
 
 
+class _PrivateSettings(torch.nn.Module):
+    """A scale kept under a private name, and a private call counter the forward advances."""
+
+    def __init__(self, scale: float = 2.0):
+        super().__init__()
+        self._scale = scale
+        self._calls = 0
+        self.a = torch.nn.Linear(16, 32)
+        self.b = torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        self._calls += 1
+        return self.b(torch.relu(self.a(x)) * self._scale)
+
+
+def test_load_compares_private_settings_of_the_users_classes(tmp_path):
+    """A user's class that keeps a setting under a private name (``self._scale``) loaded onto a fresh original
+    built with another value 0.36 off without a word: only public names were compared. A private counter the
+    forward advances stays state."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    model = _PrivateSettings().eval()
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module"
+    graphprune.save(small, tmp_path / "a")
+    with pytest.raises(graphprune.GraphpruneError, match=re.escape("_scale is 1.0 here, 2.0 in the model compiled")):
+        graphprune.load(_PrivateSettings(1.0), tmp_path / "a")
+    back = graphprune.load(_PrivateSettings(), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+    small._scale = 0.5
+    graphprune.save(small, tmp_path / "b")
+    back = graphprune.load(_PrivateSettings(), tmp_path / "b")
+    assert back._scale == 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+
 class _HeldTensors(torch.nn.Module):
     """Fixed random tensors kept inside containers, not as buffers: a bias in a dict, a gain in a namedtuple in a list."""
 
@@ -952,6 +990,27 @@ def test_load_compares_forward_hooks_and_functions_with_what_they_hold(tmp_path)
     small.b.register_forward_hook(lambda m, args, out: out + 1)
     with pytest.warns(graphprune.GraphpruneWarning, match=re.escape("b.forward_hooks[0]")):
         graphprune.save(small, tmp_path / "b")
+
+
+def test_a_setting_changed_inside_a_function_after_compile_loads_onto_an_original_built_with_it(tmp_path):
+    """A slope set on the result after compile inside a ``functools.partial`` cannot be written by load. Load
+    refused every original then: the one built as compiled for the slope it could not set, and one built with the
+    new slope for not being built as compiled, so the saved model could not be loaded at all. Save warns now,
+    and load takes an original built with the new value."""
+    torch.manual_seed(0)
+    model = _Hooked(hook=False).eval()
+    x = torch.randn(3, 16)
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    small.act = functools.partial(torch.nn.functional.leaky_relu, negative_slope=0.1)
+    with pytest.warns(graphprune.GraphpruneWarning, match=re.escape("act.negative_slope changed on the result after compile")):
+        graphprune.save(small, tmp_path)
+    with pytest.raises(graphprune.GraphpruneError, match=re.escape("build the original with act.negative_slope = 0.1")):
+        graphprune.load(_Hooked(hook=False), tmp_path)
+    with pytest.raises(graphprune.GraphpruneError, match="act.negative_slope is 0.3 here, 0.2"):
+        graphprune.load(_Hooked(hook=False, slope=0.3), tmp_path)
+    back = graphprune.load(_Hooked(hook=False, slope=0.1), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
 
 
 class _Slotted:
