@@ -51,11 +51,18 @@ def mixed(model: torch.nn.Module) -> dict[str, bool]:
 
 @contextmanager
 def kept_modes(*models: torch.nn.Module):
-    """Put back every module's mode on exit, whatever ran in between switched."""
+    """Put back every module's mode on exit, whatever ran in between switched. A module whose class overrides
+    ``train`` is put back by calling it, outermost first, so that what it does beside the flag is undone too
+    (LeViT's attention deletes its cached bias table ``ab`` in ``train(True)`` and builds it in ``train(False)``:
+    set back by the flag alone, a result came back in eval mode without it, and failed when called); then every
+    flag is set, as an override sets its children's too."""
     saved = [(mod, mod.training) for m in models for mod in m.modules()]
     try:
         yield
     finally:
+        for mod, was in saved:
+            if type(mod).train is not torch.nn.Module.train and mod.training != was:
+                mod.train(was)
         for mod, was in saved:
             mod.training = was
 

@@ -2007,3 +2007,59 @@ def test_a_module_form_that_returns_another_length_past_a_bound_is_held(monkeypa
     for T in (4, 9, 12):
         y = torch.randn(2, T, 128)
         torch.testing.assert_close(small(y), oracle_twin(model, small)(y))
+
+
+class _CachedBias(nn.Module):
+    """LeViT's attention, reduced: the bias table gathered once per switch to eval mode by a ``train`` override,
+    deleted in training mode (timm writes ``self.ab`` so)."""
+
+    def __init__(self, dim=16, heads=2, points=9):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attention_biases = nn.Parameter(torch.randn(heads, points))
+        self.register_buffer("attention_bias_idxs", torch.randint(points, (points, points)))
+
+    @torch.no_grad()
+    def train(self, mode=True):
+        super().train(mode)
+        if mode and hasattr(self, "ab"):
+            del self.ab
+        else:
+            self.ab = self.attention_biases[:, self.attention_bias_idxs]
+        return self
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        bias = self.attention_biases[:, self.attention_bias_idxs] if self.training else self.ab
+        attn = (q @ k.transpose(-2, -1) + bias).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class _CachedBiasNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.attn = nn.Linear(5, 16), _CachedBias()
+        self.fc1, self.fc2, self.out = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        x = x + self.attn(x)
+        return self.out(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+@pytest.mark.parametrize("budget", [{"ratio": 0.5}, {"target_flops": 0.7}])
+def test_a_train_override_that_caches_runs_again_when_the_check_puts_the_mode_back(budget):
+    """Survey 66: the self-check runs the result in training mode, and put the eval mode back by the flag alone. A
+    ``train`` override that deletes a cache in training mode and builds it in eval (LeViT's ``ab``) was left without
+    it: the result failed when called as returned, and a FLOPs budget, which runs it, failed inside compile with an
+    AttributeError. The override is called again now."""
+    torch.manual_seed(0)
+    model, x = _CachedBiasNet().eval(), torch.randn(2, 9, 5)
+    small = graphprune.compile(model, (x,), importance="l1", **budget)
+    assert small.report.form == "module" and not small.training and hasattr(small.attn, "ab")
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), oracle_twin(model, small)(x))
+    assert graphprune.count_params(small) < graphprune.count_params(model)
