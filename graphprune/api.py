@@ -814,7 +814,8 @@ def _module_paths(model, p, output: str):
     other path cannot take (a centring over channels in training) whole, and the result stays
     the user's class, right in both modes. Where the module form is out anyway (the forward
     fails on it, or differs from the graph in eval mode: the graph comes back), it says nothing."""
-    if output == "graph" or (p.pipeline or DEFAULT_PIPELINE) != DEFAULT_PIPELINE or why_not(model) is not None:
+    if (output == "graph" or (p.pipeline or DEFAULT_PIPELINE) != DEFAULT_PIPELINE or why_not(model) is not None
+            or isinstance(model, torch.fx.GraphModule)):  # a graph's result is a graph (``_choose_form``)
         return None
     args, kwargs = p.example_inputs, dict(p.example_kwargs or {})
 
@@ -887,6 +888,14 @@ def _choose_form(model, out, p, output: str, rep, checked=None):
         return out, "graph", "output='graph'"
     if output == "auto" and (p.pipeline or DEFAULT_PIPELINE) != DEFAULT_PIPELINE:
         return out, "graph", f"a custom pipeline ({p.pipeline}) may rewrite the graph beyond the model's own code"
+    if isinstance(model, torch.fx.GraphModule):
+        # its classes are its graph; a copy of it in "module" form carried the given graph's record in its
+        # ``meta``, which ``save`` read instead of this compile's (survey 65 F1)
+        if output == "module":
+            raise GraphpruneError("cannot return the pruned model in the model's own classes: the model given is an fx "
+                                  "GraphModule (a graph graphprune or fx made), whose own form is a graph. Use "
+                                  "output='graph' (or 'auto'), or compile the model it was traced from")
+        return out, "graph", "the model given is an fx GraphModule: the result is one too"
     if checked is not None and not unseen:
         why = _over_budget(checked, p, rep)
         if not why:

@@ -354,6 +354,19 @@ def _check_modules(original: torch.nn.Module, m: dict) -> None:
                               f"{len(changed)} module(s) differ): build it {how}; nothing was loaded")
 
 
+class _Absent:
+    def __repr__(self) -> str:
+        return "not set"
+
+
+_ABSENT = _Absent()  # an attribute the original given to load does not hold
+
+
+def _attribute(name: str) -> bool:
+    """A setting's name that is an attribute's, not a path into what one holds (``cfg.scale``, ``opts['eps']``)."""
+    return "." not in name and "[" not in name
+
+
 def _check_settings(original: torch.nn.Module, m: dict) -> None:
     """The original given to ``load`` holds the plain settings of the one compiled (``settings.settings``): the
     rebuild takes every attribute that is not a tensor from it, so ``MLP(scale=1.0)`` took a model saved from
@@ -366,8 +379,11 @@ def _check_settings(original: torch.nn.Module, m: dict) -> None:
     # an original built with a setting the user changed on the result after compile is built as the one saved
     # (``settings_after``: where load cannot set it, inside a function, this is the only way to load)
     after = m.get("settings_after") or {}
-    differ = [(p, k, v, now[p][k]) for p, attrs in was.items() for k, v in attrs.items()
-              if not settings.is_hook(k) and k in now.get(p, {}) and not settings.same(now[p][k], v)
+    # an attribute the original given lacks, where the one compiled held it, is refused too (set on the
+    # model after it was built); inside a container, keys come and go with what its forward filled in
+    differ = [(p, k, v, now[p][k] if k in now.get(p, {}) else _ABSENT) for p, attrs in was.items() for k, v in attrs.items()
+              if not settings.is_hook(k) and (k in now.get(p, {}) or _attribute(k) and p in dict(original.named_modules()))
+              and not settings.same(now.get(p, {}).get(k, _ABSENT), v)
               and not (k in after.get(p, {}) and settings.same(now[p][k], after[p][k]))]
     differ += _hooks_changed(was, now)  # a hook only one side has too: load runs the original's (survey 61)
     if differ:
@@ -761,7 +777,8 @@ def composed(now: dict, before: dict, *, folded: bool = False) -> dict:
     one pruning (other pipelines, tensors the earlier original did not have), ``unsaveable``
     says why."""
     before = {**before, **before.get("first", {})}
-    first = {"original": before["original"], "original_modules": before.get("original_modules"),
+    first = {"original": before["original"], "constants": before.get("constants", []),
+             "original_modules": before.get("original_modules"),
              "original_settings": before.get("original_settings"),
              "source": before["source"], "example": before["example"],
              "training": before["training"], "method": before["method"],
@@ -770,7 +787,8 @@ def composed(now: dict, before: dict, *, folded: bool = False) -> dict:
         first["unsaveable"] = (f"its steps ran different pipelines ({before['pipeline']!r}, then {now['pipeline']!r}); "
                                "prune every step with the same pipeline, or end with one that runs every pass of the "
                                "earlier steps (the default steps of prune_iteratively(pipeline='deploy'))")
-    unknown = sorted({name for name, _ in now["kept"] if name not in before["original"]})
+    known = {*before["original"], *before.get("constants", ())}
+    unknown = sorted({name for name, _ in now["kept"] if name not in known})
     if unknown:
         first["unsaveable"] = (f"the later step pruned tensors the first original does not have ({', '.join(unknown[:4])}); "
                                "save the state_dict yourself")

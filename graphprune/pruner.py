@@ -428,9 +428,13 @@ class Pruner:
         from .module_form import described
         from .settings import settings
 
+        original = {n: list(t.shape) for n, t in [*self.model.named_parameters(remove_duplicate=False),
+                                                     *self.model.named_buffers(remove_duplicate=False)]}
         return {
-            "original": {n: list(t.shape) for n, t in [*self.model.named_parameters(remove_duplicate=False),
-                                                          *self.model.named_buffers(remove_duplicate=False)]},
+            "original": original,
+            # the tensors the trace made attributes of its graph (a bias kept in a dict: ``_tensor_constant0``),
+            # which a later step's trace names alike: ``checkpoint.composed`` takes their pruning as the first's
+            "constants": sorted({n.target for n in self.gm.graph.nodes if n.op == "get_attr"} - set(original)),
             "original_modules": described(self.model),  # classes and settings: load refuses another original
             "original_settings": settings(self.model, skip=self.gm.meta.get(PYTHON_STATE) or ()),
         }

@@ -4,9 +4,10 @@
 a tensor from it; tensor shapes show none of them. ``settings`` records them at compile (the manifest's
 ``original_settings``), ``checkpoint`` compares them at load, and ``set_settings`` puts back those the
 user changed on the result since (``settings_after``). A setting is a number, string, bool, None or
-enum, or a short tuple or list of them, held by a module as a public attribute or inside what one
-holds: a dict, list, namespace, dataclass or plain object of the user's (``self.cfg.scale``,
-``self.opts["eps"]``), ``attrs.ATTR_DEPTH`` levels down. Those inside were left out at first, and a
+enum, or a short tuple or list of them, held by a module as an attribute (a private one too, in a
+class of the user's), by its class (``scale = 0.5`` in the class body), or inside what one holds: a
+dict, list, namespace, dataclass or plain object of the user's (``self.cfg.scale``, ``self.opts["eps"]``),
+``attrs.ATTR_DEPTH`` levels down. Those inside were left out at first, and a
 model built with ``Cfg(scale=2.0)`` loaded onto ``Cfg(scale=1.0)`` 0.5 off without a word. So are the
 functions a module holds and its forward hooks, which ``load`` takes from the original as they are: by
 name, and what their closures, defaults and code constants hold (tensors there by their sums).
@@ -233,8 +234,25 @@ def _attributes(m: torch.nn.Module) -> list:
     out, a model built with ``_scale=2.0`` loaded onto one built with 1.0 0.36 off without a word). A
     library's private attributes are its bookkeeping, derived from the public ones; dunder names are Python's."""
     mine = not _library(m)
-    return [(k, v) for k, v in user_attributes(m)
-            if _named(k) or (mine and k.startswith("_") and not k.startswith("__") and not TRAINING_ATTR.search(k))]
+    named = lambda k: _named(k) or (mine and k.startswith("_") and not k.startswith("__")  # noqa: E731
+                                    and not TRAINING_ATTR.search(k))
+    own = [(k, v) for k, v in user_attributes(m) if named(k)]
+    return own + [(k, v) for k, v in _class_settings(m).items() if named(k) and k not in vars(m)]
+
+
+def _class_settings(m: torch.nn.Module) -> dict:
+    """{name: value} of the plain settings the user's classes of ``m`` hold as class attributes (``scale = 0.5``
+    in the class body), nearest class first, up to the first library class. An instance reads them where it
+    holds none of that name: a model built with ``self.scale = 2.0`` loaded onto one built without, which reads
+    the class's 0.5, and nothing compared them (only the instance's attributes were recorded)."""
+    out: dict = {}
+    for cls in type(m).__mro__:
+        if cls.__module__.split(".")[0] in _LIBRARIES or cls is object:
+            break
+        for k, v in vars(cls).items():
+            if k not in out and not k.startswith("__") and _setting(v) is not _NOT_A_SETTING:
+                out[k] = v
+    return out
 
 
 _NOT_A_SETTING = object()

@@ -948,6 +948,81 @@ def test_a_tensor_held_in_a_container_attribute_is_saved(tmp_path, output):
         torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
 
 
+class _ClassDefault(torch.nn.Module):
+    """A scale the class holds (0.5), which an instance overrides where built ``big``; a temperature set on the
+    model after it was built, read with a default."""
+
+    scale = 0.5
+
+    def __init__(self, big: bool = False):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+        if big:
+            self.scale = 2.0
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)) * self.scale) / getattr(self, "temperature", 1.0)
+
+
+@pytest.mark.parametrize("compiled_big", [True, False])
+def test_load_compares_class_attributes_and_attributes_set_after_build(tmp_path, compiled_big):
+    """Only the attributes an instance held were compared, and only where both models held one: a model whose
+    instance set ``scale = 2.0`` loaded onto one that reads its class's 0.5 (and the other way) 0.54 off, and a
+    temperature set on the model after it was built loaded onto one without it, without a word."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    model = _ClassDefault(compiled_big).eval()
+    model.temperature = 2.0
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module"
+    graphprune.save(small, tmp_path)
+    here, there = (0.5, 2.0) if compiled_big else (2.0, 0.5)
+    other = _ClassDefault(not compiled_big)
+    other.temperature = 2.0
+    with pytest.raises(graphprune.GraphpruneError, match=re.escape(f"scale is {here} here, {there} in the model compiled")):
+        graphprune.load(other, tmp_path)
+    with pytest.raises(graphprune.GraphpruneError, match=re.escape("temperature is not set here, 2.0 in the model compiled")):
+        graphprune.load(_ClassDefault(compiled_big), tmp_path)
+    same = _ClassDefault(compiled_big)
+    same.temperature = 2.0
+    back = graphprune.load(same, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+
+class _DictBias(torch.nn.Module):
+    """A per-unit bias and a gain kept in a dict: the bias is pruned with the units it is added to."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(16, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 4)
+        self.store = {"bias": torch.randn(32), "gain": torch.tensor(1.1)}
+
+    def forward(self, x):
+        h = torch.relu(self.a(x) + self.store["bias"])
+        return self.c(torch.relu(self.b(h)) * self.store["gain"])
+
+
+def test_a_graph_pruned_again_saves_and_loads_onto_the_first_original(tmp_path):
+    """A graph result compiled again (``prune_iteratively``'s steps) came back as a copy of the given graph in
+    "module" form, whose ``meta`` still held the first compile's record: save read that one and refused ("the model
+    was changed after compile") (survey 65 F1). A graph's result is a graph now, with its own record, and loads
+    onto a fresh first original, the dict's bias too."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    once = graphprune.compile(_DictBias().eval(), (x,), ratio=0.3, importance="l1", output="graph")
+    twice = graphprune.compile(once, (x,), ratio=0.3, importance="l1")
+    assert twice.report.form == "graph" and "fx GraphModule" in twice.report.form_why
+    assert twice.b.weight.shape[0] < once.b.weight.shape[0] and twice.a.weight.shape[0] < once.a.weight.shape[0]
+    graphprune.save(twice, tmp_path)
+    torch.manual_seed(1)
+    back = graphprune.load(_DictBias(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), twice(x), rtol=0, atol=0)
+    with pytest.raises(graphprune.GraphpruneError, match="the model given is an fx GraphModule"):
+        graphprune.compile(once, (x,), ratio=0.3, importance="l1", output="module")
+
+
 class _Hooked(torch.nn.Module):
     """A gain drawn when built, applied by a forward hook's closure; a leaky slope held in a ``functools.partial``."""
 
