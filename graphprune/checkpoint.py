@@ -384,6 +384,7 @@ def _check_settings(original: torch.nn.Module, m: dict) -> None:
     differ = [(p, k, v, now[p][k] if k in now.get(p, {}) else _ABSENT) for p, attrs in was.items() for k, v in attrs.items()
               if not settings.is_hook(k) and (k in now.get(p, {}) or _attribute(k) and p in dict(original.named_modules()))
               and not settings.same(now.get(p, {}).get(k, _ABSENT), v)
+              and not (settings.is_device(v) and settings.is_device(now.get(p, {}).get(k)))
               and not (k in after.get(p, {}) and settings.same(now[p][k], after[p][k]))]
     differ += _hooks_changed(was, now)  # a hook only one side has too: load runs the original's (survey 61)
     if differ:

@@ -1049,8 +1049,8 @@ def described(model: torch.nn.Module) -> dict:
         if EVAL_IDENTITY.fullmatch(type(m).__name__) and not any(True for _ in m.parameters()):
             out[path] = "the identity in eval mode"  # nn.Identity where training used DropPath (timm's drop_path_rate)
             continue
-        if not type(m).__module__.startswith("torch.nn."):
-            out[path] = name
+        if not type(m).__module__.startswith("torch.nn.") or isinstance(m, _PARAMETER_CONTAINERS):
+            out[path] = name  # a ParameterDict prints its tensors' types, which name the device (survey 67 F7)
             continue
         try:
             settings = m.extra_repr()
@@ -1061,6 +1061,7 @@ def described(model: torch.nn.Module) -> dict:
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_PARAMETER_CONTAINERS = (torch.nn.ParameterDict, torch.nn.ParameterList)  # their tensors' shapes are compared
 # settings of torch.nn layers that change training, not what eval mode computes: a BatchNorm's momentum
 # (0.01 for fine-tuning refused a stock original, survey 32 f04), an activation's inplace
 _TRAINING_ONLY = re.compile(r",?\s*\b(momentum|inplace)=[^,]*")

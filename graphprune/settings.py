@@ -79,7 +79,7 @@ def settings(model: torch.nn.Module, skip=()) -> dict:
                 # a library's layer states its settings as plain attributes; what its dicts hold is metadata (timm's
                 # pretrained_cfg: the weights' url and tag, which refused a build with another tag, survey 64)
                 deep = not library or isinstance(v, _FUNCTIONS)  # its activation function too (F.gelu for F.relu)
-                _walk(v, k, ATTR_DEPTH if deep else 0, _Walk(mine, {id(m)}, skip, prefix))
+                _walk(v, k, ATTR_DEPTH if deep else 0, _Walk(mine, {id(m)}, skip, prefix, reads=_reads(type(m))))
         _hooks(m, _Walk(mine, {id(m)}, skip, prefix))
         if mine:
             out[path] = mine
@@ -91,8 +91,13 @@ class _Walk:
     tensors are settings here (in a hook's closure, which no save writes: ``tensors``), and where each
     setting is written (``slots``, for ``set_settings``)."""
 
-    def __init__(self, out: dict, seen: set, skip: set, prefix: str, slots: dict | None = None, tensors: bool = False):
+    def __init__(self, out: dict, seen: set, skip: set, prefix: str, slots: dict | None = None, tensors: bool = False,
+                 reads: frozenset | None = None):
         self.out, self.seen, self.skip, self.prefix, self.slots, self.tensors = out, seen, skip, prefix, slots, tensors
+        self.reads = reads  # the names the module's code reads (``source.attribute_reads``), None where unknown
+
+    def with_tensors(self) -> "_Walk":
+        return _Walk(self.out, self.seen, self.skip, self.prefix, self.slots, tensors=True, reads=self.reads)
 
 
 def _walk(v, name: str, depth: int, w: _Walk, holder=None, key=None) -> None:
@@ -122,9 +127,13 @@ def _walk(v, name: str, depth: int, w: _Walk, holder=None, key=None) -> None:
         return
     # a function's closure and a plain object of the user's are not saved: their tensors are settings there
     unsaved = (fields and write is None) or _plain_object(v)  # a function (named items, none written), an object
-    inner = _Walk(w.out, w.seen, w.skip, w.prefix, w.slots, tensors=True) if unsaved and not w.tensors else w
+    inner = w.with_tensors() if unsaved and not w.tensors else w
+    # private keys of a dict, a dataclass or a function's closure are the user's settings as much as public
+    # ones (``cfg._gain`` loaded 0.9 off, survey 67 F5); a plain object's private attributes where code reads them
+    # (the module's ``self.cfg._gain``, or the object's own methods), else they are its bookkeeping
+    read = None if not _plain_object(v) or isinstance(v, _FUNCTIONS) else _read_by(v, w.reads)
     for k, t in items:
-        if isinstance(k, str) and not _named(k):
+        if isinstance(k, str) and not (_named(k) or (_private(k) and (read is None or k in read))):
             continue
         _walk(t, f"{name}.{k}" if fields else f"{name}[{key_name(k)}]", depth - 1, inner, write, k)
 
@@ -224,6 +233,32 @@ def _named(k: str) -> bool:
     return not k.startswith("_") and not TRAINING_ATTR.search(k)
 
 
+_DEVICE = re.compile(r"(cpu|cuda|meta|mps|xpu|hip|npu|xla|hpu|ipu|privateuseone)(:\d+)?")
+
+
+def is_device(v) -> bool:
+    """A setting that names a device (``self.device = weight.device``, as recorded): where a model was built says
+    nothing of what it computes, and one compiled on a GPU loads onto an original built on the CPU."""
+    return isinstance(v, str) and _DEVICE.fullmatch(v) is not None
+
+
+def _private(k: str) -> bool:
+    """A private name that is not Python's (``__dict__``) or a training-only setting's."""
+    return k.startswith("_") and not k.startswith("__") and not TRAINING_ATTR.search(k)
+
+
+def _reads(cls: type) -> frozenset | None:
+    """The attribute names the user's code of ``cls`` reads once built (``source.attribute_reads``)."""
+    return source.attribute_reads(cls, lambda c: c.__module__.split(".")[0] in _LIBRARIES)
+
+
+def _read_by(v, module_reads: frozenset | None) -> frozenset | None:
+    """The names read of plain object ``v``'s attributes: by the module's code or by ``v``'s own class;
+    None (all) where either has no source."""
+    own = _reads(type(v))
+    return None if own is None or module_reads is None else module_reads | own
+
+
 def _library(m: torch.nn.Module) -> bool:
     return type(m).__module__.split(".")[0] in _LIBRARIES
 
@@ -234,8 +269,9 @@ def _attributes(m: torch.nn.Module) -> list:
     out, a model built with ``_scale=2.0`` loaded onto one built with 1.0 0.36 off without a word). A
     library's private attributes are its bookkeeping, derived from the public ones; dunder names are Python's."""
     mine = not _library(m)
-    named = lambda k: _named(k) or (mine and k.startswith("_") and not k.startswith("__")  # noqa: E731
-                                    and not TRAINING_ATTR.search(k))
+    # private names that no method reads once built (a run tag, a uuid, a pid: survey 67 F1) are bookkeeping
+    read = _reads(type(m)) if mine else None
+    named = lambda k: _named(k) or (mine and _private(k) and (read is None or k in read))  # noqa: E731
     own = [(k, v) for k, v in user_attributes(m) if named(k)]
     return own + [(k, v) for k, v in _class_settings(m).items() if named(k) and k not in vars(m)]
 
@@ -281,7 +317,7 @@ HOOKS = ("_forward_pre_hooks", "_forward_hooks")  # the hooks a forward runs, wh
 def _hooks(m: torch.nn.Module, w: _Walk) -> None:
     """The forward hooks of ``m`` (graphprune's own aside) as settings, in order: ``forward_hooks[0].function``
     and what its closure holds, tensors too (load takes the hooks of the original it is given)."""
-    hooks = _Walk(w.out, w.seen, w.skip, w.prefix, w.slots, tensors=True)
+    hooks = w.with_tensors()
     for kind in HOOKS:
         mine = [h for h in getattr(m, kind, {}).values() if not _name(getattr(h, "__func__", h)).startswith("graphprune.")]
         for i, h in enumerate(mine):
@@ -310,7 +346,7 @@ def _slots(mod: torch.nn.Module) -> tuple[dict, dict]:
     values: dict = {}
     where: dict = {}
     for k, v in _attributes(mod):
-        _walk(v, k, ATTR_DEPTH, _Walk(values, {id(mod)}, set(), "", where), mod, k)
+        _walk(v, k, ATTR_DEPTH, _Walk(values, {id(mod)}, set(), "", where, reads=_reads(type(mod))), mod, k)
     return json.loads(json.dumps(values)), where
 
 

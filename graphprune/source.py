@@ -56,6 +56,55 @@ def _reached(cls: type) -> tuple:
     return tuple(out)
 
 
+# methods that run when a module is built or shown, not when it computes: what only they read is bookkeeping
+_BUILD_OR_SHOW = frozenset({"__init__", "__repr__", "__str__", "extra_repr", "__getstate__", "__setstate__", "__del__",
+                            "_init_weights", "reset_parameters"})
+
+
+def attribute_reads(cls: type, stop) -> frozenset | None:
+    """The attribute names the methods of ``cls`` and of its bases read (``x._scale``, and a name given as a
+    string, ``getattr(self, "_scale")``), but for what only building or showing it reads (``__init__``,
+    ``__repr__``; a function or lambda ``__init__`` defines is read later, and counts); a name-mangled
+    ``self.__x`` as ``_Cls__x``. The bases from the first for which ``stop(base)`` holds (a library's) are
+    not read. None where a class has no source to read."""
+    names: set = set()
+    for c in cls.__mro__:
+        if c is object or stop(c):
+            break
+        found = _attribute_reads(c)
+        if found is None:
+            return None
+        names |= found
+    return frozenset(names)
+
+
+@functools.lru_cache(maxsize=None)
+def _attribute_reads(cls: type) -> frozenset | None:
+    try:
+        tree = ast.parse(textwrap.dedent(getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    mangled = f"_{cls.__name__.lstrip('_')}"
+    out: set = set()
+
+    def read(node) -> None:
+        for n in ast.walk(node):
+            if isinstance(n, ast.Attribute):
+                out.add(mangled + n.attr if n.attr.startswith("__") and not n.attr.endswith("__") else n.attr)
+            elif isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.isidentifier():
+                out.add(n.value)
+
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for st in body:
+        if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef)) and st.name in _BUILD_OR_SHOW:
+            for inner in ast.walk(st):
+                if inner is not st and isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                    read(inner)
+        else:
+            read(st)
+    return frozenset(out)
+
+
 SHAPE_CALLS = frozenset({"view", "reshape", "expand", "repeat", "repeat_interleave", "split", "chunk", "unflatten",
                          "narrow", "tensor_split", "new_zeros", "new_ones", "new_empty", "new_full", "zeros", "ones",
                          "empty", "full", "rand", "randn"})

@@ -948,6 +948,68 @@ def test_a_tensor_held_in_a_container_attribute_is_saved(tmp_path, output):
         torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
 
 
+@dataclasses.dataclass
+class _PrivateCfg:
+    _gain: float = 1.0
+
+
+class _PrivateObject:
+    def __init__(self, gain):
+        self._gain = gain
+
+
+class _Bookkeeping(torch.nn.Module):
+    """Private settings read once built (a gain in a dataclass, a dict, a plain object; where it runs), and private
+    bookkeeping nothing reads once built (a run tag, a process id), each built from the arguments given."""
+
+    def __init__(self, gain: float = 1.0, tag: str = "a", device: str = "cpu"):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+        self.scales = torch.nn.ParameterDict({"out": torch.nn.Parameter(torch.ones(4))})
+        self._cfg, self._opts, self._obj = _PrivateCfg(gain), {"_gain": gain}, _PrivateObject(gain)
+        self._run_tag, self._device = f"{tag}-{id(self):x}", torch.device(device)
+
+    def __repr__(self):
+        return f"_Bookkeeping({self._run_tag})"
+
+    def forward(self, x):
+        if self.training:
+            x = x.to(self._device)
+        h = torch.relu(self.a(x)) * self._cfg._gain * self._opts["_gain"] * self._obj._gain
+        return self.b(h) * self.scales["out"]
+
+
+def test_load_compares_private_settings_inside_what_a_module_holds_and_not_its_bookkeeping(tmp_path):
+    """Survey 67: a private name inside a dataclass, a dict or a plain object (``self._cfg._gain``) was not compared:
+    built with another gain, the model loaded 0.9 off without a word. Private attributes no code reads once the
+    model is built (a run tag, a uuid) are bookkeeping and differ between any two builds: load refused every
+    fresh original for them. Where a model was built (``self._device``, a ParameterDict's tensor type) says
+    nothing of what it computes: one built on a GPU, or on meta, loads."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    small = graphprune.compile(_Bookkeeping(device="cuda").eval(), (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module"
+    graphprune.save(small, tmp_path)
+    for where in ("_cfg._gain", "_opts['_gain']", "_obj._gain"):
+        other = _Bookkeeping()
+        if where == "_cfg._gain":
+            other._cfg._gain = 3.0
+        elif where == "_opts['_gain']":
+            other._opts["_gain"] = 3.0
+        else:
+            other._obj._gain = 3.0
+        with pytest.raises(graphprune.GraphpruneError, match=re.escape(f"{where} is 3.0 here, 1.0 in the model compiled")):
+            graphprune.load(other, tmp_path)
+    back = graphprune.load(_Bookkeeping(tag="b"), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+    with torch.device("meta"):
+        on_meta = _Bookkeeping(tag="c", device="meta")
+    back = graphprune.load(on_meta, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+
 class _ClassDefault(torch.nn.Module):
     """A scale the class holds (0.5), which an instance overrides where built ``big``; a temperature set on the
     model after it was built, read with a default."""
