@@ -1289,7 +1289,7 @@ def follow_literals(top: nn.Module, model: nn.Module, moves) -> None:
         mod, theirs = (_submodule(top, scope), _submodule(model, scope)) if scope else (top, model)
         if mod is None or theirs is None or type(mod).__module__.startswith(_FIXED_ELSEWHERE):
             continue
-        reads = source.shape_reads(type(mod))
+        reads = source.module_shape_reads(mod)
         for attr, v in list(theirs.__dict__.items()):
             if attr not in reads or not isinstance(v, int) or isinstance(v, bool) or attr not in mod.__dict__:
                 continue

@@ -35,8 +35,8 @@ def reached(cls: type) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def _reached(cls: type) -> tuple:
-    out, queue, seen = [], [(cls.forward, DEPTH)], set()
+def _reached(cls: type, start=None) -> tuple:
+    out, queue, seen = [], [(start or cls.forward, DEPTH)], set()
     while queue:
         fn, depth = queue.pop(0)
         fn = inspect.unwrap(fn)  # a decorated forward (@torch.no_grad()): the user's function, with its globals
@@ -186,10 +186,20 @@ class _ShapeReads(ast.NodeVisitor):
                          if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in self.me}
 
 
+def module_shape_reads(mod: torch.nn.Module) -> frozenset:
+    """``shape_reads`` of the forward ``mod`` runs: its class's, or a method of its class it holds as its
+    ``forward`` (FasterNet's ``self.forward = self.forward_split_cat``)."""
+    own = vars(mod).get("forward")
+    func = getattr(own, "__func__", None)
+    if own is None:
+        return shape_reads(type(mod))
+    return _shape_reads(type(mod), func) if isinstance(func, types.FunctionType) and own.__self__ is mod else frozenset()
+
+
 @functools.lru_cache(maxsize=None)
-def _shape_reads(cls: type) -> frozenset:
+def _shape_reads(cls: type, start=None) -> frozenset:
     out = set()
-    for fn, tree in _reached(cls):
+    for fn, tree in _reached(cls, start):
         visitor = _ShapeReads(list(inspect.signature(fn).parameters)[:1])  # what the method calls its module: self, or s
         visitor.visit(tree)
         out |= visitor.out

@@ -77,6 +77,11 @@ def rebind_hooks(copies: dict, where=None) -> None:
             for k, h in list((hooks or {}).items()):
                 if inspect.ismethod(h) and id(h.__self__) in mods:
                     hooks[k] = types.MethodType(h.__func__, mods[id(h.__self__)])
+        # a method held as an attribute calls the copy too: ``self.forward = self.forward_split_cat`` (FasterNet)
+        # ran the user's module from the shadow, so the trace met weights outside it and took them for constants
+        for k, v in list(c.__dict__.items()):
+            if k not in HOOK_DICTS and inspect.ismethod(v) and id(v.__self__) in mods:
+                c.__dict__[k] = types.MethodType(v.__func__, mods[id(v.__self__)])
 
 
 def _odd_names(model: torch.nn.Module) -> list[str]:

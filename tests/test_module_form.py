@@ -2063,3 +2063,51 @@ def test_a_train_override_that_caches_runs_again_when_the_check_puts_the_mode_ba
     with torch.no_grad():
         torch.testing.assert_close(small(x), oracle_twin(model, small)(x))
     assert graphprune.count_params(small) < graphprune.count_params(model)
+
+
+class _PartialConv(nn.Module):
+    """FasterNet's partial convolution: the forward chosen when built and held on the instance, splitting the
+    channels at sizes it keeps as ints."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim_conv, self.dim_untouched = dim // 4, dim - dim // 4
+        self.conv = nn.Conv2d(self.dim_conv, self.dim_conv, 3, padding=1, bias=False)
+        self.forward = self.forward_split_cat
+
+    def forward_split_cat(self, x):
+        x1, x2 = torch.split(x, [self.dim_conv, self.dim_untouched], dim=1)
+        return torch.cat((self.conv(x1), x2), 1)
+
+
+class _FasterBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.mixing = _PartialConv(dim)
+        self.mlp = nn.Sequential(nn.Conv2d(dim, 2 * dim, 1, bias=False), nn.BatchNorm2d(2 * dim), nn.ReLU(),
+                                 nn.Conv2d(2 * dim, dim, 1, bias=False))
+
+    def forward(self, x):
+        return x + self.mlp(self.mixing(x))
+
+
+def test_a_forward_held_on_the_instance_is_traced_in_the_copy_and_its_sizes_follow():
+    """Survey 66: the trace ran on a copy of the model whose instance-held forward (``self.forward =
+    self.forward_split_cat``) was still bound to the user's module, so it met weights outside the copy, took them
+    for constants, and only the head was pruned (11661 to 10921 parameters; ``target_flops=0.5`` out of reach).
+    Bound to the copy, every block prunes, and the split sizes the forward keeps as ints follow in the module form."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 4, 4, bias=False), nn.BatchNorm2d(16), _FasterBlock(16), _FasterBlock(16),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 32, 32)
+    small = graphprune.compile(model, (x,), importance="l1", target_flops=0.5)
+    assert small.report.form == "module" and small[2].mixing.forward.__self__ is small[2].mixing
+    assert small[2].mlp[0].out_channels < 32 and small[0].out_channels < 16
+    assert small[2].mixing.dim_conv + small[2].mixing.dim_untouched == small[0].out_channels
+    twin = oracle_twin(model, small)
+    with torch.no_grad():
+        for z in (x, torch.randn(3, 3, 48, 40)):
+            torch.testing.assert_close(small(z), twin(z))
