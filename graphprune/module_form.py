@@ -270,7 +270,7 @@ def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: di
     and modules the trace never ran (``unseen``) are refused: nothing shows they
     take the pruned widths."""
     from .trace import shadow
-    from .verify import _shapes, at_size_one, why_not
+    from .verify import why_not
 
     if not unseen and not reads_mode(model):
         return None  # no code of the model's own asks which mode it is in: the paths are the traced ones
@@ -283,25 +283,20 @@ def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: di
         ran = False
         for args, kwargs in [(tuple(args), kwargs), _one_more(args, kwargs)]:
             mine = hf.example_kwargs(top, kwargs) or {}
-            with _beside_twin(theirs, top, dead, train=True, params=params):
-                try:
-                    ref = _run(theirs, args, mine if kept is not None else kwargs)
-                except Exception as e:  # noqa: BLE001 - the original does not run so either: nothing to hold the result to
-                    cannot = cannot or f"the original fails in training mode on the example: {type(e).__name__}"
-                    continue
-                try:
-                    got = _run(top, args, mine)
-                except Exception as e:  # noqa: BLE001
-                    return (f"{TRAIN_FAILS} ({type(e).__name__}: {first_line(e)[:160]}): it takes a path the trace did "
-                            "not see (modules that run only in training, such as auxiliary heads; delete them from the "
-                            "model, e.g. model.aux1 = None, to keep its own classes)")
+            try:
+                checked = _trained_alike(theirs, top, dead, args, mine, kwargs, kept, params)
+            except TrainSwitchFails as e:
+                why = _train_fails(e)
+                if why:
+                    return why
+                cannot = cannot or f"its train() raises ({e.why})"  # an inference-only model
+                break
+            if isinstance(checked, str):
+                return checked
+            if checked is None:
+                cannot = cannot or "the original fails in training mode on the example"
+                continue
             ran = True
-            bad = mismatch(got, ref, TRAIN_RTOL) if kept is not None else None
-            if bad and _rounding(ref, theirs, top, dead, args, mine, params):
-                continue  # batch statistics over a few values made rounding of it (``_rounding``): nothing to compare
-            if bad:
-                return (f"{TRAIN_PATH} on inputs {_shapes(args)} ({bad}): it takes a path in training mode that the "
-                        "trace (in eval mode) did not see, and that path reads the pruned channels")
         if ran:
             return None
     if cannot is None or not unseen:
@@ -309,6 +304,31 @@ def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: di
     return (f"modules with weights that the traced forward never runs ({', '.join(unseen[:4])}"
             f"{', ...' if len(unseen) > 4 else ''}) could not be checked in training mode ({cannot}), and in the "
             "model's own classes they would run on pruned widths; delete them from the model to keep its classes")
+
+
+def _trained_alike(theirs, top, dead: dict, args: tuple, mine: dict, kwargs, kept, params: bool):
+    """One case of ``trains``: the reason the module form fails it (a str), True where it passes, None where
+    the original itself does not run so. ``TrainSwitchFails`` where a ``train()`` raises."""
+    from .verify import _shapes
+
+    with _beside_twin(theirs, top, dead, train=True, params=params):
+        try:
+            ref = _run(theirs, args, mine if kept is not None else kwargs)
+        except Exception:  # noqa: BLE001 - the original does not run so either: nothing to hold the result to
+            return None
+        try:
+            got = _run(top, args, mine)
+        except Exception as e:  # noqa: BLE001
+            return (f"{TRAIN_FAILS} ({type(e).__name__}: {first_line(e)[:160]}): it takes a path the trace did "
+                    "not see (modules that run only in training, such as auxiliary heads; delete them from the "
+                    "model, e.g. model.aux1 = None, to keep its own classes)")
+    bad = mismatch(got, ref, TRAIN_RTOL) if kept is not None else None
+    if bad and _rounding(ref, theirs, top, dead, args, mine, params):
+        return True  # batch statistics over a few values made rounding of it (``_rounding``): nothing to compare
+    if bad:
+        return (f"{TRAIN_PATH} on inputs {_shapes(args)} ({bad}): it takes a path in training mode that the "
+                "trace (in eval mode) did not see, and that path reads the pruned channels")
+    return True
 
 
 def reads_mode(model: torch.nn.Module) -> bool:
@@ -491,18 +511,27 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
     dead = _dead(theirs, kept, pruned)
     modes = (False, True) if reads_mode(model) else (False,)  # else training mode runs what eval mode does
     widths = _pruned_output_dims(theirs, top, dead, example, params)
+    untrained = False  # the original's train() raises: it is never trained, and training mode is not checked
     for (args, kwargs, what), train in ((case, train) for case in cases for train in modes):
+        if train and untrained:
+            continue
         mine = hf.example_kwargs(top, kwargs) or {}
-        with _beside_twin(theirs, top, dead, train=train, params=params):
-            try:
-                ref = _run(theirs, args, mine)
-            except Exception:  # noqa: BLE001 - the original does not take it either
-                continue
-            try:
-                got = _run(top, args, mine)
-            except Exception as e:  # noqa: BLE001
-                return (f"the model's forward fails on the pruned modules at inputs {_shapes(args)} {what}"
-                        f"{' in training mode' if train else ''} ({type(e).__name__}: {first_line(e)[:160]})")
+        try:
+            with _beside_twin(theirs, top, dead, train=train, params=params):
+                try:
+                    ref = _run(theirs, args, mine)
+                except Exception:  # noqa: BLE001 - the original does not take it either
+                    continue
+                try:
+                    got = _run(top, args, mine)
+                except Exception as e:  # noqa: BLE001
+                    return (f"the model's forward fails on the pruned modules at inputs {_shapes(args)} {what}"
+                            f"{' in training mode' if train else ''} ({type(e).__name__}: {first_line(e)[:160]})")
+        except TrainSwitchFails as e:
+            untrained = True
+            if _train_fails(e):
+                return _train_fails(e)
+            continue
         bad = _alike_where_shaped_alike(got, ref, TRAIN_RTOL if train else 0.0, widths)
         if bad and train and _rounding(ref, theirs, top, dead, args, mine, params):
             continue  # batch statistics over a few values made rounding of it (``_rounding``): nothing to compare
@@ -1022,11 +1051,31 @@ def unreached(model: torch.nn.Module, traced: torch.fx.GraphModule) -> list[str]
 
 @contextmanager
 def training(*modules):
-    """Training mode for the check, each submodule's own mode restored after."""
+    """Training mode for the check, each submodule's own mode restored after. A ``train()`` that raises
+    (an inference-only model's, or one that cannot run on the pruned widths: a LoRA layer merging its
+    low-rank update) raises ``TrainSwitchFails``, saying which of ``modules`` it was."""
     with kept_modes(*modules):
-        for mod in modules:
-            mod.train()
+        for i, mod in enumerate(modules):
+            try:
+                mod.train()
+            except Exception as e:  # noqa: BLE001 - the user's override: the checks say what it means
+                raise TrainSwitchFails(i, f"{type(e).__name__}: {first_line(e)[:160]}") from e
         yield
+
+
+class TrainSwitchFails(Exception):
+    """``train()`` raised on the ``index``-th module ``training`` was given (the dead twin comes first)."""
+
+    def __init__(self, index: int, why: str):
+        super().__init__(why)
+        self.index, self.why = index, why
+
+
+def _train_fails(e: TrainSwitchFails) -> str | None:
+    """What a failed switch to training mode means for the module form: where the original's own ``train()``
+    raises, it is never trained, and nothing is to check (None); where the pruned one's does, the classes
+    cannot be trained as they were (the reason)."""
+    return None if e.index == 0 else f"{TRAIN_FAILS}: its train() raises ({e.why})"
 
 
 def tree(model: torch.nn.Module) -> dict:

@@ -2,6 +2,7 @@
 import copy
 import math
 import enum
+import re
 import typing
 
 import pytest
@@ -2111,3 +2112,65 @@ def test_a_forward_held_on_the_instance_is_traced_in_the_copy_and_its_sizes_foll
     with torch.no_grad():
         for z in (x, torch.randn(3, 3, 48, 40)):
             torch.testing.assert_close(small(z), twin(z))
+
+
+class _InferenceOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def train(self, mode=True):
+        if mode:
+            raise RuntimeError("inference only")
+        return super().train(False)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class _MergingLoRA(nn.Module):
+    """A low-rank update merged into the weight in eval mode and taken out for training (peft's way)."""
+
+    def __init__(self, i, o, r=4):
+        super().__init__()
+        self.base = nn.Linear(i, o)
+        self.A, self.B = nn.Parameter(torch.randn(r, i) * 0.3), nn.Parameter(torch.randn(o, r) * 0.3)
+        self.merged = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        with torch.no_grad():
+            if not mode and not self.merged:
+                self.base.weight += self.B @ self.A
+                self.merged = True
+            elif mode and self.merged:
+                self.base.weight -= self.B @ self.A
+                self.merged = False
+        return self
+
+    def forward(self, x):
+        y = self.base(x)
+        return y if self.merged else y + x @ self.A.t() @ self.B.t()
+
+
+def test_a_train_override_that_raises_is_no_crash():
+    """Survey 68 F8: the self-check puts the result in training mode, and a ``train`` that raises escaped compile
+    as the user's RuntimeError. An inference-only model (its own ``train(True)`` raises) is never trained: its
+    classes come back, unchecked in a mode it refuses. A LoRA layer whose ``train`` cannot take the pruned widths
+    (it merges ``B @ A`` into the pruned weight) leaves the classes: the result is a graph, and the user's
+    weights are as they were."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    model = _InferenceOnly().eval()
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and small.a.out_features == 8
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), oracle_twin(model, small)(x))
+    model = nn.Sequential(_MergingLoRA(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(graphprune.GraphpruneWarning, match=re.escape("its train() raises (RuntimeError")):
+        small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "graph" and model[0].merged and not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), oracle_twin(model, small)(x))
