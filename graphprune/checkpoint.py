@@ -379,13 +379,9 @@ def _check_settings(original: torch.nn.Module, m: dict) -> None:
     # an original built with a setting the user changed on the result after compile is built as the one saved
     # (``settings_after``: where load cannot set it, inside a function, this is the only way to load)
     after = m.get("settings_after") or {}
-    # an attribute the original given lacks, where the one compiled held it, is refused too (set on the
-    # model after it was built); inside a container, keys come and go with what its forward filled in
-    differ = [(p, k, v, now[p][k] if k in now.get(p, {}) else _ABSENT) for p, attrs in was.items() for k, v in attrs.items()
-              if not settings.is_hook(k) and (k in now.get(p, {}) or _attribute(k) and p in dict(original.named_modules()))
-              and not settings.same(now.get(p, {}).get(k, _ABSENT), v)
-              and not (settings.is_device(v) and settings.is_device(now.get(p, {}).get(k)))
-              and not (k in after.get(p, {}) and settings.same(now[p][k], after[p][k]))]
+    differ = [(p, k, v, here) for p, k, v, here in _pairs(original, was, now)
+              if not settings.same(here, v) and not (settings.is_device(v) and settings.is_device(here))
+              and not (k in after.get(p, {}) and settings.same(here, after[p][k]))]
     differ += _hooks_changed(was, now)  # a hook only one side has too: load runs the original's (survey 61)
     if differ:
         shown = ", ".join(f"{p + '.' if p else ''}{k} is {here!r} here, {saved!r} in the model compiled"
@@ -393,6 +389,38 @@ def _check_settings(original: torch.nn.Module, m: dict) -> None:
         raise GraphpruneError(f"the original given to load is not built as the one that was compiled ({shown}"
                               f"{' ...' if len(differ) > 3 else ''}): build it with the same settings, or set them on it "
                               "before load; nothing was loaded")
+
+
+def _pairs(model: torch.nn.Module, was: dict, now: dict) -> list:
+    """(module path, name, value in ``was``, value in ``now``) of every setting to compare: those both record;
+    an attribute one model's instance holds and the other's does not, against what its class gives
+    (``settings.class_value``: ``self.scale = 2.0`` beside a class's ``scale = 0.5``) or ``_ABSENT`` (an
+    attribute set on the model after it was built), where that is not one the forward assigns as it runs;
+    inside a container, keys come and go with what its forward filled in. ``model``: the one ``now`` reads."""
+    mods = dict(model.named_modules())
+    out = []
+    for p in sorted({*was, *now}):
+        a, b, mod = was.get(p) or {}, now.get(p) or {}, mods.get(p)
+        assigned = None
+        for k in sorted({*a, *b}):
+            if settings.is_hook(k):
+                continue
+            if k in a and k in b:
+                out.append((p, k, a[k], b[k]))
+                continue
+            if mod is None or not _attribute(k) or settings.is_library(mod):
+                continue  # a library's layer: an attribute another version of it adds or drops is not the user's
+            theirs = settings.class_value(mod, k)
+            if k in a:
+                if assigned is None:
+                    forward = getattr(vars(mod).get("forward"), "__func__", None)
+                    assigned = source.assigned_attributes(type(mod), forward) or frozenset()
+                if theirs is settings.MISSING and k in assigned:
+                    continue  # state the forward keeps, which a fresh original has not made yet (survey 68 F3)
+                out.append((p, k, a[k], _ABSENT if theirs is settings.MISSING else theirs))
+            elif theirs is not settings.MISSING:  # the model compiled read its class's value
+                out.append((p, k, theirs, b[k]))
+    return out
 
 
 def _settings_after(model: torch.nn.Module, was: dict | None) -> dict:
@@ -403,11 +431,13 @@ def _settings_after(model: torch.nn.Module, was: dict | None) -> dict:
         return {}
     out: dict = {}
     now = json.loads(json.dumps(settings.settings(model)))
-    for p, attrs in now.items():
-        changed = {k: v for k, v in attrs.items() if k in was.get(p, {}) and not settings.same(v, was[p][k])
-                   and not settings.is_hook(k)}
-        if changed:
-            out[p] = changed
+    for p, k, before, v in _pairs(model, was, now):
+        if k in now.get(p, {}) and not settings.same(v, before):  # a class's scale set on the instance too
+            if k == "code" and isinstance(model.get_submodule(p), torch.fx.GraphModule):
+                raise GraphpruneError(f"the graph {p or 'of the model'} was edited after compile (its code differs from "
+                                      "what compile returned): load rebuilds the pruning from the original and would "
+                                      "lose the edit; save the model compile returned, before editing its graph")
+            out.setdefault(p, {})[k] = v
     fixed = settings.unsettable(model, out)
     if fixed:
         warnings.warn(f"{', '.join(fixed[:3])}{' ...' if len(fixed) > 3 else ''} changed on the result after compile inside "

@@ -64,6 +64,7 @@ def settings(model: torch.nn.Module, skip=()) -> dict:
         # say (its own are where it was loaded from, ``name_or_path``, which refused a copy elsewhere, survey 64)
     skip = set(skip)
     out: dict = {}
+    reads = model_reads(model)
     for path, m in model.named_modules():
         if EVAL_IDENTITY.fullmatch(type(m).__name__):
             continue  # a dropout's rate, DropPath's probability: nothing in eval mode
@@ -72,15 +73,17 @@ def settings(model: torch.nn.Module, skip=()) -> dict:
         # what the example call changed is state only where no source says (a setting the first call fills in,
         # ``if self.bias is None: self.bias = 0.5``, is compared at the value the user's model holds)
         mine: dict = {}
-        library = _library(m)
-        for k, v in ([] if path and hf.is_hf(m) else _attributes(m)):
+        library = is_library(m)
+        for k, v in ([] if path and hf.is_hf(m) else _attributes(m, reads)):
             if (k != "training" and k not in (state or ())
                     and (state is not None or prefix + k not in skip)):
                 # a library's layer states its settings as plain attributes; what its dicts hold is metadata (timm's
                 # pretrained_cfg: the weights' url and tag, which refused a build with another tag, survey 64)
                 deep = not library or isinstance(v, _FUNCTIONS)  # its activation function too (F.gelu for F.relu)
-                _walk(v, k, ATTR_DEPTH if deep else 0, _Walk(mine, {id(m)}, skip, prefix, reads=_reads(type(m))))
+                _walk(v, k, ATTR_DEPTH if deep else 0, _Walk(mine, {id(m)}, skip, prefix, reads=reads))
         _hooks(m, _Walk(mine, {id(m)}, skip, prefix))
+        if isinstance(m, torch.fx.GraphModule):
+            mine["code"] = _code(m)
         if mine:
             out[path] = mine
     return out
@@ -94,7 +97,7 @@ class _Walk:
     def __init__(self, out: dict, seen: set, skip: set, prefix: str, slots: dict | None = None, tensors: bool = False,
                  reads: frozenset | None = None):
         self.out, self.seen, self.skip, self.prefix, self.slots, self.tensors = out, seen, skip, prefix, slots, tensors
-        self.reads = reads  # the names the module's code reads (``source.attribute_reads``), None where unknown
+        self.reads = reads  # the names the model's code reads (``source.model_reads``), None where unknown
 
     def with_tensors(self) -> "_Walk":
         return _Walk(self.out, self.seen, self.skip, self.prefix, self.slots, tensors=True, reads=self.reads)
@@ -128,14 +131,24 @@ def _walk(v, name: str, depth: int, w: _Walk, holder=None, key=None) -> None:
     # a function's closure and a plain object of the user's are not saved: their tensors are settings there
     unsaved = (fields and write is None) or _plain_object(v)  # a function (named items, none written), an object
     inner = w.with_tensors() if unsaved and not w.tensors else w
-    # private keys of a dict, a dataclass or a function's closure are the user's settings as much as public
-    # ones (``cfg._gain`` loaded 0.9 off, survey 67 F5); a plain object's private attributes where code reads them
-    # (the module's ``self.cfg._gain``, or the object's own methods), else they are its bookkeeping
-    read = None if not _plain_object(v) or isinstance(v, _FUNCTIONS) else _read_by(v, w.reads)
+    # private keys of a dict, a dataclass, a plain object are the user's settings as much as public ones where code
+    # reads them (``cfg._gain`` loaded 0.9 off, survey 67 F5), else bookkeeping (a dataclass's ``_created`` stamp
+    # refused every fresh original, survey 68 F5); a function's closure and defaults are read by the function
+    read = None if isinstance(v, _FUNCTIONS) else _read_by(v, w.reads)
     for k, t in items:
         if isinstance(k, str) and not (_named(k) or (_private(k) and (read is None or k in read))):
             continue
         _walk(t, f"{name}.{k}" if fields else f"{name}[{key_name(k)}]", depth - 1, inner, write, k)
+
+
+def _code(m: torch.fx.GraphModule) -> str:
+    """A graph's code as a setting (its digest): the numbers the trace wrote into it (``mul = relu * 2.0``) are
+    no attribute of anything, and a graph traced from a model built with another scale loaded 0.16 to 0.54
+    off without a word (survey 68 F6)."""
+    import hashlib
+
+    code = re.sub(r" at 0x[0-9a-fA-F]+", "", m.code)
+    return f"graph code, sha256 {hashlib.sha256(code.encode()).hexdigest()[:16]}"
 
 
 def _digest(items: list) -> str | None:
@@ -247,40 +260,55 @@ def _private(k: str) -> bool:
     return k.startswith("_") and not k.startswith("__") and not TRAINING_ATTR.search(k)
 
 
-def _reads(cls: type) -> frozenset | None:
-    """The attribute names the user's code of ``cls`` reads once built (``source.attribute_reads``)."""
-    return source.attribute_reads(cls, lambda c: c.__module__.split(".")[0] in _LIBRARIES)
+def model_reads(model: torch.nn.Module) -> frozenset | None:
+    """The attribute names the user's code of ``model`` reads once built (``source.model_reads``)."""
+    return source.model_reads(model, lambda c: c.__module__.split(".")[0] in _LIBRARIES)
 
 
-def _read_by(v, module_reads: frozenset | None) -> frozenset | None:
-    """The names read of plain object ``v``'s attributes: by the module's code or by ``v``'s own class;
-    None (all) where either has no source."""
-    own = _reads(type(v))
-    return None if own is None or module_reads is None else module_reads | own
+def _read_by(v, reads: frozenset | None) -> frozenset | None:
+    """The names read of what ``v`` holds: by the model's code, or, for an object of another class of the
+    user's, by its own file's code; None (all) where either has no source."""
+    if reads is None or not _plain_object(v) or type(v).__module__.split(".")[0] in _LIBRARIES:
+        return reads
+    own = source.class_file_reads(type(v))
+    return None if own is None else reads | own
 
 
-def _library(m: torch.nn.Module) -> bool:
+def is_library(m: torch.nn.Module) -> bool:
     return type(m).__module__.split(".")[0] in _LIBRARIES
 
 
-def _attributes(m: torch.nn.Module) -> list:
+def _attributes(m: torch.nn.Module, reads: frozenset | None, classes: bool = False) -> list:
     """[(name, value)] of the attributes of ``m`` that may hold settings: the public ones, and for a class of
-    the user's its private ones too (``self._scale``, set from an argument as often as ``self.scale``: left
-    out, a model built with ``_scale=2.0`` loaded onto one built with 1.0 0.36 off without a word). A
-    library's private attributes are its bookkeeping, derived from the public ones; dunder names are Python's."""
-    mine = not _library(m)
-    # private names that no method reads once built (a run tag, a uuid, a pid: survey 67 F1) are bookkeeping
-    read = _reads(type(m)) if mine else None
-    named = lambda k: _named(k) or (mine and _private(k) and (read is None or k in read))  # noqa: E731
+    the user's its private ones too where the model's code reads them once built (``self._scale``, set from an
+    argument as often as ``self.scale``: left out, a model built with ``_scale=2.0`` loaded onto one built with
+    1.0 0.36 off without a word; a run tag, a uuid, a pid nothing reads are bookkeeping, which refused every
+    fresh original, survey 67 F1). A library's private attributes are its bookkeeping, derived from the public
+    ones; dunder names are Python's. ``classes``: also the settings its classes hold that it does not
+    (``_class_settings``), where ``set_settings`` may write them on the instance."""
+    mine = not is_library(m)
+    named = lambda k: _named(k) or (mine and _private(k) and (reads is None or k in reads))  # noqa: E731
     own = [(k, v) for k, v in user_attributes(m) if named(k)]
-    return own + [(k, v) for k, v in _class_settings(m).items() if named(k) and k not in vars(m)]
+    return own + [(k, v) for k, v in _class_settings(m).items() if named(k) and k not in vars(m)] if classes else own
+
+
+MISSING = object()  # ``class_value`` where the classes hold no such setting
+
+
+def class_value(m: torch.nn.Module, k: str):
+    """The setting ``m``'s classes of the user's hold at name ``k`` (``scale = 0.5`` in the class body), as the
+    manifest records settings, or ``MISSING``: what an instance without an attribute of that name reads."""
+    v = _class_settings(m).get(k, MISSING) if not is_library(m) else MISSING
+    return v if v is MISSING else json.loads(json.dumps(_setting(v)))
 
 
 def _class_settings(m: torch.nn.Module) -> dict:
     """{name: value} of the plain settings the user's classes of ``m`` hold as class attributes (``scale = 0.5``
     in the class body), nearest class first, up to the first library class. An instance reads them where it
     holds none of that name: a model built with ``self.scale = 2.0`` loaded onto one built without, which reads
-    the class's 0.5, and nothing compared them (only the instance's attributes were recorded)."""
+    the class's 0.5, and nothing compared them. They are not recorded themselves (the class is code, and a
+    class-level counter differs between two builds in one process, survey 68 F4): load compares the one an
+    instance reads where only the other model's instance holds that name (``class_value``)."""
     out: dict = {}
     for cls in type(m).__mro__:
         if cls.__module__.split(".")[0] in _LIBRARIES or cls is object:
@@ -341,12 +369,13 @@ def same(a, b) -> bool:
     return a == b
 
 
-def _slots(mod: torch.nn.Module) -> tuple[dict, dict]:
-    """({name: value}, {name: (holder, key)}) of the settings ``mod`` holds itself (``settings``' names)."""
+def _slots(mod: torch.nn.Module, reads: frozenset | None) -> tuple[dict, dict]:
+    """({name: value}, {name: (holder, key)}) of the settings ``mod`` holds itself (``settings``' names), and
+    those its classes hold, which are written on the instance."""
     values: dict = {}
     where: dict = {}
-    for k, v in _attributes(mod):
-        _walk(v, k, ATTR_DEPTH, _Walk(values, {id(mod)}, set(), "", where, reads=_reads(type(mod))), mod, k)
+    for k, v in _attributes(mod, reads, classes=True):
+        _walk(v, k, ATTR_DEPTH, _Walk(values, {id(mod)}, set(), "", where, reads=reads), mod, k)
     return json.loads(json.dumps(values)), where
 
 
@@ -354,8 +383,9 @@ def unsettable(model: torch.nn.Module, after: dict) -> list[str]:
     """The settings of ``after`` (``{module path: {name: value}}``) that ``set_settings`` cannot write on ``model``:
     those inside a tuple or a function (``act.negative_slope`` of a ``functools.partial``)."""
     out = []
+    reads = model_reads(model)
     for p, values in after.items():
-        where = _slots(model.get_submodule(p))[1]
+        where = _slots(model.get_submodule(p), reads)[1]
         out += [f"{p + '.' if p else ''}{k}" for k in values if k in where and where[k][0] is None]
     return out
 
@@ -365,13 +395,14 @@ def set_settings(model: torch.nn.Module, after: dict) -> None:
     type the rebuilt model holds there (a tuple, an enum), inside what a module holds too (``cfg.scale``).
     One the model holds already is left: the original was built with it (the only way, where it is held
     inside a tuple or a function, which cannot be written)."""
+    reads = model_reads(model)
     for p, values in after.items():
         try:
             mod = model.get_submodule(p)
         except AttributeError:
             raise GraphpruneError(f"the manifest's settings_after names module {p!r}, which the rebuilt model lacks: it "
                                   "was edited; save again") from None
-        held, where = _slots(mod)
+        held, where = _slots(mod, reads)
         for k, v in values.items():
             if k not in where:
                 raise GraphpruneError(f"the manifest's settings_after names {p + '.' if p else ''}{k}, which the rebuilt "

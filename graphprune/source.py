@@ -61,48 +61,104 @@ _BUILD_OR_SHOW = frozenset({"__init__", "__repr__", "__str__", "extra_repr", "__
                             "_init_weights", "reset_parameters"})
 
 
-def attribute_reads(cls: type, stop) -> frozenset | None:
-    """The attribute names the methods of ``cls`` and of its bases read (``x._scale``, and a name given as a
-    string, ``getattr(self, "_scale")``), but for what only building or showing it reads (``__init__``,
+def model_reads(model: torch.nn.Module, library) -> frozenset | None:
+    """The attribute names the user's code of ``model`` reads once it is built (``x._scale``, and a name given
+    as a string, ``getattr(self, "_scale")`` or ``opts["_gain"]``): anywhere in the files its classes are
+    written in (a parent reading ``self.gate._g``, a helper function of the file), and in the functions its
+    forwards reach in other files, but not what only building or showing it reads (``__init__``,
     ``__repr__``; a function or lambda ``__init__`` defines is read later, and counts); a name-mangled
-    ``self.__x`` as ``_Cls__x``. The bases from the first for which ``stop(base)`` holds (a library's) are
-    not read. None where a class has no source to read."""
+    ``self.__x`` as ``_Cls__x``. Classes for which ``library(cls)`` holds are not read. None where a class of
+    the user's has no source to read."""
     names: set = set()
-    for c in cls.__mro__:
-        if c is object or stop(c):
-            break
-        found = _attribute_reads(c)
+    classes = {c for m in model.modules() for c in type(m).__mro__ if c is not object and not library(c)}
+    for c in classes:
+        found = _file_reads(c)
         if found is None:
             return None
         names |= found
+        for fn, tree in reached(c):
+            names |= _reads_in(tree, "")
+    for m in model.modules():  # a method of its class held as its forward (FasterNet), or a function
+        held = getattr(vars(m).get("forward"), "__func__", vars(m).get("forward"))
+        if isinstance(held, types.FunctionType) and not library(type(m)):
+            for fn, tree in _reached(type(m), held):
+                names |= _reads_in(tree, "")
     return frozenset(names)
 
 
-@functools.lru_cache(maxsize=None)
-def _attribute_reads(cls: type) -> frozenset | None:
+def class_file_reads(cls: type) -> frozenset | None:
+    """The names the code of the file ``cls`` is written in reads (``model_reads``); None without source."""
+    return _file_reads(cls)
+
+
+def _file_reads(cls: type) -> frozenset | None:
     try:
-        tree = ast.parse(textwrap.dedent(getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
+        file = inspect.getsourcefile(cls) or inspect.getfile(cls)
+        getsource(cls)  # its lines are in linecache, and the class is found in them
+    except (OSError, TypeError):
         return None
-    mangled = f"_{cls.__name__.lstrip('_')}"
+    return _reads_of_file(file, id(linecache.getlines(file)), cls.__name__)
+
+
+@functools.lru_cache(maxsize=256)
+def _reads_of_file(file: str, _version: int, _name: str) -> frozenset:
+    """The names read in ``file`` (``model_reads``), once per contents of the file (``_version``)."""
+    try:
+        tree = ast.parse("".join(linecache.getlines(file)))
+    except SyntaxError:
+        return frozenset()
     out: set = set()
 
-    def read(node) -> None:
-        for n in ast.walk(node):
-            if isinstance(n, ast.Attribute):
-                out.add(mangled + n.attr if n.attr.startswith("__") and not n.attr.endswith("__") else n.attr)
-            elif isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.isidentifier():
-                out.add(n.value)
+    def visit(node, owner: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, child.name)
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and child.name in _BUILD_OR_SHOW:
+                for inner in ast.walk(child):
+                    if inner is not child and isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                        out.update(_reads_in(inner, owner))
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                out.update(_reads_in(child, owner))
+            else:
+                visit(child, owner)
 
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    for st in body:
-        if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef)) and st.name in _BUILD_OR_SHOW:
-            for inner in ast.walk(st):
-                if inner is not st and isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                    read(inner)
-        else:
-            read(st)
+    visit(tree, "")
     return frozenset(out)
+
+
+def _reads_in(node, owner: str) -> set:
+    """The attribute names ``node`` loads, and the strings it holds that could name one; ``__x`` also as
+    ``_Owner__x`` (Python's mangling in class ``owner``)."""
+    mangled = f"_{owner.lstrip('_')}"
+    out: set = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Load):
+            out.add(n.attr)
+            if owner and n.attr.startswith("__") and not n.attr.endswith("__"):
+                out.add(mangled + n.attr)
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.isidentifier():
+            out.add(n.value)
+    return out
+
+
+def assigned_attributes(cls: type, forward=None) -> frozenset | None:
+    """The attributes of ``self`` the forward (and what it calls) assigns anywhere, in a branch too
+    (``if self.training: self.last_batch = len(x)``): a fresh original lacks them until it runs, which says
+    nothing of how it was built. None where no source is there to read."""
+    forward = forward or getattr(cls, "forward", None)
+    if not isinstance(forward, types.FunctionType):
+        return None
+    found = _reached(cls, forward)
+    if not found:
+        return None
+    out: set = set()
+    for fn, tree in found:
+        me = list(inspect.signature(fn).parameters)[:1]
+        out |= {_root_attribute(n, me) for n in ast.walk(tree)
+                if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store)}
+        out |= {n.args[1].value for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                and n.func.id == "setattr" and len(n.args) == 3 and isinstance(n.args[1], ast.Constant)}
+    return frozenset(out - {None})
 
 
 SHAPE_CALLS = frozenset({"view", "reshape", "expand", "repeat", "repeat_interleave", "split", "chunk", "unflatten",
