@@ -343,8 +343,8 @@ def reads_mode(model: torch.nn.Module) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _reads_mode(cls: type) -> bool:
-    if cls.__module__.startswith("torch.nn."):
-        return False
+    if cls.__module__.startswith("torch.nn.") or issubclass(cls, torch.fx.GraphModule):
+        return False  # a trace baked the mode in (its generated class has no source, which counted as asking)
     own = [k for k in cls.__mro__ if k is not object and not k.__module__.startswith("torch.nn.")]
     if any("train" in vars(k) for k in own):  # train() overridden: it may set what forward reads (self.fast = not mode)
         return True
