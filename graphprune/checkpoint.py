@@ -687,6 +687,8 @@ def load(original: torch.nn.Module, path, *, device=None) -> torch.nn.Module:
         if isinstance(mod, torch.nn.RNNBase):
             mod._init_flat_weights()
 
+    if where.type == "meta":
+        _off_meta(out, dev)
     left = _meta_leftovers(out)
     if left:
         raise GraphpruneError(
@@ -861,6 +863,20 @@ def _read(f, slots, m: dict) -> dict:
     # fresh, aligned copies: tensors read straight from the file can sit at unaligned offsets, which
     # send some kernels down other paths (outputs then differ in the last bits)
     return {key: f.get_tensor(key).clone() for key in stored}
+
+
+def _off_meta(model: torch.nn.Module, dev: torch.device) -> None:
+    """Attributes of the user's modules that say where it was built (``self.device = weight.device``), built on
+    meta, say the device the weights are loaded to: the forward made its tensors on meta (``arange(T,
+    device=self.device)``) beside real weights, and failed."""
+    for mod in model.modules():
+        if settings.is_library(mod):
+            continue
+        for k, v in list(vars(mod).items()):
+            if isinstance(v, torch.device) and v.type == "meta":
+                setattr(mod, k, dev)
+            elif isinstance(v, str) and v == "meta" and settings.is_device(v):
+                setattr(mod, k, str(dev))
 
 
 def _meta_leftovers(out: torch.nn.Module) -> list[str]:

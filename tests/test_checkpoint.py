@@ -1335,3 +1335,28 @@ def test_load_takes_a_library_model_built_under_another_weights_tag_or_path(tmp_
         torch.testing.assert_close(back(ids), small(ids), rtol=0, atol=0)
     with pytest.raises(graphprune.GraphpruneError, match="eps"):
         graphprune.load(Wrapped("/models/bert", eps=1e-5), tmp_path / "hf")
+
+
+class _KeepsDevice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+        self.device, self._where = self.a.weight.device, str(self.a.weight.device)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) + torch.arange(4, device=self.device) + torch.ones(4, device=self._where)
+
+
+def test_a_device_the_original_was_built_on_is_the_one_loaded_to(tmp_path):
+    """An original built on meta holds ``self.device = weight.device`` at meta: the loaded model made its tensors
+    there beside the real weights, and failed when called. Load puts such attributes on the device it loads to."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    small = graphprune.compile(_KeepsDevice().eval(), (x,), ratio=0.5, importance="l1")
+    graphprune.save(small, tmp_path)
+    with torch.device("meta"):
+        original = _KeepsDevice()
+    back = graphprune.load(original, tmp_path)
+    assert back.device == torch.device("cpu") and back._where == "cpu"
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
