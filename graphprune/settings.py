@@ -5,9 +5,10 @@ a tensor from it; tensor shapes show none of them. ``settings`` records them at 
 ``original_settings``), ``checkpoint`` compares them at load, and ``set_settings`` puts back those the
 user changed on the result since (``settings_after``). A setting is a number, string, bool, None or
 enum, or a short tuple or list of them, held by a module as an attribute (a private one too, in a
-class of the user's), by its class (``scale = 0.5`` in the class body), or inside what one holds: a
-dict, list, namespace, dataclass or plain object of the user's (``self.cfg.scale``, ``self.opts["eps"]``),
-``attrs.ATTR_DEPTH`` levels down. Those inside were left out at first, and a
+class of the user's, where the model's code reads it) or inside what one holds: a dict, list,
+namespace, dataclass or plain object of the user's (``self.cfg.scale``, ``self.opts["eps"]``),
+``attrs.ATTR_DEPTH`` levels down; where one model's instance holds an attribute and the other's reads
+its class's (``scale = 0.5`` in the class body), the two are compared too (``class_value``). Those inside were left out at first, and a
 model built with ``Cfg(scale=2.0)`` loaded onto ``Cfg(scale=1.0)`` 0.5 off without a word. So are the
 functions a module holds and its forward hooks, which ``load`` takes from the original as they are: by
 name, and what their closures, defaults and code constants hold (tensors there by their sums).
