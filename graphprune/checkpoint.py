@@ -399,9 +399,9 @@ def _pairs(model: torch.nn.Module, was: dict, now: dict) -> list:
     inside a container, keys come and go with what its forward filled in. ``model``: the one ``now`` reads."""
     mods = dict(model.named_modules())
     out = []
+    assigned: list = []  # read once, where an attribute is missing
     for p in sorted({*was, *now}):
         a, b, mod = was.get(p) or {}, now.get(p) or {}, mods.get(p)
-        assigned = None
         for k in sorted({*a, *b}):
             if settings.is_hook(k):
                 continue
@@ -412,10 +412,9 @@ def _pairs(model: torch.nn.Module, was: dict, now: dict) -> list:
                 continue  # a library's layer: an attribute another version of it adds or drops is not the user's
             theirs = settings.class_value(mod, k)
             if k in a:
-                if assigned is None:
-                    forward = getattr(vars(mod).get("forward"), "__func__", None)
-                    assigned = source.assigned_attributes(type(mod), forward) or frozenset()
-                if theirs is settings.MISSING and k in assigned:
+                if not assigned:
+                    assigned.append(source.runtime_assigned(model, settings.from_library) or frozenset())
+                if theirs is settings.MISSING and k in assigned[0]:
                     continue  # state the forward keeps, which a fresh original has not made yet (survey 68 F3)
                 out.append((p, k, a[k], _ABSENT if theirs is settings.MISSING else theirs))
             elif theirs is not settings.MISSING:  # the model compiled read its class's value

@@ -7,8 +7,9 @@ user changed on the result since (``settings_after``). A setting is a number, st
 enum, or a short tuple or list of them, held by a module as an attribute (a private one too, in a
 class of the user's, where the model's code reads it) or inside what one holds: a dict, list,
 namespace, dataclass or plain object of the user's (``self.cfg.scale``, ``self.opts["eps"]``),
-``attrs.ATTR_DEPTH`` levels down; where one model's instance holds an attribute and the other's reads
-its class's (``scale = 0.5`` in the class body), the two are compared too (``class_value``). Those inside were left out at first, and a
+``attrs.ATTR_DEPTH`` levels down; or by its class (``scale = 0.5`` in the class body) where the code
+reads it, or where one model's instance holds an attribute and the other's reads its class's
+(``class_value``). Those inside were left out at first, and a
 model built with ``Cfg(scale=2.0)`` loaded onto ``Cfg(scale=1.0)`` 0.5 off without a word. So are the
 functions a module holds and its forward hooks, which ``load`` takes from the original as they are: by
 name, and what their closures, defaults and code constants hold (tensors there by their sums).
@@ -43,7 +44,7 @@ EVAL_IDENTITY = re.compile(r"Identity|(Alpha|FeatureAlpha)?Dropout[123]?d?|Drop(
 MAX_ITEMS = 64  # a container with more items holds data (a vocabulary), not settings: not walked
 # libraries whose objects a module may hold (a logger, a Hugging Face config, which ``checkpoint._check_config``
 # compares itself): not the user's settings objects, so not walked; argparse's namespace is
-_LIBRARIES = frozenset(sys.stdlib_module_names) | {"torch", "transformers", "numpy", "timm", "torchvision", "tokenizers",
+LIBRARIES = frozenset(sys.stdlib_module_names) | {"torch", "transformers", "numpy", "timm", "torchvision", "tokenizers",
                                                   "safetensors", "huggingface_hub", "accelerate", "graphprune"}
 
 
@@ -82,6 +83,12 @@ def settings(model: torch.nn.Module, skip=()) -> dict:
                 # pretrained_cfg: the weights' url and tag, which refused a build with another tag, survey 64)
                 deep = not library or isinstance(v, _FUNCTIONS)  # its activation function too (F.gelu for F.relu)
                 _walk(v, k, ATTR_DEPTH if deep else 0, _Walk(mine, {id(m)}, skip, prefix, reads=reads))
+        if not library:  # what its classes hold where the instance holds none, and the code reads (survey 69 F5:
+            # ``Net.scale = 2.0`` set before building loaded onto a class at 0.5); a counter of instances is read by none
+            for k, v in _class_settings(m).items():
+                if (k not in vars(m) and k not in mine and k not in (state or ()) and (_named(k) or _private(k))
+                        and (reads is None or k in reads)):
+                    mine[k] = _setting(v)
         _hooks(m, _Walk(mine, {id(m)}, skip, prefix))
         if isinstance(m, torch.fx.GraphModule):
             mine["code"] = _code(m)
@@ -177,7 +184,7 @@ def _held(v):
         return None, None, False
     if isinstance(v, _FUNCTIONS):
         return _function(v), None, True
-    mine = type(v) is argparse.Namespace or type(v).__module__.split(".")[0] not in _LIBRARIES
+    mine = type(v) is argparse.Namespace or type(v).__module__.split(".")[0] not in LIBRARIES
     if not (mine or isinstance(v, (dict, list, tuple, types.SimpleNamespace))):
         return None, None, False  # a library's object: a logger, a Hugging Face config, graphprune's report
     items = items_of(v)
@@ -263,20 +270,25 @@ def _private(k: str) -> bool:
 
 def model_reads(model: torch.nn.Module) -> frozenset | None:
     """The attribute names the user's code of ``model`` reads once built (``source.model_reads``)."""
-    return source.model_reads(model, lambda c: c.__module__.split(".")[0] in _LIBRARIES)
+    return source.model_reads(model, from_library)
 
 
 def _read_by(v, reads: frozenset | None) -> frozenset | None:
     """The names read of what ``v`` holds: by the model's code, or, for an object of another class of the
     user's, by its own file's code; None (all) where either has no source."""
-    if reads is None or not _plain_object(v) or type(v).__module__.split(".")[0] in _LIBRARIES:
+    if reads is None or not _plain_object(v) or type(v).__module__.split(".")[0] in LIBRARIES:
         return reads
     own = source.class_file_reads(type(v))
     return None if own is None else reads | own
 
 
 def is_library(m: torch.nn.Module) -> bool:
-    return type(m).__module__.split(".")[0] in _LIBRARIES
+    return from_library(type(m))
+
+
+def from_library(obj) -> bool:
+    """A class or function a library defines (``LIBRARIES``), not the user."""
+    return (getattr(obj, "__module__", None) or "").split(".")[0] in LIBRARIES
 
 
 def _attributes(m: torch.nn.Module, reads: frozenset | None, classes: bool = False) -> list:
@@ -307,12 +319,13 @@ def _class_settings(m: torch.nn.Module) -> dict:
     """{name: value} of the plain settings the user's classes of ``m`` hold as class attributes (``scale = 0.5``
     in the class body), nearest class first, up to the first library class. An instance reads them where it
     holds none of that name: a model built with ``self.scale = 2.0`` loaded onto one built without, which reads
-    the class's 0.5, and nothing compared them. They are not recorded themselves (the class is code, and a
-    class-level counter differs between two builds in one process, survey 68 F4): load compares the one an
-    instance reads where only the other model's instance holds that name (``class_value``)."""
+    the class's 0.5, and nothing compared them. ``settings`` records those the model's code reads (a counter
+    of instances built, which differs between two builds in one process, is read by none: survey 68 F4); load
+    also compares the one an instance reads where only the other model's instance holds that name
+    (``class_value``)."""
     out: dict = {}
     for cls in type(m).__mro__:
-        if cls.__module__.split(".")[0] in _LIBRARIES or cls is object:
+        if cls.__module__.split(".")[0] in LIBRARIES or cls is object:
             break
         for k, v in vars(cls).items():
             if k not in out and not k.startswith("__") and _setting(v) is not _NOT_A_SETTING:

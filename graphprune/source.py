@@ -141,24 +141,59 @@ def _reads_in(node, owner: str) -> set:
     return out
 
 
-def assigned_attributes(cls: type, forward=None) -> frozenset | None:
-    """The attributes of ``self`` the forward (and what it calls) assigns anywhere, in a branch too
-    (``if self.training: self.last_batch = len(x)``): a fresh original lacks them until it runs, which says
-    nothing of how it was built. None where no source is there to read."""
-    forward = forward or getattr(cls, "forward", None)
-    if not isinstance(forward, types.FunctionType):
-        return None
-    found = _reached(cls, forward)
-    if not found:
-        return None
+def runtime_assigned(model: torch.nn.Module, library) -> frozenset | None:
+    """The attribute names the forwards of ``model`` (and what they call) assign as they run, on any object, in
+    a branch too (``if self.training: self.last_batch = len(x)``, a parent's ``self.attn.seq_len = T``,
+    ``setattr(self, "n", ...)``, ``self.__dict__["n"] = ...``): a fresh original lacks them until it runs,
+    which says nothing of how it was built. Not a default filled in where the test of that branch names it
+    (``if not hasattr(self, "t"): self.t = 1.0``): a value set before that is a setting. Classes for which
+    ``library(cls)`` holds are not read (nor functions for which it holds: ``library`` reads ``__module__``);
+    None where a class of the user's has no source to read."""
     out: set = set()
-    for fn, tree in found:
-        me = list(inspect.signature(fn).parameters)[:1]
-        out |= {_root_attribute(n, me) for n in ast.walk(tree)
-                if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store)}
-        out |= {n.args[1].value for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-                and n.func.id == "setattr" and len(n.args) == 3 and isinstance(n.args[1], ast.Constant)}
-    return frozenset(out - {None})
+    for m in model.modules():
+        cls = type(m)
+        if library(cls):
+            continue
+        held = getattr(vars(m).get("forward"), "__func__", vars(m).get("forward"))
+        forward = held if isinstance(held, types.FunctionType) else getattr(cls, "forward", None)
+        if not isinstance(forward, types.FunctionType) or library(forward):
+            continue  # a module without a forward of its own (a holder of a setting, ``nn.Module``'s)
+        found = _reached(cls, forward)
+        if not found:
+            return None
+        for _, tree in found:
+            out |= _assigned_in(tree)
+    return frozenset(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _assigned_in(tree: ast.AST) -> frozenset:
+    out: set = set()
+
+    def visit(node, guarded: frozenset) -> None:
+        if isinstance(node, ast.If):
+            named = frozenset(n.attr for n in ast.walk(node.test) if isinstance(n, ast.Attribute)) | frozenset(
+                n.value for n in ast.walk(node.test) if isinstance(n, ast.Constant) and isinstance(n.value, str))
+            visit(node.test, guarded)
+            for child in [*node.body, *node.orelse]:
+                visit(child, guarded | named)
+            return
+        name = None
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            name = node.attr
+        elif (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store) and isinstance(node.value, ast.Attribute)
+              and node.value.attr == "__dict__" and isinstance(node.slice, ast.Constant)):
+            name = node.slice.value
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
+              and len(node.args) == 3 and isinstance(node.args[1], ast.Constant)):
+            name = node.args[1].value
+        if isinstance(name, str) and name not in guarded:
+            out.add(name)
+        for child in ast.iter_child_nodes(node):
+            visit(child, guarded)
+
+    visit(tree, frozenset())
+    return frozenset(out)
 
 
 SHAPE_CALLS = frozenset({"view", "reshape", "expand", "repeat", "repeat_interleave", "split", "chunk", "unflatten",

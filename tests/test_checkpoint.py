@@ -1074,6 +1074,61 @@ class _ScaledMLP(torch.nn.Module):
         return self.b(torch.relu(self.a(x)) * self.scale)
 
 
+class _LazyDefault(torch.nn.Module):
+    """A temperature the forward fills in where none was set, a scale its class holds, and a width a parent's
+    forward tells a child as it runs."""
+
+    scale = 0.5
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+        self.child = _Told()
+
+    def forward(self, x):
+        if not hasattr(self, "temperature"):
+            self.temperature = 1.0
+        self.child.width = x.shape[-1]
+        return self.b(self.child(torch.relu(self.a(x)))) * self.scale / self.temperature
+
+
+class _Told(torch.nn.Module):
+    def forward(self, h):
+        return h * (16 / self.width)
+
+
+def test_load_holds_defaults_filled_in_and_class_settings_and_leaves_what_the_forward_tells(tmp_path):
+    """Survey 69: a temperature set before compile, where the forward fills in 1.0 only if none was, loaded onto a
+    fresh original 0.18 off, as an attribute the forward assigns (F4); a scale set on the class before the model
+    was built loaded in a fresh process onto the class's own 0.47 off (F5); and a width a parent's forward tells
+    its child refused a fresh original, which had not run yet (F8)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    model = _LazyDefault().eval()
+    model.temperature = 2.0
+    model(x)
+    _LazyDefault.scale = 2.0
+    try:
+        small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+        assert small.report.form == "module"
+        graphprune.save(small, tmp_path)
+    finally:
+        _LazyDefault.scale = 0.5
+    with pytest.raises(graphprune.GraphpruneError, match=re.escape("scale is 0.5 here, 2.0 in the model compiled")):
+        graphprune.load(_LazyDefault(), tmp_path)
+    _LazyDefault.scale = 2.0
+    try:
+        with pytest.raises(graphprune.GraphpruneError, match=re.escape("temperature is not set here, 2.0")):
+            graphprune.load(_LazyDefault(), tmp_path)
+        original = _LazyDefault()
+        original.temperature = 2.0
+        back = graphprune.load(original, tmp_path)
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+    finally:
+        _LazyDefault.scale = 0.5
+
+
 def test_a_users_fx_graph_is_held_to_its_code(tmp_path):
     """Survey 68 F6: the numbers a trace writes into a graph's code are no attribute of anything: a graph traced from
     a model built with another scale loaded 0.16 to 0.54 off without a word. A graph edited after compile is lost

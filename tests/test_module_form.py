@@ -2153,10 +2153,51 @@ class _MergingLoRA(nn.Module):
         return y if self.merged else y + x @ self.A.t() @ self.B.t()
 
 
+class _FrozenBackbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 32)
+
+    def train(self, mode=True):
+        if mode:
+            raise RuntimeError("frozen backbone")
+        return super().train(mode)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class _SlicingHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b, self.k = nn.Linear(32, 4), 8
+
+    def forward(self, h):
+        if self.training:
+            h = torch.cat([h[:, :self.k] * 3.0, h[:, self.k:]], 1)
+        return self.b(h)
+
+
+def test_a_part_whose_train_raises_leaves_the_rest_checked_in_training_mode():
+    """Survey 69 F1: a frozen backbone's ``train()`` raised, compile took it for a model never trained and
+    skipped the training-mode check, and the head, trained alone as the user does, sliced pruned channels: 1.5 off
+    its twin, without a word. Every module's flag is set instead, and the check keeps that group whole."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_FrozenBackbone(), nn.ReLU(), _SlicingHead()).eval()
+    x = torch.randn(4, 8)
+    with pytest.warns(graphprune.GraphpruneWarning, match="kept whole"):
+        small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    twin = oracle_twin(model, small)
+    small[2].train()
+    twin[2].train()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), twin(x))
+
+
 def test_a_train_override_that_raises_is_no_crash():
     """Survey 68 F8: the self-check puts the result in training mode, and a ``train`` that raises escaped compile
-    as the user's RuntimeError. An inference-only model (its own ``train(True)`` raises) is never trained: its
-    classes come back, unchecked in a mode it refuses. A LoRA layer whose ``train`` cannot take the pruned widths
+    as the user's RuntimeError. An inference-only model (its own ``train(True)`` raises) is checked with every
+    module's training flag set, and its classes come back. A LoRA layer whose ``train`` cannot take the pruned widths
     (it merges ``B @ A`` into the pruned weight) leaves the classes: the result is a graph, and the user's
     weights are as they were."""
     torch.manual_seed(0)
