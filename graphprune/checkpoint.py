@@ -188,7 +188,10 @@ def save(model: torch.nn.Module, path, *, tokenizer=None) -> Path:
     them from the original it is given, and refuses one whose plain settings
     differ from those compile recorded (``settings.settings``)."""
     from safetensors.torch import save_file
+    from torch._dynamo.eval_frame import OptimizedModule
 
+    if isinstance(model, OptimizedModule):  # torch.compile(small): the model it wraps, as load takes an original
+        model = model._orig_mod
     info = module_form.info(model)
     if info is None or "kept" not in info:
         raise GraphpruneError("save expects a model returned by graphprune.compile (it records how it was pruned); "

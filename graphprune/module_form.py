@@ -182,9 +182,9 @@ def _takes(model: torch.nn.Module, args: tuple, kwargs: dict, *, params: bool = 
     """Whether the user's ``model`` runs on these inputs: on a shadow in eval mode, on copies of
     its buffers and (where its forward writes them, ``params``) its parameters, so no state of
     theirs moves (Glow's ActNorm initialises its parameters on its first call)."""
-    from .trace import shadow
+    from .trace import in_eval, shadow
 
-    copy = shadow(model, own_buffers=True).eval()
+    copy = in_eval(shadow(model, own_buffers=True))
     try:
         with torch.no_grad(), on_copies(copy, params=params):
             _run(copy, args, kwargs)

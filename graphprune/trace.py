@@ -122,6 +122,13 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def in_eval(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` after ``model.eval()``: a ``train()`` override may return None, as Python allows, and
+    ``shadow(m).eval()`` then traced None ("cannot trace NoneType", survey 69)."""
+    model.eval()
+    return model
+
+
 def shadow(model: torch.nn.Module, *, own_buffers: bool = False) -> torch.nn.Module:
     """A copy of the module tree that shares every parameter but no module object.
     Tracing runs ``forward``: code that assigns attributes (``self.offset +=
@@ -656,7 +663,7 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
     symbolic_error = None
     # traced in eval mode, whatever mode the model is in: the graph is checked in eval mode, and a
     # forward with an `if self.training:` branch traced in training was refused as differing from itself
-    user_model, model = model, shadow(model, own_buffers=True).eval()
+    user_model, model = model, in_eval(shadow(model, own_buffers=True))
     if method in ("auto", "symbolic_trace") and not example_kwargs:
         try:
             return Traced(_symbolic(model, example_inputs), "symbolic_trace")
@@ -664,7 +671,7 @@ def _trace(model, example_inputs, example_kwargs, method) -> Traced:
             symbolic_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             if method == "symbolic_trace":
                 raise GraphpruneError(f"torch.fx.symbolic_trace failed: {symbolic_error}. Use method='export' or make the model traceable (wrap the failing code in a leaf module or @torch.fx.wrap).") from e
-    model = shadow(user_model, own_buffers=True).eval()  # a clean copy: the symbolic attempt may have left state behind
+    model = in_eval(shadow(user_model, own_buffers=True))  # a clean copy: the symbolic attempt may have left state behind
     try:
         gm = _export(model, example_inputs, example_kwargs)
     except Exception as e:  # noqa: BLE001
@@ -709,7 +716,7 @@ def parts_hint(model: torch.nn.Module, args: tuple, kwargs: dict | None) -> str:
     big = {n for n, s in share.items() if s >= PART_SHARE and n.count(".") < PART_DEPTH}
     seen: dict = {}
     try:
-        copy = shadow(model, own_buffers=True).eval()
+        copy = in_eval(shadow(model, own_buffers=True))
         handles = [copy.get_submodule(n).register_forward_pre_hook(
             lambda m, a, kw, n=n: seen.setdefault(n, (a, kw)) and None, with_kwargs=True) for n in big]
         try:
@@ -744,7 +751,7 @@ def _traces(part: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
     tracers = ([] if kwargs else [lambda m: _symbolic(m, args)]) + [lambda m: _export(m, args, kwargs)]
     for tracer in tracers:
         try:
-            tracer(shadow(part, own_buffers=True).eval())
+            tracer(in_eval(shadow(part, own_buffers=True)))
             return True
         except Exception:  # noqa: BLE001 - the next tracer, or none traces it
             continue

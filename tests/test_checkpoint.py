@@ -1415,3 +1415,15 @@ def test_a_device_the_original_was_built_on_is_the_one_loaded_to(tmp_path):
     assert back.device == torch.device("cpu") and back._where == "cpu"
     with torch.no_grad():
         torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+
+def test_save_takes_a_result_wrapped_by_torch_compile(tmp_path):
+    """``torch.compile(small)`` is how a result is run fast; save refused it as "changed after compile
+    (OptimizedModule)" (survey 69). It saves the module the wrapper holds, as load takes a compiled original."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    small = graphprune.compile(_PrivateSettings().eval(), (x,), ratio=0.5, importance="l1")
+    graphprune.save(torch.compile(small), tmp_path)
+    back = graphprune.load(_PrivateSettings(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)

@@ -2215,3 +2215,27 @@ def test_a_train_override_that_raises_is_no_crash():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
         torch.testing.assert_close(small(x), oracle_twin(model, small)(x))
+
+
+class _TrainReturnsNone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def train(self, mode=True):
+        super().train(mode)  # returns nothing, as Python allows
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_train_override_that_returns_none_compiles():
+    """Survey 69: ``shadow(m).eval()`` took ``eval``'s return for the model, and an override returning None was
+    refused with "cannot trace NoneType"."""
+    torch.manual_seed(0)
+    model, x = _TrainReturnsNone(), torch.randn(4, 8)
+    model.eval()
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert small.report.form == "module" and small.a.out_features == 16
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), oracle_twin(model, small)(x))
