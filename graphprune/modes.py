@@ -57,6 +57,11 @@ def kept_modes(*models: torch.nn.Module):
     set back by the flag alone, a result came back in eval mode without it, and failed when called); then every
     flag is set, as an override sets its children's too."""
     saved = [(mod, mod.training) for m in models for mod in m.modules()]
+    # where an override may run, the tensors' values too: one that edits a weight as it switches (a merge that
+    # is not undone exactly, a bias nudged on every switch) left the result 2.0 off its twin (survey 69 F3)
+    overridden = any(type(mod).train is not torch.nn.Module.train for mod, _ in saved)
+    values = {id(t): (t, t.detach().clone()) for m in models for t in (*m.parameters(), *m.buffers())
+              if not t.is_meta} if overridden else {}
     try:
         yield
     finally:
@@ -65,6 +70,10 @@ def kept_modes(*models: torch.nn.Module):
                 mod.train(was)
         for mod, was in saved:
             mod.training = was
+        with torch.no_grad():
+            for t, before in values.values():
+                if t.shape == before.shape and not torch.equal(t, before):
+                    t.copy_(before)
 
 
 class Snapshot:

@@ -276,7 +276,7 @@ def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: di
         return None  # no code of the model's own asks which mode it is in: the paths are the traced ones
     cannot = why_not(model)
     if cannot is None:
-        theirs = shadow(model)
+        theirs = shadow(model, own_params=_overrides_train(model))
         dead = _dead(theirs, kept, pruned) if kept is not None else {}
         # the example and one more, different sample, as the eval checks take another batch (a branch
         # on the batch size that only training reaches); batch norms keep their running statistics
@@ -325,6 +325,13 @@ def _trained_alike(theirs, top, dead: dict, args: tuple, mine: dict, kwargs, kep
         return (f"{TRAIN_PATH} on inputs {_shapes(args)} ({bad}): it takes a path in training mode that the "
                 "trace (in eval mode) did not see, and that path reads the pruned channels")
     return True
+
+
+def _overrides_train(model: torch.nn.Module) -> bool:
+    """Whether a class of ``model`` overrides ``train()``: the checks switch the twin's mode, and such an
+    override may edit a weight in place, which the twin shared with the user's model (a bias moved by 2.0,
+    survey 69 F3); its twin then holds copies of the weights."""
+    return any(type(m).train is not torch.nn.Module.train for m in model.modules())
 
 
 def reads_mode(model: torch.nn.Module) -> bool:
@@ -503,7 +510,7 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
         cases += _tested_batches(model, flags[-1][:2], flags[-1][2])
     if not cases:
         return None
-    theirs = shadow(model)
+    theirs = shadow(model, own_params=_overrides_train(model))
     dead = _dead(theirs, kept, pruned)
     modes = (False, True) if reads_mode(model) else (False,)  # else training mode runs what eval mode does
     widths = _pruned_output_dims(theirs, top, dead, example, params)

@@ -129,14 +129,15 @@ def in_eval(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def shadow(model: torch.nn.Module, *, own_buffers: bool = False) -> torch.nn.Module:
+def shadow(model: torch.nn.Module, *, own_buffers: bool = False, own_params: bool = False) -> torch.nn.Module:
     """A copy of the module tree that shares every parameter but no module object.
     Tracing runs ``forward``: code that assigns attributes (``self.offset +=
     n``, ``self.initialized = True``) then writes to the shadow, never to the
     user's model. With ``own_buffers`` the buffers are copies too: symbolic
     tracing proxies parameters but runs arithmetic on buffers (and tensors held
     as plain attributes) for real, so ``self.step += 1`` would count in the
-    user's model. A module registered
+    user's model. With ``own_params`` the parameters are copies too (as parameters: a ``train()``
+    override that edits one in place runs on the copy). A module registered
     twice stays one object."""
     copies: dict = {}
     memo: dict = {}
@@ -150,6 +151,9 @@ def shadow(model: torch.nn.Module, *, own_buffers: bool = False) -> torch.nn.Mod
         _COPY_OF[c] = m
         c.__dict__ = fresh_attrs(m.__dict__, attrs)
         c._modules = {k: (None if v is None else copy(v)) for k, v in m._modules.items()}
+        if own_params:
+            c._parameters = {k: (None if p is None else copies.setdefault(
+                id(p), torch.nn.Parameter(p.detach().clone(), p.requires_grad))) for k, p in m._parameters.items()}
         if own_buffers:
             c._buffers = {k: (None if t is None else copies.setdefault(id(t), t.clone())) for k, t in m._buffers.items()}
             # tensors held as plain attributes too (a step counter kept as ``self.calls``, not a buffer)

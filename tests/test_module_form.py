@@ -2239,3 +2239,35 @@ def test_a_train_override_that_returns_none_compiles():
     assert small.report.form == "module" and small.a.out_features == 16
     with torch.no_grad():
         torch.testing.assert_close(small(x), oracle_twin(model, small)(x))
+
+
+class _NudgingTrain(nn.Module):
+    """A ``train()`` that edits a weight as it switches (a bias nudged on every switch to training), standing
+    for a merge that is not undone exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode:
+            with torch.no_grad():
+                self.b.bias.add_(0.5)
+        return self
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_the_checks_mode_switches_leave_every_weight_as_it_was():
+    """Survey 69 F3: the training-mode checks call the model's own ``train()`` on a twin that shared the user's
+    weights, and on the result: a ``train()`` that edits a weight moved the user's bias by 2.0, and, with the twin
+    on copies, the result's. Both hold their values now."""
+    torch.manual_seed(0)
+    model, x = _NudgingTrain().eval(), torch.randn(4, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), oracle_twin(model, small)(x))
