@@ -416,8 +416,8 @@ def _pairs(model: torch.nn.Module, was: dict, now: dict) -> list:
             theirs = settings.class_value(mod, k)
             if k in a:
                 if not assigned:
-                    assigned.append(source.runtime_assigned(model, settings.from_library) or frozenset())
-                if theirs is settings.MISSING and k in assigned[0]:
+                    assigned.append((source.runtime_assigned(model, settings.from_library) or (frozenset(),))[0])
+                if theirs is settings.MISSING and (p, k) in assigned[0]:
                     continue  # state the forward keeps, which a fresh original has not made yet (survey 68 F3)
                 out.append((p, k, a[k], _ABSENT if theirs is settings.MISSING else theirs))
             elif theirs is not settings.MISSING:  # the model compiled read its class's value

@@ -67,6 +67,7 @@ def settings(model: torch.nn.Module, skip=()) -> dict:
     skip = set(skip)
     out: dict = {}
     reads = model_reads(model)
+    counters = (source.runtime_assigned(model, from_library) or ((), ()))[1]  # ``type(self).calls += 1``
     for path, m in model.named_modules():
         if EVAL_IDENTITY.fullmatch(type(m).__name__):
             continue  # a dropout's rate, DropPath's probability: nothing in eval mode
@@ -86,8 +87,8 @@ def settings(model: torch.nn.Module, skip=()) -> dict:
         if not library:  # what its classes hold where the instance holds none, and the code reads (survey 69 F5:
             # ``Net.scale = 2.0`` set before building loaded onto a class at 0.5); a counter of instances is read by none
             for k, v in _class_settings(m).items():
-                if (k not in vars(m) and k not in mine and k not in (state or ()) and (_named(k) or _private(k))
-                        and (reads is None or k in reads)):
+                if (k not in vars(m) and k not in mine and k not in (state or ()) and k not in counters
+                        and (_named(k) or _private(k)) and (reads is None or k in reads)):
                     mine[k] = _setting(v)
         _hooks(m, _Walk(mine, {id(m)}, skip, prefix))
         if isinstance(m, torch.fx.GraphModule):
@@ -317,7 +318,7 @@ def class_value(m: torch.nn.Module, k: str):
 
 def _class_settings(m: torch.nn.Module) -> dict:
     """{name: value} of the plain settings the user's classes of ``m`` hold as class attributes (``scale = 0.5``
-    in the class body), nearest class first, up to the first library class. An instance reads them where it
+    in the class body), nearest class first, but for a library's classes. An instance reads them where it
     holds none of that name: a model built with ``self.scale = 2.0`` loaded onto one built without, which reads
     the class's 0.5, and nothing compared them. ``settings`` records those the model's code reads (a counter
     of instances built, which differs between two builds in one process, is read by none: survey 68 F4); load
@@ -326,7 +327,7 @@ def _class_settings(m: torch.nn.Module) -> dict:
     out: dict = {}
     for cls in type(m).__mro__:
         if cls.__module__.split(".")[0] in LIBRARIES or cls is object:
-            break
+            continue  # a mixin after ``nn.Module`` in the bases is the user's too (survey 70 F5)
         for k, v in vars(cls).items():
             if k not in out and not k.startswith("__") and _setting(v) is not _NOT_A_SETTING:
                 out[k] = v

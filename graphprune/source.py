@@ -141,16 +141,18 @@ def _reads_in(node, owner: str) -> set:
     return out
 
 
-def runtime_assigned(model: torch.nn.Module, library) -> frozenset | None:
-    """The attribute names the forwards of ``model`` (and what they call) assign as they run, on any object, in
-    a branch too (``if self.training: self.last_batch = len(x)``, a parent's ``self.attn.seq_len = T``,
-    ``setattr(self, "n", ...)``, ``self.__dict__["n"] = ...``): a fresh original lacks them until it runs,
-    which says nothing of how it was built. Not a default filled in where the test of that branch names it
-    (``if not hasattr(self, "t"): self.t = 1.0``): a value set before that is a setting. Classes for which
-    ``library(cls)`` holds are not read (nor functions for which it holds: ``library`` reads ``__module__``);
-    None where a class of the user's has no source to read."""
-    out: set = set()
-    for m in model.modules():
+def runtime_assigned(model: torch.nn.Module, library) -> tuple[frozenset, frozenset] | None:
+    """What the forwards of ``model`` (and what they call) assign as they run, in a branch too: ({(module path,
+    name)} of attributes of its modules, ``self.x = ...`` in the module's own code, a parent's ``self.attn.seq_len
+    = T``, ``setattr(self, "n", ...)``, ``self.__dict__["n"] = ...``; {names} assigned on other objects, a class's
+    ``type(self).calls += 1`` among them). A fresh original lacks the first until it runs, which says nothing of
+    how it was built; a class attribute of the second is a counter, not a setting. Not a default filled in
+    where none was (``if not hasattr(self, "t"): self.t = 1.0``, ``self.t = getattr(self, "t", 1.0)``, in an
+    ``except``): a value set before that is a setting. Classes (and functions) for which ``library`` holds are
+    not read; None where a class of the user's has no source to read."""
+    mine: set = set()
+    other: set = set()
+    for path, m in model.named_modules():
         cls = type(m)
         if library(cls):
             continue
@@ -161,34 +163,65 @@ def runtime_assigned(model: torch.nn.Module, library) -> frozenset | None:
         found = _reached(cls, forward)
         if not found:
             return None
-        for _, tree in found:
-            out |= _assigned_in(tree)
-    return frozenset(out)
+        for fn, tree in found:
+            me = tuple(inspect.signature(fn).parameters)[:1]
+            for chain, name in _assigned_in(tree, me):
+                if chain is None or chain[:1] == ("__class__",):
+                    other.add(name)
+                else:
+                    mine.add((".".join(x for x in (path, *chain) if x), name))
+    return frozenset(mine), frozenset(other)
 
 
 @functools.lru_cache(maxsize=1024)
-def _assigned_in(tree: ast.AST) -> frozenset:
+def _assigned_in(tree: ast.AST, me: tuple) -> frozenset:
+    """{(attribute chain from ``me`` or None for another object, name)} of what ``tree`` assigns unguarded."""
     out: set = set()
+
+    def names(node) -> frozenset:
+        return frozenset(n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)) | frozenset(
+            n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str))
+
+    def chain(node):
+        """The attribute chain from ``me`` to ``node`` (``self.attn`` -> ("attn",)), or None."""
+        parts = []
+        while isinstance(node, ast.Attribute):
+            parts.append(node.attr)
+            node = node.value
+        return tuple(reversed(parts)) if isinstance(node, ast.Name) and node.id in me else None
+
+    def store(target, name, guarded) -> None:
+        if isinstance(name, str) and name not in guarded:
+            out.add((chain(target), name))
 
     def visit(node, guarded: frozenset) -> None:
         if isinstance(node, ast.If):
-            named = frozenset(n.attr for n in ast.walk(node.test) if isinstance(n, ast.Attribute)) | frozenset(
-                n.value for n in ast.walk(node.test) if isinstance(n, ast.Constant) and isinstance(n.value, str))
             visit(node.test, guarded)
             for child in [*node.body, *node.orelse]:
-                visit(child, guarded | named)
+                visit(child, guarded | names(node.test))
             return
-        name = None
+        if isinstance(node, ast.Try):  # ``try: self.t except AttributeError: self.t = 1.0``
+            for child in [*node.body, *node.orelse, *node.finalbody]:
+                visit(child, guarded)
+            for handler in node.handlers:
+                for child in handler.body:
+                    visit(child, guarded | names(ast.Module(body=node.body, type_ignores=[])))
+            return
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            # a value that reads the name it assigns fills in a default (``getattr(self, "t", 1.0)``)
+            inner = guarded | names(node.value)
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                visit(t, inner)
+            visit(node.value, guarded)
+            return
         if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
-            name = node.attr
+            store(node.value, node.attr, guarded)
         elif (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store) and isinstance(node.value, ast.Attribute)
               and node.value.attr == "__dict__" and isinstance(node.slice, ast.Constant)):
-            name = node.slice.value
+            store(node.value.value, node.slice.value, guarded)
         elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
               and len(node.args) == 3 and isinstance(node.args[1], ast.Constant)):
-            name = node.args[1].value
-        if isinstance(name, str) and name not in guarded:
-            out.add(name)
+            store(node.args[0], node.args[1].value, guarded)
         for child in ast.iter_child_nodes(node):
             visit(child, guarded)
 
@@ -243,8 +276,18 @@ def _state_attributes(cls: type) -> frozenset | None:
             if isinstance(st, ast.With):
                 todo += st.body
             targets = st.targets if isinstance(st, ast.Assign) else [st.target] if isinstance(st, ast.AnnAssign) else []
-            out |= {root(t) for t in targets}
+            asked = _asked_for(st.value) if targets and st.value is not None else frozenset()
+            # ``self.t = getattr(self, "t", 1.0)`` fills in a default where none was set: a setting (survey 70 F2)
+            out |= {root(t) for t in targets} - asked
     return frozenset(out - {None})
+
+
+def _asked_for(value: ast.AST) -> frozenset:
+    """The names ``value`` asks whether an object has (``hasattr(self, "t")``, ``getattr(self, "t", 1.0)``)."""
+    return frozenset(n.args[1].value for n in ast.walk(value)
+                     if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("hasattr", "getattr")
+                     and len(n.args) >= 2 and isinstance(n.args[1], ast.Constant) and isinstance(n.args[1].value, str)
+                     and (n.func.id == "hasattr" or len(n.args) == 3))
 
 
 # methods that change a list, dict, set or deque in place

@@ -1427,3 +1427,96 @@ def test_save_takes_a_result_wrapped_by_torch_compile(tmp_path):
     back = graphprune.load(_PrivateSettings(), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+
+class _LazyBase(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+        self.log = _Logger()
+
+
+class _Logger(torch.nn.Module):
+    def forward(self, h):
+        self.temperature = h.shape[-1]  # a sibling's state of the same name
+        return h
+
+
+class _ByGetattr(_LazyBase):
+    def forward(self, x):
+        self.temperature = getattr(self, "temperature", 1.0)
+        return self.b(self.log(torch.relu(self.a(x)))) / self.temperature
+
+
+class _ByTry(_LazyBase):
+    def forward(self, x):
+        try:
+            t = self.temperature
+        except AttributeError:
+            t = self.temperature = 1.0
+        return self.b(self.log(torch.relu(self.a(x)))) / t
+
+
+class _ByIfExp(_LazyBase):
+    def forward(self, x):
+        self.temperature = self.temperature if hasattr(self, "temperature") else 1.0
+        return self.b(self.log(torch.relu(self.a(x)))) / self.temperature
+
+
+class _ScaleMixin:
+    scale = 0.5
+
+
+class _Counted(torch.nn.Module, _ScaleMixin):
+    calls = 0
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        type(self).calls += 1
+        return self.b(torch.relu(self.a(x))) * self.scale * (1.0 + 0.0 * self.calls)
+
+
+@pytest.mark.parametrize("cls", [_ByGetattr, _ByTry, _ByIfExp])
+def test_a_default_the_forward_fills_in_is_a_setting_however_written(tmp_path, cls):
+    """Survey 70: a temperature set before compile, which the forward fills in only where none was set, loaded
+    0.26 off onto a fresh original where the default was written with getattr, try/except or a conditional
+    expression, and where a sibling module keeps state of the same name (F1, F2)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    model = cls().eval()
+    model.temperature = 2.0
+    small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
+    graphprune.save(small, tmp_path)
+    with pytest.raises(graphprune.GraphpruneError, match=re.escape("temperature is not set here, 2.0")):
+        graphprune.load(cls(), tmp_path)
+    original = cls()
+    original.temperature = 2.0
+    back = graphprune.load(original, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+
+def test_a_class_counter_is_state_and_a_mixins_setting_a_setting(tmp_path):
+    """Survey 70: a class-level counter the forward advances and reads refused a fresh process's original (F4); a
+    setting of a mixin listed after ``nn.Module`` was not read (F5)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    _ScaleMixin.scale = 2.0
+    try:
+        small = graphprune.compile(_Counted().eval(), (x,), ratio=0.5, importance="l1")
+        graphprune.save(small, tmp_path)
+    finally:
+        _ScaleMixin.scale = 0.5
+    _Counted.calls = 0  # a fresh process
+    with pytest.raises(graphprune.GraphpruneError, match=re.escape("scale is 0.5 here, 2.0 in the model compiled")):
+        graphprune.load(_Counted(), tmp_path)
+    _ScaleMixin.scale = 2.0
+    try:
+        back = graphprune.load(_Counted(), tmp_path)
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+    finally:
+        _ScaleMixin.scale = 0.5
