@@ -1118,15 +1118,21 @@ def test_load_holds_defaults_filled_in_and_class_settings_and_leaves_what_the_fo
         graphprune.load(_LazyDefault(), tmp_path)
     _LazyDefault.scale = 2.0
     try:
-        with pytest.raises(graphprune.GraphpruneError, match=re.escape("temperature is not set here, 2.0")):
-            graphprune.load(_LazyDefault(), tmp_path)
-        original = _LazyDefault()
-        original.temperature = 2.0
-        back = graphprune.load(original, tmp_path)
-        with torch.no_grad():
-            torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+        _loads_only_with_its_temperature(_LazyDefault, tmp_path, small, x)
     finally:
         _LazyDefault.scale = 0.5
+
+
+def _loads_only_with_its_temperature(cls, path, small, x) -> None:
+    """The model saved at ``path`` refuses a fresh ``cls()`` without the temperature of 2.0 it was compiled with,
+    and loads onto one given it, computing what ``small`` does."""
+    with pytest.raises(graphprune.GraphpruneError, match=re.escape("temperature is not set here, 2.0")):
+        graphprune.load(cls(), path)
+    original = cls()
+    original.temperature = 2.0
+    back = graphprune.load(original, path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
 
 
 def test_a_users_fx_graph_is_held_to_its_code(tmp_path):
@@ -1490,13 +1496,7 @@ def test_a_default_the_forward_fills_in_is_a_setting_however_written(tmp_path, c
     model.temperature = 2.0
     small = graphprune.compile(model, (x,), ratio=0.5, importance="l1")
     graphprune.save(small, tmp_path)
-    with pytest.raises(graphprune.GraphpruneError, match=re.escape("temperature is not set here, 2.0")):
-        graphprune.load(cls(), tmp_path)
-    original = cls()
-    original.temperature = 2.0
-    back = graphprune.load(original, tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+    _loads_only_with_its_temperature(cls, tmp_path, small, x)
 
 
 def test_a_class_counter_is_state_and_a_mixins_setting_a_setting(tmp_path):
