@@ -877,7 +877,7 @@ def _off_meta(model: torch.nn.Module, dev: torch.device) -> None:
         for k, v in list(vars(mod).items()):
             if isinstance(v, torch.device) and v.type == "meta":
                 setattr(mod, k, dev)
-            elif isinstance(v, str) and v == "meta" and settings.is_device(v):
+            elif v == "meta":
                 setattr(mod, k, str(dev))
 
 

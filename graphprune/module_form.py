@@ -286,7 +286,7 @@ def trains(model: torch.nn.Module, top: torch.nn.Module, args: tuple, kwargs: di
             try:
                 checked = _trained_alike(theirs, top, dead, args, mine, kwargs, kept, params)
             except TrainSwitchFails as e:
-                return _train_fails(e)
+                return str(e)
             if isinstance(checked, str):
                 return checked
             if checked is None:
@@ -528,7 +528,7 @@ def beyond(model: torch.nn.Module, top: torch.nn.Module, example, bounded: list 
                     return (f"the model's forward fails on the pruned modules at inputs {_shapes(args)} {what}"
                             f"{' in training mode' if train else ''} ({type(e).__name__}: {first_line(e)[:160]})")
         except TrainSwitchFails as e:
-            return _train_fails(e)
+            return str(e)
         bad = _alike_where_shaped_alike(got, ref, TRAIN_RTOL if train else 0.0, widths)
         if bad and train and _rounding(ref, theirs, top, dead, args, mine, params):
             continue  # batch statistics over a few values made rounding of it (``_rounding``): nothing to compare
@@ -1050,14 +1050,15 @@ def unreached(model: torch.nn.Module, traced: torch.fx.GraphModule) -> list[str]
 def training(*modules):
     """Training mode for the check, each submodule's own mode restored after. Where the first module's (the
     original's) ``train()`` raises, every module's flag is set instead; where a later one's does (the pruned
-    classes cannot run it: a LoRA layer merging its low-rank update), ``TrainSwitchFails`` says which."""
+    classes cannot run it: a LoRA layer merging its low-rank update), ``TrainSwitchFails`` says why."""
     with kept_modes(*modules):
         for i, mod in enumerate(modules):
             try:
                 mod.train()
             except Exception as e:  # noqa: BLE001 - the user's override: the checks say what it means
                 if i > 0:
-                    raise TrainSwitchFails(i, f"{type(e).__name__}: {first_line(e)[:160]}") from e
+                    raise TrainSwitchFails(f"{TRAIN_FAILS}: its train() raises ({type(e).__name__}: "
+                                           f"{first_line(e)[:160]})") from e
                 # the original's own train() refuses (a frozen backbone's, or until it is unlocked): every module
                 # in training mode by its flag, as the override would leave the rest, is what is checked; the
                 # check was skipped, and a head's training path read pruned channels 1.5 off (survey 69 F1)
@@ -1072,17 +1073,8 @@ def training(*modules):
 
 
 class TrainSwitchFails(Exception):
-    """``train()`` raised on the ``index``-th module ``training`` was given (the dead twin comes first)."""
-
-    def __init__(self, index: int, why: str):
-        super().__init__(why)
-        self.index, self.why = index, why
-
-
-def _train_fails(e: TrainSwitchFails) -> str:
-    """What a failed switch to training mode of the pruned classes means: they cannot be trained as the
-    original is."""
-    return f"{TRAIN_FAILS}: its train() raises ({e.why})"
+    """The pruned classes' ``train()`` raised: they cannot be trained as the original is (the message says so,
+    as a reason the module form is out)."""
 
 
 def tree(model: torch.nn.Module) -> dict:

@@ -185,7 +185,7 @@ def _held(v):
         return None, None, False
     if isinstance(v, _FUNCTIONS):
         return _function(v), None, True
-    mine = type(v) is argparse.Namespace or type(v).__module__.split(".")[0] not in LIBRARIES
+    mine = type(v) is argparse.Namespace or not from_library(type(v))
     if not (mine or isinstance(v, (dict, list, tuple, types.SimpleNamespace))):
         return None, None, False  # a library's object: a logger, a Hugging Face config, graphprune's report
     items = items_of(v)
@@ -277,7 +277,7 @@ def model_reads(model: torch.nn.Module) -> frozenset | None:
 def _read_by(v, reads: frozenset | None) -> frozenset | None:
     """The names read of what ``v`` holds: by the model's code, or, for an object of another class of the
     user's, by its own file's code; None (all) where either has no source."""
-    if reads is None or not _plain_object(v) or type(v).__module__.split(".")[0] in LIBRARIES:
+    if reads is None or not _plain_object(v) or from_library(type(v)):
         return reads
     own = source.class_file_reads(type(v))
     return None if own is None else reads | own
@@ -326,7 +326,7 @@ def _class_settings(m: torch.nn.Module) -> dict:
     (``class_value``)."""
     out: dict = {}
     for cls in type(m).__mro__:
-        if cls.__module__.split(".")[0] in LIBRARIES or cls is object:
+        if from_library(cls) or cls is object:
             continue  # a mixin after ``nn.Module`` in the bases is the user's too (survey 70 F5)
         for k, v in vars(cls).items():
             if k not in out and not k.startswith("__") and _setting(v) is not _NOT_A_SETTING:

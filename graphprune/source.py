@@ -61,6 +61,14 @@ _BUILD_OR_SHOW = frozenset({"__init__", "__repr__", "__str__", "extra_repr", "__
                             "_init_weights", "reset_parameters"})
 
 
+def held_forward(mod: torch.nn.Module):
+    """The function of a forward ``mod`` holds on itself (``self.forward = self.forward_split_cat``, FasterNet),
+    or None where it runs its class's."""
+    own = vars(mod).get("forward")
+    func = getattr(own, "__func__", own)
+    return func if isinstance(func, types.FunctionType) else None
+
+
 def model_reads(model: torch.nn.Module, library) -> frozenset | None:
     """The attribute names the user's code of ``model`` reads once it is built (``x._scale``, and a name given
     as a string, ``getattr(self, "_scale")`` or ``opts["_gain"]``): anywhere in the files its classes are
@@ -72,15 +80,15 @@ def model_reads(model: torch.nn.Module, library) -> frozenset | None:
     names: set = set()
     classes = {c for m in model.modules() for c in type(m).__mro__ if c is not object and not library(c)}
     for c in classes:
-        found = _file_reads(c)
+        found = class_file_reads(c)
         if found is None:
             return None
         names |= found
         for fn, tree in reached(c):
             names |= _reads_in(tree, "")
     for m in model.modules():  # a method of its class held as its forward (FasterNet), or a function
-        held = getattr(vars(m).get("forward"), "__func__", vars(m).get("forward"))
-        if isinstance(held, types.FunctionType) and not library(type(m)):
+        held = held_forward(m)
+        if held is not None and not library(type(m)):
             for fn, tree in _reached(type(m), held):
                 names |= _reads_in(tree, "")
     return frozenset(names)
@@ -88,20 +96,16 @@ def model_reads(model: torch.nn.Module, library) -> frozenset | None:
 
 def class_file_reads(cls: type) -> frozenset | None:
     """The names the code of the file ``cls`` is written in reads (``model_reads``); None without source."""
-    return _file_reads(cls)
-
-
-def _file_reads(cls: type) -> frozenset | None:
     try:
         file = inspect.getsourcefile(cls) or inspect.getfile(cls)
         getsource(cls)  # its lines are in linecache, and the class is found in them
     except (OSError, TypeError):
         return None
-    return _reads_of_file(file, id(linecache.getlines(file)), cls.__name__)
+    return _reads_of_file(file, id(linecache.getlines(file)))
 
 
 @functools.lru_cache(maxsize=256)
-def _reads_of_file(file: str, _version: int, _name: str) -> frozenset:
+def _reads_of_file(file: str, _version: int) -> frozenset:
     """The names read in ``file`` (``model_reads``), once per contents of the file (``_version``)."""
     try:
         tree = ast.parse("".join(linecache.getlines(file)))
@@ -156,8 +160,7 @@ def runtime_assigned(model: torch.nn.Module, library) -> tuple[frozenset, frozen
         cls = type(m)
         if library(cls):
             continue
-        held = getattr(vars(m).get("forward"), "__func__", vars(m).get("forward"))
-        forward = held if isinstance(held, types.FunctionType) else getattr(cls, "forward", None)
+        forward = held_forward(m) or getattr(cls, "forward", None)
         if not isinstance(forward, types.FunctionType) or library(forward):
             continue  # a module without a forward of its own (a holder of a setting, ``nn.Module``'s)
         found = _reached(cls, forward)
@@ -323,11 +326,10 @@ class _ShapeReads(ast.NodeVisitor):
 def module_shape_reads(mod: torch.nn.Module) -> frozenset:
     """``shape_reads`` of the forward ``mod`` runs: its class's, or a method of its class it holds as its
     ``forward`` (FasterNet's ``self.forward = self.forward_split_cat``)."""
-    own = vars(mod).get("forward")
-    func = getattr(own, "__func__", None)
-    if own is None:
+    if "forward" not in vars(mod):
         return shape_reads(type(mod))
-    return _shape_reads(type(mod), func) if isinstance(func, types.FunctionType) and own.__self__ is mod else frozenset()
+    own, func = vars(mod)["forward"], held_forward(mod)
+    return _shape_reads(type(mod), func) if func is not None and getattr(own, "__self__", None) is mod else frozenset()
 
 
 @functools.lru_cache(maxsize=None)
